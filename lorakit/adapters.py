@@ -1,0 +1,146 @@
+"""LoRA injection with peft: target presets, `add_adapter`, and reading the trained factors back.
+
+The presets name modules by *role*, not by path, so they hold for every Stable Diffusion U-Net
+family and CLIP text encoder. Injection, scaling and the forward pass are peft's; this module
+only decides where adapters go and extracts `(down, up, alpha)` triples for export.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .errors import RecipeError
+
+if TYPE_CHECKING:
+    import torch
+
+# Inside every transformer block of the U-Net (Transformer2DModel): the attention projections...
+_UNET_ATTENTION = r"transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)"
+# ...and, for the kohya default set, also the feed-forward and the block's in/out projections.
+_UNET_TRANSFORMER = rf"({_UNET_ATTENTION}|transformer_blocks\.\d+\.ff\.net\.(0\.proj|2)|proj_in|proj_out)"
+_TE_ATTENTION = r"self_attn\.(q_proj|k_proj|v_proj|out_proj)"
+_TE_TRANSFORMER = rf"({_TE_ATTENTION}|mlp\.(fc1|fc2))"
+
+# peft full-matches a string `target_modules` against each module path.
+PRESETS: dict[str, dict[str, str]] = {
+    "attention": {
+        "unet": rf".*attentions\.\d+\.{_UNET_ATTENTION}",
+        "text_encoder": rf".*encoder\.layers\.\d+\.{_TE_ATTENTION}",
+    },
+    "transformer": {
+        "unet": rf".*attentions\.\d+\.{_UNET_TRANSFORMER}",
+        "text_encoder": rf".*encoder\.layers\.\d+\.{_TE_TRANSFORMER}",
+    },
+}
+
+ADAPTER_NAME = "default"
+_TE_ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+@dataclass
+class LoraModule:
+    """One adapted module: delta W = up @ down * (alpha / rank)."""
+
+    down: torch.Tensor  # [rank, in] (conv: [rank, in, kh, kw])
+    up: torch.Tensor  # [out, rank] (conv: [out, rank, 1, 1])
+    alpha: float
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+
+# component name ("unet", "text_encoder", "text_encoder_2") -> module path -> factors
+LoraState = dict[str, dict[str, LoraModule]]
+
+
+def text_encoder_kind(component: str) -> str:
+    """The preset family of a component name: "unet" or "text_encoder"."""
+    return "text_encoder" if component.startswith("text_encoder") else "unet"
+
+
+def matching_modules(model: torch.nn.Module, targets: str | list[str]) -> list[str]:
+    """The module paths peft would adapt for `targets` (a regex or a list of name suffixes)."""
+    import torch
+
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            continue
+        if isinstance(targets, str):
+            hit = re.fullmatch(targets, name) is not None
+        else:
+            hit = any(name == t or name.endswith("." + t) for t in targets)
+        if hit:
+            names.append(name)
+    return names
+
+
+def resolve_targets(target_modules: str | list[str], component: str) -> str | list[str]:
+    """The peft `target_modules` for one component, from a preset name or an explicit list."""
+    if isinstance(target_modules, str):
+        return PRESETS[target_modules][text_encoder_kind(component)]
+    return list(target_modules)
+
+
+def inject_lora(model: torch.nn.Module, component: str, *, rank: int, lora_alpha: float, dropout: float,
+                target_modules: str | list[str]) -> list[str]:
+    """Add a trainable LoRA adapter to `model` with peft and return the adapted module paths.
+
+    Raises RecipeError when the targets match nothing, or when a text encoder would get q/k/v
+    without out_proj (diffusers cannot load such a file).
+    """
+    from peft import LoraConfig
+
+    targets = resolve_targets(target_modules, component)
+    names = matching_modules(model, targets)
+    if not names:
+        raise RecipeError(f"lora.target_modules: {target_modules!r} matches no Linear or Conv2d module in the "
+                          f"{component}; use 'attention', 'transformer' or module names such as 'to_q'")
+    if text_encoder_kind(component) == "text_encoder":
+        present = {p for p in _TE_ATTENTION_PROJECTIONS if any(n.endswith("." + p) for n in names)}
+        if present and present != set(_TE_ATTENTION_PROJECTIONS):
+            raise RecipeError(f"lora.target_modules: the {component} adapts {sorted(present)} but not all of "
+                              f"{list(_TE_ATTENTION_PROJECTIONS)}; adapt all four attention projections together")
+    config = LoraConfig(r=rank, lora_alpha=lora_alpha, lora_dropout=dropout, target_modules=targets,
+                        init_lora_weights=True)
+    model.add_adapter(config, adapter_name=ADAPTER_NAME)
+    return names
+
+
+def lora_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The LoRA parameters of `model` (the only ones lorakit trains)."""
+    return [p for n, p in model.named_parameters() if ".lora_A." in n or ".lora_B." in n]
+
+
+def freeze_except_lora(model: torch.nn.Module) -> None:
+    """Freeze every base weight; leave only LoRA factors trainable."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(".lora_A." in name or ".lora_B." in name)
+
+
+def extract_lora(model: torch.nn.Module) -> dict[str, LoraModule]:
+    """Read the adapter factors of every peft-adapted module of `model`, keyed by module path.
+
+    The alpha is returned such that `alpha / rank` equals peft's scaling for the module.
+    """
+    modules = {}
+    for name, module in model.named_modules():
+        lora_a = getattr(module, "lora_A", None)
+        if lora_a is None or ADAPTER_NAME not in lora_a:
+            continue
+        rank = module.r[ADAPTER_NAME]
+        modules[name] = LoraModule(
+            down=lora_a[ADAPTER_NAME].weight.detach(),
+            up=module.lora_B[ADAPTER_NAME].weight.detach(),
+            alpha=float(module.scaling[ADAPTER_NAME] * rank),
+        )
+    return modules
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())

@@ -1,0 +1,209 @@
+"""Training data from a dataset folder: items, bucket batches, caption handling and the latent cache.
+
+Every random choice here (data order, tag shuffle, caption dropout, flips) is a pure function of
+the run's seed and a position (epoch or micro-step), so a run is reproducible and a resumed run
+makes exactly the choices the uninterrupted one would have made.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .buckets import fit_to_bucket, make_buckets, nearest_bucket
+from .errors import DatasetError
+
+if TYPE_CHECKING:
+    import torch
+
+    from .recipe import DataSection
+
+METADATA = "metadata.jsonl"
+
+
+@dataclass(frozen=True)
+class Item:
+    """One training image: its file, caption, content hash and the bucket it trains in."""
+
+    path: Path
+    caption: str
+    sha256: str
+    size: tuple[int, int]  # (width, height) on disk
+    bucket: tuple[int, int]  # (width, height) it is trained at
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _read_metadata(folder: Path) -> list[dict]:
+    metadata = folder / METADATA
+    if not metadata.is_file():
+        raise DatasetError(f"{folder}: no {METADATA}; create the dataset with `lorakit prepare PHOTOS --out {folder}`")
+    rows = []
+    for number, line in enumerate(metadata.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DatasetError(f"{metadata}:{number}: not valid JSON ({err.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
+            raise DatasetError(f"{metadata}:{number}: needs a \"file_name\" string and a \"text\" caption")
+        if not isinstance(row.get("text", ""), str):
+            raise DatasetError(f"{metadata}:{number}: \"text\" must be a string, got {row['text']!r}")
+        rows.append(row)
+    return rows
+
+
+def with_trigger(caption: str, trigger: str) -> str:
+    """`caption` with `trigger` put at the front, unless the caption already contains it."""
+    caption = caption.strip()
+    if not trigger or trigger.lower() in caption.lower():
+        return caption
+    return f"{trigger}, {caption}" if caption else trigger
+
+
+def load_items(section: DataSection, pixel_multiple: int) -> list[Item]:
+    """Read and check the dataset folder of `section`; assign each image its bucket.
+
+    Raises DatasetError naming the folder, line or file for anything missing or unreadable.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    folder = Path(section.folder).expanduser()
+    if not folder.is_dir():
+        raise DatasetError(f"data.folder: {folder} is not a folder; run `lorakit prepare PHOTOS --out {folder}` "
+                           "or set data.folder to your dataset")
+    buckets = make_buckets(section.resolution, pixel_multiple)
+    if not buckets:
+        raise DatasetError(f"data.resolution: {section.resolution} is too small for this model; "
+                           f"use at least {pixel_multiple}")
+    items = []
+    for row in _read_metadata(folder):
+        path = folder / row["file_name"]
+        try:
+            with Image.open(path) as image:
+                size = image.size
+                image.verify()
+        except FileNotFoundError:
+            raise DatasetError(f"{path}: listed in {folder / METADATA} but missing") from None
+        except (UnidentifiedImageError, OSError, SyntaxError) as err:
+            raise DatasetError(f"{path}: not a readable image ({err}); re-run `lorakit prepare` or remove it "
+                               f"from {METADATA}") from None
+        sha = row.get("sha256") or _file_sha256(path)
+        caption = with_trigger(row.get("text", ""), section.trigger)
+        items.append(Item(path, caption, sha, size, nearest_bucket(*size, buckets)))
+    if not items:
+        raise DatasetError(f"data.folder: {folder / METADATA} lists no images; add photos with `lorakit prepare`")
+    return items
+
+
+def epoch_batches(items: list[Item], *, batch_size: int, num_repeats: int, seed: int, epoch: int) -> list[list[int]]:
+    """The micro-batches of one epoch as lists of item indices: shuffled, each from a single bucket.
+
+    Each image appears `num_repeats` times. A bucket's last batch may be smaller than `batch_size`.
+    """
+    rng = random.Random(f"{seed}:{epoch}")
+    by_bucket: dict[tuple[int, int], list[int]] = {}
+    for index in rng.sample(range(len(items)), len(items)) * num_repeats:
+        by_bucket.setdefault(items[index].bucket, []).append(index)
+    batches = []
+    for indices in by_bucket.values():
+        rng.shuffle(indices)
+        batches += [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def step_rng(seed: int, micro_step: int, purpose: str) -> random.Random:
+    """A Python RNG for one micro-step and one purpose (captions, flips), independent of all others."""
+    return random.Random(f"{seed}:{micro_step}:{purpose}")
+
+
+def transform_caption(caption: str, section: DataSection, rng: random.Random) -> str:
+    """Apply caption dropout and tag shuffling (keeping the first `keep_tokens` tags in place)."""
+    if section.caption_dropout and rng.random() < section.caption_dropout:
+        return ""
+    if not section.shuffle_tags:
+        return caption
+    tags = [t.strip() for t in caption.split(",") if t.strip()]
+    fixed, rest = tags[: section.keep_tokens], tags[section.keep_tokens:]
+    rng.shuffle(rest)
+    return ", ".join(fixed + rest)
+
+
+def load_pixels(item: Item, flip: bool) -> torch.Tensor:
+    """The item's image resized and centre-cropped to its bucket, as a [3, H, W] tensor in [-1, 1]."""
+    import numpy as np
+    import torch
+    from PIL import Image, ImageOps
+
+    with Image.open(item.path) as image:
+        image = ImageOps.exif_transpose(image).convert("RGB")
+        (width, height), (left, top) = fit_to_bucket(*image.size, item.bucket)
+        if image.size != (width, height):
+            image = image.resize((width, height), Image.Resampling.LANCZOS)
+        image = image.crop((left, top, left + item.bucket[0], top + item.bucket[1]))
+        if flip:
+            image = ImageOps.mirror(image)
+        array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def vae_fingerprint(vae: Any) -> str:
+    """A short key for the VAE's identity: its config and a sample of its weights."""
+    import torch
+
+    digest = hashlib.sha256(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for param in list(vae.parameters())[:: max(1, len(list(vae.parameters())) // 8)]:
+            digest.update(param.detach().float().flatten()[:4096].cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+class LatentCache:
+    """VAE latent distributions (mean, std) per image, bucket and flip, in `<dataset>/.cache/latents/`.
+
+    Files are keyed by content (image sha256, bucket, VAE fingerprint), so an edited image or
+    another VAE never reuses a stale entry, and several runs share the work.
+    """
+
+    def __init__(self, folder: Path, fingerprint: str):
+        self.folder = Path(folder) / ".cache" / "latents"
+        self.fingerprint = fingerprint
+        self._memory: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _path(self, item: Item, flip: bool) -> Path:
+        width, height = item.bucket
+        return self.folder / f"{item.sha256[:32]}_{width}x{height}_{int(flip)}_{self.fingerprint}.safetensors"
+
+    def fill(self, items: list[Item], flips: tuple[bool, ...], encode, progress=None) -> int:
+        """Load or compute the latents of every item (and flip); returns how many were encoded anew."""
+        from safetensors.torch import load_file, save_file
+
+        from .checkpoint import atomic_write
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        encoded = 0
+        for index, item in enumerate(items):
+            for flip in flips:
+                path = self._path(item, flip)
+                if path.is_file():
+                    tensors = load_file(path)
+                else:
+                    mean, std = encode(load_pixels(item, flip))
+                    tensors = {"mean": mean.contiguous(), "std": std.contiguous()}
+                    atomic_write(path, lambda tmp, t=tensors: save_file(t, str(tmp)))
+                    encoded += 1
+                self._memory[(index, flip)] = (tensors["mean"], tensors["std"])
+            if progress is not None:
+                progress()
+        return encoded
+
+    def get(self, index: int, flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._memory[(index, flip)]

@@ -1,0 +1,29 @@
+"""The errors lorakit raises for problems a user can fix.
+
+Library code raises these with a message that names the file, key or value and says what would
+be valid; the CLI prints the message on one line and exits with code 2.
+"""
+
+
+class LorakitError(Exception):
+    """A problem with the user's input or environment, explained in the message."""
+
+
+class RecipeError(LorakitError):
+    """The recipe file or a `--set` override is invalid."""
+
+
+class DatasetError(LorakitError):
+    """The dataset folder is missing, empty or malformed."""
+
+
+class ModelError(LorakitError):
+    """The base model cannot be found or loaded."""
+
+
+class AdapterError(LorakitError):
+    """An adapter file is unreadable, of another architecture, or otherwise unusable."""
+
+
+class OutputError(LorakitError):
+    """The output location cannot be written, or would overwrite something."""

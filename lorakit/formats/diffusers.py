@@ -1,0 +1,48 @@
+"""The diffusers layout (what `save_lora_weights` writes); loads in diffusers only.
+
+Keys use peft's spelling, `<component>.<module path>.lora_A.weight` / `.lora_B.weight`. Alpha
+travels in the `lora_adapter_metadata` header that diffusers turns into the `LoraConfig`:
+kept minimal (`r`, `lora_alpha`, `target_modules`), as any field the reader's peft does not
+know would make loading fail.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING
+
+from . import exported_path
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..adapters import LoraState
+
+METADATA_KEY = "lora_adapter_metadata"
+
+
+def to_diffusers(state: LoraState, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and safetensors header metadata of the diffusers-layout file for `state`.
+
+    One (rank, alpha) per component is all a `LoraConfig` can express without patterns, so
+    modules whose rank or alpha differ from the component's first module get `alpha / rank`
+    folded into their up weights instead, which is exact.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    config: dict[str, object] = {}
+    for component, modules in state.items():
+        if not modules:
+            continue
+        first = next(iter(modules.values()))
+        rank, alpha = first.rank, first.alpha
+        for path, lora in modules.items():
+            up = lora.up
+            if (lora.rank, lora.alpha) != (rank, alpha):
+                up = up * (lora.alpha / lora.rank) / (alpha / rank)
+            stem = f"{component}.{exported_path(component, path)}"
+            tensors[f"{stem}.lora_A.weight"] = lora.down.to(dtype).contiguous()
+            tensors[f"{stem}.lora_B.weight"] = up.to(dtype).contiguous()
+        config[f"{component}.r"] = rank
+        config[f"{component}.lora_alpha"] = alpha
+        config[f"{component}.target_modules"] = sorted(modules)
+    return tensors, {METADATA_KEY: json.dumps(config, sort_keys=True)}

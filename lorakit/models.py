@@ -1,0 +1,126 @@
+"""Load the frozen base: U-Net, VAE, text encoder(s), tokenizer(s) and the training noise scheduler.
+
+Components are kept generic over one (SD 1.x/2.x) or two (SDXL) text encoders so that the
+conditioning and the export code never special-case a family by name more than they must.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ModelError
+
+LOCAL_PREFIXES = ("./", "../", "/", "~", ".\\", "..\\")
+
+
+@dataclass
+class BaseModel:
+    """The frozen components of a Stable Diffusion base model."""
+
+    source: str
+    family: str  # "sd1", "sd2" or "sdxl"
+    unet: Any
+    vae: Any
+    text_encoders: list[Any]
+    tokenizers: list[Any]
+    noise_scheduler: Any
+    prediction_type: str
+
+    @property
+    def text_encoder_names(self) -> list[str]:
+        return ["text_encoder", "text_encoder_2"][: len(self.text_encoders)]
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def pixel_multiple(self) -> int:
+        """Image sides must be multiples of this for the U-Net's down/up-sampling to line up."""
+        return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+
+def is_local(base: str) -> bool:
+    """A base that exists on disk or is spelled like a path is local; anything else is a hub id."""
+    return base.startswith(LOCAL_PREFIXES) or Path(base).expanduser().exists()
+
+
+def resolve_base(base: str) -> str:
+    """An absolute path for a local base (which must be a diffusers folder), the id itself for the hub."""
+    if not is_local(base):
+        return base
+    path = Path(base).expanduser().resolve()
+    if not path.exists():
+        raise ModelError(f"model.base: {base} does not exist; give a diffusers model folder (with model_index.json) "
+                         "or a Hugging Face hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5")
+    if not (path / "model_index.json").is_file():
+        raise ModelError(f"model.base: {base} is not a diffusers model folder (no model_index.json); "
+                         "give the folder that holds unet/, vae/, text_encoder/ and model_index.json")
+    return str(path)
+
+
+def _model_index(base: str, revision: str | None) -> dict:
+    if is_local(base):
+        return json.loads((Path(base) / "model_index.json").read_text(encoding="utf-8"))
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return json.loads(Path(hf_hub_download(base, "model_index.json", revision=revision)).read_text("utf-8"))
+    except Exception as err:  # offline miss, unknown repo, no access: all mean "cannot use this base"
+        raise ModelError(f"model.base: {base!r} is neither a local folder nor a hub model available here "
+                         f"({type(err).__name__}); check the id, log in, or download it and give its folder") from None
+
+
+def detect_family(model_index: dict, unet_config: dict) -> str:
+    """"sdxl" (two text encoders), "sd2" (1024-wide cross-attention, OpenCLIP-H) or "sd1"."""
+    if "text_encoder_2" in model_index:
+        return "sdxl"
+    return "sd2" if unet_config.get("cross_attention_dim") == 1024 else "sd1"
+
+
+def load_base(base: str, *, prediction_type: str | None = None, revision: str | None = None) -> BaseModel:
+    """Load every component of `base` (a diffusers folder or hub id), frozen and in eval mode."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    base = resolve_base(base)
+    index = _model_index(base, revision)
+    kwargs = {"revision": revision} if not is_local(base) else {}
+    try:
+        unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", **kwargs)
+        family = detect_family(index, dict(unet.config))
+        if family == "sdxl":
+            raise ModelError(f"model.base: {base} is an SDXL model; this version of lorakit trains SD 1.x and 2.x")
+        vae = AutoencoderKL.from_pretrained(base, subfolder="vae", **kwargs)
+        text_encoders = [CLIPTextModel.from_pretrained(base, subfolder="text_encoder", **kwargs)]
+        tokenizers = [CLIPTokenizer.from_pretrained(base, subfolder="tokenizer", **kwargs)]
+        scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", **kwargs)
+    except (OSError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelError(f"model.base: cannot load {base}: {first_line}") from None
+    if prediction_type is not None:
+        scheduler.register_to_config(prediction_type=prediction_type)
+    for module in (unet, vae, *text_encoders):
+        module.requires_grad_(False)
+        module.eval()
+    return BaseModel(source=base, family=family, unet=unet, vae=vae, text_encoders=text_encoders,
+                     tokenizers=tokenizers, noise_scheduler=scheduler,
+                     prediction_type=scheduler.config.prediction_type)
+
+
+def encode_prompts(base: BaseModel, input_ids: list[Any]) -> dict[str, Any]:
+    """U-Net conditioning for token ids (one tensor per text encoder): the `unet(...)` keyword arguments."""
+    hidden = base.text_encoders[0](input_ids[0], return_dict=False)[0]
+    return {"encoder_hidden_states": hidden}
+
+
+def tokenize(base: BaseModel, captions: list[str]) -> list[Any]:
+    """Token ids of `captions` for each tokenizer, padded to its maximum length."""
+    return [
+        tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+            return_tensors="pt").input_ids
+        for tok in base.tokenizers
+    ]

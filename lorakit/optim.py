@@ -1,0 +1,47 @@
+"""Optimizers and learning-rate schedules for the adapter parameters."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .errors import LorakitError
+
+if TYPE_CHECKING:
+    from .recipe import TrainSection
+
+
+def build_optimizer(section: TrainSection, param_groups: list[dict[str, Any]]) -> Any:
+    """The optimizer named by `train.optimizer` over `param_groups` (each with its own `lr`)."""
+    name = section.optimizer
+    if name == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError as err:
+            raise LorakitError(f"train.optimizer: 'adamw8bit' needs bitsandbytes ({err}); "
+                               "run `pip install bitsandbytes` or set train.optimizer = \"adamw\"") from None
+        return bnb.optim.AdamW8bit(param_groups, weight_decay=section.weight_decay)
+    if name == "adamw":
+        import torch
+
+        return torch.optim.AdamW(param_groups, weight_decay=section.weight_decay)
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(param_groups, scale_parameter=False, relative_step=False, warmup_init=False,
+                         weight_decay=section.weight_decay)
+    if name == "prodigy":
+        try:
+            from prodigyopt import Prodigy
+        except ImportError:
+            raise LorakitError("train.optimizer: 'prodigy' needs the prodigyopt package; "
+                               "run `pip install prodigyopt` or choose 'adamw8bit'") from None
+        return Prodigy(param_groups, weight_decay=section.weight_decay)
+    raise LorakitError(f"train.optimizer: unknown optimizer {name!r}")
+
+
+def build_lr_scheduler(section: TrainSection, optimizer: Any) -> Any:
+    """The learning-rate schedule, stepped once per optimizer step over `max_steps`."""
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(section.lr_scheduler, optimizer, num_warmup_steps=section.lr_warmup_steps,
+                         num_training_steps=section.max_steps)
