@@ -37,6 +37,7 @@ class RunResult:
     steps: int
     final_loss: float
     trainable_parameters: int
+    models: dict[str, Any]  # the trained modules (with their peft adapters), by component name
 
 
 def run_folder(recipe: Recipe) -> Path:
@@ -182,7 +183,7 @@ def train(recipe: Recipe, *, overwrite: bool = False, quiet: bool = False, log: 
     text_encoders = [models.get(n, m) for n, m in zip(base.text_encoder_names, base.text_encoders)]
     cond_base = dataclasses.replace(base, text_encoders=text_encoders)
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    if accelerator.trackers:
+    if accelerator.log_with:
         accelerator.init_trackers("tensorboard")
 
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -263,7 +264,8 @@ def train(recipe: Recipe, *, overwrite: bool = False, quiet: bool = False, log: 
         say(f"Saved {kohya_path} (kohya layout: A1111/Forge, ComfyUI, diffusers) and {diffusers_path.name}")
     accelerator.end_training()
     trainable = sum(p.numel() for p in params)
-    return RunResult(run_dir, kohya_path, diffusers_path, step, loss_value, trainable)
+    unwrapped = {name: accelerator.unwrap_model(module) for name, module in models.items()}
+    return RunResult(run_dir, kohya_path, diffusers_path, step, loss_value, trainable, unwrapped)
 
 
 def _adapter_info(recipe: Recipe, base: BaseModel, items: list, steps: int, started: datetime) -> AdapterInfo:

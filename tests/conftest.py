@@ -1,0 +1,75 @@
+"""Shared tiny offline models and datasets; everything here is built in code, nothing is downloaded."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+warnings.filterwarnings("ignore", message=".*torchvision.*")
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory):
+    """A tiny SD 1.x-shaped diffusers folder (epsilon prediction)."""
+    from lorakit.tiny import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("base") / "tiny-sd")
+
+
+@pytest.fixture(scope="session")
+def tiny_base_v(tmp_path_factory):
+    """A tiny SD 2.x-style diffusers folder (v-prediction, linear projections)."""
+    from lorakit.tiny import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("base_v") / "tiny-sd-v", prediction_type="v_prediction")
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    from lorakit.tiny import write_tiny_dataset
+
+    return write_tiny_dataset(tmp_path_factory.mktemp("data") / "dataset")
+
+
+def make_recipe_dict(base, dataset, output, **sections) -> dict:
+    """A small, fast recipe for the tiny model; `sections` update individual keys per section."""
+    recipe = {
+        "model": {"base": str(base)},
+        "data": {"folder": str(dataset), "resolution": 64, "trigger": "ohwx"},
+        "lora": {"rank": 4, "lora_alpha": 8.0},
+        "train": {"max_steps": 4, "batch_size": 2, "unet_lr": 1e-3, "text_encoder_lr": 1e-3,
+                  "optimizer": "adamw", "seed": 0},
+        "output": {"folder": str(output), "name": "run", "save_dtype": "float32"},
+    }
+    for section, values in sections.items():
+        recipe.setdefault(section, {}).update(values)
+    return recipe
+
+
+def write_recipe(path, recipe: dict):
+    """Write a recipe dict as a TOML file."""
+    from lorakit.recipe import toml_value
+
+    lines = []
+    for section, values in recipe.items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {toml_value(value)}" for key, value in values.items()]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_base, tiny_dataset, tmp_path_factory):
+    """One short training run (alpha != rank, fp32 export) shared by the export tests."""
+    from lorakit.recipe import recipe_from_dict
+    from lorakit.train import train
+
+    out = tmp_path_factory.mktemp("runs")
+    recipe = recipe_from_dict(make_recipe_dict(tiny_base, tiny_dataset, out, train={"max_steps": 6}))
+    return train(recipe, quiet=True, log=lambda _: None)
