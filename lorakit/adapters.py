@@ -85,8 +85,15 @@ def resolve_targets(target_modules: str | list[str], component: str) -> str | li
     return list(target_modules)
 
 
-def inject_lora(model: torch.nn.Module, component: str, *, rank: int, lora_alpha: float, dropout: float,
-                target_modules: str | list[str]) -> list[str]:
+def inject_lora(
+    model: torch.nn.Module,
+    component: str,
+    *,
+    rank: int,
+    lora_alpha: float,
+    dropout: float,
+    target_modules: str | list[str],
+) -> list[str]:
     """Add a trainable LoRA adapter to `model` with peft and return the adapted module paths.
 
     Raises RecipeError when the targets match nothing, or when a text encoder would get q/k/v
@@ -97,15 +104,20 @@ def inject_lora(model: torch.nn.Module, component: str, *, rank: int, lora_alpha
     targets = resolve_targets(target_modules, component)
     names = matching_modules(model, targets)
     if not names:
-        raise RecipeError(f"lora.target_modules: {target_modules!r} matches no Linear or Conv2d module in the "
-                          f"{component}; use 'attention', 'transformer' or module names such as 'to_q'")
+        raise RecipeError(
+            f"lora.target_modules: {target_modules!r} matches no Linear or Conv2d module in the "
+            f"{component}; use 'attention', 'transformer' or module names such as 'to_q'"
+        )
     if text_encoder_kind(component) == "text_encoder":
         present = {p for p in _TE_ATTENTION_PROJECTIONS if any(n.endswith("." + p) for n in names)}
         if present and present != set(_TE_ATTENTION_PROJECTIONS):
-            raise RecipeError(f"lora.target_modules: the {component} adapts {sorted(present)} but not all of "
-                              f"{list(_TE_ATTENTION_PROJECTIONS)}; adapt all four attention projections together")
-    config = LoraConfig(r=rank, lora_alpha=lora_alpha, lora_dropout=dropout, target_modules=targets,
-                        init_lora_weights=True)
+            raise RecipeError(
+                f"lora.target_modules: the {component} adapts {sorted(present)} but not all of "
+                f"{list(_TE_ATTENTION_PROJECTIONS)}; adapt all four attention projections together"
+            )
+    config = LoraConfig(
+        r=rank, lora_alpha=lora_alpha, lora_dropout=dropout, target_modules=targets, init_lora_weights=True
+    )
     model.add_adapter(config, adapter_name=ADAPTER_NAME)
     return names
 

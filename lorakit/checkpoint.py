@@ -34,8 +34,10 @@ def atomic_write_text(path: Path, text: str) -> None:
 def check_run_folder(run_dir: Path, overwrite: bool) -> None:
     """Refuse an existing run folder unless `overwrite`, and an output location that cannot be written."""
     if run_dir.exists() and not overwrite:
-        raise OutputError(f"output: run folder {run_dir} already exists; pass --overwrite to replace it "
-                          "or set output.name to a new name")
+        raise OutputError(
+            f"output: run folder {run_dir} already exists; pass --overwrite to replace it "
+            "or set output.name to a new name"
+        )
     parent = run_dir.parent
     while not parent.exists():
         parent = parent.parent

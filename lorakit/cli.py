@@ -61,8 +61,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
-                                          help="Print the version and exit.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
 ) -> None:
     """LoRA fine-tuning for personal Stable Diffusion models."""
 
@@ -70,8 +71,12 @@ def main(
 @app.command()
 def train(
     recipe: Annotated[Path, typer.Argument(help="Recipe file (TOML), e.g. recipes/character.toml.")],
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a recipe key: section.key=value "
-                                                   "(repeatable), e.g. --set train.max_steps=500.")] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set", help="Override a recipe key: section.key=value (repeatable), e.g. --set train.max_steps=500."
+        ),
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors and the result.")] = False,
 ) -> None:

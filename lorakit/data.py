@@ -53,9 +53,9 @@ def _read_metadata(folder: Path) -> list[dict]:
         except json.JSONDecodeError as err:
             raise DatasetError(f"{metadata}:{number}: not valid JSON ({err.msg})") from None
         if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
-            raise DatasetError(f"{metadata}:{number}: needs a \"file_name\" string and a \"text\" caption")
+            raise DatasetError(f'{metadata}:{number}: needs a "file_name" string and a "text" caption')
         if not isinstance(row.get("text", ""), str):
-            raise DatasetError(f"{metadata}:{number}: \"text\" must be a string, got {row['text']!r}")
+            raise DatasetError(f'{metadata}:{number}: "text" must be a string, got {row["text"]!r}')
         rows.append(row)
     return rows
 
@@ -77,12 +77,15 @@ def load_items(section: DataSection, pixel_multiple: int) -> list[Item]:
 
     folder = Path(section.folder).expanduser()
     if not folder.is_dir():
-        raise DatasetError(f"data.folder: {folder} is not a folder; run `lorakit prepare PHOTOS --out {folder}` "
-                           "or set data.folder to your dataset")
+        raise DatasetError(
+            f"data.folder: {folder} is not a folder; run `lorakit prepare PHOTOS --out {folder}` "
+            "or set data.folder to your dataset"
+        )
     buckets = make_buckets(section.resolution, pixel_multiple)
     if not buckets:
-        raise DatasetError(f"data.resolution: {section.resolution} is too small for this model; "
-                           f"use at least {pixel_multiple}")
+        raise DatasetError(
+            f"data.resolution: {section.resolution} is too small for this model; use at least {pixel_multiple}"
+        )
     items = []
     for row in _read_metadata(folder):
         path = folder / row["file_name"]
@@ -93,8 +96,9 @@ def load_items(section: DataSection, pixel_multiple: int) -> list[Item]:
         except FileNotFoundError:
             raise DatasetError(f"{path}: listed in {folder / METADATA} but missing") from None
         except (UnidentifiedImageError, OSError, SyntaxError) as err:
-            raise DatasetError(f"{path}: not a readable image ({err}); re-run `lorakit prepare` or remove it "
-                               f"from {METADATA}") from None
+            raise DatasetError(
+                f"{path}: not a readable image ({err}); re-run `lorakit prepare` or remove it from {METADATA}"
+            ) from None
         sha = row.get("sha256") or _file_sha256(path)
         caption = with_trigger(row.get("text", ""), section.trigger)
         items.append(Item(path, caption, sha, size, nearest_bucket(*size, buckets)))
@@ -115,7 +119,7 @@ def epoch_batches(items: list[Item], *, batch_size: int, num_repeats: int, seed:
     batches = []
     for indices in by_bucket.values():
         rng.shuffle(indices)
-        batches += [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+        batches += [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
     rng.shuffle(batches)
     return batches
 
@@ -132,7 +136,7 @@ def transform_caption(caption: str, section: DataSection, rng: random.Random) ->
     if not section.shuffle_tags:
         return caption
     tags = [t.strip() for t in caption.split(",") if t.strip()]
-    fixed, rest = tags[: section.keep_tokens], tags[section.keep_tokens:]
+    fixed, rest = tags[: section.keep_tokens], tags[section.keep_tokens :]
     rng.shuffle(rest)
     return ", ".join(fixed + rest)
 

@@ -20,12 +20,21 @@ def run_demo(out: Path, *, steps: int = 60, overwrite: bool = False, quiet: bool
     if not (dataset / "metadata.jsonl").is_file():
         log(f"Writing example photos in {dataset}")
         write_tiny_dataset(dataset)
-    recipe = recipe_from_dict({
-        "model": {"base": str(base)},
-        "data": {"folder": str(dataset), "resolution": 64, "trigger": "ohwx", "flip": True},
-        "lora": {"rank": 8, "lora_alpha": 8},
-        "train": {"max_steps": steps, "batch_size": 2, "unet_lr": 1e-3, "text_encoder_lr": 5e-4,
-                  "optimizer": "adamw8bit", "seed": 0},
-        "output": {"folder": str(out / "runs"), "name": "demo"},
-    }, source="lorakit demo")
+    recipe = recipe_from_dict(
+        {
+            "model": {"base": str(base)},
+            "data": {"folder": str(dataset), "resolution": 64, "trigger": "ohwx", "flip": True},
+            "lora": {"rank": 8, "lora_alpha": 8},
+            "train": {
+                "max_steps": steps,
+                "batch_size": 2,
+                "unet_lr": 1e-3,
+                "text_encoder_lr": 5e-4,
+                "optimizer": "adamw8bit",
+                "seed": 0,
+            },
+            "output": {"folder": str(out / "runs"), "name": "demo"},
+        },
+        source="lorakit demo",
+    )
     return train(recipe, overwrite=overwrite, quiet=quiet, log=log)

@@ -54,11 +54,15 @@ def resolve_base(base: str) -> str:
         return base
     path = Path(base).expanduser().resolve()
     if not path.exists():
-        raise ModelError(f"model.base: {base} does not exist; give a diffusers model folder (with model_index.json) "
-                         "or a Hugging Face hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5")
+        raise ModelError(
+            f"model.base: {base} does not exist; give a diffusers model folder (with model_index.json) "
+            "or a Hugging Face hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5"
+        )
     if not (path / "model_index.json").is_file():
-        raise ModelError(f"model.base: {base} is not a diffusers model folder (no model_index.json); "
-                         "give the folder that holds unet/, vae/, text_encoder/ and model_index.json")
+        raise ModelError(
+            f"model.base: {base} is not a diffusers model folder (no model_index.json); "
+            "give the folder that holds unet/, vae/, text_encoder/ and model_index.json"
+        )
     return str(path)
 
 
@@ -70,12 +74,17 @@ def _model_index(base: str, revision: str | None) -> dict:
     try:
         return json.loads(Path(hf_hub_download(base, "model_index.json", revision=revision)).read_text("utf-8"))
     except Exception as err:  # offline miss, unknown repo, no access: all mean "cannot use this base"
-        raise ModelError(f"model.base: {base!r} is neither a local folder nor a hub model available here "
-                         f"({type(err).__name__}); check the id, log in, or download it and give its folder") from None
+        from huggingface_hub.constants import HF_HUB_OFFLINE
+
+        why = "offline (HF_HUB_OFFLINE=1) and not in the local cache" if HF_HUB_OFFLINE else type(err).__name__
+        raise ModelError(
+            f"model.base: {base!r} is neither a local folder nor a hub model available here ({why}); "
+            "check the id, log in, or download it and give its folder"
+        ) from None
 
 
 def detect_family(model_index: dict, unet_config: dict) -> str:
-    """"sdxl" (two text encoders), "sd2" (1024-wide cross-attention, OpenCLIP-H) or "sd1"."""
+    """ "sdxl" (two text encoders), "sd2" (1024-wide cross-attention, OpenCLIP-H) or "sd1"."""
     if "text_encoder_2" in model_index:
         return "sdxl"
     return "sd2" if unet_config.get("cross_attention_dim") == 1024 else "sd1"
@@ -106,9 +115,16 @@ def load_base(base: str, *, prediction_type: str | None = None, revision: str | 
     for module in (unet, vae, *text_encoders):
         module.requires_grad_(False)
         module.eval()
-    return BaseModel(source=base, family=family, unet=unet, vae=vae, text_encoders=text_encoders,
-                     tokenizers=tokenizers, noise_scheduler=scheduler,
-                     prediction_type=scheduler.config.prediction_type)
+    return BaseModel(
+        source=base,
+        family=family,
+        unet=unet,
+        vae=vae,
+        text_encoders=text_encoders,
+        tokenizers=tokenizers,
+        noise_scheduler=scheduler,
+        prediction_type=scheduler.config.prediction_type,
+    )
 
 
 def encode_prompts(base: BaseModel, input_ids: list[Any]) -> dict[str, Any]:
@@ -120,7 +136,8 @@ def encode_prompts(base: BaseModel, input_ids: list[Any]) -> dict[str, Any]:
 def tokenize(base: BaseModel, captions: list[str]) -> list[Any]:
     """Token ids of `captions` for each tokenizer, padded to its maximum length."""
     return [
-        tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
-            return_tensors="pt").input_ids
+        tok(
+            captions, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
         for tok in base.tokenizers
     ]

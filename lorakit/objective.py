@@ -29,8 +29,9 @@ def sample_timesteps(batch: int, num_train_timesteps: int, generator: torch.Gene
     return torch.randint(0, num_train_timesteps, (batch,), generator=generator)
 
 
-def training_target(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
-                    prediction_type: str) -> torch.Tensor:
+def training_target(
+    scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
     """What the U-Net should predict: the noise (epsilon) or the velocity (v-prediction, Salimans & Ho 2022)."""
     if prediction_type == "epsilon":
         return noise

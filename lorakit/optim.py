@@ -17,8 +17,10 @@ def build_optimizer(section: TrainSection, param_groups: list[dict[str, Any]]) -
         try:
             import bitsandbytes as bnb
         except ImportError as err:
-            raise LorakitError(f"train.optimizer: 'adamw8bit' needs bitsandbytes ({err}); "
-                               "run `pip install bitsandbytes` or set train.optimizer = \"adamw\"") from None
+            raise LorakitError(
+                f"train.optimizer: 'adamw8bit' needs bitsandbytes ({err}); "
+                'run `pip install bitsandbytes` or set train.optimizer = "adamw"'
+            ) from None
         return bnb.optim.AdamW8bit(param_groups, weight_decay=section.weight_decay)
     if name == "adamw":
         import torch
@@ -27,14 +29,21 @@ def build_optimizer(section: TrainSection, param_groups: list[dict[str, Any]]) -
     if name == "adafactor":
         from transformers.optimization import Adafactor
 
-        return Adafactor(param_groups, scale_parameter=False, relative_step=False, warmup_init=False,
-                         weight_decay=section.weight_decay)
+        return Adafactor(
+            param_groups,
+            scale_parameter=False,
+            relative_step=False,
+            warmup_init=False,
+            weight_decay=section.weight_decay,
+        )
     if name == "prodigy":
         try:
             from prodigyopt import Prodigy
         except ImportError:
-            raise LorakitError("train.optimizer: 'prodigy' needs the prodigyopt package; "
-                               "run `pip install prodigyopt` or choose 'adamw8bit'") from None
+            raise LorakitError(
+                "train.optimizer: 'prodigy' needs the prodigyopt package; "
+                "run `pip install prodigyopt` or choose 'adamw8bit'"
+            ) from None
         return Prodigy(param_groups, weight_decay=section.weight_decay)
     raise LorakitError(f"train.optimizer: unknown optimizer {name!r}")
 
@@ -43,5 +52,6 @@ def build_lr_scheduler(section: TrainSection, optimizer: Any) -> Any:
     """The learning-rate schedule, stepped once per optimizer step over `max_steps`."""
     from diffusers.optimization import get_scheduler
 
-    return get_scheduler(section.lr_scheduler, optimizer, num_warmup_steps=section.lr_warmup_steps,
-                         num_training_steps=section.max_steps)
+    return get_scheduler(
+        section.lr_scheduler, optimizer, num_warmup_steps=section.lr_warmup_steps, num_training_steps=section.max_steps
+    )

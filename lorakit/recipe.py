@@ -11,12 +11,13 @@ import ast
 import dataclasses
 import difflib
 import inspect
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+
+import tomllib
 
 from .errors import RecipeError
 
@@ -142,9 +143,13 @@ def field_docs(cls: type) -> dict[str, str]:
     """The docstring written under each field of a dataclass, by field name."""
     docs: dict[str, str] = {}
     body = ast.parse(inspect.getsource(cls)).body[0].body
-    for node, following in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and isinstance(following, ast.Expr)
-                and isinstance(following.value, ast.Constant) and isinstance(following.value.value, str)):
+    for node, following in zip(body, body[1:], strict=False):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(following, ast.Expr)
+            and isinstance(following.value, ast.Constant)
+            and isinstance(following.value.value, str)
+        ):
             docs[node.target.id] = " ".join(following.value.value.split())
     return docs
 
@@ -176,7 +181,8 @@ def _coerce(value: object, tp: object) -> tuple[bool, object]:
         return isinstance(value, list) and all(isinstance(v, str) for v in value), value
     if tp is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool), float(value) if isinstance(
-            value, (int, float)) else value
+            value, (int, float)
+        ) else value
     if tp is int:
         return isinstance(value, int) and not isinstance(value, bool), value
     return isinstance(value, tp), value
@@ -188,12 +194,24 @@ def _suggest(name: str, choices: list[str]) -> str:
 
 
 _RANGES: dict[str, tuple[float | None, float | None]] = {
-    "data.resolution": (64, None), "data.num_repeats": (1, None), "data.keep_tokens": (0, None),
-    "data.caption_dropout": (0, 1), "lora.rank": (1, None), "lora.lora_alpha": (0, None), "lora.dropout": (0, 1),
-    "train.max_steps": (1, None), "train.batch_size": (1, None), "train.gradient_accumulation_steps": (1, None),
-    "train.unet_lr": (0, None), "train.text_encoder_lr": (0, None), "train.lr_warmup_steps": (0, None),
-    "train.weight_decay": (0, None), "train.max_grad_norm": (0, None), "train.min_snr_gamma": (0, None),
-    "train.noise_offset": (0, None), "train.log_every_steps": (1, None),
+    "data.resolution": (64, None),
+    "data.num_repeats": (1, None),
+    "data.keep_tokens": (0, None),
+    "data.caption_dropout": (0, 1),
+    "lora.rank": (1, None),
+    "lora.lora_alpha": (0, None),
+    "lora.dropout": (0, 1),
+    "train.max_steps": (1, None),
+    "train.batch_size": (1, None),
+    "train.gradient_accumulation_steps": (1, None),
+    "train.unet_lr": (0, None),
+    "train.text_encoder_lr": (0, None),
+    "train.lr_warmup_steps": (0, None),
+    "train.weight_decay": (0, None),
+    "train.max_grad_norm": (0, None),
+    "train.min_snr_gamma": (0, None),
+    "train.noise_offset": (0, None),
+    "train.log_every_steps": (1, None),
 }
 
 
@@ -216,13 +234,16 @@ def _build_section(name: str, cls: type, raw: object, problems: list[str]):
     values = {}
     for key, value in raw.items():
         if key not in fields:
-            problems.append(f"{name}.{key}: unknown key{_suggest(key, list(fields))}; "
-                            f"valid keys: {', '.join(fields)}")
+            problems.append(f"{name}.{key}: unknown key{_suggest(key, list(fields))}; valid keys: {', '.join(fields)}")
             continue
         ok, converted = _coerce(value, hints[key])
         if not ok:
-            choices = [str(c) for a in (hints[key], *typing.get_args(hints[key])) if typing.get_origin(a) is Literal
-                       for c in typing.get_args(a)]
+            choices = [
+                str(c)
+                for a in (hints[key], *typing.get_args(hints[key]))
+                if typing.get_origin(a) is Literal
+                for c in typing.get_args(a)
+            ]
             hint = _suggest(value, choices) if isinstance(value, str) else ""
             problems.append(f"{name}.{key}: {value!r} is not {_describe(hints[key])}{hint}")
             continue
@@ -231,8 +252,11 @@ def _build_section(name: str, cls: type, raw: object, problems: list[str]):
             problems.append(f"{name}.{key}: {out_of_range}")
             continue
         values[key] = converted
-    missing = [k for k, f in fields.items() if f.default is dataclasses.MISSING
-               and f.default_factory is dataclasses.MISSING and k not in raw]
+    missing = [
+        k
+        for k, f in fields.items()
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and k not in raw
+    ]
     for key in missing:
         problems.append(f"{name}.{key}: required; {_describe(hints[key])}")
     if len(values) != len(raw) or missing:
@@ -258,10 +282,11 @@ def recipe_from_dict(data: dict, source: str = "<recipe>") -> Recipe:
     problems: list[str] = []
     for section in data:
         if section not in SECTIONS:
-            problems.append(f"{section}: unknown section{_suggest(section, list(SECTIONS))}; "
-                            f"valid sections: {', '.join(SECTIONS)}")
+            problems.append(
+                f"{section}: unknown section{_suggest(section, list(SECTIONS))}; valid sections: {', '.join(SECTIONS)}"
+            )
     if "model" not in data:
-        problems.append("model: required section; add [model] with base = \"<diffusers folder or hub id>\"")
+        problems.append('model: required section; add [model] with base = "<diffusers folder or hub id>"')
     built = {}
     for section, cls in SECTIONS.items():
         if section in data:

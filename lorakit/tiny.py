@@ -133,15 +133,23 @@ def save_tiny_pipeline(path: str | Path, seed: int = 0, *, prediction_type: str 
     from diffusers import StableDiffusionPipeline
 
     components = build_tiny_components(seed, prediction_type=prediction_type)
-    pipe = StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    pipe = StableDiffusionPipeline(
+        **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
     path = Path(path)
     pipe.save_pretrained(path)
     return path
 
 
-def write_tiny_dataset(folder: str | Path, *, count: int = 8, resolution: int = 64, trigger: str = "ohwx",
-                       seed: int = 0, sizes: tuple[tuple[int, int], ...] = ((64, 64), (80, 48), (48, 80))) -> Path:
+def write_tiny_dataset(
+    folder: str | Path,
+    *,
+    count: int = 8,
+    resolution: int = 64,
+    trigger: str = "ohwx",
+    seed: int = 0,
+    sizes: tuple[tuple[int, int], ...] = ((64, 64), (80, 48), (48, 80)),
+) -> Path:
     """Write `count` synthetic "photos" (a red disc on varied backgrounds) in the dataset folder layout.
 
     This is the layout `lorakit prepare` writes (DESIGN.md, "Dataset folder"); captions are
@@ -166,13 +174,26 @@ def write_tiny_dataset(folder: str | Path, *, count: int = 8, resolution: int = 
         ImageDraw.Draw(image).ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=(220, 30, 30))
         name = f"images/{index:03d}.png"
         image.save(folder / name)
-        rows.append({
-            "file_name": name, "text": f"toy, red, {colour_name} background", "width": width, "height": height,
-            "original_width": width, "original_height": height, "crop_left": 0, "crop_top": 0,
-            "source": f"generated/{index:03d}.png", "sha256": hashlib.sha256((folder / name).read_bytes()).hexdigest(),
-        })
+        rows.append(
+            {
+                "file_name": name,
+                "text": f"toy, red, {colour_name} background",
+                "width": width,
+                "height": height,
+                "original_width": width,
+                "original_height": height,
+                "crop_left": 0,
+                "crop_top": 0,
+                "source": f"generated/{index:03d}.png",
+                "sha256": hashlib.sha256((folder / name).read_bytes()).hexdigest(),
+            }
+        )
     (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    info = {"version": 1, "resolution": resolution, "buckets": [list(s) for s in dict.fromkeys(sizes)],
-            "trigger": trigger}
+    info = {
+        "version": 1,
+        "resolution": resolution,
+        "buckets": [list(s) for s in dict.fromkeys(sizes)],
+        "trigger": trigger,
+    }
     (folder / "dataset.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return folder

@@ -57,6 +57,7 @@ def resolve_recipe(recipe: Recipe, base: BaseModel) -> Recipe:
 def _accelerator(recipe: Recipe, run_dir: Path, log: Log) -> Any:
     import torch
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import is_tensorboard_available
 
     precision = recipe.train.mixed_precision
@@ -65,6 +66,9 @@ def _accelerator(recipe: Recipe, run_dir: Path, log: Log) -> Any:
         log("train.mixed_precision: fp16 autocast does nothing on a CPU; training in bf16 instead")
         precision = "bf16"
     tracker = "tensorboard" if is_tensorboard_available() else None
+    # accelerate keeps precision in a process-wide singleton; a second train() in the same process
+    # (a notebook, the tests) must be free to choose another, so forget the previous run's choice.
+    AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(cpu=not cuda, mixed_precision=precision, log_with=tracker, project_dir=str(run_dir))
 
 
@@ -77,17 +81,25 @@ def _inject(recipe: Recipe, base: BaseModel, log: Log) -> dict[str, Any]:
     lora = recipe.lora
     trained = {"unet": base.unet}
     if lora.train_text_encoder:
-        trained.update(zip(base.text_encoder_names, base.text_encoders))
+        trained.update(zip(base.text_encoder_names, base.text_encoders, strict=True))
     counts = []
     for component, module in trained.items():
-        names = adapters.inject_lora(module, component, rank=lora.rank, lora_alpha=lora.lora_alpha,
-                                     dropout=lora.dropout, target_modules=lora.target_modules)
+        names = adapters.inject_lora(
+            module,
+            component,
+            rank=lora.rank,
+            lora_alpha=lora.lora_alpha,
+            dropout=lora.dropout,
+            target_modules=lora.target_modules,
+        )
         adapters.freeze_except_lora(module)
         counts.append(f"{component} {len(names)}")
     trainable = sum(adapters.count_parameters(m)[0] for m in trained.values())
     total = sum(adapters.count_parameters(m)[1] for m in (base.unet, base.vae, *base.text_encoders))
-    log(f"LoRA modules: {', '.join(counts)}; trainable parameters: {trainable:,} of {total:,} "
-        f"({100 * trainable / total:.2f}%)")
+    log(
+        f"LoRA modules: {', '.join(counts)}; trainable parameters: {trainable:,} of {total:,} "
+        f"({100 * trainable / total:.2f}%)"
+    )
     return trained
 
 
@@ -177,10 +189,10 @@ def train(recipe: Recipe, *, overwrite: bool = False, quiet: bool = False, log: 
 
     names = list(trained)
     prepared = accelerator.prepare(*trained.values(), optimizer)
-    models, optimizer = dict(zip(names, prepared[:-1])), prepared[-1]
+    models, optimizer = dict(zip(names, prepared[:-1], strict=True)), prepared[-1]
     for module in models.values():
         module.train()
-    text_encoders = [models.get(n, m) for n, m in zip(base.text_encoder_names, base.text_encoders)]
+    text_encoders = [models.get(n, m) for n, m in zip(base.text_encoder_names, base.text_encoders, strict=True)]
     cond_base = dataclasses.replace(base, text_encoders=text_encoders)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if accelerator.log_with:
@@ -197,8 +209,9 @@ def train(recipe: Recipe, *, overwrite: bool = False, quiet: bool = False, log: 
             with ExitStack() as no_sync:
                 for k in range(accumulation):
                     if not shards:
-                        batches = epoch_batches(items, batch_size=cfg.batch_size, num_repeats=data.num_repeats,
-                                                seed=cfg.seed, epoch=epoch)
+                        batches = epoch_batches(
+                            items, batch_size=cfg.batch_size, num_repeats=data.num_repeats, seed=cfg.seed, epoch=epoch
+                        )
                         usable = len(batches) // world * world
                         shards = batches[rank:usable:world]
                         epoch += 1
@@ -211,21 +224,24 @@ def train(recipe: Recipe, *, overwrite: bool = False, quiet: bool = False, log: 
                     flip = [data.flip and rng.random() < 0.5 for _ in batch]
                     captions = [transform_caption(items[i].caption, data, rng) for i in batch]
                     if cache is not None:
-                        pairs = [cache.get(i, f) for i, f in zip(batch, flip)]
+                        pairs = [cache.get(i, f) for i, f in zip(batch, flip, strict=True)]
                         means, stds = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
                     else:
                         encode = _encoder(base, device)
-                        pairs = [encode(load_pixels(items[i], f)) for i, f in zip(batch, flip)]
+                        pairs = [encode(load_pixels(items[i], f)) for i, f in zip(batch, flip, strict=True)]
                         means, stds = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
                     latents = _latents(base, means, stds, generator)
                     noise = objective.sample_noise(tuple(latents.shape), cfg.noise_offset, generator)
-                    timesteps = objective.sample_timesteps(len(batch), base.noise_scheduler.config.num_train_timesteps,
-                                                           generator)
+                    timesteps = objective.sample_timesteps(
+                        len(batch), base.noise_scheduler.config.num_train_timesteps, generator
+                    )
                     noisy = base.noise_scheduler.add_noise(latents, noise, timesteps)
-                    target = objective.training_target(base.noise_scheduler, latents, noise, timesteps,
-                                                       base.prediction_type)
-                    weights = objective.loss_weights(base.noise_scheduler, timesteps, cfg.min_snr_gamma,
-                                                     base.prediction_type)
+                    target = objective.training_target(
+                        base.noise_scheduler, latents, noise, timesteps, base.prediction_type
+                    )
+                    weights = objective.loss_weights(
+                        base.noise_scheduler, timesteps, cfg.min_snr_gamma, base.prediction_type
+                    )
                     ids = [t.to(device) for t in tokenize(base, captions)]
                     with torch.set_grad_enabled(recipe.lora.train_text_encoder), accelerator.autocast():
                         conditioning = encode_prompts(cond_base, ids)
@@ -243,12 +259,19 @@ def train(recipe: Recipe, *, overwrite: bool = False, quiet: bool = False, log: 
             step += 1
             loss_value = accelerator.reduce(torch.tensor(step_loss, device=device), "mean").item()
             if not math.isfinite(loss_value):
-                raise LorakitError(f"training diverged: the loss is {loss_value} at step {step}; lower "
-                                   "train.unet_lr / train.text_encoder_lr or use mixed_precision = \"bf16\" or \"no\"")
+                raise LorakitError(
+                    f"training diverged: the loss is {loss_value} at step {step}; lower "
+                    'train.unet_lr / train.text_encoder_lr or use mixed_precision = "bf16" or "no"'
+                )
             if accelerator.is_main_process and (step % cfg.log_every_steps == 0 or step == cfg.max_steps):
                 lrs = {f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups}
-                row = {"step": step, "loss": loss_value, **lrs, "epoch": epoch,
-                       "elapsed_s": round(time.monotonic() - start, 3)}
+                row = {
+                    "step": step,
+                    "loss": loss_value,
+                    **lrs,
+                    "epoch": epoch,
+                    "elapsed_s": round(time.monotonic() - start, 3),
+                }
                 _write_metrics(metrics_path, row)
                 accelerator.log({"loss": loss_value, **lrs}, step=step)
             bar.advance(1, loss=f"{loss_value:.4f}")
@@ -259,8 +282,9 @@ def train(recipe: Recipe, *, overwrite: bool = False, quiet: bool = False, log: 
     diffusers_path = run_dir / f"{recipe.output.name}.diffusers.safetensors"
     if accelerator.is_main_process:
         info = _adapter_info(recipe, base, items, step, started)
-        kohya_path, diffusers_path = save_adapter_files(state, run_dir, recipe.output.name,
-                                                        recipe.output.save_dtype, info)
+        kohya_path, diffusers_path = save_adapter_files(
+            state, run_dir, recipe.output.name, recipe.output.save_dtype, info
+        )
         say(f"Saved {kohya_path} (kohya layout: A1111/Forge, ComfyUI, diffusers) and {diffusers_path.name}")
     accelerator.end_training()
     trainable = sum(p.numel() for p in params)
@@ -294,6 +318,13 @@ def _adapter_info(recipe: Recipe, base: BaseModel, items: list, steps: int, star
         "lorakit_recipe_sha256": _recipe_hash(recipe),
         "lorakit_trigger": recipe.data.trigger,
     }
-    return AdapterInfo(family=base.family, base_model=recipe.model.base, prediction_type=base.prediction_type,
-                       rank=lora.rank, alpha=lora.lora_alpha, targets=targets, output_name=recipe.output.name,
-                       training=training)
+    return AdapterInfo(
+        family=base.family,
+        base_model=recipe.model.base,
+        prediction_type=base.prediction_type,
+        rank=lora.rank,
+        alpha=lora.lora_alpha,
+        targets=targets,
+        output_name=recipe.output.name,
+        training=training,
+    )

@@ -43,8 +43,14 @@ def make_recipe_dict(base, dataset, output, **sections) -> dict:
         "model": {"base": str(base)},
         "data": {"folder": str(dataset), "resolution": 64, "trigger": "ohwx"},
         "lora": {"rank": 4, "lora_alpha": 8.0},
-        "train": {"max_steps": 4, "batch_size": 2, "unet_lr": 1e-3, "text_encoder_lr": 1e-3,
-                  "optimizer": "adamw", "seed": 0},
+        "train": {
+            "max_steps": 4,
+            "batch_size": 2,
+            "unet_lr": 1e-3,
+            "text_encoder_lr": 1e-3,
+            "optimizer": "adamw",
+            "seed": 0,
+        },
         "output": {"folder": str(output), "name": "run", "save_dtype": "float32"},
     }
     for section, values in sections.items():

@@ -16,8 +16,9 @@ from .conftest import make_recipe_dict
 
 def _outputs(unet, text_encoder, tokenizer):
     """U-Net and text-encoder outputs for a fixed prompt, latent and timestep."""
-    ids = tokenizer(["ohwx toy, red, white background"], padding="max_length", max_length=77,
-                    return_tensors="pt").input_ids
+    ids = tokenizer(
+        ["ohwx toy, red, white background"], padding="max_length", max_length=77, return_tensors="pt"
+    ).input_ids
     latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         hidden = text_encoder(ids)[0]
@@ -37,8 +38,9 @@ def reference(trained_run, tiny_base):
     models = trained_run.models
     for module in models.values():
         module.eval()
-    return _outputs(models["unet"], models["text_encoder"], pipe.tokenizer), _outputs(pipe.unet, pipe.text_encoder,
-                                                                                      pipe.tokenizer)
+    return _outputs(models["unet"], models["text_encoder"], pipe.tokenizer), _outputs(
+        pipe.unet, pipe.text_encoder, pipe.tokenizer
+    )
 
 
 @pytest.mark.parametrize("which", ["adapter", "diffusers_adapter"])
@@ -47,7 +49,7 @@ def test_exported_file_reloads_exactly_in_diffusers(trained_run, tiny_base, refe
     pipe = _pipeline(tiny_base)
     pipe.load_lora_weights(str(getattr(trained_run, which)))
     loaded = _outputs(pipe.unet, pipe.text_encoder, pipe.tokenizer)
-    for got, want, original in zip(loaded, trained, base):
+    for got, want, original in zip(loaded, trained, base, strict=True):
         assert torch.allclose(got, want, atol=1e-6, rtol=0), (got - want).abs().max()
         assert (want - original).abs().max() > 1e-3  # the adapter really changes the model
 
@@ -65,7 +67,7 @@ def test_fp16_export_reloads_within_rtol(trained_run, tiny_base, reference, tmp_
             assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
         pipe = _pipeline(tiny_base)
         pipe.load_lora_weights(str(path))
-        for got, want in zip(_outputs(pipe.unet, pipe.text_encoder, pipe.tokenizer), trained):
+        for got, want in zip(_outputs(pipe.unet, pipe.text_encoder, pipe.tokenizer), trained, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
 
 
@@ -102,8 +104,13 @@ def test_diffusers_file_carries_alpha_in_adapter_metadata(trained_run):
 
 def test_run_folder_holds_exactly_the_promised_files(trained_run):
     files = {p.name for p in trained_run.run_dir.iterdir()}
-    assert files == {"recipe.resolved.toml", "run.safetensors", "run.diffusers.safetensors", "metrics.jsonl",
-                     "tensorboard"}
+    assert files == {
+        "recipe.resolved.toml",
+        "run.safetensors",
+        "run.diffusers.safetensors",
+        "metrics.jsonl",
+        "tensorboard",
+    }
     rows = [json.loads(line) for line in (trained_run.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 7))
     assert {"loss", "lr_unet", "lr_text_encoder", "epoch"} <= set(rows[0])
@@ -119,14 +126,17 @@ def test_resolved_recipe_reloads_to_the_same_run(trained_run, tmp_path):
 
 
 def test_v_prediction_base_trains_and_reloads(tiny_base_v, tiny_dataset, tmp_path):
-    recipe = recipe_from_dict(make_recipe_dict(tiny_base_v, tiny_dataset, tmp_path, train={"max_steps": 2},
-                                               lora={"target_modules": "attention"}))
+    recipe = recipe_from_dict(
+        make_recipe_dict(
+            tiny_base_v, tiny_dataset, tmp_path, train={"max_steps": 2}, lora={"target_modules": "attention"}
+        )
+    )
     result = train(recipe, quiet=True, log=lambda _: None)
     pipe = _pipeline(tiny_base_v)
     assert pipe.scheduler.config.prediction_type == "v_prediction"
     pipe.load_lora_weights(str(result.adapter))
     want = _outputs(result.models["unet"].eval(), result.models["text_encoder"].eval(), pipe.tokenizer)
-    for got, expected in zip(_outputs(pipe.unet, pipe.text_encoder, pipe.tokenizer), want):
+    for got, expected in zip(_outputs(pipe.unet, pipe.text_encoder, pipe.tokenizer), want, strict=True):
         assert torch.allclose(got, expected, atol=1e-6, rtol=0)
     with safe_open(result.adapter, "pt") as f:
         assert not any("ff_net" in k or "proj_in" in k or "mlp" in k for k in f.keys())

@@ -58,8 +58,9 @@ def kohya_metadata(info: AdapterInfo) -> dict[str, str]:
     return metadata
 
 
-def save_adapter_files(state: LoraState, run_dir: Path, name: str, save_dtype: str,
-                       info: AdapterInfo) -> tuple[Path, Path]:
+def save_adapter_files(
+    state: LoraState, run_dir: Path, name: str, save_dtype: str, info: AdapterInfo
+) -> tuple[Path, Path]:
     """Write `<name>.safetensors` (kohya) and `<name>.diffusers.safetensors` into `run_dir`."""
     import torch
     from safetensors.torch import save_file
@@ -71,6 +72,7 @@ def save_adapter_files(state: LoraState, run_dir: Path, name: str, save_dtype: s
     kohya_tensors = to_kohya(state, dtype, sdxl=info.family == "sdxl")
     atomic_write(kohya_path, lambda tmp: save_file(kohya_tensors, str(tmp), metadata=metadata))
     diffusers_tensors, diffusers_header = to_diffusers(state, dtype)
-    atomic_write(diffusers_path,
-                 lambda tmp: save_file(diffusers_tensors, str(tmp), metadata={**metadata, **diffusers_header}))
+    atomic_write(
+        diffusers_path, lambda tmp: save_file(diffusers_tensors, str(tmp), metadata={**metadata, **diffusers_header})
+    )
     return kohya_path, diffusers_path

@@ -1,0 +1,152 @@
+"""The training loop: it learns, caches, accumulates, and explains what it does differently."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lorakit.recipe import recipe_from_dict
+from lorakit.train import train
+
+from .conftest import make_recipe_dict
+
+
+def _run(base, dataset, out, **sections):
+    lines: list[str] = []
+    result = train(recipe_from_dict(make_recipe_dict(base, dataset, out, **sections)), quiet=True, log=lines.append)
+    return result, lines
+
+
+def _fixed_noise_loss(unet, text_encoder, base_path, dataset) -> float:
+    """Mean denoising loss over the dataset at fixed noise and timesteps (a held-still yardstick)."""
+    from diffusers import AutoencoderKL, DDPMScheduler
+    from transformers import CLIPTokenizer
+
+    from lorakit.data import load_items, load_pixels
+    from lorakit.recipe import DataSection
+
+    vae = AutoencoderKL.from_pretrained(base_path, subfolder="vae")
+    tokenizer = CLIPTokenizer.from_pretrained(base_path, subfolder="tokenizer")
+    scheduler = DDPMScheduler.from_pretrained(base_path, subfolder="scheduler")
+    generator = torch.Generator().manual_seed(123)
+    losses = []
+    with torch.no_grad():
+        for item in load_items(DataSection(folder=str(dataset), resolution=64, trigger="ohwx"), 8):
+            latents = vae.encode(load_pixels(item, False)[None]).latent_dist.mean * vae.config.scaling_factor
+            for t in (100, 300, 500, 700, 900):
+                noise = torch.randn(latents.shape, generator=generator)
+                ids = tokenizer([item.caption], padding="max_length", max_length=77, return_tensors="pt").input_ids
+                noisy = scheduler.add_noise(latents, noise, torch.tensor([t]))
+                pred = unet(noisy, torch.tensor([t]), encoder_hidden_states=text_encoder(ids)[0]).sample
+                losses.append(torch.nn.functional.mse_loss(pred, noise).item())
+    return sum(losses) / len(losses)
+
+
+def test_training_lowers_the_denoising_loss_on_its_photos(tiny_base, tiny_dataset, tmp_path):
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    before = _fixed_noise_loss(
+        UNet2DConditionModel.from_pretrained(tiny_base, subfolder="unet"),
+        CLIPTextModel.from_pretrained(tiny_base, subfolder="text_encoder"),
+        tiny_base,
+        tiny_dataset,
+    )
+    result, _ = _run(
+        tiny_base,
+        tiny_dataset,
+        tmp_path,
+        train={"max_steps": 40, "unet_lr": 3e-3},
+        lora={"rank": 8, "lora_alpha": 8.0},
+    )
+    after = _fixed_noise_loss(
+        result.models["unet"].eval(), result.models["text_encoder"].eval(), tiny_base, tiny_dataset
+    )
+    assert after < 0.9 * before, (before, after)
+
+
+def _fresh_copy(dataset, folder):
+    import shutil
+
+    shutil.copytree(dataset, folder, ignore=shutil.ignore_patterns(".cache"))
+    return folder
+
+
+def test_latents_are_cached_once_and_reused(tiny_base, tiny_dataset, tmp_path):
+    dataset = _fresh_copy(tiny_dataset, tmp_path / "data")
+    _, first = _run(tiny_base, dataset, tmp_path / "a", train={"max_steps": 1}, data={"flip": True})
+    _, second = _run(tiny_base, dataset, tmp_path / "b", train={"max_steps": 1}, data={"flip": True})
+    cached = [line for line in first + second if line.startswith("Latents:")]
+    assert len(cached) == 2
+    assert "16 cached (16 newly encoded)" in cached[0] and "16 cached (0 newly encoded)" in cached[1]
+    assert len(list((dataset / ".cache" / "latents").glob("*.safetensors"))) == 16
+
+
+def test_without_the_cache_training_still_runs_and_writes_nothing_to_it(tiny_base, tiny_dataset, tmp_path):
+    dataset = _fresh_copy(tiny_dataset, tmp_path / "data")
+    result, lines = _run(tiny_base, dataset, tmp_path / "out", train={"max_steps": 2, "cache_latents": False})
+    assert result.steps == 2 and not (dataset / ".cache").exists()
+    assert not any(line.startswith("Latents:") for line in lines)
+
+
+def test_gradient_accumulation_consumes_more_batches_per_step(tiny_base, tiny_dataset, tmp_path):
+    # 8 images in 3 buckets (3 + 3 + 2) with batch_size 2 make 5 micro-batches per epoch.
+    plain, _ = _run(tiny_base, tiny_dataset, tmp_path / "a", train={"max_steps": 5})
+    accumulated, _ = _run(
+        tiny_base, tiny_dataset, tmp_path / "b", train={"max_steps": 5, "gradient_accumulation_steps": 2}
+    )
+    last = [json.loads((r.run_dir / "metrics.jsonl").read_text().splitlines()[-1]) for r in (plain, accumulated)]
+    assert [row["step"] for row in last] == [5, 5]
+    assert [row["epoch"] for row in last] == [1, 2]
+
+
+def test_fp16_on_cpu_says_so_and_runs_bf16(tiny_base, tiny_dataset, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("on CUDA fp16 is honoured")
+    result, lines = _run(tiny_base, tiny_dataset, tmp_path, train={"max_steps": 1, "mixed_precision": "fp16"})
+    assert "train.mixed_precision: fp16 autocast does nothing on a CPU; training in bf16 instead" in lines
+    assert result.steps == 1
+
+
+@pytest.mark.parametrize("optimizer", ["adamw8bit", "adafactor", "prodigy"])
+def test_each_optimizer_trains(tiny_base, tiny_dataset, tmp_path, optimizer):
+    lr = 1.0 if optimizer == "prodigy" else 1e-3
+    result, _ = _run(
+        tiny_base,
+        tiny_dataset,
+        tmp_path,
+        train={"max_steps": 2, "optimizer": optimizer, "unet_lr": lr, "text_encoder_lr": lr},
+    )
+    assert result.steps == 2
+    b = [p for n, p in result.models["unet"].named_parameters() if ".lora_B." in n]
+    assert any(p.abs().sum() > 0 for p in b)  # the zero-initialised up factors moved
+
+
+def test_unet_only_when_the_text_encoder_is_not_trained(tiny_base, tiny_dataset, tmp_path):
+    from safetensors import safe_open
+
+    result, _ = _run(
+        tiny_base,
+        tiny_dataset,
+        tmp_path,
+        train={"max_steps": 1},
+        lora={"train_text_encoder": False, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]},
+    )
+    assert set(result.models) == {"unet"}
+    with safe_open(result.adapter, "pt") as f:
+        assert all(k.startswith("lora_unet_") for k in f.keys())
+        assert f.metadata()["ss_network_train_unet_only"] == "True"
+
+
+def test_epoch_batches_are_single_bucket_reproducible_and_complete(tiny_base, tiny_dataset):
+    from lorakit.data import epoch_batches, load_items
+    from lorakit.recipe import DataSection
+
+    items = load_items(DataSection(folder=str(tiny_dataset), resolution=64), 8)
+    batches = epoch_batches(items, batch_size=2, num_repeats=3, seed=1, epoch=0)
+    assert batches == epoch_batches(items, batch_size=2, num_repeats=3, seed=1, epoch=0)
+    assert batches != epoch_batches(items, batch_size=2, num_repeats=3, seed=1, epoch=1)
+    assert all(len({items[i].bucket for i in batch}) == 1 for batch in batches)
+    assert sorted(i for batch in batches for i in batch) == sorted(list(range(len(items))) * 3)
