@@ -1,0 +1,157 @@
+"""Seconds per optimizer step and peak RSS: lorakit with and without latent caching vs a bare loop.
+
+Run by hand (not part of the test suite):
+
+    python benchmarks/train_speed.py [--base DIR] [--steps 30] [--resolution 128] [--batch-size 2]
+
+Each configuration runs in its own process, so its peak RSS is its own. Without `--base` a tiny
+SD 1.x-shaped model is built. "bare" is the floor any trainer pays: LoRA on the same U-Net and
+text encoder, one fixed batch of latents and token ids, forward + backward + AdamW step, nothing
+else. Steady-state time per step excludes the first `--warmup` steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _recipe(args, cache: bool, out: Path) -> dict:
+    return {
+        "model": {"base": args.base},
+        "data": {"folder": args.dataset, "resolution": args.resolution},
+        "lora": {"rank": args.rank, "lora_alpha": args.rank},
+        "train": {
+            "max_steps": args.steps,
+            "batch_size": args.batch_size,
+            "optimizer": "adamw",
+            "cache_latents": cache,
+            "seed": 0,
+        },
+        "output": {"folder": str(out), "name": "bench"},
+    }
+
+
+def run_lorakit(args, cache: bool) -> dict:
+    from lorakit.recipe import recipe_from_dict
+    from lorakit.train import train
+
+    with tempfile.TemporaryDirectory() as out:
+        result = train(recipe_from_dict(_recipe(args, cache, Path(out))), quiet=True, log=lambda _: None)
+        rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    warm = rows[args.warmup - 1]["elapsed_s"]
+    return {"s_per_step": (rows[-1]["elapsed_s"] - warm) / (len(rows) - args.warmup)}
+
+
+def run_bare(args) -> dict:
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from lorakit.adapters import inject_lora, lora_parameters
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_pretrained(args.base, subfolder="unet")
+    text_encoder = CLIPTextModel.from_pretrained(args.base, subfolder="text_encoder")
+    for component, module in (("unet", unet), ("text_encoder", text_encoder)):
+        module.requires_grad_(False)
+        inject_lora(module, component, rank=args.rank, lora_alpha=args.rank, dropout=0.0, target_modules="transformer")
+    params = lora_parameters(unet) + lora_parameters(text_encoder)
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    vae_config = AutoencoderKL.load_config(args.base, subfolder="vae")
+    side = args.resolution // 2 ** (len(vae_config["block_out_channels"]) - 1)
+    latents = torch.randn(args.batch_size, 4, side, side)
+    ids = torch.randint(0, text_encoder.config.vocab_size - 2, (args.batch_size, 77))
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        hidden = text_encoder(ids)[0]
+        timesteps = torch.randint(0, 1000, (args.batch_size,))
+        loss = torch.nn.functional.mse_loss(
+            unet(latents, timesteps, encoder_hidden_states=hidden).sample, torch.randn_like(latents)
+        )
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+    steady = times[args.warmup :]
+    return {"s_per_step": sum(steady) / len(steady)}
+
+
+def child(args) -> None:
+    result = {
+        "lorakit (cached latents)": lambda: run_lorakit(args, True),
+        "lorakit (VAE every step)": lambda: run_lorakit(args, False),
+        "bare forward/backward": lambda: run_bare(args),
+    }[args.child]()
+    result["peak_rss_mib"] = _peak_rss_mib()
+    print(json.dumps(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", help="diffusers folder of the base model (default: build a tiny one)")
+    parser.add_argument("--dataset", help="dataset folder (default: generated example photos)")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--resolution", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.base is None:
+            from lorakit.tiny import save_tiny_pipeline
+
+            args.base = str(save_tiny_pipeline(Path(tmp) / "base"))
+        if args.dataset is None:
+            from lorakit.tiny import write_tiny_dataset
+
+            sizes = ((args.resolution, args.resolution),)
+            args.dataset = str(write_tiny_dataset(Path(tmp) / "dataset", count=8, sizes=sizes))
+        forwarded = [
+            f"--base={args.base}",
+            f"--dataset={args.dataset}",
+            f"--steps={args.steps}",
+            f"--warmup={args.warmup}",
+            f"--resolution={args.resolution}",
+            f"--batch-size={args.batch_size}",
+            f"--rank={args.rank}",
+        ]
+        results = {}
+        for name in ("bare forward/backward", "lorakit (cached latents)", "lorakit (VAE every step)"):
+            out = subprocess.run(
+                [sys.executable, __file__, *forwarded, f"--child={name}"], capture_output=True, text=True, check=True
+            ).stdout
+            results[name] = json.loads(out.strip().splitlines()[-1])
+    bare = results["bare forward/backward"]["s_per_step"]
+    print(f"{'configuration':<28}{'s/step':>10}{'vs bare':>10}{'peak RSS MiB':>15}")
+    for name, row in results.items():
+        print(f"{name:<28}{row['s_per_step']:>10.4f}{row['s_per_step'] / bare:>10.2f}{row['peak_rss_mib']:>15.0f}")
+    print(
+        json.dumps(
+            {"steps": args.steps, "resolution": args.resolution, "batch_size": args.batch_size, "results": results}
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
