@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 _UNET_ATTENTION = r"transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)"
 # ...and, for the kohya default set, also the feed-forward and the block's in/out projections.
 _UNET_TRANSFORMER = rf"({_UNET_ATTENTION}|transformer_blocks\.\d+\.ff\.net\.(0\.proj|2)|proj_in|proj_out)"
+# LoCon: also every conv (and the time-embedding projection) of the ResNets and the down/up-samplers.
+_UNET_CONV = r"(resnets\.\d+\.(conv1|conv2|conv_shortcut|time_emb_proj)|downsamplers\.0\.conv|upsamplers\.0\.conv)"
 _TE_ATTENTION = r"self_attn\.(q_proj|k_proj|v_proj|out_proj)"
 _TE_TRANSFORMER = rf"({_TE_ATTENTION}|mlp\.(fc1|fc2))"
 
@@ -31,6 +33,10 @@ PRESETS: dict[str, dict[str, str]] = {
     },
     "transformer": {
         "unet": rf".*attentions\.\d+\.{_UNET_TRANSFORMER}",
+        "text_encoder": rf".*encoder\.layers\.\d+\.{_TE_TRANSFORMER}",
+    },
+    "transformer+conv": {
+        "unet": rf"(.*attentions\.\d+\.{_UNET_TRANSFORMER}|.*{_UNET_CONV})",
         "text_encoder": rf".*encoder\.layers\.\d+\.{_TE_TRANSFORMER}",
     },
 }
@@ -93,12 +99,16 @@ def inject_lora(
     lora_alpha: float,
     dropout: float,
     target_modules: str | list[str],
+    conv_rank: int | None = None,
+    conv_alpha: float | None = None,
 ) -> list[str]:
     """Add a trainable LoRA adapter to `model` with peft and return the adapted module paths.
 
-    Raises RecipeError when the targets match nothing, or when a text encoder would get q/k/v
-    without out_proj (diffusers cannot load such a file).
+    3x3 convolutions get `conv_rank` / `conv_alpha` when given (LoCon), through peft's per-module
+    rank and alpha patterns. Raises RecipeError when the targets match nothing, or when a text
+    encoder would get q/k/v without out_proj (diffusers cannot load such a file).
     """
+    import torch
     from peft import LoraConfig
 
     targets = resolve_targets(target_modules, component)
@@ -115,8 +125,16 @@ def inject_lora(
                 f"lora.target_modules: the {component} adapts {sorted(present)} but not all of "
                 f"{list(_TE_ATTENTION_PROJECTIONS)}; adapt all four attention projections together"
             )
+    modules = dict(model.named_modules())
+    spatial = [n for n in names if isinstance(modules[n], torch.nn.Conv2d) and modules[n].kernel_size != (1, 1)]
     config = LoraConfig(
-        r=rank, lora_alpha=lora_alpha, lora_dropout=dropout, target_modules=targets, init_lora_weights=True
+        r=rank,
+        lora_alpha=lora_alpha,
+        lora_dropout=dropout,
+        target_modules=targets,
+        init_lora_weights=True,
+        rank_pattern={re.escape(n): conv_rank for n in spatial} if conv_rank else {},
+        alpha_pattern={re.escape(n): conv_alpha for n in spatial} if conv_alpha is not None else {},
     )
     model.add_adapter(config, adapter_name=ADAPTER_NAME)
     return names
@@ -124,7 +142,7 @@ def inject_lora(
 
 def lora_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     """The LoRA parameters of `model` (the only ones lorakit trains)."""
-    return [p for n, p in model.named_parameters() if ".lora_A." in n or ".lora_B." in n]
+    return list(named_lora_parameters(model).values())
 
 
 def freeze_except_lora(model: torch.nn.Module) -> None:
@@ -133,23 +151,56 @@ def freeze_except_lora(model: torch.nn.Module) -> None:
         param.requires_grad_(".lora_A." in name or ".lora_B." in name)
 
 
-def extract_lora(model: torch.nn.Module) -> dict[str, LoraModule]:
+def extract_lora(model: torch.nn.Module, weights: dict[str, torch.Tensor] | None = None) -> dict[str, LoraModule]:
     """Read the adapter factors of every peft-adapted module of `model`, keyed by module path.
 
+    `weights` (parameter name -> tensor, e.g. an EMA) replaces the live parameters where given.
     The alpha is returned such that `alpha / rank` equals peft's scaling for the module.
     """
+    weights = weights or {}
     modules = {}
     for name, module in model.named_modules():
         lora_a = getattr(module, "lora_A", None)
         if lora_a is None or ADAPTER_NAME not in lora_a:
             continue
         rank = module.r[ADAPTER_NAME]
+        down_name, up_name = f"{name}.lora_A.{ADAPTER_NAME}.weight", f"{name}.lora_B.{ADAPTER_NAME}.weight"
         modules[name] = LoraModule(
-            down=lora_a[ADAPTER_NAME].weight.detach(),
-            up=module.lora_B[ADAPTER_NAME].weight.detach(),
+            down=weights.get(down_name, lora_a[ADAPTER_NAME].weight).detach(),
+            up=weights.get(up_name, module.lora_B[ADAPTER_NAME].weight).detach(),
             alpha=float(module.scaling[ADAPTER_NAME] * rank),
         )
     return modules
+
+
+def named_lora_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The LoRA parameters of `model` by name (the names `extract_lora` accepts in `weights`)."""
+    return {n: p for n, p in model.named_parameters() if ".lora_A." in n or ".lora_B." in n}
+
+
+def load_lora_into(model: torch.nn.Module, modules: dict[str, LoraModule], source: str) -> None:
+    """Copy adapter factors into `model`'s peft adapters, rescaled to the model's alpha / rank.
+
+    Raises AdapterError naming the first module whose rank differs or that the model lacks.
+    """
+    import torch
+
+    from .errors import AdapterError
+
+    named = dict(model.named_modules())
+    for path, lora in modules.items():
+        module = named.get(path)
+        if module is None or ADAPTER_NAME not in getattr(module, "lora_A", {}):
+            raise AdapterError(f"{source}: {path} is not adapted in this model; use the same lora.target_modules")
+        if module.r[ADAPTER_NAME] != lora.rank:
+            raise AdapterError(
+                f"{source}: {path} has rank {lora.rank} but lora.rank here is "
+                f"{module.r[ADAPTER_NAME]}; set lora.rank = {lora.rank}"
+            )
+        with torch.no_grad():
+            module.lora_A[ADAPTER_NAME].weight.copy_(lora.down)
+            scale = (lora.alpha / lora.rank) / module.scaling[ADAPTER_NAME]
+            module.lora_B[ADAPTER_NAME].weight.copy_(lora.up * scale)
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

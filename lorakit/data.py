@@ -34,6 +34,8 @@ class Item:
     sha256: str
     size: tuple[int, int]  # (width, height) on disk
     bucket: tuple[int, int]  # (width, height) it is trained at
+    repeats: int = 1  # appearances per epoch
+    loss_weight: float = 1.0  # prior-preservation class images use prior_loss_weight
 
 
 def _file_sha256(path: Path) -> str:
@@ -68,60 +70,165 @@ def with_trigger(caption: str, trigger: str) -> str:
     return f"{trigger}, {caption}" if caption else trigger
 
 
-def load_items(section: DataSection, pixel_multiple: int) -> list[Item]:
-    """Read and check the dataset folder of `section`; assign each image its bucket.
-
-    Raises DatasetError naming the folder, line or file for anything missing or unreadable.
-    """
+def _open_size(path: Path, listed_in: Path) -> tuple[int, int]:
     from PIL import Image, UnidentifiedImageError
 
-    folder = Path(section.folder).expanduser()
+    try:
+        with Image.open(path) as image:
+            size = image.size
+            image.verify()
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: listed in {listed_in} but missing") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise DatasetError(
+            f"{path}: not a readable image ({err}); re-run `lorakit prepare` or remove it from {listed_in}"
+        ) from None
+    return size
+
+
+def bucket_list(resolution: int, pixel_multiple: int) -> list[tuple[int, int]]:
+    buckets = make_buckets(resolution, pixel_multiple)
+    if not buckets:
+        raise DatasetError(f"data.resolution: {resolution} is too small for this model; use at least {pixel_multiple}")
+    return buckets
+
+
+def load_folder(folder: Path, *, trigger: str, repeats: int, buckets: list[tuple[int, int]]) -> list[Item]:
+    """The items of one dataset folder (its `metadata.jsonl`), with the trigger word put in place."""
+    folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise DatasetError(
             f"data.folder: {folder} is not a folder; run `lorakit prepare PHOTOS --out {folder}` "
             "or set data.folder to your dataset"
         )
-    buckets = make_buckets(section.resolution, pixel_multiple)
-    if not buckets:
-        raise DatasetError(
-            f"data.resolution: {section.resolution} is too small for this model; use at least {pixel_multiple}"
-        )
     items = []
     for row in _read_metadata(folder):
         path = folder / row["file_name"]
-        try:
-            with Image.open(path) as image:
-                size = image.size
-                image.verify()
-        except FileNotFoundError:
-            raise DatasetError(f"{path}: listed in {folder / METADATA} but missing") from None
-        except (UnidentifiedImageError, OSError, SyntaxError) as err:
-            raise DatasetError(
-                f"{path}: not a readable image ({err}); re-run `lorakit prepare` or remove it from {METADATA}"
-            ) from None
+        size = _open_size(path, folder / METADATA)
         sha = row.get("sha256") or _file_sha256(path)
-        caption = with_trigger(row.get("text", ""), section.trigger)
-        items.append(Item(path, caption, sha, size, nearest_bucket(*size, buckets)))
+        caption = with_trigger(row.get("text", ""), trigger)
+        items.append(Item(path, caption, sha, size, nearest_bucket(*size, buckets), repeats))
     if not items:
         raise DatasetError(f"data.folder: {folder / METADATA} lists no images; add photos with `lorakit prepare`")
     return items
 
 
-def epoch_batches(items: list[Item], *, batch_size: int, num_repeats: int, seed: int, epoch: int) -> list[list[int]]:
+def dataset_folders(section: DataSection) -> list[tuple[str, int]]:
+    """(folder, num_repeats) pairs of the data section: one folder, or several with their own repeats."""
+    folders = [section.folder] if isinstance(section.folder, str) else list(section.folder)
+    repeats = section.num_repeats if isinstance(section.num_repeats, list) else [section.num_repeats] * len(folders)
+    return list(zip(folders, repeats, strict=True))
+
+
+def load_items(section: DataSection, pixel_multiple: int) -> list[Item]:
+    """Read and check every dataset folder of `section`; assign each image its bucket.
+
+    Raises DatasetError naming the folder, line or file for anything missing or unreadable.
+    """
+    buckets = bucket_list(section.resolution, pixel_multiple)
+    items = []
+    for folder, repeats in dataset_folders(section):
+        items += load_folder(Path(folder), trigger=section.trigger, repeats=repeats, buckets=buckets)
+    return items
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def load_class_items(
+    folder: Path, *, prompt: str, count: int, weight: float, buckets: list[tuple[int, int]], instance_samples: int
+) -> list[Item]:
+    """Prior-preservation class images: the first `count` images of `folder`, captioned `prompt`.
+
+    Their repeats are set so that an epoch holds about as many class samples as instance samples.
+    """
+    folder = Path(folder).expanduser()
+    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+    if len(paths) < count:
+        raise DatasetError(
+            f"prior.class_dir: {folder} holds {len(paths)} images but prior.num_class_images is "
+            f"{count}; add class images (photos of the class, e.g. other people for a person) "
+            "or lower num_class_images"
+        )
+    repeats = max(1, round(instance_samples / count))
+    return [
+        Item(
+            p,
+            prompt,
+            _file_sha256(p),
+            _open_size(p, folder),
+            nearest_bucket(*_open_size(p, folder), buckets),
+            repeats,
+            weight,
+        )
+        for p in paths[:count]
+    ]
+
+
+def epoch_batches(items: list[Item], *, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     """The micro-batches of one epoch as lists of item indices: shuffled, each from a single bucket.
 
-    Each image appears `num_repeats` times. A bucket's last batch may be smaller than `batch_size`.
+    Each item appears `item.repeats` times. A bucket's last batch may be smaller than `batch_size`.
     """
     rng = random.Random(f"{seed}:{epoch}")
     by_bucket: dict[tuple[int, int], list[int]] = {}
-    for index in rng.sample(range(len(items)), len(items)) * num_repeats:
-        by_bucket.setdefault(items[index].bucket, []).append(index)
+    for index in rng.sample(range(len(items)), len(items)):
+        by_bucket.setdefault(items[index].bucket, []).extend([index] * items[index].repeats)
     batches = []
     for indices in by_bucket.values():
         rng.shuffle(indices)
         batches += [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
     rng.shuffle(batches)
     return batches
+
+
+def shard_batches(batches: list[list[int]], rank: int, world: int) -> list[list[int]]:
+    """This process's share of an epoch: every `world`-th batch from `rank`, equal counts on every process."""
+    usable = len(batches) // world * world
+    return batches[rank:usable:world]
+
+
+class BatchStream:
+    """An endless, resumable sequence of this process's micro-batches, epoch after epoch.
+
+    Its position is `(epoch, offset)`: the epoch in progress and how many of its batches were taken.
+    """
+
+    def __init__(
+        self,
+        items: list[Item],
+        *,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+        epoch: int = 0,
+        offset: int = 0,
+    ):
+        self.items, self.batch_size, self.seed, self.rank, self.world = items, batch_size, seed, rank, world
+        self.epoch, self.offset = epoch, offset
+        self._shard = self._epoch_shard(epoch)
+        if not self._shard:
+            raise DatasetError(
+                f"the dataset gives fewer than {world} batches per epoch, one for each process; "
+                "add images, raise num_repeats or lower batch_size"
+            )
+
+    def _epoch_shard(self, epoch: int) -> list[list[int]]:
+        batches = epoch_batches(self.items, batch_size=self.batch_size, seed=self.seed, epoch=epoch)
+        return shard_batches(batches, self.rank, self.world)
+
+    def next(self) -> list[int]:
+        if self.offset >= len(self._shard):
+            self.epoch, self.offset = self.epoch + 1, 0
+            self._shard = self._epoch_shard(self.epoch)
+        self.offset += 1
+        return self._shard[self.offset - 1]
+
+    @property
+    def epochs_done(self) -> float:
+        """Epochs completed, fractional."""
+        return self.epoch + self.offset / len(self._shard)
 
 
 def step_rng(seed: int, micro_step: int, purpose: str) -> random.Random:

@@ -90,8 +90,38 @@ def detect_family(model_index: dict, unet_config: dict) -> str:
     return "sd2" if unet_config.get("cross_attention_dim") == 1024 else "sd1"
 
 
-def load_base(base: str, *, prediction_type: str | None = None, revision: str | None = None) -> BaseModel:
-    """Load every component of `base` (a diffusers folder or hub id), frozen and in eval mode."""
+def _load_vae(vae: str, kwargs: dict) -> Any:
+    from diffusers import AutoencoderKL
+
+    if is_local(vae) and not (Path(vae).expanduser() / "config.json").is_file():
+        raise ModelError(
+            f"model.vae: {vae} is not a diffusers VAE folder (no config.json); give an AutoencoderKL "
+            "folder or a hub id such as stabilityai/sd-vae-ft-mse"
+        )
+    try:
+        return AutoencoderKL.from_pretrained(str(Path(vae).expanduser()) if is_local(vae) else vae, **kwargs)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"model.vae: cannot load {vae}: {_first_line(err)}") from None
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def load_base(
+    base: str,
+    *,
+    prediction_type: str | None = None,
+    revision: str | None = None,
+    vae: str | None = None,
+    weight_dtype: str = "float32",
+) -> BaseModel:
+    """Load every component of `base` (a diffusers folder or hub id), frozen and in eval mode.
+
+    `vae` replaces the base's VAE; `weight_dtype` is the dtype of the frozen U-Net and text
+    encoder weights (the VAE stays float32: SD VAEs overflow in fp16).
+    """
+    import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -103,23 +133,24 @@ def load_base(base: str, *, prediction_type: str | None = None, revision: str | 
         family = detect_family(index, dict(unet.config))
         if family == "sdxl":
             raise ModelError(f"model.base: {base} is an SDXL model; this version of lorakit trains SD 1.x and 2.x")
-        vae = AutoencoderKL.from_pretrained(base, subfolder="vae", **kwargs)
+        vae_model = _load_vae(vae, {}) if vae else AutoencoderKL.from_pretrained(base, subfolder="vae", **kwargs)
         text_encoders = [CLIPTextModel.from_pretrained(base, subfolder="text_encoder", **kwargs)]
         tokenizers = [CLIPTokenizer.from_pretrained(base, subfolder="tokenizer", **kwargs)]
         scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", **kwargs)
     except (OSError, ValueError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelError(f"model.base: cannot load {base}: {first_line}") from None
+        raise ModelError(f"model.base: cannot load {base}: {_first_line(err)}") from None
     if prediction_type is not None:
         scheduler.register_to_config(prediction_type=prediction_type)
-    for module in (unet, vae, *text_encoders):
+    for module in (unet, vae_model, *text_encoders):
         module.requires_grad_(False)
         module.eval()
+    for module in (unet, *text_encoders):
+        module.to(getattr(torch, weight_dtype))
     return BaseModel(
         source=base,
         family=family,
         unet=unet,
-        vae=vae,
+        vae=vae_model,
         text_encoders=text_encoders,
         tokenizers=tokenizers,
         noise_scheduler=scheduler,
@@ -127,17 +158,52 @@ def load_base(base: str, *, prediction_type: str | None = None, revision: str | 
     )
 
 
-def encode_prompts(base: BaseModel, input_ids: list[Any]) -> dict[str, Any]:
-    """U-Net conditioning for token ids (one tensor per text encoder): the `unet(...)` keyword arguments."""
-    hidden = base.text_encoders[0](input_ids[0], return_dict=False)[0]
-    return {"encoder_hidden_states": hidden}
+def _final_norm(text_encoder: Any) -> Any:
+    # transformers 5 dropped the `text_model` level from CLIPTextModel; CLIPTextModelWithProjection keeps it.
+    return getattr(text_encoder, "text_model", text_encoder).final_layer_norm
 
 
-def tokenize(base: BaseModel, captions: list[str]) -> list[Any]:
-    """Token ids of `captions` for each tokenizer, padded to its maximum length."""
+def _encode_chunk(text_encoder: Any, ids: Any, clip_skip: int) -> Any:
+    if clip_skip == 1:
+        return text_encoder(ids, return_dict=False)[0]
+    hidden = text_encoder(ids, output_hidden_states=True).hidden_states[-clip_skip]
+    return _final_norm(text_encoder)(hidden)
+
+
+def encode_prompts(base: BaseModel, input_ids: list[Any], clip_skip: int = 1) -> dict[str, Any]:
+    """U-Net conditioning for token ids (one tensor per text encoder): the `unet(...)` keyword arguments.
+
+    Ids longer than 77 tokens are encoded in 75-token chunks, each wrapped in its own start/end
+    tokens, and the chunk outputs joined (first start, every chunk's body, last end), as kohya's
+    max_token_length does. `clip_skip` N takes the N-th last layer, final layer norm applied.
+    """
+    import torch
+
+    ids = input_ids[0]
+    text_encoder = base.text_encoders[0]
+    if ids.shape[1] <= 77:
+        return {"encoder_hidden_states": _encode_chunk(text_encoder, ids, clip_skip)}
+    tokenizer = base.tokenizers[0]
+    bos = torch.full_like(ids[:, :1], tokenizer.bos_token_id)
+    eos, body = torch.full_like(ids[:, :1], tokenizer.eos_token_id), ids[:, 1:-1]
+    outputs = [
+        _encode_chunk(text_encoder, torch.cat([bos, body[:, start : start + 75], eos], dim=1), clip_skip)
+        for start in range(0, body.shape[1], 75)
+    ]
+    joined = [outputs[0][:, :1], *(out[:, 1:-1] for out in outputs), outputs[-1][:, -1:]]
+    return {"encoder_hidden_states": torch.cat(joined, dim=1)}
+
+
+def tokenize(base: BaseModel, captions: list[str], max_token_length: int = 75) -> list[Any]:
+    """Token ids of `captions` for each tokenizer, padded to `max_token_length` + start and end tokens."""
     return [
         tok(
-            captions, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+            captions, padding="max_length", max_length=max_token_length + 2, truncation=True, return_tensors="pt"
         ).input_ids
         for tok in base.tokenizers
     ]
+
+
+def token_count(base: BaseModel, caption: str) -> int:
+    """Length of `caption` in tokens of the (first) tokenizer, without start and end tokens."""
+    return len(base.tokenizers[0](caption, truncation=False).input_ids) - 2

@@ -22,11 +22,11 @@ def sample_noise(shape: tuple[int, ...], noise_offset: float, generator: torch.G
     return noise
 
 
-def sample_timesteps(batch: int, num_train_timesteps: int, generator: torch.Generator) -> torch.Tensor:
-    """Uniform training timesteps in [0, num_train_timesteps)."""
+def sample_timesteps(batch: int, low: int, high: int, generator: torch.Generator) -> torch.Tensor:
+    """Uniform training timesteps in [low, high)."""
     import torch
 
-    return torch.randint(0, num_train_timesteps, (batch,), generator=generator)
+    return torch.randint(low, high, (batch,), generator=generator)
 
 
 def training_target(
@@ -56,7 +56,31 @@ def loss_weights(scheduler: Any, timesteps: torch.Tensor, min_snr_gamma: float, 
     return clipped / (snr + 1 if prediction_type == "v_prediction" else snr)
 
 
-def diffusion_loss(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Weighted mean squared error, computed in fp32."""
-    per_sample = (prediction.float() - target.float()).pow(2).mean(dim=tuple(range(1, prediction.ndim)))
+def elementwise_loss(
+    prediction: torch.Tensor, target: torch.Tensor, loss_type: str = "l2", huber_c: float = 0.1
+) -> torch.Tensor:
+    """Per-element loss in fp32: squared error, or a pseudo-Huber loss.
+
+    `huber` is 2c(sqrt(d^2 + c^2) - c) and `smooth_l1` 2(sqrt(d^2 + c^2) - c): quadratic near zero,
+    linear for outliers (Khrapov et al. 2024, "Improving Diffusion Models's Data-Corruption
+    Resistance using Scheduled Pseudo-Huber Loss", arXiv:2403.16728).
+    """
+    import torch
+
+    diff = prediction.float() - target.float()
+    if loss_type == "l2":
+        return diff.pow(2)
+    smooth = torch.sqrt(diff.pow(2) + huber_c**2) - huber_c
+    if loss_type == "huber":
+        return 2 * huber_c * smooth
+    if loss_type == "smooth_l1":
+        return 2 * smooth
+    raise ValueError(f"unknown loss_type {loss_type!r}")
+
+
+def diffusion_loss(
+    prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor, loss_type: str = "l2", huber_c: float = 0.1
+) -> torch.Tensor:
+    """Per-sample mean of the elementwise loss, weighted, averaged over the batch."""
+    per_sample = elementwise_loss(prediction, target, loss_type, huber_c).mean(dim=tuple(range(1, prediction.ndim)))
     return (per_sample * weights.to(per_sample.device)).mean()

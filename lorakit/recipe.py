@@ -26,7 +26,10 @@ LrScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine", "c
 MixedPrecision = Literal["no", "fp16", "bf16"]
 PredictionType = Literal["epsilon", "v_prediction"]
 SaveDtype = Literal["float32", "float16", "bfloat16"]
-TargetPreset = Literal["attention", "transformer"]
+TargetPreset = Literal["attention", "transformer", "transformer+conv"]
+WeightDtype = Literal["float32", "float16", "bfloat16"]
+LossType = Literal["l2", "huber", "smooth_l1"]
+TokenLength = Literal[75, 150, 225]
 
 
 @dataclass(frozen=True)
@@ -39,16 +42,22 @@ class ModelSection:
     `v_prediction`)."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) of `base`; ignored for local folders."""
+    vae: str | None = None
+    """A replacement VAE (a diffusers AutoencoderKL folder or hub id), e.g. stabilityai/sd-vae-ft-mse."""
+    weight_dtype: WeightDtype = "float32"
+    """dtype of the frozen base weights: `float16` / `bfloat16` halve their memory (LoRA weights stay float32)."""
+    clip_skip: int = 1
+    """Use the output of the N-th last text-encoder layer (kohya's clip_skip: 2 for anime-style SD 1.x bases)."""
 
 
 @dataclass(frozen=True)
 class DataSection:
-    folder: str = "dataset"
-    """The dataset folder written by `lorakit prepare` (images, `metadata.jsonl`)."""
+    folder: str | list[str] = "dataset"
+    """The dataset folder written by `lorakit prepare` (images, `metadata.jsonl`), or a list of such folders."""
     resolution: int = 512
     """Training resolution in pixels; images are trained in aspect-ratio buckets of about this area."""
-    num_repeats: int = 1
-    """How many times each image appears per epoch."""
+    num_repeats: int | list[int] = 1
+    """How many times each image appears per epoch; a list gives each folder of `folder` its own."""
     trigger: str = ""
     """Trigger word(s) put at the front of every caption that does not already contain them."""
     shuffle_tags: bool = False
@@ -59,6 +68,9 @@ class DataSection:
     """Probability of training a step's image with an empty caption (0 to 1)."""
     flip: bool = False
     """Randomly mirror images left-right (do not use for asymmetric subjects such as text or faces with a parting)."""
+    max_token_length: TokenLength = 75
+    """Caption length in CLIP tokens: 75 truncates longer captions (counted and reported); 150 or 225 encode them
+    in 75-token chunks, as kohya's max_token_length does."""
 
 
 @dataclass(frozen=True)
@@ -71,9 +83,16 @@ class LoraSection:
     """Dropout on the adapter's input during training (0 to 1)."""
     target_modules: TargetPreset | list[str] = "transformer"
     """Where adapters go: `transformer` (every Linear and 1x1 conv in the U-Net's transformer blocks, and CLIP
-    attention + MLP: kohya's default), `attention` (q/k/v/out only), or a list of module names."""
+    attention + MLP: kohya's default), `attention` (q/k/v/out only), `transformer+conv` (also the ResNet and
+    resampler convolutions: LoCon), or a list of module names."""
+    conv_rank: int | None = None
+    """Rank of the 3x3 convolution adapters with `transformer+conv` (default: `rank`)."""
+    conv_alpha: float | None = None
+    """Alpha of the 3x3 convolution adapters with `transformer+conv` (default: `lora_alpha`)."""
     train_text_encoder: bool | None = None
     """Also adapt the text encoder(s); default true for SD 1.x and 2.x."""
+    init_from: str | None = None
+    """Start from an existing LoRA file (kohya or diffusers layout, same targets) instead of zero; not a resume."""
 
 
 @dataclass(frozen=True)
@@ -113,6 +132,59 @@ class TrainSection:
     """Encode every image with the VAE once, cached under the dataset's `.cache/`, instead of every step."""
     log_every_steps: int = 1
     """Write a `metrics.jsonl` line (and a TensorBoard point) every this many optimizer steps."""
+    save_every_steps: int = 500
+    """Write a resumable checkpoint every this many steps (and always at the end); 0 writes only the final one."""
+    keep_checkpoints: int = 3
+    """How many of the newest checkpoints to keep."""
+    ema_decay: float = 0.0
+    """Keep an exponential moving average of the adapter weights with this decay (0.999 typical) and export it
+    instead of the raw weights; 0 turns it off."""
+    loss_type: LossType = "l2"
+    """`l2` (mean squared error), `huber` or `smooth_l1` (less swayed by outlier pixels; see `huber_c`)."""
+    huber_c: float = 0.1
+    """Threshold of the huber / smooth_l1 losses."""
+    min_timestep: int = 0
+    """Lowest training timestep (inclusive)."""
+    max_timestep: int | None = None
+    """Highest training timestep (exclusive); default the scheduler's number of timesteps (1000)."""
+
+
+@dataclass(frozen=True)
+class PriorSection:
+    class_dir: str
+    """Folder of class images (e.g. photos of other people when training one person): prior preservation."""
+    class_prompt: str
+    """Caption of every class image, e.g. "a photo of a person"."""
+    num_class_images: int = 100
+    """How many class images to use; the folder must hold at least this many."""
+    prior_loss_weight: float = 1.0
+    """Weight of the class images' loss relative to the instance images'."""
+
+
+@dataclass(frozen=True)
+class SampleSection:
+    prompts: list[str] = field(default_factory=list)
+    """Prompts rendered into `samples/step-NNNNNN.png` during training (one grid per save)."""
+    every_steps: int = 0
+    """Render samples every this many steps; 0 means at every checkpoint (`train.save_every_steps`)."""
+    seed: int = 0
+    """Seed of the first sample image; image i uses seed + i."""
+    steps: int = 20
+    """Denoising steps per sample."""
+    guidance: float = 7.0
+    """Classifier-free guidance scale."""
+    negative_prompt: str = ""
+    """Negative prompt of every sample."""
+
+
+@dataclass(frozen=True)
+class ValidationSection:
+    folder: str
+    """A held-out dataset folder (same layout as `data.folder`) whose denoising loss is logged as `val_loss`."""
+    every_steps: int = 100
+    """Compute the validation loss every this many steps (and at the end)."""
+    timesteps: list[int] = field(default_factory=lambda: [100, 300, 500, 700, 900])
+    """The fixed timesteps the validation loss is averaged over; the noise is fixed too."""
 
 
 @dataclass(frozen=True)
@@ -132,11 +204,18 @@ class Recipe:
     lora: LoraSection = field(default_factory=LoraSection)
     train: TrainSection = field(default_factory=TrainSection)
     output: OutputSection = field(default_factory=OutputSection)
+    prior: PriorSection | None = None
+    sample: SampleSection = field(default_factory=SampleSection)
+    validation: ValidationSection | None = None
     source: str = "<recipe>"
     """Where the recipe was read from (for messages)."""
 
 
-SECTIONS: dict[str, type] = {name: tp for name, tp in typing.get_type_hints(Recipe).items() if name != "source"}
+SECTIONS: dict[str, type] = {
+    name: next(a for a in typing.get_args(tp) if a is not type(None)) if typing.get_args(tp) else tp
+    for name, tp in typing.get_type_hints(Recipe).items()
+    if name != "source"
+}
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -160,7 +239,7 @@ def _describe(tp: object) -> str:
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         return " or ".join(_describe(a) for a in typing.get_args(tp) if a is not type(None))
     if typing.get_origin(tp) is list:
-        return "a list of strings"
+        return "a list of " + {str: "strings", int: "integers"}[typing.get_args(tp)[0]]
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
 
 
@@ -178,7 +257,9 @@ def _coerce(value: object, tp: object) -> tuple[bool, object]:
                 return True, converted
         return False, value
     if origin is list:
-        return isinstance(value, list) and all(isinstance(v, str) for v in value), value
+        (element,) = typing.get_args(tp)
+        ok = isinstance(value, list) and all(_coerce(v, element)[0] for v in value)
+        return ok, value
     if tp is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool), float(value) if isinstance(
             value, (int, float)
@@ -198,6 +279,21 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "data.num_repeats": (1, None),
     "data.keep_tokens": (0, None),
     "data.caption_dropout": (0, 1),
+    "model.clip_skip": (1, None),
+    "lora.conv_rank": (1, None),
+    "lora.conv_alpha": (0, None),
+    "train.save_every_steps": (0, None),
+    "train.keep_checkpoints": (1, None),
+    "train.ema_decay": (0, 0.999999),
+    "train.huber_c": (0, None),
+    "train.min_timestep": (0, None),
+    "train.max_timestep": (1, None),
+    "prior.num_class_images": (1, None),
+    "prior.prior_loss_weight": (0, None),
+    "sample.every_steps": (0, None),
+    "sample.steps": (1, None),
+    "sample.guidance": (0, None),
+    "validation.every_steps": (1, None),
     "lora.rank": (1, None),
     "lora.lora_alpha": (0, None),
     "lora.dropout": (0, 1),
@@ -217,6 +313,8 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
 
 def _check_range(key: str, value: object) -> str | None:
     low, high = _RANGES.get(key, (None, None))
+    if isinstance(value, list):
+        return next(filter(None, (_check_range(key, v) for v in value)), None)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if low is not None and value < low:
             return f"{value} is below the minimum {low}"
@@ -277,6 +375,30 @@ def parse_override(text: str) -> tuple[str, str, object]:
     return section, name, parsed
 
 
+def _cross_checks(built: dict, problems: list[str]) -> None:
+    """Checks that involve more than one key (only on sections that were themselves valid)."""
+    lora, data, train = built.get("lora"), built.get("data"), built.get("train")
+    if lora is not None:
+        if isinstance(lora.target_modules, list) and not lora.target_modules:
+            problems.append("lora.target_modules: the list is empty; name modules or use 'transformer'")
+        for key in ("conv_rank", "conv_alpha"):
+            if getattr(lora, key) is not None and lora.target_modules != "transformer+conv":
+                problems.append(f"lora.{key}: only used with target_modules = 'transformer+conv'")
+    if data is not None:
+        folders = [data.folder] if isinstance(data.folder, str) else data.folder
+        if not folders:
+            problems.append("data.folder: the list is empty; name at least one dataset folder")
+        if isinstance(data.num_repeats, list) and len(data.num_repeats) != len(folders):
+            problems.append(
+                f"data.num_repeats: {len(data.num_repeats)} values for {len(folders)} folders; "
+                "give one per folder in data.folder, or a single number"
+            )
+    if train is not None and train.max_timestep is not None and train.max_timestep <= train.min_timestep:
+        problems.append(
+            f"train.max_timestep: {train.max_timestep} must be above train.min_timestep ({train.min_timestep})"
+        )
+
+
 def recipe_from_dict(data: dict, source: str = "<recipe>") -> Recipe:
     """Validate a recipe given as nested dicts (what TOML gives) and build it."""
     problems: list[str] = []
@@ -291,9 +413,7 @@ def recipe_from_dict(data: dict, source: str = "<recipe>") -> Recipe:
     for section, cls in SECTIONS.items():
         if section in data:
             built[section] = _build_section(section, cls, data[section], problems)
-    lora = built.get("lora")
-    if lora is not None and isinstance(lora.target_modules, list) and not lora.target_modules:
-        problems.append("lora.target_modules: the list is empty; name modules or use 'transformer'")
+    _cross_checks(built, problems)
     if problems:
         raise RecipeError("\n".join(f"{source}: {p}" for p in problems))
     return Recipe(**{k: v for k, v in built.items()}, source=source)
@@ -322,7 +442,8 @@ def recipe_to_dict(recipe: Recipe) -> dict:
     out = {}
     for name in SECTIONS:
         section = getattr(recipe, name)
-        out[name] = {k: v for k, v in dataclasses.asdict(section).items() if v is not None}
+        if section is not None:
+            out[name] = {k: v for k, v in dataclasses.asdict(section).items() if v is not None}
     return out
 
 

@@ -144,9 +144,9 @@ def test_epoch_batches_are_single_bucket_reproducible_and_complete(tiny_base, ti
     from lorakit.data import epoch_batches, load_items
     from lorakit.recipe import DataSection
 
-    items = load_items(DataSection(folder=str(tiny_dataset), resolution=64), 8)
-    batches = epoch_batches(items, batch_size=2, num_repeats=3, seed=1, epoch=0)
-    assert batches == epoch_batches(items, batch_size=2, num_repeats=3, seed=1, epoch=0)
-    assert batches != epoch_batches(items, batch_size=2, num_repeats=3, seed=1, epoch=1)
+    items = load_items(DataSection(folder=str(tiny_dataset), resolution=64, num_repeats=3), 8)
+    batches = epoch_batches(items, batch_size=2, seed=1, epoch=0)
+    assert batches == epoch_batches(items, batch_size=2, seed=1, epoch=0)
+    assert batches != epoch_batches(items, batch_size=2, seed=1, epoch=1)
     assert all(len({items[i].bucket for i in batch}) == 1 for batch in batches)
     assert sorted(i for batch in batches for i in batch) == sorted(list(range(len(items))) * 3)

@@ -24,9 +24,9 @@ METADATA_KEY = "lora_adapter_metadata"
 def to_diffusers(state: LoraState, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and safetensors header metadata of the diffusers-layout file for `state`.
 
-    One (rank, alpha) per component is all a `LoraConfig` can express without patterns, so
-    modules whose rank or alpha differ from the component's first module get `alpha / rank`
-    folded into their up weights instead, which is exact.
+    Modules whose rank differs from the component's first module are listed in `rank_pattern`;
+    modules whose alpha differs get the ratio folded into their up weights (exact), so the
+    header never needs an `alpha_pattern`.
     """
     tensors: dict[str, torch.Tensor] = {}
     config: dict[str, object] = {}
@@ -35,14 +35,17 @@ def to_diffusers(state: LoraState, dtype: torch.dtype) -> tuple[dict[str, torch.
             continue
         first = next(iter(modules.values()))
         rank, alpha = first.rank, first.alpha
+        rank_pattern = {}
         for path, lora in modules.items():
-            up = lora.up
-            if (lora.rank, lora.alpha) != (rank, alpha):
-                up = up * (lora.alpha / lora.rank) / (alpha / rank)
+            up = lora.up if lora.alpha == alpha else lora.up * (lora.alpha / alpha)
+            if lora.rank != rank:
+                rank_pattern[path] = lora.rank
             stem = f"{component}.{exported_path(component, path)}"
             tensors[f"{stem}.lora_A.weight"] = lora.down.to(dtype).contiguous()
             tensors[f"{stem}.lora_B.weight"] = up.to(dtype).contiguous()
         config[f"{component}.r"] = rank
         config[f"{component}.lora_alpha"] = alpha
         config[f"{component}.target_modules"] = sorted(modules)
+        if rank_pattern:
+            config[f"{component}.rank_pattern"] = rank_pattern
     return tensors, {METADATA_KEY: json.dumps(config, sort_keys=True)}

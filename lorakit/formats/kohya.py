@@ -27,14 +27,21 @@ def kohya_name(component: str, path: str, *, sdxl: bool = False) -> str:
 
 
 def to_kohya(state: LoraState, dtype: torch.dtype, *, sdxl: bool = False) -> dict[str, torch.Tensor]:
-    """Tensors of the kohya file for `state`, cast to `dtype` (alphas included, as 0-d tensors)."""
+    """Tensors of the kohya file for `state`, cast to `dtype` (alphas included, as 0-d tensors).
+
+    When modules differ in scale (alpha / rank), e.g. LoCon's conv rank, each module's scale is
+    folded into its up weights and its alpha written as its rank: diffusers' kohya loader drops
+    per-module alphas on attention projections, and folding is exact for every loader.
+    """
     import torch
 
+    fold = len({lora.alpha / lora.rank for modules in state.values() for lora in modules.values()}) > 1
     tensors = {}
     for component, modules in state.items():
         for path, lora in modules.items():
             stem = kohya_name(component, path, sdxl=sdxl)
+            up, alpha = (lora.up * (lora.alpha / lora.rank), float(lora.rank)) if fold else (lora.up, lora.alpha)
             tensors[f"{stem}.lora_down.weight"] = lora.down.to(dtype).contiguous()
-            tensors[f"{stem}.lora_up.weight"] = lora.up.to(dtype).contiguous()
-            tensors[f"{stem}.alpha"] = torch.tensor(lora.alpha, dtype=dtype)
+            tensors[f"{stem}.lora_up.weight"] = up.to(dtype).contiguous()
+            tensors[f"{stem}.alpha"] = torch.tensor(alpha, dtype=dtype)
     return tensors
