@@ -98,7 +98,7 @@ def _split_state(state: dict, prefix: str, tensors: dict, plain: dict) -> None:
     for key, value in state.items():
         name = f"{prefix}{key}"
         if isinstance(value, torch.Tensor):
-            tensors[name] = value.detach().contiguous().cpu()
+            tensors[name] = value.detach().cpu().clone()  # clone: safetensors refuses shared storage
         elif isinstance(value, dict):
             plain[str(key)] = {}
             _split_state(value, f"{name}/", tensors, plain[str(key)])

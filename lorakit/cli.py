@@ -77,6 +77,10 @@ def train(
             "--set", help="Override a recipe key: section.key=value (repeatable), e.g. --set train.max_steps=500."
         ),
     ] = None,
+    resume: Annotated[
+        str | None,
+        typer.Option(help="Continue an interrupted run: 'latest' or a checkpoints/step-NNNNNN folder of its run."),
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors and the result.")] = False,
 ) -> None:
@@ -88,7 +92,7 @@ def train(
     from .train import train as run_training
 
     log = (lambda _: None) if quiet else (lambda line: typer.echo(line, err=True))
-    result = _run(lambda: run_training(parsed, overwrite=overwrite, quiet=quiet, log=log))
+    result = _run(lambda: run_training(parsed, overwrite=overwrite, resume=resume, quiet=quiet, log=log))
     typer.echo(str(result.adapter))
 
 

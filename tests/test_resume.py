@@ -1,0 +1,108 @@
+"""Checkpoints and resume: an interrupted run continues exactly where the uninterrupted one went."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from lorakit.cli import app
+from lorakit.recipe import recipe_from_dict
+from lorakit.train import train
+
+from .conftest import make_recipe_dict, write_recipe
+
+
+def _train(base, dataset, out, resume=None, **sections):
+    recipe = recipe_from_dict(make_recipe_dict(base, dataset, out, **sections))
+    return train(recipe, resume=resume, quiet=True, log=lambda _: None)
+
+
+def _assert_equal_files(a, b):
+    ta, tb = load_file(a), load_file(b)
+    assert ta.keys() == tb.keys()
+    for key in ta:
+        assert torch.equal(ta[key], tb[key]), key
+
+
+@pytest.mark.parametrize(
+    ("train_cfg", "lora_cfg"),
+    [
+        ({"lr_scheduler": "cosine", "lr_warmup_steps": 2}, {}),
+        ({"optimizer": "adamw8bit", "gradient_accumulation_steps": 2}, {"rank": 64, "lora_alpha": 32.0,
+                                                                         "target_modules": "attention"}),
+    ],
+    ids=["adamw-cosine", "adamw8bit-accumulation"],
+)
+def test_half_then_resume_equals_straight(tiny_base, tiny_dataset, tmp_path, train_cfg, lora_cfg):
+    settings = {"train": {"max_steps": 6, "save_every_steps": 3, **train_cfg}, "lora": lora_cfg}
+    straight = _train(tiny_base, tiny_dataset, tmp_path / "a", **settings)
+    if train_cfg.get("optimizer") == "adamw8bit":
+        state = load_file(straight.run_dir / "checkpoints" / "step-000003" / "optimizer.safetensors")
+        assert any(t.dtype == torch.uint8 for t in state.values())  # the 8-bit state is what gets restored
+    resumed_dir = tmp_path / "b" / "run"
+    shutil.copytree(straight.run_dir, resumed_dir)
+    shutil.rmtree(resumed_dir / "checkpoints" / "step-000006")
+    for name in ("run.safetensors", "run.diffusers.safetensors"):
+        (resumed_dir / name).unlink()
+    resumed = _train(tiny_base, tiny_dataset, tmp_path / "b", resume=str(resumed_dir / "checkpoints" / "step-000003"),
+                     **settings)
+    assert resumed.steps == 6
+    _assert_equal_files(straight.adapter, resumed.adapter)
+    rows = [json.loads(line) for line in (resumed_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+
+
+def test_step_count_is_cumulative_across_several_resumes(tiny_base, tiny_dataset, tmp_path):
+    straight = _train(tiny_base, tiny_dataset, tmp_path / "a", train={"max_steps": 7})
+    out = tmp_path / "b"
+    _train(tiny_base, tiny_dataset, out, train={"max_steps": 2})
+    _train(tiny_base, tiny_dataset, out, resume="latest", train={"max_steps": 5})
+    final = _train(tiny_base, tiny_dataset, out, resume="latest", train={"max_steps": 7})
+    assert final.steps == 7
+    _assert_equal_files(straight.adapter, final.adapter)
+    with open(final.adapter, "rb"):
+        from safetensors import safe_open
+
+        with safe_open(final.adapter, "pt") as f:
+            assert f.metadata()["ss_steps"] == "7"
+    rows = [json.loads(line)["step"] for line in (final.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows == list(range(1, 8))
+    assert [p.name for p in (final.run_dir / "checkpoints").iterdir()] != []
+
+
+def test_checkpoints_are_pruned_to_the_newest(tiny_base, tiny_dataset, tmp_path):
+    result = _train(tiny_base, tiny_dataset, tmp_path, train={"max_steps": 5, "save_every_steps": 1,
+                                                              "keep_checkpoints": 2})
+    names = sorted(p.name for p in (result.run_dir / "checkpoints").iterdir())
+    assert names == ["step-000004", "step-000005"]
+
+
+def test_resume_errors_are_one_line(tiny_base, tiny_dataset, tmp_path):
+    runner = CliRunner()
+    recipe = write_recipe(tmp_path / "r.toml", make_recipe_dict(tiny_base, tiny_dataset, tmp_path / "out"))
+    missing = runner.invoke(app, ["train", str(recipe), "--resume", "latest"])
+    assert missing.exit_code == 2 and "has no checkpoints" in missing.stderr
+    assert runner.invoke(app, ["train", str(recipe), "-q", "--set", "train.max_steps=2"]).exit_code == 0
+    changed = runner.invoke(app, ["train", str(recipe), "--resume", "latest", "--set", "lora.rank=8"])
+    assert changed.exit_code == 2
+    assert "lora.rank changed from 4 to 8 since the checkpoint" in changed.stderr
+    bogus = runner.invoke(app, ["train", str(recipe), "--resume", str(tmp_path)])
+    assert bogus.exit_code == 2 and "is not a checkpoint folder" in bogus.stderr
+    extended = runner.invoke(app, ["train", str(recipe), "--resume", "latest", "--set", "train.max_steps=3", "-q"])
+    assert extended.exit_code == 0, extended.output
+
+
+def test_ema_weights_are_exported_instead_of_the_raw_ones(tiny_base, tiny_dataset, tmp_path):
+    result = _train(tiny_base, tiny_dataset, tmp_path, train={"max_steps": 4, "ema_decay": 0.9})
+    ema = load_file(result.run_dir / "checkpoints" / "step-000004" / "ema.safetensors")
+    exported = load_file(result.diffusers_adapter)
+    raw = dict(result.models["unet"].named_parameters())
+    name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.default.weight"
+    file_key = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight"
+    assert torch.equal(exported[file_key], ema[f"unet.{name}"])
+    assert not torch.equal(exported[file_key], raw[name].detach())
