@@ -144,8 +144,9 @@ def load_base(
     for module in (unet, vae_model, *text_encoders):
         module.requires_grad_(False)
         module.eval()
-    for module in (unet, *text_encoders):
-        module.to(getattr(torch, weight_dtype))
+    if weight_dtype != "float32":
+        for module in (unet, *text_encoders):
+            module.to(getattr(torch, weight_dtype))
     return BaseModel(
         source=base,
         family=family,

@@ -1,0 +1,186 @@
+"""The knobs people bring from kohya recipes, and what training does besides the loop."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from lorakit.errors import LorakitError
+from lorakit.recipe import recipe_from_dict
+from lorakit.train import train
+
+from .conftest import make_recipe_dict
+
+
+def _run(base, dataset, out, **sections):
+    lines: list[str] = []
+    recipe = recipe_from_dict(make_recipe_dict(base, dataset, out, **sections))
+    return train(recipe, quiet=True, log=lines.append), lines
+
+
+def _metadata(path):
+    with safe_open(path, "pt") as f:
+        return f.metadata()
+
+
+def _write_dataset(folder, captions, source):
+    """A dataset folder reusing `source`'s images with other captions."""
+    shutil.copytree(source, folder, ignore=shutil.ignore_patterns(".cache"))
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    for row, caption in zip(rows, captions, strict=False):
+        row["text"] = caption
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[: len(captions)]))
+    return folder
+
+
+def test_samples_are_rendered_as_grids_with_parameters(tiny_base, tiny_dataset, tmp_path):
+    from PIL import Image
+
+    result, _ = _run(tiny_base, tiny_dataset, tmp_path, train={"max_steps": 4},
+                     sample={"prompts": ["ohwx toy", "a red disc"], "every_steps": 2, "steps": 2, "seed": 5})
+    grids = sorted(p.name for p in (result.run_dir / "samples").iterdir())
+    assert grids == ["step-000002.png", "step-000004.png"]
+    with Image.open(result.run_dir / "samples" / "step-000004.png") as grid:
+        assert grid.size == (128, 64)
+        parameters = grid.text["parameters"]
+    assert parameters.startswith("ohwx toy | a red disc\n") and "Seed: 5" in parameters and "Steps: 2" in parameters
+
+
+def test_validation_loss_uses_fixed_noise(tiny_base, tiny_dataset, tmp_path):
+    result, _ = _run(tiny_base, tiny_dataset, tmp_path, train={"max_steps": 4, "unet_lr": 0.0, "text_encoder_lr": 0.0},
+                     validation={"folder": str(tiny_dataset), "every_steps": 2, "timesteps": [200, 800]})
+    rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    values = [r["val_loss"] for r in rows if "val_loss" in r]
+    assert [r["step"] for r in rows if "val_loss" in r] == [2, 4]
+    assert values[0] == values[1] > 0  # nothing trained (lr 0), so fixed noise gives the same number
+
+
+def test_text_encoder_cache_matches_encoding_every_step(tiny_base, tiny_dataset, tmp_path):
+    dataset = _write_dataset(tmp_path / "data", ["ohwx red toy"] * 4 + ["ohwx toy on white"] * 4, tiny_dataset)
+    frozen = {"train_text_encoder": False}
+    cached, lines = _run(tiny_base, dataset, tmp_path / "a", lora=frozen, train={"max_steps": 3})
+    assert "Text encoder outputs cached for 2 captions (the text encoder is frozen)" in lines
+    # Tag shuffling turns the cache off; with one tag per caption it changes nothing else.
+    direct, lines = _run(tiny_base, dataset, tmp_path / "b", lora=frozen, train={"max_steps": 3},
+                         data={"shuffle_tags": True})
+    assert not any(line.startswith("Text encoder outputs cached") for line in lines)
+    for key, tensor in load_file(cached.adapter).items():
+        torch.testing.assert_close(tensor, load_file(direct.adapter)[key], rtol=1e-5, atol=1e-6)
+
+
+def test_prior_preservation_adds_weighted_class_images(tiny_base, tiny_dataset, tmp_path):
+    from PIL import Image
+
+    class_dir = tmp_path / "class"
+    class_dir.mkdir()
+    for index in range(3):
+        Image.new("RGB", (64, 64), (30 * index, 90, 160)).save(class_dir / f"c{index}.png")
+    prior = {"class_dir": str(class_dir), "class_prompt": "a toy", "num_class_images": 4}
+    with pytest.raises(LorakitError, match=r"holds 3 images but prior.num_class_images is 4"):
+        _run(tiny_base, tiny_dataset, tmp_path / "a", prior=prior)
+    result, lines = _run(tiny_base, tiny_dataset, tmp_path / "b", prior={**prior, "num_class_images": 3},
+                         train={"max_steps": 2})
+    assert any(line.startswith("prior: 3 class images") for line in lines)
+    # 8 instance images once each, 3 class images repeated round(8 / 3) = 3 times each.
+    assert _metadata(result.adapter)["ss_num_train_images"] == "17"
+
+
+def test_several_dataset_folders_with_their_own_repeats(tiny_base, tiny_dataset, tmp_path):
+    second = _write_dataset(tmp_path / "second", ["ohwx toy"] * 2, tiny_dataset)
+    result, _ = _run(tiny_base, tiny_dataset, tmp_path / "out", train={"max_steps": 1},
+                     data={"folder": [str(tiny_dataset), str(second)], "num_repeats": [1, 3]})
+    assert _metadata(result.adapter)["ss_num_train_images"] == str(8 + 2 * 3)
+
+
+def test_locon_adapts_convolutions_and_reloads_exactly(tiny_base, tiny_dataset, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    result, _ = _run(tiny_base, tiny_dataset, tmp_path, train={"max_steps": 2},
+                     lora={"target_modules": "transformer+conv", "conv_rank": 2, "conv_alpha": 1.0})
+    tensors = load_file(result.adapter)
+    assert tensors["lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"].shape == (2, 32, 3, 3)
+    assert tensors["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"].shape[0] == 4
+    assert json.loads(_metadata(result.adapter)["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "1"}
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    hidden = torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = result.models["unet"].eval()(latents, torch.tensor([300]), encoder_hidden_states=hidden).sample
+    for path in (result.adapter, result.diffusers_adapter):
+        pipe = StableDiffusionPipeline.from_pretrained(tiny_base)
+        pipe.load_lora_weights(str(path))
+        with torch.no_grad():
+            got = pipe.unet(latents, torch.tensor([300]), encoder_hidden_states=hidden).sample
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_init_from_starts_at_an_existing_adapter(tiny_base, tiny_dataset, tmp_path):
+    first, _ = _run(tiny_base, tiny_dataset, tmp_path / "a", train={"max_steps": 2})
+    for source in (first.adapter, first.diffusers_adapter):
+        frozen, lines = _run(tiny_base, tiny_dataset, tmp_path / source.stem,
+                             lora={"init_from": str(source)},
+                             train={"max_steps": 1, "unet_lr": 0.0, "text_encoder_lr": 0.0, "weight_decay": 0.0})
+        assert any(line.startswith(f"lora.init_from: started from {source} (60 of 60 modules)") for line in lines)
+        for key, tensor in load_file(first.adapter).items():
+            assert torch.equal(load_file(frozen.adapter)[key], tensor), key
+
+
+def test_init_from_another_architecture_is_refused(tiny_base, tiny_dataset, tmp_path):
+    first, _ = _run(tiny_base, tiny_dataset, tmp_path / "a", train={"max_steps": 1},
+                    lora={"target_modules": "transformer+conv"})
+    with pytest.raises(LorakitError, match="lora_unet_down_blocks_0_downsamplers_0_conv.alpha matches no adapted module"):
+        _run(tiny_base, tiny_dataset, tmp_path / "b", lora={"init_from": str(first.adapter)})
+    with pytest.raises(LorakitError, match="pickles"):
+        _run(tiny_base, tiny_dataset, tmp_path / "c", lora={"init_from": str(tmp_path / "old.ckpt")})
+
+
+def test_clip_skip_changes_the_conditioning_and_is_recorded(tiny_base, tiny_dataset, tmp_path):
+    from lorakit.models import encode_prompts, load_base, tokenize
+
+    base = load_base(str(tiny_base))
+    ids = tokenize(base, ["ohwx toy"])
+    last = encode_prompts(base, ids, clip_skip=1)["encoder_hidden_states"]
+    penultimate = encode_prompts(base, ids, clip_skip=2)["encoder_hidden_states"]
+    assert last.shape == penultimate.shape and not torch.allclose(last, penultimate)
+    result, _ = _run(tiny_base, tiny_dataset, tmp_path, model={"clip_skip": 2}, train={"max_steps": 1})
+    assert _metadata(result.adapter)["ss_clip_skip"] == "2"
+
+
+def test_long_captions_are_counted_or_chunked(tiny_base, tiny_dataset, tmp_path):
+    from lorakit.models import encode_prompts, load_base, tokenize
+
+    long_caption = ", ".join(["ohwx red toy on a white background"] * 9)  # 108 tokens
+    dataset = _write_dataset(tmp_path / "data", [long_caption] + ["ohwx toy"] * 3, tiny_dataset)
+    _, lines = _run(tiny_base, dataset, tmp_path / "a", train={"max_steps": 1})
+    assert "data: 1 of 4 captions are longer than 75 tokens and are truncated; set data.max_token_length = 150 " \
+           "or 225 to keep them" in lines
+    _, lines = _run(tiny_base, dataset, tmp_path / "b", train={"max_steps": 1}, data={"max_token_length": 150})
+    assert not any("truncated" in line for line in lines)
+    base = load_base(str(tiny_base))
+    hidden = encode_prompts(base, tokenize(base, [long_caption], 150))["encoder_hidden_states"]
+    short = encode_prompts(base, tokenize(base, [long_caption], 75))["encoder_hidden_states"]
+    assert hidden.shape == (1, 152, 32)
+    torch.testing.assert_close(hidden[:, :76], short[:, :76])  # the first chunk is the truncated caption
+
+
+def test_custom_vae_and_half_precision_frozen_weights(tiny_base, tiny_dataset, tmp_path):
+    result, _ = _run(tiny_base, tiny_dataset, tmp_path / "a", train={"max_steps": 1, "mixed_precision": "bf16"},
+                     model={"vae": str(tiny_base / "vae"), "weight_dtype": "bfloat16"})
+    unet = result.models["unet"]
+    assert unet.conv_in.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for n, p in unet.named_parameters() if "lora_" in n)
+    with pytest.raises(LorakitError, match=r"model.weight_dtype: bfloat16 weights need train.mixed_precision"):
+        _run(tiny_base, tiny_dataset, tmp_path / "b", model={"weight_dtype": "bfloat16"})
+    with pytest.raises(LorakitError, match="model.vae: .* is not a diffusers VAE folder"):
+        _run(tiny_base, tiny_dataset, tmp_path / "c", model={"vae": str(tmp_path)})
+
+
+@pytest.mark.parametrize("loss_type", ["huber", "smooth_l1"])
+def test_robust_losses_train(tiny_base, tiny_dataset, tmp_path, loss_type):
+    result, _ = _run(tiny_base, tiny_dataset, tmp_path, train={"max_steps": 2, "loss_type": loss_type,
+                                                               "min_timestep": 100, "max_timestep": 900})
+    assert result.steps == 2 and torch.isfinite(torch.tensor(result.final_loss))
