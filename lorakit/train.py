@@ -664,7 +664,8 @@ def train(
                     _save(run)
                 if recipe.sample.prompts and _due(run.step, sample_every, cfg.max_steps):
                     _render_samples(run)
-            accelerator.wait_for_everyone()
+            if _due(run.step, cfg.save_every_steps, cfg.max_steps) or _due(run.step, sample_every, cfg.max_steps):
+                accelerator.wait_for_everyone()  # the other processes wait while the main one writes
             bar.advance(1, loss=f"{loss:.4f}")
 
     accelerator.wait_for_everyone()

@@ -41,8 +41,13 @@ def _write_dataset(folder, captions, source):
 def test_samples_are_rendered_as_grids_with_parameters(tiny_base, tiny_dataset, tmp_path):
     from PIL import Image
 
-    result, _ = _run(tiny_base, tiny_dataset, tmp_path, train={"max_steps": 4},
-                     sample={"prompts": ["ohwx toy", "a red disc"], "every_steps": 2, "steps": 2, "seed": 5})
+    result, _ = _run(
+        tiny_base,
+        tiny_dataset,
+        tmp_path,
+        train={"max_steps": 4},
+        sample={"prompts": ["ohwx toy", "a red disc"], "every_steps": 2, "steps": 2, "seed": 5},
+    )
     grids = sorted(p.name for p in (result.run_dir / "samples").iterdir())
     assert grids == ["step-000002.png", "step-000004.png"]
     with Image.open(result.run_dir / "samples" / "step-000004.png") as grid:
@@ -52,8 +57,13 @@ def test_samples_are_rendered_as_grids_with_parameters(tiny_base, tiny_dataset, 
 
 
 def test_validation_loss_uses_fixed_noise(tiny_base, tiny_dataset, tmp_path):
-    result, _ = _run(tiny_base, tiny_dataset, tmp_path, train={"max_steps": 4, "unet_lr": 0.0, "text_encoder_lr": 0.0},
-                     validation={"folder": str(tiny_dataset), "every_steps": 2, "timesteps": [200, 800]})
+    result, _ = _run(
+        tiny_base,
+        tiny_dataset,
+        tmp_path,
+        train={"max_steps": 4, "unet_lr": 0.0, "text_encoder_lr": 0.0},
+        validation={"folder": str(tiny_dataset), "every_steps": 2, "timesteps": [200, 800]},
+    )
     rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     values = [r["val_loss"] for r in rows if "val_loss" in r]
     assert [r["step"] for r in rows if "val_loss" in r] == [2, 4]
@@ -66,8 +76,9 @@ def test_text_encoder_cache_matches_encoding_every_step(tiny_base, tiny_dataset,
     cached, lines = _run(tiny_base, dataset, tmp_path / "a", lora=frozen, train={"max_steps": 3})
     assert "Text encoder outputs cached for 2 captions (the text encoder is frozen)" in lines
     # Tag shuffling turns the cache off; with one tag per caption it changes nothing else.
-    direct, lines = _run(tiny_base, dataset, tmp_path / "b", lora=frozen, train={"max_steps": 3},
-                         data={"shuffle_tags": True})
+    direct, lines = _run(
+        tiny_base, dataset, tmp_path / "b", lora=frozen, train={"max_steps": 3}, data={"shuffle_tags": True}
+    )
     assert not any(line.startswith("Text encoder outputs cached") for line in lines)
     for key, tensor in load_file(cached.adapter).items():
         torch.testing.assert_close(tensor, load_file(direct.adapter)[key], rtol=1e-5, atol=1e-6)
@@ -83,8 +94,9 @@ def test_prior_preservation_adds_weighted_class_images(tiny_base, tiny_dataset, 
     prior = {"class_dir": str(class_dir), "class_prompt": "a toy", "num_class_images": 4}
     with pytest.raises(LorakitError, match=r"holds 3 images but prior.num_class_images is 4"):
         _run(tiny_base, tiny_dataset, tmp_path / "a", prior=prior)
-    result, lines = _run(tiny_base, tiny_dataset, tmp_path / "b", prior={**prior, "num_class_images": 3},
-                         train={"max_steps": 2})
+    result, lines = _run(
+        tiny_base, tiny_dataset, tmp_path / "b", prior={**prior, "num_class_images": 3}, train={"max_steps": 2}
+    )
     assert any(line.startswith("prior: 3 class images") for line in lines)
     # 8 instance images once each, 3 class images repeated round(8 / 3) = 3 times each.
     assert _metadata(result.adapter)["ss_num_train_images"] == "17"
@@ -92,16 +104,26 @@ def test_prior_preservation_adds_weighted_class_images(tiny_base, tiny_dataset, 
 
 def test_several_dataset_folders_with_their_own_repeats(tiny_base, tiny_dataset, tmp_path):
     second = _write_dataset(tmp_path / "second", ["ohwx toy"] * 2, tiny_dataset)
-    result, _ = _run(tiny_base, tiny_dataset, tmp_path / "out", train={"max_steps": 1},
-                     data={"folder": [str(tiny_dataset), str(second)], "num_repeats": [1, 3]})
+    result, _ = _run(
+        tiny_base,
+        tiny_dataset,
+        tmp_path / "out",
+        train={"max_steps": 1},
+        data={"folder": [str(tiny_dataset), str(second)], "num_repeats": [1, 3]},
+    )
     assert _metadata(result.adapter)["ss_num_train_images"] == str(8 + 2 * 3)
 
 
 def test_locon_adapts_convolutions_and_reloads_exactly(tiny_base, tiny_dataset, tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    result, _ = _run(tiny_base, tiny_dataset, tmp_path, train={"max_steps": 2},
-                     lora={"target_modules": "transformer+conv", "conv_rank": 2, "conv_alpha": 1.0})
+    result, _ = _run(
+        tiny_base,
+        tiny_dataset,
+        tmp_path,
+        train={"max_steps": 2},
+        lora={"target_modules": "transformer+conv", "conv_rank": 2, "conv_alpha": 1.0},
+    )
     tensors = load_file(result.adapter)
     assert tensors["lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"].shape == (2, 32, 3, 3)
     assert tensors["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"].shape[0] == 4
@@ -121,18 +143,25 @@ def test_locon_adapts_convolutions_and_reloads_exactly(tiny_base, tiny_dataset, 
 def test_init_from_starts_at_an_existing_adapter(tiny_base, tiny_dataset, tmp_path):
     first, _ = _run(tiny_base, tiny_dataset, tmp_path / "a", train={"max_steps": 2})
     for source in (first.adapter, first.diffusers_adapter):
-        frozen, lines = _run(tiny_base, tiny_dataset, tmp_path / source.stem,
-                             lora={"init_from": str(source)},
-                             train={"max_steps": 1, "unet_lr": 0.0, "text_encoder_lr": 0.0, "weight_decay": 0.0})
+        frozen, lines = _run(
+            tiny_base,
+            tiny_dataset,
+            tmp_path / source.stem,
+            lora={"init_from": str(source)},
+            train={"max_steps": 1, "unet_lr": 0.0, "text_encoder_lr": 0.0, "weight_decay": 0.0},
+        )
         assert any(line.startswith(f"lora.init_from: started from {source} (60 of 60 modules)") for line in lines)
         for key, tensor in load_file(first.adapter).items():
             assert torch.equal(load_file(frozen.adapter)[key], tensor), key
 
 
 def test_init_from_another_architecture_is_refused(tiny_base, tiny_dataset, tmp_path):
-    first, _ = _run(tiny_base, tiny_dataset, tmp_path / "a", train={"max_steps": 1},
-                    lora={"target_modules": "transformer+conv"})
-    with pytest.raises(LorakitError, match="lora_unet_down_blocks_0_downsamplers_0_conv.alpha matches no adapted module"):
+    first, _ = _run(
+        tiny_base, tiny_dataset, tmp_path / "a", train={"max_steps": 1}, lora={"target_modules": "transformer+conv"}
+    )
+    with pytest.raises(
+        LorakitError, match="lora_unet_down_blocks_0_downsamplers_0_conv.alpha matches no adapted module"
+    ):
         _run(tiny_base, tiny_dataset, tmp_path / "b", lora={"init_from": str(first.adapter)})
     with pytest.raises(LorakitError, match="pickles"):
         _run(tiny_base, tiny_dataset, tmp_path / "c", lora={"init_from": str(tmp_path / "old.ckpt")})
@@ -156,8 +185,10 @@ def test_long_captions_are_counted_or_chunked(tiny_base, tiny_dataset, tmp_path)
     long_caption = ", ".join(["ohwx red toy on a white background"] * 9)  # 108 tokens
     dataset = _write_dataset(tmp_path / "data", [long_caption] + ["ohwx toy"] * 3, tiny_dataset)
     _, lines = _run(tiny_base, dataset, tmp_path / "a", train={"max_steps": 1})
-    assert "data: 1 of 4 captions are longer than 75 tokens and are truncated; set data.max_token_length = 150 " \
-           "or 225 to keep them" in lines
+    assert (
+        "data: 1 of 4 captions are longer than 75 tokens and are truncated; set data.max_token_length = 150 "
+        "or 225 to keep them" in lines
+    )
     _, lines = _run(tiny_base, dataset, tmp_path / "b", train={"max_steps": 1}, data={"max_token_length": 150})
     assert not any("truncated" in line for line in lines)
     base = load_base(str(tiny_base))
@@ -168,8 +199,13 @@ def test_long_captions_are_counted_or_chunked(tiny_base, tiny_dataset, tmp_path)
 
 
 def test_custom_vae_and_half_precision_frozen_weights(tiny_base, tiny_dataset, tmp_path):
-    result, _ = _run(tiny_base, tiny_dataset, tmp_path / "a", train={"max_steps": 1, "mixed_precision": "bf16"},
-                     model={"vae": str(tiny_base / "vae"), "weight_dtype": "bfloat16"})
+    result, _ = _run(
+        tiny_base,
+        tiny_dataset,
+        tmp_path / "a",
+        train={"max_steps": 1, "mixed_precision": "bf16"},
+        model={"vae": str(tiny_base / "vae"), "weight_dtype": "bfloat16"},
+    )
     unet = result.models["unet"]
     assert unet.conv_in.weight.dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for n, p in unet.named_parameters() if "lora_" in n)
@@ -181,6 +217,10 @@ def test_custom_vae_and_half_precision_frozen_weights(tiny_base, tiny_dataset, t
 
 @pytest.mark.parametrize("loss_type", ["huber", "smooth_l1"])
 def test_robust_losses_train(tiny_base, tiny_dataset, tmp_path, loss_type):
-    result, _ = _run(tiny_base, tiny_dataset, tmp_path, train={"max_steps": 2, "loss_type": loss_type,
-                                                               "min_timestep": 100, "max_timestep": 900})
+    result, _ = _run(
+        tiny_base,
+        tiny_dataset,
+        tmp_path,
+        train={"max_steps": 2, "loss_type": loss_type, "min_timestep": 100, "max_timestep": 900},
+    )
     assert result.steps == 2 and torch.isfinite(torch.tensor(result.final_loss))

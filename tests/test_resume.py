@@ -33,8 +33,10 @@ def _assert_equal_files(a, b):
     ("train_cfg", "lora_cfg"),
     [
         ({"lr_scheduler": "cosine", "lr_warmup_steps": 2}, {}),
-        ({"optimizer": "adamw8bit", "gradient_accumulation_steps": 2}, {"rank": 64, "lora_alpha": 32.0,
-                                                                         "target_modules": "attention"}),
+        (
+            {"optimizer": "adamw8bit", "gradient_accumulation_steps": 2},
+            {"rank": 64, "lora_alpha": 32.0, "target_modules": "attention"},
+        ),
     ],
     ids=["adamw-cosine", "adamw8bit-accumulation"],
 )
@@ -49,8 +51,9 @@ def test_half_then_resume_equals_straight(tiny_base, tiny_dataset, tmp_path, tra
     shutil.rmtree(resumed_dir / "checkpoints" / "step-000006")
     for name in ("run.safetensors", "run.diffusers.safetensors"):
         (resumed_dir / name).unlink()
-    resumed = _train(tiny_base, tiny_dataset, tmp_path / "b", resume=str(resumed_dir / "checkpoints" / "step-000003"),
-                     **settings)
+    resumed = _train(
+        tiny_base, tiny_dataset, tmp_path / "b", resume=str(resumed_dir / "checkpoints" / "step-000003"), **settings
+    )
     assert resumed.steps == 6
     _assert_equal_files(straight.adapter, resumed.adapter)
     rows = [json.loads(line) for line in (resumed_dir / "metrics.jsonl").read_text().splitlines()]
@@ -76,8 +79,9 @@ def test_step_count_is_cumulative_across_several_resumes(tiny_base, tiny_dataset
 
 
 def test_checkpoints_are_pruned_to_the_newest(tiny_base, tiny_dataset, tmp_path):
-    result = _train(tiny_base, tiny_dataset, tmp_path, train={"max_steps": 5, "save_every_steps": 1,
-                                                              "keep_checkpoints": 2})
+    result = _train(
+        tiny_base, tiny_dataset, tmp_path, train={"max_steps": 5, "save_every_steps": 1, "keep_checkpoints": 2}
+    )
     names = sorted(p.name for p in (result.run_dir / "checkpoints").iterdir())
     assert names == ["step-000004", "step-000005"]
 

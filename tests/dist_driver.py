@@ -1,0 +1,38 @@
+"""Run under `torchrun --nproc_per_node 2`: trains a recipe and records what this process saw.
+
+Usage: torchrun --nproc_per_node 2 tests/dist_driver.py RECIPE OUT_DIR
+"""
+
+import hashlib
+import json
+import os
+import sys
+
+import lorakit.train as train_module
+from lorakit.data import BatchStream
+from lorakit.recipe import load_recipe
+
+seen: list[list[int]] = []
+setup: dict[str, object] = {}
+
+
+class RecordingStream(BatchStream):
+    def next(self):
+        import torch.distributed as dist
+
+        setup.update(world=self.world, backend=dist.get_backend(), dist_world=dist.get_world_size())
+        batch = super().next()
+        seen.append([self.epoch, [str(self.items[i].path) for i in batch]])
+        return batch
+
+
+train_module.BatchStream = RecordingStream
+result = train_module.train(load_recipe(sys.argv[1]), quiet=True, log=lambda _: None)
+
+digest = hashlib.sha256()
+for name, param in sorted(result.models["unet"].named_parameters()):
+    if "lora_" in name:
+        digest.update(param.detach().numpy().tobytes())
+rank = int(os.environ["RANK"])
+with open(os.path.join(sys.argv[2], f"rank{rank}.json"), "w") as out:
+    json.dump({**setup, "seen": seen, "weights": digest.hexdigest()}, out)
