@@ -467,3 +467,27 @@ def dump_recipe(recipe: Recipe) -> str:
         lines += [f"{key} = {toml_value(value)}" for key, value in values.items()]
         lines.append("")
     return "\n".join(lines)
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        value = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+    else:
+        return "required"
+    return "unset" if value is None else f"`{toml_value(value)}`"
+
+
+def reference_markdown() -> str:
+    """The recipe key reference (README's "Recipe keys"), generated from the field docstrings."""
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    for name, cls in SECTIONS.items():
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            lines.append(f"| `{name}.{f.name}` | {_default_text(f)} | {docs[f.name].replace('|', '/')} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(reference_markdown())

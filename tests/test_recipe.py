@@ -115,3 +115,11 @@ def test_every_field_has_a_docstring():
         docs = field_docs(section)
         assert set(docs) == set(section.__dataclass_fields__), section.__name__
         assert all(len(doc) > 10 for doc in docs.values())
+
+
+def test_readme_recipe_reference_is_current():
+    from lorakit.recipe import reference_markdown
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    block = readme.split("<!-- recipe-keys:start -->\n")[1].split("\n<!-- recipe-keys:end -->")[0]
+    assert block == reference_markdown(), "regenerate README's table with `python -m lorakit.recipe`"
