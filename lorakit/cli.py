@@ -96,6 +96,114 @@ def train(
     typer.echo(str(result.adapter))
 
 
+def _colour(value: str) -> tuple[int, int, int]:
+    from PIL import ImageColor
+
+    try:
+        return ImageColor.getrgb(value)[:3]
+    except ValueError:
+        raise typer.BadParameter(
+            f"{value!r} is not a colour; use a name such as white or a hex code such as #808080"
+        ) from None
+
+
+@app.command()
+def prepare(
+    src: Annotated[Path, typer.Argument(help="Folder of photos (searched recursively; never modified).")],
+    out: Annotated[Path, typer.Option(help="Dataset folder to write (outside SRC).")] = Path("dataset"),
+    trigger: Annotated[
+        str, typer.Option(help='Trigger word put once at the front of every caption, e.g. "ohwx person".')
+    ] = "",
+    resolution: Annotated[
+        int, typer.Option(min=64, help="Training resolution: buckets of about this many pixels squared.")
+    ] = 512,
+    max_upscale: Annotated[
+        float, typer.Option(min=1.0, help="Drop images that would need more upscaling than this.")
+    ] = 2.0,
+    background: Annotated[str, typer.Option(help="Colour behind transparent pixels.")] = "white",
+    keep_duplicates: Annotated[
+        bool, typer.Option(help="Keep exact and near duplicates (they are reported either way).")
+    ] = False,
+    near_threshold: Annotated[
+        int, typer.Option(min=0, max=64, help="Near duplicate: at most this many of 64 perceptual-hash bits differ.")
+    ] = 6,
+    caption_ext: Annotated[
+        str, typer.Option(help="Caption file extensions beside each image, in order of preference.")
+    ] = ".txt,.caption",
+    caption_model: Annotated[
+        str | None,
+        typer.Option(
+            help="Image-to-text model (hub id or folder, e.g. Salesforce/blip-image-captioning-base) "
+            "for images without a caption file."
+        ),
+    ] = None,
+    caption_from_filename: Annotated[
+        bool, typer.Option(help="Use the file name as caption when there is no caption file or model.")
+    ] = False,
+    tokenizer: Annotated[
+        str | None,
+        typer.Option(help="CLIP tokenizer (folder, diffusers model folder or hub id) to count caption tokens."),
+    ] = None,
+    strict: Annotated[
+        bool,
+        typer.Option(
+            help="Fail (exit 2) on any unreadable, truncated, empty or oversized image instead of skipping it."
+        ),
+    ] = False,
+    workers: Annotated[
+        int | None, typer.Option(min=1, help="Worker processes for decoding (default: all cores).")
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Turn a folder of photos into a captioned, bucketed dataset folder for `lorakit train`."""
+    from .prepare import PrepareOptions
+    from .prepare import prepare as run_prepare
+
+    extensions = tuple(e if e.startswith(".") else f".{e}" for e in caption_ext.split(",") if e.strip())
+    options = PrepareOptions(
+        trigger=trigger.strip(),
+        resolution=resolution,
+        max_upscale=max_upscale,
+        background=_colour(background),
+        keep_duplicates=keep_duplicates,
+        near_threshold=near_threshold,
+        caption_extensions=extensions,
+        caption_model=caption_model,
+        caption_from_filename=caption_from_filename,
+        tokenizer=tokenizer,
+        strict=strict,
+        workers=workers,
+    )
+    if caption_model or tokenizer:
+        _quiet_libraries()
+    _run(lambda: run_prepare(src, out, options, quiet=quiet, log=typer.echo))
+
+
+@app.command()
+def caption(
+    image: Annotated[Path, typer.Argument(help="An image file.")],
+    caption_model: Annotated[str, typer.Option(help="Image-to-text model (hub id or folder), as for `prepare`.")],
+) -> None:
+    """Print the caption the captioning model gives one image: what the model sees in it."""
+    from .errors import DatasetError
+
+    def run() -> str:
+        from PIL import Image, UnidentifiedImageError
+
+        from .prepare.captions import Captioner
+        from .prepare.images import to_rgb
+
+        try:
+            with Image.open(image) as opened:
+                picture = to_rgb(opened, (255, 255, 255))
+        except (OSError, UnidentifiedImageError) as err:
+            raise DatasetError(f"{image}: not a readable image ({err})") from None
+        return Captioner(caption_model)(picture)
+
+    _quiet_libraries()
+    typer.echo(_run(run))
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for the demo's base model, dataset and run.")] = Path("demo"),

@@ -1,4 +1,4 @@
-"""Progress display: a rich bar with rate and ETA on a terminal, plain lines otherwise, nothing when quiet."""
+"""Progress on stderr: a rich bar with rate and ETA on a terminal, plain lines otherwise, nothing when quiet."""
 
 from __future__ import annotations
 
@@ -25,7 +25,11 @@ class _PlainProgress:
             rate = self.done / elapsed if elapsed > 0 else 0.0
             eta = (self.total - self.done) / rate if rate > 0 else 0.0
             extra = "".join(f" {k}={v}" for k, v in self.fields.items())
-            print(f"{self.description}: {self.done}/{self.total} {rate:.2f}/s eta {eta:.0f}s{extra}", flush=True)
+            print(
+                f"{self.description}: {self.done}/{self.total} {rate:.2f}/s eta {eta:.0f}s{extra}",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 class _RichProgress:
@@ -48,7 +52,7 @@ def progress_bar(description: str, total: int, *, quiet: bool = False):
     if quiet:
         yield _NoProgress()
         return
-    if not sys.stdout.isatty():
+    if not sys.stderr.isatty():
         yield _PlainProgress(description, total)
         return
     from rich.progress import (
@@ -76,5 +80,7 @@ def progress_bar(description: str, total: int, *, quiet: bool = False):
         TimeRemainingColumn(),
         TextColumn("{task.fields[info]}"),
     )
-    with Progress(*columns) as progress:
+    from rich.console import Console
+
+    with Progress(*columns, console=Console(stderr=True)) as progress:
         yield _RichProgress(progress, progress.add_task(description, total=total, info=""))

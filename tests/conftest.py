@@ -79,3 +79,43 @@ def trained_run(tiny_base, tiny_dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     recipe = recipe_from_dict(make_recipe_dict(tiny_base, tiny_dataset, out, train={"max_steps": 6}))
     return train(recipe, quiet=True, log=lambda _: None)
+
+
+@pytest.fixture(scope="session")
+def tiny_captioner(tmp_path_factory):
+    """A tiny random BLIP image-to-text model with its processor, saved like a hub model."""
+    import torch
+    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipProcessor
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    folder = tmp_path_factory.mktemp("captioner")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "red", "toy", "on", "table", "blue"]
+    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
+    tokenizer = BertTokenizer(str(folder / "vocab.txt"))
+    text = {
+        "vocab_size": len(words),
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "max_position_embeddings": 64,
+        "bos_token_id": 2,
+        "sep_token_id": 3,
+        "pad_token_id": 0,
+    }
+    vision = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "image_size": 32,
+        "patch_size": 8,
+    }
+    torch.manual_seed(0)
+    model = BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision, projection_dim=32))
+    processor = BlipProcessor(
+        image_processor=BlipImageProcessorPil(size={"height": 32, "width": 32}), tokenizer=tokenizer
+    )
+    model.save_pretrained(folder / "model")
+    processor.save_pretrained(folder / "model")
+    return folder / "model"

@@ -1,0 +1,442 @@
+"""`prepare(src, out)`: a messy photo folder -> the dataset folder `train` reads (see DESIGN.md).
+
+The source folder is only read. Images are decoded and sized in parallel worker processes,
+duplicates are found by content and perceptual hashes, captions come from sidecar files, a
+captioning model, file names or the trigger word; everything kept or dropped is counted in
+`report.json`. Re-running reuses unchanged images; the metadata is written last and atomically,
+so an interrupted run leaves the previous dataset intact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..buckets import make_buckets
+from ..checkpoint import atomic_write, atomic_write_text
+from ..errors import DatasetError, OutputError
+from .captions import caption_from_filename, normalise_tags, place_trigger, read_sidecar
+from .images import IMAGE_SUFFIXES, REASONS, Processed, SizingOptions, process_image
+
+READ_FAILURES = ("empty_file", "unreadable", "truncated", "decompression_bomb")
+STATE = Path(".cache") / "prepare.json"
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    """How `prepare` treats a folder; the CLI's options, one to one."""
+
+    trigger: str = ""
+    resolution: int = 512
+    max_upscale: float = 2.0
+    max_aspect: float = 2.0
+    background: tuple[int, int, int] = (255, 255, 255)
+    keep_duplicates: bool = False
+    near_threshold: int = 6  # of 64 dHash bits
+    caption_extensions: tuple[str, ...] = (".txt", ".caption")
+    caption_model: str | None = None
+    caption_from_filename: bool = False
+    tokenizer: str | None = None
+    strict: bool = False
+    workers: int | None = None
+
+
+@dataclass
+class PrepareResult:
+    out: Path
+    kept: int
+    dropped: dict[str, list[dict[str, str]]]
+    report: dict = field(default_factory=dict)
+
+
+def _check_folders(src: Path, out: Path) -> None:
+    if not src.exists():
+        raise DatasetError(f"{src}: source folder not found")
+    if not src.is_dir():
+        raise DatasetError(f"{src}: not a folder; give the folder that holds your photos")
+    if out == src or src in out.parents:
+        raise OutputError(
+            f"--out {out}: inside the source folder {src}; choose a folder outside it "
+            "(the source folder is never modified)"
+        )
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise OutputError(f"--out {out}: cannot write under {parent}; choose a folder you can write to")
+
+
+def scan(src: Path, caption_extensions: tuple[str, ...]) -> tuple[list[Path], int]:
+    """Image files under `src` (recursively, hidden folders skipped) and how many other files were ignored."""
+    images, ignored = [], 0
+    for root, dirs, files in os.walk(src):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if name.startswith("."):
+                continue
+            suffix = Path(name).suffix.lower()
+            if suffix in IMAGE_SUFFIXES:
+                images.append(Path(root) / name)
+            elif suffix not in caption_extensions:
+                ignored += 1
+    return images, ignored
+
+
+def _output_name(relative: str, sha256: str) -> str:
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", str(Path(relative).with_suffix("")).replace(os.sep, "__"))
+    return f"images/{stem}_{sha256[:8]}.png"
+
+
+def _settings_key(options: PrepareOptions) -> str:
+    sizing = (options.resolution, options.max_upscale, options.max_aspect, list(options.background))
+    return hashlib.sha256(json.dumps(sizing).encode()).hexdigest()[:16]
+
+
+def _load_state(out: Path, key: str) -> dict:
+    try:
+        state = json.loads((out / STATE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return state.get("entries", {}) if state.get("settings") == key else {}
+
+
+def _process_all(paths: list[Path], src: Path, sizing: SizingOptions, workers: int, quiet: bool) -> list[Processed]:
+    from ..progress import progress_bar
+
+    relatives = [str(p.relative_to(src)) for p in paths]
+    with progress_bar("Reading images", len(paths), quiet=quiet) as bar:
+        if workers == 1:
+            results = []
+            for path, relative in zip(paths, relatives, strict=True):
+                results.append(process_image(path, relative, sizing))
+                bar.advance()
+            return results
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            results = []
+            for result in pool.map(process_image, paths, relatives, [sizing] * len(paths), chunksize=4):
+                results.append(result)
+                bar.advance()
+            return results
+
+
+def _reuse(paths: list[Path], src: Path, out: Path, previous: dict) -> tuple[list[Processed], list[Path]]:
+    """Entries of unchanged images from the previous run, and the paths that need processing."""
+    reused, todo = [], []
+    for path in paths:
+        relative = str(path.relative_to(src))
+        entry = previous.get(relative)
+        if (
+            entry
+            and entry["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+            and (out / entry["file_name"]).is_file()
+        ):
+            reused.append(
+                Processed(
+                    source=relative,
+                    sha256=entry["sha256"],
+                    original_size=tuple(entry["original_size"]),
+                    bucket=tuple(entry["bucket"]),
+                    crop=tuple(entry["crop"]),
+                    dhash=entry["dhash"],
+                )
+            )
+        else:
+            todo.append(path)
+    return reused, todo
+
+
+def _dedupe(results: list[Processed], threshold: int) -> tuple[list[Processed], list[Processed]]:
+    """Mark exact and near duplicates (the first by path is the original); returns (unique, duplicates)."""
+    by_sha: dict[str, str] = {}
+    unique: list[Processed] = []
+    duplicates: list[Processed] = []
+    for result in sorted(results, key=lambda r: r.source):
+        if result.reason:
+            continue
+        if result.sha256 in by_sha:
+            result.reason, result.detail = "duplicate", f"same bytes as {by_sha[result.sha256]}"
+        else:
+            by_sha[result.sha256] = result.source
+            near = [(bin(result.dhash ^ u.dhash).count("1"), u.source) for u in unique]
+            close = min(near, default=(threshold + 1, ""))
+            if close[0] <= threshold:
+                result.reason = "near_duplicate"
+                result.detail = f"like {close[1]} ({close[0]} of 64 hash bits differ; threshold {threshold})"
+        (duplicates if result.reason else unique).append(result)
+    return unique, duplicates
+
+
+@dataclass
+class _Caption:
+    text: str
+    source: str  # sidecar, model, filename, trigger_only
+    trigger: str  # added, moved, present, none
+    non_utf8: str = ""
+
+
+def _caption(path: Path, image_png: bytes | None, options: PrepareOptions, captioner, cached: str | None) -> _Caption:
+    text, sidecar, utf8 = read_sidecar(path, options.caption_extensions)
+    source = "sidecar"
+    if text is None or not text.strip():
+        if captioner is not None:
+            if cached is None:
+                import io
+
+                from PIL import Image
+
+                with Image.open(io.BytesIO(image_png)) as image:
+                    cached = captioner(image)
+            text, source = cached, "model"
+        elif options.caption_from_filename:
+            text, source = caption_from_filename(path), "filename"
+        else:
+            text, source = "", "trigger_only"
+    tags, trigger = place_trigger(normalise_tags(text), options.trigger)
+    return _Caption(", ".join(tags), source, trigger, "" if utf8 else str(sidecar))
+
+
+def _length_counter(tokenizer: str | None):
+    """(unit, function caption -> length): CLIP tokens with a tokenizer, words otherwise."""
+    if tokenizer is None:
+        return "words", lambda text: len(text.replace(",", " ").split())
+    from transformers import CLIPTokenizer
+
+    local = Path(tokenizer).expanduser()
+    source = str(local) if local.exists() else tokenizer
+    subfolder = "tokenizer" if (local / "tokenizer").is_dir() else ""
+    try:
+        tok = CLIPTokenizer.from_pretrained(source, subfolder=subfolder)
+    except (OSError, ValueError) as err:
+        raise DatasetError(
+            f"--tokenizer: cannot load {tokenizer!r} ({type(err).__name__}); give a CLIP tokenizer "
+            "folder, a diffusers model folder or a hub id"
+        ) from None
+    return "tokens", lambda text: len(tok(text, truncation=False).input_ids) - 2
+
+
+def _report(src, out, options, found, ignored, kept, dropped, duplicates_kept, captions, reused) -> dict:
+    unit, length = _length_counter(options.tokenizer)
+    lengths = {c_source: length(c.text) for c_source, c in captions.items()}
+    tag_counts = Counter(tag for c in captions.values() for tag in c.text.split(", ") if tag)
+    return {
+        "source": str(src),
+        "out": str(out),
+        "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(options).items()},
+        "counts": {
+            "found": found,
+            "kept": len(kept),
+            "dropped": sum(len(v) for v in dropped.values()),
+            "reused_from_previous_run": reused,
+            "other_files_ignored": ignored,
+        },
+        "dropped": dropped,
+        "duplicates_kept": duplicates_kept,
+        "buckets": dict(sorted(Counter(f"{r.bucket[0]}x{r.bucket[1]}" for r in kept).items())),
+        "captions": {
+            "sources": dict(Counter(c.source for c in captions.values())),
+            "non_utf8_read_as_cp1252": sorted(c.non_utf8 for c in captions.values() if c.non_utf8),
+            "length_unit": unit,
+            "length_min": min(lengths.values()),
+            "length_max": max(lengths.values()),
+            "length_mean": round(sum(lengths.values()) / len(lengths), 1),
+            "over_75": sorted(s for s, n in lengths.items() if n > 75),
+        },
+        "tags": tag_counts.most_common(50),
+        "trigger": {"word": options.trigger, **dict(Counter(c.trigger for c in captions.values()))},
+    }
+
+
+def summary_lines(report: dict) -> list[str]:
+    """The printed summary of a report."""
+    counts, captions = report["counts"], report["captions"]
+    lines = [
+        f"Kept {counts['kept']} of {counts['found']} images ({counts['reused_from_previous_run']} unchanged "
+        f"since the last run) -> {report['out']}"
+    ]
+    for reason, entries in report["dropped"].items():
+        lines.append(
+            f"  dropped {len(entries)} {reason} ({REASONS[reason]}): "
+            + ", ".join(e["file"] for e in entries[:5])
+            + (" ..." if len(entries) > 5 else "")
+        )
+    if report["duplicates_kept"]:
+        lines.append(f"  kept {len(report['duplicates_kept'])} duplicates (--keep-duplicates)")
+    if counts["other_files_ignored"]:
+        lines.append(f"  ignored {counts['other_files_ignored']} files that are neither images nor captions")
+    lines.append("Buckets: " + ", ".join(f"{b} x{n}" for b, n in report["buckets"].items()))
+    lines.append("Captions: " + ", ".join(f"{n} from {s}" for s, n in captions["sources"].items()))
+    if captions["non_utf8_read_as_cp1252"]:
+        lines.append(
+            f"  {len(captions['non_utf8_read_as_cp1252'])} caption files were not UTF-8 and were read "
+            "as cp1252: " + ", ".join(captions["non_utf8_read_as_cp1252"][:5])
+        )
+    unit = captions["length_unit"]
+    lines.append(
+        f"Caption length ({unit}): min {captions['length_min']}, mean {captions['length_mean']}, "
+        f"max {captions['length_max']}"
+        + ("" if unit == "tokens" else " (no --tokenizer given: counted in words, not CLIP tokens)")
+    )
+    if captions["over_75"]:
+        lines.append(
+            f"  warning: {len(captions['over_75'])} captions are over 75 {unit}; SD truncates at 75 "
+            "tokens unless data.max_token_length is raised"
+        )
+    trigger = report["trigger"]
+    if trigger["word"]:
+        lines.append(
+            f"Trigger '{trigger['word']}': added to {trigger.get('added', 0)}, moved to the front in "
+            f"{trigger.get('moved', 0)}, already present in {trigger.get('present', 0)}"
+        )
+    top = ", ".join(f"{tag} ({n})" for tag, n in report["tags"][:10])
+    lines.append(f"Top tags: {top}")
+    return lines
+
+
+def prepare(
+    src: str | Path, out: str | Path, options: PrepareOptions = PrepareOptions(), *, quiet: bool = False, log=print
+) -> PrepareResult:
+    """Turn the photos under `src` into the dataset folder `out`; returns what was kept and dropped.
+
+    Raises DatasetError / OutputError (nothing written) for a missing source, no images, no usable
+    image, an output inside the source, or (with `options.strict`) any unreadable image.
+    """
+    src, out = Path(src).expanduser().resolve(), Path(out).expanduser().resolve()
+    _check_folders(src, out)
+    paths, ignored = scan(src, options.caption_extensions)
+    if not paths:
+        raise DatasetError(
+            f"{src}: no images found (looked for {', '.join(IMAGE_SUFFIXES)} in it and its "
+            f"subfolders; {ignored} other files)"
+        )
+    buckets = tuple(make_buckets(options.resolution, 64, options.max_aspect))
+    sizing = SizingOptions(options.resolution, buckets, options.max_upscale, options.background)
+    key = _settings_key(options)
+    previous = _load_state(out, key)
+    reused, todo = _reuse(paths, src, out, previous)
+    workers = options.workers or os.cpu_count() or 1
+    processed = _process_all(todo, src, sizing, min(workers, max(1, len(todo))), quiet)
+    results = reused + processed
+    failures = [r for r in results if r.reason]
+    if options.strict and any(r.reason in READ_FAILURES for r in failures):
+        first = next(r for r in failures if r.reason in READ_FAILURES)
+        raise DatasetError(
+            f"{src / first.source}: {REASONS[first.reason]} (--strict); "
+            f"{sum(r.reason in READ_FAILURES for r in failures)} such files in all"
+        )
+    unique, duplicates = _dedupe(results, options.near_threshold)
+    kept = sorted(unique + (duplicates if options.keep_duplicates else []), key=lambda r: r.source)
+    dropped: dict[str, list[dict[str, str]]] = {}
+    for result in sorted(failures + ([] if options.keep_duplicates else duplicates), key=lambda r: r.source):
+        dropped.setdefault(result.reason, []).append({"file": result.source, "detail": result.detail})
+    if not kept:
+        why = "; ".join(f"{len(v)} {k} ({REASONS[k]})" for k, v in dropped.items())
+        raise DatasetError(f"{src}: no usable images: {why}")
+
+    captioner = None
+    if options.caption_model:
+        from .captions import Captioner
+
+        captioner = Captioner(options.caption_model)
+    png = {r.source: r.png for r in processed if r.png}
+    captions = {}
+    for result in kept:
+        entry = previous.get(result.source, {})
+        cached = entry.get("model_caption") if entry.get("caption_model") == options.caption_model else None
+        image = png.get(result.source) or (out / entry.get("file_name", "")).read_bytes() if captioner else None
+        captions[result.source] = _caption(src / result.source, image, options, captioner, cached)
+    report = _report(
+        src,
+        out,
+        options,
+        len(paths),
+        ignored,
+        kept,
+        dropped,
+        [{"file": d.source, "detail": d.detail} for d in duplicates] if options.keep_duplicates else [],
+        captions,
+        len(reused),
+    )
+    _write(out, kept, png, previous, captions, report, options, key, buckets)
+    for line in summary_lines(report):
+        log(line)
+    return PrepareResult(out, len(kept), dropped, report)
+
+
+def _write(
+    out: Path,
+    kept: list[Processed],
+    png: dict[str, bytes],
+    previous: dict,
+    captions: dict,
+    report: dict,
+    options: PrepareOptions,
+    key: str,
+    buckets: tuple,
+) -> None:
+    """Write images, then metadata/state/report atomically; finally remove images no entry names."""
+    from .. import __version__
+
+    try:
+        (out / "images").mkdir(parents=True, exist_ok=True)
+        (out / ".cache").mkdir(exist_ok=True)
+    except OSError as err:
+        raise OutputError(f"--out {out}: cannot create it ({err.strerror})") from None
+    rows, state = [], {}
+    for result in kept:
+        if result.source in png:
+            data = png[result.source]
+            file_name = _output_name(result.source, result.sha256)
+            if not (out / file_name).is_file():
+                atomic_write(out / file_name, lambda tmp, d=data: tmp.write_bytes(d))
+            processed_sha = hashlib.sha256(data).hexdigest()
+        else:
+            file_name, processed_sha = previous[result.source]["file_name"], previous[result.source]["image_sha256"]
+        caption = captions[result.source]
+        rows.append(
+            {
+                "file_name": file_name,
+                "text": caption.text,
+                "width": result.bucket[0],
+                "height": result.bucket[1],
+                "original_width": result.original_size[0],
+                "original_height": result.original_size[1],
+                "crop_left": result.crop[0],
+                "crop_top": result.crop[1],
+                "source": result.source,
+                "sha256": processed_sha,
+            }
+        )
+        state[result.source] = {
+            "sha256": result.sha256,
+            "file_name": file_name,
+            "image_sha256": processed_sha,
+            "original_size": list(result.original_size),
+            "bucket": list(result.bucket),
+            "crop": list(result.crop),
+            "dhash": result.dhash,
+        }
+        if caption.source == "model":
+            state[result.source].update(caption_model=options.caption_model, model_caption=caption.text)
+    dataset = {
+        "version": 1,
+        "resolution": options.resolution,
+        "buckets": [list(b) for b in buckets],
+        "trigger": options.trigger,
+        "images": len(rows),
+        "created_by": f"lorakit {__version__}",
+    }
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out / "dataset.json", json.dumps(dataset, indent=2) + "\n")
+    atomic_write_text(out / STATE, json.dumps({"settings": key, "entries": state}) + "\n")
+    atomic_write_text(out / "metadata.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    named = {row["file_name"] for row in rows}
+    for image in (out / "images").glob("*.png"):
+        if f"images/{image.name}" not in named:
+            image.unlink()

@@ -1,0 +1,91 @@
+"""Captions: sidecar files, an optional image-to-text model, file names; tag normalisation and the trigger."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from ..errors import LorakitError
+
+FALLBACK_ENCODING = "cp1252"
+
+
+def read_sidecar(image: Path, extensions: tuple[str, ...]) -> tuple[str | None, Path | None, bool]:
+    """(text, file, was_utf8) of the first caption file beside `image` with one of `extensions`.
+
+    A file that is not UTF-8 is decoded as cp1252 (Windows' Western default; never fails on
+    common text), and the caller counts it.
+    """
+    for extension in extensions:
+        sidecar = image.with_suffix(extension)
+        if sidecar.is_file():
+            raw = sidecar.read_bytes()
+            try:
+                return raw.decode("utf-8-sig"), sidecar, True
+            except UnicodeDecodeError:
+                return raw.decode(FALLBACK_ENCODING, errors="replace"), sidecar, False
+    return None, None, True
+
+
+def caption_from_filename(image: Path) -> str:
+    """A caption from a file name: separators become spaces, trailing counters like `_01` or ` (2)` go."""
+    stem = re.sub(r"[\s_\-.]*(\(\d+\)|\d+)$", "", image.stem)
+    return " ".join(re.split(r"[_\-.\s]+", stem)).strip()
+
+
+def normalise_tags(text: str) -> list[str]:
+    """Comma-separated tags, trimmed, inner whitespace collapsed, empty and repeated tags dropped."""
+    seen, tags = set(), []
+    for raw in text.replace("\n", ",").split(","):
+        tag = " ".join(raw.split())
+        if tag and tag.lower() not in seen:
+            seen.add(tag.lower())
+            tags.append(tag)
+    return tags
+
+
+def place_trigger(tags: list[str], trigger: str) -> tuple[list[str], str]:
+    """The tags with the trigger once, at the front; and how it got there (`added`, `moved`, `present`, `none`).
+
+    A tag equal to the trigger is moved to the front; a trigger inside a longer tag ("photo of
+    ohwx person") counts as present and is left where it is.
+    """
+    if not trigger:
+        return tags, "none"
+    others = [t for t in tags if t.lower() != trigger.lower()]
+    if len(others) < len(tags):
+        return [trigger, *others], "present" if tags[0].lower() == trigger.lower() else "moved"
+    if any(re.search(rf"\b{re.escape(trigger.lower())}\b", t.lower()) for t in tags):
+        return tags, "present"
+    return [trigger, *tags], "added"
+
+
+class Captioner:
+    """An image-to-text model from transformers (e.g. Salesforce/blip-image-captioning-base), hub id or path."""
+
+    def __init__(self, model: str, device: str | None = None):
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        local = Path(model).expanduser()
+        source = str(local) if local.exists() else model
+        try:
+            self.processor = AutoProcessor.from_pretrained(source)
+            self.model = AutoModelForImageTextToText.from_pretrained(source).eval()
+        except (OSError, ValueError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise LorakitError(
+                f"--caption-model: cannot load {model!r}: {first}; give an image-to-text model "
+                "folder or hub id such as Salesforce/blip-image-captioning-base"
+            ) from None
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model.to(self.device)
+
+    def __call__(self, image: Any, max_new_tokens: int = 40) -> str:
+        import torch
+
+        inputs = self.processor(images=image.convert("RGB"), return_tensors="pt").to(self.device)
+        with torch.no_grad():
+            output = self.model.generate(**inputs, max_new_tokens=max_new_tokens)
+        return self.processor.batch_decode(output, skip_special_tokens=True)[0].strip()

@@ -1,0 +1,302 @@
+"""`lorakit prepare`: a messy folder becomes a clean dataset, and everything dropped is accounted for."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from lorakit.cli import app
+from lorakit.prepare import PrepareOptions, prepare
+
+from .messy import build_messy_folder, textured
+
+runner = CliRunner()
+KEYS = {
+    "file_name",
+    "text",
+    "width",
+    "height",
+    "original_width",
+    "original_height",
+    "crop_left",
+    "crop_top",
+    "source",
+    "sha256",
+}
+
+
+def _digest(folder):
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def messy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("messy") / "photos"
+    return root, build_messy_folder(root)
+
+
+@pytest.fixture(scope="module")
+def prepared(messy, tmp_path_factory):
+    root, _ = messy
+    before = _digest(root)
+    out = tmp_path_factory.mktemp("prepared") / "dataset"
+    lines = []
+    result = prepare(
+        root, out, PrepareOptions(trigger="ohwx person", resolution=256, workers=2), quiet=True, log=lines.append
+    )
+    assert _digest(root) == before  # the source folder is never modified
+    rows = {json.loads(line)["source"]: json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()}
+    return result, rows, lines
+
+
+def test_every_case_is_kept_or_dropped_for_its_reason(prepared):
+    result, rows, _ = prepared
+    assert set(rows) == {
+        "photo0.png",
+        "photo1.png",
+        "photo2.png",
+        "photo3.png",
+        "rotated.jpg",
+        "cmyk.jpg",
+        "rgba.png",
+        "grey16.png",
+        "grey.png",
+        "palette.gif",
+        "no_caption_here.png",
+        "latin1.png",
+        "other_ext.png",
+    }
+    dropped = {reason: [e["file"] for e in entries] for reason, entries in result.dropped.items()}
+    assert dropped == {
+        "truncated": ["truncated.jpg"],
+        "empty_file": ["empty.jpg"],
+        "unreadable": ["notanimage.png"],
+        "duplicate": ["sub/copy_of_photo0.png"],
+        "near_duplicate": ["sub/photo1_small.jpg"],
+        "too_small": ["tiny.png"],
+    }
+    report = result.report
+    assert report["counts"] == {
+        "found": 19,
+        "kept": 13,
+        "dropped": 6,
+        "reused_from_previous_run": 0,
+        "other_files_ignored": 1,
+    }
+    assert "like photo1.png" in result.dropped["near_duplicate"][0]["detail"]
+
+
+def test_metadata_has_exactly_the_contract_keys_and_real_files(prepared):
+    result, rows, _ = prepared
+    for row in rows.values():
+        assert set(row) == KEYS
+        path = result.out / row["file_name"]
+        with Image.open(path) as image:
+            assert image.size == (row["width"], row["height"]) and image.mode == "RGB"
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == row["sha256"]
+        assert row["width"] % 64 == 0 and row["height"] % 64 == 0
+    assert sorted(p.name for p in result.out.iterdir()) == [
+        ".cache",
+        "dataset.json",
+        "images",
+        "metadata.jsonl",
+        "report.json",
+    ]
+    info = json.loads((result.out / "dataset.json").read_text())
+    assert info["version"] == 1 and info["resolution"] == 256 and info["trigger"] == "ohwx person"
+    assert [256, 256] in info["buckets"]
+
+
+def test_exif_rotation_cmyk_alpha_16bit_and_palette_become_correct_rgb(prepared):
+    result, rows, _ = prepared
+    rotated = rows["rotated.jpg"]
+    assert (rotated["original_width"], rotated["original_height"]) == (200, 300)  # portrait after EXIF
+    assert rotated["height"] > rotated["width"]
+
+    def pixels(source):
+        with Image.open(result.out / rows[source]["file_name"]) as image:
+            return np.asarray(image)
+
+    assert pixels("rgba.png")[:, :100].min() >= 250  # the transparent half is the white background
+    grey = pixels("grey16.png")
+    assert 120 <= grey.mean() <= 135  # 16-bit mid-grey scaled, not clipped to white
+    assert pixels("cmyk.jpg").shape[2] == 3 and pixels("palette.gif").shape[2] == 3
+
+
+def test_captions_sources_trigger_and_normalisation(prepared):
+    result, rows, _ = prepared
+    assert rows["photo0.png"]["text"] == "ohwx person, red shirt, photo0"  # trimmed, deduplicated, trigger once
+    assert rows["rotated.jpg"]["text"] == "ohwx person, rotated photo"  # trigger added at the front
+    assert rows["no_caption_here.png"]["text"] == "ohwx person"  # trigger alone
+    assert rows["other_ext.png"]["text"] == "ohwx person, a caption file"  # .caption sidecar
+    assert rows["latin1.png"]["text"] == "ohwx person, café au lait"  # cp1252 fallback, trigger moved
+    captions = result.report["captions"]
+    assert captions["sources"] == {"sidecar": 7, "trigger_only": 6}
+    assert captions["non_utf8_read_as_cp1252"] == [str(result.report["source"] + "/latin1.txt")]
+    assert captions["length_unit"] == "words"
+    assert result.report["trigger"] == {"word": "ohwx person", "present": 4, "added": 8, "moved": 1}
+
+
+def test_summary_names_reasons_buckets_and_units(prepared):
+    _, _, lines = prepared
+    text = "\n".join(lines)
+    assert text.startswith("Kept 13 of 19 images")
+    assert "dropped 1 truncated (truncated or corrupt image data): truncated.jpg" in text
+    assert "dropped 1 near_duplicate" in text and "Buckets: " in text
+    assert "counted in words, not CLIP tokens" in text
+    assert "1 caption files were not UTF-8 and were read as cp1252" in text
+
+
+def test_hf_datasets_imagefolder_loads_it(prepared, tmp_path):
+    import datasets
+
+    result, rows, _ = prepared
+    loaded = datasets.load_dataset("imagefolder", data_dir=str(result.out), split="train", cache_dir=str(tmp_path))
+    assert len(loaded) == len(rows)
+    assert set(loaded["text"]) == {row["text"] for row in rows.values()}
+
+
+def test_rerun_reuses_unchanged_and_picks_up_changes(tmp_path):
+    src = tmp_path / "photos"
+    src.mkdir()
+    for index in range(3):
+        textured(256, 256, index).save(src / f"p{index}.png")
+    out = tmp_path / "dataset"
+    first = prepare(src, out, PrepareOptions(resolution=128, workers=1), quiet=True, log=lambda _: None)
+    assert first.report["counts"]["reused_from_previous_run"] == 0
+    old_files = {
+        json.loads(line)["source"]: json.loads(line)["file_name"]
+        for line in (out / "metadata.jsonl").read_text().splitlines()
+    }
+    textured(256, 256, 40).save(src / "p1.png")  # changed
+    textured(256, 256, 41).save(src / "p3.png")  # new
+    second = prepare(src, out, PrepareOptions(resolution=128, workers=1), quiet=True, log=lambda _: None)
+    assert second.report["counts"]["reused_from_previous_run"] == 2 and second.kept == 4
+    rows = {json.loads(line)["source"]: json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()}
+    assert rows["p0.png"]["file_name"] == old_files["p0.png"]
+    assert rows["p1.png"]["file_name"] != old_files["p1.png"]
+    assert not (out / old_files["p1.png"]).exists()  # the stale image is gone
+    assert len(list((out / "images").iterdir())) == 4
+
+
+def test_decompression_bombs_are_caught_per_file(tmp_path, monkeypatch):
+    src = tmp_path / "photos"
+    src.mkdir()
+    textured(64, 64, 1).save(src / "small.png")
+    textured(400, 400, 2).save(src / "huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64 * 2)
+    result = prepare(src, tmp_path / "out", PrepareOptions(resolution=64, workers=1), quiet=True, log=lambda _: None)
+    assert [e["file"] for e in result.dropped["decompression_bomb"]] == ["huge.png"] and result.kept == 1
+
+
+def test_captioning_model_and_the_caption_command(tmp_path, tiny_captioner):
+    src = tmp_path / "photos"
+    src.mkdir()
+    textured(128, 128, 1).save(src / "a.png")
+    textured(128, 128, 2).save(src / "b.png")
+    (src / "b.txt").write_text("written by hand")
+    result = prepare(
+        src,
+        tmp_path / "out",
+        PrepareOptions(resolution=64, trigger="sks", caption_model=str(tiny_captioner), workers=1),
+        quiet=True,
+        log=lambda _: None,
+    )
+    assert result.report["captions"]["sources"] == {"model": 1, "sidecar": 1}
+    rows = {
+        json.loads(line)["source"]: json.loads(line)
+        for line in (result.out / "metadata.jsonl").read_text().splitlines()
+    }
+    printed = runner.invoke(
+        app, ["caption", str(result.out / rows["a.png"]["file_name"]), "--caption-model", str(tiny_captioner)]
+    )
+    assert printed.exit_code == 0, printed.output
+    assert printed.stdout.strip() and rows["a.png"]["text"] == f"sks, {printed.stdout.strip()}"
+
+
+def test_tokenizer_counts_clip_tokens(tmp_path, tiny_base):
+    src = tmp_path / "photos"
+    src.mkdir()
+    textured(128, 128, 1).save(src / "a.png")
+    (src / "a.txt").write_text(", ".join(f"red toy {i} on a white background" for i in range(12)))
+    lines = []
+    result = prepare(
+        src,
+        tmp_path / "out",
+        PrepareOptions(resolution=64, tokenizer=str(tiny_base), workers=1),
+        quiet=True,
+        log=lines.append,
+    )
+    assert result.report["captions"]["length_unit"] == "tokens" and result.report["captions"]["over_75"] == ["a.png"]
+    assert any("captions are over 75 tokens" in line for line in lines)
+
+
+def _fails(result, fragment):
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and fragment in result.stderr, result.stderr
+
+
+def test_bad_inputs_exit_2_and_write_nothing(messy, tmp_path):
+    root, _ = messy
+    _fails(runner.invoke(app, ["prepare", str(tmp_path / "nope")]), "source folder not found")
+    (tmp_path / "file.txt").write_text("x")
+    _fails(runner.invoke(app, ["prepare", str(tmp_path / "file.txt")]), "not a folder")
+    _fails(runner.invoke(app, ["prepare", str(root), "--out", str(root / "dataset")]), "inside the source folder")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "readme.md").write_text("x")
+    _fails(runner.invoke(app, ["prepare", str(empty), "--out", str(tmp_path / "o1")]), "no images found")
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    textured(16, 16, 0).save(tiny / "t.png")
+    (tiny / "bad.jpg").write_bytes(b"")
+    _fails(
+        runner.invoke(app, ["prepare", str(tiny), "--out", str(tmp_path / "o2")]),
+        "no usable images: 1 empty_file (zero-byte file); 1 too_small",
+    )
+    _fails(
+        runner.invoke(app, ["prepare", str(root), "--out", str(tmp_path / "o3"), "--strict", "--resolution", "256"]),
+        "--strict",
+    )
+    blocker = tmp_path / "blocker"
+    blocker.write_text("x")
+    _fails(runner.invoke(app, ["prepare", str(root), "--out", str(blocker / "ds")]), "cannot write under")
+    assert not any((tmp_path / name).exists() for name in ("o1", "o2", "o3"))
+
+
+def test_train_reads_what_prepare_wrote(tmp_path, tiny_base):
+    from lorakit.recipe import recipe_from_dict
+    from lorakit.train import train
+
+    src = tmp_path / "photos"
+    src.mkdir()
+    for index in range(4):
+        textured(200, 130 + 20 * index, index).save(src / f"p{index}.jpg")
+        (src / f"p{index}.txt").write_text("toy, red")
+    prepare(
+        src,
+        tmp_path / "dataset",
+        PrepareOptions(resolution=64, trigger="ohwx", max_upscale=1.0, workers=2),
+        quiet=True,
+        log=lambda _: None,
+    )
+    recipe = recipe_from_dict(
+        {
+            "model": {"base": str(tiny_base)},
+            "data": {"folder": str(tmp_path / "dataset"), "resolution": 64},
+            "lora": {"rank": 2},
+            "train": {"max_steps": 2, "batch_size": 2, "optimizer": "adamw"},
+            "output": {"folder": str(tmp_path / "out"), "name": "p"},
+        }
+    )
+    result = train(recipe, quiet=True, log=lambda _: None)
+    assert result.steps == 2 and result.adapter.is_file()
