@@ -191,7 +191,7 @@ def _inject(recipe: Recipe, base: BaseModel, log: Log) -> dict[str, Any]:
         cast_training_params(module)  # LoRA weights train in float32 whatever the frozen weights' dtype
         counts.append(f"{component} {len(names)}")
     if lora.init_from:
-        _init_from(lora.init_from, trained, base, log)
+        _init_from(lora.init_from, trained, log)
     trainable = sum(adapters.count_parameters(m)[0] for m in trained.values())
     total = sum(adapters.count_parameters(m)[1] for m in (base.unet, base.vae, *base.text_encoders))
     log(
@@ -201,15 +201,16 @@ def _inject(recipe: Recipe, base: BaseModel, log: Log) -> dict[str, Any]:
     return trained
 
 
-def _init_from(path: str, trained: dict[str, Any], base: BaseModel, log: Log) -> None:
-    from .formats.read import read_adapter
+def _init_from(path: str, trained: dict[str, Any], log: Log) -> None:
+    from .formats.read import check_against, read_adapter_file
 
-    modules = {name: list(adapters.extract_lora(m)) for name, m in trained.items()}
-    state = read_adapter(path, modules, sdxl=base.family == "sdxl")
-    for component, lora_modules in state.items():
+    adapter = read_adapter_file(path)
+    check_against(adapter.state, trained, path)
+    for component, lora_modules in adapter.state.items():
         adapters.load_lora_into(trained[component], lora_modules, path)
-    loaded = sum(len(m) for m in state.values())
-    log(f"lora.init_from: started from {path} ({loaded} of {sum(len(m) for m in modules.values())} modules)")
+    loaded = sum(len(m) for m in adapter.state.values())
+    total = sum(len(adapters.extract_lora(m)) for m in trained.values())
+    log(f"lora.init_from: started from {path} ({loaded} of {total} modules)")
 
 
 def _load_all_items(recipe: Recipe, base: BaseModel, log: Log) -> list[Item]:

@@ -11,7 +11,7 @@ import torch
 from lorakit.adapters import PRESETS, matching_modules
 from lorakit.formats.kohya import kohya_name
 
-CONFIGS = Path(__file__).parent / "configs"
+CONFIGS = Path(__file__).parent.parent / "lorakit" / "configs"
 
 
 def _unet(family):

@@ -160,7 +160,7 @@ def test_init_from_another_architecture_is_refused(tiny_base, tiny_dataset, tmp_
         tiny_base, tiny_dataset, tmp_path / "a", train={"max_steps": 1}, lora={"target_modules": "transformer+conv"}
     )
     with pytest.raises(
-        LorakitError, match="lora_unet_down_blocks_0_downsamplers_0_conv.alpha matches no adapted module"
+        LorakitError, match="down_blocks.0.downsamplers.0.conv is not adapted in this model"
     ):
         _run(tiny_base, tiny_dataset, tmp_path / "b", lora={"init_from": str(first.adapter)})
     with pytest.raises(LorakitError, match="pickles"):

@@ -1,20 +1,22 @@
-"""Reading adapter files (kohya or diffusers layout) back into a `LoraState` for known module paths.
+"""Reading adapter files (kohya or diffusers layout) into a `LoraState`, with no model needed.
 
-kohya names replace every "." with "_", which cannot be undone from the name alone, so reading is
-driven by the model: the caller gives the module paths that exist, and every key in the file must
-belong to one of them. Alpha is read per module (`.alpha`, or rank when absent) and returned
-unfolded; nothing is handed to diffusers, whose kohya loader drops per-module alphas.
+kohya names replace every "." of a module path with "_"; the path is recovered with the grammar of
+diffusers' U-Net and CLIP module names (`down_blocks`, `to_out`, `self_attn` ... are single
+names). Alphas are read per module (`.alpha`, or the rank when absent) and kept unfolded, so
+callers can fold `alpha / rank` into the up weights before anything reaches diffusers, whose kohya
+loader drops per-module alphas. Text-encoder paths are returned as transformers 5 spells them
+(without `text_model.`).
 """
 
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import AdapterError
-from . import exported_path
-from .kohya import kohya_name
 
 if TYPE_CHECKING:
     from ..adapters import LoraModule, LoraState
@@ -25,20 +27,100 @@ _DIFFUSERS_SPELLINGS = (
     (".lora.down.weight", ".lora.up.weight"),
     (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight"),
 )
+_KOHYA_PREFIXES = {
+    "lora_unet": "unet",
+    "lora_te": "text_encoder",
+    "lora_te1": "text_encoder",
+    "lora_te2": "text_encoder_2",
+}
+# Module names that contain "_" themselves; everything else in a kohya stem splits at "_".
+_COMPOUND = {
+    "down_blocks",
+    "up_blocks",
+    "mid_block",
+    "transformer_blocks",
+    "proj_in",
+    "proj_out",
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out",
+    "conv_shortcut",
+    "time_emb_proj",
+    "conv_in",
+    "conv_out",
+    "conv_norm_out",
+    "time_embedding",
+    "linear_1",
+    "linear_2",
+    "text_model",
+    "self_attn",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "out_proj",
+    "layer_norm1",
+    "layer_norm2",
+    "final_layer_norm",
+    "add_embedding",
+    "text_projection",
+    "conv_act",
+}
 
 
-def read_safetensors(path: str | Path) -> tuple[dict, dict[str, str]]:
-    """Tensors and header metadata of an adapter file; pickle formats are refused."""
+@dataclass
+class AdapterFile:
+    """An adapter file read into lorakit's representation."""
+
+    path: Path
+    layout: str  # "kohya" or "diffusers"
+    state: LoraState
+    metadata: dict[str, str]
+
+    @property
+    def family(self) -> str:
+        return guess_family(self.state, self.metadata)
+
+
+def kohya_stem_to_path(stem: str) -> tuple[str, str]:
+    """(component, module path) of a kohya key stem such as `lora_te_text_model_encoder_layers_0_mlp_fc1`."""
+    prefix = next((p for p in sorted(_KOHYA_PREFIXES, key=len, reverse=True) if stem.startswith(p + "_")), None)
+    if prefix is None:
+        raise ValueError(stem)
+    tokens, parts = stem[len(prefix) + 1 :].split("_"), []
+    while tokens:
+        for width in (3, 2, 1):
+            candidate = "_".join(tokens[:width])
+            if width == 1 or candidate in _COMPOUND:
+                parts.append(candidate)
+                tokens = tokens[width:]
+                break
+    component = _KOHYA_PREFIXES[prefix]
+    path = ".".join(parts)
+    if component.startswith("text_encoder") and path.startswith("text_model."):
+        path = path[len("text_model.") :]
+    return component, path
+
+
+def _load_tensors(path: Path, allow_pickle: bool) -> tuple[dict, dict[str, str]]:
     from safetensors import SafetensorError, safe_open
 
-    path = Path(path).expanduser()
     if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise AdapterError(
-            f"{path}: {path.suffix} files are pickles, which can run code when loaded; "
-            "convert it to .safetensors first"
-        )
-    if not path.is_file():
-        raise AdapterError(f"{path}: adapter file not found")
+        if not allow_pickle:
+            raise AdapterError(
+                f"{path}: {path.suffix} files are pickles, which can run code when loaded; convert "
+                "it to .safetensors, or pass --allow-pickle to load its tensors only"
+            )
+        import torch
+
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # weights_only refuses anything but tensors and plain containers
+            raise AdapterError(f"{path}: cannot load as plain tensors ({type(err).__name__}: {err})") from None
+        data = data.get("state_dict", data) if isinstance(data, dict) else data
+        if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+            raise AdapterError(f"{path}: not a dictionary of tensors")
+        return data, {}
     try:
         with safe_open(str(path), "pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
@@ -52,63 +134,90 @@ def _module(down, up, alpha: float) -> LoraModule:
     return LoraModule(down=down.float(), up=up.float(), alpha=float(alpha))
 
 
-def _check_shapes(path: Path, key: str, down, up) -> None:
+def _check_pair(path: Path, key: str, down, up) -> None:
+    import torch
+
     if down.shape[0] != up.shape[1]:
-        raise AdapterError(f"{path}: {key}: down has rank {down.shape[0]} but up has {up.shape[1]}")
+        raise AdapterError(f"{path}: {key}: down has rank {down.shape[0]} but its up weight has {up.shape[1]}")
+    for tensor in (down, up):
+        if not torch.isfinite(tensor).all():
+            raise AdapterError(f"{path}: {key}: holds NaN or infinite values; the file is damaged")
 
 
-def read_adapter(path: str | Path, modules: dict[str, list[str]], *, sdxl: bool = False) -> LoraState:
-    """The LoraState of an adapter file, for `modules` (component -> module paths of the model).
+def read_adapter_file(path: str | Path, *, allow_pickle: bool = False) -> AdapterFile:
+    """Read a kohya- or diffusers-layout adapter file; AdapterError names the first unusable key."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise AdapterError(f"{path}: adapter file not found")
+    tensors, metadata = _load_tensors(path, allow_pickle)
+    if not tensors:
+        raise AdapterError(f"{path}: holds no tensors")
+    if any(k.startswith(tuple(p + "_" for p in _KOHYA_PREFIXES)) for k in tensors):
+        return AdapterFile(path, "kohya", _read_kohya(path, tensors), metadata)
+    return AdapterFile(path, "diffusers", _read_diffusers(path, tensors, metadata), metadata)
 
-    Raises AdapterError naming the first key that belongs to no module of the model.
-    """
-    path = Path(path)
-    tensors, metadata = read_safetensors(path)
-    if any(k.startswith(("lora_unet_", "lora_te")) for k in tensors):
-        return _read_kohya(path, tensors, modules, sdxl)
-    return _read_diffusers(path, tensors, metadata, modules)
 
-
-def _read_kohya(path: Path, tensors: dict, modules: dict[str, list[str]], sdxl: bool) -> LoraState:
-    stems = {kohya_name(c, p, sdxl=sdxl): (c, p) for c, paths in modules.items() for p in paths}
+def _read_kohya(path: Path, tensors: dict) -> LoraState:
     state: LoraState = {}
     for key in sorted(tensors):
-        stem = key.split(".", 1)[0]
-        if stem not in stems:
+        stem, _, suffix = key.partition(".")
+        if suffix not in ("lora_down.weight", "lora_up.weight", "alpha"):
             raise AdapterError(
-                f"{path}: {key} matches no adapted module of this model (another architecture or "
-                "other target_modules?)"
+                f"{path}: {key}: not a LoRA key (expected .lora_down.weight, .lora_up.weight or "
+                ".alpha; LyCORIS/LoHa/DoRA keys are not supported)"
             )
-        if not key.endswith(".lora_down.weight"):
+        try:
+            component, module_path = kohya_stem_to_path(stem)
+        except ValueError:
+            raise AdapterError(
+                f"{path}: {key}: unknown prefix; kohya keys start with lora_unet_, lora_te_, lora_te1_ or lora_te2_"
+            ) from None
+        if suffix != "lora_down.weight":
+            if f"{stem}.lora_down.weight" not in tensors:
+                raise AdapterError(f"{path}: {key} has no matching {stem}.lora_down.weight")
             continue
         up_key = f"{stem}.lora_up.weight"
         if up_key not in tensors:
             raise AdapterError(f"{path}: {key} has no matching {up_key}")
         down, up = tensors[key], tensors[up_key]
-        _check_shapes(path, key, down, up)
-        alpha = tensors[f"{stem}.alpha"].item() if f"{stem}.alpha" in tensors else down.shape[0]
-        component, module_path = stems[stem]
+        _check_pair(path, key, down, up)
+        alpha = tensors[f"{stem}.alpha"].float().item() if f"{stem}.alpha" in tensors else down.shape[0]
+        if not math.isfinite(alpha):
+            raise AdapterError(f"{path}: {stem}.alpha is {alpha}; the file is damaged")
         state.setdefault(component, {})[module_path] = _module(down, up, alpha)
     return state
 
 
-def _read_diffusers(path: Path, tensors: dict, metadata: dict[str, str], modules: dict[str, list[str]]) -> LoraState:
+def _split_diffusers_key(key: str) -> tuple[str, str, int] | None:
+    for down_suffix, up_suffix in _DIFFUSERS_SPELLINGS:
+        for index, suffix in enumerate((down_suffix, up_suffix)):
+            if key.endswith(suffix):
+                return key[: -len(suffix)], (down_suffix, up_suffix)[1 - index], index
+    return None
+
+
+def _read_diffusers(path: Path, tensors: dict, metadata: dict[str, str]) -> LoraState:
     config = json.loads(metadata.get("lora_adapter_metadata", "{}"))
-    names = {f"{c}.{exported_path(c, p)}": (c, p) for c, paths in modules.items() for p in paths}
     state: LoraState = {}
     for key in sorted(tensors):
-        spelling = next((s for s in _DIFFUSERS_SPELLINGS if key.endswith(s)), None)
-        stem = key[: -len(spelling[0] if key.endswith(spelling[0]) else spelling[1])] if spelling else None
-        if stem not in names:
+        split = _split_diffusers_key(key)
+        component = key.split(".", 1)[0]
+        if split is None or component not in ("unet", "text_encoder", "text_encoder_2"):
             raise AdapterError(
-                f"{path}: {key} matches no adapted module of this model (another architecture or "
-                "other target_modules?)"
+                f"{path}: {key}: not a LoRA key of the diffusers layout (expected unet./text_encoder. "
+                "+ module + .lora_A.weight / .lora_B.weight)"
             )
-        if not key.endswith(spelling[0]):
+        stem, partner_suffix, is_up = split
+        partner = stem + partner_suffix
+        if partner not in tensors:
+            raise AdapterError(f"{path}: {key} has no matching {partner}")
+        if is_up:
             continue
-        down, up = tensors[key], tensors[stem + spelling[1]]
-        _check_shapes(path, key, down, up)
-        component, module_path = names[stem]
+        down, up = tensors[key], tensors[partner]
+        _check_pair(path, key, down, up)
+        module_path = stem[len(component) + 1 :]
+        if component.startswith("text_encoder") and module_path.startswith("text_model."):
+            module_path = module_path[len("text_model.") :]
         rank = config.get(f"{component}.rank_pattern", {}).get(
             module_path, config.get(f"{component}.r", down.shape[0])
         )
@@ -117,3 +226,52 @@ def _read_diffusers(path: Path, tensors: dict, metadata: dict[str, str], modules
         )
         state.setdefault(component, {})[module_path] = _module(down, up, alpha * down.shape[0] / rank)
     return state
+
+
+def guess_family(state: LoraState, metadata: dict[str, str]) -> str:
+    """ "sd1", "sd2", "sdxl" or "unknown", from metadata when present, else from names and widths."""
+    version = metadata.get("ss_base_model_version", "")
+    if version.startswith("sdxl"):
+        return "sdxl"
+    if version.startswith("sd_v2"):
+        return "sd2"
+    if version == "sd_v1":
+        return "sd1"
+    if "text_encoder_2" in state or any(
+        p.startswith(("input_blocks", "output_blocks", "middle_block")) for p in state.get("unet", {})
+    ):
+        return "sdxl"
+    widths = {lora.down.shape[1] for path, lora in state.get("text_encoder", {}).items() if path.endswith("q_proj")}
+    # Without a text encoder, the U-Net's cross-attention keys show the text width.
+    widths |= {lora.down.shape[1] for path, lora in state.get("unet", {}).items() if path.endswith("attn2.to_k")}
+    return {frozenset({768}): "sd1", frozenset({1024}): "sd2", frozenset({2048}): "sdxl"}.get(
+        frozenset(widths), "unknown"
+    )
+
+
+def check_against(state: LoraState, models: dict[str, Any], source: str) -> None:
+    """Raise AdapterError naming the first module of `state` that `models` lack or whose shape differs."""
+    for component, modules in state.items():
+        model = models.get(component)
+        if model is None:
+            raise AdapterError(f"{source}: has {component} weights but this base model has no {component}")
+        named = dict(model.named_modules())
+        for path, lora in modules.items():
+            module = named.get(path)
+            module = getattr(module, "base_layer", module)
+            if module is None or not hasattr(module, "weight"):
+                raise AdapterError(
+                    f"{source}: {component} module {path} does not exist in this base model; the "
+                    "adapter is for another architecture"
+                )
+            weight = module.weight
+            if (lora.up.shape[0], lora.down.shape[1], lora.down.ndim) != (
+                weight.shape[0],
+                weight.shape[1],
+                weight.ndim,
+            ):
+                raise AdapterError(
+                    f"{source}: {component} module {path}: adapter shape "
+                    f"{lora.up.shape[0]}x{lora.down.shape[1]} does not fit the base weight "
+                    f"{weight.shape[0]}x{weight.shape[1]}; the adapter is for another architecture"
+                )
