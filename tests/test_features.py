@@ -163,6 +163,7 @@ def test_init_from_another_architecture_is_refused(tiny_base, tiny_dataset, tmp_
         LorakitError, match="down_blocks.0.downsamplers.0.conv is not adapted in this model"
     ):
         _run(tiny_base, tiny_dataset, tmp_path / "b", lora={"init_from": str(first.adapter)})
+    (tmp_path / "old.ckpt").write_bytes(b"not opened")
     with pytest.raises(LorakitError, match="pickles"):
         _run(tiny_base, tiny_dataset, tmp_path / "c", lora={"init_from": str(tmp_path / "old.ckpt")})
 
