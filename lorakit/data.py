@@ -36,6 +36,7 @@ class Item:
     bucket: tuple[int, int]  # (width, height) it is trained at
     repeats: int = 1  # appearances per epoch
     loss_weight: float = 1.0  # prior-preservation class images use prior_loss_weight
+    folder: str = ""  # the dataset (or class) folder it came from
 
 
 def _file_sha256(path: Path) -> str:
@@ -107,7 +108,7 @@ def load_folder(folder: Path, *, trigger: str, repeats: int, buckets: list[tuple
         size = _open_size(path, folder / METADATA)
         sha = row.get("sha256") or _file_sha256(path)
         caption = with_trigger(row.get("text", ""), trigger)
-        items.append(Item(path, caption, sha, size, nearest_bucket(*size, buckets), repeats))
+        items.append(Item(path, caption, sha, size, nearest_bucket(*size, buckets), repeats, folder=str(folder)))
     if not items:
         raise DatasetError(f"data.folder: {folder / METADATA} lists no images; add photos with `lorakit prepare`")
     return items
@@ -151,18 +152,13 @@ def load_class_items(
             "or lower num_class_images"
         )
     repeats = max(1, round(instance_samples / count))
-    return [
-        Item(
-            p,
-            prompt,
-            _file_sha256(p),
-            _open_size(p, folder),
-            nearest_bucket(*_open_size(p, folder), buckets),
-            repeats,
-            weight,
+    items = []
+    for path in paths[:count]:
+        size = _open_size(path, folder)
+        items.append(
+            Item(path, prompt, _file_sha256(path), size, nearest_bucket(*size, buckets), repeats, weight, str(folder))
         )
-        for p in paths[:count]
-    ]
+    return items
 
 
 def epoch_batches(items: list[Item], *, batch_size: int, seed: int, epoch: int) -> list[list[int]]:

@@ -746,4 +746,30 @@ def _adapter_info(recipe: Recipe, base: BaseModel, items: list, steps: int, star
         targets=targets,
         output_name=recipe.output.name,
         training=training,
+        resolution=recipe.data.resolution,
+        trigger=recipe.data.trigger,
+        tag_frequency=_tag_frequency(items),
+        dataset_dirs=_dataset_dirs(items),
     )
+
+
+def _dataset_key(item: Item) -> str:
+    return Path(item.folder).name or item.folder
+
+
+def _tag_frequency(items: list[Item]) -> dict[str, dict[str, int]]:
+    """kohya's `ss_tag_frequency`: per dataset folder, how many captions carry each comma-separated tag."""
+    frequency: dict[str, dict[str, int]] = {}
+    for item in items:
+        counts = frequency.setdefault(_dataset_key(item), {})
+        for tag in {t.strip() for t in item.caption.split(",") if t.strip()}:
+            counts[tag] = counts.get(tag, 0) + 1
+    return frequency
+
+
+def _dataset_dirs(items: list[Item]) -> dict[str, dict[str, int]]:
+    dirs: dict[str, dict[str, int]] = {}
+    for item in items:
+        entry = dirs.setdefault(_dataset_key(item), {"n_repeats": item.repeats, "img_count": 0})
+        entry["img_count"] += 1
+    return dirs

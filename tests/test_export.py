@@ -89,6 +89,35 @@ def test_kohya_file_names_alpha_and_metadata(trained_run):
     assert metadata["ss_v2"] == "False" and json.loads(metadata["ss_network_args"]) == {}
     assert metadata["lorakit_steps"] == "6" and len(metadata["lorakit_recipe_sha256"]) == 64
     assert metadata["lorakit_targets"] == "transformer"
+    assert json.loads(metadata["ss_tag_frequency"]) == {
+        "dataset": {
+            "ohwx": 8,
+            "toy": 8,
+            "red": 8,
+            "white background": 2,
+            "blue background": 2,
+            "green background": 2,
+            "black background": 2,
+        }
+    }
+    assert json.loads(metadata["ss_dataset_dirs"]) == {"dataset": {"n_repeats": 1, "img_count": 8}}
+    assert metadata["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert metadata["modelspec.trigger_phrase"] == "ohwx" and metadata["modelspec.resolution"] == "64x64"
+    assert metadata["modelspec.prediction_type"] == "epsilon" and metadata["modelspec.sai_model_spec"] == "1.0.1"
+
+
+def test_sshs_hashes_follow_the_kohya_definition(trained_run):
+    import hashlib
+
+    from safetensors.torch import load_file, save
+
+    with safe_open(trained_run.adapter, "pt") as f:
+        metadata = f.metadata()
+    ss_only = {k: v for k, v in metadata.items() if k.startswith("ss_")}
+    blob = save(load_file(trained_run.adapter), metadata=ss_only)
+    header = 8 + int.from_bytes(blob[:8], "little")
+    assert metadata["sshs_model_hash"] == hashlib.sha256(blob[header:]).hexdigest()
+    assert metadata["sshs_legacy_hash"] == hashlib.sha256(blob[0x100000 : 0x100000 + 0x10000]).hexdigest()[:8]
 
 
 def test_diffusers_file_carries_alpha_in_adapter_metadata(trained_run):

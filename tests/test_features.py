@@ -159,9 +159,7 @@ def test_init_from_another_architecture_is_refused(tiny_base, tiny_dataset, tmp_
     first, _ = _run(
         tiny_base, tiny_dataset, tmp_path / "a", train={"max_steps": 1}, lora={"target_modules": "transformer+conv"}
     )
-    with pytest.raises(
-        LorakitError, match="down_blocks.0.downsamplers.0.conv is not adapted in this model"
-    ):
+    with pytest.raises(LorakitError, match="down_blocks.0.downsamplers.0.conv is not adapted in this model"):
         _run(tiny_base, tiny_dataset, tmp_path / "b", lora={"init_from": str(first.adapter)})
     (tmp_path / "old.ckpt").write_bytes(b"not opened")
     with pytest.raises(LorakitError, match="pickles"):

@@ -30,6 +30,10 @@ class AdapterInfo:
     targets: str
     output_name: str
     training: dict[str, str] = field(default_factory=dict)  # extra ss_* / lorakit_* keys, already strings
+    resolution: int = 512
+    trigger: str = ""
+    tag_frequency: dict[str, dict[str, int]] = field(default_factory=dict)  # dataset folder name -> tag -> count
+    dataset_dirs: dict[str, dict[str, int]] = field(default_factory=dict)  # folder name -> n_repeats, img_count
 
 
 def kohya_metadata(info: AdapterInfo) -> dict[str, str]:
@@ -54,8 +58,56 @@ def kohya_metadata(info: AdapterInfo) -> dict[str, str]:
         "lorakit_alpha": f"{info.alpha:g}",
         "lorakit_targets": info.targets,
     }
+    if info.tag_frequency:
+        metadata["ss_tag_frequency"] = json.dumps(info.tag_frequency)
+    if info.dataset_dirs:
+        metadata["ss_dataset_dirs"] = json.dumps(info.dataset_dirs)
+    metadata.update(modelspec(info))
     metadata.update(info.training)
     return metadata
+
+
+MODELSPEC_ARCHITECTURE = {
+    "sd1": "stable-diffusion-v1",
+    "sd2": "stable-diffusion-v2-512",
+    "sdxl": "stable-diffusion-xl-v1-base",
+}
+
+
+def modelspec(info: AdapterInfo) -> dict[str, str]:
+    """The Stability AI ModelSpec keys (`modelspec.*`) that model sites and UIs read."""
+    from datetime import datetime, timezone
+
+    architecture = MODELSPEC_ARCHITECTURE[info.family]
+    if info.family == "sd2" and info.prediction_type == "v_prediction":
+        architecture = "stable-diffusion-v2-768-v"
+    spec = {
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": f"{architecture}/lora",
+        "modelspec.implementation": "diffusers",
+        "modelspec.title": info.output_name,
+        "modelspec.resolution": f"{info.resolution}x{info.resolution}",
+        "modelspec.date": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
+        "modelspec.prediction_type": "v" if info.prediction_type == "v_prediction" else "epsilon",
+    }
+    if info.trigger:
+        spec["modelspec.trigger_phrase"] = info.trigger
+    return spec
+
+
+def sshs_hashes(tensors: dict, metadata: dict[str, str]) -> dict[str, str]:
+    """`sshs_model_hash` and `sshs_legacy_hash` as kohya computes them: on a serialisation holding the tensors
+    and only the `ss_*` metadata, the sha256 of the bytes after the header, and of the 64 KiB at 1 MiB."""
+    import hashlib
+
+    from safetensors.torch import save
+
+    blob = save(tensors, metadata={k: v for k, v in metadata.items() if k.startswith("ss_")})
+    header = 8 + int.from_bytes(blob[:8], "little")
+    return {
+        "sshs_model_hash": hashlib.sha256(blob[header:]).hexdigest(),
+        "sshs_legacy_hash": hashlib.sha256(blob[0x100000 : 0x100000 + 0x10000]).hexdigest()[:8],
+    }
 
 
 def save_adapter_files(
@@ -70,6 +122,7 @@ def save_adapter_files(
     kohya_path = Path(run_dir) / f"{name}.safetensors"
     diffusers_path = Path(run_dir) / f"{name}.diffusers.safetensors"
     kohya_tensors = to_kohya(state, dtype, sdxl=info.family == "sdxl")
+    metadata.update(sshs_hashes(kohya_tensors, metadata))
     atomic_write(kohya_path, lambda tmp: save_file(kohya_tensors, str(tmp), metadata=metadata))
     diffusers_tensors, diffusers_header = to_diffusers(state, dtype)
     atomic_write(
