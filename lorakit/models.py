@@ -49,10 +49,12 @@ def is_local(base: str) -> bool:
 
 
 def resolve_base(base: str) -> str:
-    """An absolute path for a local base (which must be a diffusers folder), the id itself for the hub."""
+    """An absolute path for a local base (a diffusers folder or a single file), the id itself for the hub."""
     if not is_local(base):
         return base
     path = Path(base).expanduser().resolve()
+    if is_single_file(base) and path.is_file():
+        return str(path)
     if not path.exists():
         raise ModelError(
             f"model.base: {base} does not exist; give a diffusers model folder (with model_index.json) "
@@ -115,30 +117,39 @@ def load_base(
     revision: str | None = None,
     vae: str | None = None,
     weight_dtype: str = "float32",
+    config: str | None = None,
 ) -> BaseModel:
-    """Load every component of `base` (a diffusers folder or hub id), frozen and in eval mode.
+    """Load every component of `base` (a diffusers folder, hub id or single-file checkpoint), frozen, in eval mode.
 
     `vae` replaces the base's VAE; `weight_dtype` is the dtype of the frozen U-Net and text
-    encoder weights (the VAE stays float32: SD VAEs overflow in fp16).
+    encoder weights (the VAE stays float32: SD VAEs overflow in fp16); `config` is needed for a
+    single-file base (see `load_pipeline`).
     """
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    base = resolve_base(base)
-    index = _model_index(base, revision)
-    kwargs = {"revision": revision} if not is_local(base) else {}
-    try:
-        unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", **kwargs)
-        family = detect_family(index, dict(unet.config))
-        if family == "sdxl":
-            raise ModelError(f"model.base: {base} is an SDXL model; this version of lorakit trains SD 1.x and 2.x")
-        vae_model = _load_vae(vae, {}) if vae else AutoencoderKL.from_pretrained(base, subfolder="vae", **kwargs)
-        text_encoders = [CLIPTextModel.from_pretrained(base, subfolder="text_encoder", **kwargs)]
-        tokenizers = [CLIPTokenizer.from_pretrained(base, subfolder="tokenizer", **kwargs)]
-        scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", **kwargs)
-    except (OSError, ValueError) as err:
-        raise ModelError(f"model.base: cannot load {base}: {_first_line(err)}") from None
+    if is_single_file(base):
+        pipe = load_pipeline(base, config=config)
+        source, family = str(Path(base).expanduser().resolve()), detect_family({}, dict(pipe.unet.config))
+        unet, text_encoders, tokenizers = pipe.unet, [pipe.text_encoder], [pipe.tokenizer]
+        vae_model = _load_vae(vae, {}) if vae else pipe.vae
+        scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    else:
+        source = resolve_base(base)
+        index = _model_index(source, revision)
+        kwargs = {"revision": revision} if not is_local(source) else {}
+        try:
+            unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **kwargs)
+            family = detect_family(index, dict(unet.config))
+            if family == "sdxl":
+                raise ModelError(f"model.base: {base} is an SDXL model; this version of lorakit trains SD 1.x and 2.x")
+            vae_model = _load_vae(vae, {}) if vae else AutoencoderKL.from_pretrained(source, subfolder="vae", **kwargs)
+            text_encoders = [CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **kwargs)]
+            tokenizers = [CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs)]
+            scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kwargs)
+        except (OSError, ValueError) as err:
+            raise ModelError(f"model.base: cannot load {base}: {_first_line(err)}") from None
     if prediction_type is not None:
         scheduler.register_to_config(prediction_type=prediction_type)
     for module in (unet, vae_model, *text_encoders):
@@ -148,7 +159,7 @@ def load_base(
         for module in (unet, *text_encoders):
             module.to(getattr(torch, weight_dtype))
     return BaseModel(
-        source=base,
+        source=source,
         family=family,
         unet=unet,
         vae=vae_model,
@@ -208,3 +219,52 @@ def tokenize(base: BaseModel, captions: list[str], max_token_length: int = 75) -
 def token_count(base: BaseModel, caption: str) -> int:
     """Length of `caption` in tokens of the (first) tokenizer, without start and end tokens."""
     return len(base.tokenizers[0](caption, truncation=False).input_ids) - 2
+
+
+def is_single_file(base: str) -> bool:
+    return Path(base).suffix.lower() in (".safetensors", ".ckpt") and is_local(base)
+
+
+def load_pipeline(base: str, *, config: str | None = None, revision: str | None = None) -> Any:
+    """A StableDiffusionPipeline from a diffusers folder, a hub id, or a single-file `.safetensors` checkpoint.
+
+    A single file needs `config` (a diffusers folder or hub id of the same architecture) to be read
+    without the network.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    if is_single_file(base):
+        path = Path(base).expanduser()
+        if path.suffix.lower() == ".ckpt":
+            raise ModelError(
+                f"model.base: {base} is a pickle checkpoint (.ckpt), which can run code when loaded; "
+                "convert it to .safetensors first"
+            )
+        if not path.is_file():
+            raise ModelError(f"model.base: {base} does not exist")
+        if config is None:
+            raise ModelError(
+                f"model.config: {base} is a single-file checkpoint; set model.config (--config) to a "
+                "diffusers folder or hub id of the same architecture, e.g. "
+                "stable-diffusion-v1-5/stable-diffusion-v1-5"
+            )
+        config_source = resolve_base(config)
+        try:
+            return StableDiffusionPipeline.from_single_file(
+                str(path),
+                config=config_source,
+                local_files_only=is_local(config_source),
+                safety_checker=None,
+                requires_safety_checker=False,
+            )
+        except (OSError, ValueError, KeyError, RuntimeError) as err:
+            raise ModelError(f"model.base: cannot read {base} with config {config}: {_first_line(err)}") from None
+    source = resolve_base(base)
+    _model_index(source, revision)
+    kwargs = {} if is_local(source) else {"revision": revision}
+    try:
+        return StableDiffusionPipeline.from_pretrained(
+            source, safety_checker=None, requires_safety_checker=False, **kwargs
+        )
+    except (OSError, ValueError) as err:
+        raise ModelError(f"model.base: cannot load {base}: {_first_line(err)}") from None

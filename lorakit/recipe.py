@@ -42,6 +42,9 @@ class ModelSection:
     `v_prediction`)."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) of `base`; ignored for local folders."""
+    config: str | None = None
+    """For a single-file `base` (`.safetensors`): a diffusers folder or hub id of the same architecture whose
+    component configs (and tokenizer) are used to read it."""
     vae: str | None = None
     """A replacement VAE (a diffusers AutoencoderKL folder or hub id), e.g. stabilityai/sd-vae-ft-mse."""
     weight_dtype: WeightDtype = "float32"

@@ -562,6 +562,7 @@ def train(
         revision=recipe.model.revision,
         vae=recipe.model.vae,
         weight_dtype=weight_dtype,
+        config=recipe.model.config,
     )
     recipe = resolve_recipe(recipe, base)
     cfg = recipe.train

@@ -1,0 +1,131 @@
+"""Single-file (original LDM / A1111 / ComfyUI) checkpoints <-> diffusers component state dicts, SD 1.x.
+
+The original Stable Diffusion code names U-Net blocks by position (`input_blocks.N.M`, `middle_block`,
+`output_blocks`), the VAE by resolution level (`encoder.down.N.block.M`, `decoder.up.N`), and wraps
+the CLIP text model as `cond_stage_model.transformer.text_model.`. The index arithmetic below holds
+for any number of blocks and `layers_per_block`, so the tiny test models convert like SD 1.5.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
+
+_RESNET = (
+    ("norm1", "in_layers.0"),
+    ("conv1", "in_layers.2"),
+    ("norm2", "out_layers.0"),
+    ("conv2", "out_layers.3"),
+    ("time_emb_proj", "emb_layers.1"),
+    ("conv_shortcut", "skip_connection"),
+)
+_UNET_TOP = (
+    ("time_embedding.linear_1.", "time_embed.0."),
+    ("time_embedding.linear_2.", "time_embed.2."),
+    ("conv_in.", "input_blocks.0.0."),
+    ("conv_norm_out.", "out.0."),
+    ("conv_out.", "out.2."),
+)
+
+
+def unet_prefix_map(config: dict) -> list[tuple[str, str]]:
+    """(diffusers prefix, LDM prefix) pairs for a UNet2DConditionModel config."""
+    per = config["layers_per_block"] + 1  # input blocks per level: the resnets and one downsampler
+    pairs = list(_UNET_TOP)
+    levels = len(config["block_out_channels"])
+    for i, kind in enumerate(config["down_block_types"]):
+        for j in range(per - 1):
+            pairs.append((f"down_blocks.{i}.resnets.{j}.", f"input_blocks.{i * per + j + 1}.0."))
+            if kind.startswith("CrossAttn"):
+                pairs.append((f"down_blocks.{i}.attentions.{j}.", f"input_blocks.{i * per + j + 1}.1."))
+        if i < levels - 1:
+            pairs.append((f"down_blocks.{i}.downsamplers.0.conv.", f"input_blocks.{(i + 1) * per}.0.op."))
+    for i, kind in enumerate(config["up_block_types"]):
+        attention = kind.startswith("CrossAttn")
+        for j in range(per):
+            pairs.append((f"up_blocks.{i}.resnets.{j}.", f"output_blocks.{i * per + j}.0."))
+            if attention:
+                pairs.append((f"up_blocks.{i}.attentions.{j}.", f"output_blocks.{i * per + j}.1."))
+        if i < levels - 1:
+            pairs.append(
+                (f"up_blocks.{i}.upsamplers.0.", f"output_blocks.{i * per + per - 1}.{2 if attention else 1}.")
+            )
+    pairs.append(("mid_block.attentions.0.", "middle_block.1."))
+    pairs += [(f"mid_block.resnets.{j}.", f"middle_block.{2 * j}.") for j in range(2)]
+    return pairs
+
+
+def _rename(key: str, pairs: list[tuple[str, str]], inner: tuple[tuple[str, str], ...]) -> str:
+    for source, target in sorted(pairs, key=lambda p: -len(p[0])):
+        if key.startswith(source):
+            rest = key[len(source) :]
+            if ".resnets." in source or "mid.block_" in target or ".block." in target:
+                for a, b in inner:
+                    if rest.startswith(a + "."):
+                        rest = b + rest[len(a) :]
+            return target + rest
+    return key
+
+
+def unet_to_ldm(state: dict, config: dict) -> dict:
+    pairs = unet_prefix_map(config)
+    return {UNET_PREFIX + _rename(k, pairs, _RESNET): v for k, v in state.items()}
+
+
+_VAE_RESNET = (("conv_shortcut", "nin_shortcut"),)
+_VAE_ATTENTION = (
+    ("group_norm.", "norm."),
+    ("to_q.", "q."),
+    ("to_k.", "k."),
+    ("to_v.", "v."),
+    ("to_out.0.", "proj_out."),
+)
+
+
+def vae_prefix_map(config: dict) -> list[tuple[str, str]]:
+    levels = len(config["block_out_channels"])
+    layers = config["layers_per_block"]
+    pairs = [("encoder.conv_norm_out.", "encoder.norm_out."), ("decoder.conv_norm_out.", "decoder.norm_out.")]
+    for i in range(levels):
+        pairs += [(f"encoder.down_blocks.{i}.resnets.{j}.", f"encoder.down.{i}.block.{j}.") for j in range(layers)]
+        pairs += [
+            (f"decoder.up_blocks.{i}.resnets.{j}.", f"decoder.up.{levels - 1 - i}.block.{j}.")
+            for j in range(layers + 1)
+        ]
+        if i < levels - 1:
+            pairs.append((f"encoder.down_blocks.{i}.downsamplers.0.", f"encoder.down.{i}.downsample."))
+            pairs.append((f"decoder.up_blocks.{i}.upsamplers.0.", f"decoder.up.{levels - 1 - i}.upsample."))
+    for part in ("encoder", "decoder"):
+        pairs += [(f"{part}.mid_block.resnets.{j}.", f"{part}.mid.block_{j + 1}.") for j in range(2)]
+        pairs.append((f"{part}.mid_block.attentions.0.", f"{part}.mid.attn_1."))
+    return pairs
+
+
+def vae_to_ldm(state: dict, config: dict) -> dict:
+    pairs = vae_prefix_map(config)
+    out = {}
+    for key, value in state.items():
+        new = _rename(key, pairs, _VAE_RESNET)
+        if ".mid.attn_1." in new:
+            head, rest = new.split(".mid.attn_1.", 1)
+            for a, b in _VAE_ATTENTION:
+                if rest.startswith(a):
+                    rest = b + rest[len(a) :]
+            new = f"{head}.mid.attn_1.{rest}"
+            if value.ndim == 2:  # the LDM VAE attention projections are 1x1 convolutions
+                value = value[:, :, None, None]
+        out[VAE_PREFIX + new] = value
+    return out
+
+
+def text_encoder_to_ldm(state: dict) -> dict:
+    return {TEXT_PREFIX + (k if k.startswith("text_model.") else "text_model." + k): v for k, v in state.items()}
+
+
+def to_single_file(unet: Any, vae: Any, text_encoder: Any) -> dict:
+    """All weights of an SD 1.x pipeline under their original LDM names."""
+    tensors = unet_to_ldm(unet.state_dict(), dict(unet.config))
+    tensors.update(vae_to_ldm(vae.state_dict(), dict(vae.config)))
+    tensors.update(text_encoder_to_ldm(text_encoder.state_dict()))
+    return {k: v.contiguous() for k, v in tensors.items()}
