@@ -204,6 +204,110 @@ def caption(
     typer.echo(_run(run))
 
 
+AllowPickle = Annotated[bool, typer.Option(help="Also read .ckpt/.pt/.bin pickles (tensors only, weights_only=True).")]
+Overwrite = Annotated[bool, typer.Option(help="Replace an existing output.")]
+
+
+@app.command()
+def convert(
+    file: Annotated[Path, typer.Argument(help="Adapter file (.safetensors), kohya or diffusers layout.")],
+    to: Annotated[str, typer.Option(help="Target layout: kohya (A1111/Forge/ComfyUI/diffusers) or diffusers.")],
+    out: Annotated[Path | None, typer.Option(help="Output file (default: beside FILE).")] = None,
+    overwrite: Overwrite = False,
+    allow_pickle: AllowPickle = False,
+) -> None:
+    """Convert an adapter between the kohya and diffusers layouts (weights unchanged, metadata kept)."""
+    if to not in ("kohya", "diffusers"):
+        raise typer.BadParameter(f"{to!r}: use kohya or diffusers", param_hint="--to")
+    from .formats.tools import convert_adapter
+
+    typer.echo(str(_run(lambda: convert_adapter(file, to, out, overwrite=overwrite, allow_pickle=allow_pickle))))
+
+
+@app.command()
+def inspect(
+    file: Annotated[Path, typer.Argument(help="Adapter file (.safetensors).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False,
+    allow_pickle: AllowPickle = False,
+) -> None:
+    """Show an adapter's layout, architecture, ranks, alphas, module counts, update norms and metadata."""
+    import json
+
+    from .formats.tools import inspect_adapter, inspection_lines
+
+    info = _run(lambda: inspect_adapter(file, allow_pickle=allow_pickle))
+    typer.echo(json.dumps(info, indent=2) if as_json else "\n".join(inspection_lines(info)))
+
+
+@app.command()
+def merge(
+    lora: Annotated[list[str], typer.Option(help="Adapter and its strength, FILE[:SCALE]; repeat for several.")],
+    out: Annotated[
+        Path, typer.Option(help="Output: a folder or .safetensors checkpoint (with --base), else an adapter.")
+    ],
+    base: Annotated[
+        str | None, typer.Option(help="Base model to merge into (diffusers folder, hub id or .safetensors).")
+    ] = None,
+    config: Annotated[
+        str | None, typer.Option(help="For a single-file --base: diffusers folder or hub id of its architecture.")
+    ] = None,
+    format: Annotated[
+        str | None,
+        typer.Option(
+            "--format", help="diffusers | single-file (with --base); kohya | diffusers (adapters). Default from --out."
+        ),
+    ] = None,
+    rank: Annotated[
+        int | None, typer.Option(min=1, help="Merge adapters by SVD to this rank (reports the error); default exact.")
+    ] = None,
+    save_dtype: Annotated[
+        str, typer.Option(help="dtype of a merged adapter: float16, bfloat16 or float32.")
+    ] = "float16",
+    overwrite: Overwrite = False,
+    allow_pickle: AllowPickle = False,
+) -> None:
+    """Merge adapters into a base model, or several adapters into one."""
+    from .merge import merge as run_merge
+    from .merge import parse_lora_argument
+
+    if save_dtype not in ("float16", "bfloat16", "float32"):
+        raise typer.BadParameter(f"{save_dtype!r}: use float16, bfloat16 or float32", param_hint="--save-dtype")
+    _quiet_libraries()
+    loras = [parse_lora_argument(text) for text in lora]
+    log = lambda line: typer.echo(line, err=True)  # noqa: E731
+    result = _run(
+        lambda: run_merge(
+            loras,
+            out,
+            base=base,
+            config=config,
+            fmt=format,
+            rank=rank,
+            save_dtype=save_dtype,
+            overwrite=overwrite,
+            allow_pickle=allow_pickle,
+            log=log,
+        )
+    )
+    typer.echo(str(result.out))
+
+
+@app.command()
+def resize(
+    file: Annotated[Path, typer.Argument(help="Adapter file (.safetensors).")],
+    rank: Annotated[int, typer.Option(min=1, help="New rank.")],
+    out: Annotated[Path | None, typer.Option(help="Output file (default: FILE.rankR.safetensors).")] = None,
+    overwrite: Overwrite = False,
+    allow_pickle: AllowPickle = False,
+) -> None:
+    """Shrink (or re-factor) an adapter to another rank by SVD; reports the energy it keeps."""
+    from .merge import resize as run_resize
+
+    log = lambda line: typer.echo(line, err=True)  # noqa: E731
+    path, _ = _run(lambda: run_resize(file, rank, out, overwrite=overwrite, allow_pickle=allow_pickle, log=log))
+    typer.echo(str(path))
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for the demo's base model, dataset and run.")] = Path("demo"),

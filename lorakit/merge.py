@@ -6,11 +6,13 @@ the product is taken on the flattened factors and reshaped to the weight's shape
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .adapters import LoraModule
-from .errors import AdapterError
+from .errors import AdapterError, OutputError
 
 if TYPE_CHECKING:
     import torch
@@ -143,3 +145,228 @@ def merge_into_models(models: dict[str, Any], adapters: list[Weighted]) -> int:
             weight.copy_(merged.to(weight.dtype))
             changed += 1
     return changed
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The `merge` and `resize` commands: reading inputs, refusing unsafe outputs, recording what went in.
+
+MERGE_RECORD_KEY = "lorakit_merge_inputs"
+
+
+def parse_lora_argument(text: str) -> tuple[str, float]:
+    """`PATH[:SCALE]` -> (path, scale); the scale defaults to 1."""
+    path, sep, scale = text.rpartition(":")
+    if sep and path:
+        try:
+            return path, float(scale)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
+def _file_sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _base_fingerprint(base: str) -> str:
+    """Identity of a base model: its files' names, sizes and modification times (local), or the hub id."""
+    import hashlib
+
+    path = Path(base).expanduser()
+    if not path.exists():
+        return base
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    entries = [
+        (str(p.relative_to(path)) if path.is_dir() else p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files
+    ]
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+
+
+def _read_record(out: Path) -> dict | None:
+    from safetensors import safe_open
+
+    try:
+        if out.is_dir():
+            return json.loads((out / "lorakit_merge.json").read_text(encoding="utf-8"))
+        with safe_open(str(out), "pt") as f:
+            return json.loads((f.metadata() or {})[MERGE_RECORD_KEY])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def up_to_date(out: Path, record: dict, inputs: list[Path], overwrite: bool) -> bool:
+    """True when `out` already holds this very merge; raises OutputError when it holds something else."""
+    from .formats.tools import check_output
+
+    if not out.exists():
+        check_output(out, inputs, overwrite)
+        return False
+    check_output(out, inputs, overwrite=True)
+    if _read_record(out) == record:
+        return True
+    if not overwrite:
+        raise OutputError(
+            f"--out {out}: already exists and was not merged from these inputs; pass --overwrite to "
+            "replace it, or choose a new name"
+        )
+    return False
+
+
+@dataclass
+class MergeResult:
+    out: Path
+    up_to_date: bool
+    relative_error: float | None = None
+    modules: int = 0
+
+
+def merge(
+    loras: list[tuple[str, float]],
+    out: str | Path,
+    *,
+    base: str | None = None,
+    config: str | None = None,
+    fmt: str | None = None,
+    rank: int | None = None,
+    save_dtype: str = "float16",
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+    log=print,
+) -> MergeResult:
+    """`lorakit merge`: adapters into a base model (diffusers folder or single file), or into one adapter."""
+    from .formats.read import read_adapter_file
+    from .formats.tools import require_supported
+
+    out = Path(out).expanduser()
+    files = [read_adapter_file(path, allow_pickle=allow_pickle) for path, _ in loras]
+    for adapter in files:
+        require_supported(adapter)
+    families = {a.family for a in files} - {"unknown"}
+    if len(families) > 1:
+        raise AdapterError(f"the adapters are for different architectures ({', '.join(sorted(families))})")
+    fmt = fmt or (("single-file" if out.suffix == ".safetensors" else "diffusers") if base else "kohya")
+    record = {
+        "loras": [
+            {"file": a.path.name, "sha256": _file_sha256(a.path), "scale": s}
+            for a, (_, s) in zip(files, loras, strict=True)
+        ],
+        "base": _base_fingerprint(base) if base else None,
+        "rank": rank,
+        "format": fmt,
+        "dtype": save_dtype,
+    }
+    inputs = [a.path for a in files] + ([Path(base)] if base else [])
+    if up_to_date(out, record, inputs, overwrite):
+        log(f"up to date: {out} (same inputs, scales and settings)")
+        return MergeResult(out, True)
+    weighted = [Weighted(a.state, s, str(a.path)) for a, (_, s) in zip(files, loras, strict=True)]
+    if base:
+        return _merge_into_base(weighted, out, base, config, fmt, record, log)
+    return _merge_adapters(weighted, out, fmt, rank, save_dtype, record, families.pop() if families else "sd1", log)
+
+
+def _merge_adapters(
+    weighted: list[Weighted], out: Path, fmt: str, rank: int | None, save_dtype: str, record: dict, family: str, log
+) -> MergeResult:
+    from .formats.files import write_adapter
+
+    if fmt not in ("kohya", "diffusers"):
+        raise AdapterError(f"--format {fmt}: merging adapters into one writes 'kohya' or 'diffusers'")
+    error = None
+    if rank is None:
+        state = concat_adapters(weighted)
+        log(f"Exact merge: ranks concatenated to {max(m.rank for c in state.values() for m in c.values())}")
+    else:
+        state, errors, error = svd_adapters(weighted, rank)
+        worst = max(errors.items(), key=lambda kv: kv[1])
+        log(f"SVD merge to rank {rank}: relative error {error:.4%} overall, worst {worst[1]:.4%} ({worst[0]})")
+    modules = sum(len(m) for m in state.values())
+    top_rank = max(m.rank for c in state.values() for m in c.values())
+    metadata = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(top_rank),
+        "ss_network_alpha": str(top_rank),
+        "ss_base_model_version": {"sd2": "sd_v2"}.get(family, "sd_v1"),
+        "modelspec.merged_from": ", ".join(Path(w.name).name for w in weighted),
+        MERGE_RECORD_KEY: json.dumps(record),
+    }
+    write_adapter(state, out, fmt, save_dtype, metadata, family)
+    log(f"Wrote {out} ({modules} modules, {fmt} layout)")
+    return MergeResult(out, False, error, modules)
+
+
+def _merge_into_base(
+    weighted: list[Weighted], out: Path, base: str, config: str | None, fmt: str, record: dict, log
+) -> MergeResult:
+    import shutil
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    from .checkpoint import atomic_write
+    from .formats.single_file import to_single_file
+    from .models import load_pipeline
+
+    if fmt not in ("diffusers", "single-file"):
+        raise AdapterError(f"--format {fmt}: merging into a base writes 'diffusers' (a folder) or 'single-file'")
+    pipe = load_pipeline(base, config=config)
+    models = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+    for module in models.values():
+        module.float()
+    changed = merge_into_models(models, weighted)
+    log(f"Merged {len(weighted)} adapter(s) into {changed} modules of {base}")
+    if fmt == "single-file":
+        tensors = to_single_file(pipe.unet, pipe.vae, pipe.text_encoder)
+        metadata = {MERGE_RECORD_KEY: json.dumps(record), "modelspec.merged_from": base}
+        atomic_write(out, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    else:
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        try:
+            pipe.save_pretrained(staging)
+            (staging / "lorakit_merge.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
+            if out.exists():
+                shutil.rmtree(out) if out.is_dir() else out.unlink()
+            staging.rename(out)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    log(f"Wrote {out} ({fmt})")
+    return MergeResult(out, False, None, changed)
+
+
+def resize(
+    path: str | Path,
+    rank: int,
+    out: str | Path | None = None,
+    *,
+    save_dtype: str | None = None,
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+    log=print,
+) -> tuple[Path, float]:
+    """`lorakit resize`: the adapter at `rank` by SVD; logs retained energy per module and overall."""
+    from .formats.files import write_adapter
+    from .formats.read import read_adapter_file
+    from .formats.tools import check_output, require_supported, stored_dtype
+
+    adapter = read_adapter_file(path, allow_pickle=allow_pickle)
+    require_supported(adapter)
+    stem = (
+        adapter.path.name[: -len(".safetensors")] if adapter.path.name.endswith(".safetensors") else adapter.path.stem
+    )
+    out = Path(out) if out else adapter.path.with_name(f"{stem}.rank{rank}.safetensors")
+    check_output(out, [adapter.path], overwrite)
+    state, energy, overall = resize_adapter(adapter.state, rank)
+    for module, kept in sorted(energy.items(), key=lambda kv: kv[1])[:5]:
+        log(f"  {kept:.4%} retained  {module}")
+    log(f"Resized to rank {rank}: {overall:.4%} of the update's energy retained overall ({len(energy)} modules)")
+    metadata = {k: v for k, v in adapter.metadata.items() if k != "lora_adapter_metadata"}
+    metadata.update(ss_network_dim=str(rank), ss_network_alpha=str(rank))
+    write_adapter(state, out, adapter.layout, save_dtype or stored_dtype(adapter), metadata, adapter.family)
+    log(f"Wrote {out}")
+    return out, overall

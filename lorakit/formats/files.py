@@ -129,3 +129,21 @@ def save_adapter_files(
         diffusers_path, lambda tmp: save_file(diffusers_tensors, str(tmp), metadata={**metadata, **diffusers_header})
     )
     return kohya_path, diffusers_path
+
+
+def write_adapter(
+    state: LoraState, path: Path, layout: str, dtype_name: str, metadata: dict[str, str], family: str = "sd1"
+) -> Path:
+    """Write `state` to `path` (atomically) in the `kohya` or `diffusers` layout, with `metadata` in the header."""
+    import torch
+    from safetensors.torch import save_file
+
+    dtype = getattr(torch, DTYPES[dtype_name])
+    if layout == "kohya":
+        tensors = to_kohya(state, dtype, sdxl=family == "sdxl")
+        header = {k: v for k, v in metadata.items() if k != "lora_adapter_metadata"}
+    else:
+        tensors, adapter_header = to_diffusers(state, dtype)
+        header = {**metadata, **adapter_header}
+    atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=header))
+    return Path(path)

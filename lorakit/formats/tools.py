@@ -1,0 +1,118 @@
+"""`convert` and `inspect`: adapter files between layouts, and what is inside one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import AdapterError, OutputError
+from .files import write_adapter
+from .read import AdapterFile, read_adapter_file
+
+FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "unknown": "unknown"}
+
+
+def stored_dtype(adapter: AdapterFile) -> str:
+    """The dtype the file stores its weights in (kept by convert)."""
+    from safetensors import safe_open
+
+    if adapter.path.suffix.lower() != ".safetensors":
+        return "float32"
+    with safe_open(str(adapter.path), "pt") as f:
+        key = next(k for k in f.keys() if k.endswith("weight"))
+        dtype = f.get_slice(key).get_dtype()
+    return {"F16": "float16", "BF16": "bfloat16"}.get(dtype, "float32")
+
+
+def require_supported(adapter: AdapterFile) -> None:
+    if adapter.family == "sdxl":
+        raise AdapterError(
+            f"{adapter.path}: an SDXL adapter; this version of lorakit converts and merges SD 1.x and 2.x adapters"
+        )
+
+
+def default_convert_path(path: Path, to: str) -> Path:
+    stem = path.name[: -len(".safetensors")] if path.name.endswith(".safetensors") else path.stem
+    if stem.endswith(".diffusers"):
+        stem = stem[: -len(".diffusers")]
+    return path.with_name(f"{stem}.diffusers.safetensors" if to == "diffusers" else f"{stem}.kohya.safetensors")
+
+
+def check_output(out: Path, inputs: list[Path], overwrite: bool) -> None:
+    """Refuse to overwrite an input, and an existing output unless `overwrite`."""
+    resolved = out.expanduser().resolve()
+    for path in inputs:
+        if resolved == Path(path).expanduser().resolve():
+            raise OutputError(f"--out {out}: is one of the inputs; write to a new file (inputs are never overwritten)")
+    if out.exists() and not overwrite:
+        raise OutputError(f"--out {out}: already exists; pass --overwrite to replace it")
+    if not out.parent.exists():
+        raise OutputError(f"--out {out}: folder {out.parent} does not exist")
+
+
+def convert_adapter(
+    path: str | Path, to: str, out: str | Path | None = None, *, overwrite: bool = False, allow_pickle: bool = False
+) -> Path:
+    """Write the adapter at `path` in the `to` layout (kohya or diffusers); returns the new file."""
+    adapter = read_adapter_file(path, allow_pickle=allow_pickle)
+    require_supported(adapter)
+    out = Path(out) if out else default_convert_path(adapter.path, to)
+    check_output(out, [adapter.path], overwrite)
+    return write_adapter(adapter.state, out, to, stored_dtype(adapter), adapter.metadata, adapter.family)
+
+
+def inspect_adapter(path: str | Path, *, allow_pickle: bool = False) -> dict:
+    """Layout, architecture, ranks, alphas, module counts, metadata and update norms of an adapter file."""
+    import torch
+
+    from ..merge import scaled_factors
+
+    adapter = read_adapter_file(path, allow_pickle=allow_pickle)
+    components = {}
+    for component, modules in sorted(adapter.state.items()):
+        norms = {}
+        for module_path, lora in modules.items():
+            up, down = scaled_factors(lora)
+            norms[module_path] = float(torch.linalg.matrix_norm(up @ down))
+        largest = sorted(norms.items(), key=lambda kv: -kv[1])[:5]
+        components[component] = {
+            "modules": len(modules),
+            "ranks": sorted({lora.rank for lora in modules.values()}),
+            "alphas": sorted({lora.alpha for lora in modules.values()}),
+            "conv_modules": sum(lora.down.ndim == 4 and lora.down.shape[2:] != (1, 1) for lora in modules.values()),
+            "update_norm_total": sum(v * v for v in norms.values()) ** 0.5,
+            "update_norm_largest": [{"module": k, "norm": v} for k, v in largest],
+        }
+    return {
+        "file": str(adapter.path),
+        "layout": adapter.layout,
+        "architecture": adapter.family,
+        "components": components,
+        "finite": True,
+        "metadata": adapter.metadata,
+    }
+
+
+def inspection_lines(info: dict) -> list[str]:
+    lines = [
+        f"{info['file']}",
+        f"  layout: {info['layout']} "
+        + ("(loads in A1111/Forge, ComfyUI and diffusers)" if info["layout"] == "kohya" else "(loads in diffusers)"),
+        f"  architecture: {FAMILY_NAMES[info['architecture']]}",
+        "  weights: all finite (no NaN or inf)",
+    ]
+    for component, entry in info["components"].items():
+        lines.append(
+            f"  {component}: {entry['modules']} modules ({entry['conv_modules']} 3x3 conv), rank "
+            f"{'/'.join(map(str, entry['ranks']))}, alpha {'/'.join(f'{a:g}' for a in entry['alphas'])}, "
+            f"update norm {entry['update_norm_total']:.4g}"
+        )
+        for largest in entry["update_norm_largest"][:3]:
+            lines.append(f"      {largest['norm']:.4g}  {largest['module']}")
+    if info["metadata"]:
+        lines.append("  metadata:")
+        for key, value in sorted(info["metadata"].items()):
+            shown = value if len(value) <= 80 else value[:77] + "..."
+            lines.append(f"    {key}: {shown}")
+    else:
+        lines.append("  metadata: none")
+    return lines

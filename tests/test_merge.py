@@ -1,0 +1,263 @@
+"""convert / inspect / merge / resize and single-file checkpoints, on adapters trained here and third-party ones."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from lorakit.cli import app
+from lorakit.formats.read import read_adapter_file
+from lorakit.merge import delta_weight
+
+runner = CliRunner()
+MODULE = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+
+
+def _ok(args):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def _fails(args, fragment):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and fragment in result.stderr, result.stderr
+    return result
+
+
+@pytest.fixture(scope="module")
+def third_party(trained_run, tmp_path_factory):
+    """The trained adapter as other trainers ship it: fp16, no metadata, per-module alphas that differ."""
+    tensors = load_file(trained_run.adapter)
+    for index, key in enumerate(sorted(k for k in tensors if k.endswith(".alpha"))):
+        tensors[key] = torch.tensor([1.0, 2.0, 8.0][index % 3])
+    path = tmp_path_factory.mktemp("third") / "someone_elses_lora.safetensors"
+    save_file({k: v.half() for k, v in tensors.items()}, str(path))
+    return path
+
+
+def _unet_output(unet):
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    hidden = torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return unet(latents, torch.tensor([300]), encoder_hidden_states=hidden).sample
+
+
+def _pipe(path):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(path)
+
+
+def test_kohya_diffusers_kohya_round_trip_is_identical(trained_run, tmp_path):
+    diffusers_file = tmp_path / "a.diffusers.safetensors"
+    back = tmp_path / "a.kohya.safetensors"
+    _ok(["convert", str(trained_run.adapter), "--to", "diffusers", "--out", str(diffusers_file)])
+    _ok(["convert", str(diffusers_file), "--to", "kohya", "--out", str(back)])
+    original, again = load_file(trained_run.adapter), load_file(back)
+    assert original.keys() == again.keys()
+    for key in original:
+        assert torch.equal(original[key], again[key]), key
+    with safe_open(back, "pt") as f:
+        assert f.metadata()["ss_network_dim"] == "4"  # metadata travels with the weights
+
+
+def test_third_party_kohya_file_loads_through_our_reader_with_its_alphas(third_party, tiny_base, tmp_path):
+    converted = tmp_path / "converted.safetensors"
+    _ok(["convert", str(third_party), "--to", "diffusers", "--out", str(converted)])
+    adapter = read_adapter_file(third_party)
+    assert len({m.alpha for m in adapter.state["unet"].values()}) == 3
+    expected = _pipe(tiny_base)
+    from lorakit.merge import Weighted, merge_into_models
+
+    merge_into_models(
+        {"unet": expected.unet, "text_encoder": expected.text_encoder}, [Weighted(adapter.state, 1.0, "x")]
+    )
+    loaded = _pipe(tiny_base)
+    loaded.load_lora_weights(str(converted))
+    torch.testing.assert_close(_unet_output(loaded.unet), _unet_output(expected.unet), rtol=1e-4, atol=1e-4)
+    info = json.loads(_ok(["inspect", str(third_party), "--json"]).stdout)
+    assert info["layout"] == "kohya" and info["metadata"] == {}
+    assert info["architecture"] == "unknown"  # no metadata, and a 32-wide text encoder is no real SD family
+    assert info["components"]["unet"]["alphas"] == [1.0, 2.0, 8.0]
+
+
+def test_inspect_reports_layout_ranks_and_metadata(trained_run):
+    text = _ok(["inspect", str(trained_run.adapter)]).stdout
+    assert "layout: kohya (loads in A1111/Forge, ComfyUI and diffusers)" in text
+    assert "unet: 48 modules (0 3x3 conv), rank 4, alpha 8" in text and "text_encoder: 12 modules" in text
+    assert "weights: all finite" in text and "ss_network_dim: 4" in text
+    info = json.loads(_ok(["inspect", str(trained_run.diffusers_adapter), "--json"]).stdout)
+    assert info["layout"] == "diffusers" and info["components"]["unet"]["modules"] == 48
+    assert info["architecture"] == "sd1"  # from ss_base_model_version
+
+
+def test_damaged_and_foreign_files_name_the_first_bad_key(trained_run, tiny_base_v, tmp_path):
+    tensors = load_file(trained_run.adapter)
+    stem = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    broken = dict(tensors)
+    broken[f"{stem}.lora_up.weight"] = torch.full_like(tensors[f"{stem}.lora_up.weight"], float("nan"))
+    save_file(broken, str(tmp_path / "nan.safetensors"))
+    _fails(["inspect", str(tmp_path / "nan.safetensors")], f"{stem}.lora_down.weight: holds NaN or infinite values")
+    save_file({**tensors, "lora_unet_x.hada_w1_a": torch.zeros(1)}, str(tmp_path / "loha.safetensors"))
+    _fails(
+        ["convert", str(tmp_path / "loha.safetensors"), "--to", "diffusers"], "lora_unet_x.hada_w1_a: not a LoRA key"
+    )
+    torch.save(tensors, tmp_path / "old.pt")
+    _fails(["inspect", str(tmp_path / "old.pt")], "--allow-pickle")
+    assert "layout: kohya" in _ok(["inspect", str(tmp_path / "old.pt"), "--allow-pickle"]).stdout
+    # An SD 1.x adapter (1x1-conv projections) onto an SD 2.x-style base (linear projections).
+    _fails(
+        ["merge", "--lora", str(trained_run.adapter), "--base", str(tiny_base_v), "--out", str(tmp_path / "m")],
+        "does not fit the base weight",
+    )
+
+
+def test_merge_into_base_adds_the_scaled_update(trained_run, tiny_base, tmp_path):
+    out = tmp_path / "merged"
+    _ok(["merge", "--lora", f"{trained_run.adapter}:0.7", "--base", str(tiny_base), "--out", str(out)])
+    base, merged = _pipe(tiny_base), _pipe(out)
+    lora = read_adapter_file(trained_run.adapter).state["unet"][MODULE]
+    weight = dict(base.unet.named_modules())[MODULE].weight
+    expected = weight + delta_weight(lora, tuple(weight.shape), 0.7)
+    torch.testing.assert_close(dict(merged.unet.named_modules())[MODULE].weight, expected, rtol=0, atol=1e-6)
+    assert all(torch.isfinite(p).all() for p in merged.unet.parameters())
+    fused = _pipe(tiny_base)
+    fused.load_lora_weights(str(trained_run.diffusers_adapter))
+    fused.fuse_lora(lora_scale=0.7)
+    torch.testing.assert_close(_unet_output(merged.unet), _unet_output(fused.unet), rtol=1e-4, atol=1e-5)
+
+
+def test_single_file_round_trip_and_training_on_it(trained_run, tiny_base, tiny_dataset, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "merged.safetensors"
+    _ok(["merge", "--lora", str(trained_run.adapter), "--base", str(tiny_base), "--out", str(out)])
+    with safe_open(out, "pt") as f:
+        keys = set(f.keys())
+    assert any(k.startswith("model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1") for k in keys)
+    assert any(k.startswith("cond_stage_model.transformer.text_model.encoder.layers.0") for k in keys)
+    assert any(k.startswith("first_stage_model.encoder.down.0.block.0") for k in keys)
+    folder = tmp_path / "merged-folder"
+    _ok(["merge", "--lora", str(trained_run.adapter), "--base", str(tiny_base), "--out", str(folder)])
+    from_folder = _pipe(folder)
+    from_file = StableDiffusionPipeline.from_single_file(str(out), config=str(tiny_base), local_files_only=True)
+    for name in ("unet", "vae", "text_encoder"):
+        a, b = getattr(from_folder, name).state_dict(), getattr(from_file, name).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    from lorakit.recipe import recipe_from_dict
+    from lorakit.train import train
+
+    from .conftest import make_recipe_dict
+
+    recipe = make_recipe_dict(
+        out, tiny_dataset, tmp_path / "runs", model={"config": str(tiny_base)}, train={"max_steps": 1}
+    )
+    assert train(recipe_from_dict(recipe), quiet=True, log=lambda _: None).steps == 1
+    _fails(
+        ["merge", "--lora", str(trained_run.adapter), "--base", str(out), "--out", str(tmp_path / "x")], "model.config"
+    )
+
+
+def test_exact_adapter_merge_is_the_sum_of_the_effects(trained_run, third_party, tiny_base, tmp_path):
+    out = tmp_path / "sum.safetensors"
+    _ok(
+        [
+            "merge",
+            "--lora",
+            f"{trained_run.adapter}:1",
+            "--lora",
+            f"{third_party}:0.5",
+            "--out",
+            str(out),
+            "--save-dtype",
+            "float32",
+        ]
+    )
+    merged = read_adapter_file(out).state
+    first, second = read_adapter_file(trained_run.adapter).state, read_adapter_file(third_party).state
+    for component, modules in merged.items():
+        for path, lora in modules.items():
+            shape = (lora.up.shape[0], *lora.down.shape[1:])
+            want = delta_weight(first[component][path], shape) + delta_weight(second[component][path], shape, 0.5)
+            torch.testing.assert_close(delta_weight(lora, shape), want, rtol=1e-5, atol=1e-6)
+            assert lora.rank == 8
+    loaded = _pipe(tiny_base)
+    loaded.load_lora_weights(str(out))
+    reference = _pipe(tiny_base)
+    from lorakit.merge import Weighted, merge_into_models
+
+    merge_into_models(
+        {"unet": reference.unet, "text_encoder": reference.text_encoder},
+        [Weighted(first, 1.0, "a"), Weighted(second, 0.5, "b")],
+    )
+    torch.testing.assert_close(_unet_output(loaded.unet), _unet_output(reference.unet), rtol=1e-4, atol=1e-5)
+
+
+def test_svd_merge_reports_its_error(trained_run, third_party, tmp_path):
+    exact = runner.invoke(
+        app,
+        [
+            "merge",
+            "--lora",
+            str(trained_run.adapter),
+            "--lora",
+            str(third_party),
+            "--out",
+            str(tmp_path / "r8.safetensors"),
+            "--rank",
+            "8",
+        ],
+    )
+    assert exact.exit_code == 0 and "relative error 0.0000% overall" in exact.stderr
+    lossy = runner.invoke(
+        app,
+        [
+            "merge",
+            "--lora",
+            str(trained_run.adapter),
+            "--lora",
+            str(third_party),
+            "--out",
+            str(tmp_path / "r1.safetensors"),
+            "--rank",
+            "1",
+        ],
+    )
+    assert lossy.exit_code == 0 and "SVD merge to rank 1: relative error" in lossy.stderr
+    assert "relative error 0.0000% overall" not in lossy.stderr
+
+
+def test_resize_to_full_rank_is_lossless_and_smaller_ranks_report_energy(trained_run, tmp_path):
+    full = tmp_path / "r4.safetensors"
+    result = runner.invoke(app, ["resize", str(trained_run.adapter), "--rank", "4", "--out", str(full)])
+    assert result.exit_code == 0 and "100.0000% of the update's energy retained overall" in result.stderr
+    original, resized = read_adapter_file(trained_run.adapter).state, read_adapter_file(full).state
+    for component, modules in original.items():
+        for path, lora in modules.items():
+            shape = (lora.up.shape[0], *lora.down.shape[1:])
+            torch.testing.assert_close(
+                delta_weight(resized[component][path], shape), delta_weight(lora, shape), rtol=1e-4, atol=1e-6
+            )
+    small = runner.invoke(app, ["resize", str(trained_run.adapter), "--rank", "1", "--out", str(tmp_path / "r1")])
+    assert small.exit_code == 0 and "Resized to rank 1:" in small.stderr
+    assert read_adapter_file(tmp_path / "r1").state["unet"][MODULE].rank == 1
+
+
+def test_merge_is_safe_to_rerun(trained_run, third_party, tmp_path):
+    out = tmp_path / "m.safetensors"
+    args = ["merge", "--lora", f"{trained_run.adapter}:1", "--lora", f"{third_party}:0.5", "--out", str(out)]
+    _ok(args)
+    written = out.stat().st_mtime_ns
+    again = _ok(args)
+    assert "up to date" in again.stderr and out.stat().st_mtime_ns == written
+    changed = args[:4] + [f"{third_party}:0.25"] + args[5:]
+    _fails(changed, "already exists and was not merged from these inputs")
+    _ok(changed + ["--overwrite"])
+    _fails(["merge", "--lora", str(third_party), "--out", str(third_party), "--overwrite"], "is one of the inputs")
