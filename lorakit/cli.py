@@ -4,6 +4,7 @@ LorakitError into one line on stderr and exit code 2 (a traceback only with LORA
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -306,6 +307,104 @@ def resize(
     log = lambda line: typer.echo(line, err=True)  # noqa: E731
     path, _ = _run(lambda: run_resize(file, rank, out, overwrite=overwrite, allow_pickle=allow_pickle, log=log))
     typer.echo(str(path))
+
+
+def _floats(text: str, option: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise typer.BadParameter(
+            f"{text!r}: give comma-separated numbers such as 0,0.5,1", param_hint=option
+        ) from None
+
+
+def _size(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"(\d+)x(\d+)", text.strip())
+    if not match:
+        raise typer.BadParameter(f"{text!r}: give WIDTHxHEIGHT such as 512x512", param_hint="--size")
+    return int(match.group(1)), int(match.group(2))
+
+
+@app.command()
+def generate(
+    prompt: Annotated[list[str], typer.Argument(help="One or more prompts.")],
+    out: Annotated[Path, typer.Option(help="Folder for the images and grid.png.")],
+    base: Annotated[
+        str | None,
+        typer.Option(
+            help="Base model: diffusers folder, hub id or .safetensors "
+            "(default: the base of a run folder given as --lora)."
+        ),
+    ] = None,
+    lora: Annotated[
+        list[str] | None,
+        typer.Option(help="Adapter FILE[:SCALE] (kohya or diffusers layout) or a run folder; repeat for several."),
+    ] = None,
+    n: Annotated[int, typer.Option("-n", "--count", min=1, help="Images per prompt (seeds seed, seed+1, ...).")] = 1,
+    seed: Annotated[int, typer.Option(help="Seed of the first image of each prompt.")] = 0,
+    steps: Annotated[int, typer.Option(min=1, help="Denoising steps.")] = 30,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale (CFG).")] = 7.0,
+    sampler: Annotated[str, typer.Option(help="euler, euler_a, dpmpp_2m or ddim.")] = "euler",
+    size: Annotated[str, typer.Option(help="WIDTHxHEIGHT, multiples of 8.")] = "512x512",
+    negative: Annotated[str, typer.Option(help="Negative prompt.")] = "",
+    compare_scales: Annotated[
+        str | None,
+        typer.Option(help="Render every image at these adapter strengths, e.g. 0,0.5,1, into one labelled grid."),
+    ] = None,
+    init: Annotated[Path | None, typer.Option(help="img2img: start from this image.")] = None,
+    strength: Annotated[float, typer.Option(help="img2img: how much of the init image is re-drawn, (0, 1].")] = 0.5,
+    upscale: Annotated[float, typer.Option(min=1.0, help="Hires: enlarge by this factor and re-denoise.")] = 1.0,
+    hires_strength: Annotated[float, typer.Option(help="Hires: strength of the re-denoising pass, (0, 1].")] = 0.35,
+    guidance_rescale: Annotated[
+        float | None, typer.Option(help="CFG rescale (default 0.7 for v-prediction bases, else 0).")
+    ] = None,
+    clip_skip: Annotated[int, typer.Option(min=1, help="Use the N-th last text-encoder layer (as in training).")] = 1,
+    config: Annotated[
+        str | None, typer.Option(help="For a single-file --base: its diffusers config folder or hub id.")
+    ] = None,
+    dtype: Annotated[
+        str, typer.Option(help="auto (float16 on CUDA, float32 on CPU), float32, float16 or bfloat16.")
+    ] = "auto",
+    allow_pickle: AllowPickle = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Render images with a base model and adapters: txt2img, img2img, hires, strength comparisons."""
+    from .generate import GenerateOptions, RenderSettings
+    from .generate import generate as run_generate
+    from .merge import parse_lora_argument
+
+    if dtype not in ("auto", "float32", "float16", "bfloat16"):
+        raise typer.BadParameter(f"{dtype!r}: use auto, float32, float16 or bfloat16", param_hint="--dtype")
+    width, height = _size(size)
+    settings = RenderSettings(
+        steps=steps,
+        guidance=guidance,
+        width=width,
+        height=height,
+        negative_prompt=negative,
+        sampler=sampler,
+        clip_skip=clip_skip,
+    )
+    options = GenerateOptions(
+        base=base,
+        config=config,
+        loras=tuple(parse_lora_argument(t) for t in lora or []),
+        count=n,
+        seed=seed,
+        settings=settings,
+        compare_scales=_floats(compare_scales, "--compare-scales") if compare_scales else (),
+        init=str(init) if init else None,
+        strength=strength,
+        upscale=upscale,
+        hires_strength=hires_strength,
+        guidance_rescale=guidance_rescale,
+        dtype=dtype,
+        allow_pickle=allow_pickle,
+    )
+    _quiet_libraries()
+    log = lambda line: typer.echo(line, err=True)  # noqa: E731
+    result = _run(lambda: run_generate(prompt, out, options, quiet=quiet, log=log))
+    typer.echo(str(result.grid))
 
 
 @app.command()

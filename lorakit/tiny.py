@@ -116,6 +116,18 @@ def build_tiny_components(seed: int = 0, *, prediction_type: str = "epsilon", sa
         norm_num_groups=8,
         sample_size=sample_size * 4,
     )
+    # A trained SD VAE's posterior is narrow (std ~ 0.01); a random one's is ~1, which would make every
+    # encode a different picture. Pin the log-variance half of the posterior low, as training would.
+    with torch.no_grad():
+        channels = vae.config.latent_channels
+        vae.quant_conv.weight[channels:] = 0.0
+        vae.quant_conv.bias[channels:] = -9.0
+        # SD scales latents to unit variance (its 0.18215 is 1 / std of its VAE's latents); do the same here.
+        images = torch.nn.functional.interpolate(
+            torch.rand(8, 3, 4, 4) * 2 - 1, size=(sample_size * 4,) * 2, mode="bilinear"
+        )
+        spread = vae.encode(images).latent_dist.mean.std().item()
+    vae.register_to_config(scaling_factor=round(1.0 / spread, 4))
     scheduler = DDPMScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,

@@ -442,56 +442,91 @@ def _restore(run: _Run, checkpoint: Path, log: Log) -> None:
     log(f"Resumed from {checkpoint} at step {run.step}")
 
 
+def _sample_settings(recipe: Recipe) -> Any:
+    from .generate import RenderSettings
+
+    sample, size = recipe.sample, recipe.data.resolution
+    return RenderSettings(
+        steps=sample.steps,
+        guidance=sample.guidance,
+        width=size,
+        height=size,
+        negative_prompt=sample.negative_prompt,
+        sampler="euler",
+        clip_skip=recipe.model.clip_skip,
+    )
+
+
 def _render_samples(run: _Run) -> None:
-    from .generate import a1111_parameters, make_grid, render, sample_pipeline
+    """One grid of the `[sample]` prompts with the adapter as it is now, into `samples/step-NNNNNN.png`."""
+    from .generate import a1111_parameters, make_grid, render, sample_pipeline, save_png
 
     sample, base = run.recipe.sample, run.base
     models = run.unwrapped()
     te = models.get("text_encoder", base.text_encoders[0])
     base.vae.to(run.device)
     pipe = sample_pipeline(models["unet"], base.vae, te, base.tokenizers[0], base.noise_scheduler)
-    size = run.recipe.data.resolution
+    settings = _sample_settings(run.recipe)
     for module in models.values():
         module.eval()
     with run.accelerator.autocast():
-        images = render(
-            pipe,
-            sample.prompts,
-            seed=sample.seed,
-            steps=sample.steps,
-            guidance=sample.guidance,
-            width=size,
-            height=size,
-            negative_prompt=sample.negative_prompt,
-            clip_skip=run.recipe.model.clip_skip,
-        )
+        seeds = [sample.seed + i for i in range(len(sample.prompts))]
+        images = render(pipe, sample.prompts, seeds, settings)
     for module in models.values():
         module.train()
     if run.cache is not None:
         base.vae.to("cpu")
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    info.add_text(
-        "parameters",
-        a1111_parameters(
-            " | ".join(sample.prompts),
-            negative_prompt=sample.negative_prompt,
-            steps=sample.steps,
-            sampler="Euler",
-            guidance=sample.guidance,
-            seed=sample.seed,
-            width=size,
-            height=size,
-            extra={"Lora": run.recipe.output.name, "Training step": run.step},
-        ),
+    parameters = a1111_parameters(
+        " | ".join(sample.prompts),
+        negative_prompt=sample.negative_prompt,
+        steps=sample.steps,
+        sampler="Euler",
+        guidance=sample.guidance,
+        seed=sample.seed,
+        width=settings.width,
+        height=settings.height,
+        extra={"Lora": run.recipe.output.name, "Training step": run.step},
     )
     folder = run.run_dir / "samples"
     folder.mkdir(exist_ok=True)
-    grid = make_grid(images, columns=len(images))
-    from .checkpoint import atomic_write
+    save_png(make_grid(images, columns=len(images)), folder / f"step-{run.step:06d}.png", parameters)
 
-    atomic_write(folder / f"step-{run.step:06d}.png", lambda tmp: grid.save(tmp, format="PNG", pnginfo=info))
+
+def _render_class_images(recipe: Recipe, base: BaseModel, device: Any, log: Log, quiet: bool) -> None:
+    """Prior preservation: render the class images `[prior] class_dir` lacks with the base model, and keep them."""
+    from .data import IMAGE_SUFFIXES
+    from .generate import a1111_parameters, render, sample_pipeline, save_png
+
+    prior = recipe.prior
+    folder = Path(prior.class_dir)
+    have = len([p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES]) if folder.is_dir() else 0
+    missing = prior.num_class_images - have
+    if missing <= 0:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    log(f"prior: {folder} holds {have} of {prior.num_class_images} class images; rendering {missing} with the base")
+    base.vae.to(device)
+    base.unet.to(device)
+    base.text_encoders[0].to(device)
+    pipe = sample_pipeline(base.unet, base.vae, base.text_encoders[0], base.tokenizers[0], base.noise_scheduler)
+    settings = _sample_settings(recipe)
+    from .progress import progress_bar
+
+    with progress_bar("Class images", missing, quiet=quiet) as bar:
+        for index in range(have, prior.num_class_images):
+            (image,) = render(pipe, [prior.class_prompt], [index], settings)
+            parameters = a1111_parameters(
+                prior.class_prompt,
+                negative_prompt=settings.negative_prompt,
+                steps=settings.steps,
+                sampler="Euler",
+                guidance=settings.guidance,
+                seed=index,
+                width=settings.width,
+                height=settings.height,
+            )
+            save_png(image, folder / f"class-{index:05d}.png", parameters)
+            bar.advance()
 
 
 def _validation_items(run: _Run) -> tuple[list[Item], LatentCache]:
@@ -569,6 +604,9 @@ def train(
     accelerator = _accelerator(precision, run_dir)
     say = log if accelerator.is_main_process else (lambda _: None)
     quiet = quiet or not accelerator.is_main_process
+    if recipe.prior and accelerator.is_main_process:
+        _render_class_images(recipe, base, accelerator.device, say, quiet)
+    accelerator.wait_for_everyone()
     items = _load_all_items(recipe, base, say)
     stream = BatchStream(
         items,

@@ -84,22 +84,28 @@ def test_text_encoder_cache_matches_encoding_every_step(tiny_base, tiny_dataset,
         torch.testing.assert_close(tensor, load_file(direct.adapter)[key], rtol=1e-5, atol=1e-6)
 
 
-def test_prior_preservation_adds_weighted_class_images(tiny_base, tiny_dataset, tmp_path):
+def test_prior_preservation_renders_missing_class_images_and_trains_on_them(tiny_base, tiny_dataset, tmp_path):
     from PIL import Image
+
+    from lorakit.generate import parse_a1111_parameters
 
     class_dir = tmp_path / "class"
     class_dir.mkdir()
     for index in range(3):
         Image.new("RGB", (64, 64), (30 * index, 90, 160)).save(class_dir / f"c{index}.png")
     prior = {"class_dir": str(class_dir), "class_prompt": "a toy", "num_class_images": 4}
-    with pytest.raises(LorakitError, match=r"holds 3 images but prior.num_class_images is 4"):
-        _run(tiny_base, tiny_dataset, tmp_path / "a", prior=prior)
     result, lines = _run(
-        tiny_base, tiny_dataset, tmp_path / "b", prior={**prior, "num_class_images": 3}, train={"max_steps": 2}
+        tiny_base, tiny_dataset, tmp_path / "b", prior=prior, train={"max_steps": 2}, sample={"steps": 2}
     )
-    assert any(line.startswith("prior: 3 class images") for line in lines)
-    # 8 instance images once each, 3 class images repeated round(8 / 3) = 3 times each.
-    assert _metadata(result.adapter)["ss_num_train_images"] == "17"
+    assert f"prior: {class_dir} holds 3 of 4 class images; rendering 1 with the base" in lines
+    with Image.open(class_dir / "class-00003.png") as rendered:
+        assert rendered.size == (64, 64)
+        assert parse_a1111_parameters(rendered.text["parameters"])["prompt"] == "a toy"
+    assert any(line.startswith("prior: 4 class images") for line in lines)
+    # 8 instance images once each, 4 class images repeated round(8 / 4) = 2 times each.
+    assert _metadata(result.adapter)["ss_num_train_images"] == "16"
+    _, again = _run(tiny_base, tiny_dataset, tmp_path / "c", prior=prior, train={"max_steps": 1})
+    assert not any("rendering" in line for line in again)  # kept in the folder, rendered once
 
 
 def test_several_dataset_folders_with_their_own_repeats(tiny_base, tiny_dataset, tmp_path):

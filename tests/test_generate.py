@@ -1,0 +1,178 @@
+"""`lorakit generate`: reproducible, honest about scale 0, img2img/hires, parameters in every PNG."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from lorakit.cli import app
+from lorakit.generate import parse_a1111_parameters
+
+runner = CliRunner()
+FAST = ["--size", "64x64", "--steps", "3", "--quiet"]
+
+
+def _generate(*args):
+    result = runner.invoke(app, ["generate", *args])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def _pixels(path):
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def _fails(args, fragment):
+    result = runner.invoke(app, ["generate", *args])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and fragment in result.stderr, result.stderr
+
+
+def test_same_seed_gives_identical_images_and_seeds_are_per_image(tiny_base, tmp_path):
+    _generate("a red toy", "--base", str(tiny_base), "-n", "2", "--seed", "7", "--out", str(tmp_path / "a"), *FAST)
+    _generate("a red toy", "--base", str(tiny_base), "-n", "1", "--seed", "8", "--out", str(tmp_path / "b"), *FAST)
+    _generate("a red toy", "--base", str(tiny_base), "-n", "2", "--seed", "7", "--out", str(tmp_path / "c"), *FAST)
+    first, second = sorted((tmp_path / "a").glob("0*.png")), sorted((tmp_path / "c").glob("0*.png"))
+    assert all(np.array_equal(_pixels(a), _pixels(b)) for a, b in zip(first, second, strict=True))
+    assert np.array_equal(_pixels(first[1]), _pixels(tmp_path / "b" / "000-seed8.png"))  # seed + index, alone
+    assert not np.array_equal(_pixels(first[0]), _pixels(first[1]))
+
+
+def test_compare_scales_grid_scale_zero_is_the_base(trained_run, tiny_base, tmp_path):
+    _generate(
+        "ohwx toy",
+        "red disc",
+        "--base",
+        str(tiny_base),
+        "--lora",
+        str(trained_run.adapter),
+        "--compare-scales",
+        "0,1",
+        "--out",
+        str(tmp_path / "cmp"),
+        *FAST,
+    )
+    _generate("ohwx toy", "red disc", "--base", str(tiny_base), "--out", str(tmp_path / "plain"), *FAST)
+    cmp, plain = tmp_path / "cmp", tmp_path / "plain"
+    assert np.array_equal(_pixels(cmp / "000-seed0-x0.png"), _pixels(plain / "000-seed0.png"))
+    assert np.array_equal(_pixels(cmp / "001-seed0-x0.png"), _pixels(plain / "001-seed0.png"))
+    assert not np.array_equal(_pixels(cmp / "002-seed0-x1.png"), _pixels(plain / "000-seed0.png"))
+    with Image.open(cmp / "grid.png") as grid:
+        assert grid.size == (160 + 2 * 64, 24 + 2 * 64)
+        labels = json.loads(grid.text["lorakit_grid"])
+    assert labels == {"columns": ["scale 0", "scale 1"], "rows": ["ohwx toy (seed 0)", "red disc (seed 0)"]}
+
+
+def test_png_parameters_parse_back(trained_run, tiny_base, tmp_path):
+    _generate(
+        "ohwx toy",
+        "--base",
+        str(tiny_base),
+        "--lora",
+        f"{trained_run.adapter}:0.8",
+        "--seed",
+        "3",
+        "--negative",
+        "blurry",
+        "--sampler",
+        "dpmpp_2m",
+        "--guidance",
+        "5.5",
+        "--out",
+        str(tmp_path),
+        *FAST,
+    )
+    with Image.open(tmp_path / "000-seed3.png") as image:
+        parameters = parse_a1111_parameters(image.text["parameters"])
+    assert parameters["prompt"] == "ohwx toy <lora:run:0.8>" and parameters["negative_prompt"] == "blurry"
+    assert parameters["Steps"] == "3" and parameters["Sampler"] == "DPM++ 2M" and parameters["CFG scale"] == "5.5"
+    assert parameters["Seed"] == "3" and parameters["Size"] == "64x64"
+    assert parameters["Lora hashes"].startswith("run: ")
+
+
+def test_run_folder_gives_base_and_trigger(trained_run, tmp_path):
+    _generate("a red disc", "--lora", str(trained_run.run_dir), "--out", str(tmp_path), *FAST)
+    with Image.open(tmp_path / "000-seed0.png") as image:
+        assert parse_a1111_parameters(image.text["parameters"])["prompt"] == "ohwx, a red disc <lora:run:1>"
+
+
+def test_img2img_small_strength_stays_near_the_vae_round_trip(tiny_base, tmp_path):
+    import torch
+    from diffusers import AutoencoderKL
+
+    from tests.messy import textured
+
+    init = textured(64, 64, 3)
+    init.save(tmp_path / "init.png")
+    _fails(
+        [
+            "a toy",
+            "--base",
+            str(tiny_base),
+            "--init",
+            str(tmp_path / "init.png"),
+            "--strength",
+            "0.05",
+            "--out",
+            str(tmp_path / "x"),
+            *FAST,
+        ],
+        "runs no denoising step",
+    )
+    one_step = ["--strength", "0.05", "--steps", "20", "--size", "64x64", "--quiet"]  # a single step at t ~ 50
+    _generate(
+        "a toy",
+        "--base",
+        str(tiny_base),
+        "--init",
+        str(tmp_path / "init.png"),
+        "--out",
+        str(tmp_path / "y"),
+        *one_step,
+    )
+    vae = AutoencoderKL.from_pretrained(tiny_base, subfolder="vae")
+    pixels = torch.from_numpy(np.asarray(init, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        round_trip = vae.decode(vae.encode(pixels).latent_dist.mean).sample
+    round_trip = ((round_trip[0].permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().numpy()
+    out = _pixels(tmp_path / "y" / "000-seed0.png")
+    assert not (tmp_path / "x").exists()  # the refused run wrote nothing
+    distance = np.abs(out - round_trip).mean()
+    noise_distance = np.abs(out - np.asarray(textured(64, 64, 99), dtype=np.int16)).mean()
+    assert distance < 0.1 * noise_distance, (distance, noise_distance)  # measured: 2.6 vs 64
+
+
+def test_hires_doubles_the_size(tiny_base, tmp_path):
+    _generate(
+        "a toy", "--base", str(tiny_base), "--upscale", "2", "--hires-strength", "0.5", "--out", str(tmp_path), *FAST
+    )
+    with Image.open(tmp_path / "000-seed0.png") as image:
+        assert image.size == (128, 128)
+        assert parse_a1111_parameters(image.text["parameters"])["Hires upscale"] == "2.0"
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--size", "60x64"], "must be positive multiples of 8"),
+        (["--strength", "1.5", "--init", "x.png"], "--strength 1.5: must be in (0, 1]"),
+        (["--sampler", "plms"], "--sampler 'plms': use one of euler, euler_a, dpmpp_2m, ddim"),
+        (["--lora", "missing.safetensors"], "adapter file not found"),
+    ],
+)
+def test_bad_generate_input(tiny_base, tmp_path, args, fragment):
+    _fails(["a toy", "--base", str(tiny_base), "--out", str(tmp_path / "o"), "--steps", "2", *args], fragment)
+
+
+def test_missing_base_and_foreign_adapter(trained_run, tiny_base_v, tmp_path):
+    _fails(["a toy", "--base", str(tmp_path / "nope"), "--out", str(tmp_path / "o")], "does not exist")
+    _fails(["a toy", "--out", str(tmp_path / "o")], "--base: give the base model")
+    _fails(
+        ["a toy", "--base", str(tiny_base_v), "--lora", str(trained_run.adapter), "--out", str(tmp_path / "o"), *FAST],
+        "does not fit the base weight",
+    )
