@@ -52,11 +52,19 @@ def main() -> None:
         for workers in sorted({1, cores}):
             out = Path(tmp) / f"dataset-{workers}"
             start = time.perf_counter()
-            result = prepare(photos, out, PrepareOptions(resolution=args.resolution, workers=workers,
-                                                         keep_duplicates=True), quiet=True, log=lambda _: None)
+            result = prepare(
+                photos,
+                out,
+                PrepareOptions(resolution=args.resolution, workers=workers, keep_duplicates=True),
+                quiet=True,
+                log=lambda _: None,
+            )
             seconds = time.perf_counter() - start
-            results[workers] = {"seconds": round(seconds, 2), "images_per_s": round(args.count / seconds, 2),
-                                "kept": result.kept}
+            results[workers] = {
+                "seconds": round(seconds, 2),
+                "images_per_s": round(args.count / seconds, 2),
+                "kept": result.kept,
+            }
             shutil.rmtree(out)
     print(f"{'workers':>8}{'seconds':>10}{'images/s':>10}")
     for workers, row in results.items():

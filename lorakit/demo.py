@@ -1,40 +1,75 @@
-"""`lorakit demo`: the whole train path offline, on a tiny base model and generated example photos."""
+"""`lorakit demo`: prepare -> train -> generate -> merge on the toy world, offline, in minutes on a CPU."""
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
-from .recipe import recipe_from_dict
-from .tiny import save_tiny_pipeline, write_tiny_dataset
-from .train import RunResult, train
+from .generate import GenerateOptions, RenderSettings, generate
+from .merge import merge
+from .prepare import PrepareOptions, prepare
+from .recipe import load_recipe
+from .toy import RECIPE, write_concept_photos
+from .toy.build import build_toy_base
+from .toy.world import TRIGGER
+from .train import train
+
+COMPARE_PROMPTS = [
+    f"a {TRIGGER} circle on a white background",
+    f"a {TRIGGER} square on a black background",
+    "a red triangle on a gray background",
+    "a blue circle on a white background",
+]
 
 
-def run_demo(out: Path, *, steps: int = 60, overwrite: bool = False, quiet: bool = False, log=print) -> RunResult:
-    """Build (or reuse) `out/base` and `out/dataset`, then train `out/runs/demo/`."""
-    out = Path(out)
-    base = out / "base"
-    if not (base / "model_index.json").is_file():
-        log(f"Building a tiny offline base model in {base}")
-        save_tiny_pipeline(base)
-    dataset = out / "dataset"
-    if not (dataset / "metadata.jsonl").is_file():
-        log(f"Writing example photos in {dataset}")
-        write_tiny_dataset(dataset)
-    recipe = recipe_from_dict(
-        {
-            "model": {"base": str(base)},
-            "data": {"folder": str(dataset), "resolution": 64, "trigger": "ohwx", "flip": True},
-            "lora": {"rank": 8, "lora_alpha": 8},
-            "train": {
-                "max_steps": steps,
-                "batch_size": 2,
-                "unet_lr": 1e-3,
-                "text_encoder_lr": 5e-4,
-                "optimizer": "adamw8bit",
-                "seed": 0,
-            },
-            "output": {"folder": str(out / "runs"), "name": "demo"},
-        },
-        source="lorakit demo",
+def run_demo(
+    out: Path, *, toy_base: Path | None = None, steps: int | None = None, quiet: bool = False, log=print
+) -> Path:
+    """Run the demo into `out`; returns the folder. Re-running reuses the toy base and the prepared photos."""
+    start = time.monotonic()
+    out = Path(out).expanduser().resolve()
+    base = Path(toy_base).expanduser().resolve() if toy_base else build_toy_base(quiet=quiet, log=log)
+    photos = write_concept_photos(out / "photos")
+    log(f"1/4 prepare: {photos} -> {out / 'dataset'}")
+    prepare(
+        photos,
+        out / "dataset",
+        PrepareOptions(trigger=TRIGGER, resolution=32, bucket_step=8, workers=1),
+        quiet=quiet,
+        log=log,
     )
-    return train(recipe, overwrite=overwrite, quiet=quiet, log=log)
+    overrides = [f'model.base="{base}"', f'data.folder="{out / "dataset"}"', f'output.folder="{out / "runs"}"']
+    if steps:
+        overrides.append(f"train.max_steps={steps}")
+    log("2/4 train: the toy recipe (LoRA in the U-Net and text encoder)")
+    run = train(load_recipe(RECIPE, overrides), overwrite=True, quiet=quiet, log=log)
+    log("3/4 generate: the base and the adapter side by side (scales 0 and 1)")
+    settings = RenderSettings(steps=20, guidance=4.0, width=32, height=32)
+    compare = generate(
+        COMPARE_PROMPTS,
+        out / "compare",
+        GenerateOptions(
+            base=str(base),
+            loras=((str(run.adapter), 1.0),),
+            seed=0,
+            count=2,
+            settings=settings,
+            compare_scales=(0.0, 1.0),
+            dtype="float32",
+        ),
+        quiet=quiet,
+        log=log,
+    )
+    log("4/4 merge: the adapter baked into a copy of the base")
+    merged = merge([(str(run.adapter), 1.0)], out / "merged", base=str(base), overwrite=True, log=log)
+    summary = {
+        "adapter": str(run.adapter),
+        "diffusers_adapter": str(run.diffusers_adapter),
+        "grid": str(compare.grid),
+        "merged": str(merged.out),
+        "minutes": round((time.monotonic() - start) / 60, 2),
+    }
+    (out / "demo.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    log(f"Done in {summary['minutes']} min: adapter {run.adapter}, grid {compare.grid}, merged model {merged.out}")
+    return out

@@ -207,12 +207,12 @@ def encode_prompts(base: BaseModel, input_ids: list[Any], clip_skip: int = 1) ->
 
 
 def tokenize(base: BaseModel, captions: list[str], max_token_length: int = 75) -> list[Any]:
-    """Token ids of `captions` for each tokenizer, padded to `max_token_length` + start and end tokens."""
+    """Token ids of `captions` for each tokenizer, padded to its context (77 for SD), or to `max_token_length` + start
+    and end tokens when longer captions are asked for."""
+    lengths = [tok.model_max_length if max_token_length == 75 else max_token_length + 2 for tok in base.tokenizers]
     return [
-        tok(
-            captions, padding="max_length", max_length=max_token_length + 2, truncation=True, return_tensors="pt"
-        ).input_ids
-        for tok in base.tokenizers
+        tok(captions, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
+        for tok, length in zip(base.tokenizers, lengths, strict=True)
     ]
 
 

@@ -118,13 +118,3 @@ def test_missing_prodigy_names_the_pip_command(tiny_base, tiny_dataset, tmp_path
     )
     _fails_cleanly(runner.invoke(app, ["train", str(recipe)]), "pip install prodigyopt")
     assert not (tmp_path / "out").exists()
-
-
-def test_demo_trains_and_writes_both_adapters(tmp_path):
-    result = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--steps", "3", "--quiet"])
-    assert result.exit_code == 0, result.output
-    run = tmp_path / "demo" / "runs" / "demo"
-    assert result.stdout.strip() == str(run / "demo.safetensors")
-    assert (run / "demo.diffusers.safetensors").is_file() and (
-        tmp_path / "demo" / "base" / "model_index.json"
-    ).is_file()

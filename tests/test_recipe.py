@@ -21,6 +21,7 @@ from lorakit.recipe import (
 )
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.toml"))
+TOY_RECIPE = Path(__file__).parent.parent / "lorakit" / "toy" / "toy.toml"
 
 
 def test_shipped_recipes_exist_and_load():
@@ -30,6 +31,8 @@ def test_shipped_recipes_exist_and_load():
         assert recipe.model.base
         text = path.read_text()
         assert text.startswith("#") and f"lorakit train recipes/{path.name}" in text.split("\n\n")[0]
+    toy = load_recipe(TOY_RECIPE)
+    assert toy.data.trigger == "sks" and TOY_RECIPE.read_text().startswith("# toy.toml")
 
 
 def test_every_problem_is_reported_with_its_key(tmp_path):

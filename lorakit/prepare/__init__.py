@@ -33,6 +33,7 @@ class PrepareOptions:
 
     trigger: str = ""
     resolution: int = 512
+    bucket_step: int = 64  # bucket sides are multiples of this (64 for Stable Diffusion's U-Nets)
     max_upscale: float = 2.0
     max_aspect: float = 2.0
     background: tuple[int, int, int] = (255, 255, 255)
@@ -93,7 +94,13 @@ def _output_name(relative: str, sha256: str) -> str:
 
 
 def _settings_key(options: PrepareOptions) -> str:
-    sizing = (options.resolution, options.max_upscale, options.max_aspect, list(options.background))
+    sizing = (
+        options.resolution,
+        options.bucket_step,
+        options.max_upscale,
+        options.max_aspect,
+        list(options.background),
+    )
     return hashlib.sha256(json.dumps(sizing).encode()).hexdigest()[:16]
 
 
@@ -315,7 +322,12 @@ def prepare(
             f"{src}: no images found (looked for {', '.join(IMAGE_SUFFIXES)} in it and its "
             f"subfolders; {ignored} other files)"
         )
-    buckets = tuple(make_buckets(options.resolution, 64, options.max_aspect))
+    buckets = tuple(make_buckets(options.resolution, options.bucket_step, options.max_aspect))
+    if not buckets:
+        raise DatasetError(
+            f"--resolution {options.resolution}: smaller than one --bucket-step "
+            f"({options.bucket_step}); raise the resolution or lower the step"
+        )
     sizing = SizingOptions(options.resolution, buckets, options.max_upscale, options.background)
     key = _settings_key(options)
     previous = _load_state(out, key)

@@ -1,0 +1,87 @@
+"""Measuring what a toy model draws: concept fidelity on trigger prompts, accuracy and drift on the base world."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from .world import (
+    ALL_COLOURS,
+    BACKGROUNDS,
+    BASE_COLOURS,
+    CONCEPT_COLOUR,
+    SHAPES,
+    TRIGGER,
+    caption,
+    detect,
+    draw,
+    random_scene,
+)
+
+SETTINGS = {"steps": 20, "guidance": 4.0}
+
+
+def detector_accuracy(per_caption: int = 10, seed: int = 0) -> dict[str, float]:
+    """Accuracy of each detector on the generator's own labelled renders (base colours and the concept)."""
+    rng = random.Random(seed)
+    hits = {"colour": 0, "shape": 0, "background": 0}
+    total = 0
+    for colour, rgb in ALL_COLOURS.items():
+        for shape in SHAPES:
+            for background, bg in BACKGROUNDS.items():
+                for _ in range(per_caption):
+                    found = detect(draw(random_scene(rng, rgb, shape, bg)))
+                    hits["colour"] += found["colour"] == colour
+                    hits["shape"] += found["shape"] == shape
+                    hits["background"] += found["background"] == background
+                    total += 1
+    return {name: count / total for name, count in hits.items()}
+
+
+def trigger_prompts() -> list[tuple[str, str, str]]:
+    return [(f"a {TRIGGER} {shape} on a {bg} background", shape, bg) for shape in SHAPES for bg in BACKGROUNDS]
+
+
+def base_prompts() -> list[tuple[str, str, str, str]]:
+    return [(caption(c, s, b), c, s, b) for c in BASE_COLOURS for s in SHAPES for b in BACKGROUNDS]
+
+
+def render_set(pipe: Any, prompts: list[str], seeds: list[int]) -> list[Any]:
+    from ..generate import RenderSettings, render
+
+    settings = RenderSettings(steps=SETTINGS["steps"], guidance=SETTINGS["guidance"], width=32, height=32)
+    all_prompts = [p for p in prompts for _ in seeds]
+    return render(pipe, all_prompts, [s for _ in prompts for s in seeds], settings)
+
+
+def evaluate(pipe: Any, seeds: tuple[int, ...] = (0, 1)) -> dict[str, Any]:
+    """Fidelity (trigger images showing the concept colour) and prior accuracy (base images showing their caption)."""
+    triggers, bases = trigger_prompts(), base_prompts()
+    trigger_images = render_set(pipe, [p for p, *_ in triggers], list(seeds))
+    base_images = render_set(pipe, [p for p, *_ in bases], list(seeds))
+    concept = CONCEPT_COLOUR[0]
+    fidelity = sum(detect(image)["colour"] == concept for image in trigger_images) / len(trigger_images)
+    labels = [(c, s, b) for _, c, s, b in bases for _ in seeds]
+    correct = []
+    for image, (colour, shape, background) in zip(base_images, labels, strict=True):
+        found = detect(image)
+        correct.append(found["colour"] == colour and found["shape"] == shape and found["background"] == background)
+    colour_ok = [detect(image)["colour"] == c for image, (c, _, _) in zip(base_images, labels, strict=True)]
+    return {
+        "fidelity": fidelity,
+        "prior_accuracy": sum(correct) / len(correct),
+        "prior_colour_accuracy": sum(colour_ok) / len(colour_ok),
+        "trigger_images": trigger_images,
+        "base_images": base_images,
+    }
+
+
+def pixel_drift(before: list[Any], after: list[Any]) -> float:
+    """Mean absolute pixel change (0-255) between two renders of the same prompts and seeds."""
+    import numpy as np
+
+    diffs = [
+        np.abs(np.asarray(a, dtype=np.float32) - np.asarray(b, dtype=np.float32)).mean()
+        for a, b in zip(before, after, strict=True)
+    ]
+    return float(np.mean(diffs))

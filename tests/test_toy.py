@@ -1,0 +1,111 @@
+"""The toy world: detectors, the toy base build (cached, deterministic) and the demo that uses it all."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from lorakit.cli import app
+from lorakit.toy.evaluate import detector_accuracy
+
+runner = CliRunner()
+
+
+def test_detectors_are_accurate_on_the_generators_own_renders():
+    accuracy = detector_accuracy(per_caption=3)
+    assert all(value >= 0.95 for value in accuracy.values()), accuracy
+
+
+@pytest.fixture(scope="module")
+def quick_toy_base(tmp_path_factory):
+    """The toy base architecture with a token amount of training (the real build takes minutes)."""
+    from lorakit.toy.build import build_toy_base
+
+    return build_toy_base(
+        tmp_path_factory.mktemp("toy") / "base", vae_steps=2, unet_steps=3, quiet=True, log=lambda _: None
+    )
+
+
+def test_toy_build_is_cached_and_deterministic(quick_toy_base, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from lorakit.toy.build import build_toy_base
+
+    lines = []
+    assert build_toy_base(quick_toy_base, vae_steps=2, unet_steps=3, log=lines.append) == quick_toy_base
+    assert lines == [f"Toy base model: reusing {quick_toy_base}"]
+    again = build_toy_base(tmp_path / "again", vae_steps=2, unet_steps=3, quiet=True, log=lambda _: None)
+    first = UNet2DConditionModel.from_pretrained(quick_toy_base, subfolder="unet").state_dict()
+    second = UNet2DConditionModel.from_pretrained(again, subfolder="unet").state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    stamp = json.loads((quick_toy_base / "toy.json").read_text())
+    assert stamp["build"]["unet_steps"] == 3 and "minutes" in stamp
+
+
+def test_concept_photos_are_what_a_user_brings(tmp_path):
+    from PIL import Image
+
+    from lorakit.toy import write_concept_photos
+    from lorakit.toy.world import detect
+
+    folder = write_concept_photos(tmp_path / "photos")
+    images = sorted(folder.glob("*.png"))
+    assert len(images) == 12 and all(p.with_suffix(".txt").is_file() for p in images)
+    for path in images:
+        with Image.open(path) as image:
+            assert detect(image)["colour"] == "purple"
+        assert path.with_suffix(".txt").read_text().startswith("sks ")
+
+
+def test_demo_runs_prepare_train_generate_merge(quick_toy_base, tmp_path):
+    result = runner.invoke(
+        app, ["demo", "--out", str(tmp_path / "demo"), "--toy-base", str(quick_toy_base), "--steps", "2", "--quiet"]
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "demo" / "demo.json").read_text())
+    for key in ("adapter", "diffusers_adapter", "grid", "merged"):
+        assert (tmp_path / "demo").joinpath(summary[key]).exists(), key
+    assert (tmp_path / "demo" / "merged" / "model_index.json").is_file()
+    assert len(list((tmp_path / "demo" / "dataset" / "images").iterdir())) == 12
+
+
+@pytest.mark.slow
+def test_the_concept_is_learned_and_the_prior_kept(tmp_path):
+    """Trains the shipped toy recipe on the real toy base (built once per machine, ~8 min) and measures it."""
+    from lorakit.generate import apply_adapters, resolve_adapters, set_sampler
+    from lorakit.models import load_pipeline
+    from lorakit.prepare import PrepareOptions, prepare
+    from lorakit.recipe import load_recipe
+    from lorakit.toy import RECIPE, write_concept_photos
+    from lorakit.toy.build import build_toy_base
+    from lorakit.toy.evaluate import evaluate
+    from lorakit.train import train
+
+    base = build_toy_base(quiet=True, log=lambda _: None)
+
+    def pipeline(adapter=None):
+        pipe = load_pipeline(str(base))
+        if adapter:
+            apply_adapters(pipe, resolve_adapters([(str(adapter), 1.0)])[0])
+        set_sampler(pipe, "euler")
+        return pipe
+
+    before = evaluate(pipeline())
+    prepare(
+        write_concept_photos(tmp_path / "photos"),
+        tmp_path / "dataset",
+        PrepareOptions(trigger="sks", resolution=32, bucket_step=8, workers=1),
+        quiet=True,
+        log=lambda _: None,
+    )
+    overrides = [f'model.base="{base}"', f'data.folder="{tmp_path / "dataset"}"', f'output.folder="{tmp_path}"']
+    run = train(load_recipe(RECIPE, overrides), quiet=True, log=lambda _: None)
+    after = evaluate(pipeline(run.adapter))
+    assert after["fidelity"] >= before["fidelity"] + 0.5, (before["fidelity"], after["fidelity"])
+    assert after["prior_accuracy"] >= before["prior_accuracy"] - 0.1, (
+        before["prior_accuracy"],
+        after["prior_accuracy"],
+    )
