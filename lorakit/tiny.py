@@ -60,6 +60,41 @@ def build_clip_vocab(words: tuple[str, ...] | list[str] = DEFAULT_WORDS) -> tupl
     return vocab, merges
 
 
+def make_clip_tokenizer(words: tuple[str, ...] | list[str] = DEFAULT_WORDS, model_max_length: int = 77):
+    """A CLIPTokenizer loaded from a generated vocab.json / merges.txt; returns (tokenizer, vocab)."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = build_clip_vocab(words)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+        return CLIPTokenizer.from_pretrained(tmp, model_max_length=model_max_length), vocab
+
+
+def make_text_encoder(
+    vocab: dict[str, int], hidden: int, *, layers: int = 2, heads: int = 4, activation: str = "quick_gelu"
+):
+    """A small CLIPTextModel whose bos / eos / pad ids are the vocabulary's special tokens."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    eos = vocab["<|endoftext|>"]
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            max_position_embeddings=77,
+            projection_dim=hidden,
+            hidden_act=activation,
+            bos_token_id=vocab["<|startoftext|>"],
+            eos_token_id=eos,
+            pad_token_id=eos,
+        )
+    )
+
+
 def build_tiny_components(seed: int = 0, *, prediction_type: str = "epsilon", sample_size: int = 16) -> dict:
     """Build the components of a tiny SD 1.x pipeline, deterministically for `seed`.
 
@@ -67,31 +102,11 @@ def build_tiny_components(seed: int = 0, *, prediction_type: str = "epsilon", sa
     """
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    vocab, merges = build_clip_vocab()
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-        tokenizer = CLIPTokenizer.from_pretrained(tmp, model_max_length=77)
-    eos = vocab["<|endoftext|>"]
+    tokenizer, vocab = make_clip_tokenizer()
     sd2 = prediction_type == "v_prediction"
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(vocab),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            projection_dim=32,
-            hidden_act="gelu" if sd2 else "quick_gelu",
-            bos_token_id=vocab["<|startoftext|>"],
-            eos_token_id=eos,
-            pad_token_id=eos,
-        )
-    )
+    text_encoder = make_text_encoder(vocab, 32, activation="gelu" if sd2 else "quick_gelu")
     unet = UNet2DConditionModel(
         sample_size=sample_size,
         in_channels=4,

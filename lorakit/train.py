@@ -216,6 +216,8 @@ def _init_from(path: str, trained: dict[str, Any], log: Log) -> None:
 def _load_all_items(recipe: Recipe, base: BaseModel, log: Log) -> list[Item]:
     items = load_items(recipe.data, base.pixel_multiple)
     limit = recipe.data.max_token_length
+    if limit == 75:  # the model's own context (75 tokens for SD; smaller for the toy world)
+        limit = base.tokenizers[0].model_max_length - 2
     too_long = sum(token_count(base, item.caption) > limit for item in items)
     if too_long:
         log(

@@ -201,35 +201,12 @@ def test_exact_adapter_merge_is_the_sum_of_the_effects(trained_run, third_party,
 
 
 def test_svd_merge_reports_its_error(trained_run, third_party, tmp_path):
-    exact = runner.invoke(
-        app,
-        [
-            "merge",
-            "--lora",
-            str(trained_run.adapter),
-            "--lora",
-            str(third_party),
-            "--out",
-            str(tmp_path / "r8.safetensors"),
-            "--rank",
-            "8",
-        ],
-    )
+    def svd_merge(rank):
+        args = ["merge", "--lora", str(trained_run.adapter), "--lora", str(third_party), "--rank", str(rank)]
+        return runner.invoke(app, [*args, "--out", str(tmp_path / f"r{rank}.safetensors")])
+
+    exact, lossy = svd_merge(8), svd_merge(1)
     assert exact.exit_code == 0 and "relative error 0.0000% overall" in exact.stderr
-    lossy = runner.invoke(
-        app,
-        [
-            "merge",
-            "--lora",
-            str(trained_run.adapter),
-            "--lora",
-            str(third_party),
-            "--out",
-            str(tmp_path / "r1.safetensors"),
-            "--rank",
-            "1",
-        ],
-    )
     assert lossy.exit_code == 0 and "SVD merge to rank 1: relative error" in lossy.stderr
     assert "relative error 0.0000% overall" not in lossy.stderr
 

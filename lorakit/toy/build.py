@@ -27,36 +27,15 @@ def _tensor(images):
 
 def build_components(seed: int):
     """Untrained toy components (tokenizer, text encoder, VAE, U-Net, scheduler)."""
-    import tempfile
-
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from ..tiny import build_clip_vocab
+    from ..tiny import make_clip_tokenizer, make_text_encoder
 
-    vocab, merges = build_clip_vocab(WORDS)
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-        # Toy captions are at most 9 tokens; a 16-token context keeps the cross-attention cheap.
-        tokenizer = CLIPTokenizer.from_pretrained(tmp, model_max_length=16)
+    # Toy captions are at most 9 tokens; a 16-token context keeps the cross-attention cheap.
+    tokenizer, vocab = make_clip_tokenizer(WORDS, model_max_length=16)
     torch.manual_seed(seed)
-    eos = vocab["<|endoftext|>"]
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(vocab),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            projection_dim=64,
-            bos_token_id=vocab["<|startoftext|>"],
-            eos_token_id=eos,
-            pad_token_id=eos,
-        )
-    )
+    text_encoder = make_text_encoder(vocab, 64)
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
