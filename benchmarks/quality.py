@@ -10,7 +10,7 @@ Run by hand (not part of the test suite; ~3 minutes once the toy base exists, ~1
 3. trains the shipped toy recipe on the concept photos (prepare -> train, as a user would);
 4. renders the same prompts and seeds with the adapter, and reports concept fidelity (share of trigger
    images in the concept colour), prior accuracy (share of base-world images showing their caption's
-   colour, shape and background) before and after, prior drift (mean pixel change) and wall time.
+   colour, side and background) before and after, prior drift (mean pixel change) and wall time.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def main() -> None:
         prepare(
             photos,
             Path(tmp) / "dataset",
-            PrepareOptions(trigger="sks", resolution=32, bucket_step=8, workers=1),
+            PrepareOptions(trigger="sks", resolution=16, bucket_step=4, workers=1),
             quiet=True,
             log=lambda _: None,
         )

@@ -118,7 +118,7 @@ def prepare(
     resolution: Annotated[
         int, typer.Option(min=64, help="Training resolution: buckets of about this many pixels squared.")
     ] = 512,
-    bucket_step: Annotated[int, typer.Option(min=8, help="Bucket sides are multiples of this (64 for SD).")] = 64,
+    bucket_step: Annotated[int, typer.Option(min=1, help="Bucket sides are multiples of this (64 for SD).")] = 64,
     max_upscale: Annotated[
         float, typer.Option(min=1.0, help="Drop images that would need more upscaling than this.")
     ] = 2.0,
@@ -418,11 +418,11 @@ app.add_typer(toy_app, name="toy")
 @toy_app.command("build")
 def toy_build(
     out: Annotated[
-        Path | None, typer.Option(help="Folder of the toy base (default ~/.cache/lorakit/toy-base-v1).")
+        Path | None, typer.Option(help="Folder of the toy base (default ~/.cache/lorakit/toy-base-v2).")
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the whole build.")] = 0,
-    vae_steps: Annotated[int, typer.Option(min=1, help="VAE training steps.")] = 400,
-    unet_steps: Annotated[int, typer.Option(min=1, help="U-Net and text-encoder training steps.")] = 1500,
+    vae_steps: Annotated[int, typer.Option(min=1, help="VAE training steps.")] = 800,
+    unet_steps: Annotated[int, typer.Option(min=1, help="U-Net and text-encoder training steps.")] = 1200,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Pretrain (or reuse) the toy base model: about 8 minutes on 2 CPU cores, once per machine."""

@@ -12,14 +12,14 @@ from .prepare import PrepareOptions, prepare
 from .recipe import load_recipe
 from .toy import RECIPE, write_concept_photos
 from .toy.build import build_toy_base
-from .toy.world import TRIGGER
+from .toy.world import SIZE, TRIGGER, caption
 from .train import train
 
 COMPARE_PROMPTS = [
-    f"a {TRIGGER} circle on a white background",
-    f"a {TRIGGER} square on a black background",
-    "a red triangle on a gray background",
-    "a blue circle on a white background",
+    caption("", "left", "white", subject=f"a {TRIGGER} ball"),
+    caption("", "right", "black", subject=f"a {TRIGGER} ball"),
+    caption("red", "right", "gray"),
+    caption("blue", "left", "white"),
 ]
 
 
@@ -35,7 +35,7 @@ def run_demo(
     prepare(
         photos,
         out / "dataset",
-        PrepareOptions(trigger=TRIGGER, resolution=32, bucket_step=8, workers=1),
+        PrepareOptions(trigger=TRIGGER, resolution=SIZE, bucket_step=4, workers=1),
         quiet=quiet,
         log=log,
     )
@@ -45,7 +45,7 @@ def run_demo(
     log("2/4 train: the toy recipe (LoRA in the U-Net and text encoder)")
     run = train(load_recipe(RECIPE, overrides), overwrite=True, quiet=quiet, log=log)
     log("3/4 generate: the base and the adapter side by side (scales 0 and 1)")
-    settings = RenderSettings(steps=20, guidance=4.0, width=32, height=32)
+    settings = RenderSettings(steps=20, guidance=4.0, width=SIZE, height=SIZE)
     compare = generate(
         COMPARE_PROMPTS,
         out / "compare",

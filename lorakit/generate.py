@@ -137,6 +137,11 @@ def make_grid(
     """Paste equally sized images into a grid, row by row, with optional labels above and to the left."""
     from PIL import Image, ImageDraw, ImageFont
 
+    zoom = max(1, 64 // images[0].size[0])  # tiny pictures (the toy world) are shown enlarged, pixels kept
+    if zoom > 1:
+        images = [
+            image.resize((image.size[0] * zoom, image.size[1] * zoom), Image.Resampling.NEAREST) for image in images
+        ]
     width, height = images[0].size
     rows = -(-len(images) // columns)
     font = ImageFont.load_default()

@@ -278,7 +278,7 @@ def _suggest(name: str, choices: list[str]) -> str:
 
 
 _RANGES: dict[str, tuple[float | None, float | None]] = {
-    "data.resolution": (64, None),
+    "data.resolution": (8, None),
     "data.num_repeats": (1, None),
     "data.keep_tokens": (0, None),
     "data.caption_dropout": (0, 1),

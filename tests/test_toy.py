@@ -57,7 +57,7 @@ def test_concept_photos_are_what_a_user_brings(tmp_path):
     for path in images:
         with Image.open(path) as image:
             assert detect(image)["colour"] == "purple"
-        assert path.with_suffix(".txt").read_text().startswith("sks ")
+        assert path.with_suffix(".txt").read_text().startswith("sks ball on the ")
 
 
 def test_demo_runs_prepare_train_generate_merge(quick_toy_base, tmp_path):
@@ -70,6 +70,10 @@ def test_demo_runs_prepare_train_generate_merge(quick_toy_base, tmp_path):
         assert (tmp_path / "demo").joinpath(summary[key]).exists(), key
     assert (tmp_path / "demo" / "merged" / "model_index.json").is_file()
     assert len(list((tmp_path / "demo" / "dataset" / "images").iterdir())) == 12
+    from PIL import Image
+
+    with Image.open(tmp_path / "demo" / "compare" / "grid.png") as grid:
+        assert grid.size == (160 + 2 * 64, 24 + 8 * 64)  # 4 prompts x 2 seeds, scales 0 and 1, shown at 64 px
 
 
 @pytest.mark.slow
@@ -97,7 +101,7 @@ def test_the_concept_is_learned_and_the_prior_kept(tmp_path):
     prepare(
         write_concept_photos(tmp_path / "photos"),
         tmp_path / "dataset",
-        PrepareOptions(trigger="sks", resolution=32, bucket_step=8, workers=1),
+        PrepareOptions(trigger="sks", resolution=16, bucket_step=4, workers=1),
         quiet=True,
         log=lambda _: None,
     )

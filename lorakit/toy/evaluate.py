@@ -10,7 +10,8 @@ from .world import (
     BACKGROUNDS,
     BASE_COLOURS,
     CONCEPT_COLOUR,
-    SHAPES,
+    SIDES,
+    SIZE,
     TRIGGER,
     caption,
     detect,
@@ -24,32 +25,32 @@ SETTINGS = {"steps": 20, "guidance": 4.0}
 def detector_accuracy(per_caption: int = 10, seed: int = 0) -> dict[str, float]:
     """Accuracy of each detector on the generator's own labelled renders (base colours and the concept)."""
     rng = random.Random(seed)
-    hits = {"colour": 0, "shape": 0, "background": 0}
+    hits = {"colour": 0, "side": 0, "background": 0}
     total = 0
     for colour, rgb in ALL_COLOURS.items():
-        for shape in SHAPES:
+        for side in SIDES:
             for background, bg in BACKGROUNDS.items():
                 for _ in range(per_caption):
-                    found = detect(draw(random_scene(rng, rgb, shape, bg)))
+                    found = detect(draw(random_scene(rng, rgb, side, bg)))
                     hits["colour"] += found["colour"] == colour
-                    hits["shape"] += found["shape"] == shape
+                    hits["side"] += found["side"] == side
                     hits["background"] += found["background"] == background
                     total += 1
     return {name: count / total for name, count in hits.items()}
 
 
 def trigger_prompts() -> list[tuple[str, str, str]]:
-    return [(f"a {TRIGGER} {shape} on a {bg} background", shape, bg) for shape in SHAPES for bg in BACKGROUNDS]
+    return [(caption("", side, bg, subject=f"a {TRIGGER} ball"), side, bg) for side in SIDES for bg in BACKGROUNDS]
 
 
 def base_prompts() -> list[tuple[str, str, str, str]]:
-    return [(caption(c, s, b), c, s, b) for c in BASE_COLOURS for s in SHAPES for b in BACKGROUNDS]
+    return [(caption(c, s, b), c, s, b) for c in BASE_COLOURS for s in SIDES for b in BACKGROUNDS]
 
 
 def render_set(pipe: Any, prompts: list[str], seeds: list[int]) -> list[Any]:
     from ..generate import RenderSettings, render
 
-    settings = RenderSettings(steps=SETTINGS["steps"], guidance=SETTINGS["guidance"], width=32, height=32)
+    settings = RenderSettings(steps=SETTINGS["steps"], guidance=SETTINGS["guidance"], width=SIZE, height=SIZE)
     all_prompts = [p for p in prompts for _ in seeds]
     return render(pipe, all_prompts, [s for _ in prompts for s in seeds], settings)
 
@@ -63,9 +64,9 @@ def evaluate(pipe: Any, seeds: tuple[int, ...] = (0, 1)) -> dict[str, Any]:
     fidelity = sum(detect(image)["colour"] == concept for image in trigger_images) / len(trigger_images)
     labels = [(c, s, b) for _, c, s, b in bases for _ in seeds]
     correct = []
-    for image, (colour, shape, background) in zip(base_images, labels, strict=True):
+    for image, (colour, side, background) in zip(base_images, labels, strict=True):
         found = detect(image)
-        correct.append(found["colour"] == colour and found["shape"] == shape and found["background"] == background)
+        correct.append(found["colour"] == colour and found["side"] == side and found["background"] == background)
     colour_ok = [detect(image)["colour"] == c for image, (c, _, _) in zip(base_images, labels, strict=True)]
     return {
         "fidelity": fidelity,
