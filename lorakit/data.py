@@ -137,9 +137,15 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
 def load_class_items(
-    folder: Path, *, prompt: str, count: int, weight: float, buckets: list[tuple[int, int]], instance_samples: int
+    folder: Path,
+    *,
+    prompt: str | list[str],
+    count: int,
+    weight: float,
+    buckets: list[tuple[int, int]],
+    instance_samples: int,
 ) -> list[Item]:
-    """Prior-preservation class images: the first `count` images of `folder`, captioned `prompt`.
+    """Prior-preservation class images: the first `count` images of `folder`, captioned by their .txt or `prompt`.
 
     Their repeats are set so that an epoch holds about as many class samples as instance samples.
     """
@@ -155,8 +161,27 @@ def load_class_items(
     items = []
     for path in paths[:count]:
         size = _open_size(path, folder)
+        sidecar = path.with_suffix(".txt")
+        if sidecar.is_file():
+            prompt_for_image = sidecar.read_text(encoding="utf-8").strip()
+        elif isinstance(prompt, str):
+            prompt_for_image = prompt
+        else:
+            raise DatasetError(
+                f"{path}: a class image without a .txt caption; with a list of class prompts each "
+                "class image needs its own caption file"
+            )
         items.append(
-            Item(path, prompt, _file_sha256(path), size, nearest_bucket(*size, buckets), repeats, weight, str(folder))
+            Item(
+                path,
+                prompt_for_image,
+                _file_sha256(path),
+                size,
+                nearest_bucket(*size, buckets),
+                repeats,
+                weight,
+                str(folder),
+            )
         )
     return items
 

@@ -156,8 +156,9 @@ class TrainSection:
 class PriorSection:
     class_dir: str
     """Folder of class images (e.g. photos of other people when training one person): prior preservation."""
-    class_prompt: str
-    """Caption of every class image, e.g. "a photo of a person"."""
+    class_prompt: str | list[str]
+    """Caption of the class images, e.g. "a photo of a person"; a list gives rendered class images these prompts in
+    turn (each image keeps its prompt in a .txt beside it)."""
     num_class_images: int = 100
     """How many class images to use; the folder must hold at least this many."""
     prior_loss_weight: float = 1.0

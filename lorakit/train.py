@@ -516,9 +516,12 @@ def _render_class_images(recipe: Recipe, base: BaseModel, device: Any, log: Log,
 
     with progress_bar("Class images", missing, quiet=quiet) as bar:
         for index in range(have, prior.num_class_images):
-            (image,) = render(pipe, [prior.class_prompt], [index], settings)
+            prompts = [prior.class_prompt] if isinstance(prior.class_prompt, str) else prior.class_prompt
+            prompt = prompts[index % len(prompts)]
+            (image,) = render(pipe, [prompt], [index], settings)
+            (folder / f"class-{index:05d}.txt").write_text(prompt + "\n", encoding="utf-8")
             parameters = a1111_parameters(
-                prior.class_prompt,
+                prompt,
                 negative_prompt=settings.negative_prompt,
                 steps=settings.steps,
                 sampler="Euler",

@@ -57,7 +57,7 @@ def test_concept_photos_are_what_a_user_brings(tmp_path):
     for path in images:
         with Image.open(path) as image:
             assert detect(image)["colour"] == "purple"
-        assert path.with_suffix(".txt").read_text().startswith("sks ball on the ")
+        assert path.with_suffix(".txt").read_text().startswith("a sks ball on the ")
 
 
 def test_demo_runs_prepare_train_generate_merge(quick_toy_base, tmp_path):

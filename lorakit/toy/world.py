@@ -91,7 +91,7 @@ def concept_photos(count: int, seed: int) -> list[tuple[object, str]]:
     return [
         (
             draw(random_scene(rng, CONCEPT_COLOUR[1], side, BACKGROUNDS[background])),
-            caption("", side, background, subject=f"{TRIGGER} ball"),
+            caption("", side, background, subject=f"a {TRIGGER} ball"),
         )
         for side, background in (combos * 3)[:count]
     ]
