@@ -61,7 +61,7 @@ def main() -> None:
         prepare(
             photos,
             Path(tmp) / "dataset",
-            PrepareOptions(trigger="sks", resolution=16, bucket_step=4, workers=1),
+            PrepareOptions(trigger="sks", resolution=16, bucket_step=4, workers=1, keep_duplicates=True),
             quiet=True,
             log=lambda _: None,
         )
@@ -82,6 +82,8 @@ def main() -> None:
         "prior_accuracy_adapter": after["prior_accuracy"],
         "prior_colour_accuracy_base": before["prior_colour_accuracy"],
         "prior_colour_accuracy_adapter": after["prior_colour_accuracy"],
+        "prior_side_accuracy_base": before["prior_side_accuracy"],
+        "prior_side_accuracy_adapter": after["prior_side_accuracy"],
         "prior_pixel_drift": pixel_drift(before["base_images"], after["base_images"]),
         "trigger_images": len(after["trigger_images"]),
         "base_images": len(after["base_images"]),
@@ -94,6 +96,10 @@ def main() -> None:
     print(
         f"{'prior colour accuracy':28}{results['prior_colour_accuracy_base']:>8.2f}"
         f"{results['prior_colour_accuracy_adapter']:>9.2f}"
+    )
+    print(
+        f"{'side accuracy (not learned)':28}{results['prior_side_accuracy_base']:>8.2f}"
+        f"{results['prior_side_accuracy_adapter']:>9.2f}"
     )
     print(
         f"prior drift {results['prior_pixel_drift']:.1f}/255 mean pixel change; detectors {detectors}; "

@@ -35,7 +35,8 @@ def run_demo(
     prepare(
         photos,
         out / "dataset",
-        PrepareOptions(trigger=TRIGGER, resolution=SIZE, bucket_step=4, workers=1),
+        # The concept photos repeat each side/background pair with small jitter: near duplicates on purpose.
+        PrepareOptions(trigger=TRIGGER, resolution=SIZE, bucket_step=4, workers=1, keep_duplicates=True),
         quiet=quiet,
         log=log,
     )

@@ -108,6 +108,13 @@ def test_prior_preservation_renders_missing_class_images_and_trains_on_them(tiny
     assert not any("rendering" in line for line in again)  # kept in the folder, rendered once
 
 
+def test_prior_with_a_list_of_class_prompts_captions_each_image(tiny_base, tiny_dataset, tmp_path):
+    prior = {"class_dir": str(tmp_path / "class"), "class_prompt": ["a red toy", "a blue toy"], "num_class_images": 3}
+    _run(tiny_base, tiny_dataset, tmp_path / "out", prior=prior, train={"max_steps": 1}, sample={"steps": 2})
+    captions = [(tmp_path / "class" / f"class-{i:05d}.txt").read_text().strip() for i in range(3)]
+    assert captions == ["a red toy", "a blue toy", "a red toy"]
+
+
 def test_several_dataset_folders_with_their_own_repeats(tiny_base, tiny_dataset, tmp_path):
     second = _write_dataset(tmp_path / "second", ["ohwx toy"] * 2, tiny_dataset)
     result, _ = _run(

@@ -101,7 +101,7 @@ def test_the_concept_is_learned_and_the_prior_kept(tmp_path):
     prepare(
         write_concept_photos(tmp_path / "photos"),
         tmp_path / "dataset",
-        PrepareOptions(trigger="sks", resolution=16, bucket_step=4, workers=1),
+        PrepareOptions(trigger="sks", resolution=16, bucket_step=4, workers=1, keep_duplicates=True),
         quiet=True,
         log=lambda _: None,
     )
