@@ -238,3 +238,14 @@ def test_merge_is_safe_to_rerun(trained_run, third_party, tmp_path):
     _fails(changed, "already exists and was not merged from these inputs")
     _ok(changed + ["--overwrite"])
     _fails(["merge", "--lora", str(third_party), "--out", str(third_party), "--overwrite"], "is one of the inputs")
+
+
+def test_third_party_kohya_file_renders_through_generate(third_party, tiny_base, tmp_path):
+    from PIL import Image
+
+    from lorakit.generate import parse_a1111_parameters
+
+    args = ["generate", "ohwx toy", "--base", str(tiny_base), "--lora", f"{third_party}:0.5", "--size", "64x64"]
+    _ok([*args, "--steps", "2", "--quiet", "--out", str(tmp_path)])
+    with Image.open(tmp_path / "000-seed0.png") as image:
+        assert "<lora:someone_elses_lora:0.5>" in parse_a1111_parameters(image.text["parameters"])["prompt"]
