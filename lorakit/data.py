@@ -39,8 +39,13 @@ class Item:
     folder: str = ""  # the dataset (or class) folder it came from
 
 
-def _file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _read_metadata(folder: Path) -> list[dict]:
@@ -106,7 +111,7 @@ def load_folder(folder: Path, *, trigger: str, repeats: int, buckets: list[tuple
     for row in _read_metadata(folder):
         path = folder / row["file_name"]
         size = _open_size(path, folder / METADATA)
-        sha = row.get("sha256") or _file_sha256(path)
+        sha = row.get("sha256") or file_sha256(path)
         caption = with_trigger(row.get("text", ""), trigger)
         items.append(Item(path, caption, sha, size, nearest_bucket(*size, buckets), repeats, folder=str(folder)))
     if not items:
@@ -133,7 +138,7 @@ def load_items(section: DataSection, pixel_multiple: int) -> list[Item]:
     return items
 
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
 
 def load_class_items(
@@ -175,7 +180,7 @@ def load_class_items(
             Item(
                 path,
                 prompt_for_image,
-                _file_sha256(path),
+                file_sha256(path),
                 size,
                 nearest_bucket(*size, buckets),
                 repeats,

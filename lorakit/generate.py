@@ -6,7 +6,6 @@ and the same function renders training samples, prior-preservation class images 
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -248,6 +247,7 @@ def resolve_adapters(
     loras: list[tuple[str, float]], allow_pickle: bool = False
 ) -> tuple[list[LoadedAdapter], RunDefaults]:
     """Read every `--lora` (a file, or a run folder whose adapter and recipe are used)."""
+    from .data import file_sha256
     from .formats.read import read_adapter_file
     from .formats.tools import require_supported
     from .recipe import load_recipe
@@ -267,7 +267,7 @@ def resolve_adapters(
                 )
         adapter = read_adapter_file(path, allow_pickle=allow_pickle)
         require_supported(adapter)
-        sha = hashlib.sha256(path.read_bytes()).hexdigest()
+        sha = file_sha256(path)
         name = re.sub(r"[^A-Za-z0-9_-]", "_", path.name.split(".")[0])
         adapters.append(LoadedAdapter(f"{name}_{len(adapters)}", path, scale, adapter.state, sha))
     return adapters, defaults

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .adapters import LoraModule
+from .data import file_sha256
 from .errors import AdapterError, OutputError
 
 if TYPE_CHECKING:
@@ -164,16 +165,6 @@ def parse_lora_argument(text: str) -> tuple[str, float]:
     return text, 1.0
 
 
-def _file_sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _base_fingerprint(base: str) -> str:
     """Identity of a base model: its files' names, sizes and modification times (local), or the hub id."""
     import hashlib
@@ -253,7 +244,7 @@ def merge(
     fmt = fmt or (("single-file" if out.suffix == ".safetensors" else "diffusers") if base else "kohya")
     record = {
         "loras": [
-            {"file": a.path.name, "sha256": _file_sha256(a.path), "scale": s}
+            {"file": a.path.name, "sha256": file_sha256(a.path), "scale": s}
             for a, (_, s) in zip(files, loras, strict=True)
         ],
         "base": _base_fingerprint(base) if base else None,

@@ -15,7 +15,6 @@ if TYPE_CHECKING:
     from ..adapters import LoraState
 
 BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
-DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
 
 
 @dataclass
@@ -117,7 +116,7 @@ def save_adapter_files(
     import torch
     from safetensors.torch import save_file
 
-    dtype = getattr(torch, DTYPES[save_dtype])
+    dtype = getattr(torch, save_dtype)
     metadata = kohya_metadata(info)
     kohya_path = Path(run_dir) / f"{name}.safetensors"
     diffusers_path = Path(run_dir) / f"{name}.diffusers.safetensors"
@@ -138,7 +137,7 @@ def write_adapter(
     import torch
     from safetensors.torch import save_file
 
-    dtype = getattr(torch, DTYPES[dtype_name])
+    dtype = getattr(torch, dtype_name)
     if layout == "kohya":
         tensors = to_kohya(state, dtype, sdxl=family == "sdxl")
         header = {k: v for k, v in metadata.items() if k != "lora_adapter_metadata"}

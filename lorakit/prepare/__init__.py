@@ -19,9 +19,10 @@ from pathlib import Path
 
 from ..buckets import make_buckets
 from ..checkpoint import atomic_write, atomic_write_text
+from ..data import IMAGE_SUFFIXES, file_sha256
 from ..errors import DatasetError, OutputError
 from .captions import caption_from_filename, normalise_tags, place_trigger, read_sidecar
-from .images import IMAGE_SUFFIXES, REASONS, Processed, SizingOptions, process_image
+from .images import REASONS, Processed, SizingOptions, process_image
 
 READ_FAILURES = ("empty_file", "unreadable", "truncated", "decompression_bomb")
 STATE = Path(".cache") / "prepare.json"
@@ -139,11 +140,7 @@ def _reuse(paths: list[Path], src: Path, out: Path, previous: dict) -> tuple[lis
     for path in paths:
         relative = str(path.relative_to(src))
         entry = previous.get(relative)
-        if (
-            entry
-            and entry["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
-            and (out / entry["file_name"]).is_file()
-        ):
+        if entry and entry["sha256"] == file_sha256(path) and (out / entry["file_name"]).is_file():
             reused.append(
                 Processed(
                     source=relative,

@@ -13,8 +13,6 @@ from pathlib import Path
 
 from ..buckets import fit_to_bucket, nearest_bucket
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
-
 # Why an image was left out; the keys of the report's "dropped" table.
 REASONS = {
     "empty_file": "zero-byte file",
