@@ -52,10 +52,19 @@ class LoraModule:
     down: torch.Tensor  # [rank, in] (conv: [rank, in, kh, kw])
     up: torch.Tensor  # [out, rank] (conv: [out, rank, 1, 1])
     alpha: float
+    # DoRA: the trained norm of each output row of W + delta W (peft's lora_magnitude_vector), [out]; the adapted
+    # weight is magnitude * (W + delta W) / ||W + delta W|| row by row.
+    magnitude: torch.Tensor | None = None
 
     @property
     def rank(self) -> int:
         return self.down.shape[0]
+
+    def peft_magnitude(self) -> torch.Tensor | None:
+        """The DoRA magnitude in peft's (and diffusers') shape: [out] for Linear, [1, out, 1, 1] for Conv2d."""
+        if self.magnitude is None:
+            return None
+        return self.magnitude.reshape(1, -1, 1, 1) if self.down.ndim == 4 else self.magnitude.reshape(-1)
 
 
 # component name ("unet", "text_encoder", "text_encoder_2") -> module path -> factors
@@ -101,6 +110,7 @@ def inject_lora(
     target_modules: str | list[str],
     conv_rank: int | None = None,
     conv_alpha: float | None = None,
+    use_dora: bool = False,
 ) -> list[str]:
     """Add a trainable LoRA adapter to `model` with peft and return the adapted module paths.
 
@@ -133,6 +143,7 @@ def inject_lora(
         lora_dropout=dropout,
         target_modules=targets,
         init_lora_weights=True,
+        use_dora=use_dora,
         rank_pattern={re.escape(n): conv_rank for n in spatial} if conv_rank else {},
         alpha_pattern={re.escape(n): conv_alpha for n in spatial} if conv_alpha is not None else {},
     )
@@ -148,7 +159,11 @@ def lora_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 def freeze_except_lora(model: torch.nn.Module) -> None:
     """Freeze every base weight; leave only LoRA factors trainable."""
     for name, param in model.named_parameters():
-        param.requires_grad_(".lora_A." in name or ".lora_B." in name)
+        param.requires_grad_(_is_adapter_parameter(name))
+
+
+def _is_adapter_parameter(name: str) -> bool:
+    return ".lora_A." in name or ".lora_B." in name or ".lora_magnitude_vector." in name
 
 
 def extract_lora(model: torch.nn.Module, weights: dict[str, torch.Tensor] | None = None) -> dict[str, LoraModule]:
@@ -165,17 +180,29 @@ def extract_lora(model: torch.nn.Module, weights: dict[str, torch.Tensor] | None
             continue
         rank = module.r[ADAPTER_NAME]
         down_name, up_name = f"{name}.lora_A.{ADAPTER_NAME}.weight", f"{name}.lora_B.{ADAPTER_NAME}.weight"
+        magnitude = _magnitude_parameter(module)
+        if magnitude is not None:
+            magnitude = weights.get(f"{name}.lora_magnitude_vector.{ADAPTER_NAME}.weight", magnitude).detach()
         modules[name] = LoraModule(
             down=weights.get(down_name, lora_a[ADAPTER_NAME].weight).detach(),
             up=weights.get(up_name, module.lora_B[ADAPTER_NAME].weight).detach(),
             alpha=float(module.scaling[ADAPTER_NAME] * rank),
+            magnitude=magnitude.reshape(-1) if magnitude is not None else None,
         )
     return modules
 
 
+def _magnitude_parameter(module: torch.nn.Module) -> torch.nn.Parameter | None:
+    """The DoRA magnitude of a peft-adapted module (peft keeps it [out] for Linear, [1, out, 1, 1] for Conv2d)."""
+    vectors = getattr(module, "lora_magnitude_vector", None)
+    if vectors is None or ADAPTER_NAME not in vectors:
+        return None
+    return vectors[ADAPTER_NAME].weight
+
+
 def named_lora_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     """The LoRA parameters of `model` by name (the names `extract_lora` accepts in `weights`)."""
-    return {n: p for n, p in model.named_parameters() if ".lora_A." in n or ".lora_B." in n}
+    return {n: p for n, p in model.named_parameters() if _is_adapter_parameter(n)}
 
 
 def load_lora_into(model: torch.nn.Module, modules: dict[str, LoraModule], source: str) -> None:
@@ -197,10 +224,18 @@ def load_lora_into(model: torch.nn.Module, modules: dict[str, LoraModule], sourc
                 f"{source}: {path} has rank {lora.rank} but lora.rank here is "
                 f"{module.r[ADAPTER_NAME]}; set lora.rank = {lora.rank}"
             )
+        magnitude = _magnitude_parameter(module)
+        if (magnitude is None) != (lora.magnitude is None):
+            raise AdapterError(
+                f"{source}: {path} is {'a DoRA' if lora.magnitude is not None else 'a plain LoRA'} module; set "
+                f"lora.use_dora = {str(lora.magnitude is not None).lower()} to start from it"
+            )
         with torch.no_grad():
             module.lora_A[ADAPTER_NAME].weight.copy_(lora.down)
             scale = (lora.alpha / lora.rank) / module.scaling[ADAPTER_NAME]
             module.lora_B[ADAPTER_NAME].weight.copy_(lora.up * scale)
+            if magnitude is not None:
+                magnitude.copy_(lora.magnitude.reshape(magnitude.shape))
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

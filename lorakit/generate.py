@@ -260,7 +260,7 @@ def resolve_adapters(
             if not recipe_path.is_file():
                 raise AdapterError(f"--lora {text}: a folder but not a run folder (no recipe.resolved.toml)")
             recipe = load_recipe(recipe_path)
-            path = path / f"{recipe.output.name}.safetensors"
+            path = run_adapter_path(path, recipe.output.name)
             if defaults.base is None:
                 defaults = RunDefaults(
                     recipe.model.base, recipe.model.config, recipe.data.trigger, recipe.model.clip_skip
@@ -276,6 +276,7 @@ def resolve_adapters(
 def _diffusers_state_dict(state: Any) -> dict[str, Any]:
     """peft-spelled keys with alpha / rank folded into the up weights, so loading needs no alpha at all."""
     from .formats import exported_path
+    from .formats.diffusers import MAGNITUDE
 
     tensors = {}
     for component, modules in state.items():
@@ -283,7 +284,16 @@ def _diffusers_state_dict(state: Any) -> dict[str, Any]:
             stem = f"{component}.{exported_path(component, path)}"
             tensors[f"{stem}.lora_A.weight"] = lora.down.float()
             tensors[f"{stem}.lora_B.weight"] = lora.up.float() * (lora.alpha / lora.rank)
+            if lora.magnitude is not None:  # diffusers turns on peft's use_dora when it sees these keys
+                tensors[f"{stem}.{MAGNITUDE}"] = lora.peft_magnitude().float()
     return tensors
+
+
+def run_adapter_path(run_dir: Path, name: str) -> Path:
+    """The adapter of a run folder: the kohya file, or the diffusers one for DoRA runs (which have no kohya file)."""
+    kohya = run_dir / f"{name}.safetensors"
+    diffusers = run_dir / f"{name}.diffusers.safetensors"
+    return diffusers if diffusers.is_file() and not kohya.is_file() else kohya
 
 
 def apply_adapters(pipe: Any, adapters: list[LoadedAdapter]) -> None:

@@ -41,6 +41,33 @@ def delta_weight(lora: LoraModule, shape: tuple[int, ...], scale: float = 1.0) -
     return (up @ down).reshape(shape)
 
 
+def weight_change(lora: LoraModule, weight: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """What one adapter at `scale` adds to `weight`, as peft applies it (so diffusers draws the same).
+
+    LoRA: scale * delta W. DoRA: every output row of W + scale * delta W rescaled to the trained magnitude,
+    minus W, i.e. (m / n - 1) W + (m / n) scale delta W with n the row norms of W + scale * delta W.
+    """
+    delta = delta_weight(lora, tuple(weight.shape), scale)
+    if lora.magnitude is None:
+        return delta
+    weight = weight.float()
+    rows = (-1,) + (1,) * (weight.dim() - 1)
+    norm = (weight + delta).reshape(weight.shape[0], -1).norm(dim=1).reshape(rows)
+    ratio = lora.magnitude.float().reshape(rows) / norm
+    return (ratio - 1) * weight + ratio * delta
+
+
+def refuse_dora(state: LoraState, source: str, action: str) -> None:
+    """DoRA's per-row magnitudes are not low-rank updates: they cannot be concatenated, truncated or resized."""
+    from .formats.kohya import is_dora
+
+    if is_dora(state):
+        raise AdapterError(
+            f"{source}: a DoRA adapter cannot be {action} (its magnitudes are not a low-rank update); "
+            "merge it into a base model with --base instead"
+        )
+
+
 def _module_from_factors(up: torch.Tensor, down: torch.Tensor, like: LoraModule) -> LoraModule:
     """A LoraModule with alpha = rank (scale folded) and `like`'s conv shapes."""
     rank = down.shape[0]
@@ -126,6 +153,9 @@ def resize_adapter(state: LoraState, rank: int) -> tuple[LoraState, dict[str, fl
 def merge_into_models(models: dict[str, Any], adapters: list[Weighted]) -> int:
     """Add every adapter's scaled update to the weights of `models` (component -> module); returns modules changed.
 
+    Several adapters on one module add up as they do in peft: each DoRA adapter is normalised against the base
+    weight alone.
+
     Raises AdapterError naming the first module that is missing, does not fit, or would become non-finite.
     """
     import torch
@@ -139,7 +169,7 @@ def merge_into_models(models: dict[str, Any], adapters: list[Weighted]) -> int:
         for (component, path), parts in _paths(adapters).items():
             module = dict(models[component].named_modules())[path]
             weight = module.weight
-            update = sum(delta_weight(lora, tuple(weight.shape), scale) for lora, scale in parts)
+            update = sum(weight_change(lora, weight, scale) for lora, scale in parts)
             merged = weight.float() + update
             if not torch.isfinite(merged).all():
                 raise AdapterError(f"{component} module {path}: the merged weight is not finite; check the scales")
@@ -269,6 +299,8 @@ def _merge_adapters(
 
     if fmt not in ("kohya", "diffusers"):
         raise AdapterError(f"--format {fmt}: merging adapters into one writes 'kohya' or 'diffusers'")
+    for adapter in weighted:
+        refuse_dora(adapter.state, adapter.name, "merged with other adapters")
     error = None
     if rank is None:
         state = concat_adapters(weighted)
@@ -347,6 +379,7 @@ def resize(
 
     adapter = read_adapter_file(path, allow_pickle=allow_pickle)
     require_supported(adapter)
+    refuse_dora(adapter.state, str(adapter.path), "resized")
     stem = (
         adapter.path.name[: -len(".safetensors")] if adapter.path.name.endswith(".safetensors") else adapter.path.stem
     )

@@ -88,6 +88,9 @@ class LoraSection:
     """Where adapters go: `transformer` (every Linear and 1x1 conv in the U-Net's transformer blocks, and CLIP
     attention + MLP: kohya's default), `attention` (q/k/v/out only), `transformer+conv` (also the ResNet and
     resampler convolutions: LoCon), or a list of module names."""
+    use_dora: bool = False
+    """DoRA (peft's weight decomposition: a trained magnitude per output row on top of the low-rank direction).
+    Saved in the diffusers layout only: A1111/Forge and ComfyUI apply kohya-layout DoRA on the other axis."""
     conv_rank: int | None = None
     """Rank of the 3x3 convolution adapters with `transformer+conv` (default: `rank`)."""
     conv_alpha: float | None = None

@@ -186,6 +186,7 @@ def _inject(recipe: Recipe, base: BaseModel, log: Log) -> dict[str, Any]:
             target_modules=lora.target_modules,
             conv_rank=lora.conv_rank,
             conv_alpha=lora.conv_alpha,
+            use_dora=lora.use_dora,
         )
         adapters.freeze_except_lora(module)
         cast_training_params(module)  # LoRA weights train in float32 whatever the frozen weights' dtype
@@ -722,17 +723,20 @@ def train(
             for name in models
         }
     state = {name: adapters.extract_lora(m, ema_weights.get(name)) for name, m in models.items()}
-    kohya_path = run_dir / f"{recipe.output.name}.safetensors"
+    kohya_path = None if recipe.lora.use_dora else run_dir / f"{recipe.output.name}.safetensors"
     diffusers_path = run_dir / f"{recipe.output.name}.diffusers.safetensors"
     if accelerator.is_main_process:
         info = _adapter_info(recipe, base, items, run.step, started)
         kohya_path, diffusers_path = save_adapter_files(
             state, run_dir, recipe.output.name, recipe.output.save_dtype, info
         )
-        say(f"Saved {kohya_path} (kohya layout: A1111/Forge, ComfyUI, diffusers) and {diffusers_path.name}")
+        if kohya_path is None:
+            say(f"Saved {diffusers_path} (DoRA, diffusers layout: diffusers and `lorakit generate`/`merge`)")
+        else:
+            say(f"Saved {kohya_path} (kohya layout: A1111/Forge, ComfyUI, diffusers) and {diffusers_path.name}")
     accelerator.end_training()
     trainable = sum(p.numel() for p in run.named_trainable().values())
-    return RunResult(run_dir, kohya_path, diffusers_path, run.step, loss, trainable, models)
+    return RunResult(run_dir, kohya_path or diffusers_path, diffusers_path, run.step, loss, trainable, models)
 
 
 def _cache_root(recipe: Recipe) -> Path:

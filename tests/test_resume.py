@@ -37,8 +37,9 @@ def _assert_equal_files(a, b):
             {"optimizer": "adamw8bit", "gradient_accumulation_steps": 2},
             {"rank": 64, "lora_alpha": 32.0, "target_modules": "attention"},
         ),
+        ({"ema_decay": 0.9}, {"use_dora": True}),
     ],
-    ids=["adamw-cosine", "adamw8bit-accumulation"],
+    ids=["adamw-cosine", "adamw8bit-accumulation", "dora-ema"],
 )
 def test_half_then_resume_equals_straight(tiny_base, tiny_dataset, tmp_path, train_cfg, lora_cfg):
     settings = {"train": {"max_steps": 6, "save_every_steps": 3, **train_cfg}, "lora": lora_cfg}
@@ -50,7 +51,7 @@ def test_half_then_resume_equals_straight(tiny_base, tiny_dataset, tmp_path, tra
     shutil.copytree(straight.run_dir, resumed_dir)
     shutil.rmtree(resumed_dir / "checkpoints" / "step-000006")
     for name in ("run.safetensors", "run.diffusers.safetensors"):
-        (resumed_dir / name).unlink()
+        (resumed_dir / name).unlink(missing_ok=True)
     resumed = _train(
         tiny_base, tiny_dataset, tmp_path / "b", resume=str(resumed_dir / "checkpoints" / "step-000003"), **settings
     )

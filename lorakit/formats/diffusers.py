@@ -2,8 +2,9 @@
 
 Keys use peft's spelling, `<component>.<module path>.lora_A.weight` / `.lora_B.weight`. Alpha
 travels in the `lora_adapter_metadata` header that diffusers turns into the `LoraConfig`:
-kept minimal (`r`, `lora_alpha`, `target_modules`), as any field the reader's peft does not
-know would make loading fail.
+kept minimal (`r`, `lora_alpha`, `target_modules`, and `use_dora` for DoRA), as any field the
+reader's peft does not know would make loading fail. A DoRA module adds its magnitude as
+`<component>.<module path>.lora_magnitude_vector.weight` (peft's shapes: [out], convs [1, out, 1, 1]).
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ if TYPE_CHECKING:
     from ..adapters import LoraState
 
 METADATA_KEY = "lora_adapter_metadata"
+# diffusers' U-Net loader also takes peft's bare `lora_magnitude_vector`; the text encoder (transformers 5) needs
+# the `.weight`, so both components get it.
+MAGNITUDE = "lora_magnitude_vector.weight"
 
 
 def to_diffusers(state: LoraState, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -43,9 +47,13 @@ def to_diffusers(state: LoraState, dtype: torch.dtype) -> tuple[dict[str, torch.
             stem = f"{component}.{exported_path(component, path)}"
             tensors[f"{stem}.lora_A.weight"] = lora.down.to(dtype).contiguous()
             tensors[f"{stem}.lora_B.weight"] = up.to(dtype).contiguous()
+            if lora.magnitude is not None:
+                tensors[f"{stem}.{MAGNITUDE}"] = lora.peft_magnitude().to(dtype).contiguous()
         config[f"{component}.r"] = rank
         config[f"{component}.lora_alpha"] = alpha
         config[f"{component}.target_modules"] = sorted(modules)
         if rank_pattern:
             config[f"{component}.rank_pattern"] = rank_pattern
+        if any(lora.magnitude is not None for lora in modules.values()):
+            config[f"{component}.use_dora"] = True
     return tensors, {METADATA_KEY: json.dumps(config, sort_keys=True)}

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from ..checkpoint import atomic_write
 from .diffusers import to_diffusers
-from .kohya import to_kohya
+from .kohya import is_dora, to_kohya
 
 if TYPE_CHECKING:
     from ..adapters import LoraState
@@ -111,15 +111,24 @@ def sshs_hashes(tensors: dict, metadata: dict[str, str]) -> dict[str, str]:
 
 def save_adapter_files(
     state: LoraState, run_dir: Path, name: str, save_dtype: str, info: AdapterInfo
-) -> tuple[Path, Path]:
-    """Write `<name>.safetensors` (kohya) and `<name>.diffusers.safetensors` into `run_dir`."""
+) -> tuple[Path | None, Path]:
+    """Write `<name>.safetensors` (kohya) and `<name>.diffusers.safetensors` into `run_dir`; a DoRA adapter only
+    in the diffusers layout (kohya path None)."""
     import torch
     from safetensors.torch import save_file
 
     dtype = getattr(torch, save_dtype)
     metadata = kohya_metadata(info)
-    kohya_path = Path(run_dir) / f"{name}.safetensors"
+    kohya_path: Path | None = Path(run_dir) / f"{name}.safetensors"
     diffusers_path = Path(run_dir) / f"{name}.diffusers.safetensors"
+    if is_dora(state):
+        metadata["lorakit_dora"] = "true"
+        diffusers_tensors, diffusers_header = to_diffusers(state, dtype)
+        atomic_write(
+            diffusers_path,
+            lambda tmp: save_file(diffusers_tensors, str(tmp), metadata={**metadata, **diffusers_header}),
+        )
+        return None, diffusers_path
     kohya_tensors = to_kohya(state, dtype, sdxl=info.family == "sdxl")
     metadata.update(sshs_hashes(kohya_tensors, metadata))
     atomic_write(kohya_path, lambda tmp: save_file(kohya_tensors, str(tmp), metadata=metadata))

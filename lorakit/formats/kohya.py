@@ -20,6 +20,16 @@ PREFIXES = {"unet": "lora_unet", "text_encoder": "lora_te", "text_encoder_2": "l
 SDXL_PREFIXES = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
 
 
+DORA_KOHYA_MESSAGE = (
+    "a DoRA adapter has no kohya layout: A1111/Forge and ComfyUI apply a kohya file's dora_scale per input "
+    "column, peft and diffusers per output row, so it would draw differently; use the diffusers layout"
+)
+
+
+def is_dora(state: LoraState) -> bool:
+    return any(lora.magnitude is not None for modules in state.values() for lora in modules.values())
+
+
 def kohya_name(component: str, path: str, *, sdxl: bool = False) -> str:
     """The kohya key stem of one module, e.g. `lora_te_text_model_encoder_layers_0_mlp_fc1`."""
     prefix = (SDXL_PREFIXES if sdxl else PREFIXES)[component]
@@ -35,6 +45,10 @@ def to_kohya(state: LoraState, dtype: torch.dtype, *, sdxl: bool = False) -> dic
     """
     import torch
 
+    from ..errors import AdapterError
+
+    if is_dora(state):
+        raise AdapterError(DORA_KOHYA_MESSAGE)
     fold = len({lora.alpha / lora.rank for modules in state.values() for lora in modules.values()}) > 1
     tensors = {}
     for component, modules in state.items():

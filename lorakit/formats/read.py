@@ -161,6 +161,11 @@ def _read_kohya(path: Path, tensors: dict) -> LoraState:
     state: LoraState = {}
     for key in sorted(tensors):
         stem, _, suffix = key.partition(".")
+        if suffix == "dora_scale":
+            raise AdapterError(
+                f"{path}: {key}: a LyCORIS-style DoRA file, which lorakit does not read (its dora_scale "
+                "decomposes per input column; lorakit's DoRA is peft's, per output row, in the diffusers layout)"
+            )
         if suffix not in ("lora_down.weight", "lora_up.weight", "alpha"):
             raise AdapterError(
                 f"{path}: {key}: not a LoRA key (expected .lora_down.weight, .lora_up.weight or "
@@ -197,8 +202,15 @@ def _split_diffusers_key(key: str) -> tuple[str, str, int] | None:
 
 
 def _read_diffusers(path: Path, tensors: dict, metadata: dict[str, str]) -> LoraState:
+    import torch
+
     config = json.loads(metadata.get("lora_adapter_metadata", "{}"))
     state: LoraState = {}
+    magnitudes = {}
+    for key in sorted(tensors):
+        stem, found, _ = key.partition(".lora_magnitude_vector")
+        if found and key.endswith((".lora_magnitude_vector", ".lora_magnitude_vector.weight")):
+            magnitudes[stem] = tensors.pop(key)
     for key in sorted(tensors):
         split = _split_diffusers_key(key)
         component = key.split(".", 1)[0]
@@ -224,7 +236,18 @@ def _read_diffusers(path: Path, tensors: dict, metadata: dict[str, str]) -> Lora
         alpha = config.get(f"{component}.alpha_pattern", {}).get(
             module_path, config.get(f"{component}.lora_alpha", rank)
         )
-        state.setdefault(component, {})[module_path] = _module(down, up, alpha * down.shape[0] / rank)
+        lora = _module(down, up, alpha * down.shape[0] / rank)
+        magnitude = magnitudes.pop(stem, None)
+        if magnitude is not None:
+            if magnitude.numel() != up.shape[0] or not torch.isfinite(magnitude).all():
+                raise AdapterError(
+                    f"{path}: {stem}.lora_magnitude_vector: expected {up.shape[0]} finite values (one per output "
+                    f"row), found {magnitude.numel()}"
+                )
+            lora.magnitude = magnitude.float().reshape(-1)
+        state.setdefault(component, {})[module_path] = lora
+    if magnitudes:
+        raise AdapterError(f"{path}: {next(iter(magnitudes))}.lora_magnitude_vector has no matching lora_A/lora_B")
     return state
 
 

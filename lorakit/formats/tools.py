@@ -79,6 +79,7 @@ def inspect_adapter(path: str | Path, *, allow_pickle: bool = False) -> dict:
             "ranks": sorted({lora.rank for lora in modules.values()}),
             "alphas": sorted({lora.alpha for lora in modules.values()}),
             "conv_modules": sum(lora.down.ndim == 4 and lora.down.shape[2:] != (1, 1) for lora in modules.values()),
+            "dora_modules": sum(lora.magnitude is not None for lora in modules.values()),
             "update_norm_total": sum(v * v for v in norms.values()) ** 0.5,
             "update_norm_largest": [{"module": k, "norm": v} for k, v in largest],
         }
@@ -102,7 +103,9 @@ def inspection_lines(info: dict) -> list[str]:
     ]
     for component, entry in info["components"].items():
         lines.append(
-            f"  {component}: {entry['modules']} modules ({entry['conv_modules']} 3x3 conv), rank "
+            f"  {component}: {entry['modules']} modules ({entry['conv_modules']} 3x3 conv"
+            + (f", {entry['dora_modules']} DoRA" if entry["dora_modules"] else "")
+            + "), rank "
             f"{'/'.join(map(str, entry['ranks']))}, alpha {'/'.join(f'{a:g}' for a in entry['alphas'])}, "
             f"update norm {entry['update_norm_total']:.4g}"
         )
