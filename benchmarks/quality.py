@@ -1,16 +1,18 @@
 """Does the adapter learn the new concept and leave the rest alone? The toy world's learning-quality benchmark.
 
-Run by hand (not part of the test suite; ~3 minutes once the toy base exists, ~11 the first time):
+Run by hand (not part of the test suite; about 5 minutes once the toy base exists, 13 the first time):
 
-    python benchmarks/quality.py [--toy-base DIR] [--steps N] [--seeds 2] [--json quality.json]
+    python benchmarks/quality.py [--toy-base DIR] [--steps N] [--seeds 4] [--json quality.json]
 
 1. checks the detectors on the generator's own labelled renders (each must be >= 0.95 accurate);
-2. renders fixed prompts at fixed seeds with the base model: trigger prompts ("a sks square on a black
-   background") and the base world's captions ("a red circle on a white background");
-3. trains the shipped toy recipe on the concept photos (prepare -> train, as a user would);
+2. renders fixed prompts at fixed seeds with the base model: trigger prompts ("a sks ball on the left,
+   white background") and the base world's captions ("a red ball on the right, gray background");
+3. trains the shipped toy recipe as a user would: concept photos and class photos -> prepare -> train
+   (`lorakit.toy.train_concept`);
 4. renders the same prompts and seeds with the adapter, and reports concept fidelity (share of trigger
    images in the concept colour), prior accuracy (share of base-world images showing their caption's
-   colour, side and background) before and after, prior drift (mean pixel change) and wall time.
+   colour and background; left/right, which the base does not learn, is reported on its own) before and
+   after, prior drift (mean pixel change) and wall time.
 """
 
 from __future__ import annotations
@@ -27,17 +29,14 @@ def main() -> None:
 
     from lorakit.generate import apply_adapters, resolve_adapters, set_sampler
     from lorakit.models import load_pipeline
-    from lorakit.prepare import PrepareOptions, prepare
-    from lorakit.recipe import load_recipe
-    from lorakit.toy import RECIPE, write_concept_photos
+    from lorakit.toy import train_concept
     from lorakit.toy.build import build_toy_base
     from lorakit.toy.evaluate import detector_accuracy, evaluate, pixel_drift
-    from lorakit.train import train
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--toy-base", help="toy base folder (default: build or reuse the cached one)")
     parser.add_argument("--steps", type=int, help="training steps (default: the toy recipe's)")
-    parser.add_argument("--seeds", type=int, default=2, help="seeds per prompt")
+    parser.add_argument("--seeds", type=int, default=4, help="seeds per prompt")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     seeds = tuple(range(args.seeds))
@@ -57,21 +56,7 @@ def main() -> None:
     before = evaluate(pipeline(), seeds)
     train_start = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
-        photos = write_concept_photos(Path(tmp) / "photos")
-        prepare(
-            photos,
-            Path(tmp) / "dataset",
-            PrepareOptions(trigger="sks", resolution=16, bucket_step=4, workers=1, keep_duplicates=True),
-            quiet=True,
-            log=lambda _: None,
-        )
-        overrides = [
-            f'model.base="{base}"',
-            f'data.folder="{Path(tmp) / "dataset"}"',
-            f'output.folder="{Path(tmp) / "runs"}"',
-        ]
-        overrides += [f"train.max_steps={args.steps}"] if args.steps else []
-        run = train(load_recipe(RECIPE, overrides), quiet=True, log=lambda _: None)
+        run = train_concept(base, Path(tmp), steps=args.steps, quiet=True, log=lambda _: None)
         train_minutes = (time.monotonic() - train_start) / 60
         after = evaluate(pipeline(run.adapter), seeds)
     results = {

@@ -8,12 +8,9 @@ from pathlib import Path
 
 from .generate import GenerateOptions, RenderSettings, generate
 from .merge import merge
-from .prepare import PrepareOptions, prepare
-from .recipe import load_recipe
-from .toy import RECIPE, write_concept_photos
+from .toy import train_concept
 from .toy.build import build_toy_base
 from .toy.world import SIZE, TRIGGER, caption
-from .train import train
 
 COMPARE_PROMPTS = [
     caption("", "left", "white", subject=f"a {TRIGGER} ball"),
@@ -30,21 +27,8 @@ def run_demo(
     start = time.monotonic()
     out = Path(out).expanduser().resolve()
     base = Path(toy_base).expanduser().resolve() if toy_base else build_toy_base(quiet=quiet, log=log)
-    photos = write_concept_photos(out / "photos")
-    log(f"1/4 prepare: {photos} -> {out / 'dataset'}")
-    prepare(
-        photos,
-        out / "dataset",
-        # The concept photos repeat each side/background pair with small jitter: near duplicates on purpose.
-        PrepareOptions(trigger=TRIGGER, resolution=SIZE, bucket_step=4, workers=1, keep_duplicates=True),
-        quiet=quiet,
-        log=log,
-    )
-    overrides = [f'model.base="{base}"', f'data.folder="{out / "dataset"}"', f'output.folder="{out / "runs"}"']
-    if steps:
-        overrides.append(f"train.max_steps={steps}")
-    log("2/4 train: the toy recipe (LoRA in the U-Net and text encoder)")
-    run = train(load_recipe(RECIPE, overrides), overwrite=True, quiet=quiet, log=log)
+    log("1-2/4 prepare and train: the concept photos (trigger 'sks') and the class photos for prior preservation")
+    run = train_concept(base, out, steps=steps, quiet=quiet, log=log)
     log("3/4 generate: the base and the adapter side by side (scales 0 and 1)")
     settings = RenderSettings(steps=20, guidance=4.0, width=SIZE, height=SIZE)
     compare = generate(

@@ -81,12 +81,9 @@ def test_the_concept_is_learned_and_the_prior_kept(tmp_path):
     """Trains the shipped toy recipe on the real toy base (built once per machine, ~8 min) and measures it."""
     from lorakit.generate import apply_adapters, resolve_adapters, set_sampler
     from lorakit.models import load_pipeline
-    from lorakit.prepare import PrepareOptions, prepare
-    from lorakit.recipe import load_recipe
-    from lorakit.toy import RECIPE, write_concept_photos
+    from lorakit.toy import train_concept
     from lorakit.toy.build import build_toy_base
     from lorakit.toy.evaluate import evaluate
-    from lorakit.train import train
 
     base = build_toy_base(quiet=True, log=lambda _: None)
 
@@ -98,15 +95,7 @@ def test_the_concept_is_learned_and_the_prior_kept(tmp_path):
         return pipe
 
     before = evaluate(pipeline())
-    prepare(
-        write_concept_photos(tmp_path / "photos"),
-        tmp_path / "dataset",
-        PrepareOptions(trigger="sks", resolution=16, bucket_step=4, workers=1, keep_duplicates=True),
-        quiet=True,
-        log=lambda _: None,
-    )
-    overrides = [f'model.base="{base}"', f'data.folder="{tmp_path / "dataset"}"', f'output.folder="{tmp_path}"']
-    run = train(load_recipe(RECIPE, overrides), quiet=True, log=lambda _: None)
+    run = train_concept(base, tmp_path, quiet=True, log=lambda _: None)
     after = evaluate(pipeline(run.adapter))
     assert after["fidelity"] >= before["fidelity"] + 0.5, (before["fidelity"], after["fidelity"])
     assert after["prior_accuracy"] >= before["prior_accuracy"] - 0.1, (

@@ -1,23 +1,73 @@
 """The toy world: a tiny SD 1.x-shaped base model pretrained on the CPU, and a new concept to teach it.
 
 `lorakit toy build` pretrains (or reuses) the base; `write_concept_photos` writes the folder of
-captioned "photos" a user would bring; `lorakit demo` runs prepare -> train -> generate -> merge on them.
+captioned "photos" a user would bring, `write_class_photos` the regularization set of the class
+(pictures of the base world, as users download real class photos for prior preservation), and
+`train_concept` runs prepare -> train on them with the shipped recipe, as `lorakit demo` does.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 RECIPE = Path(__file__).with_name("toy.toml")
+
+
+def _write_pairs(folder: str | Path, pairs: list[tuple[Any, str]], stem: str) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, (image, text) in enumerate(pairs):
+        image.save(folder / f"{stem}_{index:03d}.png")
+        (folder / f"{stem}_{index:03d}.txt").write_text(text + "\n", encoding="utf-8")
+    return folder
 
 
 def write_concept_photos(folder: str | Path, count: int = 12, seed: int = 7) -> Path:
     """The new concept (a colour the base never saw, trigger word `sks`) as PNG photos with .txt captions."""
     from .world import concept_photos
 
+    return _write_pairs(folder, concept_photos(count, seed), "photo")
+
+
+def write_class_photos(folder: str | Path, per_caption: int = 2, seed: int = 11) -> Path:
+    """Class photos for prior preservation: `per_caption` pictures of each base-world caption, captioned."""
+    from .world import base_world
+
+    return _write_pairs(folder, base_world(per_caption, seed), "class")
+
+
+def train_concept(
+    base: str | Path, folder: str | Path, *, steps: int | None = None, quiet: bool = False, log=print
+) -> Any:
+    """Concept and class photos -> `lorakit prepare` -> `lorakit train` with the toy recipe, all inside `folder`.
+
+    Returns the training run's `RunResult` (adapter files in `folder/runs/`).
+    """
+    from ..prepare import PrepareOptions, prepare
+    from ..recipe import load_recipe
+    from ..train import train
+    from .world import SIZE, TRIGGER
+
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    for index, (image, text) in enumerate(concept_photos(count, seed)):
-        image.save(folder / f"photo_{index:02d}.png")
-        (folder / f"photo_{index:02d}.txt").write_text(text + "\n", encoding="utf-8")
-    return folder
+    photos = write_concept_photos(folder / "photos")
+    classes = write_class_photos(folder / "class_photos")
+    log(f"prepare: {photos} -> {folder / 'dataset'}")
+    prepare(
+        photos,
+        folder / "dataset",
+        # The concept photos repeat each side/background pair with small jitter: near duplicates on purpose.
+        PrepareOptions(trigger=TRIGGER, resolution=SIZE, bucket_step=4, workers=1, keep_duplicates=True),
+        quiet=quiet,
+        log=log,
+    )
+    overrides = [
+        f'model.base="{base}"',
+        f'data.folder="{folder / "dataset"}"',
+        f'prior.class_dir="{classes}"',
+        f'output.folder="{folder / "runs"}"',
+    ]
+    if steps:
+        overrides.append(f"train.max_steps={steps}")
+    log("train: the toy recipe (LoRA in the U-Net and text encoder, prior preservation on the class photos)")
+    return train(load_recipe(RECIPE, overrides), overwrite=True, quiet=quiet, log=log)

@@ -55,7 +55,7 @@ def render_set(pipe: Any, prompts: list[str], seeds: list[int]) -> list[Any]:
     return render(pipe, all_prompts, [s for _ in prompts for s in seeds], settings)
 
 
-def evaluate(pipe: Any, seeds: tuple[int, ...] = (0, 1)) -> dict[str, Any]:
+def evaluate(pipe: Any, seeds: tuple[int, ...] = (0, 1, 2, 3)) -> dict[str, Any]:
     """Fidelity (trigger images showing the concept colour) and prior accuracy (base images showing their caption)."""
     triggers, bases = trigger_prompts(), base_prompts()
     trigger_images = render_set(pipe, [p for p, *_ in triggers], list(seeds))
