@@ -2,7 +2,7 @@
 
 Run by hand (not part of the test suite; about 5 minutes once the toy base exists, 13 the first time):
 
-    python benchmarks/quality.py [--toy-base DIR] [--steps N] [--seeds 4] [--json quality.json]
+    python benchmarks/quality.py [--toy-base DIR] [--steps N] [--seeds 4] [--guidance 2,4] [--json quality.json]
 
 1. checks the detectors on the generator's own labelled renders (each must be >= 0.95 accurate);
 2. renders fixed prompts at fixed seeds with the base model: trigger prompts ("a sks ball on the left,
@@ -27,69 +27,59 @@ from pathlib import Path
 def main() -> None:
     import torch  # noqa: F401 - import the stack before timing
 
-    from lorakit.generate import apply_adapters, resolve_adapters, set_sampler
-    from lorakit.models import load_pipeline
     from lorakit.toy import train_concept
     from lorakit.toy.build import build_toy_base
-    from lorakit.toy.evaluate import detector_accuracy, evaluate, pixel_drift
+    from lorakit.toy.evaluate import detector_accuracy, evaluate, pixel_drift, toy_pipeline
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--toy-base", help="toy base folder (default: build or reuse the cached one)")
     parser.add_argument("--steps", type=int, help="training steps (default: the toy recipe's)")
     parser.add_argument("--seeds", type=int, default=4, help="seeds per prompt")
+    parser.add_argument("--guidance", default="2,4", help="classifier-free guidance scales to measure at")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     seeds = tuple(range(args.seeds))
+    guidances = [float(g) for g in args.guidance.split(",")]
     start = time.monotonic()
     detectors = detector_accuracy()
     assert all(v >= 0.95 for v in detectors.values()), detectors
     base = Path(args.toy_base) if args.toy_base else build_toy_base(quiet=True, log=lambda _: None)
 
-    def pipeline(adapter=None):
-        pipe = load_pipeline(str(base))
-        if adapter:
-            apply_adapters(pipe, resolve_adapters([(str(adapter), 1.0)])[0])
-        set_sampler(pipe, "euler")
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
-
-    before = evaluate(pipeline(), seeds)
+    before = {g: evaluate(toy_pipeline(base), seeds, g) for g in guidances}
     train_start = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
         run = train_concept(base, Path(tmp), steps=args.steps, quiet=True, log=lambda _: None)
         train_minutes = (time.monotonic() - train_start) / 60
-        after = evaluate(pipeline(run.adapter), seeds)
+        after = {g: evaluate(toy_pipeline(base, run.adapter), seeds, g) for g in guidances}
     results = {
         "detector_accuracy": detectors,
-        "fidelity_base": before["fidelity"],
-        "fidelity_adapter": after["fidelity"],
-        "prior_accuracy_base": before["prior_accuracy"],
-        "prior_accuracy_adapter": after["prior_accuracy"],
-        "prior_colour_accuracy_base": before["prior_colour_accuracy"],
-        "prior_colour_accuracy_adapter": after["prior_colour_accuracy"],
-        "prior_side_accuracy_base": before["prior_side_accuracy"],
-        "prior_side_accuracy_adapter": after["prior_side_accuracy"],
-        "prior_pixel_drift": pixel_drift(before["base_images"], after["base_images"]),
-        "trigger_images": len(after["trigger_images"]),
-        "base_images": len(after["base_images"]),
+        "seeds": len(seeds),
         "train_minutes": round(train_minutes, 2),
         "wall_minutes": round((time.monotonic() - start) / 60, 2),
+        "by_guidance": {},
     }
-    print(f"{'':28}{'base':>8}{'adapter':>9}")
-    print(f"{'concept fidelity':28}{results['fidelity_base']:>8.2f}{results['fidelity_adapter']:>9.2f}")
-    print(f"{'prior accuracy':28}{results['prior_accuracy_base']:>8.2f}{results['prior_accuracy_adapter']:>9.2f}")
-    print(
-        f"{'prior colour accuracy':28}{results['prior_colour_accuracy_base']:>8.2f}"
-        f"{results['prior_colour_accuracy_adapter']:>9.2f}"
+    rows = (
+        ("concept fidelity", "fidelity"),
+        ("prior accuracy", "prior_accuracy"),
+        ("prior colour accuracy", "prior_colour_accuracy"),
+        ("side accuracy (not learned)", "prior_side_accuracy"),
     )
-    print(
-        f"{'side accuracy (not learned)':28}{results['prior_side_accuracy_base']:>8.2f}"
-        f"{results['prior_side_accuracy_adapter']:>9.2f}"
-    )
-    print(
-        f"prior drift {results['prior_pixel_drift']:.1f}/255 mean pixel change; detectors {detectors}; "
-        f"training {results['train_minutes']} min, wall {results['wall_minutes']} min"
-    )
+    for g in guidances:
+        entry = {
+            f"{key}_{when}": found[g][key]
+            for key in dict(rows).values()
+            for when, found in (("base", before), ("adapter", after))
+        }
+        entry["prior_pixel_drift"] = pixel_drift(before[g]["base_images"], after[g]["base_images"])
+        entry["trigger_images"] = len(after[g]["trigger_images"])
+        entry["base_images"] = len(after[g]["base_images"])
+        results["by_guidance"][str(g)] = entry
+        print(f"guidance {g:g}: {entry['trigger_images']} trigger images, {entry['base_images']} base-world images")
+        print(f"  {'':28}{'base':>8}{'adapter':>9}")
+        for label, key in rows:
+            print(f"  {label:28}{entry[key + '_base']:>8.2f}{entry[key + '_adapter']:>9.2f}")
+        print(f"  prior drift {entry['prior_pixel_drift']:.1f}/255 mean pixel change")
+    print(f"detectors {detectors}; training {results['train_minutes']} min, wall {results['wall_minutes']} min")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
     print(json.dumps(results))

@@ -10,6 +10,7 @@ from .generate import GenerateOptions, RenderSettings, generate
 from .merge import merge
 from .toy import train_concept
 from .toy.build import build_toy_base
+from .toy.evaluate import GUIDANCE, STEPS
 from .toy.world import SIZE, TRIGGER, caption
 
 COMPARE_PROMPTS = [
@@ -30,7 +31,7 @@ def run_demo(
     log("1-2/4 prepare and train: the concept photos (trigger 'sks') and the class photos for prior preservation")
     run = train_concept(base, out, steps=steps, quiet=quiet, log=log)
     log("3/4 generate: the base and the adapter side by side (scales 0 and 1)")
-    settings = RenderSettings(steps=20, guidance=4.0, width=SIZE, height=SIZE)
+    settings = RenderSettings(steps=STEPS, guidance=GUIDANCE, width=SIZE, height=SIZE)
     compare = generate(
         COMPARE_PROMPTS,
         out / "compare",

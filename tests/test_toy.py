@@ -79,26 +79,17 @@ def test_demo_runs_prepare_train_generate_merge(quick_toy_base, tmp_path):
 @pytest.mark.slow
 def test_the_concept_is_learned_and_the_prior_kept(tmp_path):
     """Trains the shipped toy recipe on the real toy base (built once per machine, ~8 min) and measures it."""
-    from lorakit.generate import apply_adapters, resolve_adapters, set_sampler
-    from lorakit.models import load_pipeline
     from lorakit.toy import train_concept
     from lorakit.toy.build import build_toy_base
-    from lorakit.toy.evaluate import evaluate
+    from lorakit.toy.evaluate import evaluate, toy_pipeline
 
     base = build_toy_base(quiet=True, log=lambda _: None)
-
-    def pipeline(adapter=None):
-        pipe = load_pipeline(str(base))
-        if adapter:
-            apply_adapters(pipe, resolve_adapters([(str(adapter), 1.0)])[0])
-        set_sampler(pipe, "euler")
-        return pipe
-
-    before = evaluate(pipeline())
+    before = evaluate(toy_pipeline(base))
     run = train_concept(base, tmp_path, quiet=True, log=lambda _: None)
-    after = evaluate(pipeline(run.adapter))
-    assert after["fidelity"] >= before["fidelity"] + 0.5, (before["fidelity"], after["fidelity"])
-    assert after["prior_accuracy"] >= before["prior_accuracy"] - 0.1, (
+    after = evaluate(toy_pipeline(base, run.adapter))
+    # The issue's aim: fidelity >= 0.8 with prior accuracy within 0.05 of the base's (measured 1.00, -0.01).
+    assert after["fidelity"] >= max(0.8, before["fidelity"] + 0.5), (before["fidelity"], after["fidelity"])
+    assert after["prior_accuracy"] >= before["prior_accuracy"] - 0.05, (
         before["prior_accuracy"],
         after["prior_accuracy"],
     )
