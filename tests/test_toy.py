@@ -87,7 +87,7 @@ def test_the_concept_is_learned_and_the_prior_kept(tmp_path):
     before = evaluate(toy_pipeline(base))
     run = train_concept(base, tmp_path, quiet=True, log=lambda _: None)
     after = evaluate(toy_pipeline(base, run.adapter))
-    # The aim: fidelity >= 0.8 with prior accuracy within 0.05 of the base's (measured 1.00, -0.01).
+    # The aim: fidelity >= 0.8 with prior accuracy within 0.05 of the base's (measured 0.92, -0.01).
     assert after["fidelity"] >= max(0.8, before["fidelity"] + 0.5), (before["fidelity"], after["fidelity"])
     assert after["prior_accuracy"] >= before["prior_accuracy"] - 0.05, (
         before["prior_accuracy"],

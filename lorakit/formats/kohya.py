@@ -22,7 +22,8 @@ SDXL_PREFIXES = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_
 
 DORA_KOHYA_MESSAGE = (
     "a DoRA adapter has no kohya layout: A1111/Forge and ComfyUI apply a kohya file's dora_scale per input "
-    "column, peft and diffusers per output row, so it would draw differently; use the diffusers layout"
+    "column (newer ComfyUI per output row, but against the original weight's norm), peft and diffusers per "
+    "output row of the adapted weight, so it would draw differently; use the diffusers layout"
 )
 
 

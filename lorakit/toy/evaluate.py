@@ -22,7 +22,7 @@ from .world import (
 STEPS = 20
 # Classifier-free guidance of the measurements. The toy base draws its world equally well at 2 and 4 (prior accuracy
 # 0.93 at both, 4 seeds); at 4 guidance over-saturates the new colour toward magenta, which the detector then
-# rejects (fidelity 0.79 at 4 vs 1.00 at 2 for the same adapter). benchmarks/quality.py reports both.
+# rejects (fidelity 0.75 at 4 vs 0.92 at 2 for the same adapter). benchmarks/quality.py reports both.
 GUIDANCE = 2.0
 
 
