@@ -71,6 +71,11 @@ class LoraModule:
 LoraState = dict[str, dict[str, LoraModule]]
 
 
+def is_dora(state: LoraState) -> bool:
+    """Whether any module of `state` is a DoRA module (has a magnitude)."""
+    return any(lora.magnitude is not None for modules in state.values() for lora in modules.values())
+
+
 def text_encoder_kind(component: str) -> str:
     """The preset family of a component name: "unet" or "text_encoder"."""
     return "text_encoder" if component.startswith("text_encoder") else "unet"

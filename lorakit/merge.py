@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .adapters import LoraModule
+from .adapters import LoraModule, is_dora
 from .data import file_sha256
 from .errors import AdapterError, OutputError
 
@@ -59,8 +59,6 @@ def weight_change(lora: LoraModule, weight: torch.Tensor, scale: float = 1.0) ->
 
 def refuse_dora(state: LoraState, source: str, action: str) -> None:
     """DoRA's per-row magnitudes are not low-rank updates: they cannot be concatenated, truncated or resized."""
-    from .formats.kohya import is_dora
-
     if is_dora(state):
         raise AdapterError(
             f"{source}: a DoRA adapter cannot be {action} (its magnitudes are not a low-rank update); "

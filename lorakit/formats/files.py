@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..adapters import is_dora
 from ..checkpoint import atomic_write
 from .diffusers import to_diffusers
-from .kohya import is_dora, to_kohya
+from .kohya import to_kohya
 
 if TYPE_CHECKING:
     from ..adapters import LoraState
@@ -119,19 +120,15 @@ def save_adapter_files(
 
     dtype = getattr(torch, save_dtype)
     metadata = kohya_metadata(info)
-    kohya_path: Path | None = Path(run_dir) / f"{name}.safetensors"
+    kohya_path = None
     diffusers_path = Path(run_dir) / f"{name}.diffusers.safetensors"
     if is_dora(state):
         metadata["lorakit_dora"] = "true"
-        diffusers_tensors, diffusers_header = to_diffusers(state, dtype)
-        atomic_write(
-            diffusers_path,
-            lambda tmp: save_file(diffusers_tensors, str(tmp), metadata={**metadata, **diffusers_header}),
-        )
-        return None, diffusers_path
-    kohya_tensors = to_kohya(state, dtype, sdxl=info.family == "sdxl")
-    metadata.update(sshs_hashes(kohya_tensors, metadata))
-    atomic_write(kohya_path, lambda tmp: save_file(kohya_tensors, str(tmp), metadata=metadata))
+    else:
+        kohya_path = Path(run_dir) / f"{name}.safetensors"
+        kohya_tensors = to_kohya(state, dtype, sdxl=info.family == "sdxl")
+        metadata.update(sshs_hashes(kohya_tensors, metadata))
+        atomic_write(kohya_path, lambda tmp: save_file(kohya_tensors, str(tmp), metadata=metadata))
     diffusers_tensors, diffusers_header = to_diffusers(state, dtype)
     atomic_write(
         diffusers_path, lambda tmp: save_file(diffusers_tensors, str(tmp), metadata={**metadata, **diffusers_header})

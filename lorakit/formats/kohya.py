@@ -27,10 +27,6 @@ DORA_KOHYA_MESSAGE = (
 )
 
 
-def is_dora(state: LoraState) -> bool:
-    return any(lora.magnitude is not None for modules in state.values() for lora in modules.values())
-
-
 def kohya_name(component: str, path: str, *, sdxl: bool = False) -> str:
     """The kohya key stem of one module, e.g. `lora_te_text_model_encoder_layers_0_mlp_fc1`."""
     prefix = (SDXL_PREFIXES if sdxl else PREFIXES)[component]
@@ -46,6 +42,7 @@ def to_kohya(state: LoraState, dtype: torch.dtype, *, sdxl: bool = False) -> dic
     """
     import torch
 
+    from ..adapters import is_dora
     from ..errors import AdapterError
 
     if is_dora(state):

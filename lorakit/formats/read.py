@@ -206,11 +206,13 @@ def _read_diffusers(path: Path, tensors: dict, metadata: dict[str, str]) -> Lora
 
     config = json.loads(metadata.get("lora_adapter_metadata", "{}"))
     state: LoraState = {}
-    magnitudes = {}
-    for key in sorted(tensors):
-        stem, found, _ = key.partition(".lora_magnitude_vector")
-        if found and key.endswith((".lora_magnitude_vector", ".lora_magnitude_vector.weight")):
-            magnitudes[stem] = tensors.pop(key)
+    magnitude_suffixes = (".lora_magnitude_vector", ".lora_magnitude_vector.weight")
+    magnitudes = {
+        key.partition(".lora_magnitude_vector")[0]: tensor
+        for key, tensor in tensors.items()
+        if key.endswith(magnitude_suffixes)
+    }
+    tensors = {key: tensor for key, tensor in tensors.items() if not key.endswith(magnitude_suffixes)}
     for key in sorted(tensors):
         split = _split_diffusers_key(key)
         component = key.split(".", 1)[0]
