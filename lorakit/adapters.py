@@ -1,8 +1,16 @@
-"""LoRA injection with peft: target presets, `add_adapter`, and reading the trained factors back.
+"""LoRA injection with peft: target presets, `inject_adapter_in_model`, and reading the trained factors back.
 
 The presets name modules by *role*, not by path, so they hold for every Stable Diffusion U-Net
 family and CLIP text encoder. Injection, scaling and the forward pass are peft's; this module
 only decides where adapters go and extracts `(down, up, alpha)` triples for export.
+
+Why peft directly and not the models' `add_adapter`: transformers' `add_adapter` (and, since 5.24,
+`set_adapter`, `enable_adapters`, `get_adapter_state_dict` ...) first checks the installed peft against
+a minimum of its own. transformers 5.24 asks for peft >= 0.22 before any such peft was released, so
+every text-encoder LoRA failed inside transformers although peft itself could inject it. Training needs
+none of the bookkeeping those wrappers add (lorakit reads and writes adapter tensors itself), so one
+library's release cannot switch training off. The U-Net goes the same way so both components are
+adapted by one code path.
 """
 
 from __future__ import annotations
@@ -124,7 +132,7 @@ def inject_lora(
     encoder would get q/k/v without out_proj (diffusers cannot load such a file).
     """
     import torch
-    from peft import LoraConfig
+    from peft import LoraConfig, inject_adapter_in_model
 
     targets = resolve_targets(target_modules, component)
     names = matching_modules(model, targets)
@@ -152,7 +160,7 @@ def inject_lora(
         rank_pattern={re.escape(n): conv_rank for n in spatial} if conv_rank else {},
         alpha_pattern={re.escape(n): conv_alpha for n in spatial} if conv_alpha is not None else {},
     )
-    model.add_adapter(config, adapter_name=ADAPTER_NAME)
+    inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
     return names
 
 

@@ -32,21 +32,34 @@ def _run(action: Callable[[], T]) -> T:
     try:
         return action()
     except LorakitError as err:
-        if os.environ.get("LORAKIT_DEBUG") == "1":
+        _fail(err)
+    except ValueError as err:
+        # A library's own version gate (transformers or diffusers refusing the installed peft) that the
+        # up-front check in _prepare_stack could not foresee: the user can fix it, so it is one line too.
+        from .stack import version_mismatch_message
+
+        message = version_mismatch_message(err)
+        if message is None:
             raise
-        for line in str(err).splitlines() or [type(err).__name__]:
-            typer.echo(f"error: {line}", err=True)
-        raise typer.Exit(2) from None
+        _fail(LorakitError(message))
 
 
-def _quiet_libraries() -> None:
-    """Keep the ML libraries' own progress bars and notices out of lorakit's output."""
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    import warnings
+def _fail(err: LorakitError) -> None:
+    if os.environ.get("LORAKIT_DEBUG") == "1":
+        raise err
+    for line in str(err).splitlines() or [type(err).__name__]:
+        typer.echo(f"error: {line}", err=True)
+    raise typer.Exit(2) from None
 
-    warnings.filterwarnings("ignore", message=".*torchvision.*")
+
+def _prepare_stack() -> None:
+    """Before a command that loads models: quiet the ML libraries, refuse a known-bad combination of them."""
+    from .stack import problems, quiet_third_party
+
+    quiet_third_party()
+    errors = [p for p in problems() if p.severity == "error"]
+    if errors:
+        _fail(LorakitError(f"{errors[0].line()} (`lorakit env` lists every problem)"))
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
@@ -89,7 +102,7 @@ def train(
     from .recipe import load_recipe
 
     parsed = _run(lambda: load_recipe(recipe, set_ or []))
-    _quiet_libraries()
+    _prepare_stack()
     from .train import train as run_training
 
     log = (lambda _: None) if quiet else (lambda line: typer.echo(line, err=True))
@@ -178,7 +191,7 @@ def prepare(
         workers=workers,
     )
     if caption_model or tokenizer:
-        _quiet_libraries()
+        _prepare_stack()
     _run(lambda: run_prepare(src, out, options, quiet=quiet, log=typer.echo))
 
 
@@ -203,7 +216,7 @@ def caption(
             raise DatasetError(f"{image}: not a readable image ({err})") from None
         return Captioner(caption_model)(picture)
 
-    _quiet_libraries()
+    _prepare_stack()
     typer.echo(_run(run))
 
 
@@ -275,7 +288,7 @@ def merge(
 
     if save_dtype not in ("float16", "bfloat16", "float32"):
         raise typer.BadParameter(f"{save_dtype!r}: use float16, bfloat16 or float32", param_hint="--save-dtype")
-    _quiet_libraries()
+    _prepare_stack()
     loras = [parse_lora_argument(text) for text in lora]
     log = lambda line: typer.echo(line, err=True)  # noqa: E731
     result = _run(
@@ -403,7 +416,7 @@ def generate(
         dtype=dtype,
         allow_pickle=allow_pickle,
     )
-    _quiet_libraries()
+    _prepare_stack()
     log = lambda line: typer.echo(line, err=True)  # noqa: E731
     result = _run(lambda: run_generate(prompt, out, options, quiet=quiet, log=log))
     typer.echo(str(result.grid))
@@ -426,7 +439,7 @@ def toy_build(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Pretrain (or reuse) the toy base model: about 8 minutes on 2 CPU cores, once per machine."""
-    _quiet_libraries()
+    _prepare_stack()
     from .toy.build import build_toy_base
 
     log = lambda line: typer.echo(line, err=True)  # noqa: E731
@@ -453,12 +466,31 @@ def demo(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """The whole path on the toy world: build the base, prepare photos of a new concept, train, compare, merge."""
-    _quiet_libraries()
+    _prepare_stack()
     from .demo import run_demo
 
     log = (lambda _: None) if quiet else (lambda line: typer.echo(line, err=True))
     result = _run(lambda: run_demo(out, toy_base=toy_base, steps=steps, quiet=quiet, log=log))
     typer.echo(str(result))
+
+
+@app.command()
+def env(
+    json_: Annotated[bool, typer.Option("--json", help="Print the facts as JSON (for bug reports).")] = False,
+) -> None:
+    """Print versions, devices, whether 8-bit optimizers work here, and any known-bad package combination."""
+    from .stack import quiet_third_party
+
+    quiet_third_party()
+    from .env import collect, format_report
+
+    facts = collect()
+    if json_:
+        import json
+
+        typer.echo(json.dumps(facts, indent=2))
+    else:
+        typer.echo(format_report(facts))
 
 
 if __name__ == "__main__":  # pragma: no cover

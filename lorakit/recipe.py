@@ -11,13 +11,12 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
-
-import tomllib
 
 from .errors import RecipeError
 

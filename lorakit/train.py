@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -588,7 +588,7 @@ def train(
     """
     import torch
 
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     run_dir = run_folder(recipe)
     checkpoint = find_checkpoint(run_dir, resume) if resume else None
     if checkpoint is None:
@@ -627,7 +627,9 @@ def train(
         base.unet.enable_gradient_checkpointing()
         for name, module in trained.items():
             if name != "unet":
-                module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                # transformers 5.2x renamed the switch; the old name still works but warns on every run.
+                enable = getattr(module, "activation_checkpointing_enable", None)
+                (enable or module.gradient_checkpointing_enable)({"use_reentrant": False})
     groups = [
         {
             "params": adapters.lora_parameters(m),
@@ -779,7 +781,7 @@ def _adapter_info(recipe: Recipe, base: BaseModel, items: list, steps: int, star
         "ss_batch_size_per_device": str(cfg.batch_size),
         "ss_max_token_length": str(recipe.data.max_token_length),
         "ss_training_started_at": str(started.timestamp()),
-        "ss_training_finished_at": str(datetime.now(timezone.utc).timestamp()),
+        "ss_training_finished_at": str(datetime.now(UTC).timestamp()),
         "lorakit_steps": str(steps),
         "lorakit_recipe_sha256": _recipe_hash(recipe),
         "lorakit_trigger": recipe.data.trigger,

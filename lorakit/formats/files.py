@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from datetime import UTC
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -76,7 +77,7 @@ MODELSPEC_ARCHITECTURE = {
 
 def modelspec(info: AdapterInfo) -> dict[str, str]:
     """The Stability AI ModelSpec keys (`modelspec.*`) that model sites and UIs read."""
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     architecture = MODELSPEC_ARCHITECTURE[info.family]
     if info.family == "sd2" and info.prediction_type == "v_prediction":
@@ -87,7 +88,7 @@ def modelspec(info: AdapterInfo) -> dict[str, str]:
         "modelspec.implementation": "diffusers",
         "modelspec.title": info.output_name,
         "modelspec.resolution": f"{info.resolution}x{info.resolution}",
-        "modelspec.date": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
+        "modelspec.date": datetime.now(UTC).replace(microsecond=0).isoformat(),
         "modelspec.prediction_type": "v" if info.prediction_type == "v_prediction" else "epsilon",
     }
     if info.trigger:
