@@ -23,6 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
+# The tiny test pipelines live in the test suite (tests/tiny.py): run from a checkout.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
@@ -152,11 +155,11 @@ def main() -> None:
 
             args.base = str(build_toy_base(quiet=True, log=lambda _: None))
         elif args.base is None:
-            from lorakit.tiny import save_tiny_pipeline
+            from tests.tiny import save_tiny_pipeline
 
             args.base = str(save_tiny_pipeline(Path(tmp) / "base"))
         if args.dataset is None:
-            from lorakit.tiny import write_tiny_dataset
+            from tests.tiny import write_tiny_dataset
 
             sizes = ((args.resolution, args.resolution),)
             args.dataset = str(write_tiny_dataset(Path(tmp) / "dataset", count=8, sizes=sizes))

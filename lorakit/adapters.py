@@ -79,6 +79,33 @@ class LoraModule:
 LoraState = dict[str, dict[str, LoraModule]]
 
 
+def scaled_factors(lora: LoraModule, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(up [out, r] with scale * alpha / rank folded in, down [r, in * kh * kw]) in float32."""
+    up = lora.up.float().reshape(lora.up.shape[0], -1) * (scale * lora.alpha / lora.rank)
+    return up, lora.down.float().reshape(lora.rank, -1)
+
+
+def delta_weight(lora: LoraModule, shape: tuple[int, ...], scale: float = 1.0) -> torch.Tensor:
+    up, down = scaled_factors(lora, scale)
+    return (up @ down).reshape(shape)
+
+
+def weight_change(lora: LoraModule, weight: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """What one adapter at `scale` adds to `weight`, as peft applies it (so diffusers draws the same).
+
+    LoRA: scale * delta W. DoRA: every output row of W + scale * delta W rescaled to the trained magnitude,
+    minus W, i.e. (m / n - 1) W + (m / n) scale delta W with n the row norms of W + scale * delta W.
+    """
+    delta = delta_weight(lora, tuple(weight.shape), scale)
+    if lora.magnitude is None:
+        return delta
+    weight = weight.float()
+    rows = (-1,) + (1,) * (weight.dim() - 1)
+    norm = (weight + delta).reshape(weight.shape[0], -1).norm(dim=1).reshape(rows)
+    ratio = lora.magnitude.float().reshape(rows) / norm
+    return (ratio - 1) * weight + ratio * delta
+
+
 def is_dora(state: LoraState) -> bool:
     """Whether any module of `state` is a DoRA module (has a magnitude)."""
     return any(lora.magnitude is not None for modules in state.values() for lora in modules.values())

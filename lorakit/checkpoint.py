@@ -1,34 +1,53 @@
-"""The run folder: creating it safely, and atomic writes of everything in it."""
+"""The run folder: its paths, creating it safely, checkpoints, and what a resume must find unchanged."""
 
 from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import OutputError
+from .recipe import Recipe, recipe_to_dict
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call `write(tmp)` on a temporary file beside `path`, then rename it into place.
+@dataclass(frozen=True)
+class RunPaths:
+    """Where everything of a run lives: `<output.folder>/<output.name>/` (the contract of train, generate, merge)."""
 
-    A reader never sees a half-written `path`: it is either the old file or the complete new one.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    folder: Path
+    name: str
 
+    @property
+    def recipe(self) -> Path:
+        return self.folder / "recipe.resolved.toml"
 
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    @property
+    def kohya_adapter(self) -> Path:
+        return self.folder / f"{self.name}.safetensors"
+
+    @property
+    def diffusers_adapter(self) -> Path:
+        return self.folder / f"{self.name}.diffusers.safetensors"
+
+    @property
+    def metrics(self) -> Path:
+        return self.folder / "metrics.jsonl"
+
+    @property
+    def samples(self) -> Path:
+        return self.folder / "samples"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.folder / CHECKPOINTS
+
+    def adapter(self) -> Path:
+        """The file to load: the kohya one, or the diffusers one for DoRA runs (which have no kohya file)."""
+        kohya, diffusers = self.kohya_adapter, self.diffusers_adapter
+        return diffusers if diffusers.is_file() and not kohya.is_file() else kohya
 
 
 def check_run_folder(run_dir: Path, overwrite: bool) -> None:
@@ -174,3 +193,51 @@ def load_checkpoint(path: Path) -> dict:
         "adapter": load_file(path / "adapter.safetensors"),
         "ema": load_file(ema) if ema.is_file() else None,
     }
+
+
+_MUST_MATCH = (
+    "model.base",
+    "model.vae",
+    "lora",
+    "data.folder",
+    "data.num_repeats",
+    "train.seed",
+    "train.batch_size",
+    "prior",
+)
+
+
+def check_resumable(saved: dict, recipe: Recipe, log: Callable[[str], None]) -> None:
+    """Refuse a resume whose recipe changed what the checkpoint's tensors or data order depend on."""
+    current = recipe_to_dict(recipe)
+    changed = []
+    for section in sorted(set(saved) | set(current)):
+        for key in sorted(set(saved.get(section, {})) | set(current.get(section, {}))):
+            before, after = saved.get(section, {}).get(key), current.get(section, {}).get(key)
+            if before != after:
+                changed.append((f"{section}.{key}", before, after))
+    for key, before, after in changed:
+        if key in _MUST_MATCH or key.split(".")[0] in _MUST_MATCH:
+            raise OutputError(
+                f"--resume: {key} changed from {before!r} to {after!r} since the checkpoint; "
+                "resume with the same value, or start a new run"
+            )
+        log(f"--resume: {key} changed from {before!r} to {after!r}")
+
+
+def rng_state() -> dict[str, Any]:
+    import torch
+
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Put back the generators `rng_state` recorded (CUDA's only where CUDA is present)."""
+    import torch
+
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(state["cuda"]))

@@ -235,7 +235,7 @@ def convert(
     """Convert an adapter between the kohya and diffusers layouts (weights unchanged, metadata kept)."""
     if to not in ("kohya", "diffusers"):
         raise typer.BadParameter(f"{to!r}: use kohya or diffusers", param_hint="--to")
-    from .formats.tools import convert_adapter
+    from .convert import convert_adapter
 
     typer.echo(str(_run(lambda: convert_adapter(file, to, out, overwrite=overwrite, allow_pickle=allow_pickle))))
 
@@ -249,7 +249,7 @@ def inspect(
     """Show an adapter's layout, architecture, ranks, alphas, module counts, update norms and metadata."""
     import json
 
-    from .formats.tools import inspect_adapter, inspection_lines
+    from .convert import inspect_adapter, inspection_lines
 
     info = _run(lambda: inspect_adapter(file, allow_pickle=allow_pickle))
     typer.echo(json.dumps(info, indent=2) if as_json else "\n".join(inspection_lines(info)))
@@ -384,9 +384,10 @@ def generate(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Render images with a base model and adapters: txt2img, img2img, hires, strength comparisons."""
-    from .generate import GenerateOptions, RenderSettings
+    from .generate import GenerateOptions
     from .generate import generate as run_generate
     from .merge import parse_lora_argument
+    from .render import RenderSettings
 
     if dtype not in ("auto", "float32", "float16", "bfloat16"):
         raise typer.BadParameter(f"{dtype!r}: use auto, float32, float16 or bfloat16", param_hint="--dtype")

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from .buckets import fit_to_bucket, make_buckets, nearest_bucket
 from .errors import DatasetError
+from .files import IMAGE_SUFFIXES, atomic_write, file_sha256
+from .trigger import with_trigger
 
 if TYPE_CHECKING:
     import torch
@@ -39,15 +41,6 @@ class Item:
     folder: str = ""  # the dataset (or class) folder it came from
 
 
-def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _read_metadata(folder: Path) -> list[dict]:
     metadata = folder / METADATA
     if not metadata.is_file():
@@ -66,14 +59,6 @@ def _read_metadata(folder: Path) -> list[dict]:
             raise DatasetError(f'{metadata}:{number}: "text" must be a string, got {row["text"]!r}')
         rows.append(row)
     return rows
-
-
-def with_trigger(caption: str, trigger: str) -> str:
-    """`caption` with `trigger` put at the front, unless the caption already contains it."""
-    caption = caption.strip()
-    if not trigger or trigger.lower() in caption.lower():
-        return caption
-    return f"{trigger}, {caption}" if caption else trigger
 
 
 def _open_size(path: Path, listed_in: Path) -> tuple[int, int]:
@@ -136,9 +121,6 @@ def load_items(section: DataSection, pixel_multiple: int) -> list[Item]:
     for folder, repeats in dataset_folders(section):
         items += load_folder(Path(folder), trigger=section.trigger, repeats=repeats, buckets=buckets)
     return items
-
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
 
 def load_class_items(
@@ -322,8 +304,6 @@ class LatentCache:
     def fill(self, items: list[Item], flips: tuple[bool, ...], encode, progress=None) -> int:
         """Load or compute the latents of every item (and flip); returns how many were encoded anew."""
         from safetensors.torch import load_file, save_file
-
-        from .checkpoint import atomic_write
 
         self.folder.mkdir(parents=True, exist_ok=True)
         encoded = 0

@@ -6,8 +6,9 @@ import json
 import time
 from pathlib import Path
 
-from .generate import GenerateOptions, RenderSettings, generate
+from .generate import GenerateOptions, generate
 from .merge import merge
+from .render import RenderSettings
 from .toy import train_concept
 from .toy.build import build_toy_base
 from .toy.evaluate import GUIDANCE, STEPS

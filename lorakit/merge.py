@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .adapters import LoraModule, is_dora
-from .data import file_sha256
+from .adapters import LoraModule, is_dora, scaled_factors, weight_change
 from .errors import AdapterError, OutputError
+from .files import file_sha256
 
 if TYPE_CHECKING:
     import torch
@@ -28,33 +28,6 @@ class Weighted:
     state: LoraState
     scale: float
     name: str
-
-
-def scaled_factors(lora: LoraModule, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(up [out, r] with scale * alpha / rank folded in, down [r, in * kh * kw]) in float32."""
-    up = lora.up.float().reshape(lora.up.shape[0], -1) * (scale * lora.alpha / lora.rank)
-    return up, lora.down.float().reshape(lora.rank, -1)
-
-
-def delta_weight(lora: LoraModule, shape: tuple[int, ...], scale: float = 1.0) -> torch.Tensor:
-    up, down = scaled_factors(lora, scale)
-    return (up @ down).reshape(shape)
-
-
-def weight_change(lora: LoraModule, weight: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """What one adapter at `scale` adds to `weight`, as peft applies it (so diffusers draws the same).
-
-    LoRA: scale * delta W. DoRA: every output row of W + scale * delta W rescaled to the trained magnitude,
-    minus W, i.e. (m / n - 1) W + (m / n) scale delta W with n the row norms of W + scale * delta W.
-    """
-    delta = delta_weight(lora, tuple(weight.shape), scale)
-    if lora.magnitude is None:
-        return delta
-    weight = weight.float()
-    rows = (-1,) + (1,) * (weight.dim() - 1)
-    norm = (weight + delta).reshape(weight.shape[0], -1).norm(dim=1).reshape(rows)
-    ratio = lora.magnitude.float().reshape(rows) / norm
-    return (ratio - 1) * weight + ratio * delta
 
 
 def refuse_dora(state: LoraState, source: str, action: str) -> None:
@@ -221,7 +194,7 @@ def _read_record(out: Path) -> dict | None:
 
 def up_to_date(out: Path, record: dict, inputs: list[Path], overwrite: bool) -> bool:
     """True when `out` already holds this very merge; raises OutputError when it holds something else."""
-    from .formats.tools import check_output
+    from .files import check_output
 
     if not out.exists():
         check_output(out, inputs, overwrite)
@@ -259,8 +232,7 @@ def merge(
     log=print,
 ) -> MergeResult:
     """`lorakit merge`: adapters into a base model (diffusers folder or single file), or into one adapter."""
-    from .formats.read import read_adapter_file
-    from .formats.tools import require_supported
+    from .formats.read import read_adapter_file, require_supported
 
     out = Path(out).expanduser()
     files = [read_adapter_file(path, allow_pickle=allow_pickle) for path, _ in loras]
@@ -330,7 +302,7 @@ def _merge_into_base(
 
     from safetensors.torch import save_file
 
-    from .checkpoint import atomic_write
+    from .files import atomic_write
     from .formats.single_file import to_single_file
     from .models import load_pipeline
 
@@ -371,9 +343,9 @@ def resize(
     log=print,
 ) -> tuple[Path, float]:
     """`lorakit resize`: the adapter at `rank` by SVD; logs retained energy per module and overall."""
+    from .files import check_output
     from .formats.files import write_adapter
-    from .formats.read import read_adapter_file
-    from .formats.tools import check_output, require_supported, stored_dtype
+    from .formats.read import read_adapter_file, require_supported, stored_dtype
 
     adapter = read_adapter_file(path, allow_pickle=allow_pickle)
     require_supported(adapter)

@@ -30,7 +30,7 @@ PACKAGES = (
     "pillow",
 )
 # The tested set: the repository's constraints file, made by `.ci/lock`.
-FIX_ALL = 'pip install -c constraints.txt -e .   (from a lorakit checkout; installs the tested versions)'
+FIX_ALL = "pip install -c constraints.txt -e .   (from a lorakit checkout; installs the tested versions)"
 
 
 @dataclass(frozen=True)

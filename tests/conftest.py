@@ -17,7 +17,7 @@ warnings.filterwarnings("ignore", message=".*torchvision.*")
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory):
     """A tiny SD 1.x-shaped diffusers folder (epsilon prediction)."""
-    from lorakit.tiny import save_tiny_pipeline
+    from .tiny import save_tiny_pipeline
 
     return save_tiny_pipeline(tmp_path_factory.mktemp("base") / "tiny-sd")
 
@@ -25,14 +25,14 @@ def tiny_base(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_base_v(tmp_path_factory):
     """A tiny SD 2.x-style diffusers folder (v-prediction, linear projections)."""
-    from lorakit.tiny import save_tiny_pipeline
+    from .tiny import save_tiny_pipeline
 
     return save_tiny_pipeline(tmp_path_factory.mktemp("base_v") / "tiny-sd-v", prediction_type="v_prediction")
 
 
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory):
-    from lorakit.tiny import write_tiny_dataset
+    from .tiny import write_tiny_dataset
 
     return write_tiny_dataset(tmp_path_factory.mktemp("data") / "dataset")
 

@@ -2,35 +2,20 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 
 from lorakit.adapters import PRESETS, matching_modules
+from lorakit.architectures import build_on_meta
 from lorakit.formats.kohya import kohya_name
-
-CONFIGS = Path(__file__).parent.parent / "lorakit" / "configs"
 
 
 def _unet(family):
-    from diffusers import UNet2DConditionModel
-
-    config = {
-        k: v for k, v in json.loads((CONFIGS / family / "unet.json").read_text()).items() if not k.startswith("_")
-    }
-    with torch.device("meta"):
-        return UNet2DConditionModel(**config)
+    return build_on_meta(family, "unet")
 
 
 def _text_encoder(family, name="text_encoder"):
-    import transformers
-
-    config = json.loads((CONFIGS / family / f"{name}.json").read_text())
-    cls = getattr(transformers, config["architectures"][0])
-    with torch.device("meta"):
-        return cls(transformers.CLIPTextConfig(**config))
+    return build_on_meta(family, name)
 
 
 @pytest.mark.parametrize(

@@ -85,7 +85,7 @@ def test_text_encoder_injection_does_not_depend_on_transformers_peft_gate(monkey
     import transformers.integrations.peft as hf_peft
 
     from lorakit.adapters import inject_lora, lora_parameters
-    from lorakit.tiny import make_clip_tokenizer, make_text_encoder
+    from lorakit.toy.text import make_clip_tokenizer, make_text_encoder
 
     monkeypatch.setattr(hf_peft, "MIN_PEFT_VERSION", "99.0.0")
     _, vocab = make_clip_tokenizer()

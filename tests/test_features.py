@@ -87,7 +87,7 @@ def test_text_encoder_cache_matches_encoding_every_step(tiny_base, tiny_dataset,
 def test_prior_preservation_renders_missing_class_images_and_trains_on_them(tiny_base, tiny_dataset, tmp_path):
     from PIL import Image
 
-    from lorakit.generate import parse_a1111_parameters
+    from lorakit.render import parse_a1111_parameters
 
     class_dir = tmp_path / "class"
     class_dir.mkdir()

@@ -10,7 +10,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from lorakit.cli import app
-from lorakit.generate import parse_a1111_parameters
+from lorakit.render import parse_a1111_parameters
 
 runner = CliRunner()
 FAST = ["--size", "64x64", "--steps", "3", "--quiet"]

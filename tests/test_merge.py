@@ -10,9 +10,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
+from lorakit.adapters import delta_weight
 from lorakit.cli import app
 from lorakit.formats.read import read_adapter_file
-from lorakit.merge import delta_weight
 
 runner = CliRunner()
 MODULE = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
@@ -243,7 +243,7 @@ def test_merge_is_safe_to_rerun(trained_run, third_party, tmp_path):
 def test_third_party_kohya_file_renders_through_generate(third_party, tiny_base, tmp_path):
     from PIL import Image
 
-    from lorakit.generate import parse_a1111_parameters
+    from lorakit.render import parse_a1111_parameters
 
     args = ["generate", "ohwx toy", "--base", str(tiny_base), "--lora", f"{third_party}:0.5", "--size", "64x64"]
     _ok([*args, "--steps", "2", "--quiet", "--out", str(tmp_path)])

@@ -23,6 +23,13 @@ METADATA_KEY = "lora_adapter_metadata"
 # diffusers' U-Net loader also takes peft's bare `lora_magnitude_vector`; the text encoder (transformers 5) needs
 # the `.weight`, so both components get it.
 MAGNITUDE = "lora_magnitude_vector.weight"
+DOWN, UP = "lora_A.weight", "lora_B.weight"
+
+
+def diffusers_key(component: str, path: str, part: str) -> str:
+    """The key of one tensor in the diffusers layout: `<component>.<module path as files spell it>.<part>`,
+    `part` one of DOWN, UP and MAGNITUDE."""
+    return f"{component}.{exported_path(component, path)}.{part}"
 
 
 def to_diffusers(state: LoraState, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -44,11 +51,10 @@ def to_diffusers(state: LoraState, dtype: torch.dtype) -> tuple[dict[str, torch.
             up = lora.up if lora.alpha == alpha else lora.up * (lora.alpha / alpha)
             if lora.rank != rank:
                 rank_pattern[path] = lora.rank
-            stem = f"{component}.{exported_path(component, path)}"
-            tensors[f"{stem}.lora_A.weight"] = lora.down.to(dtype).contiguous()
-            tensors[f"{stem}.lora_B.weight"] = up.to(dtype).contiguous()
+            tensors[diffusers_key(component, path, DOWN)] = lora.down.to(dtype).contiguous()
+            tensors[diffusers_key(component, path, UP)] = up.to(dtype).contiguous()
             if lora.magnitude is not None:
-                tensors[f"{stem}.{MAGNITUDE}"] = lora.peft_magnitude().to(dtype).contiguous()
+                tensors[diffusers_key(component, path, MAGNITUDE)] = lora.peft_magnitude().to(dtype).contiguous()
         config[f"{component}.r"] = rank
         config[f"{component}.lora_alpha"] = alpha
         config[f"{component}.target_modules"] = sorted(modules)

@@ -300,3 +300,22 @@ def check_against(state: LoraState, models: dict[str, Any], source: str) -> None
                     f"{lora.up.shape[0]}x{lora.down.shape[1]} does not fit the base weight "
                     f"{weight.shape[0]}x{weight.shape[1]}; the adapter is for another architecture"
                 )
+
+
+def stored_dtype(adapter: AdapterFile) -> str:
+    """The dtype the file stores its weights in (kept by convert)."""
+    from safetensors import safe_open
+
+    if adapter.path.suffix.lower() != ".safetensors":
+        return "float32"
+    with safe_open(str(adapter.path), "pt") as f:
+        key = next(k for k in f.keys() if k.endswith("weight"))
+        dtype = f.get_slice(key).get_dtype()
+    return {"F16": "float16", "BF16": "bfloat16"}.get(dtype, "float32")
+
+
+def require_supported(adapter: AdapterFile) -> None:
+    if adapter.family == "sdxl":
+        raise AdapterError(
+            f"{adapter.path}: an SDXL adapter; this version of lorakit converts and merges SD 1.x and 2.x adapters"
+        )

@@ -18,9 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..buckets import make_buckets
-from ..checkpoint import atomic_write, atomic_write_text
-from ..data import IMAGE_SUFFIXES, file_sha256
 from ..errors import DatasetError, OutputError
+from ..files import IMAGE_SUFFIXES, atomic_write, atomic_write_text, file_sha256
 from .captions import caption_from_filename, normalise_tags, place_trigger, read_sidecar
 from .images import REASONS, Processed, SizingOptions, process_image
 

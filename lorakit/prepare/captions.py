@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LorakitError
+from ..trigger import contains_trigger
 
 FALLBACK_ENCODING = "cp1252"
 
@@ -48,15 +49,15 @@ def normalise_tags(text: str) -> list[str]:
 def place_trigger(tags: list[str], trigger: str) -> tuple[list[str], str]:
     """The tags with the trigger once, at the front; and how it got there (`added`, `moved`, `present`, `none`).
 
-    A tag equal to the trigger is moved to the front; a trigger inside a longer tag ("photo of
-    ohwx person") counts as present and is left where it is.
+    A tag equal to the trigger is moved to the front; a trigger inside a longer tag as whole words ("photo
+    of ohwx person") counts as present and is left where it is (the rule of `lorakit.trigger`).
     """
     if not trigger:
         return tags, "none"
     others = [t for t in tags if t.lower() != trigger.lower()]
     if len(others) < len(tags):
         return [trigger, *others], "present" if tags[0].lower() == trigger.lower() else "moved"
-    if any(re.search(rf"\b{re.escape(trigger.lower())}\b", t.lower()) for t in tags):
+    if any(contains_trigger(t, trigger) for t in tags):
         return tags, "present"
     return [trigger, *tags], "added"
 

@@ -30,7 +30,7 @@ def build_components(seed: int):
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
-    from ..tiny import make_clip_tokenizer, make_text_encoder
+    from .text import make_clip_tokenizer, make_text_encoder
 
     # Toy captions are at most 9 tokens; a 16-token context keeps the cross-attention cheap.
     tokenizer, vocab = make_clip_tokenizer(WORDS, model_max_length=16)
@@ -170,7 +170,7 @@ def build_toy_base(
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from ..checkpoint import atomic_write_text
+    from ..files import atomic_write_text
     from ..progress import progress_bar
 
     out = Path(out).expanduser() if out else DEFAULT_FOLDER

@@ -52,7 +52,7 @@ def base_prompts() -> list[tuple[str, str, str, str]]:
 
 
 def render_set(pipe: Any, prompts: list[str], seeds: list[int], guidance: float = GUIDANCE) -> list[Any]:
-    from ..generate import RenderSettings, render
+    from ..render import RenderSettings, render
 
     settings = RenderSettings(steps=STEPS, guidance=guidance, width=SIZE, height=SIZE)
     all_prompts = [p for p in prompts for _ in seeds]
@@ -85,8 +85,9 @@ def evaluate(pipe: Any, seeds: tuple[int, ...] = (0, 1, 2, 3), guidance: float =
 
 def toy_pipeline(base: Any, adapter: Any = None) -> Any:
     """The toy base as a pipeline (Euler sampler, no progress bar), with `adapter` applied at strength 1."""
-    from ..generate import apply_adapters, resolve_adapters, set_sampler
+    from ..generate import resolve_adapters
     from ..models import load_pipeline
+    from ..render import apply_adapters, set_sampler
 
     pipe = load_pipeline(str(base))
     if adapter:

@@ -4,30 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import AdapterError, OutputError
-from .files import write_adapter
-from .read import AdapterFile, read_adapter_file
+from .adapters import scaled_factors
+from .files import check_output
+from .formats.files import write_adapter
+from .formats.read import read_adapter_file, require_supported, stored_dtype
 
 FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "unknown": "unknown"}
-
-
-def stored_dtype(adapter: AdapterFile) -> str:
-    """The dtype the file stores its weights in (kept by convert)."""
-    from safetensors import safe_open
-
-    if adapter.path.suffix.lower() != ".safetensors":
-        return "float32"
-    with safe_open(str(adapter.path), "pt") as f:
-        key = next(k for k in f.keys() if k.endswith("weight"))
-        dtype = f.get_slice(key).get_dtype()
-    return {"F16": "float16", "BF16": "bfloat16"}.get(dtype, "float32")
-
-
-def require_supported(adapter: AdapterFile) -> None:
-    if adapter.family == "sdxl":
-        raise AdapterError(
-            f"{adapter.path}: an SDXL adapter; this version of lorakit converts and merges SD 1.x and 2.x adapters"
-        )
 
 
 def default_convert_path(path: Path, to: str) -> Path:
@@ -35,18 +17,6 @@ def default_convert_path(path: Path, to: str) -> Path:
     if stem.endswith(".diffusers"):
         stem = stem[: -len(".diffusers")]
     return path.with_name(f"{stem}.diffusers.safetensors" if to == "diffusers" else f"{stem}.kohya.safetensors")
-
-
-def check_output(out: Path, inputs: list[Path], overwrite: bool) -> None:
-    """Refuse to overwrite an input, and an existing output unless `overwrite`."""
-    resolved = out.expanduser().resolve()
-    for path in inputs:
-        if resolved == Path(path).expanduser().resolve():
-            raise OutputError(f"--out {out}: is one of the inputs; write to a new file (inputs are never overwritten)")
-    if out.exists() and not overwrite:
-        raise OutputError(f"--out {out}: already exists; pass --overwrite to replace it")
-    if not out.parent.exists():
-        raise OutputError(f"--out {out}: folder {out.parent} does not exist")
 
 
 def convert_adapter(
@@ -63,8 +33,6 @@ def convert_adapter(
 def inspect_adapter(path: str | Path, *, allow_pickle: bool = False) -> dict:
     """Layout, architecture, ranks, alphas, module counts, metadata and update norms of an adapter file."""
     import torch
-
-    from ..merge import scaled_factors
 
     adapter = read_adapter_file(path, allow_pickle=allow_pickle)
     components = {}

@@ -1,0 +1,228 @@
+"""The recipe's sections: one frozen dataclass per TOML section. Defaults live only here; the docstring under
+each field documents it (README's key table and `field_docs` read them)."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import typing
+from dataclasses import dataclass, field
+from typing import Literal
+
+Optimizer = Literal["adamw8bit", "adamw", "adafactor", "prodigy"]
+LrScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
+MixedPrecision = Literal["no", "fp16", "bf16"]
+PredictionType = Literal["epsilon", "v_prediction"]
+SaveDtype = Literal["float32", "float16", "bfloat16"]
+TargetPreset = Literal["attention", "transformer", "transformer+conv"]
+WeightDtype = Literal["float32", "float16", "bfloat16"]
+LossType = Literal["l2", "huber", "smooth_l1"]
+TokenLength = Literal[75, 150, 225]
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    base: str
+    """The base model: a diffusers folder (local path) or a Hugging Face hub id. A value that exists on disk or starts
+    with `./`, `/` or `~` is a local path and must exist."""
+    prediction_type: PredictionType | None = None
+    """What the U-Net predicts; read from the base model's scheduler when unset (SD 2.x 768 models use
+    `v_prediction`)."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) of `base`; ignored for local folders."""
+    config: str | None = None
+    """For a single-file `base` (`.safetensors`): a diffusers folder or hub id of the same architecture whose
+    component configs (and tokenizer) are used to read it."""
+    vae: str | None = None
+    """A replacement VAE (a diffusers AutoencoderKL folder or hub id), e.g. stabilityai/sd-vae-ft-mse."""
+    weight_dtype: WeightDtype = "float32"
+    """dtype of the frozen base weights: `float16` / `bfloat16` halve their memory (LoRA weights stay float32)."""
+    clip_skip: int = 1
+    """Use the output of the N-th last text-encoder layer (kohya's clip_skip: 2 for anime-style SD 1.x bases)."""
+
+
+@dataclass(frozen=True)
+class DataSection:
+    folder: str | list[str] = "dataset"
+    """The dataset folder written by `lorakit prepare` (images, `metadata.jsonl`), or a list of such folders."""
+    resolution: int = 512
+    """Training resolution in pixels; images are trained in aspect-ratio buckets of about this area."""
+    num_repeats: int | list[int] = 1
+    """How many times each image appears per epoch; a list gives each folder of `folder` its own."""
+    trigger: str = ""
+    """Trigger word(s) put at the front of every caption that does not already contain them."""
+    shuffle_tags: bool = False
+    """Shuffle the comma-separated tags of each caption every step (after the first `keep_tokens` tags)."""
+    keep_tokens: int = 0
+    """How many leading tags stay in place when `shuffle_tags` is on (kohya's name; counts tags, not tokens)."""
+    caption_dropout: float = 0.0
+    """Probability of training a step's image with an empty caption (0 to 1)."""
+    flip: bool = False
+    """Randomly mirror images left-right (do not use for asymmetric subjects such as text or faces with a parting)."""
+    max_token_length: TokenLength = 75
+    """Caption length in CLIP tokens: 75 truncates longer captions (counted and reported); 150 or 225 encode them
+    in 75-token chunks, as kohya's max_token_length does."""
+
+
+@dataclass(frozen=True)
+class LoraSection:
+    rank: int = 16
+    """LoRA rank: the width of each adapter; larger learns more detail and makes bigger files."""
+    lora_alpha: float = 16.0
+    """LoRA alpha: the adapter's update is scaled by `lora_alpha / rank`."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input during training (0 to 1)."""
+    target_modules: TargetPreset | list[str] = "transformer"
+    """Where adapters go: `transformer` (every Linear and 1x1 conv in the U-Net's transformer blocks, and CLIP
+    attention + MLP: kohya's default), `attention` (q/k/v/out only), `transformer+conv` (also the ResNet and
+    resampler convolutions: LoCon), or a list of module names."""
+    use_dora: bool = False
+    """DoRA (peft's weight decomposition: a trained magnitude per output row on top of the low-rank direction).
+    Saved in the diffusers layout only: A1111/Forge and ComfyUI apply kohya-layout DoRA on the other axis."""
+    conv_rank: int | None = None
+    """Rank of the 3x3 convolution adapters with `transformer+conv` (default: `rank`)."""
+    conv_alpha: float | None = None
+    """Alpha of the 3x3 convolution adapters with `transformer+conv` (default: `lora_alpha`)."""
+    train_text_encoder: bool | None = None
+    """Also adapt the text encoder(s); default true for SD 1.x and 2.x."""
+    init_from: str | None = None
+    """Start from an existing LoRA file (kohya or diffusers layout, same targets) instead of zero; not a resume."""
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    max_steps: int = 1000
+    """Length of the run in optimizer steps (each of `batch_size x gradient_accumulation_steps` images per process)."""
+    batch_size: int = 1
+    """Images per micro-batch on each process; a batch always comes from one aspect-ratio bucket."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches accumulated into one optimizer step."""
+    unet_lr: float = 1e-4
+    """Learning rate of the U-Net adapter."""
+    text_encoder_lr: float = 5e-5
+    """Learning rate of the text-encoder adapter(s)."""
+    lr_scheduler: LrScheduler = "constant"
+    """Learning-rate schedule over `max_steps`."""
+    lr_warmup_steps: int = 0
+    """Optimizer steps of linear warm-up at the start of the schedule."""
+    optimizer: Optimizer = "adamw8bit"
+    """`adamw8bit` (bitsandbytes, 8-bit state), `adamw`, `adafactor`, or `prodigy` (needs `pip install prodigyopt`;
+    use learning rates of 1.0)."""
+    weight_decay: float = 1e-2
+    """Decoupled weight decay of the optimizer."""
+    max_grad_norm: float = 1.0
+    """Clip the gradient norm to this value; 0 turns clipping off."""
+    mixed_precision: MixedPrecision = "no"
+    """Autocast precision: `fp16` or `bf16` on CUDA; on a CPU, fp16 runs as bf16 (and says so)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about 30% slower."""
+    seed: int = 42
+    """Seed of every random choice of the run (data order, noise, timesteps, initial adapter weights)."""
+    min_snr_gamma: float = 0.0
+    """Min-SNR loss weighting gamma (Hang et al. 2023, arXiv:2303.09556); 5 is typical, 0 turns it off."""
+    noise_offset: float = 0.0
+    """Offset noise strength (Guttenberg 2023): helps very dark and very bright images; 0.05-0.1 typical."""
+    cache_latents: bool = True
+    """Encode every image with the VAE once, cached under the dataset's `.cache/`, instead of every step."""
+    log_every_steps: int = 1
+    """Write a `metrics.jsonl` line (and a TensorBoard point) every this many optimizer steps."""
+    save_every_steps: int = 500
+    """Write a resumable checkpoint every this many steps (and always at the end); 0 writes only the final one."""
+    keep_checkpoints: int = 3
+    """How many of the newest checkpoints to keep."""
+    ema_decay: float = 0.0
+    """Keep an exponential moving average of the adapter weights with this decay (0.999 typical) and export it
+    instead of the raw weights; 0 turns it off."""
+    loss_type: LossType = "l2"
+    """`l2` (mean squared error), `huber` or `smooth_l1` (less swayed by outlier pixels; see `huber_c`)."""
+    huber_c: float = 0.1
+    """Threshold of the huber / smooth_l1 losses."""
+    min_timestep: int = 0
+    """Lowest training timestep (inclusive)."""
+    max_timestep: int | None = None
+    """Highest training timestep (exclusive); default the scheduler's number of timesteps (1000)."""
+
+
+@dataclass(frozen=True)
+class PriorSection:
+    class_dir: str
+    """Folder of class images (e.g. photos of other people when training one person): prior preservation."""
+    class_prompt: str | list[str]
+    """Caption of the class images, e.g. "a photo of a person"; a list gives rendered class images these prompts in
+    turn (each image keeps its prompt in a .txt beside it)."""
+    num_class_images: int = 100
+    """How many class images to use; the folder must hold at least this many."""
+    prior_loss_weight: float = 1.0
+    """Weight of the class images' loss relative to the instance images'."""
+
+
+@dataclass(frozen=True)
+class SampleSection:
+    prompts: list[str] = field(default_factory=list)
+    """Prompts rendered into `samples/step-NNNNNN.png` during training (one grid per save)."""
+    every_steps: int = 0
+    """Render samples every this many steps; 0 means at every checkpoint (`train.save_every_steps`)."""
+    seed: int = 0
+    """Seed of the first sample image; image i uses seed + i."""
+    steps: int = 20
+    """Denoising steps per sample."""
+    guidance: float = 7.0
+    """Classifier-free guidance scale."""
+    negative_prompt: str = ""
+    """Negative prompt of every sample."""
+
+
+@dataclass(frozen=True)
+class ValidationSection:
+    folder: str
+    """A held-out dataset folder (same layout as `data.folder`) whose denoising loss is logged as `val_loss`."""
+    every_steps: int = 100
+    """Compute the validation loss every this many steps (and at the end)."""
+    timesteps: list[int] = field(default_factory=lambda: [100, 300, 500, 700, 900])
+    """The fixed timesteps the validation loss is averaged over; the noise is fixed too."""
+
+
+@dataclass(frozen=True)
+class OutputSection:
+    folder: str = "output"
+    """Parent folder of run folders."""
+    name: str = "lora"
+    """Run name: the run folder is `<folder>/<name>/`, the adapter `<name>.safetensors`."""
+    save_dtype: SaveDtype = "float16"
+    """dtype of the exported adapter files."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    model: ModelSection
+    data: DataSection = field(default_factory=DataSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    output: OutputSection = field(default_factory=OutputSection)
+    prior: PriorSection | None = None
+    sample: SampleSection = field(default_factory=SampleSection)
+    validation: ValidationSection | None = None
+    source: str = "<recipe>"
+    """Where the recipe was read from (for messages)."""
+
+
+SECTIONS: dict[str, type] = {
+    name: next(a for a in typing.get_args(tp) if a is not type(None)) if typing.get_args(tp) else tp
+    for name, tp in typing.get_type_hints(Recipe).items()
+    if name != "source"
+}
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of a dataclass, by field name."""
+    docs: dict[str, str] = {}
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    for node, following in zip(body, body[1:], strict=False):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(following, ast.Expr)
+            and isinstance(following.value, ast.Constant)
+            and isinstance(following.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(following.value.value.split())
+    return docs

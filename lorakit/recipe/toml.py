@@ -1,0 +1,63 @@
+"""Writing recipes back: the resolved recipe of a run folder, TOML values, and the README's key reference."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .sections import SECTIONS, Recipe, field_docs
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    """The fully-defaulted recipe as nested dicts (None values left out, as TOML has no null)."""
+    out = {}
+    for name in SECTIONS:
+        section = getattr(recipe, name)
+        if section is not None:
+            out[name] = {k: v for k, v in dataclasses.asdict(section).items() if v is not None}
+    return out
+
+
+def toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The recipe as TOML text that `load_recipe` reads back to an equal `Recipe`."""
+    lines = []
+    for name, values in recipe_to_dict(recipe).items():
+        lines.append(f"[{name}]")
+        lines += [f"{key} = {toml_value(value)}" for key, value in values.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        value = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+    else:
+        return "required"
+    return "unset" if value is None else f"`{toml_value(value)}`"
+
+
+def reference_markdown() -> str:
+    """The recipe key reference (README's "Recipe keys"), generated from the field docstrings."""
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    for name, cls in SECTIONS.items():
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            lines.append(f"| `{name}.{f.name}` | {_default_text(f)} | {docs[f.name].replace('|', '/')} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(reference_markdown())

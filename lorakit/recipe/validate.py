@@ -1,0 +1,219 @@
+"""Building a `Recipe` from TOML data: types, enums, ranges and cross-field checks, every problem reported at once
+as `file: section.key: message` with what is allowed (and "did you mean" for typos)."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Literal
+
+from ..errors import RecipeError
+from .sections import SECTIONS, Recipe
+
+
+def _describe(tp: object) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(v) for v in typing.get_args(tp))
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp) if a is not type(None))
+    if typing.get_origin(tp) is list:
+        return "a list of " + {str: "strings", int: "integers"}[typing.get_args(tp)[0]]
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(value: object, tp: object) -> tuple[bool, object]:
+    """(ok, value converted to `tp`): ints are accepted where floats are; nothing else is converted."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return value in typing.get_args(tp), value
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            if arg is type(None):
+                continue
+            ok, converted = _coerce(value, arg)
+            if ok:
+                return True, converted
+        return False, value
+    if origin is list:
+        (element,) = typing.get_args(tp)
+        ok = isinstance(value, list) and all(_coerce(v, element)[0] for v in value)
+        return ok, value
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool), float(value) if isinstance(
+            value, (int, float)
+        ) else value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    return isinstance(value, tp), value
+
+
+def _suggest(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+_RANGES: dict[str, tuple[float | None, float | None]] = {
+    "data.resolution": (8, None),
+    "data.num_repeats": (1, None),
+    "data.keep_tokens": (0, None),
+    "data.caption_dropout": (0, 1),
+    "model.clip_skip": (1, None),
+    "lora.conv_rank": (1, None),
+    "lora.conv_alpha": (0, None),
+    "train.save_every_steps": (0, None),
+    "train.keep_checkpoints": (1, None),
+    "train.ema_decay": (0, 0.999999),
+    "train.huber_c": (0, None),
+    "train.min_timestep": (0, None),
+    "train.max_timestep": (1, None),
+    "prior.num_class_images": (1, None),
+    "prior.prior_loss_weight": (0, None),
+    "sample.every_steps": (0, None),
+    "sample.steps": (1, None),
+    "sample.guidance": (0, None),
+    "validation.every_steps": (1, None),
+    "lora.rank": (1, None),
+    "lora.lora_alpha": (0, None),
+    "lora.dropout": (0, 1),
+    "train.max_steps": (1, None),
+    "train.batch_size": (1, None),
+    "train.gradient_accumulation_steps": (1, None),
+    "train.unet_lr": (0, None),
+    "train.text_encoder_lr": (0, None),
+    "train.lr_warmup_steps": (0, None),
+    "train.weight_decay": (0, None),
+    "train.max_grad_norm": (0, None),
+    "train.min_snr_gamma": (0, None),
+    "train.noise_offset": (0, None),
+    "train.log_every_steps": (1, None),
+}
+
+
+def _check_range(key: str, value: object) -> str | None:
+    low, high = _RANGES.get(key, (None, None))
+    if isinstance(value, list):
+        return next(filter(None, (_check_range(key, v) for v in value)), None)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if low is not None and value < low:
+            return f"{value} is below the minimum {low}"
+        if high is not None and value > high:
+            return f"{value} is above the maximum {high}"
+    return None
+
+
+def _build_section(name: str, cls: type, raw: object, problems: list[str]):
+    if not isinstance(raw, dict):
+        problems.append(f"{name}: must be a table ([{name}]), got {raw!r}")
+        return None
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in raw.items():
+        if key not in fields:
+            problems.append(f"{name}.{key}: unknown key{_suggest(key, list(fields))}; valid keys: {', '.join(fields)}")
+            continue
+        ok, converted = _coerce(value, hints[key])
+        if not ok:
+            choices = [
+                str(c)
+                for a in (hints[key], *typing.get_args(hints[key]))
+                if typing.get_origin(a) is Literal
+                for c in typing.get_args(a)
+            ]
+            hint = _suggest(value, choices) if isinstance(value, str) else ""
+            problems.append(f"{name}.{key}: {value!r} is not {_describe(hints[key])}{hint}")
+            continue
+        out_of_range = _check_range(f"{name}.{key}", converted)
+        if out_of_range:
+            problems.append(f"{name}.{key}: {out_of_range}")
+            continue
+        values[key] = converted
+    missing = [
+        k
+        for k, f in fields.items()
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and k not in raw
+    ]
+    for key in missing:
+        problems.append(f"{name}.{key}: required; {_describe(hints[key])}")
+    if len(values) != len(raw) or missing:
+        return None
+    return cls(**values)
+
+
+def parse_override(text: str) -> tuple[str, str, object]:
+    """Parse one `section.key=value` override; the value is TOML (`5`, `true`, `"x"`, `[...]`) or a bare string."""
+    key, sep, value = text.partition("=")
+    section, dot, name = key.strip().partition(".")
+    if not sep or not dot or not name:
+        raise RecipeError(f"--set {text!r}: expected section.key=value, e.g. --set train.max_steps=500")
+    try:
+        parsed = tomllib.loads(f"v = {value.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value.strip()
+    return section, name, parsed
+
+
+def _cross_checks(built: dict, problems: list[str]) -> None:
+    """Checks that involve more than one key (only on sections that were themselves valid)."""
+    lora, data, train = built.get("lora"), built.get("data"), built.get("train")
+    if lora is not None:
+        if isinstance(lora.target_modules, list) and not lora.target_modules:
+            problems.append("lora.target_modules: the list is empty; name modules or use 'transformer'")
+        for key in ("conv_rank", "conv_alpha"):
+            if getattr(lora, key) is not None and lora.target_modules != "transformer+conv":
+                problems.append(f"lora.{key}: only used with target_modules = 'transformer+conv'")
+    if data is not None:
+        folders = [data.folder] if isinstance(data.folder, str) else data.folder
+        if not folders:
+            problems.append("data.folder: the list is empty; name at least one dataset folder")
+        if isinstance(data.num_repeats, list) and len(data.num_repeats) != len(folders):
+            problems.append(
+                f"data.num_repeats: {len(data.num_repeats)} values for {len(folders)} folders; "
+                "give one per folder in data.folder, or a single number"
+            )
+    if train is not None and train.max_timestep is not None and train.max_timestep <= train.min_timestep:
+        problems.append(
+            f"train.max_timestep: {train.max_timestep} must be above train.min_timestep ({train.min_timestep})"
+        )
+
+
+def recipe_from_dict(data: dict, source: str = "<recipe>") -> Recipe:
+    """Validate a recipe given as nested dicts (what TOML gives) and build it."""
+    problems: list[str] = []
+    for section in data:
+        if section not in SECTIONS:
+            problems.append(
+                f"{section}: unknown section{_suggest(section, list(SECTIONS))}; valid sections: {', '.join(SECTIONS)}"
+            )
+    if "model" not in data:
+        problems.append('model: required section; add [model] with base = "<diffusers folder or hub id>"')
+    built = {}
+    for section, cls in SECTIONS.items():
+        if section in data:
+            built[section] = _build_section(section, cls, data[section], problems)
+    _cross_checks(built, problems)
+    if problems:
+        raise RecipeError("\n".join(f"{source}: {p}" for p in problems))
+    return Recipe(**{k: v for k, v in built.items()}, source=source)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override and validate a recipe file; every problem is reported in one RecipeError."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe not found; pass a .toml file such as recipes/character.toml")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise RecipeError(f"{path}: not valid TOML: {err}") from None
+    for text in overrides:
+        section, key, value = parse_override(text)
+        table = data.setdefault(section, {})
+        if not isinstance(table, dict):
+            raise RecipeError(f"{path}: {section}: must be a table to take --set {text!r}")
+        table[key] = value
+    return recipe_from_dict(data, source=str(path))

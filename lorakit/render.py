@@ -1,0 +1,260 @@
+"""Rendering with diffusers pipelines: txt2img, img2img, grids, PNG parameters, adapters applied by name.
+
+Every image is drawn with its own seed (seed + index), so any single image can be reproduced alone, and the
+same functions render `lorakit generate`, training samples and prior-preservation class images.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import LorakitError
+from .files import atomic_write
+
+SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "ddim": ("DDIMScheduler", {}),
+}
+SAMPLER_LABELS = {"euler": "Euler", "euler_a": "Euler a", "dpmpp_2m": "DPM++ 2M", "ddim": "DDIM"}
+
+
+@dataclass(frozen=True)
+class RenderSettings:
+    """How each image is denoised."""
+
+    steps: int = 30
+    guidance: float = 7.0
+    width: int = 512
+    height: int = 512
+    negative_prompt: str = ""
+    sampler: str = "euler"
+    clip_skip: int = 1
+    guidance_rescale: float = 0.0
+
+
+def set_sampler(pipe: Any, sampler: str) -> None:
+    import diffusers
+
+    name, extra = SAMPLERS[sampler]
+    pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config, **extra)
+
+
+def sample_pipeline(unet: Any, vae: Any, text_encoder: Any, tokenizer: Any, noise_scheduler: Any) -> Any:
+    """A StableDiffusionPipeline over already-loaded components (adapters active), with an Euler sampler."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=noise_scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    set_sampler(pipe, "euler")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _common(settings: RenderSettings, seed: int) -> dict[str, Any]:
+    import torch
+
+    return {
+        "negative_prompt": settings.negative_prompt or None,
+        "num_inference_steps": settings.steps,
+        "guidance_scale": settings.guidance,
+        "generator": torch.Generator("cpu").manual_seed(seed),
+        "clip_skip": settings.clip_skip - 1 if settings.clip_skip > 1 else None,
+        "output_type": "pil",
+    }
+
+
+def render(pipe: Any, prompts: list[str], seeds: list[int], settings: RenderSettings, advance=None) -> list[Any]:
+    """txt2img: one image per (prompt, seed) pair."""
+    import torch
+
+    images = []
+    for prompt, seed in zip(prompts, seeds, strict=True):
+        with torch.no_grad():
+            result = pipe(
+                prompt,
+                width=settings.width,
+                height=settings.height,
+                guidance_rescale=settings.guidance_rescale,
+                **_common(settings, seed),
+            )
+        images.append(result.images[0])
+        if advance:
+            advance()
+    return images
+
+
+def steps_run(steps: int, strength: float) -> int:
+    """How many denoising steps img2img runs at `strength` (diffusers' rule)."""
+    return min(int(steps * strength), steps)
+
+
+def img2img(
+    pipe: Any,
+    inits: list[Any],
+    prompts: list[str],
+    seeds: list[int],
+    settings: RenderSettings,
+    strength: float,
+    advance=None,
+) -> list[Any]:
+    """Re-noise each init image to `strength` and denoise it with its prompt."""
+    import torch
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    if steps_run(settings.steps, strength) < 1:
+        raise LorakitError(
+            f"--strength {strength:g} with --steps {settings.steps} runs no denoising step; use a "
+            f"strength of at least {1 / settings.steps:.3f} or more steps"
+        )
+    img_pipe = StableDiffusionImg2ImgPipeline(**pipe.components)
+    img_pipe.set_progress_bar_config(disable=True)
+    images = []
+    for init, prompt, seed in zip(inits, prompts, seeds, strict=True):
+        with torch.no_grad():
+            result = img_pipe(prompt, image=init, strength=strength, **_common(settings, seed))
+        images.append(result.images[0])
+        if advance:
+            advance()
+    return images
+
+
+def make_grid(
+    images: list[Any], columns: int, *, column_labels: list[str] | None = None, row_labels: list[str] | None = None
+) -> Any:
+    """Paste equally sized images into a grid, row by row, with optional labels above and to the left."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    zoom = max(1, 64 // images[0].size[0])  # tiny pictures (the toy world) are shown enlarged, pixels kept
+    if zoom > 1:
+        images = [
+            image.resize((image.size[0] * zoom, image.size[1] * zoom), Image.Resampling.NEAREST) for image in images
+        ]
+    width, height = images[0].size
+    rows = -(-len(images) // columns)
+    font = ImageFont.load_default()
+    top = 24 if column_labels else 0
+    left = 160 if row_labels else 0
+    grid = Image.new("RGB", (left + columns * width, top + rows * height), "white")
+    draw = ImageDraw.Draw(grid)
+    for index, image in enumerate(images):
+        grid.paste(image, (left + (index % columns) * width, top + (index // columns) * height))
+    for column, label in enumerate(column_labels or []):
+        draw.text((left + column * width + 4, 6), label, fill="black", font=font)
+    for row, label in enumerate(row_labels or []):
+        draw.multiline_text((4, top + row * height + 4), _wrap(label, 24), fill="black", font=font)
+    return grid
+
+
+def _wrap(text: str, width: int) -> str:
+    words, lines, line = text.split(), [], ""
+    for word in words:
+        if line and len(line) + len(word) + 1 > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return "\n".join(lines + [line])
+
+
+def a1111_parameters(
+    prompt: str,
+    *,
+    negative_prompt: str,
+    steps: int,
+    sampler: str,
+    guidance: float,
+    seed: int,
+    width: int,
+    height: int,
+    extra: dict[str, Any] | None = None,
+) -> str:
+    """Generation parameters in AUTOMATIC1111's PNG `parameters` text convention."""
+    fields = {
+        "Steps": steps,
+        "Sampler": sampler,
+        "CFG scale": guidance,
+        "Seed": seed,
+        "Size": f"{width}x{height}",
+        **(extra or {}),
+    }
+    lines = [prompt]
+    if negative_prompt:
+        lines.append(f"Negative prompt: {negative_prompt}")
+    lines.append(", ".join(f"{k}: {v}" for k, v in fields.items()))
+    return "\n".join(lines)
+
+
+def parse_a1111_parameters(text: str) -> dict[str, str]:
+    """The prompt, negative prompt and fields of an A1111 `parameters` text (values as strings)."""
+    lines = text.split("\n")
+    result = {"prompt": lines[0], "negative_prompt": ""}
+    for line in lines[1:-1]:
+        if line.startswith("Negative prompt: "):
+            result["negative_prompt"] = line[len("Negative prompt: ") :]
+    for match in re.finditer(r'([A-Za-z][A-Za-z ]*): ("[^"]*"|[^,]*)(?:, |$)', lines[-1]):
+        result[match.group(1)] = match.group(2).strip('"')
+    return result
+
+
+def save_png(image: Any, path: Path, parameters: str, extra: dict[str, str] | None = None) -> None:
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", parameters)
+    for key, value in (extra or {}).items():
+        info.add_text(key, value)
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Adapters on a pipeline, and the `generate` command.
+
+
+@dataclass
+class LoadedAdapter:
+    name: str
+    path: Path
+    scale: float
+    state: Any  # LoraState
+    sha256: str
+
+
+def _diffusers_state_dict(state: Any) -> dict[str, Any]:
+    """Diffusers-layout keys with alpha / rank folded into the up weights, so loading needs no alpha at all."""
+    from .formats.diffusers import DOWN, MAGNITUDE, UP, diffusers_key
+
+    tensors = {}
+    for component, modules in state.items():
+        for path, lora in modules.items():
+            tensors[diffusers_key(component, path, DOWN)] = lora.down.float()
+            tensors[diffusers_key(component, path, UP)] = lora.up.float() * (lora.alpha / lora.rank)
+            if lora.magnitude is not None:  # diffusers turns on peft's use_dora when it sees these keys
+                tensors[diffusers_key(component, path, MAGNITUDE)] = lora.peft_magnitude().float()
+    return tensors
+
+
+def apply_adapters(pipe: Any, adapters: list[LoadedAdapter]) -> None:
+    """Load each adapter into the pipeline under its own name, checked against the base first."""
+    from .formats.read import check_against
+
+    for adapter in adapters:
+        check_against(adapter.state, {"unet": pipe.unet, "text_encoder": pipe.text_encoder}, str(adapter.path))
+        pipe.load_lora_weights(_diffusers_state_dict(adapter.state), adapter_name=adapter.name)
+
+
+def set_scales(pipe: Any, adapters: list[LoadedAdapter], multiplier: float) -> None:
+    if adapters:
+        pipe.set_adapters([a.name for a in adapters], adapter_weights=[a.scale * multiplier for a in adapters])

@@ -1,0 +1,75 @@
+"""`train(recipe)`: set the run up, fit it, export it.
+
+`setup` loads the base, the items and the adapters and fills the caches; `loop` takes the optimizer steps
+(with checkpoints, validation and exact resume); `images` renders samples and class images; the exported files
+and their metadata are `lorakit.formats`'. The run folder's layout is `lorakit.checkpoint.RunPaths`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from .. import adapters
+from ..formats.files import save_adapter_files
+from ..formats.metadata import training_info
+from ..recipe import Recipe
+from .loop import Log, Run, fit
+from .setup import resolve_recipe, run_paths, set_up
+
+__all__ = ["RunResult", "resolve_recipe", "run_paths", "train"]
+
+
+@dataclass
+class RunResult:
+    """What a finished run produced."""
+
+    run_dir: Path
+    adapter: Path
+    diffusers_adapter: Path
+    steps: int
+    final_loss: float
+    trainable_parameters: int
+    models: dict[str, Any]  # the trained modules (with their peft adapters), by component name
+
+
+def train(
+    recipe: Recipe, *, overwrite: bool = False, resume: str | None = None, quiet: bool = False, log: Log = print
+) -> RunResult:
+    """Train the LoRA described by `recipe` and write its run folder (docs/ARCHITECTURE.md has the layout).
+
+    `resume` is `"latest"` or a checkpoint folder of the same run folder.
+    """
+    started = datetime.now(UTC)
+    run = set_up(recipe, overwrite=overwrite, resume=resume, quiet=quiet, log=log)
+    loss = fit(run)
+    return export(run, loss, started)
+
+
+def export(run: Run, loss: float, started: datetime) -> RunResult:
+    """Write the adapter files (the EMA weights where the recipe keeps an EMA) and say where they are."""
+    recipe, paths = run.recipe, run.paths
+    models = run.unwrapped()
+    ema_weights = {}
+    if run.ema is not None:
+        ema_weights = {
+            name: {n[len(name) + 1 :]: t for n, t in run.ema.shadow.items() if n.startswith(name + ".")}
+            for name in models
+        }
+    state = {name: adapters.extract_lora(m, ema_weights.get(name)) for name, m in models.items()}
+    kohya_path = None if recipe.lora.use_dora else paths.kohya_adapter
+    diffusers_path = paths.diffusers_adapter
+    if run.accelerator.is_main_process:
+        info = training_info(recipe, run.base.family, run.items, run.step, started)
+        kohya_path, diffusers_path = save_adapter_files(
+            state, paths.folder, recipe.output.name, recipe.output.save_dtype, info
+        )
+        if kohya_path is None:
+            run.log(f"Saved {diffusers_path} (DoRA, diffusers layout: diffusers and `lorakit generate`/`merge`)")
+        else:
+            run.log(f"Saved {kohya_path} (kohya layout: A1111/Forge, ComfyUI, diffusers) and {diffusers_path.name}")
+    run.accelerator.end_training()
+    trainable = sum(p.numel() for p in run.named_trainable().values())
+    return RunResult(paths.folder, kohya_path or diffusers_path, diffusers_path, run.step, loss, trainable, models)

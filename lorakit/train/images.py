@@ -1,0 +1,98 @@
+"""Pictures made during training: sample grids of the adapter so far, and prior-preservation class images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..files import IMAGE_SUFFIXES
+from ..models import BaseModel
+from ..progress import progress_bar
+from ..recipe import Recipe
+from ..render import RenderSettings, a1111_parameters, make_grid, render, sample_pipeline, save_png
+
+if TYPE_CHECKING:
+    from .loop import Log, Run
+
+
+def _sample_settings(recipe: Recipe) -> Any:
+
+    sample, size = recipe.sample, recipe.data.resolution
+    return RenderSettings(
+        steps=sample.steps,
+        guidance=sample.guidance,
+        width=size,
+        height=size,
+        negative_prompt=sample.negative_prompt,
+        sampler="euler",
+        clip_skip=recipe.model.clip_skip,
+    )
+
+
+def render_samples(run: Run) -> None:
+    """One grid of the `[sample]` prompts with the adapter as it is now, into `samples/step-NNNNNN.png`."""
+
+    sample, base = run.recipe.sample, run.base
+    models = run.unwrapped()
+    te = models.get("text_encoder", base.text_encoders[0])
+    base.vae.to(run.device)
+    pipe = sample_pipeline(models["unet"], base.vae, te, base.tokenizers[0], base.noise_scheduler)
+    settings = _sample_settings(run.recipe)
+    for module in models.values():
+        module.eval()
+    with run.accelerator.autocast():
+        seeds = [sample.seed + i for i in range(len(sample.prompts))]
+        images = render(pipe, sample.prompts, seeds, settings)
+    for module in models.values():
+        module.train()
+    if run.cache is not None:
+        base.vae.to("cpu")
+    parameters = a1111_parameters(
+        " | ".join(sample.prompts),
+        negative_prompt=sample.negative_prompt,
+        steps=sample.steps,
+        sampler="Euler",
+        guidance=sample.guidance,
+        seed=sample.seed,
+        width=settings.width,
+        height=settings.height,
+        extra={"Lora": run.recipe.output.name, "Training step": run.step},
+    )
+    folder = run.paths.folder / "samples"
+    folder.mkdir(exist_ok=True)
+    save_png(make_grid(images, columns=len(images)), folder / f"step-{run.step:06d}.png", parameters)
+
+
+def render_class_images(recipe: Recipe, base: BaseModel, device: Any, log: Log, quiet: bool) -> None:
+    """Prior preservation: render the class images `[prior] class_dir` lacks with the base model, and keep them."""
+    prior = recipe.prior
+    folder = Path(prior.class_dir)
+    have = len([p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES]) if folder.is_dir() else 0
+    missing = prior.num_class_images - have
+    if missing <= 0:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    log(f"prior: {folder} holds {have} of {prior.num_class_images} class images; rendering {missing} with the base")
+    base.vae.to(device)
+    base.unet.to(device)
+    base.text_encoders[0].to(device)
+    pipe = sample_pipeline(base.unet, base.vae, base.text_encoders[0], base.tokenizers[0], base.noise_scheduler)
+    settings = _sample_settings(recipe)
+    with progress_bar("Class images", missing, quiet=quiet) as bar:
+        for index in range(have, prior.num_class_images):
+            prompts = [prior.class_prompt] if isinstance(prior.class_prompt, str) else prior.class_prompt
+            prompt = prompts[index % len(prompts)]
+            (image,) = render(pipe, [prompt], [index], settings)
+            (folder / f"class-{index:05d}.txt").write_text(prompt + "\n", encoding="utf-8")
+            parameters = a1111_parameters(
+                prompt,
+                negative_prompt=settings.negative_prompt,
+                steps=settings.steps,
+                sampler="Euler",
+                guidance=settings.guidance,
+                seed=index,
+                width=settings.width,
+                height=settings.height,
+            )
+            save_png(image, folder / f"class-{index:05d}.png", parameters)
+            bar.advance()

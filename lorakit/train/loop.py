@@ -1,0 +1,314 @@
+"""The training loop: one optimizer step at a time, its loss, validation, checkpoints and resume.
+
+Every random choice is a pure function of `train.seed` and a position (epoch, micro-step), and a checkpoint holds
+that position with the adapter, EMA, optimizer and schedule state, so a resumed run continues bit for bit where
+the interrupted one would have gone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .. import adapters, objective
+from ..checkpoint import RunPaths, check_resumable, load_checkpoint, restore_rng, rng_state, save_checkpoint
+from ..data import (
+    BatchStream,
+    Item,
+    LatentCache,
+    bucket_list,
+    load_folder,
+    load_pixels,
+    step_rng,
+    transform_caption,
+    vae_fingerprint,
+)
+from ..ema import AdapterEMA
+from ..errors import LorakitError, OutputError
+from ..files import atomic_write_text
+from ..models import BaseModel, encode_prompts, tokenize
+from ..progress import progress_bar
+from ..recipe import Recipe, recipe_to_dict
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class Run:
+    """Everything the training loop reads or changes."""
+
+    recipe: Recipe
+    base: BaseModel
+    items: list[Item]
+    accelerator: Any
+    models: dict[str, Any]  # prepared (possibly DDP-wrapped) trained modules by component
+    optimizer: Any
+    lr_scheduler: Any
+    stream: BatchStream
+    cache: LatentCache | None
+    text_cache: dict[str, Any] | None
+    ema: AdapterEMA | None
+    paths: RunPaths
+    log: Log
+    quiet: bool
+    step: int = 0
+    micro: int = 0
+
+    @property
+    def device(self) -> Any:
+        return self.accelerator.device
+
+    def unwrapped(self) -> dict[str, Any]:
+        return {name: self.accelerator.unwrap_model(m) for name, m in self.models.items()}
+
+    def named_trainable(self) -> dict[str, Any]:
+        return {
+            f"{name}.{n}": p
+            for name, m in self.unwrapped().items()
+            for n, p in adapters.named_lora_parameters(m).items()
+        }
+
+
+def derived_seed(*parts: object) -> int:
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
+
+
+def encoder(base: BaseModel, device: Any) -> Callable[[Any], tuple[Any, Any]]:
+    import torch
+
+    def encode(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            dist = base.vae.encode(pixels.unsqueeze(0).to(device)).latent_dist
+        return dist.mean[0].float().cpu(), dist.std[0].float().cpu()
+
+    return encode
+
+
+def scale_latents(base: BaseModel, latents: Any) -> Any:
+    shift = getattr(base.vae.config, "shift_factor", None) or 0.0
+    return (latents - shift) * base.vae.config.scaling_factor
+
+
+def text_conditioning(run: Run, captions: list[str]) -> dict[str, Any]:
+    import torch
+
+    if run.text_cache is not None:
+        keys = run.text_cache[captions[0]].keys()
+        return {k: torch.stack([run.text_cache[c][k] for c in captions]).to(run.device) for k in keys}
+    recipe = run.recipe
+    ids = [t.to(run.device) for t in tokenize(run.base, captions, recipe.data.max_token_length)]
+    text_encoders = [
+        run.models.get(n, m) for n, m in zip(run.base.text_encoder_names, run.base.text_encoders, strict=True)
+    ]
+    with torch.set_grad_enabled(recipe.lora.train_text_encoder), run.accelerator.autocast():
+        return encode_prompts(dataclasses.replace(run.base, text_encoders=text_encoders), ids, recipe.model.clip_skip)
+
+
+def _micro_batch_loss(run: Run, batch: list[int]) -> Any:
+    """The weighted denoising loss of one micro-batch; all its randomness derives from the micro-step."""
+    import torch
+
+    cfg, data, base = run.recipe.train, run.recipe.data, run.base
+    rank = run.accelerator.process_index
+    rng = step_rng(cfg.seed, f"{rank}:{run.micro}", "batch")
+    generator = torch.Generator().manual_seed(derived_seed(cfg.seed, rank, run.micro))
+    flips = [data.flip and rng.random() < 0.5 for _ in batch]
+    captions = [transform_caption(run.items[i].caption, data, rng) for i in batch]
+    if run.cache is not None:
+        pairs = [run.cache.get(i, f) for i, f in zip(batch, flips, strict=True)]
+    else:
+        encode = encoder(base, run.device)
+        pairs = [encode(load_pixels(run.items[i], f)) for i, f in zip(batch, flips, strict=True)]
+    means, stds = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+    latents = scale_latents(base, means + stds * torch.randn(means.shape, generator=generator))
+    noise = objective.sample_noise(tuple(latents.shape), cfg.noise_offset, generator)
+    timesteps = objective.sample_timesteps(len(batch), cfg.min_timestep, cfg.max_timestep, generator)
+    noisy = base.noise_scheduler.add_noise(latents, noise, timesteps)
+    target = objective.training_target(base.noise_scheduler, latents, noise, timesteps, base.prediction_type)
+    weights = objective.loss_weights(base.noise_scheduler, timesteps, cfg.min_snr_gamma, base.prediction_type)
+    weights = weights * torch.tensor([run.items[i].loss_weight for i in batch])
+    conditioning = text_conditioning(run, captions)
+    with run.accelerator.autocast():
+        prediction = run.models["unet"](noisy.to(run.device), timesteps.to(run.device), **conditioning).sample
+    return objective.diffusion_loss(
+        prediction, target.to(run.device), weights.to(run.device), cfg.loss_type, cfg.huber_c
+    )
+
+
+def optimizer_step(run: Run) -> float:
+    """Accumulate `gradient_accumulation_steps` micro-batches and take one optimizer step; returns the loss."""
+    import torch
+
+    cfg, accelerator = run.recipe.train, run.accelerator
+    accumulation, total = cfg.gradient_accumulation_steps, 0.0
+    with ExitStack() as no_sync:
+        for k in range(accumulation):
+            if k < accumulation - 1:  # only the last micro-batch all-reduces gradients
+                for module in run.models.values():
+                    no_sync.enter_context(accelerator.no_sync(module))
+            loss = _micro_batch_loss(run, run.stream.next())
+            accelerator.backward(loss / accumulation)
+            total += loss.detach().item() / accumulation
+            run.micro += 1
+            if k == accumulation - 2:
+                no_sync.close()
+    if cfg.max_grad_norm:
+        accelerator.clip_grad_norm_([p for g in run.optimizer.param_groups for p in g["params"]], cfg.max_grad_norm)
+    run.optimizer.step()
+    run.lr_scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    if run.ema is not None:
+        run.ema.update(run.step)
+    return accelerator.reduce(torch.tensor(total, device=run.device), "mean").item()
+
+
+def save(run: Run) -> Path:
+    return save_checkpoint(
+        run.paths.folder,
+        run.step,
+        adapter=run.named_trainable(),
+        ema=run.ema.shadow if run.ema else None,
+        optimizer_state=run.optimizer.state_dict(),
+        scheduler_state=run.lr_scheduler.state_dict(),
+        position={"epoch": run.stream.epoch, "offset": run.stream.offset, "micro": run.micro},
+        rng=rng_state(),
+        recipe=recipe_to_dict(run.recipe),
+        keep=run.recipe.train.keep_checkpoints,
+    )
+
+
+def restore(run: Run, checkpoint: Path, log: Log) -> None:
+    import torch
+
+    saved = load_checkpoint(checkpoint)
+    check_resumable(saved["recipe"], run.recipe, log)
+    params = run.named_trainable()
+    with torch.no_grad():
+        for name, tensor in saved["adapter"].items():
+            params[name].copy_(tensor)
+    optimizer_state = saved["optimizer"]
+    optimizer_state["state"] = {int(k): v for k, v in optimizer_state["state"].items()}
+    run.optimizer.load_state_dict(optimizer_state)
+    run.lr_scheduler.load_state_dict(saved["scheduler"])
+    if run.ema is not None:
+        if saved["ema"] is None:
+            raise OutputError(f"--resume: {checkpoint} was saved without EMA; set train.ema_decay = 0 to resume it")
+        run.ema.load(saved["ema"])
+    restore_rng(saved["rng"])
+    position = saved["position"]
+    run.step, run.micro = saved["step"], position["micro"]
+    run.stream = BatchStream(
+        run.items,
+        batch_size=run.recipe.train.batch_size,
+        seed=run.recipe.train.seed,
+        rank=run.accelerator.process_index,
+        world=run.accelerator.num_processes,
+        epoch=position["epoch"],
+        offset=position["offset"],
+    )
+    metrics = run.paths.metrics
+    if metrics.is_file():
+        kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= run.step]
+        atomic_write_text(metrics, "".join(line + "\n" for line in kept))
+    log(f"Resumed from {checkpoint} at step {run.step}")
+
+
+def validation_items(run: Run) -> tuple[list[Item], LatentCache]:
+    folder = Path(run.recipe.validation.folder)
+    buckets = bucket_list(run.recipe.data.resolution, run.base.pixel_multiple)
+    items = load_folder(folder, trigger=run.recipe.data.trigger, repeats=1, buckets=buckets)
+    cache = LatentCache(folder, vae_fingerprint(run.base.vae))
+    run.base.vae.to(run.device)
+    cache.fill(items, (False,), encoder(run.base, run.device))
+    if run.cache is not None:
+        run.base.vae.to("cpu")
+    return items, cache
+
+
+def validation_loss(run: Run, items: list[Item], cache: LatentCache) -> float:
+    """Mean denoising loss on held-out images at fixed noise and timesteps (comparable across steps)."""
+    import torch
+
+    validation, base = run.recipe.validation, run.base
+    losses = []
+    models = run.unwrapped()
+    for module in models.values():
+        module.eval()
+    with torch.no_grad():
+        for index, item in enumerate(items):
+            mean, _ = cache.get(index, False)
+            latents = scale_latents(base, mean[None])
+            for timestep in validation.timesteps:
+                generator = torch.Generator().manual_seed(derived_seed("validation", index, timestep))
+                noise = torch.randn(latents.shape, generator=generator)
+                t = torch.tensor([timestep])
+                noisy = base.noise_scheduler.add_noise(latents, noise, t)
+                target = objective.training_target(base.noise_scheduler, latents, noise, t, base.prediction_type)
+                conditioning = text_conditioning(run, [item.caption])
+                with run.accelerator.autocast():
+                    prediction = models["unet"](noisy.to(run.device), t.to(run.device), **conditioning).sample
+                losses.append(torch.nn.functional.mse_loss(prediction.float(), target.to(run.device)).item())
+    for module in models.values():
+        module.train()
+    return sum(losses) / len(losses)
+
+
+def due(step: int, every: int, last: int) -> bool:
+    return step == last or (every > 0 and step % every == 0)
+
+
+def fit(run: Run) -> float:
+    """Train until `train.max_steps`, logging, validating, checkpointing and sampling as the recipe says; returns
+    the last step's loss."""
+    from .images import render_samples
+
+    recipe, cfg, accelerator = run.recipe, run.recipe.train, run.accelerator
+    validation = validation_items(run) if recipe.validation else None
+    sample_every = recipe.sample.every_steps or cfg.save_every_steps
+    loss, start = float("nan"), time.monotonic()
+    with progress_bar("Training", cfg.max_steps - run.step, quiet=run.quiet) as bar:
+        while run.step < cfg.max_steps:
+            loss = optimizer_step(run)
+            if not math.isfinite(loss):
+                raise LorakitError(
+                    f"training diverged: the loss is {loss} at step {run.step}; lower "
+                    'train.unet_lr / train.text_encoder_lr or use mixed_precision = "bf16" or "no"'
+                )
+            row: dict[str, Any] = {}
+            if validation and due(run.step, recipe.validation.every_steps, cfg.max_steps):
+                row["val_loss"] = validation_loss(run, *validation)
+            if accelerator.is_main_process:
+                if due(run.step, cfg.log_every_steps, cfg.max_steps) or row:
+                    _log_metrics(run, {"step": run.step, "loss": loss, **row}, start)
+                if due(run.step, cfg.save_every_steps, cfg.max_steps):
+                    save(run)
+                if recipe.sample.prompts and due(run.step, sample_every, cfg.max_steps):
+                    render_samples(run)
+            if due(run.step, cfg.save_every_steps, cfg.max_steps) or due(run.step, sample_every, cfg.max_steps):
+                accelerator.wait_for_everyone()  # the other processes wait while the main one writes
+            bar.advance(1, loss=f"{loss:.4f}")
+    accelerator.wait_for_everyone()
+    return loss
+
+
+def _log_metrics(run: Run, row: dict[str, Any], start: float) -> None:
+    """One `metrics.jsonl` line (and a TensorBoard point): loss, validation loss, learning rates, epoch, time."""
+    lrs = {f"lr_{g['name']}": g["lr"] for g in run.optimizer.param_groups}
+    row = {
+        **row,
+        **lrs,
+        "epoch": round(run.stream.epochs_done, 4),
+        "elapsed_s": round(time.monotonic() - start, 3),
+    }
+    with run.paths.metrics.open("a", encoding="utf-8") as out:
+        out.write(json.dumps(row) + "\n")
+    run.accelerator.log({k: v for k, v in row.items() if k not in ("step", "elapsed_s")}, step=run.step)

@@ -1,0 +1,307 @@
+"""Setting a run up: precision, the accelerator, LoRA injection, the items, and the latent and text caches."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from .. import adapters
+from ..checkpoint import RunPaths, check_run_folder, create_run_folder, find_checkpoint
+from ..data import BatchStream, Item, LatentCache, bucket_list, load_class_items, load_items, vae_fingerprint
+from ..ema import AdapterEMA
+from ..errors import LorakitError
+from ..files import atomic_write_text
+from ..models import BaseModel, encode_prompts, is_local, load_base, resolve_base, token_count, tokenize
+from ..optim import build_lr_scheduler, build_optimizer
+from ..progress import progress_bar
+from ..recipe import Recipe, dump_recipe
+from .images import render_class_images
+from .loop import Log, Run, encoder, restore
+
+
+def run_paths(recipe: Recipe) -> RunPaths:
+    """The run folder the recipe names: `<output.folder>/<output.name>/`."""
+    return RunPaths(Path(recipe.output.folder).expanduser() / recipe.output.name, recipe.output.name)
+
+
+def resolve_recipe(recipe: Recipe, base: BaseModel) -> Recipe:
+    """The recipe with every default that depends on the base filled in and every path absolute."""
+
+    def absolute(path: str) -> str:
+        return str(Path(path).expanduser().resolve())
+
+    model = dataclasses.replace(recipe.model, base=base.source, prediction_type=base.prediction_type)
+    train_te = recipe.lora.train_text_encoder
+    lora = dataclasses.replace(recipe.lora, train_text_encoder=base.family != "sdxl" if train_te is None else train_te)
+    folder = recipe.data.folder
+    data = dataclasses.replace(
+        recipe.data, folder=absolute(folder) if isinstance(folder, str) else [absolute(f) for f in folder]
+    )
+    output = dataclasses.replace(recipe.output, folder=absolute(recipe.output.folder))
+    prior = recipe.prior and dataclasses.replace(recipe.prior, class_dir=absolute(recipe.prior.class_dir))
+    validation = recipe.validation and dataclasses.replace(
+        recipe.validation, folder=absolute(recipe.validation.folder)
+    )
+    train = dataclasses.replace(
+        recipe.train, max_timestep=recipe.train.max_timestep or base.noise_scheduler.config.num_train_timesteps
+    )
+    return dataclasses.replace(
+        recipe, model=model, lora=lora, data=data, output=output, prior=prior, validation=validation, train=train
+    )
+
+
+def set_up(recipe: Recipe, *, overwrite: bool, resume: str | None, quiet: bool, log: Log) -> Run:
+    """Everything before the first step: base, items, adapters, optimizer, caches, run folder, resumed state."""
+    import torch
+
+    paths = run_paths(recipe)
+    checkpoint = find_checkpoint(paths.folder, resume) if resume else None
+    if checkpoint is None:
+        check_run_folder(paths.folder, overwrite)
+    precision, weight_dtype = _precision(recipe, log)
+    base = _load_base(recipe, weight_dtype, log)
+    recipe = resolve_recipe(recipe, base)
+    cfg = recipe.train
+    accelerator = _accelerator(precision, paths.folder)
+    say = log if accelerator.is_main_process else (lambda _: None)
+    quiet = quiet or not accelerator.is_main_process
+    if recipe.prior and accelerator.is_main_process:
+        render_class_images(recipe, base, accelerator.device, say, quiet)
+    accelerator.wait_for_everyone()
+    items = _load_all_items(recipe, base, say)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    stream = BatchStream(items, batch_size=cfg.batch_size, seed=cfg.seed, rank=rank, world=world)
+    torch.manual_seed(cfg.seed)
+    trained = _inject(recipe, base, say)
+    if cfg.gradient_checkpointing:
+        _enable_gradient_checkpointing(base, trained)
+    optimizer = build_optimizer(cfg, _parameter_groups(recipe, trained))
+    lr_scheduler = build_lr_scheduler(cfg, optimizer)
+    if accelerator.is_main_process and checkpoint is None:
+        create_run_folder(paths.folder, overwrite)
+    accelerator.wait_for_everyone()
+    cache, text_cache = _fill_caches(recipe, base, items, accelerator.device, say, quiet)
+    prepared = accelerator.prepare(*trained.values(), optimizer)
+    models = dict(zip(trained, prepared[:-1], strict=True))
+    for module in models.values():
+        module.train()
+    run = Run(
+        recipe,
+        base,
+        items,
+        accelerator,
+        models,
+        prepared[-1],
+        lr_scheduler,
+        stream,
+        cache,
+        text_cache,
+        None,
+        paths,
+        say,
+        quiet,
+    )
+    if cfg.ema_decay:
+        run.ema = AdapterEMA(run.named_trainable(), cfg.ema_decay)
+    if checkpoint is not None:
+        restore(run, checkpoint, say)
+    if accelerator.is_main_process:
+        atomic_write_text(paths.recipe, dump_recipe(recipe))
+    if accelerator.log_with:
+        accelerator.init_trackers("tensorboard")
+    return run
+
+
+def _load_base(recipe: Recipe, weight_dtype: str, log: Log) -> BaseModel:
+    resolve_base(recipe.model.base)
+    if not is_local(recipe.model.base):
+        log(f"Loading base model {recipe.model.base} from the Hugging Face hub or its cache")
+    return load_base(
+        recipe.model.base,
+        prediction_type=recipe.model.prediction_type,
+        revision=recipe.model.revision,
+        vae=recipe.model.vae,
+        weight_dtype=weight_dtype,
+        config=recipe.model.config,
+    )
+
+
+def _enable_gradient_checkpointing(base: BaseModel, trained: dict[str, Any]) -> None:
+    base.unet.enable_gradient_checkpointing()
+    for name, module in trained.items():
+        if name != "unet":
+            # transformers 5.2x renamed the switch; the old name still works but warns on every run.
+            enable = getattr(module, "activation_checkpointing_enable", None)
+            (enable or module.gradient_checkpointing_enable)({"use_reentrant": False})
+
+
+def _parameter_groups(recipe: Recipe, trained: dict[str, Any]) -> list[dict[str, Any]]:
+    cfg = recipe.train
+    return [
+        {
+            "params": adapters.lora_parameters(m),
+            "name": name,
+            "lr": cfg.unet_lr if name == "unet" else cfg.text_encoder_lr,
+        }
+        for name, m in trained.items()
+    ]
+
+
+def _fill_caches(
+    recipe: Recipe, base: BaseModel, items: list[Item], device: Any, log: Log, quiet: bool
+) -> tuple[LatentCache | None, dict[str, Any] | None]:
+    """Encode latents (when cached) and the text of every caption (when the text encoder is frozen), then move
+    the encoders that are no longer needed back to the CPU."""
+    base.vae.to(device)
+    for module in base.text_encoders:
+        module.to(device)
+    cache = None
+    if recipe.train.cache_latents:
+        cache = LatentCache(_cache_root(recipe), vae_fingerprint(base.vae))
+        flips = (False, True) if recipe.data.flip else (False,)
+        with progress_bar("Caching latents", len(items), quiet=quiet) as bar:
+            fresh = cache.fill(items, flips, encoder(base, device), bar.advance)
+        log(f"Latents: {len(items) * len(flips)} cached ({fresh} newly encoded) in {cache.folder}")
+        base.vae.to("cpu")
+    text_cache = _text_cache(recipe, base, items, device, log)
+    if text_cache is not None:
+        for module in base.text_encoders:
+            module.to("cpu")
+    return cache, text_cache
+
+
+def _precision(recipe: Recipe, log: Log) -> tuple[str, str]:
+    """(mixed precision, frozen weight dtype) actually used on this machine."""
+    import torch
+
+    precision, weight_dtype = recipe.train.mixed_precision, recipe.model.weight_dtype
+    if precision == "fp16" and not torch.cuda.is_available():
+        log("train.mixed_precision: fp16 autocast does nothing on a CPU; training in bf16 instead")
+        precision = "bf16"
+        weight_dtype = "bfloat16" if weight_dtype == "float16" else weight_dtype
+    wanted = {"float16": "fp16", "bfloat16": "bf16"}.get(weight_dtype)
+    if wanted and precision != wanted:
+        raise LorakitError(
+            f'model.weight_dtype: {weight_dtype} weights need train.mixed_precision = "{wanted}" '
+            f'(it is "{precision}"); or keep weight_dtype = "float32"'
+        )
+    return precision, weight_dtype
+
+
+def _accelerator(precision: str, run_dir: Path) -> Any:
+    import torch
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import is_tensorboard_available
+
+    # accelerate keeps precision in a process-wide singleton; a second train() in the same process
+    # (a notebook, the tests) must be free to choose another, so forget the previous run's choice.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    tracker = "tensorboard" if is_tensorboard_available() else None
+    # cpu=True without CUDA: under torchrun this is what makes the processes one gloo job.
+    return Accelerator(
+        cpu=not torch.cuda.is_available(), mixed_precision=precision, log_with=tracker, project_dir=str(run_dir)
+    )
+
+
+def _inject(recipe: Recipe, base: BaseModel, log: Log) -> dict[str, Any]:
+    """Freeze the base and add LoRA to the U-Net (and text encoders); return the trained modules by name."""
+    from diffusers.training_utils import cast_training_params
+
+    lora = recipe.lora
+    trained = {"unet": base.unet}
+    if lora.train_text_encoder:
+        trained.update(zip(base.text_encoder_names, base.text_encoders, strict=True))
+    counts = []
+    for component, module in trained.items():
+        names = adapters.inject_lora(
+            module,
+            component,
+            rank=lora.rank,
+            lora_alpha=lora.lora_alpha,
+            dropout=lora.dropout,
+            target_modules=lora.target_modules,
+            conv_rank=lora.conv_rank,
+            conv_alpha=lora.conv_alpha,
+            use_dora=lora.use_dora,
+        )
+        adapters.freeze_except_lora(module)
+        cast_training_params(module)  # LoRA weights train in float32 whatever the frozen weights' dtype
+        counts.append(f"{component} {len(names)}")
+    if lora.init_from:
+        _init_from(lora.init_from, trained, log)
+    trainable = sum(adapters.count_parameters(m)[0] for m in trained.values())
+    total = sum(adapters.count_parameters(m)[1] for m in (base.unet, base.vae, *base.text_encoders))
+    log(
+        f"LoRA modules: {', '.join(counts)}; trainable parameters: {trainable:,} of {total:,} "
+        f"({100 * trainable / total:.2f}%)"
+    )
+    return trained
+
+
+def _init_from(path: str, trained: dict[str, Any], log: Log) -> None:
+    from ..formats.read import check_against, read_adapter_file
+
+    adapter = read_adapter_file(path)
+    check_against(adapter.state, trained, path)
+    for component, lora_modules in adapter.state.items():
+        adapters.load_lora_into(trained[component], lora_modules, path)
+    loaded = sum(len(m) for m in adapter.state.values())
+    total = sum(len(adapters.extract_lora(m)) for m in trained.values())
+    log(f"lora.init_from: started from {path} ({loaded} of {total} modules)")
+
+
+def _load_all_items(recipe: Recipe, base: BaseModel, log: Log) -> list[Item]:
+    items = load_items(recipe.data, base.pixel_multiple)
+    limit = recipe.data.max_token_length
+    if limit == 75:  # the model's own context (75 tokens for SD; smaller for the toy world)
+        limit = base.tokenizers[0].model_max_length - 2
+    too_long = sum(token_count(base, item.caption) > limit for item in items)
+    if too_long:
+        log(
+            f"data: {too_long} of {len(items)} captions are longer than {limit} tokens and are truncated; "
+            + ("set data.max_token_length = 150 or 225 to keep them" if limit < 225 else "shorten them")
+        )
+    if recipe.prior:
+        prior = recipe.prior
+        instance_samples = sum(item.repeats for item in items)
+        buckets = bucket_list(recipe.data.resolution, base.pixel_multiple)
+        items += load_class_items(
+            Path(prior.class_dir),
+            prompt=prior.class_prompt,
+            count=prior.num_class_images,
+            weight=prior.prior_loss_weight,
+            buckets=buckets,
+            instance_samples=instance_samples,
+        )
+        log(
+            f"prior: {prior.num_class_images} class images from {prior.class_dir}, loss weight "
+            f"{prior.prior_loss_weight}"
+        )
+    return items
+
+
+def _text_cache(recipe: Recipe, base: BaseModel, items: list[Item], device: Any, log: Log) -> dict[str, Any] | None:
+    """Text-encoder outputs of every caption, when the text encoder is frozen and captions never change."""
+    import torch
+
+    data = recipe.data
+    if recipe.lora.train_text_encoder or data.shuffle_tags:
+        return None
+    captions = sorted({item.caption for item in items} | ({""} if data.caption_dropout else set()))
+    cache = {}
+    with torch.no_grad():
+        for caption in captions:
+            ids = [t.to(device) for t in tokenize(base, [caption], data.max_token_length)]
+            cache[caption] = {
+                k: v[0].float().cpu() for k, v in encode_prompts(base, ids, recipe.model.clip_skip).items()
+            }
+    log(f"Text encoder outputs cached for {len(captions)} captions (the text encoder is frozen)")
+    return cache
+
+
+def _cache_root(recipe: Recipe) -> Path:
+    """Where latents are cached: the (first) dataset folder's `.cache/` (entries are content-keyed)."""
+    folder = recipe.data.folder
+    return Path(folder if isinstance(folder, str) else folder[0])
