@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from .errors import RecipeError
+import torch
+from peft import LoraConfig, inject_adapter_in_model
 
-if TYPE_CHECKING:
-    import torch
+from .errors import AdapterError, RecipeError
 
 # Inside every transformer block of the U-Net (Transformer2DModel): the attention projections...
 _UNET_ATTENTION = r"transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)"
@@ -118,7 +117,6 @@ def text_encoder_kind(component: str) -> str:
 
 def matching_modules(model: torch.nn.Module, targets: str | list[str]) -> list[str]:
     """The module paths peft would adapt for `targets` (a regex or a list of name suffixes)."""
-    import torch
 
     names = []
     for name, module in model.named_modules():
@@ -158,8 +156,6 @@ def inject_lora(
     rank and alpha patterns. Raises RecipeError when the targets match nothing, or when a text
     encoder would get q/k/v without out_proj (diffusers cannot load such a file).
     """
-    import torch
-    from peft import LoraConfig, inject_adapter_in_model
 
     targets = resolve_targets(target_modules, component)
     names = matching_modules(model, targets)
@@ -250,9 +246,6 @@ def load_lora_into(model: torch.nn.Module, modules: dict[str, LoraModule], sourc
 
     Raises AdapterError naming the first module whose rank differs or that the model lacks.
     """
-    import torch
-
-    from .errors import AdapterError
 
     named = dict(model.named_modules())
     for path, lora in modules.items():

@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 CONFIGS = Path(__file__).parent / "configs"
 ARCHITECTURES = ("sd15", "sd21", "sdxl")
 
@@ -26,7 +28,6 @@ def component_config(architecture: str, component: str) -> dict[str, Any]:
 
 def build_on_meta(architecture: str, component: str) -> Any:
     """The full-size module on the meta device: every parameter's shape, no memory and no weights."""
-    import torch
 
     config = component_config(architecture, component)
     with torch.device("meta"):

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
 
 from .errors import OutputError
 from .recipe import Recipe, recipe_to_dict
@@ -112,7 +116,6 @@ def find_checkpoint(run_dir: Path, resume: str) -> Path:
 
 def _split_state(state: dict, prefix: str, tensors: dict, plain: dict) -> None:
     """Put every tensor of a nested state dict into `tensors` (flat keys) and the rest into `plain`."""
-    import torch
 
     for key, value in state.items():
         name = f"{prefix}{key}"
@@ -152,9 +155,6 @@ def save_checkpoint(
 
     Only trainable tensors and optimizer state are written, never the frozen base; no pickles.
     """
-    import json
-
-    from safetensors.torch import save_file
 
     folder = Path(run_dir) / CHECKPOINTS
     final, tmp = folder / checkpoint_name(step), folder / f"{checkpoint_name(step)}.tmp"
@@ -178,9 +178,6 @@ def save_checkpoint(
 
 def load_checkpoint(path: Path) -> dict:
     """Read a checkpoint folder back: adapter, ema (or None), optimizer, scheduler, position, rng, recipe, step."""
-    import json
-
-    from safetensors.torch import load_file
 
     path = Path(path)
     state = json.loads((path / "state.json").read_text(encoding="utf-8"))
@@ -226,7 +223,6 @@ def check_resumable(saved: dict, recipe: Recipe, log: Callable[[str], None]) -> 
 
 
 def rng_state() -> dict[str, Any]:
-    import torch
 
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -236,7 +232,6 @@ def rng_state() -> dict[str, Any]:
 
 def restore_rng(state: dict[str, Any]) -> None:
     """Put back the generators `rng_state` recorded (CUDA's only where CUDA is present)."""
-    import torch
 
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():

@@ -1,5 +1,8 @@
 """The `lorakit` command line: each command parses its options, calls one library function, and turns a
-LorakitError into one line on stderr and exit code 2 (a traceback only with LORAKIT_DEBUG=1)."""
+LorakitError into one line on stderr and exit code 2 (a traceback only with LORAKIT_DEBUG=1).
+
+Every lorakit module a command needs is imported inside that command, so `lorakit --help` and `prepare`
+never load torch (tests/test_cli.py checks it)."""
 
 from __future__ import annotations
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from .adapters import scaled_factors
 from .files import check_output
 from .formats.files import write_adapter
@@ -32,7 +34,6 @@ def convert_adapter(
 
 def inspect_adapter(path: str | Path, *, allow_pickle: bool = False) -> dict:
     """Layout, architecture, ranks, alphas, module counts, metadata and update norms of an adapter file."""
-    import torch
 
     adapter = read_adapter_file(path, allow_pickle=allow_pickle)
     components = {}

@@ -14,14 +14,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from safetensors.torch import load_file, save_file
+
 from .buckets import fit_to_bucket, make_buckets, nearest_bucket
 from .errors import DatasetError
 from .files import IMAGE_SUFFIXES, atomic_write, file_sha256
 from .trigger import with_trigger
 
 if TYPE_CHECKING:
-    import torch
-
     from .recipe import DataSection
 
 METADATA = "metadata.jsonl"
@@ -62,7 +65,6 @@ def _read_metadata(folder: Path) -> list[dict]:
 
 
 def _open_size(path: Path, listed_in: Path) -> tuple[int, int]:
-    from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
@@ -258,9 +260,6 @@ def transform_caption(caption: str, section: DataSection, rng: random.Random) ->
 
 def load_pixels(item: Item, flip: bool) -> torch.Tensor:
     """The item's image resized and centre-cropped to its bucket, as a [3, H, W] tensor in [-1, 1]."""
-    import numpy as np
-    import torch
-    from PIL import Image, ImageOps
 
     with Image.open(item.path) as image:
         image = ImageOps.exif_transpose(image).convert("RGB")
@@ -276,7 +275,6 @@ def load_pixels(item: Item, flip: bool) -> torch.Tensor:
 
 def vae_fingerprint(vae: Any) -> str:
     """A short key for the VAE's identity: its config and a sample of its weights."""
-    import torch
 
     digest = hashlib.sha256(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
     with torch.no_grad():
@@ -303,7 +301,6 @@ class LatentCache:
 
     def fill(self, items: list[Item], flips: tuple[bool, ...], encode, progress=None) -> int:
         """Load or compute the latents of every item (and flip); returns how many were encoded anew."""
-        from safetensors.torch import load_file, save_file
 
         self.folder.mkdir(parents=True, exist_ok=True)
         encoded = 0

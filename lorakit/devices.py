@@ -5,6 +5,8 @@ from __future__ import annotations
 import platform
 from pathlib import Path
 
+import torch
+
 # CPU feature flags (Linux /proc/cpuinfo) that mean bfloat16 arithmetic in hardware; without them torch
 # emulates bf16 on the CPU, several times slower than float32.
 _BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}
@@ -26,7 +28,6 @@ def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
 
 def cuda_facts() -> list[dict]:
     """Name, memory, compute capability and bf16 support of each visible CUDA device (empty without CUDA)."""
-    import torch
 
     if not torch.cuda.is_available():
         return []
@@ -47,7 +48,6 @@ def cuda_facts() -> list[dict]:
 
 def eight_bit_optimizer_works(device: str) -> tuple[bool, str]:
     """Run one bitsandbytes AdamW8bit step on `device`; (works, what happened) with the state's dtype."""
-    import torch
 
     try:
         import bitsandbytes as bnb

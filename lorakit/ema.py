@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 
 class AdapterEMA:
     """A float32 shadow copy of each trainable tensor, updated after every optimizer step.
@@ -18,7 +20,6 @@ class AdapterEMA:
         self.shadow = {name: p.detach().float().clone() for name, p in named_params.items()}
 
     def update(self, step: int) -> None:
-        import torch
 
         decay = min(self.decay, (1 + step) / (10 + step))
         with torch.no_grad():

@@ -5,6 +5,8 @@ from __future__ import annotations
 import platform
 import sys
 
+import torch
+
 from . import __version__
 from .devices import cpu_has_native_bf16, cuda_facts, eight_bit_optimizer_works
 from .stack import problems, versions
@@ -12,7 +14,6 @@ from .stack import problems, versions
 
 def collect() -> dict:
     """Everything `lorakit env` reports, as plain data (the `--json` output)."""
-    import torch
 
     cuda = cuda_facts()
     device = "cuda" if cuda else "cpu"

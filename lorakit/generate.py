@@ -5,13 +5,22 @@ The drawing itself is `lorakit.render`, which training's samples and class image
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
 from .checkpoint import RunPaths
 from .errors import AdapterError, LorakitError
+from .files import file_sha256
+from .formats.read import read_adapter_file, require_supported
+from .models import load_pipeline
+from .progress import progress_bar
+from .recipe import load_recipe
 from .render import (
     SAMPLER_LABELS,
     SAMPLERS,
@@ -44,9 +53,6 @@ def resolve_adapters(
     loras: list[tuple[str, float]], allow_pickle: bool = False
 ) -> tuple[list[LoadedAdapter], RunDefaults]:
     """Read every `--lora` (a file, or a run folder whose adapter and recipe are used)."""
-    from .files import file_sha256
-    from .formats.read import read_adapter_file, require_supported
-    from .recipe import load_recipe
 
     adapters, defaults = [], RunDefaults()
     for text, scale in loras:
@@ -94,7 +100,6 @@ class GenerateResult:
 
 
 def _device_and_dtype(requested: str, log) -> tuple[str, Any]:
-    import torch
 
     cuda = torch.cuda.is_available()
     if requested == "auto":
@@ -114,8 +119,6 @@ def generate(
     prompts: list[str], out: str | Path, options: GenerateOptions, *, quiet: bool = False, log=print
 ) -> GenerateResult:
     """Render `count` images per prompt (and per scale in compare mode) into `out`, with a grid."""
-    from .models import load_pipeline
-    from .progress import progress_bar
 
     settings = options.settings
     check_size(settings.width, settings.height)
@@ -175,7 +178,6 @@ def generate(
 
 
 def _open_init(path: str, settings: RenderSettings) -> Any:
-    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(Path(path).expanduser()) as image:
@@ -188,7 +190,6 @@ def _open_init(path: str, settings: RenderSettings) -> Any:
 
 
 def _render_rows(pipe, rows, settings: RenderSettings, options: GenerateOptions, init_image, advance) -> list[Any]:
-    from PIL import Image
 
     prompts, seeds = [p for p, _ in rows], [s for _, s in rows]
     if init_image is not None:
@@ -238,7 +239,6 @@ def _parameters(prompt, seed, size, settings: RenderSettings, options: GenerateO
 
 
 def _write_grid(out: Path, images: list, scales, rows, options: GenerateOptions) -> Path:
-    import json
 
     if options.compare_scales:
         ordered = [

@@ -6,18 +6,27 @@ the product is taken on the flattened factors and reshaped to the weight's shape
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
 from .adapters import LoraModule, is_dora, scaled_factors, weight_change
 from .errors import AdapterError, OutputError
-from .files import file_sha256
+from .files import atomic_write, check_output, file_sha256
+from .formats.files import write_adapter
+from .formats.read import check_against, read_adapter_file, require_supported, stored_dtype
+from .formats.single_file import to_single_file
+from .models import load_pipeline
 
 if TYPE_CHECKING:
-    import torch
-
     from .adapters import LoraState
 
 
@@ -67,7 +76,6 @@ def _check_compatible(key: tuple[str, str], parts: list[tuple[LoraModule, float]
 
 def concat_adapters(adapters: list[Weighted]) -> LoraState:
     """One adapter whose effect is exactly the sum of the scaled inputs' effects: ranks concatenated."""
-    import torch
 
     merged: LoraState = {}
     for key, parts in _paths(adapters).items():
@@ -81,7 +89,6 @@ def concat_adapters(adapters: list[Weighted]) -> LoraState:
 
 def _truncate(up: torch.Tensor, down: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Best rank-`rank` factors of up @ down (QR of the thin factors, then a small SVD) and all singular values."""
-    import torch
 
     q_up, r_up = torch.linalg.qr(up.double())
     q_down, r_down = torch.linalg.qr(down.double().T)
@@ -109,7 +116,6 @@ def svd_adapters(adapters: list[Weighted], rank: int) -> tuple[LoraState, dict[s
 
 
 def _concat_factors(parts: list[tuple[LoraModule, float]]) -> tuple[torch.Tensor, torch.Tensor]:
-    import torch
 
     factors = [scaled_factors(lora, scale) for lora, scale in parts]
     return torch.cat([u for u, _ in factors], dim=1), torch.cat([d for _, d in factors], dim=0)
@@ -129,9 +135,6 @@ def merge_into_models(models: dict[str, Any], adapters: list[Weighted]) -> int:
 
     Raises AdapterError naming the first module that is missing, does not fit, or would become non-finite.
     """
-    import torch
-
-    from .formats.read import check_against
 
     for adapter in adapters:
         check_against(adapter.state, models, adapter.name)
@@ -168,7 +171,6 @@ def parse_lora_argument(text: str) -> tuple[str, float]:
 
 def _base_fingerprint(base: str) -> str:
     """Identity of a base model: its files' names, sizes and modification times (local), or the hub id."""
-    import hashlib
 
     path = Path(base).expanduser()
     if not path.exists():
@@ -181,7 +183,6 @@ def _base_fingerprint(base: str) -> str:
 
 
 def _read_record(out: Path) -> dict | None:
-    from safetensors import safe_open
 
     try:
         if out.is_dir():
@@ -194,7 +195,6 @@ def _read_record(out: Path) -> dict | None:
 
 def up_to_date(out: Path, record: dict, inputs: list[Path], overwrite: bool) -> bool:
     """True when `out` already holds this very merge; raises OutputError when it holds something else."""
-    from .files import check_output
 
     if not out.exists():
         check_output(out, inputs, overwrite)
@@ -232,7 +232,6 @@ def merge(
     log=print,
 ) -> MergeResult:
     """`lorakit merge`: adapters into a base model (diffusers folder or single file), or into one adapter."""
-    from .formats.read import read_adapter_file, require_supported
 
     out = Path(out).expanduser()
     files = [read_adapter_file(path, allow_pickle=allow_pickle) for path, _ in loras]
@@ -265,7 +264,6 @@ def merge(
 def _merge_adapters(
     weighted: list[Weighted], out: Path, fmt: str, rank: int | None, save_dtype: str, record: dict, family: str, log
 ) -> MergeResult:
-    from .formats.files import write_adapter
 
     if fmt not in ("kohya", "diffusers"):
         raise AdapterError(f"--format {fmt}: merging adapters into one writes 'kohya' or 'diffusers'")
@@ -297,14 +295,6 @@ def _merge_adapters(
 def _merge_into_base(
     weighted: list[Weighted], out: Path, base: str, config: str | None, fmt: str, record: dict, log
 ) -> MergeResult:
-    import shutil
-    import tempfile
-
-    from safetensors.torch import save_file
-
-    from .files import atomic_write
-    from .formats.single_file import to_single_file
-    from .models import load_pipeline
 
     if fmt not in ("diffusers", "single-file"):
         raise AdapterError(f"--format {fmt}: merging into a base writes 'diffusers' (a folder) or 'single-file'")
@@ -343,9 +333,6 @@ def resize(
     log=print,
 ) -> tuple[Path, float]:
     """`lorakit resize`: the adapter at `rank` by SVD; logs retained energy per module and overall."""
-    from .files import check_output
-    from .formats.files import write_adapter
-    from .formats.read import read_adapter_file, require_supported, stored_dtype
 
     adapter = read_adapter_file(path, allow_pickle=allow_pickle)
     require_supported(adapter)

@@ -11,6 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from huggingface_hub import hf_hub_download
+from transformers import CLIPTextModel, CLIPTokenizer
+
 from .errors import ModelError
 
 LOCAL_PREFIXES = ("./", "../", "/", "~", ".\\", "..\\")
@@ -71,7 +76,6 @@ def resolve_base(base: str) -> str:
 def _model_index(base: str, revision: str | None) -> dict:
     if is_local(base):
         return json.loads((Path(base) / "model_index.json").read_text(encoding="utf-8"))
-    from huggingface_hub import hf_hub_download
 
     try:
         return json.loads(Path(hf_hub_download(base, "model_index.json", revision=revision)).read_text("utf-8"))
@@ -93,7 +97,6 @@ def detect_family(model_index: dict, unet_config: dict) -> str:
 
 
 def _load_vae(vae: str, kwargs: dict) -> Any:
-    from diffusers import AutoencoderKL
 
     if is_local(vae) and not (Path(vae).expanduser() / "config.json").is_file():
         raise ModelError(
@@ -125,9 +128,6 @@ def load_base(
     encoder weights (the VAE stays float32: SD VAEs overflow in fp16); `config` is needed for a
     single-file base (see `load_pipeline`).
     """
-    import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
 
     if is_single_file(base):
         pipe = load_pipeline(base, config=config)
@@ -189,7 +189,6 @@ def encode_prompts(base: BaseModel, input_ids: list[Any], clip_skip: int = 1) ->
     tokens, and the chunk outputs joined (first start, every chunk's body, last end), as kohya's
     max_token_length does. `clip_skip` N takes the N-th last layer, final layer norm applied.
     """
-    import torch
 
     ids = input_ids[0]
     text_encoder = base.text_encoders[0]
@@ -231,7 +230,6 @@ def load_pipeline(base: str, *, config: str | None = None, revision: str | None 
     A single file needs `config` (a diffusers folder or hub id of the same architecture) to be read
     without the network.
     """
-    from diffusers import StableDiffusionPipeline
 
     if is_single_file(base):
         path = Path(base).expanduser()

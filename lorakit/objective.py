@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    import torch
+import torch
+from diffusers.training_utils import compute_snr
 
 
 def sample_noise(shape: tuple[int, ...], noise_offset: float, generator: torch.Generator) -> torch.Tensor:
@@ -14,7 +14,6 @@ def sample_noise(shape: tuple[int, ...], noise_offset: float, generator: torch.G
     Offset noise (Guttenberg, "Diffusion with Offset Noise", 2023) lets the model change an
     image's mean brightness, which plain noise almost never teaches it.
     """
-    import torch
 
     noise = torch.randn(shape, generator=generator)
     if noise_offset:
@@ -24,7 +23,6 @@ def sample_noise(shape: tuple[int, ...], noise_offset: float, generator: torch.G
 
 def sample_timesteps(batch: int, low: int, high: int, generator: torch.Generator) -> torch.Tensor:
     """Uniform training timesteps in [low, high)."""
-    import torch
 
     return torch.randint(low, high, (batch,), generator=generator)
 
@@ -46,8 +44,6 @@ def loss_weights(scheduler: Any, timesteps: torch.Tensor, min_snr_gamma: float, 
     Min-SNR weights each timestep by min(SNR, gamma) / SNR for epsilon targets and
     min(SNR, gamma) / (SNR + 1) for v targets, so that easy low-noise steps stop dominating.
     """
-    import torch
-    from diffusers.training_utils import compute_snr
 
     if not min_snr_gamma:
         return torch.ones(timesteps.shape[0])
@@ -65,7 +61,6 @@ def elementwise_loss(
     linear for outliers (Khrapov et al. 2024, "Improving Diffusion Models's Data-Corruption
     Resistance using Scheduled Pseudo-Huber Loss", arXiv:2403.16728).
     """
-    import torch
 
     diff = prediction.float() - target.float()
     if loss_type == "l2":

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from diffusers.optimization import get_scheduler
+
 from .errors import LorakitError
 
 if TYPE_CHECKING:
@@ -11,7 +13,10 @@ if TYPE_CHECKING:
 
 
 def build_optimizer(section: TrainSection, param_groups: list[dict[str, Any]]) -> Any:
-    """The optimizer named by `train.optimizer` over `param_groups` (each with its own `lr`)."""
+    """The optimizer named by `train.optimizer` over `param_groups` (each with its own `lr`).
+
+    Each optimizer's package is imported only when chosen: bitsandbytes probes its CPU/GPU backends on import,
+    prodigyopt is optional, and a missing one becomes a one-line message naming the key."""
     name = section.optimizer
     if name == "adamw8bit":
         try:
@@ -50,7 +55,6 @@ def build_optimizer(section: TrainSection, param_groups: list[dict[str, Any]]) -
 
 def build_lr_scheduler(section: TrainSection, optimizer: Any) -> Any:
     """The learning-rate schedule, stepped once per optimizer step over `max_steps`."""
-    from diffusers.optimization import get_scheduler
 
     return get_scheduler(
         section.lr_scheduler, optimizer, num_warmup_steps=section.lr_warmup_steps, num_training_steps=section.max_steps

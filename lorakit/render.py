@@ -11,8 +11,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import diffusers
+import torch
+from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+from PIL import Image, ImageDraw, ImageFont
+from PIL.PngImagePlugin import PngInfo
+
 from .errors import LorakitError
 from .files import atomic_write
+from .formats.diffusers import DOWN, MAGNITUDE, UP, diffusers_key
+from .formats.read import check_against
 
 SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
     "euler": ("EulerDiscreteScheduler", {}),
@@ -38,7 +46,6 @@ class RenderSettings:
 
 
 def set_sampler(pipe: Any, sampler: str) -> None:
-    import diffusers
 
     name, extra = SAMPLERS[sampler]
     pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config, **extra)
@@ -46,7 +53,6 @@ def set_sampler(pipe: Any, sampler: str) -> None:
 
 def sample_pipeline(unet: Any, vae: Any, text_encoder: Any, tokenizer: Any, noise_scheduler: Any) -> Any:
     """A StableDiffusionPipeline over already-loaded components (adapters active), with an Euler sampler."""
-    from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(
         vae=vae,
@@ -64,7 +70,6 @@ def sample_pipeline(unet: Any, vae: Any, text_encoder: Any, tokenizer: Any, nois
 
 
 def _common(settings: RenderSettings, seed: int) -> dict[str, Any]:
-    import torch
 
     return {
         "negative_prompt": settings.negative_prompt or None,
@@ -78,7 +83,6 @@ def _common(settings: RenderSettings, seed: int) -> dict[str, Any]:
 
 def render(pipe: Any, prompts: list[str], seeds: list[int], settings: RenderSettings, advance=None) -> list[Any]:
     """txt2img: one image per (prompt, seed) pair."""
-    import torch
 
     images = []
     for prompt, seed in zip(prompts, seeds, strict=True):
@@ -111,8 +115,6 @@ def img2img(
     advance=None,
 ) -> list[Any]:
     """Re-noise each init image to `strength` and denoise it with its prompt."""
-    import torch
-    from diffusers import StableDiffusionImg2ImgPipeline
 
     if steps_run(settings.steps, strength) < 1:
         raise LorakitError(
@@ -135,7 +137,6 @@ def make_grid(
     images: list[Any], columns: int, *, column_labels: list[str] | None = None, row_labels: list[str] | None = None
 ) -> Any:
     """Paste equally sized images into a grid, row by row, with optional labels above and to the left."""
-    from PIL import Image, ImageDraw, ImageFont
 
     zoom = max(1, 64 // images[0].size[0])  # tiny pictures (the toy world) are shown enlarged, pixels kept
     if zoom > 1:
@@ -210,7 +211,6 @@ def parse_a1111_parameters(text: str) -> dict[str, str]:
 
 
 def save_png(image: Any, path: Path, parameters: str, extra: dict[str, str] | None = None) -> None:
-    from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
     info.add_text("parameters", parameters)
@@ -234,7 +234,6 @@ class LoadedAdapter:
 
 def _diffusers_state_dict(state: Any) -> dict[str, Any]:
     """Diffusers-layout keys with alpha / rank folded into the up weights, so loading needs no alpha at all."""
-    from .formats.diffusers import DOWN, MAGNITUDE, UP, diffusers_key
 
     tensors = {}
     for component, modules in state.items():
@@ -248,7 +247,6 @@ def _diffusers_state_dict(state: Any) -> dict[str, Any]:
 
 def apply_adapters(pipe: Any, adapters: list[LoadedAdapter]) -> None:
     """Load each adapter into the pipeline under its own name, checked against the base first."""
-    from .formats.read import check_against
 
     for adapter in adapters:
         check_against(adapter.state, {"unet": pipe.unet, "text_encoder": pipe.text_encoder}, str(adapter.path))

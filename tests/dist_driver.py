@@ -9,6 +9,7 @@ import os
 import sys
 
 import lorakit.train as train_module
+import lorakit.train.setup as setup_module
 from lorakit.data import BatchStream
 from lorakit.recipe import load_recipe
 
@@ -26,7 +27,7 @@ class RecordingStream(BatchStream):
         return batch
 
 
-train_module.BatchStream = RecordingStream
+setup_module.BatchStream = RecordingStream  # where set_up builds the run's stream
 result = train_module.train(load_recipe(sys.argv[1]), quiet=True, log=lambda _: None)
 
 digest = hashlib.sha256()

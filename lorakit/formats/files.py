@@ -5,6 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+from safetensors.torch import save_file
+
 from ..adapters import is_dora
 from ..files import atomic_write
 from .diffusers import to_diffusers
@@ -20,8 +23,6 @@ def save_adapter_files(
 ) -> tuple[Path | None, Path]:
     """Write `<name>.safetensors` (kohya) and `<name>.diffusers.safetensors` into `run_dir`; a DoRA adapter only
     in the diffusers layout (kohya path None)."""
-    import torch
-    from safetensors.torch import save_file
 
     dtype = getattr(torch, save_dtype)
     metadata = kohya_metadata(info)
@@ -45,8 +46,6 @@ def write_adapter(
     state: LoraState, path: Path, layout: str, dtype_name: str, metadata: dict[str, str], family: str = "sd1"
 ) -> Path:
     """Write `state` to `path` (atomically) in the `kohya` or `diffusers` layout, with `metadata` in the header."""
-    import torch
-    from safetensors.torch import save_file
 
     dtype = getattr(torch, dtype_name)
     if layout == "kohya":

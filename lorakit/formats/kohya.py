@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
+
+from ..adapters import is_dora
+from ..errors import AdapterError
 from . import exported_path
 
 if TYPE_CHECKING:
-    import torch
-
     from ..adapters import LoraState
 
 # SD 1.x / 2.x prefixes; SDXL's two encoders are lora_te1 / lora_te2.
@@ -40,10 +42,6 @@ def to_kohya(state: LoraState, dtype: torch.dtype, *, sdxl: bool = False) -> dic
     folded into its up weights and its alpha written as its rank: diffusers' kohya loader drops
     per-module alphas on attention projections, and folding is exact for every loader.
     """
-    import torch
-
-    from ..adapters import is_dora
-    from ..errors import AdapterError
 
     if is_dora(state):
         raise AdapterError(DORA_KOHYA_MESSAGE)

@@ -11,6 +11,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from safetensors.torch import save
+
+from .. import __version__
 from ..recipe import Recipe, dump_recipe
 
 if TYPE_CHECKING:
@@ -39,7 +42,6 @@ class AdapterInfo:
 
 def kohya_metadata(info: AdapterInfo) -> dict[str, str]:
     """The safetensors header metadata: kohya's minimum `ss_*` keys plus lorakit's own."""
-    from .. import __version__
 
     base_version = BASE_MODEL_VERSION[info.family]
     if info.family == "sd2" and info.prediction_type == "v_prediction":
@@ -98,8 +100,6 @@ def modelspec(info: AdapterInfo) -> dict[str, str]:
 def sshs_hashes(tensors: dict, metadata: dict[str, str]) -> dict[str, str]:
     """`sshs_model_hash` and `sshs_legacy_hash` as kohya computes them: on a serialisation holding the tensors
     and only the `ss_*` metadata, the sha256 of the bytes after the header, and of the 64 KiB at 1 MiB."""
-
-    from safetensors.torch import save
 
     blob = save(tensors, metadata={k: v for k, v in metadata.items() if k.startswith("ss_")})
     header = 8 + int.from_bytes(blob[:8], "little")

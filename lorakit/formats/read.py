@@ -16,6 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+from safetensors import SafetensorError, safe_open
+
+from ..adapters import LoraModule
 from ..errors import AdapterError
 
 if TYPE_CHECKING:
@@ -103,7 +107,6 @@ def kohya_stem_to_path(stem: str) -> tuple[str, str]:
 
 
 def _load_tensors(path: Path, allow_pickle: bool) -> tuple[dict, dict[str, str]]:
-    from safetensors import SafetensorError, safe_open
 
     if path.suffix.lower() in PICKLE_SUFFIXES:
         if not allow_pickle:
@@ -129,13 +132,11 @@ def _load_tensors(path: Path, allow_pickle: bool) -> tuple[dict, dict[str, str]]
 
 
 def _module(down, up, alpha: float) -> LoraModule:
-    from ..adapters import LoraModule
 
     return LoraModule(down=down.float(), up=up.float(), alpha=float(alpha))
 
 
 def _check_pair(path: Path, key: str, down, up) -> None:
-    import torch
 
     if down.shape[0] != up.shape[1]:
         raise AdapterError(f"{path}: {key}: down has rank {down.shape[0]} but its up weight has {up.shape[1]}")
@@ -202,7 +203,6 @@ def _split_diffusers_key(key: str) -> tuple[str, str, int] | None:
 
 
 def _read_diffusers(path: Path, tensors: dict, metadata: dict[str, str]) -> LoraState:
-    import torch
 
     config = json.loads(metadata.get("lora_adapter_metadata", "{}"))
     state: LoraState = {}
@@ -304,7 +304,6 @@ def check_against(state: LoraState, models: dict[str, Any], source: str) -> None
 
 def stored_dtype(adapter: AdapterFile) -> str:
     """The dtype the file stores its weights in (kept by convert)."""
-    from safetensors import safe_open
 
     if adapter.path.suffix.lower() != ".safetensors":
         return "float32"

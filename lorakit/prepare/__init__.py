@@ -10,10 +10,12 @@ so an interrupted run leaves the previous dataset intact.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -123,8 +125,6 @@ def _process_all(paths: list[Path], src: Path, sizing: SizingOptions, workers: i
                 results.append(process_image(path, relative, sizing))
                 bar.advance()
             return results
-        from concurrent.futures import ProcessPoolExecutor
-
         with ProcessPoolExecutor(max_workers=workers) as pool:
             results = []
             for result in pool.map(process_image, paths, relatives, [sizing] * len(paths), chunksize=4):
@@ -190,8 +190,6 @@ def _caption(path: Path, image_png: bytes | None, options: PrepareOptions, capti
     if text is None or not text.strip():
         if captioner is not None:
             if cached is None:
-                import io
-
                 from PIL import Image
 
                 with Image.open(io.BytesIO(image_png)) as image:
@@ -209,7 +207,7 @@ def _length_counter(tokenizer: str | None):
     """(unit, function caption -> length): CLIP tokens with a tokenizer, words otherwise."""
     if tokenizer is None:
         return "words", lambda text: len(text.replace(",", " ").split())
-    from transformers import CLIPTokenizer
+    from transformers import CLIPTokenizer  # lazy: only with --tokenizer; prepare runs without the ML stack
 
     local = Path(tokenizer).expanduser()
     source = str(local) if local.exists() else tokenizer

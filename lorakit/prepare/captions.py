@@ -66,6 +66,7 @@ class Captioner:
     """An image-to-text model from transformers (e.g. Salesforce/blip-image-captioning-base), hub id or path."""
 
     def __init__(self, model: str, device: str | None = None):
+        # Lazy: `prepare` runs without torch unless a captioning model is asked for.
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 

@@ -11,6 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..prepare import PrepareOptions, prepare
+from ..recipe import load_recipe
+from ..train import train
+from .world import SIZE, TRIGGER, base_world, concept_photos
+
 RECIPE = Path(__file__).with_name("toy.toml")
 
 
@@ -25,14 +30,12 @@ def _write_pairs(folder: str | Path, pairs: list[tuple[Any, str]], stem: str) ->
 
 def write_concept_photos(folder: str | Path, count: int = 12, seed: int = 7) -> Path:
     """The new concept (a colour the base never saw, trigger word `sks`) as PNG photos with .txt captions."""
-    from .world import concept_photos
 
     return _write_pairs(folder, concept_photos(count, seed), "photo")
 
 
 def write_class_photos(folder: str | Path, per_caption: int = 2, seed: int = 11) -> Path:
     """Class photos for prior preservation: `per_caption` pictures of each base-world caption, captioned."""
-    from .world import base_world
 
     return _write_pairs(folder, base_world(per_caption, seed), "class")
 
@@ -44,10 +47,6 @@ def train_concept(
 
     Returns the training run's `RunResult` (adapter files in `folder/runs/`).
     """
-    from ..prepare import PrepareOptions, prepare
-    from ..recipe import load_recipe
-    from ..train import train
-    from .world import SIZE, TRIGGER
 
     folder = Path(folder)
     photos = write_concept_photos(folder / "photos")

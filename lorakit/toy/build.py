@@ -11,6 +11,13 @@ import random
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+from ..files import atomic_write_text
+from ..progress import progress_bar
+from .text import make_clip_tokenizer, make_text_encoder
 from .world import SIZE, WORDS, base_world, vae_scene
 
 VERSION = 2
@@ -18,8 +25,6 @@ DEFAULT_FOLDER = Path("~/.cache/lorakit").expanduser() / f"toy-base-v{VERSION}"
 
 
 def _tensor(images):
-    import numpy as np
-    import torch
 
     array = np.stack([np.asarray(image, dtype=np.float32) for image in images]) / 127.5 - 1.0
     return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
@@ -27,10 +32,6 @@ def _tensor(images):
 
 def build_components(seed: int):
     """Untrained toy components (tokenizer, text encoder, VAE, U-Net, scheduler)."""
-    import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-
-    from .text import make_clip_tokenizer, make_text_encoder
 
     # Toy captions are at most 9 tokens; a 16-token context keeps the cross-attention cheap.
     tokenizer, vocab = make_clip_tokenizer(WORDS, model_max_length=16)
@@ -79,7 +80,6 @@ def build_components(seed: int):
 def train_vae(vae, steps: int, seed: int, advance) -> float:
     """Reconstruction + a light KL on random shapes of any colour on any background (never the captioned world
     itself); returns the final reconstruction MSE."""
-    import torch
 
     rng = random.Random(seed)
     pool = _tensor([vae_scene(rng) for _ in range(4000)])
@@ -108,7 +108,6 @@ def train_vae(vae, steps: int, seed: int, advance) -> float:
 
 def train_denoiser(unet, text_encoder, tokenizer, vae, scheduler, steps: int, seed: int, advance) -> float:
     """The U-Net and text encoder on the base world's latents (epsilon objective, 10% empty captions)."""
-    import torch
 
     pairs = base_world(32, seed + 2)
     with torch.no_grad():
@@ -167,11 +166,6 @@ def build_toy_base(
     log=print,
 ) -> Path:
     """Build (or reuse) the toy base model in `out`; returns its folder."""
-    import torch
-    from diffusers import StableDiffusionPipeline
-
-    from ..files import atomic_write_text
-    from ..progress import progress_bar
 
     out = Path(out).expanduser() if out else DEFAULT_FOLDER
     stamp = {"version": VERSION, "seed": seed, "vae_steps": vae_steps, "unet_steps": unet_steps}

@@ -5,6 +5,11 @@ from __future__ import annotations
 import random
 from typing import Any
 
+import numpy as np
+
+from ..generate import resolve_adapters
+from ..models import load_pipeline
+from ..render import RenderSettings, apply_adapters, render, set_sampler
 from .world import (
     ALL_COLOURS,
     BACKGROUNDS,
@@ -52,7 +57,6 @@ def base_prompts() -> list[tuple[str, str, str, str]]:
 
 
 def render_set(pipe: Any, prompts: list[str], seeds: list[int], guidance: float = GUIDANCE) -> list[Any]:
-    from ..render import RenderSettings, render
 
     settings = RenderSettings(steps=STEPS, guidance=guidance, width=SIZE, height=SIZE)
     all_prompts = [p for p in prompts for _ in seeds]
@@ -85,9 +89,6 @@ def evaluate(pipe: Any, seeds: tuple[int, ...] = (0, 1, 2, 3), guidance: float =
 
 def toy_pipeline(base: Any, adapter: Any = None) -> Any:
     """The toy base as a pipeline (Euler sampler, no progress bar), with `adapter` applied at strength 1."""
-    from ..generate import resolve_adapters
-    from ..models import load_pipeline
-    from ..render import apply_adapters, set_sampler
 
     pipe = load_pipeline(str(base))
     if adapter:
@@ -99,7 +100,6 @@ def toy_pipeline(base: Any, adapter: Any = None) -> Any:
 
 def pixel_drift(before: list[Any], after: list[Any]) -> float:
     """Mean absolute pixel change (0-255) between two renders of the same prompts and seeds."""
-    import numpy as np
 
     diffs = [
         np.abs(np.asarray(a, dtype=np.float32) - np.asarray(b, dtype=np.float32)).mean()

@@ -10,6 +10,8 @@ import json
 import tempfile
 from pathlib import Path
 
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
 # Words that get whole-word tokens, so that short captions stay short in tokens.
 DEFAULT_WORDS = (
     "a photo of person man woman dog cat red green blue yellow black white hat shirt "
@@ -59,7 +61,6 @@ def build_clip_vocab(words: tuple[str, ...] | list[str] = DEFAULT_WORDS) -> tupl
 
 def make_clip_tokenizer(words: tuple[str, ...] | list[str] = DEFAULT_WORDS, model_max_length: int = 77):
     """A CLIPTokenizer loaded from a generated vocab.json / merges.txt; returns (tokenizer, vocab)."""
-    from transformers import CLIPTokenizer
 
     vocab, merges = build_clip_vocab(words)
     with tempfile.TemporaryDirectory() as tmp:
@@ -72,7 +73,6 @@ def make_text_encoder(
     vocab: dict[str, int], hidden: int, *, layers: int = 2, heads: int = 4, activation: str = "quick_gelu"
 ):
     """A small CLIPTextModel whose bos / eos / pad ids are the vocabulary's special tokens."""
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     eos = vocab["<|endoftext|>"]
     return CLIPTextModel(

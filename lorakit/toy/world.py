@@ -16,6 +16,7 @@ import random
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image, ImageDraw
 
 SIZE = 16
 BASE_COLOURS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 60, 220), "yellow": (235, 215, 30)}
@@ -54,7 +55,6 @@ def random_scene(rng: random.Random, colour: tuple[int, int, int], side: str, ba
 
 def draw(scene: Scene, size: int = SIZE):
     """The scene as a PIL image, drawn 8x larger and downsampled (anti-aliased edges)."""
-    from PIL import Image, ImageDraw
 
     big = size * 8
     image = Image.new("RGB", (big, big), scene.background)

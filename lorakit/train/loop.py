@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .. import adapters, objective
 from ..checkpoint import RunPaths, check_resumable, load_checkpoint, restore_rng, rng_state, save_checkpoint
 from ..data import (
@@ -37,6 +39,7 @@ from ..files import atomic_write_text
 from ..models import BaseModel, encode_prompts, tokenize
 from ..progress import progress_bar
 from ..recipe import Recipe, recipe_to_dict
+from .images import render_samples
 
 Log = Callable[[str], None]
 
@@ -82,7 +85,6 @@ def derived_seed(*parts: object) -> int:
 
 
 def encoder(base: BaseModel, device: Any) -> Callable[[Any], tuple[Any, Any]]:
-    import torch
 
     def encode(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
@@ -98,7 +100,6 @@ def scale_latents(base: BaseModel, latents: Any) -> Any:
 
 
 def text_conditioning(run: Run, captions: list[str]) -> dict[str, Any]:
-    import torch
 
     if run.text_cache is not None:
         keys = run.text_cache[captions[0]].keys()
@@ -114,7 +115,6 @@ def text_conditioning(run: Run, captions: list[str]) -> dict[str, Any]:
 
 def _micro_batch_loss(run: Run, batch: list[int]) -> Any:
     """The weighted denoising loss of one micro-batch; all its randomness derives from the micro-step."""
-    import torch
 
     cfg, data, base = run.recipe.train, run.recipe.data, run.base
     rank = run.accelerator.process_index
@@ -145,7 +145,6 @@ def _micro_batch_loss(run: Run, batch: list[int]) -> Any:
 
 def optimizer_step(run: Run) -> float:
     """Accumulate `gradient_accumulation_steps` micro-batches and take one optimizer step; returns the loss."""
-    import torch
 
     cfg, accelerator = run.recipe.train, run.accelerator
     accumulation, total = cfg.gradient_accumulation_steps, 0.0
@@ -187,7 +186,6 @@ def save(run: Run) -> Path:
 
 
 def restore(run: Run, checkpoint: Path, log: Log) -> None:
-    import torch
 
     saved = load_checkpoint(checkpoint)
     check_resumable(saved["recipe"], run.recipe, log)
@@ -236,7 +234,6 @@ def validation_items(run: Run) -> tuple[list[Item], LatentCache]:
 
 def validation_loss(run: Run, items: list[Item], cache: LatentCache) -> float:
     """Mean denoising loss on held-out images at fixed noise and timesteps (comparable across steps)."""
-    import torch
 
     validation, base = run.recipe.validation, run.base
     losses = []
@@ -269,7 +266,6 @@ def due(step: int, every: int, last: int) -> bool:
 def fit(run: Run) -> float:
     """Train until `train.max_steps`, logging, validating, checkpointing and sampling as the recipe says; returns
     the last step's loss."""
-    from .images import render_samples
 
     recipe, cfg, accelerator = run.recipe, run.recipe.train, run.accelerator
     validation = validation_items(run) if recipe.validation else None

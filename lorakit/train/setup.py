@@ -6,12 +6,19 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import is_tensorboard_available
+from diffusers.training_utils import cast_training_params
+
 from .. import adapters
 from ..checkpoint import RunPaths, check_run_folder, create_run_folder, find_checkpoint
 from ..data import BatchStream, Item, LatentCache, bucket_list, load_class_items, load_items, vae_fingerprint
 from ..ema import AdapterEMA
 from ..errors import LorakitError
 from ..files import atomic_write_text
+from ..formats.read import check_against, read_adapter_file
 from ..models import BaseModel, encode_prompts, is_local, load_base, resolve_base, token_count, tokenize
 from ..optim import build_lr_scheduler, build_optimizer
 from ..progress import progress_bar
@@ -53,7 +60,6 @@ def resolve_recipe(recipe: Recipe, base: BaseModel) -> Recipe:
 
 def set_up(recipe: Recipe, *, overwrite: bool, resume: str | None, quiet: bool, log: Log) -> Run:
     """Everything before the first step: base, items, adapters, optimizer, caches, run folder, resumed state."""
-    import torch
 
     paths = run_paths(recipe)
     checkpoint = find_checkpoint(paths.folder, resume) if resume else None
@@ -173,7 +179,6 @@ def _fill_caches(
 
 def _precision(recipe: Recipe, log: Log) -> tuple[str, str]:
     """(mixed precision, frozen weight dtype) actually used on this machine."""
-    import torch
 
     precision, weight_dtype = recipe.train.mixed_precision, recipe.model.weight_dtype
     if precision == "fp16" and not torch.cuda.is_available():
@@ -190,10 +195,6 @@ def _precision(recipe: Recipe, log: Log) -> tuple[str, str]:
 
 
 def _accelerator(precision: str, run_dir: Path) -> Any:
-    import torch
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import is_tensorboard_available
 
     # accelerate keeps precision in a process-wide singleton; a second train() in the same process
     # (a notebook, the tests) must be free to choose another, so forget the previous run's choice.
@@ -207,7 +208,6 @@ def _accelerator(precision: str, run_dir: Path) -> Any:
 
 def _inject(recipe: Recipe, base: BaseModel, log: Log) -> dict[str, Any]:
     """Freeze the base and add LoRA to the U-Net (and text encoders); return the trained modules by name."""
-    from diffusers.training_utils import cast_training_params
 
     lora = recipe.lora
     trained = {"unet": base.unet}
@@ -241,7 +241,6 @@ def _inject(recipe: Recipe, base: BaseModel, log: Log) -> dict[str, Any]:
 
 
 def _init_from(path: str, trained: dict[str, Any], log: Log) -> None:
-    from ..formats.read import check_against, read_adapter_file
 
     adapter = read_adapter_file(path)
     check_against(adapter.state, trained, path)
@@ -284,7 +283,6 @@ def _load_all_items(recipe: Recipe, base: BaseModel, log: Log) -> list[Item]:
 
 def _text_cache(recipe: Recipe, base: BaseModel, items: list[Item], device: Any, log: Log) -> dict[str, Any] | None:
     """Text-encoder outputs of every caption, when the text encoder is frozen and captions never change."""
-    import torch
 
     data = recipe.data
     if recipe.lora.train_text_encoder or data.shuffle_tags:
