@@ -111,6 +111,12 @@ def find_checkpoint(run_dir: Path, resume: str) -> Path:
             f"--resume: {resume} is not a checkpoint folder (no state.json); give `latest` or a "
             f"{CHECKPOINTS}/step-NNNNNN folder of the run"
         )
+    own = (Path(run_dir) / CHECKPOINTS).expanduser().resolve()
+    if path.resolve().parent != own:
+        raise OutputError(
+            f"--resume: {resume} belongs to the run {path.resolve().parent.parent}, not to {run_dir}; resume that "
+            "run with its own recipe, or start this one from its adapter with lora.init_from"
+        )
     return path
 
 

@@ -376,7 +376,10 @@ def generate(
     guidance_rescale: Annotated[
         float | None, typer.Option(help="CFG rescale (default 0.7 for v-prediction bases, else 0).")
     ] = None,
-    clip_skip: Annotated[int, typer.Option(min=1, help="Use the N-th last text-encoder layer (as in training).")] = 1,
+    clip_skip: Annotated[
+        int | None,
+        typer.Option(min=1, help="Use the N-th last text-encoder layer (default: the run folder's, else 1)."),
+    ] = None,
     config: Annotated[
         str | None, typer.Option(help="For a single-file --base: its diffusers config folder or hub id.")
     ] = None,
@@ -402,7 +405,6 @@ def generate(
         height=height,
         negative_prompt=negative,
         sampler=sampler,
-        clip_skip=clip_skip,
     )
     options = GenerateOptions(
         base=base,
@@ -411,6 +413,7 @@ def generate(
         count=n,
         seed=seed,
         settings=settings,
+        clip_skip=clip_skip,
         compare_scales=_floats(compare_scales, "--compare-scales") if compare_scales else (),
         init=str(init) if init else None,
         strength=strength,

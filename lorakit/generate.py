@@ -91,6 +91,7 @@ class GenerateOptions:
     guidance_rescale: float | None = None
     dtype: str = "auto"
     allow_pickle: bool = False
+    clip_skip: int | None = None  # None: the run folder's, else 1
 
 
 @dataclass
@@ -108,6 +109,11 @@ def _device_and_dtype(requested: str, log) -> tuple[str, Any]:
         log("--dtype float16 does not run on a CPU; generating in bfloat16 instead")
         requested = "bfloat16"
     return ("cuda" if cuda else "cpu"), getattr(torch, requested)
+
+
+def effective_clip_skip(requested: int | None, from_run: int) -> int:
+    """`--clip-skip` when given (1 included, which turns a run's clip skip off), else the run folder's."""
+    return from_run if requested is None else requested
 
 
 def check_size(width: int, height: int) -> None:
@@ -152,7 +158,7 @@ def generate(
     rescale = options.guidance_rescale
     if rescale is None:
         rescale = 0.7 if pipe.scheduler.config.prediction_type == "v_prediction" else 0.0
-    clip_skip = defaults.clip_skip if settings.clip_skip == 1 else settings.clip_skip
+    clip_skip = effective_clip_skip(options.clip_skip, defaults.clip_skip)
     settings = replace(settings, guidance_rescale=rescale, clip_skip=clip_skip)
     prompts = [with_trigger(p, defaults.trigger) for p in prompts]
     rows = [(p, options.seed + i) for p in prompts for i in range(options.count)]

@@ -35,6 +35,8 @@ def render_samples(run: Run) -> None:
     sample, base = run.recipe.sample, run.base
     models = run.unwrapped()
     te = models.get("text_encoder", base.text_encoders[0])
+    if run.text_cache is not None:  # the frozen encoder waits on the CPU beside its cache
+        te.to(run.device)
     base.vae.to(run.device)
     pipe = sample_pipeline(models["unet"], base.vae, te, base.tokenizers[0], base.noise_scheduler)
     settings = _sample_settings(run.recipe)
@@ -47,6 +49,8 @@ def render_samples(run: Run) -> None:
         module.train()
     if run.cache is not None:
         base.vae.to("cpu")
+    if run.text_cache is not None:
+        te.to("cpu")
     parameters = a1111_parameters(
         " | ".join(sample.prompts),
         negative_prompt=sample.negative_prompt,
@@ -63,7 +67,7 @@ def render_samples(run: Run) -> None:
     save_png(make_grid(images, columns=len(images)), folder / f"step-{run.step:06d}.png", parameters)
 
 
-def render_class_images(recipe: Recipe, base: BaseModel, device: Any, log: Log, quiet: bool) -> None:
+def render_class_images(recipe: Recipe, base: BaseModel, accelerator: Any, log: Log, quiet: bool) -> None:
     """Prior preservation: render the class images `[prior] class_dir` lacks with the base model, and keep them."""
     prior = recipe.prior
     folder = Path(prior.class_dir)
@@ -73,6 +77,7 @@ def render_class_images(recipe: Recipe, base: BaseModel, device: Any, log: Log, 
         return
     folder.mkdir(parents=True, exist_ok=True)
     log(f"prior: {folder} holds {have} of {prior.num_class_images} class images; rendering {missing} with the base")
+    device = accelerator.device
     base.vae.to(device)
     base.unet.to(device)
     base.text_encoders[0].to(device)
@@ -82,7 +87,8 @@ def render_class_images(recipe: Recipe, base: BaseModel, device: Any, log: Log, 
         for index in range(have, prior.num_class_images):
             prompts = [prior.class_prompt] if isinstance(prior.class_prompt, str) else prior.class_prompt
             prompt = prompts[index % len(prompts)]
-            (image,) = render(pipe, [prompt], [index], settings)
+            with accelerator.autocast():  # half-precision frozen weights need the run's autocast
+                (image,) = render(pipe, [prompt], [index], settings)
             (folder / f"class-{index:05d}.txt").write_text(prompt + "\n", encoding="utf-8")
             parameters = a1111_parameters(
                 prompt,

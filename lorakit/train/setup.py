@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +15,18 @@ from diffusers.training_utils import cast_training_params
 
 from .. import adapters
 from ..checkpoint import RunPaths, check_run_folder, create_run_folder, find_checkpoint
-from ..data import BatchStream, Item, LatentCache, bucket_list, load_class_items, load_items, vae_fingerprint
+from ..data import (
+    BatchStream,
+    Item,
+    LatentCache,
+    bucket_list,
+    load_class_items,
+    load_folder,
+    load_items,
+    vae_fingerprint,
+)
 from ..ema import AdapterEMA
-from ..errors import LorakitError
+from ..errors import LorakitError, RecipeError
 from ..files import atomic_write_text
 from ..formats.read import check_against, read_adapter_file
 from ..models import BaseModel, encode_prompts, is_local, load_base, resolve_base, token_count, tokenize
@@ -50,12 +60,46 @@ def resolve_recipe(recipe: Recipe, base: BaseModel) -> Recipe:
     validation = recipe.validation and dataclasses.replace(
         recipe.validation, folder=absolute(recipe.validation.folder)
     )
-    train = dataclasses.replace(
-        recipe.train, max_timestep=recipe.train.max_timestep or base.noise_scheduler.config.num_train_timesteps
-    )
+    count = base.noise_scheduler.config.num_train_timesteps
+    _check_schedule(recipe, base, count)
+    train = dataclasses.replace(recipe.train, max_timestep=recipe.train.max_timestep or count)
     return dataclasses.replace(
         recipe, model=model, lora=lora, data=data, output=output, prior=prior, validation=validation, train=train
     )
+
+
+def _check_schedule(recipe: Recipe, base: BaseModel, count: int) -> None:
+    """Timesteps and prediction type that the base's scheduler can serve (else a one-line RecipeError)."""
+    if base.prediction_type not in ("epsilon", "v_prediction"):
+        raise RecipeError(
+            f"model.base: {base.source}'s scheduler has prediction_type {base.prediction_type!r}; lorakit trains "
+            "'epsilon' and 'v_prediction' models (set model.prediction_type if the scheduler config is wrong)"
+        )
+    cfg = recipe.train
+    if cfg.max_timestep is not None and cfg.max_timestep > count:
+        raise RecipeError(f"train.max_timestep: {cfg.max_timestep} is above the scheduler's {count} timesteps")
+    if cfg.min_timestep >= count:
+        raise RecipeError(f"train.min_timestep: {cfg.min_timestep} must be below the scheduler's {count} timesteps")
+    for timestep in recipe.validation.timesteps if recipe.validation else ():
+        if not 0 <= timestep < count:
+            raise RecipeError(f"validation.timesteps: {timestep} is outside the scheduler's range [0, {count})")
+
+
+def _check_prepared_resolution(recipe: Recipe, log: Log) -> None:
+    """State it when a dataset was prepared at another resolution than the one trained at (its images are
+    re-bucketed to data.resolution, which upscales or downscales them)."""
+    folders = recipe.data.folder if isinstance(recipe.data.folder, list) else [recipe.data.folder]
+    for folder in folders:
+        info_path = Path(folder) / "dataset.json"
+        try:
+            prepared = json.loads(info_path.read_text(encoding="utf-8")).get("resolution")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(prepared, int) and prepared != recipe.data.resolution:
+            log(
+                f"data.resolution: {info_path} says its images were prepared at {prepared} px; training at "
+                f"{recipe.data.resolution} px re-buckets them (set data.resolution = {prepared} to train as prepared)"
+            )
 
 
 def set_up(recipe: Recipe, *, overwrite: bool, resume: str | None, quiet: bool, log: Log) -> Run:
@@ -73,8 +117,9 @@ def set_up(recipe: Recipe, *, overwrite: bool, resume: str | None, quiet: bool, 
     say = log if accelerator.is_main_process else (lambda _: None)
     quiet = quiet or not accelerator.is_main_process
     if recipe.prior and accelerator.is_main_process:
-        render_class_images(recipe, base, accelerator.device, say, quiet)
+        render_class_images(recipe, base, accelerator, say, quiet)
     accelerator.wait_for_everyone()
+    _check_prepared_resolution(recipe, say)
     items = _load_all_items(recipe, base, say)
     rank, world = accelerator.process_index, accelerator.num_processes
     stream = BatchStream(items, batch_size=cfg.batch_size, seed=cfg.seed, rank=rank, world=world)
@@ -287,7 +332,12 @@ def _text_cache(recipe: Recipe, base: BaseModel, items: list[Item], device: Any,
     data = recipe.data
     if recipe.lora.train_text_encoder or data.shuffle_tags:
         return None
-    captions = sorted({item.caption for item in items} | ({""} if data.caption_dropout else set()))
+    captions = {item.caption for item in items} | ({""} if data.caption_dropout else set())
+    if recipe.validation:  # the held-out captions are encoded by the same frozen encoder
+        buckets = bucket_list(data.resolution, base.pixel_multiple)
+        held_out = load_folder(Path(recipe.validation.folder), trigger=data.trigger, repeats=1, buckets=buckets)
+        captions |= {item.caption for item in held_out}
+    captions = sorted(captions)
     cache = {}
     with torch.no_grad():
         for caption in captions:
