@@ -149,16 +149,20 @@ def inject_lora(
     conv_rank: int | None = None,
     conv_alpha: float | None = None,
     use_dora: bool = False,
+    skip_layers: tuple[int, ...] = (),
 ) -> list[str]:
     """Add a trainable LoRA adapter to `model` with peft and return the adapted module paths.
 
     3x3 convolutions get `conv_rank` / `conv_alpha` when given (LoCon), through peft's per-module
-    rank and alpha patterns. Raises RecipeError when the targets match nothing, or when a text
+    rank and alpha patterns. `skip_layers` are text-encoder layer indices left without adapters (with clip
+    skip N the last N - 1 layers never reach the U-Net: their adapters would get no gradient, which DDP
+    refuses). Raises RecipeError when the targets match nothing, or when a text
     encoder would get q/k/v without out_proj (diffusers cannot load such a file).
     """
 
     targets = resolve_targets(target_modules, component)
-    names = matching_modules(model, targets)
+    exclude = rf".*encoder\.layers\.({'|'.join(map(str, skip_layers))})\..*" if skip_layers else None
+    names = [n for n in matching_modules(model, targets) if exclude is None or not re.fullmatch(exclude, n)]
     if not names:
         raise RecipeError(
             f"lora.target_modules: {target_modules!r} matches no Linear or Conv2d module in the "
@@ -178,6 +182,7 @@ def inject_lora(
         lora_alpha=lora_alpha,
         lora_dropout=dropout,
         target_modules=targets,
+        exclude_modules=exclude,
         init_lora_weights=True,
         use_dora=use_dora,
         rank_pattern={re.escape(n): conv_rank for n in spatial} if conv_rank else {},

@@ -172,7 +172,9 @@ def load_base(
 
 def _final_norm(text_encoder: Any) -> Any:
     # transformers 5 dropped the `text_model` level from CLIPTextModel; CLIPTextModelWithProjection keeps it.
-    return getattr(text_encoder, "text_model", text_encoder).final_layer_norm
+    # A DistributedDataParallel wrapper (several processes) holds the model as `.module`.
+    model = getattr(text_encoder, "module", text_encoder)
+    return getattr(model, "text_model", model).final_layer_norm
 
 
 def _encode_chunk(text_encoder: Any, ids: Any, clip_skip: int) -> Any:

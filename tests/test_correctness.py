@@ -164,3 +164,13 @@ def test_write_recipe_roundtrip_with_controls(tmp_path, tiny_base, tiny_dataset)
     recipe["data"]["trigger"] = "a\x1bb"
     path = write_recipe(tmp_path / "r.toml", recipe)
     assert load_recipe(path).data.trigger == "a\x1bb"
+
+
+def test_clip_skip_leaves_the_discarded_layers_without_adapters(tiny_base, tiny_dataset, tmp_path):
+    """With clip skip 2 the last text-encoder layer never reaches the U-Net: no adapter there, and every adapter
+    that is there gets a gradient (DDP refuses parameters without one)."""
+    result, _ = _train(tiny_base, tiny_dataset, tmp_path, model={"clip_skip": 2}, train={"max_steps": 1})
+    encoder = result.models["text_encoder"]
+    last = encoder.config.num_hidden_layers - 1
+    names = [n for n, p in encoder.named_parameters() if p.requires_grad]
+    assert names and not [n for n in names if f"layers.{last}." in n]

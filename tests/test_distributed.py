@@ -16,7 +16,16 @@ from .conftest import make_recipe_dict, write_recipe
 def test_two_processes_shard_the_data_and_one_writes(tiny_base, tiny_dataset, tmp_path):
     recipe = write_recipe(
         tmp_path / "r.toml",
-        make_recipe_dict(tiny_base, tiny_dataset, tmp_path / "out", train={"max_steps": 3, "save_every_steps": 2}),
+        make_recipe_dict(
+            tiny_base,
+            tiny_dataset,
+            tmp_path / "out",
+            train={"max_steps": 3, "save_every_steps": 2},
+            # a trained text encoder with clip skip: the skipped layer must carry no adapter (DDP refuses
+            # parameters without a gradient) and the final norm must be found through the DDP wrapper
+            lora={"train_text_encoder": True},
+            model={"clip_skip": 2},
+        ),
     )
     records = tmp_path / "records"
     records.mkdir()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from lorakit.cli import app
+from lorakit.errors import DatasetError
 from lorakit.prepare import PrepareOptions, prepare
 
 from .messy import build_messy_folder, textured
@@ -300,3 +302,41 @@ def test_train_reads_what_prepare_wrote(tmp_path, tiny_base):
     )
     result = train(recipe, quiet=True, log=lambda _: None)
     assert result.steps == 2 and result.adapter.is_file()
+
+
+def test_rerunning_with_a_new_trigger_recaptions_from_the_models_own_words(tmp_path, tiny_captioner):
+    """The cached model caption is the model's text, not the caption after the trigger was placed."""
+    src = tmp_path / "photos"
+    src.mkdir()
+    textured(128, 128, 1).save(src / "a.png")
+
+    def run(trigger):
+        options = PrepareOptions(resolution=64, trigger=trigger, caption_model=str(tiny_captioner), workers=1)
+        result = prepare(src, tmp_path / "out", options, quiet=True, log=lambda _: None)
+        return json.loads((result.out / "metadata.jsonl").read_text().splitlines()[0])["text"]
+
+    first, second = run("sks"), run("ohwx")
+    assert first.startswith("sks, ") and second == "ohwx, " + first[len("sks, ") :]
+
+
+def test_entries_that_cannot_be_read_are_counted_not_fatal(tmp_path, monkeypatch):
+    src = tmp_path / "photos"
+    src.mkdir()
+    textured(128, 128, 1).save(src / "good.png")
+    textured(128, 128, 2).save(src / "locked.png")
+    (src / "dangling.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    real_read = Path.read_bytes
+
+    def read_bytes(self):  # tests run as root, where chmod 000 does not stop a read: simulate the error
+        if self.name == "locked.png":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_read(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    result = prepare(src, tmp_path / "out", PrepareOptions(resolution=64, workers=1), quiet=True, log=lambda _: None)
+    dropped = {d["file"]: d["detail"] for d in result.report["dropped"]["read_error"]}
+    assert set(dropped) == {"dangling.jpg", "locked.png"} and "Permission denied" in dropped["locked.png"]
+    assert result.report["counts"]["kept"] == 1
+    with pytest.raises(DatasetError, match="could not be read"):
+        prepare(src, tmp_path / "out2", PrepareOptions(resolution=64, workers=1, strict=True), quiet=True)
+    assert not (tmp_path / "out2").exists()

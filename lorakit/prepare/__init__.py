@@ -25,7 +25,7 @@ from ..files import IMAGE_SUFFIXES, atomic_write, atomic_write_text, file_sha256
 from .captions import caption_from_filename, normalise_tags, place_trigger, read_sidecar
 from .images import REASONS, Processed, SizingOptions, process_image
 
-READ_FAILURES = ("empty_file", "unreadable", "truncated", "decompression_bomb")
+READ_FAILURES = ("read_error", "empty_file", "unreadable", "truncated", "decompression_bomb")
 STATE = Path(".cache") / "prepare.json"
 
 
@@ -139,7 +139,11 @@ def _reuse(paths: list[Path], src: Path, out: Path, previous: dict) -> tuple[lis
     for path in paths:
         relative = str(path.relative_to(src))
         entry = previous.get(relative)
-        if entry and entry["sha256"] == file_sha256(path) and (out / entry["file_name"]).is_file():
+        try:
+            unchanged = bool(entry) and entry["sha256"] == file_sha256(path)
+        except OSError:  # unreadable now: processing it reports why
+            unchanged = False
+        if unchanged and (out / entry["file_name"]).is_file():
             reused.append(
                 Processed(
                     source=relative,
@@ -182,6 +186,7 @@ class _Caption:
     source: str  # sidecar, model, filename, trigger_only
     trigger: str  # added, moved, present, none
     non_utf8: str = ""
+    model_text: str = ""  # the captioning model's own words, before tags and trigger (what a re-run reuses)
 
 
 def _caption(path: Path, image_png: bytes | None, options: PrepareOptions, captioner, cached: str | None) -> _Caption:
@@ -200,7 +205,8 @@ def _caption(path: Path, image_png: bytes | None, options: PrepareOptions, capti
         else:
             text, source = "", "trigger_only"
     tags, trigger = place_trigger(normalise_tags(text), options.trigger)
-    return _Caption(", ".join(tags), source, trigger, "" if utf8 else str(sidecar))
+    model_text = text if source == "model" else ""
+    return _Caption(", ".join(tags), source, trigger, "" if utf8 else str(sidecar), model_text)
 
 
 def _length_counter(tokenizer: str | None):
@@ -429,7 +435,7 @@ def _write(
             "dhash": result.dhash,
         }
         if caption.source == "model":
-            state[result.source].update(caption_model=options.caption_model, model_caption=caption.text)
+            state[result.source].update(caption_model=options.caption_model, model_caption=caption.model_text)
     dataset = {
         "version": 1,
         "resolution": options.resolution,

@@ -15,6 +15,7 @@ from ..buckets import fit_to_bucket, nearest_bucket
 
 # Why an image was left out; the keys of the report's "dropped" table.
 REASONS = {
+    "read_error": "could not be read (permissions, an I/O error, a broken link or not a regular file)",
     "empty_file": "zero-byte file",
     "unreadable": "not an image Pillow can read",
     "truncated": "truncated or corrupt image data",
@@ -87,7 +88,10 @@ def process_image(path: Path, relative: str, options: SizingOptions) -> Processe
     """Read, normalise, bucket and encode one image; failures come back as a `reason`, never an exception."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        return Processed(source=relative, sha256="", reason="read_error", detail=err.strerror or type(err).__name__)
     result = Processed(source=relative, sha256=hashlib.sha256(data).hexdigest())
     if not data:
         result.reason = "empty_file"

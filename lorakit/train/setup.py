@@ -270,6 +270,7 @@ def _inject(recipe: Recipe, base: BaseModel, log: Log) -> dict[str, Any]:
             conv_rank=lora.conv_rank,
             conv_alpha=lora.conv_alpha,
             use_dora=lora.use_dora,
+            skip_layers=_unused_layers(module, recipe.model.clip_skip) if component != "unet" else (),
         )
         adapters.freeze_except_lora(module)
         cast_training_params(module)  # LoRA weights train in float32 whatever the frozen weights' dtype
@@ -283,6 +284,12 @@ def _inject(recipe: Recipe, base: BaseModel, log: Log) -> dict[str, Any]:
         f"({100 * trainable / total:.2f}%)"
     )
     return trained
+
+
+def _unused_layers(text_encoder: Any, clip_skip: int) -> tuple[int, ...]:
+    """The encoder layers whose output clip skip discards (the last clip_skip - 1)."""
+    layers = text_encoder.config.num_hidden_layers
+    return tuple(range(layers - clip_skip + 1, layers))
 
 
 def _init_from(path: str, trained: dict[str, Any], log: Log) -> None:
