@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -59,7 +61,31 @@ def inspect_adapter(path: str | Path, *, allow_pickle: bool = False) -> dict:
         "components": components,
         "finite": True,
         "metadata": adapter.metadata,
+        "warnings": _loader_warnings(adapter),
     }
+
+
+_ATTENTION_PROJECTIONS = re.compile(r"\.(to_q|to_k|to_v|to_out\.0|q_proj|k_proj|v_proj|out_proj)$")
+
+
+def _loader_warnings(adapter) -> list[str]:
+    """What a loader would do differently from the file's own numbers."""
+    if adapter.layout != "kohya":
+        return []
+    alphas = Counter(
+        lora.alpha
+        for modules in adapter.state.values()
+        for path, lora in modules.items()
+        if _ATTENTION_PROJECTIONS.search(path)
+    )
+    if len(alphas) < 2:
+        return []
+    common = alphas.most_common(1)[0][0]
+    return [
+        f"attention projections carry {len(alphas)} different alphas ({', '.join(f'{a:g}' for a in sorted(alphas))}); "
+        f"diffusers' kohya loader applies the most common one ({common:g}) to all of them, so diffusers draws "
+        "something else than A1111/ComfyUI; `lorakit convert --to diffusers` keeps every alpha exactly"
+    ]
 
 
 def inspection_lines(info: dict) -> list[str]:
@@ -80,6 +106,7 @@ def inspection_lines(info: dict) -> list[str]:
         )
         for largest in entry["update_norm_largest"][:3]:
             lines.append(f"      {largest['norm']:.4g}  {largest['module']}")
+    lines += [f"  warning: {warning}" for warning in info.get("warnings", [])]
     if info["metadata"]:
         lines.append("  metadata:")
         for key, value in sorted(info["metadata"].items()):

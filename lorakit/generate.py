@@ -17,6 +17,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .checkpoint import RunPaths
 from .errors import AdapterError, LorakitError
 from .files import file_sha256
+from .formats.metadata import a1111_short_hash
 from .formats.read import read_adapter_file, require_supported
 from .models import load_pipeline
 from .progress import progress_bar
@@ -70,8 +71,9 @@ def resolve_adapters(
         adapter = read_adapter_file(path, allow_pickle=allow_pickle)
         require_supported(adapter)
         sha = file_sha256(path)
+        short = a1111_short_hash(path) if path.suffix.lower() == ".safetensors" else sha[:12]
         name = re.sub(r"[^A-Za-z0-9_-]", "_", path.name.split(".")[0])
-        adapters.append(LoadedAdapter(f"{name}_{len(adapters)}", path, scale, adapter.state, sha))
+        adapters.append(LoadedAdapter(f"{name}_{len(adapters)}", path, scale, adapter.state, sha, short))
     return adapters, defaults
 
 
@@ -222,7 +224,7 @@ def _parameters(prompt, seed, size, settings: RenderSettings, options: GenerateO
     lora_tags = "".join(f" <lora:{a.path.name.split('.')[0]}:{a.scale * scale:g}>" for a in adapters)
     extra: dict[str, Any] = {}
     if adapters:
-        extra["Lora hashes"] = '"' + ", ".join(f"{a.path.name.split('.')[0]}: {a.sha256[:12]}" for a in adapters) + '"'
+        extra["Lora hashes"] = '"' + ", ".join(f"{a.path.name.split('.')[0]}: {a.short_hash}" for a in adapters) + '"'
     if options.init:
         extra["Denoising strength"] = options.strength
     if options.upscale > 1:

@@ -230,6 +230,7 @@ class LoadedAdapter:
     scale: float
     state: Any  # LoraState
     sha256: str
+    short_hash: str = ""  # what A1111 writes in `Lora hashes` (formats.metadata.a1111_short_hash)
 
 
 def _diffusers_state_dict(state: Any) -> dict[str, Any]:

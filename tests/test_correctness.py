@@ -174,3 +174,54 @@ def test_clip_skip_leaves_the_discarded_layers_without_adapters(tiny_base, tiny_
     last = encoder.config.num_hidden_layers - 1
     names = [n for n, p in encoder.named_parameters() if p.requires_grad]
     assert names and not [n for n in names if f"layers.{last}." in n]
+
+
+def test_a1111_short_hash_without_recorded_hashes_is_the_bytes_after_the_header(tmp_path):
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    from lorakit.formats.metadata import a1111_short_hash
+
+    path = tmp_path / "third_party.safetensors"
+    save_file({"lora_unet_x.lora_down.weight": torch.ones(2, 3)}, str(path), metadata={"ss_network_dim": "2"})
+    blob = path.read_bytes()
+    header = 8 + int.from_bytes(blob[:8], "little")
+    assert a1111_short_hash(path) == hashlib.sha256(blob[header:]).hexdigest()[:12]
+    assert a1111_short_hash(path) != hashlib.sha256(blob).hexdigest()[:12]
+
+
+def test_convert_recomputes_the_sshs_hashes_of_the_tensors_it_writes(trained_run, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from lorakit.convert import convert_adapter
+    from lorakit.formats.metadata import sshs_hashes
+
+    there = convert_adapter(trained_run.adapter, "diffusers", tmp_path / "a.diffusers.safetensors")
+    back = convert_adapter(there, "kohya", tmp_path / "b.safetensors")
+    with safe_open(str(back), "pt") as f:
+        metadata = f.metadata()
+    expected = sshs_hashes(load_file(str(back)), metadata)
+    assert metadata["sshs_model_hash"] == expected["sshs_model_hash"]
+    assert metadata["sshs_legacy_hash"] == expected["sshs_legacy_hash"]
+    with safe_open(str(there), "pt") as f:
+        assert not any(k.startswith("sshs_") for k in f.metadata())  # they described other tensors
+
+
+def test_inspect_warns_when_attention_alphas_differ_between_modules(trained_run, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from lorakit.convert import inspect_adapter, inspection_lines
+
+    tensors = load_file(str(trained_run.adapter))
+    assert inspect_adapter(trained_run.adapter)["warnings"] == []
+    alpha_keys = sorted(k for k in tensors if k.endswith(".alpha") and "_to_q" in k)
+    tensors[alpha_keys[0]] = tensors[alpha_keys[0]] * 2
+    path = tmp_path / "mixed.safetensors"
+    save_file(tensors, str(path))
+    info = inspect_adapter(path)
+    assert len(info["warnings"]) == 1 and "most common" in info["warnings"][0]
+    assert any(
+        line.startswith("  warning: attention projections carry 2 different alphas") for line in inspection_lines(info)
+    )

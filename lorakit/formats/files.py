@@ -48,11 +48,13 @@ def write_adapter(
     """Write `state` to `path` (atomically) in the `kohya` or `diffusers` layout, with `metadata` in the header."""
 
     dtype = getattr(torch, dtype_name)
+    # sshs hashes describe a file's tensors: a re-expressed adapter gets its own (kohya), or none (diffusers).
+    kept = {k: v for k, v in metadata.items() if k != "lora_adapter_metadata" and not k.startswith("sshs_")}
     if layout == "kohya":
         tensors = to_kohya(state, dtype, sdxl=family == "sdxl")
-        header = {k: v for k, v in metadata.items() if k != "lora_adapter_metadata"}
+        header = {**kept, **sshs_hashes(tensors, kept)}
     else:
         tensors, adapter_header = to_diffusers(state, dtype)
-        header = {**metadata, **adapter_header}
+        header = {**kept, **adapter_header}
     atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=header))
     return Path(path)

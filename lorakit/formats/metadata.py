@@ -186,3 +186,22 @@ def _dataset_dirs(items: list[Item]) -> dict[str, dict[str, int]]:
         entry = dirs.setdefault(_dataset_key(item), {"n_repeats": item.repeats, "img_count": 0})
         entry["img_count"] += 1
     return dirs
+
+
+def a1111_short_hash(path: Path) -> str:
+    """The 12 characters AUTOMATIC1111 writes as a LoRA's hash in `Lora hashes` (and looks up when an infotext is
+    pasted): the start of the file's `sshs_model_hash`, else of the sha256 of the bytes after the safetensors
+    header. Not the hash of the whole file."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = f.read(size)
+        try:
+            recorded = json.loads(header).get("__metadata__", {}).get("sshs_model_hash")
+        except (ValueError, AttributeError):
+            recorded = None
+        if isinstance(recorded, str) and recorded:
+            return recorded[:12]
+        digest = hashlib.sha256()
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
