@@ -225,3 +225,19 @@ def test_inspect_warns_when_attention_alphas_differ_between_modules(trained_run,
     assert any(
         line.startswith("  warning: attention projections carry 2 different alphas") for line in inspection_lines(info)
     )
+
+
+def test_cuda_out_of_memory_is_one_line_naming_the_knobs(tiny_base, tiny_dataset, tmp_path, monkeypatch):
+    import lorakit.train as train_package
+
+    def oom(run):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 7.79 GiB total)")
+
+    monkeypatch.setattr(train_package, "fit", oom)
+    with pytest.raises(LorakitError) as err:
+        _train(tiny_base, tiny_dataset, tmp_path, train={"optimizer": "adamw", "cache_latents": False})
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("the GPU ran out of memory (CUDA out of memory)")
+    order = ["train.cache_latents = true", "lora.train_text_encoder = false", "train.gradient_checkpointing = true"]
+    positions = [message.index(knob) for knob in order + ['train.optimizer = "adamw8bit"']]
+    assert positions == sorted(positions)

@@ -12,7 +12,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .. import adapters
+from ..errors import LorakitError
 from ..formats.files import save_adapter_files
 from ..formats.metadata import training_info
 from ..recipe import Recipe
@@ -43,9 +46,34 @@ def train(
     `resume` is `"latest"` or a checkpoint folder of the same run folder.
     """
     started = datetime.now(UTC)
-    run = set_up(recipe, overwrite=overwrite, resume=resume, quiet=quiet, log=log)
-    loss = fit(run)
-    return export(run, loss, started)
+    try:
+        run = set_up(recipe, overwrite=overwrite, resume=resume, quiet=quiet, log=log)
+        loss = fit(run)
+        return export(run, loss, started)
+    except torch.OutOfMemoryError as err:
+        raise LorakitError(out_of_memory_message(recipe, str(err))) from None
+
+
+def out_of_memory_message(recipe: Recipe, detail: str) -> str:
+    """One line: the GPU ran out of memory, and the recipe changes that lower it, cheapest in quality first."""
+    cfg, model = recipe.train, recipe.model
+    knobs = [
+        ("train.cache_latents = true", not cfg.cache_latents),
+        ("lora.train_text_encoder = false", recipe.lora.train_text_encoder is not False),
+        ("train.gradient_checkpointing = true", not cfg.gradient_checkpointing),
+        ('train.optimizer = "adamw8bit"', cfg.optimizer != "adamw8bit"),
+        ('model.weight_dtype = "bfloat16" with train.mixed_precision = "bf16"', model.weight_dtype == "float32"),
+        (
+            f"train.batch_size = {max(1, cfg.batch_size // 2)} with gradient_accumulation_steps = "
+            f"{cfg.gradient_accumulation_steps * 2}",
+            cfg.batch_size > 1,
+        ),
+        (f"lora.rank = {max(1, recipe.lora.rank // 2)}", recipe.lora.rank > 4),
+        (f"data.resolution = {recipe.data.resolution * 3 // 4 // 64 * 64 or 64}", recipe.data.resolution > 512),
+    ]
+    advice = "; ".join(knob for knob, applies in knobs if applies) or "a GPU with more memory"
+    where = detail.split(". ")[0].strip()
+    return f"the GPU ran out of memory ({where}); lower it with, in order: {advice}"
 
 
 def export(run: Run, loss: float, started: datetime) -> RunResult:
