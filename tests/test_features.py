@@ -179,7 +179,8 @@ def test_init_from_another_architecture_is_refused(tiny_base, tiny_dataset, tmp_
         _run(tiny_base, tiny_dataset, tmp_path / "c", lora={"init_from": str(tmp_path / "old.ckpt")})
 
 
-def test_clip_skip_changes_the_conditioning_and_is_recorded(tiny_base, tiny_dataset, tmp_path):
+def test_clip_skip_changes_the_conditioning_and_is_recorded(tiny_base, tiny_dataset, tmp_path, monkeypatch):
+    import lorakit.train.loop as loop
     from lorakit.models import encode_prompts, load_base, tokenize
 
     base = load_base(str(tiny_base))
@@ -187,7 +188,12 @@ def test_clip_skip_changes_the_conditioning_and_is_recorded(tiny_base, tiny_data
     last = encode_prompts(base, ids, clip_skip=1)["encoder_hidden_states"]
     penultimate = encode_prompts(base, ids, clip_skip=2)["encoder_hidden_states"]
     assert last.shape == penultimate.shape and not torch.allclose(last, penultimate)
+    used = []
+    monkeypatch.setattr(
+        loop, "encode_prompts", lambda b, i, clip_skip: used.append(clip_skip) or encode_prompts(b, i, clip_skip)
+    )
     result, _ = _run(tiny_base, tiny_dataset, tmp_path, model={"clip_skip": 2}, train={"max_steps": 1})
+    assert used and set(used) == {2}  # the training step encodes with the recipe's clip skip
     assert _metadata(result.adapter)["ss_clip_skip"] == "2"
 
 
@@ -211,13 +217,26 @@ def test_long_captions_are_counted_or_chunked(tiny_base, tiny_dataset, tmp_path)
 
 
 def test_custom_vae_and_half_precision_frozen_weights(tiny_base, tiny_dataset, tmp_path):
-    result, _ = _run(
+    from diffusers import AutoencoderKL
+
+    # another VAE than the base's (same architecture, other weights): the run must encode with it
+    vae = AutoencoderKL.from_pretrained(tiny_base / "vae")
+    with torch.no_grad():
+        vae.encoder.conv_in.weight.mul_(0.5)
+    vae.save_pretrained(tmp_path / "other-vae")
+    dataset = tmp_path / "data"
+    shutil.copytree(tiny_dataset, dataset, ignore=shutil.ignore_patterns(".cache"))
+    precision = {"max_steps": 1, "mixed_precision": "bf16"}
+    _, lines = _run(tiny_base, dataset, tmp_path / "own", train=precision, model={"weight_dtype": "bfloat16"})
+    assert any("(8 newly encoded)" in line for line in lines)  # the base's own VAE fills the cache
+    result, lines = _run(
         tiny_base,
-        tiny_dataset,
+        dataset,
         tmp_path / "a",
-        train={"max_steps": 1, "mixed_precision": "bf16"},
-        model={"vae": str(tiny_base / "vae"), "weight_dtype": "bfloat16"},
+        train=precision,
+        model={"vae": str(tmp_path / "other-vae"), "weight_dtype": "bfloat16"},
     )
+    assert any("(8 newly encoded)" in line for line in lines)  # another VAE: nothing reused, all encoded again
     unet = result.models["unet"]
     assert unet.conv_in.weight.dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for n, p in unet.named_parameters() if "lora_" in n)
@@ -229,10 +248,21 @@ def test_custom_vae_and_half_precision_frozen_weights(tiny_base, tiny_dataset, t
 
 @pytest.mark.parametrize("loss_type", ["huber", "smooth_l1"])
 def test_robust_losses_train(tiny_base, tiny_dataset, tmp_path, loss_type):
-    result, _ = _run(
-        tiny_base,
-        tiny_dataset,
-        tmp_path,
-        train={"max_steps": 2, "loss_type": loss_type, "min_timestep": 100, "max_timestep": 900},
-    )
-    assert result.steps == 2 and torch.isfinite(torch.tensor(result.final_loss))
+    import lorakit.train.loop as loop
+
+    seen = []
+    real = loop.objective.diffusion_loss
+
+    def recording(prediction, target, weights, kind, huber_c):
+        seen.append(kind)
+        return real(prediction, target, weights, kind, huber_c)
+
+    train_section = {"max_steps": 2, "min_timestep": 100, "max_timestep": 900}
+    l2, _ = _run(tiny_base, tiny_dataset, tmp_path / "l2", train=train_section)
+    loop.objective.diffusion_loss = recording
+    try:
+        robust, _ = _run(tiny_base, tiny_dataset, tmp_path / "r", train={**train_section, "loss_type": loss_type})
+    finally:
+        loop.objective.diffusion_loss = real
+    assert seen == [loss_type, loss_type] and torch.isfinite(torch.tensor(robust.final_loss))
+    assert robust.final_loss != l2.final_loss  # same seed, same batches: only the loss function differs

@@ -102,16 +102,41 @@ def test_gradient_accumulation_consumes_more_batches_per_step(tiny_base, tiny_da
     assert [row["epoch"] for row in last] == [1, 2]
 
 
-def test_fp16_on_cpu_says_so_and_runs_bf16(tiny_base, tiny_dataset, tmp_path):
+def test_fp16_on_cpu_says_so_and_runs_float32(tiny_base, tiny_dataset, tmp_path, monkeypatch):
+    """fp16 autocast does nothing on a CPU; bf16 only where the CPU computes it, else float32 (never silently)."""
+    import lorakit.train.setup as setup
+
     if torch.cuda.is_available():
         pytest.skip("on CUDA fp16 is honoured")
-    result, lines = _run(tiny_base, tiny_dataset, tmp_path, train={"max_steps": 1, "mixed_precision": "fp16"})
-    assert "train.mixed_precision: fp16 autocast does nothing on a CPU; training in bf16 instead" in lines
-    assert result.steps == 1
+    chosen = []
+    real = setup._accelerator
+    monkeypatch.setattr(
+        setup, "_accelerator", lambda precision, folder: chosen.append(precision) or real(precision, folder)
+    )
+    monkeypatch.setattr(setup, "cpu_has_native_bf16", lambda: False)
+    result, lines = _run(tiny_base, tiny_dataset, tmp_path / "a", train={"max_steps": 1, "mixed_precision": "fp16"})
+    assert any(line.endswith("only emulates bf16 (slow); training in float32") for line in lines)
+    assert chosen == ["no"] and result.models["unet"].conv_in.weight.dtype == torch.float32
+    monkeypatch.setattr(setup, "cpu_has_native_bf16", lambda: True)
+    _, lines = _run(
+        tiny_base,
+        tiny_dataset,
+        tmp_path / "b",
+        train={"max_steps": 1, "mixed_precision": "fp16"},
+        model={"weight_dtype": "float16"},
+    )
+    assert any(line.endswith("this CPU computes bf16, training in bf16") for line in lines) and chosen[-1] == "bf16"
 
 
-@pytest.mark.parametrize("optimizer", ["adamw8bit", "adafactor", "prodigy"])
-def test_each_optimizer_trains(tiny_base, tiny_dataset, tmp_path, optimizer):
+@pytest.mark.parametrize(
+    ("optimizer", "expected"), [("adamw8bit", "AdamW8bit"), ("adafactor", "Adafactor"), ("prodigy", "Prodigy")]
+)
+def test_each_optimizer_trains(tiny_base, tiny_dataset, tmp_path, monkeypatch, optimizer, expected):
+    import lorakit.train.setup as setup
+
+    built = []
+    real = setup.build_optimizer
+    monkeypatch.setattr(setup, "build_optimizer", lambda cfg, groups: built.append(real(cfg, groups)) or built[-1])
     lr = 1.0 if optimizer == "prodigy" else 1e-3
     result, _ = _run(
         tiny_base,
@@ -119,7 +144,8 @@ def test_each_optimizer_trains(tiny_base, tiny_dataset, tmp_path, optimizer):
         tmp_path,
         train={"max_steps": 2, "optimizer": optimizer, "unet_lr": lr, "text_encoder_lr": lr},
     )
-    assert result.steps == 2
+    assert result.steps == 2 and [type(o).__name__ for o in built] == [expected]
+    assert all(built[0].state[p] for g in built[0].param_groups for p in g["params"])  # it stepped every tensor
     b = [p for n, p in result.models["unet"].named_parameters() if ".lora_B." in n]
     assert any(p.abs().sum() > 0 for p in b)  # the zero-initialised up factors moved
 

@@ -25,6 +25,7 @@ from ..data import (
     load_items,
     vae_fingerprint,
 )
+from ..devices import cpu_has_native_bf16
 from ..ema import AdapterEMA
 from ..errors import LorakitError, RecipeError
 from ..files import atomic_write_text
@@ -223,13 +224,22 @@ def _fill_caches(
 
 
 def _precision(recipe: Recipe, log: Log) -> tuple[str, str]:
-    """(mixed precision, frozen weight dtype) actually used on this machine."""
+    """(mixed precision, frozen weight dtype) actually used on this machine.
 
+    fp16 autocast does nothing on a CPU. Most CPUs emulate bf16 several times slower than float32, so an fp16
+    recipe runs bf16 only where the CPU computes it natively, else float32; either way it says so.
+    """
     precision, weight_dtype = recipe.train.mixed_precision, recipe.model.weight_dtype
     if precision == "fp16" and not torch.cuda.is_available():
-        log("train.mixed_precision: fp16 autocast does nothing on a CPU; training in bf16 instead")
-        precision = "bf16"
-        weight_dtype = "bfloat16" if weight_dtype == "float16" else weight_dtype
+        if cpu_has_native_bf16():
+            log("train.mixed_precision: fp16 autocast does nothing on a CPU; this CPU computes bf16, training in bf16")
+            precision, weight_dtype = "bf16", "bfloat16" if weight_dtype == "float16" else weight_dtype
+        else:
+            log(
+                "train.mixed_precision: fp16 autocast does nothing on a CPU and this CPU only emulates bf16 (slow); "
+                "training in float32"
+            )
+            precision, weight_dtype = "no", "float32"
     wanted = {"float16": "fp16", "bfloat16": "bf16"}.get(weight_dtype)
     if wanted and precision != wanted:
         raise LorakitError(

@@ -1,0 +1,100 @@
+"""The denoising objective against closed forms and against diffusers' own scheduler maths."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from lorakit import objective
+
+
+@pytest.fixture(scope="module")
+def scheduler():
+    return DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000)
+
+
+def _snr(scheduler, t: int) -> float:
+    alpha_bar = float(scheduler.alphas_cumprod[t])
+    return alpha_bar / (1 - alpha_bar)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weights_follow_the_closed_forms(scheduler, prediction_type):
+    timesteps = torch.tensor([0, 10, 250, 500, 999])
+    gamma = 5.0
+    weights = objective.loss_weights(scheduler, timesteps, gamma, prediction_type)
+    for t, weight in zip(timesteps.tolist(), weights.tolist(), strict=True):
+        snr = _snr(scheduler, t)
+        denominator = snr + 1 if prediction_type == "v_prediction" else snr
+        assert weight == pytest.approx(min(snr, gamma) / denominator, rel=1e-5)
+    # low-noise steps (huge SNR) are damped, high-noise steps keep weight 1 (eps) or SNR/(SNR+1) (v)
+    assert weights[0] < 0.01 and weights[-1] == pytest.approx(1.0 if prediction_type == "epsilon" else 0.0, abs=0.01)
+
+
+def test_no_min_snr_means_unit_weights(scheduler):
+    assert torch.equal(objective.loss_weights(scheduler, torch.tensor([3, 700]), 0.0, "epsilon"), torch.ones(2))
+
+
+def test_targets(scheduler):
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, 8, 8, generator=generator)
+    noise = torch.randn(2, 4, 8, 8, generator=generator)
+    t = torch.tensor([100, 900])
+    assert objective.training_target(scheduler, latents, noise, t, "epsilon") is noise
+    v = objective.training_target(scheduler, latents, noise, t, "v_prediction")
+    assert torch.allclose(v, scheduler.get_velocity(latents, noise, t))
+    # v = sqrt(alpha_bar) * noise - sqrt(1 - alpha_bar) * x0
+    alpha_bar = scheduler.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+    assert torch.allclose(v, alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * latents, atol=1e-6)
+    with pytest.raises(ValueError):
+        objective.training_target(scheduler, latents, noise, t, "sample")
+
+
+def test_offset_noise_shifts_each_channel_by_one_draw():
+    plain = objective.sample_noise((64, 4, 32, 32), 0.0, torch.Generator().manual_seed(1))
+    offset = objective.sample_noise((64, 4, 32, 32), 0.5, torch.Generator().manual_seed(1))
+    assert torch.equal(plain, objective.sample_noise((64, 4, 32, 32), 0.0, torch.Generator().manual_seed(1)))
+    shift = offset - plain
+    # one constant per (sample, channel) ...
+    assert torch.allclose(shift, shift[:, :, :1, :1].expand_as(shift), atol=1e-6)
+    # ... drawn from N(0, offset^2): the per-channel means spread with std 0.5, plain noise's with ~1/32
+    assert 0.4 < float(shift[:, :, 0, 0].std()) < 0.6
+    assert float(plain.mean(dim=(2, 3)).std()) < 0.05
+    assert float(offset.mean(dim=(2, 3)).std()) > 0.4
+
+
+def test_timesteps_are_uniform_in_the_half_open_range():
+    t = objective.sample_timesteps(20000, 200, 800, torch.Generator().manual_seed(0))
+    assert int(t.min()) == 200 and int(t.max()) == 799
+    assert abs(float(t.float().mean()) - 499.5) < 5
+
+
+@pytest.mark.parametrize(
+    ("loss_type", "d", "c", "expected"),
+    [
+        ("l2", 3.0, 0.1, 9.0),
+        ("huber", 3.0, 0.1, 2 * 0.1 * (math.sqrt(9 + 0.01) - 0.1)),
+        ("smooth_l1", 3.0, 0.1, 2 * (math.sqrt(9 + 0.01) - 0.1)),
+        ("huber", 0.05, 1.0, 2 * 1.0 * (math.sqrt(0.0025 + 1) - 1)),  # ~ d^2 near zero
+    ],
+)
+def test_robust_losses_have_their_values(loss_type, d, c, expected):
+    value = objective.elementwise_loss(torch.tensor([d]), torch.tensor([0.0]), loss_type, c)
+    assert float(value) == pytest.approx(expected, rel=1e-3)  # float32 arithmetic
+
+
+def test_pseudo_huber_is_quadratic_near_zero_and_linear_far_away():
+    c = 0.5
+    small = objective.elementwise_loss(torch.tensor([1e-3]), torch.zeros(1), "huber", c)
+    assert float(small) == pytest.approx(1e-6, rel=0.05)  # 2c (sqrt(d^2 + c^2) - c) ~ d^2 (float32 rounding)
+    far = objective.elementwise_loss(torch.tensor([100.0, 200.0]), torch.zeros(2), "huber", c)
+    assert float(far[1] - far[0]) == pytest.approx(2 * c * 100, rel=1e-3)  # slope 2c
+
+
+def test_diffusion_loss_weights_each_sample():
+    prediction = torch.stack([torch.full((4, 2, 2), 1.0), torch.full((4, 2, 2), 2.0)])
+    loss = objective.diffusion_loss(prediction, torch.zeros_like(prediction), torch.tensor([1.0, 0.5]))
+    assert float(loss) == pytest.approx((1.0 * 1 + 0.5 * 4) / 2)
