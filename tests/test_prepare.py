@@ -275,9 +275,19 @@ def test_bad_inputs_exit_2_and_write_nothing(messy, tmp_path):
     assert not any((tmp_path / name).exists() for name in ("o1", "o2", "o3"))
 
 
-def test_train_reads_what_prepare_wrote(tmp_path, tiny_base):
+def test_train_reads_what_prepare_wrote(tmp_path, tiny_base, monkeypatch):
+    import lorakit.train.setup as setup
     from lorakit.recipe import recipe_from_dict
     from lorakit.train import train
+
+    loaded = []
+    real_load_items = setup.load_items
+
+    def recording(section, pixel_multiple):
+        loaded.extend(real_load_items(section, pixel_multiple))
+        return loaded
+
+    monkeypatch.setattr(setup, "load_items", recording)
 
     src = tmp_path / "photos"
     src.mkdir()
@@ -287,7 +297,7 @@ def test_train_reads_what_prepare_wrote(tmp_path, tiny_base):
     prepare(
         src,
         tmp_path / "dataset",
-        PrepareOptions(resolution=64, trigger="ohwx", max_upscale=1.0, workers=2),
+        PrepareOptions(resolution=64, trigger="ohwx", max_upscale=1.0, workers=2, bucket_step=16),
         quiet=True,
         log=lambda _: None,
     )
@@ -302,6 +312,13 @@ def test_train_reads_what_prepare_wrote(tmp_path, tiny_base):
     )
     result = train(recipe, quiet=True, log=lambda _: None)
     assert result.steps == 2 and result.adapter.is_file()
+    # train trains each image in exactly the bucket prepare cut it for, with prepare's caption
+    rows = [json.loads(line) for line in (tmp_path / "dataset" / "metadata.jsonl").read_text().splitlines()]
+    expected = {
+        (tmp_path / "dataset" / r["file_name"]).resolve(): ((r["width"], r["height"]), r["text"]) for r in rows
+    }
+    assert {item.path.resolve(): (item.bucket, item.caption) for item in loaded} == expected
+    assert len({item.bucket for item in loaded}) > 1  # the photos' aspect ratios gave several buckets
 
 
 def test_rerunning_with_a_new_trigger_recaptions_from_the_models_own_words(tmp_path, tiny_captioner):

@@ -176,3 +176,45 @@ def test_epoch_batches_are_single_bucket_reproducible_and_complete(tiny_base, ti
     assert batches != epoch_batches(items, batch_size=2, seed=1, epoch=1)
     assert all(len({items[i].bucket for i in batch}) == 1 for batch in batches)
     assert sorted(i for batch in batches for i in batch) == sorted(list(range(len(items))) * 3)
+
+
+@pytest.mark.parametrize(("batch_size", "accumulation"), [(2, 1), (1, 2)])
+def test_accumulated_micro_batches_give_the_gradient_of_one_batch(
+    tiny_base, tiny_dataset, tmp_path, monkeypatch, batch_size, accumulation
+):
+    """An optimizer step's gradient is the mean over every image of the step, however the images are split
+    into micro-batches: with a per-image loss c_i * sum(p), the gradient of p is mean(c_i) everywhere."""
+    import lorakit.train.loop as loop
+
+    consumed, gradients = [], []
+
+    def per_image_loss(run, batch):
+        consumed.extend(batch)
+        first = run.optimizer.param_groups[0]["params"][0]
+        weights = torch.tensor([float(index + 1) for index in batch])
+        return (weights * first.sum()).mean()
+
+    real_step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        gradients.append((list(consumed), self.param_groups[0]["params"][0].grad.clone()))
+        consumed.clear()
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "_micro_batch_loss", per_image_loss)
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    _run(
+        tiny_base,
+        tiny_dataset,
+        tmp_path,
+        train={
+            "max_steps": 3,
+            "batch_size": batch_size,
+            "gradient_accumulation_steps": accumulation,
+            "max_grad_norm": 0,
+        },
+    )
+    assert len(gradients) == 3 and any(len(images) == 2 for images, _ in gradients)
+    for images, gradient in gradients:
+        expected = sum(index + 1 for index in images) / len(images)
+        torch.testing.assert_close(gradient, torch.full_like(gradient, expected))
