@@ -305,6 +305,8 @@ def _log_metrics(run: Run, row: dict[str, Any], start: float) -> None:
         "epoch": round(run.stream.epochs_done, 4),
         "elapsed_s": round(time.monotonic() - start, 3),
     }
+    if run.device.type == "cuda":  # the measured peak, for comparing with what a plan predicted
+        row["max_memory_allocated_gib"] = round(torch.cuda.max_memory_allocated(run.device) / 2**30, 3)
     with run.paths.metrics.open("a", encoding="utf-8") as out:
         out.write(json.dumps(row) + "\n")
     run.accelerator.log({k: v for k, v in row.items() if k not in ("step", "elapsed_s")}, step=run.step)

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The one GPU entry point: every check that needs CUDA, in a fixed order, each step under its own time cap, the
+# whole run under 8 minutes on one GPU. Writes its tables and logs to OUT (default ./gpu-check/).
+#
+#   bash benchmarks/gpu_check.sh [OUT]
+#
+# It runs lorakit from this checkout (PYTHONPATH) on the GPU machine's own torch/transformers/peft stack, which
+# may be older than constraints.txt: nothing is installed with dependencies. Packages that machine lacks
+# (diffusers, bitsandbytes, and what they need) travel as wheels in .whl/, fetched on a machine with pip:
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#       -d .whl diffusers==0.42.1 bitsandbytes==0.50.2 importlib_metadata==10.2.0 zipp==4.1.2
+# Steps (later issues append theirs here, each with a cap):
+#   1. gpu-tests     the `gpu` tier of the test suite (tests/test_gpu.py)                     <= 180 s
+#   2. sd15-speed    real SD 1.5 architecture, random weights, 512 px, batch 1 and 4, the
+#                    character recipe's settings: it/s and peak VRAM, lorakit vs a bare loop  <= 120 s
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-${OUT:-gpu-check}}"
+mkdir -p "$out"
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || exit 1
+    export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+fi
+export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+if ! python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "gpu_check: python3 here has no torch with CUDA; nothing to check" | tee "$out/summary.txt"
+    exit 0
+fi
+python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))" | tee "$out/summary.txt"
+
+step() {
+    local name=$1 cap=$2
+    shift 2
+    echo "== $name (cap ${cap} s)"
+    local start=$SECONDS
+    timeout "$cap" "$@" > "$out/$name.log" 2>&1
+    local status=$?
+    tail -n 25 "$out/$name.log"
+    echo "$name: exit $status in $((SECONDS - start)) s" | tee -a "$out/summary.txt"
+}
+
+step gpu-tests 180 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py
+step sd15-speed 120 python3 benchmarks/gpu_speed.py --arch sd15 --resolution 512 --batch-sizes 1,4 --steps 12 \
+    --warmup 4 --out "$out/sd15-speed.md"
+
+echo "== tables"
+cat "$out"/*.md 2>/dev/null
+cat "$out/summary.txt"

@@ -1,0 +1,115 @@
+"""The GPU tier: the real CUDA paths, run with `pytest -m gpu` on a machine with CUDA (benchmarks/gpu_check.sh).
+
+Skipped without CUDA; deselected by default (pyproject's addopts). Each test trains the tiny model on the GPU the
+way a user's run does and checks what a CPU run cannot show: autocast dtypes, 8-bit optimizer state on the
+device, where each component lives after the caches are filled, and that the exported adapter reloads in
+diffusers on CUDA with the in-memory model's output.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lorakit.recipe import recipe_from_dict
+from lorakit.train import train
+
+from .conftest import make_recipe_dict
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+def _train(base, dataset, out, **sections):
+    lines: list[str] = []
+    result = train(recipe_from_dict(make_recipe_dict(base, dataset, out, **sections)), quiet=True, log=lines.append)
+    return result, lines
+
+
+def _unet_output(unet, dtype):
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(1, 4, 8, 8, generator=generator).to("cuda", dtype)
+    hidden = torch.randn(1, 77, unet.config.cross_attention_dim, generator=generator).to("cuda", dtype)
+    with torch.no_grad(), torch.autocast("cuda", dtype=dtype):
+        return unet(sample, torch.tensor([500], device="cuda"), encoder_hidden_states=hidden).sample.float()
+
+
+@pytest.mark.parametrize(("precision", "dtype"), [("fp16", torch.float16), ("bf16", torch.bfloat16)])
+def test_half_precision_training_with_half_frozen_weights(tiny_base, tiny_dataset, tmp_path, precision, dtype):
+    weight_dtype = "float16" if precision == "fp16" else "bfloat16"
+    result, _ = _train(
+        tiny_base,
+        tiny_dataset,
+        tmp_path,
+        train={"max_steps": 3, "mixed_precision": precision, "gradient_checkpointing": True},
+        model={"weight_dtype": weight_dtype},
+    )
+    unet = result.models["unet"]
+    assert unet.device.type == "cuda" and unet.conv_in.weight.dtype == dtype
+    lora = {n: p for n, p in unet.named_parameters() if "lora_" in n}
+    assert lora and all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in lora.values())
+    assert any(p.abs().sum() > 0 for n, p in lora.items() if ".lora_B." in n)  # fp16: the loss scaler let it learn
+
+
+def test_eight_bit_adamw_keeps_uint8_state_on_the_gpu(tiny_base, tiny_dataset, tmp_path):
+    result, _ = _train(
+        tiny_base,
+        tiny_dataset,
+        tmp_path,
+        lora={"rank": 64, "lora_alpha": 64.0},  # 64 x 32 = 4096 elements: bitsandbytes' 8-bit threshold
+        train={"max_steps": 2, "optimizer": "adamw8bit", "save_every_steps": 2},
+    )
+    state = load_file(str(result.run_dir / "checkpoints" / "step-000002" / "optimizer.safetensors"))
+    assert any(t.dtype == torch.uint8 for t in state.values())
+
+
+def test_caches_move_encoders_off_the_gpu_and_samples_bring_them_back(tiny_base, tiny_dataset, tmp_path):
+    import lorakit.train.images as images
+
+    placement = {}
+    real_render = images.render
+
+    def recording(pipe, *args, **kwargs):
+        placement.update(text_encoder=pipe.text_encoder.device.type, vae=pipe.vae.device.type)
+        return real_render(pipe, *args, **kwargs)
+
+    images.render = recording
+    try:
+        result, _ = _train(
+            tiny_base,
+            tiny_dataset,
+            tmp_path / "out",
+            lora={"train_text_encoder": False},
+            train={"max_steps": 2, "cache_latents": True, "mixed_precision": "fp16"},
+            sample={"prompts": ["ohwx toy"], "steps": 2, "every_steps": 2},
+            prior={"class_dir": str(tmp_path / "class"), "class_prompt": "a toy", "num_class_images": 1},
+        )
+    finally:
+        images.render = real_render
+    assert placement == {"text_encoder": "cuda", "vae": "cuda"}  # while rendering samples
+    assert (result.run_dir / "samples" / "step-000002.png").is_file()
+    assert (tmp_path / "class" / "class-00000.png").is_file()
+
+
+def test_sdpa_attention_is_in_use(tiny_base):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from lorakit.models import load_base
+
+    base = load_base(str(tiny_base))
+    processors = set(map(type, base.unet.attn_processors.values()))
+    assert processors == {AttnProcessor2_0}
+
+
+def test_exported_adapter_reloads_in_diffusers_on_cuda(trained_run, tiny_base):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_base), safety_checker=None).to("cuda")
+    pipe.load_lora_weights(str(trained_run.diffusers_adapter))
+    in_memory = trained_run.models["unet"].to("cuda")
+    torch.testing.assert_close(
+        _unet_output(pipe.unet, torch.float32), _unet_output(in_memory, torch.float32), atol=1e-4, rtol=1e-4
+    )
