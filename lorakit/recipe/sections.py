@@ -38,7 +38,8 @@ class ModelSection:
     weight_dtype: WeightDtype = "float32"
     """dtype of the frozen base weights: `float16` / `bfloat16` halve their memory (LoRA weights stay float32)."""
     clip_skip: int = 1
-    """Use the output of the N-th last text-encoder layer (kohya's clip_skip: 2 for anime-style SD 1.x bases)."""
+    """Use the output of the N-th last text-encoder layer (kohya's clip_skip: 2 for anime-style SD 1.x bases); the
+    last N - 1 layers then get no adapter (their output never reaches the U-Net)."""
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,8 @@ class TrainSection:
     max_grad_norm: float = 1.0
     """Clip the gradient norm to this value; 0 turns clipping off."""
     mixed_precision: MixedPrecision = "no"
-    """Autocast precision: `fp16` or `bf16` on CUDA; on a CPU, fp16 runs as bf16 (and says so)."""
+    """Autocast precision: `fp16` or `bf16` on CUDA. On a CPU fp16 does nothing: it runs bf16 where the CPU computes
+    bf16 natively, else float32, and says so."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about 30% slower."""
     seed: int = 42

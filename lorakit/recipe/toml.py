@@ -66,7 +66,3 @@ def reference_markdown() -> str:
         for f in dataclasses.fields(cls):
             lines.append(f"| `{name}.{f.name}` | {_default_text(f)} | {docs[f.name].replace('|', '/')} |")
     return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    print(reference_markdown())
