@@ -11,9 +11,7 @@ import torch
 from .adapters import scaled_factors
 from .files import check_output
 from .formats.files import write_adapter
-from .formats.read import read_adapter_file, require_supported, stored_dtype
-
-FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "unknown": "unknown"}
+from .formats.read import FAMILY_NAMES, read_adapter_file, require_supported, stored_dtype
 
 
 def default_convert_path(path: Path, to: str) -> Path:

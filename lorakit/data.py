@@ -42,6 +42,8 @@ class Item:
     repeats: int = 1  # appearances per epoch
     loss_weight: float = 1.0  # prior-preservation class images use prior_loss_weight
     folder: str = ""  # the dataset (or class) folder it came from
+    original_size: tuple[int, int] | None = None  # (width, height) of the photo prepare cut it from
+    crop: tuple[int, int] | None = None  # (left, top) of that cut in the photo resized to cover the bucket
 
 
 def _read_metadata(folder: Path) -> list[dict]:
@@ -100,10 +102,22 @@ def load_folder(folder: Path, *, trigger: str, repeats: int, buckets: list[tuple
         size = _open_size(path, folder / METADATA)
         sha = row.get("sha256") or file_sha256(path)
         caption = with_trigger(row.get("text", ""), trigger)
-        items.append(Item(path, caption, sha, size, nearest_bucket(*size, buckets), repeats, folder=str(folder)))
+        bucket = nearest_bucket(*size, buckets)
+        original, crop = _prepared_cut(row)
+        items.append(
+            Item(path, caption, sha, size, bucket, repeats, folder=str(folder), original_size=original, crop=crop)
+        )
     if not items:
         raise DatasetError(f"data.folder: {folder / METADATA} lists no images; add photos with `lorakit prepare`")
     return items
+
+
+def _prepared_cut(row: dict) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
+    """(original size, crop) a prepare-written metadata row records, or (None, None)."""
+    keys = ("original_width", "original_height", "crop_left", "crop_top")
+    if not all(isinstance(row.get(k), int) and not isinstance(row.get(k), bool) for k in keys):
+        return None, None
+    return (row["original_width"], row["original_height"]), (row["crop_left"], row["crop_top"])
 
 
 def dataset_folders(section: DataSection) -> list[tuple[str, int]]:
@@ -244,6 +258,26 @@ class BatchStream:
 def step_rng(seed: int, micro_step: int, purpose: str) -> random.Random:
     """A Python RNG for one micro-step and one purpose (captions, flips), independent of all others."""
     return random.Random(f"{seed}:{micro_step}:{purpose}")
+
+
+def size_conditioning(item: Item, flip: bool) -> tuple[int, int, int, int, int, int]:
+    """SDXL's micro-conditioning of one training image: (original height, width, crop top, crop left, target
+    height, width), as diffusers' SDXL pipeline lays out `add_time_ids`.
+
+    From `metadata.jsonl` (`original_*`, `crop_*`) when the stored image is prepare's cut; otherwise the
+    image as stored, centre-cropped to its bucket, which is what training then does. A mirrored image mirrors
+    its crop: the left edge becomes the distance from the right edge.
+    """
+    target_w, target_h = item.bucket
+    if item.original_size is not None and item.crop is not None and item.size == item.bucket:
+        original, (left, top) = item.original_size, item.crop
+        resized, _ = fit_to_bucket(*original, item.bucket)
+    else:
+        original = item.size
+        resized, (left, top) = fit_to_bucket(*original, item.bucket)
+    if flip:
+        left = resized[0] - left - target_w
+    return (original[1], original[0], top, left, target_h, target_w)
 
 
 def transform_caption(caption: str, section: DataSection, rng: random.Random) -> str:

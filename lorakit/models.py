@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from huggingface_hub import hf_hub_download
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .errors import ModelError
 
@@ -142,11 +142,14 @@ def load_base(
         try:
             unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **kwargs)
             family = detect_family(index, dict(unet.config))
-            if family == "sdxl":
-                raise ModelError(f"model.base: {base} is an SDXL model; this version of lorakit trains SD 1.x and 2.x")
             vae_model = _load_vae(vae, {}) if vae else AutoencoderKL.from_pretrained(source, subfolder="vae", **kwargs)
             text_encoders = [CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **kwargs)]
             tokenizers = [CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs)]
+            if family == "sdxl":  # CLIP-L, then OpenCLIP bigG with its pooled projection
+                text_encoders.append(
+                    CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder_2", **kwargs)
+                )
+                tokenizers.append(CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **kwargs))
             scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kwargs)
         except (OSError, ValueError) as err:
             raise ModelError(f"model.base: cannot load {base}: {_first_line(err)}") from None
@@ -185,13 +188,16 @@ def _encode_chunk(text_encoder: Any, ids: Any, clip_skip: int) -> Any:
 
 
 def encode_prompts(base: BaseModel, input_ids: list[Any], clip_skip: int = 1) -> dict[str, Any]:
-    """U-Net conditioning for token ids (one tensor per text encoder): the `unet(...)` keyword arguments.
+    """U-Net conditioning for token ids (one tensor per text encoder): the `unet(...)` keyword arguments (SDXL's
+    pooled text embedding under `pooled`, to go with the size conditioning).
 
     Ids longer than 77 tokens are encoded in 75-token chunks, each wrapped in its own start/end
     tokens, and the chunk outputs joined (first start, every chunk's body, last end), as kohya's
     max_token_length does. `clip_skip` N takes the N-th last layer, final layer norm applied.
     """
 
+    if base.family == "sdxl":
+        return _encode_sdxl(base, input_ids)
     ids = input_ids[0]
     text_encoder = base.text_encoders[0]
     if ids.shape[1] <= 77:
@@ -205,6 +211,17 @@ def encode_prompts(base: BaseModel, input_ids: list[Any], clip_skip: int = 1) ->
     ]
     joined = [outputs[0][:, :1], *(out[:, 1:-1] for out in outputs), outputs[-1][:, -1:]]
     return {"encoder_hidden_states": torch.cat(joined, dim=1)}
+
+
+def _encode_sdxl(base: BaseModel, input_ids: list[Any]) -> dict[str, Any]:
+    """SDXL: the penultimate hidden states of CLIP-L and of OpenCLIP bigG, side by side, and bigG's pooled
+    projection (`pooled`, which the U-Net gets as `added_cond_kwargs["text_embeds"]`), as diffusers' pipeline
+    encodes a prompt."""
+    hidden = []
+    for text_encoder, ids in zip(base.text_encoders, input_ids, strict=True):
+        output = text_encoder(ids, output_hidden_states=True)
+        hidden.append(output.hidden_states[-2])
+    return {"encoder_hidden_states": torch.cat(hidden, dim=-1), "pooled": output.text_embeds}
 
 
 def tokenize(base: BaseModel, captions: list[str], max_token_length: int = 75) -> list[Any]:

@@ -13,7 +13,7 @@ from typing import Any
 
 import diffusers
 import torch
-from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
@@ -51,19 +51,30 @@ def set_sampler(pipe: Any, sampler: str) -> None:
     pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config, **extra)
 
 
-def sample_pipeline(unet: Any, vae: Any, text_encoder: Any, tokenizer: Any, noise_scheduler: Any) -> Any:
-    """A StableDiffusionPipeline over already-loaded components (adapters active), with an Euler sampler."""
-
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=noise_scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+def sample_pipeline(unet: Any, vae: Any, text_encoders: list[Any], tokenizers: list[Any], noise_scheduler: Any) -> Any:
+    """A StableDiffusionPipeline (SDXL's with two text encoders) over already-loaded components (adapters
+    active), with an Euler sampler."""
+    if len(text_encoders) == 2:
+        pipe = StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=text_encoders[0],
+            text_encoder_2=text_encoders[1],
+            tokenizer=tokenizers[0],
+            tokenizer_2=tokenizers[1],
+            unet=unet,
+            scheduler=noise_scheduler,
+        )
+    else:
+        pipe = StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text_encoders[0],
+            tokenizer=tokenizers[0],
+            unet=unet,
+            scheduler=noise_scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
     set_sampler(pipe, "euler")
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -31,6 +31,14 @@ def tiny_base_v(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    """A tiny SDXL-shaped diffusers folder (two text encoders, size-conditioned U-Net, epsilon prediction)."""
+    from .tiny import save_tiny_sdxl_pipeline
+
+    return save_tiny_sdxl_pipeline(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl")
+
+
+@pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory):
     from .tiny import write_tiny_dataset
 

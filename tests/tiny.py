@@ -144,3 +144,62 @@ def write_tiny_dataset(
     }
     (folder / "dataset.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return folder
+
+
+def save_tiny_sdxl_pipeline(path: str | Path, seed: int = 0, *, prediction_type: str = "epsilon") -> Path:
+    """A tiny SDXL-shaped pipeline: CLIP-L-like and bigG-like text encoders (the second with a pooled
+    projection), a U-Net with SDXL's block layout (three levels, two layers each, text-time added embedding) and
+    the tiny VAE, in the diffusers folder layout."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    base = build_tiny_components(seed, prediction_type=prediction_type)
+    tokenizer, vocab = make_clip_tokenizer()
+    torch.manual_seed(seed + 1)
+    eos = vocab["<|endoftext|>"]
+    text_encoder_2 = CLIPTextModelWithProjection(
+        CLIPTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            projection_dim=16,
+            hidden_act="gelu",
+            bos_token_id=vocab["<|startoftext|>"],
+            eos_token_id=eos,
+            pad_token_id=eos,
+        )
+    )
+    time_embed_dim = 8
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(16, 32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 1, 2),
+        cross_attention_dim=64,  # 32 (first encoder) + 32 (second)
+        attention_head_dim=(2, 2, 4),
+        norm_num_groups=8,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim,
+        projection_class_embeddings_input_dim=6 * time_embed_dim + 16,
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=base["vae"],
+        text_encoder=base["text_encoder"],
+        text_encoder_2=text_encoder_2,
+        tokenizer=base["tokenizer"],
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=base["scheduler"],
+    )
+    path = Path(path)
+    pipe.save_pretrained(path)
+    return path

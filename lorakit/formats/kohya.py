@@ -6,6 +6,7 @@ with delta W = up @ down * (alpha / rank).
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 import torch
@@ -29,9 +30,49 @@ DORA_KOHYA_MESSAGE = (
 )
 
 
+# SDXL's U-Net keeps the original Stability block names in kohya files (FORMATS.md section 2): diffusers'
+# down_blocks.i (two resnets and attentions each, then a downsampler) are input_blocks 3i+1 .. 3i+3, the
+# up_blocks.i (three each, then an upsampler) output_blocks 3i .. 3i+2, the mid block middle_block 0..2.
+_SDXL_BLOCKS = (
+    (re.compile(r"down_blocks\.(\d+)\.attentions\.(\d+)\."), lambda i, j: f"input_blocks.{3 * i + j + 1}.1."),
+    (re.compile(r"down_blocks\.(\d+)\.resnets\.(\d+)\."), lambda i, j: f"input_blocks.{3 * i + j + 1}.0."),
+    (re.compile(r"down_blocks\.(\d+)\.downsamplers\.0\.conv"), lambda i: f"input_blocks.{3 * (i + 1)}.0.op"),
+    (re.compile(r"mid_block\.attentions\.0\."), lambda: "middle_block.1."),
+    (re.compile(r"mid_block\.resnets\.(\d+)\."), lambda j: f"middle_block.{2 * j}."),
+    (re.compile(r"up_blocks\.(\d+)\.attentions\.(\d+)\."), lambda i, j: f"output_blocks.{3 * i + j}.1."),
+    (re.compile(r"up_blocks\.(\d+)\.resnets\.(\d+)\."), lambda i, j: f"output_blocks.{3 * i + j}.0."),
+    (re.compile(r"up_blocks\.(\d+)\.upsamplers\.0\."), lambda i: f"output_blocks.{3 * i + 2}.2."),
+)
+# Inside a ResNet (LoCon): diffusers' names -> the original ones.
+_SDXL_RESNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+
+
+def sdxl_unet_path(path: str) -> str:
+    """An SDXL U-Net module path in the original block names, e.g. `down_blocks.1.attentions.0.proj_in` ->
+    `input_blocks.4.1.proj_in`."""
+    for pattern, replacement in _SDXL_BLOCKS:
+        match = pattern.match(path)
+        if match:
+            rest = path[match.end() :]
+            if "resnets" in pattern.pattern:
+                rest = _SDXL_RESNET.get(rest, rest)
+            numbers = [int(g) for g in match.groups()]
+            return replacement(*numbers) + rest
+    return path
+
+
 def kohya_name(component: str, path: str, *, sdxl: bool = False) -> str:
     """The kohya key stem of one module, e.g. `lora_te_text_model_encoder_layers_0_mlp_fc1`."""
     prefix = (SDXL_PREFIXES if sdxl else PREFIXES)[component]
+    if sdxl and component == "unet":
+        path = sdxl_unet_path(path)
     return f"{prefix}_{exported_path(component, path).replace('.', '_')}"
 
 

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from ..adapters import LoraModule, LoraState
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "unknown": "unknown"}
 _DIFFUSERS_SPELLINGS = (
     (".lora_A.weight", ".lora_B.weight"),
     (".lora.down.weight", ".lora.up.weight"),

@@ -34,11 +34,12 @@ def render_samples(run: Run) -> None:
 
     sample, base = run.recipe.sample, run.base
     models = run.unwrapped()
-    te = models.get("text_encoder", base.text_encoders[0])
-    if run.text_cache is not None:  # the frozen encoder waits on the CPU beside its cache
-        te.to(run.device)
+    encoders = [models.get(n, te) for n, te in zip(base.text_encoder_names, base.text_encoders, strict=True)]
+    if run.text_cache is not None:  # the frozen encoders wait on the CPU beside their cache
+        for te in encoders:
+            te.to(run.device)
     base.vae.to(run.device)
-    pipe = sample_pipeline(models["unet"], base.vae, te, base.tokenizers[0], base.noise_scheduler)
+    pipe = sample_pipeline(models["unet"], base.vae, encoders, base.tokenizers, base.noise_scheduler)
     settings = _sample_settings(run.recipe)
     for module in models.values():
         module.eval()
@@ -50,7 +51,8 @@ def render_samples(run: Run) -> None:
     if run.cache is not None:
         base.vae.to("cpu")
     if run.text_cache is not None:
-        te.to("cpu")
+        for te in encoders:
+            te.to("cpu")
     parameters = a1111_parameters(
         " | ".join(sample.prompts),
         negative_prompt=sample.negative_prompt,
@@ -80,8 +82,9 @@ def render_class_images(recipe: Recipe, base: BaseModel, accelerator: Any, log: 
     device = accelerator.device
     base.vae.to(device)
     base.unet.to(device)
-    base.text_encoders[0].to(device)
-    pipe = sample_pipeline(base.unet, base.vae, base.text_encoders[0], base.tokenizers[0], base.noise_scheduler)
+    for te in base.text_encoders:
+        te.to(device)
+    pipe = sample_pipeline(base.unet, base.vae, base.text_encoders, base.tokenizers, base.noise_scheduler)
     settings = _sample_settings(recipe)
     with progress_bar("Class images", missing, quiet=quiet) as bar:
         for index in range(have, prior.num_class_images):

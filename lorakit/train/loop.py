@@ -29,6 +29,7 @@ from ..data import (
     bucket_list,
     load_folder,
     load_pixels,
+    size_conditioning,
     step_rng,
     transform_caption,
     vae_fingerprint,
@@ -113,6 +114,18 @@ def text_conditioning(run: Run, captions: list[str]) -> dict[str, Any]:
         return encode_prompts(dataclasses.replace(run.base, text_encoders=text_encoders), ids, recipe.model.clip_skip)
 
 
+def unet_conditioning(run: Run, captions: list[str], items: list[Item], flips: list[bool]) -> dict[str, Any]:
+    """The U-Net's keyword arguments for a batch: text conditioning, and for SDXL the pooled text embedding with
+    each image's size conditioning (`added_cond_kwargs`)."""
+    conditioning = text_conditioning(run, captions)
+    pooled = conditioning.pop("pooled", None)
+    if pooled is not None:
+        sizes = [size_conditioning(item, flip) for item, flip in zip(items, flips, strict=True)]
+        time_ids = torch.tensor(sizes, dtype=torch.float32, device=run.device)
+        conditioning["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids}
+    return conditioning
+
+
 def _micro_batch_loss(run: Run, batch: list[int]) -> Any:
     """The weighted denoising loss of one micro-batch; all its randomness derives from the micro-step."""
 
@@ -135,7 +148,7 @@ def _micro_batch_loss(run: Run, batch: list[int]) -> Any:
     target = objective.training_target(base.noise_scheduler, latents, noise, timesteps, base.prediction_type)
     weights = objective.loss_weights(base.noise_scheduler, timesteps, cfg.min_snr_gamma, base.prediction_type)
     weights = weights * torch.tensor([run.items[i].loss_weight for i in batch])
-    conditioning = text_conditioning(run, captions)
+    conditioning = unet_conditioning(run, captions, [run.items[i] for i in batch], flips)
     with run.accelerator.autocast():
         prediction = run.models["unet"](noisy.to(run.device), timesteps.to(run.device), **conditioning).sample
     return objective.diffusion_loss(
@@ -250,7 +263,7 @@ def validation_loss(run: Run, items: list[Item], cache: LatentCache) -> float:
                 t = torch.tensor([timestep])
                 noisy = base.noise_scheduler.add_noise(latents, noise, t)
                 target = objective.training_target(base.noise_scheduler, latents, noise, t, base.prediction_type)
-                conditioning = text_conditioning(run, [item.caption])
+                conditioning = unet_conditioning(run, [item.caption], [item], [False])
                 with run.accelerator.autocast():
                     prediction = models["unet"](noisy.to(run.device), t.to(run.device), **conditioning).sample
                 losses.append(torch.nn.functional.mse_loss(prediction.float(), target.to(run.device)).item())

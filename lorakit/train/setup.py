@@ -27,9 +27,9 @@ from ..data import (
 )
 from ..devices import cpu_has_native_bf16
 from ..ema import AdapterEMA
-from ..errors import LorakitError, RecipeError
+from ..errors import AdapterError, LorakitError, RecipeError
 from ..files import atomic_write_text
-from ..formats.read import check_against, read_adapter_file
+from ..formats.read import FAMILY_NAMES, check_against, read_adapter_file
 from ..models import BaseModel, encode_prompts, is_local, load_base, resolve_base, token_count, tokenize
 from ..optim import build_lr_scheduler, build_optimizer
 from ..progress import progress_bar
@@ -75,6 +75,15 @@ def _check_schedule(recipe: Recipe, base: BaseModel, count: int) -> None:
         raise RecipeError(
             f"model.base: {base.source}'s scheduler has prediction_type {base.prediction_type!r}; lorakit trains "
             "'epsilon' and 'v_prediction' models (set model.prediction_type if the scheduler config is wrong)"
+        )
+    if base.family == "sdxl" and recipe.model.clip_skip != 1:
+        raise RecipeError(
+            f"model.clip_skip: {recipe.model.clip_skip} is not defined for SDXL, which already conditions on the "
+            "penultimate layer of both text encoders; leave model.clip_skip = 1"
+        )
+    if base.family == "sdxl" and recipe.data.max_token_length != 75:
+        raise RecipeError(
+            f"data.max_token_length: {recipe.data.max_token_length} is not supported for SDXL bases yet; use 75"
         )
     cfg = recipe.train
     if cfg.max_timestep is not None and cfg.max_timestep > count:
@@ -122,6 +131,15 @@ def set_up(recipe: Recipe, *, overwrite: bool, resume: str | None, quiet: bool, 
     accelerator.wait_for_everyone()
     _check_prepared_resolution(recipe, say)
     items = _load_all_items(recipe, base, say)
+    if base.family == "sdxl":
+        vae = f"model.vae {recipe.model.vae}" if recipe.model.vae else "the base's VAE"
+        say(f"SDXL: latents are encoded in float32 with {vae} (the SDXL VAE overflows in float16)")
+        assumed = sum(item.original_size is None for item in items)
+        if assumed:
+            say(
+                f"data: {assumed} of {len(items)} images have no original size and crop in metadata.jsonl; SDXL's "
+                "size conditioning takes each as stored, centre-cropped to its bucket (`lorakit prepare` records both)"
+            )
     rank, world = accelerator.process_index, accelerator.num_processes
     stream = BatchStream(items, batch_size=cfg.batch_size, seed=cfg.seed, rank=rank, world=world)
     torch.manual_seed(cfg.seed)
@@ -286,7 +304,7 @@ def _inject(recipe: Recipe, base: BaseModel, log: Log) -> dict[str, Any]:
         cast_training_params(module)  # LoRA weights train in float32 whatever the frozen weights' dtype
         counts.append(f"{component} {len(names)}")
     if lora.init_from:
-        _init_from(lora.init_from, trained, log)
+        _init_from(lora.init_from, trained, base.family, log)
     trainable = sum(adapters.count_parameters(m)[0] for m in trained.values())
     total = sum(adapters.count_parameters(m)[1] for m in (base.unet, base.vae, *base.text_encoders))
     log(
@@ -302,9 +320,13 @@ def _unused_layers(text_encoder: Any, clip_skip: int) -> tuple[int, ...]:
     return tuple(range(layers - clip_skip + 1, layers))
 
 
-def _init_from(path: str, trained: dict[str, Any], log: Log) -> None:
-
+def _init_from(path: str, trained: dict[str, Any], family: str, log: Log) -> None:
     adapter = read_adapter_file(path)
+    if adapter.family not in ("unknown", family):
+        raise AdapterError(
+            f"lora.init_from: {path} is an {FAMILY_NAMES[adapter.family]} adapter but model.base is an "
+            f"{FAMILY_NAMES[family]} model; start from an adapter trained on the same architecture"
+        )
     check_against(adapter.state, trained, path)
     for component, lora_modules in adapter.state.items():
         adapters.load_lora_into(trained[component], lora_modules, path)

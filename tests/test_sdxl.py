@@ -1,0 +1,231 @@
+"""SDXL: both text encoders, size/crop micro-conditioning, exports that reload in diffusers' SDXL pipeline."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from lorakit.data import Item, size_conditioning
+from lorakit.errors import LorakitError
+from lorakit.recipe import recipe_from_dict
+from lorakit.train import train
+
+from .conftest import make_recipe_dict
+
+
+def _train(base, dataset, out, **sections):
+    lines: list[str] = []
+    result = train(recipe_from_dict(make_recipe_dict(base, dataset, out, **sections)), quiet=True, log=lines.append)
+    return result, lines
+
+
+@pytest.fixture(scope="module")
+def sdxl_run(tiny_sdxl, tiny_dataset, tmp_path_factory):
+    """Both text encoders trained too (lora_te1 / lora_te2), alpha != rank, on a dataset whose metadata lacks the
+    original sizes and crops (a hand-made one)."""
+    folder = tmp_path_factory.mktemp("sdxl-data") / "dataset"
+    shutil.copytree(tiny_dataset, folder, ignore=shutil.ignore_patterns(".cache"))
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    cut = ("original_width", "original_height", "crop_left", "crop_top")
+    rows = [{k: v for k, v in row.items() if k not in cut} for row in rows]
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return _train(
+        tiny_sdxl,
+        folder,
+        tmp_path_factory.mktemp("sdxl-run"),
+        lora={"train_text_encoder": True},
+        train={"max_steps": 3},
+    )
+
+
+def test_sdxl_trains_both_encoders_and_says_what_size_conditioning_assumes(sdxl_run):
+    result, lines = sdxl_run
+    assert set(result.models) == {"unet", "text_encoder", "text_encoder_2"}
+    assert any("SDXL's size conditioning takes each as stored" in line for line in lines)
+    with safe_open(str(result.adapter), "pt") as f:
+        keys, metadata = set(f.keys()), f.metadata()
+    prefixes = {k.split("_")[0] + "_" + k.split("_")[1] for k in keys}
+    assert prefixes == {"lora_unet", "lora_te1", "lora_te2"}
+    assert any(k.startswith("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.") for k in keys)
+    assert any(k.startswith("lora_unet_middle_block_1_") for k in keys)
+    assert not any("down_blocks" in k or "up_blocks" in k or "mid_block" in k for k in keys)
+    assert metadata["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert metadata["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+
+
+@pytest.mark.parametrize("layout", ["kohya", "diffusers"])
+def test_both_exports_reload_in_the_sdxl_pipeline_with_the_in_memory_outputs(sdxl_run, tiny_sdxl, layout):
+    from diffusers import StableDiffusionXLPipeline
+
+    from lorakit.models import encode_prompts, load_base, tokenize
+
+    result, _ = sdxl_run
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl))
+    pipe.load_lora_weights(str(result.adapter if layout == "kohya" else result.diffusers_adapter))
+    trained = load_base(str(tiny_sdxl))
+    trained.unet, trained.text_encoders = (
+        result.models["unet"],
+        [
+            result.models["text_encoder"],
+            result.models["text_encoder_2"],
+        ],
+    )
+    reloaded = load_base(str(tiny_sdxl))
+    reloaded.unet, reloaded.text_encoders = pipe.unet, [pipe.text_encoder, pipe.text_encoder_2]
+    for model in (trained, reloaded):
+        model.unet.eval()
+    outputs = []
+    for model in (trained, reloaded):
+        with torch.no_grad():
+            conditioning = encode_prompts(model, tokenize(model, ["ohwx toy on a table"]))
+            pooled = conditioning.pop("pooled")
+            time_ids = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]])
+            sample = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+            outputs.append(
+                model.unet(
+                    sample,
+                    torch.tensor([500]),
+                    **conditioning,
+                    added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
+                ).sample
+            )
+            outputs.append(conditioning["encoder_hidden_states"])
+    base = load_base(str(tiny_sdxl))
+    with torch.no_grad():
+        untouched = encode_prompts(base, tokenize(base, ["ohwx toy on a table"]))["encoder_hidden_states"]
+    torch.testing.assert_close(outputs[2], outputs[0], atol=1e-5, rtol=1e-4)  # U-Net
+    torch.testing.assert_close(outputs[3], outputs[1], atol=1e-5, rtol=1e-4)  # both text encoders
+    assert (outputs[1] - untouched).abs().max() > 1e-4  # the adapters changed the text conditioning
+
+
+def test_micro_conditioning_equals_diffusers_pipeline(tiny_sdxl):
+    """Non-square photo, distinct non-zero crops, flipped and not: the values diffusers' SDXL pipeline computes."""
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl))
+    item = Item(
+        path=None,
+        caption="",
+        sha256="",
+        size=(96, 64),
+        bucket=(96, 64),
+        original_size=(1200, 700),  # resized to cover 96 x 64: 110 x 64 (scale 64 / 700 -> width 109.7)
+        crop=(3, 0),
+    )
+    item_tall = Item(
+        path=None, caption="", sha256="", size=(64, 96), bucket=(64, 96), original_size=(500, 900), crop=(0, 5)
+    )
+    projection = pipe.text_encoder_2.config.projection_dim
+    for it, flip, expected_left in ((item, False, 3), (item, True, 110 - 3 - 96), (item_tall, False, 0)):
+        ours = size_conditioning(it, flip)
+        width, height = it.original_size
+        top = it.crop[1]
+        theirs = pipe._get_add_time_ids(
+            (height, width), (top, expected_left), (it.bucket[1], it.bucket[0]), torch.float32, projection
+        )
+        assert torch.equal(torch.tensor([ours], dtype=torch.float32), theirs), (ours, theirs)
+    assert size_conditioning(item, True)[3] != size_conditioning(item, False)[3]
+    assert size_conditioning(item_tall, False)[:4] == (900, 500, 5, 0)  # height first: a swap cannot pass
+
+
+def test_size_conditioning_without_prepare_metadata_is_the_centre_crop():
+    item = Item(path=None, caption="", sha256="", size=(100, 64), bucket=(64, 64))
+    assert size_conditioning(item, False) == (64, 100, 0, 18, 64, 64)
+    assert size_conditioning(item, True) == (64, 100, 0, 100 - 18 - 64, 64, 64)
+
+
+def test_sdxl_resumes_bit_exactly(tiny_sdxl, tiny_dataset, tmp_path):
+    sections = {"train": {"max_steps": 4, "save_every_steps": 2}}
+    straight, _ = _train(tiny_sdxl, tiny_dataset, tmp_path / "a", **sections)
+    recipe = make_recipe_dict(tiny_sdxl, tiny_dataset, tmp_path / "b", train={"max_steps": 2, "save_every_steps": 2})
+    train(recipe_from_dict(recipe), quiet=True, log=lambda _: None)
+    recipe["train"]["max_steps"] = 4
+    resumed = train(recipe_from_dict(recipe), resume="latest", quiet=True, log=lambda _: None)
+    a = {n: p for n, p in straight.models["unet"].named_parameters() if "lora_" in n}
+    b = {n: p for n, p in resumed.models["unet"].named_parameters() if "lora_" in n}
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_sdxl_with_frozen_encoders_caches_both_and_the_pooled_embedding(tiny_sdxl, tiny_dataset, tmp_path):
+    result, lines = _train(tiny_sdxl, tiny_dataset, tmp_path, train={"max_steps": 2})
+    assert set(result.models) == {"unet"}  # SDXL trains the U-Net only unless asked
+    assert any("Text encoder outputs cached" in line for line in lines)
+
+
+@pytest.mark.parametrize(
+    ("sections", "fragment"),
+    [
+        ({"model": {"clip_skip": 2}}, "model.clip_skip: 2 is not defined for SDXL"),
+        ({"data": {"max_token_length": 150}}, "data.max_token_length: 150"),
+    ],
+)
+def test_sdxl_refuses_what_it_does_not_define(tiny_sdxl, tiny_dataset, tmp_path, sections, fragment):
+    with pytest.raises(LorakitError, match=fragment):
+        _train(tiny_sdxl, tiny_dataset, tmp_path, **sections)
+
+
+def test_sdxl_kohya_names_on_the_real_architecture():
+    """The transformer preset on the real SDXL U-Net: 722 modules, every one named with the original blocks."""
+    from lorakit.adapters import PRESETS, matching_modules
+    from lorakit.architectures import build_on_meta
+    from lorakit.formats.kohya import kohya_name
+
+    unet = build_on_meta("sdxl", "unet")
+    names = {kohya_name("unet", n, sdxl=True) for n in matching_modules(unet, PRESETS["transformer"]["unet"])}
+    assert len(names) == 722
+    assert all(
+        n.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")) for n in names
+    )
+    assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q" in names
+    assert "lora_unet_middle_block_1_transformer_blocks_0_ff_net_0_proj" in names
+    assert "lora_unet_output_blocks_2_1_proj_out" in names
+    te2 = build_on_meta("sdxl", "text_encoder_2")
+    te2_names = {
+        kohya_name("text_encoder_2", n, sdxl=True)
+        for n in matching_modules(te2, PRESETS["transformer"]["text_encoder"])
+    }
+    assert len(te2_names) == 192 and "lora_te2_text_model_encoder_layers_31_mlp_fc2" in te2_names
+
+
+def test_prepared_dataset_carries_its_cut_into_training(tiny_sdxl, tmp_path):
+    """A dataset written by prepare records original size and crop; training reads them (no assumption said)."""
+    from lorakit.prepare import PrepareOptions, prepare
+
+    from .messy import textured
+
+    src = tmp_path / "photos"
+    src.mkdir()
+    for index in range(2):
+        textured(160, 100, index).save(src / f"p{index}.png")
+    prepare(src, tmp_path / "data", PrepareOptions(resolution=64, bucket_step=16, workers=1), quiet=True, log=print)
+    rows = [json.loads(line) for line in (tmp_path / "data" / "metadata.jsonl").read_text().splitlines()]
+    assert rows[0]["original_width"] == 160
+    _, lines = _train(tiny_sdxl, tmp_path / "data", tmp_path / "out", train={"max_steps": 1, "batch_size": 1})
+    assert not any("size conditioning takes each as stored" in line for line in lines)
+    shutil.rmtree(tmp_path / "out")
+
+
+def test_an_sdxl_adapter_on_an_sd1_base_is_refused_naming_both(sdxl_run, tiny_base, tiny_dataset, tmp_path):
+    result, _ = sdxl_run
+    with pytest.raises(LorakitError) as err:
+        _train(tiny_base, tiny_dataset, tmp_path, lora={"init_from": str(result.diffusers_adapter)})
+    message = str(err.value)
+    assert "\n" not in message and "SDXL adapter" in message and "SD 1.x model" in message
+
+
+def test_an_sd1_adapter_on_an_sdxl_base_is_refused_naming_both(trained_run, tiny_sdxl, tiny_dataset, tmp_path):
+    with pytest.raises(LorakitError) as err:
+        _train(tiny_sdxl, tiny_dataset, tmp_path, lora={"init_from": str(trained_run.adapter)})
+    assert "SD 1.x adapter" in str(err.value) and "SDXL model" in str(err.value)
+
+
+def test_sdxl_samples_render_with_the_sdxl_pipeline(tiny_sdxl, tiny_dataset, tmp_path):
+    result, lines = _train(
+        tiny_sdxl, tiny_dataset, tmp_path, train={"max_steps": 1}, sample={"prompts": ["ohwx toy"], "steps": 2}
+    )
+    assert (result.run_dir / "samples" / "step-000001.png").is_file()
+    assert any(line.startswith("SDXL: latents are encoded in float32 with the base's VAE") for line in lines)
