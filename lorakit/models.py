@@ -121,6 +121,7 @@ def load_base(
     vae: str | None = None,
     weight_dtype: str = "float32",
     config: str | None = None,
+    zero_terminal_snr: bool = False,
 ) -> BaseModel:
     """Load every component of `base` (a diffusers folder, hub id or single-file checkpoint), frozen, in eval mode.
 
@@ -155,6 +156,10 @@ def load_base(
             raise ModelError(f"model.base: cannot load {base}: {_first_line(err)}") from None
     if prediction_type is not None:
         scheduler.register_to_config(prediction_type=prediction_type)
+    if zero_terminal_snr:  # the betas are recomputed from the config, so rebuild the scheduler
+        scheduler = DDPMScheduler.from_config(
+            scheduler.config, rescale_betas_zero_snr=True, timestep_spacing="trailing"
+        )
     for module in (unet, vae_model, *text_encoders):
         module.requires_grad_(False)
         module.eval()

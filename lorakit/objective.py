@@ -49,7 +49,10 @@ def loss_weights(scheduler: Any, timesteps: torch.Tensor, min_snr_gamma: float, 
         return torch.ones(timesteps.shape[0])
     snr = compute_snr(scheduler, timesteps)
     clipped = torch.clamp(snr, max=min_snr_gamma)
-    return clipped / (snr + 1 if prediction_type == "v_prediction" else snr)
+    if prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    # epsilon: min(SNR, gamma) / SNR tends to 1 as SNR -> 0; a zero-terminal-SNR schedule reaches SNR = 0 exactly
+    return torch.where(snr > 0, clipped / snr.clamp(min=torch.finfo(snr.dtype).tiny), torch.ones_like(snr))
 
 
 def elementwise_loss(

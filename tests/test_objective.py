@@ -98,3 +98,17 @@ def test_diffusion_loss_weights_each_sample():
     prediction = torch.stack([torch.full((4, 2, 2), 1.0), torch.full((4, 2, 2), 2.0)])
     loss = objective.diffusion_loss(prediction, torch.zeros_like(prediction), torch.tensor([1.0, 0.5]))
     assert float(loss) == pytest.approx((1.0 * 1 + 0.5 * 4) / 2)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_is_finite_on_a_zero_terminal_snr_schedule(prediction_type):
+    """SNR is exactly 0 at the last timestep of a zero-terminal-SNR schedule: min(SNR, g) / SNR was 0 / 0."""
+    scheduler = DDPMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, rescale_betas_zero_snr=True
+    )
+    weights = objective.loss_weights(scheduler, torch.tensor([0, 500, 999]), 5.0, prediction_type)
+    assert torch.isfinite(weights).all()
+    assert float(weights[-1]) == (1.0 if prediction_type == "epsilon" else 0.0)
+    latents, noise = torch.randn(1, 4, 2, 2), torch.randn(1, 4, 2, 2)
+    v = objective.training_target(scheduler, latents, noise, torch.tensor([999]), "v_prediction")
+    torch.testing.assert_close(v, -latents)  # pure noise in: v is minus the clean latents

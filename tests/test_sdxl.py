@@ -229,3 +229,25 @@ def test_sdxl_samples_render_with_the_sdxl_pipeline(tiny_sdxl, tiny_dataset, tmp
     )
     assert (result.run_dir / "samples" / "step-000001.png").is_file()
     assert any(line.startswith("SDXL: latents are encoded in float32 with the base's VAE") for line in lines)
+
+
+def test_v_prediction_sdxl_with_zero_terminal_snr_trains_to_the_last_timestep(tmp_path, tiny_dataset):
+    from .tiny import save_tiny_sdxl_pipeline
+
+    base = save_tiny_sdxl_pipeline(tmp_path / "vpred", prediction_type="v_prediction")
+    result, _ = _train(
+        base,
+        tiny_dataset,
+        tmp_path / "out",
+        model={"zero_terminal_snr": True},
+        train={"max_steps": 2, "min_timestep": 998, "min_snr_gamma": 5.0},
+    )
+    # min-SNR weighs pure noise (SNR 0) by min(SNR, g) / (SNR + 1) = 0 for v: finite, not NaN
+    assert torch.isfinite(torch.tensor(result.final_loss)) and result.final_loss >= 0
+    lora = [p for n, p in result.models["unet"].named_parameters() if "lora_" in n]
+    assert all(torch.isfinite(p).all() for p in lora)
+    with safe_open(str(result.adapter), "pt") as f:
+        assert f.metadata()["modelspec.prediction_type"] == "v"
+    eps = save_tiny_sdxl_pipeline(tmp_path / "eps")
+    with pytest.raises(LorakitError, match="model.zero_terminal_snr"):
+        _train(eps, tiny_dataset, tmp_path / "x", model={"zero_terminal_snr": True})

@@ -39,7 +39,10 @@ class ModelSection:
     """dtype of the frozen base weights: `float16` / `bfloat16` halve their memory (LoRA weights stay float32)."""
     clip_skip: int = 1
     """Use the output of the N-th last text-encoder layer (kohya's clip_skip: 2 for anime-style SD 1.x bases); the
-    last N - 1 layers then get no adapter (their output never reaches the U-Net)."""
+    last N - 1 layers then get no adapter (their output never reaches the U-Net). Not defined for SDXL."""
+    zero_terminal_snr: bool = False
+    """Rescale the noise schedule so its last timestep is pure noise (Lin et al. 2024, arXiv:2305.08891), as
+    v-prediction bases trained that way expect (NoobAI-XL v-pred); needs v-prediction."""
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,8 @@ def _sample_settings(recipe: Recipe) -> Any:
         negative_prompt=sample.negative_prompt,
         sampler="euler",
         clip_skip=recipe.model.clip_skip,
+        # v-prediction (zero terminal SNR above all) over-exposes without it (Lin et al. 2024, section 3.4)
+        guidance_rescale=0.7 if recipe.model.prediction_type == "v_prediction" else 0.0,
     )
 
 

@@ -85,6 +85,11 @@ def _check_schedule(recipe: Recipe, base: BaseModel, count: int) -> None:
         raise RecipeError(
             f"data.max_token_length: {recipe.data.max_token_length} is not supported for SDXL bases yet; use 75"
         )
+    if recipe.model.zero_terminal_snr and base.prediction_type != "v_prediction":
+        raise RecipeError(
+            "model.zero_terminal_snr: the last timestep is pure noise, which an epsilon-prediction model cannot "
+            'denoise; use it with model.prediction_type = "v_prediction" (a v-prediction base)'
+        )
     cfg = recipe.train
     if cfg.max_timestep is not None and cfg.max_timestep > count:
         raise RecipeError(f"train.max_timestep: {cfg.max_timestep} is above the scheduler's {count} timesteps")
@@ -194,6 +199,7 @@ def _load_base(recipe: Recipe, weight_dtype: str, log: Log) -> BaseModel:
         vae=recipe.model.vae,
         weight_dtype=weight_dtype,
         config=recipe.model.config,
+        zero_terminal_snr=recipe.model.zero_terminal_snr,
     )
 
 
