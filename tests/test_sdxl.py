@@ -251,3 +251,21 @@ def test_v_prediction_sdxl_with_zero_terminal_snr_trains_to_the_last_timestep(tm
     eps = save_tiny_sdxl_pipeline(tmp_path / "eps")
     with pytest.raises(LorakitError, match="model.zero_terminal_snr"):
         _train(eps, tiny_dataset, tmp_path / "x", model={"zero_terminal_snr": True})
+
+
+def test_the_shipped_sdxl_recipe_trains_through_the_cli(tiny_sdxl, tiny_dataset, tmp_path):
+    from typer.testing import CliRunner
+
+    from lorakit.cli import app
+
+    overrides = [
+        f"model.base={tiny_sdxl}",
+        f"data.folder={tiny_dataset}",
+        "data.resolution=64",
+        "train.max_steps=1",
+        f"output.folder={tmp_path}",
+    ]
+    args = ["train", "recipes/sdxl-character.toml", "--quiet"] + [x for o in overrides for x in ("--set", o)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "sdxl-character" / "sdxl-character.safetensors").is_file()
