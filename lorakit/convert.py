@@ -11,7 +11,7 @@ import torch
 from .adapters import scaled_factors
 from .files import check_output
 from .formats.files import write_adapter
-from .formats.read import FAMILY_NAMES, read_adapter_file, require_supported, stored_dtype
+from .formats.read import FAMILY_NAMES, read_adapter_file, stored_dtype
 
 
 def default_convert_path(path: Path, to: str) -> Path:
@@ -26,7 +26,6 @@ def convert_adapter(
 ) -> Path:
     """Write the adapter at `path` in the `to` layout (kohya or diffusers); returns the new file."""
     adapter = read_adapter_file(path, allow_pickle=allow_pickle)
-    require_supported(adapter)
     out = Path(out) if out else default_convert_path(adapter.path, to)
     check_output(out, [adapter.path], overwrite)
     return write_adapter(adapter.state, out, to, stored_dtype(adapter), adapter.metadata, adapter.family)

@@ -69,7 +69,7 @@ def resolve_adapters(
                     recipe.model.base, recipe.model.config, recipe.data.trigger, recipe.model.clip_skip
                 )
         adapter = read_adapter_file(path, allow_pickle=allow_pickle)
-        require_supported(adapter)
+        require_supported(adapter, "render SDXL adapters")
         sha = file_sha256(path)
         short = a1111_short_hash(path) if path.suffix.lower() == ".safetensors" else sha[:12]
         name = re.sub(r"[^A-Za-z0-9_-]", "_", path.name.split(".")[0])

@@ -22,6 +22,7 @@ from .adapters import LoraModule, is_dora, scaled_factors, weight_change
 from .errors import AdapterError, OutputError
 from .files import atomic_write, check_output, file_sha256
 from .formats.files import write_adapter
+from .formats.metadata import BASE_MODEL_VERSION
 from .formats.read import check_against, read_adapter_file, require_supported, stored_dtype
 from .formats.single_file import to_single_file
 from .models import load_pipeline
@@ -236,7 +237,8 @@ def merge(
     out = Path(out).expanduser()
     files = [read_adapter_file(path, allow_pickle=allow_pickle) for path, _ in loras]
     for adapter in files:
-        require_supported(adapter)
+        if base:
+            require_supported(adapter, "merge SDXL adapters into a base model")
     families = {a.family for a in files} - {"unknown"}
     if len(families) > 1:
         raise AdapterError(f"the adapters are for different architectures ({', '.join(sorted(families))})")
@@ -283,7 +285,7 @@ def _merge_adapters(
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(top_rank),
         "ss_network_alpha": str(top_rank),
-        "ss_base_model_version": {"sd2": "sd_v2"}.get(family, "sd_v1"),
+        "ss_base_model_version": BASE_MODEL_VERSION.get(family, "sd_v1"),
         "modelspec.merged_from": ", ".join(Path(w.name).name for w in weighted),
         MERGE_RECORD_KEY: json.dumps(record),
     }
@@ -335,7 +337,6 @@ def resize(
     """`lorakit resize`: the adapter at `rank` by SVD; logs retained energy per module and overall."""
 
     adapter = read_adapter_file(path, allow_pickle=allow_pickle)
-    require_supported(adapter)
     refuse_dora(adapter.state, str(adapter.path), "resized")
     stem = (
         adapter.path.name[: -len(".safetensors")] if adapter.path.name.endswith(".safetensors") else adapter.path.stem

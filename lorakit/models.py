@@ -248,6 +248,29 @@ def is_single_file(base: str) -> bool:
     return Path(base).suffix.lower() in (".safetensors", ".ckpt") and is_local(base)
 
 
+# Keys that only these architectures' original (LDM/SGM) checkpoints carry.
+_SINGLE_FILE_KINDS = (
+    ("conditioner.embedders.1.", "an SDXL"),
+    ("model.diffusion_model.joint_blocks.", "an SD3"),
+    ("double_blocks.", "a Flux"),
+)
+
+
+def _single_file_kind(path: Path) -> str | None:
+    """What a single file holds when it is not SD 1.x/2.x (read from its tensor names only), else None."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            keys = list(f.keys())
+    except (SafetensorError, OSError) as err:
+        raise ModelError(f"model.base: {path} is not a readable .safetensors file ({_first_line(err)})") from None
+    for prefix, kind in _SINGLE_FILE_KINDS:
+        if any(k.startswith(prefix) or f".{prefix}" in k for k in keys):
+            return kind
+    return None
+
+
 def load_pipeline(base: str, *, config: str | None = None, revision: str | None = None) -> Any:
     """A StableDiffusionPipeline from a diffusers folder, a hub id, or a single-file `.safetensors` checkpoint.
 
@@ -264,6 +287,12 @@ def load_pipeline(base: str, *, config: str | None = None, revision: str | None 
             )
         if not path.is_file():
             raise ModelError(f"model.base: {base} does not exist")
+        kind = _single_file_kind(path)
+        if kind is not None:
+            raise ModelError(
+                f"model.base: {base} is {kind} single-file checkpoint; lorakit reads SD 1.x/2.x single files only "
+                "(give an SDXL base as a diffusers folder or hub id)"
+            )
         if config is None:
             raise ModelError(
                 f"model.config: {base} is a single-file checkpoint; set model.config (--config) to a "

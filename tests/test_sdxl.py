@@ -269,3 +269,64 @@ def test_the_shipped_sdxl_recipe_trains_through_the_cli(tiny_sdxl, tiny_dataset,
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert (tmp_path / "sdxl-character" / "sdxl-character.safetensors").is_file()
+
+
+def test_the_sdxl_kohya_file_reads_back_to_diffusers_paths(sdxl_run):
+    from lorakit.formats.read import read_adapter_file
+
+    result, _ = sdxl_run
+    kohya, diffusers = read_adapter_file(result.adapter), read_adapter_file(result.diffusers_adapter)
+    assert kohya.family == diffusers.family == "sdxl"
+    assert {c: sorted(m) for c, m in kohya.state.items()} == {c: sorted(m) for c, m in diffusers.state.items()}
+    for component, modules in kohya.state.items():
+        for path, lora in modules.items():
+            other = diffusers.state[component][path]
+            torch.testing.assert_close(
+                lora.up @ lora.down * lora.alpha / lora.rank, other.up @ other.down * other.alpha / other.rank
+            )
+
+
+def test_sdxl_block_names_round_trip_on_the_real_architecture():
+    from lorakit.architectures import build_on_meta
+    from lorakit.formats.kohya import sdxl_diffusers_path, sdxl_unet_path
+
+    unet = build_on_meta("sdxl", "unet")
+    names = [n for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    assert len(names) > 700 and all(sdxl_diffusers_path(sdxl_unet_path(n)) == n for n in names)
+    assert sdxl_unet_path("down_blocks.0.resnets.1.conv1") == "input_blocks.2.0.in_layers.2"
+    assert sdxl_unet_path("up_blocks.1.upsamplers.0.conv") == "output_blocks.5.2.conv"
+    assert sdxl_unet_path("down_blocks.1.downsamplers.0.conv") == "input_blocks.6.0.op"
+
+
+def test_convert_resize_and_merge_sdxl_adapters(sdxl_run, tmp_path):
+    from lorakit.convert import convert_adapter, inspect_adapter
+    from lorakit.formats.read import read_adapter_file
+    from lorakit.merge import merge, resize
+
+    result, _ = sdxl_run
+    there = convert_adapter(result.adapter, "diffusers", tmp_path / "a.diffusers.safetensors")
+    back = convert_adapter(there, "kohya", tmp_path / "b.safetensors")
+    with safe_open(str(back), "pt") as f:
+        assert set(f.keys()) == set(safe_open(str(result.adapter), "pt").keys())
+    assert inspect_adapter(back)["architecture"] == "sdxl"
+    small, _ = resize(back, 2, out=tmp_path / "r.safetensors", log=lambda _: None)
+    assert {lora.rank for m in read_adapter_file(small).state.values() for lora in m.values()} == {2}
+    merged = merge([(str(back), 0.5), (str(there), 0.5)], tmp_path / "m.safetensors", log=lambda _: None)
+    assert read_adapter_file(merged.out).family == "sdxl"
+    with pytest.raises(LorakitError, match="cannot merge SDXL adapters into a base model yet"):
+        merge([(str(back), 1.0)], tmp_path / "x", base=str(tmp_path), log=lambda _: None)
+
+
+@pytest.mark.parametrize(
+    ("key", "kind"),
+    [("conditioner.embedders.1.model.ln_final.weight", "an SDXL"), ("double_blocks.0.img_attn.qkv.weight", "a Flux")],
+)
+def test_single_files_of_other_architectures_are_refused_in_one_line(tmp_path, key, kind):
+    from safetensors.torch import save_file
+
+    from lorakit.models import load_pipeline
+
+    path = tmp_path / "model.safetensors"
+    save_file({key: torch.zeros(2), "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2)}, str(path))
+    with pytest.raises(LorakitError, match=f"is {kind} single-file checkpoint"):
+        load_pipeline(str(path), config=str(tmp_path))

@@ -68,6 +68,31 @@ def sdxl_unet_path(path: str) -> str:
     return path
 
 
+_SDXL_RESNET_BACK = {v: k for k, v in _SDXL_RESNET.items()}
+_SDXL_BACK = (
+    (re.compile(r"input_blocks\.(\d+)\.0\.op"), lambda n: f"down_blocks.{n // 3 - 1}.downsamplers.0.conv"),
+    (re.compile(r"input_blocks\.(\d+)\.1\."), lambda n: f"down_blocks.{(n - 1) // 3}.attentions.{(n - 1) % 3}."),
+    (re.compile(r"input_blocks\.(\d+)\.0\."), lambda n: f"down_blocks.{(n - 1) // 3}.resnets.{(n - 1) % 3}."),
+    (re.compile(r"middle_block\.1\."), lambda: "mid_block.attentions.0."),
+    (re.compile(r"middle_block\.(\d+)\."), lambda n: f"mid_block.resnets.{n // 2}."),
+    (re.compile(r"output_blocks\.(\d+)\.2\."), lambda n: f"up_blocks.{n // 3}.upsamplers.0."),
+    (re.compile(r"output_blocks\.(\d+)\.1\."), lambda n: f"up_blocks.{n // 3}.attentions.{n % 3}."),
+    (re.compile(r"output_blocks\.(\d+)\.0\."), lambda n: f"up_blocks.{n // 3}.resnets.{n % 3}."),
+)
+
+
+def sdxl_diffusers_path(path: str) -> str:
+    """The inverse of `sdxl_unet_path`: an SDXL U-Net path in the original block names back to diffusers' names."""
+    for pattern, replacement in _SDXL_BACK:
+        match = pattern.match(path)
+        if match:
+            head, rest = replacement(*[int(g) for g in match.groups()]), path[match.end() :]
+            if ".resnets." in head:
+                rest = _SDXL_RESNET_BACK.get(rest, rest)
+            return head + rest
+    return path
+
+
 def kohya_name(component: str, path: str, *, sdxl: bool = False) -> str:
     """The kohya key stem of one module, e.g. `lora_te_text_model_encoder_layers_0_mlp_fc1`."""
     prefix = (SDXL_PREFIXES if sdxl else PREFIXES)[component]

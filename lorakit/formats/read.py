@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..adapters import LoraModule
 from ..errors import AdapterError
+from .kohya import sdxl_diffusers_path
 
 if TYPE_CHECKING:
     from ..adapters import LoraModule, LoraState
@@ -70,6 +71,14 @@ _COMPOUND = {
     "add_embedding",
     "text_projection",
     "conv_act",
+    # SDXL's original block names (kohya SDXL files)
+    "input_blocks",
+    "middle_block",
+    "output_blocks",
+    "in_layers",
+    "out_layers",
+    "emb_layers",
+    "skip_connection",
 }
 
 
@@ -104,6 +113,8 @@ def kohya_stem_to_path(stem: str) -> tuple[str, str]:
     path = ".".join(parts)
     if component.startswith("text_encoder") and path.startswith("text_model."):
         path = path[len("text_model.") :]
+    if component == "unet" and path.startswith(("input_blocks.", "middle_block.", "output_blocks.")):
+        path = sdxl_diffusers_path(path)  # an SDXL file: original block names
     return component, path
 
 
@@ -314,8 +325,10 @@ def stored_dtype(adapter: AdapterFile) -> str:
     return {"F16": "float16", "BF16": "bfloat16"}.get(dtype, "float32")
 
 
-def require_supported(adapter: AdapterFile) -> None:
+def require_supported(adapter: AdapterFile, action: str) -> None:
+    """Refuse what lorakit cannot do yet with an SDXL adapter (render it, or merge it into a base)."""
     if adapter.family == "sdxl":
         raise AdapterError(
-            f"{adapter.path}: an SDXL adapter; this version of lorakit converts and merges SD 1.x and 2.x adapters"
+            f"{adapter.path}: an SDXL adapter; lorakit cannot {action} yet (convert, inspect, resize and merging "
+            "adapters into one work for SDXL); use diffusers or a webui with an SDXL base"
         )
