@@ -152,27 +152,11 @@ def save_tiny_sdxl_pipeline(path: str | Path, seed: int = 0, *, prediction_type:
     the tiny VAE, in the diffusers folder layout."""
     import torch
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     base = build_tiny_components(seed, prediction_type=prediction_type)
     tokenizer, vocab = make_clip_tokenizer()
     torch.manual_seed(seed + 1)
-    eos = vocab["<|endoftext|>"]
-    text_encoder_2 = CLIPTextModelWithProjection(
-        CLIPTextConfig(
-            vocab_size=len(vocab),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            projection_dim=16,
-            hidden_act="gelu",
-            bos_token_id=vocab["<|startoftext|>"],
-            eos_token_id=eos,
-            pad_token_id=eos,
-        )
-    )
+    text_encoder_2 = make_text_encoder(vocab, 32, activation="gelu", projection_dim=16)
     time_embed_dim = 8
     unet = UNet2DConditionModel(
         sample_size=16,

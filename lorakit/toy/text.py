@@ -10,7 +10,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 # Words that get whole-word tokens, so that short captions stay short in tokens.
 DEFAULT_WORDS = (
@@ -70,12 +70,20 @@ def make_clip_tokenizer(words: tuple[str, ...] | list[str] = DEFAULT_WORDS, mode
 
 
 def make_text_encoder(
-    vocab: dict[str, int], hidden: int, *, layers: int = 2, heads: int = 4, activation: str = "quick_gelu"
+    vocab: dict[str, int],
+    hidden: int,
+    *,
+    layers: int = 2,
+    heads: int = 4,
+    activation: str = "quick_gelu",
+    projection_dim: int | None = None,
 ):
-    """A small CLIPTextModel whose bos / eos / pad ids are the vocabulary's special tokens."""
+    """A small CLIPTextModel whose bos / eos / pad ids are the vocabulary's special tokens; with `projection_dim`
+    a CLIPTextModelWithProjection (SDXL's second encoder, whose pooled projection conditions the U-Net)."""
 
     eos = vocab["<|endoftext|>"]
-    return CLIPTextModel(
+    model_class = CLIPTextModel if projection_dim is None else CLIPTextModelWithProjection
+    return model_class(
         CLIPTextConfig(
             vocab_size=len(vocab),
             hidden_size=hidden,
@@ -83,7 +91,7 @@ def make_text_encoder(
             num_hidden_layers=layers,
             num_attention_heads=heads,
             max_position_embeddings=77,
-            projection_dim=hidden,
+            projection_dim=projection_dim or hidden,
             hidden_act=activation,
             bos_token_id=vocab["<|startoftext|>"],
             eos_token_id=eos,
