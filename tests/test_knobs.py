@@ -1,0 +1,130 @@
+"""Each kohya-style knob changes what training does, checked where it acts (so removing one fails a test)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from lorakit.data import transform_caption
+from lorakit.recipe import DataSection, recipe_from_dict
+from lorakit.train import train
+from lorakit.trigger import contains_trigger, with_trigger
+
+from .conftest import make_recipe_dict
+
+CAPTION = "ohwx person, red shirt, smiling, outdoors, portrait"
+
+
+def _many(section: DataSection, n: int = 400) -> list[str]:
+    rng = random.Random(0)
+    return [transform_caption(CAPTION, section, rng) for _ in range(n)]
+
+
+def test_caption_dropout_empties_about_that_share_of_captions():
+    dropped = _many(DataSection(caption_dropout=0.25)).count("")
+    assert 70 < dropped < 130  # 25 % of 400, give or take
+    assert _many(DataSection(caption_dropout=0.0)).count("") == 0
+
+
+def test_shuffle_tags_keeps_the_first_keep_tokens_in_place():
+    shuffled = _many(DataSection(shuffle_tags=True, keep_tokens=1))
+    assert all(c.startswith("ohwx person, ") for c in shuffled)  # the trigger stays first
+    assert len(set(shuffled)) > 10  # the rest moves
+    assert all(sorted(c.split(", ")) == sorted(CAPTION.split(", ")) for c in shuffled)  # nothing lost
+    assert len({c.split(", ")[0] for c in _many(DataSection(shuffle_tags=True, keep_tokens=0))}) > 1
+    assert set(_many(DataSection(shuffle_tags=False))) == {CAPTION}
+
+
+def test_the_trigger_rule_is_whole_words():
+    assert contains_trigger("a photo of SKS, red", "sks")
+    assert not contains_trigger("tasks and sksx", "sks")
+    assert with_trigger("photo of tasks", "sks") == "sks, photo of tasks"
+    assert with_trigger("a sks ball", "sks") == "a sks ball"
+    assert with_trigger("", "sks") == "sks"
+
+
+def _step_gradients(base, dataset, out, monkeypatch, **train_section):
+    """The gradient of the first U-Net LoRA tensor just before each optimizer step."""
+    seen = []
+    real_step = torch.optim.AdamW.step
+
+    def recording(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["params"][0].grad.clone())
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording)
+    recipe = make_recipe_dict(base, dataset, out, train={"max_steps": 2, **train_section})
+    result = train(recipe_from_dict(recipe), quiet=True, log=lambda _: None)
+    monkeypatch.undo()
+    return seen, result
+
+
+def test_max_grad_norm_clips_the_gradient(tiny_base, tiny_dataset, tmp_path, monkeypatch):
+    free, _ = _step_gradients(tiny_base, tiny_dataset, tmp_path / "a", monkeypatch, max_grad_norm=0.0)
+    clipped, _ = _step_gradients(tiny_base, tiny_dataset, tmp_path / "b", monkeypatch, max_grad_norm=1e-6)
+    assert free[1].norm() > 1e-5 and clipped[1].norm() < free[1].norm() / 10
+
+
+def test_lr_warmup_starts_the_learning_rate_low(tiny_base, tiny_dataset, tmp_path):
+    import json
+
+    recipe = make_recipe_dict(
+        tiny_base,
+        tiny_dataset,
+        tmp_path,
+        train={"max_steps": 3, "lr_scheduler": "constant_with_warmup", "lr_warmup_steps": 2, "unet_lr": 1e-3},
+    )
+    result = train(recipe_from_dict(recipe), quiet=True, log=lambda _: None)
+    rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr_unet"] for r in rows] == pytest.approx([5e-4, 1e-3, 1e-3])
+
+
+def test_flip_mirrors_about_half_the_images(tiny_base, tiny_dataset, tmp_path, monkeypatch):
+    import lorakit.train.loop as loop
+
+    flips = []
+    real = loop.unet_conditioning
+
+    def recording(run, captions, items, item_flips):
+        flips.extend(item_flips)
+        return real(run, captions, items, item_flips)
+
+    monkeypatch.setattr(loop, "unet_conditioning", recording)
+    train(
+        recipe_from_dict(
+            make_recipe_dict(tiny_base, tiny_dataset, tmp_path, data={"flip": True}, train={"max_steps": 8})
+        ),
+        quiet=True,
+        log=lambda _: None,
+    )
+    assert 0 < sum(flips) < len(flips)
+
+
+def test_prior_loss_weight_scales_the_class_images_loss(tiny_base, tiny_dataset, tmp_path, monkeypatch):
+    import lorakit.train.loop as loop
+
+    weights = []
+    real = loop.objective.diffusion_loss
+
+    def recording(prediction, target, weight, *args):
+        weights.extend(weight.tolist())
+        return real(prediction, target, weight, *args)
+
+    monkeypatch.setattr(loop.objective, "diffusion_loss", recording)
+    recipe = make_recipe_dict(
+        tiny_base,
+        tiny_dataset,
+        tmp_path / "out",
+        train={"max_steps": 6},
+        prior={
+            "class_dir": str(tmp_path / "class"),
+            "class_prompt": "a toy",
+            "num_class_images": 2,
+            "prior_loss_weight": 0.25,
+        },
+        sample={"steps": 1},
+    )
+    train(recipe_from_dict(recipe), quiet=True, log=lambda _: None)
+    assert set(weights) == {1.0, 0.25}  # instance images at 1, class images at the prior weight
