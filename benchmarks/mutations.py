@@ -54,8 +54,8 @@ MUTATIONS = {
     "lr_warmup": ("lorakit/optim.py", "num_warmup_steps=section.lr_warmup_steps", "num_warmup_steps=0"),
     "num_repeats": (
         "lorakit/data.py",
-        "nearest_bucket(*size, buckets), repeats, folder",
-        "nearest_bucket(*size, buckets), 1, folder",
+        "size, bucket, repeats, folder=str(folder)",
+        "size, bucket, 1, folder=str(folder)",
     ),
     "text_cache": (
         "lorakit/train/setup.py",
@@ -80,7 +80,7 @@ LIKELY = {
     "keep_tokens": ["tests/test_knobs.py", "tests/test_train.py", "tests/test_features.py"],
     "flip": ["tests/test_knobs.py", "tests/test_resume.py", "tests/test_train.py", "tests/test_sdxl.py"],
     "prior_loss_weight": ["tests/test_knobs.py", "tests/test_features.py"],
-    "ema": ["tests/test_resume.py", "tests/test_export.py"],
+    "ema": ["tests/test_knobs.py", "tests/test_resume.py", "tests/test_export.py"],
     "init_from": ["tests/test_features.py"],
     "max_grad_norm": ["tests/test_knobs.py", "tests/test_train.py", "tests/test_resume.py"],
     "lr_warmup": ["tests/test_knobs.py", "tests/test_train.py", "tests/test_resume.py"],

@@ -128,3 +128,31 @@ def test_prior_loss_weight_scales_the_class_images_loss(tiny_base, tiny_dataset,
     )
     train(recipe_from_dict(recipe), quiet=True, log=lambda _: None)
     assert set(weights) == {1.0, 0.25}  # instance images at 1, class images at the prior weight
+
+
+def test_the_ema_follows_its_formula_step_by_step(tiny_base, tiny_dataset, tmp_path, monkeypatch):
+    """The exported EMA equals shadow_k = shadow_(k-1) + (1 - d_k)(p_k - shadow_(k-1)), d_k = min(decay, (1+k)/(10+k)),
+    from the zero-initialised up factor, over the weights each optimizer step left."""
+    from safetensors.torch import load_file
+
+    import lorakit.train.loop as loop
+
+    name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.default.weight"
+    trajectory = []
+    real_step = loop.optimizer_step
+
+    def recording(run):
+        loss = real_step(run)
+        trajectory.append(dict(run.unwrapped()["unet"].named_parameters())[name].detach().clone())
+        return loss
+
+    monkeypatch.setattr(loop, "optimizer_step", recording)
+    recipe = make_recipe_dict(tiny_base, tiny_dataset, tmp_path, train={"max_steps": 3, "ema_decay": 0.9})
+    result = train(recipe_from_dict(recipe), quiet=True, log=lambda _: None)
+    shadow = torch.zeros_like(trajectory[0])
+    for step, weights in enumerate(trajectory, start=1):
+        decay = min(0.9, (1 + step) / (10 + step))
+        shadow = shadow + (1 - decay) * (weights - shadow)
+    exported = load_file(result.diffusers_adapter)["unet." + name.replace(".default", "")]
+    assert shadow.abs().sum() > 0
+    torch.testing.assert_close(exported, shadow, atol=1e-6, rtol=1e-5)
