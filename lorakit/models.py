@@ -138,20 +138,8 @@ def load_base(
         scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     else:
         source = resolve_base(base)
-        index = _model_index(source, revision)
-        kwargs = {"revision": revision} if not is_local(source) else {}
         try:
-            unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **kwargs)
-            family = detect_family(index, dict(unet.config))
-            vae_model = _load_vae(vae, {}) if vae else AutoencoderKL.from_pretrained(source, subfolder="vae", **kwargs)
-            text_encoders = [CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **kwargs)]
-            tokenizers = [CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs)]
-            if family == "sdxl":  # CLIP-L, then OpenCLIP bigG with its pooled projection
-                text_encoders.append(
-                    CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder_2", **kwargs)
-                )
-                tokenizers.append(CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **kwargs))
-            scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kwargs)
+            family, unet, vae_model, text_encoders, tokenizers, scheduler = _load_folder(source, revision, vae)
         except (OSError, ValueError) as err:
             raise ModelError(f"model.base: cannot load {base}: {_first_line(err)}") from None
     if prediction_type is not None:
@@ -176,6 +164,22 @@ def load_base(
         noise_scheduler=scheduler,
         prediction_type=scheduler.config.prediction_type,
     )
+
+
+def _load_folder(source: str, revision: str | None, vae: str | None) -> tuple:
+    """(family, unet, vae, text encoders, tokenizers, scheduler) of a diffusers folder or hub id."""
+    index = _model_index(source, revision)
+    kwargs = {"revision": revision} if not is_local(source) else {}
+    unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **kwargs)
+    family = detect_family(index, dict(unet.config))
+    vae_model = _load_vae(vae, {}) if vae else AutoencoderKL.from_pretrained(source, subfolder="vae", **kwargs)
+    text_encoders = [CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **kwargs)]
+    tokenizers = [CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs)]
+    if family == "sdxl":  # CLIP-L, then OpenCLIP bigG with its pooled projection
+        text_encoders.append(CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder_2", **kwargs))
+        tokenizers.append(CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **kwargs))
+    scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kwargs)
+    return family, unet, vae_model, text_encoders, tokenizers, scheduler
 
 
 def _final_norm(text_encoder: Any) -> Any:

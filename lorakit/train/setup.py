@@ -137,14 +137,7 @@ def set_up(recipe: Recipe, *, overwrite: bool, resume: str | None, quiet: bool, 
     _check_prepared_resolution(recipe, say)
     items = _load_all_items(recipe, base, say)
     if base.family == "sdxl":
-        vae = f"model.vae {recipe.model.vae}" if recipe.model.vae else "the base's VAE"
-        say(f"SDXL: latents are encoded in float32 with {vae} (the SDXL VAE overflows in float16)")
-        assumed = sum(item.original_size is None for item in items)
-        if assumed:
-            say(
-                f"data: {assumed} of {len(items)} images have no original size and crop in metadata.jsonl; SDXL's "
-                "size conditioning takes each as stored, centre-cropped to its bucket (`lorakit prepare` records both)"
-            )
+        _state_sdxl_choices(recipe, items, say)
     rank, world = accelerator.process_index, accelerator.num_processes
     stream = BatchStream(items, batch_size=cfg.batch_size, seed=cfg.seed, rank=rank, world=world)
     torch.manual_seed(cfg.seed)
@@ -186,6 +179,18 @@ def set_up(recipe: Recipe, *, overwrite: bool, resume: str | None, quiet: bool, 
     if accelerator.log_with:
         accelerator.init_trackers("tensorboard")
     return run
+
+
+def _state_sdxl_choices(recipe: Recipe, items: list[Item], log: Log) -> None:
+    """Say what SDXL training does on its own: the VAE's precision, and what size conditioning assumes."""
+    vae = f"model.vae {recipe.model.vae}" if recipe.model.vae else "the base's VAE"
+    log(f"SDXL: latents are encoded in float32 with {vae} (the SDXL VAE overflows in float16)")
+    assumed = sum(item.original_size is None for item in items)
+    if assumed:
+        log(
+            f"data: {assumed} of {len(items)} images have no original size and crop in metadata.jsonl; SDXL's "
+            "size conditioning takes each as stored, centre-cropped to its bucket (`lorakit prepare` records both)"
+        )
 
 
 def _load_base(recipe: Recipe, weight_dtype: str, log: Log) -> BaseModel:
