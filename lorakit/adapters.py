@@ -246,6 +246,12 @@ def named_lora_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Paramete
     return {n: p for n, p in model.named_parameters() if _is_adapter_parameter(n)}
 
 
+def module_at(named: dict[str, torch.nn.Module], path: str) -> torch.nn.Module | None:
+    """The module an adapter file's `path` names. Files spell text-encoder paths without the `text_model.` level
+    that CLIPTextModelWithProjection (SDXL's second encoder) still has, so look there too."""
+    return named.get(path) or named.get("text_model." + path)
+
+
 def load_lora_into(model: torch.nn.Module, modules: dict[str, LoraModule], source: str) -> None:
     """Copy adapter factors into `model`'s peft adapters, rescaled to the model's alpha / rank.
 
@@ -254,7 +260,7 @@ def load_lora_into(model: torch.nn.Module, modules: dict[str, LoraModule], sourc
 
     named = dict(model.named_modules())
     for path, lora in modules.items():
-        module = named.get(path)
+        module = module_at(named, path)
         if module is None or ADAPTER_NAME not in getattr(module, "lora_A", {}):
             raise AdapterError(f"{source}: {path} is not adapted in this model; use the same lora.target_modules")
         if module.r[ADAPTER_NAME] != lora.rank:

@@ -18,7 +18,7 @@ from .checkpoint import RunPaths
 from .errors import AdapterError, LorakitError
 from .files import file_sha256
 from .formats.metadata import a1111_short_hash
-from .formats.read import read_adapter_file, require_supported
+from .formats.read import read_adapter_file
 from .models import load_pipeline
 from .progress import progress_bar
 from .recipe import load_recipe
@@ -69,7 +69,6 @@ def resolve_adapters(
                     recipe.model.base, recipe.model.config, recipe.data.trigger, recipe.model.clip_skip
                 )
         adapter = read_adapter_file(path, allow_pickle=allow_pickle)
-        require_supported(adapter, "render SDXL adapters")
         sha = file_sha256(path)
         short = a1111_short_hash(path) if path.suffix.lower() == ".safetensors" else sha[:12]
         name = re.sub(r"[^A-Za-z0-9_-]", "_", path.name.split(".")[0])

@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .adapters import LoraModule, is_dora, scaled_factors, weight_change
+from .adapters import LoraModule, is_dora, module_at, scaled_factors, weight_change
 from .errors import AdapterError, OutputError
 from .files import atomic_write, check_output, file_sha256
 from .formats.files import write_adapter
@@ -26,6 +26,7 @@ from .formats.metadata import BASE_MODEL_VERSION
 from .formats.read import check_against, read_adapter_file, require_supported, stored_dtype
 from .formats.single_file import to_single_file
 from .models import load_pipeline
+from .render import pipeline_models
 
 if TYPE_CHECKING:
     from .adapters import LoraState
@@ -142,7 +143,7 @@ def merge_into_models(models: dict[str, Any], adapters: list[Weighted]) -> int:
     changed = 0
     with torch.no_grad():
         for (component, path), parts in _paths(adapters).items():
-            module = dict(models[component].named_modules())[path]
+            module = module_at(dict(models[component].named_modules()), path)
             weight = module.weight
             update = sum(weight_change(lora, weight, scale) for lora, scale in parts)
             merged = weight.float() + update
@@ -236,13 +237,13 @@ def merge(
 
     out = Path(out).expanduser()
     files = [read_adapter_file(path, allow_pickle=allow_pickle) for path, _ in loras]
-    for adapter in files:
-        if base:
-            require_supported(adapter, "merge SDXL adapters into a base model")
     families = {a.family for a in files} - {"unknown"}
     if len(families) > 1:
         raise AdapterError(f"the adapters are for different architectures ({', '.join(sorted(families))})")
     fmt = fmt or (("single-file" if out.suffix == ".safetensors" else "diffusers") if base else "kohya")
+    if fmt == "single-file":
+        for adapter in files:
+            require_supported(adapter, "write SDXL single-file checkpoints")
     record = {
         "loras": [
             {"file": a.path.name, "sha256": file_sha256(a.path), "scale": s}
@@ -301,7 +302,7 @@ def _merge_into_base(
     if fmt not in ("diffusers", "single-file"):
         raise AdapterError(f"--format {fmt}: merging into a base writes 'diffusers' (a folder) or 'single-file'")
     pipe = load_pipeline(base, config=config)
-    models = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+    models = pipeline_models(pipe)
     for module in models.values():
         module.float()
     changed = merge_into_models(models, weighted)

@@ -12,7 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from huggingface_hub import hf_hub_download
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -276,7 +282,8 @@ def _single_file_kind(path: Path) -> str | None:
 
 
 def load_pipeline(base: str, *, config: str | None = None, revision: str | None = None) -> Any:
-    """A StableDiffusionPipeline from a diffusers folder, a hub id, or a single-file `.safetensors` checkpoint.
+    """A StableDiffusionPipeline (SDXL's for an SDXL folder or hub id) from a diffusers folder, a hub id, or a
+    single-file SD 1.x/2.x `.safetensors` checkpoint.
 
     A single file needs `config` (a diffusers folder or hub id of the same architecture) to be read
     without the network.
@@ -315,9 +322,11 @@ def load_pipeline(base: str, *, config: str | None = None, revision: str | None 
         except (OSError, ValueError, KeyError, RuntimeError) as err:
             raise ModelError(f"model.base: cannot read {base} with config {config}: {_first_line(err)}") from None
     source = resolve_base(base)
-    _model_index(source, revision)
+    index = _model_index(source, revision)
     kwargs = {} if is_local(source) else {"revision": revision}
     try:
+        if "text_encoder_2" in index:
+            return StableDiffusionXLPipeline.from_pretrained(source, **kwargs)
         return StableDiffusionPipeline.from_pretrained(
             source, safety_checker=None, requires_safety_checker=False, **kwargs
         )

@@ -13,7 +13,12 @@ from typing import Any
 
 import diffusers
 import torch
-from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import (
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLPipeline,
+)
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
@@ -80,6 +85,18 @@ def sample_pipeline(unet: Any, vae: Any, text_encoders: list[Any], tokenizers: l
     return pipe
 
 
+def _is_sdxl(pipe: Any) -> bool:
+    return getattr(pipe, "text_encoder_2", None) is not None
+
+
+def pipeline_models(pipe: Any) -> dict[str, Any]:
+    """The modules an adapter can touch, by component name (the names adapter files use)."""
+    models = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+    if _is_sdxl(pipe):
+        models["text_encoder_2"] = pipe.text_encoder_2
+    return models
+
+
 def _common(settings: RenderSettings, seed: int) -> dict[str, Any]:
 
     return {
@@ -132,7 +149,8 @@ def img2img(
             f"--strength {strength:g} with --steps {settings.steps} runs no denoising step; use a "
             f"strength of at least {1 / settings.steps:.3f} or more steps"
         )
-    img_pipe = StableDiffusionImg2ImgPipeline(**pipe.components)
+    img2img_class = StableDiffusionXLImg2ImgPipeline if _is_sdxl(pipe) else StableDiffusionImg2ImgPipeline
+    img_pipe = img2img_class(**pipe.components)
     img_pipe.set_progress_bar_config(disable=True)
     images = []
     for init, prompt, seed in zip(inits, prompts, seeds, strict=True):
@@ -261,7 +279,7 @@ def apply_adapters(pipe: Any, adapters: list[LoadedAdapter]) -> None:
     """Load each adapter into the pipeline under its own name, checked against the base first."""
 
     for adapter in adapters:
-        check_against(adapter.state, {"unet": pipe.unet, "text_encoder": pipe.text_encoder}, str(adapter.path))
+        check_against(adapter.state, pipeline_models(pipe), str(adapter.path))
         pipe.load_lora_weights(_diffusers_state_dict(adapter.state), adapter_name=adapter.name)
 
 

@@ -330,3 +330,58 @@ def test_single_files_of_other_architectures_are_refused_in_one_line(tmp_path, k
     save_file({key: torch.zeros(2), "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2)}, str(path))
     with pytest.raises(LorakitError, match=f"is {kind} single-file checkpoint"):
         load_pipeline(str(path), config=str(tmp_path))
+
+
+def test_generate_renders_with_an_sdxl_run_folder(sdxl_run, tmp_path):
+    import numpy as np
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from lorakit.cli import app
+
+    result, _ = sdxl_run
+    fast = ["--size", "64x64", "--steps", "2", "--quiet"]
+    out = CliRunner().invoke(
+        app,
+        ["generate", "ohwx toy", "--lora", str(result.run_dir), "--compare-scales", "0,1", "--out", str(tmp_path)]
+        + fast,
+    )
+    assert out.exit_code == 0, out.output
+    with Image.open(tmp_path / "000-seed0-x0.png") as base, Image.open(tmp_path / "001-seed0-x1.png") as adapted:
+        assert base.size == (64, 64) and not np.array_equal(np.asarray(base), np.asarray(adapted))
+    again = CliRunner().invoke(
+        app,
+        [
+            "generate",
+            "ohwx toy",
+            "--lora",
+            str(result.run_dir),
+            "--init",
+            str(tmp_path / "000-seed0-x0.png"),
+            "--out",
+            str(tmp_path / "i2i"),
+        ]
+        + fast,
+    )
+    assert again.exit_code == 0, again.output
+
+
+def test_merge_into_an_sdxl_base_equals_the_trained_model(sdxl_run, tiny_sdxl, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from lorakit.merge import merge
+
+    result, _ = sdxl_run
+    merge([(str(result.adapter), 1.0)], tmp_path / "merged", base=str(tiny_sdxl), log=lambda _: None)
+    merged = StableDiffusionXLPipeline.from_pretrained(str(tmp_path / "merged"))
+    sample = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    hidden = torch.randn(1, 77, 64, generator=torch.Generator().manual_seed(2))
+    added = {"text_embeds": torch.randn(1, 16), "time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]])}
+    with torch.no_grad():
+        ours = result.models["unet"](
+            sample, torch.tensor([300]), encoder_hidden_states=hidden, added_cond_kwargs=added
+        )
+        theirs = merged.unet(sample, torch.tensor([300]), encoder_hidden_states=hidden, added_cond_kwargs=added)
+    torch.testing.assert_close(theirs.sample, ours.sample, atol=1e-4, rtol=1e-4)
+    with pytest.raises(LorakitError, match="cannot write SDXL single-file checkpoints"):
+        merge([(str(result.adapter), 1.0)], tmp_path / "merged.safetensors", base=str(tiny_sdxl), log=lambda _: None)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..adapters import LoraModule
+from ..adapters import LoraModule, module_at
 from ..errors import AdapterError
 from .kohya import sdxl_diffusers_path
 
@@ -294,7 +294,7 @@ def check_against(state: LoraState, models: dict[str, Any], source: str) -> None
             raise AdapterError(f"{source}: has {component} weights but this base model has no {component}")
         named = dict(model.named_modules())
         for path, lora in modules.items():
-            module = named.get(path)
+            module = module_at(named, path)
             module = getattr(module, "base_layer", module)
             if module is None or not hasattr(module, "weight"):
                 raise AdapterError(
@@ -326,9 +326,9 @@ def stored_dtype(adapter: AdapterFile) -> str:
 
 
 def require_supported(adapter: AdapterFile, action: str) -> None:
-    """Refuse what lorakit cannot do yet with an SDXL adapter (render it, or merge it into a base)."""
+    """Refuse what lorakit cannot do yet with an SDXL adapter (write it into a single-file checkpoint)."""
     if adapter.family == "sdxl":
         raise AdapterError(
-            f"{adapter.path}: an SDXL adapter; lorakit cannot {action} yet (convert, inspect, resize and merging "
-            "adapters into one work for SDXL); use diffusers or a webui with an SDXL base"
+            f"{adapter.path}: an SDXL adapter; lorakit cannot {action} yet; merge into a diffusers folder "
+            "(--out FOLDER) instead"
         )
