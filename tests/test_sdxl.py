@@ -313,8 +313,6 @@ def test_convert_resize_and_merge_sdxl_adapters(sdxl_run, tmp_path):
     assert {lora.rank for m in read_adapter_file(small).state.values() for lora in m.values()} == {2}
     merged = merge([(str(back), 0.5), (str(there), 0.5)], tmp_path / "m.safetensors", log=lambda _: None)
     assert read_adapter_file(merged.out).family == "sdxl"
-    with pytest.raises(LorakitError, match="cannot merge SDXL adapters into a base model yet"):
-        merge([(str(back), 1.0)], tmp_path / "x", base=str(tmp_path), log=lambda _: None)
 
 
 @pytest.mark.parametrize(
