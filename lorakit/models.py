@@ -20,6 +20,7 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from huggingface_hub import hf_hub_download
+from safetensors import SafetensorError, safe_open
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .errors import ModelError
@@ -268,8 +269,6 @@ _SINGLE_FILE_KINDS = (
 
 def _single_file_kind(path: Path) -> str | None:
     """What a single file holds when it is not SD 1.x/2.x (read from its tensor names only), else None."""
-    from safetensors import SafetensorError, safe_open
-
     try:
         with safe_open(str(path), "pt") as f:
             keys = list(f.keys())
@@ -325,7 +324,7 @@ def load_pipeline(base: str, *, config: str | None = None, revision: str | None 
     index = _model_index(source, revision)
     kwargs = {} if is_local(source) else {"revision": revision}
     try:
-        if "text_encoder_2" in index:
+        if detect_family(index, {}) == "sdxl":
             return StableDiffusionXLPipeline.from_pretrained(source, **kwargs)
         return StableDiffusionPipeline.from_pretrained(
             source, safety_checker=None, requires_safety_checker=False, **kwargs

@@ -75,21 +75,12 @@ def _outside_declared_ranges() -> list[Problem]:
     for requirement in _lorakit_requirements():
         version = installed(requirement.name)
         if version is None:
-            found.append(
-                Problem(
-                    (requirement.name,),
-                    f"{requirement.name} is not installed (lorakit needs {requirement})",
-                    f'pip install "{requirement}"',
-                )
-            )
+            why = f"{requirement.name} is not installed (lorakit needs {requirement})"
         elif requirement.specifier and not requirement.specifier.contains(version, prereleases=True):
-            found.append(
-                Problem(
-                    (requirement.name,),
-                    f"{requirement.name} {version} is outside lorakit's tested range {requirement.specifier}",
-                    f'pip install "{requirement}"',
-                )
-            )
+            why = f"{requirement.name} {version} is outside lorakit's tested range {requirement.specifier}"
+        else:
+            continue
+        found.append(Problem((requirement.name,), why, f'pip install "{requirement}"'))
     return found
 
 

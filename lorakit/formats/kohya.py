@@ -61,7 +61,7 @@ def sdxl_unet_path(path: str) -> str:
         match = pattern.match(path)
         if match:
             rest = path[match.end() :]
-            if "resnets" in pattern.pattern:
+            if ".resnets." in match.group(0):
                 rest = _SDXL_RESNET.get(rest, rest)
             numbers = [int(g) for g in match.groups()]
             return replacement(*numbers) + rest

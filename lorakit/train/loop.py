@@ -65,6 +65,7 @@ class Run:
     quiet: bool
     step: int = 0
     micro: int = 0
+    held_out: list[Item] = dataclasses.field(default_factory=list)  # `[validation] folder`'s items
 
     @property
     def device(self) -> Any:
@@ -233,16 +234,23 @@ def restore(run: Run, checkpoint: Path, log: Log) -> None:
     log(f"Resumed from {checkpoint} at step {run.step}")
 
 
+def held_out_items(recipe: Recipe, base: BaseModel) -> list[Item]:
+    """The items of `[validation] folder` (none without a `[validation]` section)."""
+    if not recipe.validation:
+        return []
+    buckets = bucket_list(recipe.data.resolution, base.pixel_multiple)
+    return load_folder(Path(recipe.validation.folder), trigger=recipe.data.trigger, repeats=1, buckets=buckets)
+
+
 def validation_items(run: Run) -> tuple[list[Item], LatentCache]:
+    """The held-out items with their latents encoded (cached beside them)."""
     folder = Path(run.recipe.validation.folder)
-    buckets = bucket_list(run.recipe.data.resolution, run.base.pixel_multiple)
-    items = load_folder(folder, trigger=run.recipe.data.trigger, repeats=1, buckets=buckets)
     cache = LatentCache(folder, vae_fingerprint(run.base.vae))
     run.base.vae.to(run.device)
-    cache.fill(items, (False,), encoder(run.base, run.device))
+    cache.fill(run.held_out, (False,), encoder(run.base, run.device))
     if run.cache is not None:
         run.base.vae.to("cpu")
-    return items, cache
+    return run.held_out, cache
 
 
 def validation_loss(run: Run, items: list[Item], cache: LatentCache) -> float:

@@ -21,7 +21,6 @@ from ..data import (
     LatentCache,
     bucket_list,
     load_class_items,
-    load_folder,
     load_items,
     vae_fingerprint,
 )
@@ -35,7 +34,7 @@ from ..optim import build_lr_scheduler, build_optimizer
 from ..progress import progress_bar
 from ..recipe import Recipe, dump_recipe
 from .images import render_class_images
-from .loop import Log, Run, encoder, restore
+from .loop import Log, Run, encoder, held_out_items, restore
 
 
 def run_paths(recipe: Recipe) -> RunPaths:
@@ -149,7 +148,8 @@ def set_up(recipe: Recipe, *, overwrite: bool, resume: str | None, quiet: bool, 
     if accelerator.is_main_process and checkpoint is None:
         create_run_folder(paths.folder, overwrite)
     accelerator.wait_for_everyone()
-    cache, text_cache = _fill_caches(recipe, base, items, accelerator.device, say, quiet)
+    held_out = held_out_items(recipe, base)
+    cache, text_cache = _fill_caches(recipe, base, items, held_out, accelerator.device, say, quiet)
     prepared = accelerator.prepare(*trained.values(), optimizer)
     models = dict(zip(trained, prepared[:-1], strict=True))
     for module in models.values():
@@ -169,6 +169,7 @@ def set_up(recipe: Recipe, *, overwrite: bool, resume: str | None, quiet: bool, 
         paths,
         say,
         quiet,
+        held_out=held_out,
     )
     if cfg.ema_decay:
         run.ema = AdapterEMA(run.named_trainable(), cfg.ema_decay)
@@ -230,7 +231,7 @@ def _parameter_groups(recipe: Recipe, trained: dict[str, Any]) -> list[dict[str,
 
 
 def _fill_caches(
-    recipe: Recipe, base: BaseModel, items: list[Item], device: Any, log: Log, quiet: bool
+    recipe: Recipe, base: BaseModel, items: list[Item], held_out: list[Item], device: Any, log: Log, quiet: bool
 ) -> tuple[LatentCache | None, dict[str, Any] | None]:
     """Encode latents (when cached) and the text of every caption (when the text encoder is frozen), then move
     the encoders that are no longer needed back to the CPU."""
@@ -245,7 +246,7 @@ def _fill_caches(
             fresh = cache.fill(items, flips, encoder(base, device), bar.advance)
         log(f"Latents: {len(items) * len(flips)} cached ({fresh} newly encoded) in {cache.folder}")
         base.vae.to("cpu")
-    text_cache = _text_cache(recipe, base, items, device, log)
+    text_cache = _text_cache(recipe, base, items + held_out, device, log)
     if text_cache is not None:
         for module in base.text_encoders:
             module.to("cpu")
@@ -377,17 +378,13 @@ def _load_all_items(recipe: Recipe, base: BaseModel, log: Log) -> list[Item]:
 
 
 def _text_cache(recipe: Recipe, base: BaseModel, items: list[Item], device: Any, log: Log) -> dict[str, Any] | None:
-    """Text-encoder outputs of every caption, when the text encoder is frozen and captions never change."""
+    """Text-encoder outputs of every caption (training and held-out items), when the text encoder is frozen and
+    captions never change."""
 
     data = recipe.data
     if recipe.lora.train_text_encoder or data.shuffle_tags:
         return None
-    captions = {item.caption for item in items} | ({""} if data.caption_dropout else set())
-    if recipe.validation:  # the held-out captions are encoded by the same frozen encoder
-        buckets = bucket_list(data.resolution, base.pixel_multiple)
-        held_out = load_folder(Path(recipe.validation.folder), trigger=data.trigger, repeats=1, buckets=buckets)
-        captions |= {item.caption for item in held_out}
-    captions = sorted(captions)
+    captions = sorted({item.caption for item in items} | ({""} if data.caption_dropout else set()))
     cache = {}
     with torch.no_grad():
         for caption in captions:
