@@ -15,6 +15,8 @@
 #   1. gpu-tests     the `gpu` tier of the test suite (tests/test_gpu.py)                     <= 180 s
 #   2. sd15-speed    real SD 1.5 architecture, random weights, 512 px, batch 1 and 4, the
 #                    character recipe's settings: it/s and peak VRAM, lorakit vs a bare loop  <= 120 s
+#   3. sdxl-speed    real SDXL architecture, random weights, 1024 px, batch 1, the sdxl-character
+#                    recipe's settings (U-Net only, cached text, fp16 weights, 8-bit AdamW)      <= 120 s
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-${OUT:-gpu-check}}"
@@ -45,6 +47,8 @@ step() {
 step gpu-tests 180 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py
 step sd15-speed 120 python3 benchmarks/gpu_speed.py --arch sd15 --resolution 512 --batch-sizes 1,4 --steps 12 \
     --warmup 4 --out "$out/sd15-speed.md"
+step sdxl-speed 120 python3 benchmarks/gpu_speed.py --arch sdxl --resolution 1024 --batch-sizes 1 --steps 8 \
+    --warmup 3 --out "$out/sdxl-speed.md"
 
 echo "== tables"
 cat "$out"/*.md 2>/dev/null

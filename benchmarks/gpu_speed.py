@@ -1,13 +1,17 @@
 """GPU speed and memory of lorakit's training step against a bare forward/backward loop of the same model.
 
-The model is the real SD 1.5 architecture built from lorakit's shipped configs with random weights (nothing
-is downloaded); the settings are those of `recipes/character.toml` (LoRA rank 16 on the transformer blocks
-and the text encoder, fp16 autocast, gradient checkpointing, 8-bit AdamW, cached latents). "bare" is the floor
-any trainer pays: the same adapters, one fixed batch of latents and token ids, forward + backward + optimizer
-step; "lorakit" is `lorakit.train.train` on a dataset of random photos. Run by hand or by gpu_check.sh:
+The model is the real SD 1.5 (or 2.1, or SDXL) architecture built from lorakit's shipped configs with random
+weights (nothing is downloaded); the settings are those of `recipes/character.toml` for SD (LoRA rank 16 on
+the transformer blocks and the text encoder, fp16 autocast, gradient checkpointing, 8-bit AdamW, cached
+latents) and of `recipes/sdxl-character.toml` for SDXL (U-Net only with cached text embeddings, fp16 frozen
+weights, 1024 px). "bare" is the floor any trainer pays: the same adapters, one fixed batch of latents and
+token ids (or text embeddings, when the encoders are frozen), forward + backward + optimizer step; "lorakit" is
+`lorakit.train.train` on a dataset of random photos. Run by hand or by gpu_check.sh:
 
     python benchmarks/gpu_speed.py --arch sd15 --resolution 512 --batch-sizes 1,4 --steps 20 --out table.md
+    python benchmarks/gpu_speed.py --arch sdxl --resolution 1024 --batch-sizes 1 --steps 8 --out sdxl.md
     python benchmarks/gpu_speed.py --arch tiny --resolution 64 --batch-sizes 1 --steps 3 --device cpu   # smoke
+    python benchmarks/gpu_speed.py --arch tiny-sdxl --resolution 64 --batch-sizes 1 --steps 3 --device cpu
 
 Steady-state it/s excludes the first `--warmup` steps; peak VRAM is `torch.cuda.max_memory_allocated` of each
 configuration (reset in between), peak reserved is what the allocator held (closer to what nvidia-smi shows).
@@ -30,47 +34,60 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 
-CHARACTER = Path(__file__).resolve().parent.parent / "recipes" / "character.toml"
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
 
-def write_base(arch: str, folder: Path) -> Path:
-    """A diffusers folder of the architecture with random weights (the tokenizer's vocabulary is generated)."""
-    from diffusers import DDPMScheduler, StableDiffusionPipeline
+def _is_sdxl(arch: str) -> bool:
+    return arch in ("sdxl", "tiny-sdxl")
 
-    from lorakit.architectures import build_on_meta, component_config
+
+def write_base(arch: str, folder: Path, device: str) -> Path:
+    """A diffusers folder of the architecture with random weights (the tokenizer's vocabulary is generated),
+    initialised on `device` (SDXL has 3.5 billion parameters) and stored in float16."""
+    from diffusers import DDPMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from lorakit.architectures import CONFIGS, build_on_meta, component_config
     from lorakit.toy.text import make_clip_tokenizer
 
-    if arch == "tiny":
-        from tests.tiny import save_tiny_pipeline
+    if arch in ("tiny", "tiny-sdxl"):
+        from tests.tiny import save_tiny_pipeline, save_tiny_sdxl_pipeline
 
-        return save_tiny_pipeline(folder)
+        return (save_tiny_sdxl_pipeline if arch == "tiny-sdxl" else save_tiny_pipeline)(folder)
     torch.manual_seed(0)
     components = {}
-    for name in ("unet", "vae", "text_encoder"):
-        module = build_on_meta(arch, name)
-        components[name] = module.to_empty(device="cpu")
-        for param in components[name].parameters():
+    names = ("unet", "vae", "text_encoder", "text_encoder_2") if arch == "sdxl" else ("unet", "vae", "text_encoder")
+    for name in names:
+        module = build_on_meta(arch, name).to_empty(device=device)
+        for param in module.parameters():
             torch.nn.init.normal_(param, std=0.02)
+        components[name] = module.half()
     tokenizer, _ = make_clip_tokenizer()
-    scheduler = DDPMScheduler(
-        beta_schedule="scaled_linear",
-        beta_start=0.00085,
-        beta_end=0.012,
-        num_train_timesteps=1000,
-        steps_offset=1,
-        clip_sample=False,
-        prediction_type="epsilon" if arch == "sd15" else "v_prediction",
-    )
-    assert component_config(arch, "unet")["cross_attention_dim"] == components["text_encoder"].config.hidden_size
-    pipe = StableDiffusionPipeline(
-        **components,
-        tokenizer=tokenizer,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    if arch == "sdxl":
+        scheduler = EulerDiscreteScheduler.from_config(json.loads((CONFIGS / "sdxl" / "scheduler.json").read_text()))
+        pipe = StableDiffusionXLPipeline(**components, tokenizer=tokenizer, tokenizer_2=tokenizer, scheduler=scheduler)
+    else:
+        scheduler = DDPMScheduler(
+            beta_schedule="scaled_linear",
+            beta_start=0.00085,
+            beta_end=0.012,
+            num_train_timesteps=1000,
+            steps_offset=1,
+            clip_sample=False,
+            prediction_type="epsilon" if arch == "sd15" else "v_prediction",
+        )
+        assert component_config(arch, "unet")["cross_attention_dim"] == components["text_encoder"].config.hidden_size
+        pipe = StableDiffusionPipeline(
+            **components,
+            tokenizer=tokenizer,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
     pipe.save_pretrained(folder, safe_serialization=True)
+    del pipe, components
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return folder
 
 
@@ -92,12 +109,17 @@ def write_dataset(folder: Path, resolution: int, count: int) -> Path:
 def _recipe(base: Path, dataset: Path, out: Path, args, batch: int, device: str) -> dict:
     import tomllib
 
-    recipe = tomllib.loads(CHARACTER.read_text())
+    recipe = tomllib.loads(
+        (RECIPES / ("sdxl-character.toml" if _is_sdxl(args.arch) else "character.toml")).read_text()
+    )
     recipe["model"]["base"] = str(base)
     recipe["data"].update(folder=str(dataset), resolution=args.resolution, num_repeats=1)
-    recipe["train"].update(max_steps=args.steps, batch_size=batch, log_every_steps=1, save_every_steps=0)
+    recipe["train"].update(
+        max_steps=args.steps, batch_size=batch, gradient_accumulation_steps=1, log_every_steps=1, save_every_steps=0
+    )
     if device == "cpu":  # the smoke run: no fp16 on a CPU, and keep it quick
         recipe["train"].update(mixed_precision="no", optimizer="adamw")
+        recipe["model"]["weight_dtype"] = "float32"
     recipe["output"].update(folder=str(out), name="bench")
     return recipe
 
@@ -129,7 +151,9 @@ def run_bare(base: Path, args, batch: int, device: str) -> dict:
     cfg, lora = recipe.train, recipe.lora
     fp16 = cfg.mixed_precision == "fp16"
     model = load_base(str(base), weight_dtype="float16" if fp16 else "float32")
-    trained = {"unet": model.unet, "text_encoder": model.text_encoders[0]}
+    trained = {"unet": model.unet}
+    if lora.train_text_encoder:
+        trained.update(zip(model.text_encoder_names, model.text_encoders, strict=True))
     for name, module in trained.items():
         inject_lora(
             module, name, rank=lora.rank, lora_alpha=lora.lora_alpha, dropout=0.0, target_modules=lora.target_modules
@@ -137,16 +161,33 @@ def run_bare(base: Path, args, batch: int, device: str) -> dict:
         freeze_except_lora(module)
         for param in lora_parameters(module):
             param.data = param.data.float()
+    for module in (model.unet, *model.text_encoders):
         module.to(device)
     if cfg.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
     groups = [{"params": lora_parameters(m), "lr": 1e-4} for m in trained.values()]
     optimizer = build_optimizer(cfg, groups)
     scaler = torch.amp.GradScaler(device, enabled=fp16 and device == "cuda")
-    latent = args.resolution // 8
+    latent = args.resolution // model.vae_scale_factor
     latents = torch.randn(batch, 4, latent, latent, device=device)
     ids = [t.to(device) for t in tokenize(model, ["ohwx person, a photo"] * batch)]
     timesteps = torch.randint(0, 1000, (batch,), device=device)
+    side = float(args.resolution)
+    time_ids = torch.tensor([[side, side, 0.0, 0.0, side, side]] * batch, device=device)
+
+    def conditioning() -> dict:
+        with torch.autocast(device, dtype=torch.float16, enabled=fp16 and device == "cuda"):
+            encoded = encode_prompts(model, ids)
+        pooled = encoded.pop("pooled", None)
+        if pooled is not None:
+            encoded["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids}
+        return encoded
+
+    if not lora.train_text_encoder:  # frozen encoders: their outputs once, then they leave the GPU
+        with torch.no_grad():
+            fixed = conditioning()
+        for module in model.text_encoders:
+            module.to("cpu")
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -154,9 +195,9 @@ def run_bare(base: Path, args, batch: int, device: str) -> dict:
     for _ in range(args.steps):
         start = time.perf_counter()
         with torch.autocast(device, dtype=torch.float16, enabled=fp16 and device == "cuda"):
-            hidden = encode_prompts(model, ids)["encoder_hidden_states"]
+            kwargs = conditioning() if lora.train_text_encoder else fixed
             noise = torch.randn_like(latents)
-            prediction = model.unet(latents + noise, timesteps, encoder_hidden_states=hidden).sample
+            prediction = model.unet(latents + noise, timesteps, **kwargs).sample
             loss = torch.nn.functional.mse_loss(prediction.float(), noise)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -180,7 +221,7 @@ def _peaks(device: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", default="sd15", choices=["sd15", "sd21", "tiny"])
+    parser.add_argument("--arch", default="sd15", choices=["sd15", "sd21", "sdxl", "tiny", "tiny-sdxl"])
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--batch-sizes", default="1,4")
     parser.add_argument("--steps", type=int, default=20)
@@ -194,7 +235,7 @@ def main() -> None:
     lines = [header, "|" + "---|" * 9]
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
-        base = write_base(args.arch, Path(tmp) / "base")
+        base = write_base(args.arch, Path(tmp) / "base", device)
         print(f"random-weight {args.arch} base written in {time.perf_counter() - started:.1f} s", flush=True)
         for batch in [int(b) for b in args.batch_sizes.split(",")]:
             dataset = write_dataset(Path(tmp) / f"data{batch}", args.resolution, max(8, 2 * batch))

@@ -2,7 +2,8 @@
 
 One place reads them: meta-device builds of the full-size modules (module counts, key names, parameter
 counts for the memory planner and the GPU check), and single-file checkpoints that carry no config of their own.
-Sources: the `config.json` of each component of the published diffusers repositories (see ../shared/configs).
+Sources: the `config.json` of each component of the published diffusers repositories (see ../shared/configs);
+`sdxl/scheduler.json` is the scheduler config of stabilityai/stable-diffusion-xl-base-1.0.
 """
 
 from __future__ import annotations
@@ -43,3 +44,30 @@ def build_on_meta(architecture: str, component: str) -> Any:
 
         model_class = getattr(transformers, config["architectures"][0])
         return model_class(transformers.CLIPTextConfig(**config))
+
+
+# model_index.json of a diffusers SDXL folder: which class each component folder holds.
+_SDXL_INDEX = {
+    "_class_name": "StableDiffusionXLPipeline",
+    "force_zeros_for_empty_prompt": True,
+    "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "tokenizer_2": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+
+
+def write_sdxl_config_folder(folder: Path) -> Path:
+    """A diffusers SDXL folder holding configs only (no weights, no tokenizers): what `from_single_file` needs to
+    read an SDXL checkpoint without the network."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model_index.json").write_text(json.dumps(_SDXL_INDEX, indent=1), encoding="utf-8")
+    for component in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        (folder / component).mkdir(exist_ok=True)
+        (folder / component / "config.json").write_bytes((CONFIGS / "sdxl" / f"{component}.json").read_bytes())
+    (folder / "scheduler").mkdir(exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_bytes((CONFIGS / "sdxl" / "scheduler.json").read_bytes())
+    return folder

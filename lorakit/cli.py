@@ -268,7 +268,10 @@ def merge(
         str | None, typer.Option(help="Base model to merge into (diffusers folder, hub id or .safetensors).")
     ] = None,
     config: Annotated[
-        str | None, typer.Option(help="For a single-file --base: diffusers folder or hub id of its architecture.")
+        str | None,
+        typer.Option(
+            help="For a single-file --base: diffusers folder or hub id of its architecture (SDXL: optional)."
+        ),
     ] = None,
     format: Annotated[
         str | None,
@@ -381,7 +384,8 @@ def generate(
         typer.Option(min=1, help="Use the N-th last text-encoder layer (default: the run folder's, else 1)."),
     ] = None,
     config: Annotated[
-        str | None, typer.Option(help="For a single-file --base: its diffusers config folder or hub id.")
+        str | None,
+        typer.Option(help="For a single-file --base: its diffusers config folder or hub id (SDXL: optional)."),
     ] = None,
     dtype: Annotated[
         str, typer.Option(help="auto (float16 on CUDA, float32 on CPU), float32, float16 or bfloat16.")

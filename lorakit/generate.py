@@ -150,7 +150,7 @@ def generate(
         raise LorakitError(
             "--base: give the base model (a diffusers folder, hub id or .safetensors), or a run folder as --lora"
         )
-    pipe = load_pipeline(base, config=options.config or (defaults.config if not options.base else None))
+    pipe = load_pipeline(base, config=options.config or (defaults.config if not options.base else None), log=log)
     device, dtype = _device_and_dtype(options.dtype, log)
     apply_adapters(pipe, adapters)
     pipe.to(device, dtype)

@@ -23,7 +23,7 @@ from .errors import AdapterError, OutputError
 from .files import atomic_write, check_output, file_sha256
 from .formats.files import write_adapter
 from .formats.metadata import BASE_MODEL_VERSION
-from .formats.read import check_against, read_adapter_file, require_supported, stored_dtype
+from .formats.read import check_against, read_adapter_file, stored_dtype
 from .formats.single_file import to_single_file
 from .models import load_pipeline
 from .render import pipeline_models
@@ -241,9 +241,6 @@ def merge(
     if len(families) > 1:
         raise AdapterError(f"the adapters are for different architectures ({', '.join(sorted(families))})")
     fmt = fmt or (("single-file" if out.suffix == ".safetensors" else "diffusers") if base else "kohya")
-    if fmt == "single-file":
-        for adapter in files:
-            require_supported(adapter, "write SDXL single-file checkpoints")
     record = {
         "loras": [
             {"file": a.path.name, "sha256": file_sha256(a.path), "scale": s}
@@ -301,14 +298,19 @@ def _merge_into_base(
 
     if fmt not in ("diffusers", "single-file"):
         raise AdapterError(f"--format {fmt}: merging into a base writes 'diffusers' (a folder) or 'single-file'")
-    pipe = load_pipeline(base, config=config)
+    pipe = load_pipeline(base, config=config, log=log)
     models = pipeline_models(pipe)
     for module in models.values():
         module.float()
     changed = merge_into_models(models, weighted)
     log(f"Merged {len(weighted)} adapter(s) into {changed} modules of {base}")
     if fmt == "single-file":
-        tensors = to_single_file(pipe.unet, pipe.vae, pipe.text_encoder)
+        schedule = pipe.scheduler.config
+        tensors = to_single_file(
+            {**models, "vae": pipe.vae},
+            v_prediction=schedule.prediction_type == "v_prediction",
+            zero_terminal_snr=bool(schedule.get("rescale_betas_zero_snr")),
+        )
         metadata = {MERGE_RECORD_KEY: json.dumps(record), "modelspec.merged_from": base}
         atomic_write(out, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     else:

@@ -7,6 +7,7 @@ conditioning and the export code never special-case a family by name more than t
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,9 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from huggingface_hub import hf_hub_download
-from safetensors import SafetensorError, safe_open
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from .base_files import load_single_file
 from .errors import ModelError
 
 LOCAL_PREFIXES = ("./", "../", "/", "~", ".\\", "..\\")
@@ -80,7 +81,7 @@ def resolve_base(base: str) -> str:
     return str(path)
 
 
-def _model_index(base: str, revision: str | None) -> dict:
+def model_index(base: str, revision: str | None) -> dict:
     if is_local(base):
         return json.loads((Path(base) / "model_index.json").read_text(encoding="utf-8"))
 
@@ -129,18 +130,24 @@ def load_base(
     weight_dtype: str = "float32",
     config: str | None = None,
     zero_terminal_snr: bool = False,
+    log: Callable[[str], None] = lambda _: None,
 ) -> BaseModel:
     """Load every component of `base` (a diffusers folder, hub id or single-file checkpoint), frozen, in eval mode.
 
     `vae` replaces the base's VAE; `weight_dtype` is the dtype of the frozen U-Net and text
     encoder weights (the VAE stays float32: SD VAEs overflow in fp16); `config` is needed for a
-    single-file base (see `load_pipeline`).
+    single-file SD 1.x/2.x base (see `load_pipeline`); `log` hears what a single file made us assume.
     """
 
     if is_single_file(base):
-        pipe = load_pipeline(base, config=config)
-        source, family = str(Path(base).expanduser().resolve()), detect_family({}, dict(pipe.unet.config))
+        pipe = load_pipeline(base, config=config, log=log)
+        sdxl = getattr(pipe, "text_encoder_2", None) is not None
+        source = str(Path(base).expanduser().resolve())
+        family = detect_family({"text_encoder_2": 1} if sdxl else {}, dict(pipe.unet.config))
         unet, text_encoders, tokenizers = pipe.unet, [pipe.text_encoder], [pipe.tokenizer]
+        if sdxl:
+            text_encoders.append(pipe.text_encoder_2)
+            tokenizers.append(pipe.tokenizer_2)
         vae_model = _load_vae(vae, {}) if vae else pipe.vae
         scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     else:
@@ -175,7 +182,7 @@ def load_base(
 
 def _load_folder(source: str, revision: str | None, vae: str | None) -> tuple:
     """(family, unet, vae, text encoders, tokenizers, scheduler) of a diffusers folder or hub id."""
-    index = _model_index(source, revision)
+    index = model_index(source, revision)
     kwargs = {"revision": revision} if not is_local(source) else {}
     unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **kwargs)
     family = detect_family(index, dict(unet.config))
@@ -259,69 +266,17 @@ def is_single_file(base: str) -> bool:
     return Path(base).suffix.lower() in (".safetensors", ".ckpt") and is_local(base)
 
 
-# Keys that only these architectures' original (LDM/SGM) checkpoints carry.
-_SINGLE_FILE_KINDS = (
-    ("conditioner.embedders.1.", "an SDXL"),
-    ("model.diffusion_model.joint_blocks.", "an SD3"),
-    ("double_blocks.", "a Flux"),
-)
-
-
-def _single_file_kind(path: Path) -> str | None:
-    """What a single file holds when it is not SD 1.x/2.x (read from its tensor names only), else None."""
-    try:
-        with safe_open(str(path), "pt") as f:
-            keys = list(f.keys())
-    except (SafetensorError, OSError) as err:
-        raise ModelError(f"model.base: {path} is not a readable .safetensors file ({_first_line(err)})") from None
-    for prefix, kind in _SINGLE_FILE_KINDS:
-        if any(k.startswith(prefix) or f".{prefix}" in k for k in keys):
-            return kind
-    return None
-
-
-def load_pipeline(base: str, *, config: str | None = None, revision: str | None = None) -> Any:
-    """A StableDiffusionPipeline (SDXL's for an SDXL folder or hub id) from a diffusers folder, a hub id, or a
-    single-file SD 1.x/2.x `.safetensors` checkpoint.
-
-    A single file needs `config` (a diffusers folder or hub id of the same architecture) to be read
-    without the network.
+def load_pipeline(
+    base: str, *, config: str | None = None, revision: str | None = None, log: Callable[[str], None] = lambda _: None
+) -> Any:
+    """A StableDiffusionPipeline (SDXL's for SDXL) from a diffusers folder, a hub id, or a single-file
+    `.safetensors` checkpoint (see `base_files`: SD 1.x/2.x files need `config`, SDXL files may use it).
     """
 
     if is_single_file(base):
-        path = Path(base).expanduser()
-        if path.suffix.lower() == ".ckpt":
-            raise ModelError(
-                f"model.base: {base} is a pickle checkpoint (.ckpt), which can run code when loaded; "
-                "convert it to .safetensors first"
-            )
-        if not path.is_file():
-            raise ModelError(f"model.base: {base} does not exist")
-        kind = _single_file_kind(path)
-        if kind is not None:
-            raise ModelError(
-                f"model.base: {base} is {kind} single-file checkpoint; lorakit reads SD 1.x/2.x single files only "
-                "(give an SDXL base as a diffusers folder or hub id)"
-            )
-        if config is None:
-            raise ModelError(
-                f"model.config: {base} is a single-file checkpoint; set model.config (--config) to a "
-                "diffusers folder or hub id of the same architecture, e.g. "
-                "stable-diffusion-v1-5/stable-diffusion-v1-5"
-            )
-        config_source = resolve_base(config)
-        try:
-            return StableDiffusionPipeline.from_single_file(
-                str(path),
-                config=config_source,
-                local_files_only=is_local(config_source),
-                safety_checker=None,
-                requires_safety_checker=False,
-            )
-        except (OSError, ValueError, KeyError, RuntimeError) as err:
-            raise ModelError(f"model.base: cannot read {base} with config {config}: {_first_line(err)}") from None
+        return load_single_file(base, config, log)
     source = resolve_base(base)
-    index = _model_index(source, revision)
+    index = model_index(source, revision)
     kwargs = {} if is_local(source) else {"revision": revision}
     try:
         if detect_family(index, {}) == "sdxl":

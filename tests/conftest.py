@@ -90,6 +90,28 @@ def trained_run(tiny_base, tiny_dataset, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def sdxl_run(tiny_sdxl, tiny_dataset, tmp_path_factory):
+    """(result, log lines) of a tiny SDXL run with both text encoders trained too (lora_te1 / lora_te2),
+    alpha != rank, on a dataset whose metadata lacks the original sizes and crops (a hand-made one)."""
+    import json
+    import shutil
+
+    from lorakit.recipe import recipe_from_dict
+    from lorakit.train import train
+
+    folder = tmp_path_factory.mktemp("sdxl-data") / "dataset"
+    shutil.copytree(tiny_dataset, folder, ignore=shutil.ignore_patterns(".cache"))
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    cut = ("original_width", "original_height", "crop_left", "crop_top")
+    rows = [{k: v for k, v in row.items() if k not in cut} for row in rows]
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sections = {"lora": {"train_text_encoder": True}, "train": {"max_steps": 3}}
+    recipe = make_recipe_dict(tiny_sdxl, folder, tmp_path_factory.mktemp("sdxl-run"), **sections)
+    lines: list[str] = []
+    return train(recipe_from_dict(recipe), quiet=True, log=lines.append), lines
+
+
+@pytest.fixture(scope="session")
 def tiny_captioner(tmp_path_factory):
     """A tiny random BLIP image-to-text model with its processor, saved like a hub model."""
     import torch

@@ -29,6 +29,7 @@ FLOORS = {
     "lorakit.env": 2,
     "lorakit.data": 3,
     "lorakit.models": 3,
+    "lorakit.base_files": 3,
     "lorakit.adapters": 3,
     "lorakit.objective": 3,
     "lorakit.render": 3,

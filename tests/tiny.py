@@ -156,7 +156,8 @@ def save_tiny_sdxl_pipeline(path: str | Path, seed: int = 0, *, prediction_type:
     base = build_tiny_components(seed, prediction_type=prediction_type)
     tokenizer, vocab = make_clip_tokenizer()
     torch.manual_seed(seed + 1)
-    text_encoder_2 = make_text_encoder(vocab, 32, activation="gelu", projection_dim=16)
+    # Its own width, as in SDXL (768 and 1280): single-file readers tell the two encoders apart by it.
+    text_encoder_2 = make_text_encoder(vocab, 48, activation="gelu", projection_dim=16)
     time_embed_dim = 8
     unet = UNet2DConditionModel(
         sample_size=16,
@@ -167,7 +168,7 @@ def save_tiny_sdxl_pipeline(path: str | Path, seed: int = 0, *, prediction_type:
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         transformer_layers_per_block=(1, 1, 2),
-        cross_attention_dim=64,  # 32 (first encoder) + 32 (second)
+        cross_attention_dim=80,  # 32 (first encoder) + 48 (second)
         attention_head_dim=(2, 2, 4),
         norm_num_groups=8,
         use_linear_projection=True,

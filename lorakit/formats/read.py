@@ -323,12 +323,3 @@ def stored_dtype(adapter: AdapterFile) -> str:
         key = next(k for k in f.keys() if k.endswith("weight"))
         dtype = f.get_slice(key).get_dtype()
     return {"F16": "float16", "BF16": "bfloat16"}.get(dtype, "float32")
-
-
-def require_supported(adapter: AdapterFile, action: str) -> None:
-    """Refuse what lorakit cannot do yet with an SDXL adapter (write it into a single-file checkpoint)."""
-    if adapter.family == "sdxl":
-        raise AdapterError(
-            f"{adapter.path}: an SDXL adapter; lorakit cannot {action} yet; merge into a diffusers folder "
-            "(--out FOLDER) instead"
-        )

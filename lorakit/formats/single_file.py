@@ -1,14 +1,19 @@
-"""Single-file (original LDM / A1111 / ComfyUI) checkpoints <-> diffusers component state dicts, SD 1.x.
+"""Diffusers component state dicts -> single-file (original LDM / SGM, as A1111, ComfyUI and Forge read) names.
 
 The original Stable Diffusion code names U-Net blocks by position (`input_blocks.N.M`, `middle_block`,
 `output_blocks`), the VAE by resolution level (`encoder.down.N.block.M`, `decoder.up.N`), and wraps
-the CLIP text model as `cond_stage_model.transformer.text_model.`. The index arithmetic below holds
-for any number of blocks and `layers_per_block`, so the tiny test models convert like SD 1.5.
+the CLIP text model as `cond_stage_model.transformer.text_model.`. SDXL's (SGM) checkpoints hold the
+same U-Net and VAE names, CLIP-L under `conditioner.embedders.0.transformer.`, and OpenCLIP bigG under
+`conditioner.embedders.1.model.` in OpenCLIP's own layout (one `in_proj` for q, k and v, `ln_1`, `c_fc`,
+a transposed `text_projection`). The index arithmetic below holds for any number of blocks and
+`layers_per_block`, so the tiny test models convert like the full-size ones.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+import torch
 
 UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
 
@@ -26,6 +31,8 @@ _UNET_TOP = (
     ("conv_in.", "input_blocks.0.0."),
     ("conv_norm_out.", "out.0."),
     ("conv_out.", "out.2."),
+    ("add_embedding.linear_1.", "label_emb.0.0."),  # SDXL's text-time embedding
+    ("add_embedding.linear_2.", "label_emb.0.2."),
 )
 
 
@@ -119,13 +126,72 @@ def vae_to_ldm(state: dict, config: dict) -> dict:
     return out
 
 
-def text_encoder_to_ldm(state: dict) -> dict:
-    return {TEXT_PREFIX + (k if k.startswith("text_model.") else "text_model." + k): v for k, v in state.items()}
+def text_encoder_to_ldm(state: dict, prefix: str = TEXT_PREFIX) -> dict:
+    """A transformers CLIPTextModel under `prefix` + `text_model.` (transformers 5 drops that level)."""
+    return {prefix + (k if k.startswith("text_model.") else "text_model." + k): v for k, v in state.items()}
 
 
-def to_single_file(unet: Any, vae: Any, text_encoder: Any) -> dict:
-    """All weights of an SD 1.x pipeline under their original LDM names."""
+SDXL_CLIP_L_PREFIX, SDXL_BIGG_PREFIX = "conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."
+_OPEN_CLIP_TOP = {
+    "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+    "text_model.embeddings.position_embedding.weight": "positional_embedding",
+    "text_model.final_layer_norm.weight": "ln_final.weight",
+    "text_model.final_layer_norm.bias": "ln_final.bias",
+}
+_OPEN_CLIP_LAYER = (
+    ("self_attn.out_proj.", "attn.out_proj."),
+    ("layer_norm1.", "ln_1."),
+    ("layer_norm2.", "ln_2."),
+    ("mlp.fc1.", "mlp.c_fc."),
+    ("mlp.fc2.", "mlp.c_proj."),
+)
+
+
+def open_clip_to_ldm(state: dict, prefix: str = SDXL_BIGG_PREFIX) -> dict:
+    """A transformers CLIPTextModelWithProjection in OpenCLIP's layout under `prefix`: q, k and v stacked into
+    one `in_proj` per layer, the projection stored transposed (OpenCLIP multiplies `x @ text_projection`)."""
+    out = {}
+    for key, value in state.items():
+        if key in _OPEN_CLIP_TOP:
+            out[prefix + _OPEN_CLIP_TOP[key]] = value
+        elif key == "text_projection.weight":
+            out[prefix + "text_projection"] = value.T
+        elif key.startswith("text_model.encoder.layers."):
+            index, rest = key[len("text_model.encoder.layers.") :].split(".", 1)
+            block = f"{prefix}transformer.resblocks.{index}."
+            if rest.startswith(("self_attn.q_proj.", "self_attn.k_proj.", "self_attn.v_proj.")):
+                kind = rest.rsplit(".", 1)[1]  # weight or bias
+                if rest.startswith("self_attn.q_proj."):
+                    parts = [state[f"text_model.encoder.layers.{index}.self_attn.{p}_proj.{kind}"] for p in "qkv"]
+                    out[f"{block}attn.in_proj_{kind}"] = torch.cat(parts, dim=0)
+                continue
+            for source, target in _OPEN_CLIP_LAYER:
+                if rest.startswith(source):
+                    rest = target + rest[len(source) :]
+                    break
+            out[block + rest] = value
+        elif not key.endswith("position_ids"):
+            raise KeyError(f"{key}: no OpenCLIP name for this text-encoder weight")
+    return out
+
+
+# Marker tensors the webuis read from a single file: v-prediction, and a zero-terminal-SNR schedule.
+V_PRED_KEY, ZTSNR_KEY = "v_pred", "ztsnr"
+
+
+def to_single_file(models: dict[str, Any], *, v_prediction: bool = False, zero_terminal_snr: bool = False) -> dict:
+    """All weights of a pipeline's `unet`, `vae`, `text_encoder` (and SDXL's `text_encoder_2`) under their original
+    LDM/SGM names, plus the `v_pred` / `ztsnr` markers a v-prediction model's file carries."""
+    unet, vae = models["unet"], models["vae"]
     tensors = unet_to_ldm(unet.state_dict(), dict(unet.config))
     tensors.update(vae_to_ldm(vae.state_dict(), dict(vae.config)))
-    tensors.update(text_encoder_to_ldm(text_encoder.state_dict()))
+    if "text_encoder_2" in models:
+        tensors.update(text_encoder_to_ldm(models["text_encoder"].state_dict(), SDXL_CLIP_L_PREFIX))
+        tensors.update(open_clip_to_ldm(models["text_encoder_2"].state_dict()))
+    else:
+        tensors.update(text_encoder_to_ldm(models["text_encoder"].state_dict()))
+    if v_prediction:
+        tensors[V_PRED_KEY] = torch.zeros(0)
+        if zero_terminal_snr:
+            tensors[ZTSNR_KEY] = torch.zeros(0)
     return {k: v.contiguous() for k, v in tensors.items()}

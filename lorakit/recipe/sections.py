@@ -23,8 +23,8 @@ TokenLength = Literal[75, 150, 225]
 @dataclass(frozen=True)
 class ModelSection:
     base: str
-    """The base model: a diffusers folder (local path) or a Hugging Face hub id. A value that exists on disk or starts
-    with `./`, `/` or `~` is a local path and must exist."""
+    """The base model: a diffusers folder (local path), a Hugging Face hub id, or a single-file `.safetensors`
+    checkpoint. A value that exists on disk or starts with `./`, `/` or `~` is a local path and must exist."""
     prediction_type: PredictionType | None = None
     """What the U-Net predicts; read from the base model's scheduler when unset (SD 2.x 768 models use
     `v_prediction`)."""
@@ -32,7 +32,8 @@ class ModelSection:
     """Hub revision (branch, tag or commit) of `base`; ignored for local folders."""
     config: str | None = None
     """For a single-file `base` (`.safetensors`): a diffusers folder or hub id of the same architecture whose
-    component configs (and tokenizer) are used to read it."""
+    component configs and tokenizers are used to read it. Needed for SD 1.x/2.x files; SDXL files use lorakit's
+    shipped configs and the cached SDXL tokenizers without it."""
     vae: str | None = None
     """A replacement VAE (a diffusers AutoencoderKL folder or hub id), e.g. stabilityai/sd-vae-ft-mse."""
     weight_dtype: WeightDtype = "float32"

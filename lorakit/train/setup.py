@@ -206,6 +206,7 @@ def _load_base(recipe: Recipe, weight_dtype: str, log: Log) -> BaseModel:
         weight_dtype=weight_dtype,
         config=recipe.model.config,
         zero_terminal_snr=recipe.model.zero_terminal_snr,
+        log=log,
     )
 
 
