@@ -202,3 +202,30 @@ def test_single_files_lorakit_cannot_train_on_are_refused_in_one_line(tmp_path, 
     save_file({k: torch.zeros(shape) for k, shape in tensors.items()}, str(path))
     with pytest.raises(LorakitError, match=f"is {kind} single-file checkpoint; lorakit trains on SD 1.x/2.x and SDXL"):
         load_pipeline(str(path), config=str(tmp_path))
+
+
+def test_cli_merges_into_an_sdxl_single_file_and_generates_from_it(sdxl_run, tiny_sdxl, tmp_path):
+    import numpy as np
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from lorakit.cli import app
+
+    result, _ = sdxl_run
+    merged = tmp_path / "merged.safetensors"
+    runner = CliRunner()
+    out = runner.invoke(app, ["merge", "--lora", str(result.adapter), "--base", str(tiny_sdxl), "--out", str(merged)])
+    assert out.exit_code == 0, out.output
+    fast = ["--size", "64x64", "--steps", "2", "--quiet", "--config", str(tiny_sdxl)]
+    for name, extra in (("file", ["--base", str(merged)]), ("folder", ["--base", str(tiny_sdxl)])):
+        args = ["generate", "ohwx toy", *extra, "--out", str(tmp_path / name), *fast]
+        if name == "folder":
+            args[args.index("--config") : args.index("--config") + 2] = ["--lora", str(result.adapter)]
+        out = runner.invoke(app, args)
+        assert out.exit_code == 0, out.output
+    with (
+        Image.open(next((tmp_path / "file").glob("*.png"))) as a,
+        Image.open(next((tmp_path / "folder").glob("*.png"))) as b,
+    ):
+        difference = np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16))
+    assert difference.max() <= 2, difference.max()  # the baked weights draw what the adapter on the base draws
