@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 
+from . import lycoris
 from .errors import AdapterError, RecipeError
 
 # Inside every transformer block of the U-Net (Transformer2DModel): the attention projections...
@@ -74,8 +75,8 @@ class LoraModule:
         return self.magnitude.reshape(1, -1, 1, 1) if self.down.ndim == 4 else self.magnitude.reshape(-1)
 
 
-# component name ("unet", "text_encoder", "text_encoder_2") -> module path -> factors
-LoraState = dict[str, dict[str, LoraModule]]
+# component name ("unet", "text_encoder", "text_encoder_2") -> module path -> factors (LoRA, or LoKr/LoHa)
+LoraState = dict[str, dict[str, "LoraModule | lycoris.LycorisModule"]]
 
 
 def scaled_factors(lora: LoraModule, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,6 +96,8 @@ def weight_change(lora: LoraModule, weight: torch.Tensor, scale: float = 1.0) ->
     LoRA: scale * delta W. DoRA: every output row of W + scale * delta W rescaled to the trained magnitude,
     minus W, i.e. (m / n - 1) W + (m / n) scale delta W with n the row norms of W + scale * delta W.
     """
+    if isinstance(lora, lycoris.LycorisModule):  # LoKr / LoHa: its own update, the shape checked against the base
+        return lora.delta(scale).reshape(weight.shape)
     delta = delta_weight(lora, tuple(weight.shape), scale)
     if lora.magnitude is None:
         return delta
@@ -107,7 +110,15 @@ def weight_change(lora: LoraModule, weight: torch.Tensor, scale: float = 1.0) ->
 
 def is_dora(state: LoraState) -> bool:
     """Whether any module of `state` is a DoRA module (has a magnitude)."""
-    return any(lora.magnitude is not None for modules in state.values() for lora in modules.values())
+    return any(getattr(lora, "magnitude", None) is not None for modules in state.values() for lora in modules.values())
+
+
+def lycoris_kind(state: LoraState) -> str | None:
+    """ "lokr" or "loha" when `state` holds LoKr/LoHa modules (of one kind or the first found), else None."""
+    return next(
+        (m.kind for modules in state.values() for m in modules.values() if isinstance(m, lycoris.LycorisModule)),
+        None,
+    )
 
 
 def text_encoder_kind(component: str) -> str:
@@ -150,8 +161,12 @@ def inject_lora(
     conv_alpha: float | None = None,
     use_dora: bool = False,
     skip_layers: tuple[int, ...] = (),
+    kind: str = "lora",
+    lycoris_options: dict | None = None,
 ) -> list[str]:
-    """Add a trainable LoRA adapter to `model` with peft and return the adapted module paths.
+    """Add a trainable LoRA (or, with `kind`, LoKr / LoHa) adapter to `model` with peft and return the adapted
+    module paths. `lycoris_options` are peft's LoKr/LoHa config fields (decompose_factor, decompose_both,
+    use_effective_conv2d).
 
     3x3 convolutions get `conv_rank` / `conv_alpha` when given (LoCon), through peft's per-module
     rank and alpha patterns. `skip_layers` are text-encoder layer indices left without adapters (with clip
@@ -177,17 +192,31 @@ def inject_lora(
             )
     modules = dict(model.named_modules())
     spatial = [n for n in names if isinstance(modules[n], torch.nn.Conv2d) and modules[n].kernel_size != (1, 1)]
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=lora_alpha,
-        lora_dropout=dropout,
-        target_modules=targets,
-        exclude_modules=exclude,
-        init_lora_weights=True,
-        use_dora=use_dora,
-        rank_pattern={re.escape(n): conv_rank for n in spatial} if conv_rank else {},
-        alpha_pattern={re.escape(n): conv_alpha for n in spatial} if conv_alpha is not None else {},
-    )
+    patterns = {
+        "rank_pattern": {re.escape(n): conv_rank for n in spatial} if conv_rank else {},
+        "alpha_pattern": {re.escape(n): conv_alpha for n in spatial} if conv_alpha is not None else {},
+    }
+    if kind == "lora":
+        config = LoraConfig(
+            r=rank,
+            lora_alpha=lora_alpha,
+            lora_dropout=dropout,
+            target_modules=targets,
+            exclude_modules=exclude,
+            init_lora_weights=True,
+            use_dora=use_dora,
+            **patterns,
+        )
+    else:
+        config = lycoris.peft_config(
+            kind,
+            r=rank,
+            alpha=lora_alpha,
+            target_modules=targets,
+            exclude_modules=exclude,
+            **patterns,
+            **(lycoris_options or {}),
+        )
     inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
     return names
 
@@ -204,7 +233,20 @@ def freeze_except_lora(model: torch.nn.Module) -> None:
 
 
 def _is_adapter_parameter(name: str) -> bool:
-    return ".lora_A." in name or ".lora_B." in name or ".lora_magnitude_vector." in name
+    return ".lora_A." in name or ".lora_B." in name or ".lora_magnitude_vector." in name or lycoris.is_parameter(name)
+
+
+def is_up_projection(name: str) -> bool:
+    """Whether a trainable parameter is a LoRA up-projection (`lora_B`), the one LoRA+ speeds up."""
+    return ".lora_B." in name
+
+
+def extract_adapters(
+    model: torch.nn.Module, weights: dict[str, torch.Tensor] | None = None
+) -> dict[str, LoraModule | lycoris.LycorisModule]:
+    """Every adapted module of `model`: LoRA modules (see `extract_lora`) and LoKr/LoHa modules (LyCORIS
+    convention, see `lycoris.extract`)."""
+    return {**extract_lora(model, weights), **lycoris.extract(model, ADAPTER_NAME, weights or {})}
 
 
 def extract_lora(model: torch.nn.Module, weights: dict[str, torch.Tensor] | None = None) -> dict[str, LoraModule]:

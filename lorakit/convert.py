@@ -8,10 +8,12 @@ from pathlib import Path
 
 import torch
 
-from .adapters import scaled_factors
+from .adapters import lycoris_kind, scaled_factors
+from .errors import AdapterError
 from .files import check_output
 from .formats.files import write_adapter
 from .formats.read import FAMILY_NAMES, read_adapter_file, stored_dtype
+from .lycoris import KIND_NAMES, LycorisModule
 
 
 def default_convert_path(path: Path, to: str) -> Path:
@@ -24,8 +26,15 @@ def default_convert_path(path: Path, to: str) -> Path:
 def convert_adapter(
     path: str | Path, to: str, out: str | Path | None = None, *, overwrite: bool = False, allow_pickle: bool = False
 ) -> Path:
-    """Write the adapter at `path` in the `to` layout (kohya or diffusers); returns the new file."""
+    """Write the adapter at `path` in the `to` layout (kohya or diffusers); returns the new file. LoKr/LoHa files have
+    the kohya (LyCORIS) layout only: converting one rewrites it there (e.g. a pickle to .safetensors)."""
     adapter = read_adapter_file(path, allow_pickle=allow_pickle)
+    kind = lycoris_kind(adapter.state)
+    if kind is not None and to != "kohya":
+        raise AdapterError(
+            f"{adapter.path}: a {KIND_NAMES[kind]} adapter has no diffusers layout (diffusers cannot load LoKr/LoHa); "
+            "use --to kohya, or `lorakit resize --rank N` to turn it into a LoRA first"
+        )
     out = Path(out) if out else default_convert_path(adapter.path, to)
     check_output(out, [adapter.path], overwrite)
     return write_adapter(adapter.state, out, to, stored_dtype(adapter), adapter.metadata, adapter.family)
@@ -39,15 +48,23 @@ def inspect_adapter(path: str | Path, *, allow_pickle: bool = False) -> dict:
     for component, modules in sorted(adapter.state.items()):
         norms = {}
         for module_path, lora in modules.items():
-            up, down = scaled_factors(lora)
-            norms[module_path] = float(torch.linalg.matrix_norm(up @ down))
+            if isinstance(lora, LycorisModule):
+                norms[module_path] = float(lora.delta().norm())
+            else:
+                up, down = scaled_factors(lora)
+                norms[module_path] = float(torch.linalg.matrix_norm(up @ down))
         largest = sorted(norms.items(), key=lambda kv: -kv[1])[:5]
+        kinds = Counter(m.kind if isinstance(m, LycorisModule) else "lora" for m in modules.values())
         components[component] = {
+            "type": "+".join(sorted(kinds)),
             "modules": len(modules),
+            "parameters": sum(_parameters(m) for m in modules.values()),
             "ranks": sorted({lora.rank for lora in modules.values()}),
-            "alphas": sorted({lora.alpha for lora in modules.values()}),
-            "conv_modules": sum(lora.down.ndim == 4 and lora.down.shape[2:] != (1, 1) for lora in modules.values()),
-            "dora_modules": sum(lora.magnitude is not None for lora in modules.values()),
+            "alphas": sorted({lora.alpha for lora in modules.values() if lora.alpha is not None}),
+            "conv_modules": sum(
+                len(_weight_shape(m)) == 4 and _weight_shape(m)[2:] != (1, 1) for m in modules.values()
+            ),
+            "dora_modules": sum(getattr(lora, "magnitude", None) is not None for lora in modules.values()),
             "update_norm_total": sum(v * v for v in norms.values()) ** 0.5,
             "update_norm_largest": [{"module": k, "norm": v} for k, v in largest],
         }
@@ -62,6 +79,16 @@ def inspect_adapter(path: str | Path, *, allow_pickle: bool = False) -> dict:
     }
 
 
+def _parameters(module) -> int:
+    if isinstance(module, LycorisModule):
+        return module.numel
+    return module.down.numel() + module.up.numel() + (module.magnitude.numel() if module.magnitude is not None else 0)
+
+
+def _weight_shape(module) -> tuple[int, ...]:
+    return module.shape if isinstance(module, LycorisModule) else (module.up.shape[0], *module.down.shape[1:])
+
+
 _ATTENTION_PROJECTIONS = re.compile(r"\.(to_q|to_k|to_v|to_out\.0|q_proj|k_proj|v_proj|out_proj)$")
 
 
@@ -73,7 +100,7 @@ def _loader_warnings(adapter) -> list[str]:
         lora.alpha
         for modules in adapter.state.values()
         for path, lora in modules.items()
-        if _ATTENTION_PROJECTIONS.search(path)
+        if _ATTENTION_PROJECTIONS.search(path) and not isinstance(lora, LycorisModule)
     )
     if len(alphas) < 2:
         return []
@@ -86,19 +113,26 @@ def _loader_warnings(adapter) -> list[str]:
 
 
 def inspection_lines(info: dict) -> list[str]:
+    lycoris = any(entry["type"] in KIND_NAMES and entry["type"] != "lora" for entry in info["components"].values())
+    if lycoris:
+        where = "(LyCORIS: loads in A1111/Forge, ComfyUI and lorakit; not in diffusers)"
+    elif info["layout"] == "kohya":
+        where = "(loads in A1111/Forge, ComfyUI and diffusers)"
+    else:
+        where = "(loads in diffusers)"
     lines = [
         f"{info['file']}",
-        f"  layout: {info['layout']} "
-        + ("(loads in A1111/Forge, ComfyUI and diffusers)" if info["layout"] == "kohya" else "(loads in diffusers)"),
+        f"  layout: {info['layout']} {where}",
         f"  architecture: {FAMILY_NAMES[info['architecture']]}",
         "  weights: all finite (no NaN or inf)",
     ]
     for component, entry in info["components"].items():
         lines.append(
-            f"  {component}: {entry['modules']} modules ({entry['conv_modules']} 3x3 conv"
+            f"  {component}: {entry['modules']} {'/'.join(KIND_NAMES[t] for t in entry['type'].split('+'))} modules "
+            f"({entry['parameters']:,} parameters, {entry['conv_modules']} 3x3 conv"
             + (f", {entry['dora_modules']} DoRA" if entry["dora_modules"] else "")
             + "), rank "
-            f"{'/'.join(map(str, entry['ranks']))}, alpha {'/'.join(f'{a:g}' for a in entry['alphas'])}, "
+            f"{'/'.join(map(str, entry['ranks']))}, alpha {'/'.join(f'{a:g}' for a in entry['alphas']) or '-'}, "
             f"update norm {entry['update_norm_total']:.4g}"
         )
         for largest in entry["update_norm_largest"][:3]:

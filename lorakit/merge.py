@@ -1,13 +1,15 @@
 """Merging: adapters into a base model, adapters into one adapter (exact or SVD), and resizing an adapter.
 
-All maths in float32. A module's update is delta W = up @ down * (alpha / rank); for convolutions
-the product is taken on the flattened factors and reshaped to the weight's shape.
+All maths in float32. A LoRA module's update is delta W = up @ down * (alpha / rank); for convolutions
+the product is taken on the flattened factors and reshaped to the weight's shape. A LoKr/LoHa module's update
+is its `delta()`; it reaches another LoRA only through an SVD of the summed update.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -18,13 +20,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .adapters import LoraModule, is_dora, module_at, scaled_factors, weight_change
+from .adapters import LoraModule, is_dora, lycoris_kind, module_at, scaled_factors, weight_change
 from .errors import AdapterError, OutputError
 from .files import atomic_write, check_output, file_sha256
 from .formats.files import write_adapter
 from .formats.metadata import BASE_MODEL_VERSION
 from .formats.read import check_against, read_adapter_file, stored_dtype
 from .formats.single_file import to_single_file
+from .lycoris import KIND_NAMES, LycorisModule
 from .models import load_pipeline
 from .render import pipeline_models
 
@@ -50,11 +53,18 @@ def refuse_dora(state: LoraState, source: str, action: str) -> None:
         )
 
 
-def _module_from_factors(up: torch.Tensor, down: torch.Tensor, like: LoraModule) -> LoraModule:
-    """A LoraModule with alpha = rank (scale folded) and `like`'s conv shapes."""
+def _shape(module: LoraModule | LycorisModule) -> tuple[int, ...]:
+    """The weight shape a module changes."""
+    if isinstance(module, LycorisModule):
+        return module.shape
+    return (module.up.shape[0], *module.down.shape[1:])
+
+
+def _module_from_factors(up: torch.Tensor, down: torch.Tensor, shape: tuple[int, ...]) -> LoraModule:
+    """A LoraModule with alpha = rank (scale folded) for a weight of `shape` (convs: down [r, in, kh, kw])."""
     rank = down.shape[0]
-    down = down.reshape(rank, *like.down.shape[1:])
-    up = up.reshape(up.shape[0], rank, *like.up.shape[2:])
+    down = down.reshape(rank, *shape[1:])
+    up = up.reshape(up.shape[0], rank, *((1, 1) if len(shape) == 4 else ()))
     return LoraModule(down=down.contiguous(), up=up.contiguous(), alpha=float(rank))
 
 
@@ -67,8 +77,19 @@ def _paths(adapters: list[Weighted]) -> dict[tuple[str, str], list[tuple[LoraMod
     return modules
 
 
+def _pointwise_as_linear(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A 1x1 convolution's update is a Linear one (LyCORIS files may store either for the same module)."""
+    return shape[:2] if shape[2:] == (1, 1) else shape
+
+
+def _common_shape(parts: list[tuple[Any, float]]) -> tuple[int, ...]:
+    """The weight shape of a module several adapters change: the most specific one given (a 1x1 conv's, over the
+    Linear-shaped update of a LoKr file that stores it flat)."""
+    return max((_shape(p) for p, _ in parts), key=len)
+
+
 def _check_compatible(key: tuple[str, str], parts: list[tuple[LoraModule, float]]) -> None:
-    shapes = {(p.up.shape[0], *p.down.shape[1:]) for p, _ in parts}
+    shapes = {_pointwise_as_linear(_shape(p)) for p, _ in parts}
     if len(shapes) > 1:
         raise AdapterError(
             f"{key[0]} module {key[1]}: the adapters disagree on its shape ({sorted(shapes)}); "
@@ -85,7 +106,7 @@ def concat_adapters(adapters: list[Weighted]) -> LoraState:
         factors = [scaled_factors(lora, scale) for lora, scale in parts]
         up = torch.cat([u for u, _ in factors], dim=1)
         down = torch.cat([d for _, d in factors], dim=0)
-        merged.setdefault(key[0], {})[key[1]] = _module_from_factors(up, down, parts[0][0])
+        merged.setdefault(key[0], {})[key[1]] = _module_from_factors(up, down, _common_shape(parts))
     return merged
 
 
@@ -109,12 +130,32 @@ def svd_adapters(adapters: list[Weighted], rank: int) -> tuple[LoraState, dict[s
     dropped = total = 0.0
     for key, parts in _paths(adapters).items():
         _check_compatible(key, parts)
-        up, down, s = _truncate(*_concat_factors(parts), rank)
+        if any(isinstance(m, LycorisModule) for m, _ in parts):
+            up, down, s = _truncate_dense(parts, rank)
+        else:
+            up, down, s = _truncate(*_concat_factors(parts), rank)
         lost, whole = float((s[rank:] ** 2).sum()), float((s**2).sum())
         errors[f"{key[0]}.{key[1]}"] = (lost / whole) ** 0.5 if whole else 0.0
         dropped, total = dropped + lost, total + whole
-        merged.setdefault(key[0], {})[key[1]] = _module_from_factors(up, down, parts[0][0])
+        merged.setdefault(key[0], {})[key[1]] = _module_from_factors(up, down, _common_shape(parts))
     return merged, errors, (dropped / total) ** 0.5 if total else 0.0
+
+
+def _truncate_dense(parts: list[tuple[Any, float]], rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Best rank-`rank` factors of the summed update when a LoKr/LoHa module is among the parts (its update has
+    no thin factors): the SVD of the whole [out, in * kh * kw] matrix."""
+    shape = _common_shape(parts)
+    total = torch.zeros(shape[0], math.prod(shape[1:]), dtype=torch.float64)
+    for module, scale in parts:
+        if isinstance(module, LycorisModule):
+            total += module.delta(scale).reshape(shape[0], -1).double()
+        else:
+            up, down = scaled_factors(module, scale)
+            total += (up @ down).double()
+    u, s, vh = torch.linalg.svd(total, full_matrices=False)
+    keep = min(rank, s.shape[0])
+    root = s[:keep].sqrt()
+    return (u[:, :keep] * root).float(), (root[:, None] * vh[:keep]).float(), s
 
 
 def _concat_factors(parts: list[tuple[LoraModule, float]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -269,6 +310,12 @@ def _merge_adapters(
         raise AdapterError(f"--format {fmt}: merging adapters into one writes 'kohya' or 'diffusers'")
     for adapter in weighted:
         refuse_dora(adapter.state, adapter.name, "merged with other adapters")
+        kind = lycoris_kind(adapter.state)
+        if kind is not None and rank is None:
+            raise AdapterError(
+                f"{adapter.name}: a {KIND_NAMES[kind]} adapter merges with others only into a plain LoRA, by SVD of "
+                "the summed update; pass --rank N (its error is reported), or merge into a base with --base"
+            )
     error = None
     if rank is None:
         state = concat_adapters(weighted)
@@ -337,7 +384,8 @@ def resize(
     allow_pickle: bool = False,
     log=print,
 ) -> tuple[Path, float]:
-    """`lorakit resize`: the adapter at `rank` by SVD; logs retained energy per module and overall."""
+    """`lorakit resize`: the adapter at `rank` by SVD; logs retained energy per module and overall. A LoKr/LoHa
+    adapter becomes a plain LoRA of that rank (its relative error logged too)."""
 
     adapter = read_adapter_file(path, allow_pickle=allow_pickle)
     refuse_dora(adapter.state, str(adapter.path), "resized")
@@ -352,6 +400,11 @@ def resize(
     log(f"Resized to rank {rank}: {overall:.4%} of the update's energy retained overall ({len(energy)} modules)")
     metadata = {k: v for k, v in adapter.metadata.items() if k != "lora_adapter_metadata"}
     metadata.update(ss_network_dim=str(rank), ss_network_alpha=str(rank))
+    kind = lycoris_kind(adapter.state)
+    if kind is not None:
+        error = max(0.0, 1 - overall) ** 0.5
+        log(f"{KIND_NAMES[kind]} -> LoRA rank {rank}: relative error {error:.4%} of the update (Frobenius)")
+        metadata.update(ss_network_module="networks.lora", ss_network_args="{}")
     write_adapter(state, out, adapter.layout, save_dtype or stored_dtype(adapter), metadata, adapter.family)
     log(f"Wrote {out}")
     return out, overall

@@ -22,7 +22,8 @@ from diffusers import (
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
-from .errors import LorakitError
+from .adapters import lycoris_kind, module_at
+from .errors import AdapterError, LorakitError
 from .files import atomic_write
 from .formats.diffusers import DOWN, MAGNITUDE, UP, diffusers_key
 from .formats.read import check_against
@@ -275,14 +276,53 @@ def _diffusers_state_dict(state: Any) -> dict[str, Any]:
     return tensors
 
 
-def apply_adapters(pipe: Any, adapters: list[LoadedAdapter]) -> None:
-    """Load each adapter into the pipeline under its own name, checked against the base first."""
+class WeightPatches:
+    """LoKr/LoHa adapters on a pipeline: diffusers cannot load them, so their updates are written into the weights
+    they change, from a copy of each original weight, at whatever scale `set` is given."""
 
+    def __init__(self, pipe: Any, adapters: list[LoadedAdapter]):
+        models = pipeline_models(pipe)
+        self.targets: dict[tuple[str, str], tuple[Any, torch.Tensor, list[tuple[Any, float]]]] = {}
+        for adapter in adapters:
+            for component, modules in adapter.state.items():
+                named = dict(models[component].named_modules())
+                for path, module in modules.items():
+                    layer = module_at(named, path)
+                    layer = getattr(layer, "base_layer", layer)
+                    _, _, parts = self.targets.setdefault(
+                        (component, path), (layer, layer.weight.detach().clone(), [])
+                    )
+                    parts.append((module, adapter.scale))
+
+    def set(self, multiplier: float) -> None:
+        with torch.no_grad():
+            for (component, path), (layer, original, parts) in self.targets.items():
+                update = sum(m.delta(scale * multiplier).reshape(original.shape) for m, scale in parts)
+                weight = original.float() + update
+                if not torch.isfinite(weight).all():
+                    raise AdapterError(f"{component} module {path}: the adapted weight is not finite; check the scale")
+                layer.weight.copy_(weight.to(original.dtype))
+
+
+def apply_adapters(pipe: Any, adapters: list[LoadedAdapter]) -> None:
+    """Load each adapter into the pipeline under its own name, checked against the base first: LoRA through
+    diffusers, LoKr/LoHa as `WeightPatches` (applied at their scales)."""
+
+    lycoris = []
     for adapter in adapters:
         check_against(adapter.state, pipeline_models(pipe), str(adapter.path))
-        pipe.load_lora_weights(_diffusers_state_dict(adapter.state), adapter_name=adapter.name)
+        if lycoris_kind(adapter.state) is None:
+            pipe.load_lora_weights(_diffusers_state_dict(adapter.state), adapter_name=adapter.name)
+        else:
+            lycoris.append(adapter)
+    pipe.lorakit_patches = WeightPatches(pipe, lycoris) if lycoris else None
+    if lycoris:
+        pipe.lorakit_patches.set(1.0)
 
 
 def set_scales(pipe: Any, adapters: list[LoadedAdapter], multiplier: float) -> None:
-    if adapters:
-        pipe.set_adapters([a.name for a in adapters], adapter_weights=[a.scale * multiplier for a in adapters])
+    loras = [a for a in adapters if lycoris_kind(a.state) is None]
+    if loras:
+        pipe.set_adapters([a.name for a in loras], adapter_weights=[a.scale * multiplier for a in loras])
+    if getattr(pipe, "lorakit_patches", None) is not None:
+        pipe.lorakit_patches.set(multiplier)

@@ -31,6 +31,7 @@ FLOORS = {
     "lorakit.models": 3,
     "lorakit.base_files": 3,
     "lorakit.adapters": 3,
+    "lorakit.lycoris": 3,
     "lorakit.objective": 3,
     "lorakit.render": 3,
     "lorakit.checkpoint": 3,

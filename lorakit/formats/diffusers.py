@@ -12,6 +12,9 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING
 
+from ..adapters import lycoris_kind
+from ..errors import AdapterError
+from ..lycoris import KIND_NAMES
 from . import exported_path
 
 if TYPE_CHECKING:
@@ -37,8 +40,14 @@ def to_diffusers(state: LoraState, dtype: torch.dtype) -> tuple[dict[str, torch.
 
     Modules whose rank differs from the component's first module are listed in `rank_pattern`;
     modules whose alpha differs get the ratio folded into their up weights (exact), so the
-    header never needs an `alpha_pattern`.
+    header never needs an `alpha_pattern`. LoKr/LoHa have no diffusers layout (diffusers cannot load them).
     """
+    kind = lycoris_kind(state)
+    if kind is not None:
+        raise AdapterError(
+            f"a {KIND_NAMES[kind]} adapter has no diffusers layout (diffusers cannot load LoKr/LoHa); write the kohya "
+            "layout, which A1111/Forge, ComfyUI and lorakit load"
+        )
     tensors: dict[str, torch.Tensor] = {}
     config: dict[str, object] = {}
     for component, modules in state.items():

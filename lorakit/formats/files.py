@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import save_file
 
-from ..adapters import is_dora
+from ..adapters import is_dora, lycoris_kind
 from ..files import atomic_write
 from .diffusers import to_diffusers
 from .kohya import to_kohya
@@ -20,14 +20,20 @@ if TYPE_CHECKING:
 
 def save_adapter_files(
     state: LoraState, run_dir: Path, name: str, save_dtype: str, info: AdapterInfo
-) -> tuple[Path | None, Path]:
+) -> tuple[Path | None, Path | None]:
     """Write `<name>.safetensors` (kohya) and `<name>.diffusers.safetensors` into `run_dir`; a DoRA adapter only
-    in the diffusers layout (kohya path None)."""
+    in the diffusers layout (kohya path None), a LoKr/LoHa adapter only in the kohya layout (diffusers path None)."""
 
     dtype = getattr(torch, save_dtype)
     metadata = kohya_metadata(info)
     kohya_path = None
     diffusers_path = Path(run_dir) / f"{name}.diffusers.safetensors"
+    if lycoris_kind(state) is not None:  # LoKr/LoHa: the LyCORIS kohya layout only
+        kohya_tensors = to_kohya(state, dtype, sdxl=info.family == "sdxl")
+        metadata.update(sshs_hashes(kohya_tensors, metadata))
+        kohya_path = Path(run_dir) / f"{name}.safetensors"
+        atomic_write(kohya_path, lambda tmp: save_file(kohya_tensors, str(tmp), metadata=metadata))
+        return kohya_path, None
     if is_dora(state):
         metadata["lorakit_dora"] = "true"
     else:

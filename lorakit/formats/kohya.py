@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..adapters import is_dora
+from ..adapters import LoraModule, is_dora
 from ..errors import AdapterError
+from ..lycoris import LycorisModule
 from . import exported_path
 
 if TYPE_CHECKING:
@@ -111,11 +112,17 @@ def to_kohya(state: LoraState, dtype: torch.dtype, *, sdxl: bool = False) -> dic
 
     if is_dora(state):
         raise AdapterError(DORA_KOHYA_MESSAGE)
-    fold = len({lora.alpha / lora.rank for modules in state.values() for lora in modules.values()}) > 1
+    loras = [m for modules in state.values() for m in modules.values() if isinstance(m, LoraModule)]
+    fold = len({lora.alpha / lora.rank for lora in loras}) > 1
     tensors = {}
     for component, modules in state.items():
         for path, lora in modules.items():
             stem = kohya_name(component, path, sdxl=sdxl)
+            if isinstance(lora, LycorisModule):  # LyCORIS names, its own alpha / dim convention
+                tensors.update({f"{stem}.{name}": t.to(dtype).contiguous() for name, t in lora.tensors.items()})
+                if lora.alpha is not None:
+                    tensors[f"{stem}.alpha"] = torch.tensor(lora.alpha, dtype=dtype)
+                continue
             up, alpha = (lora.up * (lora.alpha / lora.rank), float(lora.rank)) if fold else (lora.up, lora.alpha)
             tensors[f"{stem}.lora_down.weight"] = lora.down.to(dtype).contiguous()
             tensors[f"{stem}.lora_up.weight"] = up.to(dtype).contiguous()

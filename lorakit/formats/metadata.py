@@ -118,12 +118,20 @@ def training_info(recipe: Recipe, family: str, items: list[Item], steps: int, st
     cfg, lora = recipe.train, recipe.lora
     targets = lora.target_modules if isinstance(lora.target_modules, str) else json.dumps(lora.target_modules)
     network_args = {}
-    if lora.target_modules == "transformer+conv":
+    if lora.type != "lora":  # what a LyCORIS file says about itself (its `network_args` spelling)
         network_args = {
+            "algo": lora.type,
+            "factor": str(lora.decompose_factor),
+            "decompose_both": str(lora.decompose_both),
+            "use_tucker": str(lora.use_effective_conv2d),
+        }
+    if lora.target_modules == "transformer+conv":
+        network_args |= {
             "conv_dim": str(lora.conv_rank or lora.rank),
             "conv_alpha": f"{lora.conv_alpha if lora.conv_alpha is not None else lora.lora_alpha:g}",
         }
     training = {
+        "ss_network_module": "lycoris.kohya" if lora.type != "lora" else "networks.lora",
         "ss_network_args": json.dumps(network_args),
         "ss_steps": str(steps),
         "ss_num_train_images": str(sum(item.repeats for item in items)),

@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..adapters import LoraModule, module_at
 from ..errors import AdapterError
+from ..lycoris import KIND_NAMES, KINDS, TENSOR_NAMES, LycorisModule, full_shape, other_algorithm
 from .kohya import sdxl_diffusers_path
 
 if TYPE_CHECKING:
@@ -166,44 +167,97 @@ def read_adapter_file(path: str | Path, *, allow_pickle: bool = False) -> Adapte
     if not tensors:
         raise AdapterError(f"{path}: holds no tensors")
     if any(k.startswith(tuple(p + "_" for p in _KOHYA_PREFIXES)) for k in tensors):
-        return AdapterFile(path, "kohya", _read_kohya(path, tensors), metadata)
+        adapter = AdapterFile(path, "kohya", _read_kohya(path, tensors), metadata)
+        if adapter.family == "sd1":
+            _pointwise_proj(adapter.state)
+        return adapter
     return AdapterFile(path, "diffusers", _read_diffusers(path, tensors, metadata), metadata)
 
 
 def _read_kohya(path: Path, tensors: dict) -> LoraState:
-    state: LoraState = {}
+    stems: dict[str, dict[str, torch.Tensor]] = {}
     for key in sorted(tensors):
         stem, _, suffix = key.partition(".")
-        if suffix == "dora_scale":
-            raise AdapterError(
-                f"{path}: {key}: a LyCORIS-style DoRA file, which lorakit does not read (its dora_scale "
-                "decomposes per input column; lorakit's DoRA is peft's, per output row, in the diffusers layout)"
-            )
-        if suffix not in ("lora_down.weight", "lora_up.weight", "alpha"):
-            raise AdapterError(
-                f"{path}: {key}: not a LoRA key (expected .lora_down.weight, .lora_up.weight or "
-                ".alpha; LyCORIS/LoHa/DoRA keys are not supported)"
-            )
+        stems.setdefault(stem, {})[suffix] = tensors[key]
+    state: LoraState = {}
+    for stem, parts in stems.items():
+        for suffix in parts:
+            algorithm = other_algorithm(suffix)
+            if algorithm is not None:
+                raise AdapterError(
+                    f"{path}: {stem}.{suffix}: a LyCORIS {algorithm} module; lorakit reads LoRA, LoKr and LoHa"
+                )
         try:
             component, module_path = kohya_stem_to_path(stem)
         except ValueError:
             raise AdapterError(
-                f"{path}: {key}: unknown prefix; kohya keys start with lora_unet_, lora_te_, lora_te1_ or lora_te2_"
+                f"{path}: {stem}: unknown prefix; kohya keys start with lora_unet_, lora_te_, lora_te1_ or lora_te2_"
             ) from None
-        if suffix != "lora_down.weight":
-            if f"{stem}.lora_down.weight" not in tensors:
-                raise AdapterError(f"{path}: {key} has no matching {stem}.lora_down.weight")
-            continue
-        up_key = f"{stem}.lora_up.weight"
-        if up_key not in tensors:
-            raise AdapterError(f"{path}: {key} has no matching {up_key}")
-        down, up = tensors[key], tensors[up_key]
-        _check_pair(path, key, down, up)
-        alpha = tensors[f"{stem}.alpha"].float().item() if f"{stem}.alpha" in tensors else down.shape[0]
-        if not math.isfinite(alpha):
-            raise AdapterError(f"{path}: {stem}.alpha is {alpha}; the file is damaged")
-        state.setdefault(component, {})[module_path] = _module(down, up, alpha)
+        kind = next((k for k in KINDS if any(s in TENSOR_NAMES[k] for s in parts)), None)
+        if kind is not None:
+            module = _lycoris_module(path, stem, kind, parts, module_path)
+        else:
+            module = _lora_module(path, stem, parts)
+        state.setdefault(component, {})[module_path] = module
     return state
+
+
+def _lora_module(path: Path, stem: str, parts: dict[str, torch.Tensor]) -> LoraModule:
+    for suffix in parts:
+        if suffix not in ("lora_down.weight", "lora_up.weight", "alpha"):
+            raise AdapterError(
+                f"{path}: {stem}.{suffix}: not a LoRA, LoKr or LoHa key (expected .lora_down.weight, .lora_up.weight, "
+                ".alpha, or LyCORIS' lokr_* / hada_* names)"
+            )
+    for needed in ("lora_down.weight", "lora_up.weight"):
+        if needed not in parts:
+            present = next(iter(parts))
+            raise AdapterError(f"{path}: {stem}.{present} has no matching {stem}.{needed}")
+    down, up = parts["lora_down.weight"], parts["lora_up.weight"]
+    _check_pair(path, f"{stem}.lora_down.weight", down, up)
+    return _module(down, up, _alpha(path, stem, parts, down.shape[0]))
+
+
+def _alpha(path: Path, stem: str, parts: dict[str, torch.Tensor], default: float | None) -> float | None:
+    if "alpha" not in parts:
+        return default
+    alpha = parts["alpha"].float().item()
+    if not math.isfinite(alpha):
+        raise AdapterError(f"{path}: {stem}.alpha is {alpha}; the file is damaged")
+    return alpha
+
+
+# The kernel of U-Net convolutions whose LoKr/LoHa factors are stored flat ([r, in * kh * kw]), by module name.
+_KERNELS = {"conv1": (3, 3), "conv2": (3, 3), "conv": (3, 3), "conv_in": (3, 3), "conv_out": (3, 3)}
+_POINTWISE = ("conv_shortcut",)  # 1x1 convolutions; SD 1.x's proj_in / proj_out too (see `_pointwise_proj`)
+
+
+def _lycoris_module(path: Path, stem: str, kind: str, parts: dict, module_path: str) -> LycorisModule:
+    names = TENSOR_NAMES[kind]
+    unknown = [s for s in parts if s not in names and s != "alpha"]
+    if unknown:
+        raise AdapterError(f"{path}: {stem}.{unknown[0]}: not a {KIND_NAMES[kind]} key (expected {', '.join(names)})")
+    factors = {name: parts[name].float() for name in names if name in parts}
+    for name, tensor in factors.items():
+        if not torch.isfinite(tensor).all():
+            raise AdapterError(f"{path}: {stem}.{name}: holds NaN or infinite values; the file is damaged")
+    last = module_path.rsplit(".", 1)[-1]
+    kernel = _KERNELS.get(last) or ((1, 1) if last in _POINTWISE else None)
+    try:
+        shape = full_shape(kind, factors, kernel)
+        module = LycorisModule(kind, factors, _alpha(path, stem, parts, None), shape)
+        module.delta()  # the factors fit together
+    except (KeyError, ValueError, RuntimeError) as err:
+        raise AdapterError(f"{path}: {stem}: the {KIND_NAMES[kind]} factors do not fit together ({err})") from None
+    return module
+
+
+def _pointwise_proj(state: LoraState) -> None:
+    """SD 1.x's transformer proj_in / proj_out are 1x1 convolutions (Linear from SD 2 on): give flat LoKr/LoHa
+    factors there the conv shape."""
+    for path, module in state.get("unet", {}).items():
+        if isinstance(module, LycorisModule) and path.endswith(("proj_in", "proj_out")) and len(module.shape) == 2:
+            module.shape = (*module.shape, 1, 1)
 
 
 def _split_diffusers_key(key: str) -> tuple[str, str, int] | None:
@@ -278,12 +332,17 @@ def guess_family(state: LoraState, metadata: dict[str, str]) -> str:
         p.startswith(("input_blocks", "output_blocks", "middle_block")) for p in state.get("unet", {})
     ):
         return "sdxl"
-    widths = {lora.down.shape[1] for path, lora in state.get("text_encoder", {}).items() if path.endswith("q_proj")}
+    widths = {in_features(m) for path, m in state.get("text_encoder", {}).items() if path.endswith("q_proj")}
     # Without a text encoder, the U-Net's cross-attention keys show the text width.
-    widths |= {lora.down.shape[1] for path, lora in state.get("unet", {}).items() if path.endswith("attn2.to_k")}
+    widths |= {in_features(m) for path, m in state.get("unet", {}).items() if path.endswith("attn2.to_k")}
     return {frozenset({768}): "sd1", frozenset({1024}): "sd2", frozenset({2048}): "sdxl"}.get(
         frozenset(widths), "unknown"
     )
+
+
+def in_features(module: LoraModule | LycorisModule) -> int:
+    """The input width of the module an adapter module changes."""
+    return module.shape[1] if isinstance(module, LycorisModule) else module.down.shape[1]
 
 
 def check_against(state: LoraState, models: dict[str, Any], source: str) -> None:
@@ -302,6 +361,16 @@ def check_against(state: LoraState, models: dict[str, Any], source: str) -> None
                     "adapter is for another architecture"
                 )
             weight = module.weight
+            if isinstance(lora, LycorisModule):
+                if lora.shape != tuple(weight.shape):
+                    if math.prod(lora.shape) != weight.numel() or lora.shape[:2] != tuple(weight.shape[:2]):
+                        raise AdapterError(
+                            f"{source}: {component} module {path}: adapter shape {'x'.join(map(str, lora.shape))} "
+                            f"does not fit the base weight {'x'.join(map(str, weight.shape))}; the adapter is for "
+                            "another architecture"
+                        )
+                    lora.shape = tuple(weight.shape)  # flat factors: the base says the kernel
+                continue
             if (lora.up.shape[0], lora.down.shape[1], lora.down.ndim) != (
                 weight.shape[0],
                 weight.shape[1],
@@ -320,6 +389,6 @@ def stored_dtype(adapter: AdapterFile) -> str:
     if adapter.path.suffix.lower() != ".safetensors":
         return "float32"
     with safe_open(str(adapter.path), "pt") as f:
-        key = next(k for k in f.keys() if k.endswith("weight"))
+        key = next(k for k in f.keys() if not k.endswith(".alpha"))
         dtype = f.get_slice(key).get_dtype()
     return {"F16": "float16", "BF16": "bfloat16"}.get(dtype, "float32")

@@ -18,6 +18,7 @@ TargetPreset = Literal["attention", "transformer", "transformer+conv"]
 WeightDtype = Literal["float32", "float16", "bfloat16"]
 LossType = Literal["l2", "huber", "smooth_l1"]
 TokenLength = Literal[75, 150, 225]
+AdapterType = Literal["lora", "lokr", "loha"]
 
 
 @dataclass(frozen=True)
@@ -71,12 +72,25 @@ class DataSection:
 
 @dataclass(frozen=True)
 class LoraSection:
+    type: AdapterType = "lora"
+    """`lora`, `lokr` (LyCORIS LoKr: a Kronecker product of two small factors; small files) or `loha` (LyCORIS
+    LoHa: the elementwise product of two low-rank products). LoKr/LoHa are trained with peft's LoKr/LoHa and saved
+    in the LyCORIS kohya layout, which A1111/Forge and ComfyUI load (diffusers cannot)."""
     rank: int = 16
-    """LoRA rank: the width of each adapter; larger learns more detail and makes bigger files."""
+    """Adapter rank: the width of each adapter; larger learns more detail and makes bigger files. LoKr: a rank of at
+    least half the larger side of a Kronecker factor keeps that factor whole (e.g. 10000: full-rank LoKr)."""
     lora_alpha: float = 16.0
-    """LoRA alpha: the adapter's update is scaled by `lora_alpha / rank`."""
+    """The adapter's update is scaled by `lora_alpha / rank` (LoKr/LoHa too, as peft trains them)."""
     dropout: float = 0.0
-    """Dropout on the adapter's input during training (0 to 1)."""
+    """Dropout on the adapter's input during training (0 to 1); LoRA only (peft's LoKr/LoHa have none)."""
+    decompose_factor: int = -1
+    """LoKr: the Kronecker split of each side (LyCORIS' `factor`): -1 splits into the two most balanced factors,
+    N makes one factor N wide (smaller N, smaller files)."""
+    decompose_both: bool = False
+    """LoKr: also decompose the first (small) Kronecker factor into a low-rank product."""
+    use_effective_conv2d: bool = False
+    """LoKr/LoHa with 3x3 convolutions (`transformer+conv`): a Tucker core per kernel (LyCORIS' `use_tucker`)
+    instead of flat factors."""
     target_modules: TargetPreset | list[str] = "transformer"
     """Where adapters go: `transformer` (every Linear and 1x1 conv in the U-Net's transformer blocks, and CLIP
     attention + MLP: kohya's default), `attention` (q/k/v/out only), `transformer+conv` (also the ResNet and
@@ -147,6 +161,10 @@ class TrainSection:
     """Lowest training timestep (inclusive)."""
     max_timestep: int | None = None
     """Highest training timestep (exclusive); default the scheduler's number of timesteps (1000)."""
+    loraplus_lr_ratio: float | None = None
+    """LoRA+ (Hayou et al. 2024, arXiv:2402.12354): the up-projections (`lora_B`) learn at this many times the
+    learning rate (16 is the paper's choice); unset is off. LoRA only: kohya sd-scripts and LyCORIS apply the ratio
+    to `lora_up` weights, which LoKr/LoHa do not have."""
 
 
 @dataclass(frozen=True)

@@ -90,6 +90,8 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "train.min_snr_gamma": (0, None),
     "train.noise_offset": (0, None),
     "train.log_every_steps": (1, None),
+    "train.loraplus_lr_ratio": (1, 1000),
+    "lora.decompose_factor": (-1, None),
 }
 
 
@@ -166,6 +168,7 @@ def _cross_checks(built: dict, problems: list[str]) -> None:
         for key in ("conv_rank", "conv_alpha"):
             if getattr(lora, key) is not None and lora.target_modules != "transformer+conv":
                 problems.append(f"lora.{key}: only used with target_modules = 'transformer+conv'")
+        problems += _adapter_type_problems(lora, train)
     if data is not None:
         folders = [data.folder] if isinstance(data.folder, str) else data.folder
         if not folders:
@@ -179,6 +182,41 @@ def _cross_checks(built: dict, problems: list[str]) -> None:
         problems.append(
             f"train.max_timestep: {train.max_timestep} must be above train.min_timestep ({train.min_timestep})"
         )
+
+
+def _adapter_type_problems(lora, train) -> list[str]:
+    """The keys that do not go with `lora.type`."""
+    problems = []
+    if lora.type == "lora":
+        changed = [k for k in ("decompose_factor", "decompose_both", "use_effective_conv2d") if _not_default(lora, k)]
+        problems += [f'lora.{k}: a LoKr/LoHa option; set lora.type = "lokr" or "loha", or remove it' for k in changed]
+    else:
+        name = {"lokr": "LoKr", "loha": "LoHa"}[lora.type]
+        if lora.type == "loha":
+            changed = [k for k in ("decompose_factor", "decompose_both") if _not_default(lora, k)]
+            problems += [f"lora.{k}: a LoKr option; LoHa has no Kronecker factors" for k in changed]
+        if lora.decompose_factor in (0, 1):
+            problems.append(f"lora.decompose_factor: {lora.decompose_factor} splits nothing; use -1 or 2 and up")
+        if lora.dropout:
+            problems.append(f"lora.dropout: {name} has no input dropout in peft; set lora.dropout = 0")
+        if lora.use_dora:
+            problems.append(f"lora.use_dora: DoRA is a LoRA option; {name} cannot use it")
+        if lora.init_from:
+            problems.append(f"lora.init_from: starts from a LoRA file; {name} runs start from zero")
+        if train is not None and train.loraplus_lr_ratio is not None:
+            problems.append(
+                f"train.loraplus_lr_ratio: LoRA+ speeds up LoRA's up-projection (lora_up), which {name} does not "
+                "have; kohya sd-scripts and LyCORIS leave LoKr/LoHa weights at the base rate too"
+            )
+    if lora.use_effective_conv2d and lora.target_modules != "transformer+conv":
+        problems.append(
+            "lora.use_effective_conv2d: only changes 3x3 convolutions; use target_modules = 'transformer+conv'"
+        )
+    return problems
+
+
+def _not_default(section, key: str) -> bool:
+    return getattr(section, key) != next(f.default for f in dataclasses.fields(section) if f.name == key)
 
 
 def recipe_from_dict(data: dict, source: str = "<recipe>") -> Recipe:

@@ -18,6 +18,7 @@ from .. import adapters
 from ..errors import LorakitError
 from ..formats.files import save_adapter_files
 from ..formats.metadata import training_info
+from ..lycoris import KIND_NAMES
 from ..recipe import Recipe
 from .loop import Log, Run, fit
 from .setup import resolve_recipe, run_paths, set_up
@@ -31,7 +32,7 @@ class RunResult:
 
     run_dir: Path
     adapter: Path
-    diffusers_adapter: Path
+    diffusers_adapter: Path | None  # None for LoKr/LoHa (no diffusers layout)
     steps: int
     final_loss: float
     trainable_parameters: int
@@ -86,9 +87,9 @@ def export(run: Run, loss: float, started: datetime) -> RunResult:
             name: {n[len(name) + 1 :]: t for n, t in run.ema.shadow.items() if n.startswith(name + ".")}
             for name in models
         }
-    state = {name: adapters.extract_lora(m, ema_weights.get(name)) for name, m in models.items()}
+    state = {name: adapters.extract_adapters(m, ema_weights.get(name)) for name, m in models.items()}
     kohya_path = None if recipe.lora.use_dora else paths.kohya_adapter
-    diffusers_path = paths.diffusers_adapter
+    diffusers_path = None if recipe.lora.type != "lora" else paths.diffusers_adapter
     if run.accelerator.is_main_process:
         info = training_info(recipe, run.base.family, run.items, run.step, started)
         kohya_path, diffusers_path = save_adapter_files(
@@ -96,6 +97,11 @@ def export(run: Run, loss: float, started: datetime) -> RunResult:
         )
         if kohya_path is None:
             run.log(f"Saved {diffusers_path} (DoRA, diffusers layout: diffusers and `lorakit generate`/`merge`)")
+        elif diffusers_path is None:
+            run.log(
+                f"Saved {kohya_path} ({KIND_NAMES[recipe.lora.type]}, LyCORIS kohya layout: A1111/Forge, ComfyUI and "
+                "`lorakit generate`/`merge`; diffusers cannot load LoKr/LoHa)"
+            )
         else:
             run.log(f"Saved {kohya_path} (kohya layout: A1111/Forge, ComfyUI, diffusers) and {diffusers_path.name}")
     run.accelerator.end_training()

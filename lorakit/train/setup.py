@@ -29,6 +29,7 @@ from ..ema import AdapterEMA
 from ..errors import AdapterError, LorakitError, RecipeError
 from ..files import atomic_write_text
 from ..formats.read import FAMILY_NAMES, check_against, read_adapter_file
+from ..lycoris import KIND_NAMES
 from ..models import BaseModel, encode_prompts, is_local, load_base, resolve_base, token_count, tokenize
 from ..optim import build_lr_scheduler, build_optimizer
 from ..progress import progress_bar
@@ -220,15 +221,21 @@ def _enable_gradient_checkpointing(base: BaseModel, trained: dict[str, Any]) -> 
 
 
 def _parameter_groups(recipe: Recipe, trained: dict[str, Any]) -> list[dict[str, Any]]:
+    """One group per trained component at its learning rate; with LoRA+ the up-projections in a group of their own
+    (`<component>.up`) at `loraplus_lr_ratio` times that rate."""
     cfg = recipe.train
-    return [
-        {
-            "params": adapters.lora_parameters(m),
-            "name": name,
-            "lr": cfg.unet_lr if name == "unet" else cfg.text_encoder_lr,
-        }
-        for name, m in trained.items()
-    ]
+    groups = []
+    for name, module in trained.items():
+        lr = cfg.unet_lr if name == "unet" else cfg.text_encoder_lr
+        named = adapters.named_lora_parameters(module)
+        if cfg.loraplus_lr_ratio is None:
+            groups.append({"params": list(named.values()), "name": name, "lr": lr})
+            continue
+        up = [p for n, p in named.items() if adapters.is_up_projection(n)]
+        rest = [p for n, p in named.items() if not adapters.is_up_projection(n)]
+        groups.append({"params": rest, "name": name, "lr": lr})
+        groups.append({"params": up, "name": f"{name}.up", "lr": lr * cfg.loraplus_lr_ratio})
+    return groups
 
 
 def _fill_caches(
@@ -312,6 +319,12 @@ def _inject(recipe: Recipe, base: BaseModel, log: Log) -> dict[str, Any]:
             conv_alpha=lora.conv_alpha,
             use_dora=lora.use_dora,
             skip_layers=_unused_layers(module, recipe.model.clip_skip) if component != "unet" else (),
+            kind=lora.type,
+            lycoris_options={
+                "decompose_factor": lora.decompose_factor,
+                "decompose_both": lora.decompose_both,
+                "use_effective_conv2d": lora.use_effective_conv2d,
+            },
         )
         adapters.freeze_except_lora(module)
         cast_training_params(module)  # LoRA weights train in float32 whatever the frozen weights' dtype
@@ -321,7 +334,7 @@ def _inject(recipe: Recipe, base: BaseModel, log: Log) -> dict[str, Any]:
     trainable = sum(adapters.count_parameters(m)[0] for m in trained.values())
     total = sum(adapters.count_parameters(m)[1] for m in (base.unet, base.vae, *base.text_encoders))
     log(
-        f"LoRA modules: {', '.join(counts)}; trainable parameters: {trainable:,} of {total:,} "
+        f"{KIND_NAMES[lora.type]} modules: {', '.join(counts)}; trainable parameters: {trainable:,} of {total:,} "
         f"({100 * trainable / total:.2f}%)"
     )
     return trained
