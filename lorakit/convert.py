@@ -129,9 +129,9 @@ def inspection_lines(info: dict) -> list[str]:
     for component, entry in info["components"].items():
         lines.append(
             f"  {component}: {entry['modules']} {'/'.join(KIND_NAMES[t] for t in entry['type'].split('+'))} modules "
-            f"({entry['parameters']:,} parameters, {entry['conv_modules']} 3x3 conv"
+            f"({entry['conv_modules']} 3x3 conv"
             + (f", {entry['dora_modules']} DoRA" if entry["dora_modules"] else "")
-            + "), rank "
+            + f"), {entry['parameters']:,} parameters, rank "
             f"{'/'.join(map(str, entry['ranks']))}, alpha {'/'.join(f'{a:g}' for a in entry['alphas']) or '-'}, "
             f"update norm {entry['update_norm_total']:.4g}"
         )

@@ -115,7 +115,7 @@ def test_dora_refuses_what_cannot_be_exact(dora_run, tiny_base, tiny_dataset, tm
         assert result.exit_code == 2 and fragment in result.stderr and "Traceback" not in result.output, result.output
     assert not any(tmp_path.iterdir())
     shown = runner.invoke(app, ["inspect", str(dora_run.adapter)])
-    assert shown.exit_code == 0 and "unet: 79 modules (18 3x3 conv, 79 DoRA)" in shown.stdout, shown.output
+    assert shown.exit_code == 0 and "unet: 79 LoRA modules (18 3x3 conv, 79 DoRA)" in shown.stdout, shown.output
     recipe = make_recipe_dict(tiny_base, tiny_dataset, tmp_path / "plain", lora={"init_from": str(dora_run.adapter)})
     with pytest.raises(LorakitError, match="set lora.use_dora = true"):
         train(recipe_from_dict(recipe), quiet=True, log=lambda _: None)

@@ -269,6 +269,12 @@ def test_a_third_party_lokr_file_inspects_converts_merges_resizes_and_generates(
     half = tmp_path / "half.safetensors"
     converted = runner.invoke(app, ["convert", str(path), "--to", "kohya", "--out", str(half)])
     assert converted.exit_code == 0, converted.output
+    before, after = read_adapter_file(path).state, read_adapter_file(half).state
+    assert before.keys() == after.keys()
+    for component, modules in before.items():
+        assert modules.keys() == after[component].keys()
+        for name, module in modules.items():
+            torch.testing.assert_close(after[component][name].delta(), module.delta())
     refused = runner.invoke(app, ["convert", str(path), "--to", "diffusers", "--out", str(tmp_path / "d.safetensors")])
     assert refused.exit_code == 2 and "has no diffusers layout" in refused.output
 

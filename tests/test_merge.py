@@ -91,7 +91,8 @@ def test_third_party_kohya_file_loads_through_our_reader_with_its_alphas(third_p
 def test_inspect_reports_layout_ranks_and_metadata(trained_run):
     text = _ok(["inspect", str(trained_run.adapter)]).stdout
     assert "layout: kohya (loads in A1111/Forge, ComfyUI and diffusers)" in text
-    assert "unet: 48 modules (0 3x3 conv), rank 4, alpha 8" in text and "text_encoder: 12 modules" in text
+    assert "unet: 48 LoRA modules (0 3x3 conv), " in text and "parameters, rank 4, alpha 8" in text
+    assert "text_encoder: 12 LoRA modules" in text
     assert "weights: all finite" in text and "ss_network_dim: 4" in text
     info = json.loads(_ok(["inspect", str(trained_run.diffusers_adapter), "--json"]).stdout)
     assert info["layout"] == "diffusers" and info["components"]["unet"]["modules"] == 48
@@ -107,7 +108,8 @@ def test_damaged_and_foreign_files_name_the_first_bad_key(trained_run, tiny_base
     _fails(["inspect", str(tmp_path / "nan.safetensors")], f"{stem}.lora_down.weight: holds NaN or infinite values")
     save_file({**tensors, "lora_unet_x.hada_w1_a": torch.zeros(1)}, str(tmp_path / "loha.safetensors"))
     _fails(
-        ["convert", str(tmp_path / "loha.safetensors"), "--to", "diffusers"], "lora_unet_x.hada_w1_a: not a LoRA key"
+        ["convert", str(tmp_path / "loha.safetensors"), "--to", "diffusers"],
+        "lora_unet_x: a LoHa module without hada_w1_b and hada_w2_a and hada_w2_b",
     )
     torch.save(tensors, tmp_path / "old.pt")
     _fails(["inspect", str(tmp_path / "old.pt")], "--allow-pickle")

@@ -238,6 +238,9 @@ def _lycoris_module(path: Path, stem: str, kind: str, parts: dict, module_path: 
     if unknown:
         raise AdapterError(f"{path}: {stem}.{unknown[0]}: not a {KIND_NAMES[kind]} key (expected {', '.join(names)})")
     factors = {name: parts[name].float() for name in names if name in parts}
+    missing = _missing_factors(kind, factors)
+    if missing:
+        raise AdapterError(f"{path}: {stem}: a {KIND_NAMES[kind]} module without {' and '.join(missing)}")
     for name, tensor in factors.items():
         if not torch.isfinite(tensor).all():
             raise AdapterError(f"{path}: {stem}.{name}: holds NaN or infinite values; the file is damaged")
@@ -250,6 +253,20 @@ def _lycoris_module(path: Path, stem: str, kind: str, parts: dict, module_path: 
     except (KeyError, ValueError, RuntimeError) as err:
         raise AdapterError(f"{path}: {stem}: the {KIND_NAMES[kind]} factors do not fit together ({err})") from None
     return module
+
+
+def _missing_factors(kind: str, factors: dict) -> list[str]:
+    """The tensors a LoKr/LoHa module needs and lacks (each Kronecker factor whole or as an _a/_b pair)."""
+    if kind == "loha":
+        needed = ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"]
+        if "hada_t1" in factors or "hada_t2" in factors:
+            needed += ["hada_t1", "hada_t2"]
+        return [n for n in needed if n not in factors]
+    missing = []
+    for side in ("w1", "w2"):
+        if f"lokr_{side}" not in factors:
+            missing += [n for n in (f"lokr_{side}_a", f"lokr_{side}_b") if n not in factors]
+    return missing
 
 
 def _pointwise_proj(state: LoraState) -> None:
