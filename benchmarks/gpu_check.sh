@@ -17,6 +17,9 @@
 #                    character recipe's settings: it/s and peak VRAM, lorakit vs a bare loop  <= 120 s
 #   3. sdxl-speed    real SDXL architecture, random weights, 1024 px, batch 1, the sdxl-character
 #                    recipe's settings (U-Net only, cached text, fp16 weights, 8-bit AdamW)      <= 120 s
+#   4. fast-paths    SD 1.5 at 512 px, batch 4: the recipe (8-bit AdamW) and plain AdamW (fused
+#                    kernel) with every fast path on (TF32, channels-last, SDPA; each said in the
+#                    log), AdamW with TF32 off, and torch.compile on (its first step timed)     <= 60 s
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-${OUT:-gpu-check}}"
@@ -49,6 +52,9 @@ step sd15-speed 120 python3 benchmarks/gpu_speed.py --arch sd15 --resolution 512
     --warmup 4 --out "$out/sd15-speed.md"
 step sdxl-speed 120 python3 benchmarks/gpu_speed.py --arch sdxl --resolution 1024 --batch-sizes 1 --steps 8 \
     --warmup 3 --out "$out/sdxl-speed.md"
+step fast-paths 60 python3 benchmarks/gpu_speed.py --arch sd15 --resolution 512 --batch-sizes 4 --steps 8 \
+    --warmup 3 --variants "train.optimizer=adamw;train.optimizer=adamw,train.allow_tf32=false;train.compile=true" \
+    --out "$out/fast-paths.md"
 
 echo "== tables"
 cat "$out"/*.md 2>/dev/null

@@ -106,8 +106,10 @@ def write_dataset(folder: Path, resolution: int, count: int) -> Path:
     return folder
 
 
-def _recipe(base: Path, dataset: Path, out: Path, args, batch: int, device: str) -> dict:
+def _recipe(base: Path, dataset: Path, out: Path, args, batch: int, device: str, variant: str = "") -> dict:
     import tomllib
+
+    from lorakit.recipe.validate import parse_override
 
     recipe = tomllib.loads(
         (RECIPES / ("sdxl-character.toml" if _is_sdxl(args.arch) else "character.toml")).read_text()
@@ -121,23 +123,29 @@ def _recipe(base: Path, dataset: Path, out: Path, args, batch: int, device: str)
         recipe["train"].update(mixed_precision="no", optimizer="adamw")
         recipe["model"]["weight_dtype"] = "float32"
     recipe["output"].update(folder=str(out), name="bench")
+    for override in filter(None, variant.split(",")):  # e.g. "train.compile=true,train.allow_tf32=false"
+        section, key, value = parse_override(override)
+        recipe.setdefault(section, {})[key] = value
     return recipe
 
 
-def run_lorakit(base: Path, dataset: Path, args, batch: int, device: str) -> dict:
+def run_lorakit(base: Path, dataset: Path, args, batch: int, device: str, variant: str = "") -> dict:
     from lorakit.recipe import recipe_from_dict
     from lorakit.train import train
 
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    lines: list[str] = []
     with tempfile.TemporaryDirectory() as out:
-        recipe = recipe_from_dict(_recipe(base, dataset, Path(out), args, batch, device))
-        result = train(recipe, quiet=True, log=lambda _: None)
+        recipe = recipe_from_dict(_recipe(base, dataset, Path(out), args, batch, device, variant))
+        result = train(recipe, quiet=True, log=lines.append)
         rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     times = [r["elapsed_s"] for r in rows]
     steady = (times[-1] - times[args.warmup - 1]) / (len(times) - args.warmup)
-    return {"s_per_step": steady, **_peaks(device)}
+    said = [line for line in lines if line.startswith(("attention:", "train.", "U-Net weights"))]
+    print("\n".join(f"  [{variant or 'default'}] {line}" for line in said), flush=True)
+    return {"s_per_step": steady, "first_step_s": result.startup.get("first step", float("nan")), **_peaks(device)}
 
 
 def run_bare(base: Path, args, batch: int, device: str) -> dict:
@@ -228,11 +236,20 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=None, help="Also write the table (Markdown) here.")
+    parser.add_argument(
+        "--variants",
+        default="",
+        help="Also run lorakit with these recipe overrides, ';' between variants, ',' within one "
+        "(e.g. 'train.allow_tf32=false;train.compile=true'); the table gets a row each.",
+    )
     args = parser.parse_args()
     args.warmup = min(args.warmup, args.steps - 1)
     device = args.device
-    header = "| model | px | batch | loop | it/s | s/step | ratio to bare | peak allocated GiB | peak reserved GiB |"
-    lines = [header, "|" + "---|" * 9]
+    header = (
+        "| model | px | batch | loop | it/s | s/step | ratio to bare | first step s | peak allocated GiB "
+        "| peak reserved GiB |"
+    )
+    lines = [header, "|" + "---|" * 10]
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         base = write_base(args.arch, Path(tmp) / "base", device)
@@ -240,14 +257,17 @@ def main() -> None:
         for batch in [int(b) for b in args.batch_sizes.split(",")]:
             dataset = write_dataset(Path(tmp) / f"data{batch}", args.resolution, max(8, 2 * batch))
             bare = run_bare(base, args, batch, device)
-            ours = run_lorakit(base, dataset, args, batch, device)
-            for name, row in (("bare", bare), ("lorakit", ours)):
+            rows = [("bare", bare), ("lorakit", run_lorakit(base, dataset, args, batch, device))]
+            for variant in filter(None, args.variants.split(";")):
+                rows.append((f"lorakit {variant}", run_lorakit(base, dataset, args, batch, device, variant)))
+            for name, row in rows:
                 lines.append(
                     f"| {args.arch} | {args.resolution} | {batch} | {name} | {1 / row['s_per_step']:.2f} | "
                     f"{row['s_per_step']:.3f} | {row['s_per_step'] / bare['s_per_step']:.2f} | "
+                    f"{row.get('first_step_s', float('nan')):.1f} | "
                     f"{row['peak_allocated_gib']:.2f} | {row['peak_reserved_gib']:.2f} |"
                 )
-            print("\n".join(lines[-2:]), flush=True)
+                print(lines[-1], flush=True)
     table = "\n".join(lines)
     print(table)
     if args.out:

@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,11 +36,11 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _recipe(args, cache: bool, out: Path) -> dict:
+def _recipe(args, cache: bool, out: Path, text_encoder: bool) -> dict:
     return {
         "model": {"base": args.base},
         "data": {"folder": args.dataset, "resolution": args.resolution},
-        "lora": {"rank": args.rank, "lora_alpha": args.rank},
+        "lora": {"rank": args.rank, "lora_alpha": args.rank, "train_text_encoder": text_encoder},
         "train": {
             "max_steps": args.steps,
             "batch_size": args.batch_size,
@@ -51,18 +52,21 @@ def _recipe(args, cache: bool, out: Path) -> dict:
     }
 
 
-def run_lorakit(args, cache: bool) -> dict:
+def run_lorakit(args, cache: bool, text_encoder: bool) -> dict:
     from lorakit.recipe import recipe_from_dict
     from lorakit.train import train
 
     with tempfile.TemporaryDirectory() as out:
-        result = train(recipe_from_dict(_recipe(args, cache, Path(out))), quiet=True, log=lambda _: None)
+        recipe = recipe_from_dict(_recipe(args, cache, Path(out), text_encoder))
+        result = train(recipe, quiet=True, log=lambda _: None)
         rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
-    warm = rows[args.warmup - 1]["elapsed_s"]
-    return {"s_per_step": (rows[-1]["elapsed_s"] - warm) / (len(rows) - args.warmup)}
+    elapsed = [row["elapsed_s"] for row in rows]
+    steps = [b - a for a, b in zip(elapsed[args.warmup - 1 :], elapsed[args.warmup :], strict=False)]
+    startup = sum(v for k, v in result.startup.items() if k != "first step")
+    return {"s_per_step": statistics.median(steps), "startup_s": startup}
 
 
-def run_loop(args, naive: bool) -> dict:
+def run_loop(args, naive: bool, trains_text: bool = True) -> dict:
     """The floor ("bare": one fixed batch of latents) or the common example-script loop ("naive": every step loads
     the images, encodes them with the VAE and tokenizes the captions)."""
     import torch
@@ -74,19 +78,21 @@ def run_loop(args, naive: bool) -> dict:
     from lorakit.recipe import DataSection
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel.from_pretrained(args.base, subfolder="unet")
-    text_encoder = CLIPTextModel.from_pretrained(args.base, subfolder="text_encoder")
+    unet = UNet2DConditionModel.from_pretrained(args.base, subfolder="unet").requires_grad_(False)
+    text_encoder = CLIPTextModel.from_pretrained(args.base, subfolder="text_encoder").requires_grad_(False)
     tokenizer = CLIPTokenizer.from_pretrained(args.base, subfolder="tokenizer")
     vae = AutoencoderKL.from_pretrained(args.base, subfolder="vae").requires_grad_(False)
-    for component, module in (("unet", unet), ("text_encoder", text_encoder)):
-        module.requires_grad_(False)
+    adapted = [("unet", unet)] + ([("text_encoder", text_encoder)] if trains_text else [])
+    for component, module in adapted:
         inject_lora(module, component, rank=args.rank, lora_alpha=args.rank, dropout=0.0, target_modules="transformer")
-    optimizer = torch.optim.AdamW(lora_parameters(unet) + lora_parameters(text_encoder), lr=1e-4)
+    optimizer = torch.optim.AdamW([p for _, m in adapted for p in lora_parameters(m)], lr=1e-4)
     multiple = 2 ** (len(vae.config.block_out_channels) - 1) * 2 ** (len(unet.config.block_out_channels) - 1)
     items = load_items(DataSection(folder=args.dataset, resolution=args.resolution), multiple)
     with torch.no_grad():
         fixed = vae.encode(torch.stack([load_pixels(items[0], False)] * args.batch_size)).latent_dist.mean
     fixed_ids = tokenizer([items[0].caption] * args.batch_size, padding="max_length", return_tensors="pt").input_ids
+    with torch.no_grad():
+        fixed_hidden = text_encoder(fixed_ids)[0]
     times = []
     for step in range(args.steps):
         start = time.perf_counter()
@@ -100,7 +106,7 @@ def run_loop(args, naive: bool) -> dict:
             ).input_ids
         else:
             latents, ids = fixed, fixed_ids
-        hidden = text_encoder(ids)[0]
+        hidden = text_encoder(ids)[0] if trains_text or naive else fixed_hidden
         timesteps = torch.randint(0, 1000, (args.batch_size,))
         loss = torch.nn.functional.mse_loss(
             unet(latents, timesteps, encoder_hidden_states=hidden).sample, torch.randn_like(latents)
@@ -109,26 +115,82 @@ def run_loop(args, naive: bool) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
-    steady = times[args.warmup :]
-    return {"s_per_step": sum(steady) / len(steady)}
+    return {"s_per_step": statistics.median(times[args.warmup :])}
 
 
-CONFIGURATIONS = (
-    "bare forward/backward",
-    "naive (VAE + tokenizer every step)",
-    "lorakit (cached latents)",
-    "lorakit (VAE every step)",
-)
+def run_interleaved(args, text_encoder: bool) -> dict:
+    """lorakit's step and the bare step on the very same modules in one process, in alternating blocks of ten:
+    the ratio without the process-to-process spread of a shared machine."""
+    import torch
+
+    from lorakit.models import tokenize
+    from lorakit.recipe import recipe_from_dict
+    from lorakit.train.loop import optimizer_step
+    from lorakit.train.setup import set_up
+
+    with tempfile.TemporaryDirectory() as out:
+        settings = _recipe(args, True, Path(out), text_encoder)
+        settings["train"]["max_steps"] = 10_000
+        run = set_up(recipe_from_dict(settings), overwrite=False, resume=None, quiet=True, log=lambda _: None)
+        unet, encoder = run.models["unet"], run.models.get("text_encoder", run.base.text_encoders[0])
+        optimizer = torch.optim.AdamW([p for group in run.optimizer.param_groups for p in group["params"]], lr=1e-5)
+        mean, _ = run.cache.get(0, False)
+        latents = torch.randn(args.batch_size, *mean.shape)
+        ids = tokenize(run.base, [run.items[0].caption] * args.batch_size)[0]
+        with torch.no_grad():
+            fixed_hidden = encoder(ids)[0]
+
+        def bare() -> None:
+            hidden = encoder(ids)[0] if text_encoder else fixed_hidden
+            timesteps = torch.randint(0, 1000, (args.batch_size,))
+            prediction = unet(latents, timesteps, encoder_hidden_states=hidden).sample
+            torch.nn.functional.mse_loss(prediction, torch.randn_like(latents)).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        times: dict[str, list[float]] = {"bare": [], "lorakit": []}
+        for _name, step in (("bare", bare), ("lorakit", lambda: optimizer_step(run))) * (args.warmup // 2 + 1):
+            step()  # warm both up
+        for _ in range(max(2, args.steps // 10)):
+            for name, step in (("bare", bare), ("lorakit", lambda: optimizer_step(run))):
+                for _ in range(10):
+                    started = time.perf_counter()
+                    step()
+                    times[name].append(time.perf_counter() - started)
+    bare_s, ours = statistics.median(times["bare"]), statistics.median(times["lorakit"])
+    return {"s_per_step": ours, "bare_s_per_step": bare_s}
+
+
+def run_imports() -> dict:
+    """The floor every process pays: the ML stack's imports (timed in `child`)."""
+    import accelerate  # noqa: F401
+    import diffusers  # noqa: F401
+    import peft  # noqa: F401
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
+    return {"s_per_step": float("nan")}
+
+
+CONFIGURATIONS = {
+    "bare, text encoder trained": lambda args: run_loop(args, naive=False, trains_text=True),
+    "bare, text encoder frozen": lambda args: run_loop(args, naive=False, trains_text=False),
+    "naive (VAE + tokenizer every step)": lambda args: run_loop(args, naive=True),
+    "lorakit cached, text encoder trained": lambda args: run_lorakit(args, True, True),
+    "lorakit cached, text encoder frozen": lambda args: run_lorakit(args, True, False),
+    "lorakit VAE every step, text trained": lambda args: run_lorakit(args, False, True),
+    "imports only": lambda args: run_imports(),
+    "one process: lorakit / bare, TE trained": lambda args: run_interleaved(args, True),
+    "one process: lorakit / bare, TE frozen": lambda args: run_interleaved(args, False),
+}
+BARE = {True: "bare, text encoder trained", False: "bare, text encoder frozen"}
 
 
 def child(args) -> None:
-    result = {
-        CONFIGURATIONS[0]: lambda: run_loop(args, naive=False),
-        CONFIGURATIONS[1]: lambda: run_loop(args, naive=True),
-        CONFIGURATIONS[2]: lambda: run_lorakit(args, True),
-        CONFIGURATIONS[3]: lambda: run_lorakit(args, False),
-    }[args.child]()
+    started = time.perf_counter()
+    result = CONFIGURATIONS[args.child](args)
     result["peak_rss_mib"] = _peak_rss_mib()
+    result["in_process_s"] = time.perf_counter() - started
     print(json.dumps(result))
 
 
@@ -174,17 +236,23 @@ def main() -> None:
         ]
         results = {}
         for name in CONFIGURATIONS:
+            began = time.perf_counter()
             out = subprocess.run(
                 [sys.executable, __file__, *forwarded, f"--child={name}"], capture_output=True, text=True, check=True
             ).stdout
             results[name] = json.loads(out.strip().splitlines()[-1])
-    bare = results["bare forward/backward"]["s_per_step"]
-    naive = results[CONFIGURATIONS[1]]["s_per_step"]
-    print(f"{'configuration':<38}{'s/step':>9}{'vs bare':>9}{'vs naive':>10}{'peak RSS MiB':>14}")
+            results[name]["wall_s"] = time.perf_counter() - began
+    naive = results["naive (VAE + tokenizer every step)"]["s_per_step"]
+    header = (
+        f"{'configuration':<40}{'s/step':>8}{'vs bare':>9}{'vs naive':>9}{'start-up s':>11}{'wall s':>8}{'RSS MiB':>9}"
+    )
+    print(header)
     for name, row in results.items():
+        bare = row.get("bare_s_per_step") or results[BARE["frozen" not in name]]["s_per_step"]
+        startup = f"{row['startup_s']:.2f}" if "startup_s" in row else "-"
         print(
-            f"{name:<38}{row['s_per_step']:>9.4f}{row['s_per_step'] / bare:>9.2f}{row['s_per_step'] / naive:>10.2f}"
-            f"{row['peak_rss_mib']:>14.0f}"
+            f"{name:<40}{row['s_per_step']:>8.4f}{row['s_per_step'] / bare:>9.2f}{row['s_per_step'] / naive:>9.2f}"
+            f"{startup:>11}{row['wall_s']:>8.1f}{row['peak_rss_mib']:>9.0f}"
         )
     print(
         json.dumps(

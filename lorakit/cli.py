@@ -100,6 +100,7 @@ def train(
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors and the result.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Also print how long each start-up phase took.")] = False,
 ) -> None:
     """Train a LoRA adapter as the recipe describes; writes <output.folder>/<output.name>/."""
     from .recipe import load_recipe
@@ -109,7 +110,9 @@ def train(
     from .train import train as run_training
 
     log = (lambda _: None) if quiet else (lambda line: typer.echo(line, err=True))
-    result = _run(lambda: run_training(parsed, overwrite=overwrite, resume=resume, quiet=quiet, log=log))
+    result = _run(
+        lambda: run_training(parsed, overwrite=overwrite, resume=resume, quiet=quiet, verbose=verbose, log=log)
+    )
     typer.echo(str(result.adapter))
 
 

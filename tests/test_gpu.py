@@ -113,3 +113,22 @@ def test_exported_adapter_reloads_in_diffusers_on_cuda(trained_run, tiny_base):
     torch.testing.assert_close(
         _unet_output(pipe.unet, torch.float32), _unet_output(in_memory, torch.float32), atol=1e-4, rtol=1e-4
     )
+
+
+def test_fast_paths_are_on_and_said(tiny_base, tiny_dataset, tmp_path):
+    """Fused AdamW, TF32 (Ampere and later), channels-last U-Net, SDPA: on by default on CUDA, each in the log; the
+    compiled U-Net trains and its compile time is reported."""
+    result, lines = _train(
+        tiny_base, tiny_dataset, tmp_path / "a", train={"optimizer": "adamw", "max_steps": 2, "compile": True}
+    )
+    text = "\n".join(lines)
+    assert "fused CUDA kernel" in text and "channels-last" in text and "CUDA kernels allowed" in text
+    if torch.cuda.get_device_capability()[0] >= 8:
+        assert "TF32 tensor cores" in text and torch.backends.cuda.matmul.allow_tf32
+    assert "train.compile: the first step, which compiled the U-Net, took" in text
+    unet = result.models["unet"]
+    conv = next(m for m in unet.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    _, lines = _train(tiny_base, tiny_dataset, tmp_path / "b", train={"max_steps": 1, "allow_tf32": False})
+    if torch.cuda.get_device_capability()[0] >= 8:
+        assert not torch.backends.cuda.matmul.allow_tf32

@@ -161,6 +161,12 @@ class TrainSection:
     """Lowest training timestep (inclusive)."""
     max_timestep: int | None = None
     """Highest training timestep (exclusive); default the scheduler's number of timesteps (1000)."""
+    allow_tf32: bool = True
+    """On Ampere and later NVIDIA GPUs, run float32 matmuls and convolutions on TF32 tensor cores (10-bit mantissa
+    inputs, float32 accumulation; the frozen weights and LoRA stay float32). Ignored elsewhere."""
+    compile: bool = False
+    """`torch.compile` the U-Net: the first step compiles (its time is logged), later steps run faster on a GPU.
+    Needs a C++ compiler on a CPU."""
     loraplus_lr_ratio: float | None = None
     """LoRA+ (Hayou et al. 2024, arXiv:2402.12354): the up-projections (`lora_B`) learn at this many times the
     learning rate (16 is the paper's choice); unset is off. LoRA only: kohya sd-scripts and LyCORIS apply the ratio

@@ -7,6 +7,7 @@ and their metadata are `lorakit.formats`'. The run folder's layout is `lorakit.c
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,18 +38,26 @@ class RunResult:
     final_loss: float
     trainable_parameters: int
     models: dict[str, Any]  # the trained modules (with their peft adapters), by component name
+    startup: dict[str, float] = dataclasses.field(default_factory=dict)  # seconds per phase up to the first step
 
 
 def train(
-    recipe: Recipe, *, overwrite: bool = False, resume: str | None = None, quiet: bool = False, log: Log = print
+    recipe: Recipe,
+    *,
+    overwrite: bool = False,
+    resume: str | None = None,
+    quiet: bool = False,
+    verbose: bool = False,
+    log: Log = print,
 ) -> RunResult:
     """Train the LoRA described by `recipe` and write its run folder (docs/ARCHITECTURE.md has the layout).
 
-    `resume` is `"latest"` or a checkpoint folder of the same run folder.
+    `resume` is `"latest"` or a checkpoint folder of the same run folder; `verbose` logs the start-up phases.
     """
     started = datetime.now(UTC)
     try:
         run = set_up(recipe, overwrite=overwrite, resume=resume, quiet=quiet, log=log)
+        run.verbose = verbose
         loss = fit(run)
         return export(run, loss, started)
     except torch.OutOfMemoryError as err:
@@ -106,4 +115,7 @@ def export(run: Run, loss: float, started: datetime) -> RunResult:
             run.log(f"Saved {kohya_path} (kohya layout: A1111/Forge, ComfyUI, diffusers) and {diffusers_path.name}")
     run.accelerator.end_training()
     trainable = sum(p.numel() for p in run.named_trainable().values())
-    return RunResult(paths.folder, kohya_path or diffusers_path, diffusers_path, run.step, loss, trainable, models)
+    startup = dict(run.phases.seconds) if run.phases is not None else {}
+    return RunResult(
+        paths.folder, kohya_path or diffusers_path, diffusers_path, run.step, loss, trainable, models, startup
+    )

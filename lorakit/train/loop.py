@@ -66,6 +66,9 @@ class Run:
     step: int = 0
     micro: int = 0
     held_out: list[Item] = dataclasses.field(default_factory=list)  # `[validation] folder`'s items
+    phases: Any = None  # setup.Phases: the wall time of each phase up to the first step
+    token_cache: dict[str, list[Any]] = dataclasses.field(default_factory=dict)  # caption -> ids per tokenizer
+    verbose: bool = False
 
     @property
     def device(self) -> Any:
@@ -105,14 +108,26 @@ def text_conditioning(run: Run, captions: list[str]) -> dict[str, Any]:
 
     if run.text_cache is not None:
         keys = run.text_cache[captions[0]].keys()
-        return {k: torch.stack([run.text_cache[c][k] for c in captions]).to(run.device) for k in keys}
+        return {k: to_device(torch.stack([run.text_cache[c][k] for c in captions]), run.device) for k in keys}
     recipe = run.recipe
-    ids = [t.to(run.device) for t in tokenize(run.base, captions, recipe.data.max_token_length)]
+    ids = [to_device(t, run.device) for t in token_ids(run, captions)]
     text_encoders = [
         run.models.get(n, m) for n, m in zip(run.base.text_encoder_names, run.base.text_encoders, strict=True)
     ]
     with torch.set_grad_enabled(recipe.lora.train_text_encoder), run.accelerator.autocast():
         return encode_prompts(dataclasses.replace(run.base, text_encoders=text_encoders), ids, recipe.model.clip_skip)
+
+
+def token_ids(run: Run, captions: list[str]) -> list[Any]:
+    """Token ids of a batch's captions, per tokenizer; each distinct caption is tokenized once per run."""
+    cache = run.token_cache
+    missing = [c for c in dict.fromkeys(captions) if c not in cache]
+    if missing:
+        if len(cache) > 50_000:  # shuffled or dropped-out captions can be many: keep memory bounded
+            cache.clear()
+        for caption, *ids in zip(missing, *tokenize(run.base, missing, run.recipe.data.max_token_length), strict=True):
+            cache[caption] = ids
+    return [torch.stack([cache[c][k] for c in captions]) for k in range(len(run.base.tokenizers))]
 
 
 def unet_conditioning(run: Run, captions: list[str], items: list[Item], flips: list[bool]) -> dict[str, Any]:
@@ -151,17 +166,25 @@ def _micro_batch_loss(run: Run, batch: list[int]) -> Any:
     weights = weights * torch.tensor([run.items[i].loss_weight for i in batch])
     conditioning = unet_conditioning(run, captions, [run.items[i] for i in batch], flips)
     with run.accelerator.autocast():
-        prediction = run.models["unet"](noisy.to(run.device), timesteps.to(run.device), **conditioning).sample
+        prediction = run.models["unet"](to_device(noisy, run.device), to_device(timesteps, run.device), **conditioning)
     return objective.diffusion_loss(
-        prediction, target.to(run.device), weights.to(run.device), cfg.loss_type, cfg.huber_c
+        prediction.sample, to_device(target, run.device), to_device(weights, run.device), cfg.loss_type, cfg.huber_c
     )
+
+
+def to_device(tensor: Any, device: Any) -> Any:
+    """A CPU-made batch tensor on the training device: on CUDA through pinned memory, without waiting for the copy
+    (the stream orders it before the kernels that read it)."""
+    if getattr(device, "type", str(device)) != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def optimizer_step(run: Run) -> float:
     """Accumulate `gradient_accumulation_steps` micro-batches and take one optimizer step; returns the loss."""
 
     cfg, accelerator = run.recipe.train, run.accelerator
-    accumulation, total = cfg.gradient_accumulation_steps, 0.0
+    accumulation, total = cfg.gradient_accumulation_steps, torch.zeros((), device=run.device)
     with ExitStack() as no_sync:
         for k in range(accumulation):
             if k < accumulation - 1:  # only the last micro-batch all-reduces gradients
@@ -169,7 +192,7 @@ def optimizer_step(run: Run) -> float:
                     no_sync.enter_context(accelerator.no_sync(module))
             loss = _micro_batch_loss(run, run.stream.next())
             accelerator.backward(loss / accumulation)
-            total += loss.detach().item() / accumulation
+            total += loss.detach() / accumulation  # no host sync inside the accumulation loop
             run.micro += 1
             if k == accumulation - 2:
                 no_sync.close()
@@ -181,7 +204,7 @@ def optimizer_step(run: Run) -> float:
     run.step += 1
     if run.ema is not None:
         run.ema.update(run.step)
-    return accelerator.reduce(torch.tensor(total, device=run.device), "mean").item()
+    return accelerator.reduce(total, "mean").item()  # the one sync per step: the loss is checked and logged
 
 
 def save(run: Run) -> Path:
@@ -294,7 +317,17 @@ def fit(run: Run) -> float:
     loss, start = float("nan"), time.monotonic()
     with progress_bar("Training", cfg.max_steps - run.step, quiet=run.quiet) as bar:
         while run.step < cfg.max_steps:
+            first = run.phases is not None and "first step" not in run.phases.seconds
             loss = optimizer_step(run)
+            if first:
+                run.phases.done("first step")
+                if cfg.compile:
+                    took = run.phases.seconds["first step"]
+                    run.log(f"train.compile: the first step, which compiled the U-Net, took {took:.1f} s")
+                if run.verbose:
+                    run.log("Start-up (end of imports to the end of the first step):")
+                    for line in run.phases.lines():
+                        run.log(line)
             if not math.isfinite(loss):
                 raise LorakitError(
                     f"training diverged: the loss is {loss} at step {run.step}; lower "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -120,15 +121,18 @@ def _check_prepared_resolution(recipe: Recipe, log: Log) -> None:
 def set_up(recipe: Recipe, *, overwrite: bool, resume: str | None, quiet: bool, log: Log) -> Run:
     """Everything before the first step: base, items, adapters, optimizer, caches, run folder, resumed state."""
 
+    phases = Phases()
     paths = run_paths(recipe)
     checkpoint = find_checkpoint(paths.folder, resume) if resume else None
     if checkpoint is None:
         check_run_folder(paths.folder, overwrite)
     precision, weight_dtype = _precision(recipe, log)
     base = _load_base(recipe, weight_dtype, log)
+    phases.done("load base model")
     recipe = resolve_recipe(recipe, base)
     cfg = recipe.train
     accelerator = _accelerator(precision, paths.folder)
+    phases.done("accelerate set-up")
     say = log if accelerator.is_main_process else (lambda _: None)
     quiet = quiet or not accelerator.is_main_process
     if recipe.prior and accelerator.is_main_process:
@@ -136,6 +140,7 @@ def set_up(recipe: Recipe, *, overwrite: bool, resume: str | None, quiet: bool, 
     accelerator.wait_for_everyone()
     _check_prepared_resolution(recipe, say)
     items = _load_all_items(recipe, base, say)
+    phases.done("read dataset")
     if base.family == "sdxl":
         _state_sdxl_choices(recipe, items, say)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -144,13 +149,18 @@ def set_up(recipe: Recipe, *, overwrite: bool, resume: str | None, quiet: bool, 
     trained = _inject(recipe, base, say)
     if cfg.gradient_checkpointing:
         _enable_gradient_checkpointing(base, trained)
+    _speed_settings(recipe, base, trained, accelerator.device, say)
     optimizer = build_optimizer(cfg, _parameter_groups(recipe, trained))
+    if getattr(optimizer, "defaults", {}).get("fused"):
+        say("train.optimizer: AdamW with PyTorch's fused CUDA kernel (one kernel for every parameter)")
     lr_scheduler = build_lr_scheduler(cfg, optimizer)
+    phases.done("adapters and optimizer")
     if accelerator.is_main_process and checkpoint is None:
         create_run_folder(paths.folder, overwrite)
     accelerator.wait_for_everyone()
     held_out = held_out_items(recipe, base)
     cache, text_cache = _fill_caches(recipe, base, items, held_out, accelerator.device, say, quiet)
+    phases.done("latent and text caches")
     prepared = accelerator.prepare(*trained.values(), optimizer)
     models = dict(zip(trained, prepared[:-1], strict=True))
     for module in models.values():
@@ -180,7 +190,28 @@ def set_up(recipe: Recipe, *, overwrite: bool, resume: str | None, quiet: bool, 
         atomic_write_text(paths.recipe, dump_recipe(recipe))
     if accelerator.log_with:
         accelerator.init_trackers("tensorboard")
+    phases.done("prepare, resume and trackers")
+    run.phases = phases
     return run
+
+
+class Phases:
+    """Wall time of each phase before the first step (`lorakit train --verbose` prints them)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def done(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = now - self._last
+        self._last = now
+
+    def lines(self) -> list[str]:
+        total = sum(self.seconds.values())
+        return [f"  {seconds:7.3f} s  {name}" for name, seconds in self.seconds.items()] + [
+            f"  {total:7.3f} s  in all"
+        ]
 
 
 def _state_sdxl_choices(recipe: Recipe, items: list[Item], log: Log) -> None:
@@ -259,6 +290,44 @@ def _fill_caches(
         for module in base.text_encoders:
             module.to("cpu")
     return cache, text_cache
+
+
+def _speed_settings(recipe: Recipe, base: BaseModel, trained: dict[str, Any], device: Any, log: Log) -> None:
+    """The fast paths that are safe on this device, each said in the log; and what a CPU run costs."""
+    cfg = recipe.train
+    processors = sorted({type(p).__name__ for p in base.unet.attn_processors.values()})
+    text = sorted({str(getattr(m.config, "_attn_implementation", "eager")) for m in base.text_encoders})
+    allowed = ""
+    if device.type == "cuda":
+        kernels = (
+            ("flash", torch.backends.cuda.flash_sdp_enabled()),
+            ("memory-efficient", torch.backends.cuda.mem_efficient_sdp_enabled()),
+            ("cuDNN", torch.backends.cuda.cudnn_sdp_enabled()),
+            ("math", torch.backends.cuda.math_sdp_enabled()),
+        )
+        allowed = f"; CUDA kernels allowed: {', '.join(n for n, on in kernels if on)} (torch picks one per call)"
+    kinds = f"U-Net {'/'.join(processors)}, text encoder {'/'.join(text)}"
+    log(f"attention: {kinds} (scaled_dot_product_attention){allowed}")
+    if device.type == "cuda":
+        for module in trained.values():
+            module.to(device)  # before the optimizer is built, so AdamW can use its fused CUDA kernel
+        if torch.cuda.get_device_capability(device)[0] >= 8:
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.allow_tf32
+            log(
+                "train.allow_tf32: float32 matmuls and convolutions on TF32 tensor cores (Ampere or later)"
+                if cfg.allow_tf32
+                else "train.allow_tf32 = false: float32 matmuls in full float32 (slower on this GPU)"
+            )
+        base.unet.to(memory_format=torch.channels_last)
+        log("U-Net weights in channels-last memory format (faster convolutions on CUDA)")
+    elif cfg.optimizer == "adamw8bit":
+        log(
+            "train.optimizer: adamw8bit on a CPU keeps its promise (8-bit state) but each step costs about 6x AdamW's "
+            '(0.70 s vs 0.11 s for SD 1.5\'s rank-16 LoRA on one core); "adamw" is faster here if memory allows'
+        )
+    if cfg.compile:
+        base.unet.compile()
+        log("train.compile: the U-Net is compiled with torch.compile during the first step")
 
 
 def _precision(recipe: Recipe, log: Log) -> tuple[str, str]:
