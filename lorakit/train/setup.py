@@ -326,7 +326,7 @@ def _speed_settings(recipe: Recipe, base: BaseModel, trained: dict[str, Any], de
             '(0.70 s vs 0.11 s for SD 1.5\'s rank-16 LoRA on one core); "adamw" is faster here if memory allows'
         )
     if cfg.compile:
-        base.unet.compile()
+        base.unet.compile(dynamic=False)  # one graph per bucket shape; dynamic shapes trip inductor on CPU
         log("train.compile: the U-Net is compiled with torch.compile during the first step")
 
 
