@@ -1,14 +1,22 @@
-"""Seconds per optimizer step and peak RSS: lorakit with and without latent caching vs a bare loop.
+"""Seconds per optimizer step, start-up, wall time and peak memory: lorakit against a bare loop and a naive one.
 
-Run by hand (not part of the test suite):
+Run by hand (not part of the test suite), e.g. the two tables in the README:
 
-    python benchmarks/train_speed.py [--base DIR|toy] [--steps 30] [--resolution 128] [--batch-size 2]
+    OMP_NUM_THREADS=1 python benchmarks/train_speed.py --base toy --resolution 16 --batch-size 8 --steps 40
+    OMP_NUM_THREADS=1 python benchmarks/train_speed.py --resolution 128 --batch-size 8 --steps 30
 
-Each configuration runs in its own process, so its peak RSS is its own. Without `--base` a tiny
-SD 1.x-shaped model is built. "bare" is the floor any trainer pays: LoRA on the same U-Net and
-text encoder, one fixed batch of latents and token ids, forward + backward + AdamW step, nothing
-else; "naive" is what the common example scripts do: load the images, encode them with the VAE and
-tokenize the captions every step. Steady-state time per step excludes the first `--warmup` steps.
+Each configuration runs in its own process, so its peak RSS and wall time are its own. Without `--base` a
+tiny SD 1.x-shaped model is built; `--base toy` uses the toy world's base (16 px is its own resolution).
+"bare" is the floor any trainer pays: LoRA on the same U-Net (and text encoder, when it is trained), one
+fixed batch of latents and token ids (or text embeddings, when the encoder is frozen), forward + backward +
+AdamW step, nothing else; "naive" is what the common example scripts do: load the images, encode them with
+the VAE and tokenize the captions every step. The steady step is the median after `--warmup` steps (one slow
+step on a shared machine does not move it). The "one process" rows alternate lorakit's step and the bare step
+on the very same modules in blocks of ten. "start-up" is lorakit's time from the end of imports to the first
+step (model load, adapters, optimizer, cache check, accelerate); "imports only" is the floor every process
+pays before it. Run with OMP_NUM_THREADS=1 on a 2-core machine: configurations run one after the other. On a
+machine with CUDA every loop runs there (lorakit picks it by itself; the loops follow, with TF32 set as
+lorakit's default sets it), and the table adds it/s and each configuration's peak VRAM.
 """
 
 from __future__ import annotations
@@ -30,6 +38,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+
+def _device():
+    """Where the loops run: CUDA when there is one (lorakit's own runs pick it too), else the CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    if torch.cuda.get_device_capability()[0] >= 8:  # what lorakit's train.allow_tf32 default does, for fairness
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return torch.device("cuda")
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _peak_vram_gib() -> float:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
 
 
 def _peak_rss_mib() -> float:
@@ -85,12 +117,17 @@ def run_loop(args, naive: bool, trains_text: bool = True) -> dict:
     adapted = [("unet", unet)] + ([("text_encoder", text_encoder)] if trains_text else [])
     for component, module in adapted:
         inject_lora(module, component, rank=args.rank, lora_alpha=args.rank, dropout=0.0, target_modules="transformer")
+    device = _device()
+    for module in (unet, text_encoder, vae):
+        module.to(device)
     optimizer = torch.optim.AdamW([p for _, m in adapted for p in lora_parameters(m)], lr=1e-4)
     multiple = 2 ** (len(vae.config.block_out_channels) - 1) * 2 ** (len(unet.config.block_out_channels) - 1)
     items = load_items(DataSection(folder=args.dataset, resolution=args.resolution), multiple)
     with torch.no_grad():
-        fixed = vae.encode(torch.stack([load_pixels(items[0], False)] * args.batch_size)).latent_dist.mean
-    fixed_ids = tokenizer([items[0].caption] * args.batch_size, padding="max_length", return_tensors="pt").input_ids
+        pixels = torch.stack([load_pixels(items[0], False)] * args.batch_size).to(device)
+        fixed = vae.encode(pixels).latent_dist.mean
+    ids = tokenizer([items[0].caption] * args.batch_size, padding="max_length", return_tensors="pt").input_ids
+    fixed_ids = ids.to(device)
     with torch.no_grad():
         fixed_hidden = text_encoder(fixed_ids)[0]
     times = []
@@ -99,21 +136,22 @@ def run_loop(args, naive: bool, trains_text: bool = True) -> dict:
         if naive:
             batch = [items[(step * args.batch_size + k) % len(items)] for k in range(args.batch_size)]
             with torch.no_grad():
-                pixels = torch.stack([load_pixels(item, False) for item in batch])
+                pixels = torch.stack([load_pixels(item, False) for item in batch]).to(device)
                 latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
             ids = tokenizer(
                 [item.caption for item in batch], padding="max_length", truncation=True, return_tensors="pt"
-            ).input_ids
+            ).input_ids.to(device)
         else:
             latents, ids = fixed, fixed_ids
         hidden = text_encoder(ids)[0] if trains_text or naive else fixed_hidden
-        timesteps = torch.randint(0, 1000, (args.batch_size,))
+        timesteps = torch.randint(0, 1000, (args.batch_size,), device=device)
         loss = torch.nn.functional.mse_loss(
             unet(latents, timesteps, encoder_hidden_states=hidden).sample, torch.randn_like(latents)
         )
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        _sync(device)
         times.append(time.perf_counter() - start)
     return {"s_per_step": statistics.median(times[args.warmup :])}
 
@@ -135,14 +173,15 @@ def run_interleaved(args, text_encoder: bool) -> dict:
         unet, encoder = run.models["unet"], run.models.get("text_encoder", run.base.text_encoders[0])
         optimizer = torch.optim.AdamW([p for group in run.optimizer.param_groups for p in group["params"]], lr=1e-5)
         mean, _ = run.cache.get(0, False)
-        latents = torch.randn(args.batch_size, *mean.shape)
-        ids = tokenize(run.base, [run.items[0].caption] * args.batch_size)[0]
+        device = run.device
+        latents = torch.randn(args.batch_size, *mean.shape).to(device)
+        ids = tokenize(run.base, [run.items[0].caption] * args.batch_size)[0].to(device)
         with torch.no_grad():
             fixed_hidden = encoder(ids)[0]
 
         def bare() -> None:
             hidden = encoder(ids)[0] if text_encoder else fixed_hidden
-            timesteps = torch.randint(0, 1000, (args.batch_size,))
+            timesteps = torch.randint(0, 1000, (args.batch_size,), device=device)
             prediction = unet(latents, timesteps, encoder_hidden_states=hidden).sample
             torch.nn.functional.mse_loss(prediction, torch.randn_like(latents)).backward()
             optimizer.step()
@@ -156,6 +195,7 @@ def run_interleaved(args, text_encoder: bool) -> dict:
                 for _ in range(10):
                     started = time.perf_counter()
                     step()
+                    _sync(device)
                     times[name].append(time.perf_counter() - started)
     bare_s, ours = statistics.median(times["bare"]), statistics.median(times["lorakit"])
     return {"s_per_step": ours, "bare_s_per_step": bare_s}
@@ -190,6 +230,7 @@ def child(args) -> None:
     started = time.perf_counter()
     result = CONFIGURATIONS[args.child](args)
     result["peak_rss_mib"] = _peak_rss_mib()
+    result["peak_vram_gib"] = _peak_vram_gib()
     result["in_process_s"] = time.perf_counter() - started
     print(json.dumps(result))
 
@@ -244,15 +285,17 @@ def main() -> None:
             results[name]["wall_s"] = time.perf_counter() - began
     naive = results["naive (VAE + tokenizer every step)"]["s_per_step"]
     header = (
-        f"{'configuration':<40}{'s/step':>8}{'vs bare':>9}{'vs naive':>9}{'start-up s':>11}{'wall s':>8}{'RSS MiB':>9}"
+        f"{'configuration':<40}{'s/step':>8}{'it/s':>7}{'vs bare':>9}{'vs naive':>9}{'start-up s':>11}{'wall s':>8}"
+        f"{'RSS MiB':>9}{'VRAM GiB':>10}"
     )
     print(header)
     for name, row in results.items():
         bare = row.get("bare_s_per_step") or results[BARE["frozen" not in name]]["s_per_step"]
         startup = f"{row['startup_s']:.2f}" if "startup_s" in row else "-"
         print(
-            f"{name:<40}{row['s_per_step']:>8.4f}{row['s_per_step'] / bare:>9.2f}{row['s_per_step'] / naive:>9.2f}"
-            f"{startup:>11}{row['wall_s']:>8.1f}{row['peak_rss_mib']:>9.0f}"
+            f"{name:<40}{row['s_per_step']:>8.4f}{1 / row['s_per_step']:>7.2f}{row['s_per_step'] / bare:>9.2f}"
+            f"{row['s_per_step'] / naive:>9.2f}{startup:>11}{row['wall_s']:>8.1f}{row['peak_rss_mib']:>9.0f}"
+            f"{row.get('peak_vram_gib', float('nan')):>10.2f}"
         )
     print(
         json.dumps(
