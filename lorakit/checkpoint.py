@@ -54,12 +54,26 @@ class RunPaths:
         return diffusers if diffusers.is_file() and not kohya.is_file() else kohya
 
 
+RUN_MARKER = ".lorakit-run"  # in every run folder lorakit creates: the proof that --overwrite may remove it
+
+
+def is_run_folder(run_dir: Path) -> bool:
+    """Whether lorakit made `run_dir` (its marker, or the resolved recipe every earlier run folder holds)."""
+    return (run_dir / RUN_MARKER).is_file() or (run_dir / "recipe.resolved.toml").is_file()
+
+
 def check_run_folder(run_dir: Path, overwrite: bool) -> None:
-    """Refuse an existing run folder unless `overwrite`, and an output location that cannot be written."""
+    """Refuse an existing run folder unless `overwrite`, a folder lorakit did not make even then, and an output
+    location that cannot be written."""
     if run_dir.exists() and not overwrite:
         raise OutputError(
             f"output: run folder {run_dir} already exists; pass --overwrite to replace it "
             "or set output.name to a new name"
+        )
+    if run_dir.exists() and not (run_dir.is_dir() and is_run_folder(run_dir)):
+        raise OutputError(
+            f"output: {run_dir} exists and is not a lorakit run folder (no {RUN_MARKER}); lorakit deletes only "
+            "what it wrote, so --overwrite will not remove it: set output.name to a new name"
         )
     parent = run_dir.parent
     while not parent.exists():
@@ -75,6 +89,7 @@ def create_run_folder(run_dir: Path, overwrite: bool) -> None:
         shutil.rmtree(run_dir)
     try:
         run_dir.mkdir(parents=True)
+        (run_dir / RUN_MARKER).write_text("a lorakit run folder: `lorakit train --overwrite` may replace it\n")
     except OSError as err:
         raise OutputError(f"output.folder: cannot create {run_dir}: {err.strerror}") from None
 

@@ -134,6 +134,7 @@ def test_diffusers_file_carries_alpha_in_adapter_metadata(trained_run):
 def test_run_folder_holds_exactly_the_promised_files(trained_run):
     files = {p.name for p in trained_run.run_dir.iterdir()}
     assert files == {
+        ".lorakit-run",
         "recipe.resolved.toml",
         "run.safetensors",
         "run.diffusers.safetensors",

@@ -93,6 +93,7 @@ def test_every_case_is_kept_or_dropped_for_its_reason(prepared):
         "dropped": 6,
         "reused_from_previous_run": 0,
         "other_files_ignored": 1,
+        "foreign_images_left": 0,
     }
     assert "like photo1.png" in result.dropped["near_duplicate"][0]["detail"]
 

@@ -106,6 +106,16 @@ def _settings_key(options: PrepareOptions) -> str:
     return hashlib.sha256(json.dumps(sizing).encode()).hexdigest()[:16]
 
 
+def _written_before(out: Path) -> set[str]:
+    """The `images/...` files an earlier `prepare` into `out` wrote (its state names them, whatever its
+    settings): the only images a re-run may delete."""
+    try:
+        entries = json.loads((out / STATE).read_text(encoding="utf-8")).get("entries", {})
+    except (OSError, ValueError, AttributeError):
+        return set()
+    return {e["file_name"] for e in entries.values() if isinstance(e, dict) and isinstance(e.get("file_name"), str)}
+
+
 def _load_state(out: Path, key: str) -> dict:
     try:
         state = json.loads((out / STATE).read_text(encoding="utf-8"))
@@ -275,6 +285,11 @@ def summary_lines(report: dict) -> list[str]:
         )
     if report["duplicates_kept"]:
         lines.append(f"  kept {len(report['duplicates_kept'])} duplicates (--keep-duplicates)")
+    if counts.get("foreign_images_left"):
+        lines.append(
+            f"  left {counts['foreign_images_left']} images in {report['out']}/images that lorakit did not write "
+            "(never deleted; metadata.jsonl does not list them)"
+        )
     if counts["other_files_ignored"]:
         lines.append(f"  ignored {counts['other_files_ignored']} files that are neither images nor captions")
     lines.append("Buckets: " + ", ".join(f"{b} x{n}" for b, n in report["buckets"].items()))
@@ -392,9 +407,11 @@ def _write(
     key: str,
     buckets: tuple,
 ) -> None:
-    """Write images, then metadata/state/report atomically; finally remove images no entry names."""
+    """Write images, then metadata/state/report atomically; finally remove the images an earlier run wrote that no
+    entry names now. Images lorakit did not write are never removed, only counted in the report."""
     from .. import __version__
 
+    written_before = _written_before(out)
     try:
         (out / "images").mkdir(parents=True, exist_ok=True)
         (out / ".cache").mkdir(exist_ok=True)
@@ -444,11 +461,12 @@ def _write(
         "images": len(rows),
         "created_by": f"lorakit {__version__}",
     }
+    named = {row["file_name"] for row in rows}
+    stale = {f"images/{p.name}" for p in (out / "images").glob("*.png")} - named
+    report["counts"]["foreign_images_left"] = len(stale - written_before)
     atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
     atomic_write_text(out / "dataset.json", json.dumps(dataset, indent=2) + "\n")
     atomic_write_text(out / STATE, json.dumps({"settings": key, "entries": state}) + "\n")
     atomic_write_text(out / "metadata.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    named = {row["file_name"] for row in rows}
-    for image in (out / "images").glob("*.png"):
-        if f"images/{image.name}" not in named:
-            image.unlink()
+    for file_name in stale & written_before:
+        (out / file_name).unlink(missing_ok=True)

@@ -178,10 +178,27 @@ def _cross_checks(built: dict, problems: list[str]) -> None:
                 f"data.num_repeats: {len(data.num_repeats)} values for {len(folders)} folders; "
                 "give one per folder in data.folder, or a single number"
             )
+    output = built.get("output")
+    if output is not None:
+        problems += _run_name_problems(output.name)
     if train is not None and train.max_timestep is not None and train.max_timestep <= train.min_timestep:
         problems.append(
             f"train.max_timestep: {train.max_timestep} must be above train.min_timestep ({train.min_timestep})"
         )
+
+
+def _run_name_problems(name: str) -> list[str]:
+    """A run name is one folder name inside output.folder: never empty, `.`/`..`, or a path."""
+    if not name.strip():
+        return ['output.name: empty; name the run, e.g. output.name = "character"']
+    if name.strip() in (".", ".."):
+        return [f'output.name: {name!r} names no run folder of its own; use a name such as "character"']
+    if any(c in name for c in ("/", "\\", "\0")):
+        return [
+            f"output.name: {name!r} is a path; the run folder is output.folder/output.name, so give a plain name "
+            "(set output.folder for the location)"
+        ]
+    return []
 
 
 def _adapter_type_problems(lora, train) -> list[str]:
