@@ -68,6 +68,16 @@ class LoraModule:
     def rank(self) -> int:
         return self.down.shape[0]
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The weight shape of the module it changes (LycorisModule has the same attribute)."""
+        return (self.up.shape[0], *self.down.shape[1:])
+
+    @property
+    def numel(self) -> int:
+        """Stored values: both factors, and the DoRA magnitudes."""
+        return self.down.numel() + self.up.numel() + (self.magnitude.numel() if self.magnitude is not None else 0)
+
     def peft_magnitude(self) -> torch.Tensor | None:
         """The DoRA magnitude in peft's (and diffusers') shape: [out] for Linear, [1, out, 1, 1] for Conv2d."""
         if self.magnitude is None:
@@ -106,6 +116,12 @@ def weight_change(lora: LoraModule, weight: torch.Tensor, scale: float = 1.0) ->
     norm = (weight + delta).reshape(weight.shape[0], -1).norm(dim=1).reshape(rows)
     ratio = lora.magnitude.float().reshape(rows) / norm
     return (ratio - 1) * weight + ratio * delta
+
+
+def adapted_weight(weight: torch.Tensor, parts: list[tuple[object, float]]) -> torch.Tensor:
+    """`weight` in float32 plus every (module, scale) of `parts`' change, each as peft applies it (`weight_change`):
+    what merging bakes in and what `generate` writes into weights diffusers cannot adapt itself."""
+    return weight.float() + sum(weight_change(module, weight, scale) for module, scale in parts)
 
 
 def is_dora(state: LoraState) -> bool:

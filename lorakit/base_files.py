@@ -18,7 +18,7 @@ from typing import Any
 from safetensors import SafetensorError, safe_open
 
 from .architectures import write_sdxl_config_folder
-from .errors import ModelError
+from .errors import ModelError, first_line
 from .formats.single_file import V_PRED_KEY, ZTSNR_KEY
 
 SDXL_HUB_ID = "stabilityai/stable-diffusion-xl-base-1.0"
@@ -51,8 +51,7 @@ def read_facts(path: Path) -> FileFacts:
             keys = list(f.keys())
             input_channels = f.get_slice(_INPUT_CONV).get_shape()[1] if _INPUT_CONV in keys else None
     except (SafetensorError, OSError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelError(f"model.base: {path} is not a readable .safetensors file ({first})") from None
+        raise ModelError(f"model.base: {path} is not a readable .safetensors file ({first_line(err)})") from None
 
     def refuse(kind: str) -> ModelError:
         return ModelError(
@@ -110,8 +109,7 @@ def _read(pipeline_class: Any, path: Path, config: str, kwargs: dict) -> Any:
     try:
         return pipeline_class.from_single_file(str(path), config=config, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelError(f"model.base: cannot read {path} with the configs of {config}: {first}") from None
+        raise ModelError(f"model.base: cannot read {path} with the configs of {config}: {first_line(err)}") from None
 
 
 def _load_sdxl(path: Path, config: str | None, log: Callable[[str], None]) -> Any:

@@ -58,12 +58,10 @@ def inspect_adapter(path: str | Path, *, allow_pickle: bool = False) -> dict:
         components[component] = {
             "type": "+".join(sorted(kinds)),
             "modules": len(modules),
-            "parameters": sum(_parameters(m) for m in modules.values()),
+            "parameters": sum(m.numel for m in modules.values()),
             "ranks": sorted({lora.rank for lora in modules.values()}),
             "alphas": sorted({lora.alpha for lora in modules.values() if lora.alpha is not None}),
-            "conv_modules": sum(
-                len(_weight_shape(m)) == 4 and _weight_shape(m)[2:] != (1, 1) for m in modules.values()
-            ),
+            "conv_modules": sum(len(m.shape) == 4 and m.shape[2:] != (1, 1) for m in modules.values()),
             "dora_modules": sum(getattr(lora, "magnitude", None) is not None for lora in modules.values()),
             "update_norm_total": sum(v * v for v in norms.values()) ** 0.5,
             "update_norm_largest": [{"module": k, "norm": v} for k, v in largest],
@@ -77,16 +75,6 @@ def inspect_adapter(path: str | Path, *, allow_pickle: bool = False) -> dict:
         "metadata": adapter.metadata,
         "warnings": _loader_warnings(adapter),
     }
-
-
-def _parameters(module) -> int:
-    if isinstance(module, LycorisModule):
-        return module.numel
-    return module.down.numel() + module.up.numel() + (module.magnitude.numel() if module.magnitude is not None else 0)
-
-
-def _weight_shape(module) -> tuple[int, ...]:
-    return module.shape if isinstance(module, LycorisModule) else (module.up.shape[0], *module.down.shape[1:])
 
 
 _ATTENTION_PROJECTIONS = re.compile(r"\.(to_q|to_k|to_v|to_out\.0|q_proj|k_proj|v_proj|out_proj)$")

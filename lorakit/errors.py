@@ -5,6 +5,12 @@ be valid; the CLI prints the message on one line and exits with code 2.
 """
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type when it has none): what a one-line error quotes."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 class LorakitError(Exception):
     """A problem with the user's input or environment, explained in the message."""
 

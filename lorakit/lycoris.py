@@ -17,7 +17,7 @@ low-rank products) and is tested against peft's own layers and against the `lyco
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -60,7 +60,6 @@ class LycorisModule:
     tensors: dict[str, torch.Tensor]
     alpha: float | None
     shape: tuple[int, ...]
-    extra: dict = field(default_factory=dict)
 
     @property
     def dim(self) -> int | None:
@@ -179,14 +178,7 @@ def full_shape(kind: str, tensors: dict[str, torch.Tensor], kernel: tuple[int, i
             return (t["hada_w1_a"].shape[1], t["hada_w1_b"].shape[1], *t["hada_t1"].shape[2:])
         out, flat = t["hada_w1_a"].shape[0], t["hada_w1_b"].shape[1]
     else:
-        w1 = (
-            (t["lokr_w1"].shape[0], t["lokr_w1"].shape[1])
-            if "lokr_w1" in t
-            else (
-                t["lokr_w1_a"].shape[0],
-                t["lokr_w1_b"].shape[1],
-            )
-        )
+        w1 = tuple(t["lokr_w1"].shape) if "lokr_w1" in t else (t["lokr_w1_a"].shape[0], t["lokr_w1_b"].shape[1])
         if "lokr_t2" in t:
             w2 = (t["lokr_w2_a"].shape[1], t["lokr_w2_b"].shape[1], *t["lokr_t2"].shape[2:])
         elif "lokr_w2" in t:

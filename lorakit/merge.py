@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .adapters import LoraModule, is_dora, lycoris_kind, module_at, scaled_factors, weight_change
+from .adapters import LoraModule, adapted_weight, is_dora, lycoris_kind, module_at, scaled_factors
 from .errors import AdapterError, OutputError
 from .files import atomic_write, check_output, file_sha256
 from .formats.files import write_adapter
@@ -53,13 +53,6 @@ def refuse_dora(state: LoraState, source: str, action: str) -> None:
         )
 
 
-def _shape(module: LoraModule | LycorisModule) -> tuple[int, ...]:
-    """The weight shape a module changes."""
-    if isinstance(module, LycorisModule):
-        return module.shape
-    return (module.up.shape[0], *module.down.shape[1:])
-
-
 def _module_from_factors(up: torch.Tensor, down: torch.Tensor, shape: tuple[int, ...]) -> LoraModule:
     """A LoraModule with alpha = rank (scale folded) for a weight of `shape` (convs: down [r, in, kh, kw])."""
     rank = down.shape[0]
@@ -85,11 +78,11 @@ def _pointwise_as_linear(shape: tuple[int, ...]) -> tuple[int, ...]:
 def _common_shape(parts: list[tuple[Any, float]]) -> tuple[int, ...]:
     """The weight shape of a module several adapters change: the most specific one given (a 1x1 conv's, over the
     Linear-shaped update of a LoKr file that stores it flat)."""
-    return max((_shape(p) for p, _ in parts), key=len)
+    return max((p.shape for p, _ in parts), key=len)
 
 
 def _check_compatible(key: tuple[str, str], parts: list[tuple[LoraModule, float]]) -> None:
-    shapes = {_pointwise_as_linear(_shape(p)) for p, _ in parts}
+    shapes = {_pointwise_as_linear(p.shape) for p, _ in parts}
     if len(shapes) > 1:
         raise AdapterError(
             f"{key[0]} module {key[1]}: the adapters disagree on its shape ({sorted(shapes)}); "
@@ -186,8 +179,7 @@ def merge_into_models(models: dict[str, Any], adapters: list[Weighted]) -> int:
         for (component, path), parts in _paths(adapters).items():
             module = module_at(dict(models[component].named_modules()), path)
             weight = module.weight
-            update = sum(weight_change(lora, weight, scale) for lora, scale in parts)
-            merged = weight.float() + update
+            merged = adapted_weight(weight, parts)
             if not torch.isfinite(merged).all():
                 raise AdapterError(f"{component} module {path}: the merged weight is not finite; check the scales")
             weight.copy_(merged.to(weight.dtype))

@@ -24,7 +24,7 @@ from huggingface_hub import hf_hub_download
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .base_files import load_single_file
-from .errors import ModelError
+from .errors import ModelError, first_line
 
 LOCAL_PREFIXES = ("./", "../", "/", "~", ".\\", "..\\")
 
@@ -114,11 +114,7 @@ def _load_vae(vae: str, kwargs: dict) -> Any:
     try:
         return AutoencoderKL.from_pretrained(str(Path(vae).expanduser()) if is_local(vae) else vae, **kwargs)
     except (OSError, ValueError) as err:
-        raise ModelError(f"model.vae: cannot load {vae}: {_first_line(err)}") from None
-
-
-def _first_line(err: Exception) -> str:
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelError(f"model.vae: cannot load {vae}: {first_line(err)}") from None
 
 
 def load_base(
@@ -155,7 +151,7 @@ def load_base(
         try:
             family, unet, vae_model, text_encoders, tokenizers, scheduler = _load_folder(source, revision, vae)
         except (OSError, ValueError) as err:
-            raise ModelError(f"model.base: cannot load {base}: {_first_line(err)}") from None
+            raise ModelError(f"model.base: cannot load {base}: {first_line(err)}") from None
     if prediction_type is not None:
         scheduler.register_to_config(prediction_type=prediction_type)
     if zero_terminal_snr:  # the betas are recomputed from the config, so rebuild the scheduler
@@ -285,4 +281,4 @@ def load_pipeline(
             source, safety_checker=None, requires_safety_checker=False, **kwargs
         )
     except (OSError, ValueError) as err:
-        raise ModelError(f"model.base: cannot load {base}: {_first_line(err)}") from None
+        raise ModelError(f"model.base: cannot load {base}: {first_line(err)}") from None

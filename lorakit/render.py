@@ -22,7 +22,7 @@ from diffusers import (
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
-from .adapters import lycoris_kind, module_at
+from .adapters import adapted_weight, lycoris_kind, module_at
 from .errors import AdapterError, LorakitError
 from .files import atomic_write
 from .formats.diffusers import DOWN, MAGNITUDE, UP, diffusers_key
@@ -297,8 +297,7 @@ class WeightPatches:
     def set(self, multiplier: float) -> None:
         with torch.no_grad():
             for (component, path), (layer, original, parts) in self.targets.items():
-                update = sum(m.delta(scale * multiplier).reshape(original.shape) for m, scale in parts)
-                weight = original.float() + update
+                weight = adapted_weight(original, [(m, scale * multiplier) for m, scale in parts])
                 if not torch.isfinite(weight).all():
                     raise AdapterError(f"{component} module {path}: the adapted weight is not finite; check the scale")
                 layer.weight.copy_(weight.to(original.dtype))

@@ -349,17 +349,12 @@ def guess_family(state: LoraState, metadata: dict[str, str]) -> str:
         p.startswith(("input_blocks", "output_blocks", "middle_block")) for p in state.get("unet", {})
     ):
         return "sdxl"
-    widths = {in_features(m) for path, m in state.get("text_encoder", {}).items() if path.endswith("q_proj")}
+    widths = {m.shape[1] for path, m in state.get("text_encoder", {}).items() if path.endswith("q_proj")}
     # Without a text encoder, the U-Net's cross-attention keys show the text width.
-    widths |= {in_features(m) for path, m in state.get("unet", {}).items() if path.endswith("attn2.to_k")}
+    widths |= {m.shape[1] for path, m in state.get("unet", {}).items() if path.endswith("attn2.to_k")}
     return {frozenset({768}): "sd1", frozenset({1024}): "sd2", frozenset({2048}): "sdxl"}.get(
         frozenset(widths), "unknown"
     )
-
-
-def in_features(module: LoraModule | LycorisModule) -> int:
-    """The input width of the module an adapter module changes."""
-    return module.shape[1] if isinstance(module, LycorisModule) else module.down.shape[1]
 
 
 def check_against(state: LoraState, models: dict[str, Any], source: str) -> None:

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..errors import LorakitError
+from ..errors import LorakitError, first_line
 from ..trigger import contains_trigger
 
 FALLBACK_ENCODING = "cp1252"
@@ -76,9 +76,8 @@ class Captioner:
             self.processor = AutoProcessor.from_pretrained(source)
             self.model = AutoModelForImageTextToText.from_pretrained(source).eval()
         except (OSError, ValueError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise LorakitError(
-                f"--caption-model: cannot load {model!r}: {first}; give an image-to-text model "
+                f"--caption-model: cannot load {model!r}: {first_line(err)}; give an image-to-text model "
                 "folder or hub id such as Salesforce/blip-image-captioning-base"
             ) from None
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
