@@ -14,12 +14,13 @@
 # Steps (later issues append theirs here, each with a cap):
 #   1. gpu-tests     the `gpu` tier of the test suite (tests/test_gpu.py)                     <= 180 s
 #   2. sd15-speed    real SD 1.5 architecture, random weights, 512 px, batch 1 and 4, the
-#                    character recipe's settings: it/s and peak VRAM, lorakit vs a bare loop  <= 120 s
+#                    character recipe's settings: it/s and peak VRAM, lorakit vs a bare loop  <= 90 s
 #   3. sdxl-speed    real SDXL architecture, random weights, 1024 px, batch 1, the sdxl-character
-#                    recipe's settings (U-Net only, cached text, fp16 weights, 8-bit AdamW)      <= 120 s
+#                    recipe's settings (U-Net only, cached text, fp16 weights, 8-bit AdamW)      <= 90 s
 #   4. fast-paths    SD 1.5 at 512 px, batch 4: the recipe (8-bit AdamW) and plain AdamW (fused
 #                    kernel) with every fast path on (TF32, channels-last, SDPA; each said in the
-#                    log), AdamW with TF32 off, and torch.compile on (its first step timed)     <= 60 s
+#                    log), and AdamW with TF32 off. torch.compile is not timed here: its cold
+#                    compile outran 150 s on an H200 (the gpu tier checks that it trains)     <= 120 s
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-${OUT:-gpu-check}}"
@@ -48,12 +49,12 @@ step() {
 }
 
 step gpu-tests 180 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py
-step sd15-speed 120 python3 benchmarks/gpu_speed.py --arch sd15 --resolution 512 --batch-sizes 1,4 --steps 12 \
+step sd15-speed 90 python3 benchmarks/gpu_speed.py --arch sd15 --resolution 512 --batch-sizes 1,4 --steps 12 \
     --warmup 4 --out "$out/sd15-speed.md"
-step sdxl-speed 120 python3 benchmarks/gpu_speed.py --arch sdxl --resolution 1024 --batch-sizes 1 --steps 8 \
+step sdxl-speed 90 python3 benchmarks/gpu_speed.py --arch sdxl --resolution 1024 --batch-sizes 1 --steps 8 \
     --warmup 3 --out "$out/sdxl-speed.md"
-step fast-paths 60 python3 benchmarks/gpu_speed.py --arch sd15 --resolution 512 --batch-sizes 4 --steps 8 \
-    --warmup 3 --variants "train.optimizer=adamw;train.optimizer=adamw,train.allow_tf32=false;train.compile=true" \
+step fast-paths 120 python3 benchmarks/gpu_speed.py --arch sd15 --resolution 512 --batch-sizes 4 --steps 16 \
+    --warmup 4 --variants "train.optimizer=adamw;train.optimizer=adamw,train.allow_tf32=false" \
     --out "$out/fast-paths.md"
 
 echo "== tables"

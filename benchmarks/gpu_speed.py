@@ -14,7 +14,9 @@ token ids (or text embeddings, when the encoders are frozen), forward + backward
     python benchmarks/gpu_speed.py --arch tiny-sdxl --resolution 64 --batch-sizes 1 --steps 3 --device cpu
 
 Steady-state it/s excludes the first `--warmup` steps; peak VRAM is `torch.cuda.max_memory_allocated` of each
-configuration (reset in between), peak reserved is what the allocator held (closer to what nvidia-smi shows).
+configuration (reset in between), so lorakit's includes loading the base and filling the latent and text caches
+(the VAE and encoders at work); "steps' peak" is the training steps alone (lorakit resets the counter before its
+first step and writes it to metrics.jsonl); peak reserved is what the allocator held (closer to nvidia-smi).
 """
 
 from __future__ import annotations
@@ -145,7 +147,13 @@ def run_lorakit(base: Path, dataset: Path, args, batch: int, device: str, varian
     steady = (times[-1] - times[args.warmup - 1]) / (len(times) - args.warmup)
     said = [line for line in lines if line.startswith(("attention:", "train.", "U-Net weights"))]
     print("\n".join(f"  [{variant or 'default'}] {line}" for line in said), flush=True)
-    return {"s_per_step": steady, "first_step_s": result.startup.get("first step", float("nan")), **_peaks(device)}
+    steps_peak = rows[-1].get("max_memory_allocated_gib", float("nan"))  # reset after loading and caching
+    return {
+        "s_per_step": steady,
+        "first_step_s": result.startup.get("first step", float("nan")),
+        "steps_peak_gib": steps_peak,
+        **_peaks(device),
+    }
 
 
 def run_bare(base: Path, args, batch: int, device: str) -> dict:
@@ -215,7 +223,8 @@ def run_bare(base: Path, args, batch: int, device: str) -> dict:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     steady = times[args.warmup :]
-    return {"s_per_step": sum(steady) / len(steady), **_peaks(device)}
+    peaks = _peaks(device)
+    return {"s_per_step": sum(steady) / len(steady), "steps_peak_gib": peaks["peak_allocated_gib"], **peaks}
 
 
 def _peaks(device: str) -> dict:
@@ -246,10 +255,10 @@ def main() -> None:
     args.warmup = min(args.warmup, args.steps - 1)
     device = args.device
     header = (
-        "| model | px | batch | loop | it/s | s/step | ratio to bare | first step s | peak allocated GiB "
-        "| peak reserved GiB |"
+        "| model | px | batch | loop | it/s | s/step | ratio to bare | first step s | steps' peak GiB "
+        "| peak allocated GiB | peak reserved GiB |"
     )
-    lines = [header, "|" + "---|" * 10]
+    lines = [header, "|" + "---|" * 11]
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         base = write_base(args.arch, Path(tmp) / "base", device)
@@ -257,17 +266,18 @@ def main() -> None:
         for batch in [int(b) for b in args.batch_sizes.split(",")]:
             dataset = write_dataset(Path(tmp) / f"data{batch}", args.resolution, max(8, 2 * batch))
             bare = run_bare(base, args, batch, device)
-            rows = [("bare", bare), ("lorakit", run_lorakit(base, dataset, args, batch, device))]
-            for variant in filter(None, args.variants.split(";")):
-                rows.append((f"lorakit {variant}", run_lorakit(base, dataset, args, batch, device, variant)))
-            for name, row in rows:
+            variants = ["", *filter(None, args.variants.split(";"))]
+            for name in ["bare", *(f"lorakit {v}".strip() for v in variants)]:
+                row = bare if name == "bare" else run_lorakit(base, dataset, args, batch, device, name[8:])
                 lines.append(
                     f"| {args.arch} | {args.resolution} | {batch} | {name} | {1 / row['s_per_step']:.2f} | "
                     f"{row['s_per_step']:.3f} | {row['s_per_step'] / bare['s_per_step']:.2f} | "
-                    f"{row.get('first_step_s', float('nan')):.1f} | "
+                    f"{row.get('first_step_s', float('nan')):.1f} | {row['steps_peak_gib']:.2f} | "
                     f"{row['peak_allocated_gib']:.2f} | {row['peak_reserved_gib']:.2f} |"
                 )
                 print(lines[-1], flush=True)
+                if args.out:  # row by row, so a run stopped at its time cap still leaves what it measured
+                    args.out.write_text("\n".join(lines) + "\n")
     table = "\n".join(lines)
     print(table)
     if args.out:

@@ -22,7 +22,7 @@ from ..formats.metadata import training_info
 from ..lycoris import KIND_NAMES
 from ..recipe import Recipe
 from .loop import Log, Run, fit
-from .setup import resolve_recipe, run_paths, set_up
+from .setup import process_switches_kept, resolve_recipe, run_paths, set_up
 
 __all__ = ["RunResult", "resolve_recipe", "run_paths", "train"]
 
@@ -55,13 +55,14 @@ def train(
     `resume` is `"latest"` or a checkpoint folder of the same run folder; `verbose` logs the start-up phases.
     """
     started = datetime.now(UTC)
-    try:
-        run = set_up(recipe, overwrite=overwrite, resume=resume, quiet=quiet, log=log)
-        run.verbose = verbose
-        loss = fit(run)
-        return export(run, loss, started)
-    except torch.OutOfMemoryError as err:
-        raise LorakitError(out_of_memory_message(recipe, str(err))) from None
+    with process_switches_kept():
+        try:
+            run = set_up(recipe, overwrite=overwrite, resume=resume, quiet=quiet, log=log)
+            run.verbose = verbose
+            loss = fit(run)
+            return export(run, loss, started)
+        except torch.OutOfMemoryError as err:
+            raise LorakitError(out_of_memory_message(recipe, str(err))) from None
 
 
 def out_of_memory_message(recipe: Recipe, detail: str) -> str:

@@ -315,6 +315,13 @@ def fit(run: Run) -> float:
     validation = validation_items(run) if recipe.validation else None
     sample_every = recipe.sample.every_steps or cfg.save_every_steps
     loss, start = float("nan"), time.monotonic()
+    if run.device.type == "cuda":  # loading and caching peak apart from the training steps' peak
+        loading = torch.cuda.max_memory_allocated(run.device) / 2**30
+        run.log(
+            f"GPU memory: {loading:.2f} GiB at most while loading and caching; metrics.jsonl's "
+            "max_memory_allocated_gib is the peak of the training steps"
+        )
+        torch.cuda.reset_peak_memory_stats(run.device)
     with progress_bar("Training", cfg.max_steps - run.step, quiet=run.quiet) as bar:
         while run.step < cfg.max_steps:
             first = run.phases is not None and "first step" not in run.phases.seconds

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -290,6 +292,17 @@ def _fill_caches(
         for module in base.text_encoders:
             module.to("cpu")
     return cache, text_cache
+
+
+@contextlib.contextmanager
+def process_switches_kept() -> Iterator[None]:
+    """Put back the process-wide torch switches a run changes (TF32 for matmuls and cuDNN) when it ends, so a
+    program that calls `train` keeps its own numerics afterwards."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def _speed_settings(recipe: Recipe, base: BaseModel, trained: dict[str, Any], device: Any, log: Log) -> None:
