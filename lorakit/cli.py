@@ -6,6 +6,7 @@ never load torch (tests/test_cli.py checks it)."""
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -135,11 +136,16 @@ def prepare(
         str, typer.Option(help='Trigger word put once at the front of every caption, e.g. "ohwx person".')
     ] = "",
     resolution: Annotated[
-        int, typer.Option(min=64, help="Training resolution: buckets of about this many pixels squared.")
+        int, typer.Option(min=64, max=4096, help="Training resolution: buckets of about this many pixels squared.")
     ] = 512,
-    bucket_step: Annotated[int, typer.Option(min=1, help="Bucket sides are multiples of this (64 for SD).")] = 64,
+    bucket_step: Annotated[
+        int, typer.Option(min=1, max=512, help="Bucket sides are multiples of this (64 for SD).")
+    ] = 64,
     max_upscale: Annotated[
-        float, typer.Option(min=1.0, help="Drop images that would need more upscaling than this.")
+        float,
+        typer.Option(
+            min=1.0, max=16.0, callback=_finite, help="Drop images that would need more upscaling than this."
+        ),
     ] = 2.0,
     background: Annotated[str, typer.Option(help="Colour behind transparent pixels.")] = "white",
     keep_duplicates: Annotated[
@@ -172,7 +178,7 @@ def prepare(
         ),
     ] = False,
     workers: Annotated[
-        int | None, typer.Option(min=1, help="Worker processes for decoding (default: all cores).")
+        int | None, typer.Option(min=1, max=256, help="Worker processes for decoding (default: all cores).")
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
@@ -283,7 +289,8 @@ def merge(
         ),
     ] = None,
     rank: Annotated[
-        int | None, typer.Option(min=1, help="Merge adapters by SVD to this rank (reports the error); default exact.")
+        int | None,
+        typer.Option(min=1, max=4096, help="Merge adapters by SVD to this rank (reports the error); default exact."),
     ] = None,
     save_dtype: Annotated[
         str, typer.Option(help="dtype of a merged adapter: float16, bfloat16 or float32.")
@@ -293,12 +300,11 @@ def merge(
 ) -> None:
     """Merge adapters into a base model, or several adapters into one."""
     from .merge import merge as run_merge
-    from .merge import parse_lora_argument
 
     if save_dtype not in ("float16", "bfloat16", "float32"):
         raise typer.BadParameter(f"{save_dtype!r}: use float16, bfloat16 or float32", param_hint="--save-dtype")
     _prepare_stack()
-    loras = [parse_lora_argument(text) for text in lora]
+    loras = _lora_arguments(lora)
     log = lambda line: typer.echo(line, err=True)  # noqa: E731
     result = _run(
         lambda: run_merge(
@@ -320,7 +326,7 @@ def merge(
 @app.command()
 def resize(
     file: Annotated[Path, typer.Argument(help="Adapter file (.safetensors).")],
-    rank: Annotated[int, typer.Option(min=1, help="New rank.")],
+    rank: Annotated[int, typer.Option(min=1, max=4096, help="New rank.")],
     out: Annotated[Path | None, typer.Option(help="Output file (default: FILE.rankR.safetensors).")] = None,
     overwrite: Overwrite = False,
     allow_pickle: AllowPickle = False,
@@ -333,19 +339,51 @@ def resize(
     typer.echo(str(path))
 
 
+SEED_MAX = 2**32 - 1  # seeds are 32-bit, as in the recipe (train.seed) and kohya's tools
+SCALE_LIMIT = 100.0  # adapter strengths (--lora FILE:SCALE, --compare-scales); ComfyUI's slider spans the same
+SIZE_LIMIT = 4096  # pixels a side for generate --size
+
+
+def _finite(value: float | None) -> float | None:
+    """Option callback: NaN and infinity are not numbers a user means."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value}: give a finite number")
+    return value
+
+
 def _floats(text: str, option: str) -> tuple[float, ...]:
     try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
+        values = tuple(float(v) for v in text.split(",") if v.strip())
     except ValueError:
+        values = (math.nan,)
+    if not all(math.isfinite(v) and abs(v) <= SCALE_LIMIT for v in values):
         raise typer.BadParameter(
-            f"{text!r}: give comma-separated numbers such as 0,0.5,1", param_hint=option
-        ) from None
+            f"{text!r}: give comma-separated numbers between -{SCALE_LIMIT:g} and {SCALE_LIMIT:g} such as 0,0.5,1",
+            param_hint=option,
+        )
+    return values
+
+
+def _lora_arguments(texts: list[str] | None, option: str = "--lora") -> list[tuple[str, float]]:
+    """`FILE[:SCALE]` arguments, each scale a finite number within +-SCALE_LIMIT."""
+    from .merge import parse_lora_argument
+
+    parsed = [parse_lora_argument(text) for text in texts or []]
+    for text, (_, scale) in zip(texts or [], parsed, strict=True):
+        if not (math.isfinite(scale) and abs(scale) <= SCALE_LIMIT):
+            raise typer.BadParameter(
+                f"{text!r}: the strength after ':' must be a number between -{SCALE_LIMIT:g} and {SCALE_LIMIT:g}",
+                param_hint=option,
+            )
+    return parsed
 
 
 def _size(text: str) -> tuple[int, int]:
-    match = re.fullmatch(r"(\d+)x(\d+)", text.strip())
-    if not match:
-        raise typer.BadParameter(f"{text!r}: give WIDTHxHEIGHT such as 512x512", param_hint="--size")
+    match = re.fullmatch(r"(\d{1,5})x(\d{1,5})", text.strip())
+    if not match or max(int(match.group(1)), int(match.group(2))) > SIZE_LIMIT:
+        raise typer.BadParameter(
+            f"{text!r}: give WIDTHxHEIGHT up to {SIZE_LIMIT} a side, such as 512x512", param_hint="--size"
+        )
     return int(match.group(1)), int(match.group(2))
 
 
@@ -364,10 +402,14 @@ def generate(
         list[str] | None,
         typer.Option(help="Adapter FILE[:SCALE] (kohya or diffusers layout) or a run folder; repeat for several."),
     ] = None,
-    n: Annotated[int, typer.Option("-n", "--count", min=1, help="Images per prompt (seeds seed, seed+1, ...).")] = 1,
-    seed: Annotated[int, typer.Option(help="Seed of the first image of each prompt.")] = 0,
-    steps: Annotated[int, typer.Option(min=1, help="Denoising steps.")] = 30,
-    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale (CFG).")] = 7.0,
+    n: Annotated[
+        int, typer.Option("-n", "--count", min=1, max=1000, help="Images per prompt (seeds seed, seed+1, ...).")
+    ] = 1,
+    seed: Annotated[int, typer.Option(min=0, max=SEED_MAX, help="Seed of the first image of each prompt.")] = 0,
+    steps: Annotated[int, typer.Option(min=1, max=1000, help="Denoising steps.")] = 30,
+    guidance: Annotated[
+        float, typer.Option(min=0.0, max=100.0, callback=_finite, help="Classifier-free guidance scale (CFG).")
+    ] = 7.0,
     sampler: Annotated[str, typer.Option(help="euler, euler_a, dpmpp_2m or ddim.")] = "euler",
     size: Annotated[str, typer.Option(help="WIDTHxHEIGHT, multiples of 8.")] = "512x512",
     negative: Annotated[str, typer.Option(help="Negative prompt.")] = "",
@@ -376,15 +418,24 @@ def generate(
         typer.Option(help="Render every image at these adapter strengths, e.g. 0,0.5,1, into one labelled grid."),
     ] = None,
     init: Annotated[Path | None, typer.Option(help="img2img: start from this image.")] = None,
-    strength: Annotated[float, typer.Option(help="img2img: how much of the init image is re-drawn, (0, 1].")] = 0.5,
-    upscale: Annotated[float, typer.Option(min=1.0, help="Hires: enlarge by this factor and re-denoise.")] = 1.0,
-    hires_strength: Annotated[float, typer.Option(help="Hires: strength of the re-denoising pass, (0, 1].")] = 0.35,
+    strength: Annotated[
+        float, typer.Option(callback=_finite, help="img2img: how much of the init image is re-drawn, (0, 1].")
+    ] = 0.5,
+    upscale: Annotated[
+        float, typer.Option(min=1.0, max=4.0, callback=_finite, help="Hires: enlarge by this factor and re-denoise.")
+    ] = 1.0,
+    hires_strength: Annotated[
+        float, typer.Option(callback=_finite, help="Hires: strength of the re-denoising pass, (0, 1].")
+    ] = 0.35,
     guidance_rescale: Annotated[
-        float | None, typer.Option(help="CFG rescale (default 0.7 for v-prediction bases, else 0).")
+        float | None,
+        typer.Option(
+            min=0.0, max=1.0, callback=_finite, help="CFG rescale (default 0.7 for v-prediction bases, else 0)."
+        ),
     ] = None,
     clip_skip: Annotated[
         int | None,
-        typer.Option(min=1, help="Use the N-th last text-encoder layer (default: the run folder's, else 1)."),
+        typer.Option(min=1, max=32, help="Use the N-th last text-encoder layer (default: the run folder's, else 1)."),
     ] = None,
     config: Annotated[
         str | None,
@@ -399,7 +450,6 @@ def generate(
     """Render images with a base model and adapters: txt2img, img2img, hires, strength comparisons."""
     from .generate import GenerateOptions
     from .generate import generate as run_generate
-    from .merge import parse_lora_argument
     from .render import RenderSettings
 
     if dtype not in ("auto", "float32", "float16", "bfloat16"):
@@ -416,7 +466,7 @@ def generate(
     options = GenerateOptions(
         base=base,
         config=config,
-        loras=tuple(parse_lora_argument(t) for t in lora or []),
+        loras=tuple(_lora_arguments(lora)),
         count=n,
         seed=seed,
         settings=settings,
@@ -447,9 +497,11 @@ def toy_build(
     out: Annotated[
         Path | None, typer.Option(help="Folder of the toy base (default ~/.cache/lorakit/toy-base-v2).")
     ] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the whole build.")] = 0,
-    vae_steps: Annotated[int, typer.Option(min=1, help="VAE training steps.")] = 800,
-    unet_steps: Annotated[int, typer.Option(min=1, help="U-Net and text-encoder training steps.")] = 1200,
+    seed: Annotated[int, typer.Option(min=0, max=SEED_MAX, help="Seed of the whole build.")] = 0,
+    vae_steps: Annotated[int, typer.Option(min=1, max=1_000_000, help="VAE training steps.")] = 800,
+    unet_steps: Annotated[
+        int, typer.Option(min=1, max=1_000_000, help="U-Net and text-encoder training steps.")
+    ] = 1200,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Pretrain (or reuse) the toy base model: about 8 minutes on 2 CPU cores, once per machine."""
@@ -476,7 +528,9 @@ def demo(
     toy_base: Annotated[
         Path | None, typer.Option(help="Toy base folder (default: build or reuse the cached one).")
     ] = None,
-    steps: Annotated[int | None, typer.Option(min=1, help="Training steps (default: the toy recipe's).")] = None,
+    steps: Annotated[
+        int | None, typer.Option(min=1, max=1_000_000, help="Training steps (default: the toy recipe's).")
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """The whole path on the toy world: build the base, prepare photos of a new concept, train, compare, merge."""

@@ -8,8 +8,11 @@ makes exactly the choices the uninterrupted one would have made.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import os
 import random
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,13 +24,17 @@ from safetensors.torch import load_file, save_file
 
 from .buckets import fit_to_bucket, make_buckets, nearest_bucket
 from .errors import DatasetError
-from .files import IMAGE_SUFFIXES, atomic_write, file_sha256
+from .files import IMAGE_SUFFIXES, atomic_write
 from .trigger import with_trigger
 
 if TYPE_CHECKING:
     from .recipe import DataSection
 
 METADATA = "metadata.jsonl"
+METADATA_MAX_BYTES = 64 << 20  # a metadata.jsonl line per image: 64 MiB is ~100,000 images
+CAPTION_MAX_CHARS = 4096  # the text encoders read 77 tokens (225 with long-prompt chunking), ~1,000 characters
+IMAGE_MAX_BYTES = 256 << 20  # a 4096-px PNG is ~50 MB; a larger file is not a training photo
+PIXELS = "lanczos-centre-crop-v1"  # how load_pixels turns a file into a bucket's pixels; part of every cache key
 
 
 @dataclass(frozen=True)
@@ -46,12 +53,13 @@ class Item:
     crop: tuple[int, int] | None = None  # (left, top) of that cut in the photo resized to cover the bucket
 
 
-def _read_metadata(folder: Path) -> list[dict]:
+def _read_metadata(folder: Path) -> list[tuple[int, dict]]:
     metadata = folder / METADATA
     if not metadata.is_file():
         raise DatasetError(f"{folder}: no {METADATA}; create the dataset with `lorakit prepare PHOTOS --out {folder}`")
     rows = []
-    for number, line in enumerate(metadata.read_text(encoding="utf-8").splitlines(), start=1):
+    text = read_regular_file(metadata, folder, limit=METADATA_MAX_BYTES).decode("utf-8", errors="replace")
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -61,24 +69,61 @@ def _read_metadata(folder: Path) -> list[dict]:
         if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
             raise DatasetError(f'{metadata}:{number}: needs a "file_name" string and a "text" caption')
         if not isinstance(row.get("text", ""), str):
-            raise DatasetError(f'{metadata}:{number}: "text" must be a string, got {row["text"]!r}')
-        rows.append(row)
+            raise DatasetError(f'{metadata}:{number}: "text" must be a string, got {str(row["text"])[:40]!r}')
+        if len(row.get("text", "")) > CAPTION_MAX_CHARS:
+            raise DatasetError(
+                f"{metadata}:{number}: the caption is {len(row['text']):,} characters; at most {CAPTION_MAX_CHARS:,} "
+                "are allowed (the text encoder reads about the first 300); shorten it"
+            )
+        rows.append((number, row))
     return rows
 
 
-def _open_size(path: Path, listed_in: Path) -> tuple[int, int]:
-
+def read_regular_file(path: Path, listed_in: Path, limit: int = IMAGE_MAX_BYTES) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes; a FIFO, device or folder is refused before it is
+    opened (opening a FIFO would wait forever for a writer)."""
     try:
-        with Image.open(path) as image:
-            size = image.size
-            image.verify()
+        info = os.stat(path)
     except FileNotFoundError:
         raise DatasetError(f"{path}: listed in {listed_in} but missing") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+    except OSError as err:
+        raise DatasetError(f"{path}: cannot be read ({err.strerror}); listed in {listed_in}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise DatasetError(
+            f"{path}: not a regular file (a folder, FIFO or device); listed in {listed_in}, which may name only "
+            "image files"
+        )
+    if info.st_size > limit:
+        raise DatasetError(f"{path}: {info.st_size:,} bytes, over the {limit:,}-byte limit for one image")
+    with open(path, "rb") as f:
+        return f.read(limit + 1)[:limit]
+
+
+def _image_facts(path: Path, listed_in: Path) -> tuple[str, tuple[int, int]]:
+    """(sha256 of the bytes read, (width, height)) of an image file, checked to decode."""
+    data = read_regular_file(path, listed_in)
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            size = image.size
+            image.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as err:
         raise DatasetError(
             f"{path}: not a readable image ({err}); re-run `lorakit prepare` or remove it from {listed_in}"
         ) from None
-    return size
+    return hashlib.sha256(data).hexdigest(), size
+
+
+def _dataset_path(folder: Path, name: str, where: str) -> Path:
+    """`folder / name`, refused unless it stays inside `folder` (no absolute paths, no `..`, no link out)."""
+    relative = Path(name)
+    inside = folder.resolve()
+    path = folder / relative
+    if relative.is_absolute() or ".." in relative.parts or not path.resolve().is_relative_to(inside):
+        raise DatasetError(
+            f"{where}: file_name {name[:80]!r} points outside the dataset folder {folder}; file names are paths "
+            "relative to it, such as images/0001.png"
+        )
+    return path
 
 
 def bucket_list(resolution: int, pixel_multiple: int) -> list[tuple[int, int]]:
@@ -97,10 +142,9 @@ def load_folder(folder: Path, *, trigger: str, repeats: int, buckets: list[tuple
             "or set data.folder to your dataset"
         )
     items = []
-    for row in _read_metadata(folder):
-        path = folder / row["file_name"]
-        size = _open_size(path, folder / METADATA)
-        sha = row.get("sha256") or file_sha256(path)
+    for number, row in _read_metadata(folder):
+        path = _dataset_path(folder, row["file_name"], f"{folder / METADATA}:{number}")
+        sha, size = _image_facts(path, folder / METADATA)  # the bytes read, never the sha256 a row claims
         caption = with_trigger(row.get("text", ""), trigger)
         bucket = nearest_bucket(*size, buckets)
         original, crop = _prepared_cut(row)
@@ -153,7 +197,11 @@ def load_class_items(
     Their repeats are set so that an epoch holds about as many class samples as instance samples.
     """
     folder = Path(folder).expanduser()
-    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+    paths = (
+        sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
+        if folder.is_dir()
+        else []
+    )
     if len(paths) < count:
         raise DatasetError(
             f"prior.class_dir: {folder} holds {len(paths)} images but prior.num_class_images is "
@@ -163,10 +211,13 @@ def load_class_items(
     repeats = max(1, round(instance_samples / count))
     items = []
     for path in paths[:count]:
-        size = _open_size(path, folder)
+        sha, size = _image_facts(path, folder)
         sidecar = path.with_suffix(".txt")
-        if sidecar.is_file():
-            prompt_for_image = sidecar.read_text(encoding="utf-8").strip()
+        if sidecar.exists():
+            prompt_for_image = read_regular_file(sidecar, folder, limit=CAPTION_MAX_CHARS * 4).decode(
+                "utf-8", errors="replace"
+            )
+            prompt_for_image = prompt_for_image.strip()[:CAPTION_MAX_CHARS]
         elif isinstance(prompt, str):
             prompt_for_image = prompt
         else:
@@ -178,7 +229,7 @@ def load_class_items(
             Item(
                 path,
                 prompt_for_image,
-                file_sha256(path),
+                sha,
                 size,
                 nearest_bucket(*size, buckets),
                 repeats,
@@ -293,9 +344,15 @@ def transform_caption(caption: str, section: DataSection, rng: random.Random) ->
 
 
 def load_pixels(item: Item, flip: bool) -> torch.Tensor:
-    """The item's image resized and centre-cropped to its bucket, as a [3, H, W] tensor in [-1, 1]."""
+    """The item's image resized and centre-cropped to its bucket, as a [3, H, W] tensor in [-1, 1].
 
-    with Image.open(item.path) as image:
+    The bytes must still be those the run read at its start (their sha256): an image edited mid-run is refused
+    rather than trained on under the old one's cache key.
+    """
+    data = read_regular_file(item.path, Path(item.folder) / METADATA)
+    if hashlib.sha256(data).hexdigest() != item.sha256:
+        raise DatasetError(f"{item.path}: changed since this run read the dataset; start the run again to use it")
+    with Image.open(io.BytesIO(data)) as image:
         image = ImageOps.exif_transpose(image).convert("RGB")
         (width, height), (left, top) = fit_to_bucket(*image.size, item.bucket)
         if image.size != (width, height):
@@ -311,6 +368,7 @@ def vae_fingerprint(vae: Any) -> str:
     """A short key for the VAE's identity: its config and a sample of its weights."""
 
     digest = hashlib.sha256(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
+    digest.update(str(vae.dtype).encode())
     with torch.no_grad():
         for param in list(vae.parameters())[:: max(1, len(list(vae.parameters())) // 8)]:
             digest.update(param.detach().float().flatten()[:4096].cpu().numpy().tobytes())
@@ -320,7 +378,9 @@ def vae_fingerprint(vae: Any) -> str:
 class LatentCache:
     """VAE latent distributions (mean, std) per image, bucket and flip, in `<dataset>/.cache/latents/`.
 
-    Files are keyed by content (image sha256, bucket, VAE fingerprint), so an edited image or
+    A file's name is a hash of everything its latents depend on: the sha256 of the image bytes the run read
+    (never a hash the dataset claims), the bucket (resolution and crop follow from it and the image), the flip,
+    the VAE's fingerprint (config, weights and dtype) and how pixels are made (`PIXELS`). An edited image or
     another VAE never reuses a stale entry, and several runs share the work.
     """
 
@@ -331,7 +391,8 @@ class LatentCache:
 
     def _path(self, item: Item, flip: bool) -> Path:
         width, height = item.bucket
-        return self.folder / f"{item.sha256[:32]}_{width}x{height}_{int(flip)}_{self.fingerprint}.safetensors"
+        key = f"{item.sha256}|{width}x{height}|{int(flip)}|{self.fingerprint}|{PIXELS}"
+        return self.folder / f"{hashlib.sha256(key.encode()).hexdigest()[:40]}.safetensors"
 
     def fill(self, items: list[Item], flips: tuple[bool, ...], encode, progress=None) -> int:
         """Load or compute the latents of every item (and flip); returns how many were encoded anew."""

@@ -50,8 +50,8 @@ def test_every_problem_is_reported_with_its_key(tmp_path):
     assert "train.max_step: unknown key (did you mean 'max_steps'?)" in text
     assert "train.optimizer: 'adam' is not one of 'adamw8bit', 'adamw', 'adafactor', 'prodigy'" in text
     assert "(did you mean 'adamw'?)" in text
-    assert "train.unet_lr: 'fast' is not a number" in text
-    assert "lora.rank: 0 is below the minimum 1" in text
+    assert "train.unet_lr: 'fast' is not a finite number" in text
+    assert "lora.rank: 0 is outside 1..4096" in text
     assert "dat: unknown section (did you mean 'data'?)" in text
     assert len(lines) == 6
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import tomllib
 import types
 import typing
@@ -22,7 +23,7 @@ def _describe(tp: object) -> str:
         return " or ".join(_describe(a) for a in typing.get_args(tp) if a is not type(None))
     if typing.get_origin(tp) is list:
         return "a list of " + {str: "strings", int: "integers"}[typing.get_args(tp)[0]]
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+    return {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}.get(tp, str(tp))
 
 
 def _coerce(value: object, tp: object) -> tuple[bool, object]:
@@ -43,9 +44,13 @@ def _coerce(value: object, tp: object) -> tuple[bool, object]:
         ok = isinstance(value, list) and all(_coerce(v, element)[0] for v in value)
         return ok, value
     if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool), float(value) if isinstance(
-            value, (int, float)
-        ) else value
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return False, value
+        try:
+            converted = float(value)
+        except OverflowError:  # an integer too large for a float
+            return False, value
+        return math.isfinite(converted), converted
     if tp is int:
         return isinstance(value, int) and not isinstance(value, bool), value
     return isinstance(value, tp), value
@@ -56,55 +61,72 @@ def _suggest(name: str, choices: list[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-_RANGES: dict[str, tuple[float | None, float | None]] = {
-    "data.resolution": (8, None),
-    "data.num_repeats": (1, None),
-    "data.keep_tokens": (0, None),
+RECIPE_MAX_BYTES = 1 << 20
+STEPS_MAX = 10_000_000  # steps and step counts: far past any LoRA run, and well inside every integer type
+SEED_MAX = 2**32 - 1  # 32-bit seeds, as kohya's tools and diffusers' examples use
+
+# Every number of a recipe has a finite range (tests/test_recipe.py checks none is missing): what it is for, not
+# what a type can hold. Floats must also be finite (NaN and infinity are refused before the range).
+_RANGES: dict[str, tuple[float, float]] = {
+    "model.clip_skip": (1, 32),
+    "data.resolution": (8, 4096),
+    "data.num_repeats": (1, 10_000),
+    "data.keep_tokens": (0, 1_000),
     "data.caption_dropout": (0, 1),
-    "model.clip_skip": (1, None),
-    "lora.conv_rank": (1, None),
-    "lora.conv_alpha": (0, None),
-    "train.save_every_steps": (0, None),
-    "train.keep_checkpoints": (1, None),
-    "train.ema_decay": (0, 0.999999),
-    "train.huber_c": (0, None),
-    "train.min_timestep": (0, None),
-    "train.max_timestep": (1, None),
-    "prior.num_class_images": (1, None),
-    "prior.prior_loss_weight": (0, None),
-    "sample.every_steps": (0, None),
-    "sample.steps": (1, None),
-    "sample.guidance": (0, None),
-    "validation.every_steps": (1, None),
-    "lora.rank": (1, None),
-    "lora.lora_alpha": (0, None),
+    "lora.rank": (1, 4096),
+    "lora.lora_alpha": (0, 65_536),
     "lora.dropout": (0, 1),
-    "train.max_steps": (1, None),
-    "train.batch_size": (1, None),
-    "train.gradient_accumulation_steps": (1, None),
-    "train.unet_lr": (0, None),
-    "train.text_encoder_lr": (0, None),
-    "train.lr_warmup_steps": (0, None),
-    "train.weight_decay": (0, None),
-    "train.max_grad_norm": (0, None),
-    "train.min_snr_gamma": (0, None),
-    "train.noise_offset": (0, None),
-    "train.log_every_steps": (1, None),
+    "lora.decompose_factor": (-1, 4096),
+    "lora.conv_rank": (1, 4096),
+    "lora.conv_alpha": (0, 65_536),
+    "train.max_steps": (1, STEPS_MAX),
+    "train.batch_size": (1, 4096),
+    "train.gradient_accumulation_steps": (1, 4096),
+    "train.unet_lr": (0, 1),
+    "train.text_encoder_lr": (0, 1),
+    "train.lr_warmup_steps": (0, STEPS_MAX),
+    "train.weight_decay": (0, 10),
+    "train.max_grad_norm": (0, 1e6),
+    "train.seed": (0, SEED_MAX),
+    "train.min_snr_gamma": (0, 1_000),
+    "train.noise_offset": (0, 1),
+    "train.log_every_steps": (1, STEPS_MAX),
+    "train.save_every_steps": (0, STEPS_MAX),
+    "train.keep_checkpoints": (1, 10_000),
+    "train.ema_decay": (0, 0.999999),
+    "train.huber_c": (0, 1_000),
+    "train.min_timestep": (0, 999),
+    "train.max_timestep": (1, 1000),
     "train.loraplus_lr_ratio": (1, 1000),
-    "lora.decompose_factor": (-1, None),
+    "prior.num_class_images": (1, 100_000),
+    "prior.prior_loss_weight": (0, 1_000),
+    "sample.every_steps": (0, STEPS_MAX),
+    "sample.seed": (0, SEED_MAX),
+    "sample.steps": (1, 1000),
+    "sample.guidance": (0, 100),
+    "validation.every_steps": (1, STEPS_MAX),
+    "validation.timesteps": (0, 999),
 }
 
 
 def _check_range(key: str, value: object) -> str | None:
-    low, high = _RANGES.get(key, (None, None))
+    if key not in _RANGES:
+        return None
+    low, high = _RANGES[key]
     if isinstance(value, list):
         return next(filter(None, (_check_range(key, v) for v in value)), None)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if low is not None and value < low:
-            return f"{value} is below the minimum {low}"
-        if high is not None and value > high:
-            return f"{value} is above the maximum {high}"
+        if not low <= value <= high:
+            return f"{_short(value)} is outside {low:g}..{high:g}"
     return None
+
+
+def _short(value: object) -> str:
+    """A value for a message, cut to 40 characters (a 5,000-digit number is not worth echoing)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**30:
+        return f"a number of about {int(value.bit_length() * 0.30103) + 1} digits"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _build_section(name: str, cls: type, raw: object, problems: list[str]):
@@ -127,7 +149,7 @@ def _build_section(name: str, cls: type, raw: object, problems: list[str]):
                 for c in typing.get_args(a)
             ]
             hint = _suggest(value, choices) if isinstance(value, str) else ""
-            problems.append(f"{name}.{key}: {value!r} is not {_describe(hints[key])}{hint}")
+            problems.append(f"{name}.{key}: {_short(value)} is not {_describe(hints[key])}{hint}")
             continue
         out_of_range = _check_range(f"{name}.{key}", converted)
         if out_of_range:
@@ -154,7 +176,7 @@ def parse_override(text: str) -> tuple[str, str, object]:
         raise RecipeError(f"--set {text!r}: expected section.key=value, e.g. --set train.max_steps=500")
     try:
         parsed = tomllib.loads(f"v = {value.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, ValueError, RecursionError):  # ValueError: an integer past 4,300 digits
         parsed = value.strip()
     return section, name, parsed
 
@@ -261,10 +283,19 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{path}: recipe not found; pass a .toml file such as recipes/character.toml")
+    if path.stat().st_size > RECIPE_MAX_BYTES:
+        raise RecipeError(
+            f"{path}: {path.stat().st_size:,} bytes is not a recipe (they are a few KB; the limit is "
+            f"{RECIPE_MAX_BYTES:,}); pass a .toml file such as recipes/character.toml"
+        )
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise RecipeError(f"{path}: not valid TOML: {err}") from None
+    except ValueError as err:  # an integer past Python's 4,300-digit conversion limit
+        raise RecipeError(f"{path}: not a usable recipe: {err}") from None
+    except RecursionError:
+        raise RecipeError(f"{path}: not a usable recipe: arrays or tables nested too deeply") from None
     for text in overrides:
         section, key, value = parse_override(text)
         table = data.setdefault(section, {})
