@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from .buckets import fit_to_bucket, make_buckets, nearest_bucket
 from .errors import DatasetError
-from .files import IMAGE_SUFFIXES, atomic_write
+from .files import CAPTION_MAX_CHARS, IMAGE_SUFFIXES, atomic_write
 from .trigger import with_trigger
 
 if TYPE_CHECKING:
@@ -32,7 +32,6 @@ if TYPE_CHECKING:
 
 METADATA = "metadata.jsonl"
 METADATA_MAX_BYTES = 64 << 20  # a metadata.jsonl line per image: 64 MiB is ~100,000 images
-CAPTION_MAX_CHARS = 4096  # the text encoders read 77 tokens (225 with long-prompt chunking), ~1,000 characters
 IMAGE_MAX_BYTES = 256 << 20  # a 4096-px PNG is ~50 MB; a larger file is not a training photo
 PIXELS = "lanczos-centre-crop-v1"  # how load_pixels turns a file into a bucket's pixels; part of every cache key
 

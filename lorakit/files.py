@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +15,21 @@ from pathlib import Path
 from .errors import OutputError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+CAPTION_MAX_CHARS = 4096  # the text encoders read 77 tokens (225 with long-prompt chunking), ~1,000 characters
+
+
+def is_regular_file(path: Path) -> bool:
+    """Whether `path` (links followed) is a regular file: FIFOs, devices and sockets are not, and opening a FIFO
+    would block until something writes to it."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def printable(text: str) -> str:
+    """`text` safe for a terminal: control characters (escape sequences from a file or caption) shown as \\xNN."""
+    return "".join(c if c.isprintable() or c == "\t" else f"\\x{ord(c):02x}" for c in text)
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:

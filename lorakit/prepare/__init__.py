@@ -14,6 +14,7 @@ import io
 import json
 import os
 import re
+import sys
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from ..buckets import make_buckets
 from ..errors import DatasetError, OutputError
-from ..files import IMAGE_SUFFIXES, atomic_write, atomic_write_text, file_sha256
+from ..files import IMAGE_SUFFIXES, atomic_write, atomic_write_text, file_sha256, is_regular_file, printable
 from .captions import caption_from_filename, normalise_tags, place_trigger, read_sidecar
 from .images import REASONS, Processed, SizingOptions, process_image
 
@@ -95,6 +96,14 @@ def _output_name(relative: str, sha256: str) -> str:
     return f"images/{stem}_{sha256[:8]}.png"
 
 
+def _own_image_name(name: object) -> bool:
+    """Whether a name from the state file is one `_output_name` makes (`images/<plain name>.png`): a state file is
+    never trusted to name a file elsewhere."""
+    return (
+        isinstance(name, str) and re.fullmatch(r"images/[A-Za-z0-9._-]+\.png", name) is not None and ".." not in name
+    )
+
+
 def _settings_key(options: PrepareOptions) -> str:
     sizing = (
         options.resolution,
@@ -113,7 +122,7 @@ def _written_before(out: Path) -> set[str]:
         entries = json.loads((out / STATE).read_text(encoding="utf-8")).get("entries", {})
     except (OSError, ValueError, AttributeError):
         return set()
-    return {e["file_name"] for e in entries.values() if isinstance(e, dict) and isinstance(e.get("file_name"), str)}
+    return {e["file_name"] for e in entries.values() if isinstance(e, dict) and _own_image_name(e.get("file_name"))}
 
 
 def _load_state(out: Path, key: str) -> dict:
@@ -135,12 +144,25 @@ def _process_all(paths: list[Path], src: Path, sizing: SizingOptions, workers: i
                 results.append(process_image(path, relative, sizing))
                 bar.advance()
             return results
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        with ProcessPoolExecutor(max_workers=workers, initializer=_end_with_parent) as pool:
             results = []
             for result in pool.map(process_image, paths, relatives, [sizing] * len(paths), chunksize=4):
                 results.append(result)
                 bar.advance()
             return results
+
+
+def _end_with_parent() -> None:
+    """Worker start-up: on Linux, ask the kernel to kill this worker when `prepare` dies, even by SIGKILL (workers
+    otherwise notice only when they next ask for work)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
 
 
 def _reuse(paths: list[Path], src: Path, out: Path, previous: dict) -> tuple[list[Processed], list[Path]]:
@@ -150,10 +172,15 @@ def _reuse(paths: list[Path], src: Path, out: Path, previous: dict) -> tuple[lis
         relative = str(path.relative_to(src))
         entry = previous.get(relative)
         try:
-            unchanged = bool(entry) and entry["sha256"] == file_sha256(path)
-        except OSError:  # unreadable now: processing it reports why
+            unchanged = (
+                isinstance(entry, dict)
+                and _own_image_name(entry.get("file_name"))
+                and is_regular_file(path)
+                and entry["sha256"] == file_sha256(path)
+            )
+        except (OSError, KeyError):  # unreadable now: processing it reports why
             unchanged = False
-        if unchanged and (out / entry["file_name"]).is_file():
+        if unchanged and is_regular_file(out / entry["file_name"]):
             reused.append(
                 Processed(
                     source=relative,
@@ -318,7 +345,7 @@ def summary_lines(report: dict) -> list[str]:
         )
     top = ", ".join(f"{tag} ({n})" for tag, n in report["tags"][:10])
     lines.append(f"Top tags: {top}")
-    return lines
+    return [printable(line) for line in lines]  # file names and tags come from the user's files
 
 
 def prepare(

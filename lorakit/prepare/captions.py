@@ -6,7 +6,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..errors import LorakitError, first_line
+from ..errors import DatasetError, LorakitError, first_line
+from ..files import CAPTION_MAX_CHARS
 from ..trigger import contains_trigger
 
 FALLBACK_ENCODING = "cp1252"
@@ -20,12 +21,23 @@ def read_sidecar(image: Path, extensions: tuple[str, ...]) -> tuple[str | None, 
     """
     for extension in extensions:
         sidecar = image.with_suffix(extension)
-        if sidecar.is_file():
+        if sidecar.is_file():  # regular files only: a FIFO named like a caption would block the read
+            if sidecar.stat().st_size > CAPTION_MAX_CHARS * 4:  # not read whole: 4 bytes per character at most
+                raise DatasetError(
+                    f"{sidecar}: {sidecar.stat().st_size:,} bytes; a caption has at most {CAPTION_MAX_CHARS:,} "
+                    "characters (the text encoder reads about the first 300); shorten it"
+                )
             raw = sidecar.read_bytes()
             try:
-                return raw.decode("utf-8-sig"), sidecar, True
+                text, utf8 = raw.decode("utf-8-sig"), True
             except UnicodeDecodeError:
-                return raw.decode(FALLBACK_ENCODING, errors="replace"), sidecar, False
+                text, utf8 = raw.decode(FALLBACK_ENCODING, errors="replace"), False
+            if len(text) > CAPTION_MAX_CHARS:
+                raise DatasetError(
+                    f"{sidecar}: the caption is {len(text):,} characters; at most {CAPTION_MAX_CHARS:,} are allowed "
+                    "(the text encoder reads about the first 300); shorten it"
+                )
+            return text, sidecar, utf8
     return None, None, True
 
 

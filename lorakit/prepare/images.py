@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..buckets import fit_to_bucket, nearest_bucket
+from ..files import is_regular_file
 
 # Why an image was left out; the keys of the report's "dropped" table.
 REASONS = {
@@ -88,6 +89,8 @@ def process_image(path: Path, relative: str, options: SizingOptions) -> Processe
     """Read, normalise, bucket and encode one image; failures come back as a `reason`, never an exception."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
+    if not is_regular_file(path):  # a FIFO would block the worker forever
+        return Processed(source=relative, sha256="", reason="read_error", detail="not a regular file")
     try:
         data = path.read_bytes()
     except OSError as err:
