@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import OutputError
+from .files import FILE_MODE, crash_point, file_sha256, fsync_dir, fsync_file, remove_stale_temp_files
 from .recipe import Recipe, recipe_to_dict
 
 
@@ -94,6 +96,64 @@ def create_run_folder(run_dir: Path, overwrite: bool) -> None:
         raise OutputError(f"output.folder: cannot create {run_dir}: {err.strerror}") from None
 
 
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold `<output.folder>/.<name>.lock` while a run uses its folder: a second `lorakit train` on the same run
+    (a resume, an --overwrite) is refused with the holder's PID instead of both writing one folder. The lock is
+    the operating system's (flock / msvcrt), so a killed run never leaves it held. The caller takes it in the main
+    process only: the processes of one multi-process job share the folder by design."""
+    run_dir = Path(run_dir)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    path = run_dir.parent / f".{run_dir.name}.lock"
+    handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held for the whole run
+    try:
+        if not _try_lock(handle):
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise OutputError(
+                f"output: the run folder {run_dir} is in use by another lorakit train (PID {holder}); wait for it to "
+                "finish or stop it, or set output.name to a new name"
+            )
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield
+    finally:
+        handle.close()  # closing releases the lock
+
+
+def _try_lock(handle: Any) -> bool:
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+
+        try:
+            msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+            return True
+        except OSError:
+            return False
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+
+
+def clean_interrupted_writes(run_dir: Path) -> int:
+    """Remove what a killed run left half-written in its folder: `atomic_write` temp files and `step-N.tmp`
+    checkpoint folders (names only lorakit makes). Returns how many."""
+    removed = remove_stale_temp_files(run_dir)
+    folder = Path(run_dir) / CHECKPOINTS
+    if folder.is_dir():
+        for path in folder.glob("step-*.tmp"):
+            if path.is_dir():
+                shutil.rmtree(path)
+                removed += 1
+    return removed
+
+
 CHECKPOINTS = "checkpoints"
 
 
@@ -110,16 +170,28 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[5:]))
 
 
-def find_checkpoint(run_dir: Path, resume: str) -> Path:
-    """The checkpoint folder named by `--resume`: `latest`, or a path to a `step-N` folder."""
+def find_checkpoint(run_dir: Path, resume: str, log: Callable[[str], None] = print) -> Path:
+    """The checkpoint folder named by `--resume`: `latest` (the newest whose manifest verifies; each newer one
+    skipped is said in the log, with why), or a path to a `step-N` folder (which must verify)."""
     if resume == "latest":
         found = list_checkpoints(run_dir)
-        if not found:
+        skipped = []
+        for candidate in reversed(found):
+            problem = checkpoint_problem(candidate)
+            if problem is None:
+                for name, why in skipped:
+                    log(f"--resume latest: skipped {name}: {why}")
+                return candidate
+            skipped.append((candidate.name, problem))
+        if skipped:
             raise OutputError(
-                f"--resume latest: {run_dir} has no checkpoints; start without --resume "
-                "(with --overwrite to replace the run)"
+                f"--resume latest: none of the {len(found)} checkpoints of {run_dir} verifies (the newest, "
+                f"{skipped[0][0]}: {skipped[0][1]}); start again with --overwrite"
             )
-        return found[-1]
+        raise OutputError(
+            f"--resume latest: {run_dir} has no checkpoints; start without --resume "
+            "(with --overwrite to replace the run)"
+        )
     path = Path(resume).expanduser()
     if not (path / "state.json").is_file():
         raise OutputError(
@@ -132,6 +204,9 @@ def find_checkpoint(run_dir: Path, resume: str) -> Path:
             f"--resume: {resume} belongs to the run {path.resolve().parent.parent}, not to {run_dir}; resume that "
             "run with its own recipe, or start this one from its adapter with lora.init_from"
         )
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise OutputError(f"--resume: {resume} cannot be trusted: {problem}; give another checkpoint or `latest`")
     return path
 
 
@@ -171,30 +246,97 @@ def save_checkpoint(
     rng: dict,
     recipe: dict,
     keep: int,
+    dataset: str = "",
 ) -> Path:
-    """Write `checkpoints/step-N/` (via `step-N.tmp/` and a rename) and prune all but the newest `keep`.
+    """Write `checkpoints/step-N/` crash- and power-safely and prune all but the newest `keep`.
 
-    Only trainable tensors and optimizer state are written, never the frozen base; no pickles.
+    The files go into `step-N.tmp/`, each fsynced; `manifest.json` (every file's size and sha256) is written
+    last; then the folder is renamed into place and `checkpoints/` fsynced. Resume trusts only a checkpoint
+    whose manifest verifies. Only trainable tensors and optimizer state are written, never the frozen base;
+    no pickles.
     """
 
     folder = Path(run_dir) / CHECKPOINTS
     final, tmp = folder / checkpoint_name(step), folder / f"{checkpoint_name(step)}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in adapter.items()}, str(tmp / "adapter.safetensors"))
-    if ema is not None:
-        save_file({k: v.contiguous().cpu() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
     tensors: dict = {}
     plain: dict = {}
     _split_state({"optimizer": optimizer_state, "rng": rng}, "", tensors, plain)
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    state = {"step": step, "position": position, "scheduler": scheduler_state, "recipe": recipe, **plain}
-    (tmp / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
-    shutil.rmtree(final, ignore_errors=True)
+    state = {
+        "step": step,
+        "position": position,
+        "scheduler": scheduler_state,
+        "recipe": recipe,
+        "dataset": dataset,
+        **plain,
+    }
+    files: dict[str, Callable[[Path], None]] = {
+        "adapter.safetensors": lambda p: save_file(
+            {k: v.detach().contiguous().cpu() for k, v in adapter.items()}, str(p)
+        ),
+        "optimizer.safetensors": lambda p: save_file(tensors, str(p)),
+        "state.json": lambda p: p.write_text(json.dumps(state, indent=1), encoding="utf-8"),
+    }
+    if ema is not None:
+        files["ema.safetensors"] = lambda p: save_file({k: v.contiguous().cpu() for k, v in ema.items()}, str(p))
+    for name, write in files.items():
+        crash_point("checkpoint-file")
+        write(tmp / name)
+        os.chmod(tmp / name, FILE_MODE)
+        fsync_file(tmp / name)
+    manifest = {name: {"bytes": (tmp / name).stat().st_size, "sha256": file_sha256(tmp / name)} for name in files}
+    crash_point("manifest")
+    (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": manifest}, indent=1), encoding="utf-8")
+    fsync_file(tmp / MANIFEST)
+    fsync_dir(tmp)
+    crash_point("checkpoint-rename")
+    if final.exists():  # the same step saved again (a resumed run re-saving): move the old one aside first
+        shutil.rmtree(final)
     os.replace(tmp, final)
+    fsync_dir(folder)
     for old in list_checkpoints(run_dir)[:-keep]:
+        crash_point("prune")
         shutil.rmtree(old)
     return final
+
+
+MANIFEST = "manifest.json"
+
+
+def write_failure(err: OSError, run_dir: Path, what: str, needed: int, recipe_source: str) -> OutputError:
+    """The one-line error for a write that failed (a full disk, a quota, a lost mount): what was being written,
+    what it needs, and that the newest complete checkpoint is intact (writes go to temp names first)."""
+    found = list_checkpoints(run_dir)
+    kept = f"the checkpoint {found[-1].name} is intact" if found else "no checkpoint was written yet"
+    return OutputError(
+        f"output: could not write {what} in {run_dir}: {err.strerror or err}; it needs about "
+        f"{needed / 2**20:.1f} MiB free there; {kept}: free space, then `lorakit train {recipe_source} "
+        "--resume latest`"
+    )
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint folder `path` cannot be trusted (a missing or failing manifest), or None when every file
+    it lists has its recorded size and sha256."""
+    try:
+        manifest = json.loads((Path(path) / MANIFEST).read_text(encoding="utf-8"))
+        files = manifest["files"]
+        for name, facts in files.items():
+            if "/" in name or "\\" in name or name.startswith("."):
+                return f"its manifest names {name!r}, which is not a checkpoint file"
+            file = Path(path) / name
+            if not file.is_file() or file.stat().st_size != facts["bytes"]:
+                return f"{name} is missing or has the wrong size"
+            if file_sha256(file) != facts["sha256"]:
+                return f"{name} does not match its recorded sha256"
+        if "state.json" not in files or "adapter.safetensors" not in files:
+            return "its manifest lists no state.json or adapter.safetensors"
+    except FileNotFoundError:
+        return f"no {MANIFEST} (the save was cut off)"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        return f"its {MANIFEST} is damaged ({type(err).__name__})"
+    return None
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -214,6 +356,7 @@ def load_checkpoint(path: Path) -> dict:
 
 
 _MUST_MATCH = (
+    "train.optimizer",  # another optimizer's state does not load into this one
     "model.base",
     "model.vae",
     "lora",

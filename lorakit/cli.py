@@ -51,9 +51,10 @@ def _run(action: Callable[[], T]) -> T:
 def _fail(err: LorakitError) -> None:
     if os.environ.get("LORAKIT_DEBUG") == "1":
         raise err
+    prefix = "stopped" if hasattr(err, "exit_code") else "error"
     for line in str(err).splitlines() or [type(err).__name__]:
-        typer.echo(f"error: {line}", err=True)
-    raise typer.Exit(2) from None
+        typer.echo(f"{prefix}: {line}", err=True)
+    raise typer.Exit(getattr(err, "exit_code", 2)) from None
 
 
 def _prepare_stack() -> None:

@@ -239,6 +239,16 @@ def load_class_items(
     return items
 
 
+def dataset_fingerprint(items: list[Item]) -> str:
+    """A hash of everything about the items that training depends on: image bytes, captions, buckets, repeats
+    and loss weights, in order. A checkpoint records it; a resume with another value is refused."""
+    digest = hashlib.sha256()
+    for item in items:
+        facts = [item.sha256, item.caption, list(item.bucket), item.repeats, item.loss_weight]
+        digest.update(json.dumps(facts).encode() + b"\n")
+    return digest.hexdigest()
+
+
 def epoch_batches(items: list[Item], *, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     """The micro-batches of one epoch as lists of item indices: shuffled, each from a single bucket.
 

@@ -33,3 +33,11 @@ class AdapterError(LorakitError):
 
 class OutputError(LorakitError):
     """The output location cannot be written, or would overwrite something."""
+
+
+class Interrupted(LorakitError):
+    """The user stopped a run (Ctrl-C, SIGTERM) and its progress was saved; the message says how to resume."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code  # 130 for SIGINT, 143 for SIGTERM: the shell's convention

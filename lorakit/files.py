@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import stat
 import tempfile
 from collections.abc import Callable
@@ -32,20 +33,92 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() or c == "\t" else f"\\x{ord(c):02x}" for c in text)
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call `write(tmp)` on a temporary file beside `path`, then rename it into place.
+CRASH_AT = "LORAKIT_CRASH_AT"  # "site:n" kills the process at the n-th time it reaches `site` (tests, benchmarks)
+_crash_counts: dict[str, int] = {}
 
-    A reader never sees a half-written `path`: it is either the old file or the complete new one.
+
+def crash_point(site: str) -> None:
+    """A place where a write can be cut off. With `LORAKIT_CRASH_AT=site:n` set, the n-th arrival here kills the
+    process with SIGKILL (no clean-up, as a power cut or the OOM killer would); otherwise nothing happens."""
+    wanted = os.environ.get(CRASH_AT)
+    if not wanted:
+        return
+    name, _, count = wanted.rpartition(":")
+    if name != site:
+        return
+    _crash_counts[site] = _crash_counts.get(site, 0) + 1
+    if _crash_counts[site] == int(count):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_umask()  # what open() would give a new file: mkstemp's 0600 is not the user's choice
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename or a new entry in `folder` durable (a no-op where folders cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call `write(tmp)` on a temporary file beside `path`, make it durable, then rename it into place.
+
+    A reader never sees a half-written `path`: it is either the old file or the complete new one, also after a
+    power cut (the data is fsynced before the rename, the folder after it). The file gets the mode a plain
+    `open()` would give under the user's umask.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     os.close(fd)
     try:
+        crash_point("write")
         write(Path(tmp))
+        os.chmod(tmp, FILE_MODE)
+        crash_point("fsync")
+        fsync_file(Path(tmp))
+        crash_point("rename")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    crash_point("dir-fsync")
+    fsync_dir(path.parent)
+
+
+TEMP_SUFFIX = ".tmp"
+
+
+def remove_stale_temp_files(folder: Path) -> int:
+    """Delete the temporary files `atomic_write` leaves when the process is killed mid-write (`.<name>.*.tmp`);
+    returns how many. Only names of that form are touched."""
+    removed = 0
+    for path in Path(folder).glob(f".*{TEMP_SUFFIX}"):
+        if path.is_file() and path.name.count(".") >= 3:
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -7,6 +7,7 @@ and their metadata are `lorakit.formats`'. The run folder's layout is `lorakit.c
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -16,12 +17,13 @@ from typing import Any
 import torch
 
 from .. import adapters
+from ..checkpoint import write_failure
 from ..errors import LorakitError
 from ..formats.files import save_adapter_files
 from ..formats.metadata import training_info
 from ..lycoris import KIND_NAMES
 from ..recipe import Recipe
-from .loop import Log, Run, fit
+from .loop import Log, Run, check_finite_adapter, fit
 from .setup import process_switches_kept, resolve_recipe, run_paths, set_up
 
 __all__ = ["RunResult", "resolve_recipe", "run_paths", "train"]
@@ -55,9 +57,9 @@ def train(
     `resume` is `"latest"` or a checkpoint folder of the same run folder; `verbose` logs the start-up phases.
     """
     started = datetime.now(UTC)
-    with process_switches_kept():
+    with process_switches_kept(), contextlib.ExitStack() as held:
         try:
-            run = set_up(recipe, overwrite=overwrite, resume=resume, quiet=quiet, log=log)
+            run = set_up(recipe, overwrite=overwrite, resume=resume, quiet=quiet, log=log, hold=held.enter_context)
             run.verbose = verbose
             loss = fit(run)
             return export(run, loss, started)
@@ -101,10 +103,15 @@ def export(run: Run, loss: float, started: datetime) -> RunResult:
     kohya_path = None if recipe.lora.use_dora else paths.kohya_adapter
     diffusers_path = None if recipe.lora.type != "lora" else paths.diffusers_adapter
     if run.accelerator.is_main_process:
+        check_finite_adapter(run)
         info = training_info(recipe, run.base.family, run.items, run.step, started)
-        kohya_path, diffusers_path = save_adapter_files(
-            state, paths.folder, recipe.output.name, recipe.output.save_dtype, info
-        )
+        try:
+            kohya_path, diffusers_path = save_adapter_files(
+                state, paths.folder, recipe.output.name, recipe.output.save_dtype, info
+            )
+        except OSError as err:
+            needed = 2 * sum(t.numel() * t.element_size() for t in run.named_trainable().values())
+            raise write_failure(err, paths.folder, "the adapter files", needed, recipe.source) from None
         if kohya_path is None:
             run.log(f"Saved {diffusers_path} (DoRA, diffusers layout: diffusers and `lorakit generate`/`merge`)")
         elif diffusers_path is None:

@@ -11,6 +11,8 @@ import dataclasses
 import hashlib
 import json
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -21,12 +23,22 @@ from typing import Any
 import torch
 
 from .. import adapters, objective
-from ..checkpoint import RunPaths, check_resumable, load_checkpoint, restore_rng, rng_state, save_checkpoint
+from ..checkpoint import (
+    RunPaths,
+    check_resumable,
+    checkpoint_name,
+    load_checkpoint,
+    restore_rng,
+    rng_state,
+    save_checkpoint,
+    write_failure,
+)
 from ..data import (
     BatchStream,
     Item,
     LatentCache,
     bucket_list,
+    dataset_fingerprint,
     load_folder,
     load_pixels,
     size_conditioning,
@@ -35,7 +47,7 @@ from ..data import (
     vae_fingerprint,
 )
 from ..ema import AdapterEMA
-from ..errors import LorakitError, OutputError
+from ..errors import Interrupted, LorakitError, OutputError
 from ..files import atomic_write_text
 from ..models import BaseModel, encode_prompts, tokenize
 from ..progress import progress_bar
@@ -219,6 +231,7 @@ def save(run: Run) -> Path:
         rng=rng_state(),
         recipe=recipe_to_dict(run.recipe),
         keep=run.recipe.train.keep_checkpoints,
+        dataset=dataset_fingerprint(run.items),
     )
 
 
@@ -226,6 +239,11 @@ def restore(run: Run, checkpoint: Path, log: Log) -> None:
 
     saved = load_checkpoint(checkpoint)
     check_resumable(saved["recipe"], run.recipe, log)
+    if saved.get("dataset") and saved["dataset"] != dataset_fingerprint(run.items):
+        raise OutputError(
+            f"--resume: the dataset changed since {checkpoint.name} (images, captions or repeats); the data order "
+            "and what the adapter learned depend on it: resume with the same dataset, or start a new run"
+        )
     params = run.named_trainable()
     with torch.no_grad():
         for name, tensor in saved["adapter"].items():
@@ -252,8 +270,16 @@ def restore(run: Run, checkpoint: Path, log: Log) -> None:
     )
     metrics = run.paths.metrics
     if metrics.is_file():
-        kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= run.step]
+        kept, torn = [], 0
+        for line in metrics.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                if json.loads(line)["step"] <= run.step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):  # a line cut off by the crash being resumed from
+                torn += 1
         atomic_write_text(metrics, "".join(line + "\n" for line in kept))
+        if torn:
+            log(f"--resume: dropped {torn} damaged line(s) of {metrics.name} (cut off when the run was killed)")
     log(f"Resumed from {checkpoint} at step {run.step}")
 
 
@@ -307,6 +333,54 @@ def due(step: int, every: int, last: int) -> bool:
     return step == last or (every > 0 and step % every == 0)
 
 
+class _StopRequests:
+    """SIGINT/SIGTERM during training: the step in progress finishes, a checkpoint is saved and the run stops with
+    how to resume. A second signal stops at once. Only in a single-process run's main thread (the processes of a
+    multi-process job cannot agree on which step to stop at, so they keep the default behaviour)."""
+
+    def __init__(self, active: bool):
+        self.signal: int | None = None
+        self.active = active and threading.current_thread() is threading.main_thread()
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopRequests:
+        if self.active:
+            for number in (signal.SIGINT, signal.SIGTERM):
+                self._previous[number] = signal.signal(number, self._request)
+        return self
+
+    def _request(self, number: int, frame: Any) -> None:
+        if self.signal is not None:  # asked twice: stop now
+            raise KeyboardInterrupt
+        self.signal = number
+
+    def __exit__(self, *exc: object) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+
+def save_or_explain(run: Run) -> Path:
+    """`save(run)`, with a failed write (a full disk) turned into one line that says what it needs."""
+    try:
+        return save(run)
+    except OSError as err:
+        needed = sum(t.numel() * t.element_size() for t in run.named_trainable().values()) * 4  # weights + Adam
+        raise write_failure(
+            err, run.paths.folder, f"the checkpoint of step {run.step}", needed, run.recipe.source
+        ) from None
+
+
+def check_finite_adapter(run: Run) -> None:
+    """Never save an adapter with NaN or infinite weights: name the step and the likely causes instead."""
+    bad = [name for name, tensor in run.named_trainable().items() if not torch.isfinite(tensor).all()]
+    if bad:
+        raise LorakitError(
+            f"training diverged: {len(bad)} adapter tensors hold NaN or infinity at step {run.step} (first: "
+            f"{bad[0]}); nothing was saved for this step and the last checkpoint is kept; lower train.unet_lr / "
+            'train.text_encoder_lr or use mixed_precision = "bf16" or "no"'
+        )
+
+
 def fit(run: Run) -> float:
     """Train until `train.max_steps`, logging, validating, checkpointing and sampling as the recipe says; returns
     the last step's loss."""
@@ -322,7 +396,8 @@ def fit(run: Run) -> float:
             "max_memory_allocated_gib is the peak of the training steps"
         )
         torch.cuda.reset_peak_memory_stats(run.device)
-    with progress_bar("Training", cfg.max_steps - run.step, quiet=run.quiet) as bar:
+    stops = _StopRequests(accelerator.num_processes == 1)
+    with progress_bar("Training", cfg.max_steps - run.step, quiet=run.quiet) as bar, stops:
         while run.step < cfg.max_steps:
             first = run.phases is not None and "first step" not in run.phases.seconds
             loss = optimizer_step(run)
@@ -347,14 +422,29 @@ def fit(run: Run) -> float:
                 if due(run.step, cfg.log_every_steps, cfg.max_steps) or row:
                     _log_metrics(run, {"step": run.step, "loss": loss, **row}, start)
                 if due(run.step, cfg.save_every_steps, cfg.max_steps):
-                    save(run)
+                    check_finite_adapter(run)
+                    save_or_explain(run)
                 if recipe.sample.prompts and due(run.step, sample_every, cfg.max_steps):
                     render_samples(run)
             if due(run.step, cfg.save_every_steps, cfg.max_steps) or due(run.step, sample_every, cfg.max_steps):
                 accelerator.wait_for_everyone()  # the other processes wait while the main one writes
             bar.advance(1, loss=f"{loss:.4f}")
+            if stops.signal is not None:
+                _stop(run, stops.signal, saved=due(run.step, cfg.save_every_steps, cfg.max_steps))
     accelerator.wait_for_everyone()
     return loss
+
+
+def _stop(run: Run, number: int, saved: bool) -> None:
+    """End the run on a stop request, after saving this step's checkpoint (unless it was just saved)."""
+    check_finite_adapter(run)
+    path = run.paths.checkpoints / checkpoint_name(run.step) if saved else save_or_explain(run)
+    name = signal.Signals(number).name
+    raise Interrupted(
+        f"{name} at step {run.step} of {run.recipe.train.max_steps}: progress saved in {path}; continue with "
+        f"`lorakit train {run.recipe.source} --resume latest`",
+        exit_code=128 + number,
+    )
 
 
 def _log_metrics(run: Run, row: dict[str, Any], start: float) -> None:

@@ -6,7 +6,7 @@ import contextlib
 import dataclasses
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,14 @@ from accelerate.utils import is_tensorboard_available
 from diffusers.training_utils import cast_training_params
 
 from .. import adapters
-from ..checkpoint import RunPaths, check_run_folder, create_run_folder, find_checkpoint
+from ..checkpoint import (
+    RunPaths,
+    check_run_folder,
+    clean_interrupted_writes,
+    create_run_folder,
+    find_checkpoint,
+    run_lock,
+)
 from ..data import (
     BatchStream,
     Item,
@@ -120,12 +127,24 @@ def _check_prepared_resolution(recipe: Recipe, log: Log) -> None:
             )
 
 
-def set_up(recipe: Recipe, *, overwrite: bool, resume: str | None, quiet: bool, log: Log) -> Run:
-    """Everything before the first step: base, items, adapters, optimizer, caches, run folder, resumed state."""
+def set_up(
+    recipe: Recipe,
+    *,
+    overwrite: bool,
+    resume: str | None,
+    quiet: bool,
+    log: Log,
+    hold: Callable[[contextlib.AbstractContextManager], Any] = lambda manager: manager.__enter__(),
+) -> Run:
+    """Everything before the first step: base, items, adapters, optimizer, caches, run folder, resumed state.
+
+    `hold` keeps a context (the run folder's lock) entered until the caller's run ends (`train` passes its
+    ExitStack's `enter_context`).
+    """
 
     phases = Phases()
     paths = run_paths(recipe)
-    checkpoint = find_checkpoint(paths.folder, resume) if resume else None
+    checkpoint = find_checkpoint(paths.folder, resume, log) if resume else None
     if checkpoint is None:
         check_run_folder(paths.folder, overwrite)
     precision, weight_dtype = _precision(recipe, log)
@@ -157,8 +176,14 @@ def set_up(recipe: Recipe, *, overwrite: bool, resume: str | None, quiet: bool, 
         say("train.optimizer: AdamW with PyTorch's fused CUDA kernel (one kernel for every parameter)")
     lr_scheduler = build_lr_scheduler(cfg, optimizer)
     phases.done("adapters and optimizer")
-    if accelerator.is_main_process and checkpoint is None:
-        create_run_folder(paths.folder, overwrite)
+    if accelerator.is_main_process:
+        hold(run_lock(paths.folder))  # before anything in the run folder is removed or written
+        if checkpoint is None:
+            create_run_folder(paths.folder, overwrite)
+        else:
+            cleaned = clean_interrupted_writes(paths.folder)
+            if cleaned:
+                say(f"--resume: removed {cleaned} half-written files the interrupted run left in {paths.folder}")
     accelerator.wait_for_everyone()
     held_out = held_out_items(recipe, base)
     cache, text_cache = _fill_caches(recipe, base, items, held_out, accelerator.device, say, quiet)
