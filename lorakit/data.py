@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from .buckets import fit_to_bucket, make_buckets, nearest_bucket
 from .errors import DatasetError
-from .files import CAPTION_MAX_CHARS, IMAGE_SUFFIXES, atomic_write
+from .files import CAPTION_MAX_CHARS, IMAGE_SUFFIXES, atomic_write, crash_point
 from .trigger import with_trigger
 
 if TYPE_CHECKING:
@@ -416,6 +416,7 @@ class LatentCache:
                 else:
                     mean, std = encode(load_pixels(item, flip))
                     tensors = {"mean": mean.contiguous(), "std": std.contiguous()}
+                    crash_point("cache")
                     atomic_write(path, lambda tmp, t=tensors: save_file(t, str(tmp)))
                     encoded += 1
                 self._memory[(index, flip)] = (tensors["mean"], tensors["std"])

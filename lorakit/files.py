@@ -34,12 +34,18 @@ def printable(text: str) -> str:
 
 
 CRASH_AT = "LORAKIT_CRASH_AT"  # "site:n" kills the process at the n-th time it reaches `site` (tests, benchmarks)
+CRASH_TRACE = "LORAKIT_CRASH_TRACE"  # a file that gets one line per arrival at any crash point
 _crash_counts: dict[str, int] = {}
 
 
 def crash_point(site: str) -> None:
     """A place where a write can be cut off. With `LORAKIT_CRASH_AT=site:n` set, the n-th arrival here kills the
-    process with SIGKILL (no clean-up, as a power cut or the OOM killer would); otherwise nothing happens."""
+    process with SIGKILL (no clean-up, as a power cut or the OOM killer would); with `LORAKIT_CRASH_TRACE=file`
+    each arrival is appended to that file; otherwise nothing happens."""
+    trace = os.environ.get(CRASH_TRACE)
+    if trace:  # every arrival, in order: how a harness enumerates the kill points of a run
+        with open(trace, "a", encoding="utf-8") as f:
+            f.write(site + "\n")
     wanted = os.environ.get(CRASH_AT)
     if not wanted:
         return

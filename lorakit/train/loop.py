@@ -48,7 +48,7 @@ from ..data import (
 )
 from ..ema import AdapterEMA
 from ..errors import Interrupted, LorakitError, OutputError
-from ..files import atomic_write_text
+from ..files import atomic_write_text, crash_point
 from ..models import BaseModel, encode_prompts, tokenize
 from ..progress import progress_bar
 from ..recipe import Recipe, recipe_to_dict
@@ -458,6 +458,10 @@ def _log_metrics(run: Run, row: dict[str, Any], start: float) -> None:
     }
     if run.device.type == "cuda":  # the measured peak, for comparing with what a plan predicted
         row["max_memory_allocated_gib"] = round(torch.cuda.max_memory_allocated(run.device) / 2**30, 3)
+    line = json.dumps(row) + "\n"
     with run.paths.metrics.open("a", encoding="utf-8") as out:
-        out.write(json.dumps(row) + "\n")
+        out.write(line[: len(line) // 2])
+        out.flush()
+        crash_point("metrics-line")  # a kill here leaves a torn last line, which a resume drops
+        out.write(line[len(line) // 2 :])
     run.accelerator.log({k: v for k, v in row.items() if k not in ("step", "elapsed_s")}, step=run.step)
