@@ -149,3 +149,13 @@ def tiny_captioner(tmp_path_factory):
     model.save_pretrained(folder / "model")
     processor.save_pretrained(folder / "model")
     return folder / "model"
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The reliability figures of this run (tests/test_reliability.py and the fuzz tests), as one table."""
+    from .reliability import FIGURES
+
+    if FIGURES:
+        terminalreporter.section("reliability (reduced counts; benchmarks/reliability.py has the full ones)")
+        for name, count in FIGURES.items():
+            terminalreporter.write_line(f"  {name:<40} {count:>7,}")

@@ -193,3 +193,147 @@ def kill_and_finish(
 def random_delays(count: int, longest: float, seed: int = 0) -> list[float]:
     rng = random.Random(seed)
     return [rng.uniform(0.05, longest) for _ in range(count)]
+
+
+FIGURES: Counter[str] = Counter()  # what the reliability tests exercised; conftest prints it after the suite
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _record_save(run_dir: Path, monkeypatch, save) -> list[tuple]:
+    """Run `save()` for real, recording the order of its durable operations: each file's bytes when it is
+    fsynced, folder fsyncs, renames and tree removals (paths relative to `run_dir`)."""
+    from lorakit import checkpoint as ckpt
+
+    ops: list[tuple] = []
+    rel = lambda p: str(Path(p).relative_to(run_dir))  # noqa: E731
+    real_fsync_file, real_fsync_dir, real_replace, real_rmtree = (
+        ckpt.fsync_file,
+        ckpt.fsync_dir,
+        os.replace,
+        shutil.rmtree,
+    )
+
+    def fsync_file(path):
+        ops.append(("file", rel(path), Path(path).read_bytes()))
+        real_fsync_file(path)
+
+    def fsync_dir(path):
+        ops.append(("fsync-dir", rel(path)))
+        real_fsync_dir(path)
+
+    def replace(src, dst):
+        ops.append(("rename", rel(src), rel(dst)))
+        real_replace(src, dst)
+
+    def rmtree(path, *args, **kwargs):
+        if Path(path).exists():
+            files = sorted(str(p.relative_to(run_dir)) for p in Path(path).rglob("*") if p.is_file())
+            ops.append(("rmtree", rel(path), files))
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "fsync_file", fsync_file)
+    monkeypatch.setattr(ckpt, "fsync_dir", fsync_dir)
+    monkeypatch.setattr(ckpt.os, "replace", replace)
+    monkeypatch.setattr(ckpt.shutil, "rmtree", rmtree)
+    save()
+    monkeypatch.undo()
+    return ops
+
+
+def _crash_states(before: dict[str, bytes], ops: list[tuple]) -> list[dict[str, bytes]]:
+    """Every file state POSIX allows after a power cut during `ops`: for each cut point, the completed operations
+    applied, except that a rename not yet made durable by an fsync of its target's folder may be undone, a file
+    being written may be absent or torn, and a tree being removed may be partly removed."""
+    states = []
+    for cut in range(len(ops) + 1):
+        done, current = ops[:cut], ops[cut] if cut < len(ops) else None
+        renames = [i for i, op in enumerate(done) if op[0] == "rename"]
+        undurable = [
+            i
+            for i in renames
+            if not any(op[0] == "fsync-dir" and op[1] == str(Path(done[i][2]).parent) for op in done[i + 1 :])
+        ]
+        for undo in ([], *[[i] for i in undurable]):
+            applied = [op for i, op in enumerate(done) if i not in undo]
+            variants: list[list[tuple]] = [[]]
+            if current and current[0] == "file":  # the write in progress: absent or torn
+                variants = [[], [("file", current[1], current[2][: len(current[2]) // 2])]]
+            if current and current[0] == "rmtree":  # part of the tree removed
+                variants = [[("unlink", f) for f in current[2][:j]] for j in range(len(current[2]))]
+            for extra in variants:
+                states.append(_apply(before, applied + extra))
+    return states
+
+
+def _apply(before: dict[str, bytes], ops: list[tuple]) -> dict[str, bytes]:
+    files = dict(before)
+    for op in ops:
+        if op[0] == "file":
+            files[op[1]] = op[2]
+        elif op[0] == "rename":
+            src, dst = op[1] + os.sep, op[2] + os.sep
+            for name in [n for n in files if n.startswith(dst)]:
+                del files[name]
+            for name in [n for n in files if n.startswith(src)]:
+                files[dst + name[len(src) :]] = files.pop(name)
+        elif op[0] == "rmtree":
+            for name in [n for n in files if n.startswith(op[1] + os.sep)]:
+                del files[name]
+        elif op[0] == "unlink":
+            files.pop(op[1], None)
+    return files
+
+
+def replay_power_loss(tmp_path: Path, monkeypatch) -> tuple[int, int, set[str]]:
+    """Save step 2, then record the save of step 4 (which prunes step 2); materialise every crash state and check
+    that `--resume latest` finds a checkpoint that verifies and loads, of step 2 or 4. Returns (crash states,
+    recorded operations, the checkpoints resumed from)."""
+    import torch
+
+    from lorakit import checkpoint as ckpt
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    generator = torch.Generator().manual_seed(0)
+
+    def save(step: int) -> None:
+        adapter = {f"layer{i}.lora_A.weight": torch.randn(8, 64, generator=generator) for i in range(3)}
+        optimizer = {
+            "state": {0: {"step": torch.tensor(float(step)), "exp_avg": torch.randn(8, 64)}},
+            "param_groups": [{"lr": 1e-4, "params": [0]}],
+        }
+        ckpt.save_checkpoint(
+            run_dir,
+            step,
+            adapter=adapter,
+            ema=None,
+            optimizer_state=optimizer,
+            scheduler_state={"last_epoch": step},
+            position={"epoch": 0, "offset": step, "micro": step},
+            rng={"torch": torch.get_rng_state()},
+            recipe={},
+            keep=1,
+            dataset="d",
+        )
+
+    save(2)
+    before = _snapshot(run_dir)
+    ops = _record_save(run_dir, monkeypatch, lambda: save(4))
+    states = _crash_states(before, ops)
+    resumed = set()
+    for number, files in enumerate(states):
+        state_dir = tmp_path / f"state{number}"
+        for name, data in files.items():
+            (state_dir / name).parent.mkdir(parents=True, exist_ok=True)
+            (state_dir / name).write_bytes(data)
+        state_dir.mkdir(exist_ok=True)
+        found = ckpt.find_checkpoint(state_dir, "latest", log=lambda _: None)
+        assert found.name in ("step-000002", "step-000004"), (number, found)
+        loaded = ckpt.load_checkpoint(found)
+        assert loaded["step"] == int(found.name[5:])
+        resumed.add(found.name)
+        shutil.rmtree(state_dir)
+    return len(states), len(ops), resumed

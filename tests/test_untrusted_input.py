@@ -218,4 +218,3 @@ def test_prepare_state_cannot_name_files_elsewhere(tmp_path):
     prepare(photos, out, options, quiet=True, log=lambda _: None)
     rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
     assert victim.is_file() and all(r["file_name"].startswith("images/") for r in rows)
-
