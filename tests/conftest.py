@@ -159,3 +159,27 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("reliability (reduced counts; benchmarks/reliability.py has the full ones)")
         for name, count in FIGURES.items():
             terminalreporter.write_line(f"  {name:<40} {count:>7,}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_unpickling():
+    """For the whole suite: `pickle.load` and a `torch.load` without `weights_only=True` raise, so no code path
+    lorakit runs can unpickle a file a user handed it (the weights-only loader stays allowed)."""
+    import pickle
+
+    import torch
+
+    real_torch_load = torch.load
+
+    def refused_pickle_load(*args, **kwargs):
+        raise AssertionError("pickle.load called: lorakit must never unpickle a user's file")
+
+    def weights_only_torch_load(*args, **kwargs):
+        if kwargs.get("weights_only") is not True:
+            raise AssertionError("torch.load without weights_only=True")
+        return real_torch_load(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pickle, "load", refused_pickle_load)
+        patch.setattr(torch, "load", weights_only_torch_load)
+        yield

@@ -144,7 +144,12 @@ def test_run_folder_holds_exactly_the_promised_files(trained_run):
     }
     (checkpoint,) = (trained_run.run_dir / "checkpoints").iterdir()
     assert checkpoint.name == "step-000006"
-    assert {p.name for p in checkpoint.iterdir()} == {"adapter.safetensors", "optimizer.safetensors", "state.json"}
+    assert {p.name for p in checkpoint.iterdir()} == {
+        "adapter.safetensors",
+        "optimizer.safetensors",
+        "state.json",
+        "manifest.json",
+    }
     rows = [json.loads(line) for line in (trained_run.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 7))
     assert {"loss", "lr_unet", "lr_text_encoder", "epoch"} <= set(rows[0])

@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..adapters import LoraModule, module_at
-from ..errors import AdapterError
+from ..errors import AdapterError, first_line
 from ..lycoris import KIND_NAMES, KINDS, TENSOR_NAMES, LycorisModule, full_shape, other_algorithm
 from .kohya import sdxl_diffusers_path
 
@@ -151,6 +151,14 @@ def _module(down, up, alpha: float) -> LoraModule:
 
 def _check_pair(path: Path, key: str, down, up) -> None:
 
+    for name, tensor in (("down", down), ("up", up)):
+        if tensor.dim() not in (2, 4):
+            raise AdapterError(
+                f"{path}: {key}: the {name} weight has shape {tuple(tensor.shape)}; LoRA weights are 2-D (linear) "
+                "or 4-D (convolution); the file is damaged"
+            )
+    if down.shape[0] == 0:
+        raise AdapterError(f"{path}: {key}: rank 0 (no weights); the file is damaged")
     if down.shape[0] != up.shape[1]:
         raise AdapterError(f"{path}: {key}: down has rank {down.shape[0]} but its up weight has {up.shape[1]}")
     for tensor in (down, up):
@@ -166,12 +174,18 @@ def read_adapter_file(path: str | Path, *, allow_pickle: bool = False) -> Adapte
     tensors, metadata = _load_tensors(path, allow_pickle)
     if not tensors:
         raise AdapterError(f"{path}: holds no tensors")
-    if any(k.startswith(tuple(p + "_" for p in _KOHYA_PREFIXES)) for k in tensors):
-        adapter = AdapterFile(path, "kohya", _read_kohya(path, tensors), metadata)
-        if adapter.family == "sd1":
-            _pointwise_proj(adapter.state)
-        return adapter
-    return AdapterFile(path, "diffusers", _read_diffusers(path, tensors, metadata), metadata)
+    try:
+        if any(k.startswith(tuple(p + "_" for p in _KOHYA_PREFIXES)) for k in tensors):
+            adapter = AdapterFile(path, "kohya", _read_kohya(path, tensors), metadata)
+            if adapter.family == "sd1":
+                _pointwise_proj(adapter.state)
+            return adapter
+        return AdapterFile(path, "diffusers", _read_diffusers(path, tensors, metadata), metadata)
+    except AdapterError:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, RuntimeError, AttributeError) as err:
+        # what the checks above do not name: tensors whose shapes contradict each other, odd metadata values
+        raise AdapterError(f"{path}: not a usable adapter ({type(err).__name__}: {first_line(err)[:200]})") from None
 
 
 def _read_kohya(path: Path, tensors: dict) -> LoraState:
@@ -219,6 +233,10 @@ def _lora_module(path: Path, stem: str, parts: dict[str, torch.Tensor]) -> LoraM
 
 
 def _alpha(path: Path, stem: str, parts: dict[str, torch.Tensor], default: float | None) -> float | None:
+    if "alpha" in parts and parts["alpha"].numel() != 1:
+        raise AdapterError(
+            f"{path}: {stem}.alpha holds {parts['alpha'].numel()} values; an alpha is one number; the file is damaged"
+        )
     if "alpha" not in parts:
         return default
     alpha = parts["alpha"].float().item()
@@ -287,7 +305,15 @@ def _split_diffusers_key(key: str) -> tuple[str, str, int] | None:
 
 def _read_diffusers(path: Path, tensors: dict, metadata: dict[str, str]) -> LoraState:
 
-    config = json.loads(metadata.get("lora_adapter_metadata", "{}"))
+    try:
+        config = json.loads(metadata.get("lora_adapter_metadata", "{}"))
+    except ValueError:
+        config = None
+    if not isinstance(config, dict):
+        raise AdapterError(
+            f"{path}: the lora_adapter_metadata header is not a JSON object; the file is damaged (or remove that "
+            "header entry to read the tensors with default alphas)"
+        )
     state: LoraState = {}
     magnitude_suffixes = (".lora_magnitude_vector", ".lora_magnitude_vector.weight")
     magnitudes = {
@@ -321,6 +347,13 @@ def _read_diffusers(path: Path, tensors: dict, metadata: dict[str, str]) -> Lora
         alpha = config.get(f"{component}.alpha_pattern", {}).get(
             module_path, config.get(f"{component}.lora_alpha", rank)
         )
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (rank, alpha)) or not (
+            math.isfinite(alpha) and rank > 0
+        ):
+            raise AdapterError(
+                f"{path}: lora_adapter_metadata gives {component} {module_path} rank {str(rank)[:20]} and alpha "
+                f"{str(alpha)[:20]}; expected a positive rank and a finite alpha; the file is damaged"
+            )
         lora = _module(down, up, alpha * down.shape[0] / rank)
         magnitude = magnitudes.pop(stem, None)
         if magnitude is not None:
