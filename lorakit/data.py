@@ -115,9 +115,13 @@ def _image_facts(path: Path, listed_in: Path) -> tuple[str, tuple[int, int]]:
 def _dataset_path(folder: Path, name: str, where: str) -> Path:
     """`folder / name`, refused unless it stays inside `folder` (no absolute paths, no `..`, no link out)."""
     relative = Path(name)
-    inside = folder.resolve()
     path = folder / relative
-    if relative.is_absolute() or ".." in relative.parts or not path.resolve().is_relative_to(inside):
+    try:
+        outside = "\0" in name or relative.is_absolute() or ".." in relative.parts
+        outside = outside or not path.resolve().is_relative_to(folder.resolve())
+    except (OSError, RuntimeError):  # a link loop or a name the file system refuses
+        outside = True
+    if outside:
         raise DatasetError(
             f"{where}: file_name {name[:80]!r} points outside the dataset folder {folder}; file names are paths "
             "relative to it, such as images/0001.png"

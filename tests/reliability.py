@@ -296,7 +296,7 @@ def replay_power_loss(tmp_path: Path, monkeypatch) -> tuple[int, int, set[str]]:
     from lorakit import checkpoint as ckpt
 
     run_dir = tmp_path / "run"
-    run_dir.mkdir()
+    run_dir.mkdir(parents=True)
     generator = torch.Generator().manual_seed(0)
 
     def save(step: int) -> None:
