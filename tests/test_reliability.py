@@ -211,3 +211,22 @@ def _current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_preflight_states_the_disk_a_run_needs_and_refuses_before_writing(
+    tiny_base, tiny_dataset, tmp_path, monkeypatch
+):
+    import collections
+
+    import lorakit.train.setup as setup
+
+    recipe = make_recipe_dict(tiny_base, tiny_dataset, tmp_path / "out", train={"max_steps": 1})
+    lines: list[str] = []
+    train(recipe_from_dict(recipe), quiet=True, log=lines.append)
+    assert any(line.startswith("Disk: about ") and "checkpoints" in line for line in lines)
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(setup.shutil, "disk_usage", lambda _: usage(10**9, 10**9 - 1000, 1000))
+    recipe["output"]["name"] = "second"
+    with pytest.raises(OutputError, match=r"need about .* MiB under .* but only 0.0 MiB is free there"):
+        train(recipe_from_dict(recipe), quiet=True, log=lambda _: None)
+    assert not (tmp_path / "out" / "second").exists()

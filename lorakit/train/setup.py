@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -36,7 +37,7 @@ from ..data import (
 )
 from ..devices import cpu_has_native_bf16
 from ..ema import AdapterEMA
-from ..errors import AdapterError, LorakitError, RecipeError
+from ..errors import AdapterError, LorakitError, OutputError, RecipeError
 from ..files import atomic_write_text
 from ..formats.read import FAMILY_NAMES, check_against, read_adapter_file
 from ..lycoris import KIND_NAMES
@@ -175,6 +176,8 @@ def set_up(
     if getattr(optimizer, "defaults", {}).get("fused"):
         say("train.optimizer: AdamW with PyTorch's fused CUDA kernel (one kernel for every parameter)")
     lr_scheduler = build_lr_scheduler(cfg, optimizer)
+    if accelerator.is_main_process:
+        _preflight_disk(recipe, base, items, trained, paths.folder, say)
     phases.done("adapters and optimizer")
     if accelerator.is_main_process:
         hold(run_lock(paths.folder))  # before anything in the run folder is removed or written
@@ -294,6 +297,63 @@ def _parameter_groups(recipe: Recipe, trained: dict[str, Any]) -> list[dict[str,
         groups.append({"params": rest, "name": name, "lr": lr})
         groups.append({"params": up, "name": f"{name}.up", "lr": lr * cfg.loraplus_lr_ratio})
     return groups
+
+
+OPTIMIZER_BYTES_PER_PARAM = {"adamw": 8, "adamw8bit": 2, "adafactor": 4, "prodigy": 16}
+
+
+def _preflight_disk(
+    recipe: Recipe, base: BaseModel, items: list[Item], trained: dict, run_dir: Path, log: Log
+) -> None:
+    """Before the caches and the first step: what the run will write (latent cache, checkpoints, adapter files),
+    said in the log, and refused in one line when the disk holding it has less free space."""
+    params = sum(p.numel() for m in trained.values() for p in m.parameters() if p.requires_grad)
+    cfg = recipe.train
+    flips = 2 if recipe.data.flip else 1
+    latents = 0
+    if cfg.cache_latents:  # mean and std, float32, 4 channels at 1/8 of the bucket, plus the file header
+        latents = (
+            sum(
+                2 * 4 * 4 * (w // base.vae_scale_factor) * (h // base.vae_scale_factor) + 256
+                for w, h in (item.bucket for item in items)
+            )
+            * flips
+        )
+    per_checkpoint = params * (4 + OPTIMIZER_BYTES_PER_PARAM.get(cfg.optimizer, 8)) * (2 if cfg.ema_decay else 1)
+    checkpoints = per_checkpoint * (
+        min(cfg.keep_checkpoints, max(1, cfg.max_steps // max(1, cfg.save_every_steps))) + 1
+    )  # the newest kept ones, and the one being written
+    adapters = 2 * params * (2 if recipe.output.save_dtype in ("float16", "bfloat16") else 4)
+    outputs = checkpoints + adapters
+    log(
+        f"Disk: about {_mib(latents + outputs)} (latent cache {_mib(latents)}, checkpoints {_mib(checkpoints)}, "
+        f"adapter files {_mib(adapters)})"
+    )
+    places = [(outputs, _existing(run_dir), "checkpoints and adapter files")]
+    cache = _existing(_cache_root(recipe))
+    if cache.stat().st_dev == places[0][1].stat().st_dev:  # one disk holds both
+        places = [(outputs + latents, places[0][1], "the latent cache, checkpoints and adapter files")]
+    else:
+        places.append((latents, cache, "the latent cache"))
+    for need, folder, what in places:
+        free = shutil.disk_usage(folder).free
+        if need > free:
+            raise OutputError(
+                f"output: {what} need about {_mib(need)} under {folder} but only {_mib(free)} is free there; free "
+                "space, or lower train.keep_checkpoints (or set train.cache_latents = false)"
+            )
+
+
+def _existing(path: Path) -> Path:
+    """`path`, or its nearest existing parent (what a not yet created folder will be on)."""
+    path = Path(path).expanduser().absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _mib(count: int) -> str:
+    return f"{count / 2**20:.1f} MiB"
 
 
 def _fill_caches(
