@@ -417,7 +417,13 @@ def prepare(
         captions,
         len(reused),
     )
-    _write(out, kept, png, previous, captions, report, options, key, buckets)
+    try:
+        _write(out, kept, png, previous, captions, report, options, key, buckets)
+    except OSError as err:  # a full disk or a lost mount: the previous metadata.jsonl stays (written last)
+        raise OutputError(
+            f"--out {out}: could not write the dataset ({err.strerror or err}); the previous metadata.jsonl, if any, "
+            "is unchanged: free space and run prepare again (unchanged images are reused)"
+        ) from None
     for line in summary_lines(report):
         log(line)
     return PrepareResult(out, len(kept), dropped, report)

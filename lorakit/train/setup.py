@@ -369,7 +369,13 @@ def _fill_caches(
         cache = LatentCache(_cache_root(recipe), vae_fingerprint(base.vae))
         flips = (False, True) if recipe.data.flip else (False,)
         with progress_bar("Caching latents", len(items), quiet=quiet) as bar:
-            fresh = cache.fill(items, flips, encoder(base, device), bar.advance)
+            try:
+                fresh = cache.fill(items, flips, encoder(base, device), bar.advance)
+            except OSError as err:
+                raise OutputError(
+                    f"data: could not write the latent cache in {cache.folder}: {err.strerror or err}; free space "
+                    "there, or set train.cache_latents = false"
+                ) from None
         log(f"Latents: {len(items) * len(flips)} cached ({fresh} newly encoded) in {cache.folder}")
         base.vae.to("cpu")
     text_cache = _text_cache(recipe, base, items + held_out, device, log)
