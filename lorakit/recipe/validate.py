@@ -63,9 +63,10 @@ def _suggest(name: str, choices: list[str]) -> str:
 
 RECIPE_MAX_BYTES = 1 << 20
 STEPS_MAX = 10_000_000  # steps and step counts: far past any LoRA run, and well inside every integer type
+TIMESTEPS_MAX = 100_000  # schedules have 1,000 steps; train checks the base's own count
 SEED_MAX = 2**32 - 1  # 32-bit seeds, as kohya's tools and diffusers' examples use
 
-# Every number of a recipe has a finite range (tests/test_recipe.py checks none is missing): what it is for, not
+# Every number of a recipe has a finite range (tests/test_untrusted_input.py checks none is missing): what it is for, not
 # what a type can hold. Floats must also be finite (NaN and infinity are refused before the range).
 _RANGES: dict[str, tuple[float, float]] = {
     "model.clip_skip": (1, 32),
@@ -95,8 +96,8 @@ _RANGES: dict[str, tuple[float, float]] = {
     "train.keep_checkpoints": (1, 10_000),
     "train.ema_decay": (0, 0.999999),
     "train.huber_c": (0, 1_000),
-    "train.min_timestep": (0, 999),
-    "train.max_timestep": (1, 1000),
+    "train.min_timestep": (0, TIMESTEPS_MAX),  # the base's own schedule is checked once it is loaded
+    "train.max_timestep": (1, TIMESTEPS_MAX),
     "train.loraplus_lr_ratio": (1, 1000),
     "prior.num_class_images": (1, 100_000),
     "prior.prior_loss_weight": (0, 1_000),
@@ -105,7 +106,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "sample.steps": (1, 1000),
     "sample.guidance": (0, 100),
     "validation.every_steps": (1, STEPS_MAX),
-    "validation.timesteps": (0, 999),
+    "validation.timesteps": (0, TIMESTEPS_MAX),
 }
 
 
