@@ -7,15 +7,22 @@ import dataclasses
 import json
 import os
 import shutil
+import subprocess
+import sys
+import time
 import typing
+from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from lorakit.cli import app
 from lorakit.data import load_folder
-from lorakit.errors import DatasetError, RecipeError
+from lorakit.errors import AdapterError, DatasetError, RecipeError
+from lorakit.formats.read import read_adapter_file
 from lorakit.prepare import PrepareOptions, prepare
 from lorakit.recipe import load_recipe, recipe_from_dict
 from lorakit.recipe.sections import SECTIONS
@@ -218,3 +225,115 @@ def test_prepare_state_cannot_name_files_elsewhere(tmp_path):
     prepare(photos, out, options, quiet=True, log=lambda _: None)
     rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
     assert victim.is_file() and all(r["file_name"].startswith("images/") for r in rows)
+
+
+_STEM = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+
+
+@pytest.mark.parametrize(
+    ("tensors", "metadata", "message"),
+    [
+        (
+            {
+                f"{_STEM}.lora_down.weight": torch.ones(4, 32),
+                f"{_STEM}.lora_up.weight": torch.ones(32, 4),
+                f"{_STEM}.alpha": torch.ones(3),
+            },
+            {},
+            "alpha holds 3 values; an alpha is one number",
+        ),
+        (
+            {f"{_STEM}.lora_down.weight": torch.ones(0, 32), f"{_STEM}.lora_up.weight": torch.ones(32, 0)},
+            {},
+            "rank 0 (no weights)",
+        ),
+        (
+            {f"{_STEM}.lora_down.weight": torch.ones(32), f"{_STEM}.lora_up.weight": torch.ones(32, 4)},
+            {},
+            "the down weight has shape (32,); LoRA weights are 2-D (linear) or 4-D",
+        ),
+        (
+            {f"{_STEM}.lora_down.weight": torch.tensor(1.0), f"{_STEM}.lora_up.weight": torch.ones(32, 4)},
+            {},
+            "the down weight has shape ()",
+        ),
+        (
+            {
+                "unet.down_blocks.0.attentions.0.proj_in.lora_A.weight": torch.ones(4, 32),
+                "unet.down_blocks.0.attentions.0.proj_in.lora_B.weight": torch.ones(32, 4),
+            },
+            {"lora_adapter_metadata": '{"unet.r": 4, '},
+            "the lora_adapter_metadata header is not a JSON object",
+        ),
+        (
+            {
+                "unet.down_blocks.0.attentions.0.proj_in.lora_A.weight": torch.ones(4, 32),
+                "unet.down_blocks.0.attentions.0.proj_in.lora_B.weight": torch.ones(32, 4),
+            },
+            {"lora_adapter_metadata": '{"unet.lora_alpha": NaN}'},
+            "expected a positive rank and a finite alpha",
+        ),
+    ],
+)
+def test_damaged_adapter_files_give_one_line(tmp_path, tensors, metadata, message):
+    path = tmp_path / "adapter.safetensors"
+    save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(AdapterError) as caught:
+        read_adapter_file(path)
+    assert message in str(caught.value) and str(path) in str(caught.value)
+    result = runner.invoke(app, ["inspect", str(path)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_prepare_workers_die_with_a_killed_prepare(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for index in range(40):
+        textured(600, 500, index).save(photos / f"photo{index}.png")
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lorakit",
+            "prepare",
+            str(photos),
+            "--out",
+            str(tmp_path / "dataset"),
+            "--workers",
+            "2",
+            "--quiet",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    workers: set[int] = set()
+    deadline = time.monotonic() + 60
+    while len(workers) < 2 and time.monotonic() < deadline and process.poll() is None:
+        workers = _children(process.pid)
+        time.sleep(0.05)
+    assert len(workers) >= 2, "prepare started no workers"
+    process.kill()
+    process.wait()
+    time.sleep(1.0)
+    assert not any(_alive(pid) for pid in workers)
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            text = status.read_text()
+        except OSError:
+            continue
+        if f"\nPPid:\t{pid}\n" in text:
+            found.add(int(status.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in state  # a zombie is dead, waiting for init to reap it
