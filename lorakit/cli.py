@@ -130,6 +130,39 @@ def _colour(value: str) -> tuple[int, int, int]:
 
 
 @app.command()
+def plan(
+    recipe: Annotated[Path, typer.Argument(help="Recipe file (TOML), e.g. recipes/sdxl-character.toml.")],
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a recipe key: section.key=value (repeatable).")
+    ] = None,
+    vram: Annotated[
+        float | None, typer.Option(min=1.0, max=1024.0, callback=_finite, help="The card's memory in GiB, e.g. 12.")
+    ] = None,
+    gpu: Annotated[str | None, typer.Option(help='A card by name, e.g. "RTX 3060 12GB".')] = None,
+    os_: Annotated[str, typer.Option("--os", help="linux or windows (Windows keeps more headroom).")] = "linux",
+    arch: Annotated[
+        str | None, typer.Option(help="sd15, sd21 or sdxl, when the base's name does not say (a hub id).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False,
+) -> None:
+    """Peak GPU memory by phase and part, whether it fits a card, the disk it writes and a rough time: before
+    training, without loading any weights."""
+    import json
+
+    from .recipe import load_recipe
+
+    if arch is not None and arch not in ("sd15", "sd21", "sdxl"):
+        raise typer.BadParameter(f"{arch!r}: use sd15, sd21 or sdxl", param_hint="--arch")
+    parsed = _run(lambda: load_recipe(recipe, set_ or []))
+    _prepare_stack()
+    from .plan import plan as make_plan
+    from .plan import plan_lines
+
+    result = _run(lambda: make_plan(parsed, vram=vram, gpu=gpu, system=os_, arch=arch))
+    typer.echo(json.dumps(result.to_dict(), indent=2) if as_json else "\n".join(plan_lines(result)))
+
+
+@app.command()
 def prepare(
     src: Annotated[Path, typer.Argument(help="Folder of photos (searched recursively; never modified).")],
     out: Annotated[Path, typer.Option(help="Dataset folder to write (outside SRC).")] = Path("dataset"),

@@ -156,3 +156,28 @@ def test_fast_paths_are_on_and_said(tiny_base, tiny_dataset, tmp_path):
     if ampere:
         assert "full float32" in "\n".join(line for line, _ in seen) and not seen[-1][1]
     assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+
+
+def test_the_vae_encodes_with_the_unet_off_the_gpu(tiny_base, tiny_dataset, tmp_path, monkeypatch):
+    """The latent cache fills with the VAE alone on the GPU (the U-Net and encoders wait on the CPU), and training
+    then runs with the U-Net back on the GPU under the same optimizer."""
+    import lorakit.train.setup as setup
+
+    seen = []
+    real_encoder = setup.encoder
+
+    def recording(base, device):
+        encode = real_encoder(base, device)
+
+        def wrapped(pixels):
+            seen.append((next(base.unet.parameters()).device.type, next(base.vae.parameters()).device.type))
+            return encode(pixels)
+
+        return wrapped
+
+    monkeypatch.setattr(setup, "encoder", recording)
+    result, _ = _train(tiny_base, tiny_dataset, tmp_path / "out", train={"max_steps": 2, "cache_latents": True})
+    assert seen and set(seen) == {("cpu", "cuda")}
+    assert next(result.models["unet"].parameters()).device.type == "cuda"
+    unet = result.models["unet"]  # lora_B starts at zero: non-zero means the optimizer stepped the moved parameters
+    assert any(p.abs().sum() > 0 for n, p in unet.named_parameters() if "lora_B" in n)

@@ -66,8 +66,8 @@ STEPS_MAX = 10_000_000  # steps and step counts: far past any LoRA run, and well
 TIMESTEPS_MAX = 100_000  # schedules have 1,000 steps; train checks the base's own count
 SEED_MAX = 2**32 - 1  # 32-bit seeds, as kohya's tools and diffusers' examples use
 
-# Every number of a recipe has a finite range (tests/test_untrusted_input.py checks none is missing): what it is for, not
-# what a type can hold. Floats must also be finite (NaN and infinity are refused before the range).
+# Every number of a recipe has a finite range (tests/test_untrusted_input.py checks none is missing): what it is
+# for, not what a type can hold. Floats must also be finite (NaN and infinity are refused before the range).
 _RANGES: dict[str, tuple[float, float]] = {
     "model.clip_skip": (1, 32),
     "data.resolution": (8, 4096),

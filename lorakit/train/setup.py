@@ -41,6 +41,7 @@ from ..errors import AdapterError, LorakitError, OutputError, RecipeError
 from ..files import atomic_write_text
 from ..formats.read import FAMILY_NAMES, check_against, read_adapter_file
 from ..lycoris import KIND_NAMES
+from ..memory import disk_bytes, mib
 from ..models import BaseModel, encode_prompts, is_local, load_base, resolve_base, token_count, tokenize
 from ..optim import build_lr_scheduler, build_optimizer
 from ..progress import progress_bar
@@ -189,7 +190,7 @@ def set_up(
                 say(f"--resume: removed {cleaned} half-written files the interrupted run left in {paths.folder}")
     accelerator.wait_for_everyone()
     held_out = held_out_items(recipe, base)
-    cache, text_cache = _fill_caches(recipe, base, items, held_out, accelerator.device, say, quiet)
+    cache, text_cache = _fill_caches(recipe, base, items, held_out, accelerator.device, say, quiet, trained)
     phases.done("latent and text caches")
     prepared = accelerator.prepare(*trained.values(), optimizer)
     models = dict(zip(trained, prepared[:-1], strict=True))
@@ -299,36 +300,15 @@ def _parameter_groups(recipe: Recipe, trained: dict[str, Any]) -> list[dict[str,
     return groups
 
 
-OPTIMIZER_BYTES_PER_PARAM = {"adamw": 8, "adamw8bit": 2, "adafactor": 4, "prodigy": 16}
-
-
 def _preflight_disk(
     recipe: Recipe, base: BaseModel, items: list[Item], trained: dict, run_dir: Path, log: Log
 ) -> None:
     """Before the caches and the first step: what the run will write (latent cache, checkpoints, adapter files),
     said in the log, and refused in one line when the disk holding it has less free space."""
-    params = sum(p.numel() for m in trained.values() for p in m.parameters() if p.requires_grad)
-    cfg = recipe.train
-    flips = 2 if recipe.data.flip else 1
-    latents = 0
-    if cfg.cache_latents:  # mean and std, float32, 4 channels at 1/8 of the bucket, plus the file header
-        latents = (
-            sum(
-                2 * 4 * 4 * (w // base.vae_scale_factor) * (h // base.vae_scale_factor) + 256
-                for w, h in (item.bucket for item in items)
-            )
-            * flips
-        )
-    per_checkpoint = params * (4 + OPTIMIZER_BYTES_PER_PARAM.get(cfg.optimizer, 8)) * (2 if cfg.ema_decay else 1)
-    checkpoints = per_checkpoint * (
-        min(cfg.keep_checkpoints, max(1, cfg.max_steps // max(1, cfg.save_every_steps))) + 1
-    )  # the newest kept ones, and the one being written
-    adapters = 2 * params * (2 if recipe.output.save_dtype in ("float16", "bfloat16") else 4)
-    outputs = checkpoints + adapters
-    log(
-        f"Disk: about {_mib(latents + outputs)} (latent cache {_mib(latents)}, checkpoints {_mib(checkpoints)}, "
-        f"adapter files {_mib(adapters)})"
-    )
+    numels = [p.numel() for m in trained.values() for p in m.parameters() if p.requires_grad]
+    disk = disk_bytes(recipe, numels, [item.bucket for item in items], base.vae_scale_factor)
+    log(disk.line())
+    latents, outputs = disk.latents, disk.checkpoints + disk.adapters
     places = [(outputs, _existing(run_dir), "checkpoints and adapter files")]
     cache = _existing(_cache_root(recipe))
     if cache.stat().st_dev == places[0][1].stat().st_dev:  # one disk holds both
@@ -339,7 +319,7 @@ def _preflight_disk(
         free = shutil.disk_usage(folder).free
         if need > free:
             raise OutputError(
-                f"output: {what} need about {_mib(need)} under {folder} but only {_mib(free)} is free there; free "
+                f"output: {what} need about {mib(need)} under {folder} but only {mib(free)} is free there; free "
                 "space, or lower train.keep_checkpoints (or set train.cache_latents = false)"
             )
 
@@ -352,19 +332,27 @@ def _existing(path: Path) -> Path:
     return path
 
 
-def _mib(count: int) -> str:
-    return f"{count / 2**20:.1f} MiB"
-
-
 def _fill_caches(
-    recipe: Recipe, base: BaseModel, items: list[Item], held_out: list[Item], device: Any, log: Log, quiet: bool
+    recipe: Recipe,
+    base: BaseModel,
+    items: list[Item],
+    held_out: list[Item],
+    device: Any,
+    log: Log,
+    quiet: bool,
+    trained: dict[str, Any] | None = None,
 ) -> tuple[LatentCache | None, dict[str, Any] | None]:
     """Encode latents (when cached) and the text of every caption (when the text encoder is frozen), then move
-    the encoders that are no longer needed back to the CPU."""
-    base.vae.to(device)
-    for module in base.text_encoders:
-        module.to(device)
+    the encoders that are no longer needed back to the CPU.
+
+    On a GPU one model works at a time: the trained modules wait on the CPU while the VAE encodes (the VAE at
+    1024 px needs more memory than a training step of SDXL) and the VAE leaves before the text encoders come.
+    Moving a module keeps its parameter objects, so the optimizer built on them stays valid."""
+    parked = [m for m in (trained or {}).values() if device.type == "cuda"]
+    for module in parked:
+        module.to("cpu")
     cache = None
+    base.vae.to(device)
     if recipe.train.cache_latents:
         cache = LatentCache(_cache_root(recipe), vae_fingerprint(base.vae))
         flips = (False, True) if recipe.data.flip else (False,)
@@ -378,10 +366,14 @@ def _fill_caches(
                 ) from None
         log(f"Latents: {len(items) * len(flips)} cached ({fresh} newly encoded) in {cache.folder}")
         base.vae.to("cpu")
+    for module in base.text_encoders:
+        module.to(device)
     text_cache = _text_cache(recipe, base, items + held_out, device, log)
     if text_cache is not None:
         for module in base.text_encoders:
             module.to("cpu")
+    for module in parked:
+        module.to(device)
     return cache, text_cache
 
 

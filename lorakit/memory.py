@@ -1,0 +1,339 @@
+"""Peak GPU memory of a training run, by phase and part, before any weight is loaded: what `lorakit plan` prints.
+
+Exact parts are counted on the real architecture built on the meta device (the shipped configs, or the base's own
+when it is a local diffusers folder): frozen weights per component and dtype, the LoRA parameters peft adds for the
+recipe's rank, type and targets, their gradients, and the optimizer state tensor by tensor (bitsandbytes' 8-bit
+AdamW keeps float32 state for tensors under 4,096 elements and one float32 absmax per 256-element block).
+
+Activations and the VAE encode are not counted but modelled per latent pixel, calibrated on measured peaks (see
+ACTIVATIONS and VAE_ENCODE); their sources and how far each is a guess are said next to each figure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import RecipeError
+
+GIB = 2**30
+CUDA_CONTEXT_GIB = 0.45  # CUDA context and libraries outside PyTorch's allocator (two published OOM reports)
+ALLOCATOR_SLACK = 0.03  # reserved but unused at the peak: 1.6-2.7 % measured, more with varying bucket shapes
+BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes keeps float32 state below this many elements
+BNB_BLOCK = 256  # one float32 absmax per block per state (bitsandbytes 0.50.2)
+
+# Activations of one training sample per latent pixel (fp16 autocast, SDPA / memory-efficient attention), GiB:
+#   SDXL: 10 GiB per 1024 px sample without gradient checkpointing, 1.6 GiB with it (the published tier-A table,
+#   kohya sd-scripts 0.8.3; ../shared/memory-readings.md). SD 1.x/2.x with checkpointing: 0.36 GiB per 512 px
+#   sample (H200, 2026-11-29: a bare step's peak went from 2.34 to 3.42 GiB between batch 1 and 4). SD 1.x/2.x
+#   without checkpointing: the SDXL ratio (6.25x) applied to that reading, a rough guess until measured.
+ACTIVATIONS = {
+    ("sdxl", True): 1.6 / (128 * 128),
+    ("sdxl", False): 10.0 / (128 * 128),
+    ("sd", True): 0.36 / (64 * 64),
+    ("sd", False): 0.36 * 6.25 / (64 * 64),
+}
+# The VAE encoding one image while the latent cache fills, GiB per image pixel per byte of the VAE's dtype:
+# 3.35 GiB for the SDXL VAE in float32 at 1024 px (H200, 2026-11-29: the run's peak less the resident weights).
+VAE_ENCODE = 3.35 / (1024 * 1024 * 4)
+
+GPUS = {  # nominal memory of common cards, GiB (NVIDIA's "GB" on these cards are GiB)
+    "RTX 2060 6GB": 6,
+    "RTX 2080 Ti 11GB": 11,
+    "RTX 3060 12GB": 12,
+    "RTX 3060 Ti 8GB": 8,
+    "RTX 3070 8GB": 8,
+    "RTX 3080 10GB": 10,
+    "RTX 3080 12GB": 12,
+    "RTX 3090 24GB": 24,
+    "RTX 4060 8GB": 8,
+    "RTX 4060 Ti 8GB": 8,
+    "RTX 4060 Ti 16GB": 16,
+    "RTX 4070 12GB": 12,
+    "RTX 4070 Ti Super 16GB": 16,
+    "RTX 4080 16GB": 16,
+    "RTX 4090 24GB": 24,
+    "RTX 5090 32GB": 32,
+    "T4 16GB": 16,
+    "A10 24GB": 24,
+    "L4 24GB": 24,
+    "A100 40GB": 40,
+    "A100 80GB": 80,
+    "H100 80GB": 80,
+    "H200 141GB": 141,
+}
+HEADROOM = {"linux": 0.05, "windows": 0.10}  # Windows drivers spill into system RAM instead of failing
+
+
+@dataclass(frozen=True)
+class Part:
+    phase: str  # "latent caching", "training step" or "sampling"
+    name: str
+    gib: float
+    how: str  # "counted" (exact) or where a modelled figure comes from
+
+
+@dataclass
+class MemoryEstimate:
+    architecture: str
+    bucket: tuple[int, int]
+    bucket_source: str
+    batch_size: int
+    parts: list[Part] = field(default_factory=list)
+    trainable: list[int] = field(default_factory=list)  # element counts of the trainable tensors
+
+    def phase_gib(self, phase: str) -> float:
+        return sum(p.gib for p in self.parts if p.phase == phase)
+
+    @property
+    def phases(self) -> list[str]:
+        return list(dict.fromkeys(p.phase for p in self.parts))
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phases, key=self.phase_gib)
+
+    @property
+    def allocated_gib(self) -> float:
+        """PyTorch's allocator peak (`torch.cuda.max_memory_allocated`)."""
+        return self.phase_gib(self.peak_phase)
+
+    @property
+    def process_gib(self) -> float:
+        """What nvidia-smi or the Windows Task Manager show for the process at the peak."""
+        return self.allocated_gib * (1 + ALLOCATOR_SLACK) + CUDA_CONTEXT_GIB
+
+    def verdict(self, card_gib: float, system: str = "linux") -> tuple[bool, str]:
+        """(fits, one line) against a card of `card_gib`, keeping the OS's headroom."""
+        usable = card_gib * (1 - HEADROOM[system])
+        share = self.process_gib / card_gib
+        fits = self.process_gib <= usable
+        word = "fits" if fits else "does not fit"
+        spill = "; past it Windows spills into system RAM, 10-100x slower" if system == "windows" else ""
+        return fits, (
+            f"{word} a {card_gib:g} GiB card on {system}: {self.process_gib:.1f} GiB is {share:.0%} of it "
+            f"({HEADROOM[system]:.0%} headroom kept{spill})"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "architecture": self.architecture,
+            "bucket": list(self.bucket),
+            "bucket_source": self.bucket_source,
+            "batch_size": self.batch_size,
+            "parts": [dataclasses.asdict(p) for p in self.parts],
+            "phases": {phase: round(self.phase_gib(phase), 3) for phase in self.phases},
+            "peak_phase": self.peak_phase,
+            "allocated_gib": round(self.allocated_gib, 3),
+            "process_gib": round(self.process_gib, 3),
+        }
+
+
+def optimizer_state_bytes(optimizer: str, numels: list[int]) -> int:
+    """Bytes of optimizer state for trainable tensors of these sizes (float32 parameters)."""
+    if optimizer == "adamw":
+        return sum(8 * n for n in numels)
+    if optimizer == "adamw8bit":
+        return sum(8 * n if n < BNB_MIN_8BIT_SIZE else 2 * n + 2 * 4 * math.ceil(n / BNB_BLOCK) for n in numels)
+    if optimizer == "prodigy":  # exp_avg, exp_avg_sq, s and p0, all float32
+        return sum(16 * n for n in numels)
+    if optimizer == "adafactor":  # factored second moment: one row and one column vector per matrix, no momentum
+        return sum(4 * n for n in numels)  # an upper bound: LoRA factors are thin, their rows+cols ~ their numel
+    raise RecipeError(
+        f"train.optimizer: {optimizer!r} has no memory model; use adamw8bit, adamw, adafactor or prodigy"
+    )
+
+
+@dataclass(frozen=True)
+class DiskEstimate:
+    latents: int  # the latent cache (in the dataset's .cache/)
+    checkpoints: int  # the newest kept checkpoints and the one being written
+    adapters: int  # the exported adapter files
+
+    def line(self) -> str:
+        total = self.latents + self.checkpoints + self.adapters
+        return (
+            f"Disk: about {mib(total)} (latent cache {mib(self.latents)}, checkpoints {mib(self.checkpoints)}, "
+            f"adapter files {mib(self.adapters)})"
+        )
+
+
+def mib(count: float) -> str:
+    return f"{count / 2**20:.1f} MiB"
+
+
+def disk_bytes(recipe: Any, trainable: list[int], buckets: list[tuple[int, int]], vae_scale: int = 8) -> DiskEstimate:
+    """What a run writes, from its trainable tensor sizes and the buckets of its images."""
+    cfg = recipe.train
+    latents = 0
+    if cfg.cache_latents:  # mean and std, float32, 4 channels at 1/8 of the bucket, plus the file header
+        per_flip = sum(2 * 4 * 4 * (w // vae_scale) * (h // vae_scale) + 256 for w, h in buckets)
+        latents = per_flip * (2 if recipe.data.flip else 1)
+    weights = 4 * sum(trainable) * (2 if cfg.ema_decay else 1)
+    per_checkpoint = weights + optimizer_state_bytes(cfg.optimizer, trainable)
+    kept = min(cfg.keep_checkpoints, max(1, cfg.max_steps // max(1, cfg.save_every_steps or cfg.max_steps)))
+    adapters = 2 * sum(trainable) * (2 if recipe.output.save_dtype in ("float16", "bfloat16") else 4)
+    return DiskEstimate(latents, per_checkpoint * (kept + 1), adapters)
+
+
+def architecture_of(base: str) -> tuple[str, str]:
+    """(architecture, how it was decided) for a base model: a local folder's own U-Net config, a single file's keys,
+    or a hub id's name."""
+    path = Path(base).expanduser()
+    config = path / "unet" / "config.json"
+    if config.is_file():
+        width = json.loads(config.read_text(encoding="utf-8")).get("cross_attention_dim")
+        return {2048: "sdxl", 1024: "sd21"}.get(width, "sd15"), f"{config} (cross_attention_dim {width})"
+    if path.is_file() and path.suffix == ".safetensors":
+        from .base_files import read_facts
+
+        family = read_facts(path).family
+        return {"sdxl": "sdxl", "sd2": "sd21"}.get(family, "sd15"), f"the keys of {path.name}"
+    name = base.lower()
+    if "xl" in name or "pony" in name or "illustrious" in name or "noob" in name:
+        return "sdxl", f"the hub id {base!r} (an SDXL name)"
+    if "2-1" in name or "2.1" in name or "sd2" in name or "v2" in name:
+        return "sd21", f"the hub id {base!r} (an SD 2.x name)"
+    return "sd15", f"the hub id {base!r} (assumed SD 1.x)"
+
+
+def largest_bucket(recipe: Any) -> tuple[tuple[int, int], str]:
+    """The largest bucket of the prepared dataset (its metadata.jsonl), or the square one the resolution allows."""
+    folders = [recipe.data.folder] if isinstance(recipe.data.folder, str) else list(recipe.data.folder)
+    sizes = []
+    for folder in folders:
+        metadata = Path(folder).expanduser() / "metadata.jsonl"
+        if not metadata.is_file():
+            continue
+        for line in metadata.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+                sizes.append((int(row["width"]), int(row["height"])))
+            except (ValueError, KeyError, TypeError):
+                continue
+    if sizes:
+        return max(sizes, key=lambda s: s[0] * s[1]), f"the largest image of {len(sizes)} in the dataset"
+    side = recipe.data.resolution
+    return (side, side), f"{side}x{side} assumed (no prepared dataset yet: run `lorakit prepare` for the real one)"
+
+
+def _component_names(architecture: str) -> list[str]:
+    return ["text_encoder", "text_encoder_2"] if architecture == "sdxl" else ["text_encoder"]
+
+
+def _dtype_bytes(name: str) -> int:
+    return 4 if name == "float32" else 2
+
+
+def estimate(recipe: Any, architecture: str | None = None) -> MemoryEstimate:
+    """The phases and parts of the run `recipe` describes (a resolved recipe: `lora.train_text_encoder` set)."""
+    from .adapters import inject_lora, lora_parameters
+    from .architectures import build_on_meta
+
+    architecture = architecture or architecture_of(recipe.model.base)[0]
+    bucket, source = largest_bucket(recipe)
+    cfg, lora, data = recipe.train, recipe.lora, recipe.data
+    result = MemoryEstimate(architecture, bucket, source, cfg.batch_size)
+    weight_bytes = _dtype_bytes(recipe.model.weight_dtype)
+    train_te = lora.train_text_encoder if lora.train_text_encoder is not None else architecture != "sdxl"
+    counts, trainable = {}, []
+    for component in ["unet", "vae", *_component_names(architecture)]:
+        module = build_on_meta(architecture, component)
+        counts[component] = sum(p.numel() for p in module.parameters())
+        if component == "unet" or (component.startswith("text_encoder") and train_te):
+            inject_lora(
+                module,
+                component,
+                rank=lora.rank,
+                lora_alpha=lora.lora_alpha,
+                dropout=0.0,
+                target_modules=lora.target_modules,
+                conv_rank=lora.conv_rank,
+                conv_alpha=lora.conv_alpha,
+                use_dora=lora.use_dora,
+                kind=lora.type,
+                lycoris_options={
+                    "decompose_factor": lora.decompose_factor,
+                    "decompose_both": lora.decompose_both,
+                    "use_effective_conv2d": lora.use_effective_conv2d,
+                },
+            )
+            trainable += [p.numel() for p in lora_parameters(module)]
+    dtype = recipe.model.weight_dtype
+    vae_dtype_bytes = 4 if architecture == "sdxl" else weight_bytes  # the SDXL VAE overflows in fp16: float32
+    encoders = _component_names(architecture)
+    resident_encoders = train_te or data.shuffle_tags  # frozen encoders with fixed captions are cached, then leave
+    adapter = sum(trainable) * 4
+    weights = {
+        "U-Net": counts["unet"] * weight_bytes,
+        "text encoders": sum(counts[c] for c in encoders) * weight_bytes,
+        "VAE": counts["vae"] * vae_dtype_bytes,
+    }
+
+    def add(phase: str, name: str, count: float, how: str = "counted") -> None:
+        result.parts.append(Part(phase, name, count / GIB, how))
+
+    result.trainable = trainable
+    pixels = bucket[0] * bucket[1]
+    if cfg.cache_latents:  # one model on the GPU at a time (train.setup._fill_caches): the VAE alone
+        add("latent caching", f"VAE weights ({'float32' if vae_dtype_bytes == 4 else dtype})", weights["VAE"])
+        add(
+            "latent caching",
+            f"VAE encode of one {bucket[0]}x{bucket[1]} image",
+            pixels * vae_dtype_bytes * VAE_ENCODE * GIB,
+            "modelled: one SDXL reading (H200), scaled by pixels and dtype",
+        )
+    step = "training step"
+    add(step, f"U-Net weights ({dtype})", weights["U-Net"])
+    if resident_encoders:
+        add(
+            step,
+            f"text encoder weights ({dtype}){'' if train_te else ', resident for tag shuffling'}",
+            weights["text encoders"],
+        )
+    if not cfg.cache_latents:
+        add(step, "VAE weights (encodes every step)", weights["VAE"])
+    add(step, f"LoRA weights (float32, {sum(trainable):,} parameters)", adapter)
+    add(step, "LoRA gradients (float32)", adapter)
+    add(step, f"optimizer state ({cfg.optimizer})", optimizer_state_bytes(cfg.optimizer, trainable))
+    family = "sdxl" if architecture == "sdxl" else "sd"
+    per_sample = ACTIVATIONS[(family, cfg.gradient_checkpointing)] * (pixels / 64)
+    add(
+        step,
+        f"activations, batch {cfg.batch_size} at {bucket[0]}x{bucket[1]}"
+        f"{', gradient checkpointing' if cfg.gradient_checkpointing else ''}",
+        per_sample * cfg.batch_size * GIB,
+        "modelled: published SDXL readings and an H200 SD 1.5 reading, per latent pixel",
+    )
+    if recipe.sample.prompts:
+        add("sampling", f"U-Net weights ({dtype})", weights["U-Net"])
+        add("sampling", "text encoder and VAE weights", weights["text encoders"] + weights["VAE"])
+        add("sampling", "LoRA weights and optimizer state", adapter + optimizer_state_bytes(cfg.optimizer, trainable))
+        add(
+            "sampling",
+            "denoising and decoding one image",
+            pixels * vae_dtype_bytes * VAE_ENCODE * GIB,
+            "modelled: as the VAE encode",
+        )
+    return result
+
+
+def find_gpu(name: str) -> float:
+    """The memory (GiB) of a card named like one in GPUS; RecipeError lists the close names otherwise."""
+    import difflib
+
+    wanted = name.lower().replace(" ", "")
+    for known, gib in GPUS.items():
+        if known.lower().replace(" ", "") == wanted:
+            return gib
+    matches = [k for k in GPUS if wanted in k.lower().replace(" ", "")]
+    if len(matches) == 1:
+        return GPUS[matches[0]]
+    close = matches or difflib.get_close_matches(name, list(GPUS), n=4, cutoff=0.3)
+    raise RecipeError(
+        f"--gpu {name!r}: not a card lorakit knows; close: {', '.join(close) or 'none'}; or give --vram GiB"
+    )

@@ -1,0 +1,155 @@
+"""`lorakit plan`: before a run, its peak GPU memory by phase and part, a verdict for a card, the disk it writes
+and a rough time, without loading any weights (the estimate is `lorakit.memory`'s)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import RecipeError
+from .memory import GPUS, HEADROOM, MemoryEstimate, architecture_of, disk_bytes, estimate, find_gpu, largest_bucket
+from .recipe import Recipe
+
+NAMES = {"sd15": "SD 1.x", "sd21": "SD 2.x", "sdxl": "SDXL"}
+
+# Seconds per step measured on one H200 (README "On a GPU", 2026-11-29): (architecture family, pixels x batch).
+MEASURED_STEP = {"sd": (512 * 512 * 1, 0.51), "sdxl": (1024 * 1024 * 1, 1.56)}
+# Speed of other GPU classes against the H200 at these small batches: rough guesses, not measurements.
+GPU_SPEED = {
+    "H100/H200 (measured)": 1.0,
+    "A100": 0.6,
+    "RTX 4090": 0.55,
+    "RTX 3090 / 4080": 0.35,
+    "RTX 3060 / 4060 Ti / 4070": 0.2,
+    "T4": 0.08,
+}
+
+
+@dataclass
+class Plan:
+    recipe: Recipe
+    architecture: str
+    architecture_source: str
+    memory: MemoryEstimate
+    card_gib: float | None
+    card_name: str
+    system: str
+    disk: Any
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.card_gib is None else self.memory.verdict(self.card_gib, self.system)[0]
+
+    def seconds_per_step(self) -> float:
+        """On an H200, from the measured step time, scaled by pixels x batch above the measured size."""
+        reference, seconds = MEASURED_STEP["sdxl" if self.architecture == "sdxl" else "sd"]
+        work = self.memory.bucket[0] * self.memory.bucket[1] * self.recipe.train.batch_size
+        return seconds * max(1.0, work / reference) * self.recipe.train.gradient_accumulation_steps
+
+    def to_dict(self) -> dict[str, Any]:
+        steps = self.recipe.train.max_steps
+        return {
+            "recipe": self.recipe.source,
+            "architecture": self.architecture,
+            "architecture_source": self.architecture_source,
+            "memory": self.memory.to_dict(),
+            "card": {"name": self.card_name, "gib": self.card_gib, "system": self.system, "fits": self.fits},
+            "disk_bytes": dataclasses.asdict(self.disk),
+            "minutes": {
+                name: round(self.seconds_per_step() * steps / speed / 60, 1) for name, speed in GPU_SPEED.items()
+            },
+        }
+
+
+def plan(
+    recipe: Recipe,
+    *,
+    vram: float | None = None,
+    gpu: str | None = None,
+    system: str = "linux",
+    arch: str | None = None,
+) -> Plan:
+    """The plan of `recipe` for a card given by `vram` (GiB), `gpu` (a name in GPUS) or, failing both, the CUDA
+    device of this machine (none on a CPU-only machine: no verdict)."""
+    if system not in HEADROOM:
+        raise RecipeError(f"--os {system!r}: use linux or windows")
+    if vram is not None and gpu is not None:
+        raise RecipeError("--vram and --gpu: give one")
+    architecture, source = (arch, "--arch") if arch else architecture_of(recipe.model.base)
+    train_te = recipe.lora.train_text_encoder
+    recipe = dataclasses.replace(
+        recipe,
+        lora=dataclasses.replace(
+            recipe.lora, train_text_encoder=architecture != "sdxl" if train_te is None else train_te
+        ),
+    )
+    memory = estimate(recipe, architecture)
+    card_gib, card_name = _card(vram, gpu)
+    bucket, _ = largest_bucket(recipe)
+    disk = disk_bytes(recipe, memory.trainable, [bucket] * _image_count(recipe))
+    return Plan(recipe, architecture, source, memory, card_gib, card_name, system, disk)
+
+
+def _image_count(recipe: Recipe) -> int:
+    from pathlib import Path
+
+    folders = [recipe.data.folder] if isinstance(recipe.data.folder, str) else list(recipe.data.folder)
+    count = 0
+    for folder in folders:
+        metadata = Path(folder).expanduser() / "metadata.jsonl"
+        if metadata.is_file():
+            count += sum(1 for line in metadata.read_text(encoding="utf-8", errors="replace").splitlines() if line)
+    return count or 20
+
+
+def _card(vram: float | None, gpu: str | None) -> tuple[float | None, str]:
+    if vram is not None:
+        return vram, f"{vram:g} GiB (--vram)"
+    if gpu is not None:
+        return find_gpu(gpu), gpu
+    import torch
+
+    if torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(0).total_memory / 2**30
+        return total, f"{torch.cuda.get_device_name(0)} (this machine)"
+    return None, "none given and no CUDA device here"
+
+
+def plan_lines(result: Plan) -> list[str]:
+    memory, recipe = result.memory, result.recipe
+    lines = [
+        f"Plan for {recipe.source}: {NAMES[result.architecture]} (from {result.architecture_source}), largest bucket "
+        f"{memory.bucket[0]}x{memory.bucket[1]} ({memory.bucket_source}), batch {memory.batch_size}",
+        f"  {'phase':<15} {'part':<62} {'GiB':>6}",
+    ]
+    for part in memory.parts:
+        mark = "" if part.how == "counted" else " *"
+        lines.append(f"  {part.phase:<15} {part.name[:62]:<62} {part.gib:>6.2f}{mark}")
+    for phase in memory.phases:
+        lines.append(f"  {phase:<15} {'total':<62} {memory.phase_gib(phase):>6.2f}")
+    lines.append(
+        "  * modelled, not counted: " + "; ".join(sorted({p.how for p in memory.parts if p.how != "counted"}))
+    )
+    lines.append(
+        f"Peak: {memory.peak_phase}, {memory.allocated_gib:.2f} GiB allocated by PyTorch; about "
+        f"{memory.process_gib:.2f} GiB for the process (nvidia-smi, Task Manager: adds the CUDA context and "
+        "allocator slack)"
+    )
+    if result.card_gib is None:
+        lines.append(f"Card: {result.card_name}; give --vram GiB or --gpu NAME for a verdict")
+    else:
+        lines.append(f"Card {result.card_name}: {memory.verdict(result.card_gib, result.system)[1]}")
+        if not result.fits:
+            smallest = min(
+                (gib for gib in sorted(set(GPUS.values())) if memory.verdict(gib, result.system)[0]), default=None
+            )
+            lines.append(f"  the smallest common card it fits: {smallest:g} GiB" if smallest else "")
+    lines.append(result.disk.line())
+    minutes = result.to_dict()["minutes"]
+    lines.append(
+        f"Time for {recipe.train.max_steps} steps: "
+        + ", ".join(f"{name} ~{m:g} min" for name, m in minutes.items())
+        + " (all but the H200 figure are rough guesses)"
+    )
+    return [line for line in lines if line]
