@@ -166,7 +166,7 @@ def run_bare(base: Path, args, batch: int, device: str) -> dict:
     recipe = recipe_from_dict(_recipe(base, Path("."), Path("."), args, batch, device))
     cfg, lora = recipe.train, recipe.lora
     fp16 = cfg.mixed_precision == "fp16"
-    model = load_base(str(base), weight_dtype="float16" if fp16 else "float32")
+    model = load_base(str(base), weight_dtype=recipe.model.weight_dtype)  # the recipe's frozen weights, as lorakit
     trained = {"unet": model.unet}
     if lora.train_text_encoder:
         trained.update(zip(model.text_encoder_names, model.text_encoders, strict=True))
