@@ -103,6 +103,9 @@ def train(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors and the result.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", help="Also print how long each start-up phase took.")] = False,
+    strict_memory: Annotated[
+        bool, typer.Option(help="Refuse to start when `lorakit plan` says the run will not fit this GPU.")
+    ] = False,
 ) -> None:
     """Train a LoRA adapter as the recipe describes; writes <output.folder>/<output.name>/."""
     from .recipe import load_recipe
@@ -113,7 +116,15 @@ def train(
 
     log = (lambda _: None) if quiet else (lambda line: typer.echo(line, err=True))
     result = _run(
-        lambda: run_training(parsed, overwrite=overwrite, resume=resume, quiet=quiet, verbose=verbose, log=log)
+        lambda: run_training(
+            parsed,
+            overwrite=overwrite,
+            resume=resume,
+            quiet=quiet,
+            verbose=verbose,
+            strict_memory=strict_memory,
+            log=log,
+        )
     )
     typer.echo(str(result.adapter))
 
@@ -143,6 +154,11 @@ def plan(
     arch: Annotated[
         str | None, typer.Option(help="sd15, sd21 or sdxl, when the base's name does not say (a hub id).")
     ] = None,
+    fit: Annotated[
+        str | None, typer.Option(help="A card size, e.g. 8GB: the cheapest recipe changes that make the run fit.")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="With --fit: write the fitted recipe here (TOML).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out file.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False,
 ) -> None:
     """Peak GPU memory by phase and part, whether it fits a card, the disk it writes and a rough time: before
@@ -151,6 +167,8 @@ def plan(
 
     from .recipe import load_recipe
 
+    if out is not None and fit is None:
+        raise typer.BadParameter("--out writes the fitted recipe: give --fit too", param_hint="--out")
     if arch is not None and arch not in ("sd15", "sd21", "sdxl"):
         raise typer.BadParameter(f"{arch!r}: use sd15, sd21 or sdxl", param_hint="--arch")
     parsed = _run(lambda: load_recipe(recipe, set_ or []))
@@ -159,7 +177,21 @@ def plan(
     from .plan import plan_lines
 
     result = _run(lambda: make_plan(parsed, vram=vram, gpu=gpu, system=os_, arch=arch))
-    typer.echo(json.dumps(result.to_dict(), indent=2) if as_json else "\n".join(plan_lines(result)))
+    if fit is None:
+        typer.echo(json.dumps(result.to_dict(), indent=2) if as_json else "\n".join(plan_lines(result)))
+        return
+    from .files import atomic_write_text, check_output
+    from .plan import fit as fit_recipe
+    from .plan import fit_lines, parse_size
+    from .recipe import dump_recipe
+
+    found = _run(lambda: fit_recipe(result, parse_size(fit)))
+    lines = _run(lambda: fit_lines(result, found))
+    if out is not None:
+        _run(lambda: check_output(out, [recipe], overwrite))
+        atomic_write_text(out, dump_recipe(found.recipe))
+        lines.append(f"Wrote {out}")
+    typer.echo("\n".join(lines))
 
 
 @app.command()

@@ -11,7 +11,9 @@ ACTIVATIONS and VAE_ENCODE); their sources and how far each is a guess are said 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -202,7 +204,10 @@ def architecture_of(base: str) -> tuple[str, str]:
 
 
 def largest_bucket(recipe: Any) -> tuple[tuple[int, int], str]:
-    """The largest bucket of the prepared dataset (its metadata.jsonl), or the square one the resolution allows."""
+    """The largest bucket the run trains at: each prepared image's nearest bucket at `data.resolution` (what train
+    assigns), or the square one when the dataset is not prepared yet."""
+    from .buckets import make_buckets, nearest_bucket
+
     folders = [recipe.data.folder] if isinstance(recipe.data.folder, str) else list(recipe.data.folder)
     sizes = []
     for folder in folders:
@@ -215,9 +220,13 @@ def largest_bucket(recipe: Any) -> tuple[tuple[int, int], str]:
                 sizes.append((int(row["width"]), int(row["height"])))
             except (ValueError, KeyError, TypeError):
                 continue
-    if sizes:
-        return max(sizes, key=lambda s: s[0] * s[1]), f"the largest image of {len(sizes)} in the dataset"
     side = recipe.data.resolution
+    buckets = make_buckets(side, 64) or [(side, side)]
+    if sizes:
+        trained = [nearest_bucket(w, h, buckets) for w, h in sizes if w > 0 and h > 0]
+        if trained:
+            largest = max(trained, key=lambda b: b[0] * b[1])
+            return largest, f"the largest of {len(trained)} images of the dataset at data.resolution {side}"
     return (side, side), f"{side}x{side} assumed (no prepared dataset yet: run `lorakit prepare` for the real one)"
 
 
@@ -229,40 +238,82 @@ def _dtype_bytes(name: str) -> int:
     return 4 if name == "float32" else 2
 
 
-def estimate(recipe: Any, architecture: str | None = None) -> MemoryEstimate:
-    """The phases and parts of the run `recipe` describes (a resolved recipe: `lora.train_text_encoder` set)."""
-    from .adapters import inject_lora, lora_parameters
+@functools.cache
+def _meta_module(architecture: str, component: str) -> Any:
     from .architectures import build_on_meta
 
+    return build_on_meta(architecture, component)
+
+
+@functools.cache
+def parameter_count(architecture: str, component: str) -> int:
+    """Parameters of one full-size component (the shipped config, meta device)."""
+    return sum(p.numel() for p in _meta_module(architecture, component).parameters())
+
+
+@functools.lru_cache(maxsize=64)
+def _adapter_sizes(architecture: str, component: str, lora: tuple) -> tuple[int, ...]:
+    from .adapters import inject_lora, lora_parameters
+
+    rank, alpha, targets, conv_rank, conv_alpha, use_dora, kind, factor, both, effective = lora
+    module = copy.deepcopy(_meta_module(architecture, component))
+    inject_lora(
+        module,
+        component,
+        rank=rank,
+        lora_alpha=alpha,
+        dropout=0.0,
+        target_modules=list(targets) if isinstance(targets, tuple) else targets,
+        conv_rank=conv_rank,
+        conv_alpha=conv_alpha,
+        use_dora=use_dora,
+        kind=kind,
+        lycoris_options={"decompose_factor": factor, "decompose_both": both, "use_effective_conv2d": effective},
+    )
+    return tuple(p.numel() for p in lora_parameters(module))
+
+
+def adapter_sizes(architecture: str, component: str, lora: Any) -> list[int]:
+    """Element counts of the tensors peft adds to one component for the recipe's [lora] section."""
+    targets = tuple(lora.target_modules) if isinstance(lora.target_modules, list) else lora.target_modules
+    key = (
+        lora.rank,
+        lora.lora_alpha,
+        targets,
+        lora.conv_rank,
+        lora.conv_alpha,
+        lora.use_dora,
+        lora.type,
+        lora.decompose_factor,
+        lora.decompose_both,
+        lora.use_effective_conv2d,
+    )
+    return list(_adapter_sizes(architecture, component, key))
+
+
+def estimate(
+    recipe: Any,
+    architecture: str | None = None,
+    *,
+    counts: dict[str, int] | None = None,
+    trainable: list[int] | None = None,
+    bucket: tuple[int, int] | None = None,
+) -> MemoryEstimate:
+    """The phases and parts of the run `recipe` describes. `counts` (parameters per component) and `trainable`
+    (element counts of the adapter tensors) come from the loaded models when `train` asks; otherwise they are
+    counted on the meta device."""
     architecture = architecture or architecture_of(recipe.model.base)[0]
-    bucket, source = largest_bucket(recipe)
+    bucket, source = (bucket, "the largest bucket of the dataset") if bucket else largest_bucket(recipe)
     cfg, lora, data = recipe.train, recipe.lora, recipe.data
     result = MemoryEstimate(architecture, bucket, source, cfg.batch_size)
     weight_bytes = _dtype_bytes(recipe.model.weight_dtype)
     train_te = lora.train_text_encoder if lora.train_text_encoder is not None else architecture != "sdxl"
-    counts, trainable = {}, []
-    for component in ["unet", "vae", *_component_names(architecture)]:
-        module = build_on_meta(architecture, component)
-        counts[component] = sum(p.numel() for p in module.parameters())
-        if component == "unet" or (component.startswith("text_encoder") and train_te):
-            inject_lora(
-                module,
-                component,
-                rank=lora.rank,
-                lora_alpha=lora.lora_alpha,
-                dropout=0.0,
-                target_modules=lora.target_modules,
-                conv_rank=lora.conv_rank,
-                conv_alpha=lora.conv_alpha,
-                use_dora=lora.use_dora,
-                kind=lora.type,
-                lycoris_options={
-                    "decompose_factor": lora.decompose_factor,
-                    "decompose_both": lora.decompose_both,
-                    "use_effective_conv2d": lora.use_effective_conv2d,
-                },
-            )
-            trainable += [p.numel() for p in lora_parameters(module)]
+    components = ["unet", "vae", *_component_names(architecture)]
+    if counts is None:
+        counts = {c: parameter_count(architecture, c) for c in components}
+    if trainable is None:
+        trained = ["unet", *(_component_names(architecture) if train_te else [])]
+        trainable = [n for c in trained for n in adapter_sizes(architecture, c, lora)]
     dtype = recipe.model.weight_dtype
     vae_dtype_bytes = 4 if architecture == "sdxl" else weight_bytes  # the SDXL VAE overflows in fp16: float32
     encoders = _component_names(architecture)

@@ -26,6 +26,146 @@ GPU_SPEED = {
 }
 
 
+def _with(recipe: Recipe, section: str, **values: Any) -> Recipe:
+    return dataclasses.replace(recipe, **{section: dataclasses.replace(getattr(recipe, section), **values)})
+
+
+# The changes `--fit` tries, cheapest in quality or speed first: (key, applies to, change, why).
+FIT_CHANGES: list[tuple[str, Any, Any, str]] = [
+    (
+        "train.cache_latents",
+        lambda r: not r.train.cache_latents,
+        lambda r: _with(r, "train", cache_latents=True),
+        "latents encoded once: the VAE leaves the GPU",
+    ),
+    (
+        "data.shuffle_tags",
+        lambda r: r.data.shuffle_tags and not r.lora.train_text_encoder,
+        lambda r: _with(r, "data", shuffle_tags=False),
+        "fixed captions: the text encoders' outputs are cached and they leave the GPU",
+    ),
+    (
+        "train.gradient_checkpointing",
+        lambda r: not r.train.gradient_checkpointing,
+        lambda r: _with(r, "train", gradient_checkpointing=True),
+        "activations recomputed: about 30 % slower steps",
+    ),
+    (
+        "train.optimizer",
+        lambda r: r.train.optimizer != "adamw8bit",
+        lambda r: _with(r, "train", optimizer="adamw8bit"),
+        "8-bit optimizer state",
+    ),
+    (
+        "model.weight_dtype",
+        lambda r: r.model.weight_dtype == "float32",
+        lambda r: _with(r, "model", weight_dtype="bfloat16" if r.train.mixed_precision == "bf16" else "float16"),
+        "frozen weights in half precision (the LoRA still trains in float32)",
+    ),
+    (
+        "lora.train_text_encoder",
+        lambda r: r.lora.train_text_encoder,
+        lambda r: _with(r, "lora", train_text_encoder=False),
+        "U-Net only: less prompt fidelity for some concepts",
+    ),
+    (
+        "lora.rank",
+        lambda r: r.lora.rank > 4,
+        lambda r: _with(r, "lora", rank=r.lora.rank // 2, lora_alpha=r.lora.lora_alpha / 2),
+        "half the rank",
+    ),
+    (
+        "data.resolution",
+        lambda r: r.data.resolution > 512,
+        lambda r: _with(r, "data", resolution=r.data.resolution - 128),
+        "smaller largest bucket: less detail",
+    ),
+    (
+        "train.batch_size",
+        lambda r: r.train.batch_size > 1,
+        lambda r: _with(
+            r,
+            "train",
+            batch_size=1,
+            gradient_accumulation_steps=r.train.gradient_accumulation_steps * r.train.batch_size,
+        ),
+        "batch of 1 with accumulation: the same effective batch, slower",
+    ),
+]
+
+
+def parse_size(text: str) -> float:
+    """`8GB`, `8 GiB`, `12`: a card size in GiB (a card's "GB" are GiB)."""
+    import re
+
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(gb|gib|g)?\s*", text.lower())
+    if not match or not 1 <= float(match.group(1)) <= 1024:
+        raise RecipeError(f"--fit {text!r}: give a card size such as 8GB or 12")
+    return float(match.group(1))
+
+
+@dataclass
+class Fit:
+    """The cheapest recipe changes that make a run fit a card, in order."""
+
+    target_gib: float
+    recipe: Recipe
+    changes: list[tuple[str, Any, Any, str]]  # (key, before, after, why)
+    memory: MemoryEstimate
+    fits: bool
+
+    def overrides(self) -> list[str]:
+        from .recipe.toml import toml_value
+
+        final: dict[str, Any] = {}
+        for key, _, after, _ in self.changes:
+            final[key] = after
+        return [f"--set {key}={toml_value(value)}" for key, value in final.items()]
+
+
+def fit(result: Plan, target_gib: float) -> Fit:
+    """Apply FIT_CHANGES in order (each as often as it helps) until the run fits `target_gib` on the plan's OS."""
+    recipe, memory = result.recipe, result.memory
+    changes = []
+    for key, applies, change, why in FIT_CHANGES:
+        while not memory.verdict(target_gib, result.system)[0] and applies(recipe):
+            section, name = key.split(".")
+            before = getattr(getattr(recipe, section), name)
+            recipe = change(recipe)
+            changes.append((key, before, getattr(getattr(recipe, section), name), why))
+            memory = estimate(recipe, result.architecture)
+    return Fit(target_gib, recipe, changes, memory, memory.verdict(target_gib, result.system)[0])
+
+
+def fit_lines(result: Plan, found: Fit) -> list[str]:
+    import difflib
+
+    from .recipe import dump_recipe
+
+    memory = found.memory
+    if not found.changes and found.fits:
+        return [f"--fit {found.target_gib:g} GiB: the recipe fits as it is ({memory.process_gib:.1f} GiB)"]
+    if not found.fits:
+        smallest = min((g for g in sorted(set(GPUS.values())) if memory.verdict(g, result.system)[0]), default=None)
+        raise RecipeError(
+            f"--fit {found.target_gib:g} GiB: even with every change ({len(found.changes)}) the run needs "
+            f"{memory.process_gib:.1f} GiB on {result.system}; the smallest common card it fits is "
+            f"{smallest:g} GiB"
+            if smallest
+            else "more than any common card"
+        )
+    count = f"{len(found.changes)} change{'s' if len(found.changes) > 1 else ''}"
+    lines = [
+        f"--fit {found.target_gib:g} GiB: {count}, cheapest first, give "
+        f"{memory.process_gib:.1f} GiB at the peak ({memory.peak_phase}):"
+    ]
+    lines += [f"  {key}: {before!r} -> {after!r} ({why})" for key, before, after, why in found.changes]
+    lines.append("  lorakit train " + " ".join([str(result.recipe.source), *found.overrides()]))
+    before, after = dump_recipe(result.recipe).splitlines(), dump_recipe(found.recipe).splitlines()
+    lines += [line for line in difflib.unified_diff(before, after, "recipe", "fitted", lineterm="", n=0)]
+    return lines
+
+
 @dataclass
 class Plan:
     recipe: Recipe

@@ -181,3 +181,10 @@ def test_the_vae_encodes_with_the_unet_off_the_gpu(tiny_base, tiny_dataset, tmp_
     assert next(result.models["unet"].parameters()).device.type == "cuda"
     unet = result.models["unet"]  # lora_B starts at zero: non-zero means the optimizer stepped the moved parameters
     assert any(p.abs().sum() > 0 for n, p in unet.named_parameters() if "lora_B" in n)
+
+
+def test_train_checks_the_plan_against_its_gpu_and_reports_the_measured_peak(tiny_base, tiny_dataset, tmp_path):
+    _, lines = _train(tiny_base, tiny_dataset, tmp_path / "out", train={"max_steps": 2})
+    text = "\n".join(lines)
+    assert "memory: fits a " in text  # the tiny model fits any GPU
+    assert "GPU memory: the training steps peaked at" in text and "lorakit plan estimated" in text

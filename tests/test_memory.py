@@ -13,7 +13,7 @@ from lorakit.architectures import build_on_meta
 from lorakit.cli import app
 from lorakit.errors import RecipeError
 from lorakit.memory import GIB, estimate, find_gpu, optimizer_state_bytes
-from lorakit.recipe import recipe_from_dict
+from lorakit.recipe import load_recipe, recipe_from_dict
 
 from .conftest import write_recipe
 
@@ -146,14 +146,65 @@ def test_plan_reads_the_largest_bucket_of_the_prepared_dataset(tiny_dataset, tmp
     )
     result = runner.invoke(app, ["plan", str(recipe), "--json"])
     facts = json.loads(result.output)
-    rows = [json.loads(line) for line in (tiny_dataset / "metadata.jsonl").read_text().splitlines()]
-    assert tuple(facts["memory"]["bucket"]) == max(
-        ((r["width"], r["height"]) for r in rows), key=lambda s: s[0] * s[1]
-    )
+    # 64x64, 80x48 and 48x80 photos: at 512 px the square ones train at 512x512, the others at 640x384 / 384x640
+    # (less area), so the largest bucket is the square one, found in the data
+    assert facts["memory"]["bucket"] == [512, 512]
+    assert facts["memory"]["bucket_source"] == "the largest of 8 images of the dataset at data.resolution 512"
     assert facts["architecture"] == "sd15" and facts["card"]["fits"] is None
+    smaller = runner.invoke(app, ["plan", str(recipe), "--json", "--set", "data.resolution=256"])
+    assert json.loads(smaller.output)["memory"]["bucket"] == [256, 256]
 
 
 def test_an_unknown_gpu_lists_the_close_names():
     with pytest.raises(RecipeError, match=r"--gpu 'RTX 3060': .*close: RTX 3060 12GB, RTX 3060 Ti 8GB"):
         find_gpu("RTX 3060")
     assert find_gpu("rtx 4090 24gb") == 24
+
+
+def test_fit_applies_the_cheapest_changes_first_and_writes_the_fitted_recipe(tmp_path):
+    recipe = write_recipe(
+        tmp_path / "r.toml",
+        {
+            "model": {"base": "stabilityai/stable-diffusion-xl-base-1.0"},
+            "data": {"folder": str(tmp_path / "data"), "resolution": 1024},
+            "lora": {"rank": 64, "lora_alpha": 64.0},
+            "train": {"optimizer": "adamw", "mixed_precision": "fp16", "batch_size": 2},
+        },
+    )
+    out = tmp_path / "fitted.toml"
+    result = runner.invoke(app, ["plan", str(recipe), "--fit", "12GB", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    changed = [line.split(":")[0].strip() for line in lines if line.startswith("  ") and "->" in line]
+    order = [
+        "train.cache_latents",
+        "data.shuffle_tags",
+        "train.gradient_checkpointing",
+        "train.optimizer",
+        "model.weight_dtype",
+        "lora.train_text_encoder",
+        "lora.rank",
+        "data.resolution",
+        "train.batch_size",
+    ]
+    assert changed and changed == sorted(changed, key=order.index)  # cheapest first
+    assert changed[0] == "train.gradient_checkpointing"
+    fitted = estimate(load_recipe(out), "sdxl")
+    assert fitted.verdict(12, "linux")[0] and not estimate(load_recipe(recipe), "sdxl").verdict(12, "linux")[0]
+    assert any(
+        line.startswith("  lorakit train ") and "--set train.gradient_checkpointing=true" in line for line in lines
+    )
+    assert "+gradient_checkpointing = true" in result.output
+
+
+def test_fit_says_the_smallest_card_when_nothing_fits(tmp_path):
+    recipe = write_recipe(
+        tmp_path / "r.toml",
+        {"model": {"base": "stabilityai/stable-diffusion-xl-base-1.0"}, "data": {"folder": str(tmp_path / "d")}},
+    )
+    result = runner.invoke(app, ["plan", str(recipe), "--fit", "2GB"])
+    assert result.exit_code == 2
+    assert (
+        "--fit 2 GiB: even with every change" in result.output
+        and "the smallest common card it fits is" in result.output
+    )

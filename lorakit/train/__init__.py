@@ -50,16 +50,26 @@ def train(
     resume: str | None = None,
     quiet: bool = False,
     verbose: bool = False,
+    strict_memory: bool = False,
     log: Log = print,
 ) -> RunResult:
     """Train the LoRA described by `recipe` and write its run folder (docs/ARCHITECTURE.md has the layout).
 
-    `resume` is `"latest"` or a checkpoint folder of the same run folder; `verbose` logs the start-up phases.
+    `resume` is `"latest"` or a checkpoint folder of the same run folder; `verbose` logs the start-up phases;
+    `strict_memory` refuses a run that `lorakit plan` says will not fit this GPU (otherwise a warning).
     """
     started = datetime.now(UTC)
     with process_switches_kept(), contextlib.ExitStack() as held:
         try:
-            run = set_up(recipe, overwrite=overwrite, resume=resume, quiet=quiet, log=log, hold=held.enter_context)
+            run = set_up(
+                recipe,
+                overwrite=overwrite,
+                resume=resume,
+                quiet=quiet,
+                log=log,
+                hold=held.enter_context,
+                strict_memory=strict_memory,
+            )
             run.verbose = verbose
             loss = fit(run)
             return export(run, loss, started)
@@ -121,6 +131,12 @@ def export(run: Run, loss: float, started: datetime) -> RunResult:
             )
         else:
             run.log(f"Saved {kohya_path} (kohya layout: A1111/Forge, ComfyUI, diffusers) and {diffusers_path.name}")
+    if run.device.type == "cuda" and run.planned_gib is not None:
+        measured = torch.cuda.max_memory_allocated(run.device) / 2**30
+        run.log(
+            f"GPU memory: the training steps peaked at {measured:.2f} GiB allocated; lorakit plan estimated "
+            f"{run.planned_gib:.2f} GiB"
+        )
     run.accelerator.end_training()
     trainable = sum(p.numel() for p in run.named_trainable().values())
     startup = dict(run.phases.seconds) if run.phases is not None else {}

@@ -81,6 +81,7 @@ class Run:
     phases: Any = None  # setup.Phases: the wall time of each phase up to the first step
     token_cache: dict[str, list[Any]] = dataclasses.field(default_factory=dict)  # caption -> ids per tokenizer
     verbose: bool = False
+    planned_gib: float | None = None  # lorakit plan's allocator peak for the training steps (CUDA runs)
 
     @property
     def device(self) -> Any:

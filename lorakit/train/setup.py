@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import json
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -42,6 +43,7 @@ from ..files import atomic_write_text
 from ..formats.read import FAMILY_NAMES, check_against, read_adapter_file
 from ..lycoris import KIND_NAMES
 from ..memory import disk_bytes, mib
+from ..memory import estimate as estimate_memory
 from ..models import BaseModel, encode_prompts, is_local, load_base, resolve_base, token_count, tokenize
 from ..optim import build_lr_scheduler, build_optimizer
 from ..progress import progress_bar
@@ -137,6 +139,7 @@ def set_up(
     quiet: bool,
     log: Log,
     hold: Callable[[contextlib.AbstractContextManager], Any] = lambda manager: manager.__enter__(),
+    strict_memory: bool = False,
 ) -> Run:
     """Everything before the first step: base, items, adapters, optimizer, caches, run folder, resumed state.
 
@@ -177,8 +180,11 @@ def set_up(
     if getattr(optimizer, "defaults", {}).get("fused"):
         say("train.optimizer: AdamW with PyTorch's fused CUDA kernel (one kernel for every parameter)")
     lr_scheduler = build_lr_scheduler(cfg, optimizer)
+    planned = None
     if accelerator.is_main_process:
         _preflight_disk(recipe, base, items, trained, paths.folder, say)
+        if accelerator.device.type == "cuda":
+            planned = _preflight_memory(recipe, base, items, trained, accelerator.device, strict_memory, say)
     phases.done("adapters and optimizer")
     if accelerator.is_main_process:
         hold(run_lock(paths.folder))  # before anything in the run folder is removed or written
@@ -213,6 +219,7 @@ def set_up(
         quiet,
         held_out=held_out,
     )
+    run.planned_gib = planned
     if cfg.ema_decay:
         run.ema = AdapterEMA(run.named_trainable(), cfg.ema_decay)
     if checkpoint is not None:
@@ -322,6 +329,38 @@ def _preflight_disk(
                 f"output: {what} need about {mib(need)} under {folder} but only {mib(free)} is free there; free "
                 "space, or lower train.keep_checkpoints (or set train.cache_latents = false)"
             )
+
+
+def _preflight_memory(
+    recipe: Recipe, base: BaseModel, items: list[Item], trained: dict, device: Any, strict: bool, log: Log
+) -> float:
+    """`lorakit plan`'s estimate for this run on this GPU, from the loaded models: a warning when it will not
+    fit (a refusal with --strict-memory). Returns the estimated allocator peak of the training steps, GiB."""
+    modules = {"unet": base.unet, "vae": base.vae}
+    modules.update(zip(base.text_encoder_names, base.text_encoders, strict=True))
+    counts = {}
+    for name, module in modules.items():
+        trainable, total = adapters.count_parameters(module)
+        counts[name] = total - trainable  # frozen weights only
+    numels = [p.numel() for m in trained.values() for p in m.parameters() if p.requires_grad]
+    bucket = max((item.bucket for item in items), key=lambda b: b[0] * b[1])
+    architecture = "sdxl" if base.family == "sdxl" else "sd15"
+    planned = estimate_memory(recipe, architecture, counts=counts, trainable=numels, bucket=bucket)
+    total = torch.cuda.get_device_properties(device).total_memory / 2**30
+    system = "windows" if sys.platform == "win32" else "linux"
+    fits, verdict = planned.verdict(total, system)
+    if not fits:
+        message = (
+            f"memory: this run needs about {planned.process_gib:.1f} GiB at its peak ({planned.peak_phase}) and "
+            f"this GPU has {total:.1f} GiB; `lorakit plan {recipe.source} --fit {int(total)}GB` lists the cheapest "
+            "changes that make it fit"
+        )
+        if strict:
+            raise LorakitError(message + " (--strict-memory)")
+        log("warning: " + message)
+    else:
+        log(f"memory: {verdict}")
+    return planned.phase_gib("training step")
 
 
 def _existing(path: Path) -> Path:
