@@ -1,7 +1,8 @@
-"""Reliability with the full counts: every kill point of a training run, random SIGKILLs, every power-loss state of
-a checkpoint save, and 10,000 fuzz cases per untrusted-input reader; one table against the targets.
+"""Reliability with the full counts: every kill point of a training run, random SIGKILLs, an I/O error at every
+write site, every power-loss state of a checkpoint save, and 10,000 fuzz cases per untrusted-input reader; one
+table against the targets.
 
-    python benchmarks/reliability.py                          # the full counts (about 30 minutes on 2 cores)
+    python benchmarks/reliability.py                          # the full counts (about 35 minutes on 2 cores)
     python benchmarks/reliability.py --random-kills 20 --fuzz-examples 500 --out reliability.md   # a quick look
 
 The runs use the tiny test model (tests/tiny.py) through the fork-after-import harness of tests/reliability.py:
@@ -45,15 +46,18 @@ def kills(args, root: Path, figures: Counter) -> None:
         started = time.perf_counter()  # a warm run from a cleared cache: how long a killed run can live
         points = harness.trace_kill_points(zygote, recipe("trace"), root / "trace.txt")
         run_seconds = time.perf_counter() - started
-        if args.kill_points:
-            points = points[: args.kill_points]
-        cases = [("kill point", point, None) for point in points]
+        chosen = lambda count: points if count < 0 else points[:count]  # noqa: E731
+        cases = [("kill point", point, None) for point in chosen(args.kill_points)]
         delays = harness.random_delays(args.random_kills, longest=max(1.0, run_seconds), seed=args.seed)
         cases += [("random SIGKILL", None, delay) for delay in delays]
+        cases += [("I/O fault", point, None) for point in chosen(args.io_faults)]
+        names = {"kill point": "kill points", "random SIGKILL": "random SIGKILL runs", "I/O fault": "I/O faults"}
         for number, (kind, point, delay) in enumerate(cases, start=1):
-            outcome = harness.kill_and_finish(zygote, recipe("killed"), reference, point=point, delay=delay)
-            figures["kill points" if kind == "kill point" else "random SIGKILL runs"] += 1
+            fail = kind == "I/O fault"
+            outcome = harness.kill_and_finish(zygote, recipe("killed"), reference, point=point, delay=delay, fail=fail)
+            figures[names[kind]] += 1
             figures["SIGKILLs that landed"] += outcome.killed
+            figures["I/O faults ending in a traceback"] += fail and outcome.exit_code != 2
             figures["resumed from a checkpoint"] += outcome.resumed
             figures["corrupt files"] += len(outcome.problems)
             figures["escaped exceptions"] += outcome.escaped
@@ -99,7 +103,8 @@ def fuzz(args, figures: Counter) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kill-points", type=int, default=0, help="Only the first N traced kill points (0: all).")
+    parser.add_argument("--kill-points", type=int, default=-1, help="The first N traced kill points (-1: all).")
+    parser.add_argument("--io-faults", type=int, default=-1, help="I/O errors at the first N traced points (-1: all).")
     parser.add_argument("--random-kills", type=int, default=200)
     parser.add_argument("--fuzz-examples", type=int, default=10_000, help="Per fuzz target; 0 skips fuzzing.")
     parser.add_argument("--seed", type=int, default=0)
@@ -117,6 +122,7 @@ def main() -> None:
         "escaped exceptions",
         "adapters not bit-identical",
         "runs with a step lost or logged twice",
+        "I/O faults ending in a traceback",
     )
     lines = ["| figure | count | target |", "|---|---|---|"]
     for name, count in figures.items():

@@ -280,20 +280,24 @@ def save_checkpoint(
     }
     if ema is not None:
         files["ema.safetensors"] = lambda p: save_file({k: v.contiguous().cpu() for k, v in ema.items()}, str(p))
-    for name, write in files.items():
-        crash_point("checkpoint-file")
-        write(tmp / name)
-        os.chmod(tmp / name, FILE_MODE)
-        fsync_file(tmp / name)
-    manifest = {name: {"bytes": (tmp / name).stat().st_size, "sha256": file_sha256(tmp / name)} for name in files}
-    crash_point("manifest")
-    (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": manifest}, indent=1), encoding="utf-8")
-    fsync_file(tmp / MANIFEST)
-    fsync_dir(tmp)
-    crash_point("checkpoint-rename")
-    if final.exists():  # the same step saved again (a resumed run re-saving): move the old one aside first
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    try:
+        for name, write in files.items():
+            crash_point("checkpoint-file")
+            write(tmp / name)
+            os.chmod(tmp / name, FILE_MODE)
+            fsync_file(tmp / name)
+        manifest = {name: {"bytes": (tmp / name).stat().st_size, "sha256": file_sha256(tmp / name)} for name in files}
+        crash_point("manifest")
+        (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": manifest}, indent=1), encoding="utf-8")
+        fsync_file(tmp / MANIFEST)
+        fsync_dir(tmp)
+        crash_point("checkpoint-rename")
+        if final.exists():  # the same step saved again (a resumed run re-saving): the old one goes first
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:  # a failed write leaves no half checkpoint behind (a kill leaves step-N.tmp: resume cleans)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     fsync_dir(folder)
     for old in list_checkpoints(run_dir)[:-keep]:
         crash_point("prune")

@@ -5,6 +5,7 @@ Nothing here knows about models; `prepare` (which never imports torch) and the t
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import signal
@@ -34,6 +35,7 @@ def printable(text: str) -> str:
 
 
 CRASH_AT = "LORAKIT_CRASH_AT"  # "site:n" kills the process at the n-th time it reaches `site` (tests, benchmarks)
+FAIL_AT = "LORAKIT_FAIL_AT"  # "site:n" makes the n-th arrival at `site` raise an I/O error instead (EIO)
 CRASH_TRACE = "LORAKIT_CRASH_TRACE"  # a file that gets one line per arrival at any crash point
 _crash_counts: dict[str, int] = {}
 
@@ -41,20 +43,22 @@ _crash_counts: dict[str, int] = {}
 def crash_point(site: str) -> None:
     """A place where a write can be cut off. With `LORAKIT_CRASH_AT=site:n` set, the n-th arrival here kills the
     process with SIGKILL (no clean-up, as a power cut or the OOM killer would); with `LORAKIT_CRASH_TRACE=file`
-    each arrival is appended to that file; otherwise nothing happens."""
+    each arrival is appended to that file; with `LORAKIT_FAIL_AT=site:n` the n-th arrival raises an I/O error
+    (EIO), as a failing disk would; otherwise nothing happens."""
     trace = os.environ.get(CRASH_TRACE)
     if trace:  # every arrival, in order: how a harness enumerates the kill points of a run
         with open(trace, "a", encoding="utf-8") as f:
             f.write(site + "\n")
-    wanted = os.environ.get(CRASH_AT)
-    if not wanted:
-        return
-    name, _, count = wanted.rpartition(":")
-    if name != site:
-        return
-    _crash_counts[site] = _crash_counts.get(site, 0) + 1
-    if _crash_counts[site] == int(count):
-        os.kill(os.getpid(), signal.SIGKILL)
+    for variable in (CRASH_AT, FAIL_AT):
+        wanted = os.environ.get(variable)
+        if not wanted or wanted.rpartition(":")[0] != site:
+            continue
+        key = f"{variable}:{site}"
+        _crash_counts[key] = _crash_counts.get(key, 0) + 1
+        if _crash_counts[key] == int(wanted.rpartition(":")[2]):
+            if variable == CRASH_AT:
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise OSError(errno.EIO, f"injected I/O error at {site}")
 
 
 def _umask() -> int:

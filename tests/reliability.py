@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 
 from lorakit.checkpoint import checkpoint_problem, list_checkpoints
 from lorakit.errors import LorakitError
-from lorakit.files import CRASH_AT, CRASH_TRACE
+from lorakit.files import CRASH_AT, CRASH_TRACE, FAIL_AT
 
 
 def _child(recipe: dict, env: dict[str, str], resume: str | None, overwrite: bool) -> None:
@@ -141,6 +141,7 @@ class Outcome:
     steps_logged_once: bool
     escaped: int
     problems: list[str] = field(default_factory=list)
+    exit_code: int = 0  # of the interrupted run: -9 killed, 2 a lorakit error (an injected I/O fault), 3 escaped
 
 
 def finish(zygote: Zygote, recipe: dict, max_restarts: int = 3) -> tuple[bool, int]:
@@ -176,18 +177,25 @@ def compare(recipe: dict, reference: Path) -> tuple[bool, bool, list[str]]:
 
 
 def kill_and_finish(
-    zygote: Zygote, recipe: dict, reference: Path, *, point: tuple[str, int] | None = None, delay: float | None = None
+    zygote: Zygote,
+    recipe: dict,
+    reference: Path,
+    *,
+    point: tuple[str, int] | None = None,
+    delay: float | None = None,
+    fail: bool = False,
 ) -> Outcome:
-    """Kill a fresh run at `point` (site, n) or after `delay` seconds, finish it, compare with `reference`."""
+    """Kill a fresh run at `point` (site, n) or after `delay` seconds (or, with `fail`, make the write at `point`
+    raise an I/O error), finish it, compare with `reference`."""
     run_dir = Path(recipe["output"]["folder"]) / recipe["output"]["name"]
     shutil.rmtree(run_dir, ignore_errors=True)
     clear_latent_cache(recipe)
-    env = {CRASH_AT: f"{point[0]}:{point[1]}"} if point else {}
+    env = {(FAIL_AT if fail else CRASH_AT): f"{point[0]}:{point[1]}"} if point else {}
     code = zygote.run(recipe, env=env, overwrite=True, kill_after=delay)
     resumed, escaped = finish(zygote, recipe) if code != 0 else (False, 0)
     escaped += code == 3
     identical, once, problems = compare(recipe, reference)
-    return Outcome(code == -signal.SIGKILL, resumed, identical, once, escaped, problems)
+    return Outcome(code == -signal.SIGKILL, resumed, identical, once, escaped, problems, code)
 
 
 def random_delays(count: int, longest: float, seed: int = 0) -> list[float]:

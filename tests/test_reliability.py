@@ -72,6 +72,21 @@ def test_killed_at_each_kind_of_write_site_the_run_finishes_identically(harness)
         )
 
 
+def test_an_io_error_at_any_write_of_the_last_save_and_export_gives_one_line_and_loses_nothing(harness):
+    zygote, recipe, reference, root = harness
+    points = R.trace_kill_points(zygote, recipe("trace-io"), root / "trace-io.txt")
+    first_save_done = points.index(("checkpoint-rename", 1))
+    tail = [p for p in points[first_save_done + 1 :] if p[0] != "metrics-line"]  # the step-4 save, prune, export
+    assert {"checkpoint-file", "manifest", "checkpoint-rename", "write", "fsync", "rename"} <= {s for s, _ in tail}
+    for point in tail:
+        outcome = R.kill_and_finish(zygote, recipe("faulty"), reference, point=point, fail=True)
+        FIGURES["I/O faults injected"] += 1
+        FIGURES["corrupt files"] += len(outcome.problems)
+        FIGURES["escaped exceptions"] += outcome.escaped
+        assert outcome.exit_code == 2, (point, outcome)  # one line from lorakit, not a traceback
+        assert outcome.identical and outcome.steps_logged_once and not outcome.problems, (point, outcome)
+
+
 def test_random_sigkills_change_nothing(harness):
     zygote, recipe, reference, _ = harness
     for delay in R.random_delays(3, longest=2.5, seed=1):

@@ -18,7 +18,7 @@ import torch
 
 from .. import adapters
 from ..checkpoint import write_failure
-from ..errors import LorakitError
+from ..errors import LorakitError, OutputError
 from ..formats.files import save_adapter_files
 from ..formats.metadata import training_info
 from ..lycoris import KIND_NAMES
@@ -75,6 +75,11 @@ def train(
             return export(run, loss, started)
         except torch.OutOfMemoryError as err:
             raise LorakitError(out_of_memory_message(recipe, str(err))) from None
+        except OSError as err:  # a write the specific handlers do not cover (metrics, the resolved recipe)
+            raise OutputError(
+                f"output: I/O error on {err.filename or 'a run file'}: {err.strerror or err}; the newest checkpoint "
+                f"is intact: fix the cause, then `lorakit train {recipe.source} --resume latest`"
+            ) from None
 
 
 def out_of_memory_message(recipe: Recipe, detail: str) -> str:
