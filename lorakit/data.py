@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from .buckets import fit_to_bucket, make_buckets, nearest_bucket
 from .errors import DatasetError
 from .files import CAPTION_MAX_CHARS, IMAGE_SUFFIXES, atomic_write, crash_point
-from .trigger import with_trigger
+from .trigger import contains_trigger, with_trigger
 
 if TYPE_CHECKING:
     from .recipe import DataSection
@@ -345,14 +345,20 @@ def size_conditioning(item: Item, flip: bool) -> tuple[int, int, int, int, int, 
 
 
 def transform_caption(caption: str, section: DataSection, rng: random.Random) -> str:
-    """Apply caption dropout and tag shuffling (keeping the first `keep_tokens` tags in place)."""
+    """Apply caption dropout, per-tag dropout and tag shuffling (the first `keep_tokens` tags stay in place, and
+    neither they nor the trigger are ever dropped)."""
     if section.caption_dropout and rng.random() < section.caption_dropout:
         return ""
-    if not section.shuffle_tags:
+    if not section.shuffle_tags and not section.caption_dropout_tags:
         return caption
     tags = [t.strip() for t in caption.split(",") if t.strip()]
     fixed, rest = tags[: section.keep_tokens], tags[section.keep_tokens :]
-    rng.shuffle(rest)
+    if section.caption_dropout_tags:
+        rest = [
+            t for t in rest if contains_trigger(t, section.trigger) or rng.random() >= section.caption_dropout_tags
+        ]
+    if section.shuffle_tags:
+        rng.shuffle(rest)
     return ", ".join(fixed + rest)
 
 

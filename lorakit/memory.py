@@ -317,7 +317,7 @@ def estimate(
     dtype = recipe.model.weight_dtype
     vae_dtype_bytes = 4 if architecture == "sdxl" else weight_bytes  # the SDXL VAE overflows in fp16: float32
     encoders = _component_names(architecture)
-    resident_encoders = train_te or data.shuffle_tags  # frozen encoders with fixed captions are cached, then leave
+    resident_encoders = train_te or data.shuffle_tags or data.caption_dropout_tags  # fixed captions: cached, gone
     adapter = sum(trainable) * 4
     weights = {
         "U-Net": counts["unet"] * weight_bytes,
@@ -343,7 +343,7 @@ def estimate(
     if resident_encoders:
         add(
             step,
-            f"text encoder weights ({dtype}){'' if train_te else ', resident for tag shuffling'}",
+            f"text encoder weights ({dtype}){'' if train_te else ', resident: captions change every step'}",
             weights["text encoders"],
         )
     if not cfg.cache_latents:

@@ -37,6 +37,37 @@ def test_shuffle_tags_keeps_the_first_keep_tokens_in_place():
     assert set(_many(DataSection(shuffle_tags=False))) == {CAPTION}
 
 
+def test_tag_dropout_leaves_out_each_tag_at_its_rate_but_never_the_trigger_or_kept_tags():
+    section = DataSection(caption_dropout_tags=0.3, trigger="ohwx person", keep_tokens=0)
+    captions = _many(section)
+    assert all(contains_trigger(c, "ohwx person") for c in captions)  # the trigger is never dropped
+    for tag in ("red shirt", "smiling", "outdoors", "portrait"):
+        kept = sum(tag in c.split(", ") for c in captions)
+        assert 240 < kept < 320, tag  # 70 % of 400, give or take
+    assert all(c.split(", ")[0] == "ohwx person" for c in captions)  # no shuffle asked: order kept
+    kept_first = _many(DataSection(caption_dropout_tags=0.9, keep_tokens=2))
+    assert all(c.startswith("ohwx person, red shirt") for c in kept_first)
+    assert set(_many(DataSection(caption_dropout_tags=0.0))) == {CAPTION}
+
+
+def test_tag_dropout_keeps_the_text_encoders_out_of_the_text_cache(tiny_base, tiny_dataset, tmp_path):
+    lines: list[str] = []
+    recipe = make_recipe_dict(
+        tiny_base,
+        tiny_dataset,
+        tmp_path / "out",
+        data={"caption_dropout_tags": 0.5},
+        lora={"train_text_encoder": False},
+        train={"max_steps": 1},
+    )
+    train(recipe_from_dict(recipe), quiet=True, log=lines.append)
+    assert not any(line.startswith("Text encoder outputs cached") for line in lines)  # captions change every step
+    lines.clear()
+    recipe["data"]["caption_dropout_tags"] = 0.0
+    train(recipe_from_dict(recipe), overwrite=True, quiet=True, log=lines.append)
+    assert any(line.startswith("Text encoder outputs cached") for line in lines)
+
+
 def test_the_trigger_rule_is_whole_words():
     assert contains_trigger("a photo of SKS, red", "sks")
     assert not contains_trigger("tasks and sksx", "sks")

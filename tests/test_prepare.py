@@ -358,3 +358,24 @@ def test_entries_that_cannot_be_read_are_counted_not_fatal(tmp_path, monkeypatch
     with pytest.raises(DatasetError, match="could not be read"):
         prepare(src, tmp_path / "out2", PrepareOptions(resolution=64, workers=1, strict=True), quiet=True)
     assert not (tmp_path / "out2").exists()
+
+
+def test_a_tag_every_caption_shares_is_warned_about(tmp_path):
+    from lorakit.prepare import PrepareOptions, prepare
+
+    from .messy import textured
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for index in range(3):
+        textured(96, 80, index).save(photos / f"p{index}.png")
+        (photos / f"p{index}.txt").write_text(f"black background, pose {index}")
+    lines: list[str] = []
+    result = prepare(
+        photos,
+        tmp_path / "data",
+        PrepareOptions(resolution=64, bucket_step=16, workers=1, trigger="ohwx"),
+        log=lines.append,
+    )
+    assert result.report["captions"]["shared_by_every_caption"] == ["black background"]  # the trigger is not counted
+    assert any("every caption has 'black background'" in line and "caption_dropout_tags" in line for line in lines)

@@ -269,6 +269,11 @@ def _report(src, out, options, found, ignored, kept, dropped, duplicates_kept, c
     unit, length = _length_counter(options.tokenizer)
     lengths = {c_source: length(c.text) for c_source, c in captions.items()}
     tag_counts = Counter(tag for c in captions.values() for tag in c.text.split(", ") if tag)
+    shared = sorted(
+        tag
+        for tag, count in tag_counts.items()
+        if len(captions) > 1 and count == len(captions) and tag.lower() != options.trigger.lower()
+    )
     return {
         "source": str(src),
         "out": str(out),
@@ -291,6 +296,7 @@ def _report(src, out, options, found, ignored, kept, dropped, duplicates_kept, c
             "length_max": max(lengths.values()),
             "length_mean": round(sum(lengths.values()) / len(lengths), 1),
             "over_75": sorted(s for s, n in lengths.items() if n > 75),
+            "shared_by_every_caption": shared,
         },
         "tags": tag_counts.most_common(50),
         "trigger": {"word": options.trigger, **dict(Counter(c.trigger for c in captions.values()))},
@@ -336,6 +342,12 @@ def summary_lines(report: dict) -> list[str]:
         lines.append(
             f"  warning: {len(captions['over_75'])} captions are over 75 {unit}; SD truncates at 75 "
             "tokens unless data.max_token_length is raised"
+        )
+    if captions.get("shared_by_every_caption"):
+        tags = ", ".join(f"'{t}'" for t in captions["shared_by_every_caption"][:5])
+        lines.append(
+            f"  warning: every caption has {tags}: training binds it to the subject (it comes back in every image); "
+            "caption what differs between photos, or set data.caption_dropout_tags = 0.3 in the recipe"
         )
     trigger = report["trigger"]
     if trigger["word"]:

@@ -63,6 +63,9 @@ class DataSection:
     """How many leading tags stay in place when `shuffle_tags` is on (kohya's name; counts tags, not tokens)."""
     caption_dropout: float = 0.0
     """Probability of training a step's image with an empty caption (0 to 1)."""
+    caption_dropout_tags: float = 0.0
+    """Probability of leaving out each tag of a caption at a step (0 to 1), so that a tag every photo shares ("black
+    background") is not always bound to the subject. The trigger and the first `keep_tokens` tags always stay."""
     flip: bool = False
     """Randomly mirror images left-right (do not use for asymmetric subjects such as text or faces with a parting)."""
     max_token_length: TokenLength = 75
