@@ -164,6 +164,8 @@ def _stop_at(monkeypatch, step: int, action) -> None:
 @pytest.mark.parametrize("number", [signal.SIGINT, signal.SIGTERM])
 def test_a_stop_signal_saves_and_says_how_to_resume(tiny_base, tiny_dataset, tmp_path, monkeypatch, number):
     recipe = make_recipe_dict(tiny_base, tiny_dataset, tmp_path / "out", train={**SMALL, "save_every_steps": 0})
+    default = signal.default_int_handler if number == signal.SIGINT else signal.SIG_DFL
+    previous = signal.signal(number, default)  # as in a terminal (a background job may start with SIGINT ignored)
     _stop_at(monkeypatch, 3, lambda run: os.kill(os.getpid(), number))
     with pytest.raises(Interrupted) as caught:
         train(recipe_from_dict(recipe), quiet=True, log=lambda _: None)
@@ -171,7 +173,8 @@ def test_a_stop_signal_saves_and_says_how_to_resume(tiny_base, tiny_dataset, tmp
     message = str(caught.value)
     assert f"{signal.Signals(number).name} at step 3 of 4: progress saved in" in message
     assert "--resume latest`" in message
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers put back
+    assert signal.getsignal(number) is default  # the handler put back
+    signal.signal(number, previous)
     monkeypatch.undo()
     result = train(recipe_from_dict(recipe), resume="latest", quiet=True, log=lambda _: None)
     assert result.steps == 4
@@ -245,3 +248,15 @@ def test_preflight_states_the_disk_a_run_needs_and_refuses_before_writing(
     with pytest.raises(OutputError, match=r"need about .* MiB under .* but only 0.0 MiB is free there"):
         train(recipe_from_dict(recipe), quiet=True, log=lambda _: None)
     assert not (tmp_path / "out" / "second").exists()
+
+
+def test_an_ignored_sigint_stays_ignored(tiny_base, tiny_dataset, tmp_path, monkeypatch):
+    """A run started with SIGINT ignored (nohup, a background job) keeps ignoring it, as its caller asked."""
+    recipe = make_recipe_dict(tiny_base, tiny_dataset, tmp_path / "out", train={**SMALL, "save_every_steps": 0})
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        _stop_at(monkeypatch, 3, lambda run: os.kill(os.getpid(), signal.SIGINT))
+        result = train(recipe_from_dict(recipe), quiet=True, log=lambda _: None)
+        assert result.steps == 4 and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)

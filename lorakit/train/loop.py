@@ -347,7 +347,8 @@ class _StopRequests:
     def __enter__(self) -> _StopRequests:
         if self.active:
             for number in (signal.SIGINT, signal.SIGTERM):
-                self._previous[number] = signal.signal(number, self._request)
+                if signal.getsignal(number) is not signal.SIG_IGN:  # nohup and friends asked to ignore it: keep that
+                    self._previous[number] = signal.signal(number, self._request)
         return self
 
     def _request(self, number: int, frame: Any) -> None:
