@@ -50,6 +50,8 @@ class Item:
     folder: str = ""  # the dataset (or class) folder it came from
     original_size: tuple[int, int] | None = None  # (width, height) of the photo prepare cut it from
     crop: tuple[int, int] | None = None  # (left, top) of that cut in the photo resized to cover the bucket
+    mask: Path | None = None  # masked loss: a greyscale image of the same size, white where the subject is
+    mask_sha256: str = ""
 
 
 def _read_metadata(folder: Path) -> list[tuple[int, dict]]:
@@ -151,12 +153,43 @@ def load_folder(folder: Path, *, trigger: str, repeats: int, buckets: list[tuple
         caption = with_trigger(row.get("text", ""), trigger)
         bucket = nearest_bucket(*size, buckets)
         original, crop = _prepared_cut(row)
+        mask, mask_sha = _mask_of(folder, row, number, size)
         items.append(
-            Item(path, caption, sha, size, bucket, repeats, folder=str(folder), original_size=original, crop=crop)
+            Item(
+                path,
+                caption,
+                sha,
+                size,
+                bucket,
+                repeats,
+                folder=str(folder),
+                original_size=original,
+                crop=crop,
+                mask=mask,
+                mask_sha256=mask_sha,
+            )
         )
     if not items:
         raise DatasetError(f"data.folder: {folder / METADATA} lists no images; add photos with `lorakit prepare`")
     return items
+
+
+def _mask_of(folder: Path, row: dict, number: int, size: tuple[int, int]) -> tuple[Path | None, str]:
+    """The row's `mask_file_name` (confined to the dataset like images, checked to decode at the image's size)."""
+    name = row.get("mask_file_name")
+    if name is None:
+        return None, ""
+    where = f"{folder / METADATA}:{number}"
+    if not isinstance(name, str):
+        raise DatasetError(f'{where}: "mask_file_name" must be a string, got {str(name)[:40]!r}')
+    path = _dataset_path(folder, name, where)
+    sha, mask_size = _image_facts(path, folder / METADATA)
+    if mask_size != size:
+        raise DatasetError(
+            f"{path}: the mask is {mask_size[0]}x{mask_size[1]} but its image is {size[0]}x{size[1]}; a mask has "
+            "its image's size"
+        )
+    return path, sha
 
 
 def _prepared_cut(row: dict) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
@@ -248,7 +281,7 @@ def dataset_fingerprint(items: list[Item]) -> str:
     and loss weights, in order. A checkpoint records it; a resume with another value is refused."""
     digest = hashlib.sha256()
     for item in items:
-        facts = [item.sha256, item.caption, list(item.bucket), item.repeats, item.loss_weight]
+        facts = [item.sha256, item.caption, list(item.bucket), item.repeats, item.loss_weight, item.mask_sha256]
         digest.update(json.dumps(facts).encode() + b"\n")
     return digest.hexdigest()
 
@@ -381,6 +414,28 @@ def load_pixels(item: Item, flip: bool) -> torch.Tensor:
             image = ImageOps.mirror(image)
         array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def load_mask(item: Item, flip: bool, scale: int) -> torch.Tensor:
+    """The item's mask fitted to its bucket exactly as `load_pixels` fits the image, mirrored with it, and
+    averaged down to the latent grid (`scale` pixels per latent): a [1, H/scale, W/scale] tensor in [0, 1]. An item
+    without a mask gets ones."""
+    width, height = item.bucket
+    if item.mask is None:
+        return torch.ones(1, height // scale, width // scale)
+    data = read_regular_file(item.mask, Path(item.folder) / METADATA)
+    if hashlib.sha256(data).hexdigest() != item.mask_sha256:
+        raise DatasetError(f"{item.mask}: changed since this run read the dataset; start the run again to use it")
+    with Image.open(io.BytesIO(data)) as image:
+        image = ImageOps.exif_transpose(image).convert("L")
+        (resized_w, resized_h), (left, top) = fit_to_bucket(*image.size, item.bucket)
+        if image.size != (resized_w, resized_h):
+            image = image.resize((resized_w, resized_h), Image.Resampling.BILINEAR)
+        image = image.crop((left, top, left + width, top + height))
+        if flip:
+            image = ImageOps.mirror(image)
+        mask = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None, None]
+    return torch.nn.functional.avg_pool2d(mask, scale)[0]
 
 
 def vae_fingerprint(vae: Any) -> str:

@@ -77,8 +77,22 @@ def elementwise_loss(
 
 
 def diffusion_loss(
-    prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor, loss_type: str = "l2", huber_c: float = 0.1
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    weights: torch.Tensor,
+    loss_type: str = "l2",
+    huber_c: float = 0.1,
+    pixel_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-sample mean of the elementwise loss, weighted, averaged over the batch."""
-    per_sample = elementwise_loss(prediction, target, loss_type, huber_c).mean(dim=tuple(range(1, prediction.ndim)))
+    """Per-sample mean of the elementwise loss, weighted, averaged over the batch.
+
+    `pixel_weights` ([B, 1, h, w], masked loss) weight each latent position; each sample's loss is then the
+    weighted mean (divided by its mean weight), so an all-ones map gives exactly the unmasked loss."""
+    elementwise = elementwise_loss(prediction, target, loss_type, huber_c)
+    dims = tuple(range(1, prediction.ndim))
+    if pixel_weights is None:
+        per_sample = elementwise.mean(dim=dims)
+    else:
+        pixel_weights = pixel_weights.to(elementwise.device, elementwise.dtype)
+        per_sample = (elementwise * pixel_weights).mean(dim=dims) / pixel_weights.mean(dim=dims).clamp_min(1e-6)
     return (per_sample * weights.to(per_sample.device)).mean()

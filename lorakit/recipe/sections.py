@@ -63,6 +63,12 @@ class DataSection:
     """How many leading tags stay in place when `shuffle_tags` is on (kohya's name; counts tags, not tokens)."""
     caption_dropout: float = 0.0
     """Probability of training a step's image with an empty caption (0 to 1)."""
+    masked_loss: bool = False
+    """Weight the denoising loss by each image's mask (`mask_file_name` in metadata.jsonl: white is the subject):
+    the subject counts fully, the rest by `mask_background_weight`, so the background is not learned as the
+    subject. Images without a mask train unmasked (their count is logged)."""
+    mask_background_weight: float = 0.1
+    """Loss weight of the masked-out area (0 to 1) with `masked_loss`; 0 ignores it entirely."""
     caption_dropout_tags: float = 0.0
     """Probability of leaving out each tag of a caption at a step (0 to 1), so that a tag every photo shares ("black
     background") is not always bound to the subject. The trigger and the first `keep_tokens` tags always stay."""

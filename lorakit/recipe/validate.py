@@ -75,6 +75,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "data.keep_tokens": (0, 1_000),
     "data.caption_dropout": (0, 1),
     "data.caption_dropout_tags": (0, 1),
+    "data.mask_background_weight": (0, 1),
     "lora.rank": (1, 4096),
     "lora.lora_alpha": (0, 65_536),
     "lora.dropout": (0, 1),

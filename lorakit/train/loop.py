@@ -40,6 +40,7 @@ from ..data import (
     bucket_list,
     dataset_fingerprint,
     load_folder,
+    load_mask,
     load_pixels,
     size_conditioning,
     step_rng,
@@ -180,8 +181,19 @@ def _micro_batch_loss(run: Run, batch: list[int]) -> Any:
     conditioning = unet_conditioning(run, captions, [run.items[i] for i in batch], flips)
     with run.accelerator.autocast():
         prediction = run.models["unet"](to_device(noisy, run.device), to_device(timesteps, run.device), **conditioning)
+    pixel_weights = None
+    if data.masked_loss:  # the subject counts fully, the rest by mask_background_weight
+        masks = torch.stack(
+            [load_mask(run.items[i], f, base.vae_scale_factor) for i, f in zip(batch, flips, strict=True)]
+        )
+        pixel_weights = to_device(masks + (1 - masks) * data.mask_background_weight, run.device)
     return objective.diffusion_loss(
-        prediction.sample, to_device(target, run.device), to_device(weights, run.device), cfg.loss_type, cfg.huber_c
+        prediction.sample,
+        to_device(target, run.device),
+        to_device(weights, run.device),
+        cfg.loss_type,
+        cfg.huber_c,
+        pixel_weights,
     )
 
 

@@ -38,7 +38,7 @@ from ..data import (
 )
 from ..devices import cpu_has_native_bf16
 from ..ema import AdapterEMA
-from ..errors import AdapterError, LorakitError, OutputError, RecipeError
+from ..errors import AdapterError, DatasetError, LorakitError, OutputError, RecipeError
 from ..files import atomic_write_text
 from ..formats.read import FAMILY_NAMES, check_against, read_adapter_file
 from ..lycoris import KIND_NAMES
@@ -169,6 +169,7 @@ def set_up(
     phases.done("read dataset")
     if base.family == "sdxl":
         _state_sdxl_choices(recipe, items, say)
+    _state_masks(recipe, items, say)
     rank, world = accelerator.process_index, accelerator.num_processes
     stream = BatchStream(items, batch_size=cfg.batch_size, seed=cfg.seed, rank=rank, world=world)
     torch.manual_seed(cfg.seed)
@@ -329,6 +330,25 @@ def _preflight_disk(
                 f"output: {what} need about {mib(need)} under {folder} but only {mib(free)} is free there; free "
                 "space, or lower train.keep_checkpoints (or set train.cache_latents = false)"
             )
+
+
+def _state_masks(recipe: Recipe, items: list[Item], log: Log) -> None:
+    """Masked loss: how many images have a mask (never a silent mix); masks that would go unused are said too."""
+    masked = sum(item.mask is not None for item in items)
+    data = recipe.data
+    if data.masked_loss and not masked:
+        raise DatasetError(
+            "data.masked_loss: no image of the dataset has a mask; give rows a mask_file_name in metadata.jsonl "
+            "(a greyscale image of the photo's size, white where the subject is) or set data.masked_loss = false"
+        )
+    if data.masked_loss:
+        log(
+            f"data.masked_loss: {masked} of {len(items)} images weighted by their masks (background weight "
+            f"{data.mask_background_weight:g}{', ignored entirely' if data.mask_background_weight == 0 else ''}); "
+            f"{len(items) - masked} without a mask train unmasked"
+        )
+    elif masked:
+        log(f"{masked} images name a mask; set data.masked_loss = true to weight the loss by them")
 
 
 def _preflight_memory(
