@@ -246,6 +246,12 @@ def prepare(
     workers: Annotated[
         int | None, typer.Option(min=1, max=256, help="Worker processes for decoding (default: all cores).")
     ] = None,
+    alpha_mask: Annotated[
+        bool,
+        typer.Option(
+            help="Keep each image's transparency as its mask for masked loss (photo.mask.png files always are)."
+        ),
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Turn a folder of photos into a captioned, bucketed dataset folder for `lorakit train`."""
@@ -267,6 +273,7 @@ def prepare(
         tokenizer=tokenizer,
         strict=strict,
         workers=workers,
+        alpha_mask=alpha_mask,
     )
     if caption_model or tokenizer:
         _prepare_stack()

@@ -95,3 +95,69 @@ def test_masked_loss_without_any_mask_is_refused(tiny_base, tiny_dataset, tmp_pa
     with pytest.raises(DatasetError, match="data.masked_loss: no image of the dataset has a mask"):
         train(recipe_from_dict(recipe), quiet=True, log=lambda _: None)
     assert not (tmp_path / "out" / "run").exists()
+
+
+def _photo_with_left_half_mask(folder, name, size=(96, 64)):
+    from .messy import textured
+
+    textured(*size, 0).save(folder / f"{name}.png")
+    mask = Image.new("L", size, 0)
+    mask.paste(255, (0, 0, size[0] // 2, size[1]))
+    mask.save(folder / f"{name}.mask.png")
+
+
+def test_prepare_fits_masks_exactly_as_their_images_and_names_them(tiny_base, tmp_path):
+    from lorakit.prepare import PrepareOptions, prepare
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    _photo_with_left_half_mask(photos, "a")
+    rgba = Image.new("RGBA", (64, 64), (200, 30, 30, 0))
+    rgba.paste((200, 30, 30, 255), (16, 16, 48, 48))  # an opaque square on transparency
+    rgba.save(photos / "b.png")
+    options = PrepareOptions(resolution=64, bucket_step=16, workers=1, alpha_mask=True)
+    lines: list[str] = []
+    result = prepare(photos, tmp_path / "data", options, log=lines.append)
+    assert result.report["counts"]["found"] == 2 and result.report["counts"]["with_mask"] == 2  # .mask.png: no image
+    rows = {r["source"]: r for r in map(json.loads, (tmp_path / "data" / "metadata.jsonl").read_text().splitlines())}
+    with Image.open(tmp_path / "data" / rows["a.png"]["mask_file_name"]) as mask:
+        mask = mask.convert("L")
+        width = rows["a.png"]["width"]
+        assert mask.size == (width, rows["a.png"]["height"])
+        # the original's left half, after the same resize and centre crop as the image
+        scale = width / 96 if 96 / 64 <= width / rows["a.png"]["height"] else rows["a.png"]["height"] / 64
+        edge = round(48 * scale - rows["a.png"]["crop_left"])
+        assert mask.getpixel((max(0, edge - 3), 5)) > 200 and mask.getpixel((min(width - 1, edge + 3), 5)) < 50
+    with Image.open(tmp_path / "data" / rows["b.png"]["mask_file_name"]) as mask:
+        assert mask.getpixel((32, 32)) == 255 and mask.getpixel((2, 2)) == 0  # the alpha channel
+    assert any(line.startswith("Masks: 2 of 2 images") for line in lines)
+    again = prepare(photos, tmp_path / "data", options, quiet=True, log=lambda _: None)
+    assert again.report["counts"]["reused_from_previous_run"] == 2
+    Image.new("L", (96, 64), 255).save(photos / "a.mask.png")  # an edited mask is fitted again
+    third = prepare(photos, tmp_path / "data", options, quiet=True, log=lambda _: None)
+    assert third.report["counts"]["reused_from_previous_run"] == 1
+    recipe = make_recipe_dict(
+        tiny_base, tmp_path / "data", tmp_path / "out", data={"masked_loss": True}, train={"max_steps": 1}
+    )
+    lines.clear()
+    train(recipe_from_dict(recipe), quiet=True, log=lines.append)
+    assert any("data.masked_loss: 2 of 2 images weighted by their masks" in line for line in lines)
+
+
+def test_a_mask_of_another_size_drops_its_photo_with_the_reason(tmp_path):
+    from lorakit.prepare import PrepareOptions, prepare
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    _photo_with_left_half_mask(photos, "a")
+    _photo_with_left_half_mask(photos, "b")
+    Image.new("L", (10, 10)).save(photos / "b.mask.png")
+    result = prepare(
+        photos,
+        tmp_path / "data",
+        PrepareOptions(resolution=64, bucket_step=16, workers=1),
+        quiet=True,
+        log=lambda _: None,
+    )
+    assert result.kept == 1
+    assert result.dropped["bad_mask"] == [{"file": "b.png", "detail": "b.mask.png is 10x10, the photo 96x64"}]

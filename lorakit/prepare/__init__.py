@@ -24,7 +24,7 @@ from ..buckets import make_buckets
 from ..errors import DatasetError, OutputError
 from ..files import IMAGE_SUFFIXES, atomic_write, atomic_write_text, file_sha256, is_regular_file, printable
 from .captions import caption_from_filename, normalise_tags, place_trigger, read_sidecar
-from .images import REASONS, Processed, SizingOptions, process_image
+from .images import MASK_SUFFIX, REASONS, Processed, SizingOptions, mask_sidecar, process_image
 
 READ_FAILURES = ("read_error", "empty_file", "unreadable", "truncated", "decompression_bomb")
 STATE = Path(".cache") / "prepare.json"
@@ -48,6 +48,7 @@ class PrepareOptions:
     tokenizer: str | None = None
     strict: bool = False
     workers: int | None = None
+    alpha_mask: bool = False  # an image's transparency becomes its mask (masks/...; `.mask.png` files always do)
 
 
 @dataclass
@@ -81,7 +82,7 @@ def scan(src: Path, caption_extensions: tuple[str, ...]) -> tuple[list[Path], in
     for root, dirs, files in os.walk(src):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
-            if name.startswith("."):
+            if name.startswith(".") or name.lower().endswith(MASK_SUFFIX):  # masks travel with their image
                 continue
             suffix = Path(name).suffix.lower()
             if suffix in IMAGE_SUFFIXES:
@@ -100,7 +101,9 @@ def _own_image_name(name: object) -> bool:
     """Whether a name from the state file is one `_output_name` makes (`images/<plain name>.png`): a state file is
     never trusted to name a file elsewhere."""
     return (
-        isinstance(name, str) and re.fullmatch(r"images/[A-Za-z0-9._-]+\.png", name) is not None and ".." not in name
+        isinstance(name, str)
+        and re.fullmatch(r"(images|masks)/[A-Za-z0-9._-]+\.png", name) is not None
+        and ".." not in name
     )
 
 
@@ -111,6 +114,7 @@ def _settings_key(options: PrepareOptions) -> str:
         options.max_upscale,
         options.max_aspect,
         list(options.background),
+        options.alpha_mask,
     )
     return hashlib.sha256(json.dumps(sizing).encode()).hexdigest()[:16]
 
@@ -122,7 +126,11 @@ def _written_before(out: Path) -> set[str]:
         entries = json.loads((out / STATE).read_text(encoding="utf-8")).get("entries", {})
     except (OSError, ValueError, AttributeError):
         return set()
-    return {e["file_name"] for e in entries.values() if isinstance(e, dict) and _own_image_name(e.get("file_name"))}
+    names = set()
+    for entry in entries.values():
+        if isinstance(entry, dict):
+            names |= {entry.get(k) for k in ("file_name", "mask_file_name") if _own_image_name(entry.get(k))}
+    return names
 
 
 def _load_state(out: Path, key: str) -> dict:
@@ -180,6 +188,11 @@ def _reuse(paths: list[Path], src: Path, out: Path, previous: dict) -> tuple[lis
             )
         except (OSError, KeyError):  # unreadable now: processing it reports why
             unchanged = False
+        sidecar = mask_sidecar(path)
+        mask_sha = file_sha256(sidecar) if sidecar is not None else ""
+        mask_name = entry.get("mask_file_name", "") if isinstance(entry, dict) else ""
+        unchanged = unchanged and entry.get("mask_source_sha256", "") == mask_sha  # a new or edited .mask.png
+        unchanged = unchanged and (not mask_name or (_own_image_name(mask_name) and is_regular_file(out / mask_name)))
         if unchanged and is_regular_file(out / entry["file_name"]):
             reused.append(
                 Processed(
@@ -189,6 +202,8 @@ def _reuse(paths: list[Path], src: Path, out: Path, previous: dict) -> tuple[lis
                     bucket=tuple(entry["bucket"]),
                     crop=tuple(entry["crop"]),
                     dhash=entry["dhash"],
+                    mask_source_sha256=mask_sha,
+                    mask_file_name=mask_name,
                 )
             )
         else:
@@ -326,6 +341,12 @@ def summary_lines(report: dict) -> list[str]:
     if counts["other_files_ignored"]:
         lines.append(f"  ignored {counts['other_files_ignored']} files that are neither images nor captions")
     lines.append("Buckets: " + ", ".join(f"{b} x{n}" for b, n in report["buckets"].items()))
+    if counts.get("with_mask") or report["settings"].get("alpha_mask"):
+        lines.append(
+            f"Masks: {counts['with_mask']} of {counts['kept']} images (from .mask.png files"
+            f"{' and transparency' if report['settings'].get('alpha_mask') else ''}) -> masks/; train with "
+            "data.masked_loss = true"
+        )
     lines.append("Captions: " + ", ".join(f"{n} from {s}" for s, n in captions["sources"].items()))
     if captions["non_utf8_read_as_cp1252"]:
         lines.append(
@@ -382,7 +403,7 @@ def prepare(
             f"--resolution {options.resolution}: smaller than one --bucket-step "
             f"({options.bucket_step}); raise the resolution or lower the step"
         )
-    sizing = SizingOptions(options.resolution, buckets, options.max_upscale, options.background)
+    sizing = SizingOptions(options.resolution, buckets, options.max_upscale, options.background, options.alpha_mask)
     key = _settings_key(options)
     previous = _load_state(out, key)
     reused, todo = _reuse(paths, src, out, previous)
@@ -429,6 +450,9 @@ def prepare(
         captions,
         len(reused),
     )
+    masked = sum(1 for r in kept if r.mask_png or r.mask_file_name)
+    if masked or options.alpha_mask:  # only datasets with masks (or asked for) carry the count
+        report["counts"]["with_mask"] = masked
     try:
         _write(out, kept, png, previous, captions, report, options, key, buckets)
     except OSError as err:  # a full disk or a lost mount: the previous metadata.jsonl stays (written last)
@@ -472,6 +496,13 @@ def _write(
             processed_sha = hashlib.sha256(data).hexdigest()
         else:
             file_name, processed_sha = previous[result.source]["file_name"], previous[result.source]["image_sha256"]
+        mask_name = ""
+        if result.mask_png:
+            mask_name = "masks/" + file_name.split("/", 1)[1]
+            (out / "masks").mkdir(exist_ok=True)
+            atomic_write(out / mask_name, lambda tmp, d=result.mask_png: tmp.write_bytes(d))
+        elif result.mask_file_name:
+            mask_name = result.mask_file_name
         caption = captions[result.source]
         rows.append(
             {
@@ -485,6 +516,7 @@ def _write(
                 "crop_top": result.crop[1],
                 "source": result.source,
                 "sha256": processed_sha,
+                **({"mask_file_name": mask_name} if mask_name else {}),
             }
         )
         state[result.source] = {
@@ -496,6 +528,8 @@ def _write(
             "crop": list(result.crop),
             "dhash": result.dhash,
         }
+        if mask_name:
+            state[result.source].update(mask_file_name=mask_name, mask_source_sha256=result.mask_source_sha256)
         if caption.source == "model":
             state[result.source].update(caption_model=options.caption_model, model_caption=caption.model_text)
     dataset = {
@@ -506,8 +540,8 @@ def _write(
         "images": len(rows),
         "created_by": f"lorakit {__version__}",
     }
-    named = {row["file_name"] for row in rows}
-    stale = {f"images/{p.name}" for p in (out / "images").glob("*.png")} - named
+    named = {row["file_name"] for row in rows} | {row["mask_file_name"] for row in rows if "mask_file_name" in row}
+    stale = {f"{d}/{p.name}" for d in ("images", "masks") for p in (out / d).glob("*.png")} - named
     report["counts"]["foreign_images_left"] = len(stale - written_before)
     atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
     atomic_write_text(out / "dataset.json", json.dumps(dataset, indent=2) + "\n")

@@ -24,7 +24,15 @@ REASONS = {
     "too_small": "would need more upscaling than --max-upscale",
     "duplicate": "byte-identical to another image",
     "near_duplicate": "perceptually near-identical to another image",
+    "bad_mask": "its .mask.png is unreadable or not the photo's size",
 }
+MASK_SUFFIX = ".mask.png"  # photo.jpg's mask is photo.mask.png, beside it
+
+
+def mask_sidecar(path: Path) -> Path | None:
+    """The `.mask.png` beside an image, when it is a regular file."""
+    sidecar = path.with_name(path.stem + MASK_SUFFIX)
+    return sidecar if is_regular_file(sidecar) else None
 
 
 @dataclass(frozen=True)
@@ -33,6 +41,7 @@ class SizingOptions:
     buckets: tuple[tuple[int, int], ...]
     max_upscale: float
     background: tuple[int, int, int]
+    alpha_mask: bool = False  # an image's alpha channel becomes its mask (for masked loss)
 
 
 @dataclass
@@ -48,6 +57,9 @@ class Processed:
     crop: tuple[int, int] = (0, 0)
     dhash: int = 0
     png: bytes = b""
+    mask_png: bytes = b""  # the mask fitted exactly as the image (masked loss), when there is one
+    mask_source_sha256: str = ""  # of the `.mask.png` beside the source image ("" for none or an alpha mask)
+    mask_file_name: str = ""  # a reused entry's mask in the dataset (masks/...)
 
 
 def to_rgb(image, background: tuple[int, int, int]):
@@ -107,7 +119,9 @@ def process_image(path: Path, relative: str, options: SizingOptions) -> Processe
                 original = _displayed_size(opened)
                 _draft(opened, original, options)
                 opened.load()
-                image = to_rgb(ImageOps.exif_transpose(opened), options.background)
+                upright = ImageOps.exif_transpose(opened)
+                mask = _alpha(upright) if options.alpha_mask else None
+                image = to_rgb(upright, options.background)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         result.reason, result.detail = "decompression_bomb", str(err).split(".")[0]
         return result
@@ -117,7 +131,30 @@ def process_image(path: Path, relative: str, options: SizingOptions) -> Processe
     except (OSError, SyntaxError, ValueError) as err:
         result.reason, result.detail = "truncated", str(err)
         return result
-    return _fit(image, original, result, options)
+    sidecar = mask_sidecar(path)
+    if sidecar is not None:
+        try:
+            data = sidecar.read_bytes()
+            with Image.open(io.BytesIO(data)) as opened:
+                mask = ImageOps.exif_transpose(opened).convert("L")
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+            result.reason, result.detail = "bad_mask", f"{sidecar.name}: {err}"
+            return result
+        if mask.size != original:
+            result.reason = "bad_mask"
+            result.detail = f"{sidecar.name} is {mask.size[0]}x{mask.size[1]}, the photo {original[0]}x{original[1]}"
+            return result
+        result.mask_source_sha256 = hashlib.sha256(data).hexdigest()
+    return _fit(image, original, result, options, mask)
+
+
+def _alpha(image):
+    """The alpha channel of an image that has one (as a greyscale mask), else None."""
+    if "A" in image.getbands():
+        return image.getchannel("A")
+    if image.mode == "P" and "transparency" in image.info:
+        return image.convert("RGBA").getchannel("A")
+    return None
 
 
 def _displayed_size(image) -> tuple[int, int]:
@@ -137,7 +174,7 @@ def _draft(image, displayed: tuple[int, int], options: SizingOptions) -> None:
     image.draft("RGB", needed)
 
 
-def _fit(image, original: tuple[int, int], result: Processed, options: SizingOptions) -> Processed:
+def _fit(image, original: tuple[int, int], result: Processed, options: SizingOptions, mask=None) -> Processed:
     from PIL import Image
 
     result.original_size = original
@@ -155,4 +192,11 @@ def _fit(image, original: tuple[int, int], result: Processed, options: SizingOpt
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", compress_level=3)
     result.bucket, result.crop, result.png = bucket, crop, buffer.getvalue()
+    if mask is not None:  # the same resize and crop as the image, so pixel (x, y) of both is the same place
+        mask = mask.resize((width, height), Image.Resampling.BILINEAR).crop(
+            (crop[0], crop[1], crop[0] + bucket[0], crop[1] + bucket[1])
+        )
+        buffer = io.BytesIO()
+        mask.save(buffer, format="PNG", compress_level=3)
+        result.mask_png = buffer.getvalue()
     return result
