@@ -253,9 +253,9 @@ def test_robust_losses_train(tiny_base, tiny_dataset, tmp_path, loss_type):
     seen = []
     real = loop.objective.diffusion_loss
 
-    def recording(prediction, target, weights, kind, huber_c):
+    def recording(prediction, target, weights, kind, huber_c, pixel_weights=None):
         seen.append(kind)
-        return real(prediction, target, weights, kind, huber_c)
+        return real(prediction, target, weights, kind, huber_c, pixel_weights)
 
     train_section = {"max_steps": 2, "min_timestep": 100, "max_timestep": 900}
     l2, _ = _run(tiny_base, tiny_dataset, tmp_path / "l2", train=train_section)
