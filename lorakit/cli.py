@@ -424,12 +424,16 @@ def _finite(value: float | None) -> float | None:
     return value
 
 
+def _usable_scale(value: float) -> bool:
+    return math.isfinite(value) and abs(value) <= SCALE_LIMIT
+
+
 def _floats(text: str, option: str) -> tuple[float, ...]:
     try:
         values = tuple(float(v) for v in text.split(",") if v.strip())
     except ValueError:
         values = (math.nan,)
-    if not all(math.isfinite(v) and abs(v) <= SCALE_LIMIT for v in values):
+    if not all(_usable_scale(v) for v in values):
         raise typer.BadParameter(
             f"{text!r}: give comma-separated numbers between -{SCALE_LIMIT:g} and {SCALE_LIMIT:g} such as 0,0.5,1",
             param_hint=option,
@@ -443,7 +447,7 @@ def _lora_arguments(texts: list[str] | None, option: str = "--lora") -> list[tup
 
     parsed = [parse_lora_argument(text) for text in texts or []]
     for text, (_, scale) in zip(texts or [], parsed, strict=True):
-        if not (math.isfinite(scale) and abs(scale) <= SCALE_LIMIT):
+        if not _usable_scale(scale):
             raise typer.BadParameter(
                 f"{text!r}: the strength after ':' must be a number between -{SCALE_LIMIT:g} and {SCALE_LIMIT:g}",
                 param_hint=option,

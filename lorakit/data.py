@@ -401,19 +401,24 @@ def load_pixels(item: Item, flip: bool) -> torch.Tensor:
     The bytes must still be those the run read at its start (their sha256): an image edited mid-run is refused
     rather than trained on under the old one's cache key.
     """
-    data = read_regular_file(item.path, Path(item.folder) / METADATA)
-    if hashlib.sha256(data).hexdigest() != item.sha256:
-        raise DatasetError(f"{item.path}: changed since this run read the dataset; start the run again to use it")
-    with Image.open(io.BytesIO(data)) as image:
-        image = ImageOps.exif_transpose(image).convert("RGB")
-        (width, height), (left, top) = fit_to_bucket(*image.size, item.bucket)
-        if image.size != (width, height):
-            image = image.resize((width, height), Image.Resampling.LANCZOS)
-        image = image.crop((left, top, left + item.bucket[0], top + item.bucket[1]))
-        if flip:
-            image = ImageOps.mirror(image)
-        array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    image = _fitted(item.path, item.sha256, item, flip, "RGB", Image.Resampling.LANCZOS)
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def _fitted(path: Path, sha256: str, item: Item, flip: bool, mode: str, resample: Any) -> Image.Image:
+    """The file at `path` (which must still hash to `sha256`) in `mode`, resized to cover the item's bucket,
+    centre-cropped to it and mirrored when `flip`: one fitting for an image and its mask, so they stay aligned."""
+    data = read_regular_file(path, Path(item.folder) / METADATA)
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise DatasetError(f"{path}: changed since this run read the dataset; start the run again to use it")
+    with Image.open(io.BytesIO(data)) as opened:
+        image = ImageOps.exif_transpose(opened).convert(mode)
+    (width, height), (left, top) = fit_to_bucket(*image.size, item.bucket)
+    if image.size != (width, height):
+        image = image.resize((width, height), resample)
+    image = image.crop((left, top, left + item.bucket[0], top + item.bucket[1]))
+    return ImageOps.mirror(image) if flip else image
 
 
 def load_mask(item: Item, flip: bool, scale: int) -> torch.Tensor:
@@ -423,18 +428,8 @@ def load_mask(item: Item, flip: bool, scale: int) -> torch.Tensor:
     width, height = item.bucket
     if item.mask is None:
         return torch.ones(1, height // scale, width // scale)
-    data = read_regular_file(item.mask, Path(item.folder) / METADATA)
-    if hashlib.sha256(data).hexdigest() != item.mask_sha256:
-        raise DatasetError(f"{item.mask}: changed since this run read the dataset; start the run again to use it")
-    with Image.open(io.BytesIO(data)) as image:
-        image = ImageOps.exif_transpose(image).convert("L")
-        (resized_w, resized_h), (left, top) = fit_to_bucket(*image.size, item.bucket)
-        if image.size != (resized_w, resized_h):
-            image = image.resize((resized_w, resized_h), Image.Resampling.BILINEAR)
-        image = image.crop((left, top, left + width, top + height))
-        if flip:
-            image = ImageOps.mirror(image)
-        mask = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None, None]
+    image = _fitted(item.mask, item.mask_sha256, item, flip, "L", Image.Resampling.BILINEAR)
+    mask = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None, None]
     return torch.nn.functional.avg_pool2d(mask, scale)[0]
 
 

@@ -203,23 +203,30 @@ def architecture_of(base: str) -> tuple[str, str]:
     return "sd15", f"the hub id {base!r} (assumed SD 1.x)"
 
 
-def largest_bucket(recipe: Any) -> tuple[tuple[int, int], str]:
-    """The largest bucket the run trains at: each prepared image's nearest bucket at `data.resolution` (what train
-    assigns), or the square one when the dataset is not prepared yet."""
-    from .buckets import make_buckets, nearest_bucket
-
+def dataset_rows(recipe: Any) -> tuple[int, list[tuple[int, int]]]:
+    """(rows, (width, height) of the rows that give one) of the recipe's prepared dataset folders' metadata.jsonl."""
     folders = [recipe.data.folder] if isinstance(recipe.data.folder, str) else list(recipe.data.folder)
-    sizes = []
+    rows, sizes = 0, []
     for folder in folders:
         metadata = Path(folder).expanduser() / "metadata.jsonl"
         if not metadata.is_file():
             continue
         for line in metadata.read_text(encoding="utf-8", errors="replace").splitlines():
+            rows += bool(line)
             try:
                 row = json.loads(line)
                 sizes.append((int(row["width"]), int(row["height"])))
             except (ValueError, KeyError, TypeError):
                 continue
+    return rows, sizes
+
+
+def largest_bucket(recipe: Any) -> tuple[tuple[int, int], str]:
+    """The largest bucket the run trains at: each prepared image's nearest bucket at `data.resolution` (what train
+    assigns), or the square one when the dataset is not prepared yet."""
+    from .buckets import make_buckets, nearest_bucket
+
+    _, sizes = dataset_rows(recipe)
     side = recipe.data.resolution
     buckets = make_buckets(side, 64) or [(side, side)]
     if sizes:

@@ -8,7 +8,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import RecipeError
-from .memory import GPUS, HEADROOM, MemoryEstimate, architecture_of, disk_bytes, estimate, find_gpu, largest_bucket
+from .memory import (
+    GPUS,
+    HEADROOM,
+    MemoryEstimate,
+    architecture_of,
+    dataset_rows,
+    disk_bytes,
+    estimate,
+    find_gpu,
+    largest_bucket,
+)
 from .recipe import Recipe
 
 NAMES = {"sd15": "SD 1.x", "sd21": "SD 2.x", "sdxl": "SDXL"}
@@ -187,8 +197,12 @@ class Plan:
         work = self.memory.bucket[0] * self.memory.bucket[1] * self.recipe.train.batch_size
         return seconds * max(1.0, work / reference) * self.recipe.train.gradient_accumulation_steps
 
-    def to_dict(self) -> dict[str, Any]:
+    def minutes(self) -> dict[str, float]:
+        """Rough minutes for the whole run per GPU class (only the H200 figure is measured)."""
         steps = self.recipe.train.max_steps
+        return {name: round(self.seconds_per_step() * steps / speed / 60, 1) for name, speed in GPU_SPEED.items()}
+
+    def to_dict(self) -> dict[str, Any]:
         return {
             "recipe": self.recipe.source,
             "architecture": self.architecture,
@@ -196,9 +210,7 @@ class Plan:
             "memory": self.memory.to_dict(),
             "card": {"name": self.card_name, "gib": self.card_gib, "system": self.system, "fits": self.fits},
             "disk_bytes": dataclasses.asdict(self.disk),
-            "minutes": {
-                name: round(self.seconds_per_step() * steps / speed / 60, 1) for name, speed in GPU_SPEED.items()
-            },
+            "minutes": self.minutes(),
         }
 
 
@@ -227,20 +239,8 @@ def plan(
     memory = estimate(recipe, architecture)
     card_gib, card_name = _card(vram, gpu)
     bucket, _ = largest_bucket(recipe)
-    disk = disk_bytes(recipe, memory.trainable, [bucket] * _image_count(recipe))
+    disk = disk_bytes(recipe, memory.trainable, [bucket] * (dataset_rows(recipe)[0] or 20))  # 20: not prepared yet
     return Plan(recipe, architecture, source, memory, card_gib, card_name, system, disk)
-
-
-def _image_count(recipe: Recipe) -> int:
-    from pathlib import Path
-
-    folders = [recipe.data.folder] if isinstance(recipe.data.folder, str) else list(recipe.data.folder)
-    count = 0
-    for folder in folders:
-        metadata = Path(folder).expanduser() / "metadata.jsonl"
-        if metadata.is_file():
-            count += sum(1 for line in metadata.read_text(encoding="utf-8", errors="replace").splitlines() if line)
-    return count or 20
 
 
 def _card(vram: float | None, gpu: str | None) -> tuple[float | None, str]:
@@ -286,7 +286,7 @@ def plan_lines(result: Plan) -> list[str]:
             )
             lines.append(f"  the smallest common card it fits: {smallest:g} GiB" if smallest else "")
     lines.append(result.disk.line())
-    minutes = result.to_dict()["minutes"]
+    minutes = result.minutes()
     lines.append(
         f"Time for {recipe.train.max_steps} steps: "
         + ", ".join(f"{name} ~{m:g} min" for name, m in minutes.items())

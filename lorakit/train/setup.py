@@ -407,7 +407,7 @@ def _fill_caches(
     On a GPU one model works at a time: the trained modules wait on the CPU while the VAE encodes (the VAE at
     1024 px needs more memory than a training step of SDXL) and the VAE leaves before the text encoders come.
     Moving a module keeps its parameter objects, so the optimizer built on them stays valid."""
-    parked = [m for m in (trained or {}).values() if device.type == "cuda"]
+    parked = list((trained or {}).values()) if device.type == "cuda" else []
     for module in parked:
         module.to("cpu")
     cache = None
