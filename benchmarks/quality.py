@@ -2,7 +2,8 @@
 
 Run by hand (not part of the test suite; about 5 minutes once the toy base exists, 13 the first time):
 
-    python benchmarks/quality.py [--toy-base DIR] [--steps N] [--seeds 4] [--guidance 2,4] [--json quality.json]
+    python benchmarks/quality.py [--toy-base DIR] [--steps N] [--seeds 4] [--guidance 2,4,7] [--json quality.json]
+    python benchmarks/quality.py --contexts white [--masks] [--set lora.tlora_min_rank=1 ...]   # new contexts
 
 1. checks the detectors on the generator's own labelled renders (each must be >= 0.95 accurate);
 2. renders fixed prompts at fixed seeds with the base model: trigger prompts ("a sks ball on the left,
@@ -13,6 +14,12 @@ Run by hand (not part of the test suite; about 5 minutes once the toy base exist
    images in the concept colour), prior accuracy (share of base-world images showing their caption's
    colour and background; left/right, which the base does not learn, is reported on its own) before and
    after, prior drift (mean pixel change) and wall time.
+
+New contexts: `--contexts white` gives the concept photos one shared background (as a person's photos share a
+room), and fidelity is then counted in context (the concept's colour on the background the prompt asked for)
+separately on the seen backgrounds and the unseen ones. `--masks` writes each photo's mask (white on the ball)
+beside it, for `--set data.masked_loss=true`. A T-LoRA adapter (`--set lora.tlora_min_rank=N`) is measured twice:
+under its timestep schedule (as `lorakit generate` draws it) and at full rank (as other loaders draw it).
 """
 
 from __future__ import annotations
@@ -23,6 +30,26 @@ import tempfile
 import time
 from pathlib import Path
 
+ROWS = (
+    ("concept fidelity (colour)", "fidelity"),
+    ("in context, seen backgrounds", "fidelity_seen"),
+    ("in context, unseen backgrounds", "fidelity_unseen"),
+    ("prior accuracy", "prior_accuracy"),
+    ("prior colour accuracy", "prior_colour_accuracy"),
+    ("side accuracy (not learned)", "prior_side_accuracy"),
+)
+
+
+def _summary(found: dict, seen: tuple[str, ...]) -> dict:
+    """The evaluation's figures, with in-context fidelity split into the seen and the unseen backgrounds."""
+    by_background = found["fidelity_by_background"]
+    unseen = [b for b in by_background if b not in seen]
+    figures = {key: found[key] for _, key in ROWS if key in found}
+    figures["fidelity_seen"] = sum(by_background[b] for b in seen) / len(seen)
+    figures["fidelity_unseen"] = sum(by_background[b] for b in unseen) / len(unseen) if unseen else float("nan")
+    figures["fidelity_by_background"] = by_background
+    return figures
+
 
 def main() -> None:
     import torch  # noqa: F401 - import the stack before timing
@@ -30,16 +57,21 @@ def main() -> None:
     from lorakit.toy import train_concept
     from lorakit.toy.build import build_toy_base
     from lorakit.toy.evaluate import detector_accuracy, evaluate, pixel_drift, toy_pipeline
+    from lorakit.toy.world import BACKGROUNDS
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--toy-base", help="toy base folder (default: build or reuse the cached one)")
     parser.add_argument("--steps", type=int, help="training steps (default: the toy recipe's)")
     parser.add_argument("--seeds", type=int, default=4, help="seeds per prompt")
-    parser.add_argument("--guidance", default="2,4", help="classifier-free guidance scales to measure at")
+    parser.add_argument("--guidance", default="2,4,7", help="classifier-free guidance scales to measure at")
+    parser.add_argument("--contexts", help="comma-separated backgrounds the concept photos are limited to")
+    parser.add_argument("--masks", action="store_true", help="write a mask beside each concept photo")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="toy recipe override")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     seeds = tuple(range(args.seeds))
     guidances = [float(g) for g in args.guidance.split(",")]
+    contexts = tuple(args.contexts.split(",")) if args.contexts else tuple(BACKGROUNDS)
     start = time.monotonic()
     detectors = detector_accuracy()
     assert all(v >= 0.95 for v in detectors.values()), detectors
@@ -48,41 +80,48 @@ def main() -> None:
     before = {g: evaluate(toy_pipeline(base), seeds, g) for g in guidances}
     train_start = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
-        run = train_concept(base, Path(tmp), steps=args.steps, quiet=True, log=lambda _: None)
+        run = train_concept(
+            base,
+            Path(tmp),
+            steps=args.steps,
+            backgrounds=contexts if args.contexts else None,
+            masks=args.masks,
+            overrides=tuple(args.set),
+            quiet=True,
+            log=lambda _: None,
+        )
         train_minutes = (time.monotonic() - train_start) / 60
-        after = {g: evaluate(toy_pipeline(base, run.adapter), seeds, g) for g in guidances}
+        scheduled = any(s.startswith("lora.tlora_min_rank") for s in args.set)
+        ways = {"adapter": True, "full_rank": False} if scheduled else {"adapter": True}
+        after = {
+            way: {g: evaluate(toy_pipeline(base, run.adapter, ranks), seeds, g) for g in guidances}
+            for way, ranks in ways.items()
+        }
     results = {
+        "contexts": list(contexts),
+        "masks": args.masks,
+        "overrides": args.set,
         "detector_accuracy": detectors,
         "seeds": len(seeds),
         "train_minutes": round(train_minutes, 2),
         "wall_minutes": round((time.monotonic() - start) / 60, 2),
         "by_guidance": {},
     }
-    rows = (
-        ("concept fidelity", "fidelity"),
-        ("prior accuracy", "prior_accuracy"),
-        ("prior colour accuracy", "prior_colour_accuracy"),
-        ("side accuracy (not learned)", "prior_side_accuracy"),
-    )
     for g in guidances:
-        entry = {
-            f"{key}_{when}": found[g][key]
-            for key in dict(rows).values()
-            for when, found in (("base", before), ("adapter", after))
-        }
-        entry["prior_pixel_drift"] = pixel_drift(before[g]["base_images"], after[g]["base_images"])
-        entry["trigger_images"] = len(after[g]["trigger_images"])
-        entry["base_images"] = len(after[g]["base_images"])
+        entry = {"base": _summary(before[g], contexts)}
+        for way, found in after.items():
+            entry[way] = _summary(found[g], contexts)
+            entry[way]["prior_pixel_drift"] = pixel_drift(before[g]["base_images"], found[g]["base_images"])
         results["by_guidance"][str(g)] = entry
-        print(f"guidance {g:g}: {entry['trigger_images']} trigger images, {entry['base_images']} base-world images")
-        print(f"  {'':28}{'base':>8}{'adapter':>9}")
-        for label, key in rows:
-            print(f"  {label:28}{entry[key + '_base']:>8.2f}{entry[key + '_adapter']:>9.2f}")
-        print(f"  prior drift {entry['prior_pixel_drift']:.1f}/255 mean pixel change")
+        print(f"guidance {g:g}: concept photos on {', '.join(contexts)}; {args.set or 'the toy recipe'}")
+        print(f"  {'':32}" + "".join(f"{way:>11}" for way in entry))
+        for label, key in ROWS:
+            print(f"  {label:32}" + "".join(f"{entry[way][key]:>11.2f}" for way in entry))
+        drifts = ", ".join(f"{way} {entry[way]['prior_pixel_drift']:.1f}" for way in after)
+        print(f"  prior drift (mean pixel change, of 255): {drifts}")
     print(f"detectors {detectors}; training {results['train_minutes']} min, wall {results['wall_minutes']} min")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
-    print(json.dumps(results))
 
 
 if __name__ == "__main__":

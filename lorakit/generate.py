@@ -37,6 +37,7 @@ from .render import (
     set_scales,
     steps_run,
 )
+from .timestep_rank import schedule_from_metadata
 from .trigger import with_trigger
 
 
@@ -72,7 +73,8 @@ def resolve_adapters(
         sha = file_sha256(path)
         short = a1111_short_hash(path) if path.suffix.lower() == ".safetensors" else sha[:12]
         name = re.sub(r"[^A-Za-z0-9_-]", "_", path.name.split(".")[0])
-        adapters.append(LoadedAdapter(f"{name}_{len(adapters)}", path, scale, adapter.state, sha, short))
+        schedule = schedule_from_metadata(adapter.metadata, str(path))
+        adapters.append(LoadedAdapter(f"{name}_{len(adapters)}", path, scale, adapter.state, sha, short, schedule))
     return adapters, defaults
 
 

@@ -27,6 +27,7 @@ from .errors import AdapterError, LorakitError
 from .files import atomic_write
 from .formats.diffusers import DOWN, MAGNITUDE, UP, diffusers_key
 from .formats.read import check_against
+from .timestep_rank import TimestepRanks
 
 SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
     "euler": ("EulerDiscreteScheduler", {}),
@@ -261,6 +262,8 @@ class LoadedAdapter:
     state: Any  # LoraState
     sha256: str
     short_hash: str = ""  # what A1111 writes in `Lora hashes` (formats.metadata.a1111_short_hash)
+    # T-LoRA: (min_rank, exponent, num_train_timesteps) the file's metadata records (timestep_rank)
+    timestep_ranks: tuple[int, float, int] | None = None
 
 
 def _diffusers_state_dict(state: Any) -> dict[str, Any]:
@@ -303,9 +306,11 @@ class WeightPatches:
                 layer.weight.copy_(weight.to(original.dtype))
 
 
-def apply_adapters(pipe: Any, adapters: list[LoadedAdapter]) -> None:
+def apply_adapters(pipe: Any, adapters: list[LoadedAdapter], timestep_ranks: bool = True) -> None:
     """Load each adapter into the pipeline under its own name, checked against the base first: LoRA through
-    diffusers, LoKr/LoHa as `WeightPatches` (applied at their scales)."""
+    diffusers, LoKr/LoHa as `WeightPatches` (applied at their scales). A T-LoRA adapter is drawn under the
+    timestep schedule it was trained with unless `timestep_ranks` is false (then at full rank, as other loaders
+    draw it)."""
 
     lycoris = []
     for adapter in adapters:
@@ -315,6 +320,16 @@ def apply_adapters(pipe: Any, adapters: list[LoadedAdapter]) -> None:
         else:
             lycoris.append(adapter)
     pipe.lorakit_patches = WeightPatches(pipe, lycoris) if lycoris else None
+    for adapter in adapters:
+        if timestep_ranks and adapter.timestep_ranks is not None and "unet" in adapter.state:
+            min_rank, exponent, steps = adapter.timestep_ranks
+            TimestepRanks(
+                pipe.unet,
+                min_rank=min_rank,
+                exponent=exponent,
+                num_train_timesteps=steps,
+                adapter_names=(adapter.name,),
+            )
     if lycoris:
         pipe.lorakit_patches.set(1.0)
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from safetensors.torch import save
 
-from .. import __version__
+from .. import __version__, timestep_rank
 from ..recipe import Recipe, dump_recipe
 
 if TYPE_CHECKING:
@@ -113,7 +113,9 @@ def recipe_hash(recipe: Recipe) -> str:
     return hashlib.sha256(dump_recipe(recipe).encode()).hexdigest()
 
 
-def training_info(recipe: Recipe, family: str, items: list[Item], steps: int, started: datetime) -> AdapterInfo:
+def training_info(
+    recipe: Recipe, family: str, items: list[Item], steps: int, started: datetime, num_train_timesteps: int = 1000
+) -> AdapterInfo:
     """The metadata of a run's exported adapter: what it is, and kohya's `ss_*` record of how it was trained."""
     cfg, lora = recipe.train, recipe.lora
     targets = lora.target_modules if isinstance(lora.target_modules, str) else json.dumps(lora.target_modules)
@@ -158,6 +160,10 @@ def training_info(recipe: Recipe, family: str, items: list[Item], steps: int, st
         "lorakit_trigger": recipe.data.trigger,
         "lorakit_ema_decay": str(cfg.ema_decay),
     }
+    if lora.tlora_min_rank is not None:  # so lorakit draws the adapter under the schedule it was trained with
+        training[timestep_rank.METADATA_MIN_RANK] = str(lora.tlora_min_rank)
+        training[timestep_rank.METADATA_EXPONENT] = str(lora.tlora_exponent)
+        training[timestep_rank.METADATA_TIMESTEPS] = str(num_train_timesteps)
     return AdapterInfo(
         family=family,
         base_model=recipe.model.base,

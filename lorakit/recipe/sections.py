@@ -115,6 +115,14 @@ class LoraSection:
     """Also adapt the text encoder(s); default true for SD 1.x and 2.x."""
     init_from: str | None = None
     """Start from an existing LoRA file (kohya or diffusers layout, same targets) instead of zero; not a resume."""
+    tlora_min_rank: int | None = None
+    """T-LoRA (timestep-dependent rank): U-Net adapters use only their first `floor(((T - t) / T) ** tlora_exponent
+    * (rank - tlora_min_rank)) + tlora_min_rank` ranks at timestep t of T: all of them on almost clean images, this
+    many on pure noise, where layout and background are decided. Less of the photos' layout is learned. The file is
+    an ordinary LoRA; `lorakit generate` draws it under the same schedule (other loaders use every rank)."""
+    tlora_exponent: float = 1.0
+    """T-LoRA: the schedule's curve (SimpleTuner's `tlora_alpha`): 1 is linear, above 1 keeps more ranks off until
+    the last, low-noise steps."""
 
 
 @dataclass(frozen=True)

@@ -82,6 +82,8 @@ _RANGES: dict[str, tuple[float, float]] = {
     "lora.decompose_factor": (-1, 4096),
     "lora.conv_rank": (1, 4096),
     "lora.conv_alpha": (0, 65_536),
+    "lora.tlora_min_rank": (1, 4096),
+    "lora.tlora_exponent": (0.1, 10),
     "train.max_steps": (1, STEPS_MAX),
     "train.batch_size": (1, 4096),
     "train.gradient_accumulation_steps": (1, 4096),
@@ -243,6 +245,8 @@ def _adapter_type_problems(lora, train) -> list[str]:
             problems.append(f"lora.dropout: {name} has no input dropout in peft; set lora.dropout = 0")
         if lora.use_dora:
             problems.append(f"lora.use_dora: DoRA is a LoRA option; {name} cannot use it")
+        if lora.tlora_min_rank is not None:
+            problems.append(f"lora.tlora_min_rank: T-LoRA masks the ranks of a LoRA; {name} has none to mask")
         if lora.init_from:
             problems.append(f"lora.init_from: starts from a LoRA file; {name} runs start from zero")
         if train is not None and train.loraplus_lr_ratio is not None:
@@ -250,6 +254,21 @@ def _adapter_type_problems(lora, train) -> list[str]:
                 f"train.loraplus_lr_ratio: LoRA+ speeds up LoRA's up-projection (lora_up), which {name} does not "
                 "have; kohya sd-scripts and LyCORIS leave LoKr/LoHa weights at the base rate too"
             )
+    if lora.tlora_min_rank is not None:
+        if lora.type == "lora" and lora.use_dora:
+            problems.append(
+                "lora.tlora_min_rank: T-LoRA with DoRA is not supported (DoRA's magnitude uses every rank); "
+                "set lora.use_dora = false or remove lora.tlora_min_rank"
+            )
+        convs = lora.conv_rank and lora.target_modules == "transformer+conv"
+        ranks = [lora.rank] + ([lora.conv_rank] if convs else [])
+        if lora.tlora_min_rank > min(ranks):
+            problems.append(
+                f"lora.tlora_min_rank: {lora.tlora_min_rank} is more than the rank ({min(ranks)}); use 1 to "
+                f"{min(ranks)} (1 masks the most)"
+            )
+    elif _not_default(lora, "tlora_exponent"):
+        problems.append("lora.tlora_exponent: shapes the T-LoRA schedule; set lora.tlora_min_rank too, or remove it")
     if lora.use_effective_conv2d and lora.target_modules != "transformer+conv":
         problems.append(
             "lora.use_effective_conv2d: only changes 3x3 convolutions; use target_modules = 'transformer+conv'"

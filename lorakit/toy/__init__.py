@@ -28,10 +28,23 @@ def _write_pairs(folder: str | Path, pairs: list[tuple[Any, str]], stem: str) ->
     return folder
 
 
-def write_concept_photos(folder: str | Path, count: int = 12, seed: int = 7) -> Path:
-    """The new concept (a colour the base never saw, trigger word `sks`) as PNG photos with .txt captions."""
+def write_concept_photos(
+    folder: str | Path,
+    count: int = 12,
+    seed: int = 7,
+    *,
+    backgrounds: tuple[str, ...] | None = None,
+    masks: bool = False,
+) -> Path:
+    """The new concept (a colour the base never saw, trigger word `sks`) as PNG photos with .txt captions, only on
+    `backgrounds` when given; with `masks`, a `photo_NNN.mask.png` beside each (white on the ball)."""
 
-    return _write_pairs(folder, concept_photos(count, seed), "photo")
+    photos = concept_photos(count, seed, backgrounds)
+    folder = _write_pairs(folder, [(image, text) for image, text, _ in photos], "photo")
+    if masks:
+        for index, (_, _, mask) in enumerate(photos):
+            mask.save(folder / f"photo_{index:03d}.mask.png")
+    return folder
 
 
 def write_class_photos(folder: str | Path, per_caption: int = 2, seed: int = 11) -> Path:
@@ -41,15 +54,25 @@ def write_class_photos(folder: str | Path, per_caption: int = 2, seed: int = 11)
 
 
 def train_concept(
-    base: str | Path, folder: str | Path, *, steps: int | None = None, quiet: bool = False, log=print
+    base: str | Path,
+    folder: str | Path,
+    *,
+    steps: int | None = None,
+    backgrounds: tuple[str, ...] | None = None,
+    masks: bool = False,
+    overrides: tuple[str, ...] = (),
+    quiet: bool = False,
+    log=print,
 ) -> Any:
     """Concept and class photos -> `lorakit prepare` -> `lorakit train` with the toy recipe, all inside `folder`.
 
-    Returns the training run's `RunResult` (adapter files in `folder/runs/`).
+    `backgrounds` limits the concept photos to those backgrounds, `masks` writes their masks (prepare takes them
+    into the dataset), `overrides` are extra `--set` values for the recipe. Returns the training run's `RunResult`
+    (adapter files in `folder/runs/`).
     """
 
     folder = Path(folder)
-    photos = write_concept_photos(folder / "photos")
+    photos = write_concept_photos(folder / "photos", backgrounds=backgrounds, masks=masks)
     classes = write_class_photos(folder / "class_photos")
     log(f"prepare: {photos} -> {folder / 'dataset'}")
     prepare(
@@ -60,13 +83,12 @@ def train_concept(
         quiet=quiet,
         log=log,
     )
-    overrides = [
+    places = [
         f'model.base="{base}"',
         f'data.folder="{folder / "dataset"}"',
         f'prior.class_dir="{classes}"',
         f'output.folder="{folder / "runs"}"',
     ]
-    if steps:
-        overrides.append(f"train.max_steps={steps}")
+    length = [f"train.max_steps={steps}"] if steps else []
     log("train: the toy recipe (LoRA in the U-Net and text encoder, prior preservation on the class photos)")
-    return train(load_recipe(RECIPE, overrides), overwrite=True, quiet=quiet, log=log)
+    return train(load_recipe(RECIPE, [*places, *length, *overrides]), overwrite=True, quiet=quiet, log=log)

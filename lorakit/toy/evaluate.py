@@ -69,7 +69,19 @@ def evaluate(pipe: Any, seeds: tuple[int, ...] = (0, 1, 2, 3), guidance: float =
     trigger_images = render_set(pipe, [p for p, *_ in triggers], list(seeds), guidance)
     base_images = render_set(pipe, [p for p, *_ in bases], list(seeds), guidance)
     concept = CONCEPT_COLOUR[0]
-    fidelity = sum(detect(image)["colour"] == concept for image in trigger_images) / len(trigger_images)
+    seen = [detect(image) for image in trigger_images]
+    fidelity = sum(f["colour"] == concept for f in seen) / len(seen)
+    # In context: the concept's colour on the background the prompt asked for, per background.
+    asked = [bg for _, _, bg in triggers for _ in seeds]
+    in_context = {
+        background: sum(
+            f["colour"] == concept and f["background"] == bg
+            for f, bg in zip(seen, asked, strict=True)
+            if bg == background
+        )
+        / asked.count(background)
+        for background in BACKGROUNDS
+    }
     labels = [(c, s, b) for _, c, s, b in bases for _ in seeds]
     found = [detect(image) for image in base_images]
     # The base learns colour and background within its 8-minute budget but not left/right (measured at chance),
@@ -79,6 +91,7 @@ def evaluate(pipe: Any, seeds: tuple[int, ...] = (0, 1, 2, 3), guidance: float =
     colour_ok = [f["colour"] == c for f, (c, _, _) in zip(found, labels, strict=True)]
     return {
         "fidelity": fidelity,
+        "fidelity_by_background": in_context,
         "prior_accuracy": sum(correct) / len(correct),
         "prior_colour_accuracy": sum(colour_ok) / len(colour_ok),
         "prior_side_accuracy": sum(side) / len(side),
@@ -87,12 +100,13 @@ def evaluate(pipe: Any, seeds: tuple[int, ...] = (0, 1, 2, 3), guidance: float =
     }
 
 
-def toy_pipeline(base: Any, adapter: Any = None) -> Any:
-    """The toy base as a pipeline (Euler sampler, no progress bar), with `adapter` applied at strength 1."""
+def toy_pipeline(base: Any, adapter: Any = None, timestep_ranks: bool = True) -> Any:
+    """The toy base as a pipeline (Euler sampler, no progress bar), with `adapter` applied at strength 1 (a T-LoRA
+    adapter under its schedule, or at full rank as other loaders draw it when `timestep_ranks` is false)."""
 
     pipe = load_pipeline(str(base))
     if adapter:
-        apply_adapters(pipe, resolve_adapters([(str(adapter), 1.0)])[0])
+        apply_adapters(pipe, resolve_adapters([(str(adapter), 1.0)])[0], timestep_ranks)
     set_sampler(pipe, "euler")
     pipe.set_progress_bar_config(disable=True)
     return pipe

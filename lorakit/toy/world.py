@@ -12,6 +12,7 @@ shape detection 36% on the base model's images, colour 50%).
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 
@@ -83,18 +84,22 @@ def base_world(count_per_caption: int, seed: int) -> list[tuple[object, str]]:
     return pairs
 
 
-def concept_photos(count: int, seed: int) -> list[tuple[object, str]]:
-    """The new concept as a user would bring it: purple balls, captioned with the trigger word."""
+def concept_photos(
+    count: int, seed: int, backgrounds: tuple[str, ...] | None = None
+) -> list[tuple[object, str, object]]:
+    """The new concept as a user would bring it: purple balls, captioned with the trigger word, each with its mask
+    (white on the ball). `backgrounds` limits the photos to those backgrounds (a dataset that shares one)."""
     rng = random.Random(seed)
-    combos = [(side, background) for side in SIDES for background in BACKGROUNDS]
+    combos = [(side, background) for side in SIDES for background in backgrounds or BACKGROUNDS]
     rng.shuffle(combos)
-    return [
-        (
-            draw(random_scene(rng, CONCEPT_COLOUR[1], side, BACKGROUNDS[background])),
-            caption("", side, background, subject=f"a {TRIGGER} ball"),
+    photos = []
+    for side, background in (combos * count)[:count]:
+        scene = random_scene(rng, CONCEPT_COLOUR[1], side, BACKGROUNDS[background])
+        silhouette = dataclasses.replace(scene, colour=(255, 255, 255), background=(0, 0, 0))
+        photos.append(
+            (draw(scene), caption("", side, background, subject=f"a {TRIGGER} ball"), draw(silhouette).convert("L"))
         )
-        for side, background in (combos * 3)[:count]
-    ]
+    return photos
 
 
 def vae_scene(rng: random.Random):

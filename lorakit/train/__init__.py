@@ -119,7 +119,8 @@ def export(run: Run, loss: float, started: datetime) -> RunResult:
     diffusers_path = None if recipe.lora.type != "lora" else paths.diffusers_adapter
     if run.accelerator.is_main_process:
         check_finite_adapter(run)
-        info = training_info(recipe, run.base.family, run.items, run.step, started)
+        timesteps = run.base.noise_scheduler.config.num_train_timesteps
+        info = training_info(recipe, run.base.family, run.items, run.step, started, timesteps)
         try:
             kohya_path, diffusers_path = save_adapter_files(
                 state, paths.folder, recipe.output.name, recipe.output.save_dtype, info

@@ -48,6 +48,7 @@ from ..models import BaseModel, encode_prompts, is_local, load_base, resolve_bas
 from ..optim import build_lr_scheduler, build_optimizer
 from ..progress import progress_bar
 from ..recipe import Recipe, dump_recipe
+from ..timestep_rank import TimestepRanks, active_ranks
 from .images import render_class_images
 from .loop import Log, Run, encoder, held_out_items, restore
 
@@ -174,6 +175,8 @@ def set_up(
     stream = BatchStream(items, batch_size=cfg.batch_size, seed=cfg.seed, rank=rank, world=world)
     torch.manual_seed(cfg.seed)
     trained = _inject(recipe, base, say)
+    if recipe.lora.tlora_min_rank is not None:
+        _mask_ranks_by_timestep(recipe, base, say)
     if cfg.gradient_checkpointing:
         _enable_gradient_checkpointing(base, trained)
     _speed_settings(recipe, base, trained, accelerator.device, say)
@@ -562,6 +565,20 @@ def _inject(recipe: Recipe, base: BaseModel, log: Log) -> dict[str, Any]:
         f"({100 * trainable / total:.2f}%)"
     )
     return trained
+
+
+def _mask_ranks_by_timestep(recipe: Recipe, base: BaseModel, log: Log) -> None:
+    """T-LoRA: the U-Net's adapters use fewer ranks at noisier timesteps (the hooks live as long as the U-Net)."""
+    lora = recipe.lora
+    steps = base.noise_scheduler.config.num_train_timesteps
+    masked = TimestepRanks(
+        base.unet, min_rank=lora.tlora_min_rank, exponent=lora.tlora_exponent, num_train_timesteps=steps
+    )
+    middle = int(active_ranks(torch.tensor(steps // 2), steps, lora.rank, lora.tlora_min_rank, lora.tlora_exponent))
+    log(
+        f"lora.tlora_min_rank: the U-Net's {masked.modules} adapters use {lora.rank} ranks at timestep 0, {middle} at "
+        f"{steps // 2} and {min(lora.tlora_min_rank, lora.rank)} at {steps - 1}; text-encoder adapters use all of them"
+    )
 
 
 def _unused_layers(text_encoder: Any, clip_skip: int) -> tuple[int, ...]:
