@@ -445,22 +445,28 @@ def vae_fingerprint(vae: Any) -> str:
 
 
 class LatentCache:
-    """VAE latent distributions (mean, std) per image, bucket and flip, in `<dataset>/.cache/latents/`.
+    """VAE latent distributions (mean, std) per image, bucket and flip, in `<dataset>/.cache/latents/`, with the
+    image's mask (masked loss) averaged down to the latent grid beside them.
 
-    A file's name is a hash of everything its latents depend on: the sha256 of the image bytes the run read
-    (never a hash the dataset claims), the bucket (resolution and crop follow from it and the image), the flip,
-    the VAE's fingerprint (config, weights and dtype) and how pixels are made (`PIXELS`). An edited image or
-    another VAE never reuses a stale entry, and several runs share the work.
+    A file's name is a hash of everything its tensors depend on: the sha256 of the image bytes the run read
+    (never a hash the dataset claims) and of its mask's, the bucket (resolution and crop follow from it and the
+    image), the flip, the VAE's fingerprint (config, weights and dtype), the latent grid (`scale` pixels per
+    latent) and how pixels are made (`PIXELS`). An edited image or mask, or another VAE, never reuses a stale
+    entry, and several runs share the work.
     """
 
-    def __init__(self, folder: Path, fingerprint: str):
+    def __init__(self, folder: Path, fingerprint: str, scale: int = 8):
         self.folder = Path(folder) / ".cache" / "latents"
         self.fingerprint = fingerprint
+        self.scale = scale
         self._memory: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._masks: dict[tuple[int, bool], torch.Tensor] = {}
 
     def _path(self, item: Item, flip: bool) -> Path:
         width, height = item.bucket
         key = f"{item.sha256}|{width}x{height}|{int(flip)}|{self.fingerprint}|{PIXELS}"
+        if item.mask is not None:  # entries of unmasked images keep their names
+            key += f"|mask:{item.mask_sha256}|{self.scale}"
         return self.folder / f"{hashlib.sha256(key.encode()).hexdigest()[:40]}.safetensors"
 
     def fill(self, items: list[Item], flips: tuple[bool, ...], encode, progress=None) -> int:
@@ -471,18 +477,25 @@ class LatentCache:
         for index, item in enumerate(items):
             for flip in flips:
                 path = self._path(item, flip)
-                if path.is_file():
-                    tensors = load_file(path)
-                else:
+                tensors = load_file(path) if path.is_file() else {}
+                if not {"mean", "std"} <= tensors.keys() or (item.mask is not None and "mask" not in tensors):
                     mean, std = encode(load_pixels(item, flip))
                     tensors = {"mean": mean.contiguous(), "std": std.contiguous()}
+                    if item.mask is not None:
+                        tensors["mask"] = load_mask(item, flip, self.scale).contiguous()
                     crash_point("cache")
                     atomic_write(path, lambda tmp, t=tensors: save_file(t, str(tmp)))
                     encoded += 1
                 self._memory[(index, flip)] = (tensors["mean"], tensors["std"])
+                if "mask" in tensors:
+                    self._masks[(index, flip)] = tensors["mask"]
             if progress is not None:
                 progress()
         return encoded
 
     def get(self, index: int, flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
         return self._memory[(index, flip)]
+
+    def mask(self, index: int, flip: bool) -> torch.Tensor | None:
+        """The cached mask on the latent grid ([1, h, w]), or None for an image without one."""
+        return self._masks.get((index, flip))

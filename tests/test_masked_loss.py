@@ -161,3 +161,39 @@ def test_a_mask_of_another_size_drops_its_photo_with_the_reason(tmp_path):
     )
     assert result.kept == 1
     assert result.dropped["bad_mask"] == [{"file": "b.png", "detail": "b.mask.png is 10x10, the photo 96x64"}]
+
+
+def test_masks_are_cached_with_the_latents_and_train_as_read(tiny_base, tiny_dataset, tmp_path):
+    from lorakit.data import load_mask
+
+    data = _masked_dataset(tiny_dataset, tmp_path)
+    masked = {"masked_loss": True, "mask_background_weight": 0.0, "flip": True}  # mirrored masks too
+    settings = {"max_steps": 3, "cache_latents": True}
+    cached = make_recipe_dict(tiny_base, data, tmp_path / "a", data=masked, train=settings)
+    result = train(recipe_from_dict(cached), quiet=True, log=lambda _: None)
+    entries = [load_file(p) for p in (data / ".cache" / "latents").glob("*.safetensors")]
+    with_mask = [e for e in entries if "mask" in e]
+    assert len(with_mask) == 2 * 4 and len(entries) == 2 * 8  # 4 masked images of 8, both flips
+    from lorakit.data import load_items
+
+    vae = json.loads((tiny_base / "vae" / "config.json").read_text())["block_out_channels"]
+    unet = json.loads((tiny_base / "unet" / "config.json").read_text())["block_out_channels"]
+    scale = 2 ** (len(vae) - 1)  # pixels per latent
+    items = [i for i in load_items(recipe_from_dict(cached).data, scale * 2 ** (len(unet) - 1)) if i.mask is not None]
+    fitted = {load_mask(item, flip, scale).numpy().tobytes() for item in items for flip in (False, True)}
+    assert {e["mask"].numpy().tobytes() for e in with_mask} == fitted  # on the latent grid, as fitted
+    assert all(e["mask"].shape == (1, *e["mean"].shape[1:]) for e in with_mask)
+    read = make_recipe_dict(tiny_base, data, tmp_path / "b", data=masked, train={**settings, "cache_latents": False})
+    again = train(recipe_from_dict(read), quiet=True, log=lambda _: None)
+    a, b = load_file(result.adapter), load_file(again.adapter)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
+    # An edited mask is a new cache entry, not a stale one.
+    first = sorted(p.name for p in (data / ".cache" / "latents").glob("*.safetensors"))
+    mask_path = data / items[0].mask.relative_to(data)
+    Image.new("L", Image.open(mask_path).size, 255).save(mask_path)
+    train(
+        recipe_from_dict(make_recipe_dict(tiny_base, data, tmp_path / "c", data=masked, train=settings)),
+        quiet=True,
+        log=lambda _: None,
+    )
+    assert len(sorted(p.name for p in (data / ".cache" / "latents").glob("*.safetensors"))) == len(first) + 2

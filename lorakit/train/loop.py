@@ -183,9 +183,7 @@ def _micro_batch_loss(run: Run, batch: list[int]) -> Any:
         prediction = run.models["unet"](to_device(noisy, run.device), to_device(timesteps, run.device), **conditioning)
     pixel_weights = None
     if data.masked_loss:  # the subject counts fully, the rest by mask_background_weight
-        masks = torch.stack(
-            [load_mask(run.items[i], f, base.vae_scale_factor) for i, f in zip(batch, flips, strict=True)]
-        )
+        masks = torch.stack([batch_mask(run, i, f) for i, f in zip(batch, flips, strict=True)])
         pixel_weights = to_device(masks + (1 - masks) * data.mask_background_weight, run.device)
     return objective.diffusion_loss(
         prediction.sample,
@@ -195,6 +193,13 @@ def _micro_batch_loss(run: Run, batch: list[int]) -> Any:
         cfg.huber_c,
         pixel_weights,
     )
+
+
+def batch_mask(run: Run, index: int, flip: bool) -> Any:
+    """An image's mask on the latent grid: from the latent cache when latents are cached, else read and fitted
+    (an image without a mask gets ones)."""
+    cached = run.cache.mask(index, flip) if run.cache is not None else None
+    return cached if cached is not None else load_mask(run.items[index], flip, run.base.vae_scale_factor)
 
 
 def to_device(tensor: Any, device: Any) -> Any:
@@ -307,7 +312,7 @@ def held_out_items(recipe: Recipe, base: BaseModel) -> list[Item]:
 def validation_items(run: Run) -> tuple[list[Item], LatentCache]:
     """The held-out items with their latents encoded (cached beside them)."""
     folder = Path(run.recipe.validation.folder)
-    cache = LatentCache(folder, vae_fingerprint(run.base.vae))
+    cache = LatentCache(folder, vae_fingerprint(run.base.vae), run.base.vae_scale_factor)
     run.base.vae.to(run.device)
     cache.fill(run.held_out, (False,), encoder(run.base, run.device))
     if run.cache is not None:

@@ -416,7 +416,7 @@ def _fill_caches(
     cache = None
     base.vae.to(device)
     if recipe.train.cache_latents:
-        cache = LatentCache(_cache_root(recipe), vae_fingerprint(base.vae))
+        cache = LatentCache(_cache_root(recipe), vae_fingerprint(base.vae), base.vae_scale_factor)
         flips = (False, True) if recipe.data.flip else (False,)
         with progress_bar("Caching latents", len(items), quiet=quiet) as bar:
             try:
