@@ -252,6 +252,18 @@ def prepare(
             help="Keep each image's transparency as its mask for masked loss (photo.mask.png files always are)."
         ),
     ] = False,
+    mask_model: Annotated[
+        str | None,
+        typer.Option(
+            help="Segmentation model (a CLIPSeg hub id or folder, e.g. CIDAS/clipseg-rd64-refined) that masks the "
+            "images without a .mask.png file or transparency, for masked loss."
+        ),
+    ] = None,
+    mask_prompt: Annotated[str, typer.Option(help='What --mask-model looks for: the subject, e.g. "a dog".')] = "",
+    mask_threshold: Annotated[
+        float,
+        typer.Option(min=0.01, max=0.99, callback=_finite, help="Model probability at which a pixel is the subject."),
+    ] = 0.4,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Turn a folder of photos into a captioned, bucketed dataset folder for `lorakit train`."""
@@ -274,8 +286,11 @@ def prepare(
         strict=strict,
         workers=workers,
         alpha_mask=alpha_mask,
+        mask_model=mask_model,
+        mask_prompt=mask_prompt.strip(),
+        mask_threshold=mask_threshold,
     )
-    if caption_model or tokenizer:
+    if caption_model or tokenizer or mask_model:
         _prepare_stack()
     _run(lambda: run_prepare(src, out, options, quiet=quiet, log=typer.echo))
 

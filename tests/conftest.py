@@ -151,6 +151,42 @@ def tiny_captioner(tmp_path_factory):
     return folder / "model"
 
 
+@pytest.fixture(scope="session")
+def tiny_segmenter(tmp_path_factory):
+    """A tiny random CLIPSeg (text-prompted segmentation) model with its processor, saved like a hub model."""
+    import torch
+    from transformers import CLIPSegConfig, CLIPSegForImageSegmentation, CLIPSegProcessor
+    from transformers.models.vit import ViTImageProcessorPil
+
+    from lorakit.toy.text import make_clip_tokenizer
+
+    tokenizer, _ = make_clip_tokenizer()
+    ids = {k: getattr(tokenizer, f"{k}_token_id") for k in ("bos", "eos", "pad")}
+    layers = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 2}
+    text = {
+        **layers,
+        "vocab_size": len(tokenizer),
+        "max_position_embeddings": 77,
+        **{f"{k}_token_id": v for k, v in ids.items()},
+    }
+    vision = {**layers, "image_size": 32, "patch_size": 8}
+    config = CLIPSegConfig(
+        text_config=text,
+        vision_config=vision,
+        projection_dim=32,
+        extract_layers=(0, 1, 2),
+        reduce_dim=16,
+        decoder_num_attention_heads=2,
+        decoder_intermediate_size=32,
+    )
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("segmenter") / "model"
+    CLIPSegForImageSegmentation(config).save_pretrained(folder)
+    image_processor = ViTImageProcessorPil(size={"height": 32, "width": 32})
+    CLIPSegProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+    return folder
+
+
 def pytest_terminal_summary(terminalreporter):
     """The reliability figures of this run (tests/test_reliability.py and the fuzz tests), as one table."""
     from .reliability import FIGURES

@@ -197,3 +197,97 @@ def test_masks_are_cached_with_the_latents_and_train_as_read(tiny_base, tiny_dat
         log=lambda _: None,
     )
     assert len(sorted(p.name for p in (data / ".cache" / "latents").glob("*.safetensors"))) == len(first) + 2
+
+
+def _photos(folder, count=3):
+    folder.mkdir()
+    for index in range(count):
+        image = Image.new("RGB", (96, 64), (240, 240, 240))
+        image.paste((200, 30, 30), (10 + 20 * index, 10, 40 + 20 * index, 50))
+        image.save(folder / f"p{index}.png")
+    return folder
+
+
+def test_a_segmentation_model_masks_the_images_without_a_mask(tiny_base, tiny_segmenter, tmp_path):
+    from lorakit.prepare import PrepareOptions, prepare
+    from lorakit.prepare.masks import Segmenter
+
+    photos = _photos(tmp_path / "photos")
+    Image.new("L", (96, 64), 255).save(photos / "p0.mask.png")  # its own mask wins over the model's
+    options = PrepareOptions(
+        resolution=64, bucket_step=16, workers=1, mask_model=str(tiny_segmenter), mask_prompt="a red ball"
+    )
+    lines: list[str] = []
+    result = prepare(photos, tmp_path / "data", options, quiet=True, log=lines.append)
+    assert result.report["counts"]["with_mask"] == 3 and result.report["counts"]["no_subject_found"] == []
+    assert any(
+        line.startswith(f"Masks: 3 of 3 images (from .mask.png files and {tiny_segmenter} ('a red ball'))")
+        for line in lines
+    )
+    rows = {r["source"]: r for r in map(json.loads, (tmp_path / "data" / "metadata.jsonl").read_text().splitlines())}
+    segmenter = Segmenter(str(tiny_segmenter), "a red ball")
+    for source in ("p1.png", "p2.png"):  # the model's mask of the image exactly as fitted into its bucket
+        with Image.open(tmp_path / "data" / rows[source]["file_name"]) as image:
+            want = segmenter(image)
+        with Image.open(tmp_path / "data" / rows[source]["mask_file_name"]) as mask:
+            assert mask.size == want.size and mask.tobytes() == want.tobytes()
+    with Image.open(tmp_path / "data" / rows["p0.png"]["mask_file_name"]) as mask:
+        assert mask.getextrema() == (255, 255)
+    recipe = make_recipe_dict(
+        tiny_base, tmp_path / "data", tmp_path / "out", data={"masked_loss": True}, train={"max_steps": 1}
+    )
+    lines.clear()
+    train(recipe_from_dict(recipe), quiet=True, log=lines.append)
+    assert any("data.masked_loss: 3 of 3 images weighted by their masks" in line for line in lines)
+
+
+def test_images_the_model_finds_nothing_in_are_counted_and_stay_unmasked(tiny_segmenter, tmp_path):
+    from transformers import CLIPSegForImageSegmentation
+
+    from lorakit.prepare import PrepareOptions, prepare
+
+    blind = tmp_path / "blind"
+    model = CLIPSegForImageSegmentation.from_pretrained(tiny_segmenter)
+    with torch.no_grad():
+        model.decoder.transposed_convolution.weight.zero_()
+        model.decoder.transposed_convolution.bias.fill_(-20.0)  # probability ~0 everywhere
+    model.save_pretrained(blind)
+    for name in (
+        "tokenizer_config.json",
+        "vocab.json",
+        "merges.txt",
+        "special_tokens_map.json",
+        "preprocessor_config.json",
+        "processor_config.json",
+    ):
+        if (tiny_segmenter / name).exists():
+            shutil.copy(tiny_segmenter / name, blind / name)
+    photos = _photos(tmp_path / "photos", count=2)
+    options = PrepareOptions(resolution=64, bucket_step=16, workers=1, mask_model=str(blind), mask_prompt="a dog")
+    lines: list[str] = []
+    result = prepare(photos, tmp_path / "data", options, quiet=True, log=lines.append)
+    assert result.report["counts"]["with_mask"] == 0
+    assert result.report["counts"]["no_subject_found"] == ["p0.png", "p1.png"]
+    assert "  the mask model found no 'a dog' in 2 images (they train unmasked): p0.png, p1.png" in lines
+    assert not (tmp_path / "data" / "masks").exists() or not any((tmp_path / "data" / "masks").iterdir())
+
+
+def test_bad_mask_model_options_are_one_line_errors(tiny_captioner, tmp_path):
+    from typer.testing import CliRunner
+
+    from lorakit.cli import app
+
+    photos = _photos(tmp_path / "photos", count=1)
+    cases = [
+        (["--mask-model", str(tiny_captioner)], "--mask-prompt, the subject the model should find"),
+        (
+            ["--mask-model", str(tiny_captioner), "--mask-prompt", "a dog"],
+            "is a blip model; lorakit segments with CLIPSeg",
+        ),
+        (["--mask-model", str(tmp_path / "nothing"), "--mask-prompt", "a dog"], "--mask-model: cannot load"),
+    ]
+    for extra, message in cases:
+        result = CliRunner().invoke(app, ["prepare", str(photos), "--out", str(tmp_path / "data"), "-q", *extra])
+        assert result.exit_code == 2, result.output
+        assert message in result.output and "Traceback" not in result.output
+        assert not (tmp_path / "data" / "metadata.jsonl").exists()

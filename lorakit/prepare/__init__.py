@@ -19,9 +19,10 @@ from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..buckets import make_buckets
-from ..errors import DatasetError, OutputError
+from ..errors import DatasetError, LorakitError, OutputError
 from ..files import IMAGE_SUFFIXES, atomic_write, atomic_write_text, file_sha256, is_regular_file, printable
 from .captions import caption_from_filename, normalise_tags, place_trigger, read_sidecar
 from .images import MASK_SUFFIX, REASONS, Processed, SizingOptions, mask_sidecar, process_image
@@ -49,6 +50,9 @@ class PrepareOptions:
     strict: bool = False
     workers: int | None = None
     alpha_mask: bool = False  # an image's transparency becomes its mask (masks/...; `.mask.png` files always do)
+    mask_model: str | None = None  # a CLIPSeg model (hub id or folder) masks the images that have no other mask
+    mask_prompt: str = ""  # what it looks for: the subject, e.g. "a dog"
+    mask_threshold: float = 0.4  # the model's probability at which a pixel is the subject
 
 
 @dataclass
@@ -116,6 +120,8 @@ def _settings_key(options: PrepareOptions) -> str:
         list(options.background),
         options.alpha_mask,
     )
+    if options.mask_model:  # another model, prompt or threshold masks every image again
+        sizing += (options.mask_model, options.mask_prompt, options.mask_threshold)
     return hashlib.sha256(json.dumps(sizing).encode()).hexdigest()[:16]
 
 
@@ -341,11 +347,20 @@ def summary_lines(report: dict) -> list[str]:
     if counts["other_files_ignored"]:
         lines.append(f"  ignored {counts['other_files_ignored']} files that are neither images nor captions")
     lines.append("Buckets: " + ", ".join(f"{b} x{n}" for b, n in report["buckets"].items()))
-    if counts.get("with_mask") or report["settings"].get("alpha_mask"):
+    settings = report["settings"]
+    if counts.get("with_mask") or settings.get("alpha_mask") or settings.get("mask_model"):
+        sources = ["transparency"] if settings.get("alpha_mask") else []
+        sources += [f"{settings['mask_model']} ('{settings['mask_prompt']}')"] if settings.get("mask_model") else []
         lines.append(
             f"Masks: {counts['with_mask']} of {counts['kept']} images (from .mask.png files"
-            f"{' and transparency' if report['settings'].get('alpha_mask') else ''}) -> masks/; train with "
-            "data.masked_loss = true"
+            f"{''.join(' and ' + s for s in sources)}) -> masks/; train with data.masked_loss = true"
+        )
+    if counts.get("no_subject_found"):
+        missed = counts["no_subject_found"]
+        lines.append(
+            f"  the mask model found no '{settings['mask_prompt']}' in {len(missed)} images (they train unmasked): "
+            + ", ".join(missed[:5])
+            + (" ..." if len(missed) > 5 else "")
         )
     lines.append("Captions: " + ", ".join(f"{n} from {s}" for s, n in captions["sources"].items()))
     if captions["non_utf8_read_as_cp1252"]:
@@ -390,7 +405,16 @@ def prepare(
     image, an output inside the source, or (with `options.strict`) any unreadable image.
     """
     src, out = Path(src).expanduser().resolve(), Path(out).expanduser().resolve()
+    if options.mask_model and not options.mask_prompt.strip():
+        raise LorakitError(
+            '--mask-model: also give --mask-prompt, the subject the model should find (e.g. --mask-prompt "a dog")'
+        )
     _check_folders(src, out)
+    segmenter = None
+    if options.mask_model:  # a model that will not load fails before any image is read
+        from .masks import Segmenter
+
+        segmenter = Segmenter(options.mask_model, options.mask_prompt, options.mask_threshold)
     paths, ignored = scan(src, options.caption_extensions)
     if not paths:
         raise DatasetError(
@@ -450,8 +474,10 @@ def prepare(
         captions,
         len(reused),
     )
+    if segmenter is not None:
+        report["counts"]["no_subject_found"] = _segment(kept, png, previous, out, segmenter, quiet)
     masked = sum(1 for r in kept if r.mask_png or r.mask_file_name)
-    if masked or options.alpha_mask:  # only datasets with masks (or asked for) carry the count
+    if masked or options.alpha_mask or options.mask_model:  # only datasets with masks (or asked for) carry counts
         report["counts"]["with_mask"] = masked
     try:
         _write(out, kept, png, previous, captions, report, options, key, buckets)
@@ -463,6 +489,27 @@ def prepare(
     for line in summary_lines(report):
         log(line)
     return PrepareResult(out, len(kept), dropped, report)
+
+
+def _segment(
+    kept: list[Processed], png: dict[str, bytes], previous: dict, out: Path, segmenter: Any, quiet: bool
+) -> list[str]:
+    """Mask, with the segmentation model, every kept image that has no mask of its own (a .mask.png file or, with
+    --alpha-mask, transparency), on the image as fitted into its bucket. Returns the images the model found
+    nothing in (they stay unmasked)."""
+    from ..progress import progress_bar
+    from .masks import mask_png
+
+    todo = [r for r in kept if not r.mask_png and not r.mask_file_name]
+    empty = []
+    with progress_bar("Masking", len(todo), quiet=quiet) as bar:
+        for result in todo:
+            image = png.get(result.source) or (out / previous.get(result.source, {}).get("file_name", "")).read_bytes()
+            result.mask_png = mask_png(segmenter, image) or b""
+            if not result.mask_png:
+                empty.append(result.source)
+            bar.advance()
+    return empty
 
 
 def _write(
