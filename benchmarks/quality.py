@@ -67,61 +67,85 @@ def main() -> None:
     parser.add_argument("--contexts", help="comma-separated backgrounds the concept photos are limited to")
     parser.add_argument("--masks", action="store_true", help="write a mask beside each concept photo")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="toy recipe override")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="'LABEL: [masks] KEY=VALUE ...'",
+        help="train and measure several variants against one base measurement (instead of --masks/--set)",
+    )
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     seeds = tuple(range(args.seeds))
     guidances = [float(g) for g in args.guidance.split(",")]
     contexts = tuple(args.contexts.split(",")) if args.contexts else tuple(BACKGROUNDS)
+    variants = [_variant(text) for text in args.variant] or [("adapter", args.masks, args.set)]
     start = time.monotonic()
     detectors = detector_accuracy()
     assert all(v >= 0.95 for v in detectors.values()), detectors
     base = Path(args.toy_base) if args.toy_base else build_toy_base(quiet=True, log=lambda _: None)
 
     before = {g: evaluate(toy_pipeline(base), seeds, g) for g in guidances}
-    train_start = time.monotonic()
-    with tempfile.TemporaryDirectory() as tmp:
-        run = train_concept(
-            base,
-            Path(tmp),
-            steps=args.steps,
-            backgrounds=contexts if args.contexts else None,
-            masks=args.masks,
-            overrides=tuple(args.set),
-            quiet=True,
-            log=lambda _: None,
-        )
-        train_minutes = (time.monotonic() - train_start) / 60
-        scheduled = any(s.startswith("lora.tlora_min_rank") for s in args.set)
-        ways = {"adapter": True, "full_rank": False} if scheduled else {"adapter": True}
-        after = {
-            way: {g: evaluate(toy_pipeline(base, run.adapter, ranks), seeds, g) for g in guidances}
-            for way, ranks in ways.items()
-        }
     results = {
         "contexts": list(contexts),
-        "masks": args.masks,
-        "overrides": args.set,
         "detector_accuracy": detectors,
         "seeds": len(seeds),
-        "train_minutes": round(train_minutes, 2),
-        "wall_minutes": round((time.monotonic() - start) / 60, 2),
-        "by_guidance": {},
+        "base": {str(g): _summary(before[g], contexts) for g in guidances},
+        "variants": {},
     }
-    for g in guidances:
-        entry = {"base": _summary(before[g], contexts)}
+    for label, masks, overrides in variants:
+        train_start = time.monotonic()
+        with tempfile.TemporaryDirectory() as tmp:
+            run = train_concept(
+                base,
+                Path(tmp),
+                steps=args.steps,
+                backgrounds=contexts if args.contexts else None,
+                masks=masks,
+                overrides=tuple(overrides),
+                quiet=True,
+                log=lambda _: None,
+            )
+            train_minutes = (time.monotonic() - train_start) / 60
+            scheduled = any(s.startswith("lora.tlora_min_rank") for s in overrides)
+            ways = {label: True, f"{label} (full rank)": False} if scheduled else {label: True}
+            after = {
+                way: {g: evaluate(toy_pipeline(base, run.adapter, ranks), seeds, g) for g in guidances}
+                for way, ranks in ways.items()
+            }
         for way, found in after.items():
-            entry[way] = _summary(found[g], contexts)
-            entry[way]["prior_pixel_drift"] = pixel_drift(before[g]["base_images"], found[g]["base_images"])
-        results["by_guidance"][str(g)] = entry
-        print(f"guidance {g:g}: concept photos on {', '.join(contexts)}; {args.set or 'the toy recipe'}")
-        print(f"  {'':32}" + "".join(f"{way:>11}" for way in entry))
-        for label, key in ROWS:
-            print(f"  {label:32}" + "".join(f"{entry[way][key]:>11.2f}" for way in entry))
-        drifts = ", ".join(f"{way} {entry[way]['prior_pixel_drift']:.1f}" for way in after)
-        print(f"  prior drift (mean pixel change, of 255): {drifts}")
-    print(f"detectors {detectors}; training {results['train_minutes']} min, wall {results['wall_minutes']} min")
+            entry = {"masks": masks, "overrides": overrides, "train_minutes": round(train_minutes, 2)}
+            for g in guidances:
+                entry[str(g)] = _summary(found[g], contexts)
+                entry[str(g)]["prior_pixel_drift"] = pixel_drift(before[g]["base_images"], found[g]["base_images"])
+            results["variants"][way] = entry
+        _print(results, guidances, contexts)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+    results["wall_minutes"] = round((time.monotonic() - start) / 60, 2)
+    print(f"detectors {detectors}; wall {results['wall_minutes']} min")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+
+
+def _variant(text: str) -> tuple[str, bool, list[str]]:
+    """'LABEL: masks key=value ...' -> (label, masks, overrides)."""
+    label, _, rest = text.partition(":")
+    words = rest.split()
+    return label.strip(), "masks" in words, [w for w in words if w != "masks"]
+
+
+def _print(results: dict, guidances: list[float], contexts: tuple[str, ...]) -> None:
+    for g in guidances:
+        columns = {"base": results["base"][str(g)]} | {k: v[str(g)] for k, v in results["variants"].items()}
+        print(f"guidance {g:g}: concept photos on {', '.join(contexts)}")
+        print(f"  {'':32}" + "".join(f"{way[:14]:>15}" for way in columns))
+        for label, key in ROWS:
+            print(f"  {label:32}" + "".join(f"{c[key]:>15.2f}" for c in columns.values()))
+        print(
+            f"  {'prior drift (of 255)':32}"
+            + "".join(f"{c.get('prior_pixel_drift', 0):>15.1f}" for c in columns.values())
+        )
 
 
 if __name__ == "__main__":
