@@ -380,6 +380,122 @@ def estimate(
     return result
 
 
+# ---- activations counted on the meta device --------------------------------------------------------------------
+
+# The modules diffusers' gradient checkpointing wraps one by one: with it on, only their inputs stay saved, and the
+# backward pass recomputes one of them at a time.
+CHECKPOINTED = ("ResnetBlock2D", "Transformer2DModel", "DualTransformer2DModel")
+
+
+def _kernel_attention() -> Any:
+    """scaled_dot_product_attention as the fused kernels (flash, memory-efficient, PyTorch's CPU flash) run it for
+    autograd: they keep q, k, v, the output and one float32 log-sum-exp per query, never the attention matrix
+    that the meta device's reference path would keep."""
+    import torch
+
+    class Attention(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, query, key, value):
+            out = query.new_empty((*query.shape[:-1], value.shape[-1]))
+            lse = torch.empty(query.shape[:-1], dtype=torch.float32, device=query.device)
+            ctx.save_for_backward(query, key, value, out, lse)
+            return out
+
+        @staticmethod
+        def backward(ctx, grad):
+            query, key, value, _, _ = ctx.saved_tensors
+            return torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value)
+
+    def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **_):
+        return Attention.apply(query, key, value)
+
+    return attention
+
+
+def _saved_bytes(unet: Any, inputs: dict[str, Any], per_unit: dict[str, int] | None = None) -> int:
+    """Bytes of the tensors autograd keeps for the backward pass of one U-Net forward on the meta device (each
+    tensor once, however many operations save it; weights are not activations). With `per_unit`, also the bytes
+    each checkpointable module keeps, by module name."""
+    import torch
+    import torch.nn.functional as F  # noqa: N812
+
+    weights = {id(t) for t in (*unet.parameters(), *unet.buffers())}
+    kept: dict[int, tuple[Any, int]] = {}
+    running: list[str] = []
+
+    def pack(tensor: Any) -> Any:
+        base = tensor._base if tensor._base is not None else tensor
+        if id(base) not in weights and id(base) not in kept:
+            kept[id(base)] = (base, base.numel() * base.element_size())  # holding it keeps its id unique
+            if per_unit is not None and running:
+                per_unit[running[0]] = per_unit.get(running[0], 0) + kept[id(base)][1]
+        return tensor
+
+    def enter(name: str) -> Any:
+        return lambda _module, _args: running.append(name)  # returns None: the inputs stay as they are
+
+    def leave(_module: Any, _args: Any, _output: Any) -> None:
+        running.pop()
+
+    handles = []
+    if per_unit is not None:
+        for name, module in unet.named_modules():
+            if type(module).__name__ in CHECKPOINTED:
+                handles.append(module.register_forward_pre_hook(enter(name)))
+                handles.append(module.register_forward_hook(leave))
+    original = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = _kernel_attention()
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            unet(**inputs)
+    finally:
+        F.scaled_dot_product_attention = original
+        for handle in handles:
+            handle.remove()
+    return sum(size for _, size in kept.values())
+
+
+def counted_activations(
+    unet: Any, batch: int, bucket: tuple[int, int], vae_scale: int, checkpointing: bool, tokens: int = 77
+) -> int:
+    """Activation bytes of one training step of `unet` (on the meta device, with its adapters, in the dtype it
+    computes in), counted rather than modelled: what autograd keeps for the backward pass at `batch` images of
+    `bucket` pixels. With gradient checkpointing that is the checkpointed modules' inputs plus the largest one's
+    own activations, which the backward pass recomputes one module at a time.
+
+    This is how CPU training behaves (float32, PyTorch's fused CPU attention); tests/test_memory.py holds it to the
+    bytes the tiny models really allocate. GPU plans use the per-pixel figures calibrated on fp16 readings
+    (ACTIVATIONS), because autocast's casts cannot be run on the meta device.
+    """
+    import copy
+
+    import torch
+
+    config = unet.config
+    dtype = next(unet.parameters()).dtype
+    height, width = bucket[1] // vae_scale, bucket[0] // vae_scale
+    with torch.device("meta"):
+        inputs = {
+            "sample": torch.empty(batch, config.in_channels, height, width, dtype=dtype),
+            "timestep": torch.zeros(batch, dtype=torch.long),
+            "encoder_hidden_states": torch.empty(batch, tokens, config.cross_attention_dim, dtype=dtype),
+        }
+        if config.addition_embed_type == "text_time":  # SDXL: pooled text embedding and six size numbers
+            pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+            inputs["added_cond_kwargs"] = {
+                "text_embeds": torch.empty(batch, pooled, dtype=dtype),
+                "time_ids": torch.empty(batch, 6, dtype=dtype),
+            }
+    module = copy.deepcopy(unet).train()
+    module.disable_gradient_checkpointing()
+    units: dict[str, int] = {}
+    whole = _saved_bytes(module, inputs, units)
+    if not checkpointing:
+        return whole
+    module.enable_gradient_checkpointing()
+    return _saved_bytes(module, inputs) + max(units.values(), default=0)
+
+
 def find_gpu(name: str) -> float:
     """The memory (GiB) of a card named like one in GPUS; RecipeError lists the close names otherwise."""
     import difflib
