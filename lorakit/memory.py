@@ -73,7 +73,7 @@ HEADROOM = {"linux": 0.05, "windows": 0.10}  # Windows drivers spill into system
 
 @dataclass(frozen=True)
 class Part:
-    phase: str  # "latent caching", "training step" or "sampling"
+    phase: str  # "latent caching", "text caching", "training step", "optimizer step" or "sampling"
     name: str
     gib: float
     how: str  # "counted" (exact) or where a modelled figure comes from
@@ -345,6 +345,15 @@ def estimate(
             pixels * vae_dtype_bytes * VAE_ENCODE * GIB,
             "modelled: one SDXL reading (H200), scaled by pixels and dtype",
         )
+    if not resident_encoders:  # frozen encoders and fixed captions: encoded once, with the trained modules parked
+        add("text caching", f"text encoder weights ({dtype})", weights["text encoders"])
+        hidden = sum(_meta_module(architecture, c).config.hidden_size for c in encoders)
+        add(
+            "text caching",
+            "encoding one caption (77 tokens, every layer's hidden states)",
+            77 * hidden * 4 * 24,
+            "modelled: 24 float32 hidden-state-sized tensors live at once",
+        )
     step = "training step"
     add(step, f"U-Net weights ({dtype})", weights["U-Net"])
     if resident_encoders:
@@ -367,6 +376,13 @@ def estimate(
         per_sample * cfg.batch_size * GIB,
         "modelled: published SDXL readings and an H200 SD 1.5 reading, per latent pixel",
     )
+    update = "optimizer step"  # activations are freed by then; the gradients are still held
+    add(update, f"U-Net weights ({dtype}) and LoRA weights", weights["U-Net"] + adapter)
+    if resident_encoders:
+        add(update, "text encoder weights", weights["text encoders"])
+    add(update, "LoRA gradients and optimizer state", adapter + optimizer_state_bytes(cfg.optimizer, trainable))
+    if cfg.optimizer == "adamw":  # off CUDA the multi-tensor kernel holds one float32 copy of the update
+        add(update, "AdamW's update of every LoRA tensor at once (CUDA's fused kernel: none)", adapter, "counted")
     if recipe.sample.prompts:
         add("sampling", f"U-Net weights ({dtype})", weights["U-Net"])
         add("sampling", "text encoder and VAE weights", weights["text encoders"] + weights["VAE"])

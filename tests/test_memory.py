@@ -138,6 +138,11 @@ def test_plan_prints_the_breakdown_verdict_disk_and_time(tmp_path):
     facts = json.loads(small.output)
     assert facts["card"] == {"name": "4 GiB (--vram)", "gib": 4.0, "system": "windows", "fits": False}
     assert facts["memory"]["peak_phase"] == "training step"
+    phases = facts["memory"]["phases"]  # SDXL's text encoders are frozen here: encoded once, then parked
+    assert list(phases) == ["latent caching", "text caching", "training step", "optimizer step"]
+    # the optimizer step holds what the training step does, less the activations
+    activations = next(p["gib"] for p in facts["memory"]["parts"] if p["name"].startswith("activations"))
+    assert phases["optimizer step"] == pytest.approx(phases["training step"] - activations, abs=0.002)
 
 
 def test_plan_reads_the_largest_bucket_of_the_prepared_dataset(tiny_dataset, tmp_path):
