@@ -266,7 +266,7 @@ def test_images_the_model_finds_nothing_in_are_counted_and_stay_unmasked(tiny_se
     options = PrepareOptions(resolution=64, bucket_step=16, workers=1, mask_model=str(blind), mask_prompt="a dog")
     lines: list[str] = []
     result = prepare(photos, tmp_path / "data", options, quiet=True, log=lines.append)
-    assert result.report["counts"]["with_mask"] == 0
+    assert result.report["counts"]["with_mask"] == 0 and result.report["counts"]["without_mask"] == 2
     assert result.report["counts"]["no_subject_found"] == ["p0.png", "p1.png"]
     assert "  the mask model found no 'a dog' in 2 images (they train unmasked): p0.png, p1.png" in lines
     assert not (tmp_path / "data" / "masks").exists() or not any((tmp_path / "data" / "masks").iterdir())

@@ -479,6 +479,7 @@ def prepare(
     masked = sum(1 for r in kept if r.mask_png or r.mask_file_name)
     if masked or options.alpha_mask or options.mask_model:  # only datasets with masks (or asked for) carry counts
         report["counts"]["with_mask"] = masked
+        report["counts"]["without_mask"] = len(kept) - masked
     try:
         _write(out, kept, png, previous, captions, report, options, key, buckets)
     except OSError as err:  # a full disk or a lost mount: the previous metadata.jsonl stays (written last)
