@@ -26,6 +26,7 @@ from .files import atomic_write, check_output, file_sha256
 from .formats.files import write_adapter
 from .formats.metadata import BASE_MODEL_VERSION
 from .formats.read import check_against, read_adapter_file, stored_dtype
+from .timestep_rank import schedule_from_metadata
 from .formats.single_file import to_single_file
 from .lycoris import KIND_NAMES, LycorisModule
 from .models import load_pipeline
@@ -273,6 +274,12 @@ def merge(
     families = {a.family for a in files} - {"unknown"}
     if len(families) > 1:
         raise AdapterError(f"the adapters are for different architectures ({', '.join(sorted(families))})")
+    for adapter in files:
+        if schedule_from_metadata(adapter.metadata, str(adapter.path)) is not None:
+            log(
+                f"{adapter.path.name}: trained with T-LoRA's timestep schedule; merged at full rank, which is how "
+                "other loaders draw it (`lorakit generate` on the file itself follows the schedule)"
+            )
     fmt = fmt or (("single-file" if out.suffix == ".safetensors" else "diffusers") if base else "kohya")
     record = {
         "loras": [

@@ -153,3 +153,12 @@ def test_the_exported_file_is_a_plain_lora_and_lorakit_draws_it_as_trained(tlora
 def test_bad_tlora_recipes_are_refused_in_one_line(tiny_base, tiny_dataset, tmp_path, lora, message):
     with pytest.raises(LorakitError, match=message):
         recipe_from_dict(make_recipe_dict(tiny_base, tiny_dataset, tmp_path, lora=lora))
+
+
+def test_merging_a_tlora_adapter_says_it_is_merged_at_full_rank(tlora_run, tmp_path):
+    from lorakit.merge import merge
+
+    result, _ = tlora_run
+    lines: list[str] = []
+    merge([(str(result.adapter), 1.0)], tmp_path / "merged.safetensors", log=lines.append)
+    assert any("trained with T-LoRA's timestep schedule; merged at full rank" in line for line in lines)
