@@ -26,11 +26,11 @@ from .files import atomic_write, check_output, file_sha256
 from .formats.files import write_adapter
 from .formats.metadata import BASE_MODEL_VERSION
 from .formats.read import check_against, read_adapter_file, stored_dtype
-from .timestep_rank import schedule_from_metadata
 from .formats.single_file import to_single_file
 from .lycoris import KIND_NAMES, LycorisModule
 from .models import load_pipeline
 from .render import pipeline_models
+from .timestep_rank import schedule_from_metadata
 
 if TYPE_CHECKING:
     from .adapters import LoraState
