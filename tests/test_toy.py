@@ -93,3 +93,41 @@ def test_the_concept_is_learned_and_the_prior_kept(tmp_path):
         before["prior_accuracy"],
         after["prior_accuracy"],
     )
+
+
+def test_concept_photos_can_share_one_background_and_carry_masks(tmp_path):
+    from PIL import Image
+
+    from lorakit.toy import write_concept_photos
+    from lorakit.toy.world import detect
+
+    folder = write_concept_photos(tmp_path / "photos", backgrounds=("white",), masks=True)
+    images = sorted(p for p in folder.glob("*.png") if not p.name.endswith(".mask.png"))
+    assert len(images) == 12
+    for path in images:
+        with Image.open(path) as image, Image.open(path.with_name(path.stem + ".mask.png")) as mask:
+            found = detect(image)
+            assert (found["background"], found["colour"]) == ("white", "purple")
+            ball = [x for x in range(16) if image.getpixel((x, 8))[1] < 100]  # purple's green channel is low
+            assert mask.getpixel((ball[len(ball) // 2], 8)) > 200 and mask.getpixel((0, 0)) == 0
+        assert "white background" in path.with_suffix(".txt").read_text()
+
+
+def test_fidelity_in_context_counts_the_asked_background(monkeypatch):
+    """A model that draws the concept on white whatever the prompt says: in context on white only."""
+    import random
+
+    from lorakit.toy import evaluate as toy_evaluate
+    from lorakit.toy.world import BACKGROUNDS, CONCEPT_COLOUR, draw, random_scene
+
+    rng = random.Random(0)
+
+    def always_white(pipe, prompts, seeds, guidance):
+        return [
+            draw(random_scene(rng, CONCEPT_COLOUR[1], "left", BACKGROUNDS["white"])) for _ in prompts for _ in seeds
+        ]
+
+    monkeypatch.setattr(toy_evaluate, "render_set", always_white)
+    found = toy_evaluate.evaluate(None, seeds=(0, 1))
+    assert found["fidelity"] == 1.0  # the colour is always right...
+    assert found["fidelity_by_background"] == {"white": 1.0, "black": 0.0, "gray": 0.0}  # ...the context is not
