@@ -1,6 +1,7 @@
 """Does the adapter learn the new concept and leave the rest alone? The toy world's learning-quality benchmark.
 
-Run by hand (not part of the test suite; about 5 minutes once the toy base exists, 13 the first time):
+Run by hand (not part of the test suite): 8 minutes at two guidance scales once the toy base exists (13 the
+first time), and about 3 minutes of training plus 3-4 of measuring per guidance scale for each --variant:
 
     python benchmarks/quality.py [--toy-base DIR] [--steps N] [--seeds 4] [--guidance 2,4,7] [--json quality.json]
     python benchmarks/quality.py --contexts white [--masks] [--set lora.tlora_min_rank=1 ...]   # new contexts
