@@ -382,7 +382,7 @@ def transform_caption(caption: str, section: DataSection, rng: random.Random) ->
     neither they nor the trigger are ever dropped)."""
     if section.caption_dropout and rng.random() < section.caption_dropout:
         return ""
-    if not section.shuffle_tags and not section.caption_dropout_tags:
+    if not section.tags_vary:
         return caption
     tags = [t.strip() for t in caption.split(",") if t.strip()]
     fixed, rest = tags[: section.keep_tokens], tags[section.keep_tokens :]
@@ -477,8 +477,9 @@ class LatentCache:
         for index, item in enumerate(items):
             for flip in flips:
                 path = self._path(item, flip)
-                tensors = load_file(path) if path.is_file() else {}
-                if not {"mean", "std"} <= tensors.keys() or (item.mask is not None and "mask" not in tensors):
+                if path.is_file():  # its name covers the mask too: a masked image's entry holds its mask
+                    tensors = load_file(path)
+                else:
                     mean, std = encode(load_pixels(item, flip))
                     tensors = {"mean": mean.contiguous(), "std": std.contiguous()}
                     if item.mask is not None:

@@ -324,7 +324,7 @@ def estimate(
     dtype = recipe.model.weight_dtype
     vae_dtype_bytes = 4 if architecture == "sdxl" else weight_bytes  # the SDXL VAE overflows in fp16: float32
     encoders = _component_names(architecture)
-    resident_encoders = train_te or data.shuffle_tags or data.caption_dropout_tags  # fixed captions: cached, gone
+    resident_encoders = train_te or data.tags_vary  # frozen encoders with fixed captions are cached, then leave
     adapter = sum(trainable) * 4
     weights = {
         "U-Net": counts["unet"] * weight_bytes,

@@ -78,6 +78,12 @@ class DataSection:
     """Caption length in CLIP tokens: 75 truncates longer captions (counted and reported); 150 or 225 encode them
     in 75-token chunks, as kohya's max_token_length does."""
 
+    @property
+    def tags_vary(self) -> bool:
+        """Whether a caption's tags change from step to step (shuffled, or left out one by one), so its text-encoder
+        output cannot be computed once and cached."""
+        return bool(self.shuffle_tags or self.caption_dropout_tags)
+
 
 @dataclass(frozen=True)
 class LoraSection:

@@ -69,14 +69,14 @@ def evaluate(pipe: Any, seeds: tuple[int, ...] = (0, 1, 2, 3), guidance: float =
     trigger_images = render_set(pipe, [p for p, *_ in triggers], list(seeds), guidance)
     base_images = render_set(pipe, [p for p, *_ in bases], list(seeds), guidance)
     concept = CONCEPT_COLOUR[0]
-    seen = [detect(image) for image in trigger_images]
-    fidelity = sum(f["colour"] == concept for f in seen) / len(seen)
+    drawn = [detect(image) for image in trigger_images]
+    fidelity = sum(f["colour"] == concept for f in drawn) / len(drawn)
     # In context: the concept's colour on the background the prompt asked for, per background.
     asked = [bg for _, _, bg in triggers for _ in seeds]
     in_context = {
         background: sum(
             f["colour"] == concept and f["background"] == bg
-            for f, bg in zip(seen, asked, strict=True)
+            for f, bg in zip(drawn, asked, strict=True)
             if bg == background
         )
         / asked.count(background)

@@ -637,7 +637,7 @@ def _text_cache(recipe: Recipe, base: BaseModel, items: list[Item], device: Any,
     captions never change."""
 
     data = recipe.data
-    if recipe.lora.train_text_encoder or data.shuffle_tags or data.caption_dropout_tags:
+    if recipe.lora.train_text_encoder or data.tags_vary:
         return None
     captions = sorted({item.caption for item in items} | ({""} if data.caption_dropout else set()))
     cache = {}
