@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from .errors import AdapterError
+from .recipe import TIMESTEPS_MAX, range_problem
 
 METADATA_MIN_RANK = "lorakit_tlora_min_rank"
 METADATA_EXPONENT = "lorakit_tlora_exponent"
@@ -55,7 +56,13 @@ def schedule_from_metadata(metadata: dict[str, str], where: str) -> tuple[int, f
         )
     except (KeyError, ValueError):
         schedule = None
-    if schedule is None or schedule[0] < 1 or not 0.1 <= schedule[1] <= 10 or not 1 <= schedule[2] <= 100_000:
+    # the recipe's own bounds, so every file lorakit writes passes
+    if (
+        schedule is None
+        or range_problem("lora.tlora_min_rank", schedule[0])
+        or range_problem("lora.tlora_exponent", schedule[1])
+        or not 1 <= schedule[2] <= TIMESTEPS_MAX
+    ):
         keys = f"{METADATA_MIN_RANK}, {METADATA_EXPONENT}, {METADATA_TIMESTEPS}"
         raise AdapterError(f"{where}: the T-LoRA schedule in its metadata ({keys}) is not valid")
     return schedule

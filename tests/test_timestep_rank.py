@@ -162,3 +162,23 @@ def test_merging_a_tlora_adapter_says_it_is_merged_at_full_rank(tlora_run, tmp_p
     lines: list[str] = []
     merge([(str(result.adapter), 1.0)], tmp_path / "merged.safetensors", log=lines.append)
     assert any("trained with T-LoRA's timestep schedule; merged at full rank" in line for line in lines)
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        {"lorakit_tlora_min_rank": "0", "lorakit_tlora_exponent": "1.0"},
+        {"lorakit_tlora_min_rank": "1", "lorakit_tlora_exponent": "nan"},
+        {"lorakit_tlora_min_rank": "1"},
+        {"lorakit_tlora_min_rank": "one", "lorakit_tlora_exponent": "1.0"},
+        {"lorakit_tlora_min_rank": "1", "lorakit_tlora_exponent": "1.0", "lorakit_tlora_timesteps": "0"},
+    ],
+)
+def test_a_bad_schedule_in_an_adapter_file_is_a_one_line_error(metadata):
+    from lorakit.timestep_rank import schedule_from_metadata
+
+    with pytest.raises(LorakitError, match=r"^x.safetensors: the T-LoRA schedule in its metadata .* is not valid$"):
+        schedule_from_metadata(metadata, "x.safetensors")
+    assert schedule_from_metadata({"ss_network_dim": "8"}, "x.safetensors") is None  # an ordinary LoRA
+    written = {"lorakit_tlora_min_rank": "1", "lorakit_tlora_exponent": "1.0", "lorakit_tlora_timesteps": "1000"}
+    assert schedule_from_metadata(written, "x.safetensors") == (1, 1.0, 1000)

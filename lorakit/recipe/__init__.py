@@ -21,7 +21,7 @@ from .sections import (
     field_docs,
 )
 from .toml import dump_recipe, recipe_to_dict, reference_markdown, toml_value
-from .validate import load_recipe, parse_override, recipe_from_dict
+from .validate import TIMESTEPS_MAX, load_recipe, parse_override, range_problem, recipe_from_dict
 
 __all__ = [
     "SECTIONS",
@@ -32,12 +32,14 @@ __all__ = [
     "PriorSection",
     "Recipe",
     "SampleSection",
+    "TIMESTEPS_MAX",
     "TrainSection",
     "ValidationSection",
     "dump_recipe",
     "field_docs",
     "load_recipe",
     "parse_override",
+    "range_problem",
     "recipe_from_dict",
     "recipe_to_dict",
     "reference_markdown",

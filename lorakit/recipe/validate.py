@@ -114,12 +114,13 @@ _RANGES: dict[str, tuple[float, float]] = {
 }
 
 
-def _check_range(key: str, value: object) -> str | None:
+def range_problem(key: str, value: object) -> str | None:
+    """Why `value` is outside the range of the recipe key `key` (None when it is inside, or the key has none)."""
     if key not in _RANGES:
         return None
     low, high = _RANGES[key]
     if isinstance(value, list):
-        return next(filter(None, (_check_range(key, v) for v in value)), None)
+        return next(filter(None, (range_problem(key, v) for v in value)), None)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if not low <= value <= high:
             return f"{_short(value)} is outside {low:g}..{high:g}"
@@ -156,7 +157,7 @@ def _build_section(name: str, cls: type, raw: object, problems: list[str]):
             hint = _suggest(value, choices) if isinstance(value, str) else ""
             problems.append(f"{name}.{key}: {_short(value)} is not {_describe(hints[key])}{hint}")
             continue
-        out_of_range = _check_range(f"{name}.{key}", converted)
+        out_of_range = range_problem(f"{name}.{key}", converted)
         if out_of_range:
             problems.append(f"{name}.{key}: {out_of_range}")
             continue
