@@ -9,7 +9,9 @@ assumed is said in the log.
 
 from __future__ import annotations
 
+import math
 import tempfile
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,9 +72,39 @@ def read_facts(path: Path) -> FileFacts:
     return FileFacts("sdxl" if sdxl else "sd", V_PRED_KEY in keys, ZTSNR_KEY in keys)
 
 
-def load_single_file(base: str, config: str | None, log: Callable[[str], None]) -> Any:
+_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+VAE_PREFIX = "first_stage_model."
+
+
+def stored_dtype(path: str | Path, prefix: str = "") -> str | None:
+    """The floating dtype that most of the elements of a .safetensors file's tensors under `prefix` are stored in
+    ("float32", "float16" or "bfloat16"), from its header alone; None for a file that cannot be read or has none."""
+    elements: Counter[str] = Counter()
+    try:
+        with safe_open(str(path), "pt") as f:
+            for key in f.keys():
+                if key.startswith(prefix):
+                    tensor = f.get_slice(key)
+                    if tensor.get_dtype() in _DTYPES:
+                        elements[_DTYPES[tensor.get_dtype()]] += math.prod(tensor.get_shape())
+    except (SafetensorError, OSError):
+        return None
+    return elements.most_common(1)[0][0] if elements else None
+
+
+def read_dtype(path: Path, weight_dtype: str) -> str | None:
+    """The dtype to read a single file's pipeline in: `weight_dtype` when its weights are stored in that half
+    precision and its VAE in 16 bits (raised to float32 after, exactly), so nothing is held in float32 on the way;
+    otherwise None (float32, cast after)."""
+    if weight_dtype == "float32" or stored_dtype(path) != weight_dtype:
+        return None
+    return weight_dtype if stored_dtype(path, VAE_PREFIX) in ("float16", "bfloat16") else None
+
+
+def load_single_file(base: str, config: str | None, log: Callable[[str], None], weight_dtype: str = "float32") -> Any:
     """The diffusers pipeline of a single-file base: SD 1.x/2.x with `config` (a diffusers folder or hub id of the
-    same architecture), SDXL with `config` or the shipped SDXL configs."""
+    same architecture), SDXL with `config` or the shipped SDXL configs. Its U-Net and text encoders come in
+    `weight_dtype` when the file stores them so, the VAE in float32."""
     from .models import is_local, resolve_base
 
     path = Path(base).expanduser()
@@ -83,10 +115,14 @@ def load_single_file(base: str, config: str | None, log: Callable[[str], None]) 
         )
     if not path.is_file():
         raise ModelError(f"model.base: {base} does not exist")
+    import torch
+
     facts = read_facts(path)
     config_source = resolve_base(config) if config else None
+    dtype = read_dtype(path, weight_dtype)
+    read = {"torch_dtype": getattr(torch, dtype)} if dtype else {}
     if facts.family == "sdxl":
-        pipe = _load_sdxl(path, config_source, log)
+        pipe = _load_sdxl(path, config_source, log, read)
     else:
         if config_source is None:
             raise ModelError(
@@ -99,8 +135,14 @@ def load_single_file(base: str, config: str | None, log: Callable[[str], None]) 
             StableDiffusionPipeline,
             path,
             config_source,
-            {"safety_checker": None, "requires_safety_checker": False, "local_files_only": is_local(config_source)},
+            {
+                "safety_checker": None,
+                "requires_safety_checker": False,
+                "local_files_only": is_local(config_source),
+                **read,
+            },
         )
+    pipe.vae.to(torch.float32)  # exact from the 16 bits stored; SD VAEs overflow in float16
     _set_prediction(pipe, facts, path, configured=config_source is not None, log=log)
     return pipe
 
@@ -112,7 +154,7 @@ def _read(pipeline_class: Any, path: Path, config: str, kwargs: dict) -> Any:
         raise ModelError(f"model.base: cannot read {path} with the configs of {config}: {first_line(err)}") from None
 
 
-def _load_sdxl(path: Path, config: str | None, log: Callable[[str], None]) -> Any:
+def _load_sdxl(path: Path, config: str | None, log: Callable[[str], None], read: dict) -> Any:
     from diffusers import StableDiffusionXLPipeline
 
     from .models import is_local, model_index
@@ -124,7 +166,7 @@ def _load_sdxl(path: Path, config: str | None, log: Callable[[str], None]) -> An
                 f"checkpoint; give an SDXL diffusers folder or hub id such as {SDXL_HUB_ID}, or leave model.config out"
             )
         log(f"model.base: {path.name} is an SDXL checkpoint, read with the configs and tokenizers of {config}")
-        return _read(StableDiffusionXLPipeline, path, config, {"local_files_only": is_local(config)})
+        return _read(StableDiffusionXLPipeline, path, config, {"local_files_only": is_local(config), **read})
     tokenizers = _cached_sdxl_tokenizers(path)
     with tempfile.TemporaryDirectory(prefix="lorakit-sdxl-configs-") as folder:
         write_sdxl_config_folder(Path(folder))
@@ -132,7 +174,7 @@ def _load_sdxl(path: Path, config: str | None, log: Callable[[str], None]) -> An
             f"model.base: {path.name} is an SDXL checkpoint, read with lorakit's SDXL configs and the tokenizers "
             f"of {SDXL_HUB_ID} from the Hugging Face cache"
         )
-        kwargs = {"local_files_only": True, "tokenizer": tokenizers[0], "tokenizer_2": tokenizers[1]}
+        kwargs = {"local_files_only": True, "tokenizer": tokenizers[0], "tokenizer_2": tokenizers[1], **read}
         return _read(StableDiffusionXLPipeline, path, folder, kwargs)
 
 

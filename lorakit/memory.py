@@ -87,6 +87,12 @@ class MemoryEstimate:
     batch_size: int
     parts: list[Part] = field(default_factory=list)
     trainable: list[int] = field(default_factory=list)  # element counts of the trainable tensors
+    loaded: dict[str, float] = field(default_factory=dict)  # GiB of system memory per component once loaded
+
+    @property
+    def loaded_gib(self) -> float:
+        """System memory the frozen weights take from load on: each waits there until its phase needs it."""
+        return sum(self.loaded.values())
 
     def phase_gib(self, phase: str) -> float:
         return sum(p.gib for p in self.parts if p.phase == phase)
@@ -132,6 +138,8 @@ class MemoryEstimate:
             "peak_phase": self.peak_phase,
             "allocated_gib": round(self.allocated_gib, 3),
             "process_gib": round(self.process_gib, 3),
+            "load": {name: round(gib, 3) for name, gib in self.loaded.items()},
+            "load_gib": round(self.loaded_gib, 3),
         }
 
 
@@ -322,7 +330,7 @@ def estimate(
         trained = ["unet", *(_component_names(architecture) if train_te else [])]
         trainable = [n for c in trained for n in adapter_sizes(architecture, c, lora)]
     dtype = recipe.model.weight_dtype
-    vae_dtype_bytes = 4 if architecture == "sdxl" else weight_bytes  # the SDXL VAE overflows in fp16: float32
+    vae_dtype_bytes = 4  # every VAE stays float32 (SD VAEs overflow in fp16) and encodes outside autocast
     encoders = _component_names(architecture)
     resident_encoders = train_te or data.tags_vary  # frozen encoders with fixed captions are cached, then leave
     adapter = sum(trainable) * 4
@@ -336,9 +344,14 @@ def estimate(
         result.parts.append(Part(phase, name, count / GIB, how))
 
     result.trainable = trainable
+    result.loaded = {  # loading reads every component into system memory; phases then move them to the GPU
+        f"U-Net {dtype}": weights["U-Net"] / GIB,
+        f"text encoders {dtype}": weights["text encoders"] / GIB,
+        "VAE float32": weights["VAE"] / GIB,
+    }
     pixels = bucket[0] * bucket[1]
     if cfg.cache_latents:  # one model on the GPU at a time (train.setup._fill_caches): the VAE alone
-        add("latent caching", f"VAE weights ({'float32' if vae_dtype_bytes == 4 else dtype})", weights["VAE"])
+        add("latent caching", "VAE weights (float32)", weights["VAE"])
         add(
             "latent caching",
             f"VAE encode of one {bucket[0]}x{bucket[1]} image",

@@ -136,7 +136,7 @@ def load_base(
     """
 
     if is_single_file(base):
-        pipe = load_pipeline(base, config=config, log=log)
+        pipe = load_single_file(base, config, log, weight_dtype)
         sdxl = getattr(pipe, "text_encoder_2", None) is not None
         source = str(Path(base).expanduser().resolve())
         family = detect_family({"text_encoder_2": 1} if sdxl else {}, dict(pipe.unet.config))

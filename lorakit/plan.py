@@ -55,6 +55,12 @@ FIT_CHANGES: list[tuple[str, Any, Any, str]] = [
         "fixed captions: the text encoders' outputs are cached and they leave the GPU",
     ),
     (
+        "data.caption_dropout_tags",
+        lambda r: r.data.caption_dropout_tags and not r.lora.train_text_encoder,
+        lambda r: _with(r, "data", caption_dropout_tags=0.0),
+        "every tag kept: with fixed captions the text encoders' outputs are cached and they leave the GPU",
+    ),
+    (
         "train.gradient_checkpointing",
         lambda r: not r.train.gradient_checkpointing,
         lambda r: _with(r, "train", gradient_checkpointing=True),
@@ -272,6 +278,11 @@ def plan_lines(result: Plan) -> list[str]:
         "  * modelled, not counted: " + "; ".join(sorted({p.how for p in memory.parts if p.how != "counted"}))
     )
     lines.append(
+        f"Load: {memory.loaded_gib:.2f} GiB of system memory holds the frozen weights from load on ("
+        + ", ".join(f"{name} {gib:.2f}" for name, gib in memory.loaded.items())
+        + "); each goes to the GPU for the phases above that list it"
+    )
+    lines.append(
         f"Peak: {memory.peak_phase}, {memory.allocated_gib:.2f} GiB allocated by PyTorch; about "
         f"{memory.process_gib:.2f} GiB for the process (nvidia-smi, Task Manager: adds the CUDA context and "
         "allocator slack)"
@@ -293,3 +304,38 @@ def plan_lines(result: Plan) -> list[str]:
         + " (all but the H200 figure are rough guesses)"
     )
     return [line for line in lines if line]
+
+
+CARDS = (8, 12, 16, 24)  # the README's columns, GiB
+
+
+def recipes_table(paths: list[str]) -> str:
+    """The README's "Will it fit?" table: each recipe at its own settings, SD 1.x/2.x first, on Linux."""
+    from pathlib import Path
+
+    from .recipe import load_recipe
+
+    plans = [plan(load_recipe(path)) for path in paths]
+    plans.sort(key=lambda p: (p.architecture == "sdxl", Path(p.recipe.source).name))
+    rows = [
+        "| recipe | peak phase | allocated GiB | process GiB | "
+        + " | ".join(f"{gib} GB" for gib in CARDS)
+        + " | system memory at load, GiB |",
+        "|---|---|---|---|" + "---|" * (len(CARDS) + 1),
+    ]
+    for result in plans:
+        memory = result.memory
+        verdicts = ["fits" if memory.verdict(gib)[0] else "no" for gib in CARDS]
+        rows.append(
+            f"| `{Path(result.recipe.source).name}` ({NAMES[result.architecture]}) | {memory.peak_phase} | "
+            f"{memory.allocated_gib:.2f} | {memory.process_gib:.2f} | "
+            + " | ".join(verdicts)
+            + f" | {memory.loaded_gib:.2f} |"
+        )
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # python -m lorakit.plan recipes/*.toml: the README's table
+    import sys
+
+    print(recipes_table(sys.argv[1:]))

@@ -66,6 +66,23 @@ def make_recipe_dict(base, dataset, output, **sections) -> dict:
     return recipe
 
 
+def allocation_peak(step) -> int:
+    """The most tensor bytes alive at once while `step` runs beyond those alive before it, from the profiler's
+    memory records (every allocation and free the CPU allocator saw, in order) - not the process's RSS."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    records = sorted(
+        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+    )
+    live = peak = 0
+    for _, change in records:
+        live += change
+        peak = max(peak, live)
+    return peak
+
+
 def write_recipe(path, recipe: dict):
     """Write a recipe dict as a TOML file."""
     from lorakit.recipe import toml_value

@@ -16,7 +16,7 @@ from lorakit.errors import RecipeError
 from lorakit.memory import GIB, estimate, find_gpu, optimizer_state_bytes
 from lorakit.recipe import load_recipe, recipe_from_dict
 
-from .conftest import write_recipe
+from .conftest import allocation_peak, write_recipe
 
 runner = CliRunner()
 
@@ -50,6 +50,22 @@ def test_frozen_weights_are_counted_on_the_real_architectures(architecture, comp
     unet = next(p for p in plan.parts if p.phase == "training step" and p.name.startswith("U-Net weights"))
     if component == "unet":
         assert unet.gib * GIB == parameters * 4
+
+
+@pytest.mark.parametrize("architecture", ["sd15", "sdxl"])
+def test_loading_holds_the_unet_and_text_encoders_in_their_dtype_and_the_vae_in_float32(architecture):
+    def count(component: str) -> int:
+        return sum(p.numel() for p in build_on_meta(architecture, component).parameters())
+
+    encoders = ["text_encoder", "text_encoder_2"] if architecture == "sdxl" else ["text_encoder"]
+    plan = estimate(_recipe(model={"base": "x", "weight_dtype": "float16"}), architecture)
+    assert {name: gib * GIB for name, gib in plan.loaded.items()} == {
+        "U-Net float16": count("unet") * 2,
+        "text encoders float16": sum(count(c) for c in encoders) * 2,
+        "VAE float32": count("vae") * 4,  # load_base never halves a VAE: SD VAEs overflow in float16
+    }
+    vae = next(p for p in plan.parts if p.name.startswith("VAE weights"))
+    assert vae.name == "VAE weights (float32)" and vae.gib * GIB == count("vae") * 4
 
 
 def test_lora_parameters_are_those_of_every_targeted_linear_layer():
@@ -134,6 +150,7 @@ def test_plan_prints_the_breakdown_verdict_disk_and_time(tmp_path):
     assert "SDXL" in text and "1024x1024 assumed (no prepared dataset yet" in text
     assert "latent caching" in text and "training step" in text and "optimizer state (adamw8bit)" in text
     assert "fits a 12 GiB card on linux" in text and "Disk: about" in text and "Time for 1000 steps" in text
+    assert "Load: 6.62 GiB of system memory holds the frozen weights" in text  # 2.57 + 0.82 G x 2 B, 0.08 G x 4 B
     small = runner.invoke(app, ["plan", str(recipe), "--vram", "4", "--os", "windows", "--json"])
     facts = json.loads(small.output)
     assert facts["card"] == {"name": "4 GiB (--vram)", "gib": 4.0, "system": "windows", "fits": False}
@@ -185,6 +202,7 @@ def test_fit_applies_the_cheapest_changes_first_and_writes_the_fitted_recipe(tmp
     order = [
         "train.cache_latents",
         "data.shuffle_tags",
+        "data.caption_dropout_tags",
         "train.gradient_checkpointing",
         "train.optimizer",
         "model.weight_dtype",
@@ -203,6 +221,22 @@ def test_fit_applies_the_cheapest_changes_first_and_writes_the_fitted_recipe(tmp
     assert "+gradient_checkpointing = true" in result.output
 
 
+def test_fit_turns_per_tag_dropout_off_when_cached_text_is_what_fits():
+    from lorakit.plan import fit, plan
+
+    recipe = _recipe(
+        data={"caption_dropout_tags": 0.1},
+        train={"gradient_checkpointing": True, "cache_latents": True},
+    )
+    before = plan(recipe, arch="sdxl")
+    assert "text caching" not in before.memory.phases  # tags change per step: the text encoders stay on the GPU
+    without = estimate(_recipe(train={"gradient_checkpointing": True, "cache_latents": True}), "sdxl")
+    target = (before.memory.process_gib + without.process_gib) / 2 / (1 - 0.05)
+    found = fit(before, target)
+    assert found.fits and [c[0] for c in found.changes] == ["data.caption_dropout_tags"]
+    assert found.recipe.data.caption_dropout_tags == 0.0 and "text caching" in found.memory.phases
+
+
 def test_fit_says_the_smallest_card_when_nothing_fits(tmp_path):
     recipe = write_recipe(
         tmp_path / "r.toml",
@@ -214,23 +248,6 @@ def test_fit_says_the_smallest_card_when_nothing_fits(tmp_path):
         "--fit 2 GiB: even with every change" in result.output
         and "the smallest common card it fits is" in result.output
     )
-
-
-def _allocation_peak(step) -> int:
-    """The most tensor bytes alive at once while `step` runs beyond those alive before it, from the profiler's
-    memory records (every allocation and free the CPU allocator saw, in order) - not the process's RSS."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    records = sorted(
-        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
-    )
-    live = peak = 0
-    for _, change in records:
-        live += change
-        peak = max(peak, live)
-    return peak
 
 
 @pytest.fixture(scope="module")
@@ -262,7 +279,7 @@ def test_counted_activations_match_what_cpu_training_allocates(tiny_training_une
         unet(latents, timesteps, encoder_hidden_states=context).sample.square().mean().backward()
         unet.zero_grad(set_to_none=True)
 
-    allocated = _allocation_peak(step)
+    allocated = allocation_peak(step)
     meta = copy.deepcopy(unet).to("meta")
     predicted = counted_activations(meta, batch, (side * scale, side * scale), scale, checkpointing)
     assert abs(predicted - allocated) <= 0.05 * allocated, (predicted / 2**20, allocated / 2**20)  # measured: 0.3 %
@@ -284,8 +301,20 @@ def test_weights_lora_gradients_and_optimizer_state_are_the_bytes_cpu_training_a
             p.grad = torch.zeros_like(p)
         optimizer.step()
 
-    allocated = _allocation_peak(step)  # gradients and the two moments (and the step counters)
+    allocated = allocation_peak(step)  # gradients and the two moments (and the step counters)
     weights = sum(p.untyped_storage().nbytes() for p in unet.parameters())
     assert weights == predicted_weights
     predicted = 4 * sum(sizes) + optimizer_state_bytes("adamw", sizes)
     assert abs(allocated - predicted) <= 0.10 * predicted, (allocated, predicted)
+
+
+def test_readme_fit_table_is_the_shipped_recipes_plan():
+    from pathlib import Path
+
+    from lorakit.plan import recipes_table
+
+    root = Path(__file__).parent.parent
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    block = readme.split("<!-- fit-table:start -->\n")[1].split("\n<!-- fit-table:end -->")[0]
+    recipes = sorted(str(p) for p in (root / "recipes").glob("*.toml"))
+    assert block == recipes_table(recipes), "regenerate it with `python -m lorakit.plan recipes/*.toml`"
