@@ -251,3 +251,31 @@ def test_third_party_kohya_file_renders_through_generate(third_party, tiny_base,
     _ok([*args, "--steps", "2", "--quiet", "--out", str(tmp_path)])
     with Image.open(tmp_path / "000-seed0.png") as image:
         assert "<lora:someone_elses_lora:0.5>" in parse_a1111_parameters(image.text["parameters"])["prompt"]
+
+
+def test_an_sd2_single_file_holds_its_text_encoder_in_openclip_layout(tiny_base_v, tmp_path):
+    """A1111 recognises an SD 2.x file, and ComfyUI finds its text encoder, only under `cond_stage_model.model.`
+    in OpenCLIP's layout; diffusers and lorakit read it back weight for weight."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import save_file
+
+    from lorakit.formats.single_file import to_single_file
+    from lorakit.models import load_base
+
+    folder = _pipe(tiny_base_v)
+    out = tmp_path / "sd2.safetensors"
+    models = {name: getattr(folder, name) for name in ("unet", "vae", "text_encoder")}
+    save_file(to_single_file(models, v_prediction=True), str(out))
+    with safe_open(out, "pt") as f:
+        keys = set(f.keys())
+    assert "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight" in keys
+    assert "cond_stage_model.model.ln_final.weight" in keys and "cond_stage_model.model.positional_embedding" in keys
+    assert not any(k.startswith("cond_stage_model.transformer.") for k in keys)
+    from_file = StableDiffusionPipeline.from_single_file(str(out), config=str(tiny_base_v), local_files_only=True)
+    by_lorakit = load_base(str(out), config=str(tiny_base_v))
+    for name in ("unet", "vae", "text_encoder"):
+        a, b = getattr(folder, name).state_dict(), getattr(from_file, name).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    ours = by_lorakit.text_encoders[0].state_dict()
+    assert all(torch.equal(ours[k], v) for k, v in folder.text_encoder.state_dict().items())
+    assert by_lorakit.prediction_type == "v_prediction"

@@ -2,7 +2,9 @@
 
 The original Stable Diffusion code names U-Net blocks by position (`input_blocks.N.M`, `middle_block`,
 `output_blocks`), the VAE by resolution level (`encoder.down.N.block.M`, `decoder.up.N`), and wraps
-the CLIP text model as `cond_stage_model.transformer.text_model.`. SDXL's (SGM) checkpoints hold the
+the CLIP text model as `cond_stage_model.transformer.text_model.`; SD 2.x's OpenCLIP-H text model sits under
+`cond_stage_model.model.` in OpenCLIP's own layout (A1111 recognises an SD 2.x file by it, and ComfyUI reads
+its text encoder only from there). SDXL's (SGM) checkpoints hold the
 same U-Net and VAE names, CLIP-L under `conditioner.embedders.0.transformer.`, and OpenCLIP bigG under
 `conditioner.embedders.1.model.` in OpenCLIP's own layout (one `in_proj` for q, k and v, `ln_1`, `c_fc`,
 a transposed `text_projection`). The index arithmetic below holds for any number of blocks and
@@ -132,6 +134,7 @@ def text_encoder_to_ldm(state: dict, prefix: str = TEXT_PREFIX) -> dict:
 
 
 SDXL_CLIP_L_PREFIX, SDXL_BIGG_PREFIX = "conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."
+SD2_OPEN_CLIP_PREFIX = "cond_stage_model.model."
 _OPEN_CLIP_TOP = {
     "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
     "text_model.embeddings.position_embedding.weight": "positional_embedding",
@@ -149,8 +152,11 @@ _OPEN_CLIP_LAYER = (
 
 def open_clip_to_ldm(state: dict, prefix: str = SDXL_BIGG_PREFIX) -> dict:
     """A transformers CLIPTextModelWithProjection in OpenCLIP's layout under `prefix`: q, k and v stacked into
-    one `in_proj` per layer, the projection stored transposed (OpenCLIP multiplies `x @ text_projection`)."""
+    one `in_proj` per layer, the projection stored transposed (OpenCLIP multiplies `x @ text_projection`). SD 2.x's
+    CLIPTextModel has no projection (its U-Net reads the penultimate layer's states), and none is written."""
     out = {}
+    wrapped = ("text_model.", "text_projection.")  # transformers 5 drops a CLIPTextModel's `text_model.` level
+    state = {k if k.startswith(wrapped) else "text_model." + k: v for k, v in state.items()}
     for key, value in state.items():
         if key in _OPEN_CLIP_TOP:
             out[prefix + _OPEN_CLIP_TOP[key]] = value
@@ -175,6 +181,12 @@ def open_clip_to_ldm(state: dict, prefix: str = SDXL_BIGG_PREFIX) -> dict:
     return out
 
 
+def is_open_clip(text_encoder: Any) -> bool:
+    """An OpenCLIP text model (SD 2.x's ViT-H, SDXL's bigG): OpenCLIP uses the exact GELU, OpenAI's CLIP-L
+    the quick approximation."""
+    return text_encoder.config.hidden_act == "gelu"
+
+
 # Marker tensors the webuis read from a single file: v-prediction, and a zero-terminal-SNR schedule.
 V_PRED_KEY, ZTSNR_KEY = "v_pred", "ztsnr"
 
@@ -188,6 +200,8 @@ def to_single_file(models: dict[str, Any], *, v_prediction: bool = False, zero_t
     if "text_encoder_2" in models:
         tensors.update(text_encoder_to_ldm(models["text_encoder"].state_dict(), SDXL_CLIP_L_PREFIX))
         tensors.update(open_clip_to_ldm(models["text_encoder_2"].state_dict()))
+    elif is_open_clip(models["text_encoder"]):
+        tensors.update(open_clip_to_ldm(models["text_encoder"].state_dict(), SD2_OPEN_CLIP_PREFIX))
     else:
         tensors.update(text_encoder_to_ldm(models["text_encoder"].state_dict()))
     if v_prediction:
