@@ -126,7 +126,8 @@ def train(
             log=log,
         )
     )
-    typer.echo(str(result.adapter))
+    if result.wrote:  # one line per run, not one per torchrun process
+        typer.echo(str(result.adapter))
 
 
 def _colour(value: str) -> tuple[int, int, int]:

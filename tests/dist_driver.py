@@ -1,6 +1,6 @@
 """Run under `torchrun --nproc_per_node 2`: trains a recipe and records what this process saw.
 
-Usage: torchrun --nproc_per_node 2 tests/dist_driver.py RECIPE OUT_DIR
+Usage: torchrun --nproc_per_node 2 tests/dist_driver.py RECIPE OUT_DIR (runs `lorakit train RECIPE --quiet`)
 """
 
 import hashlib
@@ -10,8 +10,8 @@ import sys
 
 import lorakit.train as train_module
 import lorakit.train.setup as setup_module
+from lorakit.cli import app
 from lorakit.data import BatchStream
-from lorakit.recipe import load_recipe
 
 seen: list[list[int]] = []
 setup: dict[str, object] = {}
@@ -28,7 +28,18 @@ class RecordingStream(BatchStream):
 
 
 setup_module.BatchStream = RecordingStream  # where set_up builds the run's stream
-result = train_module.train(load_recipe(sys.argv[1]), quiet=True, log=lambda _: None)
+finished = []
+real_train = train_module.train
+
+
+def recording_train(*args, **kwargs):
+    finished.append(real_train(*args, **kwargs))
+    return finished[-1]
+
+
+train_module.train = recording_train  # `lorakit train` imports it when it runs
+app(["train", sys.argv[1], "--quiet"], standalone_mode=False)
+result = finished[0]
 
 digest = hashlib.sha256()
 for name, param in sorted(result.models["unet"].named_parameters()):

@@ -58,3 +58,4 @@ def test_two_processes_shard_the_data_and_one_writes(tiny_base, tiny_dataset, tm
     assert [json.loads(r)["step"] for r in rows] == [1, 2, 3]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002", "step-000003"]
     assert {p.name for p in run.iterdir()} >= {"run.safetensors", "run.diffusers.safetensors"}
+    assert done.stdout.splitlines().count(str(run / "run.safetensors")) == 1  # printed by the writer alone

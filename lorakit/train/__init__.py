@@ -41,6 +41,7 @@ class RunResult:
     trainable_parameters: int
     models: dict[str, Any]  # the trained modules (with their peft adapters), by component name
     startup: dict[str, float] = dataclasses.field(default_factory=dict)  # seconds per phase up to the first step
+    wrote: bool = True  # this process wrote the files (under torchrun only the main process does)
 
 
 def train(
@@ -147,5 +148,13 @@ def export(run: Run, loss: float, started: datetime) -> RunResult:
     trainable = sum(p.numel() for p in run.named_trainable().values())
     startup = dict(run.phases.seconds) if run.phases is not None else {}
     return RunResult(
-        paths.folder, kohya_path or diffusers_path, diffusers_path, run.step, loss, trainable, models, startup
+        paths.folder,
+        kohya_path or diffusers_path,
+        diffusers_path,
+        run.step,
+        loss,
+        trainable,
+        models,
+        startup,
+        wrote=run.accelerator.is_main_process,
     )
