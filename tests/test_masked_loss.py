@@ -241,12 +241,10 @@ def test_a_segmentation_model_masks_the_images_without_a_mask(tiny_base, tiny_se
     assert any("data.masked_loss: 3 of 3 images weighted by their masks" in line for line in lines)
 
 
-def test_images_the_model_finds_nothing_in_are_counted_and_stay_unmasked(tiny_segmenter, tmp_path):
+def _blind_copy(tiny_segmenter, blind):
+    """The tiny segmenter with its decoder's last layer set so that it finds nothing anywhere, saved to `blind`."""
     from transformers import CLIPSegForImageSegmentation
 
-    from lorakit.prepare import PrepareOptions, prepare
-
-    blind = tmp_path / "blind"
     model = CLIPSegForImageSegmentation.from_pretrained(tiny_segmenter)
     with torch.no_grad():
         model.decoder.transposed_convolution.weight.zero_()
@@ -262,6 +260,13 @@ def test_images_the_model_finds_nothing_in_are_counted_and_stay_unmasked(tiny_se
     ):
         if (tiny_segmenter / name).exists():
             shutil.copy(tiny_segmenter / name, blind / name)
+    return blind
+
+
+def test_images_the_model_finds_nothing_in_are_counted_and_stay_unmasked(tiny_segmenter, tmp_path):
+    from lorakit.prepare import PrepareOptions, prepare
+
+    blind = _blind_copy(tiny_segmenter, tmp_path / "blind")
     photos = _photos(tmp_path / "photos", count=2)
     options = PrepareOptions(resolution=64, bucket_step=16, workers=1, mask_model=str(blind), mask_prompt="a dog")
     lines: list[str] = []
@@ -270,6 +275,24 @@ def test_images_the_model_finds_nothing_in_are_counted_and_stay_unmasked(tiny_se
     assert result.report["counts"]["no_subject_found"] == ["p0.png", "p1.png"]
     assert "  the mask model found no 'a dog' in 2 images (they train unmasked): p0.png, p1.png" in lines
     assert not (tmp_path / "data" / "masks").exists() or not any((tmp_path / "data" / "masks").iterdir())
+
+
+def test_new_weights_in_the_same_mask_model_folder_mask_again(tiny_segmenter, tmp_path):
+    from lorakit.prepare import PrepareOptions, prepare
+
+    model = tmp_path / "segmenter"
+    shutil.copytree(tiny_segmenter, model)
+    photos = _photos(tmp_path / "photos", count=2)
+    options = PrepareOptions(resolution=64, bucket_step=16, workers=1, mask_model=str(model), mask_prompt="a red ball")
+    first = prepare(photos, tmp_path / "data", options, quiet=True, log=lambda _: None)
+    assert first.report["counts"]["with_mask"] == 2
+    again = prepare(photos, tmp_path / "data", options, quiet=True, log=lambda _: None)
+    assert again.report["counts"]["with_mask"] == 2  # same weights: the masks are kept
+    shutil.rmtree(model)
+    _blind_copy(tiny_segmenter, model)  # retrained weights under the same name
+    third = prepare(photos, tmp_path / "data", options, quiet=True, log=lambda _: None)
+    counts = third.report["counts"]
+    assert counts["with_mask"] == 0 and counts["no_subject_found"] == ["p0.png", "p1.png"]
 
 
 def test_bad_mask_model_options_are_one_line_errors(tiny_captioner, tmp_path):

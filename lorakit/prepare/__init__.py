@@ -111,7 +111,7 @@ def _own_image_name(name: object) -> bool:
     )
 
 
-def _settings_key(options: PrepareOptions) -> str:
+def _settings_key(options: PrepareOptions, segmenter: Any = None) -> str:
     sizing = (
         options.resolution,
         options.bucket_step,
@@ -120,8 +120,8 @@ def _settings_key(options: PrepareOptions) -> str:
         list(options.background),
         options.alpha_mask,
     )
-    if options.mask_model:  # another model, prompt or threshold masks every image again
-        sizing += (options.mask_model, options.mask_prompt, options.mask_threshold)
+    if segmenter is not None:  # another model (or other weights), prompt or threshold masks every image again
+        sizing += (options.mask_model, segmenter.fingerprint, options.mask_prompt, options.mask_threshold)
     return hashlib.sha256(json.dumps(sizing).encode()).hexdigest()[:16]
 
 
@@ -428,7 +428,7 @@ def prepare(
             f"({options.bucket_step}); raise the resolution or lower the step"
         )
     sizing = SizingOptions(options.resolution, buckets, options.max_upscale, options.background, options.alpha_mask)
-    key = _settings_key(options)
+    key = _settings_key(options, segmenter)
     previous = _load_state(out, key)
     reused, todo = _reuse(paths, src, out, previous)
     workers = options.workers or os.cpu_count() or 1

@@ -38,6 +38,7 @@ class Segmenter:
         except (OSError, ValueError) as err:
             raise LorakitError(f"--mask-model: cannot load {model!r}: {first_line(err)}; give {SUPPORTED}") from None
         self.prompt, self.threshold = prompt, threshold
+        self.fingerprint = weights_fingerprint(self.model)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(self.device)
 
@@ -58,6 +59,20 @@ class Segmenter:
 
         found = (self.probabilities(image) >= self.threshold).to("cpu").numpy().astype("uint8") * 255
         return Image.fromarray(found, mode="L")
+
+
+def weights_fingerprint(model: Any) -> str:
+    """The sha256 of a model's parameters and buffers, in name order: a folder whose weights were replaced under the
+    same name masks again (CLIPSeg rd64: 150 M parameters, about a second)."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def mask_png(segmenter: Segmenter, image_png: bytes) -> bytes | None:
