@@ -183,11 +183,19 @@ def disk_bytes(recipe: Any, trainable: list[int], buckets: list[tuple[int, int]]
     if cfg.cache_latents:  # mean and std, float32, 4 channels at 1/8 of the bucket, plus the file header
         per_flip = sum(2 * 4 * 4 * (w // vae_scale) * (h // vae_scale) + 256 for w, h in buckets)
         latents = per_flip * (2 if recipe.data.flip else 1)
-    weights = 4 * sum(trainable) * (2 if cfg.ema_decay else 1)
-    per_checkpoint = weights + optimizer_state_bytes(cfg.optimizer, trainable)
     kept = min(cfg.keep_checkpoints, max(1, cfg.max_steps // max(1, cfg.save_every_steps or cfg.max_steps)))
-    adapters = 2 * sum(trainable) * (2 if recipe.output.save_dtype in ("float16", "bfloat16") else 4)
-    return DiskEstimate(latents, per_checkpoint * (kept + 1), adapters)
+    return DiskEstimate(latents, checkpoint_bytes(recipe, trainable) * (kept + 1), adapter_bytes(recipe, trainable))
+
+
+def checkpoint_bytes(recipe: Any, trainable: list[int]) -> int:
+    """One checkpoint: the float32 trainable weights (twice with an EMA) and the optimizer state."""
+    weights = 4 * sum(trainable) * (2 if recipe.train.ema_decay else 1)
+    return weights + optimizer_state_bytes(recipe.train.optimizer, trainable)
+
+
+def adapter_bytes(recipe: Any, trainable: list[int]) -> int:
+    """The exported adapter files: the kohya and the diffusers layout, each in `output.save_dtype`."""
+    return 2 * sum(trainable) * (2 if recipe.output.save_dtype in ("float16", "bfloat16") else 4)
 
 
 def architecture_of(base: str) -> tuple[str, str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -197,7 +198,11 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_says_what_it_needs(
     message = str(caught.value)
     assert "could not write the checkpoint of step 4" in message and "No space left on device" in message
     assert "MiB free there; the checkpoint step-000002 is intact" in message and "--resume latest" in message
-    assert ckpt.checkpoint_problem(tmp_path / "out" / "run" / "checkpoints" / "step-000002") is None
+    kept = tmp_path / "out" / "run" / "checkpoints" / "step-000002"
+    assert ckpt.checkpoint_problem(kept) is None
+    needed = float(re.search(r"needs about ([\d.]+) MiB", message).group(1)) * 2**20
+    written = sum(f.stat().st_size for f in kept.iterdir())
+    assert 0.8 * written <= needed <= 1.25 * written, (needed, written)  # what the step before really wrote
 
 
 def test_a_non_finite_adapter_is_never_saved(tiny_base, tiny_dataset, tmp_path, monkeypatch):

@@ -22,6 +22,7 @@ from ..errors import LorakitError, OutputError
 from ..formats.files import save_adapter_files
 from ..formats.metadata import training_info
 from ..lycoris import KIND_NAMES
+from ..memory import adapter_bytes
 from ..recipe import Recipe
 from .loop import Log, Run, check_finite_adapter, fit
 from .setup import process_switches_kept, resolve_recipe, run_paths, set_up
@@ -127,7 +128,7 @@ def export(run: Run, loss: float, started: datetime) -> RunResult:
                 state, paths.folder, recipe.output.name, recipe.output.save_dtype, info
             )
         except OSError as err:
-            needed = 2 * sum(t.numel() * t.element_size() for t in run.named_trainable().values())
+            needed = adapter_bytes(recipe, [t.numel() for t in run.named_trainable().values()])
             raise write_failure(err, paths.folder, "the adapter files", needed, recipe.source) from None
         if kohya_path is None:
             run.log(f"Saved {diffusers_path} (DoRA, diffusers layout: diffusers and `lorakit generate`/`merge`)")

@@ -50,6 +50,7 @@ from ..data import (
 from ..ema import AdapterEMA
 from ..errors import Interrupted, LorakitError, OutputError
 from ..files import atomic_write_text, crash_point
+from ..memory import checkpoint_bytes
 from ..models import BaseModel, encode_prompts, tokenize
 from ..progress import progress_bar
 from ..recipe import Recipe, recipe_to_dict
@@ -383,7 +384,7 @@ def save_or_explain(run: Run) -> Path:
     try:
         return save(run)
     except OSError as err:
-        needed = sum(t.numel() * t.element_size() for t in run.named_trainable().values()) * 4  # weights + Adam
+        needed = checkpoint_bytes(run.recipe, [t.numel() for t in run.named_trainable().values()])
         raise write_failure(
             err, run.paths.folder, f"the checkpoint of step {run.step}", needed, run.recipe.source
         ) from None
