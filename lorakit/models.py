@@ -149,7 +149,9 @@ def load_base(
     else:
         source = resolve_base(base)
         try:
-            family, unet, vae_model, text_encoders, tokenizers, scheduler = _load_folder(source, revision, vae)
+            family, unet, vae_model, text_encoders, tokenizers, scheduler = _load_folder(
+                source, revision, vae, weight_dtype
+            )
         except (OSError, ValueError) as err:
             raise ModelError(f"model.base: cannot load {base}: {first_line(err)}") from None
     if prediction_type is not None:
@@ -161,8 +163,8 @@ def load_base(
     for module in (unet, vae_model, *text_encoders):
         module.requires_grad_(False)
         module.eval()
-    if weight_dtype != "float32":
-        for module in (unet, *text_encoders):
+    for module in (unet, *text_encoders):  # a folder's arrive in weight_dtype, a float32 single file's do not
+        if module.dtype != getattr(torch, weight_dtype):
             module.to(getattr(torch, weight_dtype))
     return BaseModel(
         source=source,
@@ -176,17 +178,22 @@ def load_base(
     )
 
 
-def _load_folder(source: str, revision: str | None, vae: str | None) -> tuple:
-    """(family, unet, vae, text encoders, tokenizers, scheduler) of a diffusers folder or hub id."""
+def _load_folder(source: str, revision: str | None, vae: str | None, weight_dtype: str = "float32") -> tuple:
+    """(family, unet, vae, text encoders, tokenizers, scheduler) of a diffusers folder or hub id, the U-Net and text
+    encoders read in `weight_dtype`. Files already in it stay mapped from disk; read as float32 and cast after, a
+    float16 SD 1.5 folder took 3.9 GB of process memory (benchmarks/load_memory.py)."""
     index = model_index(source, revision)
     kwargs = {"revision": revision} if not is_local(source) else {}
-    unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **kwargs)
+    dtype = getattr(torch, weight_dtype)
+    unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **kwargs)
     family = detect_family(index, dict(unet.config))
     vae_model = _load_vae(vae, {}) if vae else AutoencoderKL.from_pretrained(source, subfolder="vae", **kwargs)
-    text_encoders = [CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **kwargs)]
+    encoder = {"dtype": dtype, **kwargs}
+    text_encoders = [CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **encoder)]
     tokenizers = [CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs)]
     if family == "sdxl":  # CLIP-L, then OpenCLIP bigG with its pooled projection
-        text_encoders.append(CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder_2", **kwargs))
+        second = CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder_2", **encoder)
+        text_encoders.append(second)
         tokenizers.append(CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **kwargs))
     scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kwargs)
     return family, unet, vae_model, text_encoders, tokenizers, scheduler

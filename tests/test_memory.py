@@ -318,3 +318,28 @@ def test_readme_fit_table_is_the_shipped_recipes_plan():
     block = readme.split("<!-- fit-table:start -->\n")[1].split("\n<!-- fit-table:end -->")[0]
     recipes = sorted(str(p) for p in (root / "recipes").glob("*.toml"))
     assert block == recipes_table(recipes), "regenerate it with `python -m lorakit.plan recipes/*.toml`"
+
+
+def test_a_half_precision_base_loads_into_the_memory_the_plan_says(tiny_base, tmp_path):
+    """A float16 diffusers folder trained in float16 is read in float16 (no float32 copy on the way: that took 3.9 GB
+    for SD 1.5), and what it holds is the plan's load figure: U-Net and text encoder in float16, VAE in float32."""
+    from diffusers import StableDiffusionPipeline
+
+    from lorakit.models import load_base
+
+    half = tmp_path / "half"
+    StableDiffusionPipeline.from_pretrained(tiny_base, torch_dtype=torch.float16).save_pretrained(half)
+    loaded = {}
+
+    def load() -> None:
+        loaded["base"] = load_base(str(half), weight_dtype="float16")
+
+    peak = allocation_peak(load)
+    base = loaded["base"]
+    modules = {"unet": base.unet, "vae": base.vae, "text_encoder": base.text_encoders[0]}
+    held = sum(p.numel() * p.element_size() for m in modules.values() for p in m.parameters())
+    assert base.unet.dtype == base.text_encoders[0].dtype == torch.float16 and base.vae.dtype == torch.float32
+    counts = {name: sum(p.numel() for p in m.parameters()) for name, m in modules.items()}
+    recipe = _recipe(model={"base": str(half), "weight_dtype": "float16"})
+    assert estimate(recipe, "sd15", counts=counts, trainable=[1]).loaded_gib * GIB == held
+    assert peak < 1.2 * held, (peak, held)  # read as float32 first: 2.0x

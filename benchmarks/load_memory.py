@@ -1,0 +1,115 @@
+"""System memory while a base model loads for training: the process's anonymous memory (what it owns) and its
+resident file pages (weights mapped from the file, which the kernel can drop and re-read), at their peak.
+
+A full-size base with random weights (the real architecture, float16) is written as a diffusers folder and as a
+float16 and a float32 single file; each case loads it with `load_base(..., weight_dtype="float16")` in a fresh
+process while a thread samples /proc/self/status every 2 ms. "float32 first" is the path lorakit took before:
+every component read in float32, then cast. Linux only. Run by hand (SD 1.5: about 3 minutes and
+9 GB of disk; SDXL: about 10 minutes, 30 GB):
+
+    OMP_NUM_THREADS=1 python benchmarks/load_memory.py [--arch sd15|sdxl]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+MEASURE = """
+import json, sys, threading, time
+import torch
+from lorakit.models import load_base
+
+def status():
+    fields = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    return int(fields["RssAnon"].split()[0]) * 1024, int(fields["RssFile"].split()[0]) * 1024
+
+base, config, case = sys.argv[1], sys.argv[2] or None, sys.argv[3]
+start_anon, start_file = status()
+peak = {"anon": 0, "file": 0}
+done = False
+
+def sample():
+    while not done:
+        anon, file = status()
+        peak["anon"] = max(peak["anon"], anon - start_anon)
+        peak["file"] = max(peak["file"], file - start_file)
+        time.sleep(0.002)
+
+watcher = threading.Thread(target=sample)
+watcher.start()
+if case == "float32 first":
+    loaded = load_base(base, config=config, weight_dtype="float32")
+    for module in (loaded.unet, *loaded.text_encoders):
+        module.to(torch.float16)
+else:
+    loaded = load_base(base, config=config, weight_dtype="float16")
+time.sleep(0.05)
+done = True
+watcher.join()
+print(json.dumps({**peak, "unet": str(loaded.unet.dtype), "vae": str(loaded.vae.dtype)}))
+"""
+
+
+def write_files(arch: str, folder: Path) -> dict[str, Path]:
+    import torch
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from gpu_speed import write_base
+    from safetensors.torch import save_file
+
+    from lorakit.formats.single_file import to_single_file
+
+    base = write_base(arch, folder / "base", "cpu")
+    pipeline = StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline
+    pipe = pipeline.from_pretrained(str(base), torch_dtype=torch.float16)
+    names = ("unet", "vae", "text_encoder", "text_encoder_2") if arch == "sdxl" else ("unet", "vae", "text_encoder")
+    tensors = to_single_file({name: getattr(pipe, name) for name in names})
+    del pipe
+    save_file(tensors, str(folder / "half.safetensors"))
+    save_file({k: v.float() for k, v in tensors.items()}, str(folder / "full.safetensors"))
+    return {"folder": base, "half": folder / "half.safetensors", "full": folder / "full.safetensors"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", choices=["sd15", "sdxl"], default="sd15")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="lorakit-load-") as tmp:
+        files = write_files(args.arch, Path(tmp))
+        config = str(files["folder"])
+        cases = [
+            ("diffusers folder (float16 files)", files["folder"], "", "float32 first"),
+            ("diffusers folder (float16 files)", files["folder"], "", "as lorakit loads"),
+            ("single file, float16", files["half"], config, "float32 first"),
+            ("single file, float16", files["half"], config, "as lorakit loads"),
+            ("single file, float32", files["full"], config, "as lorakit loads"),
+        ]
+        print(f"| {args.arch} base, trained in float16 | path | anonymous GB | file pages GB | U-Net, VAE |")
+        print("|---|---|---|---|---|")
+        for name, path, config_arg, case in cases:
+            done = subprocess.run(
+                [sys.executable, "-c", MEASURE, str(path), config_arg, case],
+                capture_output=True,
+                text=True,
+                cwd=ROOT,
+                check=True,
+            )
+            row = json.loads(done.stdout.strip().splitlines()[-1])
+            print(
+                f"| {name} | {case} | {row['anon'] / 1e9:.2f} | {row['file'] / 1e9:.2f} | "
+                f"{row['unet'].removeprefix('torch.')}, {row['vae'].removeprefix('torch.')} |"
+            )
+
+
+if __name__ == "__main__":
+    main()
