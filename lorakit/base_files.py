@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 
 from .architectures import write_sdxl_config_folder
 from .errors import ModelError, first_line
-from .formats.single_file import V_PRED_KEY, ZTSNR_KEY
+from .formats.single_file import V_PRED_KEY, VAE_PREFIX, ZTSNR_KEY
 
 SDXL_HUB_ID = "stabilityai/stable-diffusion-xl-base-1.0"
 _INPUT_CONV = "model.diffusion_model.input_blocks.0.0.weight"
@@ -73,7 +73,6 @@ def read_facts(path: Path) -> FileFacts:
 
 
 _DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-VAE_PREFIX = "first_stage_model."
 
 
 def stored_dtype(path: str | Path, prefix: str = "") -> str | None:

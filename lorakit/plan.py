@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .errors import RecipeError
@@ -311,8 +312,6 @@ CARDS = (8, 12, 16, 24)  # the README's columns, GiB
 
 def recipes_table(paths: list[str]) -> str:
     """The README's "Will it fit?" table: each recipe at its own settings, SD 1.x/2.x first, on Linux."""
-    from pathlib import Path
-
     from .recipe import load_recipe
 
     plans = [plan(load_recipe(path)) for path in paths]
