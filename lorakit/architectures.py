@@ -27,10 +27,15 @@ def component_config(architecture: str, component: str) -> dict[str, Any]:
     return {k: v for k, v in json.loads(path.read_text(encoding="utf-8")).items() if not k.startswith("_")}
 
 
-def build_on_meta(architecture: str, component: str) -> Any:
-    """The full-size module on the meta device: every parameter's shape, no memory and no weights."""
+def build_on_meta(architecture: str, component: str, folder: str | None = None) -> Any:
+    """The full-size module on the meta device: every parameter's shape, no memory and no weights. With `folder` (a
+    local diffusers model), its own `<component>/config.json` is built instead of the shipped one."""
 
-    config = component_config(architecture, component)
+    if folder is None:
+        config = component_config(architecture, component)
+    else:
+        raw = json.loads((Path(folder) / component / "config.json").read_text(encoding="utf-8"))
+        config = {k: v for k, v in raw.items() if not k.startswith("_")}
     with torch.device("meta"):
         if component == "unet":
             from diffusers import UNet2DConditionModel

@@ -88,6 +88,7 @@ class MemoryEstimate:
     parts: list[Part] = field(default_factory=list)
     trainable: list[int] = field(default_factory=list)  # element counts of the trainable tensors
     loaded: dict[str, float] = field(default_factory=dict)  # GiB of system memory per component once loaded
+    configs: str = ""  # where the component configs that the parts are counted on come from
 
     @property
     def loaded_gib(self) -> float:
@@ -132,6 +133,7 @@ class MemoryEstimate:
             "architecture": self.architecture,
             "bucket": list(self.bucket),
             "bucket_source": self.bucket_source,
+            "configs": self.configs,
             "batch_size": self.batch_size,
             "parts": [dataclasses.asdict(p) for p in self.parts],
             "phases": {phase: round(self.phase_gib(phase), 3) for phase in self.phases},
@@ -204,8 +206,10 @@ def architecture_of(base: str) -> tuple[str, str]:
     path = Path(base).expanduser()
     config = path / "unet" / "config.json"
     if config.is_file():
+        if (path / "text_encoder_2").is_dir():  # as models.detect_family: SDXL is the base with two text encoders
+            return "sdxl", f"{path} (two text encoders)"
         width = json.loads(config.read_text(encoding="utf-8")).get("cross_attention_dim")
-        return {2048: "sdxl", 1024: "sd21"}.get(width, "sd15"), f"{config} (cross_attention_dim {width})"
+        return {1024: "sd21"}.get(width, "sd15"), f"{config} (cross_attention_dim {width})"
     if path.is_file() and path.suffix == ".safetensors":
         from .base_files import read_facts
 
@@ -261,25 +265,36 @@ def _dtype_bytes(name: str) -> int:
     return 4 if name == "float32" else 2
 
 
+def own_configs(recipe: Any, architecture: str) -> str | None:
+    """The local diffusers folder whose component configs describe the run's models: `model.base`, or for a single
+    file `model.config`, when it is one on disk with a config.json for every component; None for hub ids and for
+    files read with the shipped configs."""
+    components = ["unet", "vae", *_component_names(architecture)]
+    for source in (recipe.model.base, recipe.model.config):
+        if source and all((Path(source).expanduser() / c / "config.json").is_file() for c in components):
+            return str(Path(source).expanduser().resolve())
+    return None
+
+
 @functools.cache
-def _meta_module(architecture: str, component: str) -> Any:
+def _meta_module(architecture: str, component: str, folder: str | None = None) -> Any:
     from .architectures import build_on_meta
 
-    return build_on_meta(architecture, component)
+    return build_on_meta(architecture, component, folder)
 
 
 @functools.cache
-def parameter_count(architecture: str, component: str) -> int:
-    """Parameters of one full-size component (the shipped config, meta device)."""
-    return sum(p.numel() for p in _meta_module(architecture, component).parameters())
+def parameter_count(architecture: str, component: str, folder: str | None = None) -> int:
+    """Parameters of one component (the shipped config, or `folder`'s own; meta device)."""
+    return sum(p.numel() for p in _meta_module(architecture, component, folder).parameters())
 
 
 @functools.lru_cache(maxsize=64)
-def _adapter_sizes(architecture: str, component: str, lora: tuple) -> tuple[int, ...]:
+def _adapter_sizes(architecture: str, component: str, lora: tuple, folder: str | None) -> tuple[int, ...]:
     from .adapters import inject_lora, lora_parameters
 
     rank, alpha, targets, conv_rank, conv_alpha, use_dora, kind, factor, both, effective = lora
-    module = copy.deepcopy(_meta_module(architecture, component))
+    module = copy.deepcopy(_meta_module(architecture, component, folder))
     inject_lora(
         module,
         component,
@@ -296,7 +311,7 @@ def _adapter_sizes(architecture: str, component: str, lora: tuple) -> tuple[int,
     return tuple(p.numel() for p in lora_parameters(module))
 
 
-def adapter_sizes(architecture: str, component: str, lora: Any) -> list[int]:
+def adapter_sizes(architecture: str, component: str, lora: Any, folder: str | None = None) -> list[int]:
     """Element counts of the tensors peft adds to one component for the recipe's [lora] section."""
     targets = tuple(lora.target_modules) if isinstance(lora.target_modules, list) else lora.target_modules
     key = (
@@ -311,7 +326,7 @@ def adapter_sizes(architecture: str, component: str, lora: Any) -> list[int]:
         lora.decompose_both,
         lora.use_effective_conv2d,
     )
-    return list(_adapter_sizes(architecture, component, key))
+    return list(_adapter_sizes(architecture, component, key, folder))
 
 
 def estimate(
@@ -329,14 +344,17 @@ def estimate(
     bucket, source = (bucket, "the largest bucket of the dataset") if bucket else largest_bucket(recipe)
     cfg, lora, data = recipe.train, recipe.lora, recipe.data
     result = MemoryEstimate(architecture, bucket, source, cfg.batch_size)
+    folder = own_configs(recipe, architecture)
+    shipped = {"sd15": "SD 1.5", "sd21": "SD 2.1", "sdxl": "SDXL"}[architecture]
+    result.configs = f"the base's own configs in {folder}" if folder else f"lorakit's {shipped} configs"
     weight_bytes = _dtype_bytes(recipe.model.weight_dtype)
     train_te = lora.train_text_encoder if lora.train_text_encoder is not None else architecture != "sdxl"
     components = ["unet", "vae", *_component_names(architecture)]
     if counts is None:
-        counts = {c: parameter_count(architecture, c) for c in components}
+        counts = {c: parameter_count(architecture, c, folder) for c in components}
     if trainable is None:
         trained = ["unet", *(_component_names(architecture) if train_te else [])]
-        trainable = [n for c in trained for n in adapter_sizes(architecture, c, lora)]
+        trainable = [n for c in trained for n in adapter_sizes(architecture, c, lora, folder)]
     dtype = recipe.model.weight_dtype
     vae_dtype_bytes = 4  # every VAE stays float32 (SD VAEs overflow in fp16) and encodes outside autocast
     encoders = _component_names(architecture)
@@ -368,7 +386,7 @@ def estimate(
         )
     if not resident_encoders:  # frozen encoders and fixed captions: encoded once, with the trained modules parked
         add("text caching", f"text encoder weights ({dtype})", weights["text encoders"])
-        hidden = sum(_meta_module(architecture, c).config.hidden_size for c in encoders)
+        hidden = sum(_meta_module(architecture, c, folder).config.hidden_size for c in encoders)
         add(
             "text caching",
             "encoding one caption (77 tokens, every layer's hidden states)",

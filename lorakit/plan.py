@@ -267,7 +267,8 @@ def plan_lines(result: Plan) -> list[str]:
     memory, recipe = result.memory, result.recipe
     lines = [
         f"Plan for {recipe.source}: {NAMES[result.architecture]} (from {result.architecture_source}), largest bucket "
-        f"{memory.bucket[0]}x{memory.bucket[1]} ({memory.bucket_source}), batch {memory.batch_size}",
+        f"{memory.bucket[0]}x{memory.bucket[1]} ({memory.bucket_source}), batch {memory.batch_size}; parts counted "
+        f"on {memory.configs}",
         f"  {'phase':<15} {'part':<62} {'GiB':>6}",
     ]
     for part in memory.parts:

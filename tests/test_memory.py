@@ -343,3 +343,34 @@ def test_a_half_precision_base_loads_into_the_memory_the_plan_says(tiny_base, tm
     recipe = _recipe(model={"base": str(half), "weight_dtype": "float16"})
     assert estimate(recipe, "sd15", counts=counts, trainable=[1]).loaded_gib * GIB == held
     assert peak < 1.2 * held, (peak, held)  # read as float32 first: 2.0x
+
+
+def test_a_local_base_is_planned_on_its_own_configs(trained_run, tiny_base, tiny_dataset, tmp_path):
+    """A diffusers folder on disk describes its own models: the plan counts the tiny base's weights and the very
+    LoRA tensors training added to it, not a full-size SD 1.5."""
+    from diffusers import StableDiffusionPipeline
+
+    from lorakit.plan import plan, plan_lines
+
+    from .conftest import make_recipe_dict
+
+    recipe = recipe_from_dict(make_recipe_dict(tiny_base, tiny_dataset, tmp_path, train={"max_steps": 6}))
+    result = plan(recipe)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_base)
+    unet = next(p for p in result.memory.parts if p.name.startswith("U-Net weights"))
+    assert unet.gib * GIB == sum(p.numel() for p in pipe.unet.parameters()) * 4
+    assert sum(result.memory.trainable) == trained_run.trainable_parameters  # U-Net and text encoder LoRA
+    assert result.memory.configs == f"the base's own configs in {tiny_base.resolve()}"
+    assert "parts counted on the base's own configs" in plan_lines(result)[0]
+
+
+def test_a_local_sdxl_base_is_planned_with_both_text_encoders(sdxl_run, tiny_sdxl, tiny_dataset, tmp_path):
+    from lorakit.plan import plan
+
+    from .conftest import make_recipe_dict
+
+    result, _ = sdxl_run
+    sections = {"lora": {"train_text_encoder": True}, "train": {"max_steps": 3}}
+    planned = plan(recipe_from_dict(make_recipe_dict(tiny_sdxl, tiny_dataset, tmp_path, **sections)))
+    assert planned.architecture == "sdxl"  # two text encoders, whatever the tiny U-Net's cross-attention width
+    assert sum(planned.memory.trainable) == result.trainable_parameters  # U-Net, CLIP-L and bigG LoRA
