@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from .errors import ModelError, first_line
+
 CONFIGS = Path(__file__).parent / "configs"
 ARCHITECTURES = ("sd15", "sd21", "sdxl")
 
@@ -34,7 +36,11 @@ def build_on_meta(architecture: str, component: str, folder: str | None = None) 
     if folder is None:
         config = component_config(architecture, component)
     else:
-        raw = json.loads((Path(folder) / component / "config.json").read_text(encoding="utf-8"))
+        path = Path(folder) / component / "config.json"
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise ModelError(f"model.base: {path} is not a readable config ({first_line(err)})") from None
         config = {k: v for k, v in raw.items() if not k.startswith("_")}
     with torch.device("meta"):
         if component == "unet":

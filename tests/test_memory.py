@@ -374,3 +374,15 @@ def test_a_local_sdxl_base_is_planned_with_both_text_encoders(sdxl_run, tiny_sdx
     planned = plan(recipe_from_dict(make_recipe_dict(tiny_sdxl, tiny_dataset, tmp_path, **sections)))
     assert planned.architecture == "sdxl"  # two text encoders, whatever the tiny U-Net's cross-attention width
     assert sum(planned.memory.trainable) == result.trainable_parameters  # U-Net, CLIP-L and bigG LoRA
+
+
+def test_a_local_base_with_a_broken_config_is_one_line(tiny_base, tmp_path):
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_base, base)
+    (base / "text_encoder" / "config.json").write_text("{ not json")
+    recipe = write_recipe(tmp_path / "r.toml", {"model": {"base": str(base)}, "data": {"folder": str(tmp_path)}})
+    result = runner.invoke(app, ["plan", str(recipe)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert f"model.base: {base / 'text_encoder' / 'config.json'} is not a readable config" in result.output
