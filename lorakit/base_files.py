@@ -9,9 +9,7 @@ assumed is said in the log.
 
 from __future__ import annotations
 
-import math
 import tempfile
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 
 from .architectures import write_sdxl_config_folder
 from .errors import ModelError, first_line
+from .formats.read import tensors_dtype
 from .formats.single_file import V_PRED_KEY, VAE_PREFIX, ZTSNR_KEY
 
 SDXL_HUB_ID = "stabilityai/stable-diffusion-xl-base-1.0"
@@ -72,32 +71,13 @@ def read_facts(path: Path) -> FileFacts:
     return FileFacts("sdxl" if sdxl else "sd", V_PRED_KEY in keys, ZTSNR_KEY in keys)
 
 
-_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-
-
-def stored_dtype(path: str | Path, prefix: str = "") -> str | None:
-    """The floating dtype that most of the elements of a .safetensors file's tensors under `prefix` are stored in
-    ("float32", "float16" or "bfloat16"), from its header alone; None for a file that cannot be read or has none."""
-    elements: Counter[str] = Counter()
-    try:
-        with safe_open(str(path), "pt") as f:
-            for key in f.keys():
-                if key.startswith(prefix):
-                    tensor = f.get_slice(key)
-                    if tensor.get_dtype() in _DTYPES:
-                        elements[_DTYPES[tensor.get_dtype()]] += math.prod(tensor.get_shape())
-    except (SafetensorError, OSError):
-        return None
-    return elements.most_common(1)[0][0] if elements else None
-
-
 def read_dtype(path: Path, weight_dtype: str) -> str | None:
     """The dtype to read a single file's pipeline in: `weight_dtype` when its weights are stored in that half
     precision and its VAE in 16 bits (raised to float32 after, exactly), so nothing is held in float32 on the way;
     otherwise None (float32, cast after)."""
-    if weight_dtype == "float32" or stored_dtype(path) != weight_dtype:
+    if weight_dtype == "float32" or tensors_dtype(path) != weight_dtype:
         return None
-    return weight_dtype if stored_dtype(path, VAE_PREFIX) in ("float16", "bfloat16") else None
+    return weight_dtype if tensors_dtype(path, VAE_PREFIX) in ("float16", "bfloat16") else None
 
 
 def load_single_file(base: str, config: str | None, log: Callable[[str], None], weight_dtype: str = "float32") -> Any:

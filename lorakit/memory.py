@@ -205,11 +205,14 @@ def architecture_of(base: str) -> tuple[str, str]:
     or a hub id's name."""
     path = Path(base).expanduser()
     config = path / "unet" / "config.json"
-    if config.is_file():
-        if (path / "text_encoder_2").is_dir():  # as models.detect_family: SDXL is the base with two text encoders
-            return "sdxl", f"{path} (two text encoders)"
-        width = json.loads(config.read_text(encoding="utf-8")).get("cross_attention_dim")
-        return {1024: "sd21"}.get(width, "sd15"), f"{config} (cross_attention_dim {width})"
+    if config.is_file():  # decided as training decides: two text encoders, or SD 2.x's 1024-wide cross-attention
+        from .models import detect_family
+
+        index = path / "model_index.json"
+        unet = json.loads(config.read_text(encoding="utf-8"))
+        family = detect_family(json.loads(index.read_text(encoding="utf-8")) if index.is_file() else {}, unet)
+        why = "two text encoders" if family == "sdxl" else f"cross_attention_dim {unet.get('cross_attention_dim')}"
+        return {"sdxl": "sdxl", "sd2": "sd21"}.get(family, "sd15"), f"{path} ({why})"
     if path.is_file() and path.suffix == ".safetensors":
         from .base_files import read_facts
 

@@ -428,12 +428,29 @@ def check_against(state: LoraState, models: dict[str, Any], source: str) -> None
                 )
 
 
+_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def tensors_dtype(path: str | Path, prefix: str = "") -> str | None:
+    """The floating dtype that most of the elements of a .safetensors file's tensors under `prefix` are stored in
+    ("float32", "float16" or "bfloat16"), from its header alone; None for a file that cannot be read or has none."""
+    elements: dict[str, int] = {}
+    try:
+        with safe_open(str(path), "pt") as f:
+            for key in f.keys():
+                if key.startswith(prefix):
+                    tensor = f.get_slice(key)
+                    if tensor.get_dtype() in _DTYPES:
+                        name = _DTYPES[tensor.get_dtype()]
+                        elements[name] = elements.get(name, 0) + math.prod(tensor.get_shape())
+    except (SafetensorError, OSError):
+        return None
+    return max(elements, key=elements.get) if elements else None
+
+
 def stored_dtype(adapter: AdapterFile) -> str:
     """The dtype the file stores its weights in (kept by convert)."""
 
     if adapter.path.suffix.lower() != ".safetensors":
         return "float32"
-    with safe_open(str(adapter.path), "pt") as f:
-        key = next(k for k in f.keys() if not k.endswith(".alpha"))
-        dtype = f.get_slice(key).get_dtype()
-    return {"F16": "float16", "BF16": "bfloat16"}.get(dtype, "float32")
+    return tensors_dtype(adapter.path) or "float32"
