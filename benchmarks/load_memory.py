@@ -1,11 +1,13 @@
-"""System memory while a base model loads for training: the process's anonymous memory (what it owns) and its
-resident file pages (weights mapped from the file, which the kernel can drop and re-read), at their peak.
+"""System memory while a base model loads for float16 training or a float16 render: the process's anonymous memory
+(what it owns) and its resident file pages (weights mapped from the file, which the kernel can drop and re-read),
+at their peak.
 
 A full-size base with random weights (the real architecture, float16) is written as a diffusers folder and as a
-float16 and a float32 single file; each case loads it with `load_base(..., weight_dtype="float16")` in a fresh
-process while a thread samples /proc/self/status every 2 ms. "float32 first" is the path lorakit took before:
-every component read in float32, then cast. Linux only. Run by hand (SD 1.5: about 3 minutes and
-9 GB of disk; SDXL: about 10 minutes, 30 GB):
+float16 and a float32 single file. Each case loads it in a fresh process while a thread samples /proc/self/status
+every 2 ms: for training with `load_base(..., weight_dtype="float16")`, for a render (`lorakit generate` on CUDA)
+with `load_pipeline(..., dtype="float16")`. "float32 first" is the path lorakit took before: every component read
+in float32, then cast. Linux only. Run by hand (SD 1.5: about 5 minutes and 9 GB of disk; SDXL: about 15 minutes,
+30 GB):
 
     OMP_NUM_THREADS=1 python benchmarks/load_memory.py [--arch sd15|sdxl]
 """
@@ -28,13 +30,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 MEASURE = """
 import json, sys, threading, time
 import torch
-from lorakit.models import load_base
+from lorakit.models import load_base, load_pipeline
 
 def status():
     fields = dict(line.split(":", 1) for line in open("/proc/self/status"))
     return int(fields["RssAnon"].split()[0]) * 1024, int(fields["RssFile"].split()[0]) * 1024
 
-base, config, case = sys.argv[1], sys.argv[2] or None, sys.argv[3]
+base, config, task, case = sys.argv[1], sys.argv[2] or None, sys.argv[3], sys.argv[4]
 start_anon, start_file = status()
 peak = {"anon": 0, "file": 0}
 done = False
@@ -48,7 +50,10 @@ def sample():
 
 watcher = threading.Thread(target=sample)
 watcher.start()
-if case == "float32 first":
+if task == "render":  # what `generate` holds: the whole pipeline in float16
+    loaded = load_pipeline(base, config=config, dtype="float32" if case == "float32 first" else "float16")
+    loaded.to("cpu", torch.float16)
+elif case == "float32 first":
     loaded = load_base(base, config=config, weight_dtype="float32")
     for module in (loaded.unet, *loaded.text_encoders):
         module.to(torch.float16)
@@ -71,7 +76,7 @@ def write_files(arch: str, folder: Path) -> dict[str, Path]:
 
     base = write_base(arch, folder / "base", "cpu")
     pipeline = StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline
-    pipe = pipeline.from_pretrained(str(base), torch_dtype=torch.float16)
+    pipe = pipeline.from_pretrained(str(base), dtype=torch.float16)
     names = ("unet", "vae", "text_encoder", "text_encoder_2") if arch == "sdxl" else ("unet", "vae", "text_encoder")
     tensors = to_single_file({name: getattr(pipe, name) for name in names})
     del pipe
@@ -87,28 +92,34 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="lorakit-load-") as tmp:
         files = write_files(args.arch, Path(tmp))
         config = str(files["folder"])
-        cases = [
-            ("diffusers folder (float16 files)", files["folder"], "", "float32 first"),
-            ("diffusers folder (float16 files)", files["folder"], "", "as lorakit loads"),
-            ("single file, float16", files["half"], config, "float32 first"),
-            ("single file, float16", files["half"], config, "as lorakit loads"),
-            ("single file, float32", files["full"], config, "as lorakit loads"),
+        bases = [
+            ("diffusers folder (float16 files)", files["folder"], ""),
+            ("single file, float16", files["half"], config),
+            ("single file, float32", files["full"], config),
         ]
-        print(f"| {args.arch} base, trained in float16 | path | anonymous GB | file pages GB | U-Net, VAE |")
-        print("|---|---|---|---|---|")
-        for name, path, config_arg, case in cases:
-            done = subprocess.run(
-                [sys.executable, "-c", MEASURE, str(path), config_arg, case],
-                capture_output=True,
-                text=True,
-                cwd=ROOT,
-                check=True,
-            )
-            row = json.loads(done.stdout.strip().splitlines()[-1])
-            print(
-                f"| {name} | {case} | {row['anon'] / 1e9:.2f} | {row['file'] / 1e9:.2f} | "
-                f"{row['unet'].removeprefix('torch.')}, {row['vae'].removeprefix('torch.')} |"
-            )
+        print(f"| {args.arch} base, in float16 | for | path | anonymous GB | file pages GB | U-Net, VAE |")
+        print("|---|---|---|---|---|---|")
+        for task in ("train", "render"):
+            for name, path, config_arg in bases:
+                for case in ("float32 first", "as lorakit loads"):
+                    if task == "train" and path == files["full"] and case == "float32 first":
+                        continue  # training reads a float32 file in float32: the same path
+                    _measure(task, name, path, config_arg, case)
+
+
+def _measure(task: str, name: str, path: Path, config_arg: str, case: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", MEASURE, str(path), config_arg, task, case],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+    )
+    row = json.loads(done.stdout.strip().splitlines()[-1])
+    print(
+        f"| {name} | {task} | {case} | {row['anon'] / 1e9:.2f} | {row['file'] / 1e9:.2f} | "
+        f"{row['unet'].removeprefix('torch.')}, {row['vae'].removeprefix('torch.')} |"
+    )
 
 
 if __name__ == "__main__":

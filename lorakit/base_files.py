@@ -80,10 +80,17 @@ def read_dtype(path: Path, weight_dtype: str) -> str | None:
     return weight_dtype if tensors_dtype(path, VAE_PREFIX) in ("float16", "bfloat16") else None
 
 
-def load_single_file(base: str, config: str | None, log: Callable[[str], None], weight_dtype: str = "float32") -> Any:
+def load_single_file(
+    base: str,
+    config: str | None,
+    log: Callable[[str], None],
+    weight_dtype: str = "float32",
+    read_as: str | None = None,
+) -> Any:
     """The diffusers pipeline of a single-file base: SD 1.x/2.x with `config` (a diffusers folder or hub id of the
-    same architecture), SDXL with `config` or the shipped SDXL configs. Its U-Net and text encoders come in
-    `weight_dtype` when the file stores them so, the VAE in float32."""
+    same architecture), SDXL with `config` or the shipped SDXL configs. For training, its U-Net and text encoders
+    come in `weight_dtype` when the file stores them so, the VAE in float32. `read_as` (what a render runs in)
+    reads every component in that dtype instead, the VAE included."""
     from .models import is_local, resolve_base
 
     path = Path(base).expanduser()
@@ -98,8 +105,8 @@ def load_single_file(base: str, config: str | None, log: Callable[[str], None], 
 
     facts = read_facts(path)
     config_source = resolve_base(config) if config else None
-    dtype = read_dtype(path, weight_dtype)
-    read = {"torch_dtype": getattr(torch, dtype)} if dtype else {}
+    dtype = read_as or read_dtype(path, weight_dtype)
+    read = {"dtype": getattr(torch, dtype)} if dtype else {}
     if facts.family == "sdxl":
         pipe = _load_sdxl(path, config_source, log, read)
     else:
@@ -121,7 +128,8 @@ def load_single_file(base: str, config: str | None, log: Callable[[str], None], 
                 **read,
             },
         )
-    pipe.vae.to(torch.float32)  # exact from the 16 bits stored; SD VAEs overflow in float16
+    if read_as is None:
+        pipe.vae.to(torch.float32)  # exact from the 16 bits stored; SD VAEs overflow in float16
     _set_prediction(pipe, facts, path, configured=config_source is not None, log=log)
     return pipe
 

@@ -382,15 +382,19 @@ def merge(
         typer.Option(min=1, max=4096, help="Merge adapters by SVD to this rank (reports the error); default exact."),
     ] = None,
     save_dtype: Annotated[
-        str, typer.Option(help="dtype of a merged adapter: float16, bfloat16 or float32.")
-    ] = "float16",
+        str | None,
+        typer.Option(
+            help="float16, bfloat16 or float32 [default: float16 for an adapter; into a base, the precision the base "
+            "stores its weights in]"
+        ),
+    ] = None,
     overwrite: Overwrite = False,
     allow_pickle: AllowPickle = False,
 ) -> None:
     """Merge adapters into a base model, or several adapters into one."""
     from .merge import merge as run_merge
 
-    if save_dtype not in ("float16", "bfloat16", "float32"):
+    if save_dtype not in (None, "float16", "bfloat16", "float32"):
         raise typer.BadParameter(f"{save_dtype!r}: use float16, bfloat16 or float32", param_hint="--save-dtype")
     _prepare_stack()
     loras = _lora_arguments(lora)

@@ -103,15 +103,15 @@ class GenerateResult:
     grid: Path | None = None
 
 
-def _device_and_dtype(requested: str, log) -> tuple[str, Any]:
-
+def _device_and_dtype(requested: str, log) -> tuple[str, str]:
+    """(device, dtype name) a render runs in: float16 on CUDA and float32 on a CPU unless `--dtype` says."""
     cuda = torch.cuda.is_available()
     if requested == "auto":
-        return ("cuda", torch.float16) if cuda else ("cpu", torch.float32)
+        return ("cuda", "float16") if cuda else ("cpu", "float32")
     if requested == "float16" and not cuda:
         log("--dtype float16 does not run on a CPU; generating in bfloat16 instead")
         requested = "bfloat16"
-    return ("cuda" if cuda else "cpu"), getattr(torch, requested)
+    return ("cuda" if cuda else "cpu"), requested
 
 
 def effective_clip_skip(requested: int | None, from_run: int) -> int:
@@ -152,10 +152,11 @@ def generate(
         raise LorakitError(
             "--base: give the base model (a diffusers folder, hub id or .safetensors), or a run folder as --lora"
         )
-    pipe = load_pipeline(base, config=options.config or (defaults.config if not options.base else None), log=log)
     device, dtype = _device_and_dtype(options.dtype, log)
+    config = options.config or (defaults.config if not options.base else None)
+    pipe = load_pipeline(base, config=config, dtype=dtype, log=log)
     apply_adapters(pipe, adapters)
-    pipe.to(device, dtype)
+    pipe.to(device, getattr(torch, dtype))
     pipe.set_progress_bar_config(disable=True)
     set_sampler(pipe, settings.sampler)
     rescale = options.guidance_rescale

@@ -28,7 +28,7 @@ from .formats.metadata import BASE_MODEL_VERSION
 from .formats.read import check_against, read_adapter_file, stored_dtype
 from .formats.single_file import to_single_file
 from .lycoris import KIND_NAMES, LycorisModule
-from .models import load_pipeline
+from .models import base_dtype, load_pipeline
 from .render import pipeline_models
 from .timestep_rank import schedule_from_metadata
 
@@ -262,12 +262,14 @@ def merge(
     config: str | None = None,
     fmt: str | None = None,
     rank: int | None = None,
-    save_dtype: str = "float16",
+    save_dtype: str | None = None,
     overwrite: bool = False,
     allow_pickle: bool = False,
     log=print,
 ) -> MergeResult:
-    """`lorakit merge`: adapters into a base model (diffusers folder or single file), or into one adapter."""
+    """`lorakit merge`: adapters into a base model (diffusers folder or single file), or into one adapter.
+    `save_dtype` defaults to float16 for an adapter and to the precision the base stores its weights in for a base.
+    """
 
     out = Path(out).expanduser()
     files = [read_adapter_file(path, allow_pickle=allow_pickle) for path, _ in loras]
@@ -281,6 +283,7 @@ def merge(
                 "other loaders draw it (`lorakit generate` on the file itself follows the schedule)"
             )
     fmt = fmt or (("single-file" if out.suffix == ".safetensors" else "diffusers") if base else "kohya")
+    save_dtype = save_dtype or (None if base else "float16")  # None: as the base stores its weights
     record = {
         "loras": [
             {"file": a.path.name, "sha256": file_sha256(a.path), "scale": s}
@@ -297,8 +300,9 @@ def merge(
         return MergeResult(out, True)
     weighted = [Weighted(a.state, s, str(a.path)) for a, (_, s) in zip(files, loras, strict=True)]
     if base:
-        return _merge_into_base(weighted, out, base, config, fmt, record, log)
-    return _merge_adapters(weighted, out, fmt, rank, save_dtype, record, families.pop() if families else "sd1", log)
+        return _merge_into_base(weighted, out, base, config, fmt, save_dtype, record, log)
+    family = families.pop() if families else "sd1"
+    return _merge_adapters(weighted, out, fmt, rank, save_dtype, record, family, log)
 
 
 def _merge_adapters(
@@ -339,17 +343,32 @@ def _merge_adapters(
 
 
 def _merge_into_base(
-    weighted: list[Weighted], out: Path, base: str, config: str | None, fmt: str, record: dict, log
+    weighted: list[Weighted],
+    out: Path,
+    base: str,
+    config: str | None,
+    fmt: str,
+    save_dtype: str | None,
+    record: dict,
+    log,
 ) -> MergeResult:
+    """The base with the adapters baked in, written in `save_dtype` (None: as the base stores its weights). Each
+    merged weight is W + update in float32, rounded once to the saved dtype. A base stored in that dtype is read in
+    it (SDXL in float16 holds 7 GB, not 14); any other is read in float32 and cast as it is written."""
 
     if fmt not in ("diffusers", "single-file"):
         raise AdapterError(f"--format {fmt}: merging into a base writes 'diffusers' (a folder) or 'single-file'")
-    pipe = load_pipeline(base, config=config, log=log)
+    stored = base_dtype(base)
+    wanted = save_dtype or stored
+    pipe = load_pipeline(base, config=config, dtype=wanted if wanted == stored else "float32", log=log)
+    save = save_dtype or stored or base_dtype(base) or "float32"  # a hub base's files are cached once it is read
     models = pipeline_models(pipe)
-    for module in models.values():
-        module.float()
     changed = merge_into_models(models, weighted)
-    log(f"Merged {len(weighted)} adapter(s) into {changed} modules of {base}")
+    pipe.to(dtype=getattr(torch, save))
+    log(
+        f"Merged {len(weighted)} adapter(s) into {changed} modules of {base}; writing {save}"
+        + ("" if save_dtype else " (as the base stores its weights; --save-dtype to change)")
+    )
     if fmt == "single-file":
         schedule = pipe.scheduler.config
         tensors = to_single_file(

@@ -7,6 +7,7 @@ conditioning and the export code never special-case a family by name more than t
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,7 +186,7 @@ def _load_folder(source: str, revision: str | None, vae: str | None, weight_dtyp
     index = model_index(source, revision)
     kwargs = {"revision": revision} if not is_local(source) else {}
     dtype = getattr(torch, weight_dtype)
-    unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **kwargs)
+    unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", dtype=dtype, **kwargs)
     family = detect_family(index, dict(unet.config))
     vae_model = _load_vae(vae, {}) if vae else AutoencoderKL.from_pretrained(source, subfolder="vae", **kwargs)
     encoder = {"dtype": dtype, **kwargs}
@@ -265,22 +266,51 @@ def token_count(base: BaseModel, caption: str) -> int:
     return len(base.tokenizers[0](caption, truncation=False).input_ids) - 2
 
 
+_WEIGHTS = re.compile(r"diffusion_pytorch_model(-\d+-of-\d+)?\.safetensors")  # not a variant (.fp16.) file
+
+
+def base_dtype(base: str, revision: str | None = None) -> str | None:
+    """The dtype a base stores its weights in (its U-Net's, for a diffusers folder), from a safetensors header: a
+    single file, a local folder, or a hub id whose U-Net is in the Hugging Face cache; None when unknown here."""
+    from huggingface_hub import try_to_load_from_cache
+
+    from .formats.read import tensors_dtype
+
+    if is_single_file(base):
+        return tensors_dtype(Path(base).expanduser())
+    if is_local(base):
+        unet = Path(base).expanduser() / "unet"
+        files = sorted(p for p in unet.glob("*.safetensors") if _WEIGHTS.fullmatch(p.name)) if unet.is_dir() else []
+        return tensors_dtype(files[0]) if files else None
+    cached = try_to_load_from_cache(base, "unet/diffusion_pytorch_model.safetensors", revision=revision)
+    return tensors_dtype(cached) if isinstance(cached, str) else None
+
+
 def is_single_file(base: str) -> bool:
     return Path(base).suffix.lower() in (".safetensors", ".ckpt") and is_local(base)
 
 
 def load_pipeline(
-    base: str, *, config: str | None = None, revision: str | None = None, log: Callable[[str], None] = lambda _: None
+    base: str,
+    *,
+    config: str | None = None,
+    revision: str | None = None,
+    dtype: str = "float32",
+    log: Callable[[str], None] = lambda _: None,
 ) -> Any:
     """A StableDiffusionPipeline (SDXL's for SDXL) from a diffusers folder, a hub id, or a single-file
-    `.safetensors` checkpoint (see `base_files`: SD 1.x/2.x files need `config`, SDXL files may use it).
+    `.safetensors` checkpoint (see `base_files`: SD 1.x/2.x files need `config`, SDXL files may use it), every
+    component read in `dtype`: a half-precision render never holds the float32 weights (14 GB for SDXL), and
+    casting each weight once as it is read gives the very weights a float32 pipeline cast afterwards would hold.
     """
 
     if is_single_file(base):
-        return load_single_file(base, config, log)
+        return load_single_file(base, config, log, read_as=None if dtype == "float32" else dtype)
     source = resolve_base(base)
     index = model_index(source, revision)
     kwargs = {} if is_local(source) else {"revision": revision}
+    if dtype != "float32":
+        kwargs["dtype"] = getattr(torch, dtype)
     try:
         if detect_family(index, {}) == "sdxl":
             return StableDiffusionXLPipeline.from_pretrained(source, **kwargs)

@@ -361,3 +361,32 @@ def test_loraplus_puts_the_up_projections_in_their_own_group(tiny_base, tiny_dat
     row = json.loads((result.run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     assert row["lr_unet.up"] == pytest.approx(16 * row["lr_unet"])
     assert row["lr_text_encoder.up"] == pytest.approx(16 * row["lr_text_encoder"])
+
+
+def test_a_half_precision_render_writes_the_update_into_the_weights_it_read(lycoris_run, tiny_base, tmp_path):
+    """`generate --dtype bfloat16` reads a bfloat16 base in bfloat16; the LoKr/LoHa update goes in as W + update in
+    float32, rounded once, which is what a float32 read cast afterwards held: the pixels are the same."""
+    import numpy as np
+    from diffusers import StableDiffusionPipeline
+    from PIL import Image
+
+    import lorakit.generate
+    from lorakit.models import load_pipeline
+
+    result, _ = lycoris_run
+    half = tmp_path / "half"
+    StableDiffusionPipeline.from_pretrained(tiny_base, dtype=torch.bfloat16).save_pretrained(half)
+    args = ["generate", "a photo", "--base", str(half), "--lora", str(result.adapter), "--dtype", "bfloat16"]
+    args += ["--size", "64x64", "--steps", "2", "--quiet"]
+    images = {}
+    for name in ("read-in-it", "cast-after"):
+        with pytest.MonkeyPatch.context() as patch:
+            if name == "cast-after":
+                patch.setattr(
+                    lorakit.generate, "load_pipeline", lambda *a, **k: load_pipeline(*a, **{**k, "dtype": "float32"})
+                )
+            done = runner.invoke(app, [*args, "--out", str(tmp_path / name)])
+        assert done.exit_code == 0, done.output
+        with Image.open(next((tmp_path / name).glob("*.png"))) as image:
+            images[name] = np.asarray(image)
+    assert np.array_equal(images["read-in-it"], images["cast-after"])

@@ -328,7 +328,7 @@ def test_a_half_precision_base_loads_into_the_memory_the_plan_says(tiny_base, tm
     from lorakit.models import load_base
 
     half = tmp_path / "half"
-    StableDiffusionPipeline.from_pretrained(tiny_base, torch_dtype=torch.float16).save_pretrained(half)
+    StableDiffusionPipeline.from_pretrained(tiny_base, dtype=torch.float16).save_pretrained(half)
     loaded = {}
 
     def load() -> None:

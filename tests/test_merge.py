@@ -279,3 +279,67 @@ def test_an_sd2_single_file_holds_its_text_encoder_in_openclip_layout(tiny_base_
     ours = by_lorakit.text_encoders[0].state_dict()
     assert all(torch.equal(ours[k], v) for k, v in folder.text_encoder.state_dict().items())
     assert by_lorakit.prediction_type == "v_prediction"
+
+
+def test_a_half_precision_base_stays_half_precision_with_the_lora_baked_in(trained_run, tiny_base, tmp_path):
+    """Baking a LoRA into a float16 checkpoint gives a float16 checkpoint (float32 doubled its size: 14 GB for SDXL),
+    read without a float32 copy, each weight the float32 merge rounded once; `--save-dtype` still decides."""
+    from diffusers import StableDiffusionPipeline
+
+    from lorakit.formats.read import tensors_dtype
+    from lorakit.formats.single_file import to_single_file
+    from lorakit.merge import merge
+
+    from .conftest import allocation_peak
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_base, dtype=torch.float16)
+    pipe.save_pretrained(tmp_path / "half-folder")
+    names = ("unet", "vae", "text_encoder")
+    save_file(to_single_file({n: getattr(pipe, n) for n in names}), str(tmp_path / "half.safetensors"))
+    held = sum(t.numel() * t.element_size() for n in names for t in getattr(pipe, n).state_dict().values())
+    original = load_file(tmp_path / "half.safetensors")
+    lora = [(str(trained_run.adapter), 0.7)]
+    for base in (tmp_path / "half-folder", tmp_path / "half.safetensors"):
+        said = []
+        where = {"base": str(base), "config": str(tiny_base), "overwrite": True}
+        reference = merge(lora, tmp_path / "ref.safetensors", save_dtype="float32", **where)
+        peak = allocation_peak(lambda: merge(lora, tmp_path / "ours.safetensors", log=said.append, **where))  # noqa: B023
+        assert any("writing float16 (as the base stores its weights" in line for line in said), said
+        ours, theirs = load_file(tmp_path / "ours.safetensors"), load_file(reference.out)
+        assert {v.dtype for v in ours.values() if v.is_floating_point()} == {torch.float16}, base.name
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k].to(ours[k].dtype)) for k in ours)
+        assert any(not torch.equal(ours[k], original[k]) for k in ours)  # the LoRA is in
+        assert peak < 1.5 * held, (base.name, peak / held)  # read and written in float32: 2.8x (3.1x the file)
+    half_file = str(tmp_path / "half.safetensors")
+    out = tmp_path / "bf16.safetensors"
+    _ok(["merge", "--lora", lora[0][0], "--base", half_file, "--config", str(tiny_base), "--save-dtype", "bfloat16",
+         "--out", str(out)])  # fmt: skip
+    assert tensors_dtype(out) == "bfloat16"
+
+
+def test_a_bases_stored_precision_is_read_from_its_header(tiny_base, tmp_path, monkeypatch):
+    """What `merge --base` keeps by default: a single file's, a folder's U-Net's, a cached hub model's U-Net's
+    precision (its variant files aside); a hub model not yet downloaded is unknown until it is read."""
+    import huggingface_hub.constants
+
+    from lorakit.models import base_dtype
+
+    unet = {"w": torch.zeros(4, 4, dtype=torch.bfloat16)}
+    assert base_dtype(str(tiny_base)) == "float32"
+    save_file({"model.diffusion_model.w": unet["w"].half()}, str(tmp_path / "file.safetensors"))
+    assert base_dtype(str(tmp_path / "file.safetensors")) == "float16"
+    snapshot = tmp_path / "hub" / "models--someone--model" / "snapshots" / "0123abcd"
+    (snapshot / "unet").mkdir(parents=True)
+    save_file(unet, str(snapshot / "unet" / "diffusion_pytorch_model.safetensors"))
+    save_file({"w": unet["w"].float()}, str(snapshot / "unet" / "diffusion_pytorch_model.fp16.safetensors"))
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert base_dtype("someone/model") == "bfloat16"
+    assert base_dtype("someone/other-model") is None
+    folder = tmp_path / "folder"
+    (folder / "unet").mkdir(parents=True)
+    save_file({"w": unet["w"].float()}, str(folder / "unet" / "diffusion_pytorch_model.fp16.safetensors"))
+    assert base_dtype(str(folder)) is None
+    save_file(unet, str(folder / "unet" / "diffusion_pytorch_model-00001-of-00002.safetensors"))
+    assert base_dtype(str(folder)) == "bfloat16"

@@ -257,3 +257,32 @@ def test_a_half_precision_single_file_is_read_without_a_float32_copy(tiny_sdxl, 
     for name, dtype in (("vae", torch.float32), ("unet", torch.float16)):
         ours, theirs = getattr(base, name).state_dict(), getattr(by_float32, name).state_dict()
         assert all(torch.equal(ours[k], theirs[k].to(dtype)) for k in theirs), name
+
+
+def test_a_half_precision_render_reads_a_single_file_in_it(tiny_sdxl, tmp_path):
+    """`generate` in float16 (bfloat16 here) reads a single file in that dtype, VAE included (it renders in it): a
+    file stored so is not copied to float32 on the way, and from a float32 file each weight is the one a float32
+    read cast afterwards holds."""
+    from safetensors.torch import load_file
+
+    from lorakit.models import load_pipeline
+
+    full = _write_file(tiny_sdxl, tmp_path / "full.safetensors")
+    half = tmp_path / "half.safetensors"
+    save_file({k: v.to(torch.bfloat16) for k, v in load_file(str(full)).items()}, str(half))
+    names = ("unet", "vae", "text_encoder", "text_encoder_2")
+    loaded = {}
+
+    def load() -> None:
+        loaded["pipe"] = load_pipeline(str(half), config=str(tiny_sdxl), dtype="bfloat16")
+
+    peak = allocation_peak(load)
+    held = sum(t.numel() * t.element_size() for n in names for t in getattr(loaded["pipe"], n).state_dict().values())
+    assert peak < 1.2 * held, (peak, held)  # read in float32, cast after: 3.0x
+    for path in (half, full):
+        pipe = load_pipeline(str(path), config=str(tiny_sdxl), dtype="bfloat16")
+        by_float32 = load_pipeline(str(path), config=str(tiny_sdxl))
+        for name in names:
+            ours, theirs = getattr(pipe, name).state_dict(), getattr(by_float32, name).state_dict()
+            assert all(ours[k].dtype == torch.bfloat16 for k in ours if theirs[k].is_floating_point()), name
+            assert all(torch.equal(ours[k], theirs[k].to(ours[k].dtype)) for k in theirs), (path.name, name)
