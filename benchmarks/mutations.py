@@ -68,6 +68,8 @@ MUTATIONS = {
         "            accelerator.backward(loss / accumulation)\n",
         "            accelerator.backward(loss)\n",
     ),
+    "render_dtype": ("lorakit/generate.py", "dtype=dtype, log=log)", "log=log)"),
+    "merge_precision": ("lorakit/merge.py", "    pipe.to(dtype=getattr(torch, save))\n", ""),
 }
 
 
@@ -88,6 +90,8 @@ LIKELY = {
     "text_cache": ["tests/test_features.py", "tests/test_correctness.py"],
     "trigger": ["tests/test_knobs.py", "tests/test_train.py", "tests/test_generate.py", "tests/test_prepare.py"],
     "accumulation_scale": ["tests/test_train.py"],
+    "render_dtype": ["tests/test_generate.py"],
+    "merge_precision": ["tests/test_merge.py"],
 }
 
 

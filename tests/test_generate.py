@@ -211,9 +211,19 @@ def test_a_half_precision_render_reads_the_base_in_it_and_draws_what_a_cast_pipe
     def as_float32(*args, **kwargs):  # the earlier path: a float32 pipeline, cast when it moves to the device
         return load_pipeline(*args, **{**kwargs, "dtype": "float32"})
 
+    read = []
+
+    def watched(*args, **kwargs):  # the dtypes `generate` holds the pipeline in as it is read
+        pipe = load_pipeline(*args, **kwargs)
+        read.append({m.dtype for m in (pipe.unet, pipe.vae, pipe.text_encoder)})
+        return pipe
+
     args = ["ohwx toy", "--lora", str(trained_run.adapter), "--dtype", "bfloat16", "--seed", "3", *FAST]
     for base in (half, tiny_base):  # stored in the render's dtype, and in float32
-        _generate(*args, "--base", str(base), "--out", str(tmp_path / "read-in-it"))
+        with monkeypatch.context() as patch:
+            patch.setattr(lorakit.generate, "load_pipeline", watched)
+            _generate(*args, "--base", str(base), "--out", str(tmp_path / "read-in-it"))
+        assert read.pop() == {torch.bfloat16}
         with monkeypatch.context() as patch:
             patch.setattr(lorakit.generate, "load_pipeline", as_float32)
             _generate(*args, "--base", str(base), "--out", str(tmp_path / "cast-after"))
