@@ -361,13 +361,15 @@ def _merge_into_base(
     stored = base_dtype(base)
     wanted = save_dtype or stored
     pipe = load_pipeline(base, config=config, dtype=wanted if wanted == stored else "float32", log=log)
-    save = save_dtype or stored or base_dtype(base) or "float32"  # a hub base's files are cached once it is read
+    stored = stored or base_dtype(base)  # a hub base's files are in the cache once it is read
+    save = save_dtype or stored or "float32"
     models = pipeline_models(pipe)
     changed = merge_into_models(models, weighted)
     pipe.to(dtype=getattr(torch, save))
+    why = "as the base stores its weights" if stored else "the base's stored precision is unknown"
     log(
         f"Merged {len(weighted)} adapter(s) into {changed} modules of {base}; writing {save}"
-        + ("" if save_dtype else " (as the base stores its weights; --save-dtype to change)")
+        + ("" if save_dtype else f" ({why}; --save-dtype to change)")
     )
     if fmt == "single-file":
         schedule = pipe.scheduler.config

@@ -21,11 +21,12 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from huggingface_hub import hf_hub_download
+from huggingface_hub import hf_hub_download, try_to_load_from_cache
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .base_files import load_single_file
 from .errors import ModelError, first_line
+from .formats.read import tensors_dtype
 
 LOCAL_PREFIXES = ("./", "../", "/", "~", ".\\", "..\\")
 
@@ -272,10 +273,6 @@ _WEIGHTS = re.compile(r"diffusion_pytorch_model(-\d+-of-\d+)?\.safetensors")  # 
 def base_dtype(base: str, revision: str | None = None) -> str | None:
     """The dtype a base stores its weights in (its U-Net's, for a diffusers folder), from a safetensors header: a
     single file, a local folder, or a hub id whose U-Net is in the Hugging Face cache; None when unknown here."""
-    from huggingface_hub import try_to_load_from_cache
-
-    from .formats.read import tensors_dtype
-
     if is_single_file(base):
         return tensors_dtype(Path(base).expanduser())
     if is_local(base):
