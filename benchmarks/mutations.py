@@ -4,8 +4,10 @@ default suite (stopping at the first failure), and reports which test caught it.
     python benchmarks/mutations.py            # every mutation, one suite run each
     python benchmarks/mutations.py noise_offset ema
 
-A mutation no test catches is a feature the suite does not hold. The source is restored after each run. To keep
-a run short, the test files named with a mutation run first; only when they miss it does the whole suite run.
+A mutation no test catches is a feature the suite does not hold. The source is restored after each run; the output
+of the run that caught a mutation is kept in $TMPDIR/lorakit-mutations/NAME.log, to tell a real catch from an
+unrelated failure. To keep a run short, the test files named with a mutation run first; only when they miss it
+does the whole suite run.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -95,7 +98,10 @@ LIKELY = {
 }
 
 
-def _pytest(paths: list[str]) -> list[str]:
+LOGS = Path(tempfile.gettempdir()) / "lorakit-mutations"  # the output of the run that caught each mutation
+
+
+def _pytest(paths: list[str]) -> tuple[list[str], str]:
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *paths],
         cwd=ROOT,
@@ -103,7 +109,7 @@ def _pytest(paths: list[str]) -> list[str]:
         text=True,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
-    return re.findall(r"^FAILED (\S+)", done.stdout, re.MULTILINE)
+    return re.findall(r"^FAILED (\S+)", done.stdout, re.MULTILINE), done.stdout + done.stderr
 
 
 def run(name: str) -> tuple[bool, str, float]:
@@ -115,12 +121,16 @@ def run(name: str) -> tuple[bool, str, float]:
     path.write_text(original.replace(old, new))
     started = time.monotonic()
     try:
-        failed = _pytest(LIKELY.get(name, [])) if LIKELY.get(name) else []
+        failed, output = _pytest(LIKELY[name]) if LIKELY.get(name) else ([], "")
         if not failed:
-            failed = _pytest([])
+            failed, output = _pytest([])
     finally:
         path.write_text(original)
-    return bool(failed), (failed[0] if failed else "no test failed"), time.monotonic() - started
+    if not failed:
+        return False, "no test failed", time.monotonic() - started
+    LOGS.mkdir(exist_ok=True)
+    (LOGS / f"{name}.log").write_text(output, encoding="utf-8")  # to tell a real catch from an unrelated failure
+    return True, f"{failed[0]} (output: {LOGS / name}.log)", time.monotonic() - started
 
 
 def main() -> None:
