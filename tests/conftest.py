@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 
@@ -81,6 +82,33 @@ def allocation_peak(step) -> int:
         live += change
         peak = max(peak, live)
     return peak
+
+
+def peak_and_result(call):
+    """(`allocation_peak` of `call`, what `call` returned): what a load holds, and what it took to get there."""
+    returned = []
+    peak = allocation_peak(lambda: returned.append(call()))
+    return peak, returned[0]
+
+
+@contextlib.contextmanager
+def watched_render_loads(dtype: str | None = None):
+    """`lorakit generate`'s base loading, watched: yields a list that gets the set of dtypes each pipeline holds as
+    it is read. With `dtype` the base is read in it instead of the render's dtype ("float32": the path from before
+    renders read in their own dtype, a float32 pipeline cast when it moves to the device)."""
+    import lorakit.generate
+    from lorakit.models import load_pipeline
+
+    read: list[set] = []
+
+    def load(*args, **kwargs):
+        pipe = load_pipeline(*args, **({**kwargs, "dtype": dtype} if dtype else kwargs))
+        read.append({m.dtype for m in (pipe.unet, pipe.vae, pipe.text_encoder)})
+        return pipe
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(lorakit.generate, "load_pipeline", load)
+        yield read
 
 
 def write_recipe(path, recipe: dict):

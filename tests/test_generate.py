@@ -182,50 +182,31 @@ def test_missing_base_and_foreign_adapter(trained_run, tiny_base_v, tmp_path):
 
 
 def test_a_half_precision_render_reads_the_base_in_it_and_draws_what_a_cast_pipeline_draws(
-    trained_run, tiny_base, tmp_path, monkeypatch
+    trained_run, tiny_base, tmp_path
 ):
     """A float16 render on CUDA (bfloat16 on this CPU) reads the base in that dtype: no float32 pipeline on the way
     (14 GB of system memory for SDXL). Each weight cast once as it is read is the weight a float32 pipeline cast
     afterwards holds, so a LoRA render draws the same pixels either way."""
     import torch
-    from diffusers import StableDiffusionPipeline
 
-    import lorakit.generate
     from lorakit.models import load_pipeline
 
-    from .conftest import allocation_peak
+    from .conftest import peak_and_result, watched_render_loads
+    from .tiny import save_in_dtype
 
-    half = tmp_path / "half"
-    StableDiffusionPipeline.from_pretrained(tiny_base, dtype=torch.bfloat16).save_pretrained(half)
-    loaded = {}
-
-    def load() -> None:
-        loaded["pipe"] = load_pipeline(str(half), dtype="bfloat16")
-
-    peak = allocation_peak(load)
-    models = [loaded["pipe"].unet, loaded["pipe"].vae, loaded["pipe"].text_encoder]
+    half = save_in_dtype(tiny_base, tmp_path / "half", torch.bfloat16)
+    peak, pipe = peak_and_result(lambda: load_pipeline(str(half), dtype="bfloat16"))
+    models = [pipe.unet, pipe.vae, pipe.text_encoder]
     assert all(m.dtype == torch.bfloat16 for m in models)
     held = sum(t.numel() * t.element_size() for m in models for t in [*m.parameters(), *m.buffers()])
     assert peak < 1.2 * held, (peak, held)  # read in float32, cast after: 2.7x
 
-    def as_float32(*args, **kwargs):  # the earlier path: a float32 pipeline, cast when it moves to the device
-        return load_pipeline(*args, **{**kwargs, "dtype": "float32"})
-
-    read = []
-
-    def watched(*args, **kwargs):  # the dtypes `generate` holds the pipeline in as it is read
-        pipe = load_pipeline(*args, **kwargs)
-        read.append({m.dtype for m in (pipe.unet, pipe.vae, pipe.text_encoder)})
-        return pipe
-
     args = ["ohwx toy", "--lora", str(trained_run.adapter), "--dtype", "bfloat16", "--seed", "3", *FAST]
     for base in (half, tiny_base):  # stored in the render's dtype, and in float32
-        with monkeypatch.context() as patch:
-            patch.setattr(lorakit.generate, "load_pipeline", watched)
+        with watched_render_loads() as read:  # the dtypes `generate` holds the pipeline in as it is read
             _generate(*args, "--base", str(base), "--out", str(tmp_path / "read-in-it"))
-        assert read.pop() == {torch.bfloat16}
-        with monkeypatch.context() as patch:
-            patch.setattr(lorakit.generate, "load_pipeline", as_float32)
+        assert read == [{torch.bfloat16}]
+        with watched_render_loads("float32"):
             _generate(*args, "--base", str(base), "--out", str(tmp_path / "cast-after"))
         ours, theirs = (_pixels(tmp_path / out / "000-seed3.png") for out in ("read-in-it", "cast-after"))
         assert np.array_equal(ours, theirs), (base, np.abs(ours - theirs).max())

@@ -191,7 +191,7 @@ def test_train_checks_the_plan_against_its_gpu_and_reports_the_measured_peak(tin
 
 
 def test_generate_on_cuda_reads_the_base_in_float16_and_draws_what_a_cast_pipeline_draws(
-    trained_run, tiny_base, tmp_path, monkeypatch
+    trained_run, tiny_base, tmp_path
 ):
     """`lorakit generate` on CUDA renders in float16 and reads the base in it (no float32 pipeline on the way); the
     images are those of a float32 read cast afterwards, the weights being equal bit for bit."""
@@ -199,29 +199,18 @@ def test_generate_on_cuda_reads_the_base_in_float16_and_draws_what_a_cast_pipeli
     from PIL import Image
     from typer.testing import CliRunner
 
-    import lorakit.generate
     from lorakit.cli import app
-    from lorakit.models import load_pipeline
 
-    read = []
-
-    def watched(*args, **kwargs):
-        pipe = load_pipeline(*args, **kwargs)
-        read.append({m.dtype for m in (pipe.unet, pipe.vae, pipe.text_encoder)})
-        return pipe
+    from .conftest import watched_render_loads
 
     args = ["generate", "ohwx toy", "--base", str(tiny_base), "--lora", str(trained_run.adapter), "--seed", "3"]
     args += ["--size", "64x64", "--steps", "3", "--quiet"]
-    images = {}
-
-    def as_float32(*args, **kwargs):  # the earlier path: a float32 pipeline, cast when it moves to the GPU
-        return watched(*args, **{**kwargs, "dtype": "float32"})
-
-    for name, loader in (("read-in-it", watched), ("cast-after", as_float32)):
-        with monkeypatch.context() as patch:
-            patch.setattr(lorakit.generate, "load_pipeline", loader)
+    images, read = {}, []
+    for name, dtype in (("read-in-it", None), ("cast-after", "float32")):
+        with watched_render_loads(dtype) as loads:
             done = CliRunner().invoke(app, [*args, "--out", str(tmp_path / name)])
         assert done.exit_code == 0, done.output
+        read += loads
         with Image.open(tmp_path / name / "000-seed3.png") as image:
             images[name] = np.asarray(image, dtype=np.int16)
     assert read == [{torch.float16}, {torch.float32}]

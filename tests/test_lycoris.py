@@ -367,24 +367,18 @@ def test_a_half_precision_render_writes_the_update_into_the_weights_it_read(lyco
     """`generate --dtype bfloat16` reads a bfloat16 base in bfloat16; the LoKr/LoHa update goes in as W + update in
     float32, rounded once, which is what a float32 read cast afterwards held: the pixels are the same."""
     import numpy as np
-    from diffusers import StableDiffusionPipeline
     from PIL import Image
 
-    import lorakit.generate
-    from lorakit.models import load_pipeline
+    from .conftest import watched_render_loads
+    from .tiny import save_in_dtype
 
     result, _ = lycoris_run
-    half = tmp_path / "half"
-    StableDiffusionPipeline.from_pretrained(tiny_base, dtype=torch.bfloat16).save_pretrained(half)
+    half = save_in_dtype(tiny_base, tmp_path / "half", torch.bfloat16)
     args = ["generate", "a photo", "--base", str(half), "--lora", str(result.adapter), "--dtype", "bfloat16"]
     args += ["--size", "64x64", "--steps", "2", "--quiet"]
     images = {}
-    for name in ("read-in-it", "cast-after"):
-        with pytest.MonkeyPatch.context() as patch:
-            if name == "cast-after":
-                patch.setattr(
-                    lorakit.generate, "load_pipeline", lambda *a, **k: load_pipeline(*a, **{**k, "dtype": "float32"})
-                )
+    for name, dtype in (("read-in-it", None), ("cast-after", "float32")):
+        with watched_render_loads(dtype):
             done = runner.invoke(app, [*args, "--out", str(tmp_path / name)])
         assert done.exit_code == 0, done.output
         with Image.open(next((tmp_path / name).glob("*.png"))) as image:

@@ -323,19 +323,13 @@ def test_readme_fit_table_is_the_shipped_recipes_plan():
 def test_a_half_precision_base_loads_into_the_memory_the_plan_says(tiny_base, tmp_path):
     """A float16 diffusers folder trained in float16 is read in float16 (no float32 copy on the way: that took 3.9 GB
     for SD 1.5), and what it holds is the plan's load figure: U-Net and text encoder in float16, VAE in float32."""
-    from diffusers import StableDiffusionPipeline
-
     from lorakit.models import load_base
 
-    half = tmp_path / "half"
-    StableDiffusionPipeline.from_pretrained(tiny_base, dtype=torch.float16).save_pretrained(half)
-    loaded = {}
+    from .conftest import peak_and_result
+    from .tiny import save_in_dtype
 
-    def load() -> None:
-        loaded["base"] = load_base(str(half), weight_dtype="float16")
-
-    peak = allocation_peak(load)
-    base = loaded["base"]
+    half = save_in_dtype(tiny_base, tmp_path / "half", torch.float16)
+    peak, base = peak_and_result(lambda: load_base(str(half), weight_dtype="float16"))
     modules = {"unet": base.unet, "vae": base.vae, "text_encoder": base.text_encoders[0]}
     held = sum(p.numel() * p.element_size() for m in modules.values() for p in m.parameters())
     assert base.unet.dtype == base.text_encoders[0].dtype == torch.float16 and base.vae.dtype == torch.float32

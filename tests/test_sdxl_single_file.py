@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from lorakit.errors import LorakitError
 
-from .conftest import allocation_peak, make_recipe_dict
+from .conftest import make_recipe_dict, peak_and_result
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
@@ -241,13 +241,7 @@ def test_a_half_precision_single_file_is_read_without_a_float32_copy(tiny_sdxl, 
     half = tmp_path / "half.safetensors"
     tensors = load_file(str(_write_file(tiny_sdxl, tmp_path / "full.safetensors")))
     save_file({k: v.half() for k, v in tensors.items()}, str(half))
-    loaded = {}
-
-    def load() -> None:
-        loaded["base"] = load_base(str(half), config=str(tiny_sdxl), weight_dtype="float16")
-
-    peak = allocation_peak(load)
-    base = loaded["base"]
+    peak, base = peak_and_result(lambda: load_base(str(half), config=str(tiny_sdxl), weight_dtype="float16"))
     modules = [base.unet, base.vae, *base.text_encoders]
     resident = sum(t.numel() * t.element_size() for m in modules for t in [*m.parameters(), *m.buffers()])
     assert peak < 1.2 * resident, (peak, resident)  # a float32 pipeline cast after: 2.8x
@@ -271,13 +265,8 @@ def test_a_half_precision_render_reads_a_single_file_in_it(tiny_sdxl, tmp_path):
     half = tmp_path / "half.safetensors"
     save_file({k: v.to(torch.bfloat16) for k, v in load_file(str(full)).items()}, str(half))
     names = ("unet", "vae", "text_encoder", "text_encoder_2")
-    loaded = {}
-
-    def load() -> None:
-        loaded["pipe"] = load_pipeline(str(half), config=str(tiny_sdxl), dtype="bfloat16")
-
-    peak = allocation_peak(load)
-    held = sum(t.numel() * t.element_size() for n in names for t in getattr(loaded["pipe"], n).state_dict().values())
+    peak, pipe = peak_and_result(lambda: load_pipeline(str(half), config=str(tiny_sdxl), dtype="bfloat16"))
+    held = sum(t.numel() * t.element_size() for n in names for t in getattr(pipe, n).state_dict().values())
     assert peak < 1.2 * held, (peak, held)  # read in float32, cast after: 3.0x
     for path in (half, full):
         pipe = load_pipeline(str(path), config=str(tiny_sdxl), dtype="bfloat16")

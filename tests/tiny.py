@@ -88,6 +88,14 @@ def save_tiny_pipeline(path: str | Path, seed: int = 0, *, prediction_type: str 
     return path
 
 
+def save_in_dtype(base: str | Path, path: str | Path, dtype) -> Path:
+    """The tiny SD pipeline at `base` saved again at `path` with its weights stored in `dtype` (a torch dtype)."""
+    from diffusers import StableDiffusionPipeline
+
+    StableDiffusionPipeline.from_pretrained(base, dtype=dtype).save_pretrained(path)
+    return Path(path)
+
+
 def write_tiny_dataset(
     folder: str | Path,
     *,
