@@ -26,7 +26,12 @@ def component_config(architecture: str, component: str) -> dict[str, Any]:
     if not path.is_file():
         known = sorted(p.stem for p in (CONFIGS / architecture).glob("*.json"))
         raise KeyError(f"{architecture}/{component}: no such config; {architecture} has {known}")
-    return {k: v for k, v in json.loads(path.read_text(encoding="utf-8")).items() if not k.startswith("_")}
+    return _public_keys(json.loads(path.read_text(encoding="utf-8")))
+
+
+def _public_keys(config: dict[str, Any]) -> dict[str, Any]:
+    """A config without its private `_` keys (class name, library versions): what the model's constructor takes."""
+    return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
 def build_on_meta(architecture: str, component: str, folder: str | None = None) -> Any:
@@ -38,10 +43,9 @@ def build_on_meta(architecture: str, component: str, folder: str | None = None) 
     else:
         path = Path(folder) / component / "config.json"
         try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
+            config = _public_keys(json.loads(path.read_text(encoding="utf-8")))
         except (OSError, ValueError) as err:
             raise ModelError(f"model.base: {path} is not a readable config ({first_line(err)})") from None
-        config = {k: v for k, v in raw.items() if not k.startswith("_")}
     with torch.device("meta"):
         if component == "unet":
             from diffusers import UNet2DConditionModel
