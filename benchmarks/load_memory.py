@@ -52,13 +52,13 @@ def sample():
 watcher = threading.Thread(target=sample)
 watcher.start()
 if task == "merge":  # `merge --base` into a single file; float32 first: read, merged and written in float32
-    from lorakit.formats.read import tensors_dtype
+    from lorakit.formats.read import tensors_dtypes
     from lorakit.merge import merge
 
     out = adapter + ".merged.safetensors"
     save_dtype = "float32" if case == "float32 first" else None
     merge([(adapter, 1.0)], out, base=base, config=config, save_dtype=save_dtype, overwrite=True, log=lambda _: None)
-    written = tensors_dtype(out, "model.diffusion_model."), tensors_dtype(out, "first_stage_model.")
+    written = tensors_dtypes(out, "model.diffusion_model.", "first_stage_model.")
 elif task == "render":  # what `generate` holds: the whole pipeline in float16
     loaded = load_pipeline(base, config=config, dtype="float32" if case == "float32 first" else "float16")
     loaded.to("cpu", torch.float16)

@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 
 from .architectures import write_sdxl_config_folder
 from .errors import ModelError, first_line
-from .formats.read import tensors_dtype
+from .formats.read import tensors_dtypes
 from .formats.single_file import V_PRED_KEY, VAE_PREFIX, ZTSNR_KEY
 
 SDXL_HUB_ID = "stabilityai/stable-diffusion-xl-base-1.0"
@@ -75,9 +75,10 @@ def read_dtype(path: Path, weight_dtype: str) -> str | None:
     """The dtype to read a single file's pipeline in: `weight_dtype` when its weights are stored in that half
     precision and its VAE in 16 bits (raised to float32 after, exactly), so nothing is held in float32 on the way;
     otherwise None (float32, cast after)."""
-    if weight_dtype == "float32" or tensors_dtype(path) != weight_dtype:
+    if weight_dtype == "float32":
         return None
-    return weight_dtype if tensors_dtype(path, VAE_PREFIX) in ("float16", "bfloat16") else None
+    whole, vae = tensors_dtypes(path, "", VAE_PREFIX)
+    return weight_dtype if whole == weight_dtype and vae in ("float16", "bfloat16") else None
 
 
 def load_single_file(

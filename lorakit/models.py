@@ -280,7 +280,21 @@ def base_dtype(base: str, revision: str | None = None) -> str | None:
         files = sorted(p for p in unet.glob("*.safetensors") if _WEIGHTS.fullmatch(p.name)) if unet.is_dir() else []
         return tensors_dtype(files[0]) if files else None
     cached = try_to_load_from_cache(base, "unet/diffusion_pytorch_model.safetensors", revision=revision)
+    if not isinstance(cached, str):  # a U-Net sharded in several files: its first shard, named by the index
+        index = try_to_load_from_cache(base, "unet/diffusion_pytorch_model.safetensors.index.json", revision=revision)
+        shards = _shard_names(Path(index)) if isinstance(index, str) else []
+        cached = try_to_load_from_cache(base, f"unet/{shards[0]}", revision=revision) if shards else None
     return tensors_dtype(cached) if isinstance(cached, str) else None
+
+
+def _shard_names(index: Path) -> list[str]:
+    """The files a sharded checkpoint's `.index.json` maps its tensors to; none when it cannot be read."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+    except (OSError, ValueError, AttributeError):
+        return []
+    names = weight_map.values() if isinstance(weight_map, dict) else []
+    return sorted({name for name in names if isinstance(name, str)})
 
 
 def is_single_file(base: str) -> bool:

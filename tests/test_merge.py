@@ -337,6 +337,15 @@ def test_a_bases_stored_precision_is_read_from_its_header(tiny_base, tmp_path, m
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     assert base_dtype("someone/model") == "bfloat16"
     assert base_dtype("someone/other-model") is None
+    sharded = tmp_path / "hub" / "models--someone--sharded" / "snapshots" / "4567cdef"
+    (sharded / "unet").mkdir(parents=True)
+    (sharded.parent.parent / "refs").mkdir()
+    (sharded.parent.parent / "refs" / "main").write_text("4567cdef")
+    index = {"weight_map": {"w": "diffusion_pytorch_model-00001-of-00002.safetensors"}}
+    (sharded / "unet" / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+    assert base_dtype("someone/sharded") is None  # the index is there, its shard not yet
+    save_file({"w": unet["w"].half()}, str(sharded / "unet" / "diffusion_pytorch_model-00001-of-00002.safetensors"))
+    assert base_dtype("someone/sharded") == "float16"
     folder = tmp_path / "folder"
     (folder / "unet").mkdir(parents=True)
     save_file({"w": unet["w"].float()}, str(folder / "unet" / "diffusion_pytorch_model.fp16.safetensors"))

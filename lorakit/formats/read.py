@@ -434,18 +434,24 @@ _DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 def tensors_dtype(path: str | Path, prefix: str = "") -> str | None:
     """The floating dtype that most of the elements of a .safetensors file's tensors under `prefix` are stored in
     ("float32", "float16" or "bfloat16"), from its header alone; None for a file that cannot be read or has none."""
-    elements: dict[str, int] = {}
+    return tensors_dtypes(path, prefix)[0]
+
+
+def tensors_dtypes(path: str | Path, *prefixes: str) -> tuple[str | None, ...]:
+    """`tensors_dtype` for each of `prefixes` ("" for the whole file), from one pass over the header."""
+    elements: list[dict[str, int]] = [{} for _ in prefixes]
     try:
         with safe_open(str(path), "pt") as f:
             for key in f.keys():
-                if key.startswith(prefix):
-                    tensor = f.get_slice(key)
-                    if tensor.get_dtype() in _DTYPES:
-                        name = _DTYPES[tensor.get_dtype()]
-                        elements[name] = elements.get(name, 0) + math.prod(tensor.get_shape())
+                wanted = [counts for prefix, counts in zip(prefixes, elements, strict=True) if key.startswith(prefix)]
+                tensor = f.get_slice(key) if wanted else None
+                if tensor is not None and tensor.get_dtype() in _DTYPES:
+                    name, size = _DTYPES[tensor.get_dtype()], math.prod(tensor.get_shape())
+                    for counts in wanted:
+                        counts[name] = counts.get(name, 0) + size
     except (SafetensorError, OSError):
-        return None
-    return max(elements, key=elements.get) if elements else None
+        return (None,) * len(prefixes)
+    return tuple(max(counts, key=counts.get) if counts else None for counts in elements)
 
 
 def stored_dtype(adapter: AdapterFile) -> str:
