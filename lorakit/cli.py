@@ -85,6 +85,9 @@ def main(
     ] = False,
 ) -> None:
     """LoRA fine-tuning for personal Stable Diffusion models."""
+    from .stack import quiet_third_party
+
+    quiet_third_party()  # before any command imports the ML libraries: their verbosity is fixed at import
 
 
 @app.command()
@@ -203,7 +206,7 @@ def prepare(
         str, typer.Option(help='Trigger word put once at the front of every caption, e.g. "ohwx person".')
     ] = "",
     resolution: Annotated[
-        int, typer.Option(min=64, max=4096, help="Training resolution: buckets of about this many pixels squared.")
+        int, typer.Option(min=8, max=4096, help="Training resolution: buckets of about this many pixels squared.")
     ] = 512,
     bucket_step: Annotated[
         int, typer.Option(min=1, max=512, help="Bucket sides are multiples of this (64 for SD).")

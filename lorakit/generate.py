@@ -183,7 +183,8 @@ def generate(
                 result.images.append(path)
                 images.append((scale, prompt, seed, image))
     result.grid = _write_grid(out, images, scales, rows, options)
-    log(f"Wrote {len(result.images)} images and {result.grid}")
+    count = len(result.images)
+    log(f"Wrote {count} image{'s' if count != 1 else ''} and {result.grid}")
     return result
 
 

@@ -39,6 +39,20 @@ def test_module_entry_point_prints_the_version():
     assert out.stdout.strip() == f"lorakit {__version__}"
 
 
+def test_generate_prints_only_its_own_lines(tiny_base, tmp_path):
+    """The ML libraries fix their verbosity when imported, so lorakit quiets them before a command imports them:
+    a user's terminal shows no notice about torchvision or about casting modules, only lorakit's lines."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_VERBOSITY")}  # conftest quiets this process
+    command = [sys.executable, "-m", "lorakit", "generate", "a ball", "--base", str(tiny_base), "--size", "64x64"]
+    run = subprocess.run(
+        [*command, "--steps", "1", "--out", str(tmp_path / "out"), "-q"], capture_output=True, text=True, env=env
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stderr.splitlines() == ["Wrote 1 image and " + str(tmp_path / "out" / "grid.png")]
+
+
 def test_train_end_to_end_through_the_cli(tiny_base, tiny_dataset, tmp_path):
     recipe = write_recipe(tmp_path / "r.toml", make_recipe_dict(tiny_base, tiny_dataset, tmp_path / "out"))
     result = runner.invoke(app, ["train", str(recipe), "--set", "train.max_steps=2", "--quiet"])
