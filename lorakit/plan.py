@@ -277,7 +277,8 @@ def plan_lines(result: Plan) -> list[str]:
     for phase in memory.phases:
         lines.append(f"  {phase:<15} {'total':<62} {memory.phase_gib(phase):>6.2f}")
     lines.append(
-        "  * modelled, not counted: " + "; ".join(sorted({p.how for p in memory.parts if p.how != "counted"}))
+        "  * modelled, not counted: "
+        + "; ".join(sorted({p.how.removeprefix("modelled: ") for p in memory.parts if p.how != "counted"}))
     )
     lines.append(
         f"Load: {memory.loaded_gib:.2f} GiB of system memory holds the frozen weights from load on ("

@@ -40,6 +40,16 @@ def tiny_sdxl(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def quick_toy_base(tmp_path_factory):
+    """The toy base architecture with a token amount of training (the real build takes minutes)."""
+    from lorakit.toy.build import build_toy_base
+
+    return build_toy_base(
+        tmp_path_factory.mktemp("toy") / "base", vae_steps=2, unet_steps=3, quiet=True, log=lambda _: None
+    )
+
+
+@pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory):
     from .tiny import write_tiny_dataset
 

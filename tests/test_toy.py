@@ -19,16 +19,6 @@ def test_detectors_are_accurate_on_the_generators_own_renders():
     assert all(value >= 0.95 for value in accuracy.values()), accuracy
 
 
-@pytest.fixture(scope="module")
-def quick_toy_base(tmp_path_factory):
-    """The toy base architecture with a token amount of training (the real build takes minutes)."""
-    from lorakit.toy.build import build_toy_base
-
-    return build_toy_base(
-        tmp_path_factory.mktemp("toy") / "base", vae_steps=2, unet_steps=3, quiet=True, log=lambda _: None
-    )
-
-
 def test_toy_build_is_cached_and_deterministic(quick_toy_base, tmp_path):
     from diffusers import UNet2DConditionModel
 
