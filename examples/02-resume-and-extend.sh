@@ -14,8 +14,10 @@ lorakit train examples/first-lora.toml --set model.base="$BASE" --set data.folde
     --set prior.class_dir="$DEMO/class_photos" --set output.folder="$OUT/runs" --set output.name=resumed \
     --set train.max_steps="$STEPS" --set train.save_every_steps="$STEPS" --overwrite
 
-# Too short: train on to MORE_STEPS from the newest checkpoint. The steps after it are the ones an unbroken run
-# of MORE_STEPS would take (same batches, same noise), and metrics.jsonl logs each step once.
+# Too short: train on to MORE_STEPS from the newest checkpoint. With this recipe's constant learning rate the
+# adapter is bit for bit the one an unbroken run of MORE_STEPS gives (same batches, same noise; a schedule such
+# as cosine depends on max_steps, so there it differs), and metrics.jsonl logs each step once. After a crash or
+# Ctrl-C, the same command with the same max_steps finishes the run exactly as if nothing had happened.
 lorakit train examples/first-lora.toml --set model.base="$BASE" --set data.folder="$OUT/dataset" \
     --set prior.class_dir="$DEMO/class_photos" --set output.folder="$OUT/runs" --set output.name=resumed \
     --set train.max_steps="$MORE_STEPS" --set train.save_every_steps="$STEPS" --resume latest

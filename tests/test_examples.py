@@ -136,6 +136,14 @@ def test_02_a_resumed_run_logs_every_step_once(examples_run):
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
     assert sorted(p.name for p in (run / "checkpoints").iterdir())[-1] == "step-000004"
+    # what the script's comment promises: the steps an unbroken run of MORE_STEPS takes, bit for bit
+    places = [f"model.base={env['BASE']}", f"data.folder={out / 'dataset'}", f"output.folder={out / 'runs'}"]
+    places += [f"prior.class_dir={env['DEMO']}/class_photos", "output.name=unbroken", "train.max_steps=4"]
+    unbroken = runner.invoke(app, ["train", "examples/first-lora.toml", "-q", *[f"--set={p}" for p in places]])
+    assert unbroken.exit_code == 0, unbroken.output
+    resumed = load_file(run / "resumed.safetensors")
+    whole = load_file(out / "runs" / "unbroken" / "unbroken.safetensors")
+    assert resumed.keys() == whole.keys() and all(resumed[k].equal(whole[k]) for k in whole)
 
 
 def test_03_the_toolbox_writes_what_it_says(examples_run):
