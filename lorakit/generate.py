@@ -154,7 +154,7 @@ def generate(
         )
     device, dtype = _device_and_dtype(options.dtype, log)
     config = options.config or (defaults.config if not options.base else None)
-    pipe = load_pipeline(base, config=config, dtype=dtype, log=log)
+    pipe = load_pipeline(base, config=config, dtype=dtype, log=log, as_options=options.base is not None)
     apply_adapters(pipe, adapters)
     pipe.to(device, getattr(torch, dtype))
     pipe.set_progress_bar_config(disable=True)

@@ -360,7 +360,9 @@ def _merge_into_base(
         raise AdapterError(f"--format {fmt}: merging into a base writes 'diffusers' (a folder) or 'single-file'")
     stored = base_dtype(base)
     wanted = save_dtype or stored
-    pipe = load_pipeline(base, config=config, dtype=wanted if wanted == stored else "float32", log=log)
+    pipe = load_pipeline(
+        base, config=config, dtype=wanted if wanted == stored else "float32", log=log, as_options=True
+    )
     stored = stored or base_dtype(base)  # a hub base's files are in the cache once it is read
     save = save_dtype or stored or "float32"
     models = pipeline_models(pipe)

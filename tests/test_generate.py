@@ -173,7 +173,11 @@ def test_bad_generate_input(tiny_base, tmp_path, args, fragment):
 
 
 def test_missing_base_and_foreign_adapter(trained_run, tiny_base_v, tmp_path):
-    _fails(["a toy", "--base", str(tmp_path / "nope"), "--out", str(tmp_path / "o")], "does not exist")
+    _fails(
+        ["a toy", "--base", str(tmp_path / "nope"), "--out", str(tmp_path / "o")],
+        f"--base: {tmp_path / 'nope'} does not exist",
+    )
+    _fails(["a toy", "--base", str(tmp_path / "nope.safetensors"), "--out", str(tmp_path / "o")], "error: --base: ")
     _fails(["a toy", "--out", str(tmp_path / "o")], "--base: give the base model")
     _fails(
         ["a toy", "--base", str(tiny_base_v), "--lora", str(trained_run.adapter), "--out", str(tmp_path / "o"), *FAST],

@@ -162,8 +162,13 @@ def test_single_file_round_trip_and_training_on_it(trained_run, tiny_base, tiny_
         out, tiny_dataset, tmp_path / "runs", model={"config": str(tiny_base)}, train={"max_steps": 1}
     )
     assert train(recipe_from_dict(recipe), quiet=True, log=lambda _: None).steps == 1
+    # the messages name the options the command was given, not the recipe keys training reads
+    without_config = ["merge", "--lora", str(trained_run.adapter), "--base", str(out), "--out", str(tmp_path / "x")]
+    _fails(without_config, f"error: --config: {out} is a single-file SD 1.x/2.x checkpoint; give --config a diffusers")
+    nope = tmp_path / "nope"
     _fails(
-        ["merge", "--lora", str(trained_run.adapter), "--base", str(out), "--out", str(tmp_path / "x")], "model.config"
+        ["merge", "--lora", str(trained_run.adapter), "--base", str(nope), "--out", str(tmp_path / "y")],
+        f"--base: {nope} does not",
     )
 
 
