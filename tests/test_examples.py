@@ -115,7 +115,9 @@ def monkeypatch_module():
 
 
 def _rank(adapter: Path) -> int:
-    return {t.shape[0] for k, t in load_file(adapter).items() if k.endswith("lora_down.weight")}.pop()
+    """The one rank of every LoRA module in a kohya file."""
+    (rank,) = {t.shape[0] for k, t in load_file(adapter).items() if k.endswith("lora_down.weight")}
+    return rank
 
 
 def test_01_three_commands_give_a_dataset_an_adapter_and_a_comparison(examples_run):
