@@ -58,10 +58,10 @@ def _fail(err: LorakitError) -> None:
 
 
 def _prepare_stack() -> None:
-    """Before a command that loads models: quiet the ML libraries, refuse a known-bad combination of them."""
-    from .stack import problems, quiet_third_party
+    """Before a command that loads models (the app callback has quieted the ML libraries): refuse a known-bad
+    combination of them, and turn off their progress bars."""
+    from .stack import problems
 
-    quiet_third_party()
     errors = [p for p in problems() if p.severity == "error"]
     if errors:
         _fail(LorakitError(f"{errors[0].line()} (`lorakit env` lists every problem)"))
@@ -647,9 +647,6 @@ def env(
     json_: Annotated[bool, typer.Option("--json", help="Print the facts as JSON (for bug reports).")] = False,
 ) -> None:
     """Print versions, devices, whether 8-bit optimizers work here, and any known-bad package combination."""
-    from .stack import quiet_third_party
-
-    quiet_third_party()
     from .env import collect, format_report
 
     facts = collect()
