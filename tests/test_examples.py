@@ -93,16 +93,21 @@ def test_the_examples_part_of_bash_is_enforced(tmp_path):
     assert script_commands(script, {"HOME": "/home/me"}) == [["lorakit", "inspect", "/home/me/out/a b.safetensors"]]
 
 
-@pytest.fixture(scope="module")
-def examples_run(quick_toy_base, tmp_path_factory, monkeypatch_module):
-    """Example 01 on the toy world (what `lorakit demo` would have left in DEMO): the others start from it."""
+def toy_world(folder: Path, base: Path) -> dict[str, str]:
+    """The variables the examples read, for `base` and the photos `lorakit demo` would have left, written into
+    `folder`; a few training steps."""
     from lorakit.toy import write_class_photos, write_concept_photos
 
-    demo = tmp_path_factory.mktemp("demo")
-    write_concept_photos(demo / "photos")
-    write_class_photos(demo / "class_photos")
-    env = {"BASE": str(quick_toy_base), "DEMO": str(demo), "OUT": str(demo / "examples-out"), "STEPS": "2"}
-    env["MORE_STEPS"] = "4"
+    write_concept_photos(folder / "demo" / "photos")
+    write_class_photos(folder / "demo" / "class_photos")
+    env = {"BASE": str(base), "DEMO": str(folder / "demo"), "OUT": str(folder / "out")}
+    return {**env, "STEPS": "2", "MORE_STEPS": "4"}
+
+
+@pytest.fixture(scope="module")
+def examples_run(quick_toy_base, tmp_path_factory, monkeypatch_module):
+    """Example 01 on the toy world: the others start from it."""
+    env = toy_world(tmp_path_factory.mktemp("examples"), quick_toy_base)
     monkeypatch_module.chdir(ROOT)  # the scripts name examples/ and recipes/ from the repository root
     outputs = run_script("01-three-commands.sh", env)
     return env, Path(env["OUT"]), outputs
@@ -199,14 +204,9 @@ def test_the_scripts_run_in_bash(quick_toy_base, tmp_path):
     import subprocess
     import sys
 
-    from lorakit.toy import write_class_photos, write_concept_photos
-
-    write_concept_photos(tmp_path / "demo" / "photos")
-    write_class_photos(tmp_path / "demo" / "class_photos")
     bin_dir = str(Path(sys.executable).parent)
     assert shutil.which("lorakit", path=bin_dir), "the lorakit command is not installed beside this python"
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "BASE": str(quick_toy_base)}
-    env.update(DEMO=str(tmp_path / "demo"), OUT=str(tmp_path / "out"), STEPS="2", MORE_STEPS="4")
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", **toy_world(tmp_path, quick_toy_base)}
     for name in sorted(TESTED):
         command = ["bash", str(EXAMPLES / name)] if name.endswith(".sh") else [sys.executable, str(EXAMPLES / name)]
         run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
