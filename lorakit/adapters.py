@@ -95,6 +95,15 @@ def scaled_factors(lora: LoraModule, scale: float = 1.0) -> tuple[torch.Tensor, 
     return up, lora.down.float().reshape(lora.rank, -1)
 
 
+def lora_from_factors(up: torch.Tensor, down: torch.Tensor, shape: tuple[int, ...]) -> LoraModule:
+    """A LoraModule with alpha = rank (any scale already folded into the factors) for a weight of `shape`, from the
+    flat factors up [out, r] and down [r, in * kh * kw] (convs get down [r, in, kh, kw] and up [out, r, 1, 1])."""
+    rank = down.shape[0]
+    down = down.reshape(rank, *shape[1:])
+    up = up.reshape(up.shape[0], rank, *((1, 1) if len(shape) == 4 else ()))
+    return LoraModule(down=down.contiguous(), up=up.contiguous(), alpha=float(rank))
+
+
 def delta_weight(lora: LoraModule, shape: tuple[int, ...], scale: float = 1.0) -> torch.Tensor:
     up, down = scaled_factors(lora, scale)
     return (up @ down).reshape(shape)

@@ -435,6 +435,82 @@ def resize(
     typer.echo(str(path))
 
 
+@app.command()
+def extract(
+    tuned: Annotated[
+        str, typer.Argument(help="The fine-tuned model: a diffusers folder, hub id or .safetensors checkpoint.")
+    ],
+    base: Annotated[str, typer.Option(help="The model TUNED was fine-tuned from (the same forms).")],
+    out: Annotated[Path, typer.Option(help="The adapter file to write (.safetensors).")],
+    rank: Annotated[int, typer.Option(min=1, max=4096, help="Rank of the adapter (alpha = rank).")],
+    conv_rank: Annotated[
+        int | None,
+        typer.Option(
+            min=1, max=4096, help="Rank of the 3x3 convolutions with --targets transformer+conv [default: --rank]."
+        ),
+    ] = None,
+    targets: Annotated[
+        str,
+        typer.Option(help="Which weights to extract: transformer (kohya's default), attention, or transformer+conv."),
+    ] = "transformer",
+    config: Annotated[
+        str | None,
+        typer.Option(help="For single-file SD 1.x/2.x models: a diffusers folder or hub id of their architecture."),
+    ] = None,
+    format: Annotated[str, typer.Option("--format", help="kohya (loads everywhere) or diffusers.")] = "kohya",
+    save_dtype: Annotated[str, typer.Option(help="float16, bfloat16 or float32.")] = "float16",
+    min_diff: Annotated[
+        float,
+        typer.Option(min=0.0, help="A module whose largest weight change is at most this gets no adapter."),
+    ] = 0.0,
+    device: Annotated[
+        str | None, typer.Option(help="Where to run the SVDs: cpu, cuda or cuda:N [default: cuda when present].")
+    ] = None,
+    overwrite: Overwrite = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Extract a LoRA from a fine-tuned model: the change from --base, by SVD per module; reports what it keeps."""
+    from typing import get_args
+
+    from .recipe.sections import TargetPreset
+
+    if targets not in get_args(TargetPreset):
+        raise typer.BadParameter(f"{targets!r}: use {', '.join(get_args(TargetPreset))}", param_hint="--targets")
+    if conv_rank is not None and targets != "transformer+conv":
+        raise typer.BadParameter(
+            "applies to 3x3 convolutions, which only --targets transformer+conv extracts", param_hint="--conv-rank"
+        )
+    if format not in ("kohya", "diffusers"):
+        raise typer.BadParameter(f"{format!r}: use kohya or diffusers", param_hint="--format")
+    if save_dtype not in ("float16", "bfloat16", "float32"):
+        raise typer.BadParameter(f"{save_dtype!r}: use float16, bfloat16 or float32", param_hint="--save-dtype")
+    if device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise typer.BadParameter(f"{device!r}: use cpu, cuda or cuda:N", param_hint="--device")
+    _prepare_stack()
+    from .extract import extract as run_extract
+
+    log = lambda line: typer.echo(line, err=True)  # noqa: E731
+    result = _run(
+        lambda: run_extract(
+            tuned,
+            base,
+            out,
+            rank=rank,
+            conv_rank=conv_rank,
+            targets=targets,
+            config=config,
+            fmt=format,
+            save_dtype=save_dtype,
+            min_diff=min_diff,
+            device=device,
+            overwrite=overwrite,
+            quiet=quiet,
+            log=log,
+        )
+    )
+    typer.echo(str(result.out))
+
+
 SEED_MAX = 2**32 - 1  # seeds are 32-bit, as in the recipe (train.seed) and kohya's tools
 SCALE_LIMIT = 100.0  # adapter strengths (--lora FILE:SCALE, --compare-scales); ComfyUI's slider spans the same
 SIZE_LIMIT = 4096  # pixels a side for generate --size

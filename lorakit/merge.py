@@ -20,7 +20,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .adapters import LoraModule, adapted_weight, is_dora, lycoris_kind, module_at, scaled_factors
+from .adapters import (
+    LoraModule,
+    adapted_weight,
+    is_dora,
+    lora_from_factors,
+    lycoris_kind,
+    module_at,
+    scaled_factors,
+)
 from .errors import AdapterError, OutputError
 from .files import atomic_write, check_output, file_sha256
 from .formats.files import write_adapter
@@ -52,14 +60,6 @@ def refuse_dora(state: LoraState, source: str, action: str) -> None:
             f"{source}: a DoRA adapter cannot be {action} (its magnitudes are not a low-rank update); "
             "merge it into a base model with --base instead"
         )
-
-
-def _module_from_factors(up: torch.Tensor, down: torch.Tensor, shape: tuple[int, ...]) -> LoraModule:
-    """A LoraModule with alpha = rank (scale folded) for a weight of `shape` (convs: down [r, in, kh, kw])."""
-    rank = down.shape[0]
-    down = down.reshape(rank, *shape[1:])
-    up = up.reshape(up.shape[0], rank, *((1, 1) if len(shape) == 4 else ()))
-    return LoraModule(down=down.contiguous(), up=up.contiguous(), alpha=float(rank))
 
 
 def _paths(adapters: list[Weighted]) -> dict[tuple[str, str], list[tuple[LoraModule, float]]]:
@@ -100,7 +100,7 @@ def concat_adapters(adapters: list[Weighted]) -> LoraState:
         factors = [scaled_factors(lora, scale) for lora, scale in parts]
         up = torch.cat([u for u, _ in factors], dim=1)
         down = torch.cat([d for _, d in factors], dim=0)
-        merged.setdefault(key[0], {})[key[1]] = _module_from_factors(up, down, _common_shape(parts))
+        merged.setdefault(key[0], {})[key[1]] = lora_from_factors(up, down, _common_shape(parts))
     return merged
 
 
@@ -131,7 +131,7 @@ def svd_adapters(adapters: list[Weighted], rank: int) -> tuple[LoraState, dict[s
         lost, whole = float((s[rank:] ** 2).sum()), float((s**2).sum())
         errors[f"{key[0]}.{key[1]}"] = (lost / whole) ** 0.5 if whole else 0.0
         dropped, total = dropped + lost, total + whole
-        merged.setdefault(key[0], {})[key[1]] = _module_from_factors(up, down, _common_shape(parts))
+        merged.setdefault(key[0], {})[key[1]] = lora_from_factors(up, down, _common_shape(parts))
     return merged, errors, (dropped / total) ** 0.5 if total else 0.0
 
 

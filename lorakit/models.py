@@ -309,32 +309,31 @@ def load_pipeline(
     dtype: str = "float32",
     log: Callable[[str], None] = lambda _: None,
     as_options: bool = False,
+    base_option: str = "--base",
 ) -> Any:
     """A StableDiffusionPipeline (SDXL's for SDXL) from a diffusers folder, a hub id, or a single-file
     `.safetensors` checkpoint (see `base_files`: SD 1.x/2.x files need `config`, SDXL files may use it), every
     component read in `dtype`: a half-precision render never holds the float32 weights (14 GB for SDXL), and
     casting each weight once as it is read gives the very weights a float32 pipeline cast afterwards would hold.
-    `as_options`: the base and config came as a command's --base and --config, so its messages name those.
+    `as_options`: the base and config came as a command's options (`base_option`, default --base, and --config), so
+    its messages name those.
     """
 
     if not as_options:
         return _load_pipeline(base, config, revision, dtype, log)
     try:
-        return _load_pipeline(base, config, revision, dtype, lambda line: log(in_option_words(line)))
+        return _load_pipeline(base, config, revision, dtype, lambda line: log(in_option_words(line, base_option)))
     except ModelError as err:
-        raise ModelError(in_option_words(str(err))) from None
+        raise ModelError(in_option_words(str(err), base_option)) from None
 
 
-_OPTION_WORDS = (
-    ("set model.config (--config) to a", "give --config a"),
-    ("model.base", "--base"),
-    ("model.config", "--config"),
-)
-
-
-def in_option_words(text: str) -> str:
-    """A loader's message (which names recipe keys) as said to a command given --base and --config."""
-    for key, option in _OPTION_WORDS:
+def in_option_words(text: str, base_option: str = "--base") -> str:
+    """A loader's message (which names recipe keys) as said to a command given `base_option` and --config."""
+    for key, option in (
+        ("set model.config (--config) to a", "give --config a"),
+        ("model.base", base_option),
+        ("model.config", "--config"),
+    ):
         text = text.replace(key, option)
     return text
 

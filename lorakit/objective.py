@@ -8,8 +8,15 @@ import torch
 from diffusers.training_utils import compute_snr
 
 
-def sample_noise(shape: tuple[int, ...], noise_offset: float, generator: torch.Generator) -> torch.Tensor:
-    """Gaussian noise, plus per-channel offset noise when `noise_offset` > 0.
+def sample_noise(
+    shape: tuple[int, ...],
+    noise_offset: float,
+    generator: torch.Generator,
+    multires_iterations: int = 0,
+    multires_discount: float = 0.3,
+) -> torch.Tensor:
+    """Gaussian noise, plus per-channel offset noise when `noise_offset` > 0, or multi-resolution noise when
+    `multires_iterations` > 0 (see `multires_noise`; the recipe allows one of the two).
 
     Offset noise (Guttenberg, "Diffusion with Offset Noise", 2023) lets the model change an
     image's mean brightness, which plain noise almost never teaches it.
@@ -18,7 +25,41 @@ def sample_noise(shape: tuple[int, ...], noise_offset: float, generator: torch.G
     noise = torch.randn(shape, generator=generator)
     if noise_offset:
         noise = noise + noise_offset * torch.randn((shape[0], shape[1], 1, 1), generator=generator)
+    if multires_iterations:
+        noise = multires_noise(noise, multires_iterations, multires_discount, generator)
     return noise
+
+
+def multires_noise(noise: torch.Tensor, iterations: int, discount: float, generator: torch.Generator) -> torch.Tensor:
+    """Multi-resolution ("pyramid") noise (Whitaker 2023, as kohya's `multires_noise_iterations`): `noise` plus up to
+    `iterations` coarser Gaussian fields, level i drawn at 1 / s**i of the latent size (s uniform in [2, 4) per
+    level) and upsampled bilinearly, weighted `discount` ** i; then rescaled to unit variance per sample.
+
+    Plain noise is almost white, so it barely hides the coarse layout and colour of an image at most timesteps;
+    the coarse levels make the model also learn to restore large areas. The levels stop once one side is 1.
+    """
+
+    batch, channels, height, width = noise.shape
+    total = noise.clone()
+    for level in range(1, iterations + 1):
+        shrink = float(2 + 2 * torch.rand((), generator=generator)) ** level
+        size = (max(1, int(height / shrink)), max(1, int(width / shrink)))
+        coarse = torch.randn((batch, channels, *size), generator=generator)
+        total += discount**level * torch.nn.functional.interpolate(
+            coarse, size=(height, width), mode="bilinear", align_corners=False
+        )
+        if min(size) == 1:
+            break
+    return total / total.std(dim=(1, 2, 3), keepdim=True)
+
+
+def perturbed_noise(noise: torch.Tensor, gamma: float, generator: torch.Generator) -> torch.Tensor:
+    """Input perturbation (Ning et al. 2023, arXiv:2301.11706; kohya's `ip_noise_gamma`): the noise the latents are
+    noised with is `noise + gamma * n` for fresh Gaussian n, while the target stays `noise`. It mimics the error a
+    sampler's own earlier steps leave in its input (exposure bias). `gamma` 0 returns `noise` itself."""
+    if not gamma:
+        return noise
+    return noise + gamma * torch.randn(noise.shape, generator=generator)
 
 
 def sample_timesteps(batch: int, low: int, high: int, generator: torch.Generator) -> torch.Tensor:
@@ -38,21 +79,37 @@ def training_target(
     raise ValueError(f"unknown prediction_type {prediction_type!r}")
 
 
-def loss_weights(scheduler: Any, timesteps: torch.Tensor, min_snr_gamma: float, prediction_type: str) -> torch.Tensor:
-    """Per-sample loss weights: ones, or Min-SNR-gamma (Hang et al. 2023, arXiv:2303.09556).
+DEBIASED_SNR_CAP = 1000.0  # SNR above this counts as this in the debiased weight (kohya's cap): low-noise steps
+# keep a weight of at least 1 / sqrt(1000) instead of vanishing
+
+
+def loss_weights(
+    scheduler: Any, timesteps: torch.Tensor, min_snr_gamma: float, prediction_type: str, debiased: bool = False
+) -> torch.Tensor:
+    """Per-sample loss weights: ones, times Min-SNR-gamma (Hang et al. 2023, arXiv:2303.09556) when `min_snr_gamma`
+    is set, times the debiased-estimation weight (Yu et al. 2024, arXiv:2310.08442) when `debiased`.
 
     Min-SNR weights each timestep by min(SNR, gamma) / SNR for epsilon targets and
     min(SNR, gamma) / (SNR + 1) for v targets, so that easy low-noise steps stop dominating.
+    Debiased estimation weights it by 1 / sqrt(SNR) (epsilon) or 1 / sqrt(SNR + 1) (v), SNR capped at
+    `DEBIASED_SNR_CAP`, as kohya's `debiased_estimation_loss` does: the noisy steps, where the layout and the
+    subject's shape are decided, count more than the almost clean ones.
     """
 
-    if not min_snr_gamma:
-        return torch.ones(timesteps.shape[0])
+    weights = torch.ones(timesteps.shape[0])
+    if not min_snr_gamma and not debiased:
+        return weights
     snr = compute_snr(scheduler, timesteps)
-    clipped = torch.clamp(snr, max=min_snr_gamma)
-    if prediction_type == "v_prediction":
-        return clipped / (snr + 1)
-    # epsilon: min(SNR, gamma) / SNR tends to 1 as SNR -> 0; a zero-terminal-SNR schedule reaches SNR = 0 exactly
-    return torch.where(snr > 0, clipped / snr.clamp(min=torch.finfo(snr.dtype).tiny), torch.ones_like(snr))
+    if min_snr_gamma:
+        clipped = torch.clamp(snr, max=min_snr_gamma)
+        if prediction_type == "v_prediction":
+            weights = clipped / (snr + 1)
+        else:  # min(SNR, gamma) / SNR tends to 1 as SNR -> 0; a zero-terminal-SNR schedule reaches SNR = 0 exactly
+            weights = torch.where(snr > 0, clipped / snr.clamp(min=torch.finfo(snr.dtype).tiny), torch.ones_like(snr))
+    if debiased:
+        capped = snr.clamp(max=DEBIASED_SNR_CAP)
+        weights = weights / (capped + 1 if prediction_type == "v_prediction" else capped).sqrt()
+    return weights
 
 
 def elementwise_loss(

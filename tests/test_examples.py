@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from lorakit.cli import app
+from lorakit.formats.read import read_adapter_file
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -165,6 +166,9 @@ def test_03_the_toolbox_writes_what_it_says(examples_run):
     merged = load_file(tools / "merged-model.safetensors")
     assert any(k.startswith("model.diffusion_model.") for k in merged)
     assert (tools / "merged-render" / "grid.png").is_file()
+    extracted = read_adapter_file(tools / "extracted.safetensors").state
+    trained = read_adapter_file(out / "runs" / "first-lora" / "first-lora.safetensors").state
+    assert set(extracted["unet"]) == set(trained["unet"]) and _rank(tools / "extracted.safetensors") == 8
 
 
 def test_04_plans_and_a_fitted_recipe_that_loads(examples_run):

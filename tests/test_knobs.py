@@ -187,3 +187,73 @@ def test_the_ema_follows_its_formula_step_by_step(tiny_base, tiny_dataset, tmp_p
     exported = load_file(result.diffusers_adapter)["unet." + name.replace(".default", "")]
     assert shadow.abs().sum() > 0
     torch.testing.assert_close(exported, shadow, atol=1e-6, rtol=1e-5)
+
+
+def test_the_noise_knobs_reach_the_training_step(tiny_base, tiny_dataset, tmp_path, monkeypatch):
+    """Multi-resolution noise, input perturbation and the debiased weights are each used by the step: the U-Net's
+    input is noised with the perturbed noise, while the target is the unperturbed one."""
+    import json
+
+    from diffusers import DDPMScheduler
+
+    import lorakit.train.loop as loop
+
+    seen: dict = {}
+    real_noise, real_perturbed = loop.objective.sample_noise, loop.objective.perturbed_noise
+    real_target, real_weights = loop.objective.training_target, loop.objective.loss_weights
+    real_add_noise = DDPMScheduler.add_noise
+
+    def noise(shape, offset, generator, iterations, discount):
+        seen["multires"] = (iterations, discount)
+        return real_noise(shape, offset, generator, iterations, discount)
+
+    def perturbed(noise, gamma, generator):
+        seen["perturbed"] = (noise, real_perturbed(noise, gamma, generator))
+        return seen["perturbed"][1]
+
+    def target(scheduler, latents, noise, timesteps, prediction_type):
+        seen["target_noise"] = noise
+        return real_target(scheduler, latents, noise, timesteps, prediction_type)
+
+    def weights(scheduler, timesteps, gamma, prediction_type, debiased):
+        seen["debiased"] = debiased
+        return real_weights(scheduler, timesteps, gamma, prediction_type, debiased)
+
+    def add_noise(self, latents, noise, timesteps):
+        seen["noised_with"] = noise
+        return real_add_noise(self, latents, noise, timesteps)
+
+    for name, function in [
+        ("sample_noise", noise),
+        ("perturbed_noise", perturbed),
+        ("training_target", target),
+        ("loss_weights", weights),
+    ]:
+        monkeypatch.setattr(loop.objective, name, function)
+    monkeypatch.setattr(DDPMScheduler, "add_noise", add_noise)
+    knobs = {"multires_noise_iterations": 4, "multires_noise_discount": 0.2, "ip_noise_gamma": 0.1}
+    recipe = make_recipe_dict(
+        tiny_base, tiny_dataset, tmp_path, train={"max_steps": 1, "debiased_estimation": True, **knobs}
+    )
+    result = train(recipe_from_dict(recipe), quiet=True, log=lambda _: None)
+    assert seen["multires"] == (4, 0.2) and seen["debiased"] is True
+    original, noised_with = seen["perturbed"]
+    assert seen["noised_with"] is noised_with and seen["target_noise"] is original
+    assert 0.05 < float((noised_with - original).std()) < 0.2
+    from safetensors import safe_open
+
+    with safe_open(str(result.adapter), "pt") as f:
+        metadata = f.metadata()
+    assert metadata["ss_multires_noise_iterations"] == "4" and metadata["ss_ip_noise_gamma"] == "0.1"
+    assert metadata["ss_debiased_estimation"] == "True"
+    assert json.loads(metadata["ss_network_args"]) == {}
+
+
+def test_multires_noise_and_offset_noise_are_not_combined(tiny_base, tiny_dataset, tmp_path):
+    from lorakit.errors import RecipeError
+
+    recipe = make_recipe_dict(
+        tiny_base, tiny_dataset, tmp_path, train={"noise_offset": 0.1, "multires_noise_iterations": 6}
+    )
+    with pytest.raises(RecipeError, match="train.multires_noise_iterations: not together with train.noise_offset"):
+        recipe_from_dict(recipe)

@@ -25,6 +25,7 @@ FLOORS = {
     "lorakit.train": 2,
     "lorakit.merge": 2,
     "lorakit.convert": 2,
+    "lorakit.extract": 2,
     "lorakit.generate": 2,
     "lorakit.env": 2,
     "lorakit.plan": 2,

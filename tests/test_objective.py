@@ -112,3 +112,42 @@ def test_min_snr_is_finite_on_a_zero_terminal_snr_schedule(prediction_type):
     latents, noise = torch.randn(1, 4, 2, 2), torch.randn(1, 4, 2, 2)
     v = objective.training_target(scheduler, latents, noise, torch.tensor([999]), "v_prediction")
     torch.testing.assert_close(v, -latents)  # pure noise in: v is minus the clean latents
+
+
+def test_multires_noise_adds_coarse_levels_at_unit_variance():
+    shape = (16, 4, 64, 64)
+    plain = objective.sample_noise(shape, 0.0, torch.Generator().manual_seed(2))
+    pyramid = objective.sample_noise(shape, 0.0, torch.Generator().manual_seed(2), 6, 0.3)
+    again = objective.sample_noise(shape, 0.0, torch.Generator().manual_seed(2), 6, 0.3)
+    assert torch.equal(pyramid, again)  # the run's generator decides every level
+    # each sample has unit variance again ...
+    assert torch.allclose(pyramid.std(dim=(1, 2, 3)), torch.ones(16), atol=1e-5)
+    # ... but far more of it in coarse structure: 8x8 block means of white noise spread with std 1/8
+    blocks = torch.nn.functional.avg_pool2d
+    assert float(blocks(plain, 8).std()) < 0.13
+    assert float(blocks(pyramid, 8).std()) > 0.16
+    # the first level carries discount ** 1 of the coarse noise: a smaller discount stays closer to white noise
+    gentle = objective.sample_noise(shape, 0.0, torch.Generator().manual_seed(2), 6, 0.05)
+    assert float(blocks(plain, 8).std()) < float(blocks(gentle, 8).std()) < float(blocks(pyramid, 8).std())
+
+
+def test_input_perturbation_adds_its_share_of_fresh_noise():
+    noise = torch.randn(8, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert objective.perturbed_noise(noise, 0.0, torch.Generator().manual_seed(1)) is noise
+    perturbed = objective.perturbed_noise(noise, 0.1, torch.Generator().manual_seed(1))
+    extra = perturbed - noise
+    assert 0.09 < float(extra.std()) < 0.11
+    assert abs(float((extra * noise).mean())) < 0.01  # independent of the target noise
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_debiased_weights_follow_the_closed_form_and_multiply_min_snr(scheduler, prediction_type):
+    timesteps = torch.tensor([0, 10, 250, 500, 999])
+    debiased = objective.loss_weights(scheduler, timesteps, 0.0, prediction_type, debiased=True)
+    for t, weight in zip(timesteps.tolist(), debiased.tolist(), strict=True):
+        snr = min(_snr(scheduler, t), objective.DEBIASED_SNR_CAP)
+        assert weight == pytest.approx(1 / math.sqrt(snr + 1 if prediction_type == "v_prediction" else snr), rel=1e-5)
+    assert debiased[-1] > 10 * debiased[0]  # noisy steps count more than almost clean ones
+    both = objective.loss_weights(scheduler, timesteps, 5.0, prediction_type, debiased=True)
+    min_snr = objective.loss_weights(scheduler, timesteps, 5.0, prediction_type)
+    torch.testing.assert_close(both, min_snr * debiased)

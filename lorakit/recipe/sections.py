@@ -165,6 +165,17 @@ class TrainSection:
     """Min-SNR loss weighting gamma (Hang et al. 2023, arXiv:2303.09556); 5 is typical, 0 turns it off."""
     noise_offset: float = 0.0
     """Offset noise strength (Guttenberg 2023): helps very dark and very bright images; 0.05-0.1 typical."""
+    multires_noise_iterations: int = 0
+    """Multi-resolution (pyramid) noise: add this many coarser noise levels (kohya's name; 6-10 typical, 0 is off), so
+    the model also learns large areas: overall colour, composition. Not together with `noise_offset`."""
+    multires_noise_discount: float = 0.3
+    """Weight of each coarser level of multi-resolution noise relative to the one before it (0.1-0.3 typical)."""
+    ip_noise_gamma: float = 0.0
+    """Input perturbation (Ning et al. 2023, arXiv:2301.11706): the latents are noised with slightly more noise
+    than the target says, as a sampler's own errors do at generation time; 0.1 typical, 0 is off."""
+    debiased_estimation: bool = False
+    """Weight the loss by 1 / sqrt(SNR) (Yu et al. 2024, arXiv:2310.08442; kohya's `debiased_estimation_loss`):
+    noisy steps, where shape and layout are decided, count more than almost clean ones."""
     cache_latents: bool = True
     """Encode every image with the VAE once, cached under the dataset's `.cache/`, instead of every step."""
     log_every_steps: int = 1

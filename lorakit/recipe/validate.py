@@ -95,6 +95,9 @@ _RANGES: dict[str, tuple[float, float]] = {
     "train.seed": (0, SEED_MAX),
     "train.min_snr_gamma": (0, 1_000),
     "train.noise_offset": (0, 1),
+    "train.multires_noise_iterations": (0, 20),
+    "train.multires_noise_discount": (0, 1),
+    "train.ip_noise_gamma": (0, 1),
     "train.log_every_steps": (1, STEPS_MAX),
     "train.save_every_steps": (0, STEPS_MAX),
     "train.keep_checkpoints": (1, 10_000),
@@ -209,6 +212,11 @@ def _cross_checks(built: dict, problems: list[str]) -> None:
     output = built.get("output")
     if output is not None:
         problems += _run_name_problems(output.name)
+    if train is not None and train.multires_noise_iterations and train.noise_offset:
+        problems.append(
+            "train.multires_noise_iterations: not together with train.noise_offset (both reshape the noise, and "
+            "multi-resolution noise already moves the overall brightness); set one of them to 0"
+        )
     if train is not None and train.max_timestep is not None and train.max_timestep <= train.min_timestep:
         problems.append(
             f"train.max_timestep: {train.max_timestep} must be above train.min_timestep ({train.min_timestep})"

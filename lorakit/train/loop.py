@@ -173,11 +173,16 @@ def _micro_batch_loss(run: Run, batch: list[int]) -> Any:
         pairs = [encode(load_pixels(run.items[i], f)) for i, f in zip(batch, flips, strict=True)]
     means, stds = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
     latents = scale_latents(base, means + stds * torch.randn(means.shape, generator=generator))
-    noise = objective.sample_noise(tuple(latents.shape), cfg.noise_offset, generator)
+    noise = objective.sample_noise(
+        tuple(latents.shape), cfg.noise_offset, generator, cfg.multires_noise_iterations, cfg.multires_noise_discount
+    )
     timesteps = objective.sample_timesteps(len(batch), cfg.min_timestep, cfg.max_timestep, generator)
-    noisy = base.noise_scheduler.add_noise(latents, noise, timesteps)
+    noised_with = objective.perturbed_noise(noise, cfg.ip_noise_gamma, generator)
+    noisy = base.noise_scheduler.add_noise(latents, noised_with, timesteps)
     target = objective.training_target(base.noise_scheduler, latents, noise, timesteps, base.prediction_type)
-    weights = objective.loss_weights(base.noise_scheduler, timesteps, cfg.min_snr_gamma, base.prediction_type)
+    weights = objective.loss_weights(
+        base.noise_scheduler, timesteps, cfg.min_snr_gamma, base.prediction_type, cfg.debiased_estimation
+    )
     weights = weights * torch.tensor([run.items[i].loss_weight for i in batch])
     conditioning = unet_conditioning(run, captions, [run.items[i] for i in batch], flips)
     with run.accelerator.autocast():
