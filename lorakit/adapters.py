@@ -104,6 +104,21 @@ def lora_from_factors(up: torch.Tensor, down: torch.Tensor, shape: tuple[int, ..
     return LoraModule(down=down.contiguous(), up=up.contiguous(), alpha=float(rank))
 
 
+def kept_rank(singular_values: torch.Tensor, rank: int, energy: float | None = None) -> int:
+    """How many of a change's singular values (descending) a rank-`rank` approximation keeps: `rank`, or with
+    `energy` (0 < energy <= 1) the fewest, at most `rank`, whose squares hold that share of the total (kohya's
+    dynamic `sv_fro` resize, stated for the squared norm); at least one."""
+    keep = min(rank, singular_values.shape[0])
+    if energy is None:
+        return keep
+    squares = singular_values.double() ** 2
+    total = float(squares.sum())
+    if total == 0:
+        return 1
+    enough = int((squares.cumsum(0) < energy * total * (1 - 1e-12)).sum()) + 1
+    return max(1, min(keep, enough))
+
+
 def delta_weight(lora: LoraModule, shape: tuple[int, ...], scale: float = 1.0) -> torch.Tensor:
     up, down = scaled_factors(lora, scale)
     return (up @ down).reshape(shape)

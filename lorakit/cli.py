@@ -324,6 +324,15 @@ def caption(
     typer.echo(_run(run))
 
 
+Energy = Annotated[
+    float | None,
+    typer.Option(
+        min=0.01,
+        max=1.0,
+        help="Per module, the fewest ranks (at most --rank) that keep this share of its energy, e.g. 0.9 "
+        "(kohya's dynamic resize); default: --rank everywhere.",
+    ),
+]
 AllowPickle = Annotated[bool, typer.Option(help="Also read .ckpt/.pt/.bin pickles (tensors only, weights_only=True).")]
 Overwrite = Annotated[bool, typer.Option(help="Replace an existing output.")]
 
@@ -422,8 +431,9 @@ def merge(
 @app.command()
 def resize(
     file: Annotated[Path, typer.Argument(help="Adapter file (.safetensors).")],
-    rank: Annotated[int, typer.Option(min=1, max=4096, help="New rank.")],
+    rank: Annotated[int, typer.Option(min=1, max=4096, help="New rank (with --energy: the largest rank).")],
     out: Annotated[Path | None, typer.Option(help="Output file (default: FILE.rankR.safetensors).")] = None,
+    energy: Energy = None,
     overwrite: Overwrite = False,
     allow_pickle: AllowPickle = False,
 ) -> None:
@@ -431,7 +441,9 @@ def resize(
     from .merge import resize as run_resize
 
     log = lambda line: typer.echo(line, err=True)  # noqa: E731
-    path, _ = _run(lambda: run_resize(file, rank, out, overwrite=overwrite, allow_pickle=allow_pickle, log=log))
+    path, _ = _run(
+        lambda: run_resize(file, rank, out, energy=energy, overwrite=overwrite, allow_pickle=allow_pickle, log=log)
+    )
     typer.echo(str(path))
 
 
@@ -442,7 +454,10 @@ def extract(
     ],
     base: Annotated[str, typer.Option(help="The model TUNED was fine-tuned from (the same forms).")],
     out: Annotated[Path, typer.Option(help="The adapter file to write (.safetensors).")],
-    rank: Annotated[int, typer.Option(min=1, max=4096, help="Rank of the adapter (alpha = rank).")],
+    rank: Annotated[
+        int, typer.Option(min=1, max=4096, help="Rank of the adapter (alpha = rank; with --energy: the largest).")
+    ],
+    energy: Energy = None,
     conv_rank: Annotated[
         int | None,
         typer.Option(
@@ -496,6 +511,7 @@ def extract(
             base,
             out,
             rank=rank,
+            energy=energy,
             conv_rank=conv_rank,
             targets=targets,
             config=config,

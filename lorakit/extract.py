@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .adapters import PRESETS, LoraState, lora_from_factors, matching_modules, resolve_targets
+from .adapters import PRESETS, LoraState, kept_rank, lora_from_factors, matching_modules, resolve_targets
 from .errors import AdapterError, ModelError
 from .files import check_output
 from .formats.files import write_adapter
@@ -81,11 +81,13 @@ def _change(tuned: torch.Tensor, base: torch.Tensor, dtype: torch.dtype, device:
     return tuned.detach().to(device, dtype).float() - base.detach().to(device, dtype).float()
 
 
-def _factor(change: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float, float]:
-    """(up [out, k], down [k, in], kept, total): the best rank-k factors of a flat change and its squared
-    Frobenius norm, kept and in all."""
+def _factor(
+    change: torch.Tensor, rank: int, energy: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """(up [out, k], down [k, in], kept, total): the best rank-k factors of a flat change (k = `rank`, or the rank
+    `kept_rank` picks for `energy`) and its squared Frobenius norm, kept and in all."""
     u, s, vh = torch.linalg.svd(change, full_matrices=False)
-    k = min(rank, s.shape[0])
+    k = kept_rank(s, rank, energy)
     root = s[:k].sqrt()
     energy = s.double() ** 2
     return (u[:, :k] * root).cpu(), (root[:, None] * vh[:k]).cpu(), float(energy[:k].sum()), float(energy.sum())
@@ -114,6 +116,7 @@ def extract(
     out: str | Path,
     *,
     rank: int,
+    energy: float | None = None,
     conv_rank: int | None = None,
     targets: str = "transformer",
     config: str | None = None,
@@ -167,7 +170,7 @@ def extract(
                 continue
             spatial = change.dim() == 4 and change.shape[2:] != (1, 1)
             up, down, module_kept, module_total = _factor(
-                change.reshape(change.shape[0], -1), (conv_rank or rank) if spatial else rank
+                change.reshape(change.shape[0], -1), (conv_rank or rank) if spatial else rank, energy
             )
             state.setdefault(component, {})[path] = lora_from_factors(up, down, tuple(change.shape))
             retained[f"{component}.{path}"] = module_kept / module_total
@@ -192,9 +195,16 @@ def extract(
             log(f"  {component}: {_tensors(other)} left out that no LoRA holds ({what})")
     for module, share in sorted(retained.items(), key=lambda kv: kv[1])[:5]:
         log(f"  {share:.4%} kept  {module}")
-    energy = kept / total if total else 1.0
+    share = kept / total if total else 1.0
     modules = sum(len(m) for m in state.values())
-    log(f"Extracted rank {rank}: {energy:.4%} of the change's energy kept overall ({modules} modules)")
+    if energy is None:
+        log(f"Extracted rank {rank}: {share:.4%} of the change's energy kept overall ({modules} modules)")
+    else:
+        ranks = [m.rank for c in state.values() for m in c.values()]
+        log(
+            f"Extracted keeping {energy:.2%} of each module's change (rank at most {rank}): ranks {min(ranks)} to "
+            f"{max(ranks)}, mean {sum(ranks) / len(ranks):.1f}; {share:.4%} kept overall ({modules} modules)"
+        )
 
     info = AdapterInfo(
         family=base_model.family,
@@ -211,13 +221,22 @@ def extract(
                 else {}
             ),
             EXTRACT_RECORD_KEY: json.dumps(
-                {"tuned": tuned, "base": base, "rank": rank, "conv_rank": conv_rank, "targets": targets}
+                {
+                    "tuned": tuned,
+                    "base": base,
+                    "rank": rank,
+                    "energy": energy,
+                    "conv_rank": conv_rank,
+                    "targets": targets,
+                }
             ),
+            # a rank per module: kohya's dynamic resize says so in place of one number
+            **({"ss_network_dim": "Dynamic", "ss_network_alpha": "Dynamic"} if energy is not None else {}),
         },
     )
     write_adapter(state, out, fmt, save_dtype, kohya_metadata(info), base_model.family)
     log(f"Wrote {out} ({modules} modules, {fmt} layout)")
-    return ExtractResult(out, modules, energy, unchanged, left_out)
+    return ExtractResult(out, modules, share, unchanged, left_out)
 
 
 def _tensors(count: int) -> str:

@@ -24,6 +24,7 @@ from .adapters import (
     LoraModule,
     adapted_weight,
     is_dora,
+    kept_rank,
     lora_from_factors,
     lycoris_kind,
     module_at,
@@ -104,38 +105,46 @@ def concat_adapters(adapters: list[Weighted]) -> LoraState:
     return merged
 
 
-def _truncate(up: torch.Tensor, down: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Best rank-`rank` factors of up @ down (QR of the thin factors, then a small SVD) and all singular values."""
+def _truncate(
+    up: torch.Tensor, down: torch.Tensor, rank: int, energy: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Best factors of up @ down at rank `rank` (or the rank `kept_rank` picks for `energy`), by a QR of the thin
+    factors and then a small SVD, and all singular values."""
 
     q_up, r_up = torch.linalg.qr(up.double())
     q_down, r_down = torch.linalg.qr(down.double().T)
     u, s, vh = torch.linalg.svd(r_up @ r_down.T)
-    keep = min(rank, s.shape[0])
+    keep = kept_rank(s, rank, energy)
     root = s[:keep].sqrt()
     new_up = (q_up @ u[:, :keep]) * root
     new_down = root[:, None] * (vh[:keep] @ q_down.T)
     return new_up.float(), new_down.float(), s
 
 
-def svd_adapters(adapters: list[Weighted], rank: int) -> tuple[LoraState, dict[str, float], float]:
-    """The sum of the scaled inputs at rank `rank` per module; relative Frobenius error per module and overall."""
+def svd_adapters(
+    adapters: list[Weighted], rank: int, energy: float | None = None
+) -> tuple[LoraState, dict[str, float], float]:
+    """The sum of the scaled inputs at rank `rank` per module (with `energy`: the fewest ranks up to `rank` that keep
+    that share of each module's energy); relative Frobenius error per module and overall."""
     merged: LoraState = {}
     errors: dict[str, float] = {}
     dropped = total = 0.0
     for key, parts in _paths(adapters).items():
         _check_compatible(key, parts)
         if any(isinstance(m, LycorisModule) for m, _ in parts):
-            up, down, s = _truncate_dense(parts, rank)
+            up, down, s = _truncate_dense(parts, rank, energy)
         else:
-            up, down, s = _truncate(*_concat_factors(parts), rank)
-        lost, whole = float((s[rank:] ** 2).sum()), float((s**2).sum())
+            up, down, s = _truncate(*_concat_factors(parts), rank, energy)
+        lost, whole = float((s[up.shape[1] :] ** 2).sum()), float((s**2).sum())
         errors[f"{key[0]}.{key[1]}"] = (lost / whole) ** 0.5 if whole else 0.0
         dropped, total = dropped + lost, total + whole
         merged.setdefault(key[0], {})[key[1]] = lora_from_factors(up, down, _common_shape(parts))
     return merged, errors, (dropped / total) ** 0.5 if total else 0.0
 
 
-def _truncate_dense(parts: list[tuple[Any, float]], rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _truncate_dense(
+    parts: list[tuple[Any, float]], rank: int, energy: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Best rank-`rank` factors of the summed update when a LoKr/LoHa module is among the parts (its update has
     no thin factors): the SVD of the whole [out, in * kh * kw] matrix."""
     shape = _common_shape(parts)
@@ -147,7 +156,7 @@ def _truncate_dense(parts: list[tuple[Any, float]], rank: int) -> tuple[torch.Te
             up, down = scaled_factors(module, scale)
             total += (up @ down).double()
     u, s, vh = torch.linalg.svd(total, full_matrices=False)
-    keep = min(rank, s.shape[0])
+    keep = kept_rank(s, rank, energy)
     root = s[:keep].sqrt()
     return (u[:, :keep] * root).float(), (root[:, None] * vh[:keep]).float(), s
 
@@ -158,9 +167,12 @@ def _concat_factors(parts: list[tuple[LoraModule, float]]) -> tuple[torch.Tensor
     return torch.cat([u for u, _ in factors], dim=1), torch.cat([d for _, d in factors], dim=0)
 
 
-def resize_adapter(state: LoraState, rank: int) -> tuple[LoraState, dict[str, float], float]:
-    """`state` at rank `rank` by SVD; retained energy (share of squared singular values) per module and overall."""
-    merged, errors, overall = svd_adapters([Weighted(state, 1.0, "input")], rank)
+def resize_adapter(
+    state: LoraState, rank: int, energy: float | None = None
+) -> tuple[LoraState, dict[str, float], float]:
+    """`state` at rank `rank` by SVD (with `energy`: per module the fewest ranks up to `rank` that keep that share of
+    its energy); retained energy (share of squared singular values) per module and overall."""
+    merged, errors, overall = svd_adapters([Weighted(state, 1.0, "input")], rank, energy)
     return merged, {k: 1 - e**2 for k, e in errors.items()}, 1 - overall**2
 
 
@@ -401,13 +413,15 @@ def resize(
     rank: int,
     out: str | Path | None = None,
     *,
+    energy: float | None = None,
     save_dtype: str | None = None,
     overwrite: bool = False,
     allow_pickle: bool = False,
     log=print,
 ) -> tuple[Path, float]:
-    """`lorakit resize`: the adapter at `rank` by SVD; logs retained energy per module and overall. A LoKr/LoHa
-    adapter becomes a plain LoRA of that rank (its relative error logged too)."""
+    """`lorakit resize`: the adapter at `rank` by SVD, or with `energy` at the fewest ranks up to `rank` that keep
+    that share of each module's energy; logs retained energy per module and overall. A LoKr/LoHa adapter becomes a
+    plain LoRA (its relative error logged too)."""
 
     adapter = read_adapter_file(path, allow_pickle=allow_pickle)
     refuse_dora(adapter.state, str(adapter.path), "resized")
@@ -416,16 +430,25 @@ def resize(
     )
     out = Path(out) if out else adapter.path.with_name(f"{stem}.rank{rank}.safetensors")
     check_output(out, [adapter.path], overwrite)
-    state, energy, overall = resize_adapter(adapter.state, rank)
-    for module, kept in sorted(energy.items(), key=lambda kv: kv[1])[:5]:
+    state, retained, overall = resize_adapter(adapter.state, rank, energy)
+    for module, kept in sorted(retained.items(), key=lambda kv: kv[1])[:5]:
         log(f"  {kept:.4%} retained  {module}")
-    log(f"Resized to rank {rank}: {overall:.4%} of the update's energy retained overall ({len(energy)} modules)")
+    ranks = [m.rank for modules in state.values() for m in modules.values()]
+    if energy is None:
+        log(f"Resized to rank {rank}: {overall:.4%} of the update's energy retained overall ({len(ranks)} modules)")
+    else:
+        log(
+            f"Resized keeping {energy:.2%} of each module's energy (rank at most {rank}): ranks {min(ranks)} to "
+            f"{max(ranks)}, mean {sum(ranks) / len(ranks):.1f}; {overall:.4%} retained overall ({len(ranks)} modules)"
+        )
     metadata = {k: v for k, v in adapter.metadata.items() if k != "lora_adapter_metadata"}
-    metadata.update(ss_network_dim=str(rank), ss_network_alpha=str(rank))
+    dim = str(rank) if energy is None else "Dynamic"  # kohya's resize marks a per-module rank so
+    metadata.update(ss_network_dim=dim, ss_network_alpha=dim)
     kind = lycoris_kind(adapter.state)
     if kind is not None:
         error = max(0.0, 1 - overall) ** 0.5
-        log(f"{KIND_NAMES[kind]} -> LoRA rank {rank}: relative error {error:.4%} of the update (Frobenius)")
+        bound = f"at most {rank}" if energy else str(rank)
+        log(f"{KIND_NAMES[kind]} -> LoRA rank {bound}: relative error {error:.4%} of the update (Frobenius)")
         metadata.update(ss_network_module="networks.lora", ss_network_args="{}")
     write_adapter(state, out, adapter.layout, save_dtype or stored_dtype(adapter), metadata, adapter.family)
     log(f"Wrote {out}")

@@ -202,3 +202,16 @@ def test_an_sdxl_fine_tune_gives_back_both_text_encoders_changes(sdxl_run, tiny_
     assert f"{len(unused)} unchanged (no adapter)" in run.stderr
     for key in got:
         torch.testing.assert_close(got[key], want[key], rtol=0, atol=2e-6, msg=str(key))
+
+
+def test_extract_by_energy_keeps_that_share_with_fewer_ranks(tiny_base, tuned, tmp_path):
+    out = tmp_path / "dynamic.safetensors"
+    args = ["extract", str(tuned), "--base", str(tiny_base), "--out", str(out), "--rank", "4", "--energy", "0.8"]
+    result = _ok(args)
+    line = next(line for line in result.stderr.splitlines() if line.startswith("Extracted keeping 80.00%"))
+    assert "(rank at most 4): ranks 1 to" in line
+    ranks = [m.rank for modules in read_adapter_file(out).state.values() for m in modules.values()]
+    assert max(ranks) <= 4 and min(ranks) < 4
+    with safe_open(str(out), "pt") as f:
+        metadata = f.metadata()
+    assert metadata["ss_network_dim"] == "Dynamic" and '"energy": 0.8' in metadata["lorakit_extracted_from"]

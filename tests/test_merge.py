@@ -357,3 +357,38 @@ def test_a_bases_stored_precision_is_read_from_its_header(tiny_base, tmp_path, m
     assert base_dtype(str(folder)) is None
     save_file(unet, str(folder / "unet" / "diffusion_pytorch_model-00001-of-00002.safetensors"))
     assert base_dtype(str(folder)) == "bfloat16"
+
+
+def test_kept_rank_is_the_fewest_singular_values_holding_the_energy():
+    from lorakit.adapters import kept_rank
+
+    s = torch.tensor([3.0, 2.0, 1.0])  # squares 9, 4, 1 of 14
+    assert [kept_rank(s, 3, e) for e in (0.5, 9 / 14, 0.65, 13 / 14, 0.95, 1.0)] == [1, 1, 2, 2, 3, 3]
+    assert kept_rank(s, 2, 1.0) == 2 and kept_rank(s, 2) == 2 and kept_rank(s, 8) == 3
+    assert kept_rank(torch.zeros(3), 3, 0.9) == 1
+
+
+def test_resize_by_energy_picks_a_rank_per_module_that_loaders_accept(trained_run, tiny_base, tmp_path):
+    out = tmp_path / "dynamic.safetensors"
+    result = _ok(["resize", str(trained_run.adapter), "--rank", "4", "--energy", "0.6", "--out", str(out)])
+    assert "Resized keeping 60.00% of each module's energy (rank at most 4): ranks 1 to" in result.stderr
+    original, resized = read_adapter_file(trained_run.adapter).state, read_adapter_file(out).state
+    ranks = set()
+    for component, modules in original.items():
+        for path, lora in modules.items():
+            whole = delta_weight(lora, lora.shape).reshape(lora.shape[0], -1).double()
+            s = torch.linalg.svd(whole).S ** 2
+            rank = resized[component][path].rank
+            ranks.add(rank)
+            assert s[:rank].sum() >= 0.6 * s.sum() - 1e-9  # keeps the share ...
+            assert rank == 1 or s[: rank - 1].sum() < 0.6 * s.sum()  # ... with no rank to spare
+    assert len(ranks) > 1  # the modules differ
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["ss_network_dim"] == "Dynamic"
+    loaded = _pipe(tiny_base)
+    loaded.load_lora_weights(str(out))
+    reference = _pipe(tiny_base)
+    from lorakit.merge import Weighted, merge_into_models
+
+    merge_into_models({"unet": reference.unet, "text_encoder": reference.text_encoder}, [Weighted(resized, 1.0, "r")])
+    torch.testing.assert_close(_unet_output(loaded.unet), _unet_output(reference.unet), rtol=1e-3, atol=1e-4)

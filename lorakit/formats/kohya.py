@@ -7,6 +7,7 @@ with delta W = up @ down * (alpha / rank).
 from __future__ import annotations
 
 import re
+from collections import Counter
 from typing import TYPE_CHECKING
 
 import torch
@@ -105,15 +106,18 @@ def kohya_name(component: str, path: str, *, sdxl: bool = False) -> str:
 def to_kohya(state: LoraState, dtype: torch.dtype, *, sdxl: bool = False) -> dict[str, torch.Tensor]:
     """Tensors of the kohya file for `state`, cast to `dtype` (alphas included, as 0-d tensors).
 
-    When modules differ in scale (alpha / rank), e.g. LoCon's conv rank, each module's scale is
-    folded into its up weights and its alpha written as its rank: diffusers' kohya loader drops
-    per-module alphas on attention projections, and folding is exact for every loader.
+    The file gets one alpha: diffusers' kohya loader drops per-module alphas on attention projections (it applies
+    the most common one), so when modules differ in alpha (LoCon's conv alpha, per-module ranks with alpha = rank
+    after a dynamic resize or extract, third-party files), each module's alpha / common alpha is folded into its up
+    weights and the common alpha (the most common one) written. The scale alpha / rank then stays each module's
+    own in every loader, exactly.
     """
 
     if is_dora(state):
         raise AdapterError(DORA_KOHYA_MESSAGE)
     loras = [m for modules in state.values() for m in modules.values() if isinstance(m, LoraModule)]
-    fold = len({lora.alpha / lora.rank for lora in loras}) > 1
+    alphas = Counter(lora.alpha for lora in loras)
+    common = max(alphas, key=lambda alpha: (alphas[alpha], alpha)) if alphas else 1.0
     tensors = {}
     for component, modules in state.items():
         for path, lora in modules.items():
@@ -123,8 +127,8 @@ def to_kohya(state: LoraState, dtype: torch.dtype, *, sdxl: bool = False) -> dic
                 if lora.alpha is not None:
                     tensors[f"{stem}.alpha"] = torch.tensor(lora.alpha, dtype=dtype)
                 continue
-            up, alpha = (lora.up * (lora.alpha / lora.rank), float(lora.rank)) if fold else (lora.up, lora.alpha)
+            up = lora.up if lora.alpha == common else lora.up * (lora.alpha / common)
             tensors[f"{stem}.lora_down.weight"] = lora.down.to(dtype).contiguous()
             tensors[f"{stem}.lora_up.weight"] = up.to(dtype).contiguous()
-            tensors[f"{stem}.alpha"] = torch.tensor(alpha, dtype=dtype)
+            tensors[f"{stem}.alpha"] = torch.tensor(common, dtype=dtype)
     return tensors
