@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
 
 from . import lycoris
 from .errors import AdapterError, RecipeError
@@ -259,6 +260,34 @@ def inject_lora(
         )
     inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
     return names
+
+
+def cap_update_norms(models: dict[str, torch.nn.Module], max_norm: float) -> tuple[int, float]:
+    """Max-norm regularisation (kohya's `scale_weight_norms`): every LoRA module whose update, scaling included,
+    has a Frobenius norm above `max_norm` gets both factors multiplied by sqrt(max_norm / norm), which brings the
+    norm to `max_norm` and keeps the update's direction. Returns (modules scaled, the largest norm before scaling).
+
+    The norm comes from the r x r products of the factors, ||B A||^2 = trace((B^T B)(A A^T)), so no full-size
+    update is ever formed.
+    """
+    scaled, largest = 0, 0.0
+    with torch.no_grad():
+        for model in models.values():
+            for module in model.modules():
+                if not isinstance(module, LoraLayer) or ADAPTER_NAME not in module.lora_A:
+                    continue
+                down = module.lora_A[ADAPTER_NAME].weight
+                up = module.lora_B[ADAPTER_NAME].weight
+                a, b = down.float().reshape(down.shape[0], -1), up.float().reshape(up.shape[0], -1)
+                gram = (b.T @ b) @ (a @ a.T)
+                norm = float(gram.trace().clamp(min=0).sqrt()) * abs(module.scaling[ADAPTER_NAME])
+                largest = max(largest, norm)
+                if norm > max_norm:
+                    root = (max_norm / norm) ** 0.5
+                    down.mul_(root)
+                    up.mul_(root)
+                    scaled += 1
+    return scaled, largest
 
 
 def lora_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:

@@ -257,3 +257,67 @@ def test_multires_noise_and_offset_noise_are_not_combined(tiny_base, tiny_datase
     )
     with pytest.raises(RecipeError, match="train.multires_noise_iterations: not together with train.noise_offset"):
         recipe_from_dict(recipe)
+
+
+def test_cap_update_norms_scales_only_the_modules_above_the_cap_and_keeps_their_direction():
+    from lorakit.adapters import cap_update_norms, extract_lora, inject_lora
+
+    model = torch.nn.Sequential()
+    model.add_module("attn", torch.nn.Module())
+    model.attn.to_q = torch.nn.Linear(8, 8)
+    model.attn.to_k = torch.nn.Linear(8, 8)
+    inject_lora(model, "unet", rank=2, lora_alpha=4.0, dropout=0.0, target_modules=["to_q", "to_k"])
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator))
+        model.attn.to_k.lora_B["default"].weight.mul_(1e-3)  # a small update, under the cap
+
+    def updates():
+        return {path: (lora.up @ lora.down) * (lora.alpha / lora.rank) for path, lora in extract_lora(model).items()}
+
+    before = updates()
+    norms = {path: float(u.norm()) for path, u in before.items()}
+    assert norms["attn.to_q"] > 1.0 > norms["attn.to_k"]
+    scaled, largest = cap_update_norms({"unet": model}, 1.0)
+    assert scaled == 1 and largest == pytest.approx(norms["attn.to_q"], rel=1e-5)
+    after = updates()
+    assert float(after["attn.to_q"].norm()) == pytest.approx(1.0, rel=1e-5)
+    torch.testing.assert_close(after["attn.to_q"], before["attn.to_q"] / norms["attn.to_q"], rtol=1e-5, atol=1e-7)
+    assert torch.equal(after["attn.to_k"], before["attn.to_k"])
+
+
+def test_scale_weight_norms_caps_every_exported_module(tiny_base, tiny_dataset, tmp_path):
+    import json
+
+    from safetensors import safe_open
+
+    from lorakit.adapters import delta_weight
+    from lorakit.formats.read import read_adapter_file
+
+    cap = 1e-3
+    recipe = make_recipe_dict(tiny_base, tiny_dataset, tmp_path, train={"max_steps": 3, "scale_weight_norms": cap})
+    result = train(recipe_from_dict(recipe), quiet=True, log=lambda _: None)
+    rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(row["keys_scaled"] > 0 and row["max_key_norm"] > cap for row in rows)  # the cap had work to do
+    state = read_adapter_file(result.adapter).state
+    norms = [float(delta_weight(m, m.shape).norm()) for modules in state.values() for m in modules.values()]
+    assert max(norms) <= cap * 1.001
+    with safe_open(str(result.adapter), "pt") as f:
+        assert f.metadata()["ss_scale_weight_norms"] == "0.001"
+
+
+@pytest.mark.parametrize(
+    ("lora", "fragment"),
+    [
+        ({"type": "lokr"}, "train.scale_weight_norms: caps a LoRA module's update through its two factors; LoKr"),
+        ({"use_dora": True}, "train.scale_weight_norms: DoRA sets each row's size with its own magnitude"),
+    ],
+)
+def test_scale_weight_norms_is_refused_where_it_bounds_nothing(tiny_base, tiny_dataset, tmp_path, lora, fragment):
+    from lorakit.errors import RecipeError
+
+    recipe = make_recipe_dict(tiny_base, tiny_dataset, tmp_path, lora=lora, train={"scale_weight_norms": 1.0})
+    with pytest.raises(RecipeError, match=fragment):
+        recipe_from_dict(recipe)

@@ -154,6 +154,7 @@ def training_info(
         "ss_multires_noise_discount": str(cfg.multires_noise_discount if cfg.multires_noise_iterations else None),
         "ss_ip_noise_gamma": str(cfg.ip_noise_gamma or None),
         "ss_debiased_estimation": str(cfg.debiased_estimation),
+        "ss_scale_weight_norms": str(cfg.scale_weight_norms),
         "ss_gradient_accumulation_steps": str(cfg.gradient_accumulation_steps),
         "ss_batch_size_per_device": str(cfg.batch_size),
         "ss_max_token_length": str(recipe.data.max_token_length),

@@ -201,6 +201,11 @@ class TrainSection:
     compile: bool = False
     """`torch.compile` the U-Net: the first step compiles (its time is logged), later steps run faster on a GPU.
     Needs a C++ compiler on a CPU."""
+    scale_weight_norms: float | None = None
+    """Max-norm regularisation (kohya's name): after each step, any LoRA module whose update (scale included) has a
+    Frobenius norm above this is scaled back to it, which keeps single layers from running away and the adapter
+    gentler at strength 1; 1.0 is the usual choice, unset is off. LoRA only. `metrics.jsonl` logs `keys_scaled`
+    and `max_key_norm`."""
     loraplus_lr_ratio: float | None = None
     """LoRA+ (Hayou et al. 2024, arXiv:2402.12354): the up-projections (`lora_B`) learn at this many times the
     learning rate (16 is the paper's choice); unset is off. LoRA only: kohya sd-scripts and LyCORIS apply the ratio

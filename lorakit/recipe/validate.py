@@ -106,6 +106,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "train.min_timestep": (0, TIMESTEPS_MAX),  # the base's own schedule is checked once it is loaded
     "train.max_timestep": (1, TIMESTEPS_MAX),
     "train.loraplus_lr_ratio": (1, 1000),
+    "train.scale_weight_norms": (1e-6, 1e6),
     "prior.num_class_images": (1, 100_000),
     "prior.prior_loss_weight": (0, 1_000),
     "sample.every_steps": (0, STEPS_MAX),
@@ -258,11 +259,21 @@ def _adapter_type_problems(lora, train) -> list[str]:
             problems.append(f"lora.tlora_min_rank: T-LoRA masks the ranks of a LoRA; {name} has none to mask")
         if lora.init_from:
             problems.append(f"lora.init_from: starts from a LoRA file; {name} runs start from zero")
+        if train is not None and train.scale_weight_norms is not None:
+            problems.append(
+                f"train.scale_weight_norms: caps a LoRA module's update through its two factors; {name} modules have "
+                "no such pair, so remove it"
+            )
         if train is not None and train.loraplus_lr_ratio is not None:
             problems.append(
                 f"train.loraplus_lr_ratio: LoRA+ speeds up LoRA's up-projection (lora_up), which {name} does not "
                 "have; kohya sd-scripts and LyCORIS leave LoKr/LoHa weights at the base rate too"
             )
+    if lora.type == "lora" and lora.use_dora and train is not None and train.scale_weight_norms is not None:
+        problems.append(
+            "train.scale_weight_norms: DoRA sets each row's size with its own magnitude, which a cap on the low-rank "
+            "update does not bound; set lora.use_dora = false or remove train.scale_weight_norms"
+        )
     if lora.tlora_min_rank is not None:
         if lora.type == "lora" and lora.use_dora:
             problems.append(

@@ -84,6 +84,7 @@ class Run:
     token_cache: dict[str, list[Any]] = dataclasses.field(default_factory=dict)  # caption -> ids per tokenizer
     verbose: bool = False
     planned_gib: float | None = None  # lorakit plan's allocator peak for the training steps (CUDA runs)
+    norms: tuple[int, float] | None = None  # train.scale_weight_norms: (modules scaled, largest norm) of the last step
 
     @property
     def device(self) -> Any:
@@ -238,6 +239,8 @@ def optimizer_step(run: Run) -> float:
     run.lr_scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
+    if cfg.scale_weight_norms is not None:  # before the EMA, which then follows the capped weights
+        run.norms = adapters.cap_update_norms(run.models, cfg.scale_weight_norms)
     if run.ema is not None:
         run.ema.update(run.step)
     return accelerator.reduce(total, "mean").item()  # the one sync per step: the loss is checked and logged
@@ -445,6 +448,8 @@ def fit(run: Run) -> float:
                 row["val_loss"] = validation_loss(run, *validation)
             if accelerator.is_main_process:
                 if due(run.step, cfg.log_every_steps, cfg.max_steps) or row:
+                    if run.norms is not None:
+                        row |= {"keys_scaled": run.norms[0], "max_key_norm": round(run.norms[1], 6)}
                     _log_metrics(run, {"step": run.step, "loss": loss, **row}, start)
                 if due(run.step, cfg.save_every_steps, cfg.max_steps):
                     check_finite_adapter(run)
