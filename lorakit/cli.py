@@ -268,6 +268,13 @@ def prepare(
         float,
         typer.Option(min=0.01, max=0.99, callback=_finite, help="Model probability at which a pixel is the subject."),
     ] = 0.4,
+    kohya_folders: Annotated[
+        bool,
+        typer.Option(
+            help="kohya's layout: images in a subfolder N_words (e.g. '10_ohwx man') appear N times per epoch, and "
+            "those without a caption file are captioned with the words."
+        ),
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Turn a folder of photos into a captioned, bucketed dataset folder for `lorakit train`."""
@@ -293,6 +300,7 @@ def prepare(
         mask_model=mask_model,
         mask_prompt=mask_prompt.strip(),
         mask_threshold=mask_threshold,
+        kohya_folders=kohya_folders,
     )
     if caption_model or tokenizer or mask_model:
         _prepare_stack()

@@ -48,6 +48,7 @@ class Item:
     repeats: int = 1  # appearances per epoch
     loss_weight: float = 1.0  # prior-preservation class images use prior_loss_weight
     folder: str = ""  # the dataset (or class) folder it came from
+    group: str = ""  # the kohya `N_words` folder prepare --kohya-folders found it in (names it in ss_* metadata)
     original_size: tuple[int, int] | None = None  # (width, height) of the photo prepare cut it from
     crop: tuple[int, int] | None = None  # (left, top) of that cut in the photo resized to cover the bucket
     mask: Path | None = None  # masked loss: a greyscale image of the same size, white where the subject is
@@ -161,8 +162,9 @@ def load_folder(folder: Path, *, trigger: str, repeats: int, buckets: list[tuple
                 sha,
                 size,
                 bucket,
-                repeats,
+                repeats * _row_repeats(row, f"{folder / METADATA}:{number}"),
                 folder=str(folder),
+                group=row.get("kohya_folder") if isinstance(row.get("kohya_folder"), str) else "",
                 original_size=original,
                 crop=crop,
                 mask=mask,
@@ -172,6 +174,17 @@ def load_folder(folder: Path, *, trigger: str, repeats: int, buckets: list[tuple
     if not items:
         raise DatasetError(f"data.folder: {folder / METADATA} lists no images; add photos with `lorakit prepare`")
     return items
+
+
+ROW_REPEATS_MAX = 10_000
+
+
+def _row_repeats(row: dict, where: str) -> int:
+    """A row's own `repeats` (prepare --kohya-folders writes it), which multiplies data.num_repeats; 1 without."""
+    value = row.get("repeats", 1)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= ROW_REPEATS_MAX:
+        raise DatasetError(f'{where}: "repeats" must be a whole number from 1 to {ROW_REPEATS_MAX}, got {value!r}')
+    return value
 
 
 def _mask_of(folder: Path, row: dict, number: int, size: tuple[int, int]) -> tuple[Path | None, str]:

@@ -379,3 +379,79 @@ def test_a_tag_every_caption_shares_is_warned_about(tmp_path):
     )
     assert result.report["captions"]["shared_by_every_caption"] == ["black background"]  # the trigger is not counted
     assert any("every caption has 'black background'" in line and "caption_dropout_tags" in line for line in lines)
+
+
+def _kohya_photos(root: Path) -> Path:
+    """kohya's layout: `N_words` folders; one photo with a caption file of its own, the others without."""
+    for folder, seeds in (("10_ohwx man", (0, 1)), ("2_man", (2, 3, 4))):
+        (root / folder).mkdir(parents=True)
+        for seed in seeds:
+            textured(96, 96, seed).save(root / folder / f"p{seed}.png")
+    (root / "10_ohwx man" / "p1.txt").write_text("ohwx man, red shirt")
+    return root
+
+
+def test_kohya_folders_give_their_repeats_and_class_words(tmp_path):
+    import datasets
+
+    from lorakit.data import load_folder
+    from lorakit.formats.metadata import _dataset_dirs, _tag_frequency
+
+    src = _kohya_photos(tmp_path / "img")
+    out = tmp_path / "dataset"
+    lines: list[str] = []
+    prepare(src, out, PrepareOptions(resolution=64, kohya_folders=True, workers=1), quiet=True, log=lines.append)
+    rows = {r["source"]: r for r in map(json.loads, (out / "metadata.jsonl").read_text().splitlines())}
+    assert {s: (r["repeats"], r["kohya_folder"], r["text"]) for s, r in rows.items()} == {
+        "10_ohwx man/p0.png": (10, "10_ohwx man", "ohwx man"),  # no caption file: the folder's words
+        "10_ohwx man/p1.png": (10, "10_ohwx man", "ohwx man, red shirt"),  # its own caption wins
+        "2_man/p2.png": (2, "2_man", "man"),
+        "2_man/p3.png": (2, "2_man", "man"),
+        "2_man/p4.png": (2, "2_man", "man"),
+    }
+    assert "kohya folders: 10_ohwx man (2 images x10), 2_man (3 images x2)" in lines
+    assert "Captions: 4 from folder, 1 from sidecar" in lines
+    # train reads the repeats (times data.num_repeats), and the adapter's metadata names kohya's folders
+    items = load_folder(out, trigger="", repeats=3, buckets=[(64, 64)])
+    assert sorted(item.repeats for item in items) == [6, 6, 6, 30, 30]
+    assert _dataset_dirs(items) == {
+        "10_ohwx man": {"n_repeats": 30, "img_count": 2},
+        "2_man": {"n_repeats": 6, "img_count": 3},
+    }
+    assert _tag_frequency(items)["10_ohwx man"] == {"ohwx man": 2, "red shirt": 1}
+    loaded = datasets.load_dataset("imagefolder", data_dir=str(out), split="train", cache_dir=str(tmp_path / "hf"))
+    assert sorted(loaded["repeats"]) == [2, 2, 2, 10, 10]
+
+
+def test_without_the_flag_kohya_folders_are_only_pointed_out(tmp_path):
+    src = _kohya_photos(tmp_path / "img")
+    out = tmp_path / "dataset"
+    lines: list[str] = []
+    prepare(src, out, PrepareOptions(resolution=64, workers=1), quiet=True, log=lines.append)
+    rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert all("repeats" not in row for row in rows)
+    assert any(
+        line.startswith("  hint: the subfolders look like kohya's N_name layout (10_ohwx man, 2_man)")
+        for line in lines
+    )
+    # a folder outside the layout (a year is not a repeat count) is not taken for one
+    (src / "2023_holiday").mkdir()
+    textured(96, 96, 9).save(src / "2023_holiday" / "p9.png")
+    lines.clear()
+    prepare(src, out, PrepareOptions(resolution=64, kohya_folders=True, workers=1), quiet=True, log=lines.append)
+    assert any(line.endswith("; 1 image outside them train once per epoch") for line in lines)
+
+
+def test_a_bad_repeats_value_names_its_line(tmp_path):
+    from lorakit.data import load_folder
+
+    src = _kohya_photos(tmp_path / "img")
+    out = tmp_path / "dataset"
+    prepare(src, out, PrepareOptions(resolution=64, kohya_folders=True, workers=1), quiet=True, log=lambda _: None)
+    rows = (out / "metadata.jsonl").read_text().splitlines()
+    rows[1] = rows[1].replace('"repeats": 10', '"repeats": 0')
+    (out / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    with pytest.raises(
+        DatasetError, match=r'metadata.jsonl:2: "repeats" must be a whole number from 1 to 10000, got 0'
+    ):
+        load_folder(out, trigger="", repeats=1, buckets=[(64, 64)])

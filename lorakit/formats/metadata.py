@@ -186,7 +186,8 @@ def training_info(
 
 
 def _dataset_key(item: Item) -> str:
-    return Path(item.folder).name or item.folder
+    """The folder kohya's metadata names an item by: its `N_words` folder when prepare took one, else its dataset's."""
+    return item.group or Path(item.folder).name or item.folder
 
 
 def _tag_frequency(items: list[Item]) -> dict[str, dict[str, int]]:

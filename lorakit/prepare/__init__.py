@@ -24,7 +24,7 @@ from typing import Any
 from ..buckets import make_buckets
 from ..errors import DatasetError, LorakitError, OutputError
 from ..files import IMAGE_SUFFIXES, atomic_write, atomic_write_text, file_sha256, is_regular_file, printable
-from .captions import caption_from_filename, normalise_tags, place_trigger, read_sidecar
+from .captions import caption_from_filename, kohya_folder, normalise_tags, place_trigger, read_sidecar
 from .images import MASK_SUFFIX, REASONS, Processed, SizingOptions, mask_sidecar, process_image
 
 READ_FAILURES = ("read_error", "empty_file", "unreadable", "truncated", "decompression_bomb")
@@ -53,6 +53,7 @@ class PrepareOptions:
     mask_model: str | None = None  # a CLIPSeg model (hub id or folder) masks the images that have no other mask
     mask_prompt: str = ""  # what it looks for: the subject, e.g. "a dog"
     mask_threshold: float = 0.4  # the model's probability at which a pixel is the subject
+    kohya_folders: bool = False  # `N_words` subfolders give their images N repeats and, uncaptioned, the words
 
 
 @dataclass
@@ -241,13 +242,17 @@ def _dedupe(results: list[Processed], threshold: int) -> tuple[list[Processed], 
 @dataclass
 class _Caption:
     text: str
-    source: str  # sidecar, model, filename, trigger_only
+    source: str  # sidecar, model, folder, filename, trigger_only
     trigger: str  # added, moved, present, none
     non_utf8: str = ""
     model_text: str = ""  # the captioning model's own words, before tags and trigger (what a re-run reuses)
 
 
-def _caption(path: Path, image_png: bytes | None, options: PrepareOptions, captioner, cached: str | None) -> _Caption:
+def _caption(
+    path: Path, image_png: bytes | None, options: PrepareOptions, captioner, cached: str | None, folder_words: str = ""
+) -> _Caption:
+    """An image's caption: its caption file, else the captioning model's, else (--kohya-folders) its folder's class
+    words, else (--caption-from-filename) its file name, else none; then tags tidied and the trigger placed."""
     text, sidecar, utf8 = read_sidecar(path, options.caption_extensions)
     source = "sidecar"
     if text is None or not text.strip():
@@ -258,6 +263,8 @@ def _caption(path: Path, image_png: bytes | None, options: PrepareOptions, capti
                 with Image.open(io.BytesIO(image_png)) as image:
                     cached = captioner(image)
             text, source = cached, "model"
+        elif folder_words:
+            text, source = folder_words, "folder"
         elif options.caption_from_filename:
             text, source = caption_from_filename(path), "filename"
         else:
@@ -324,6 +331,22 @@ def _report(src, out, options, found, ignored, kept, dropped, duplicates_kept, c
     }
 
 
+def _report_kohya_folders(report: dict, kept: list[Processed], options: PrepareOptions) -> None:
+    """With --kohya-folders, each `N_words` folder's images and repeats, and how many images lie outside such
+    folders (1 repeat); without it, a hint when every image lies in such a folder."""
+    groups = Counter(group[:2] for r in kept if (group := kohya_folder(r.source)))
+    outside = len(kept) - sum(groups.values())
+    if options.kohya_folders:
+        report["kohya_folders"] = {name: {"images": n, "repeats": repeats} for (name, repeats), n in groups.items()}
+        report["counts"]["outside_kohya_folders"] = outside
+    elif groups and not outside:
+        report["kohya_folders_unused"] = sorted(name for name, _ in groups)
+
+
+def _images(count: int) -> str:
+    return f"{count} image{'' if count == 1 else 's'}"
+
+
 def summary_lines(report: dict) -> list[str]:
     """The printed summary of a report."""
     counts, captions = report["counts"], report["captions"]
@@ -347,6 +370,25 @@ def summary_lines(report: dict) -> list[str]:
     if counts["other_files_ignored"]:
         lines.append(f"  ignored {counts['other_files_ignored']} files that are neither images nor captions")
     lines.append("Buckets: " + ", ".join(f"{b} x{n}" for b, n in report["buckets"].items()))
+    if "kohya_folders" in report:
+        lines.append(
+            "kohya folders: "
+            + ", ".join(
+                f"{name} ({_images(g['images'])} x{g['repeats']})" for name, g in report["kohya_folders"].items()
+            )
+            + (
+                f"; {_images(counts['outside_kohya_folders'])} outside them train once per epoch"
+                if counts.get("outside_kohya_folders")
+                else ""
+            )
+        )
+    if report.get("kohya_folders_unused"):
+        names = report["kohya_folders_unused"]
+        lines.append(
+            f"  hint: the subfolders look like kohya's N_name layout ({', '.join(names[:3])}"
+            f"{' ...' if len(names) > 3 else ''}); pass --kohya-folders to take their repeats and, for images "
+            "without a caption file, their names as captions"
+        )
     settings = report["settings"]
     if counts.get("with_mask") or settings.get("alpha_mask") or settings.get("mask_model"):
         sources = ["transparency"] if settings.get("alpha_mask") else []
@@ -461,7 +503,10 @@ def prepare(
         entry = previous.get(result.source, {})
         cached = entry.get("model_caption") if entry.get("caption_model") == options.caption_model else None
         image = png.get(result.source) or (out / entry.get("file_name", "")).read_bytes() if captioner else None
-        captions[result.source] = _caption(src / result.source, image, options, captioner, cached)
+        group = kohya_folder(result.source) if options.kohya_folders else None
+        captions[result.source] = _caption(
+            src / result.source, image, options, captioner, cached, group[2] if group else ""
+        )
     report = _report(
         src,
         out,
@@ -474,6 +519,7 @@ def prepare(
         captions,
         len(reused),
     )
+    _report_kohya_folders(report, kept, options)
     if segmenter is not None:
         report["counts"]["no_subject_found"] = _segment(kept, png, previous, out, segmenter, quiet)
     masked = sum(1 for r in kept if r.mask_png or r.mask_file_name)
@@ -552,6 +598,7 @@ def _write(
         elif result.mask_file_name:
             mask_name = result.mask_file_name
         caption = captions[result.source]
+        group = kohya_folder(result.source) if options.kohya_folders else None
         rows.append(
             {
                 "file_name": file_name,
@@ -565,6 +612,12 @@ def _write(
                 "source": result.source,
                 "sha256": processed_sha,
                 **({"mask_file_name": mask_name} if mask_name else {}),
+                # every row alike, so that `datasets` reads one schema
+                **(
+                    {"repeats": group[1] if group else 1, "kohya_folder": group[0] if group else ""}
+                    if options.kohya_folders
+                    else {}
+                ),
             }
         )
         state[result.source] = {

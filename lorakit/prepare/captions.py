@@ -41,6 +41,20 @@ def read_sidecar(image: Path, extensions: tuple[str, ...]) -> tuple[str | None, 
     return None, None, True
 
 
+KOHYA_FOLDER = re.compile(r"(\d+)_(.*\S.*)")
+KOHYA_REPEATS_MAX = 1_000  # more is a year (2023_holiday) or a counter in a folder name, not a repeat count
+
+
+def kohya_folder(source: str) -> tuple[str, int, str] | None:
+    """(folder name, repeats, class words) of the kohya `N_words` folder that an image's path (relative to the
+    photo folder) starts in, e.g. `10_ohwx man/a.png` -> ("10_ohwx man", 10, "ohwx man"); None elsewhere."""
+    parts = Path(source).parts
+    match = KOHYA_FOLDER.fullmatch(parts[0]) if len(parts) > 1 else None
+    if match is None or not 1 <= int(match[1]) <= KOHYA_REPEATS_MAX:
+        return None
+    return parts[0], int(match[1]), " ".join(match[2].split())
+
+
 def caption_from_filename(image: Path) -> str:
     """A caption from a file name: separators become spaces, trailing counters like `_01` or ` (2)` go."""
     stem = re.sub(r"[\s_\-.]*(\(\d+\)|\d+)$", "", image.stem)
