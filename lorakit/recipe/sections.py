@@ -54,7 +54,8 @@ class DataSection:
     resolution: int = 512
     """Training resolution in pixels; images are trained in aspect-ratio buckets of about this area."""
     num_repeats: int | list[int] = 1
-    """How many times each image appears per epoch; a list gives each folder of `folder` its own."""
+    """How many times each image appears per epoch; a list gives each folder of `folder` its own. A dataset row's own
+    `repeats` (`prepare --kohya-folders`) multiplies it."""
     trigger: str = ""
     """Trigger word(s) put at the front of every caption that does not already contain them."""
     shuffle_tags: bool = False
