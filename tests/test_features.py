@@ -266,3 +266,52 @@ def test_robust_losses_train(tiny_base, tiny_dataset, tmp_path, loss_type):
         loop.objective.diffusion_loss = real
     assert seen == [loss_type, loss_type] and torch.isfinite(torch.tensor(robust.final_loss))
     assert robust.final_loss != l2.final_loss  # same seed, same batches: only the loss function differs
+
+
+def test_sample_prompts_take_kohyas_inline_options(tiny_base, tiny_dataset, tmp_path, monkeypatch):
+    from PIL import Image
+
+    import lorakit.train.images as images
+
+    calls = []
+    real = images.render
+
+    def recording(pipe, prompts, seeds, settings, advance=None):
+        calls.append((prompts, seeds, settings))
+        return real(pipe, prompts, seeds, settings, advance)
+
+    monkeypatch.setattr(images, "render", recording)
+    prompts = ["ohwx toy --n blue, blurry --w 64 --h 32 --d 9 --s 1 --l 3.5", "a red disc"]
+    result, _ = _run(
+        tiny_base,
+        tiny_dataset,
+        tmp_path,
+        train={"max_steps": 2},
+        sample={"prompts": prompts, "every_steps": 2, "steps": 2, "seed": 5, "negative_prompt": "grey"},
+    )
+    (first, first_seeds, own), (second, second_seeds, plain) = calls
+    assert first == ["ohwx toy"] and first_seeds == [9]
+    assert (own.negative_prompt, own.width, own.height, own.steps, own.guidance) == ("blue, blurry", 64, 32, 1, 3.5)
+    assert second == ["a red disc"] and second_seeds == [6]  # the [sample] section's seed + its index
+    assert (plain.negative_prompt, plain.width, plain.height, plain.steps) == ("grey", 64, 64, 2)
+    with Image.open(result.run_dir / "samples" / "step-000002.png") as grid:
+        assert grid.size == (128, 64)  # the 64x32 image sits in a 64x64 cell
+
+
+@pytest.mark.parametrize(
+    ("prompt", "fragment"),
+    [
+        ("ohwx toy --ar 16:9", "sample.prompts[0]: --ar is not a sample prompt option; use --n (negative prompt)"),
+        ("ohwx toy --w 100", "sample.prompts[0]: --w 100 is not a multiple of 8"),
+        ("ohwx toy --s many", "sample.prompts[0]: --s 'many' is not a whole number"),
+        ("--n blurry", "sample.prompts[0]: the prompt before its options is empty"),
+    ],
+)
+def test_bad_inline_sample_options_are_named(tiny_base, tiny_dataset, tmp_path, prompt, fragment):
+    from lorakit.errors import RecipeError
+    from lorakit.recipe import recipe_from_dict
+
+    recipe = make_recipe_dict(tiny_base, tiny_dataset, tmp_path, sample={"prompts": [prompt]})
+    with pytest.raises(RecipeError) as caught:
+        recipe_from_dict(recipe)
+    assert fragment in str(caught.value)

@@ -229,7 +229,9 @@ class PriorSection:
 @dataclass(frozen=True)
 class SampleSection:
     prompts: list[str] = field(default_factory=list)
-    """Prompts rendered into `samples/step-NNNNNN.png` during training (one grid per save)."""
+    """Prompts rendered into `samples/step-NNNNNN.png` during training (one grid per save). kohya's inline options
+    work: `"ohwx man at the beach --n blurry --w 512 --h 768 --d 7 --s 28 --l 6"` sets that image's negative
+    prompt, size, seed, steps and guidance."""
     every_steps: int = 0
     """Render samples every this many steps; 0 means at every checkpoint (`train.save_every_steps`)."""
     seed: int = 0

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..errors import RecipeError
+from .prompts import parse_sample_prompt
 from .sections import SECTIONS, Recipe
 
 
@@ -213,6 +214,12 @@ def _cross_checks(built: dict, problems: list[str]) -> None:
     output = built.get("output")
     if output is not None:
         problems += _run_name_problems(output.name)
+    sample = built.get("sample")
+    for index, text in enumerate(sample.prompts if sample is not None else []):
+        try:
+            parse_sample_prompt(text)
+        except ValueError as err:
+            problems.append(f"sample.prompts[{index}]: {err} (in {text[:60]!r})")
     if train is not None and train.multires_noise_iterations and train.noise_offset:
         problems.append(
             "train.multires_noise_iterations: not together with train.noise_offset (both reshape the noise, and "

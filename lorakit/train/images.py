@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -9,6 +10,7 @@ from ..files import IMAGE_SUFFIXES
 from ..models import BaseModel
 from ..progress import progress_bar
 from ..recipe import Recipe
+from ..recipe.prompts import parse_sample_prompt
 from ..render import RenderSettings, a1111_parameters, make_grid, render, sample_pipeline, save_png
 
 if TYPE_CHECKING:
@@ -43,11 +45,22 @@ def render_samples(run: Run) -> None:
     base.vae.to(run.device)
     pipe = sample_pipeline(models["unet"], base.vae, encoders, base.tokenizers, base.noise_scheduler)
     settings = _sample_settings(run.recipe)
+    prompts = [parse_sample_prompt(text) for text in sample.prompts]
     for module in models.values():
         module.eval()
+    images = []
     with run.accelerator.autocast():
-        seeds = [sample.seed + i for i in range(len(sample.prompts))]
-        images = render(pipe, sample.prompts, seeds, settings)
+        for index, prompt in enumerate(prompts):  # each with kohya's inline options over the [sample] section's
+            own = dataclasses.replace(
+                settings,
+                **{
+                    key: value
+                    for key in ("negative_prompt", "width", "height", "steps", "guidance")
+                    if (value := getattr(prompt, key)) is not None
+                },
+            )
+            seed = prompt.seed if prompt.seed is not None else sample.seed + index
+            images += render(pipe, [prompt.prompt], [seed], own)
     for module in models.values():
         module.train()
     if run.cache is not None:
@@ -68,7 +81,22 @@ def render_samples(run: Run) -> None:
     )
     folder = run.paths.folder / "samples"
     folder.mkdir(exist_ok=True)
-    save_png(make_grid(images, columns=len(images)), folder / f"step-{run.step:06d}.png", parameters)
+    save_png(make_grid(_same_size(images), columns=len(images)), folder / f"step-{run.step:06d}.png", parameters)
+
+
+def _same_size(images: list[Any]) -> list[Any]:
+    """Images of several sizes (prompts with their own --w / --h) centred on white cells of the largest size."""
+    from PIL import Image
+
+    width, height = max(i.size[0] for i in images), max(i.size[1] for i in images)
+    if all(i.size == (width, height) for i in images):
+        return images
+    cells = []
+    for image in images:
+        cell = Image.new("RGB", (width, height), "white")
+        cell.paste(image, ((width - image.size[0]) // 2, (height - image.size[1]) // 2))
+        cells.append(cell)
+    return cells
 
 
 def render_class_images(recipe: Recipe, base: BaseModel, accelerator: Any, log: Log, quiet: bool) -> None:
