@@ -202,6 +202,7 @@ def inject_lora(
     conv_alpha: float | None = None,
     use_dora: bool = False,
     skip_layers: tuple[int, ...] = (),
+    skip_modules: tuple[str, ...] = (),
     kind: str = "lora",
     lycoris_options: dict | None = None,
 ) -> list[str]:
@@ -212,12 +213,15 @@ def inject_lora(
     3x3 convolutions get `conv_rank` / `conv_alpha` when given (LoCon), through peft's per-module
     rank and alpha patterns. `skip_layers` are text-encoder layer indices left without adapters (with clip
     skip N the last N - 1 layers never reach the U-Net: their adapters would get no gradient, which DDP
-    refuses). Raises RecipeError when the targets match nothing, or when a text
+    refuses). `skip_modules` are module paths left without adapters (U-Net blocks at a block-wise rate of 0).
+    Raises RecipeError when the targets match nothing, or when a text
     encoder would get q/k/v without out_proj (diffusers cannot load such a file).
     """
 
     targets = resolve_targets(target_modules, component)
-    exclude = rf".*encoder\.layers\.({'|'.join(map(str, skip_layers))})\..*" if skip_layers else None
+    excluded = [rf".*encoder\.layers\.({'|'.join(map(str, skip_layers))})\..*"] if skip_layers else []
+    excluded += [re.escape(path) for path in skip_modules]
+    exclude = "|".join(f"({pattern})" for pattern in excluded) if excluded else None
     names = [n for n in matching_modules(model, targets) if exclude is None or not re.fullmatch(exclude, n)]
     if not names:
         raise RecipeError(
@@ -288,6 +292,49 @@ def cap_update_norms(models: dict[str, torch.nn.Module], max_norm: float) -> tup
                     up.mul_(root)
                     scaled += 1
     return scaled, largest
+
+
+_DOWN = re.compile(r"down_blocks\.(\d+)\.(attentions|resnets|downsamplers)\.(\d+)\.")
+_UP = re.compile(r"up_blocks\.(\d+)\.(attentions|resnets|upsamplers)\.(\d+)\.")
+
+
+def unet_block_count(unet_config: dict) -> int | None:
+    """How many input (and output) blocks the U-Net has as the original LDM code counts them: per resolution its
+    layers plus the down/upsampler; 12 for SD 1.x/2.x, 9 for SDXL. None when the layers differ per resolution."""
+    layers = unet_config.get("layers_per_block", 2)
+    return len(unet_config["down_block_types"]) * (layers + 1) if isinstance(layers, int) else None
+
+
+def unet_block(path: str, layers_per_block: int = 2) -> tuple[str, int] | None:
+    """The LDM block a U-Net module belongs to, as kohya's block-wise rates count them: ("down", k) for
+    input_blocks.k (IN k), ("mid", 0) for the middle block, ("up", k) for output_blocks.k (OUT k); None for the
+    modules outside the blocks (conv_in, the time embedding, conv_out)."""
+    if path.startswith("mid_block."):
+        return "mid", 0
+    per = layers_per_block + 1  # an input resolution: its layers and a downsampler; an output one: one more layer
+    if match := _DOWN.match(path + "."):
+        block, kind, index = int(match[1]), match[2], int(match[3])
+        return "down", per * block + (per if kind == "downsamplers" else index + 1)
+    if match := _UP.match(path + "."):
+        block, kind, index = int(match[1]), match[2], int(match[3])
+        return "up", per * block + (per - 1 if kind == "upsamplers" else index)
+    return None
+
+
+def block_lr_weight(
+    path: str, weights: tuple[list[float] | None, float | None, list[float] | None], layers_per_block: int = 2
+) -> float:
+    """The factor on the U-Net learning rate of the module at `path`, from (down, mid, up) block-wise factors (1
+    outside the blocks, or where unset)."""
+    block = unet_block(path, layers_per_block)
+    if block is None:
+        return 1.0
+    kind, index = block
+    down, mid, up = weights
+    if kind == "mid":
+        return 1.0 if mid is None else mid
+    factors = down if kind == "down" else up
+    return 1.0 if factors is None else factors[index]
 
 
 def lora_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:

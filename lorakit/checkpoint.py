@@ -369,6 +369,11 @@ _MUST_MATCH = (
     "train.seed",
     "train.batch_size",
     "prior",
+    # the optimizer's parameter groups (and what state loads into which) follow from these
+    "train.loraplus_lr_ratio",
+    "train.down_lr_weight",
+    "train.mid_lr_weight",
+    "train.up_lr_weight",
 )
 
 

@@ -321,3 +321,92 @@ def test_scale_weight_norms_is_refused_where_it_bounds_nothing(tiny_base, tiny_d
     recipe = make_recipe_dict(tiny_base, tiny_dataset, tmp_path, lora=lora, train={"scale_weight_norms": 1.0})
     with pytest.raises(RecipeError, match=fragment):
         recipe_from_dict(recipe)
+
+
+@pytest.mark.parametrize("architecture", ["sd15", "sdxl"])
+def test_unet_blocks_are_the_ldm_blocks_kohya_counts(architecture):
+    """Every module the adapters can reach is placed in the input / middle / output block whose number the original
+    (LDM) checkpoint names give it: 12 + 12 blocks for SD 1.5, 9 + 9 for SDXL."""
+    import re
+
+    from lorakit.adapters import matching_modules, resolve_targets, unet_block, unet_block_count
+    from lorakit.architectures import build_on_meta
+    from lorakit.formats.kohya import sdxl_unet_path
+    from lorakit.formats.single_file import unet_to_ldm
+
+    unet = build_on_meta(architecture, "unet")
+    config = dict(unet.config)
+    assert unet_block_count(config) == {"sd15": 12, "sdxl": 9}[architecture]
+    seen = set()
+    for path in matching_modules(unet, resolve_targets("transformer+conv", "unet")):
+        if architecture == "sdxl":
+            ldm = sdxl_unet_path(path)
+        else:
+            (ldm,) = unet_to_ldm({f"{path}.weight": None}, config)
+            ldm = ldm.removeprefix("model.diffusion_model.")
+        if ldm.startswith("middle_block."):
+            expected = ("mid", 0)
+        else:
+            side, number = re.match(r"(input|output)_blocks\.(\d+)\.", ldm).groups()
+            expected = ("down" if side == "input" else "up", int(number))
+        assert unet_block(path, config["layers_per_block"]) == expected, (path, ldm)
+        seen.add(expected)
+    blocks = unet_block_count(config)
+    assert {i for kind, i in seen if kind == "down"} == set(range(1, blocks))  # IN00 is conv_in: no adapter
+    assert {i for kind, i in seen if kind == "up"} == set(range(blocks))
+
+
+def test_block_wise_rates_group_the_unet_and_leave_blocks_at_zero_out(tiny_base, tiny_dataset, tmp_path):
+    import json
+
+    from lorakit.formats.read import read_adapter_file
+
+    # the tiny U-Net: 2 resolutions of 1 layer, so 4 input blocks (attention in IN01) and 4 output ones (OUT02-03)
+    weights = {"down_lr_weight": [1, 0, 1, 1], "mid_lr_weight": 0.5, "up_lr_weight": [1, 1, 1, 2]}
+    recipe = make_recipe_dict(tiny_base, tiny_dataset, tmp_path, train={"max_steps": 2, **weights})
+    lines: list[str] = []
+    result = train(recipe_from_dict(recipe), quiet=True, log=lines.append)
+    assert any(line.startswith("Block-wise rates: ") and "in blocks at 0 and get no adapter" in line for line in lines)
+    modules = read_adapter_file(result.adapter).state["unet"]
+    assert not any(path.startswith("down_blocks.0.attentions.") for path in modules)
+    assert any(path.startswith("mid_block.") for path in modules) and any(
+        p.startswith("up_blocks.1.") for p in modules
+    )
+    row = json.loads((result.run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["lr_unet@2"] == pytest.approx(2e-3) and row["lr_unet@0.5"] == pytest.approx(5e-4)
+    assert row["lr_unet"] == pytest.approx(1e-3)  # OUT02 at factor 1
+
+
+def test_block_wise_rates_of_the_wrong_length_name_the_blocks(tiny_base, tiny_dataset, tmp_path):
+    from lorakit.errors import RecipeError
+
+    recipe = make_recipe_dict(tiny_base, tiny_dataset, tmp_path, train={"down_lr_weight": [1.0] * 12})
+    with pytest.raises(
+        RecipeError, match=r"train.down_lr_weight: 12 values, but this U-Net has 4 input blocks \(IN00"
+    ):
+        train(recipe_from_dict(recipe), quiet=True, log=lambda _: None)
+    zero = make_recipe_dict(
+        tiny_base,
+        tiny_dataset,
+        tmp_path,
+        train={"down_lr_weight": [0] * 4, "mid_lr_weight": 0, "up_lr_weight": [0] * 4},
+    )
+    with pytest.raises(RecipeError, match="every U-Net block the adapters reach is at 0"):
+        train(recipe_from_dict(zero), quiet=True, log=lambda _: None)
+
+
+@pytest.mark.parametrize("key", ["train.loraplus_lr_ratio", "train.up_lr_weight"])
+def test_a_resume_refuses_a_change_of_the_optimizers_groups(tiny_base, tiny_dataset, tmp_path, key):
+    from lorakit.checkpoint import check_resumable
+    from lorakit.errors import OutputError
+    from lorakit.recipe import recipe_to_dict
+
+    section, name = key.split(".")
+    before = recipe_from_dict(make_recipe_dict(tiny_base, tiny_dataset, tmp_path))
+    after = recipe_from_dict(
+        make_recipe_dict(
+            tiny_base, tiny_dataset, tmp_path, **{section: {name: [1.0] * 4 if "weight" in name else 16.0}}
+        )
+    )
+    with pytest.raises(OutputError, match=f"--resume: {key} changed"):
+        check_resumable(recipe_to_dict(before), after, lambda _: None)

@@ -202,6 +202,15 @@ class TrainSection:
     compile: bool = False
     """`torch.compile` the U-Net: the first step compiles (its time is logged), later steps run faster on a GPU.
     Needs a C++ compiler on a CPU."""
+    down_lr_weight: list[float] | None = None
+    """Block-wise learning rates (kohya's names): one factor per U-Net input block, IN00 to IN11 for SD 1.x/2.x (12),
+    IN00 to IN08 for SDXL (9); each block's adapters learn at `unet_lr` times its factor, and a block at 0 gets no
+    adapters at all. Unset: 1 everywhere."""
+    mid_lr_weight: float | None = None
+    """Block-wise learning rate of the U-Net's middle block (M00), as `down_lr_weight`."""
+    up_lr_weight: list[float] | None = None
+    """Block-wise learning rates of the U-Net's output blocks, OUT00 to OUT11 (SDXL: OUT00 to OUT08), as
+    `down_lr_weight`."""
     scale_weight_norms: float | None = None
     """Max-norm regularisation (kohya's name): after each step, any LoRA module whose update (scale included) has a
     Frobenius norm above this is scaled back to it, which keeps single layers from running away and the adapter

@@ -108,6 +108,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "train.max_timestep": (1, TIMESTEPS_MAX),
     "train.loraplus_lr_ratio": (1, 1000),
     "train.scale_weight_norms": (1e-6, 1e6),
+    "train.mid_lr_weight": (0, 100),
     "prior.num_class_images": (1, 100_000),
     "prior.prior_loss_weight": (0, 1_000),
     "sample.every_steps": (0, STEPS_MAX),
@@ -214,6 +215,13 @@ def _cross_checks(built: dict, problems: list[str]) -> None:
     output = built.get("output")
     if output is not None:
         problems += _run_name_problems(output.name)
+    for key in ("down_lr_weight", "up_lr_weight"):
+        values = getattr(train, key) if train is not None else None
+        if values is not None and (not values or not all(math.isfinite(v) and 0 <= v <= 100 for v in values)):
+            problems.append(
+                f"train.{key}: {values!r}; give one factor from 0 to 100 per U-Net block (12 for SD 1.x/2.x, 9 for "
+                "SDXL)"
+            )
     sample = built.get("sample")
     for index, text in enumerate(sample.prompts if sample is not None else []):
         try:

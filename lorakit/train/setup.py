@@ -294,20 +294,27 @@ def _enable_gradient_checkpointing(base: BaseModel, trained: dict[str, Any]) -> 
 
 
 def _parameter_groups(recipe: Recipe, trained: dict[str, Any]) -> list[dict[str, Any]]:
-    """One group per trained component at its learning rate; with LoRA+ the up-projections in a group of their own
-    (`<component>.up`) at `loraplus_lr_ratio` times that rate."""
+    """One group per trained component at its learning rate. With block-wise rates the U-Net's adapters are grouped
+    by their block's factor (`unet@0.5` at half `unet_lr`; factor 1 stays `unet`); with LoRA+ each group's
+    up-projections go in a group of their own (`<name>.up`) at `loraplus_lr_ratio` times its rate."""
     cfg = recipe.train
+    weights, layers = _block_weights(recipe, trained["unet"])
     groups = []
     for name, module in trained.items():
         lr = cfg.unet_lr if name == "unet" else cfg.text_encoder_lr
-        named = adapters.named_lora_parameters(module)
-        if cfg.loraplus_lr_ratio is None:
-            groups.append({"params": list(named.values()), "name": name, "lr": lr})
-            continue
-        up = [p for n, p in named.items() if adapters.is_up_projection(n)]
-        rest = [p for n, p in named.items() if not adapters.is_up_projection(n)]
-        groups.append({"params": rest, "name": name, "lr": lr})
-        groups.append({"params": up, "name": f"{name}.up", "lr": lr * cfg.loraplus_lr_ratio})
+        by_factor: dict[float, dict[str, Any]] = {}
+        for path, parameter in adapters.named_lora_parameters(module).items():
+            factor = adapters.block_lr_weight(path, weights, layers) if name == "unet" else 1.0
+            by_factor.setdefault(factor, {})[path] = parameter
+        for factor, named in sorted(by_factor.items(), key=lambda kv: -kv[0]):
+            label = name if factor == 1.0 else f"{name}@{factor:g}"
+            if cfg.loraplus_lr_ratio is None:
+                groups.append({"params": list(named.values()), "name": label, "lr": lr * factor})
+                continue
+            up = [p for n, p in named.items() if adapters.is_up_projection(n)]
+            rest = [p for n, p in named.items() if not adapters.is_up_projection(n)]
+            groups.append({"params": rest, "name": label, "lr": lr * factor})
+            groups.append({"params": up, "name": f"{label}.up", "lr": lr * factor * cfg.loraplus_lr_ratio})
     return groups
 
 
@@ -534,6 +541,7 @@ def _inject(recipe: Recipe, base: BaseModel, log: Log) -> dict[str, Any]:
     if lora.train_text_encoder:
         trained.update(zip(base.text_encoder_names, base.text_encoders, strict=True))
     counts = []
+    zero_blocks = _zero_rate_modules(recipe, base, log)
     for component, module in trained.items():
         names = adapters.inject_lora(
             module,
@@ -546,6 +554,7 @@ def _inject(recipe: Recipe, base: BaseModel, log: Log) -> dict[str, Any]:
             conv_alpha=lora.conv_alpha,
             use_dora=lora.use_dora,
             skip_layers=_unused_layers(module, recipe.model.clip_skip) if component != "unet" else (),
+            skip_modules=zero_blocks if component == "unet" else (),
             kind=lora.type,
             lycoris_options={
                 "decompose_factor": lora.decompose_factor,
@@ -565,6 +574,50 @@ def _inject(recipe: Recipe, base: BaseModel, log: Log) -> dict[str, Any]:
         f"({100 * trainable / total:.2f}%)"
     )
     return trained
+
+
+BlockWeights = tuple[list[float] | None, float | None, list[float] | None]
+
+
+def _block_weights(recipe: Recipe, unet: Any) -> tuple[BlockWeights, int]:
+    """The recipe's block-wise rate factors (down, mid, up), checked against the U-Net's blocks, and its layers per
+    block (what block a module is in depends on it)."""
+    cfg, config = recipe.train, dict(unet.config)
+    weights = (cfg.down_lr_weight, cfg.mid_lr_weight, cfg.up_lr_weight)
+    if weights == (None, None, None):
+        return weights, 2
+    blocks = adapters.unet_block_count(config)
+    if blocks is None:
+        raise RecipeError(
+            "train.down_lr_weight / up_lr_weight: this U-Net has a different number of layers per block at each "
+            "resolution, which block-wise rates do not describe; remove them"
+        )
+    for key, kind, tag in (("down_lr_weight", "input", "IN"), ("up_lr_weight", "output", "OUT")):
+        values = getattr(cfg, key)
+        if values is not None and len(values) != blocks:
+            raise RecipeError(
+                f"train.{key}: {len(values)} values, but this U-Net has {blocks} {kind} blocks "
+                f"({tag}00 to {tag}{blocks - 1:02d}; SD 1.x/2.x 12, SDXL 9); give {blocks}"
+            )
+    return weights, config.get("layers_per_block", 2)
+
+
+def _zero_rate_modules(recipe: Recipe, base: BaseModel, log: Log) -> tuple[str, ...]:
+    """The U-Net modules in blocks whose block-wise rate is 0: they get no adapter (said in the log)."""
+    weights, layers = _block_weights(recipe, base.unet)
+    if weights == (None, None, None):
+        return ()
+    targets = adapters.resolve_targets(recipe.lora.target_modules, "unet")
+    matched = adapters.matching_modules(base.unet, targets)
+    skipped = tuple(path for path in matched if adapters.block_lr_weight(path, weights, layers) == 0)
+    if skipped and len(skipped) == len(matched):
+        raise RecipeError(
+            "train.down_lr_weight / mid_lr_weight / up_lr_weight: every U-Net block the adapters reach is at 0, so "
+            "the U-Net would learn nothing; give at least one block a factor above 0"
+        )
+    if skipped:
+        log(f"Block-wise rates: {len(skipped)} of {len(matched)} U-Net modules are in blocks at 0 and get no adapter")
+    return skipped
 
 
 def _mask_ranks_by_timestep(recipe: Recipe, base: BaseModel, log: Log) -> None:
