@@ -8,7 +8,8 @@ whose difference is a rank-64 change plus small full-rank noise, like a fine-tun
 
     OMP_NUM_THREADS=1 python benchmarks/extract_speed.py [--arch sd15 sdxl] [--rank 32] [--device cpu|cuda]
 
-It prints the modules, the seconds the SVDs took, and the share of the change a rank-`--rank` LoRA keeps.
+It prints the modules, the seconds their SVDs take (each distinct weight shape is timed once and counted as
+often as it occurs), and the share of the change a rank-`--rank` LoRA keeps.
 """
 
 from __future__ import annotations
@@ -37,8 +38,11 @@ def shapes(architecture: str) -> list[tuple[str, tuple[int, ...]]]:
     return found
 
 
-def run(architecture: str, rank: int, device: str) -> tuple[int, float, float]:
-    """(modules, seconds, share of the change's energy kept) for one architecture."""
+def run(architecture: str, rank: int, device: str) -> tuple[int, int, float, float]:
+    """(modules, distinct shapes, seconds, share of the change's energy kept) for one architecture. Modules of one
+    shape cost the same, so each distinct shape is timed once and counted as often as it occurs."""
+    from collections import Counter
+
     import torch
 
     from lorakit.extract import _change, _factor
@@ -46,8 +50,8 @@ def run(architecture: str, rank: int, device: str) -> tuple[int, float, float]:
     generator = torch.Generator().manual_seed(0)
     where = torch.device(device)
     seconds = kept = total = 0.0
-    modules = shapes(architecture)
-    for _, shape in modules:
+    modules = Counter(shape for _, shape in shapes(architecture))
+    for shape, count in modules.items():
         flat = (shape[0], int(torch.tensor(shape[1:]).prod()))
         base = torch.randn(flat, generator=generator) * 0.02
         wanted = min(64, *flat)
@@ -63,9 +67,9 @@ def run(architecture: str, rank: int, device: str) -> tuple[int, float, float]:
         _, _, module_kept, module_total = _factor(change, rank)
         if where.type == "cuda":
             torch.cuda.synchronize()
-        seconds += time.perf_counter() - start
-        kept, total = kept + module_kept, total + module_total
-    return len(modules), seconds, kept / total
+        seconds += count * (time.perf_counter() - start)
+        kept, total = kept + count * module_kept, total + count * module_total
+    return sum(modules.values()), len(modules), seconds, kept / total
 
 
 def main() -> None:
@@ -77,11 +81,11 @@ def main() -> None:
     import torch
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {args.device}, rank {args.rank}")
-    print("| architecture | modules | SVD seconds | change kept |")
+    print("| architecture | modules (distinct shapes) | SVD seconds | change kept |")
     print("|---|---|---|---|")
     for architecture in args.arch:
-        modules, seconds, share = run(architecture, args.rank, args.device)
-        print(f"| {architecture} | {modules} | {seconds:.1f} | {share:.2%} |")
+        modules, distinct, seconds, share = run(architecture, args.rank, args.device)
+        print(f"| {architecture} | {modules} ({distinct}) | {seconds:.0f} | {share:.2%} |")
 
 
 if __name__ == "__main__":
