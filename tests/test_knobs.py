@@ -393,6 +393,13 @@ def test_block_wise_rates_of_the_wrong_length_name_the_blocks(tiny_base, tiny_da
     )
     with pytest.raises(RecipeError, match="every U-Net block the adapters reach is at 0"):
         train(recipe_from_dict(zero), quiet=True, log=lambda _: None)
+    for value, message in (
+        ([1, float("nan")], "is not a list of finite numbers"),
+        ([1, 200], "200 is outside 0..100"),
+    ):
+        bad = make_recipe_dict(tiny_base, tiny_dataset, tmp_path, train={"up_lr_weight": value})
+        with pytest.raises(RecipeError, match=f"train.up_lr_weight: .*{message}"):
+            recipe_from_dict(bad)
 
 
 @pytest.mark.parametrize("key", ["train.loraplus_lr_ratio", "train.up_lr_weight"])

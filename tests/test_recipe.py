@@ -126,3 +126,18 @@ def test_readme_recipe_reference_is_current():
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     block = readme.split("<!-- recipe-keys:start -->\n")[1].split("\n<!-- recipe-keys:end -->")[0]
     assert block == reference_markdown(), "regenerate README's table with `python -m lorakit.recipe`"
+
+
+def test_the_kohya_map_names_only_recipe_keys_that_exist():
+    import dataclasses
+    import re
+
+    from lorakit.recipe import SECTIONS
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    block = readme.split("<!-- kohya-map:start -->\n")[1].split("\n<!-- kohya-map:end -->")[0]
+    lorakit_column = [line.rsplit(" | ", 1)[1] for line in block.splitlines()[2:]]
+    named = {m for cell in lorakit_column for m in re.findall(r"`([a-z]+)\.([a-z_0-9]+)", cell)}
+    assert len(named) > 40
+    keys = {(section, f.name) for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+    assert named <= keys, sorted(named - keys)

@@ -23,7 +23,7 @@ def _describe(tp: object) -> str:
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         return " or ".join(_describe(a) for a in typing.get_args(tp) if a is not type(None))
     if typing.get_origin(tp) is list:
-        return "a list of " + {str: "strings", int: "integers"}[typing.get_args(tp)[0]]
+        return "a list of " + {str: "strings", int: "integers", float: "finite numbers"}[typing.get_args(tp)[0]]
     return {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}.get(tp, str(tp))
 
 
@@ -108,7 +108,9 @@ _RANGES: dict[str, tuple[float, float]] = {
     "train.max_timestep": (1, TIMESTEPS_MAX),
     "train.loraplus_lr_ratio": (1, 1000),
     "train.scale_weight_norms": (1e-6, 1e6),
+    "train.down_lr_weight": (0, 100),
     "train.mid_lr_weight": (0, 100),
+    "train.up_lr_weight": (0, 100),
     "prior.num_class_images": (1, 100_000),
     "prior.prior_loss_weight": (0, 1_000),
     "sample.every_steps": (0, STEPS_MAX),
@@ -217,10 +219,10 @@ def _cross_checks(built: dict, problems: list[str]) -> None:
         problems += _run_name_problems(output.name)
     for key in ("down_lr_weight", "up_lr_weight"):
         values = getattr(train, key) if train is not None else None
-        if values is not None and (not values or not all(math.isfinite(v) and 0 <= v <= 100 for v in values)):
+        if values is not None and not values:
             problems.append(
-                f"train.{key}: {values!r}; give one factor from 0 to 100 per U-Net block (12 for SD 1.x/2.x, 9 for "
-                "SDXL)"
+                f"train.{key}: the list is empty; give one factor from 0 to 100 per U-Net block (12 for SD 1.x/2.x, "
+                "9 for SDXL)"
             )
     sample = built.get("sample")
     for index, text in enumerate(sample.prompts if sample is not None else []):
