@@ -157,24 +157,8 @@ def extract(
         theirs = dict(tuned_model.models[component].named_modules())
         for path in matching_modules(model, resolve_targets(targets, component)):
             jobs.append((component, path, model.get_submodule(path), theirs[path]))
-    state: LoraState = {}
-    retained: dict[str, float] = {}
-    unchanged: dict[str, int] = {}
-    kept = total = 0.0
-    with torch.no_grad(), progress_bar("Extracting", len(jobs), quiet=quiet) as bar:
-        for component, path, mine, theirs in jobs:
-            change = _change(theirs.weight, mine.weight, dtype, where)
-            bar.advance()
-            if not change.numel() or float(change.abs().max()) <= min_diff:
-                unchanged[component] = unchanged.get(component, 0) + 1
-                continue
-            spatial = change.dim() == 4 and change.shape[2:] != (1, 1)
-            up, down, module_kept, module_total = _factor(
-                change.reshape(change.shape[0], -1), (conv_rank or rank) if spatial else rank, energy
-            )
-            state.setdefault(component, {})[path] = lora_from_factors(up, down, tuple(change.shape))
-            retained[f"{component}.{path}"] = module_kept / module_total
-            kept, total = kept + module_kept, total + module_total
+    ranks = (rank, conv_rank or rank, energy)
+    state, retained, unchanged, kept, total = _factor_all(jobs, ranks, min_diff, dtype, where, quiet)
     if not state:
         raise AdapterError(
             f"TUNED {tuned} and --base {base} do not differ in any module --targets {targets} reaches (compared in "
@@ -237,6 +221,39 @@ def extract(
     write_adapter(state, out, fmt, save_dtype, kohya_metadata(info), base_model.family)
     log(f"Wrote {out} ({modules} modules, {fmt} layout)")
     return ExtractResult(out, modules, share, unchanged, left_out)
+
+
+def _factor_all(
+    jobs: list[tuple[str, str, Any, Any]],
+    ranks: tuple[int, int, float | None],
+    min_diff: float,
+    dtype: torch.dtype,
+    where: torch.device,
+    quiet: bool,
+) -> tuple[LoraState, dict[str, float], dict[str, int], float, float]:
+    """Factor every (component, path, base module, tuned module) job's change at (rank, 3x3 conv rank, energy):
+    the adapters, the share of each module's change kept, the unchanged modules per component, and the squared
+    norm of the change kept and in all."""
+    rank, conv_rank, energy = ranks
+    state: LoraState = {}
+    retained: dict[str, float] = {}
+    unchanged: dict[str, int] = {}
+    kept = total = 0.0
+    with torch.no_grad(), progress_bar("Extracting", len(jobs), quiet=quiet) as bar:
+        for component, path, mine, theirs in jobs:
+            change = _change(theirs.weight, mine.weight, dtype, where)
+            bar.advance()
+            if not change.numel() or float(change.abs().max()) <= min_diff:
+                unchanged[component] = unchanged.get(component, 0) + 1
+                continue
+            spatial = change.dim() == 4 and change.shape[2:] != (1, 1)
+            up, down, module_kept, module_total = _factor(
+                change.reshape(change.shape[0], -1), conv_rank if spatial else rank, energy
+            )
+            state.setdefault(component, {})[path] = lora_from_factors(up, down, tuple(change.shape))
+            retained[f"{component}.{path}"] = module_kept / module_total
+            kept, total = kept + module_kept, total + module_total
+    return state, retained, unchanged, kept, total
 
 
 def _tensors(count: int) -> str:
