@@ -321,6 +321,50 @@ def unet_block(path: str, layers_per_block: int = 2) -> tuple[str, int] | None:
     return None
 
 
+BlockWeights = tuple[list[float] | None, float | None, list[float] | None]  # (down, mid, up) factors
+
+
+def checked_block_weights(weights: BlockWeights, unet_config: dict) -> int:
+    """The U-Net's layers per block (which block a module is in depends on it), once the block-wise factors are
+    checked against its blocks. Raises RecipeError naming the key and the number of blocks."""
+    layers = unet_config.get("layers_per_block", 2)
+    if weights == (None, None, None):
+        return layers if isinstance(layers, int) else 2
+    blocks = unet_block_count(unet_config)
+    if blocks is None:
+        raise RecipeError(
+            "train.down_lr_weight / up_lr_weight: this U-Net has a different number of layers per block at each "
+            "resolution, which block-wise rates do not describe; remove them"
+        )
+    for key, values, kind, tag in (
+        ("down_lr_weight", weights[0], "input", "IN"),
+        ("up_lr_weight", weights[2], "output", "OUT"),
+    ):
+        if values is not None and len(values) != blocks:
+            raise RecipeError(
+                f"train.{key}: {len(values)} values, but this U-Net has {blocks} {kind} blocks "
+                f"({tag}00 to {tag}{blocks - 1:02d}; SD 1.x/2.x 12, SDXL 9); give {blocks}"
+            )
+    return layers
+
+
+def zero_rate_modules(
+    unet: torch.nn.Module, target_modules: str | list[str], weights: BlockWeights, layers_per_block: int
+) -> tuple[str, ...]:
+    """The U-Net modules the targets reach that lie in blocks at a block-wise factor of 0 (they get no adapter).
+    Raises RecipeError when that is every one of them."""
+    if weights == (None, None, None):
+        return ()
+    matched = matching_modules(unet, resolve_targets(target_modules, "unet"))
+    skipped = tuple(path for path in matched if block_lr_weight(path, weights, layers_per_block) == 0)
+    if skipped and len(skipped) == len(matched):
+        raise RecipeError(
+            "train.down_lr_weight / mid_lr_weight / up_lr_weight: every U-Net block the adapters reach is at 0, so "
+            "the U-Net would learn nothing; give at least one block a factor above 0"
+        )
+    return skipped
+
+
 def block_lr_weight(
     path: str, weights: tuple[list[float] | None, float | None, list[float] | None], layers_per_block: int = 2
 ) -> float:

@@ -293,29 +293,40 @@ def parameter_count(architecture: str, component: str, folder: str | None = None
 
 
 @functools.lru_cache(maxsize=64)
-def _adapter_sizes(architecture: str, component: str, lora: tuple, folder: str | None) -> tuple[int, ...]:
-    from .adapters import inject_lora, lora_parameters
+def _adapter_sizes(
+    architecture: str, component: str, lora: tuple, folder: str | None, blocks: tuple = (None, None, None)
+) -> tuple[int, ...]:
+    from .adapters import checked_block_weights, inject_lora, lora_parameters, zero_rate_modules
 
     rank, alpha, targets, conv_rank, conv_alpha, use_dora, kind, factor, both, effective = lora
     module = copy.deepcopy(_meta_module(architecture, component, folder))
+    targets = list(targets) if isinstance(targets, tuple) else targets
+    skipped: tuple[str, ...] = ()
+    if component == "unet":  # blocks at a block-wise rate of 0 get no adapter, as in training
+        weights = tuple(list(w) if isinstance(w, tuple) else w for w in blocks)
+        skipped = zero_rate_modules(module, targets, weights, checked_block_weights(weights, dict(module.config)))
     inject_lora(
         module,
         component,
         rank=rank,
         lora_alpha=alpha,
         dropout=0.0,
-        target_modules=list(targets) if isinstance(targets, tuple) else targets,
+        target_modules=targets,
         conv_rank=conv_rank,
         conv_alpha=conv_alpha,
         use_dora=use_dora,
+        skip_modules=skipped,
         kind=kind,
         lycoris_options={"decompose_factor": factor, "decompose_both": both, "use_effective_conv2d": effective},
     )
     return tuple(p.numel() for p in lora_parameters(module))
 
 
-def adapter_sizes(architecture: str, component: str, lora: Any, folder: str | None = None) -> list[int]:
-    """Element counts of the tensors peft adds to one component for the recipe's [lora] section."""
+def adapter_sizes(
+    architecture: str, component: str, lora: Any, folder: str | None = None, train: Any = None
+) -> list[int]:
+    """Element counts of the tensors peft adds to one component for the recipe's [lora] section (and, with the
+    [train] section, without the U-Net blocks its block-wise rates set to 0)."""
     targets = tuple(lora.target_modules) if isinstance(lora.target_modules, list) else lora.target_modules
     key = (
         lora.rank,
@@ -329,7 +340,13 @@ def adapter_sizes(architecture: str, component: str, lora: Any, folder: str | No
         lora.decompose_both,
         lora.use_effective_conv2d,
     )
-    return list(_adapter_sizes(architecture, component, key, folder))
+    blocks = (None, None, None)
+    if train is not None:
+        blocks = tuple(
+            tuple(w) if isinstance(w, list) else w
+            for w in (train.down_lr_weight, train.mid_lr_weight, train.up_lr_weight)
+        )
+    return list(_adapter_sizes(architecture, component, key, folder, blocks))
 
 
 def estimate(
@@ -357,7 +374,7 @@ def estimate(
         counts = {c: parameter_count(architecture, c, folder) for c in components}
     if trainable is None:
         trained = ["unet", *(_component_names(architecture) if train_te else [])]
-        trainable = [n for c in trained for n in adapter_sizes(architecture, c, lora, folder)]
+        trainable = [n for c in trained for n in adapter_sizes(architecture, c, lora, folder, cfg)]
     dtype = recipe.model.weight_dtype
     vae_dtype_bytes = 4  # every VAE stays float32 (SD VAEs overflow in fp16) and encodes outside autocast
     encoders = _component_names(architecture)

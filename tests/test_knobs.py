@@ -417,3 +417,18 @@ def test_a_resume_refuses_a_change_of_the_optimizers_groups(tiny_base, tiny_data
     )
     with pytest.raises(OutputError, match=f"--resume: {key} changed"):
         check_resumable(recipe_to_dict(before), after, lambda _: None)
+
+
+def test_plan_counts_no_adapters_in_blocks_at_zero():
+    from lorakit.adapters import inject_lora, named_lora_parameters
+    from lorakit.architectures import build_on_meta
+    from lorakit.memory import adapter_sizes
+    from lorakit.recipe import LoraSection, TrainSection
+
+    lora = LoraSection(rank=16, lora_alpha=16.0)
+    only_up = TrainSection(down_lr_weight=[0.0] * 12, mid_lr_weight=0.0, up_lr_weight=[1.0] * 12)
+    unet = build_on_meta("sd15", "unet")
+    inject_lora(unet, "unet", rank=16, lora_alpha=16.0, dropout=0.0, target_modules="transformer")
+    expected = sum(p.numel() for n, p in named_lora_parameters(unet).items() if n.startswith("up_blocks."))
+    assert sum(adapter_sizes("sd15", "unet", lora, train=only_up)) == expected
+    assert sum(adapter_sizes("sd15", "unet", lora, train=TrainSection())) > expected

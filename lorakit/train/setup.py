@@ -576,47 +576,19 @@ def _inject(recipe: Recipe, base: BaseModel, log: Log) -> dict[str, Any]:
     return trained
 
 
-BlockWeights = tuple[list[float] | None, float | None, list[float] | None]
-
-
-def _block_weights(recipe: Recipe, unet: Any) -> tuple[BlockWeights, int]:
-    """The recipe's block-wise rate factors (down, mid, up), checked against the U-Net's blocks, and its layers per
-    block (what block a module is in depends on it)."""
-    cfg, config = recipe.train, dict(unet.config)
+def _block_weights(recipe: Recipe, unet: Any) -> tuple[adapters.BlockWeights, int]:
+    """The recipe's block-wise rate factors (down, mid, up), checked against the U-Net, and its layers per block."""
+    cfg = recipe.train
     weights = (cfg.down_lr_weight, cfg.mid_lr_weight, cfg.up_lr_weight)
-    if weights == (None, None, None):
-        return weights, 2
-    blocks = adapters.unet_block_count(config)
-    if blocks is None:
-        raise RecipeError(
-            "train.down_lr_weight / up_lr_weight: this U-Net has a different number of layers per block at each "
-            "resolution, which block-wise rates do not describe; remove them"
-        )
-    for key, kind, tag in (("down_lr_weight", "input", "IN"), ("up_lr_weight", "output", "OUT")):
-        values = getattr(cfg, key)
-        if values is not None and len(values) != blocks:
-            raise RecipeError(
-                f"train.{key}: {len(values)} values, but this U-Net has {blocks} {kind} blocks "
-                f"({tag}00 to {tag}{blocks - 1:02d}; SD 1.x/2.x 12, SDXL 9); give {blocks}"
-            )
-    return weights, config.get("layers_per_block", 2)
+    return weights, adapters.checked_block_weights(weights, dict(unet.config))
 
 
 def _zero_rate_modules(recipe: Recipe, base: BaseModel, log: Log) -> tuple[str, ...]:
     """The U-Net modules in blocks whose block-wise rate is 0: they get no adapter (said in the log)."""
     weights, layers = _block_weights(recipe, base.unet)
-    if weights == (None, None, None):
-        return ()
-    targets = adapters.resolve_targets(recipe.lora.target_modules, "unet")
-    matched = adapters.matching_modules(base.unet, targets)
-    skipped = tuple(path for path in matched if adapters.block_lr_weight(path, weights, layers) == 0)
-    if skipped and len(skipped) == len(matched):
-        raise RecipeError(
-            "train.down_lr_weight / mid_lr_weight / up_lr_weight: every U-Net block the adapters reach is at 0, so "
-            "the U-Net would learn nothing; give at least one block a factor above 0"
-        )
+    skipped = adapters.zero_rate_modules(base.unet, recipe.lora.target_modules, weights, layers)
     if skipped:
-        log(f"Block-wise rates: {len(skipped)} of {len(matched)} U-Net modules are in blocks at 0 and get no adapter")
+        log(f"Block-wise rates: {len(skipped)} U-Net modules are in blocks at 0 and get no adapter")
     return skipped
 
 
