@@ -80,7 +80,9 @@ def training_target(
 
 
 DEBIASED_SNR_CAP = 1000.0  # SNR above this counts as this in the debiased weight (kohya's cap): low-noise steps
-# keep a weight of at least 1 / sqrt(1000) instead of vanishing
+# keep a weight of at least 1 / sqrt(1000) instead of vanishing; and SNR below 1 / DEBIASED_SNR_CAP counts as that,
+# so that a zero-terminal-SNR schedule's last step (SNR 0) does not get an infinite weight (SD's own schedule never
+# goes below 0.0047)
 
 
 def loss_weights(
@@ -91,8 +93,9 @@ def loss_weights(
 
     Min-SNR weights each timestep by min(SNR, gamma) / SNR for epsilon targets and
     min(SNR, gamma) / (SNR + 1) for v targets, so that easy low-noise steps stop dominating.
-    Debiased estimation weights it by 1 / sqrt(SNR) (epsilon) or 1 / sqrt(SNR + 1) (v), SNR capped at
-    `DEBIASED_SNR_CAP`, as kohya's `debiased_estimation_loss` does: the noisy steps, where the layout and the
+    Debiased estimation weights it by 1 / sqrt(SNR) (epsilon) or 1 / sqrt(SNR + 1) (v), SNR kept within
+    `DEBIASED_SNR_CAP` and its inverse (kohya caps it above), as kohya's `debiased_estimation_loss` does: the noisy
+    steps, where the layout and the
     subject's shape are decided, count more than the almost clean ones.
     """
 
@@ -107,7 +110,7 @@ def loss_weights(
         else:  # min(SNR, gamma) / SNR tends to 1 as SNR -> 0; a zero-terminal-SNR schedule reaches SNR = 0 exactly
             weights = torch.where(snr > 0, clipped / snr.clamp(min=torch.finfo(snr.dtype).tiny), torch.ones_like(snr))
     if debiased:
-        capped = snr.clamp(max=DEBIASED_SNR_CAP)
+        capped = snr.clamp(min=1 / DEBIASED_SNR_CAP, max=DEBIASED_SNR_CAP)
         weights = weights / (capped + 1 if prediction_type == "v_prediction" else capped).sqrt()
     return weights
 

@@ -145,9 +145,16 @@ def test_debiased_weights_follow_the_closed_form_and_multiply_min_snr(scheduler,
     timesteps = torch.tensor([0, 10, 250, 500, 999])
     debiased = objective.loss_weights(scheduler, timesteps, 0.0, prediction_type, debiased=True)
     for t, weight in zip(timesteps.tolist(), debiased.tolist(), strict=True):
-        snr = min(_snr(scheduler, t), objective.DEBIASED_SNR_CAP)
+        snr = min(_snr(scheduler, t), objective.DEBIASED_SNR_CAP)  # SD's schedule stays above 1 / cap
         assert weight == pytest.approx(1 / math.sqrt(snr + 1 if prediction_type == "v_prediction" else snr), rel=1e-5)
     assert debiased[-1] > 10 * debiased[0]  # noisy steps count more than almost clean ones
     both = objective.loss_weights(scheduler, timesteps, 5.0, prediction_type, debiased=True)
     min_snr = objective.loss_weights(scheduler, timesteps, 5.0, prediction_type)
     torch.testing.assert_close(both, min_snr * debiased)
+
+
+def test_debiased_weights_stay_finite_on_a_zero_terminal_snr_schedule():
+    zero_terminal = DDPMScheduler(beta_schedule="scaled_linear", rescale_betas_zero_snr=True)
+    weights = objective.loss_weights(zero_terminal, torch.tensor([0, 500, 999]), 0.0, "epsilon", debiased=True)
+    assert torch.isfinite(weights).all()
+    assert float(weights[-1]) == pytest.approx(objective.DEBIASED_SNR_CAP**0.5, rel=1e-5)
