@@ -272,9 +272,9 @@ def cap_update_norms(models: dict[str, torch.nn.Module], max_norm: float) -> tup
     norm to `max_norm` and keeps the update's direction. Returns (modules scaled, the largest norm before scaling).
 
     The norm comes from the r x r products of the factors, ||B A||^2 = trace((B^T B)(A A^T)), so no full-size
-    update is ever formed.
+    update is ever formed; the factors are scaled on their device and the host waits once, for the two numbers.
     """
-    scaled, largest = 0, 0.0
+    pairs, norms = [], []
     with torch.no_grad():
         for model in models.values():
             for module in model.modules():
@@ -283,15 +283,18 @@ def cap_update_norms(models: dict[str, torch.nn.Module], max_norm: float) -> tup
                 down = module.lora_A[ADAPTER_NAME].weight
                 up = module.lora_B[ADAPTER_NAME].weight
                 a, b = down.float().reshape(down.shape[0], -1), up.float().reshape(up.shape[0], -1)
-                gram = (b.T @ b) @ (a @ a.T)
-                norm = float(gram.trace().clamp(min=0).sqrt()) * abs(module.scaling[ADAPTER_NAME])
-                largest = max(largest, norm)
-                if norm > max_norm:
-                    root = (max_norm / norm) ** 0.5
-                    down.mul_(root)
-                    up.mul_(root)
-                    scaled += 1
-    return scaled, largest
+                trace = ((b.T @ b) * (a @ a.T).T).sum()  # trace of the product without forming it
+                norms.append(trace.clamp(min=0).sqrt() * abs(module.scaling[ADAPTER_NAME]))
+                pairs.append((down, up))
+        if not pairs:
+            return 0, 0.0
+        norms_all = torch.stack([n.to(norms[0].device) for n in norms])
+        factors = (max_norm / norms_all.clamp(min=max_norm)).sqrt()  # 1 where the norm is within the cap
+        for (down, up), factor in zip(pairs, factors, strict=True):
+            down.mul_(factor.to(down.device, down.dtype))
+            up.mul_(factor.to(up.device, up.dtype))
+        summary = torch.stack([(norms_all > max_norm).sum().float(), norms_all.max()]).tolist()
+    return int(summary[0]), summary[1]
 
 
 _DOWN = re.compile(r"down_blocks\.(\d+)\.(attentions|resnets|downsamplers)\.(\d+)\.")
