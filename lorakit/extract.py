@@ -142,6 +142,11 @@ def extract(
     where = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if where.type == "cuda" and not torch.cuda.is_available():
         raise ModelError(f"--device {device}: no CUDA device is visible here; use --device cpu")
+    if where.type == "cuda" and (where.index or 0) >= torch.cuda.device_count():
+        raise ModelError(
+            f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 to "
+            f"cuda:{torch.cuda.device_count() - 1}"
+        )
     base_model = _load(base, "--base", config, log)
     tuned_model = _load(tuned, "TUNED", config, log)
     _check_same_architecture(tuned_model, base_model, tuned)

@@ -215,3 +215,14 @@ def test_extract_by_energy_keeps_that_share_with_fewer_ranks(tiny_base, tuned, t
     with safe_open(str(out), "pt") as f:
         metadata = f.metadata()
     assert metadata["ss_network_dim"] == "Dynamic" and '"energy": 0.8' in metadata["lorakit_extracted_from"]
+
+
+def test_a_cuda_device_this_machine_lacks_is_named(tiny_base, tuned, tmp_path, monkeypatch):
+    out = tmp_path / "x.safetensors"
+    args = ["extract", str(tuned), "--base", str(tiny_base), "--out", str(out), "--rank", "4"]
+    if not torch.cuda.is_available():
+        _fails([*args, "--device", "cuda"], "--device cuda: no CUDA device is visible here; use --device cpu")
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    _fails([*args, "--device", f"cuda:{torch.cuda.device_count()}"], "CUDA device(s), cuda:0 to cuda:")
+    assert not out.exists()
