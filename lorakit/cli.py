@@ -401,6 +401,7 @@ def merge(
         int | None,
         typer.Option(min=1, max=4096, help="Merge adapters by SVD to this rank (reports the error); default exact."),
     ] = None,
+    energy: Energy = None,
     save_dtype: Annotated[
         str | None,
         typer.Option(
@@ -416,6 +417,11 @@ def merge(
 
     if save_dtype not in (None, "float16", "bfloat16", "float32"):
         raise typer.BadParameter(f"{save_dtype!r}: use float16, bfloat16 or float32", param_hint="--save-dtype")
+    if energy is not None and (rank is None or base is not None):
+        raise typer.BadParameter(
+            "chooses ranks for an SVD merge of adapters: give --rank (the largest) and no --base",
+            param_hint="--energy",
+        )
     _prepare_stack()
     loras = _lora_arguments(lora)
     log = lambda line: typer.echo(line, err=True)  # noqa: E731
@@ -427,6 +433,7 @@ def merge(
             config=config,
             fmt=format,
             rank=rank,
+            energy=energy,
             save_dtype=save_dtype,
             overwrite=overwrite,
             allow_pickle=allow_pickle,

@@ -274,12 +274,14 @@ def merge(
     config: str | None = None,
     fmt: str | None = None,
     rank: int | None = None,
+    energy: float | None = None,
     save_dtype: str | None = None,
     overwrite: bool = False,
     allow_pickle: bool = False,
     log=print,
 ) -> MergeResult:
-    """`lorakit merge`: adapters into a base model (diffusers folder or single file), or into one adapter.
+    """`lorakit merge`: adapters into a base model (diffusers folder or single file), or into one adapter (with
+    `rank`, by SVD; with `energy` too, each module at the fewest ranks up to `rank` keeping that share of its energy).
     `save_dtype` defaults to float16 for an adapter and to the precision the base stores its weights in for a base.
     """
 
@@ -303,6 +305,7 @@ def merge(
         ],
         "base": _base_fingerprint(base) if base else None,
         "rank": rank,
+        **({"energy": energy} if energy is not None else {}),  # absent otherwise: earlier records still match
         "format": fmt,
         "dtype": save_dtype,
     }
@@ -314,12 +317,20 @@ def merge(
     if base:
         return _merge_into_base(weighted, out, base, config, fmt, save_dtype, record, log)
     family = families.pop() if families else "sd1"
-    return _merge_adapters(weighted, out, fmt, rank, save_dtype, record, family, log)
+    return _merge_adapters(weighted, out, fmt, (rank, energy), save_dtype, record, family, log)
 
 
 def _merge_adapters(
-    weighted: list[Weighted], out: Path, fmt: str, rank: int | None, save_dtype: str, record: dict, family: str, log
+    weighted: list[Weighted],
+    out: Path,
+    fmt: str,
+    ranks: tuple[int | None, float | None],
+    save_dtype: str,
+    record: dict,
+    family: str,
+    log,
 ) -> MergeResult:
+    rank, energy = ranks
 
     if fmt not in ("kohya", "diffusers"):
         raise AdapterError(f"--format {fmt}: merging adapters into one writes 'kohya' or 'diffusers'")
@@ -336,15 +347,18 @@ def _merge_adapters(
         state = concat_adapters(weighted)
         log(f"Exact merge: ranks concatenated to {max(m.rank for c in state.values() for m in c.values())}")
     else:
-        state, errors, error = svd_adapters(weighted, rank)
+        state, errors, error = svd_adapters(weighted, rank, energy)
         worst = max(errors.items(), key=lambda kv: kv[1])
-        log(f"SVD merge to rank {rank}: relative error {error:.4%} overall, worst {worst[1]:.4%} ({worst[0]})")
+        ranks_made = [m.rank for c in state.values() for m in c.values()]
+        to = f"rank {rank}" if energy is None else f"ranks {min(ranks_made)} to {max(ranks_made)} ({energy:.2%} kept)"
+        log(f"SVD merge to {to}: relative error {error:.4%} overall, worst {worst[1]:.4%} ({worst[0]})")
     modules = sum(len(m) for m in state.values())
     top_rank = max(m.rank for c in state.values() for m in c.values())
+    dim = "Dynamic" if energy is not None else str(top_rank)  # kohya's mark for a rank per module
     metadata = {
         "ss_network_module": "networks.lora",
-        "ss_network_dim": str(top_rank),
-        "ss_network_alpha": str(top_rank),
+        "ss_network_dim": dim,
+        "ss_network_alpha": dim,
         "ss_base_model_version": BASE_MODEL_VERSION.get(family, "sd_v1"),
         "modelspec.merged_from": ", ".join(Path(w.name).name for w in weighted),
         MERGE_RECORD_KEY: json.dumps(record),

@@ -392,3 +392,18 @@ def test_resize_by_energy_picks_a_rank_per_module_that_loaders_accept(trained_ru
 
     merge_into_models({"unet": reference.unet, "text_encoder": reference.text_encoder}, [Weighted(resized, 1.0, "r")])
     torch.testing.assert_close(_unet_output(loaded.unet), _unet_output(reference.unet), rtol=1e-3, atol=1e-4)
+
+
+def test_svd_merge_by_energy_chooses_a_rank_per_module(trained_run, third_party, tmp_path):
+    out = tmp_path / "dynamic.safetensors"
+    args = ["merge", "--lora", str(trained_run.adapter), "--lora", f"{third_party}:0.5", "--out", str(out)]
+    result = _ok([*args, "--rank", "8", "--energy", "0.6"])
+    assert "SVD merge to ranks 1 to " in result.stderr and "(60.00% kept)" in result.stderr
+    ranks = {m.rank for modules in read_adapter_file(out).state.values() for m in modules.values()}
+    assert max(ranks) <= 8 and len(ranks) > 1
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["ss_network_dim"] == "Dynamic"
+    for extra in (["--energy", "0.6"], ["--energy", "0.6", "--rank", "4", "--base", "x"]):
+        result = runner.invoke(app, [*args[:-1], str(tmp_path / "no.safetensors"), *extra])
+        assert result.exit_code == 2 and "--energy" in result.output and "give --rank" in result.output
+    assert not (tmp_path / "no.safetensors").exists()
