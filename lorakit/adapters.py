@@ -120,6 +120,18 @@ def kept_rank(singular_values: torch.Tensor, rank: int, energy: float | None = N
     return max(1, min(keep, enough))
 
 
+def best_factors(
+    matrix: torch.Tensor, rank: int, energy: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(up [out, k], down [k, in], every singular value) of a flat matrix: its best approximation of rank k in the
+    Frobenius norm (Eckart-Young), k = `rank` or what `kept_rank` picks for `energy`, by a full SVD; each factor
+    carries the square root of the singular values. In the matrix's dtype, on its device."""
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    keep = kept_rank(s, rank, energy)
+    root = s[:keep].sqrt()
+    return u[:, :keep] * root, root[:, None] * vh[:keep], s
+
+
 def delta_weight(lora: LoraModule, shape: tuple[int, ...], scale: float = 1.0) -> torch.Tensor:
     up, down = scaled_factors(lora, scale)
     return (up @ down).reshape(shape)
@@ -368,9 +380,7 @@ def zero_rate_modules(
     return skipped
 
 
-def block_lr_weight(
-    path: str, weights: tuple[list[float] | None, float | None, list[float] | None], layers_per_block: int = 2
-) -> float:
+def block_lr_weight(path: str, weights: BlockWeights, layers_per_block: int = 2) -> float:
     """The factor on the U-Net learning rate of the module at `path`, from (down, mid, up) block-wise factors (1
     outside the blocks, or where unset)."""
     block = unet_block(path, layers_per_block)

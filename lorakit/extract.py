@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .adapters import PRESETS, LoraState, kept_rank, lora_from_factors, matching_modules, resolve_targets
+from .adapters import PRESETS, LoraState, best_factors, lora_from_factors, matching_modules, resolve_targets
 from .errors import AdapterError, ModelError
 from .files import check_output
 from .formats.files import write_adapter
@@ -50,6 +50,10 @@ class _Model:
     family: str
     stored: str | None  # the precision its files store the weights in; None when unknown
     prediction_type: str
+
+    def every_component(self) -> dict[str, Any]:
+        """The adapter-bearing components and the VAE: everything a fine-tune may have changed."""
+        return {**self.models, "vae": self.vae}
 
 
 def _load(source: str, option: str, config: str | None, log) -> _Model:
@@ -86,11 +90,9 @@ def _factor(
 ) -> tuple[torch.Tensor, torch.Tensor, float, float]:
     """(up [out, k], down [k, in], kept, total): the best rank-k factors of a flat change (k = `rank`, or the rank
     `kept_rank` picks for `energy`) and its squared Frobenius norm, kept and in all."""
-    u, s, vh = torch.linalg.svd(change, full_matrices=False)
-    k = kept_rank(s, rank, energy)
-    root = s[:k].sqrt()
-    energy = s.double() ** 2
-    return (u[:, :k] * root).cpu(), (root[:, None] * vh[:k]).cpu(), float(energy[:k].sum()), float(energy.sum())
+    up, down, s = best_factors(change, rank, energy)
+    squares = s.double() ** 2
+    return up.cpu(), down.cpu(), float(squares[: up.shape[1]].sum()), float(squares.sum())
 
 
 def _check_same_architecture(tuned: _Model, base: _Model, source: str) -> None:
@@ -99,8 +101,8 @@ def _check_same_architecture(tuned: _Model, base: _Model, source: str) -> None:
             f"TUNED: {source} is an {FAMILY_NAMES[tuned.family]} model and --base an {FAMILY_NAMES[base.family]} one; "
             "give the base the model was fine-tuned from"
         )
-    for component, model in {**base.models, "vae": base.vae}.items():
-        theirs = (tuned.vae if component == "vae" else tuned.models[component]).state_dict()
+    for component, model in base.every_component().items():
+        theirs = tuned.every_component()[component].state_dict()
         for name, tensor in model.state_dict().items():
             if name not in theirs or theirs[name].shape != tensor.shape:
                 found = "has no such tensor" if name not in theirs else f"has shape {tuple(theirs[name].shape)}"
@@ -271,14 +273,14 @@ def _changes_left_out(
     """Per component (the VAE too), the tensors outside the targeted weights that the fine-tune changed: how many
     are weights of modules the widest preset (transformer+conv) adapts, and how many no LoRA holds."""
     counts = {}
-    for component, model in {**base.models, "vae": base.vae}.items():
+    for component, model in base.every_component().items():
         carried = {f"{path}.weight" for c, path in targeted if c == component}
         widest = (
             set()
             if component == "vae"
             else {f"{path}.weight" for path in matching_modules(model, resolve_targets("transformer+conv", component))}
         )
-        theirs = (tuned.vae if component == "vae" else tuned.models[component]).state_dict()
+        theirs = tuned.every_component()[component].state_dict()
         changed = [
             name
             for name, tensor in model.state_dict().items()

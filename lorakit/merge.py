@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from .adapters import (
     LoraModule,
     adapted_weight,
+    best_factors,
     is_dora,
     kept_rank,
     lora_from_factors,
@@ -155,10 +156,8 @@ def _truncate_dense(
         else:
             up, down = scaled_factors(module, scale)
             total += (up @ down).double()
-    u, s, vh = torch.linalg.svd(total, full_matrices=False)
-    keep = kept_rank(s, rank, energy)
-    root = s[:keep].sqrt()
-    return (u[:, :keep] * root).float(), (root[:, None] * vh[:keep]).float(), s
+    up, down, s = best_factors(total, rank, energy)
+    return up.float(), down.float(), s
 
 
 def _concat_factors(parts: list[tuple[LoraModule, float]]) -> tuple[torch.Tensor, torch.Tensor]:
