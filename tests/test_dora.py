@@ -15,6 +15,7 @@ from lorakit.recipe import recipe_from_dict
 from lorakit.train import train
 
 from .conftest import make_recipe_dict
+from .invoke import sd_pipeline as _pipe
 
 runner = CliRunner()
 CONV = "down_blocks.0.resnets.0.conv1"
@@ -39,12 +40,6 @@ def _outputs(unet, text_encoder, tokenizer):
     with torch.no_grad():
         hidden = text_encoder(ids)[0]
         return hidden, unet(latents, torch.tensor([400]), encoder_hidden_states=hidden).sample
-
-
-def _pipe(path):
-    from diffusers import StableDiffusionPipeline
-
-    return StableDiffusionPipeline.from_pretrained(path)
 
 
 def test_dora_run_writes_the_diffusers_layout_with_trained_magnitudes(dora_run, tiny_base):

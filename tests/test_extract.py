@@ -9,33 +9,15 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
 
 from lorakit.adapters import delta_weight
-from lorakit.cli import app
 from lorakit.formats.read import read_adapter_file
 
-runner = CliRunner()
+from .invoke import fails as _fails
+from .invoke import ok as _ok
+from .invoke import sd_pipeline as _pipe
+
 CONV = "down_blocks.0.resnets.0.conv1"
-
-
-def _ok(args):
-    result = runner.invoke(app, args)
-    assert result.exit_code == 0, result.output
-    return result
-
-
-def _fails(args, fragment):
-    result = runner.invoke(app, args)
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output and fragment in result.stderr, result.stderr
-    return result
-
-
-def _pipe(path):
-    from diffusers import StableDiffusionPipeline
-
-    return StableDiffusionPipeline.from_pretrained(path)
 
 
 def _outputs(pipe):

@@ -13,6 +13,8 @@ from typer.testing import CliRunner
 from lorakit.cli import app
 from lorakit.render import parse_a1111_parameters
 
+from .invoke import fails
+
 runner = CliRunner()
 FAST = ["--size", "64x64", "--steps", "3", "--quiet"]
 
@@ -29,9 +31,7 @@ def _pixels(path):
 
 
 def _fails(args, fragment):
-    result = runner.invoke(app, ["generate", *args])
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output and fragment in result.stderr, result.stderr
+    fails(["generate", *args], fragment)
 
 
 def test_same_seed_gives_identical_images_and_seeds_are_per_image(tiny_base, tmp_path):

@@ -8,27 +8,17 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
 
 from lorakit.adapters import delta_weight
 from lorakit.cli import app
 from lorakit.formats.read import read_adapter_file
 
-runner = CliRunner()
+from .invoke import fails as _fails
+from .invoke import ok as _ok
+from .invoke import runner
+from .invoke import sd_pipeline as _pipe
+
 MODULE = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
-
-
-def _ok(args):
-    result = runner.invoke(app, args)
-    assert result.exit_code == 0, result.output
-    return result
-
-
-def _fails(args, fragment):
-    result = runner.invoke(app, args)
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output and fragment in result.stderr, result.stderr
-    return result
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +37,6 @@ def _unet_output(unet):
     hidden = torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         return unet(latents, torch.tensor([300]), encoder_hidden_states=hidden).sample
-
-
-def _pipe(path):
-    from diffusers import StableDiffusionPipeline
-
-    return StableDiffusionPipeline.from_pretrained(path)
 
 
 def test_kohya_diffusers_kohya_round_trip_is_identical(trained_run, tmp_path):
