@@ -50,6 +50,11 @@ class RunPaths:
     def checkpoints(self) -> Path:
         return self.folder / CHECKPOINTS
 
+    def intermediate_name(self, step: int, epoch: int | None = None) -> str:
+        """The name (no suffix) of the adapter written with a checkpoint before the last: kohya's, by epoch or
+        step."""
+        return f"{self.name}-{epoch:06d}" if epoch is not None else f"{self.name}-step{step:08d}"
+
     def adapter(self) -> Path:
         """The file to load: the kohya one, or the diffusers one for DoRA runs (which have no kohya file)."""
         kohya, diffusers = self.kohya_adapter, self.diffusers_adapter

@@ -28,6 +28,8 @@ from .files import CAPTION_MAX_CHARS, IMAGE_SUFFIXES, atomic_write, crash_point
 from .trigger import contains_trigger, with_trigger
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from .recipe import DataSection
 
 METADATA = "metadata.jsonl"
@@ -316,6 +318,18 @@ def epoch_batches(items: list[Item], *, batch_size: int, seed: int, epoch: int) 
     return batches
 
 
+def batches_per_epoch(copies_per_bucket: Iterable[int], *, batch_size: int, world: int = 1) -> int:
+    """Micro-batches each process takes per epoch, from how many images (repeats counted) each bucket holds: what
+    `epoch_batches` and `shard_batches` give, without building them."""
+    return sum(-(-copies // batch_size) for copies in copies_per_bucket if copies) // world
+
+
+def steps_for_epochs(epochs: int, batches: int, accumulation: int) -> int:
+    """Optimizer steps that take `epochs` epochs of `batches` micro-batches each (the last step may reach into the
+    next epoch)."""
+    return max(1, -(-epochs * batches // accumulation))
+
+
 def shard_batches(batches: list[list[int]], rank: int, world: int) -> list[list[int]]:
     """This process's share of an epoch: every `world`-th batch from `rank`, equal counts on every process."""
     usable = len(batches) // world * world
@@ -358,6 +372,10 @@ class BatchStream:
             self._shard = self._epoch_shard(self.epoch)
         self.offset += 1
         return self._shard[self.offset - 1]
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self._shard)
 
     @property
     def epochs_done(self) -> float:

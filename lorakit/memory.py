@@ -185,8 +185,14 @@ def disk_bytes(recipe: Any, trainable: list[int], buckets: list[tuple[int, int]]
     if cfg.cache_latents:  # mean and std, float32, 4 channels at 1/8 of the bucket, plus the file header
         per_flip = sum(2 * 4 * 4 * (w // vae_scale) * (h // vae_scale) + 256 for w, h in buckets)
         latents = per_flip * (2 if recipe.data.flip else 1)
-    kept = min(cfg.keep_checkpoints, max(1, cfg.max_steps // max(1, cfg.save_every_steps or cfg.max_steps)))
-    return DiskEstimate(latents, checkpoint_bytes(recipe, trainable) * (kept + 1), adapter_bytes(recipe, trainable))
+    saves = max(1, cfg.max_steps // max(1, cfg.save_every_steps or cfg.max_steps))
+    if cfg.save_every_epochs and cfg.max_epochs:
+        saves += cfg.max_epochs // cfg.save_every_epochs
+    kept = min(cfg.keep_checkpoints, saves)
+    adapters = adapter_bytes(recipe, trainable)
+    if recipe.output.intermediate_adapters:  # one file (half the final pair) with each save before the last
+        adapters += (saves - 1) * adapters // 2
+    return DiskEstimate(latents, checkpoint_bytes(recipe, trainable) * (kept + 1), adapters)
 
 
 def checkpoint_bytes(recipe: Any, trainable: list[int]) -> int:
@@ -228,20 +234,46 @@ def architecture_of(base: str) -> tuple[str, str]:
 
 def dataset_rows(recipe: Any) -> tuple[int, list[tuple[int, int]]]:
     """(rows, (width, height) of the rows that give one) of the recipe's prepared dataset folders' metadata.jsonl."""
+    rows = _prepared_rows(recipe)
+    return len(rows), [(width, height) for width, height, _ in rows if width]
+
+
+def epoch_copies(recipe: Any) -> dict[tuple[int, int], int]:
+    """How many images an epoch of the prepared dataset shows in each bucket: every row at its nearest bucket at
+    `data.resolution`, times its own repeats and its folder's `data.num_repeats` (what train assigns; class images
+    of [prior] not counted). Empty when the dataset is not prepared."""
+    from .buckets import make_buckets, nearest_bucket
+
+    side = recipe.data.resolution
+    buckets = make_buckets(side, 64) or [(side, side)]
+    copies: dict[tuple[int, int], int] = {}
+    for width, height, repeats in _prepared_rows(recipe):
+        if width > 0 and height > 0:
+            bucket = nearest_bucket(width, height, buckets)
+            copies[bucket] = copies.get(bucket, 0) + repeats
+    return copies
+
+
+def _prepared_rows(recipe: Any) -> list[tuple[int, int, int]]:
+    """(width, height, appearances per epoch) of every row of the prepared dataset folders' metadata.jsonl; 0, 0
+    for a row without a readable size."""
     folders = [recipe.data.folder] if isinstance(recipe.data.folder, str) else list(recipe.data.folder)
-    rows, sizes = 0, []
-    for folder in folders:
+    counts = recipe.data.num_repeats if isinstance(recipe.data.num_repeats, list) else [recipe.data.num_repeats]
+    rows = []
+    for index, folder in enumerate(folders):
         metadata = Path(folder).expanduser() / "metadata.jsonl"
         if not metadata.is_file():
             continue
+        repeats = counts[min(index, len(counts) - 1)]
         for line in metadata.read_text(encoding="utf-8", errors="replace").splitlines():
-            rows += bool(line)
+            if not line:
+                continue
             try:
                 row = json.loads(line)
-                sizes.append((int(row["width"]), int(row["height"])))
-            except (ValueError, KeyError, TypeError):
-                continue
-    return rows, sizes
+                rows.append((int(row["width"]), int(row["height"]), repeats * int(row.get("repeats", 1))))
+            except (ValueError, KeyError, TypeError, AttributeError):
+                rows.append((0, 0, repeats))
+    return rows
 
 
 def largest_bucket(recipe: Any) -> tuple[tuple[int, int], str]:

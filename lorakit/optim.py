@@ -59,8 +59,13 @@ def build_optimizer(section: TrainSection, param_groups: list[dict[str, Any]]) -
 
 
 def build_lr_scheduler(section: TrainSection, optimizer: Any) -> Any:
-    """The learning-rate schedule, stepped once per optimizer step over `max_steps`."""
+    """The learning-rate schedule, stepped once per optimizer step over `max_steps` (resolved by then)."""
 
     return get_scheduler(
-        section.lr_scheduler, optimizer, num_warmup_steps=section.lr_warmup_steps, num_training_steps=section.max_steps
+        section.lr_scheduler,
+        optimizer,
+        num_warmup_steps=section.lr_warmup_steps,
+        num_training_steps=section.max_steps,
+        num_cycles=section.lr_scheduler_num_cycles,
+        power=section.lr_scheduler_power,
     )

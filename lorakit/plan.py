@@ -16,11 +16,12 @@ from .memory import (
     architecture_of,
     dataset_rows,
     disk_bytes,
+    epoch_copies,
     estimate,
     find_gpu,
     largest_bucket,
 )
-from .recipe import Recipe
+from .recipe import DEFAULT_MAX_STEPS, Recipe
 
 NAMES = {"sd15": "SD 1.x", "sd21": "SD 2.x", "sdxl": "SDXL"}
 
@@ -193,6 +194,8 @@ class Plan:
     card_name: str
     system: str
     disk: Any
+    steps: int  # the run's optimizer steps (train works out the same from max_epochs)
+    steps_source: str  # where `steps` came from
 
     @property
     def fits(self) -> bool | None:
@@ -206,8 +209,7 @@ class Plan:
 
     def minutes(self) -> dict[str, float]:
         """Rough minutes for the whole run per GPU class (only the H200 figure is measured)."""
-        steps = self.recipe.train.max_steps
-        return {name: round(self.seconds_per_step() * steps / speed / 60, 1) for name, speed in GPU_SPEED.items()}
+        return {name: round(self.seconds_per_step() * self.steps / speed / 60, 1) for name, speed in GPU_SPEED.items()}
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -217,6 +219,8 @@ class Plan:
             "memory": self.memory.to_dict(),
             "card": {"name": self.card_name, "gib": self.card_gib, "system": self.system, "fits": self.fits},
             "disk_bytes": dataclasses.asdict(self.disk),
+            "steps": self.steps,
+            "steps_source": self.steps_source,
             "minutes": self.minutes(),
         }
 
@@ -246,8 +250,33 @@ def plan(
     memory = estimate(recipe, architecture)
     card_gib, card_name = _card(vram, gpu)
     bucket, _ = largest_bucket(recipe)
-    disk = disk_bytes(recipe, memory.trainable, [bucket] * (dataset_rows(recipe)[0] or 20))  # 20: not prepared yet
-    return Plan(recipe, architecture, source, memory, card_gib, card_name, system, disk)
+    steps, steps_source = planned_steps(recipe)
+    rows = dataset_rows(recipe)[0] or ASSUMED_IMAGES
+    disk = disk_bytes(_with(recipe, "train", max_steps=steps), memory.trainable, [bucket] * rows)
+    return Plan(recipe, architecture, source, memory, card_gib, card_name, system, disk, steps, steps_source)
+
+
+ASSUMED_IMAGES = 20  # the dataset's size while it is not prepared yet
+
+
+def planned_steps(recipe: Recipe) -> tuple[int, str]:
+    """The run's optimizer steps and where the number comes from: `train.max_steps`, or `train.max_epochs` over the
+    prepared dataset's buckets (one process; [prior] about doubles an epoch), as train works them out."""
+    from .data import batches_per_epoch, steps_for_epochs
+
+    cfg = recipe.train
+    if cfg.max_epochs is None:
+        return cfg.max_steps or DEFAULT_MAX_STEPS, "train.max_steps" if cfg.max_steps else "the default"
+    copies = epoch_copies(recipe)
+    batches = batches_per_epoch(copies.values(), batch_size=cfg.batch_size)
+    how = f"train.max_epochs = {cfg.max_epochs}, {batches} batches per epoch"
+    if not copies:
+        batches = -(-ASSUMED_IMAGES // cfg.batch_size)
+        how = f"train.max_epochs = {cfg.max_epochs}, {ASSUMED_IMAGES} images per epoch assumed (no prepared dataset)"
+    if recipe.prior:
+        batches *= 2
+        how += ", doubled for the class images of [prior], about"
+    return steps_for_epochs(cfg.max_epochs, batches, cfg.gradient_accumulation_steps), how
 
 
 def _card(vram: float | None, gpu: str | None) -> tuple[float | None, str]:
@@ -302,7 +331,7 @@ def plan_lines(result: Plan) -> list[str]:
     lines.append(result.disk.line())
     minutes = result.minutes()
     lines.append(
-        f"Time for {recipe.train.max_steps} steps: "
+        f"Time for {result.steps} steps ({result.steps_source}): "
         + ", ".join(f"{name} ~{m:g} min" for name, m in minutes.items())
         + " (all but the H200 figure are rough guesses)"
     )

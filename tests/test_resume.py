@@ -41,8 +41,20 @@ def _assert_equal_files(a, b):
         ({"loraplus_lr_ratio": 16.0}, {}),
         ({}, {"type": "lokr", "rank": 2, "target_modules": "transformer+conv"}),
         ({"gradient_checkpointing": True}, {"rank": 4, "tlora_min_rank": 1}),
+        (
+            {"lr_scheduler": "cosine_with_restarts", "lr_scheduler_num_cycles": 2},
+            {"rank_dropout": 0.3, "module_dropout": 0.3},
+        ),
     ],
-    ids=["adamw-cosine", "adamw8bit-accumulation", "dora-ema", "loraplus", "lokr", "tlora-checkpointing"],
+    ids=[
+        "adamw-cosine",
+        "adamw8bit-accumulation",
+        "dora-ema",
+        "loraplus",
+        "lokr",
+        "tlora-checkpointing",
+        "restarts-rank-module-dropout",
+    ],
 )
 def test_half_then_resume_equals_straight(tiny_base, tiny_dataset, tmp_path, train_cfg, lora_cfg):
     settings = {"train": {"max_steps": 6, "save_every_steps": 3, **train_cfg}, "lora": lora_cfg}

@@ -19,10 +19,11 @@ if TYPE_CHECKING:
 
 
 def save_adapter_files(
-    state: LoraState, run_dir: Path, name: str, save_dtype: str, info: AdapterInfo
+    state: LoraState, run_dir: Path, name: str, save_dtype: str, info: AdapterInfo, diffusers_copy: bool = True
 ) -> tuple[Path | None, Path | None]:
     """Write `<name>.safetensors` (kohya) and `<name>.diffusers.safetensors` into `run_dir`; a DoRA adapter only
-    in the diffusers layout (kohya path None), a LoKr/LoHa adapter only in the kohya layout (diffusers path None)."""
+    in the diffusers layout (kohya path None), a LoKr/LoHa adapter only in the kohya layout (diffusers path None).
+    Without `diffusers_copy`, a LoRA gets only its kohya file (diffusers path None)."""
 
     dtype = getattr(torch, save_dtype)
     metadata = kohya_metadata(info)
@@ -41,6 +42,8 @@ def save_adapter_files(
         kohya_tensors = to_kohya(state, dtype, sdxl=info.family == "sdxl")
         metadata.update(sshs_hashes(kohya_tensors, metadata))
         atomic_write(kohya_path, lambda tmp: save_file(kohya_tensors, str(tmp), metadata=metadata))
+        if not diffusers_copy:
+            return kohya_path, None
     diffusers_tensors, diffusers_header = to_diffusers(state, dtype)
     atomic_write(
         diffusers_path, lambda tmp: save_file(diffusers_tensors, str(tmp), metadata={**metadata, **diffusers_header})

@@ -114,9 +114,16 @@ def recipe_hash(recipe: Recipe) -> str:
 
 
 def training_info(
-    recipe: Recipe, family: str, items: list[Item], steps: int, started: datetime, num_train_timesteps: int = 1000
+    recipe: Recipe,
+    family: str,
+    items: list[Item],
+    steps: int,
+    started: datetime,
+    num_train_timesteps: int = 1000,
+    epoch: int | None = None,
 ) -> AdapterInfo:
-    """The metadata of a run's exported adapter: what it is, and kohya's `ss_*` record of how it was trained."""
+    """The metadata of a run's exported adapter: what it is, and kohya's `ss_*` record of how it was trained
+    (`epoch`: the whole epochs taken by then)."""
     cfg, lora = recipe.train, recipe.lora
     targets = lora.target_modules if isinstance(lora.target_modules, str) else json.dumps(lora.target_modules)
     network_args = {}
@@ -127,6 +134,7 @@ def training_info(
             "decompose_both": str(lora.decompose_both),
             "use_tucker": str(lora.use_effective_conv2d),
         }
+    network_args |= {key: str(getattr(lora, key)) for key in ("rank_dropout", "module_dropout") if getattr(lora, key)}
     if lora.target_modules == "transformer+conv":
         network_args |= {
             "conv_dim": str(lora.conv_rank or lora.rank),
@@ -135,7 +143,10 @@ def training_info(
     training = {
         "ss_network_module": "lycoris.kohya" if lora.type != "lora" else "networks.lora",
         "ss_network_args": json.dumps(network_args),
+        "ss_network_dropout": str(lora.neuron_dropout or None),
         "ss_steps": str(steps),
+        "ss_epoch": str(epoch),
+        "ss_num_epochs": str(cfg.max_epochs),
         "ss_num_train_images": str(sum(item.repeats for item in items)),
         "ss_learning_rate": str(cfg.unet_lr),
         "ss_unet_lr": str(cfg.unet_lr),

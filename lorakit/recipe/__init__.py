@@ -8,6 +8,7 @@ with what is allowed. Defaults live only here. Each field's docstring documents 
 from __future__ import annotations
 
 from .sections import (
+    DEFAULT_MAX_STEPS,
     SECTIONS,
     DataSection,
     LoraSection,
@@ -24,6 +25,7 @@ from .toml import dump_recipe, recipe_to_dict, reference_markdown, toml_value
 from .validate import TIMESTEPS_MAX, load_recipe, parse_override, range_problem, recipe_from_dict
 
 __all__ = [
+    "DEFAULT_MAX_STEPS",
     "SECTIONS",
     "DataSection",
     "LoraSection",

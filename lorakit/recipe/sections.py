@@ -19,6 +19,7 @@ WeightDtype = Literal["float32", "float16", "bfloat16"]
 LossType = Literal["l2", "huber", "smooth_l1"]
 TokenLength = Literal[75, 150, 225]
 AdapterType = Literal["lora", "lokr", "loha"]
+DEFAULT_MAX_STEPS = 1000  # a run's length when neither train.max_steps nor train.max_epochs is set
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,16 @@ class LoraSection:
     """The adapter's update is scaled by `lora_alpha / rank` (LoKr/LoHa too, as peft trains them)."""
     dropout: float = 0.0
     """Dropout on the adapter's input during training (0 to 1); LoRA only (peft's LoKr/LoHa have none)."""
+    neuron_dropout: float = 0.0
+    """kohya's `network_dropout`: while training, each value of each LoRA down projection's output is dropped with
+    this probability (the rest scaled up to match); 0.1 is usual, 0 is off. LoRA only, not with DoRA."""
+    rank_dropout: float = 0.0
+    """kohya's `rank_dropout`: while training, each rank of each LoRA module is dropped with this probability per
+    sample (the rest scaled up to match), so no single rank carries the subject; 0.1 is usual, 0 is off. LoRA
+    only, not with DoRA."""
+    module_dropout: float = 0.0
+    """kohya's `module_dropout`: while training, each LoRA module is switched off for a whole forward pass with this
+    probability; 0.1 is usual, 0 is off. LoRA only, not with DoRA."""
     decompose_factor: int = -1
     """LoKr: the Kronecker split of each side (LyCORIS' `factor`): -1 splits into the two most balanced factors,
     N makes one factor N wide (smaller N, smaller files)."""
@@ -134,8 +145,13 @@ class LoraSection:
 
 @dataclass(frozen=True)
 class TrainSection:
-    max_steps: int = 1000
-    """Length of the run in optimizer steps (each of `batch_size x gradient_accumulation_steps` images per process)."""
+    max_steps: int | None = None
+    """Length of the run in optimizer steps (each of `batch_size x gradient_accumulation_steps` images per process);
+    unset: 1000, or what `max_epochs` works out to."""
+    max_epochs: int | None = None
+    """Length of the run in epochs (kohya's `max_train_epochs`; an epoch shows every image `repeats` times): the
+    steps are worked out from the dataset, ceil(epochs x batches per epoch / `gradient_accumulation_steps`), and
+    logged. A recipe that also sets `max_steps` must agree with it."""
     batch_size: int = 1
     """Images per micro-batch on each process; a batch always comes from one aspect-ratio bucket."""
     gradient_accumulation_steps: int = 1
@@ -148,6 +164,11 @@ class TrainSection:
     """Learning-rate schedule over `max_steps`."""
     lr_warmup_steps: int = 0
     """Optimizer steps of linear warm-up at the start of the schedule."""
+    lr_scheduler_num_cycles: int = 1
+    """`cosine_with_restarts`: how many times the cosine falls to 0 and restarts (kohya's
+    `lr_scheduler_num_cycles`; 1 is plain cosine)."""
+    lr_scheduler_power: float = 1.0
+    """`polynomial`: the power of the decay to 0 (kohya's `lr_scheduler_power`; 1 is linear)."""
     optimizer: Optimizer = "adamw8bit"
     """`adamw8bit` (bitsandbytes, 8-bit state), `adamw`, `adafactor`, or `prodigy` (needs `pip install prodigyopt`;
     use learning rates of 1.0)."""
@@ -183,6 +204,8 @@ class TrainSection:
     """Write a `metrics.jsonl` line (and a TensorBoard point) every this many optimizer steps."""
     save_every_steps: int = 500
     """Write a resumable checkpoint every this many steps (and always at the end); 0 writes only the final one."""
+    save_every_epochs: int = 0
+    """Also write a checkpoint at the end of every this many epochs (kohya's `save_every_n_epochs`); 0 is off."""
     keep_checkpoints: int = 3
     """How many of the newest checkpoints to keep."""
     ema_decay: float = 0.0
@@ -271,6 +294,10 @@ class OutputSection:
     """Run name: the run folder is `<folder>/<name>/`, the adapter `<name>.safetensors`."""
     save_dtype: SaveDtype = "float16"
     """dtype of the exported adapter files."""
+    intermediate_adapters: bool = True
+    """With every checkpoint before the last, also write the adapter as it is then, to compare them and pick one:
+    `<name>-step00000500.safetensors`, or `<name>-000004.safetensors` at the end of epoch 4 (kohya's names), in
+    the final file's layout (kohya; diffusers for DoRA). Pruning checkpoints keeps them."""
 
 
 @dataclass(frozen=True)

@@ -80,12 +80,19 @@ _RANGES: dict[str, tuple[float, float]] = {
     "lora.rank": (1, 4096),
     "lora.lora_alpha": (0, 65_536),
     "lora.dropout": (0, 1),
+    "lora.neuron_dropout": (0, 0.99),
+    "lora.rank_dropout": (0, 0.99),
+    "lora.module_dropout": (0, 0.99),
     "lora.decompose_factor": (-1, 4096),
     "lora.conv_rank": (1, 4096),
     "lora.conv_alpha": (0, 65_536),
     "lora.tlora_min_rank": (1, 4096),
     "lora.tlora_exponent": (0.1, 10),
     "train.max_steps": (1, STEPS_MAX),
+    "train.max_epochs": (1, 100_000),
+    "train.save_every_epochs": (0, 100_000),
+    "train.lr_scheduler_num_cycles": (1, 10_000),
+    "train.lr_scheduler_power": (0.01, 100),
     "train.batch_size": (1, 4096),
     "train.gradient_accumulation_steps": (1, 4096),
     "train.unet_lr": (0, 1),
@@ -235,10 +242,28 @@ def _cross_checks(built: dict, problems: list[str]) -> None:
             "train.multires_noise_iterations: not together with train.noise_offset (both reshape the noise, and "
             "multi-resolution noise already moves the overall brightness); set one of them to 0"
         )
+    if train is not None:
+        problems += _schedule_problems(train)
     if train is not None and train.max_timestep is not None and train.max_timestep <= train.min_timestep:
         problems.append(
             f"train.max_timestep: {train.max_timestep} must be above train.min_timestep ({train.min_timestep})"
         )
+
+
+def _schedule_problems(train) -> list[str]:
+    """Learning-rate schedule shapes that the chosen schedule would ignore."""
+    problems = []
+    if train.lr_scheduler_num_cycles != 1 and train.lr_scheduler != "cosine_with_restarts":
+        problems.append(
+            f"train.lr_scheduler_num_cycles: only shapes lr_scheduler = 'cosine_with_restarts' (this recipe has "
+            f"{train.lr_scheduler!r}); set that schedule or remove the key"
+        )
+    if train.lr_scheduler_power != 1 and train.lr_scheduler != "polynomial":
+        problems.append(
+            f"train.lr_scheduler_power: only shapes lr_scheduler = 'polynomial' (this recipe has "
+            f"{train.lr_scheduler!r}); set that schedule or remove the key"
+        )
+    return problems
 
 
 def _run_name_problems(name: str) -> list[str]:
@@ -270,6 +295,9 @@ def _adapter_type_problems(lora, train) -> list[str]:
             problems.append(f"lora.decompose_factor: {lora.decompose_factor} splits nothing; use -1 or 2 and up")
         if lora.dropout:
             problems.append(f"lora.dropout: {name} has no input dropout in peft; set lora.dropout = 0")
+        for key in ("neuron_dropout", "rank_dropout", "module_dropout"):
+            if getattr(lora, key):
+                problems.append(f"lora.{key}: drops parts of a LoRA's down and up projections; {name} has none")
         if lora.use_dora:
             problems.append(f"lora.use_dora: DoRA is a LoRA option; {name} cannot use it")
         if lora.tlora_min_rank is not None:
@@ -285,6 +313,12 @@ def _adapter_type_problems(lora, train) -> list[str]:
             problems.append(
                 f"train.loraplus_lr_ratio: LoRA+ speeds up LoRA's up-projection (lora_up), which {name} does not "
                 "have; kohya sd-scripts and LyCORIS leave LoKr/LoHa weights at the base rate too"
+            )
+    for key in ("neuron_dropout", "rank_dropout", "module_dropout"):
+        if lora.type == "lora" and lora.use_dora and getattr(lora, key):
+            problems.append(
+                f"lora.{key}: not with DoRA, whose magnitude is computed from every rank and module; set "
+                f"lora.use_dora = false or lora.{key} = 0"
             )
     if lora.type == "lora" and lora.use_dora and train is not None and train.scale_weight_norms is not None:
         problems.append(

@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 
-from .. import adapters
 from ..checkpoint import write_failure
 from ..errors import LorakitError, OutputError
 from ..formats.files import save_adapter_files
@@ -24,7 +23,7 @@ from ..formats.metadata import training_info
 from ..lycoris import KIND_NAMES
 from ..memory import adapter_bytes
 from ..recipe import Recipe
-from .loop import Log, Run, check_finite_adapter, fit
+from .loop import Log, Run, adapter_state, check_finite_adapter, fit
 from .setup import process_switches_kept, resolve_recipe, run_paths, set_up
 
 __all__ = ["RunResult", "resolve_recipe", "run_paths", "train"]
@@ -72,7 +71,7 @@ def train(
                 hold=held.enter_context,
                 strict_memory=strict_memory,
             )
-            run.verbose = verbose
+            run.verbose, run.started = verbose, started
             loss = fit(run)
             return export(run, loss, started)
         except torch.OutOfMemoryError as err:
@@ -110,19 +109,13 @@ def export(run: Run, loss: float, started: datetime) -> RunResult:
     """Write the adapter files (the EMA weights where the recipe keeps an EMA) and say where they are."""
     recipe, paths = run.recipe, run.paths
     models = run.unwrapped()
-    ema_weights = {}
-    if run.ema is not None:
-        ema_weights = {
-            name: {n[len(name) + 1 :]: t for n, t in run.ema.shadow.items() if n.startswith(name + ".")}
-            for name in models
-        }
-    state = {name: adapters.extract_adapters(m, ema_weights.get(name)) for name, m in models.items()}
+    state = adapter_state(run)
     kohya_path = None if recipe.lora.use_dora else paths.kohya_adapter
     diffusers_path = None if recipe.lora.type != "lora" else paths.diffusers_adapter
     if run.accelerator.is_main_process:
         check_finite_adapter(run)
         timesteps = run.base.noise_scheduler.config.num_train_timesteps
-        info = training_info(recipe, run.base.family, run.items, run.step, started, timesteps)
+        info = training_info(recipe, run.base.family, run.items, run.step, started, timesteps, epoch=run.epochs_done)
         try:
             kohya_path, diffusers_path = save_adapter_files(
                 state, paths.folder, recipe.output.name, recipe.output.save_dtype, info

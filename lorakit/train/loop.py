@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,9 @@ from ..data import (
 from ..ema import AdapterEMA
 from ..errors import Interrupted, LorakitError, OutputError
 from ..files import atomic_write_text, crash_point
-from ..memory import checkpoint_bytes
+from ..formats.files import save_adapter_files
+from ..formats.metadata import training_info
+from ..memory import adapter_bytes, checkpoint_bytes
 from ..models import BaseModel, encode_prompts, tokenize
 from ..progress import progress_bar
 from ..recipe import Recipe, recipe_to_dict
@@ -85,6 +88,12 @@ class Run:
     verbose: bool = False
     planned_gib: float | None = None  # lorakit plan's allocator peak for the training steps (CUDA runs)
     norms: tuple[int, float] | None = None  # train.scale_weight_norms: (modules scaled, largest norm) of the last step
+    started: datetime | None = None  # when `train` was called (the adapters' ss_training_started_at)
+
+    @property
+    def epochs_done(self) -> int:
+        """Whole epochs this run has taken (ss_epoch)."""
+        return int(self.stream.epochs_done)
 
     @property
     def device(self) -> Any:
@@ -244,6 +253,36 @@ def optimizer_step(run: Run) -> float:
     if run.ema is not None:
         run.ema.update(run.step)
     return accelerator.reduce(total, "mean").item()  # the one sync per step: the loss is checked and logged
+
+
+def adapter_state(run: Run) -> dict[str, Any]:
+    """The adapters to export, by component: the EMA weights where the recipe keeps an EMA, else the trained ones."""
+    models = run.unwrapped()
+    ema_weights = {}
+    if run.ema is not None:
+        ema_weights = {
+            name: {n[len(name) + 1 :]: t for n, t in run.ema.shadow.items() if n.startswith(name + ".")}
+            for name in models
+        }
+    return {name: adapters.extract_adapters(m, ema_weights.get(name)) for name, m in models.items()}
+
+
+def save_intermediate_adapter(run: Run, epoch: int | None) -> Path:
+    """The adapter as it is at this step, beside the final one (`output.intermediate_adapters`), named for the
+    epoch that just ended or for the step; one file, in the final file's layout."""
+    recipe = run.recipe
+    timesteps = run.base.noise_scheduler.config.num_train_timesteps
+    started = run.started or datetime.now(UTC)
+    info = training_info(recipe, run.base.family, run.items, run.step, started, timesteps, epoch=run.epochs_done)
+    stem = run.paths.intermediate_name(run.step, epoch)
+    try:
+        kohya, diffusers = save_adapter_files(
+            adapter_state(run), run.paths.folder, stem, recipe.output.save_dtype, info, diffusers_copy=False
+        )
+    except OSError as err:
+        needed = adapter_bytes(recipe, [t.numel() for t in run.named_trainable().values()]) // 2
+        raise write_failure(err, run.paths.folder, f"the adapter of step {run.step}", needed, recipe.source) from None
+    return kohya or diffusers
 
 
 def save(run: Run) -> Path:
@@ -428,6 +467,7 @@ def fit(run: Run) -> float:
     with progress_bar("Training", cfg.max_steps - run.step, quiet=run.quiet) as bar, stops:
         while run.step < cfg.max_steps:
             first = run.phases is not None and "first step" not in run.phases.seconds
+            epochs_before = int(run.stream.epochs_done)
             loss = optimizer_step(run)
             if first:
                 run.phases.done("first step")
@@ -446,23 +486,37 @@ def fit(run: Run) -> float:
             row: dict[str, Any] = {}
             if validation and due(run.step, recipe.validation.every_steps, cfg.max_steps):
                 row["val_loss"] = validation_loss(run, *validation)
+            epoch_end = _epoch_ended(epochs_before, int(run.stream.epochs_done), cfg.save_every_epochs)
+            saving = due(run.step, cfg.save_every_steps, cfg.max_steps) or epoch_end is not None
+            sampling = bool(recipe.sample.prompts) and (
+                due(run.step, sample_every, cfg.max_steps) or (not recipe.sample.every_steps and saving)
+            )
             if accelerator.is_main_process:
                 if due(run.step, cfg.log_every_steps, cfg.max_steps) or row:
                     if run.norms is not None:
                         row |= {"keys_scaled": run.norms[0], "max_key_norm": round(run.norms[1], 6)}
                     _log_metrics(run, {"step": run.step, "loss": loss, **row}, start)
-                if due(run.step, cfg.save_every_steps, cfg.max_steps):
+                if saving:
                     check_finite_adapter(run)
                     save_or_explain(run)
-                if recipe.sample.prompts and due(run.step, sample_every, cfg.max_steps):
+                    if recipe.output.intermediate_adapters and run.step < cfg.max_steps:
+                        save_intermediate_adapter(run, epoch_end)
+                if sampling:
                     render_samples(run)
-            if due(run.step, cfg.save_every_steps, cfg.max_steps) or due(run.step, sample_every, cfg.max_steps):
+            if saving or sampling:
                 accelerator.wait_for_everyone()  # the other processes wait while the main one writes
             bar.advance(1, loss=f"{loss:.4f}")
             if stops.signal is not None:
-                _stop(run, stops.signal, saved=due(run.step, cfg.save_every_steps, cfg.max_steps))
+                _stop(run, stops.signal, saved=saving)
     accelerator.wait_for_everyone()
     return loss
+
+
+def _epoch_ended(before: int, after: int, every: int) -> int | None:
+    """The epoch whose end a step reached, when it is one of every `every`-th (counted from 1), else None."""
+    if every <= 0 or after // every == before // every:
+        return None
+    return after // every * every
 
 
 def _stop(run: Run, number: int, saved: bool) -> None:

@@ -34,9 +34,11 @@ from ..data import (
     bucket_list,
     load_class_items,
     load_items,
+    steps_for_epochs,
     vae_fingerprint,
 )
 from ..devices import cpu_has_native_bf16
+from ..dropout import AdapterDropout
 from ..ema import AdapterEMA
 from ..errors import AdapterError, DatasetError, LorakitError, OutputError, RecipeError
 from ..files import atomic_write_text
@@ -47,7 +49,7 @@ from ..memory import estimate as estimate_memory
 from ..models import BaseModel, encode_prompts, is_local, load_base, resolve_base, token_count, tokenize
 from ..optim import build_lr_scheduler, build_optimizer
 from ..progress import progress_bar
-from ..recipe import Recipe, dump_recipe
+from ..recipe import DEFAULT_MAX_STEPS, Recipe, dump_recipe
 from ..timestep_rank import TimestepRanks, active_ranks
 from .images import render_class_images
 from .loop import Log, Run, encoder, held_out_items, restore
@@ -82,6 +84,27 @@ def resolve_recipe(recipe: Recipe, base: BaseModel) -> Recipe:
     return dataclasses.replace(
         recipe, model=model, lora=lora, data=data, output=output, prior=prior, validation=validation, train=train
     )
+
+
+def _resolve_length(recipe: Recipe, batches: int, log: Log) -> Recipe:
+    """The recipe with `train.max_steps` set: as given, from `train.max_epochs` and the `batches` each process
+    takes per epoch, or 1000."""
+    cfg = recipe.train
+    steps = cfg.max_steps or DEFAULT_MAX_STEPS
+    if cfg.max_epochs is not None:
+        steps = steps_for_epochs(cfg.max_epochs, batches, cfg.gradient_accumulation_steps)
+        worked = (
+            f"{cfg.max_epochs} epochs of {batches} batches"
+            + (f" in steps of {cfg.gradient_accumulation_steps}" if cfg.gradient_accumulation_steps > 1 else "")
+            + f" are {steps} steps"
+        )
+        if cfg.max_steps is not None and cfg.max_steps != steps:
+            raise RecipeError(
+                f"{recipe.source}: train.max_steps = {cfg.max_steps} disagrees with train.max_epochs = "
+                f"{cfg.max_epochs} ({worked} for this dataset); remove one of them"
+            )
+        log(f"train.max_epochs: {worked}")
+    return dataclasses.replace(recipe, train=dataclasses.replace(cfg, max_steps=steps))
 
 
 def _check_schedule(recipe: Recipe, base: BaseModel, count: int) -> None:
@@ -173,10 +196,14 @@ def set_up(
     _state_masks(recipe, items, say)
     rank, world = accelerator.process_index, accelerator.num_processes
     stream = BatchStream(items, batch_size=cfg.batch_size, seed=cfg.seed, rank=rank, world=world)
+    recipe = _resolve_length(recipe, stream.batches_per_epoch, say)
+    cfg = recipe.train
     torch.manual_seed(cfg.seed)
     trained = _inject(recipe, base, say)
     if recipe.lora.tlora_min_rank is not None:
         _mask_ranks_by_timestep(recipe, base, say)
+    if recipe.lora.neuron_dropout or recipe.lora.rank_dropout or recipe.lora.module_dropout:
+        _drop_inside_adapters(recipe, trained, say)
     if cfg.gradient_checkpointing:
         _enable_gradient_checkpointing(base, trained)
     _speed_settings(recipe, base, trained, accelerator.device, say)
@@ -590,6 +617,16 @@ def _zero_rate_modules(recipe: Recipe, base: BaseModel, log: Log) -> tuple[str, 
     if skipped:
         log(f"Block-wise rates: {len(skipped)} U-Net modules are in blocks at 0 and get no adapter")
     return skipped
+
+
+def _drop_inside_adapters(recipe: Recipe, trained: dict[str, Any], log: Log) -> None:
+    """kohya's neuron, rank and module dropout on every trained LoRA layer (the hooks live as long as the
+    modules)."""
+    lora = recipe.lora
+    rates = {"neuron": lora.neuron_dropout, "rank": lora.rank_dropout, "module": lora.module_dropout}
+    hooks = AdapterDropout(trained.values(), **rates)
+    said = [f"{kind} dropout {rate:g}" for kind, rate in rates.items() if rate]
+    log(f"lora: {', '.join(said)} on {hooks.layers} LoRA modules while training (samples and files use all)")
 
 
 def _mask_ranks_by_timestep(recipe: Recipe, base: BaseModel, log: Log) -> None:
