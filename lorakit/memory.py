@@ -155,8 +155,13 @@ def optimizer_state_bytes(optimizer: str, numels: list[int]) -> int:
         return sum(16 * n for n in numels)
     if optimizer == "adafactor":  # factored second moment: one row and one column vector per matrix, no momentum
         return sum(4 * n for n in numels)  # an upper bound: LoRA factors are thin, their rows+cols ~ their numel
+    if optimizer == "lion":  # one float32 momentum buffer
+        return sum(4 * n for n in numels)
+    if optimizer == "lion8bit":  # one 8-bit momentum buffer with its block scales; float32 under the threshold
+        return sum(4 * n if n < BNB_MIN_8BIT_SIZE else n + 4 * math.ceil(n / BNB_BLOCK) for n in numels)
     raise RecipeError(
-        f"train.optimizer: {optimizer!r} has no memory model; use adamw8bit, adamw, adafactor or prodigy"
+        f"train.optimizer: {optimizer!r} has no memory model; use adamw8bit, adamw, adafactor, prodigy, lion8bit or "
+        "lion"
     )
 
 

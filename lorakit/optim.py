@@ -11,6 +11,34 @@ from .errors import LorakitError
 if TYPE_CHECKING:
     from .recipe import TrainSection
 
+# Each optimizer's defaults for `train.betas` when the recipe leaves it unset (the packages' own).
+DEFAULT_BETAS = {
+    "adamw8bit": (0.9, 0.999),
+    "adamw": (0.9, 0.999),
+    "lion8bit": (0.9, 0.99),
+    "lion": (0.9, 0.99),
+    "prodigy": (0.9, 0.999),
+}
+
+
+def hyperparameters(section: TrainSection) -> dict[str, Any]:
+    """The recipe's settings of the chosen optimizer, as its keyword arguments (learning rates aside: those come per
+    parameter group, and the schedule moves them). A resume puts them back over the checkpoint's, so a changed
+    `train.weight_decay` or `train.betas` takes effect as the log says."""
+    name = section.optimizer
+    options: dict[str, Any] = {"weight_decay": section.weight_decay}
+    if name in DEFAULT_BETAS:
+        options["betas"] = tuple(section.betas) if section.betas else DEFAULT_BETAS[name]
+    if name == "adafactor":
+        options |= {"scale_parameter": False, "relative_step": False, "warmup_init": False}
+    if name == "prodigy":
+        options |= {
+            "d_coef": section.prodigy_d_coef,
+            "use_bias_correction": section.prodigy_use_bias_correction,
+            "safeguard_warmup": section.prodigy_safeguard_warmup,
+        }
+    return options
+
 
 def build_optimizer(section: TrainSection, param_groups: list[dict[str, Any]]) -> Any:
     """The optimizer named by `train.optimizer` over `param_groups` (each with its own `lr`).
@@ -18,15 +46,17 @@ def build_optimizer(section: TrainSection, param_groups: list[dict[str, Any]]) -
     Each optimizer's package is imported only when chosen: bitsandbytes probes its CPU/GPU backends on import,
     prodigyopt is optional, and a missing one becomes a one-line message naming the key."""
     name = section.optimizer
-    if name == "adamw8bit":
+    options = hyperparameters(section)
+    if name in ("adamw8bit", "lion8bit", "lion"):
         try:
             import bitsandbytes as bnb
         except ImportError as err:
             raise LorakitError(
-                f"train.optimizer: 'adamw8bit' needs bitsandbytes ({err}); "
+                f"train.optimizer: {name!r} needs bitsandbytes ({err}); "
                 'run `pip install bitsandbytes` or set train.optimizer = "adamw"'
             ) from None
-        return bnb.optim.AdamW8bit(param_groups, weight_decay=section.weight_decay)
+        kind = {"adamw8bit": bnb.optim.AdamW8bit, "lion8bit": bnb.optim.Lion8bit, "lion": bnb.optim.Lion}[name]
+        return kind(param_groups, **options)
     if name == "adamw":
         import torch
 
@@ -34,18 +64,12 @@ def build_optimizer(section: TrainSection, param_groups: list[dict[str, Any]]) -
         # multi-tensor (foreach) one, which torch picks by itself only on CUDA: on a CPU the per-tensor loop costs
         # several milliseconds a step over the hundreds of small LoRA tensors.
         if all(p.is_cuda for group in param_groups for p in group["params"]):
-            return torch.optim.AdamW(param_groups, weight_decay=section.weight_decay, fused=True)
-        return torch.optim.AdamW(param_groups, weight_decay=section.weight_decay, foreach=True)
+            return torch.optim.AdamW(param_groups, fused=True, **options)
+        return torch.optim.AdamW(param_groups, foreach=True, **options)
     if name == "adafactor":
         from transformers.optimization import Adafactor
 
-        return Adafactor(
-            param_groups,
-            scale_parameter=False,
-            relative_step=False,
-            warmup_init=False,
-            weight_decay=section.weight_decay,
-        )
+        return Adafactor(param_groups, **options)
     if name == "prodigy":
         try:
             from prodigyopt import Prodigy
@@ -54,8 +78,15 @@ def build_optimizer(section: TrainSection, param_groups: list[dict[str, Any]]) -
                 "train.optimizer: 'prodigy' needs the prodigyopt package; "
                 "run `pip install prodigyopt` or choose 'adamw8bit'"
             ) from None
-        return Prodigy(param_groups, weight_decay=section.weight_decay)
+        return Prodigy(param_groups, **options)
     raise LorakitError(f"train.optimizer: unknown optimizer {name!r}")
+
+
+def reapply_hyperparameters(section: TrainSection, optimizer: Any) -> None:
+    """After loading a checkpoint's optimizer state (which brings its groups' old settings), set the recipe's."""
+    options = hyperparameters(section)
+    for group in optimizer.param_groups:
+        group.update(options)
 
 
 def build_lr_scheduler(section: TrainSection, optimizer: Any) -> Any:

@@ -99,6 +99,21 @@ def test_eight_bit_adamw_state_is_predicted_byte_for_byte():
     assert measured == optimizer_state_bytes("adamw8bit", sizes)
 
 
+@pytest.mark.parametrize(("optimizer", "kind"), [("lion8bit", "Lion8bit"), ("lion", "Lion")])
+def test_lion_state_is_predicted_byte_for_byte(optimizer, kind):
+    bnb = pytest.importorskip("bitsandbytes")
+    sizes = [100, 4095, 4096, 70_000, 300_000]
+    params = [torch.nn.Parameter(torch.randn(n)) for n in sizes]
+    built = getattr(bnb.optim, kind)(params, lr=1e-4)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    built.step()
+    state = [t for p in params for k, t in built.state[p].items() if torch.is_tensor(t) and k not in ("step", "qmap1")]
+    assert any(t.dtype == torch.uint8 for t in state) == (optimizer == "lion8bit")
+    measured = sum(t.numel() * t.element_size() for t in state)
+    assert measured == optimizer_state_bytes(optimizer, sizes)
+
+
 def test_adamw_state_is_two_float32_moments():
     params = [torch.nn.Parameter(torch.randn(n)) for n in (10, 5000)]
     optimizer = torch.optim.AdamW(params)

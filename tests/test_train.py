@@ -129,7 +129,14 @@ def test_fp16_on_cpu_says_so_and_runs_float32(tiny_base, tiny_dataset, tmp_path,
 
 
 @pytest.mark.parametrize(
-    ("optimizer", "expected"), [("adamw8bit", "AdamW8bit"), ("adafactor", "Adafactor"), ("prodigy", "Prodigy")]
+    ("optimizer", "expected"),
+    [
+        ("adamw8bit", "AdamW8bit"),
+        ("adafactor", "Adafactor"),
+        ("prodigy", "Prodigy"),
+        ("lion8bit", "Lion8bit"),
+        ("lion", "Lion"),
+    ],
 )
 def test_each_optimizer_trains(tiny_base, tiny_dataset, tmp_path, monkeypatch, optimizer, expected):
     import lorakit.train.setup as setup
@@ -218,3 +225,54 @@ def test_accumulated_micro_batches_give_the_gradient_of_one_batch(
     for images, gradient in gradients:
         expected = sum(index + 1 for index in images) / len(images)
         torch.testing.assert_close(gradient, torch.full_like(gradient, expected))
+
+
+def test_optimizer_settings_reach_the_optimizer_and_a_resume_applies_changed_ones(
+    tiny_base, tiny_dataset, tmp_path, monkeypatch
+):
+    import lorakit.train.setup as setup
+
+    built = []
+    real = setup.build_optimizer
+    monkeypatch.setattr(setup, "build_optimizer", lambda cfg, groups: built.append(real(cfg, groups)) or built[-1])
+    settings = {
+        "max_steps": 1,
+        "optimizer": "prodigy",
+        "unet_lr": 1.0,
+        "text_encoder_lr": 1.0,
+        "betas": [0.8, 0.95],
+        "prodigy_d_coef": 2.0,
+        "prodigy_use_bias_correction": True,
+    }
+    _run(tiny_base, tiny_dataset, tmp_path, train=settings)
+    group = built[-1].param_groups[0]
+    assert (group["betas"], group["d_coef"], group["use_bias_correction"]) == ((0.8, 0.95), 2.0, True)
+    # A checkpoint's optimizer state brings its old settings back; the recipe's are put over them.
+    changed = {**settings, "max_steps": 2, "weight_decay": 0.5, "betas": [0.7, 0.9]}
+    lines: list[str] = []
+    recipe = recipe_from_dict(make_recipe_dict(tiny_base, tiny_dataset, tmp_path, train=changed))
+    train(recipe, resume="latest", quiet=True, log=lines.append)
+    assert "--resume: train.weight_decay changed from 0.01 to 0.5" in lines
+    assert all(g["weight_decay"] == 0.5 and g["betas"] == (0.7, 0.9) for g in built[-1].param_groups)
+    assert built[-1].param_groups[0]["d_coef"] == 2.0
+
+
+@pytest.mark.parametrize(
+    ("keys", "fragment"),
+    [
+        ({"betas": [0.9, 0.99, 0.999]}, "train.betas: 3 values; give two, e.g. betas = [0.9, 0.999]"),
+        ({"optimizer": "adafactor", "betas": [0.9, 0.99]}, "train.betas: Adafactor keeps no momentum here"),
+        (
+            {"optimizer": "adamw", "prodigy_d_coef": 2.0},
+            "train.prodigy_d_coef: a Prodigy setting (this recipe has optimizer 'adamw'); set train.optimizer = "
+            '"prodigy" or remove it',
+        ),
+        ({"betas": [0.9, 1.0]}, "train.betas: 1.0 is outside 0..0.9999"),
+    ],
+)
+def test_optimizer_settings_the_optimizer_lacks_are_refused(keys, fragment):
+    from lorakit.errors import RecipeError
+
+    with pytest.raises(RecipeError) as caught:
+        recipe_from_dict({"model": {"base": "x/y"}, "train": keys})
+    assert fragment in str(caught.value)

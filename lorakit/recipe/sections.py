@@ -9,7 +9,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
-Optimizer = Literal["adamw8bit", "adamw", "adafactor", "prodigy"]
+Optimizer = Literal["adamw8bit", "adamw", "adafactor", "prodigy", "lion8bit", "lion"]
 LrScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
 PredictionType = Literal["epsilon", "v_prediction"]
@@ -170,10 +170,20 @@ class TrainSection:
     lr_scheduler_power: float = 1.0
     """`polynomial`: the power of the decay to 0 (kohya's `lr_scheduler_power`; 1 is linear)."""
     optimizer: Optimizer = "adamw8bit"
-    """`adamw8bit` (bitsandbytes, 8-bit state), `adamw`, `adafactor`, or `prodigy` (needs `pip install prodigyopt`;
-    use learning rates of 1.0)."""
+    """`adamw8bit` (bitsandbytes, 8-bit state), `adamw`, `adafactor`, `prodigy` (needs `pip install prodigyopt`;
+    use learning rates of 1.0), or `lion8bit` / `lion` (bitsandbytes; one momentum buffer, so half AdamW's state:
+    use a learning rate 3-10x lower and a weight decay 3-10x higher than AdamW's)."""
     weight_decay: float = 1e-2
     """Decoupled weight decay of the optimizer."""
+    betas: list[float] | None = None
+    """The optimizer's two momentum coefficients (kohya's `optimizer_args betas=0.9,0.99`) for AdamW, Lion and
+    Prodigy; unset: each optimizer's own (0.9, 0.999; Lion 0.9, 0.99)."""
+    prodigy_d_coef: float = 1.0
+    """Prodigy: scales the step size it finds (kohya's `d_coef`); above 1 learns faster, below 1 gentler."""
+    prodigy_use_bias_correction: bool = False
+    """Prodigy: Adam's bias correction (kohya's `use_bias_correction`), often turned on for LoRA."""
+    prodigy_safeguard_warmup: bool = False
+    """Prodigy: keep the step-size estimate from growing too fast during warm-up (kohya's `safeguard_warmup`)."""
     max_grad_norm: float = 1.0
     """Clip the gradient norm to this value; 0 turns clipping off."""
     mixed_precision: MixedPrecision = "no"

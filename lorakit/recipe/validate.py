@@ -99,6 +99,8 @@ _RANGES: dict[str, tuple[float, float]] = {
     "train.text_encoder_lr": (0, 1),
     "train.lr_warmup_steps": (0, STEPS_MAX),
     "train.weight_decay": (0, 10),
+    "train.betas": (0, 0.9999),
+    "train.prodigy_d_coef": (0.001, 1000),
     "train.max_grad_norm": (0, 1e6),
     "train.seed": (0, SEED_MAX),
     "train.min_snr_gamma": (0, 1_000),
@@ -251,8 +253,19 @@ def _cross_checks(built: dict, problems: list[str]) -> None:
 
 
 def _schedule_problems(train) -> list[str]:
-    """Learning-rate schedule shapes that the chosen schedule would ignore."""
+    """Learning-rate schedule shapes that the chosen schedule would ignore, and optimizer settings that the chosen
+    optimizer does not have."""
     problems = []
+    if train.betas is not None and len(train.betas) != 2:
+        problems.append(f"train.betas: {len(train.betas)} values; give two, e.g. betas = [0.9, 0.999]")
+    if train.betas is not None and train.optimizer == "adafactor":
+        problems.append("train.betas: Adafactor keeps no momentum here; remove it or choose another optimizer")
+    for key in ("prodigy_d_coef", "prodigy_use_bias_correction", "prodigy_safeguard_warmup"):
+        if _not_default(train, key) and train.optimizer != "prodigy":
+            problems.append(
+                f"train.{key}: a Prodigy setting (this recipe has optimizer {train.optimizer!r}); set "
+                'train.optimizer = "prodigy" or remove it'
+            )
     if train.lr_scheduler_num_cycles != 1 and train.lr_scheduler != "cosine_with_restarts":
         problems.append(
             f"train.lr_scheduler_num_cycles: only shapes lr_scheduler = 'cosine_with_restarts' (this recipe has "

@@ -55,6 +55,7 @@ from ..formats.files import save_adapter_files
 from ..formats.metadata import training_info
 from ..memory import adapter_bytes, checkpoint_bytes
 from ..models import BaseModel, encode_prompts, tokenize
+from ..optim import reapply_hyperparameters
 from ..progress import progress_bar
 from ..recipe import Recipe, recipe_to_dict
 from .images import render_samples
@@ -317,6 +318,7 @@ def restore(run: Run, checkpoint: Path, log: Log) -> None:
     optimizer_state = saved["optimizer"]
     optimizer_state["state"] = {int(k): v for k, v in optimizer_state["state"].items()}
     run.optimizer.load_state_dict(optimizer_state)
+    reapply_hyperparameters(run.recipe.train, run.optimizer)
     run.lr_scheduler.load_state_dict(saved["scheduler"])
     if run.ema is not None:
         if saved["ema"] is None:
