@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -115,19 +116,44 @@ def loss_weights(
     return weights
 
 
+def huber_thresholds(
+    scheduler: Any, timesteps: torch.Tensor, huber_c: float, schedule: str = "constant", scale: float = 1.0
+) -> torch.Tensor:
+    """The pseudo-Huber threshold of each sample ([B], float32) at its timestep (kohya's `huber_schedule`).
+
+    `constant`: huber_c x scale. `exponential`: exp(-a t) x scale with a = -ln(huber_c) / T, from `scale` at t = 0
+    to huber_c x scale at t = T. `snr`: (1 - huber_c) / (1 + sigma_t)^2 + huber_c with sigma_t =
+    sqrt((1 - alphabar_t) / alphabar_t): near 1 (squared error) on almost clean steps, near huber_c on noisy ones
+    (Khrapov et al. 2024, arXiv:2403.16728)."""
+    timesteps = timesteps.long().cpu()
+    if schedule == "constant":
+        return torch.full(timesteps.shape, huber_c * scale, dtype=torch.float32)
+    if schedule == "exponential":
+        rate = -math.log(huber_c) / scheduler.config.num_train_timesteps
+        return torch.exp(-rate * timesteps.double()).float() * scale
+    if schedule == "snr":
+        alphas = scheduler.alphas_cumprod.double().cpu()[timesteps]
+        sigmas = ((1 - alphas) / alphas).sqrt()
+        return ((1 - huber_c) / (1 + sigmas) ** 2 + huber_c).float()
+    raise ValueError(f"unknown huber schedule {schedule!r}")
+
+
 def elementwise_loss(
-    prediction: torch.Tensor, target: torch.Tensor, loss_type: str = "l2", huber_c: float = 0.1
+    prediction: torch.Tensor, target: torch.Tensor, loss_type: str = "l2", huber_c: float | torch.Tensor = 0.1
 ) -> torch.Tensor:
     """Per-element loss in fp32: squared error, or a pseudo-Huber loss.
 
     `huber` is 2c(sqrt(d^2 + c^2) - c) and `smooth_l1` 2(sqrt(d^2 + c^2) - c): quadratic near zero,
     linear for outliers (Khrapov et al. 2024, "Improving Diffusion Models's Data-Corruption
-    Resistance using Scheduled Pseudo-Huber Loss", arXiv:2403.16728).
+    Resistance using Scheduled Pseudo-Huber Loss", arXiv:2403.16728). `huber_c` is one threshold, or one per
+    sample ([B], `huber_thresholds`).
     """
 
     diff = prediction.float() - target.float()
     if loss_type == "l2":
         return diff.pow(2)
+    if torch.is_tensor(huber_c):
+        huber_c = huber_c.to(diff.device, diff.dtype).reshape(-1, *[1] * (diff.dim() - 1))
     smooth = torch.sqrt(diff.pow(2) + huber_c**2) - huber_c
     if loss_type == "huber":
         return 2 * huber_c * smooth
@@ -141,7 +167,7 @@ def diffusion_loss(
     target: torch.Tensor,
     weights: torch.Tensor,
     loss_type: str = "l2",
-    huber_c: float = 0.1,
+    huber_c: float | torch.Tensor = 0.1,
     pixel_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-sample mean of the elementwise loss, weighted, averaged over the batch.

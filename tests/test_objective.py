@@ -158,3 +158,78 @@ def test_debiased_weights_stay_finite_on_a_zero_terminal_snr_schedule():
     weights = objective.loss_weights(zero_terminal, torch.tensor([0, 500, 999]), 0.0, "epsilon", debiased=True)
     assert torch.isfinite(weights).all()
     assert float(weights[-1]) == pytest.approx(objective.DEBIASED_SNR_CAP**0.5, rel=1e-5)
+
+
+def test_huber_thresholds_follow_kohyas_schedules():
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear")
+    t = torch.tensor([0, 500, 999])
+    constant = objective.huber_thresholds(scheduler, t, 0.1, "constant", 2.0)
+    assert torch.allclose(constant, torch.full((3,), 0.2))
+    exponential = objective.huber_thresholds(scheduler, torch.tensor([0, 1000]), 0.1, "exponential", 2.0)
+    assert torch.allclose(exponential, torch.tensor([2.0, 0.2]))  # from the scale to huber_c x scale
+    snr = objective.huber_thresholds(scheduler, t, 0.1, "snr")
+    alphas = scheduler.alphas_cumprod[t].double()
+    expected = 0.9 / (1 + ((1 - alphas) / alphas).sqrt()) ** 2 + 0.1
+    assert torch.allclose(snr, expected.float())
+    assert snr[0] > 0.8 and snr[2] < 0.11 and bool((snr[:-1] > snr[1:]).all())  # l2-like when clean, robust when noisy
+    # Per-sample thresholds reach each sample's elements.
+    prediction, target = torch.full((2, 4, 2, 2), 3.0), torch.zeros(2, 4, 2, 2)
+    per_sample = objective.elementwise_loss(prediction, target, "huber", torch.tensor([0.1, 1.0]))
+    assert torch.allclose(per_sample[0], objective.elementwise_loss(prediction[:1], target[:1], "huber", 0.1)[0])
+    assert torch.allclose(per_sample[1], objective.elementwise_loss(prediction[:1], target[:1], "huber", 1.0)[0])
+
+
+def test_the_training_step_uses_the_scheduled_huber_threshold(tiny_base, tiny_dataset, tmp_path, monkeypatch):
+    from safetensors import safe_open
+
+    import lorakit.train.loop as loop
+    from lorakit.recipe import recipe_from_dict
+    from lorakit.train import train
+
+    from .conftest import make_recipe_dict
+
+    seen = {}
+    real_thresholds, real_loss = loop.objective.huber_thresholds, loop.objective.diffusion_loss
+
+    def thresholds(scheduler, timesteps, huber_c, schedule, scale):
+        seen["thresholds"] = real_thresholds(scheduler, timesteps, huber_c, schedule, scale)
+        seen["expected"] = real_thresholds(scheduler, timesteps, 0.2, "snr")
+        return seen["thresholds"]
+
+    def loss(prediction, target, weights, loss_type, huber_c, pixel_weights):
+        seen["used"] = (loss_type, huber_c)
+        return real_loss(prediction, target, weights, loss_type, huber_c, pixel_weights)
+
+    monkeypatch.setattr(loop.objective, "huber_thresholds", thresholds)
+    monkeypatch.setattr(loop.objective, "diffusion_loss", loss)
+    settings = {"max_steps": 1, "loss_type": "huber", "huber_c": 0.2, "huber_schedule": "snr"}
+    result = train(
+        recipe_from_dict(make_recipe_dict(tiny_base, tiny_dataset, tmp_path, train=settings)),
+        quiet=True,
+        log=lambda _: None,
+    )
+    assert seen["used"][0] == "huber" and seen["used"][1] is seen["thresholds"]
+    assert torch.equal(seen["thresholds"], seen["expected"]) and seen["thresholds"].dim() == 1  # one per sample
+    with safe_open(str(result.adapter), "pt") as f:
+        metadata = f.metadata()
+    assert (metadata["ss_loss_type"], metadata["ss_huber_schedule"], metadata["ss_huber_c"]) == ("huber", "snr", "0.2")
+
+
+@pytest.mark.parametrize(
+    ("keys", "fragment"),
+    [
+        (
+            {"huber_schedule": "snr"},
+            "train.huber_schedule: shapes the huber / smooth_l1 threshold; set train.loss_type",
+        ),
+        ({"loss_type": "huber", "huber_schedule": "snr", "huber_scale": 2.0}, "train.huber_scale: the snr schedule"),
+        ({"loss_type": "huber", "huber_c": 0.0}, "train.huber_c: 0.0 is outside"),
+    ],
+)
+def test_huber_settings_without_a_huber_loss_are_refused(keys, fragment):
+    from lorakit.errors import RecipeError
+    from lorakit.recipe import recipe_from_dict
+
+    with pytest.raises(RecipeError) as caught:
+        recipe_from_dict({"model": {"base": "x/y"}, "train": keys})
+    assert fragment in str(caught.value)

@@ -17,6 +17,7 @@ SaveDtype = Literal["float32", "float16", "bfloat16"]
 TargetPreset = Literal["attention", "transformer", "transformer+conv"]
 WeightDtype = Literal["float32", "float16", "bfloat16"]
 LossType = Literal["l2", "huber", "smooth_l1"]
+HuberSchedule = Literal["constant", "exponential", "snr"]
 TokenLength = Literal[75, 150, 225]
 AdapterType = Literal["lora", "lokr", "loha"]
 DEFAULT_MAX_STEPS = 1000  # a run's length when neither train.max_steps nor train.max_epochs is set
@@ -225,6 +226,14 @@ class TrainSection:
     """`l2` (mean squared error), `huber` or `smooth_l1` (less swayed by outlier pixels; see `huber_c`)."""
     huber_c: float = 0.1
     """Threshold of the huber / smooth_l1 losses."""
+    huber_schedule: HuberSchedule = "constant"
+    """How the huber / smooth_l1 threshold follows the timestep (kohya's `huber_schedule`, whose default is `snr`):
+    `constant` is `huber_c x huber_scale`; `exponential` falls from `huber_scale` at t = 0 to
+    `huber_c x huber_scale` at the last step; `snr` is (1 - huber_c) / (1 + sigma)^2 + huber_c, near squared error
+    on almost clean steps and robust on noisy ones (Khrapov et al. 2024)."""
+    huber_scale: float = 1.0
+    """Multiplies the `constant` and `exponential` huber thresholds (kohya's `huber_scale`; `snr` ignores it, as
+    kohya's does)."""
     min_timestep: int = 0
     """Lowest training timestep (inclusive)."""
     max_timestep: int | None = None

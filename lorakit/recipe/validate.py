@@ -112,7 +112,8 @@ _RANGES: dict[str, tuple[float, float]] = {
     "train.save_every_steps": (0, STEPS_MAX),
     "train.keep_checkpoints": (1, 10_000),
     "train.ema_decay": (0, 0.999999),
-    "train.huber_c": (0, 1_000),
+    "train.huber_c": (1e-6, 1_000),
+    "train.huber_scale": (1e-6, 1_000),
     "train.min_timestep": (0, TIMESTEPS_MAX),  # the base's own schedule is checked once it is loaded
     "train.max_timestep": (1, TIMESTEPS_MAX),
     "train.loraplus_lr_ratio": (1, 1000),
@@ -260,6 +261,14 @@ def _schedule_problems(train) -> list[str]:
         problems.append(f"train.betas: {len(train.betas)} values; give two, e.g. betas = [0.9, 0.999]")
     if train.betas is not None and train.optimizer == "adafactor":
         problems.append("train.betas: Adafactor keeps no momentum here; remove it or choose another optimizer")
+    for key in ("huber_schedule", "huber_scale"):
+        if _not_default(train, key) and train.loss_type == "l2":
+            problems.append(
+                f'train.{key}: shapes the huber / smooth_l1 threshold; set train.loss_type = "huber" or '
+                '"smooth_l1", or remove it'
+            )
+    if train.huber_schedule == "snr" and _not_default(train, "huber_scale"):
+        problems.append("train.huber_scale: the snr schedule does not use it (as in kohya); remove it")
     for key in ("prodigy_d_coef", "prodigy_use_bias_correction", "prodigy_safeguard_warmup"):
         if _not_default(train, key) and train.optimizer != "prodigy":
             problems.append(

@@ -207,7 +207,7 @@ def _micro_batch_loss(run: Run, batch: list[int]) -> Any:
         to_device(target, run.device),
         to_device(weights, run.device),
         cfg.loss_type,
-        cfg.huber_c,
+        objective.huber_thresholds(base.noise_scheduler, timesteps, cfg.huber_c, cfg.huber_schedule, cfg.huber_scale),
         pixel_weights,
     )
 
