@@ -154,3 +154,33 @@ def test_plan_counts_epochs_before_the_dataset_is_prepared(tmp_path):
     steps, source = planned_steps(recipe)
     assert steps == 4 * math.ceil(20 / 1)
     assert "20 images per epoch assumed (no prepared dataset)" in source
+
+
+def test_samples_every_epoch_with_the_chosen_sampler(tiny_base, tiny_dataset, tmp_path, monkeypatch):
+    from PIL import Image
+
+    import lorakit.train.images as images
+
+    used = []
+    real_render = images.render
+
+    def render(pipe, prompts, seeds, settings, advance=None):
+        used.append(type(pipe.scheduler).__name__)
+        return real_render(pipe, prompts, seeds, settings, advance)
+
+    monkeypatch.setattr(images, "render", render)
+    recipe = make_recipe_dict(
+        tiny_base,
+        tiny_dataset,
+        tmp_path,
+        train={"max_epochs": 2, "save_every_steps": 0},
+        sample={"prompts": ["ohwx toy"], "every_epochs": 1, "steps": 2, "sampler": "dpmpp_2m"},
+    )
+    del recipe["train"]["max_steps"]
+    run = train(recipe_from_dict(recipe), quiet=True, log=lambda _: None).run_dir
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step-000005.png", "step-000010.png"]
+    assert used == ["DPMSolverMultistepScheduler"] * 2
+    with Image.open(run / "samples" / "step-000005.png") as grid:
+        assert "Sampler: DPM++ 2M" in grid.text["parameters"]
+    # Samples at epochs only: the step checkpoints do not add any.
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000010"]

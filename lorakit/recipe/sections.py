@@ -18,6 +18,7 @@ TargetPreset = Literal["attention", "transformer", "transformer+conv"]
 WeightDtype = Literal["float32", "float16", "bfloat16"]
 LossType = Literal["l2", "huber", "smooth_l1"]
 HuberSchedule = Literal["constant", "exponential", "snr"]
+Sampler = Literal["euler", "euler_a", "dpmpp_2m", "ddim"]
 TokenLength = Literal[75, 150, 225]
 AdapterType = Literal["lora", "lokr", "loha"]
 DEFAULT_MAX_STEPS = 1000  # a run's length when neither train.max_steps nor train.max_epochs is set
@@ -284,7 +285,12 @@ class SampleSection:
     work: `"ohwx man at the beach --n blurry --w 512 --h 768 --d 7 --s 28 --l 6"` sets that image's negative
     prompt, size, seed, steps and guidance."""
     every_steps: int = 0
-    """Render samples every this many steps; 0 means at every checkpoint (`train.save_every_steps`)."""
+    """Render samples every this many steps; 0 (with `every_epochs` 0 too) means at every checkpoint."""
+    every_epochs: int = 0
+    """Also render samples at the end of every this many epochs (kohya's `sample_every_n_epochs`); 0 is off."""
+    sampler: Sampler = "euler"
+    """The sampler of the samples and of rendered class images (kohya's `sample_sampler`): `euler`, `euler_a`,
+    `dpmpp_2m` (DPM++ 2M) or `ddim`."""
     seed: int = 0
     """Seed of the first sample image; image i uses seed + i."""
     steps: int = 20

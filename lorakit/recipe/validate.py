@@ -124,6 +124,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "prior.num_class_images": (1, 100_000),
     "prior.prior_loss_weight": (0, 1_000),
     "sample.every_steps": (0, STEPS_MAX),
+    "sample.every_epochs": (0, 100_000),
     "sample.seed": (0, SEED_MAX),
     "sample.steps": (1, 1000),
     "sample.guidance": (0, 100),

@@ -11,7 +11,16 @@ from ..models import BaseModel
 from ..progress import progress_bar
 from ..recipe import Recipe
 from ..recipe.prompts import parse_sample_prompt
-from ..render import RenderSettings, a1111_parameters, make_grid, render, sample_pipeline, save_png
+from ..render import (
+    SAMPLER_LABELS,
+    RenderSettings,
+    a1111_parameters,
+    make_grid,
+    render,
+    sample_pipeline,
+    save_png,
+    set_sampler,
+)
 
 if TYPE_CHECKING:
     from .loop import Log, Run
@@ -26,7 +35,7 @@ def _sample_settings(recipe: Recipe) -> Any:
         width=size,
         height=size,
         negative_prompt=sample.negative_prompt,
-        sampler="euler",
+        sampler=recipe.sample.sampler,
         clip_skip=recipe.model.clip_skip,
         # v-prediction (zero terminal SNR above all) over-exposes without it (Lin et al. 2024, section 3.4)
         guidance_rescale=0.7 if recipe.model.prediction_type == "v_prediction" else 0.0,
@@ -45,6 +54,7 @@ def render_samples(run: Run) -> None:
     base.vae.to(run.device)
     pipe = sample_pipeline(models["unet"], base.vae, encoders, base.tokenizers, base.noise_scheduler)
     settings = _sample_settings(run.recipe)
+    set_sampler(pipe, settings.sampler)
     prompts = [parse_sample_prompt(text) for text in sample.prompts]
     for module in models.values():
         module.eval()
@@ -72,7 +82,7 @@ def render_samples(run: Run) -> None:
         " | ".join(sample.prompts),
         negative_prompt=sample.negative_prompt,
         steps=sample.steps,
-        sampler="Euler",
+        sampler=SAMPLER_LABELS[settings.sampler],
         guidance=sample.guidance,
         seed=sample.seed,
         width=settings.width,
@@ -116,6 +126,7 @@ def render_class_images(recipe: Recipe, base: BaseModel, accelerator: Any, log: 
         te.to(device)
     pipe = sample_pipeline(base.unet, base.vae, base.text_encoders, base.tokenizers, base.noise_scheduler)
     settings = _sample_settings(recipe)
+    set_sampler(pipe, settings.sampler)
     with progress_bar("Class images", missing, quiet=quiet) as bar:
         for index in range(have, prior.num_class_images):
             prompts = [prior.class_prompt] if isinstance(prior.class_prompt, str) else prior.class_prompt
@@ -127,7 +138,7 @@ def render_class_images(recipe: Recipe, base: BaseModel, accelerator: Any, log: 
                 prompt,
                 negative_prompt=settings.negative_prompt,
                 steps=settings.steps,
-                sampler="Euler",
+                sampler=SAMPLER_LABELS[settings.sampler],
                 guidance=settings.guidance,
                 seed=index,
                 width=settings.width,

@@ -456,7 +456,8 @@ def fit(run: Run) -> float:
 
     recipe, cfg, accelerator = run.recipe, run.recipe.train, run.accelerator
     validation = validation_items(run) if recipe.validation else None
-    sample_every = recipe.sample.every_steps or cfg.save_every_steps
+    at_checkpoints = not (recipe.sample.every_steps or recipe.sample.every_epochs)  # samples go with checkpoints
+    sample_every = recipe.sample.every_steps or (cfg.save_every_steps if at_checkpoints else 0)
     loss, start = float("nan"), time.monotonic()
     if run.device.type == "cuda":  # loading and caching peak apart from the training steps' peak
         loading = torch.cuda.max_memory_allocated(run.device) / 2**30
@@ -490,8 +491,9 @@ def fit(run: Run) -> float:
                 row["val_loss"] = validation_loss(run, *validation)
             epoch_end = _epoch_ended(epochs_before, int(run.stream.epochs_done), cfg.save_every_epochs)
             saving = due(run.step, cfg.save_every_steps, cfg.max_steps) or epoch_end is not None
+            sample_epoch = _epoch_ended(epochs_before, int(run.stream.epochs_done), recipe.sample.every_epochs)
             sampling = bool(recipe.sample.prompts) and (
-                due(run.step, sample_every, cfg.max_steps) or (not recipe.sample.every_steps and saving)
+                due(run.step, sample_every, cfg.max_steps) or sample_epoch is not None or (at_checkpoints and saving)
             )
             if accelerator.is_main_process:
                 if due(run.step, cfg.log_every_steps, cfg.max_steps) or row:
