@@ -179,3 +179,34 @@ def test_v_prediction_base_trains_and_reloads(tiny_base_v, tiny_dataset, tmp_pat
         assert torch.allclose(got, expected, atol=1e-6, rtol=0)
     with safe_open(result.adapter, "pt") as f:
         assert not any("ff_net" in k or "proj_in" in k or "mlp" in k for k in f.keys())
+
+
+def test_title_author_description_license_tags_and_comment_reach_both_files(tiny_base, tiny_dataset, tmp_path):
+    words = {
+        "title": "Toy Disc",
+        "author": "lorakit tests",
+        "description": "A red disc on grey.",
+        "license": "CreativeML Open RAIL-M",
+        "tags": ["object", "toy"],
+        "comment": "eight photos",
+    }
+    recipe = make_recipe_dict(tiny_base, tiny_dataset, tmp_path, train={"max_steps": 1})
+    recipe["output"] |= words
+    result = train(recipe_from_dict(recipe), quiet=True, log=lambda _: None)
+    for path in (result.adapter, result.diffusers_adapter):
+        with safe_open(str(path), "pt") as handle:
+            metadata = handle.metadata()
+        assert {k: metadata.get(f"modelspec.{k}") for k in ("title", "author", "description", "license")} == {
+            k: words[k] for k in ("title", "author", "description", "license")
+        }
+        assert metadata["modelspec.tags"] == "object, toy" and metadata["ss_training_comment"] == "eight photos"
+    # Unset, the title is the run's name and nothing else is written.
+    plain = train(
+        recipe_from_dict(make_recipe_dict(tiny_base, tiny_dataset, tmp_path / "plain", train={"max_steps": 1})),
+        quiet=True,
+        log=lambda _: None,
+    )
+    with safe_open(str(plain.adapter), "pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["modelspec.title"] == "run"
+    assert not {"modelspec.author", "modelspec.tags", "ss_training_comment"} & metadata.keys()

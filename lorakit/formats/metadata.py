@@ -97,6 +97,20 @@ def modelspec(info: AdapterInfo) -> dict[str, str]:
     return spec
 
 
+def _descriptive(output) -> dict[str, str]:
+    """The `output` section's words about the adapter: ModelSpec's title, author, description, license and tags,
+    and kohya's training comment (only those set; the title otherwise stays the run name)."""
+    found = {
+        "modelspec.title": output.title,
+        "modelspec.author": output.author,
+        "modelspec.description": output.description,
+        "modelspec.license": output.license,
+        "modelspec.tags": ", ".join(output.tags),
+        "ss_training_comment": output.comment,
+    }
+    return {key: value for key, value in found.items() if value}
+
+
 def sshs_hashes(tensors: dict, metadata: dict[str, str]) -> dict[str, str]:
     """`sshs_model_hash` and `sshs_legacy_hash` as kohya computes them: on a serialisation holding the tensors
     and only the `ss_*` metadata, the sha256 of the bytes after the header, and of the 64 KiB at 1 MiB."""
@@ -180,6 +194,7 @@ def training_info(
         "lorakit_trigger": recipe.data.trigger,
         "lorakit_ema_decay": str(cfg.ema_decay),
     }
+    training |= _descriptive(recipe.output)
     if lora.tlora_min_rank is not None:  # so lorakit draws the adapter under the schedule it was trained with
         training[timestep_rank.METADATA_MIN_RANK] = str(lora.tlora_min_rank)
         training[timestep_rank.METADATA_EXPONENT] = str(lora.tlora_exponent)

@@ -319,6 +319,18 @@ class OutputSection:
     """Run name: the run folder is `<folder>/<name>/`, the adapter `<name>.safetensors`."""
     save_dtype: SaveDtype = "float16"
     """dtype of the exported adapter files."""
+    title: str = ""
+    """The adapter's title in its metadata (`modelspec.title`, what model sites and UIs show); empty: `name`."""
+    author: str = ""
+    """Author in the metadata (`modelspec.author`; kohya's `metadata_author`)."""
+    description: str = ""
+    """Description in the metadata (`modelspec.description`)."""
+    license: str = ""
+    """License in the metadata (`modelspec.license`), e.g. "CreativeML Open RAIL-M"."""
+    tags: list[str] = field(default_factory=list)
+    """Tags in the metadata (`modelspec.tags`, comma-separated), e.g. ["character", "anime"]."""
+    comment: str = ""
+    """A free comment stored as `ss_training_comment` (kohya's `training_comment`), e.g. how the photos were chosen."""
     intermediate_adapters: bool = True
     """With every checkpoint before the last, also write the adapter as it is then, to compare them and pick one:
     `<name>-step00000500.safetensors`, or `<name>-000004.safetensors` at the end of epoch 4 (kohya's names), in
