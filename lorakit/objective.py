@@ -15,17 +15,29 @@ def sample_noise(
     generator: torch.Generator,
     multires_iterations: int = 0,
     multires_discount: float = 0.3,
+    *,
+    random_strength: bool = False,
+    adaptive_scale: float = 0.0,
+    latents: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Gaussian noise, plus per-channel offset noise when `noise_offset` > 0, or multi-resolution noise when
     `multires_iterations` > 0 (see `multires_noise`; the recipe allows one of the two).
 
     Offset noise (Guttenberg, "Diffusion with Offset Noise", 2023) lets the model change an
-    image's mean brightness, which plain noise almost never teaches it.
+    image's mean brightness, which plain noise almost never teaches it. As kohya's options: `random_strength` draws
+    the batch's strength uniformly from [0, noise_offset); `adaptive_scale` adds that multiple of each latent
+    channel's absolute mean (of `latents`), so images far from mid-grey get more, clamped at 0.
     """
 
     noise = torch.randn(shape, generator=generator)
     if noise_offset:
-        noise = noise + noise_offset * torch.randn((shape[0], shape[1], 1, 1), generator=generator)
+        strength: float | torch.Tensor = noise_offset
+        if random_strength:
+            strength = noise_offset * torch.rand(1, generator=generator)
+        if adaptive_scale:
+            channel_means = latents.float().mean(dim=(2, 3), keepdim=True).abs()
+            strength = (strength + adaptive_scale * channel_means).clamp(min=0)
+        noise = noise + strength * torch.randn((shape[0], shape[1], 1, 1), generator=generator)
     if multires_iterations:
         noise = multires_noise(noise, multires_iterations, multires_discount, generator)
     return noise
@@ -87,7 +99,12 @@ DEBIASED_SNR_CAP = 1000.0  # SNR above this counts as this in the debiased weigh
 
 
 def loss_weights(
-    scheduler: Any, timesteps: torch.Tensor, min_snr_gamma: float, prediction_type: str, debiased: bool = False
+    scheduler: Any,
+    timesteps: torch.Tensor,
+    min_snr_gamma: float,
+    prediction_type: str,
+    debiased: bool = False,
+    v_like_noise: bool = False,
 ) -> torch.Tensor:
     """Per-sample loss weights: ones, times Min-SNR-gamma (Hang et al. 2023, arXiv:2303.09556) when `min_snr_gamma`
     is set, times the debiased-estimation weight (Yu et al. 2024, arXiv:2310.08442) when `debiased`.
@@ -98,10 +115,13 @@ def loss_weights(
     `DEBIASED_SNR_CAP` and its inverse (kohya caps it above), as kohya's `debiased_estimation_loss` does: the noisy
     steps, where the layout and the
     subject's shape are decided, count more than the almost clean ones.
+    `v_like_noise` (v-prediction only; kohya's `scale_v_pred_loss_like_noise_pred`) multiplies by SNR / (SNR + 1),
+    SNR capped at `DEBIASED_SNR_CAP` as kohya caps it: a v target's error then weighs what the same model's noise
+    error would.
     """
 
     weights = torch.ones(timesteps.shape[0])
-    if not min_snr_gamma and not debiased:
+    if not min_snr_gamma and not debiased and not v_like_noise:
         return weights
     snr = compute_snr(scheduler, timesteps)
     if min_snr_gamma:
@@ -113,6 +133,9 @@ def loss_weights(
     if debiased:
         capped = snr.clamp(min=1 / DEBIASED_SNR_CAP, max=DEBIASED_SNR_CAP)
         weights = weights / (capped + 1 if prediction_type == "v_prediction" else capped).sqrt()
+    if v_like_noise:
+        capped = snr.clamp(max=DEBIASED_SNR_CAP)
+        weights = weights * capped / (capped + 1)
     return weights
 
 

@@ -203,9 +203,9 @@ def test_the_noise_knobs_reach_the_training_step(tiny_base, tiny_dataset, tmp_pa
     real_target, real_weights = loop.objective.training_target, loop.objective.loss_weights
     real_add_noise = DDPMScheduler.add_noise
 
-    def noise(shape, offset, generator, iterations, discount):
+    def noise(shape, offset, generator, iterations, discount, **offset_options):
         seen["multires"] = (iterations, discount)
-        return real_noise(shape, offset, generator, iterations, discount)
+        return real_noise(shape, offset, generator, iterations, discount, **offset_options)
 
     def perturbed(noise, gamma, generator):
         seen["perturbed"] = (noise, real_perturbed(noise, gamma, generator))
@@ -215,9 +215,9 @@ def test_the_noise_knobs_reach_the_training_step(tiny_base, tiny_dataset, tmp_pa
         seen["target_noise"] = noise
         return real_target(scheduler, latents, noise, timesteps, prediction_type)
 
-    def weights(scheduler, timesteps, gamma, prediction_type, debiased):
+    def weights(scheduler, timesteps, gamma, prediction_type, debiased, v_like_noise):
         seen["debiased"] = debiased
-        return real_weights(scheduler, timesteps, gamma, prediction_type, debiased)
+        return real_weights(scheduler, timesteps, gamma, prediction_type, debiased, v_like_noise)
 
     def add_noise(self, latents, noise, timesteps):
         seen["noised_with"] = noise

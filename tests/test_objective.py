@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from diffusers import DDPMScheduler
+from diffusers.training_utils import compute_snr
 
 from lorakit import objective
 
@@ -233,3 +234,77 @@ def test_huber_settings_without_a_huber_loss_are_refused(keys, fragment):
     with pytest.raises(RecipeError) as caught:
         recipe_from_dict({"model": {"base": "x/y"}, "train": keys})
     assert fragment in str(caught.value)
+
+
+def test_offset_noise_random_strength_and_adaptive_scale():
+    shape, offset = (2, 4, 8, 8), 0.1
+
+    def draws(seed, random_strength):
+        generator = torch.Generator().manual_seed(seed)
+        plain = torch.randn(shape, generator=generator)
+        fraction = torch.rand(1, generator=generator) if random_strength else torch.ones(1)
+        return plain, fraction, torch.randn((2, 4, 1, 1), generator=generator)
+
+    # random strength: the batch's strength is a uniform fraction of noise_offset
+    plain, fraction, channel = draws(3, True)
+    noise = objective.sample_noise(shape, offset, torch.Generator().manual_seed(3), random_strength=True)
+    assert 0 < float(fraction) < 1
+    assert torch.allclose(noise, plain + offset * fraction * channel)
+    # adaptive: each channel's absolute latent mean, times the scale, is added to the strength
+    latents = torch.zeros(shape)
+    latents[:, 1] = -5.0
+    plain, _, channel = draws(4, False)
+    noise = objective.sample_noise(
+        shape, offset, torch.Generator().manual_seed(4), adaptive_scale=0.2, latents=latents
+    )
+    strength = torch.full((2, 4, 1, 1), offset)
+    strength[:, 1] += 0.2 * 5.0
+    assert torch.allclose(noise, plain + strength * channel)
+    # negative scales never make the offset negative
+    noise = objective.sample_noise(
+        shape, offset, torch.Generator().manual_seed(4), adaptive_scale=-1.0, latents=latents
+    )
+    strength[:, 1] = 0.0
+    assert torch.allclose(noise, plain + strength * channel)
+
+
+def test_v_prediction_loss_scaled_like_noise_prediction():
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", prediction_type="v_prediction")
+    t = torch.tensor([10, 500, 990])
+    snr = compute_snr(scheduler, t)
+    weights = objective.loss_weights(scheduler, t, 0.0, "v_prediction", v_like_noise=True)
+    assert torch.allclose(weights, snr / (snr + 1))
+    both = objective.loss_weights(scheduler, t, 5.0, "v_prediction", v_like_noise=True)
+    assert torch.allclose(both, objective.loss_weights(scheduler, t, 5.0, "v_prediction") * snr / (snr + 1))
+
+
+def test_scale_v_pred_loss_needs_a_v_prediction_base(tiny_base, tiny_base_v, tiny_dataset, tmp_path):
+    from safetensors import safe_open
+
+    from lorakit.recipe import dump_recipe, recipe_from_dict
+    from lorakit.train import train
+
+    from .conftest import make_recipe_dict
+    from .invoke import fails
+
+    settings = {"max_steps": 1, "scale_v_pred_loss_like_noise_pred": True}
+    recipe = recipe_from_dict(make_recipe_dict(tiny_base, tiny_dataset, tmp_path / "eps", train=settings))
+    path = tmp_path / "eps.toml"
+    path.write_text(dump_recipe(recipe), encoding="utf-8")
+    fails(["train", str(path), "--quiet"], "train.scale_v_pred_loss_like_noise_pred: ")
+    assert not (tmp_path / "eps" / "run").exists()
+    recipe = recipe_from_dict(make_recipe_dict(tiny_base_v, tiny_dataset, tmp_path / "v", train=settings))
+    result = train(recipe, quiet=True, log=lambda _: None)
+    with safe_open(str(result.adapter), "pt") as handle:
+        assert handle.metadata()["ss_scale_v_pred_loss_like_noise_pred"] == "True"
+
+
+@pytest.mark.parametrize("key", ["noise_offset_random_strength", "adaptive_noise_scale"])
+def test_offset_noise_options_without_offset_noise_are_refused(key):
+    from lorakit.errors import RecipeError
+    from lorakit.recipe import recipe_from_dict
+
+    value = True if key == "noise_offset_random_strength" else 0.01
+    with pytest.raises(RecipeError) as caught:
+        recipe_from_dict({"model": {"base": "x/y"}, "train": {key: value}})
+    assert f"train.{key}: shapes the offset noise; set train.noise_offset" in str(caught.value)

@@ -199,6 +199,12 @@ class TrainSection:
     """Min-SNR loss weighting gamma (Hang et al. 2023, arXiv:2303.09556); 5 is typical, 0 turns it off."""
     noise_offset: float = 0.0
     """Offset noise strength (Guttenberg 2023): helps very dark and very bright images; 0.05-0.1 typical."""
+    noise_offset_random_strength: bool = False
+    """Draw each batch's offset-noise strength uniformly from 0 to `noise_offset` (kohya's
+    `noise_offset_random_strength`), so both subtle and strong brightness shifts are learned."""
+    adaptive_noise_scale: float = 0.0
+    """Add this multiple of each latent channel's absolute mean to `noise_offset` (kohya's `adaptive_noise_scale`;
+    about a tenth of `noise_offset` is usual, 0 is off): very dark or bright photos get more offset."""
     multires_noise_iterations: int = 0
     """Multi-resolution (pyramid) noise: add this many coarser noise levels (kohya's name; 6-10 typical, 0 is off), so
     the model also learns large areas: overall colour, composition. Not together with `noise_offset`."""
@@ -210,6 +216,9 @@ class TrainSection:
     debiased_estimation: bool = False
     """Weight the loss by 1 / sqrt(SNR) (Yu et al. 2024, arXiv:2310.08442; kohya's `debiased_estimation_loss`):
     noisy steps, where shape and layout are decided, count more than almost clean ones."""
+    scale_v_pred_loss_like_noise_pred: bool = False
+    """v-prediction bases: weight the loss by SNR / (SNR + 1) (kohya's `scale_v_pred_loss_like_noise_pred`), so
+    an error counts as much as in an epsilon-prediction run; refused for epsilon-prediction bases."""
     cache_latents: bool = True
     """Encode every image with the VAE once, cached under the dataset's `.cache/`, instead of every step."""
     log_every_steps: int = 1

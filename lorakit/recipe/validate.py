@@ -105,6 +105,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "train.seed": (0, SEED_MAX),
     "train.min_snr_gamma": (0, 1_000),
     "train.noise_offset": (0, 1),
+    "train.adaptive_noise_scale": (-1, 1),
     "train.multires_noise_iterations": (0, 20),
     "train.multires_noise_discount": (0, 1),
     "train.ip_noise_gamma": (0, 1),
@@ -248,6 +249,11 @@ def _cross_checks(built: dict, problems: list[str]) -> None:
         )
     if train is not None:
         problems += _schedule_problems(train)
+        for key in ("noise_offset_random_strength", "adaptive_noise_scale"):
+            if _not_default(train, key) and not train.noise_offset:
+                problems.append(
+                    f"train.{key}: shapes the offset noise; set train.noise_offset (0.05-0.1) or remove it"
+                )
     if train is not None and train.max_timestep is not None and train.max_timestep <= train.min_timestep:
         problems.append(
             f"train.max_timestep: {train.max_timestep} must be above train.min_timestep ({train.min_timestep})"

@@ -185,14 +185,26 @@ def _micro_batch_loss(run: Run, batch: list[int]) -> Any:
     means, stds = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
     latents = scale_latents(base, means + stds * torch.randn(means.shape, generator=generator))
     noise = objective.sample_noise(
-        tuple(latents.shape), cfg.noise_offset, generator, cfg.multires_noise_iterations, cfg.multires_noise_discount
+        tuple(latents.shape),
+        cfg.noise_offset,
+        generator,
+        cfg.multires_noise_iterations,
+        cfg.multires_noise_discount,
+        random_strength=cfg.noise_offset_random_strength,
+        adaptive_scale=cfg.adaptive_noise_scale,
+        latents=latents,
     )
     timesteps = objective.sample_timesteps(len(batch), cfg.min_timestep, cfg.max_timestep, generator)
     noised_with = objective.perturbed_noise(noise, cfg.ip_noise_gamma, generator)
     noisy = base.noise_scheduler.add_noise(latents, noised_with, timesteps)
     target = objective.training_target(base.noise_scheduler, latents, noise, timesteps, base.prediction_type)
     weights = objective.loss_weights(
-        base.noise_scheduler, timesteps, cfg.min_snr_gamma, base.prediction_type, cfg.debiased_estimation
+        base.noise_scheduler,
+        timesteps,
+        cfg.min_snr_gamma,
+        base.prediction_type,
+        cfg.debiased_estimation,
+        cfg.scale_v_pred_loss_like_noise_pred,
     )
     weights = weights * torch.tensor([run.items[i].loss_weight for i in batch])
     conditioning = unet_conditioning(run, captions, [run.items[i] for i in batch], flips)

@@ -123,6 +123,11 @@ def _check_schedule(recipe: Recipe, base: BaseModel, count: int) -> None:
         raise RecipeError(
             f"data.max_token_length: {recipe.data.max_token_length} is not supported for SDXL bases yet; use 75"
         )
+    if recipe.train.scale_v_pred_loss_like_noise_pred and base.prediction_type != "v_prediction":
+        raise RecipeError(
+            f"train.scale_v_pred_loss_like_noise_pred: {base.source} predicts {base.prediction_type!r}, and the "
+            "weight only applies to v-prediction; remove it (or set model.prediction_type if the scheduler is wrong)"
+        )
     if recipe.model.zero_terminal_snr and base.prediction_type != "v_prediction":
         raise RecipeError(
             "model.zero_terminal_snr: the last timestep is pure noise, which an epsilon-prediction model cannot "
