@@ -217,6 +217,8 @@ def inject_lora(
     skip_modules: tuple[str, ...] = (),
     kind: str = "lora",
     lycoris_options: dict | None = None,
+    module_ranks: dict[str, int] | None = None,
+    module_alphas: dict[str, float] | None = None,
 ) -> list[str]:
     """Add a trainable LoRA (or, with `kind`, LoKr / LoHa) adapter to `model` with peft and return the adapted
     module paths. `lycoris_options` are peft's LoKr/LoHa config fields (decompose_factor, decompose_both,
@@ -226,6 +228,7 @@ def inject_lora(
     rank and alpha patterns. `skip_layers` are text-encoder layer indices left without adapters (with clip
     skip N the last N - 1 layers never reach the U-Net: their adapters would get no gradient, which DDP
     refuses). `skip_modules` are module paths left without adapters (U-Net blocks at a block-wise rate of 0).
+    `module_ranks` / `module_alphas` give modules by path their own rank and alpha (`block_ranks`).
     Raises RecipeError when the targets match nothing, or when a text
     encoder would get q/k/v without out_proj (diffusers cannot load such a file).
     """
@@ -253,6 +256,11 @@ def inject_lora(
         "rank_pattern": {re.escape(n): conv_rank for n in spatial} if conv_rank else {},
         "alpha_pattern": {re.escape(n): conv_alpha for n in spatial} if conv_alpha is not None else {},
     }
+    # per-module ranks (block_ranks) reach the linear and 1x1 layers; 3x3 convolutions keep conv_rank, as kohya's
+    # block_dims leave them to conv_block_dims
+    chosen = [n for n in names if n not in spatial]
+    patterns["rank_pattern"] |= {re.escape(n): (module_ranks or {})[n] for n in chosen if n in (module_ranks or {})}
+    patterns["alpha_pattern"] |= {re.escape(n): (module_alphas or {})[n] for n in chosen if n in (module_alphas or {})}
     if kind == "lora":
         config = LoraConfig(
             r=rank,
@@ -378,6 +386,41 @@ def zero_rate_modules(
             "the U-Net would learn nothing; give at least one block a factor above 0"
         )
     return skipped
+
+
+def block_ranks(
+    unet: torch.nn.Module,
+    target_modules: str | list[str],
+    ranks: list[int],
+    alphas: list[float] | None,
+    default_alpha: float,
+) -> tuple[dict[str, int], dict[str, float]]:
+    """kohya's `block_dims` / `block_alphas` for the U-Net modules the targets reach: (rank, alpha) per module path
+    from one value per LDM block, IN00.., M00, OUT00.. (modules outside the blocks are left out: they keep the
+    recipe's rank). A rank of 0 means no adapter. Raises RecipeError when the lists do not fit the U-Net."""
+    config = dict(unet.config)
+    blocks = unet_block_count(config)
+    if blocks is None:
+        raise RecipeError(
+            "lora.block_ranks: this U-Net has a different number of layers per block at each resolution, which "
+            "per-block ranks do not describe; remove it"
+        )
+    if len(ranks) != 2 * blocks + 1:
+        raise RecipeError(
+            f"lora.block_ranks: {len(ranks)} values, but this U-Net has {2 * blocks + 1} blocks (IN00 to "
+            f"IN{blocks - 1:02d}, M00, OUT00 to OUT{blocks - 1:02d}; SD 1.x/2.x 25, SDXL 19); give {2 * blocks + 1}"
+        )
+    layers = config.get("layers_per_block", 2)
+    found_ranks, found_alphas = {}, {}
+    for path in matching_modules(unet, resolve_targets(target_modules, "unet")):
+        block = unet_block(path, layers)
+        if block is None:
+            continue
+        kind, index = block
+        position = {"down": index, "mid": blocks, "up": blocks + 1 + index}[kind]
+        found_ranks[path] = ranks[position]
+        found_alphas[path] = alphas[position] if alphas is not None else default_alpha
+    return found_ranks, found_alphas
 
 
 def block_lr_weight(path: str, weights: BlockWeights, layers_per_block: int = 2) -> float:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -54,6 +56,13 @@ class RunPaths:
         """The name (no suffix) of the adapter written with a checkpoint before the last: kohya's, by epoch or
         step."""
         return f"{self.name}-{epoch:06d}" if epoch is not None else f"{self.name}-step{step:08d}"
+
+    def intermediate_adapters(self) -> list[Path]:
+        """The adapter files written with checkpoints before the last (`intermediate_name`), in name order."""
+        pattern = re.compile(rf"{re.escape(self.name)}-(step\d{{8}}|\d{{6}})(\.diffusers)?\.safetensors")
+        return sorted(
+            p for p in self.folder.glob(f"{glob.escape(self.name)}-*.safetensors") if pattern.fullmatch(p.name)
+        )
 
     def adapter(self) -> Path:
         """The file to load: the kohya one, or the diffusers one for DoRA runs (which have no kohya file)."""

@@ -624,6 +624,14 @@ def generate(
         str | None,
         typer.Option(help="Render every image at these adapter strengths, e.g. 0,0.5,1, into one labelled grid."),
     ] = None,
+    compare_saves: Annotated[
+        bool,
+        typer.Option(
+            "--compare-saves",
+            help="With a run folder as --lora: render every image with each adapter the run saved (every "
+            "checkpoint's, then the final one) into one labelled grid, to pick the best epoch.",
+        ),
+    ] = False,
     init: Annotated[Path | None, typer.Option(help="img2img: start from this image.")] = None,
     strength: Annotated[
         float, typer.Option(callback=_finite, help="img2img: how much of the init image is re-drawn, (0, 1].")
@@ -654,7 +662,7 @@ def generate(
     allow_pickle: AllowPickle = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
-    """Render images with a base model and adapters: txt2img, img2img, hires, strength comparisons."""
+    """Render images with a base model and adapters: txt2img, img2img, hires, grids comparing strengths or saves."""
     from .generate import GenerateOptions
     from .generate import generate as run_generate
     from .render import RenderSettings
@@ -679,6 +687,7 @@ def generate(
         settings=settings,
         clip_skip=clip_skip,
         compare_scales=_floats(compare_scales, "--compare-scales") if compare_scales else (),
+        compare_saves=compare_saves,
         init=str(init) if init else None,
         strength=strength,
         upscale=upscale,

@@ -55,6 +55,7 @@ class Item:
     crop: tuple[int, int] | None = None  # (left, top) of that cut in the photo resized to cover the bucket
     mask: Path | None = None  # masked loss: a greyscale image of the same size, white where the subject is
     mask_sha256: str = ""
+    fixed_tags: tuple[int, int] | None = None  # data.keep_tokens_separator: tags kept at the front and at the end
 
 
 def _read_metadata(folder: Path) -> list[tuple[int, dict]]:
@@ -141,8 +142,11 @@ def bucket_list(resolution: int, pixel_multiple: int) -> list[tuple[int, int]]:
     return buckets
 
 
-def load_folder(folder: Path, *, trigger: str, repeats: int, buckets: list[tuple[int, int]]) -> list[Item]:
-    """The items of one dataset folder (its `metadata.jsonl`), with the trigger word put in place."""
+def load_folder(
+    folder: Path, *, trigger: str, repeats: int, buckets: list[tuple[int, int]], separator: str = ""
+) -> list[Item]:
+    """The items of one dataset folder (its `metadata.jsonl`), with the trigger word put in place and the caption's
+    fixed parts (`separator`, data.keep_tokens_separator) noted."""
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise DatasetError(
@@ -153,7 +157,7 @@ def load_folder(folder: Path, *, trigger: str, repeats: int, buckets: list[tuple
     for number, row in _read_metadata(folder):
         path = _dataset_path(folder, row["file_name"], f"{folder / METADATA}:{number}")
         sha, size = _image_facts(path, folder / METADATA)  # the bytes read, never the sha256 a row claims
-        caption = with_trigger(row.get("text", ""), trigger)
+        caption, fixed = split_fixed_tags(with_trigger(row.get("text", ""), trigger), separator)
         bucket = nearest_bucket(*size, buckets)
         original, crop = _prepared_cut(row)
         mask, mask_sha = _mask_of(folder, row, number, size)
@@ -171,11 +175,27 @@ def load_folder(folder: Path, *, trigger: str, repeats: int, buckets: list[tuple
                 crop=crop,
                 mask=mask,
                 mask_sha256=mask_sha,
+                fixed_tags=fixed,
             )
         )
     if not items:
         raise DatasetError(f"data.folder: {folder / METADATA} lists no images; add photos with `lorakit prepare`")
     return items
+
+
+def _tags(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def split_fixed_tags(caption: str, separator: str) -> tuple[str, tuple[int, int] | None]:
+    """kohya's keep_tokens_separator: `head SEP middle [SEP tail]` becomes the plain tag list, with how many tags
+    stay fixed at its front (head) and end (tail); None when the caption has no separator."""
+    if not separator or separator not in caption:
+        return caption, None
+    head, rest = caption.split(separator, 1)
+    middle, _, tail = rest.partition(separator)
+    head_tags, middle_tags, tail_tags = _tags(head), _tags(middle), _tags(tail.replace(separator, ","))
+    return ", ".join(head_tags + middle_tags + tail_tags), (len(head_tags), len(tail_tags))
 
 
 ROW_REPEATS_MAX = 10_000
@@ -230,7 +250,13 @@ def load_items(section: DataSection, pixel_multiple: int) -> list[Item]:
     buckets = bucket_list(section.resolution, pixel_multiple)
     items = []
     for folder, repeats in dataset_folders(section):
-        items += load_folder(Path(folder), trigger=section.trigger, repeats=repeats, buckets=buckets)
+        items += load_folder(
+            Path(folder),
+            trigger=section.trigger,
+            repeats=repeats,
+            buckets=buckets,
+            separator=section.keep_tokens_separator,
+        )
     return items
 
 
@@ -408,22 +434,26 @@ def size_conditioning(item: Item, flip: bool) -> tuple[int, int, int, int, int, 
     return (original[1], original[0], top, left, target_h, target_w)
 
 
-def transform_caption(caption: str, section: DataSection, rng: random.Random) -> str:
-    """Apply caption dropout, per-tag dropout and tag shuffling (the first `keep_tokens` tags stay in place, and
-    neither they nor the trigger are ever dropped)."""
+def transform_caption(
+    caption: str, section: DataSection, rng: random.Random, fixed: tuple[int, int] | None = None
+) -> str:
+    """Apply caption dropout, per-tag dropout and tag shuffling. The fixed tags stay in place and are never
+    dropped, and neither is the trigger: `fixed` (front, end) counts from `split_fixed_tags`, else the first
+    `keep_tokens` tags."""
     if section.caption_dropout and rng.random() < section.caption_dropout:
         return ""
     if not section.tags_vary:
         return caption
-    tags = [t.strip() for t in caption.split(",") if t.strip()]
-    fixed, rest = tags[: section.keep_tokens], tags[section.keep_tokens :]
+    tags = _tags(caption)
+    front, end = fixed if fixed is not None else (section.keep_tokens, 0)
+    head, rest, tail = tags[:front], tags[front : len(tags) - end], tags[len(tags) - end :] if end else []
     if section.caption_dropout_tags:
         rest = [
             t for t in rest if contains_trigger(t, section.trigger) or rng.random() >= section.caption_dropout_tags
         ]
     if section.shuffle_tags:
         rng.shuffle(rest)
-    return ", ".join(fixed + rest)
+    return ", ".join(head + rest + tail)
 
 
 def load_pixels(item: Item, flip: bool) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""`lorakit generate`: txt2img, img2img and hires with adapters (files or run folders), grids to compare scales.
+"""`lorakit generate`: txt2img, img2img and hires with adapters (files or run folders), grids to compare scales or
+the adapters a run saved.
 
 The drawing itself is `lorakit.render`, which training's samples and class images also use.
 """
@@ -87,6 +88,7 @@ class GenerateOptions:
     seed: int = 0
     settings: RenderSettings = RenderSettings()
     compare_scales: tuple[float, ...] = ()
+    compare_saves: bool = False  # a column per adapter the run folder given as --lora saved
     init: str | None = None
     strength: float = 0.5
     upscale: float = 1.0
@@ -145,8 +147,18 @@ def generate(
                 f"{name} {value:g} with --steps {settings.steps} runs no denoising step; use at least "
                 f"{1 / settings.steps:.3f} or more steps"
             )
+    if options.compare_saves and options.compare_scales:
+        raise LorakitError("--compare-saves and --compare-scales: each sets the grid's columns; choose one")
     init_image = _open_init(options.init, settings) if options.init else None
     adapters, defaults = resolve_adapters(list(options.loras), options.allow_pickle)
+    columns = [Column(f"scale {m:g}", f"-x{m:g}", m) for m in options.compare_scales] or [Column("", "", 1.0)]
+    if options.compare_saves:
+        saved = _saved_adapters(list(options.loras), adapters, options.allow_pickle)
+        adapters += [adapter for adapter, _ in saved[:-1]]  # the final one is the run folder's own --lora
+        columns = [
+            Column(label, "-" + re.sub(r"[^a-z0-9]+", "", label.split(" (")[0]), 1.0, _only(adapter, saved))
+            for adapter, label in saved
+        ]
     base = options.base or defaults.base
     if base is None:
         raise LorakitError(
@@ -166,26 +178,73 @@ def generate(
     settings = replace(settings, guidance_rescale=rescale, clip_skip=clip_skip)
     prompts = [with_trigger(p, defaults.trigger) for p in prompts]
     rows = [(p, options.seed + i) for p in prompts for i in range(options.count)]
-    scales = options.compare_scales or (1.0,)
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     result, images = GenerateResult(), []
-    total = len(rows) * len(scales) * (2 if options.upscale > 1 else 1)
+    total = len(rows) * len(columns) * (2 if options.upscale > 1 else 1)
     with progress_bar("Generating", total, quiet=quiet) as bar:
-        for scale in scales:
-            set_scales(pipe, adapters, scale)
-            column = _render_rows(pipe, rows, settings, options, init_image, bar.advance)
-            for (prompt, seed), image in zip(rows, column, strict=True):
-                path = out / (
-                    f"{len(images):03d}-seed{seed}" + (f"-x{scale:g}" if options.compare_scales else "") + ".png"
-                )
-                save_png(image, path, _parameters(prompt, seed, image.size, settings, options, adapters, scale))
+        for index, column in enumerate(columns):
+            set_scales(pipe, adapters, column.multiplier, column.factors)
+            drawn = _render_rows(pipe, rows, settings, options, init_image, bar.advance)
+            for (prompt, seed), image in zip(rows, drawn, strict=True):
+                path = out / f"{len(images):03d}-seed{seed}{column.suffix}.png"
+                save_png(image, path, _parameters(prompt, seed, image.size, settings, options, adapters, column))
                 result.images.append(path)
-                images.append((scale, prompt, seed, image))
-    result.grid = _write_grid(out, images, scales, rows, options)
+                images.append((index, prompt, seed, image))
+    result.grid = _write_grid(out, images, columns, rows)
     count = len(result.images)
     log(f"Wrote {count} image{'s' if count != 1 else ''} and {result.grid}")
     return result
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of a comparison grid: its label, the suffix of its files, and the adapters' strengths in it (a
+    multiplier on every adapter's scale, and a factor per adapter name)."""
+
+    label: str
+    suffix: str
+    multiplier: float
+    factors: dict[str, float] = field(default_factory=dict)
+
+
+def _only(chosen: LoadedAdapter, saved: list[tuple[LoadedAdapter, str]]) -> dict[str, float]:
+    return {adapter.name: float(adapter is chosen) for adapter, _ in saved}
+
+
+def _saved_adapters(
+    loras: list[tuple[str, float]], adapters: list[LoadedAdapter], allow_pickle: bool
+) -> list[tuple[LoadedAdapter, str]]:
+    """`--compare-saves`: each adapter the run folder among `loras` saved, oldest first and the final one last,
+    with its label ("step 500", "epoch 4 (step 20)", "final (step 1500)")."""
+    folders = [index for index, (text, _) in enumerate(loras) if Path(text).expanduser().is_dir()]
+    if len(folders) != 1:
+        raise LorakitError(
+            f"--compare-saves: needs one run folder as --lora (got {len(folders)}), e.g. --lora output/character"
+        )
+    folder, scale = Path(loras[folders[0]][0]).expanduser(), loras[folders[0]][1]
+    paths = RunPaths(folder, load_recipe(RunPaths(folder, "").recipe).output.name)
+    files = paths.intermediate_adapters()
+    if not files:
+        raise LorakitError(
+            f"--compare-saves: {folder} holds no adapters saved before the end (they come with each checkpoint: "
+            "train.save_every_steps or train.save_every_epochs, and output.intermediate_adapters = true)"
+        )
+    loaded, _ = resolve_adapters([(str(f), scale) for f in files], allow_pickle)
+    saved = []
+    for index, adapter in enumerate([*loaded, adapters[folders[0]]]):
+        metadata = read_adapter_file(adapter.path, allow_pickle=allow_pickle).metadata
+        step = int(metadata.get("ss_steps", "0") or 0)
+        epoch = re.fullmatch(rf"{re.escape(paths.name)}-(\d{{6}})", adapter.path.name.split(".")[0])
+        label = f"epoch {int(epoch.group(1))} (step {step})" if epoch else f"step {step}"
+        if index == len(loaded):
+            label = f"final (step {step})"
+        if index == len(loaded):  # the run folder's own --lora, already among the adapters
+            saved.append((adapter, label, step))
+        else:
+            saved.append((replace(adapter, name=f"save{index}_{adapter.name}"), label, step))
+    ordered = sorted(saved[:-1], key=lambda entry: entry[2]) + saved[-1:]
+    return [(adapter, label) for adapter, label, _ in ordered]
 
 
 def _open_init(path: str, settings: RenderSettings) -> Any:
@@ -223,11 +282,13 @@ def _render_rows(pipe, rows, settings: RenderSettings, options: GenerateOptions,
     return images
 
 
-def _parameters(prompt, seed, size, settings: RenderSettings, options: GenerateOptions, adapters, scale) -> str:
-    lora_tags = "".join(f" <lora:{a.path.name.split('.')[0]}:{a.scale * scale:g}>" for a in adapters)
+def _parameters(prompt, seed, size, settings: RenderSettings, options: GenerateOptions, adapters, column) -> str:
+    drawn = [(a, a.scale * column.multiplier * column.factors.get(a.name, 1.0)) for a in adapters]
+    drawn = [(a, scale) for a, scale in drawn if a.name not in column.factors or scale]  # a save's column: its own
+    lora_tags = "".join(f" <lora:{a.path.name.split('.')[0]}:{scale:g}>" for a, scale in drawn)
     extra: dict[str, Any] = {}
-    if adapters:
-        extra["Lora hashes"] = '"' + ", ".join(f"{a.path.name.split('.')[0]}: {a.short_hash}" for a in adapters) + '"'
+    if drawn:
+        extra["Lora hashes"] = '"' + ", ".join(f"{a.path.name.split('.')[0]}: {a.short_hash}" for a, _ in drawn) + '"'
     if options.init:
         extra["Denoising strength"] = options.strength
     if options.upscale > 1:
@@ -249,15 +310,19 @@ def _parameters(prompt, seed, size, settings: RenderSettings, options: GenerateO
     )
 
 
-def _write_grid(out: Path, images: list, scales, rows, options: GenerateOptions) -> Path:
+def _write_grid(out: Path, images: list, columns: list[Column], rows) -> Path:
 
-    if options.compare_scales:
+    if columns[0].label:  # a comparison: a row per prompt and seed, a labelled column per scale or save
         ordered = [
-            image for row in rows for scale in scales for s, p, sd, image in images if (p, sd) == row and s == scale
+            image
+            for row in rows
+            for index in range(len(columns))
+            for c, p, sd, image in images
+            if (p, sd) == row and c == index
         ]
-        column_labels = [f"scale {s:g}" for s in scales]
+        column_labels = [column.label for column in columns]
         row_labels = [f"{p} (seed {s})" for p, s in rows]
-        grid = make_grid(ordered, len(scales), column_labels=column_labels, row_labels=row_labels)
+        grid = make_grid(ordered, len(columns), column_labels=column_labels, row_labels=row_labels)
     else:
         column_labels, row_labels = [], []
         grid = make_grid([image for *_, image in images], min(len(images), 4))

@@ -331,17 +331,29 @@ def parameter_count(architecture: str, component: str, folder: str | None = None
 
 @functools.lru_cache(maxsize=64)
 def _adapter_sizes(
-    architecture: str, component: str, lora: tuple, folder: str | None, blocks: tuple = (None, None, None)
+    architecture: str,
+    component: str,
+    lora: tuple,
+    folder: str | None,
+    blocks: tuple = (None, None, None),
+    block_ranks: tuple = (None, None),
 ) -> tuple[int, ...]:
+    from .adapters import block_ranks as ranks_by_block
     from .adapters import checked_block_weights, inject_lora, lora_parameters, zero_rate_modules
 
     rank, alpha, targets, conv_rank, conv_alpha, use_dora, kind, factor, both, effective = lora
     module = copy.deepcopy(_meta_module(architecture, component, folder))
     targets = list(targets) if isinstance(targets, tuple) else targets
     skipped: tuple[str, ...] = ()
-    if component == "unet":  # blocks at a block-wise rate of 0 get no adapter, as in training
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    if component == "unet":  # blocks at a block-wise rate or rank of 0 get no adapter, as in training
         weights = tuple(list(w) if isinstance(w, tuple) else w for w in blocks)
         skipped = zero_rate_modules(module, targets, weights, checked_block_weights(weights, dict(module.config)))
+        if block_ranks[0] is not None:
+            per_block = [list(v) if v is not None else None for v in block_ranks]
+            ranks, alphas = ranks_by_block(module, targets, per_block[0], per_block[1], alpha)
+            skipped += tuple(path for path, r in ranks.items() if r == 0 and path not in skipped)
     inject_lora(
         module,
         component,
@@ -355,6 +367,8 @@ def _adapter_sizes(
         skip_modules=skipped,
         kind=kind,
         lycoris_options={"decompose_factor": factor, "decompose_both": both, "use_effective_conv2d": effective},
+        module_ranks=ranks,
+        module_alphas=alphas,
     )
     return tuple(p.numel() for p in lora_parameters(module))
 
@@ -383,7 +397,8 @@ def adapter_sizes(
             tuple(w) if isinstance(w, list) else w
             for w in (train.down_lr_weight, train.mid_lr_weight, train.up_lr_weight)
         )
-    return list(_adapter_sizes(architecture, component, key, folder, blocks))
+    per_block = tuple(tuple(v) if v is not None else None for v in (lora.block_ranks, lora.block_alphas))
+    return list(_adapter_sizes(architecture, component, key, folder, blocks, per_block))
 
 
 def estimate(

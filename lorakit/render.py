@@ -295,12 +295,13 @@ class WeightPatches:
                     _, _, parts = self.targets.setdefault(
                         (component, path), (layer, layer.weight.detach().clone(), [])
                     )
-                    parts.append((module, adapter.scale))
+                    parts.append((module, adapter.name))
 
-    def set(self, multiplier: float) -> None:
+    def set(self, scales: dict[str, float]) -> None:
+        """Write every patched weight with each adapter (by name) at the scale given."""
         with torch.no_grad():
             for (component, path), (layer, original, parts) in self.targets.items():
-                weight = adapted_weight(original, [(m, scale * multiplier) for m, scale in parts])
+                weight = adapted_weight(original, [(m, scales[name]) for m, name in parts])
                 if not torch.isfinite(weight).all():
                     raise AdapterError(f"{component} module {path}: the adapted weight is not finite; check the scale")
                 layer.weight.copy_(weight.to(original.dtype))
@@ -331,12 +332,16 @@ def apply_adapters(pipe: Any, adapters: list[LoadedAdapter], timestep_ranks: boo
                 adapter_names=(adapter.name,),
             )
     if lycoris:
-        pipe.lorakit_patches.set(1.0)
+        pipe.lorakit_patches.set({a.name: a.scale for a in lycoris})
 
 
-def set_scales(pipe: Any, adapters: list[LoadedAdapter], multiplier: float) -> None:
+def set_scales(
+    pipe: Any, adapters: list[LoadedAdapter], multiplier: float, factors: dict[str, float] | None = None
+) -> None:
+    """Every adapter at its own scale times `multiplier`, times its factor in `factors` (by name; default 1)."""
+    scales = {a.name: a.scale * multiplier * (factors or {}).get(a.name, 1.0) for a in adapters}
     loras = [a for a in adapters if lycoris_kind(a.state) is None]
     if loras:
-        pipe.set_adapters([a.name for a in loras], adapter_weights=[a.scale * multiplier for a in loras])
+        pipe.set_adapters([a.name for a in loras], adapter_weights=[scales[a.name] for a in loras])
     if getattr(pipe, "lorakit_patches", None) is not None:
-        pipe.lorakit_patches.set(multiplier)
+        pipe.lorakit_patches.set({a.name: scales[a.name] for a in adapters if lycoris_kind(a.state) is not None})

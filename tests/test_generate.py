@@ -214,3 +214,46 @@ def test_a_half_precision_render_reads_the_base_in_it_and_draws_what_a_cast_pipe
             _generate(*args, "--base", str(base), "--out", str(tmp_path / "cast-after"))
         ours, theirs = (_pixels(tmp_path / out / "000-seed3.png") for out in ("read-in-it", "cast-after"))
         assert np.array_equal(ours, theirs), (base, np.abs(ours - theirs).max())
+
+
+def test_compare_saves_draws_each_saved_adapter_as_that_file_alone_does(tiny_base, tiny_dataset, tmp_path):
+    from lorakit.recipe import recipe_from_dict
+    from lorakit.train import train
+
+    from .conftest import make_recipe_dict
+
+    recipe = make_recipe_dict(
+        tiny_base, tiny_dataset, tmp_path / "out", train={"max_steps": 4, "save_every_steps": 2, "unet_lr": 3e-2}
+    )
+    run = train(recipe_from_dict(recipe), quiet=True, log=lambda _: None).run_dir
+    _generate("ohwx toy", "--lora", str(run), "--compare-saves", "--out", str(tmp_path / "saves"), *FAST)
+    with Image.open(tmp_path / "saves" / "grid.png") as grid:
+        labels = json.loads(grid.text["lorakit_grid"])
+    assert labels["columns"] == ["step 2", "final (step 4)"]
+    drawn = sorted(p.name for p in (tmp_path / "saves").glob("0*.png"))
+    assert drawn == ["000-seed0-step2.png", "001-seed0-final.png"]
+    # Each column is what that file draws on its own, pixel for pixel.
+    for name, alone in (("000-seed0-step2.png", run / "run-step00000002.safetensors"), ("001-seed0-final.png", run)):
+        base = [] if alone == run else ["--base", str(tiny_base)]
+        _generate("ohwx toy", "--lora", str(alone), *base, "--out", str(tmp_path / name), *FAST)
+        assert np.array_equal(_pixels(tmp_path / "saves" / name), _pixels(tmp_path / name / "000-seed0.png")), name
+    assert not np.array_equal(_pixels(tmp_path / "saves" / drawn[0]), _pixels(tmp_path / "saves" / drawn[1]))
+    with Image.open(tmp_path / "saves" / drawn[0]) as image:
+        assert "<lora:run-step00000002:1>" in image.text["parameters"] and "<lora:run:" not in image.text["parameters"]
+    _fails(
+        ["x", "--lora", str(run), "--compare-saves", "--compare-scales", "0,1", "--out", str(tmp_path / "e")],
+        "choose one",
+    )
+    _fails(
+        [
+            "x",
+            "--lora",
+            str(run / "run.safetensors"),
+            "--base",
+            str(tiny_base),
+            "--compare-saves",
+            "--out",
+            str(tmp_path / "f"),
+        ],
+        "--compare-saves: needs one run folder as --lora (got 0)",
+    )

@@ -68,6 +68,61 @@ def test_tag_dropout_keeps_the_text_encoders_out_of_the_text_cache(tiny_base, ti
     assert any(line.startswith("Text encoder outputs cached") for line in lines)
 
 
+def test_keep_tokens_separator_fixes_the_front_and_the_end_and_disappears():
+    from lorakit.data import split_fixed_tags
+
+    raw = "1girl, red hair ||| smiling, outdoors, hat, scarf ||| best quality, masterpiece"
+    caption, fixed = split_fixed_tags(with_trigger(raw, "ohwx"), "|||")
+    assert caption == "ohwx, 1girl, red hair, smiling, outdoors, hat, scarf, best quality, masterpiece"
+    assert fixed == (3, 2)
+    assert split_fixed_tags("ohwx, smiling", "|||") == ("ohwx, smiling", None)  # keep_tokens applies there
+    section = DataSection(trigger="ohwx", shuffle_tags=True, caption_dropout_tags=0.3, keep_tokens=1)
+    rng = random.Random(0)
+    seen = [transform_caption(caption, section, rng, fixed).split(", ") for _ in range(300)]
+    assert all(
+        tags[:3] == ["ohwx", "1girl", "red hair"] and tags[-2:] == ["best quality", "masterpiece"] for tags in seen
+    )
+    middles = {tuple(tags[3:-2]) for tags in seen}
+    assert len(middles) > 20 and any(len(m) < 4 for m in middles)  # the middle shuffles and drops out
+    assert not any("|||" in ", ".join(tags) for tags in seen)
+
+
+def test_keep_tokens_separator_reaches_the_training_captions(tiny_base, tiny_dataset, tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    import lorakit.train.loop as loop
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data, ignore=shutil.ignore_patterns(".cache"))
+    rows = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines()]
+    for row in rows:
+        row["text"] = "toy ||| red, round, small, plain ||| photo"
+    (data / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    captions = []
+    real = loop.transform_caption
+    monkeypatch.setattr(loop, "transform_caption", lambda *a: captions.append(real(*a)) or captions[-1])
+    recipe = make_recipe_dict(
+        tiny_base,
+        data,
+        tmp_path / "out",
+        train={"max_steps": 6},
+        data={"keep_tokens_separator": "|||", "shuffle_tags": True},
+    )
+    train(recipe_from_dict(recipe), quiet=True, log=lambda _: None)
+    assert len(captions) >= 6 and len(set(captions)) > 2  # 6 steps of batches of 1 or 2
+    assert all(c.startswith("ohwx, toy, ") and c.endswith(", photo") and "|||" not in c for c in captions)
+
+
+@pytest.mark.parametrize("separator", [" ", ",,"])
+def test_a_keep_tokens_separator_that_cannot_mark_tags_is_refused(separator):
+    from lorakit.errors import RecipeError
+
+    with pytest.raises(RecipeError) as caught:
+        recipe_from_dict({"model": {"base": "x/y"}, "data": {"keep_tokens_separator": separator}})
+    assert "data.keep_tokens_separator: " in str(caught.value) and 'such as "|||"' in str(caught.value)
+
+
 def test_the_trigger_rule_is_whole_words():
     assert contains_trigger("a photo of SKS, red", "sks")
     assert not contains_trigger("tasks and sksx", "sks")
@@ -375,6 +430,66 @@ def test_block_wise_rates_group_the_unet_and_leave_blocks_at_zero_out(tiny_base,
     row = json.loads((result.run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     assert row["lr_unet@2"] == pytest.approx(2e-3) and row["lr_unet@0.5"] == pytest.approx(5e-4)
     assert row["lr_unet"] == pytest.approx(1e-3)  # OUT02 at factor 1
+
+
+def test_block_ranks_give_each_block_its_rank_and_alpha_and_reload_exactly(tiny_base, tiny_dataset, tmp_path):
+    import json
+
+    from diffusers import StableDiffusionPipeline
+    from safetensors import safe_open
+
+    from lorakit.formats.read import read_adapter_file
+    from lorakit.plan import plan
+
+    # IN00-IN03, M00, OUT00-OUT03 of the tiny U-Net: attention in IN01 (at 0 here), the middle, OUT02 and OUT03
+    lora = {"block_ranks": [4, 0, 4, 4, 8, 4, 4, 2, 6], "block_alphas": [4, 4, 4, 4, 16, 4, 4, 1, 3]}
+    recipe = make_recipe_dict(tiny_base, tiny_dataset, tmp_path, train={"max_steps": 2, "unet_lr": 1e-2}, lora=lora)
+    lines: list[str] = []
+    result = train(recipe_from_dict(recipe), quiet=True, log=lines.append)
+    assert any(line.startswith("lora.block_ranks: ") and "in blocks at 0 get no adapter" in line for line in lines)
+    state = read_adapter_file(result.diffusers_adapter).state
+    ranks = {path: module.down.shape[0] for path, module in state["unet"].items()}
+    assert not any(path.startswith("down_blocks.0.attentions.") for path in ranks)
+    assert {r for p, r in ranks.items() if p.startswith("mid_block.attentions.")} == {8}
+    assert {r for p, r in ranks.items() if p.startswith("up_blocks.1.attentions.0.")} == {2}
+    assert {r for p, r in ranks.items() if p.startswith("up_blocks.1.attentions.1.")} == {6}
+    assert {module.down.shape[0] for module in state["text_encoder"].values()} == {4}  # lora.rank
+    # what plan counts is what training made
+    trained = sum(p.numel() for m in result.models.values() for n, p in m.named_parameters() if "lora_" in n)
+    assert sum(plan(recipe_from_dict(recipe), vram=8).memory.trainable) == trained
+    with safe_open(str(result.adapter), "pt") as handle:
+        args = json.loads(handle.metadata()["ss_network_args"])
+    assert args == {"block_dims": "4,0,4,4,8,4,4,2,6", "block_alphas": "4,4,4,4,16,4,4,1,3"}
+    # both files draw what the trained U-Net draws (each module's own alpha / rank)
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    hidden = torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = result.models["unet"].eval()(latents, torch.tensor([300]), encoder_hidden_states=hidden).sample
+    for path in (result.adapter, result.diffusers_adapter):
+        pipe = StableDiffusionPipeline.from_pretrained(tiny_base)
+        pipe.load_lora_weights(str(path))
+        with torch.no_grad():
+            got = pipe.unet(latents, torch.tensor([300]), encoder_hidden_states=hidden).sample
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("lora", "fragment"),
+    [
+        ({"block_ranks": [4] * 25}, "lora.block_ranks: 25 values, but this U-Net has 9 blocks (IN00 to IN03, M00"),
+        ({"block_ranks": [0] * 9}, "lora.block_ranks: every block is at 0"),
+        ({"block_alphas": [1.0] * 9}, "lora.block_alphas: gives the alphas of lora.block_ranks"),
+        ({"block_ranks": [4] * 9, "block_alphas": [1.0] * 8}, "lora.block_alphas: 8 values for 9 block ranks"),
+        ({"type": "lokr", "block_ranks": [4] * 9}, "lora.block_ranks: per-block ranks are for LoRA"),
+    ],
+)
+def test_block_ranks_that_do_not_fit_are_refused(tiny_base, tiny_dataset, tmp_path, lora, fragment):
+    from .conftest import write_recipe
+    from .invoke import fails
+
+    recipe = make_recipe_dict(tiny_base, tiny_dataset, tmp_path / "out", train={"max_steps": 1}, lora=lora)
+    fails(["train", str(write_recipe(tmp_path / "recipe.toml", recipe)), "--quiet"], fragment)
+    assert not (tmp_path / "out" / "run").exists()
 
 
 def test_block_wise_rates_of_the_wrong_length_name_the_blocks(tiny_base, tiny_dataset, tmp_path):

@@ -149,6 +149,10 @@ def training_info(
             "use_tucker": str(lora.use_effective_conv2d),
         }
     network_args |= {key: str(getattr(lora, key)) for key in ("rank_dropout", "module_dropout") if getattr(lora, key)}
+    if lora.block_ranks is not None:  # kohya's spelling: comma-separated, one per block
+        network_args["block_dims"] = ",".join(map(str, lora.block_ranks))
+        alphas = lora.block_alphas or [lora.lora_alpha] * len(lora.block_ranks)
+        network_args["block_alphas"] = ",".join(f"{a:g}" for a in alphas)
     if lora.target_modules == "transformer+conv":
         network_args |= {
             "conv_dim": str(lora.conv_rank or lora.rank),

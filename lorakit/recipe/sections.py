@@ -65,6 +65,10 @@ class DataSection:
     """Shuffle the comma-separated tags of each caption every step (after the first `keep_tokens` tags)."""
     keep_tokens: int = 0
     """How many leading tags stay in place when `shuffle_tags` is on (kohya's name; counts tags, not tokens)."""
+    keep_tokens_separator: str = ""
+    """kohya's `keep_tokens_separator`, e.g. "|||": in a caption `ohwx, 1girl ||| smile, outdoors ||| best quality`
+    the tags before the first separator and after a second one stay in place and are never dropped, the rest
+    shuffle and drop out; the separators are removed. Captions without one use `keep_tokens`."""
     caption_dropout: float = 0.0
     """Probability of training a step's image with an empty caption (0 to 1)."""
     masked_loss: bool = False
@@ -133,6 +137,12 @@ class LoraSection:
     """Alpha of the 3x3 convolution adapters with `transformer+conv` (default: `lora_alpha`)."""
     train_text_encoder: bool | None = None
     """Also adapt the text encoder(s); default true for SD 1.x and 2.x."""
+    block_ranks: list[int] | None = None
+    """kohya's `block_dims`: a rank per U-Net block, IN00 to IN11, M00, OUT00 to OUT11 for SD 1.x/2.x (25 values;
+    SDXL IN00-IN08, M00, OUT00-OUT08, 19). A block at 0 gets no adapter; the text encoders and the U-Net's modules
+    outside the blocks keep `rank`. LoRA only."""
+    block_alphas: list[float] | None = None
+    """kohya's `block_alphas`: an alpha per U-Net block, in the order of `block_ranks`; unset: `lora_alpha`."""
     init_from: str | None = None
     """Start from an existing LoRA file (kohya or diffusers layout, same targets) instead of zero; not a resume."""
     tlora_min_rank: int | None = None

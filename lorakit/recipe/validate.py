@@ -86,6 +86,8 @@ _RANGES: dict[str, tuple[float, float]] = {
     "lora.decompose_factor": (-1, 4096),
     "lora.conv_rank": (1, 4096),
     "lora.conv_alpha": (0, 65_536),
+    "lora.block_ranks": (0, 4096),
+    "lora.block_alphas": (0, 65_536),
     "lora.tlora_min_rank": (1, 4096),
     "lora.tlora_exponent": (0.1, 10),
     "train.max_steps": (1, STEPS_MAX),
@@ -221,6 +223,12 @@ def _cross_checks(built: dict, problems: list[str]) -> None:
         folders = [data.folder] if isinstance(data.folder, str) else data.folder
         if not folders:
             problems.append("data.folder: the list is empty; name at least one dataset folder")
+        separator = data.keep_tokens_separator
+        if separator and (not separator.strip() or "," in separator):
+            problems.append(
+                f"data.keep_tokens_separator: {separator!r} cannot mark where tags end (captions are split at "
+                'commas); use a string of its own such as "|||"'
+            )
         if isinstance(data.num_repeats, list) and len(data.num_repeats) != len(folders):
             problems.append(
                 f"data.num_repeats: {len(data.num_repeats)} values for {len(folders)} folders; "
@@ -327,6 +335,9 @@ def _adapter_type_problems(lora, train) -> list[str]:
         for key in ("neuron_dropout", "rank_dropout", "module_dropout"):
             if getattr(lora, key):
                 problems.append(f"lora.{key}: drops parts of a LoRA's down and up projections; {name} has none")
+        for key in ("block_ranks", "block_alphas"):
+            if getattr(lora, key) is not None:
+                problems.append(f"lora.{key}: per-block ranks are for LoRA; {name} adapters keep lora.rank")
         if lora.use_dora:
             problems.append(f"lora.use_dora: DoRA is a LoRA option; {name} cannot use it")
         if lora.tlora_min_rank is not None:
@@ -354,6 +365,21 @@ def _adapter_type_problems(lora, train) -> list[str]:
             "train.scale_weight_norms: DoRA sets each row's size with its own magnitude, which a cap on the low-rank "
             "update does not bound; set lora.use_dora = false or remove train.scale_weight_norms"
         )
+    if lora.block_alphas is not None and lora.block_ranks is None:
+        problems.append("lora.block_alphas: gives the alphas of lora.block_ranks; set those too, or remove it")
+    if (
+        lora.block_ranks is not None
+        and lora.block_alphas is not None
+        and len(lora.block_alphas) != len(lora.block_ranks)
+    ):
+        problems.append(
+            f"lora.block_alphas: {len(lora.block_alphas)} values for {len(lora.block_ranks)} block ranks; give one "
+            "per block, in the same order"
+        )
+    if lora.block_ranks is not None and not any(lora.block_ranks):
+        problems.append("lora.block_ranks: every block is at 0, so the U-Net would get no adapter; raise one")
+    if lora.tlora_min_rank is not None and lora.block_ranks is not None:
+        problems.append("lora.tlora_min_rank: T-LoRA masks one rank for every module; remove lora.block_ranks")
     if lora.tlora_min_rank is not None:
         if lora.type == "lora" and lora.use_dora:
             problems.append(

@@ -176,7 +176,7 @@ def _micro_batch_loss(run: Run, batch: list[int]) -> Any:
     rng = step_rng(cfg.seed, f"{rank}:{run.micro}", "batch")
     generator = torch.Generator().manual_seed(derived_seed(cfg.seed, rank, run.micro))
     flips = [data.flip and rng.random() < 0.5 for _ in batch]
-    captions = [transform_caption(run.items[i].caption, data, rng) for i in batch]
+    captions = [transform_caption(run.items[i].caption, data, rng, run.items[i].fixed_tags) for i in batch]
     if run.cache is not None:
         pairs = [run.cache.get(i, f) for i, f in zip(batch, flips, strict=True)]
     else:
@@ -368,7 +368,13 @@ def held_out_items(recipe: Recipe, base: BaseModel) -> list[Item]:
     if not recipe.validation:
         return []
     buckets = bucket_list(recipe.data.resolution, base.pixel_multiple)
-    return load_folder(Path(recipe.validation.folder), trigger=recipe.data.trigger, repeats=1, buckets=buckets)
+    return load_folder(
+        Path(recipe.validation.folder),
+        trigger=recipe.data.trigger,
+        repeats=1,
+        buckets=buckets,
+        separator=recipe.data.keep_tokens_separator,
+    )
 
 
 def validation_items(run: Run) -> tuple[list[Item], LatentCache]:

@@ -574,6 +574,8 @@ def _inject(recipe: Recipe, base: BaseModel, log: Log) -> dict[str, Any]:
         trained.update(zip(base.text_encoder_names, base.text_encoders, strict=True))
     counts = []
     zero_blocks = _zero_rate_modules(recipe, base, log)
+    ranks, alphas = _block_ranks(recipe, base, log)
+    zero_blocks += tuple(path for path, rank in ranks.items() if rank == 0 and path not in zero_blocks)
     for component, module in trained.items():
         names = adapters.inject_lora(
             module,
@@ -587,6 +589,8 @@ def _inject(recipe: Recipe, base: BaseModel, log: Log) -> dict[str, Any]:
             use_dora=lora.use_dora,
             skip_layers=_unused_layers(module, recipe.model.clip_skip) if component != "unet" else (),
             skip_modules=zero_blocks if component == "unet" else (),
+            module_ranks=ranks if component == "unet" else None,
+            module_alphas=alphas if component == "unet" else None,
             kind=lora.type,
             lycoris_options={
                 "decompose_factor": lora.decompose_factor,
@@ -622,6 +626,22 @@ def _zero_rate_modules(recipe: Recipe, base: BaseModel, log: Log) -> tuple[str, 
     if skipped:
         log(f"Block-wise rates: {len(skipped)} U-Net modules are in blocks at 0 and get no adapter")
     return skipped
+
+
+def _block_ranks(recipe: Recipe, base: BaseModel, log: Log) -> tuple[dict[str, int], dict[str, float]]:
+    """`lora.block_ranks` / `block_alphas` per U-Net module path (empty without them), said in the log."""
+    lora = recipe.lora
+    if lora.block_ranks is None:
+        return {}, {}
+    ranks, alphas = adapters.block_ranks(
+        base.unet, lora.target_modules, lora.block_ranks, lora.block_alphas, lora.lora_alpha
+    )
+    used = sorted({r for r in ranks.values() if r})
+    log(
+        f"lora.block_ranks: {len(ranks)} U-Net modules in blocks at ranks {', '.join(map(str, used))}"
+        + (f"; {sum(r == 0 for r in ranks.values())} in blocks at 0 get no adapter" if 0 in ranks.values() else "")
+    )
+    return ranks, alphas
 
 
 def _drop_inside_adapters(recipe: Recipe, trained: dict[str, Any], log: Log) -> None:
