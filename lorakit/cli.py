@@ -594,6 +594,30 @@ def _size(text: str) -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
+@app.command("from-kohya")
+def from_kohya(
+    config: Annotated[
+        Path, typer.Argument(help="A kohya sd-scripts training config (.toml, as --config_file reads).")
+    ],
+    out: Annotated[Path, typer.Option(help="The recipe to write.")] = Path("recipe.toml"),
+    overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+) -> None:
+    """Turn a kohya sd-scripts config into a lorakit recipe, accounting for every setting."""
+    from .kohya_config import from_kohya as convert
+
+    result, path = _run(lambda: convert(config, out, overwrite=overwrite))
+    typer.echo(f"Wrote {path}: {len(result.mapped)} of the {result.read} kohya settings mapped to recipe keys")
+    if result.not_needed:
+        typer.echo(f"  not needed in lorakit ({len(result.not_needed)}): {', '.join(result.not_needed)}")
+    if result.unsupported:
+        typer.echo(f"  not carried over ({len(result.unsupported)}):")
+        for line in result.unsupported:
+            typer.echo(f"    {line}")
+    for note in result.notes:
+        typer.echo(f"Prepare the photos first: {note}")
+    typer.echo(f"Then: lorakit plan {path} && lorakit train {path}")
+
+
 @app.command()
 def generate(
     prompt: Annotated[list[str], typer.Argument(help="One or more prompts.")],

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from diffusers.optimization import get_scheduler
 
-from .errors import LorakitError
+from .errors import LorakitError, RecipeError
 
 if TYPE_CHECKING:
     from .recipe import TrainSection
@@ -71,6 +71,13 @@ def build_optimizer(section: TrainSection, param_groups: list[dict[str, Any]]) -
 
         return Adafactor(param_groups, **options)
     if name == "prodigy":
+        rates = sorted({group["lr"] for group in param_groups if group["lr"]})
+        if len(rates) > 1:  # Prodigy's own check, at its first step, is a traceback
+            raise RecipeError(
+                f"train.optimizer: Prodigy finds one step size for every parameter and refuses parameter groups "
+                f"with different learning rates (here {', '.join(f'{r:g}' for r in rates)}); give train.unet_lr and "
+                "train.text_encoder_lr the same value (1.0 is usual), without loraplus_lr_ratio or block-wise rates"
+            )
         try:
             from prodigyopt import Prodigy
         except ImportError:

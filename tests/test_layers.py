@@ -26,6 +26,7 @@ FLOORS = {
     "lorakit.merge": 2,
     "lorakit.convert": 2,
     "lorakit.extract": 2,
+    "lorakit.kohya_config": 2,
     "lorakit.generate": 2,
     "lorakit.env": 2,
     "lorakit.plan": 2,

@@ -1,0 +1,472 @@
+"""`lorakit from-kohya`: a kohya sd-scripts training config (the TOML that `--config_file` reads, and that the
+kohya_ss GUI writes beside each run) turned into a lorakit recipe.
+
+Every setting of the config is accounted for: mapped to a recipe key (the recipe records which kohya setting it
+came from), not needed (what lorakit does by itself: attention kernels, latent caching to disk, data-loader
+workers), or not supported, with why. Nothing is dropped without being named, and the recipe written is
+validated as `lorakit train` would load it.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import LorakitError, RecipeError
+from .files import atomic_write_text
+from .recipe import recipe_from_dict, toml_value
+
+CONFIG_MAX_BYTES = 1 << 20  # a training config is a few KB
+
+
+class Unsupported(ValueError):
+    """A setting lorakit has no equivalent for (its message says why, or what to use)."""
+
+
+@dataclass
+class Imported:
+    """The recipe built from a kohya config and the account of every setting."""
+
+    recipe: dict[str, dict[str, Any]] = field(default_factory=dict)
+    origin: dict[str, str] = field(default_factory=dict)  # recipe key -> the kohya setting it came from
+    mapped: list[str] = field(default_factory=list)
+    not_needed: list[str] = field(default_factory=list)
+    unsupported: list[str] = field(default_factory=list)  # "name: why"
+    notes: list[str] = field(default_factory=list)
+    read: int = 0  # settings in the config with a value
+
+    def set(self, key: str, value: Any, source: str) -> None:
+        section, name = key.split(".")
+        self.recipe.setdefault(section, {})[name] = value
+        self.origin[key] = source
+
+
+# Settings lorakit does by itself, or that only tune kohya's own machinery.
+NOT_NEEDED = {
+    "xformers": "lorakit picks PyTorch's SDPA attention by itself",
+    "sdpa": "lorakit picks PyTorch's SDPA attention by itself",
+    "mem_eff_attn": "lorakit picks PyTorch's SDPA attention by itself",
+    "cache_latents_to_disk": "cached latents always live on disk, in the dataset's .cache/",
+    "cache_text_encoder_outputs": "a frozen text encoder's outputs are cached by themselves when captions are fixed",
+    "cache_text_encoder_outputs_to_disk": "a frozen text encoder's outputs are cached by themselves",
+    "max_data_loader_n_workers": "batches come from the latent cache",
+    "persistent_data_loader_workers": "batches come from the latent cache",
+    "vae_batch_size": "the VAE encodes once, into the cache",
+    "lowram": "weights wait in system memory until their phase needs them",
+    "highvram": "weights wait in system memory until their phase needs them",
+    "save_model_as": "adapters are always safetensors, in the kohya layout and the diffusers one",
+    "save_state": "every checkpoint is a resumable state",
+    "save_state_on_train_end": "every checkpoint is a resumable state",
+    "enable_bucket": "aspect-ratio buckets are always on (`lorakit prepare`)",
+    "bucket_reso_steps": "`lorakit prepare --bucket-step`",
+    "min_bucket_reso": "`lorakit prepare` fits every photo to its nearest bucket",
+    "max_bucket_reso": "`lorakit prepare` fits every photo to its nearest bucket",
+    "bucket_no_upscale": "`lorakit prepare --max-upscale`",
+    "caption_extension": "`lorakit prepare --caption-ext`",
+    "train_data_dir": "`lorakit prepare` reads it (printed below)",
+    "logging_dir": "metrics.jsonl and tensorboard/ are in the run folder",
+    "log_with": "metrics.jsonl and tensorboard/ are in the run folder",
+    "log_prefix": "metrics.jsonl and tensorboard/ are in the run folder",
+    "sdxl": "the architecture is read from the base model",
+    "v2": "the architecture is read from the base model",
+    "no_half_vae": "the SDXL VAE always encodes in float32",
+    "network_module": "read with network_args",
+    "learning_rate": "read with unet_lr / text_encoder_lr",
+    "optimizer_args": "read with optimizer_type",
+    "network_args": "read with network_module",
+}
+
+OPTIMIZERS = {
+    "adamw": "adamw",
+    "adamw8bit": "adamw8bit",
+    "pagedadamw8bit": "adamw8bit",
+    "lion": "lion",
+    "lion8bit": "lion8bit",
+    "pagedlion8bit": "lion8bit",
+    "prodigy": "prodigy",
+    "adafactor": "adafactor",
+}
+SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+SAMPLERS = {
+    "euler": "euler",
+    "k_euler": "euler",
+    "euler_a": "euler_a",
+    "k_euler_a": "euler_a",
+    "ddim": "ddim",
+    "dpmsolver++": "dpmpp_2m",
+    "dpmpp_2m": "dpmpp_2m",
+}
+SAVE_DTYPES = {"float": "float32", "fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def _number_list(value: Any, cast: Callable[[str], Any]) -> list:
+    if isinstance(value, list):
+        return [cast(str(v)) for v in value]
+    if not isinstance(value, str) or not all(c in "0123456789.,-+ e" for c in value.lower()):
+        raise Unsupported(f"{value!r}: only lists of numbers are supported (not kohya's named presets)")
+    return [cast(v) for v in value.split(",") if v.strip()]
+
+
+def _arguments(value: Any, name: str) -> dict[str, str]:
+    """kohya's `network_args` / `optimizer_args`: a list of "key=value" strings (or one space-separated string)."""
+    items = value if isinstance(value, list) else str(value).split()
+    found = {}
+    for item in items:
+        key, sep, text = str(item).partition("=")
+        if not sep:
+            raise LorakitError(f"{name}: {item!r} is not key=value")
+        found[key.strip()] = text.strip().strip("\"'")
+    return found
+
+
+def _bool(value: Any) -> bool:
+    """A kohya flag: a TOML boolean, or its text ("True", "false", "1")."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text not in ("true", "false", "1", "0", "yes", "no"):
+        raise ValueError(f"{value!r} is not true or false")
+    return text in ("true", "1", "yes")
+
+
+def _resolution(value: Any) -> int:
+    """kohya's `resolution`: "768" or "1024,768" (width, height); lorakit trains buckets of about one area."""
+    sides = [int(float(v)) for v in str(value).replace("x", ",").split(",") if v.strip()]
+    if len(sides) == 1 or sides[0] == sides[1]:
+        return sides[0]
+    return round(math.sqrt(sides[0] * sides[1]) / 64) * 64
+
+
+def convert(settings: dict[str, Any], config_dir: Path) -> Imported:
+    """The recipe for a flat dict of sd-scripts settings (`config_dir`: where relative prompt files are read)."""
+    result = Imported()
+    left = dict(settings)
+
+    def take(name: str, key: str, transform: Callable[[Any], Any] = lambda v: v) -> None:
+        if name not in left:
+            return
+        value = left.pop(name)
+        try:
+            result.set(key, transform(value), name)
+            result.mapped.append(name)
+        except Unsupported as why:
+            result.unsupported.append(f"{name}: {why}")
+        except (TypeError, ValueError, IndexError) as err:
+            raise LorakitError(f"{name} = {value!r}: not a value lorakit can read ({err})") from None
+
+    for name in list(left):  # unset values in a kohya config mean "the default"
+        if left[name] is None or left[name] == "":
+            left.pop(name)
+    result.read = len(left)
+
+    take("pretrained_model_name_or_path", "model.base", str)
+    take("vae", "model.vae", str)
+    take("clip_skip", "model.clip_skip", int)
+    take("zero_terminal_snr", "model.zero_terminal_snr", _bool)
+    if _bool(left.pop("v_parameterization", False)):
+        result.set("model.prediction_type", "v_prediction", "v_parameterization")
+        result.mapped.append("v_parameterization")
+
+    take("resolution", "data.resolution", _resolution)
+    take("shuffle_caption", "data.shuffle_tags", _bool)
+    take("keep_tokens", "data.keep_tokens", int)
+    take("keep_tokens_separator", "data.keep_tokens_separator", str)
+    take("caption_dropout_rate", "data.caption_dropout", float)
+    take("caption_tag_dropout_rate", "data.caption_dropout_tags", float)
+    take("flip_aug", "data.flip", _bool)
+    take("max_token_length", "data.max_token_length", int)
+    take("masked_loss", "data.masked_loss", _bool)
+
+    _network(left, result)
+    take("network_dim", "lora.rank", int)
+    take("network_alpha", "lora.lora_alpha", float)
+    take("network_dropout", "lora.neuron_dropout", float)
+    take("network_weights", "lora.init_from", str)
+    if "network_train_unet_only" in left:
+        unet_only = _bool(left.pop("network_train_unet_only"))
+        result.set("lora.train_text_encoder", not unet_only, "network_train_unet_only")
+        result.mapped.append("network_train_unet_only")
+
+    take("max_train_steps", "train.max_steps", int)
+    take("max_train_epochs", "train.max_epochs", int)
+    take("train_batch_size", "train.batch_size", int)
+    take("gradient_accumulation_steps", "train.gradient_accumulation_steps", int)
+    rate = left.pop("learning_rate", None)
+    take("unet_lr", "train.unet_lr", float)
+    take("text_encoder_lr", "train.text_encoder_lr", lambda v: float(v[0] if isinstance(v, list) else v))
+    if rate is not None:  # kohya's learning_rate is the default of both
+        for key in ("train.unet_lr", "train.text_encoder_lr"):
+            if key not in result.origin:
+                result.set(key, float(rate), "learning_rate")
+        result.mapped.append("learning_rate")
+    take("lr_scheduler", "train.lr_scheduler", _scheduler)
+    take("lr_warmup_steps", "train.lr_warmup_steps", lambda v: _warmup(v, settings))
+    take("lr_scheduler_num_cycles", "train.lr_scheduler_num_cycles", int)
+    take("lr_scheduler_power", "train.lr_scheduler_power", float)
+    _optimizer(left, result)
+    take("mixed_precision", "train.mixed_precision", _precision)
+    take("gradient_checkpointing", "train.gradient_checkpointing", _bool)
+    take("seed", "train.seed", int)
+    take("max_grad_norm", "train.max_grad_norm", float)
+    take("min_snr_gamma", "train.min_snr_gamma", float)
+    take("noise_offset", "train.noise_offset", float)
+    take("noise_offset_random_strength", "train.noise_offset_random_strength", _bool)
+    take("adaptive_noise_scale", "train.adaptive_noise_scale", float)
+    take("multires_noise_iterations", "train.multires_noise_iterations", int)
+    take("multires_noise_discount", "train.multires_noise_discount", float)
+    take("ip_noise_gamma", "train.ip_noise_gamma", float)
+    take("debiased_estimation_loss", "train.debiased_estimation", _bool)
+    take("scale_v_pred_loss_like_noise_pred", "train.scale_v_pred_loss_like_noise_pred", _bool)
+    take("scale_weight_norms", "train.scale_weight_norms", float)
+    take("loss_type", "train.loss_type", _loss_type)
+    take("huber_c", "train.huber_c", float)
+    take("huber_schedule", "train.huber_schedule", str)
+    take("huber_scale", "train.huber_scale", float)
+    take("min_timestep", "train.min_timestep", int)
+    take("max_timestep", "train.max_timestep", int)
+    take("down_lr_weight", "train.down_lr_weight", lambda v: _number_list(v, float))
+    take("mid_lr_weight", "train.mid_lr_weight", float)
+    take("up_lr_weight", "train.up_lr_weight", lambda v: _number_list(v, float))
+    take("cache_latents", "train.cache_latents", _bool)
+    take("save_every_n_steps", "train.save_every_steps", int)
+    take("save_every_n_epochs", "train.save_every_epochs", int)
+    _kept_saves(left, result, settings)
+
+    take("output_dir", "output.folder", str)
+    take("output_name", "output.name", str)
+    take("save_precision", "output.save_dtype", _save_dtype)
+    take("training_comment", "output.comment", str)
+    for name in ("title", "author", "description", "license"):
+        take(f"metadata_{name}", f"output.{name}", str)
+    take("metadata_tags", "output.tags", lambda v: [t.strip() for t in str(v).split(",") if t.strip()])
+
+    take("sample_prompts", "sample.prompts", lambda v: _prompts(v, config_dir))
+    take("sample_every_n_steps", "sample.every_steps", int)
+    take("sample_every_n_epochs", "sample.every_epochs", int)
+    take("sample_sampler", "sample.sampler", _sampler)
+
+    if "reg_data_dir" in left:
+        result.unsupported.append(
+            f"reg_data_dir: class images need a class prompt kohya takes from its folder names; add a [prior] section "
+            f"with class_dir = {str(left.pop('reg_data_dir'))!r} and class_prompt"
+        )
+    take("prior_loss_weight", "prior.prior_loss_weight", float)
+    if "prior" in result.recipe and "class_dir" not in result.recipe["prior"]:
+        result.recipe.pop("prior")
+        result.origin.pop("prior.prior_loss_weight", None)
+
+    if settings.get("train_data_dir"):
+        side = result.recipe.get("data", {}).get("resolution", 512)
+        result.notes.append(
+            f"lorakit prepare {settings['train_data_dir']} --kohya-folders --resolution {side} --out dataset"
+        )
+    for name in list(left):
+        if name in NOT_NEEDED:
+            result.not_needed.append(name)
+        else:
+            result.unsupported.append(f"{name}: lorakit has no equivalent")
+    return result
+
+
+def _network(left: dict[str, Any], result: Imported) -> None:
+    """`network_module` and `network_args`: the adapter type and its shape."""
+    module = str(left.get("network_module", "networks.lora"))
+    args = _arguments(left.get("network_args", []), "network_args")
+    if module not in ("networks.lora", "lycoris.kohya"):
+        result.unsupported.append(f"network_module: {module!r} (lorakit trains networks.lora and LyCORIS LoKr/LoHa)")
+        return
+    algo = args.pop("algo", "lora" if module == "networks.lora" else "locon").lower()
+    kinds = {"lora": "lora", "locon": "lora", "lokr": "lokr", "loha": "loha"}
+    if algo not in kinds:
+        result.unsupported.append(f"network_args algo={algo}: lorakit trains lora, locon, lokr and loha")
+        return
+    if kinds[algo] != "lora":
+        result.set("lora.type", kinds[algo], "network_args algo")
+    if "conv_dim" in args:
+        result.set("lora.target_modules", "transformer+conv", "network_args conv_dim")
+        result.set("lora.conv_rank", int(args.pop("conv_dim")), "network_args conv_dim")
+        if "conv_alpha" in args:
+            result.set("lora.conv_alpha", float(args.pop("conv_alpha")), "network_args conv_alpha")
+    simple = {
+        "factor": ("lora.decompose_factor", int),
+        "rank_dropout": ("lora.rank_dropout", float),
+        "module_dropout": ("lora.module_dropout", float),
+        "loraplus_lr_ratio": ("train.loraplus_lr_ratio", float),
+        "dora_wd": ("lora.use_dora", _bool),
+        "decompose_both": ("lora.decompose_both", _bool),
+        "use_tucker": ("lora.use_effective_conv2d", _bool),
+        "block_dims": ("lora.block_ranks", lambda v: _number_list(v, int)),
+        "block_alphas": ("lora.block_alphas", lambda v: _number_list(v, float)),
+    }
+    for name, text in args.items():
+        if name in simple:
+            key, cast = simple[name]
+            try:
+                result.set(key, cast(text), f"network_args {name}")
+            except Unsupported as why:
+                result.unsupported.append(f"network_args {name}: {why}")
+        else:
+            result.unsupported.append(f"network_args {name}={text}: lorakit has no equivalent")
+    for name in ("network_module", "network_args"):
+        if name in left:
+            left.pop(name)
+            result.mapped.append(name)
+
+
+def _optimizer(left: dict[str, Any], result: Imported) -> None:
+    """`optimizer_type` and `optimizer_args`."""
+    given = str(left.pop("optimizer_type", "AdamW"))
+    has_args = "optimizer_args" in left
+    args = _arguments(left.pop("optimizer_args", []), "optimizer_args")
+    name = OPTIMIZERS.get(given.lower().replace("_", ""))
+    if name is None:
+        result.unsupported.append(
+            f"optimizer_type: {given!r} (lorakit has {', '.join(sorted(set(OPTIMIZERS.values())))}); adamw8bit kept"
+        )
+        if has_args:
+            result.unsupported.append("optimizer_args: settings of that optimizer")
+        return
+    result.set("train.optimizer", name, "optimizer_type")
+    result.mapped += ["optimizer_type"] + (["optimizer_args"] if has_args else [])
+    adafactor_fixed = {"scale_parameter": False, "relative_step": False, "warmup_init": False}
+    for key, text in args.items():
+        if key == "weight_decay":
+            result.set("train.weight_decay", float(text), "optimizer_args weight_decay")
+        elif key == "betas":
+            result.set("train.betas", _number_list(text, float), "optimizer_args betas")
+        elif name == "prodigy" and key in ("d_coef", "use_bias_correction", "safeguard_warmup"):
+            cast = float if key == "d_coef" else _bool
+            result.set(f"train.prodigy_{key}", cast(text), f"optimizer_args {key}")
+        elif name == "adafactor" and key in adafactor_fixed and _bool(text) == adafactor_fixed[key]:
+            continue  # what lorakit's Adafactor uses anyway
+        elif name == "prodigy" and key == "decouple" and _bool(text):
+            continue  # Prodigy's default
+        else:
+            result.unsupported.append(f"optimizer_args {key}={text}: not a setting lorakit passes to {name}")
+
+
+def _kept_saves(left: dict[str, Any], result: Imported, settings: dict[str, Any]) -> None:
+    """`save_last_n_steps` / `save_last_n_epochs`: how many checkpoints to keep."""
+    if "save_last_n_epochs" in left:
+        result.set("train.keep_checkpoints", max(1, int(left.pop("save_last_n_epochs"))), "save_last_n_epochs")
+        result.mapped.append("save_last_n_epochs")
+    if "save_last_n_steps" in left:
+        every = int(settings.get("save_every_n_steps") or 0)
+        steps = int(left.pop("save_last_n_steps"))
+        if every:
+            result.set("train.keep_checkpoints", max(1, steps // every), "save_last_n_steps")
+            result.mapped.append("save_last_n_steps")
+        else:
+            result.unsupported.append("save_last_n_steps: counts steps of save_every_n_steps, which is not set")
+
+
+def _scheduler(value: Any) -> str:
+    if value not in SCHEDULERS:
+        raise Unsupported(f"{value!r} (lorakit has {', '.join(SCHEDULERS)})")
+    return value
+
+
+def _warmup(value: Any, settings: dict[str, Any]) -> int:
+    """kohya's lr_warmup_steps: a step count, or below 1 a share of max_train_steps."""
+    number = float(value)
+    if number >= 1 or number == 0:
+        return int(number)
+    if not settings.get("max_train_steps"):
+        raise Unsupported(f"{value!r} is a share of max_train_steps, which is not set; give a step count")
+    return int(number * int(settings["max_train_steps"]))
+
+
+def _precision(value: Any) -> str:
+    if value not in ("no", "fp16", "bf16"):
+        raise Unsupported(f"{value!r} (use no, fp16 or bf16)")
+    return value
+
+
+def _save_dtype(value: Any) -> str:
+    if value not in SAVE_DTYPES:
+        raise Unsupported(f"{value!r} (use float, fp16 or bf16)")
+    return SAVE_DTYPES[value]
+
+
+def _loss_type(value: Any) -> str:
+    if value not in ("l2", "huber", "smooth_l1"):
+        raise Unsupported(f"{value!r} (lorakit has l2, huber and smooth_l1)")
+    return value
+
+
+def _sampler(value: Any) -> str:
+    name = SAMPLERS.get(str(value).lower())
+    if name is None:
+        raise Unsupported(f"{value!r} (lorakit samples with euler, euler_a, dpmpp_2m and ddim)")
+    return name
+
+
+def _prompts(value: Any, config_dir: Path) -> list[str]:
+    """kohya's sample prompt file: one prompt per line with its inline options, `#` comments and blank lines
+    skipped (its .toml / .json prompt files are not read)."""
+    path = Path(str(value)).expanduser()
+    path = path if path.is_absolute() else config_dir / path
+    if path.suffix.lower() != ".txt":
+        raise Unsupported(f"{value!r}: only .txt prompt files are read; put the prompts in sample.prompts")
+    if not path.is_file():
+        raise Unsupported(f"{path} not found; put the prompts in sample.prompts")
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """A kohya config's settings, flat: sd-scripts reads top-level keys and those of each table alike."""
+    if not path.is_file():
+        raise LorakitError(f"{path}: not found; pass the .toml kohya sd-scripts reads with --config_file")
+    if path.stat().st_size > CONFIG_MAX_BYTES:
+        raise LorakitError(f"{path}: {path.stat().st_size:,} bytes is not a training config (they are a few KB)")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise LorakitError(f"{path}: not valid TOML ({err}); pass the .toml kohya sd-scripts reads") from None
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    return flat
+
+
+def recipe_text(result: Imported, source: Path) -> str:
+    """The recipe as TOML, each key with the kohya setting it came from."""
+    lines = [f"# Made by `lorakit from-kohya {source.name}`; each key names the kohya setting it came from."]
+    for section, values in result.recipe.items():
+        lines += ["", f"[{section}]"]
+        lines += [f"{k} = {toml_value(v)}  # {result.origin[f'{section}.{k}']}" for k, v in values.items()]
+    return "\n".join(lines) + "\n"
+
+
+def from_kohya(config: str | Path, out: str | Path, *, overwrite: bool = False) -> tuple[Imported, Path]:
+    """Write the recipe for the kohya config `config` to `out`; the recipe is checked as train would load it."""
+    config, out = Path(config).expanduser(), Path(out).expanduser()
+    if out.exists() and not overwrite:
+        raise LorakitError(f"--out {out}: exists; pass --overwrite to replace it or choose another file")
+    settings = read_config(config)
+    try:
+        result = convert(settings, config.parent)
+    except (TypeError, ValueError) as err:
+        raise LorakitError(f"{config}: a setting has a value of the wrong kind ({err})") from None
+    if "model" not in result.recipe:
+        raise LorakitError(f"{config}: no pretrained_model_name_or_path; a recipe needs the base model")
+    result.recipe.setdefault("data", {})
+    result.set("data.folder", "dataset", "train_data_dir, after `lorakit prepare`")
+    try:
+        recipe_from_dict(result.recipe, source=str(config))
+    except RecipeError as err:
+        lines = []
+        for line in str(err).splitlines():
+            key = next((k for k in result.origin if f": {k}:" in line), None)
+            lines.append(line + (f" (from {result.origin[key]})" if key else ""))
+        raise RecipeError("\n".join(lines)) from None
+    atomic_write_text(out, recipe_text(result, config))
+    return result, out

@@ -1,0 +1,139 @@
+"""`lorakit from-kohya`: a kohya sd-scripts config becomes a recipe that trains, with every setting accounted for."""
+
+from __future__ import annotations
+
+from lorakit.recipe import load_recipe
+
+from .invoke import fails, ok
+
+CONFIG = """
+[model_arguments]
+pretrained_model_name_or_path = "{base}"
+v2 = false
+
+[additional_network_arguments]
+network_module = "networks.lora"
+network_dim = 8
+network_alpha = 4
+network_args = ["conv_dim=4", "conv_alpha=2", "rank_dropout=0.1", "dylora_unit=4"]
+unet_lr = 1.0
+network_train_unet_only = false
+
+[optimizer_arguments]
+optimizer_type = "Prodigy"
+optimizer_args = [
+  "d_coef=2", "use_bias_correction=True", "safeguard_warmup=True", "decouple=True", "weight_decay=0.01"
+]
+learning_rate = 0.5
+lr_scheduler = "cosine_with_restarts"
+lr_scheduler_num_cycles = 3
+lr_warmup_steps = 0.1
+
+[dataset_arguments]
+train_data_dir = "/data/img"
+resolution = "768,768"
+shuffle_caption = true
+keep_tokens = 1
+cache_latents = true
+cache_latents_to_disk = true
+caption_extension = ".txt"
+dataset_config = ""
+
+[training_arguments]
+output_dir = "{out}"
+output_name = "mychar"
+save_precision = "fp16"
+save_every_n_epochs = 1
+max_train_epochs = 10
+train_batch_size = 2
+xformers = true
+max_data_loader_n_workers = 0
+seed = 42
+mixed_precision = "bf16"
+gradient_checkpointing = true
+min_snr_gamma = 5
+noise_offset = 0.05
+sample_prompts = "prompts.txt"
+sample_sampler = "euler_a"
+sample_every_n_epochs = 1
+full_bf16 = true
+training_comment = "kohya run 12"
+"""
+
+
+def _config(tmp_path, base, **replace) -> object:
+    text = CONFIG.format(base=base, out=tmp_path / "out")
+    for old, new in replace.items():
+        text = text.replace(old, new)
+    (tmp_path / "prompts.txt").write_text(
+        "# the usual two\nohwx man at the beach --n blurry --s 2\n\nohwx man portrait --s 2\n"
+    )
+    path = tmp_path / "kohya.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_a_kohya_config_becomes_a_recipe_that_trains(tiny_base, tiny_dataset, tmp_path):
+    config = _config(tmp_path, tiny_base)
+    recipe_path = tmp_path / "recipe.toml"
+    said = ok(["from-kohya", str(config), "--out", str(recipe_path)]).stdout
+    recipe = load_recipe(recipe_path)
+    assert (recipe.lora.rank, recipe.lora.lora_alpha, recipe.lora.target_modules) == (8, 4.0, "transformer+conv")
+    assert (recipe.lora.conv_rank, recipe.lora.conv_alpha, recipe.lora.rank_dropout) == (4, 2.0, 0.1)
+    train = recipe.train
+    assert (train.optimizer, train.prodigy_d_coef, train.prodigy_use_bias_correction) == ("prodigy", 2.0, True)
+    assert train.prodigy_safeguard_warmup and train.weight_decay == 0.01
+    assert (train.unet_lr, train.text_encoder_lr) == (1.0, 0.5)  # learning_rate is the default of the unset one
+    assert (train.lr_scheduler, train.lr_scheduler_num_cycles) == ("cosine_with_restarts", 3)
+    assert (train.max_epochs, train.save_every_epochs, train.batch_size) == (10, 1, 2)
+    assert (train.mixed_precision, train.gradient_checkpointing, train.min_snr_gamma) == ("bf16", True, 5.0)
+    assert (recipe.data.resolution, recipe.data.shuffle_tags, recipe.data.keep_tokens) == (768, True, 1)
+    assert recipe.sample.prompts == ["ohwx man at the beach --n blurry --s 2", "ohwx man portrait --s 2"]
+    assert (recipe.sample.sampler, recipe.sample.every_epochs) == ("euler_a", 1)
+    assert (recipe.output.name, recipe.output.save_dtype, recipe.output.comment) == (
+        "mychar",
+        "float16",
+        "kohya run 12",
+    )
+    # each key names where it came from
+    written = recipe_path.read_text()
+    assert "rank = 8  # network_dim" in written and 'optimizer = "prodigy"  # optimizer_type' in written
+    # every setting is accounted for
+    # 39 settings with a value (an empty one means kohya's default): 31 mapped, 6 not needed, 2 not carried over
+    assert f"Wrote {recipe_path}: 31 of the 39 kohya settings mapped to recipe keys" in said
+    assert "not needed in lorakit (6): v2, train_data_dir, cache_latents_to_disk, caption_extension, xformers" in said
+    assert "not carried over (3):" in said  # the two settings, and one of network_args
+    for line in ("lr_warmup_steps: 0.1 is a share of max_train_steps", "full_bf16: lorakit has no equivalent"):
+        assert line in said
+    assert "network_args dylora_unit=4: lorakit has no equivalent" in said
+    assert "Prepare the photos first: lorakit prepare /data/img --kohya-folders --resolution 768 --out dataset" in said
+    # and it trains (on the tiny model and dataset, one short epoch)
+    settings = [f"data.folder={tiny_dataset}", "data.resolution=64", "train.max_epochs=1"]
+    args = ["train", str(recipe_path), "--quiet", *[a for s in settings for a in ("--set", s)]]
+    # Prodigy refuses two learning rates (its own check is a traceback at the first step): said before anything runs
+    fails(args, "train.optimizer: Prodigy finds one step size for every parameter and refuses parameter groups with")
+    assert not (tmp_path / "out" / "mychar").exists()
+    ok([*args, "--set", "train.text_encoder_lr=1.0"])
+    assert (tmp_path / "out" / "mychar" / "mychar.safetensors").is_file()
+
+
+def test_values_and_files_it_cannot_read_are_refused_in_one_line(tiny_base, tmp_path):
+    fails(["from-kohya", str(tmp_path / "none.toml")], "none.toml: not found")
+    (tmp_path / "bad.toml").write_text("network_dim = [", encoding="utf-8")
+    fails(["from-kohya", str(tmp_path / "bad.toml")], "bad.toml: not valid TOML")
+    (tmp_path / "nobase.toml").write_text("network_dim = 8\n", encoding="utf-8")
+    fails(
+        ["from-kohya", str(tmp_path / "nobase.toml"), "--out", str(tmp_path / "r1.toml")],
+        "no pretrained_model_name_or_path",
+    )
+    config = _config(tmp_path, tiny_base, **{"network_dim = 8": 'network_dim = "eight"'})
+    fails(["from-kohya", str(config), "--out", str(tmp_path / "r2.toml")], "network_dim = 'eight': not a value")
+    config = _config(tmp_path, tiny_base, **{"network_dim = 8": "network_dim = 0"})
+    fails(
+        ["from-kohya", str(config), "--out", str(tmp_path / "r3.toml")],
+        "lora.rank: 0 is outside 1..4096 (from network_dim)",
+    )
+    assert not any((tmp_path / f"r{i}.toml").exists() for i in (1, 2, 3))
+    config = _config(tmp_path, tiny_base)
+    (tmp_path / "taken.toml").write_text("x", encoding="utf-8")
+    fails(["from-kohya", str(config), "--out", str(tmp_path / "taken.toml")], "exists; pass --overwrite")
