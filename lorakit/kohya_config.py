@@ -163,101 +163,43 @@ def convert(settings: dict[str, Any], config_dir: Path) -> Imported:
             left.pop(name)
     result.read = len(left)
 
-    take("pretrained_model_name_or_path", "model.base", str)
-    take("vae", "model.vae", str)
-    take("clip_skip", "model.clip_skip", int)
-    take("zero_terminal_snr", "model.zero_terminal_snr", _bool)
+    for name, (key, cast) in DIRECT.items():
+        take(name, key, cast)
+
     if _bool(left.pop("v_parameterization", False)):
         result.set("model.prediction_type", "v_prediction", "v_parameterization")
         result.mapped.append("v_parameterization")
 
-    take("resolution", "data.resolution", _resolution)
-    take("shuffle_caption", "data.shuffle_tags", _bool)
-    take("keep_tokens", "data.keep_tokens", int)
-    take("keep_tokens_separator", "data.keep_tokens_separator", str)
-    take("caption_dropout_rate", "data.caption_dropout", float)
-    take("caption_tag_dropout_rate", "data.caption_dropout_tags", float)
-    take("flip_aug", "data.flip", _bool)
-    take("max_token_length", "data.max_token_length", int)
-    take("masked_loss", "data.masked_loss", _bool)
-
     _network(left, result)
-    take("network_dim", "lora.rank", int)
-    take("network_alpha", "lora.lora_alpha", float)
-    take("network_dropout", "lora.neuron_dropout", float)
-    take("network_weights", "lora.init_from", str)
     if "network_train_unet_only" in left:
         unet_only = _bool(left.pop("network_train_unet_only"))
         result.set("lora.train_text_encoder", not unet_only, "network_train_unet_only")
         result.mapped.append("network_train_unet_only")
 
-    take("max_train_steps", "train.max_steps", int)
-    take("max_train_epochs", "train.max_epochs", int)
-    take("train_batch_size", "train.batch_size", int)
-    take("gradient_accumulation_steps", "train.gradient_accumulation_steps", int)
     rate = left.pop("learning_rate", None)
-    take("unet_lr", "train.unet_lr", float)
-    take("text_encoder_lr", "train.text_encoder_lr", lambda v: float(v[0] if isinstance(v, list) else v))
     if rate is not None:  # kohya's learning_rate is the default of both
         for key in ("train.unet_lr", "train.text_encoder_lr"):
             if key not in result.origin:
                 result.set(key, float(rate), "learning_rate")
         result.mapped.append("learning_rate")
-    take("lr_scheduler", "train.lr_scheduler", _scheduler)
     take("lr_warmup_steps", "train.lr_warmup_steps", lambda v: _warmup(v, settings))
-    take("lr_scheduler_num_cycles", "train.lr_scheduler_num_cycles", int)
-    take("lr_scheduler_power", "train.lr_scheduler_power", float)
     _optimizer(left, result)
-    take("mixed_precision", "train.mixed_precision", _precision)
-    take("gradient_checkpointing", "train.gradient_checkpointing", _bool)
-    take("seed", "train.seed", int)
-    take("max_grad_norm", "train.max_grad_norm", float)
-    take("min_snr_gamma", "train.min_snr_gamma", float)
-    take("noise_offset", "train.noise_offset", float)
-    take("noise_offset_random_strength", "train.noise_offset_random_strength", _bool)
-    take("adaptive_noise_scale", "train.adaptive_noise_scale", float)
-    take("multires_noise_iterations", "train.multires_noise_iterations", int)
-    take("multires_noise_discount", "train.multires_noise_discount", float)
-    take("ip_noise_gamma", "train.ip_noise_gamma", float)
-    take("debiased_estimation_loss", "train.debiased_estimation", _bool)
-    take("scale_v_pred_loss_like_noise_pred", "train.scale_v_pred_loss_like_noise_pred", _bool)
-    take("scale_weight_norms", "train.scale_weight_norms", float)
-    take("loss_type", "train.loss_type", _loss_type)
-    take("huber_c", "train.huber_c", float)
-    take("huber_schedule", "train.huber_schedule", str)
-    take("huber_scale", "train.huber_scale", float)
-    take("min_timestep", "train.min_timestep", int)
-    take("max_timestep", "train.max_timestep", int)
-    take("down_lr_weight", "train.down_lr_weight", lambda v: _number_list(v, float))
-    take("mid_lr_weight", "train.mid_lr_weight", float)
-    take("up_lr_weight", "train.up_lr_weight", lambda v: _number_list(v, float))
-    take("cache_latents", "train.cache_latents", _bool)
-    take("save_every_n_steps", "train.save_every_steps", int)
-    take("save_every_n_epochs", "train.save_every_epochs", int)
     _kept_saves(left, result, settings)
 
-    take("output_dir", "output.folder", str)
-    take("output_name", "output.name", str)
-    take("save_precision", "output.save_dtype", _save_dtype)
-    take("training_comment", "output.comment", str)
-    for name in ("title", "author", "description", "license"):
-        take(f"metadata_{name}", f"output.{name}", str)
-    take("metadata_tags", "output.tags", lambda v: [t.strip() for t in str(v).split(",") if t.strip()])
-
     take("sample_prompts", "sample.prompts", lambda v: _prompts(v, config_dir))
-    take("sample_every_n_steps", "sample.every_steps", int)
-    take("sample_every_n_epochs", "sample.every_epochs", int)
-    take("sample_sampler", "sample.sampler", _sampler)
 
     if "reg_data_dir" in left:
         result.unsupported.append(
             f"reg_data_dir: class images need a class prompt kohya takes from its folder names; add a [prior] section "
             f"with class_dir = {str(left.pop('reg_data_dir'))!r} and class_prompt"
         )
-    take("prior_loss_weight", "prior.prior_loss_weight", float)
-    if "prior" in result.recipe and "class_dir" not in result.recipe["prior"]:
-        result.recipe.pop("prior")
-        result.origin.pop("prior.prior_loss_weight", None)
+    if "prior_loss_weight" in left and not settings.get("reg_data_dir"):  # kohya writes it without class images too
+        left.pop("prior_loss_weight")
+        result.not_needed.append("prior_loss_weight")
+    if "prior_loss_weight" in left:
+        result.unsupported.append(
+            f"prior_loss_weight: set prior_loss_weight = {left.pop('prior_loss_weight')} in that [prior] section"
+        )
 
     if settings.get("train_data_dir"):
         side = result.recipe.get("data", {}).get("resolution", 512)
@@ -416,6 +358,91 @@ def _prompts(value: Any, config_dir: Path) -> list[str]:
         raise Unsupported(f"{path} not found; put the prompts in sample.prompts")
     lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
     return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+
+
+# The settings that map to one recipe key each, and how their values are read.
+DIRECT: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "pretrained_model_name_or_path": ("model.base", str),
+    "vae": ("model.vae", str),
+    "clip_skip": ("model.clip_skip", int),
+    "zero_terminal_snr": ("model.zero_terminal_snr", _bool),
+    "resolution": ("data.resolution", _resolution),
+    "shuffle_caption": ("data.shuffle_tags", _bool),
+    "keep_tokens": ("data.keep_tokens", int),
+    "keep_tokens_separator": ("data.keep_tokens_separator", str),
+    "caption_dropout_rate": ("data.caption_dropout", float),
+    "caption_tag_dropout_rate": ("data.caption_dropout_tags", float),
+    "flip_aug": ("data.flip", _bool),
+    "max_token_length": ("data.max_token_length", int),
+    "masked_loss": ("data.masked_loss", _bool),
+    "network_dim": ("lora.rank", int),
+    "network_alpha": ("lora.lora_alpha", float),
+    "network_dropout": ("lora.neuron_dropout", float),
+    "network_weights": ("lora.init_from", str),
+    "max_train_steps": ("train.max_steps", int),
+    "max_train_epochs": ("train.max_epochs", int),
+    "train_batch_size": ("train.batch_size", int),
+    "gradient_accumulation_steps": ("train.gradient_accumulation_steps", int),
+    "unet_lr": ("train.unet_lr", float),
+    "text_encoder_lr": ("train.text_encoder_lr", lambda v: float(v[0] if isinstance(v, list) else v)),
+    "lr_scheduler": ("train.lr_scheduler", _scheduler),
+    "lr_scheduler_num_cycles": ("train.lr_scheduler_num_cycles", int),
+    "lr_scheduler_power": ("train.lr_scheduler_power", float),
+    "mixed_precision": ("train.mixed_precision", _precision),
+    "gradient_checkpointing": ("train.gradient_checkpointing", _bool),
+    "seed": ("train.seed", int),
+    "max_grad_norm": ("train.max_grad_norm", float),
+    "min_snr_gamma": ("train.min_snr_gamma", float),
+    "noise_offset": ("train.noise_offset", float),
+    "noise_offset_random_strength": ("train.noise_offset_random_strength", _bool),
+    "adaptive_noise_scale": ("train.adaptive_noise_scale", float),
+    "multires_noise_iterations": ("train.multires_noise_iterations", int),
+    "multires_noise_discount": ("train.multires_noise_discount", float),
+    "ip_noise_gamma": ("train.ip_noise_gamma", float),
+    "debiased_estimation_loss": ("train.debiased_estimation", _bool),
+    "scale_v_pred_loss_like_noise_pred": ("train.scale_v_pred_loss_like_noise_pred", _bool),
+    "scale_weight_norms": ("train.scale_weight_norms", float),
+    "loss_type": ("train.loss_type", _loss_type),
+    "huber_c": ("train.huber_c", float),
+    "huber_schedule": ("train.huber_schedule", str),
+    "huber_scale": ("train.huber_scale", float),
+    "min_timestep": ("train.min_timestep", int),
+    "max_timestep": ("train.max_timestep", int),
+    "down_lr_weight": ("train.down_lr_weight", lambda v: _number_list(v, float)),
+    "mid_lr_weight": ("train.mid_lr_weight", float),
+    "up_lr_weight": ("train.up_lr_weight", lambda v: _number_list(v, float)),
+    "cache_latents": ("train.cache_latents", _bool),
+    "save_every_n_steps": ("train.save_every_steps", int),
+    "save_every_n_epochs": ("train.save_every_epochs", int),
+    "output_dir": ("output.folder", str),
+    "output_name": ("output.name", str),
+    "save_precision": ("output.save_dtype", _save_dtype),
+    "training_comment": ("output.comment", str),
+    "metadata_title": ("output.title", str),
+    "metadata_author": ("output.author", str),
+    "metadata_description": ("output.description", str),
+    "metadata_license": ("output.license", str),
+    "metadata_tags": ("output.tags", lambda v: [t.strip() for t in str(v).split(",") if t.strip()]),
+    "sample_every_n_steps": ("sample.every_steps", int),
+    "sample_every_n_epochs": ("sample.every_epochs", int),
+    "sample_sampler": ("sample.sampler", _sampler),
+}
+# The settings read with others or with the config's context (handled in `convert`).
+SPECIAL = (
+    "v_parameterization",
+    "network_module",
+    "network_args",
+    "network_train_unet_only",
+    "learning_rate",
+    "lr_warmup_steps",
+    "optimizer_type",
+    "optimizer_args",
+    "save_last_n_steps",
+    "save_last_n_epochs",
+    "sample_prompts",
+    "reg_data_dir",
+    "prior_loss_weight",
+)
 
 
 def read_config(path: Path) -> dict[str, Any]:

@@ -137,3 +137,21 @@ def test_values_and_files_it_cannot_read_are_refused_in_one_line(tiny_base, tmp_
     config = _config(tmp_path, tiny_base)
     (tmp_path / "taken.toml").write_text("x", encoding="utf-8")
     fails(["from-kohya", str(config), "--out", str(tmp_path / "taken.toml")], "exists; pass --overwrite")
+
+
+def test_every_training_option_the_readme_maps_is_read_by_from_kohya():
+    import re
+    from pathlib import Path
+
+    from lorakit.kohya_config import DIRECT, NOT_NEEDED, SPECIAL
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    table = readme[readme.index("<!-- kohya-map:start -->") : readme.index("<!-- kohya-map:end -->")]
+    names = set()
+    for row in table.splitlines()[3:]:
+        kohya = row.split("|")[1]
+        if ".py" not in kohya:  # the resize / extract / merge scripts' options are not training settings
+            names |= {n for n in re.findall(r"--([a-z_0-9]+)", kohya) if len(n) > 1}  # not the prompt options
+    names -= {"resume"}  # `lorakit train --resume`, not a recipe key
+    assert len(names) > 50
+    assert names <= set(DIRECT) | set(SPECIAL) | set(NOT_NEEDED), sorted(names - set(DIRECT) - set(SPECIAL))
