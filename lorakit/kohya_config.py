@@ -206,6 +206,12 @@ def convert(settings: dict[str, Any], config_dir: Path) -> Imported:
         result.notes.append(
             f"lorakit prepare {settings['train_data_dir']} --kohya-folders --resolution {side} --out dataset"
         )
+    if "dataset_config" in left:
+        result.unsupported.append(
+            f"dataset_config: {left.pop('dataset_config')!r} is not read; run `lorakit prepare IMAGE_DIR --out "
+            "dataset-N` for each of its [[datasets.subsets]] and list them in data.folder (num_repeats in "
+            "data.num_repeats, is_reg subsets as a [prior] section)"
+        )
     for name in list(left):
         if name in NOT_NEEDED:
             result.not_needed.append(name)
@@ -216,23 +222,31 @@ def convert(settings: dict[str, Any], config_dir: Path) -> Imported:
 
 def _network(left: dict[str, Any], result: Imported) -> None:
     """`network_module` and `network_args`: the adapter type and its shape."""
-    module = str(left.get("network_module", "networks.lora"))
-    args = _arguments(left.get("network_args", []), "network_args")
+    given = [name for name in ("network_module", "network_args") if name in left]
+    module = str(left.pop("network_module", "networks.lora"))
+    args = _arguments(left.pop("network_args", []), "network_args")
     if module not in ("networks.lora", "lycoris.kohya"):
-        result.unsupported.append(f"network_module: {module!r} (lorakit trains networks.lora and LyCORIS LoKr/LoHa)")
+        result.unsupported += [
+            f"network_module: {module!r} (lorakit trains networks.lora and LyCORIS LoCon/LoKr/LoHa)",
+            *([f"network_args: the arguments of {module}"] if "network_args" in given else []),
+        ]
         return
     algo = args.pop("algo", "lora" if module == "networks.lora" else "locon").lower()
     kinds = {"lora": "lora", "locon": "lora", "lokr": "lokr", "loha": "loha"}
     if algo not in kinds:
         result.unsupported.append(f"network_args algo={algo}: lorakit trains lora, locon, lokr and loha")
         return
+    result.mapped += given
     if kinds[algo] != "lora":
         result.set("lora.type", kinds[algo], "network_args algo")
     if "conv_dim" in args:
         result.set("lora.target_modules", "transformer+conv", "network_args conv_dim")
-        result.set("lora.conv_rank", int(args.pop("conv_dim")), "network_args conv_dim")
+        result.set(
+            "lora.conv_rank", _read(int, args.pop("conv_dim"), "network_args conv_dim"), "network_args conv_dim"
+        )
         if "conv_alpha" in args:
-            result.set("lora.conv_alpha", float(args.pop("conv_alpha")), "network_args conv_alpha")
+            alpha = _read(float, args.pop("conv_alpha"), "network_args conv_alpha")
+            result.set("lora.conv_alpha", alpha, "network_args conv_alpha")
     simple = {
         "factor": ("lora.decompose_factor", int),
         "rank_dropout": ("lora.rank_dropout", float),
@@ -248,15 +262,19 @@ def _network(left: dict[str, Any], result: Imported) -> None:
         if name in simple:
             key, cast = simple[name]
             try:
-                result.set(key, cast(text), f"network_args {name}")
+                result.set(key, _read(cast, text, f"network_args {name}"), f"network_args {name}")
             except Unsupported as why:
                 result.unsupported.append(f"network_args {name}: {why}")
         else:
             result.unsupported.append(f"network_args {name}={text}: lorakit has no equivalent")
-    for name in ("network_module", "network_args"):
-        if name in left:
-            left.pop(name)
-            result.mapped.append(name)
+
+
+def _read(cast: Callable[[str], Any], text: str, where: str) -> Any:
+    """One value of `network_args` / `optimizer_args` read with `cast`, or a one-line error naming it."""
+    try:
+        return cast(text)
+    except (TypeError, ValueError) as err:
+        raise LorakitError(f"{where} = {text!r}: not a value lorakit can read ({err})") from None
 
 
 def _optimizer(left: dict[str, Any], result: Imported) -> None:
@@ -276,16 +294,16 @@ def _optimizer(left: dict[str, Any], result: Imported) -> None:
     result.mapped += ["optimizer_type"] + (["optimizer_args"] if has_args else [])
     adafactor_fixed = {"scale_parameter": False, "relative_step": False, "warmup_init": False}
     for key, text in args.items():
+        where = f"optimizer_args {key}"
         if key == "weight_decay":
-            result.set("train.weight_decay", float(text), "optimizer_args weight_decay")
+            result.set("train.weight_decay", _read(float, text, where), where)
         elif key == "betas":
-            result.set("train.betas", _number_list(text, float), "optimizer_args betas")
+            result.set("train.betas", _read(lambda v: _number_list(v, float), text, where), where)
         elif name == "prodigy" and key in ("d_coef", "use_bias_correction", "safeguard_warmup"):
-            cast = float if key == "d_coef" else _bool
-            result.set(f"train.prodigy_{key}", cast(text), f"optimizer_args {key}")
-        elif name == "adafactor" and key in adafactor_fixed and _bool(text) == adafactor_fixed[key]:
+            result.set(f"train.prodigy_{key}", _read(float if key == "d_coef" else _bool, text, where), where)
+        elif name == "adafactor" and key in adafactor_fixed and _read(_bool, text, where) == adafactor_fixed[key]:
             continue  # what lorakit's Adafactor uses anyway
-        elif name == "prodigy" and key == "decouple" and _bool(text):
+        elif name == "prodigy" and key == "decouple" and _read(_bool, text, where):
             continue  # Prodigy's default
         else:
             result.unsupported.append(f"optimizer_args {key}={text}: not a setting lorakit passes to {name}")
@@ -442,6 +460,7 @@ SPECIAL = (
     "sample_prompts",
     "reg_data_dir",
     "prior_loss_weight",
+    "dataset_config",
 )
 
 

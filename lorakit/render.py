@@ -7,6 +7,7 @@ same functions render `lorakit generate`, training samples and prior-preservatio
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -317,7 +318,9 @@ def apply_adapters(pipe: Any, adapters: list[LoadedAdapter], timestep_ranks: boo
     for adapter in adapters:
         check_against(adapter.state, pipeline_models(pipe), str(adapter.path))
         if lycoris_kind(adapter.state) is None:
-            pipe.load_lora_weights(_diffusers_state_dict(adapter.state), adapter_name=adapter.name)
+            with warnings.catch_warnings():  # several adapters in one model is what is asked for here
+                warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+                pipe.load_lora_weights(_diffusers_state_dict(adapter.state), adapter_name=adapter.name)
         else:
             lycoris.append(adapter)
     pipe.lorakit_patches = WeightPatches(pipe, lycoris) if lycoris else None

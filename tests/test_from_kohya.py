@@ -106,6 +106,7 @@ def test_a_kohya_config_becomes_a_recipe_that_trains(tiny_base, tiny_dataset, tm
     for line in ("lr_warmup_steps: 0.1 is a share of max_train_steps", "full_bf16: lorakit has no equivalent"):
         assert line in said
     assert "network_args dylora_unit=4: lorakit has no equivalent" in said
+    assert "dataset_config" not in said  # empty: kohya's default, nothing to carry over
     assert "Prepare the photos first: lorakit prepare /data/img --kohya-folders --resolution 768 --out dataset" in said
     # and it trains (on the tiny model and dataset, one short epoch)
     settings = [f"data.folder={tiny_dataset}", "data.resolution=64", "train.max_epochs=1"]
@@ -128,12 +129,20 @@ def test_values_and_files_it_cannot_read_are_refused_in_one_line(tiny_base, tmp_
     )
     config = _config(tmp_path, tiny_base, **{"network_dim = 8": 'network_dim = "eight"'})
     fails(["from-kohya", str(config), "--out", str(tmp_path / "r2.toml")], "network_dim = 'eight': not a value")
+    config = _config(tmp_path, tiny_base, **{'"conv_dim=4"': '"conv_dim=four"'})
+    fails(
+        ["from-kohya", str(config), "--out", str(tmp_path / "r4.toml")], "network_args conv_dim = 'four': not a value"
+    )
+    config = _config(tmp_path, tiny_base, **{'"networks.lora"': '"networks.dylora"'})
+    said = ok(["from-kohya", str(config), "--out", str(tmp_path / "dylora.toml")]).stdout
+    assert "network_module: 'networks.dylora' (lorakit trains" in said and "network_args: the arguments of" in said
+    assert "network_module" not in said.split("not needed in lorakit")[1].split("\n")[0]
     config = _config(tmp_path, tiny_base, **{"network_dim = 8": "network_dim = 0"})
     fails(
         ["from-kohya", str(config), "--out", str(tmp_path / "r3.toml")],
         "lora.rank: 0 is outside 1..4096 (from network_dim)",
     )
-    assert not any((tmp_path / f"r{i}.toml").exists() for i in (1, 2, 3))
+    assert not any((tmp_path / f"r{i}.toml").exists() for i in (1, 2, 3, 4))
     config = _config(tmp_path, tiny_base)
     (tmp_path / "taken.toml").write_text("x", encoding="utf-8")
     fails(["from-kohya", str(config), "--out", str(tmp_path / "taken.toml")], "exists; pass --overwrite")
