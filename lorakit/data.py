@@ -260,6 +260,19 @@ def load_items(section: DataSection, pixel_multiple: int) -> list[Item]:
     return items
 
 
+def split_held_out(items: list[Item], share: float, seed: int) -> tuple[list[Item], list[Item]]:
+    """(training items, held-out items): `share` of the images (at least one) drawn by `seed`, so the same ones are
+    held out on every run; refused when none would be left to train on."""
+    count = max(1, round(share * len(items)))
+    if count >= len(items):
+        raise DatasetError(
+            f"validation.split: {share:g} of {len(items)} images holds out {count}, leaving none to train on; "
+            "lower it or add images"
+        )
+    chosen = set(random.Random(f"{seed}:validation-split").sample(range(len(items)), count))
+    return [i for n, i in enumerate(items) if n not in chosen], [i for n, i in enumerate(items) if n in chosen]
+
+
 def load_class_items(
     folder: Path,
     *,

@@ -444,6 +444,8 @@ DIRECT: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "sample_every_n_steps": ("sample.every_steps", int),
     "sample_every_n_epochs": ("sample.every_epochs", int),
     "sample_sampler": ("sample.sampler", _sampler),
+    "validation_split": ("validation.split", float),
+    "validate_every_n_steps": ("validation.every_steps", int),
 }
 # The settings read with others or with the config's context (handled in `convert`).
 SPECIAL = (

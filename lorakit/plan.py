@@ -273,6 +273,9 @@ def planned_steps(recipe: Recipe) -> tuple[int, str]:
     if not copies:
         batches = -(-ASSUMED_IMAGES // cfg.batch_size)
         how = f"train.max_epochs = {cfg.max_epochs}, {ASSUMED_IMAGES} images per epoch assumed (no prepared dataset)"
+    if recipe.validation and recipe.validation.split:
+        batches = max(1, round(batches * (1 - recipe.validation.split)))
+        how += f", less validation.split's {recipe.validation.split:g}, about"
     if recipe.prior:
         batches *= 2
         how += ", doubled for the class images of [prior], about"

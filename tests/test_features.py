@@ -70,6 +70,53 @@ def test_validation_loss_uses_fixed_noise(tiny_base, tiny_dataset, tmp_path):
     assert values[0] == values[1] > 0  # nothing trained (lr 0), so fixed noise gives the same number
 
 
+def test_validation_split_holds_out_the_same_images_and_trains_without_them(tiny_base, tiny_dataset, tmp_path):
+    from safetensors import safe_open
+
+    settings = {"train": {"max_steps": 4, "unet_lr": 0.0, "text_encoder_lr": 0.0}}
+    split = {"split": 0.25, "every_steps": 2, "timesteps": [300]}
+    first, lines = _run(tiny_base, tiny_dataset, tmp_path / "a", validation=split, **settings)
+    again, lines_again = _run(tiny_base, tiny_dataset, tmp_path / "b", validation=split, **settings)
+    said = [line for line in lines if line.startswith("validation.split: ")]
+    assert said == [line for line in lines_again if line.startswith("validation.split: ")]
+    assert said[0].startswith("validation.split: 2 of 8 images held out for val_loss: ")
+    with safe_open(str(first.adapter), "pt") as handle:
+        assert handle.metadata()["ss_num_train_images"] == "6"  # the held-out two are not trained on
+    rows = [json.loads(line) for line in (first.run_dir / "metrics.jsonl").read_text().splitlines()]
+    values = [r["val_loss"] for r in rows if "val_loss" in r]
+    assert [r["step"] for r in rows if "val_loss" in r] == [2, 4] and values[0] == values[1] > 0
+
+
+@pytest.mark.parametrize(
+    ("validation", "fragment"),
+    [
+        ({"split": 0.2, "folder": "x"}, "validation: give folder (a held-out dataset folder) or split"),
+        ({"every_steps": 5}, "validation: give folder (a held-out dataset folder) or split"),
+    ],
+)
+def test_a_validation_that_holds_out_nothing_or_everything_is_refused(
+    tiny_base, tiny_dataset, tmp_path, validation, fragment
+):
+    from .conftest import write_recipe
+    from .invoke import fails
+
+    recipe = make_recipe_dict(tiny_base, tiny_dataset, tmp_path / "out", validation=validation)
+    fails(["train", str(write_recipe(tmp_path / "r.toml", recipe)), "--quiet"], fragment)
+    assert not (tmp_path / "out" / "run").exists()
+
+
+def test_a_split_that_leaves_nothing_to_train_on_is_refused(tiny_dataset):
+    from lorakit.data import load_items, split_held_out
+    from lorakit.errors import DatasetError
+    from lorakit.recipe import DataSection
+
+    items = load_items(DataSection(folder=str(tiny_dataset), resolution=64), 8)
+    kept, held = split_held_out(items, 0.9, 0)
+    assert (len(kept), len(held)) == (1, 7) and not {i.path for i in kept} & {i.path for i in held}
+    with pytest.raises(DatasetError, match="validation.split: 0.1 of 1 images holds out 1, leaving none to train on"):
+        split_held_out(items[:1], 0.1, 0)
+
+
 def test_text_encoder_cache_matches_encoding_every_step(tiny_base, tiny_dataset, tmp_path):
     dataset = _write_dataset(tmp_path / "data", ["ohwx red toy"] * 4 + ["ohwx toy on white"] * 4, tiny_dataset)
     frozen = {"train_text_encoder": False}

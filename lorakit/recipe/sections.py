@@ -322,8 +322,11 @@ class SampleSection:
 
 @dataclass(frozen=True)
 class ValidationSection:
-    folder: str
+    folder: str | None = None
     """A held-out dataset folder (same layout as `data.folder`) whose denoising loss is logged as `val_loss`."""
+    split: float = 0.0
+    """Instead of `folder`: hold out this share of `data.folder`'s images (kohya's `validation_split`, e.g. 0.1),
+    the same ones on every run of the same `train.seed`; they are left out of training."""
     every_steps: int = 100
     """Compute the validation loss every this many steps (and at the end)."""
     timesteps: list[int] = field(default_factory=lambda: [100, 300, 500, 700, 900])

@@ -132,6 +132,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "sample.steps": (1, 1000),
     "sample.guidance": (0, 100),
     "validation.every_steps": (1, STEPS_MAX),
+    "validation.split": (0, 0.9),
     "validation.timesteps": (0, TIMESTEPS_MAX),
 }
 
@@ -237,6 +238,15 @@ def _cross_checks(built: dict, problems: list[str]) -> None:
     output = built.get("output")
     if output is not None:
         problems += _run_name_problems(output.name)
+    validation = built.get("validation")
+    if validation is not None and (validation.folder is None) == (not validation.split):
+        problems.append(
+            "validation: give folder (a held-out dataset folder) or split (a share of data.folder's images to hold "
+            "out, e.g. 0.1), not both"
+            if validation.folder is not None
+            else "validation: give folder (a held-out dataset folder) or split (a share of data.folder's images to "
+            "hold out, e.g. 0.1)"
+        )
     for key in ("down_lr_weight", "up_lr_weight"):
         values = getattr(train, key) if train is not None else None
         if values is not None and not values:

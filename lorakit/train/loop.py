@@ -364,8 +364,9 @@ def restore(run: Run, checkpoint: Path, log: Log) -> None:
 
 
 def held_out_items(recipe: Recipe, base: BaseModel) -> list[Item]:
-    """The items of `[validation] folder` (none without a `[validation]` section)."""
-    if not recipe.validation:
+    """The items of `[validation] folder` (none without a `[validation]` section, or with `split`, whose items
+    set-up takes from the dataset)."""
+    if not recipe.validation or recipe.validation.folder is None:
         return []
     buckets = bucket_list(recipe.data.resolution, base.pixel_multiple)
     return load_folder(
@@ -378,8 +379,10 @@ def held_out_items(recipe: Recipe, base: BaseModel) -> list[Item]:
 
 
 def validation_items(run: Run) -> tuple[list[Item], LatentCache]:
-    """The held-out items with their latents encoded (cached beside them)."""
-    folder = Path(run.recipe.validation.folder)
+    """The held-out items with their latents encoded (cached beside them: in their folder, or the dataset's for
+    `validation.split`)."""
+    data = run.recipe.data.folder
+    folder = Path(run.recipe.validation.folder or (data if isinstance(data, str) else data[0]))
     cache = LatentCache(folder, vae_fingerprint(run.base.vae), run.base.vae_scale_factor)
     run.base.vae.to(run.device)
     cache.fill(run.held_out, (False,), encoder(run.base, run.device))

@@ -34,6 +34,7 @@ from ..data import (
     bucket_list,
     load_class_items,
     load_items,
+    split_held_out,
     steps_for_epochs,
     vae_fingerprint,
 )
@@ -76,7 +77,7 @@ def resolve_recipe(recipe: Recipe, base: BaseModel) -> Recipe:
     output = dataclasses.replace(recipe.output, folder=absolute(recipe.output.folder))
     prior = recipe.prior and dataclasses.replace(recipe.prior, class_dir=absolute(recipe.prior.class_dir))
     validation = recipe.validation and dataclasses.replace(
-        recipe.validation, folder=absolute(recipe.validation.folder)
+        recipe.validation, folder=recipe.validation.folder and absolute(recipe.validation.folder)
     )
     count = base.noise_scheduler.config.num_train_timesteps
     _check_schedule(recipe, base, count)
@@ -194,7 +195,7 @@ def set_up(
         render_class_images(recipe, base, accelerator, say, quiet)
     accelerator.wait_for_everyone()
     _check_prepared_resolution(recipe, say)
-    items = _load_all_items(recipe, base, say)
+    items, split_off = _load_all_items(recipe, base, say)
     phases.done("read dataset")
     if base.family == "sdxl":
         _state_sdxl_choices(recipe, items, say)
@@ -231,7 +232,7 @@ def set_up(
             if cleaned:
                 say(f"--resume: removed {cleaned} half-written files the interrupted run left in {paths.folder}")
     accelerator.wait_for_everyone()
-    held_out = held_out_items(recipe, base)
+    held_out = split_off or held_out_items(recipe, base)
     cache, text_cache = _fill_caches(recipe, base, items, held_out, accelerator.device, say, quiet, trained)
     phases.done("latent and text caches")
     prepared = accelerator.prepare(*trained.values(), optimizer)
@@ -689,8 +690,14 @@ def _init_from(path: str, trained: dict[str, Any], family: str, log: Log) -> Non
     log(f"lora.init_from: started from {path} ({loaded} of {total} modules)")
 
 
-def _load_all_items(recipe: Recipe, base: BaseModel, log: Log) -> list[Item]:
+def _load_all_items(recipe: Recipe, base: BaseModel, log: Log) -> tuple[list[Item], list[Item]]:
+    """The training items (with [prior]'s class images) and the ones `validation.split` holds out."""
     items = load_items(recipe.data, base.pixel_multiple)
+    held_out: list[Item] = []
+    if recipe.validation and recipe.validation.split:
+        items, held_out = split_held_out(items, recipe.validation.split, recipe.train.seed)
+        names = ", ".join(item.path.name for item in held_out[:4]) + (", ..." if len(held_out) > 4 else "")
+        log(f"validation.split: {len(held_out)} of {len(items) + len(held_out)} images held out for val_loss: {names}")
     limit = recipe.data.max_token_length
     if limit == 75:  # the model's own context (75 tokens for SD; smaller for the toy world)
         limit = base.tokenizers[0].model_max_length - 2
@@ -716,7 +723,7 @@ def _load_all_items(recipe: Recipe, base: BaseModel, log: Log) -> list[Item]:
             f"prior: {prior.num_class_images} class images from {prior.class_dir}, loss weight "
             f"{prior.prior_loss_weight}"
         )
-    return items
+    return items, held_out
 
 
 def _text_cache(recipe: Recipe, base: BaseModel, items: list[Item], device: Any, log: Log) -> dict[str, Any] | None:
