@@ -228,12 +228,14 @@ def inject_lora(
     rank and alpha patterns. `skip_layers` are text-encoder layer indices left without adapters (with clip
     skip N the last N - 1 layers never reach the U-Net: their adapters would get no gradient, which DDP
     refuses). `skip_modules` are module paths left without adapters (U-Net blocks at a block-wise rate of 0).
-    `module_ranks` / `module_alphas` give modules by path their own rank and alpha (`block_ranks`).
+    `module_ranks` / `module_alphas` give modules by path their own rank and alpha (`block_ranks`); a module at
+    rank 0 gets no adapter.
     Raises RecipeError when the targets match nothing, or when a text
     encoder would get q/k/v without out_proj (diffusers cannot load such a file).
     """
 
     targets = resolve_targets(target_modules, component)
+    skip_modules = (*skip_modules, *(path for path, r in (module_ranks or {}).items() if r == 0))
     excluded = [rf".*encoder\.layers\.({'|'.join(map(str, skip_layers))})\..*"] if skip_layers else []
     excluded += [re.escape(path) for path in skip_modules]
     exclude = "|".join(f"({pattern})" for pattern in excluded) if excluded else None

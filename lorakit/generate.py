@@ -75,7 +75,19 @@ def resolve_adapters(
         short = a1111_short_hash(path) if path.suffix.lower() == ".safetensors" else sha[:12]
         name = re.sub(r"[^A-Za-z0-9_-]", "_", path.name.split(".")[0])
         schedule = schedule_from_metadata(adapter.metadata, str(path))
-        adapters.append(LoadedAdapter(f"{name}_{len(adapters)}", path, scale, adapter.state, sha, short, schedule))
+        steps = adapter.metadata.get("ss_steps", "")
+        adapters.append(
+            LoadedAdapter(
+                f"{name}_{len(adapters)}",
+                path,
+                scale,
+                adapter.state,
+                sha,
+                short,
+                schedule,
+                int(steps) if steps.isdigit() else 0,
+            )
+        )
     return adapters, defaults
 
 
@@ -233,8 +245,7 @@ def _saved_adapters(
     loaded, _ = resolve_adapters([(str(f), scale) for f in files], allow_pickle)
     saved = []
     for index, adapter in enumerate([*loaded, adapters[folders[0]]]):
-        metadata = read_adapter_file(adapter.path, allow_pickle=allow_pickle).metadata
-        step = int(metadata.get("ss_steps", "0") or 0)
+        step = adapter.steps
         epoch = re.fullmatch(rf"{re.escape(paths.name)}-(\d{{6}})", adapter.path.name.split(".")[0])
         label = f"epoch {int(epoch.group(1))} (step {step})" if epoch else f"step {step}"
         if index == len(loaded):

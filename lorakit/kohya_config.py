@@ -247,20 +247,9 @@ def _network(left: dict[str, Any], result: Imported) -> None:
         if "conv_alpha" in args:
             alpha = _read(float, args.pop("conv_alpha"), "network_args conv_alpha")
             result.set("lora.conv_alpha", alpha, "network_args conv_alpha")
-    simple = {
-        "factor": ("lora.decompose_factor", int),
-        "rank_dropout": ("lora.rank_dropout", float),
-        "module_dropout": ("lora.module_dropout", float),
-        "loraplus_lr_ratio": ("train.loraplus_lr_ratio", float),
-        "dora_wd": ("lora.use_dora", _bool),
-        "decompose_both": ("lora.decompose_both", _bool),
-        "use_tucker": ("lora.use_effective_conv2d", _bool),
-        "block_dims": ("lora.block_ranks", lambda v: _number_list(v, int)),
-        "block_alphas": ("lora.block_alphas", lambda v: _number_list(v, float)),
-    }
     for name, text in args.items():
-        if name in simple:
-            key, cast = simple[name]
+        if name in NETWORK_ARGS:
+            key, cast = NETWORK_ARGS[name]
             try:
                 result.set(key, _read(cast, text, f"network_args {name}"), f"network_args {name}")
             except Unsupported as why:
@@ -446,6 +435,18 @@ DIRECT: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "sample_sampler": ("sample.sampler", _sampler),
     "validation_split": ("validation.split", float),
     "validate_every_n_steps": ("validation.every_steps", int),
+}
+# The `network_args` that map to one recipe key each (conv_dim / conv_alpha and algo are read in `_network`).
+NETWORK_ARGS: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "factor": ("lora.decompose_factor", int),
+    "rank_dropout": ("lora.rank_dropout", float),
+    "module_dropout": ("lora.module_dropout", float),
+    "loraplus_lr_ratio": ("train.loraplus_lr_ratio", float),
+    "dora_wd": ("lora.use_dora", _bool),
+    "decompose_both": ("lora.decompose_both", _bool),
+    "use_tucker": ("lora.use_effective_conv2d", _bool),
+    "block_dims": ("lora.block_ranks", lambda v: _number_list(v, int)),
+    "block_alphas": ("lora.block_alphas", lambda v: _number_list(v, float)),
 }
 # The settings read with others or with the config's context (handled in `convert`).
 SPECIAL = (

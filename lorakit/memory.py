@@ -237,26 +237,28 @@ def architecture_of(base: str) -> tuple[str, str]:
     return "sd15", f"the hub id {base!r} (assumed SD 1.x)"
 
 
-def dataset_rows(recipe: Any) -> tuple[int, list[tuple[int, int]]]:
-    """(rows, (width, height) of the rows that give one) of the recipe's prepared dataset folders' metadata.jsonl."""
-    rows = _prepared_rows(recipe)
-    return len(rows), [(width, height) for width, height, _ in rows if width]
+def dataset_rows(recipe: Any) -> int:
+    """How many rows the recipe's prepared dataset folders' metadata.jsonl hold (0 before `lorakit prepare`)."""
+    return len(_prepared_rows(recipe))
 
 
 def epoch_copies(recipe: Any) -> dict[tuple[int, int], int]:
-    """How many images an epoch of the prepared dataset shows in each bucket: every row at its nearest bucket at
-    `data.resolution`, times its own repeats and its folder's `data.num_repeats` (what train assigns; class images
-    of [prior] not counted). Empty when the dataset is not prepared."""
+    """How many images an epoch of the prepared dataset shows in each bucket, repeats counted (class images of
+    [prior] not counted). Empty when the dataset is not prepared."""
+    copies: dict[tuple[int, int], int] = {}
+    for bucket, repeats in _bucketed_rows(recipe):
+        copies[bucket] = copies.get(bucket, 0) + repeats
+    return copies
+
+
+def _bucketed_rows(recipe: Any) -> list[tuple[tuple[int, int], int]]:
+    """(bucket, appearances per epoch) of every prepared row with a size: its nearest bucket at `data.resolution`
+    (what train assigns), and its own repeats times its folder's `data.num_repeats`."""
     from .buckets import make_buckets, nearest_bucket
 
     side = recipe.data.resolution
     buckets = make_buckets(side, 64) or [(side, side)]
-    copies: dict[tuple[int, int], int] = {}
-    for width, height, repeats in _prepared_rows(recipe):
-        if width > 0 and height > 0:
-            bucket = nearest_bucket(width, height, buckets)
-            copies[bucket] = copies.get(bucket, 0) + repeats
-    return copies
+    return [(nearest_bucket(w, h, buckets), r) for w, h, r in _prepared_rows(recipe) if w > 0 and h > 0]
 
 
 def _prepared_rows(recipe: Any) -> list[tuple[int, int, int]]:
@@ -284,16 +286,11 @@ def _prepared_rows(recipe: Any) -> list[tuple[int, int, int]]:
 def largest_bucket(recipe: Any) -> tuple[tuple[int, int], str]:
     """The largest bucket the run trains at: each prepared image's nearest bucket at `data.resolution` (what train
     assigns), or the square one when the dataset is not prepared yet."""
-    from .buckets import make_buckets, nearest_bucket
-
-    _, sizes = dataset_rows(recipe)
     side = recipe.data.resolution
-    buckets = make_buckets(side, 64) or [(side, side)]
-    if sizes:
-        trained = [nearest_bucket(w, h, buckets) for w, h in sizes if w > 0 and h > 0]
-        if trained:
-            largest = max(trained, key=lambda b: b[0] * b[1])
-            return largest, f"the largest of {len(trained)} images of the dataset at data.resolution {side}"
+    trained = [bucket for bucket, _ in _bucketed_rows(recipe)]
+    if trained:
+        largest = max(trained, key=lambda b: b[0] * b[1])
+        return largest, f"the largest of {len(trained)} images of the dataset at data.resolution {side}"
     return (side, side), f"{side}x{side} assumed (no prepared dataset yet: run `lorakit prepare` for the real one)"
 
 
@@ -353,7 +350,6 @@ def _adapter_sizes(
         if block_ranks[0] is not None:
             per_block = [list(v) if v is not None else None for v in block_ranks]
             ranks, alphas = ranks_by_block(module, targets, per_block[0], per_block[1], alpha)
-            skipped += tuple(path for path, r in ranks.items() if r == 0 and path not in skipped)
     inject_lora(
         module,
         component,

@@ -265,6 +265,7 @@ class LoadedAdapter:
     short_hash: str = ""  # what A1111 writes in `Lora hashes` (formats.metadata.a1111_short_hash)
     # T-LoRA: (min_rank, exponent, num_train_timesteps) the file's metadata records (timestep_rank)
     timestep_ranks: tuple[int, float, int] | None = None
+    steps: int = 0  # the optimizer steps its metadata records (`ss_steps`; 0 when it does not say)
 
 
 def _diffusers_state_dict(state: Any) -> dict[str, Any]:

@@ -29,3 +29,21 @@ def sd_pipeline(path):
     from diffusers import StableDiffusionPipeline
 
     return StableDiffusionPipeline.from_pretrained(path)
+
+
+def assert_unet_reloads_exactly(result, base):
+    """Both adapter files of a trained run, loaded by diffusers into the tiny SD base, make its U-Net draw what the
+    trained U-Net draws (each module's own rank and alpha included)."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    hidden = torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = result.models["unet"].eval()(latents, torch.tensor([300]), encoder_hidden_states=hidden).sample
+    for path in (result.adapter, result.diffusers_adapter):
+        pipe = StableDiffusionPipeline.from_pretrained(base)
+        pipe.load_lora_weights(str(path))
+        with torch.no_grad():
+            got = pipe.unet(latents, torch.tensor([300]), encoder_hidden_states=hidden).sample
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)

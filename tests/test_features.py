@@ -175,7 +175,7 @@ def test_several_dataset_folders_with_their_own_repeats(tiny_base, tiny_dataset,
 
 
 def test_locon_adapts_convolutions_and_reloads_exactly(tiny_base, tiny_dataset, tmp_path):
-    from diffusers import StableDiffusionPipeline
+    from .invoke import assert_unet_reloads_exactly
 
     result, _ = _run(
         tiny_base,
@@ -188,16 +188,7 @@ def test_locon_adapts_convolutions_and_reloads_exactly(tiny_base, tiny_dataset, 
     assert tensors["lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"].shape == (2, 32, 3, 3)
     assert tensors["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"].shape[0] == 4
     assert json.loads(_metadata(result.adapter)["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "1"}
-    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    hidden = torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        want = result.models["unet"].eval()(latents, torch.tensor([300]), encoder_hidden_states=hidden).sample
-    for path in (result.adapter, result.diffusers_adapter):
-        pipe = StableDiffusionPipeline.from_pretrained(tiny_base)
-        pipe.load_lora_weights(str(path))
-        with torch.no_grad():
-            got = pipe.unet(latents, torch.tensor([300]), encoder_hidden_states=hidden).sample
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert_unet_reloads_exactly(result, tiny_base)
 
 
 def test_init_from_starts_at_an_existing_adapter(tiny_base, tiny_dataset, tmp_path):

@@ -435,11 +435,12 @@ def test_block_wise_rates_group_the_unet_and_leave_blocks_at_zero_out(tiny_base,
 def test_block_ranks_give_each_block_its_rank_and_alpha_and_reload_exactly(tiny_base, tiny_dataset, tmp_path):
     import json
 
-    from diffusers import StableDiffusionPipeline
     from safetensors import safe_open
 
     from lorakit.formats.read import read_adapter_file
     from lorakit.plan import plan
+
+    from .invoke import assert_unet_reloads_exactly
 
     # IN00-IN03, M00, OUT00-OUT03 of the tiny U-Net: attention in IN01 (at 0 here), the middle, OUT02 and OUT03
     lora = {"block_ranks": [4, 0, 4, 4, 8, 4, 4, 2, 6], "block_alphas": [4, 4, 4, 4, 16, 4, 4, 1, 3]}
@@ -461,16 +462,7 @@ def test_block_ranks_give_each_block_its_rank_and_alpha_and_reload_exactly(tiny_
         args = json.loads(handle.metadata()["ss_network_args"])
     assert args == {"block_dims": "4,0,4,4,8,4,4,2,6", "block_alphas": "4,4,4,4,16,4,4,1,3"}
     # both files draw what the trained U-Net draws (each module's own alpha / rank)
-    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    hidden = torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        want = result.models["unet"].eval()(latents, torch.tensor([300]), encoder_hidden_states=hidden).sample
-    for path in (result.adapter, result.diffusers_adapter):
-        pipe = StableDiffusionPipeline.from_pretrained(tiny_base)
-        pipe.load_lora_weights(str(path))
-        with torch.no_grad():
-            got = pipe.unet(latents, torch.tensor([300]), encoder_hidden_states=hidden).sample
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert_unet_reloads_exactly(result, tiny_base)
 
 
 @pytest.mark.parametrize(

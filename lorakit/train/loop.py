@@ -214,12 +214,17 @@ def _micro_batch_loss(run: Run, batch: list[int]) -> Any:
     if data.masked_loss:  # the subject counts fully, the rest by mask_background_weight
         masks = torch.stack([batch_mask(run, i, f) for i, f in zip(batch, flips, strict=True)])
         pixel_weights = to_device(masks + (1 - masks) * data.mask_background_weight, run.device)
+    threshold: Any = cfg.huber_c  # squared error has none
+    if cfg.loss_type != "l2":
+        threshold = objective.huber_thresholds(
+            base.noise_scheduler, timesteps, cfg.huber_c, cfg.huber_schedule, cfg.huber_scale
+        )
     return objective.diffusion_loss(
         prediction.sample,
         to_device(target, run.device),
         to_device(weights, run.device),
         cfg.loss_type,
-        objective.huber_thresholds(base.noise_scheduler, timesteps, cfg.huber_c, cfg.huber_schedule, cfg.huber_scale),
+        threshold,
         pixel_weights,
     )
 
@@ -491,7 +496,7 @@ def fit(run: Run) -> float:
     with progress_bar("Training", cfg.max_steps - run.step, quiet=run.quiet) as bar, stops:
         while run.step < cfg.max_steps:
             first = run.phases is not None and "first step" not in run.phases.seconds
-            epochs_before = int(run.stream.epochs_done)
+            epochs_before = run.epochs_done
             loss = optimizer_step(run)
             if first:
                 run.phases.done("first step")
@@ -510,9 +515,9 @@ def fit(run: Run) -> float:
             row: dict[str, Any] = {}
             if validation and due(run.step, recipe.validation.every_steps, cfg.max_steps):
                 row["val_loss"] = validation_loss(run, *validation)
-            epoch_end = _epoch_ended(epochs_before, int(run.stream.epochs_done), cfg.save_every_epochs)
+            epoch_end = _epoch_ended(epochs_before, run.epochs_done, cfg.save_every_epochs)
             saving = due(run.step, cfg.save_every_steps, cfg.max_steps) or epoch_end is not None
-            sample_epoch = _epoch_ended(epochs_before, int(run.stream.epochs_done), recipe.sample.every_epochs)
+            sample_epoch = _epoch_ended(epochs_before, run.epochs_done, recipe.sample.every_epochs)
             sampling = bool(recipe.sample.prompts) and (
                 due(run.step, sample_every, cfg.max_steps) or sample_epoch is not None or (at_checkpoints and saving)
             )

@@ -576,7 +576,6 @@ def _inject(recipe: Recipe, base: BaseModel, log: Log) -> dict[str, Any]:
     counts = []
     zero_blocks = _zero_rate_modules(recipe, base, log)
     ranks, alphas = _block_ranks(recipe, base, log)
-    zero_blocks += tuple(path for path, rank in ranks.items() if rank == 0 and path not in zero_blocks)
     for component, module in trained.items():
         names = adapters.inject_lora(
             module,
