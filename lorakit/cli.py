@@ -237,6 +237,13 @@ def prepare(
     caption_from_filename: Annotated[
         bool, typer.Option(help="Use the file name as caption when there is no caption file or model.")
     ] = False,
+    class_tokens: Annotated[
+        str,
+        typer.Option(
+            help='Caption of the images without a caption file (kohya\'s class_tokens), e.g. "ohwx man"; not '
+            "with --caption-model or --caption-from-filename."
+        ),
+    ] = "",
     tokenizer: Annotated[
         str | None,
         typer.Option(help="CLIP tokenizer (folder, diffusers model folder or hub id) to count caption tokens."),
@@ -293,6 +300,7 @@ def prepare(
         caption_extensions=extensions,
         caption_model=caption_model,
         caption_from_filename=caption_from_filename,
+        class_tokens=" ".join(class_tokens.split()),
         tokenizer=tokenizer,
         strict=strict,
         workers=workers,
@@ -600,12 +608,19 @@ def from_kohya(
         Path, typer.Argument(help="A kohya sd-scripts training config (.toml, as --config_file reads).")
     ],
     out: Annotated[Path, typer.Option(help="The recipe to write.")] = Path("recipe.toml"),
+    dataset_config: Annotated[
+        Path | None,
+        typer.Option(
+            help="kohya's dataset config (.toml, as --dataset_config reads), when the training config does not "
+            "name it: each subset becomes a `lorakit prepare` line and a data.folder entry, is_reg ones [prior]."
+        ),
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
 ) -> None:
     """Turn a kohya sd-scripts config into a lorakit recipe, accounting for every setting."""
     from .kohya_config import from_kohya as convert
 
-    result, path = _run(lambda: convert(config, out, overwrite=overwrite))
+    result, path = _run(lambda: convert(config, out, dataset_config=dataset_config, overwrite=overwrite))
     typer.echo(f"Wrote {path}: {len(result.mapped)} of the {result.read} kohya settings mapped to recipe keys")
     if result.not_needed:
         typer.echo(f"  not needed in lorakit ({len(result.not_needed)}): {', '.join(result.not_needed)}")

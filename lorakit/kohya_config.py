@@ -10,6 +10,7 @@ validated as `lorakit train` would load it.
 from __future__ import annotations
 
 import math
+import shlex
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LorakitError, RecipeError
-from .files import atomic_write_text
+from .files import IMAGE_SUFFIXES, atomic_write_text
 from .recipe import recipe_from_dict, toml_value
 
 CONFIG_MAX_BYTES = 1 << 20  # a training config is a few KB
@@ -141,8 +142,12 @@ def _resolution(value: Any) -> int:
     return round(math.sqrt(sides[0] * sides[1]) / 64) * 64
 
 
-def convert(settings: dict[str, Any], config_dir: Path) -> Imported:
-    """The recipe for a flat dict of sd-scripts settings (`config_dir`: where relative prompt files are read)."""
+def convert(
+    settings: dict[str, Any], config_dir: Path, dataset: tuple[Path, dict[str, Any]] | None = None
+) -> Imported:
+    """The recipe for a flat dict of sd-scripts settings (`config_dir`: where relative prompt files are read) and,
+    when given, a dataset config (its path and parsed TOML), which takes the place of `train_data_dir` and
+    `reg_data_dir`."""
     result = Imported()
     left = dict(settings)
 
@@ -188,6 +193,15 @@ def convert(settings: dict[str, Any], config_dir: Path) -> Imported:
 
     take("sample_prompts", "sample.prompts", lambda v: _prompts(v, config_dir))
 
+    if dataset is not None:  # sd-scripts ignores the data folders of the training config then
+        for name in ("train_data_dir", "reg_data_dir", "dataset_config"):
+            if name in left:
+                left.pop(name)
+                (result.mapped if name == "dataset_config" else result.not_needed).append(name)
+        try:
+            _dataset_config(dataset, settings, left, result)
+        except (TypeError, ValueError) as err:
+            raise LorakitError(f"{dataset[0]}: a setting has a value of the wrong kind ({err})") from None
     if "reg_data_dir" in left:
         result.unsupported.append(
             f"reg_data_dir: class images need a class prompt kohya takes from its folder names; add a [prior] section "
@@ -201,16 +215,10 @@ def convert(settings: dict[str, Any], config_dir: Path) -> Imported:
             f"prior_loss_weight: set prior_loss_weight = {left.pop('prior_loss_weight')} in that [prior] section"
         )
 
-    if settings.get("train_data_dir"):
+    if settings.get("train_data_dir") and dataset is None:
         side = result.recipe.get("data", {}).get("resolution", 512)
         result.notes.append(
             f"lorakit prepare {settings['train_data_dir']} --kohya-folders --resolution {side} --out dataset"
-        )
-    if "dataset_config" in left:
-        result.unsupported.append(
-            f"dataset_config: {left.pop('dataset_config')!r} is not read; run `lorakit prepare IMAGE_DIR --out "
-            "dataset-N` for each of its [[datasets.subsets]] and list them in data.folder (num_repeats in "
-            "data.num_repeats, is_reg subsets as a [prior] section)"
         )
     for name in list(left):
         if name in NOT_NEEDED:
@@ -218,6 +226,192 @@ def convert(settings: dict[str, Any], config_dir: Path) -> Imported:
         else:
             result.unsupported.append(f"{name}: lorakit has no equivalent")
     return result
+
+
+# kohya's dataset config (`--dataset_config`): [general], then [[datasets]] each with [[datasets.subsets]]; a
+# subset reads a setting from itself, else its dataset, else [general], else the training config.
+SUBSET_PREPARE = {  # settings that become options of the subset's `lorakit prepare` line
+    "caption_extension": "--caption-ext",
+    "class_tokens": "--class-tokens",
+    "caption_prefix": "--trigger",
+    "bucket_reso_steps": "--bucket-step",
+    "alpha_mask": "--alpha-mask",
+}
+SUBSET_READ = {"image_dir", "num_repeats", "is_reg", "batch_size", *SUBSET_PREPARE}
+DATASET_NOT_NEEDED = {
+    "cache_info": "`lorakit prepare` keeps its own state of what it read",
+    "caption_separator": "tags are separated by commas",
+}
+DATASET_UNSUPPORTED = {
+    "color_aug": "a colour change every step would make the cached latents stale",
+    "random_crop": "`lorakit prepare` crops each photo once, to its bucket",
+    "face_crop_aug_range": "`lorakit prepare` crops each photo once, to its bucket",
+    "enable_wildcard": "a caption is one line of tags; keep one caption per image",
+    "secondary_separator": "lorakit shuffles and drops single tags",
+    "caption_suffix": "add it to the caption files",
+    "token_warmup_min": "lorakit has no caption warm-up",
+    "token_warmup_step": "lorakit has no caption warm-up",
+    "metadata_file": "kohya's fine-tuning caption JSON is not read; write each caption to a .txt beside its image",
+    "conditioning_data_dir": "ControlNet datasets are not LoRA training data",
+}
+
+
+@dataclass
+class _Subset:
+    place: str  # "subset 1.2": the 2nd subset of the 1st dataset
+    settings: dict[str, Any]  # its own, its dataset's and [general]'s, the nearest winning
+
+
+def _subsets(data: dict[str, Any], where: str) -> tuple[list[_Subset], list[tuple[str, str, Any]]]:
+    """Each subset with what it reads, and every setting the file writes as (place, name, value)."""
+
+    def table(value: Any, place: str) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise LorakitError(f"{where}: {place} is not a table; see kohya's docs/config_README-en.md")
+        return {k: v for k, v in value.items() if v is not None and v != ""}
+
+    data = dict(data)
+    general = table(data.pop("general", {}), "[general]")
+    datasets = data.pop("datasets", [])
+    if not isinstance(datasets, list) or not datasets:
+        raise LorakitError(
+            f"{where}: no [[datasets]]; a kohya dataset config lists them with their [[datasets.subsets]]"
+        )
+    written = [("the file", name, value) for name, value in data.items()]  # top-level keys kohya does not read
+    written += [("[general]", name, value) for name, value in general.items()]
+    subsets = []
+    for i, raw in enumerate(datasets, 1):
+        dataset = table(raw, f"dataset {i}")
+        children = dataset.pop("subsets", [])
+        if not isinstance(children, list) or not children:
+            raise LorakitError(f"{where}: dataset {i} has no [[datasets.subsets]]; each names an image_dir")
+        written += [(f"dataset {i}", name, value) for name, value in dataset.items()]
+        for j, child in enumerate(children, 1):
+            own = table(child, f"subset {i}.{j}")
+            written += [(f"subset {i}.{j}", name, value) for name, value in own.items()]
+            subsets.append(_Subset(f"subset {i}.{j}", {**general, **dataset, **own}))
+    return subsets, written
+
+
+def _dataset_config(
+    dataset: tuple[Path, dict[str, Any]], settings: dict[str, Any], left: dict[str, Any], result: Imported
+) -> None:
+    """Carry a kohya dataset config over: a `lorakit prepare` line per subset, `data.folder` / `num_repeats`
+    lists, the settings every subset shares, and the first `is_reg` subset as `[prior]`."""
+    where = str(dataset[0])
+    subsets, written = _subsets(dataset[1], where)
+    training = [s for s in subsets if not _bool(s.settings.get("is_reg", False))]
+    regs = [s for s in subsets if s not in training]
+    if not training:
+        raise LorakitError(f"{where}: every subset is is_reg = true; lorakit needs at least one subset to train on")
+    for subset in subsets:
+        if "image_dir" not in subset.settings:
+            raise LorakitError(
+                f"{where}: {subset.place} has no image_dir; lorakit prepares the photos of a folder"
+                + (" (kohya's metadata_file captions are not read)" if "metadata_file" in subset.settings else "")
+            )
+
+    fates: dict[tuple[str, str], str] = {}  # (place, name) -> why not carried over; absent: mapped or not needed
+
+    # What every training subset must share, because lorakit sets it once for the whole dataset.
+    shared = {name for s in training for name in s.settings if name in DIRECT or name == "batch_size"}
+    for name in sorted(shared):
+        key, cast = DIRECT[name] if name in DIRECT else ("train.batch_size", int)
+        fallback = settings.get("train_batch_size" if name == "batch_size" else name, "unset")
+        values = {s.place: s.settings.get(name, fallback) for s in training}
+        if len({repr(v) for v in values.values()}) > 1:
+            why = "differs between subsets (" + ", ".join(f"{v} in {p}" for p, v in values.items())
+            why += f"); lorakit sets {key} once for the whole dataset"
+            for place, n, _ in written:
+                if n == name:
+                    fates[(place, n)] = why
+            continue
+        value = next(iter(values.values()))
+        try:
+            result.set(key, cast(value), f"{name} (dataset_config)")
+        except Unsupported as why:
+            fates.update({(p, n): str(why) for p, n, _ in written if n == name})
+        except (TypeError, ValueError, IndexError) as err:
+            raise LorakitError(f"{where}: {name} = {value!r}: not a value lorakit can read ({err})") from None
+
+    folders = ["dataset"] if len(training) == 1 else [f"dataset-{k}" for k in range(1, len(training) + 1)]
+    repeats = [int(s.settings.get("num_repeats", 1)) for s in training]
+    result.set("data.folder", folders[0] if len(folders) == 1 else folders, "image_dir (dataset_config), prepared")
+    if any(r != 1 for r in repeats):
+        result.set("data.num_repeats", repeats[0] if len(repeats) == 1 else repeats, "num_repeats (dataset_config)")
+    fallback_side = settings.get("resolution", 512)
+    for subset, folder in zip(training, folders, strict=True):
+        result.notes.append(_prepare_line(subset.settings, folder, fallback_side))
+
+    if regs:
+        _prior(regs, left, result, fates)
+
+    reg_places = {s.place for s in regs}
+    for place, name, value in written:
+        label = f"{name} in {place}"
+        if (place, name) in fates:
+            continue
+        if name == "num_repeats" and place in reg_places:
+            result.not_needed.append(f"{label} (class images are drawn beside the photos as needed)")
+        elif name in SUBSET_READ or name in DIRECT:
+            result.mapped.append(label)
+        elif name == "caption_separator" and value != ",":
+            fates[(place, name)] = f"{value!r}: lorakit separates tags by commas"
+        elif name in NOT_NEEDED or name in DATASET_NOT_NEEDED:
+            result.not_needed.append(label)
+        else:
+            fates[(place, name)] = DATASET_UNSUPPORTED.get(name, "lorakit has no equivalent")
+    grouped: dict[tuple[str, str], list[str]] = {}
+    for (place, name), why in fates.items():
+        grouped.setdefault((name, why), []).append(place)
+    result.unsupported += [f"{name} ({', '.join(places)}): {why}" for (name, why), places in grouped.items()]
+    result.read += len(written)
+
+
+def _prepare_line(settings: dict[str, Any], folder: str, fallback_side: Any) -> str:
+    """The `lorakit prepare` command for one subset."""
+    side = _resolution(settings.get("resolution", fallback_side))
+    words = ["lorakit", "prepare", str(settings["image_dir"]), "--out", folder, "--resolution", str(side)]
+    for name, option in SUBSET_PREPARE.items():
+        value = settings.get(name)
+        if value is None:
+            continue
+        if name == "alpha_mask":
+            words += [option] if _bool(value) else []
+        else:
+            words += [option, " ".join(str(value).split())]
+    return shlex.join(words)
+
+
+def _prior(regs: list[_Subset], left: dict[str, Any], result: Imported, fates: dict[tuple[str, str], str]) -> None:
+    """The first `is_reg` subset becomes `[prior]`: class images in their own folder, drawn beside the photos."""
+    first, *others = regs
+    for other in others:
+        fates[(other.place, "is_reg")] = f"lorakit takes one folder of class images (that of {first.place})"
+    if "class_tokens" not in first.settings:
+        fates[(first.place, "is_reg")] = "no class_tokens to caption the class images; add a [prior] section by hand"
+        if "prior_loss_weight" in left:
+            result.unsupported.append(
+                f"prior_loss_weight: set {left.pop('prior_loss_weight')} in that [prior] section"
+            )
+        return
+    folder = Path(str(first.settings["image_dir"])).expanduser()
+    result.set("prior.class_dir", str(first.settings["image_dir"]), f"image_dir of {first.place}")
+    result.set(
+        "prior.class_prompt", " ".join(str(first.settings["class_tokens"]).split()), f"class_tokens of {first.place}"
+    )
+    count = sum(1 for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else 0
+    if count:
+        result.set("prior.num_class_images", count, f"the images in {first.place}'s image_dir")
+    else:
+        fates[(first.place, "image_dir")] = (
+            f"{folder} holds no images here, so prior.num_class_images is lorakit's 100 (train renders the missing "
+            "class images with the base); set it to the folder's image count"
+        )
+    if "prior_loss_weight" in left:
+        weight = left.pop("prior_loss_weight")
+        result.set("prior.prior_loss_weight", float(weight), "prior_loss_weight")
+        result.mapped.append("prior_loss_weight")
 
 
 def _network(left: dict[str, Any], result: Imported) -> None:
@@ -268,8 +462,8 @@ def _read(cast: Callable[[str], Any], text: str, where: str) -> Any:
 
 def _optimizer(left: dict[str, Any], result: Imported) -> None:
     """`optimizer_type` and `optimizer_args`."""
+    has_type, has_args = "optimizer_type" in left, "optimizer_args" in left
     given = str(left.pop("optimizer_type", "AdamW"))
-    has_args = "optimizer_args" in left
     args = _arguments(left.pop("optimizer_args", []), "optimizer_args")
     name = OPTIMIZERS.get(given.lower().replace("_", ""))
     if name is None:
@@ -279,8 +473,8 @@ def _optimizer(left: dict[str, Any], result: Imported) -> None:
         if has_args:
             result.unsupported.append("optimizer_args: settings of that optimizer")
         return
-    result.set("train.optimizer", name, "optimizer_type")
-    result.mapped += ["optimizer_type"] + (["optimizer_args"] if has_args else [])
+    result.set("train.optimizer", name, "optimizer_type" if has_type else "kohya's default optimizer_type, AdamW")
+    result.mapped += (["optimizer_type"] if has_type else []) + (["optimizer_args"] if has_args else [])
     adafactor_fixed = {"scale_parameter": False, "relative_step": False, "warmup_init": False}
     for key, text in args.items():
         where = f"optimizer_args {key}"
@@ -467,16 +661,21 @@ SPECIAL = (
 )
 
 
-def read_config(path: Path) -> dict[str, Any]:
-    """A kohya config's settings, flat: sd-scripts reads top-level keys and those of each table alike."""
+def _read_toml(path: Path, what: str, option: str) -> dict[str, Any]:
+    """A kohya TOML file (`what`: "training config" / "dataset config"; `option`: sd-scripts' option for it)."""
     if not path.is_file():
-        raise LorakitError(f"{path}: not found; pass the .toml kohya sd-scripts reads with --config_file")
+        raise LorakitError(f"{path}: not found; pass the .toml kohya sd-scripts reads with {option}")
     if path.stat().st_size > CONFIG_MAX_BYTES:
-        raise LorakitError(f"{path}: {path.stat().st_size:,} bytes is not a training config (they are a few KB)")
+        raise LorakitError(f"{path}: {path.stat().st_size:,} bytes is not a {what} (they are a few KB)")
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError, ValueError, RecursionError) as err:
         raise LorakitError(f"{path}: not valid TOML ({err}); pass the .toml kohya sd-scripts reads") from None
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """A kohya config's settings, flat: sd-scripts reads top-level keys and those of each table alike."""
+    data = _read_toml(path, "training config", "--config_file")
     flat: dict[str, Any] = {}
     for key, value in data.items():
         if isinstance(value, dict):
@@ -495,20 +694,32 @@ def recipe_text(result: Imported, source: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def from_kohya(config: str | Path, out: str | Path, *, overwrite: bool = False) -> tuple[Imported, Path]:
-    """Write the recipe for the kohya config `config` to `out`; the recipe is checked as train would load it."""
+def from_kohya(
+    config: str | Path, out: str | Path, *, dataset_config: str | Path | None = None, overwrite: bool = False
+) -> tuple[Imported, Path]:
+    """Write the recipe for the kohya config `config` (and the dataset config it names, or `dataset_config`) to
+    `out`; the recipe is checked as train would load it."""
     config, out = Path(config).expanduser(), Path(out).expanduser()
     if out.exists() and not overwrite:
         raise LorakitError(f"--out {out}: exists; pass --overwrite to replace it or choose another file")
     settings = read_config(config)
+    if dataset_config is not None:
+        settings["dataset_config"] = str(dataset_config)
+    dataset = None
+    if settings.get("dataset_config"):
+        path = Path(str(settings["dataset_config"])).expanduser()
+        if not path.is_absolute() and not path.exists():  # sd-scripts reads it from where it runs
+            path = config.parent / path
+        dataset = (path, _read_toml(path, "dataset config", "--dataset_config"))
     try:
-        result = convert(settings, config.parent)
+        result = convert(settings, config.parent, dataset)
     except (TypeError, ValueError) as err:
         raise LorakitError(f"{config}: a setting has a value of the wrong kind ({err})") from None
     if "model" not in result.recipe:
         raise LorakitError(f"{config}: no pretrained_model_name_or_path; a recipe needs the base model")
     result.recipe.setdefault("data", {})
-    result.set("data.folder", "dataset", "train_data_dir, after `lorakit prepare`")
+    if "data.folder" not in result.origin:
+        result.set("data.folder", "dataset", "train_data_dir, after `lorakit prepare`")
     try:
         recipe_from_dict(result.recipe, source=str(config))
     except RecipeError as err:

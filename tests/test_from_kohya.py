@@ -164,3 +164,117 @@ def test_every_training_option_the_readme_maps_is_read_by_from_kohya():
     names -= {"resume"}  # `lorakit train --resume`, not a recipe key
     assert len(names) > 50
     assert names <= set(DIRECT) | set(SPECIAL) | set(NOT_NEEDED), sorted(names - set(DIRECT) - set(SPECIAL))
+
+
+TRAINING = """
+pretrained_model_name_or_path = "{base}"
+network_dim = 4
+network_alpha = 4
+max_train_steps = 2
+output_dir = "{out}"
+output_name = "two"
+prior_loss_weight = 0.5
+train_data_dir = "/not/read"
+shuffle_caption = true
+"""
+
+DATASET = """
+[general]
+caption_extension = ".txt"
+keep_tokens = 1
+enable_bucket = true
+
+[[datasets]]
+resolution = 64
+batch_size = 2
+
+  [[datasets.subsets]]
+  image_dir = "photos/close"
+  class_tokens = "ohwx   man"
+  num_repeats = 10
+  color_aug = true
+
+  [[datasets.subsets]]
+  image_dir = "photos/far"
+  class_tokens = "ohwx man"
+  num_repeats = 3
+  flip_aug = true
+  color_aug = true
+
+  [[datasets.subsets]]
+  image_dir = "photos/men"
+  class_tokens = "man"
+  is_reg = true
+  num_repeats = 1
+"""
+
+
+def test_a_kohya_dataset_config_becomes_prepare_lines_folders_and_a_prior(tiny_base, tmp_path, monkeypatch):
+    import json
+    import shlex
+
+    from .messy import textured
+
+    monkeypatch.chdir(tmp_path)  # the paths of a dataset config are read from where sd-scripts runs, as here
+    for folder, seeds in (("close", (0, 1, 2)), ("far", (3, 4)), ("men", (5, 6))):
+        (tmp_path / "photos" / folder).mkdir(parents=True)
+        for seed in seeds:
+            textured(96, 96, seed).save(tmp_path / "photos" / folder / f"p{seed}.png")
+    (tmp_path / "photos" / "close" / "p0.txt").write_text("ohwx man, red shirt")
+    (tmp_path / "kohya.toml").write_text(TRAINING.format(base=tiny_base, out=tmp_path / "out"))
+    (tmp_path / "dataset.toml").write_text(DATASET)
+    said = ok(["from-kohya", "kohya.toml", "--dataset-config", "dataset.toml", "--out", "recipe.toml"]).stdout
+    recipe = load_recipe(tmp_path / "recipe.toml")
+    assert (recipe.data.folder, recipe.data.num_repeats) == (["dataset-1", "dataset-2"], [10, 3])
+    assert (recipe.data.resolution, recipe.train.batch_size, recipe.data.keep_tokens) == (64, 2, 1)
+    assert recipe.data.shuffle_tags  # from the training config: a subset falls back to it, as in sd-scripts
+    assert not recipe.data.flip  # one subset flips, the other not: lorakit flips all or none, and says so
+    prior = recipe.prior
+    assert (prior.class_dir, prior.class_prompt, prior.num_class_images, prior.prior_loss_weight) == (
+        "photos/men",
+        "man",
+        2,
+        0.5,
+    )
+    lines = [line.split(": ", 1)[1] for line in said.splitlines() if line.startswith("Prepare the photos first:")]
+    assert lines == [
+        "lorakit prepare photos/close --out dataset-1 --resolution 64 --caption-ext .txt --class-tokens 'ohwx man'",
+        "lorakit prepare photos/far --out dataset-2 --resolution 64 --caption-ext .txt --class-tokens 'ohwx man'",
+    ]
+    # every setting of both files is accounted for: 10 of the training config (with --dataset-config), 18 of the
+    # dataset config; not mapped: 3 not needed, 3 not carried over
+    assert "Wrote recipe.toml: 22 of the 28 kohya settings mapped to recipe keys" in said
+    assert "not needed in lorakit (3): train_data_dir, enable_bucket in [general], num_repeats in subset 1.3" in said
+    assert "color_aug (subset 1.1, subset 1.2): a colour change every step would make the cached latents" in said
+    assert (
+        "flip_aug (subset 1.2): differs between subsets (unset in subset 1.1, True in subset 1.2); lorakit sets "
+        "data.flip once for the whole dataset" in said
+    )
+    # the printed lines prepare what the recipe trains on
+    for line in lines:
+        ok([*shlex.split(line)[1:], "--workers", "1", "--quiet"])
+    captions = [json.loads(r)["text"] for r in (tmp_path / "dataset-1" / "metadata.jsonl").read_text().splitlines()]
+    assert sorted(captions) == ["ohwx man", "ohwx man", "ohwx man, red shirt"]
+    ok(["train", "recipe.toml", "--quiet"])
+    adapter = tmp_path / "out" / "two" / "two.safetensors"
+    assert adapter.is_file()
+    from safetensors import safe_open
+
+    with safe_open(str(adapter), "pt") as f:
+        meta = f.metadata()
+    dirs = json.loads(meta["ss_dataset_dirs"])
+    # the class images are repeated to as many samples as the photos give (3 x 10 + 2 x 3), as kohya does
+    assert {k: v["n_repeats"] for k, v in dirs.items()} == {"dataset-1": 10, "dataset-2": 3, "men": 18}
+
+
+def test_a_dataset_config_it_cannot_read_is_named(tiny_base, tmp_path):
+    (tmp_path / "kohya.toml").write_text(TRAINING.format(base=tiny_base, out=tmp_path / "out"))
+    args = ["from-kohya", str(tmp_path / "kohya.toml"), "--out", str(tmp_path / "r.toml")]
+    fails([*args, "--dataset-config", str(tmp_path / "none.toml")], "none.toml: not found; pass the .toml kohya")
+    (tmp_path / "d.toml").write_text("[general]\nshuffle_caption = true\n")
+    fails([*args, "--dataset-config", str(tmp_path / "d.toml")], "d.toml: no [[datasets]]; a kohya dataset config")
+    (tmp_path / "d.toml").write_text("[[datasets]]\n[[datasets.subsets]]\nmetadata_file = 'meta.json'\n")
+    fails([*args, "--dataset-config", str(tmp_path / "d.toml")], "subset 1.1 has no image_dir; lorakit prepares")
+    (tmp_path / "d.toml").write_text("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'a'\nnum_repeats = 'ten'\n")
+    fails([*args, "--dataset-config", str(tmp_path / "d.toml")], "d.toml: a setting has a value of the wrong kind")
+    assert not (tmp_path / "r.toml").exists()

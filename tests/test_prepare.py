@@ -455,3 +455,62 @@ def test_a_bad_repeats_value_names_its_line(tmp_path):
         DatasetError, match=r'metadata.jsonl:2: "repeats" must be a whole number from 1 to 10000, got 0'
     ):
         load_folder(out, trigger="", repeats=1, buckets=[(64, 64)])
+
+
+def test_class_tokens_caption_the_images_without_a_caption_file(tmp_path):
+    from .invoke import fails, ok
+
+    src = _kohya_photos(tmp_path / "img")
+    out = tmp_path / "dataset"
+    said = ok(
+        [
+            "prepare",
+            str(src),
+            "--out",
+            str(out),
+            "--resolution",
+            "64",
+            "--workers",
+            "1",
+            "--quiet",
+            "--class-tokens",
+            "ohwx  man",
+            "--trigger",
+            "sks",
+        ]
+    ).stdout
+    rows = {r["source"]: r["text"] for r in map(json.loads, (out / "metadata.jsonl").read_text().splitlines())}
+    assert rows == {
+        "10_ohwx man/p0.png": "sks, ohwx man",  # kohya's class_tokens, the trigger in front as everywhere
+        "10_ohwx man/p1.png": "sks, ohwx man, red shirt",  # its own caption file wins
+        "2_man/p2.png": "sks, ohwx man",
+        "2_man/p3.png": "sks, ohwx man",
+        "2_man/p4.png": "sks, ohwx man",
+    }
+    assert "Captions: 4 from class_tokens, 1 from sidecar" in said
+    # with --kohya-folders the folder's words come first, as kohya's subset folders give theirs
+    ok(
+        [
+            "prepare",
+            str(src),
+            "--out",
+            str(out),
+            "--resolution",
+            "64",
+            "--workers",
+            "1",
+            "--quiet",
+            "--class-tokens",
+            "person",
+            "--kohya-folders",
+        ]
+    )
+    rows = {r["source"]: r["text"] for r in map(json.loads, (out / "metadata.jsonl").read_text().splitlines())}
+    assert rows["2_man/p2.png"] == "man"
+    # two sources for the same images are refused before anything is read
+    other = tmp_path / "other"
+    fails(
+        ["prepare", str(src), "--out", str(other), "--class-tokens", "man", "--caption-from-filename"],
+        "--class-tokens and --caption-from-filename both caption the images without a caption file; pass one",
+    )
+    assert not other.exists()

@@ -46,6 +46,7 @@ class PrepareOptions:
     caption_extensions: tuple[str, ...] = (".txt", ".caption")
     caption_model: str | None = None
     caption_from_filename: bool = False
+    class_tokens: str = ""  # the caption of images without a caption file (kohya's class_tokens)
     tokenizer: str | None = None
     strict: bool = False
     workers: int | None = None
@@ -242,7 +243,7 @@ def _dedupe(results: list[Processed], threshold: int) -> tuple[list[Processed], 
 @dataclass
 class _Caption:
     text: str
-    source: str  # sidecar, model, folder, filename, trigger_only
+    source: str  # sidecar, model, folder, class_tokens, filename, trigger_only
     trigger: str  # added, moved, present, none
     non_utf8: str = ""
     model_text: str = ""  # the captioning model's own words, before tags and trigger (what a re-run reuses)
@@ -252,7 +253,8 @@ def _caption(
     path: Path, image_png: bytes | None, options: PrepareOptions, captioner, cached: str | None, folder_words: str = ""
 ) -> _Caption:
     """An image's caption: its caption file, else the captioning model's, else (--kohya-folders) its folder's class
-    words, else (--caption-from-filename) its file name, else none; then tags tidied and the trigger placed."""
+    words, else --class-tokens, else (--caption-from-filename) its file name, else none; then tags tidied and the
+    trigger placed."""
     text, sidecar, utf8 = read_sidecar(path, options.caption_extensions)
     source = "sidecar"
     if text is None or not text.strip():
@@ -265,6 +267,8 @@ def _caption(
             text, source = cached, "model"
         elif folder_words:
             text, source = folder_words, "folder"
+        elif options.class_tokens:
+            text, source = options.class_tokens, "class_tokens"
         elif options.caption_from_filename:
             text, source = caption_from_filename(path), "filename"
         else:
@@ -450,6 +454,11 @@ def prepare(
     if options.mask_model and not options.mask_prompt.strip():
         raise LorakitError(
             '--mask-model: also give --mask-prompt, the subject the model should find (e.g. --mask-prompt "a dog")'
+        )
+    if options.class_tokens and (options.caption_model or options.caption_from_filename):
+        other = "--caption-model" if options.caption_model else "--caption-from-filename"
+        raise LorakitError(
+            f"--class-tokens and {other} both caption the images without a caption file; pass one of them"
         )
     _check_folders(src, out)
     segmenter = None
