@@ -181,6 +181,15 @@ def convert(
         result.set("lora.train_text_encoder", not unet_only, "network_train_unet_only")
         result.mapped.append("network_train_unet_only")
 
+    if "text_encoder_lr" in left:  # SDXL configs may give each text encoder its own: a list of two
+        value = left.pop("text_encoder_lr")
+        rates = [float(value)] if isinstance(value, int | float) else _number_list(value, float)
+        if not 1 <= len(rates) <= 2:
+            raise LorakitError(f"text_encoder_lr = {value!r}: one rate, or two for SDXL's two text encoders")
+        result.set("train.text_encoder_lr", rates[0], "text_encoder_lr")
+        if len(rates) > 1 and rates[1] != rates[0]:
+            result.set("train.text_encoder_2_lr", rates[1], "text_encoder_lr (its second value)")
+        result.mapped.append("text_encoder_lr")
     rate = left.pop("learning_rate", None)
     if rate is not None:  # kohya's learning_rate is the default of both
         for key in ("train.unet_lr", "train.text_encoder_lr"):
@@ -585,7 +594,6 @@ DIRECT: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "train_batch_size": ("train.batch_size", int),
     "gradient_accumulation_steps": ("train.gradient_accumulation_steps", int),
     "unet_lr": ("train.unet_lr", float),
-    "text_encoder_lr": ("train.text_encoder_lr", lambda v: float(v[0] if isinstance(v, list) else v)),
     "lr_scheduler": ("train.lr_scheduler", _scheduler),
     "lr_scheduler_num_cycles": ("train.lr_scheduler_num_cycles", int),
     "lr_scheduler_power": ("train.lr_scheduler_power", float),
@@ -648,6 +656,7 @@ SPECIAL = (
     "network_module",
     "network_args",
     "network_train_unet_only",
+    "text_encoder_lr",
     "learning_rate",
     "lr_warmup_steps",
     "optimizer_type",

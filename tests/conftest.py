@@ -146,8 +146,9 @@ def trained_run(tiny_base, tiny_dataset, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def sdxl_run(tiny_sdxl, tiny_dataset, tmp_path_factory):
-    """(result, log lines) of a tiny SDXL run with both text encoders trained too (lora_te1 / lora_te2),
-    alpha != rank, on a dataset whose metadata lacks the original sizes and crops (a hand-made one)."""
+    """(result, log lines) of a tiny SDXL run with both text encoders trained too (lora_te1 / lora_te2; the
+    second at its own rate), alpha != rank, on a dataset whose metadata lacks the original sizes and crops (a
+    hand-made one)."""
     import json
     import shutil
 
@@ -160,7 +161,7 @@ def sdxl_run(tiny_sdxl, tiny_dataset, tmp_path_factory):
     cut = ("original_width", "original_height", "crop_left", "crop_top")
     rows = [{k: v for k, v in row.items() if k not in cut} for row in rows]
     (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    sections = {"lora": {"train_text_encoder": True}, "train": {"max_steps": 3}}
+    sections = {"lora": {"train_text_encoder": True}, "train": {"max_steps": 3, "text_encoder_2_lr": 2e-5}}
     recipe = make_recipe_dict(tiny_sdxl, folder, tmp_path_factory.mktemp("sdxl-run"), **sections)
     lines: list[str] = []
     return train(recipe_from_dict(recipe), quiet=True, log=lines.append), lines

@@ -539,3 +539,29 @@ def test_plan_counts_no_adapters_in_blocks_at_zero():
     expected = sum(p.numel() for n, p in named_lora_parameters(unet).items() if n.startswith("up_blocks."))
     assert sum(adapter_sizes("sd15", "unet", lora, train=only_up)) == expected
     assert sum(adapter_sizes("sd15", "unet", lora, train=TrainSection())) > expected
+
+
+def test_a_second_text_encoder_rate_is_refused_on_a_base_with_one(tiny_base, tiny_dataset, tmp_path):
+    from lorakit.errors import RecipeError
+    from lorakit.train import train
+
+    recipe = make_recipe_dict(tiny_base, tiny_dataset, tmp_path, train={"text_encoder_2_lr": 1e-5})
+    with pytest.raises(RecipeError, match=r"train.text_encoder_2_lr: .* has one text encoder, so it would do nothing"):
+        train(recipe_from_dict(recipe), quiet=True, log=lambda _: None)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_from_kohya_reads_two_text_encoder_rates():
+    from pathlib import Path
+
+    from lorakit.errors import LorakitError
+    from lorakit.kohya_config import convert
+
+    result = convert({"text_encoder_lr": [1e-4, 2e-5]}, Path("."))
+    assert (result.recipe["train"]["text_encoder_lr"], result.recipe["train"]["text_encoder_2_lr"]) == (1e-4, 2e-5)
+    assert convert({"text_encoder_lr": "3e-5"}, Path(".")).recipe["train"] == {
+        "text_encoder_lr": 3e-5,
+        "optimizer": "adamw",
+    }
+    with pytest.raises(LorakitError, match="one rate, or two for SDXL's two text encoders"):
+        convert({"text_encoder_lr": [1e-4, 2e-5, 3e-5]}, Path("."))

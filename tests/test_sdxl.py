@@ -36,6 +36,10 @@ def test_sdxl_trains_both_encoders_and_says_what_size_conditioning_assumes(sdxl_
     assert not any("down_blocks" in k or "up_blocks" in k or "mid_block" in k for k in keys)
     assert metadata["ss_base_model_version"] == "sdxl_base_v1-0"
     assert metadata["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    # train.text_encoder_2_lr: the second encoder learns at its own rate, recorded as kohya records two
+    rates = json.loads((result.run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert (rates["lr_unet"], rates["lr_text_encoder"], rates["lr_text_encoder_2"]) == (1e-3, 1e-3, 2e-5)
+    assert metadata["ss_text_encoder_lr"] == "[0.001, 2e-05]"
 
 
 @pytest.mark.parametrize("layout", ["kohya", "diffusers"])
@@ -142,6 +146,7 @@ def test_sdxl_with_frozen_encoders_caches_both_and_the_pooled_embedding(tiny_sdx
     [
         ({"model": {"clip_skip": 2}}, "model.clip_skip: 2 is not defined for SDXL"),
         ({"data": {"max_token_length": 150}}, "data.max_token_length: 150"),
+        ({"train": {"text_encoder_2_lr": 1e-5}}, "train.text_encoder_2_lr: the text encoders are not trained"),
     ],
 )
 def test_sdxl_refuses_what_it_does_not_define(tiny_sdxl, tiny_dataset, tmp_path, sections, fragment):

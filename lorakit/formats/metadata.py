@@ -168,7 +168,7 @@ def training_info(
         "ss_num_train_images": str(sum(item.repeats for item in items)),
         "ss_learning_rate": str(cfg.unet_lr),
         "ss_unet_lr": str(cfg.unet_lr),
-        "ss_text_encoder_lr": str(cfg.text_encoder_lr if lora.train_text_encoder else 0.0),
+        "ss_text_encoder_lr": str(_text_encoder_rates(cfg) if lora.train_text_encoder else 0.0),
         "ss_network_train_unet_only": str(not lora.train_text_encoder),
         "ss_optimizer": cfg.optimizer,
         "ss_lr_scheduler": cfg.lr_scheduler,
@@ -220,6 +220,13 @@ def training_info(
         tag_frequency=_tag_frequency(items),
         dataset_dirs=_dataset_dirs(items),
     )
+
+
+def _text_encoder_rates(cfg) -> float | list[float]:
+    """kohya's `ss_text_encoder_lr`: one rate, or SDXL's two when the second encoder has its own."""
+    if cfg.text_encoder_2_lr is None:
+        return cfg.text_encoder_lr
+    return [cfg.text_encoder_lr, cfg.text_encoder_2_lr]
 
 
 def _dataset_key(item: Item) -> str:

@@ -172,6 +172,9 @@ class TrainSection:
     """Learning rate of the U-Net adapter."""
     text_encoder_lr: float = 5e-5
     """Learning rate of the text-encoder adapter(s)."""
+    text_encoder_2_lr: float | None = None
+    """SDXL: learning rate of the second text encoder's adapter (OpenCLIP ViT-bigG; kohya's second
+    `text_encoder_lr` value); unset: `text_encoder_lr`. Only with `lora.train_text_encoder = true`."""
     lr_scheduler: LrScheduler = "constant"
     """Learning-rate schedule over `max_steps`."""
     lr_warmup_steps: int = 0

@@ -99,6 +99,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "train.gradient_accumulation_steps": (1, 4096),
     "train.unet_lr": (0, 1),
     "train.text_encoder_lr": (0, 1),
+    "train.text_encoder_2_lr": (0, 1),
     "train.lr_warmup_steps": (0, STEPS_MAX),
     "train.weight_decay": (0, 10),
     "train.betas": (0, 0.9999),

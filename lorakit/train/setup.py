@@ -81,6 +81,16 @@ def resolve_recipe(recipe: Recipe, base: BaseModel) -> Recipe:
     )
     count = base.noise_scheduler.config.num_train_timesteps
     _check_schedule(recipe, base, count)
+    if recipe.train.text_encoder_2_lr is not None and not (base.family == "sdxl" and lora.train_text_encoder):
+        why = (
+            f"{base.source} has one text encoder"
+            if base.family != "sdxl"
+            else "the text encoders are not trained (lora.train_text_encoder is false, SDXL's default)"
+        )
+        raise RecipeError(
+            f"train.text_encoder_2_lr: {why}, so it would do nothing; it is the rate of an SDXL base's second text "
+            "encoder with lora.train_text_encoder = true"
+        )
     train = dataclasses.replace(recipe.train, max_timestep=recipe.train.max_timestep or count)
     return dataclasses.replace(
         recipe, model=model, lora=lora, data=data, output=output, prior=prior, validation=validation, train=train
@@ -335,6 +345,8 @@ def _parameter_groups(recipe: Recipe, trained: dict[str, Any]) -> list[dict[str,
     groups = []
     for name, module in trained.items():
         lr = cfg.unet_lr if name == "unet" else cfg.text_encoder_lr
+        if name == "text_encoder_2" and cfg.text_encoder_2_lr is not None:
+            lr = cfg.text_encoder_2_lr
         by_factor: dict[float, dict[str, Any]] = {}
         for path, parameter in adapters.named_lora_parameters(module).items():
             factor = adapters.block_lr_weight(path, weights, layers) if name == "unet" else 1.0
