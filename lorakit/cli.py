@@ -581,9 +581,9 @@ def _floats(text: str, option: str) -> tuple[float, ...]:
 
 def _lora_arguments(texts: list[str] | None, option: str = "--lora") -> list[tuple[str, float]]:
     """`FILE[:SCALE]` arguments, each scale a finite number within +-SCALE_LIMIT."""
-    from .merge import parse_lora_argument
+    from .bake import path_and_scale
 
-    parsed = [parse_lora_argument(text) for text in texts or []]
+    parsed = [path_and_scale(text) for text in texts or []]
     for text, (_, scale) in zip(texts or [], parsed, strict=True):
         if not _usable_scale(scale):
             raise typer.BadParameter(

@@ -15,12 +15,13 @@ from typing import Any
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .bake import merge_files
 from .checkpoint import RunPaths
 from .errors import AdapterError, LorakitError
 from .files import file_sha256
 from .formats.metadata import a1111_short_hash
 from .formats.read import read_adapter_file
-from .models import load_pipeline
+from .models import detect_family, load_pipeline
 from .progress import progress_bar
 from .recipe import load_recipe
 from .render import (
@@ -32,6 +33,7 @@ from .render import (
     apply_adapters,
     img2img,
     make_grid,
+    pipeline_models,
     render,
     save_png,
     set_sampler,
@@ -44,12 +46,14 @@ from .trigger import with_trigger
 
 @dataclass
 class RunDefaults:
-    """What a run folder passed as --lora contributes: its base, trigger word and clip skip."""
+    """What a run folder passed as --lora contributes: its base (with the adapters it merged into it), trigger word
+    and clip skip."""
 
     base: str | None = None
     config: str | None = None
     trigger: str = ""
     clip_skip: int = 1
+    merged: tuple[str, ...] = ()  # the run's model.merged_adapters, part of the base it trained on
 
 
 def resolve_adapters(
@@ -67,9 +71,9 @@ def resolve_adapters(
             recipe = load_recipe(recipe_path)
             path = RunPaths(path, recipe.output.name).adapter()
             if defaults.base is None:
-                defaults = RunDefaults(
-                    recipe.model.base, recipe.model.config, recipe.data.trigger, recipe.model.clip_skip
-                )
+                model = recipe.model
+                merged = tuple(model.merged_adapters)
+                defaults = RunDefaults(model.base, model.config, recipe.data.trigger, model.clip_skip, merged)
         adapter = read_adapter_file(path, allow_pickle=allow_pickle)
         sha = file_sha256(path)
         short = a1111_short_hash(path) if path.suffix.lower() == ".safetensors" else sha[:12]
@@ -179,6 +183,10 @@ def generate(
     device, dtype = _device_and_dtype(options.dtype, log)
     config = options.config or (defaults.config if not options.base else None)
     pipe = load_pipeline(base, config=config, dtype=dtype, log=log, as_options=options.base is not None)
+    if defaults.merged and not options.base:  # the base the run trained on had these in its weights
+        models = pipeline_models(pipe)
+        family = detect_family(models, dict(pipe.unet.config))
+        log(f"The run's model.merged_adapters: {merge_files(list(defaults.merged), models, family, '--lora')}")
     apply_adapters(pipe, adapters)
     pipe.to(device, getattr(torch, dtype))
     pipe.set_progress_bar_config(disable=True)

@@ -176,6 +176,7 @@ def convert(
         result.mapped.append("v_parameterization")
 
     _network(left, result)
+    _base_weights(left, result)
     if "network_train_unet_only" in left:
         unet_only = _bool(left.pop("network_train_unet_only"))
         result.set("lora.train_text_encoder", not unet_only, "network_train_unet_only")
@@ -461,6 +462,28 @@ def _network(left: dict[str, Any], result: Imported) -> None:
             result.unsupported.append(f"network_args {name}={text}: lorakit has no equivalent")
 
 
+def _base_weights(left: dict[str, Any], result: Imported) -> None:
+    """`base_weights` (LoRA files merged into the base before training) and their `base_weights_multiplier`."""
+    files = left.pop("base_weights", [])
+    files = files if isinstance(files, list) else [files]
+    given = left.pop("base_weights_multiplier", None)
+    if not files:
+        if given is not None:
+            result.not_needed.append("base_weights_multiplier")
+        return
+    scales = (
+        [1.0] * len(files)
+        if given is None
+        else _number_list(given if isinstance(given, list | str) else [given], float)
+    )
+    if len(scales) != len(files):
+        raise LorakitError(f"base_weights_multiplier = {given!r}: one per base_weights file ({len(files)})")
+    entries = [str(f) if s == 1 else f"{f}:{s:g}" for f, s in zip(files, scales, strict=True)]
+    source = "base_weights" + (", base_weights_multiplier" if given is not None else "")
+    result.set("model.merged_adapters", entries, source)
+    result.mapped += source.split(", ")
+
+
 def _read(cast: Callable[[str], Any], text: str, where: str) -> Any:
     """One value of `network_args` / `optimizer_args` read with `cast`, or a one-line error naming it."""
     try:
@@ -655,6 +678,8 @@ SPECIAL = (
     "v_parameterization",
     "network_module",
     "network_args",
+    "base_weights",
+    "base_weights_multiplier",
     "network_train_unet_only",
     "text_encoder_lr",
     "learning_rate",

@@ -22,20 +22,19 @@ from safetensors.torch import save_file
 
 from .adapters import (
     LoraModule,
-    adapted_weight,
     best_factors,
     is_dora,
     kept_rank,
     lora_from_factors,
     lycoris_kind,
-    module_at,
     scaled_factors,
 )
+from .bake import Weighted, adapter_parts, merge_into_models
 from .errors import AdapterError, OutputError
 from .files import atomic_write, check_output, file_sha256
 from .formats.files import write_adapter
 from .formats.metadata import BASE_MODEL_VERSION
-from .formats.read import check_against, read_adapter_file, stored_dtype
+from .formats.read import read_adapter_file, stored_dtype
 from .formats.single_file import to_single_file
 from .lycoris import KIND_NAMES, LycorisModule
 from .models import base_dtype, load_pipeline
@@ -46,15 +45,6 @@ if TYPE_CHECKING:
     from .adapters import LoraState
 
 
-@dataclass
-class Weighted:
-    """An adapter state and the strength it is applied at."""
-
-    state: LoraState
-    scale: float
-    name: str
-
-
 def refuse_dora(state: LoraState, source: str, action: str) -> None:
     """DoRA's per-row magnitudes are not low-rank updates: they cannot be concatenated, truncated or resized."""
     if is_dora(state):
@@ -62,15 +52,6 @@ def refuse_dora(state: LoraState, source: str, action: str) -> None:
             f"{source}: a DoRA adapter cannot be {action} (its magnitudes are not a low-rank update); "
             "merge it into a base model with --base instead"
         )
-
-
-def _paths(adapters: list[Weighted]) -> dict[tuple[str, str], list[tuple[LoraModule, float]]]:
-    modules: dict[tuple[str, str], list[tuple[LoraModule, float]]] = {}
-    for adapter in adapters:
-        for component, entries in adapter.state.items():
-            for path, lora in entries.items():
-                modules.setdefault((component, path), []).append((lora, adapter.scale))
-    return modules
 
 
 def _pointwise_as_linear(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -97,7 +78,7 @@ def concat_adapters(adapters: list[Weighted]) -> LoraState:
     """One adapter whose effect is exactly the sum of the scaled inputs' effects: ranks concatenated."""
 
     merged: LoraState = {}
-    for key, parts in _paths(adapters).items():
+    for key, parts in adapter_parts(adapters).items():
         _check_compatible(key, parts)
         factors = [scaled_factors(lora, scale) for lora, scale in parts]
         up = torch.cat([u for u, _ in factors], dim=1)
@@ -130,7 +111,7 @@ def svd_adapters(
     merged: LoraState = {}
     errors: dict[str, float] = {}
     dropped = total = 0.0
-    for key, parts in _paths(adapters).items():
+    for key, parts in adapter_parts(adapters).items():
         _check_compatible(key, parts)
         if any(isinstance(m, LycorisModule) for m, _ in parts):
             up, down, s = _truncate_dense(parts, rank, energy)
@@ -175,45 +156,10 @@ def resize_adapter(
     return merged, {k: 1 - e**2 for k, e in errors.items()}, 1 - overall**2
 
 
-def merge_into_models(models: dict[str, Any], adapters: list[Weighted]) -> int:
-    """Add every adapter's scaled update to the weights of `models` (component -> module); returns modules changed.
-
-    Several adapters on one module add up as they do in peft: each DoRA adapter is normalised against the base
-    weight alone.
-
-    Raises AdapterError naming the first module that is missing, does not fit, or would become non-finite.
-    """
-
-    for adapter in adapters:
-        check_against(adapter.state, models, adapter.name)
-    changed = 0
-    with torch.no_grad():
-        for (component, path), parts in _paths(adapters).items():
-            module = module_at(dict(models[component].named_modules()), path)
-            weight = module.weight
-            merged = adapted_weight(weight, parts)
-            if not torch.isfinite(merged).all():
-                raise AdapterError(f"{component} module {path}: the merged weight is not finite; check the scales")
-            weight.copy_(merged.to(weight.dtype))
-            changed += 1
-    return changed
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The `merge` and `resize` commands: reading inputs, refusing unsafe outputs, recording what went in.
 
 MERGE_RECORD_KEY = "lorakit_merge_inputs"
-
-
-def parse_lora_argument(text: str) -> tuple[str, float]:
-    """`PATH[:SCALE]` -> (path, scale); the scale defaults to 1."""
-    path, sep, scale = text.rpartition(":")
-    if sep and path:
-        try:
-            return path, float(scale)
-        except ValueError:
-            pass
-    return text, 1.0
 
 
 def _base_fingerprint(base: str) -> str:

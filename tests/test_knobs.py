@@ -565,3 +565,21 @@ def test_from_kohya_reads_two_text_encoder_rates():
     }
     with pytest.raises(LorakitError, match="one rate, or two for SDXL's two text encoders"):
         convert({"text_encoder_lr": [1e-4, 2e-5, 3e-5]}, Path("."))
+
+
+def test_from_kohya_reads_base_weights_with_their_multipliers():
+    from pathlib import Path
+
+    from lorakit.errors import LorakitError
+    from lorakit.kohya_config import convert
+
+    result = convert(
+        {"base_weights": ["style.safetensors", "light.safetensors"], "base_weights_multiplier": [0.8, 1]}, Path(".")
+    )
+    assert result.recipe["model"]["merged_adapters"] == ["style.safetensors:0.8", "light.safetensors"]
+    assert result.mapped == ["base_weights", "base_weights_multiplier"]
+    assert convert({"base_weights": "a.safetensors"}, Path(".")).recipe["model"]["merged_adapters"] == [
+        "a.safetensors"
+    ]
+    with pytest.raises(LorakitError, match=r"base_weights_multiplier = \[0.5, 0.5\]: one per base_weights file \(1\)"):
+        convert({"base_weights": "a.safetensors", "base_weights_multiplier": [0.5, 0.5]}, Path("."))

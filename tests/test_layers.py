@@ -46,6 +46,7 @@ FLOORS = {
     "lorakit.memory": 3,
     "lorakit.timestep_rank": 3,
     "lorakit.dropout": 3,
+    "lorakit.bake": 3,
     "lorakit.recipe": 4,
     "lorakit.errors": 4,
     "lorakit.files": 4,

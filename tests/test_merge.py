@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -391,3 +392,70 @@ def test_svd_merge_by_energy_chooses_a_rank_per_module(trained_run, third_party,
         result = runner.invoke(app, [*args[:-1], str(tmp_path / "no.safetensors"), *extra])
         assert result.exit_code == 2 and "--energy" in result.output and "give --rank" in result.output
     assert not (tmp_path / "no.safetensors").exists()
+
+
+def test_a_run_on_merged_adapters_reloads_with_them_and_generate_merges_them_too(
+    trained_run, sdxl_run, tiny_base, tiny_dataset, tmp_path
+):
+    """`model.merged_adapters` (kohya's base_weights): the new adapter learns on the base with the files merged in;
+    diffusers, given the same files at their scales, draws what the trained model draws, and `generate` with the
+    run folder merges them back by itself."""
+    import numpy as np
+    from PIL import Image
+
+    from lorakit.errors import AdapterError
+    from lorakit.recipe import recipe_from_dict
+    from lorakit.train import train
+
+    from .conftest import make_recipe_dict
+
+    import hashlib
+
+    def fingerprint(folder):  # the base's files: merging writes into weights read from them, never into them
+        return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    before = fingerprint(tiny_base)
+    first = trained_run.adapter
+    sections = {"model": {"merged_adapters": [f"{first}:0.7"]}, "train": {"max_steps": 2}}
+    lines: list[str] = []
+    result = train(
+        recipe_from_dict(make_recipe_dict(tiny_base, tiny_dataset, tmp_path, **sections)), quiet=True, log=lines.append
+    )
+    assert any(
+        line.startswith(f"model.merged_adapters: {first.name} x0.7 merged into the base (") for line in lines
+    ), lines
+    assert fingerprint(tiny_base) == before
+    pipe = _pipe(tiny_base)
+    pipe.load_lora_weights(str(first), adapter_name="first")
+    with pytest.warns(UserWarning, match="Already found a `peft_config`"):  # a second adapter is what is wanted
+        pipe.load_lora_weights(str(result.adapter), adapter_name="second")
+    pipe.set_adapters(["first", "second"], [0.7, 1.0])
+    torch.testing.assert_close(_unet_output(pipe.unet), _unet_output(result.models["unet"].eval()), rtol=0, atol=1e-5)
+
+    def image(*args):
+        out = tmp_path / f"render{len(list(tmp_path.glob('render*')))}"
+        said = _ok(["generate", "a photo of ohwx", "--out", str(out), "--size", "64x64", "--steps", "3", *args])
+        with Image.open(next(out.glob("*.png"))) as drawn:
+            return np.asarray(drawn).astype(int), said.output
+
+    run_folder, base_args = str(result.run_dir), ["--base", str(tiny_base)]
+    merged, said = image("--lora", run_folder)
+    assert f"The run's model.merged_adapters: {first.name} x0.7 merged into the base" in said
+    by_hand, _ = image(*base_args, "--lora", f"{first}:0.7", "--lora", str(result.adapter))
+    alone, _ = image(*base_args, "--lora", str(result.adapter))
+    assert np.abs(merged - by_hand).max() <= 2  # merged weights against runtime LoRA: rounding only
+    assert np.abs(merged - alone).mean() > 5 * max(np.abs(merged - by_hand).mean(), 0.1)
+
+    # an adapter that is not there, or is for another architecture, is refused before the run folder is made
+    for entry, fragment in (
+        (str(tmp_path / "none.safetensors"), "model.merged_adapters: " + str(tmp_path / "none.safetensors")),
+        (str(sdxl_run[0].adapter), "is an SDXL adapter but the base is an SD 1.x model"),
+    ):
+        sections = {"model": {"merged_adapters": [entry]}}
+        with pytest.raises(AdapterError, match=re.escape(fragment)):
+            train(
+                recipe_from_dict(make_recipe_dict(tiny_base, tiny_dataset, tmp_path / "refused", **sections)),
+                quiet=True,
+                log=lambda _: None,
+            )
+        assert not (tmp_path / "refused").exists()

@@ -48,6 +48,11 @@ class ModelSection:
     zero_terminal_snr: bool = False
     """Rescale the noise schedule so its last timestep is pure noise (Lin et al. 2024, arXiv:2305.08891), as
     v-prediction bases trained that way expect (NoobAI-XL v-pred); needs v-prediction."""
+    merged_adapters: list[str] = field(default_factory=list)
+    """Adapter files merged into the frozen base before training (kohya's `base_weights`), each `path` or
+    `path:scale`, e.g. ["style.safetensors:0.8"]: the new adapter learns on top of them and is meant to be used
+    with them (`lorakit generate --lora RUN_FOLDER` merges them too). LoRA, LoKr or LoHa; kohya or diffusers
+    layout."""
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from accelerate.utils import is_tensorboard_available
 from diffusers.training_utils import cast_training_params
 
 from .. import adapters
+from ..bake import merge_files, path_and_scale
 from ..checkpoint import (
     RunPaths,
     check_run_folder,
@@ -75,6 +76,8 @@ def resolve_recipe(recipe: Recipe, base: BaseModel) -> Recipe:
         recipe.data, folder=absolute(folder) if isinstance(folder, str) else [absolute(f) for f in folder]
     )
     output = dataclasses.replace(recipe.output, folder=absolute(recipe.output.folder))
+    merged = [f"{absolute(path)}:{scale:g}" for path, scale in map(path_and_scale, recipe.model.merged_adapters)]
+    model = dataclasses.replace(model, merged_adapters=merged)
     prior = recipe.prior and dataclasses.replace(recipe.prior, class_dir=absolute(recipe.prior.class_dir))
     validation = recipe.validation and dataclasses.replace(
         recipe.validation, folder=recipe.validation.folder and absolute(recipe.validation.folder)
@@ -201,6 +204,10 @@ def set_up(
     phases.done("accelerate set-up")
     say = log if accelerator.is_main_process else (lambda _: None)
     quiet = quiet or not accelerator.is_main_process
+    if recipe.model.merged_adapters:  # before anything sees the base: class images, samples, text caching
+        models = {"unet": base.unet, **dict(zip(base.text_encoder_names, base.text_encoders, strict=True))}
+        said = merge_files(recipe.model.merged_adapters, models, base.family, "model.merged_adapters")
+        say(f"model.merged_adapters: {said}; the adapter trains on top")
     if recipe.prior and accelerator.is_main_process:
         render_class_images(recipe, base, accelerator, say, quiet)
     accelerator.wait_for_everyone()
