@@ -75,10 +75,41 @@ def perturbed_noise(noise: torch.Tensor, gamma: float, generator: torch.Generato
     return noise + gamma * torch.randn(noise.shape, generator=generator)
 
 
-def sample_timesteps(batch: int, low: int, high: int, generator: torch.Generator) -> torch.Tensor:
-    """Uniform training timesteps in [low, high)."""
+def sample_timesteps(
+    batch: int, low: int, high: int, generator: torch.Generator, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Training timesteps in [low, high): uniform, or drawn by `weights` (one per timestep of the schedule)."""
 
-    return torch.randint(low, high, (batch,), generator=generator)
+    if weights is None:
+        return torch.randint(low, high, (batch,), generator=generator)
+    return torch.multinomial(weights, batch, replacement=True, generator=generator)
+
+
+def timestep_weights(
+    count: int,
+    low: int,
+    high: int,
+    strategy: str,
+    multiplier: float,
+    portion: float = 0.25,
+    begin: int = 0,
+    end: int = 1000,
+) -> torch.Tensor | None:
+    """How often each of a schedule's `count` timesteps is drawn (diffusers' and SimpleTuner's timestep bias), only
+    [low, high) at all: `later` the noisiest `portion` of the schedule `multiplier` times as often as the rest,
+    `earlier` the least noisy, `range` [begin, end). None for `none` (uniform). ValueError when nothing would be
+    drawn."""
+    if strategy == "none":
+        return None
+    weights = torch.ones(count, dtype=torch.float64)
+    biased = max(1, int(portion * count))
+    span = {"earlier": slice(0, biased), "later": slice(count - biased, count), "range": slice(begin, end)}[strategy]
+    weights[span] *= multiplier
+    weights[:low] = 0
+    weights[high:] = 0
+    if not weights.sum():
+        raise ValueError(f"the timestep bias leaves no timestep in [{low}, {high}) to draw")
+    return weights / weights.sum()
 
 
 def training_target(

@@ -400,6 +400,8 @@ def test_a_run_on_merged_adapters_reloads_with_them_and_generate_merges_them_too
     """`model.merged_adapters` (kohya's base_weights): the new adapter learns on the base with the files merged in;
     diffusers, given the same files at their scales, draws what the trained model draws, and `generate` with the
     run folder merges them back by itself."""
+    import hashlib
+
     import numpy as np
     from PIL import Image
 
@@ -408,8 +410,6 @@ def test_a_run_on_merged_adapters_reloads_with_them_and_generate_merges_them_too
     from lorakit.train import train
 
     from .conftest import make_recipe_dict
-
-    import hashlib
 
     def fingerprint(folder):  # the base's files: merging writes into weights read from them, never into them
         return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -308,3 +309,68 @@ def test_offset_noise_options_without_offset_noise_are_refused(key):
     with pytest.raises(RecipeError) as caught:
         recipe_from_dict({"model": {"base": "x/y"}, "train": {key: value}})
     assert f"train.{key}: shapes the offset noise; set train.noise_offset" in str(caught.value)
+
+
+def test_timestep_bias_draws_the_biased_timesteps_as_often_as_asked():
+    from lorakit.objective import sample_timesteps, timestep_weights
+
+    assert timestep_weights(1000, 0, 1000, "none", 2.0) is None
+    later = timestep_weights(1000, 0, 1000, "later", 2.0, portion=0.25)
+    assert later[750:].sum().item() == pytest.approx(500 / 1250) and later[999] == 2 * later[0]
+    drawn = sample_timesteps(20_000, 0, 1000, torch.Generator().manual_seed(0), later)
+    assert (drawn >= 750).float().mean().item() == pytest.approx(0.4, abs=0.015)
+    earlier = timestep_weights(1000, 100, 900, "earlier", 3.0, portion=0.2)  # min/max still bound it
+    drawn = sample_timesteps(20_000, 100, 900, torch.Generator().manual_seed(1), earlier)
+    assert drawn.min() >= 100 and drawn.max() < 900
+    assert (drawn < 200).float().mean().item() == pytest.approx(300 / 1000, abs=0.015)  # 100 x3 of 100 x3 + 700
+    ranged = timestep_weights(1000, 0, 1000, "range", 0.0, begin=0, end=500)
+    assert sample_timesteps(1000, 0, 1000, torch.Generator().manual_seed(2), ranged).min() >= 500
+    with pytest.raises(ValueError, match=r"leaves no timestep in \[0, 500\) to draw"):
+        timestep_weights(1000, 0, 500, "range", 0.0, begin=0, end=500)
+
+
+def test_training_draws_its_timesteps_with_the_bias(tiny_base, tiny_dataset, tmp_path, monkeypatch):
+    from lorakit import objective
+    from lorakit.errors import RecipeError
+    from lorakit.recipe import recipe_from_dict
+    from lorakit.train import train
+
+    from .conftest import make_recipe_dict
+
+    drawn = []
+    original = objective.sample_timesteps
+    monkeypatch.setattr(objective, "sample_timesteps", lambda *a, **k: drawn.append(original(*a, **k)) or drawn[-1])
+    bias = {"timestep_bias": "range", "timestep_bias_end": 600, "timestep_bias_multiplier": 0.0, "max_steps": 3}
+    train(
+        recipe_from_dict(make_recipe_dict(tiny_base, tiny_dataset, tmp_path / "a", train=bias)),
+        quiet=True,
+        log=lambda _: None,
+    )
+    assert len(drawn) == 3 and min(int(t.min()) for t in drawn) >= 600
+    bias["max_timestep"] = 600  # the bias and the bounds together leave nothing: said before the run starts
+    with pytest.raises(RecipeError, match=r"train.timestep_bias: the timestep bias leaves no timestep in \[0, 600\)"):
+        train(
+            recipe_from_dict(make_recipe_dict(tiny_base, tiny_dataset, tmp_path / "b", train=bias)),
+            quiet=True,
+            log=lambda _: None,
+        )
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize(
+    ("settings", "fragment"),
+    [
+        ({"timestep_bias_portion": 0.5}, "train.timestep_bias_portion: not used by train.timestep_bias = 'none'"),
+        ({"timestep_bias": "later", "timestep_bias_end": 500}, "train.timestep_bias_end: not used by"),
+        ({"timestep_bias": "later", "timestep_bias_multiplier": 1.0}, "1 draws the biased timesteps as often"),
+        ({"timestep_bias": "range", "timestep_bias_begin": 500, "timestep_bias_end": 400}, "must be above"),
+    ],
+)
+def test_a_timestep_bias_that_does_nothing_is_refused(tiny_base, tiny_dataset, tmp_path, settings, fragment):
+    from lorakit.errors import RecipeError
+    from lorakit.recipe import recipe_from_dict
+
+    from .conftest import make_recipe_dict
+
+    with pytest.raises(RecipeError, match=re.escape(fragment)):
+        recipe_from_dict(make_recipe_dict(tiny_base, tiny_dataset, tmp_path, train=settings))

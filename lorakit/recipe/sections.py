@@ -18,6 +18,7 @@ TargetPreset = Literal["attention", "transformer", "transformer+conv"]
 WeightDtype = Literal["float32", "float16", "bfloat16"]
 LossType = Literal["l2", "huber", "smooth_l1"]
 HuberSchedule = Literal["constant", "exponential", "snr"]
+TimestepBias = Literal["none", "earlier", "later", "range"]
 Sampler = Literal["euler", "euler_a", "dpmpp_2m", "ddim"]
 TokenLength = Literal[75, 150, 225]
 AdapterType = Literal["lora", "lokr", "loha"]
@@ -266,6 +267,20 @@ class TrainSection:
     """Lowest training timestep (inclusive)."""
     max_timestep: int | None = None
     """Highest training timestep (exclusive); default the scheduler's number of timesteps (1000)."""
+    timestep_bias: TimestepBias = "none"
+    """Draw some training timesteps more often (diffusers' and SimpleTuner's `timestep_bias_strategy`): `later` the
+    noisiest `timestep_bias_portion` of the schedule, where composition and layout are learned; `earlier` the least
+    noisy, where fine detail and texture are; `range` those from `timestep_bias_begin` to `timestep_bias_end`.
+    `none` draws every timestep alike."""
+    timestep_bias_multiplier: float = 2.0
+    """How many times as often the biased timesteps are drawn as the others; 0 never draws them, below 1 draws them
+    less often (diffusers' default, 1, would change nothing)."""
+    timestep_bias_portion: float = 0.25
+    """`earlier` / `later`: the share of the schedule's timesteps that is biased."""
+    timestep_bias_begin: int = 0
+    """`range`: the first biased timestep."""
+    timestep_bias_end: int = 1000
+    """`range`: the timestep after the last biased one (exclusive)."""
     allow_tf32: bool = True
     """On Ampere and later NVIDIA GPUs, run float32 matmuls and convolutions on TF32 tensor cores (10-bit mantissa
     inputs, float32 accumulation; the frozen weights and LoRA stay float32). Ignored elsewhere."""

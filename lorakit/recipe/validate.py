@@ -120,6 +120,10 @@ _RANGES: dict[str, tuple[float, float]] = {
     "train.huber_scale": (1e-6, 1_000),
     "train.min_timestep": (0, TIMESTEPS_MAX),  # the base's own schedule is checked once it is loaded
     "train.max_timestep": (1, TIMESTEPS_MAX),
+    "train.timestep_bias_multiplier": (0, 100),
+    "train.timestep_bias_portion": (0.001, 1),
+    "train.timestep_bias_begin": (0, TIMESTEPS_MAX),
+    "train.timestep_bias_end": (1, TIMESTEPS_MAX),
     "train.loraplus_lr_ratio": (1, 1000),
     "train.scale_weight_norms": (1e-6, 1e6),
     "train.down_lr_weight": (0, 100),
@@ -306,10 +310,38 @@ def _schedule_problems(train) -> list[str]:
             f"train.lr_scheduler_num_cycles: only shapes lr_scheduler = 'cosine_with_restarts' (this recipe has "
             f"{train.lr_scheduler!r}); set that schedule or remove the key"
         )
+    problems += _timestep_bias_problems(train)
     if train.lr_scheduler_power != 1 and train.lr_scheduler != "polynomial":
         problems.append(
             f"train.lr_scheduler_power: only shapes lr_scheduler = 'polynomial' (this recipe has "
             f"{train.lr_scheduler!r}); set that schedule or remove the key"
+        )
+    return problems
+
+
+def _timestep_bias_problems(train) -> list[str]:
+    """Timestep-bias settings the chosen strategy ignores, and a bias that changes nothing."""
+    used = {
+        "none": (),
+        "earlier": ("timestep_bias_multiplier", "timestep_bias_portion"),
+        "later": ("timestep_bias_multiplier", "timestep_bias_portion"),
+        "range": ("timestep_bias_multiplier", "timestep_bias_begin", "timestep_bias_end"),
+    }[train.timestep_bias]
+    problems = [
+        f"train.{key}: not used by train.timestep_bias = {train.timestep_bias!r}; remove it"
+        + (' or set timestep_bias = "earlier", "later" or "range"' if train.timestep_bias == "none" else "")
+        for key in ("timestep_bias_multiplier", "timestep_bias_portion", "timestep_bias_begin", "timestep_bias_end")
+        if key not in used and _not_default(train, key)
+    ]
+    if train.timestep_bias != "none" and train.timestep_bias_multiplier == 1:
+        problems.append(
+            "train.timestep_bias_multiplier: 1 draws the biased timesteps as often as the others, which changes "
+            "nothing; give e.g. 2 (twice as often) or 0.5 (half as often)"
+        )
+    if train.timestep_bias == "range" and train.timestep_bias_end <= train.timestep_bias_begin:
+        problems.append(
+            f"train.timestep_bias_end: {train.timestep_bias_end} must be above train.timestep_bias_begin "
+            f"({train.timestep_bias_begin})"
         )
     return problems
 

@@ -125,6 +125,20 @@ def encoder(base: BaseModel, device: Any) -> Callable[[Any], tuple[Any, Any]]:
     return encode
 
 
+def timestep_weights(cfg: Any, count: int) -> Any:
+    """The recipe's timestep bias over the base's `count` timesteps (None: uniform)."""
+    return objective.timestep_weights(
+        count,
+        cfg.min_timestep,
+        cfg.max_timestep,
+        cfg.timestep_bias,
+        cfg.timestep_bias_multiplier,
+        cfg.timestep_bias_portion,
+        cfg.timestep_bias_begin,
+        cfg.timestep_bias_end,
+    )
+
+
 def scale_latents(base: BaseModel, latents: Any) -> Any:
     shift = getattr(base.vae.config, "shift_factor", None) or 0.0
     return (latents - shift) * base.vae.config.scaling_factor
@@ -194,7 +208,9 @@ def _micro_batch_loss(run: Run, batch: list[int]) -> Any:
         adaptive_scale=cfg.adaptive_noise_scale,
         latents=latents,
     )
-    timesteps = objective.sample_timesteps(len(batch), cfg.min_timestep, cfg.max_timestep, generator)
+    count = base.noise_scheduler.config.num_train_timesteps
+    drawn_by = timestep_weights(cfg, count)
+    timesteps = objective.sample_timesteps(len(batch), cfg.min_timestep, cfg.max_timestep, generator, drawn_by)
     noised_with = objective.perturbed_noise(noise, cfg.ip_noise_gamma, generator)
     noisy = base.noise_scheduler.add_noise(latents, noised_with, timesteps)
     target = objective.training_target(base.noise_scheduler, latents, noise, timesteps, base.prediction_type)

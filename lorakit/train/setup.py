@@ -54,7 +54,7 @@ from ..progress import progress_bar
 from ..recipe import DEFAULT_MAX_STEPS, Recipe, dump_recipe
 from ..timestep_rank import TimestepRanks, active_ranks
 from .images import render_class_images
-from .loop import Log, Run, encoder, held_out_items, restore
+from .loop import Log, Run, encoder, held_out_items, restore, timestep_weights
 
 
 def run_paths(recipe: Recipe) -> RunPaths:
@@ -152,6 +152,13 @@ def _check_schedule(recipe: Recipe, base: BaseModel, count: int) -> None:
         raise RecipeError(f"train.max_timestep: {cfg.max_timestep} is above the scheduler's {count} timesteps")
     if cfg.min_timestep >= count:
         raise RecipeError(f"train.min_timestep: {cfg.min_timestep} must be below the scheduler's {count} timesteps")
+    try:
+        timestep_weights(dataclasses.replace(cfg, max_timestep=cfg.max_timestep or count), count)
+    except ValueError as err:
+        raise RecipeError(
+            f"train.timestep_bias: {err} (timestep_bias_multiplier 0 never draws the biased ones); raise the "
+            "multiplier or widen train.min_timestep / max_timestep"
+        ) from None
     for timestep in recipe.validation.timesteps if recipe.validation else ():
         if not 0 <= timestep < count:
             raise RecipeError(f"validation.timesteps: {timestep} is outside the scheduler's range [0, {count})")
