@@ -12,6 +12,7 @@ import io
 import json
 import os
 import random
+import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -447,15 +448,30 @@ def size_conditioning(item: Item, flip: bool) -> tuple[int, int, int, int, int, 
     return (original[1], original[0], top, left, target_h, target_w)
 
 
+WILDCARD = re.compile(r"\{([^{}]*\|[^{}]*)\}")  # kohya's {a|b|c}: braces holding at least one |
+
+
+def pick_wildcards(caption: str, rng: random.Random | None) -> str:
+    """Each `{a|b|c}` of a caption replaced by one of its options, drawn with `rng` (the first without one)."""
+
+    def pick(match: re.Match) -> str:
+        options = [o.strip() for o in match[1].split("|")]
+        return rng.choice(options) if rng is not None else options[0]
+
+    return WILDCARD.sub(pick, caption)
+
+
 def transform_caption(
     caption: str, section: DataSection, rng: random.Random, fixed: tuple[int, int] | None = None
 ) -> str:
-    """Apply caption dropout, per-tag dropout and tag shuffling. The fixed tags stay in place and are never
-    dropped, and neither is the trigger: `fixed` (front, end) counts from `split_fixed_tags`, else the first
+    """Apply caption dropout, wildcards, per-tag dropout and tag shuffling. The fixed tags stay in place and are
+    never dropped, and neither is the trigger: `fixed` (front, end) counts from `split_fixed_tags`, else the first
     `keep_tokens` tags."""
     if section.caption_dropout and rng.random() < section.caption_dropout:
         return ""
-    if not section.tags_vary:
+    if section.wildcards:
+        caption = pick_wildcards(caption, rng)
+    if not (section.shuffle_tags or section.caption_dropout_tags):
         return caption
     tags = _tags(caption)
     front, end = fixed if fixed is not None else (section.keep_tokens, 0)

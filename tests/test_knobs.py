@@ -583,3 +583,54 @@ def test_from_kohya_reads_base_weights_with_their_multipliers():
     ]
     with pytest.raises(LorakitError, match=r"base_weights_multiplier = \[0.5, 0.5\]: one per base_weights file \(1\)"):
         convert({"base_weights": "a.safetensors", "base_weights_multiplier": [0.5, 0.5]}, Path("."))
+
+
+def test_wildcards_choose_one_option_per_step_and_the_first_for_validation(
+    tiny_base, tiny_dataset, tmp_path, monkeypatch
+):
+    import json
+    import shutil
+
+    import lorakit.train.loop as loop
+    from lorakit.data import pick_wildcards
+
+    assert pick_wildcards("ohwx, {red | blue} shirt, {a} b", None) == "ohwx, red shirt, {a} b"  # one option: text
+    section = DataSection(wildcards=True, shuffle_tags=True, keep_tokens=1)
+    seen = {
+        transform_caption("ohwx, {red|blue|green} shirt, smiling, hat", section, random.Random(s)) for s in range(60)
+    }
+    assert {c.split(", ")[0] for c in seen} == {"ohwx"} and {c for c in seen if "{" in c} == set()
+    assert {w for c in seen for w in ("red shirt", "blue shirt", "green shirt") if w in c} == {
+        "red shirt",
+        "blue shirt",
+        "green shirt",
+    }
+    assert len({tuple(c.split(", ")[1:]) for c in seen}) > 6  # chosen, then shuffled
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data, ignore=shutil.ignore_patterns(".cache"))
+    rows = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines()]
+    for row in rows:
+        row["text"] = "toy, {red|blue} ball"
+    (data / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    encoded: list[str] = []
+    real = loop.unet_conditioning
+    monkeypatch.setattr(
+        loop, "unet_conditioning", lambda run, captions, *a: encoded.extend(captions) or real(run, captions, *a)
+    )
+    recipe = make_recipe_dict(
+        tiny_base,
+        data,
+        tmp_path / "out",
+        train={"max_steps": 8},
+        data={"wildcards": True},
+        validation={"split": 0.25, "every_steps": 100, "timesteps": [500]},
+    )
+    lines: list[str] = []
+    train(recipe_from_dict(recipe), quiet=True, log=lines.append)
+    held_out = int(next(line.split()[1] for line in lines if line.startswith("validation.split:")))
+    kept = len(rows) - held_out
+    assert f"data.wildcards: {kept} of {kept} captions choose among {{a|b}} options at every step" in lines
+    trained, validated = encoded[:-held_out], encoded[-held_out:]  # the last step's validation comes last
+    assert set(trained) == {"ohwx, toy, red ball", "ohwx, toy, blue ball"}
+    assert set(validated) == {"ohwx, toy, red ball"}

@@ -77,6 +77,10 @@ class DataSection:
     shuffle and drop out; the separators are removed. Captions without one use `keep_tokens`."""
     caption_dropout: float = 0.0
     """Probability of training a step's image with an empty caption (0 to 1)."""
+    wildcards: bool = False
+    """kohya's `enable_wildcard`: each `{red shirt|blue shirt|green shirt}` in a caption becomes one of its options
+    at every step (drawn with the step's seed), so several phrasings of one photo are learned; `val_loss` uses the
+    first option. Shuffling and `keep_tokens` then count the chosen option's tags."""
     masked_loss: bool = False
     """Weight the denoising loss by each image's mask (`mask_file_name` in metadata.jsonl: white is the subject):
     the subject counts fully, the rest by `mask_background_weight`, so the background is not learned as the
@@ -94,9 +98,9 @@ class DataSection:
 
     @property
     def tags_vary(self) -> bool:
-        """Whether a caption's tags change from step to step (shuffled, or left out one by one), so its text-encoder
-        output cannot be computed once and cached."""
-        return bool(self.shuffle_tags or self.caption_dropout_tags)
+        """Whether a caption's tags change from step to step (shuffled, left out one by one, or wildcards chosen), so
+        its text-encoder output cannot be computed once and cached."""
+        return bool(self.shuffle_tags or self.caption_dropout_tags or self.wildcards)
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ from ..data import (
     load_folder,
     load_mask,
     load_pixels,
+    pick_wildcards,
     size_conditioning,
     step_rng,
     transform_caption,
@@ -430,7 +431,8 @@ def validation_loss(run: Run, items: list[Item], cache: LatentCache) -> float:
                 t = torch.tensor([timestep])
                 noisy = base.noise_scheduler.add_noise(latents, noise, t)
                 target = objective.training_target(base.noise_scheduler, latents, noise, t, base.prediction_type)
-                conditioning = unet_conditioning(run, [item.caption], [item], [False])
+                caption = pick_wildcards(item.caption, None) if run.recipe.data.wildcards else item.caption
+                conditioning = unet_conditioning(run, [caption], [item], [False])
                 with run.accelerator.autocast():
                     prediction = models["unet"](noisy.to(run.device), t.to(run.device), **conditioning).sample
                 losses.append(torch.nn.functional.mse_loss(prediction.float(), target.to(run.device)).item())
