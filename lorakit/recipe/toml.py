@@ -58,11 +58,15 @@ def _default_text(f: dataclasses.Field) -> str:
     return "unset" if value is None else f"`{toml_value(value)}`"
 
 
+ESCAPED_PIPE = "\\|"  # a | inside a Markdown table cell, code spans included (GitHub's tables)
+
+
 def reference_markdown() -> str:
     """The recipe key reference (README's "Recipe keys"), generated from the field docstrings."""
     lines = ["| key | default | meaning |", "|---|---|---|"]
     for name, cls in SECTIONS.items():
         docs = field_docs(cls)
         for f in dataclasses.fields(cls):
-            lines.append(f"| `{name}.{f.name}` | {_default_text(f)} | {docs[f.name].replace('|', '/')} |")
+            meaning = docs[f.name].replace("|", ESCAPED_PIPE)
+            lines.append(f"| `{name}.{f.name}` | {_default_text(f)} | {meaning} |")
     return "\n".join(lines)
