@@ -377,7 +377,10 @@ _MUST_MATCH = (
     "train.optimizer",  # another optimizer's state does not load into this one
     "model.base",
     "model.vae",
+    "model.merged_adapters",  # the base the adapter learned on top of
     "lora",
+    "embedding.token",  # the new token vectors are tensors of the checkpoint, and a parameter group
+    "embedding.vectors",
     "data.folder",
     "data.num_repeats",
     "train.seed",

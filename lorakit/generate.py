@@ -17,6 +17,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .bake import merge_files
 from .checkpoint import RunPaths
+from .embedding import load_embedding
 from .errors import AdapterError, LorakitError
 from .files import file_sha256
 from .formats.metadata import a1111_short_hash
@@ -54,6 +55,7 @@ class RunDefaults:
     trigger: str = ""
     clip_skip: int = 1
     merged: tuple[str, ...] = ()  # the run's model.merged_adapters, part of the base it trained on
+    embedding: Path | None = None  # the run's [embedding] file (its stem is the word)
 
 
 def resolve_adapters(
@@ -73,7 +75,12 @@ def resolve_adapters(
             if defaults.base is None:
                 model = recipe.model
                 merged = tuple(model.merged_adapters)
-                defaults = RunDefaults(model.base, model.config, recipe.data.trigger, model.clip_skip, merged)
+                embedding = (
+                    path.parent / "embeddings" / f"{recipe.embedding.token}.safetensors" if recipe.embedding else None
+                )
+                defaults = RunDefaults(
+                    model.base, model.config, recipe.data.trigger, model.clip_skip, merged, embedding
+                )
         adapter = read_adapter_file(path, allow_pickle=allow_pickle)
         sha = file_sha256(path)
         short = a1111_short_hash(path) if path.suffix.lower() == ".safetensors" else sha[:12]
@@ -168,6 +175,11 @@ def generate(
     init_image = _open_init(options.init, settings) if options.init else None
     adapters, defaults = resolve_adapters(list(options.loras), options.allow_pickle)
     columns = [Column(f"scale {m:g}", f"-x{m:g}", m) for m in options.compare_scales] or [Column("", "", 1.0)]
+    if options.compare_saves and defaults.embedding is not None:
+        raise LorakitError(
+            "--compare-saves: the run trained an [embedding], which changes with every save too; compare its saves "
+            "with the webuis (each adapter with its embeddings/ file), or render each save on its own"
+        )
     if options.compare_saves:
         saved = _saved_adapters(list(options.loras), adapters, options.allow_pickle)
         adapters += [adapter for adapter, _ in saved[:-1]]  # the final one is the run folder's own --lora
@@ -187,6 +199,9 @@ def generate(
         models = pipeline_models(pipe)
         family = detect_family(models, dict(pipe.unet.config))
         log(f"The run's model.merged_adapters: {merge_files(list(defaults.merged), models, family, '--lora')}")
+    if defaults.embedding is not None:
+        word = load_embedding(pipe, defaults.embedding)
+        log(f"The run's embedding: {defaults.embedding}, the word {word!r}")
     apply_adapters(pipe, adapters)
     pipe.to(device, getattr(torch, dtype))
     pipe.set_progress_bar_config(disable=True)

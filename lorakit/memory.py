@@ -397,6 +397,15 @@ def adapter_sizes(
     return list(_adapter_sizes(architecture, component, key, folder, blocks, per_block))
 
 
+def _resident_because(train_te: bool, recipe: Any) -> str:
+    """Why frozen text encoders stay on the GPU for the whole run (empty when they are trained)."""
+    if train_te:
+        return ""
+    if recipe.embedding is not None:
+        return ", resident: the new token vectors train through them"
+    return ", resident: captions change every step"
+
+
 def estimate(
     recipe: Any,
     architecture: str | None = None,
@@ -423,10 +432,14 @@ def estimate(
     if trainable is None:
         trained = ["unet", *(_component_names(architecture) if train_te else [])]
         trainable = [n for c in trained for n in adapter_sizes(architecture, c, lora, folder, cfg)]
+        if recipe.embedding is not None:  # one (vectors x width) tensor per text encoder
+            widths = [_meta_module(architecture, c, folder).config.hidden_size for c in _component_names(architecture)]
+            trainable += [recipe.embedding.vectors * width for width in widths]
     dtype = recipe.model.weight_dtype
     vae_dtype_bytes = 4  # every VAE stays float32 (SD VAEs overflow in fp16) and encodes outside autocast
     encoders = _component_names(architecture)
-    resident_encoders = train_te or data.tags_vary  # frozen encoders with fixed captions are cached, then leave
+    # frozen encoders with fixed captions are cached, then leave; new token vectors train through them
+    resident_encoders = train_te or data.tags_vary or recipe.embedding is not None
     adapter = sum(trainable) * 4
     weights = {
         "U-Net": counts["unet"] * weight_bytes,
@@ -466,7 +479,7 @@ def estimate(
     if resident_encoders:
         add(
             step,
-            f"text encoder weights ({dtype}){'' if train_te else ', resident: captions change every step'}",
+            f"text encoder weights ({dtype}){_resident_because(train_te, recipe)}",
             weights["text encoders"],
         )
     if not cfg.cache_latents:

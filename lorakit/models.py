@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from huggingface_hub import hf_hub_download, try_to_load_from_cache
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .base_files import load_single_file
+from .embedding import expand
 from .errors import ModelError, first_line
 from .formats.read import tensors_dtype
 
@@ -43,6 +44,7 @@ class BaseModel:
     tokenizers: list[Any]
     noise_scheduler: Any
     prediction_type: str
+    placeholders: dict[str, str] = field(default_factory=dict)  # [embedding]: word -> its new tokens, spelled out
 
     @property
     def text_encoder_names(self) -> list[str]:
@@ -256,6 +258,7 @@ def tokenize(base: BaseModel, captions: list[str], max_token_length: int = 75) -
     """Token ids of `captions` for each tokenizer, padded to its context (77 for SD), or to `max_token_length` + start
     and end tokens when longer captions are asked for."""
     lengths = [tok.model_max_length if max_token_length == 75 else max_token_length + 2 for tok in base.tokenizers]
+    captions = [expand(caption, base.placeholders) for caption in captions]
     return [
         tok(captions, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
         for tok, length in zip(base.tokenizers, lengths, strict=True)
@@ -264,7 +267,7 @@ def tokenize(base: BaseModel, captions: list[str], max_token_length: int = 75) -
 
 def token_count(base: BaseModel, caption: str) -> int:
     """Length of `caption` in tokens of the (first) tokenizer, without start and end tokens."""
-    return len(base.tokenizers[0](caption, truncation=False).input_ids) - 2
+    return len(base.tokenizers[0](expand(caption, base.placeholders), truncation=False).input_ids) - 2
 
 
 _WEIGHTS = re.compile(r"diffusion_pytorch_model(-\d+-of-\d+)?\.safetensors")  # not a variant (.fp16.) file

@@ -387,6 +387,26 @@ class OutputSection:
 
 
 @dataclass(frozen=True)
+class EmbeddingSection:
+    token: str
+    """Pivotal tuning (diffusers' advanced DreamBooth script, OneTrainer's additional embeddings): this word of the
+    captions, usually `data.trigger`, becomes `vectors` new learned tokens trained beside the LoRA (textual
+    inversion), so the subject is not squeezed into what an existing word means. The run also writes
+    `embeddings/<token>.safetensors`, which the webuis load by its name and diffusers with `load_textual_inversion`;
+    use it together with the adapter."""
+    vectors: int = 2
+    """How many token vectors the word becomes (1-16; 2 is diffusers' default)."""
+    init_words: str = ""
+    """Words whose token embeddings start the vectors (cycled), e.g. "man"; empty: random, with the spread of the
+    embedding table (as diffusers starts them)."""
+    lr: float = 3e-4
+    """Learning rate of the token vectors."""
+    train_until: float = 1.0
+    """The share of the run's steps during which the vectors train; after it they are frozen and only the LoRA
+    goes on (diffusers' `train_text_encoder_ti_frac`, whose default is 0.5)."""
+
+
+@dataclass(frozen=True)
 class Recipe:
     model: ModelSection
     data: DataSection = field(default_factory=DataSection)
@@ -396,6 +416,7 @@ class Recipe:
     prior: PriorSection | None = None
     sample: SampleSection = field(default_factory=SampleSection)
     validation: ValidationSection | None = None
+    embedding: EmbeddingSection | None = None
     source: str = "<recipe>"
     """Where the recipe was read from (for messages)."""
 

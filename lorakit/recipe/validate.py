@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import tomllib
 import types
 import typing
@@ -130,6 +131,9 @@ _RANGES: dict[str, tuple[float, float]] = {
     "train.mid_lr_weight": (0, 100),
     "train.up_lr_weight": (0, 100),
     "prior.num_class_images": (1, 100_000),
+    "embedding.vectors": (1, 16),
+    "embedding.lr": (0, 1),
+    "embedding.train_until": (0.001, 1),
     "prior.prior_loss_weight": (0, 1_000),
     "sample.every_steps": (0, STEPS_MAX),
     "sample.every_epochs": (0, 100_000),
@@ -277,6 +281,12 @@ def _cross_checks(built: dict, problems: list[str]) -> None:
                 problems.append(
                     f"train.{key}: shapes the offset noise; set train.noise_offset (0.05-0.1) or remove it"
                 )
+    embedding = built.get("embedding")
+    if embedding is not None and not re.fullmatch(r"\w+", embedding.token):
+        problems.append(
+            f"embedding.token: {embedding.token!r} is not one word; give the trigger word of the captions, e.g. "
+            '"ohwx" (letters, digits and underscores)'
+        )
     if train is not None and train.max_timestep is not None and train.max_timestep <= train.min_timestep:
         problems.append(
             f"train.max_timestep: {train.max_timestep} must be above train.min_timestep ({train.min_timestep})"

@@ -23,7 +23,7 @@ from ..formats.metadata import training_info
 from ..lycoris import KIND_NAMES
 from ..memory import adapter_bytes
 from ..recipe import Recipe
-from .loop import Log, Run, adapter_state, check_finite_adapter, fit
+from .loop import Log, Run, adapter_state, check_finite_adapter, fit, save_embedding
 from .setup import process_switches_kept, resolve_recipe, run_paths, set_up
 
 __all__ = ["RunResult", "resolve_recipe", "run_paths", "train"]
@@ -42,6 +42,7 @@ class RunResult:
     models: dict[str, Any]  # the trained modules (with their peft adapters), by component name
     startup: dict[str, float] = dataclasses.field(default_factory=dict)  # seconds per phase up to the first step
     wrote: bool = True  # this process wrote the files (under torchrun only the main process does)
+    embedding: Path | None = None  # [embedding]: the textual-inversion file written beside the adapter
 
 
 def train(
@@ -132,6 +133,12 @@ def export(run: Run, loss: float, started: datetime) -> RunResult:
             )
         else:
             run.log(f"Saved {kohya_path} (kohya layout: A1111/Forge, ComfyUI, diffusers) and {diffusers_path.name}")
+        embedding = save_embedding(run)
+        if embedding is not None:
+            run.log(
+                f"Saved {embedding} (textual inversion: use it with the adapter; the webuis read it as the word "
+                f"{embedding.stem!r} from their embeddings folder, diffusers with load_textual_inversion)"
+            )
     if run.device.type == "cuda" and run.planned_gib is not None:
         measured = torch.cuda.max_memory_allocated(run.device) / 2**30
         run.log(
@@ -151,4 +158,7 @@ def export(run: Run, loss: float, started: datetime) -> RunResult:
         models,
         startup,
         wrote=run.accelerator.is_main_process,
+        embedding=run.paths.folder / "embeddings" / f"{recipe.embedding.token}.safetensors"
+        if run.embeddings
+        else None,
     )

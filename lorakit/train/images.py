@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..embedding import expand
 from ..files import IMAGE_SUFFIXES
 from ..models import BaseModel
 from ..progress import progress_bar
@@ -70,7 +71,8 @@ def render_samples(run: Run) -> None:
                 },
             )
             seed = prompt.seed if prompt.seed is not None else sample.seed + index
-            images += render(pipe, [prompt.prompt], [seed], own)
+            own = dataclasses.replace(own, negative_prompt=expand(own.negative_prompt, base.placeholders))
+            images += render(pipe, [expand(prompt.prompt, base.placeholders)], [seed], own)  # [embedding]'s tokens
     for module in models.values():
         module.train()
     if run.cache is not None:

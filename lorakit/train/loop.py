@@ -50,8 +50,9 @@ from ..data import (
     vae_fingerprint,
 )
 from ..ema import AdapterEMA
+from ..embedding import embedding_file
 from ..errors import Interrupted, LorakitError, OutputError
-from ..files import atomic_write_text, crash_point
+from ..files import atomic_write, atomic_write_text, crash_point
 from ..formats.files import save_adapter_files
 from ..formats.metadata import training_info
 from ..memory import adapter_bytes, checkpoint_bytes
@@ -91,6 +92,7 @@ class Run:
     planned_gib: float | None = None  # lorakit plan's allocator peak for the training steps (CUDA runs)
     norms: tuple[int, float] | None = None  # train.scale_weight_norms: (modules scaled, largest norm) of the last step
     started: datetime | None = None  # when `train` was called (the adapters' ss_training_started_at)
+    embeddings: dict[str, Any] = dataclasses.field(default_factory=dict)  # [embedding]: NewTokens per text encoder
 
     @property
     def epochs_done(self) -> int:
@@ -105,11 +107,15 @@ class Run:
         return {name: self.accelerator.unwrap_model(m) for name, m in self.models.items()}
 
     def named_trainable(self) -> dict[str, Any]:
-        return {
+        """Every trained tensor by name: the adapters' (`unet.<path>`), then the new token vectors
+        (`embedding.text_encoder`)."""
+        named = {
             f"{name}.{n}": p
             for name, m in self.unwrapped().items()
             for n, p in adapters.named_lora_parameters(m).items()
         }
+        named.update({f"embedding.{name}": m.vectors for name, m in self.embeddings.items()})
+        return named
 
 
 def derived_seed(*parts: object) -> int:
@@ -155,7 +161,8 @@ def text_conditioning(run: Run, captions: list[str]) -> dict[str, Any]:
     text_encoders = [
         run.models.get(n, m) for n, m in zip(run.base.text_encoder_names, run.base.text_encoders, strict=True)
     ]
-    with torch.set_grad_enabled(recipe.lora.train_text_encoder), run.accelerator.autocast():
+    learning = recipe.lora.train_text_encoder or any(m.vectors.requires_grad for m in run.embeddings.values())
+    with torch.set_grad_enabled(learning), run.accelerator.autocast():
         return encode_prompts(dataclasses.replace(run.base, text_encoders=text_encoders), ids, recipe.model.clip_skip)
 
 
@@ -265,6 +272,9 @@ def optimizer_step(run: Run) -> float:
     """Accumulate `gradient_accumulation_steps` micro-batches and take one optimizer step; returns the loss."""
 
     cfg, accelerator = run.recipe.train, run.accelerator
+    if run.embeddings and run.step >= embedding_steps(run.recipe):  # [embedding] train_until: the LoRA goes on alone
+        for module in run.embeddings.values():
+            module.vectors.requires_grad_(False)
     accumulation, total = cfg.gradient_accumulation_steps, torch.zeros((), device=run.device)
     with ExitStack() as no_sync:
         for k in range(accumulation):
@@ -314,10 +324,31 @@ def save_intermediate_adapter(run: Run, epoch: int | None) -> Path:
         kohya, diffusers = save_adapter_files(
             adapter_state(run), run.paths.folder, stem, recipe.output.save_dtype, info, diffusers_copy=False
         )
+        save_embedding(run, stem[len(recipe.output.name) :])
     except OSError as err:
         needed = adapter_bytes(recipe, [t.numel() for t in run.named_trainable().values()]) // 2
         raise write_failure(err, run.paths.folder, f"the adapter of step {run.step}", needed, recipe.source) from None
     return kohya or diffusers
+
+
+def embedding_steps(recipe: Recipe) -> int:
+    """The steps during which [embedding]'s vectors train (`train_until` of the run's steps, at least one)."""
+    return max(1, math.ceil(recipe.embedding.train_until * recipe.train.max_steps))
+
+
+def save_embedding(run: Run, suffix: str = "") -> Path | None:
+    """[embedding]: the token vectors (the EMA's where the recipe keeps one) as a textual-inversion file,
+    `embeddings/<token><suffix>.safetensors`; None without an [embedding]."""
+    if not run.embeddings:
+        return None
+    token = run.recipe.embedding.token
+    weights = run.ema.shadow if run.ema is not None else run.named_trainable()
+    vectors = [weights[f"embedding.{name}"] for name in run.embeddings]
+    path = run.paths.folder / "embeddings" / f"{token}{suffix}.safetensors"
+    path.parent.mkdir(exist_ok=True)
+    data = embedding_file(vectors, run.base.family, token)
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
+    return path
 
 
 def save(run: Run) -> Path:

@@ -43,6 +43,7 @@ from ..data import (
 from ..devices import cpu_has_native_bf16
 from ..dropout import AdapterDropout
 from ..ema import AdapterEMA
+from ..embedding import add_new_tokens, placeholder_names
 from ..errors import AdapterError, DatasetError, LorakitError, OutputError, RecipeError
 from ..files import atomic_write_text
 from ..formats.read import FAMILY_NAMES, check_against, read_adapter_file
@@ -54,8 +55,9 @@ from ..optim import build_lr_scheduler, build_optimizer
 from ..progress import progress_bar
 from ..recipe import DEFAULT_MAX_STEPS, Recipe, dump_recipe
 from ..timestep_rank import TimestepRanks, active_ranks
+from ..trigger import contains_trigger
 from .images import render_class_images
-from .loop import Log, Run, encoder, held_out_items, restore, timestep_weights
+from .loop import Log, Run, embedding_steps, encoder, held_out_items, restore, timestep_weights
 
 
 def run_paths(recipe: Recipe) -> RunPaths:
@@ -231,6 +233,7 @@ def set_up(
     cfg = recipe.train
     torch.manual_seed(cfg.seed)
     trained = _inject(recipe, base, say)
+    embeddings = _add_embedding(recipe, base, items, accelerator.num_processes, say) if recipe.embedding else {}
     if recipe.lora.tlora_min_rank is not None:
         _mask_ranks_by_timestep(recipe, base, say)
     if recipe.lora.neuron_dropout or recipe.lora.rank_dropout or recipe.lora.module_dropout:
@@ -238,7 +241,7 @@ def set_up(
     if cfg.gradient_checkpointing:
         _enable_gradient_checkpointing(base, trained)
     _speed_settings(recipe, base, trained, accelerator.device, say)
-    optimizer = build_optimizer(cfg, _parameter_groups(recipe, trained))
+    optimizer = build_optimizer(cfg, _parameter_groups(recipe, trained, embeddings))
     if getattr(optimizer, "defaults", {}).get("fused"):
         say("train.optimizer: AdamW with PyTorch's fused CUDA kernel (one kernel for every parameter)")
     lr_scheduler = build_lr_scheduler(cfg, optimizer)
@@ -280,6 +283,7 @@ def set_up(
         say,
         quiet,
         held_out=held_out,
+        embeddings=embeddings,
     )
     run.planned_gib = planned
     if cfg.ema_decay:
@@ -351,10 +355,13 @@ def _enable_gradient_checkpointing(base: BaseModel, trained: dict[str, Any]) -> 
             (enable or module.gradient_checkpointing_enable)({"use_reentrant": False})
 
 
-def _parameter_groups(recipe: Recipe, trained: dict[str, Any]) -> list[dict[str, Any]]:
+def _parameter_groups(
+    recipe: Recipe, trained: dict[str, Any], embeddings: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
     """One group per trained component at its learning rate. With block-wise rates the U-Net's adapters are grouped
     by their block's factor (`unet@0.5` at half `unet_lr`; factor 1 stays `unet`); with LoRA+ each group's
-    up-projections go in a group of their own (`<name>.up`) at `loraplus_lr_ratio` times its rate."""
+    up-projections go in a group of their own (`<name>.up`) at `loraplus_lr_ratio` times its rate. New token
+    vectors ([embedding]) are the last group, `embedding`."""
     cfg = recipe.train
     weights, layers = _block_weights(recipe, trained["unet"])
     groups = []
@@ -375,6 +382,9 @@ def _parameter_groups(recipe: Recipe, trained: dict[str, Any]) -> list[dict[str,
             rest = [p for n, p in named.items() if not adapters.is_up_projection(n)]
             groups.append({"params": rest, "name": label, "lr": lr * factor})
             groups.append({"params": up, "name": f"{label}.up", "lr": lr * factor * cfg.loraplus_lr_ratio})
+    if embeddings:
+        vectors = [m.vectors for m in embeddings.values()]
+        groups.append({"params": vectors, "name": "embedding", "lr": recipe.embedding.lr})
     return groups
 
 
@@ -701,6 +711,38 @@ def _unused_layers(text_encoder: Any, clip_skip: int) -> tuple[int, ...]:
     return tuple(range(layers - clip_skip + 1, layers))
 
 
+def _add_embedding(recipe: Recipe, base: BaseModel, items: list[Item], world: int, log: Log) -> dict[str, Any]:
+    """[embedding]: the word's new tokens in every tokenizer and text encoder (a `NewTokens` each, by encoder
+    name), and the word spelled as them in everything the base tokenizes from now on."""
+    section = recipe.embedding
+    having = sum(contains_trigger(item.caption, section.token) for item in items)
+    if not having:
+        raise RecipeError(
+            f"embedding.token: {section.token!r} is in none of the {len(items)} captions, so its vectors would "
+            f"learn nothing; set data.trigger = {section.token!r}, or name the trigger word the captions have"
+        )
+    if world > 1 and not recipe.lora.train_text_encoder:
+        raise RecipeError(
+            "embedding: with several processes the token vectors train inside the text encoders, so train those "
+            "too (lora.train_text_encoder = true), or run one process"
+        )
+    generator = torch.Generator().manual_seed(recipe.train.seed)
+    modules = {
+        name: add_new_tokens(te, tok, section.token, section.vectors, section.init_words, generator)
+        for name, te, tok in zip(base.text_encoder_names, base.text_encoders, base.tokenizers, strict=True)
+    }
+    names = placeholder_names(section.token, section.vectors)
+    base.placeholders[section.token] = " ".join(names)
+    until = ""
+    if section.train_until < 1:
+        until = f" until step {embedding_steps(recipe)}, then frozen"
+    log(
+        f"embedding: {section.token!r} is {len(names)} new tokens ({' '.join(names)}) in {having} of {len(items)} "
+        f"captions, learning at {section.lr:g}{until}"
+    )
+    return modules
+
+
 def _init_from(path: str, trained: dict[str, Any], family: str, log: Log) -> None:
     adapter = read_adapter_file(path)
     if adapter.family not in ("unknown", family):
@@ -760,7 +802,7 @@ def _text_cache(recipe: Recipe, base: BaseModel, items: list[Item], device: Any,
     captions never change."""
 
     data = recipe.data
-    if recipe.lora.train_text_encoder or data.tags_vary:
+    if recipe.lora.train_text_encoder or data.tags_vary or recipe.embedding:
         return None
     captions = sorted({item.caption for item in items} | ({""} if data.caption_dropout else set()))
     cache = {}

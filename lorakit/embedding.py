@@ -1,0 +1,124 @@
+"""Pivotal tuning: a trigger word becomes new token vectors that train beside the LoRA (textual inversion), as
+diffusers' advanced DreamBooth script and OneTrainer's additional embeddings do.
+
+The word (`[embedding] token`, e.g. "ohwx") is written to the tokenizers as `vectors` new tokens (`<ohwx0>`,
+`<ohwx1>`, ...) and every caption and prompt spells it that way. Each text encoder reads the new tokens' vectors
+from a small parameter of its own (`NewTokens`), so the frozen embedding table is never copied or resized, and
+only the new rows get gradients and optimizer state.
+
+The file written is a textual-inversion embedding that the webuis and diffusers load by themselves: for SD 1.x/2.x
+`emb_params` (vectors x width), for SDXL `clip_l` and `clip_g`, one per text encoder.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import AdapterError, RecipeError
+
+EMBEDDING_KEYS = {"sd1": ("emb_params",), "sd2": ("emb_params",), "sdxl": ("clip_l", "clip_g")}
+
+
+class NewTokens(torch.nn.Module):
+    """A text encoder's token embedding with `vectors` learned rows appended after its frozen table: ids from
+    `first_id` on read `vectors`, every other id the table."""
+
+    def __init__(self, table: torch.nn.Embedding, vectors: torch.Tensor):
+        super().__init__()
+        self.table = table
+        self.first_id = table.num_embeddings
+        self.vectors = torch.nn.Parameter(vectors.to(torch.float32))
+
+    @property
+    def weight(self) -> torch.Tensor:  # what transformers reads for the dtype and device of the embeddings
+        return self.table.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        new = ids >= self.first_id
+        found = self.table(ids.clamp(max=self.first_id - 1))
+        if not new.any():
+            return found
+        learned = self.vectors[(ids - self.first_id).clamp(min=0)].to(found.dtype)
+        return torch.where(new[..., None], learned, found)
+
+
+def placeholder_names(token: str, vectors: int) -> list[str]:
+    """The tokens the word is spelled as: `<ohwx0>`, `<ohwx1>`, ..."""
+    return [f"<{token}{i}>" for i in range(vectors)]
+
+
+def expand(text: str, placeholders: dict[str, str]) -> str:
+    """`text` with each whole-word occurrence of a placeholder word replaced by its new tokens."""
+    for word, spelled in placeholders.items():
+        text = re.sub(rf"(?<![\w]){re.escape(word)}(?![\w])", spelled, text)
+    return text
+
+
+def add_new_tokens(
+    text_encoder: Any, tokenizer: Any, token: str, vectors: int, init_words: str, generator: torch.Generator
+) -> NewTokens:
+    """Add the word's new tokens to `tokenizer` and a `NewTokens` embedding to `text_encoder`, initialised from the
+    embeddings of `init_words` (cycled), or at random with the table's spread when none are given."""
+    table = text_encoder.get_input_embeddings()
+    if isinstance(table, NewTokens):
+        raise RecipeError("embedding: this text encoder already has new tokens; one [embedding] per run")
+    names = placeholder_names(token, vectors)
+    taken = [n for n in names if n in tokenizer.get_vocab()]
+    if taken:
+        raise RecipeError(f"embedding.token: {taken[0]} is already a token of this base's tokenizer; choose another")
+    if len(tokenizer) != table.num_embeddings:
+        raise RecipeError(
+            f"embedding: the tokenizer has {len(tokenizer)} tokens but the text encoder {table.num_embeddings} "
+            "embeddings; the base model's tokenizer does not match its text encoder"
+        )
+    tokenizer.add_tokens(names)
+    weight = table.weight.detach().float()
+    if init_words.strip():
+        ids = tokenizer(init_words, add_special_tokens=False).input_ids
+        start = weight[torch.tensor([ids[i % len(ids)] for i in range(vectors)])]
+    else:
+        start = torch.randn((vectors, weight.shape[1]), generator=generator) * weight.std()
+    module = NewTokens(table, start.to(table.weight.device))
+    text_encoder.set_input_embeddings(module)
+    return module
+
+
+def embedding_file(vectors: list[torch.Tensor], family: str, token: str) -> bytes:
+    """The textual-inversion file: one (vectors x width) float32 tensor per text encoder, under the names the webuis
+    and diffusers read, and the word it stands for in the metadata."""
+    from safetensors.torch import save
+
+    keys = EMBEDDING_KEYS[family]
+    tensors = {key: v.detach().float().cpu().contiguous() for key, v in zip(keys, vectors, strict=True)}
+    return save(tensors, metadata={"lorakit_token": token, "lorakit_vectors": str(vectors[0].shape[0])})
+
+
+def load_embedding(pipe: Any, path: Path) -> str:
+    """A run's textual-inversion file into a diffusers pipeline, under the word it was trained for (its metadata;
+    each text encoder its own vectors); returns the word. AdapterError when the file is missing or not one."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise AdapterError(f"{path}: the run's embedding file is missing; the run wrote it beside its adapter")
+    try:
+        with safe_open(str(path), "pt") as f:
+            token = (f.metadata() or {}).get("lorakit_token") or path.stem
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as err:
+        raise AdapterError(f"{path}: not a readable embedding file ({err})") from None
+    if "clip_g" in tensors:  # SDXL: CLIP-L's vectors and OpenCLIP bigG's
+        pipe.load_textual_inversion(
+            tensors["clip_l"], token=token, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer
+        )
+        pipe.load_textual_inversion(
+            tensors["clip_g"], token=token, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2
+        )
+    elif "emb_params" in tensors:
+        pipe.load_textual_inversion(tensors["emb_params"], token=token)
+    else:
+        raise AdapterError(f"{path}: holds {sorted(tensors)}, not emb_params or clip_l / clip_g")
+    return token

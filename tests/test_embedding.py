@@ -1,0 +1,192 @@
+"""Pivotal tuning ([embedding]): the trigger word becomes new token vectors trained beside the LoRA; the file
+written loads in diffusers, which then encodes prompts exactly as the trained text encoder did."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lorakit.errors import OutputError, RecipeError
+from lorakit.recipe import recipe_from_dict
+from lorakit.train import train
+
+from .conftest import make_recipe_dict
+from .invoke import fails, ok
+from .invoke import sd_pipeline as _pipe
+
+SECTION = {"token": "ohwx", "vectors": 2, "init_words": "toy", "lr": 1e-2}
+
+
+def _train(base, dataset, out, **sections):
+    lines: list[str] = []
+    recipe = recipe_from_dict(make_recipe_dict(base, dataset, out, **sections))
+    return train(recipe, quiet=True, log=lines.append), lines
+
+
+@pytest.fixture(scope="module")
+def pivotal_run(tiny_base, tiny_dataset, tmp_path_factory):
+    """A short SD 1.x run with the text encoder's LoRA and two new token vectors for "ohwx", frozen after half the
+    steps, saving at step 2 too."""
+    sections = {"embedding": {**SECTION, "train_until": 0.5}, "train": {"max_steps": 4, "save_every_steps": 2}}
+    return _train(tiny_base, tiny_dataset, tmp_path_factory.mktemp("pivotal"), **sections)
+
+
+def _in_memory_embeds(result, base, prompt: str, names: list[str]) -> torch.Tensor:
+    """What the trained text encoder makes of `prompt`, with the word spelled as its new tokens as training does."""
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
+    tokenizer.add_tokens(names)
+    ids = tokenizer(prompt.replace("ohwx", " ".join(names)), padding="max_length", return_tensors="pt").input_ids
+    with torch.no_grad():
+        return result.models["text_encoder"].eval()(ids)[0]
+
+
+def test_the_embedding_loads_in_diffusers_and_encodes_as_trained(pivotal_run, tiny_base):
+    from lorakit.embedding import load_embedding
+
+    result, lines = pivotal_run
+    assert (
+        "embedding: 'ohwx' is 2 new tokens (<ohwx0> <ohwx1>) in 8 of 8 captions, learning at 0.01 until step 2, "
+        "then frozen" in lines
+    )
+    tensors = load_file(result.embedding)
+    assert set(tensors) == {"emb_params"} and tensors["emb_params"].shape == (2, 32)
+    assert result.embedding == result.run_dir / "embeddings" / "ohwx.safetensors"
+    pipe = _pipe(tiny_base)
+    started_from = pipe.text_encoder.get_input_embeddings().weight[
+        pipe.tokenizer("toy", add_special_tokens=False).input_ids[0]
+    ]
+    assert not torch.allclose(tensors["emb_params"][0], started_from)  # the vectors learned
+    pipe.load_lora_weights(str(result.adapter))
+    assert load_embedding(pipe, result.embedding) == "ohwx"
+    prompt = "a photo of ohwx on a table"
+    with torch.no_grad():
+        got = pipe.encode_prompt(prompt, "cpu", 1, False)[0]
+    want = _in_memory_embeds(result, tiny_base, prompt, ["<ohwx0>", "<ohwx1>"])
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    without = _pipe(tiny_base)
+    without.load_lora_weights(str(result.adapter))
+    with torch.no_grad():
+        plain = without.encode_prompt(prompt, "cpu", 1, False)[0]
+    assert (plain - want).abs().max() > 1e-2  # the word alone, without its vectors, means something else
+
+
+def test_after_train_until_the_vectors_stay_and_the_lora_goes_on(pivotal_run):
+    result, _ = pivotal_run
+    at_step_2 = load_file(result.run_dir / "embeddings" / "ohwx-step00000002.safetensors")["emb_params"]
+    assert torch.equal(at_step_2, load_file(result.embedding)["emb_params"])
+    lora_2 = load_file(result.run_dir / "run-step00000002.safetensors")
+    lora_4 = load_file(result.adapter)
+    assert any(not torch.equal(lora_2[k], lora_4[k]) for k in lora_4 if k.startswith("lora_unet"))
+
+
+def test_a_resumed_pivotal_run_equals_a_straight_one(tiny_base, tiny_dataset, tmp_path):
+    import shutil
+
+    sections = {"embedding": {**SECTION, "train_until": 0.75}, "train": {"max_steps": 4, "save_every_steps": 2}}
+    straight, _ = _train(tiny_base, tiny_dataset, tmp_path / "a", **sections)
+    resumed_dir = tmp_path / "b" / "run"
+    shutil.copytree(straight.run_dir, resumed_dir)
+    shutil.rmtree(resumed_dir / "checkpoints" / "step-000004")
+    lines: list[str] = []
+    recipe = recipe_from_dict(make_recipe_dict(tiny_base, tiny_dataset, tmp_path / "b", **sections))
+    resumed = train(recipe, resume="latest", quiet=True, log=lines.append)
+    assert resumed.steps == 4
+    assert torch.equal(load_file(straight.embedding)["emb_params"], load_file(resumed.embedding)["emb_params"])
+    a, b = load_file(straight.adapter), load_file(resumed.adapter)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the vectors are part of the checkpoint: a resume without the [embedding] is refused
+    del sections["embedding"]
+    recipe = recipe_from_dict(make_recipe_dict(tiny_base, tiny_dataset, tmp_path / "b", **sections))
+    with pytest.raises(OutputError, match=r"--resume: embedding.token changed from 'ohwx' to None"):
+        train(recipe, resume="latest", quiet=True, log=lambda _: None)
+
+
+def test_sdxl_gets_vectors_for_both_encoders_which_diffusers_loads(tiny_sdxl, tiny_dataset, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from lorakit.embedding import load_embedding
+    from lorakit.models import encode_prompts, load_base, tokenize
+
+    result, _ = _train(tiny_sdxl, tiny_dataset, tmp_path, embedding=SECTION, train={"max_steps": 2})
+    assert set(result.models) == {"unet"}  # the encoders stay frozen; only the word's vectors learn through them
+    tensors = load_file(result.embedding)
+    assert {k: tuple(v.shape) for k, v in tensors.items()} == {"clip_l": (2, 32), "clip_g": (2, 48)}
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+    load_embedding(pipe, result.embedding)
+    prompt = "a photo of ohwx"
+    with torch.no_grad():
+        got, _, pooled, _ = pipe.encode_prompt(
+            prompt, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+    # lorakit's own encoding of the same prompt, with the trained vectors put in the frozen encoders
+    from lorakit.embedding import add_new_tokens
+
+    base = load_base(str(tiny_sdxl))
+    for te, tok, key in zip(base.text_encoders, base.tokenizers, ("clip_l", "clip_g"), strict=True):
+        module = add_new_tokens(te, tok, "ohwx", 2, "", torch.Generator().manual_seed(0))
+        module.vectors.data.copy_(tensors[key])
+    base.placeholders["ohwx"] = "<ohwx0> <ohwx1>"
+    with torch.no_grad():
+        want = encode_prompts(base, tokenize(base, [prompt]))
+    torch.testing.assert_close(got, want["encoder_hidden_states"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(pooled, want["pooled"], rtol=0, atol=1e-5)
+
+
+def test_generate_with_the_run_folder_loads_the_embedding(pivotal_run, tmp_path):
+    result, _ = pivotal_run
+    said = ok(
+        [
+            "generate",
+            "a photo of ohwx",
+            "--lora",
+            str(result.run_dir),
+            "--out",
+            str(tmp_path / "g"),
+            "--size",
+            "64x64",
+            "--steps",
+            "2",
+        ]
+    ).output
+    assert f"The run's embedding: {result.embedding}, the word 'ohwx'" in said
+    assert len(list((tmp_path / "g").glob("*.png"))) >= 1
+    fails(
+        ["generate", "a photo", "--lora", str(result.run_dir), "--out", str(tmp_path / "h"), "--compare-saves"],
+        "--compare-saves: the run trained an [embedding]",
+    )
+
+
+@pytest.mark.parametrize(
+    ("embedding", "data", "fragment"),
+    [
+        ({"token": "sks"}, {}, "embedding.token: 'sks' is in none of the 8 captions"),
+        ({"token": "ohwx man"}, {}, "embedding.token: 'ohwx man' is not one word"),
+    ],
+)
+def test_an_embedding_that_cannot_learn_is_refused(tiny_base, tiny_dataset, tmp_path, embedding, data, fragment):
+    with pytest.raises(RecipeError, match=fragment):
+        _train(tiny_base, tiny_dataset, tmp_path, embedding=embedding, data=data)
+    assert not (tmp_path / "run").exists()
+
+
+def test_samples_and_the_plan_see_the_new_tokens(tiny_base, tiny_dataset, tmp_path, monkeypatch):
+    import lorakit.train.images as images
+    from lorakit.memory import estimate
+
+    prompts: list[str] = []
+    real = images.render
+    monkeypatch.setattr(images, "render", lambda pipe, texts, *a: prompts.extend(texts) or real(pipe, texts, *a))
+    sections = {
+        "embedding": SECTION,
+        "train": {"max_steps": 1},
+        "sample": {"prompts": ["ohwx on a table --s 1"], "negative_prompt": "blurry ohwx"},
+    }
+    recipe = recipe_from_dict(make_recipe_dict(tiny_base, tiny_dataset, tmp_path, **sections))
+    result = train(recipe, quiet=True, log=lambda _: None)
+    assert prompts == ["<ohwx0> <ohwx1> on a table"]
+    # lorakit plan counts the vectors (2 x the encoder's width, 32 here) among the trained parameters exactly
+    planned = estimate(recipe, "sd15").trainable
+    assert sum(planned) == result.trainable_parameters and planned[-1] == 2 * 32
