@@ -199,10 +199,10 @@ def generate(
         models = pipeline_models(pipe)
         family = detect_family(models, dict(pipe.unet.config))
         log(f"The run's model.merged_adapters: {merge_files(list(defaults.merged), models, family, '--lora')}")
+    apply_adapters(pipe, adapters)  # checks the adapters against the base first
     if defaults.embedding is not None:
         word = load_embedding(pipe, defaults.embedding)
         log(f"The run's embedding: {defaults.embedding}, the word {word!r}")
-    apply_adapters(pipe, adapters)
     pipe.to(device, getattr(torch, dtype))
     pipe.set_progress_bar_config(disable=True)
     set_sampler(pipe, settings.sampler)
