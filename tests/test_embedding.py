@@ -53,6 +53,10 @@ def test_the_embedding_loads_in_diffusers_and_encodes_as_trained(pivotal_run, ti
     )
     tensors = load_file(result.embedding)
     assert set(tensors) == {"emb_params"} and tensors["emb_params"].shape == (2, 32)
+    from safetensors import safe_open
+
+    with safe_open(str(result.adapter), "pt") as f:  # the adapter says which file goes with it
+        assert f.metadata()["lorakit_embedding"] == "embeddings/ohwx.safetensors"
     assert result.embedding == result.run_dir / "embeddings" / "ohwx.safetensors"
     pipe = _pipe(tiny_base)
     started_from = pipe.text_encoder.get_input_embeddings().weight[

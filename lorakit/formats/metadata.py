@@ -206,6 +206,13 @@ def training_info(
         training[timestep_rank.METADATA_MIN_RANK] = str(lora.tlora_min_rank)
         training[timestep_rank.METADATA_EXPONENT] = str(lora.tlora_exponent)
         training[timestep_rank.METADATA_TIMESTEPS] = str(num_train_timesteps)
+    if recipe.embedding is not None:  # the adapter was trained with the word's own vectors: say where they are
+        token = recipe.embedding.token
+        training["lorakit_embedding"] = f"embeddings/{token}.safetensors"
+        training["lorakit_embedding_note"] = (
+            f"trained with a textual-inversion embedding for {token!r} ({recipe.embedding.vectors} vectors); load "
+            "that file with this adapter"
+        )
     return AdapterInfo(
         family=family,
         base_model=recipe.model.base,
