@@ -162,7 +162,8 @@ def text_conditioning(run: Run, captions: list[str]) -> dict[str, Any]:
         run.models.get(n, m) for n, m in zip(run.base.text_encoder_names, run.base.text_encoders, strict=True)
     ]
     learning = recipe.lora.train_text_encoder or any(m.vectors.requires_grad for m in run.embeddings.values())
-    with torch.set_grad_enabled(learning), run.accelerator.autocast():
+    # not inside validation's no_grad: the encoders' graph would be built and dropped for every held-out image
+    with torch.set_grad_enabled(learning and torch.is_grad_enabled()), run.accelerator.autocast():
         return encode_prompts(dataclasses.replace(run.base, text_encoders=text_encoders), ids, recipe.model.clip_skip)
 
 
