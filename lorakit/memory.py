@@ -402,8 +402,8 @@ def _resident_because(train_te: bool, recipe: Any) -> str:
     if train_te:
         return ""
     if recipe.embedding is not None:
-        return ", resident: the new token vectors train through them"
-    return ", resident: captions change every step"
+        return ", resident for [embedding]"
+    return ", resident: captions vary"
 
 
 def estimate(
