@@ -63,11 +63,9 @@ NOT_NEEDED = {
     "save_state": "every checkpoint is a resumable state",
     "save_state_on_train_end": "every checkpoint is a resumable state",
     "enable_bucket": "aspect-ratio buckets are always on (`lorakit prepare`)",
-    "bucket_reso_steps": "`lorakit prepare --bucket-step`",
     "min_bucket_reso": "`lorakit prepare` fits every photo to its nearest bucket",
     "max_bucket_reso": "`lorakit prepare` fits every photo to its nearest bucket",
     "bucket_no_upscale": "`lorakit prepare --max-upscale`",
-    "caption_extension": "`lorakit prepare --caption-ext`",
     "train_data_dir": "`lorakit prepare` reads it (printed below)",
     "logging_dir": "metrics.jsonl and tensorboard/ are in the run folder",
     "log_with": "metrics.jsonl and tensorboard/ are in the run folder",
@@ -203,6 +201,7 @@ def convert(
 
     take("sample_prompts", "sample.prompts", lambda v: _prompts(v, config_dir))
 
+    prepare_options = {name: left.pop(name) for name in SUBSET_PREPARE if name in left}
     if dataset is not None:  # sd-scripts ignores the data folders of the training config then
         for name in ("train_data_dir", "reg_data_dir", "dataset_config"):
             if name in left:
@@ -227,9 +226,10 @@ def convert(
 
     if settings.get("train_data_dir") and dataset is None:
         side = result.recipe.get("data", {}).get("resolution", 512)
-        result.notes.append(
-            f"lorakit prepare {settings['train_data_dir']} --kohya-folders --resolution {side} --out dataset"
-        )
+        folder = {**prepare_options, "resolution": side, "image_dir": settings["train_data_dir"]}
+        result.notes.append(_prepare_line(folder, "dataset") + " --kohya-folders")
+    printed = dataset is not None or bool(settings.get("train_data_dir"))  # the options go into prepare lines
+    (result.mapped if printed else result.not_needed).extend(prepare_options)
     for name in list(left):
         if name in NOT_NEEDED:
             result.not_needed.append(name)
@@ -348,9 +348,9 @@ def _dataset_config(
     result.set("data.folder", folders[0] if len(folders) == 1 else folders, "image_dir (dataset_config), prepared")
     if any(r != 1 for r in repeats):
         result.set("data.num_repeats", repeats[0] if len(repeats) == 1 else repeats, "num_repeats (dataset_config)")
-    fallback_side = settings.get("resolution", 512)
+    fallback = {name: settings[name] for name in (*SUBSET_PREPARE, "resolution") if name in settings}
     for subset, folder in zip(training, folders, strict=True):
-        result.notes.append(_prepare_line(subset.settings, folder, fallback_side))
+        result.notes.append(_prepare_line({**fallback, **subset.settings}, folder))
 
     if regs:
         _prior(regs, left, result, fates)
@@ -377,9 +377,9 @@ def _dataset_config(
     result.read += len(written)
 
 
-def _prepare_line(settings: dict[str, Any], folder: str, fallback_side: Any) -> str:
-    """The `lorakit prepare` command for one subset."""
-    side = _resolution(settings.get("resolution", fallback_side))
+def _prepare_line(settings: dict[str, Any], folder: str) -> str:
+    """The `lorakit prepare` command for one subset (`settings`: what it reads, the training config's included)."""
+    side = _resolution(settings.get("resolution", 512))
     words = ["lorakit", "prepare", str(settings["image_dir"]), "--out", folder, "--resolution", str(side)]
     for name, option in SUBSET_PREPARE.items():
         value = settings.get(name)

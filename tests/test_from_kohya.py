@@ -100,14 +100,15 @@ def test_a_kohya_config_becomes_a_recipe_that_trains(tiny_base, tiny_dataset, tm
     assert "rank = 8  # network_dim" in written and 'optimizer = "prodigy"  # optimizer_type' in written
     # every setting is accounted for
     # 39 settings with a value (an empty one means kohya's default): 31 mapped, 6 not needed, 2 not carried over
-    assert f"Wrote {recipe_path}: 31 of the 39 kohya settings mapped to recipe keys" in said
-    assert "not needed in lorakit (6): v2, train_data_dir, cache_latents_to_disk, caption_extension, xformers" in said
+    assert f"Wrote {recipe_path}: 32 of the 39 kohya settings mapped to recipe keys" in said
+    assert "not needed in lorakit (5): v2, train_data_dir, cache_latents_to_disk, xformers" in said
     assert "not carried over (3):" in said  # the two settings, and one of network_args
     for line in ("lr_warmup_steps: 0.1 is a share of max_train_steps", "full_bf16: lorakit has no equivalent"):
         assert line in said
     assert "network_args dylora_unit=4: lorakit has no equivalent" in said
     assert "dataset_config" not in said  # empty: kohya's default, nothing to carry over
-    assert "Prepare the photos first: lorakit prepare /data/img --kohya-folders --resolution 768 --out dataset" in said
+    line = "lorakit prepare /data/img --out dataset --resolution 768 --caption-ext .txt --kohya-folders"
+    assert f"Prepare the photos first: {line}" in said  # caption_extension goes into the prepare line
     # and it trains (on the tiny model and dataset, one short epoch)
     settings = [f"data.folder={tiny_dataset}", "data.resolution=64", "train.max_epochs=1"]
     args = ["train", str(recipe_path), "--quiet", *[a for s in settings for a in ("--set", s)]]
@@ -175,12 +176,12 @@ output_dir = "{out}"
 output_name = "two"
 prior_loss_weight = 0.5
 train_data_dir = "/not/read"
+caption_extension = ".txt"
 shuffle_caption = true
 """
 
 DATASET = """
 [general]
-caption_extension = ".txt"
 keep_tokens = 1
 enable_bucket = true
 
@@ -241,8 +242,9 @@ def test_a_kohya_dataset_config_becomes_prepare_lines_folders_and_a_prior(tiny_b
         "lorakit prepare photos/close --out dataset-1 --resolution 64 --caption-ext .txt --class-tokens 'ohwx man'",
         "lorakit prepare photos/far --out dataset-2 --resolution 64 --caption-ext .txt --class-tokens 'ohwx man'",
     ]
-    # every setting of both files is accounted for: 10 of the training config (with --dataset-config), 18 of the
-    # dataset config; not mapped: 3 not needed, 3 not carried over
+    # every setting of both files is accounted for: 11 of the training config (with --dataset-config), 17 of the
+    # dataset config (the training config's caption_extension reaches the prepare lines, as sd-scripts falls back
+    # to it); not mapped: 3 not needed, 3 not carried over
     assert "Wrote recipe.toml: 22 of the 28 kohya settings mapped to recipe keys" in said
     assert "not needed in lorakit (3): train_data_dir, enable_bucket in [general], num_repeats in subset 1.3" in said
     assert "color_aug (subset 1.1, subset 1.2): a colour change every step would make the cached latents" in said
