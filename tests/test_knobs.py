@@ -634,3 +634,21 @@ def test_wildcards_choose_one_option_per_step_and_the_first_for_validation(
     trained, validated = encoded[:-held_out], encoded[-held_out:]  # the last step's validation comes last
     assert set(trained) == {"ohwx, toy, red ball", "ohwx, toy, blue ball"}
     assert set(validated) == {"ohwx, toy, red ball"}
+
+
+def test_validation_encodes_captions_without_building_a_graph(tiny_base, tiny_dataset, tmp_path, monkeypatch):
+    """The trained text encoder runs with gradients in training steps, and without them for val_loss."""
+    import lorakit.train.loop as loop
+
+    seen: list[bool] = []
+    real = loop.encode_prompts
+    monkeypatch.setattr(loop, "encode_prompts", lambda *a: seen.append(torch.is_grad_enabled()) or real(*a))
+    recipe = make_recipe_dict(
+        tiny_base,
+        tiny_dataset,
+        tmp_path,
+        train={"max_steps": 2},
+        validation={"split": 0.25, "every_steps": 100, "timesteps": [500]},
+    )
+    train(recipe_from_dict(recipe), quiet=True, log=lambda _: None)
+    assert seen[:2] == [True, True] and seen[2:] and not any(seen[2:])  # 2 steps, then the held-out images
