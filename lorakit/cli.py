@@ -579,6 +579,12 @@ def _floats(text: str, option: str) -> tuple[float, ...]:
     return values
 
 
+def _file_and_word(text: str) -> tuple[str, str | None]:
+    """`FILE[:WORD]`: the word after the last ':' when it is one (a Windows drive's ':' is not followed by one)."""
+    file, sep, word = text.rpartition(":")
+    return (file, word) if sep and file and re.fullmatch(r"\w+", word) else (text, None)
+
+
 def _lora_arguments(texts: list[str] | None, option: str = "--lora") -> list[tuple[str, float]]:
     """`FILE[:SCALE]` arguments, each scale a finite number within +-SCALE_LIMIT."""
     from .bake import path_and_scale
@@ -695,6 +701,13 @@ def generate(
         str | None,
         typer.Option(help="For a single-file --base: its diffusers config folder or hub id (SDXL: optional)."),
     ] = None,
+    embedding: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="A textual-inversion file FILE[:WORD] (.safetensors, e.g. a negative embedding), called by writing "
+            "its word (default: its file name) in a prompt or --negative; repeat for several."
+        ),
+    ] = None,
     dtype: Annotated[
         str, typer.Option(help="auto (float16 on CUDA, float32 on CPU), float32, float16 or bfloat16.")
     ] = "auto",
@@ -734,6 +747,7 @@ def generate(
         guidance_rescale=guidance_rescale,
         dtype=dtype,
         allow_pickle=allow_pickle,
+        embeddings=tuple(_file_and_word(text) for text in embedding or []),
     )
     _prepare_stack()
     log = lambda line: typer.echo(line, err=True)  # noqa: E731

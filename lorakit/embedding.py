@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .errors import AdapterError, RecipeError
+from .errors import AdapterError, RecipeError, first_line
 
 EMBEDDING_KEYS = {"sd1": ("emb_params",), "sd2": ("emb_params",), "sdxl": ("clip_l", "clip_g")}
 
@@ -97,28 +97,49 @@ def embedding_file(vectors: list[torch.Tensor], family: str, token: str) -> byte
     return save(tensors, metadata={"lorakit_token": token, "lorakit_vectors": str(vectors[0].shape[0])})
 
 
-def load_embedding(pipe: Any, path: Path) -> str:
-    """A run's textual-inversion file into a diffusers pipeline, under the word it was trained for (its metadata;
-    each text encoder its own vectors); returns the word. AdapterError when the file is missing or not one."""
+def load_embedding(pipe: Any, path: Path, word: str | None = None) -> str:
+    """A textual-inversion file (a run's, or a webui one: `emb_params`, `clip_l` + `clip_g`, or one tensor) into a
+    diffusers pipeline under `word`: by default the word it was trained for (lorakit's metadata), else its file
+    name, as the webuis name embeddings. Returns the word. AdapterError, naming the file, for a file that is
+    missing, unreadable, or made for another architecture."""
     from safetensors import SafetensorError, safe_open
 
     if not path.is_file():
-        raise AdapterError(f"{path}: the run's embedding file is missing; the run wrote it beside its adapter")
+        raise AdapterError(f"{path}: embedding file not found")
+    if path.suffix.lower() != ".safetensors":
+        raise AdapterError(f"{path}: only .safetensors embeddings are read (a {path.suffix} file is a pickle)")
     try:
         with safe_open(str(path), "pt") as f:
-            token = (f.metadata() or {}).get("lorakit_token") or path.stem
+            word = word or (f.metadata() or {}).get("lorakit_token") or path.stem
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError) as err:
         raise AdapterError(f"{path}: not a readable embedding file ({err})") from None
-    if "clip_g" in tensors:  # SDXL: CLIP-L's vectors and OpenCLIP bigG's
-        pipe.load_textual_inversion(
-            tensors["clip_l"], token=token, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer
-        )
-        pipe.load_textual_inversion(
-            tensors["clip_g"], token=token, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2
-        )
-    elif "emb_params" in tensors:
-        pipe.load_textual_inversion(tensors["emb_params"], token=token)
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None
+    if set(tensors) == {"clip_l", "clip_g"}:
+        if not sdxl:
+            raise AdapterError(f"{path}: an SDXL embedding (clip_l and clip_g) but the base is SD 1.x/2.x")
+        pairs = [
+            (tensors["clip_l"], pipe.text_encoder, pipe.tokenizer),
+            (tensors["clip_g"], pipe.text_encoder_2, pipe.tokenizer_2),
+        ]
+    elif "emb_params" in tensors or len(tensors) == 1:
+        if sdxl:
+            raise AdapterError(
+                f"{path}: an SD 1.x/2.x embedding (one tensor) but the base is SDXL (clip_l and clip_g)"
+            )
+        pairs = [(tensors.get("emb_params", next(iter(tensors.values()))), pipe.text_encoder, pipe.tokenizer)]
     else:
-        raise AdapterError(f"{path}: holds {sorted(tensors)}, not emb_params or clip_l / clip_g")
-    return token
+        raise AdapterError(f"{path}: holds {sorted(tensors)[:4]}, not emb_params, clip_l + clip_g, or one tensor")
+    for vectors, encoder, tokenizer in pairs:
+        vectors = vectors.reshape(-1, vectors.shape[-1])
+        width = encoder.get_input_embeddings().weight.shape[1]
+        if vectors.shape[1] != width:
+            raise AdapterError(
+                f"{path}: its vectors are {vectors.shape[1]} wide but this base's text encoder takes {width}; the "
+                "embedding is for another architecture"
+            )
+        try:
+            pipe.load_textual_inversion(vectors, token=word, text_encoder=encoder, tokenizer=tokenizer)
+        except ValueError as err:  # diffusers' refusals: a word already in the vocabulary, or loaded twice
+            raise AdapterError(f"{path}: {first_line(err)}; give it another word with FILE:WORD") from None
+    return word

@@ -119,6 +119,7 @@ class GenerateOptions:
     guidance_rescale: float | None = None
     dtype: str = "auto"
     allow_pickle: bool = False
+    embeddings: tuple[tuple[str, str | None], ...] = ()  # --embedding FILE[:WORD]: textual-inversion files
     clip_skip: int | None = None  # None: the run folder's, else 1
 
 
@@ -203,6 +204,9 @@ def generate(
     if defaults.embedding is not None:
         word = load_embedding(pipe, defaults.embedding)
         log(f"The run's embedding: {defaults.embedding}, the word {word!r}")
+    for file, word in options.embeddings:
+        word = load_embedding(pipe, Path(file).expanduser(), word)
+        log(f"Embedding {file}: the word {word!r} in a prompt or --negative calls it")
     pipe.to(device, getattr(torch, dtype))
     pipe.set_progress_bar_config(disable=True)
     set_sampler(pipe, settings.sampler)

@@ -194,3 +194,46 @@ def test_samples_and_the_plan_see_the_new_tokens(tiny_base, tiny_dataset, tmp_pa
     # lorakit plan counts the vectors (2 x the encoder's width, 32 here) among the trained parameters exactly
     planned = estimate(recipe, "sd15").trainable
     assert sum(planned) == result.trainable_parameters and planned[-1] == 2 * 32
+
+
+def test_generate_reads_textual_inversion_files_as_the_webuis_name_them(pivotal_run, tiny_base, tmp_path):
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    result, _ = pivotal_run
+
+    def image(*args):
+        out = tmp_path / f"g{len(list(tmp_path.glob('g*')))}"
+        said = ok(["generate", "a photo of ohwx", "--out", str(out), "--size", "64x64", "--steps", "2", *args])
+        with Image.open(next(out.glob("*.png"))) as drawn:
+            return np.asarray(drawn), said.output
+
+    # the run's pair by hand (the word from the file's metadata) draws what the run folder draws
+    by_folder, _ = image("--lora", str(result.run_dir))
+    by_hand, said = image(
+        "--base", str(tiny_base), "--lora", str(result.adapter), "--embedding", str(result.embedding)
+    )
+    assert "Embedding" in said and "the word 'ohwx'" in said
+    assert np.array_equal(by_folder, by_hand)
+    # a webui file: one tensor under its own key, called by its file name (here in the negative prompt), or by
+    # the word given after ':'
+    vectors = load_file(result.embedding)["emb_params"]
+    save_file({"*": vectors}, str(tmp_path / "mynegative.safetensors"))
+    _, said = image(
+        "--base", str(tiny_base), "--embedding", str(tmp_path / "mynegative.safetensors"), "--negative", "mynegative"
+    )
+    assert "the word 'mynegative'" in said
+    _, said = image("--base", str(tiny_base), "--embedding", f"{tmp_path / 'mynegative.safetensors'}:other")
+    assert "the word 'other'" in said
+    # made for another architecture: one line naming the file, nothing drawn
+    save_file({"clip_l": vectors, "clip_g": torch.zeros(2, 48)}, str(tmp_path / "xl.safetensors"))
+    save_file({"emb_params": torch.zeros(2, 48)}, str(tmp_path / "wide.safetensors"))
+    for name, fragment in (
+        ("xl.safetensors", "an SDXL embedding (clip_l and clip_g) but the base is SD 1.x/2.x"),
+        ("wide.safetensors", "its vectors are 48 wide but this base's text encoder takes 32"),
+        ("none.safetensors", "embedding file not found"),
+    ):
+        args = ["generate", "a photo", "--base", str(tiny_base), "--out", str(tmp_path / "no"), "--size", "64x64"]
+        fails([*args, "--embedding", str(tmp_path / name)], f"{tmp_path / name}: {fragment}")
+    assert not list((tmp_path / "no").glob("*.png"))
