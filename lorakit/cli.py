@@ -237,6 +237,14 @@ def prepare(
     caption_from_filename: Annotated[
         bool, typer.Option(help="Use the file name as caption when there is no caption file or model.")
     ] = False,
+    caption_lines: Annotated[
+        str,
+        typer.Option(
+            help="A caption file of several lines: join (its lines' tags into one caption), first (its first line, "
+            "as kohya reads it), or choices ({line1|line2}: one line per step with data.wildcards, as kohya's "
+            "enable_wildcard)."
+        ),
+    ] = "join",
     class_tokens: Annotated[
         str,
         typer.Option(
@@ -301,6 +309,7 @@ def prepare(
         caption_model=caption_model,
         caption_from_filename=caption_from_filename,
         class_tokens=" ".join(class_tokens.split()),
+        caption_lines=caption_lines,
         tokenizer=tokenizer,
         strict=strict,
         workers=workers,

@@ -448,17 +448,25 @@ def size_conditioning(item: Item, flip: bool) -> tuple[int, int, int, int, int, 
     return (original[1], original[0], top, left, target_h, target_w)
 
 
-WILDCARD = re.compile(r"\{([^{}]*\|[^{}]*)\}")  # kohya's {a|b|c}: braces holding at least one |
+WILDCARD = re.compile(r"\{\{|\}\}|\{([^{}]+)\}")  # kohya's {a|b|c}; `{{` and `}}` are literal braces
 
 
 def pick_wildcards(caption: str, rng: random.Random | None) -> str:
-    """Each `{a|b|c}` of a caption replaced by one of its options, drawn with `rng` (the first without one)."""
+    """Each `{a|b|c}` of a caption replaced by one of its options, drawn with `rng` (the first without one), as
+    kohya's wildcards: `{{` and `}}` are literal braces."""
 
     def pick(match: re.Match) -> str:
+        if match[1] is None:  # an escaped brace
+            return match[0][0]
         options = [o.strip() for o in match[1].split("|")]
         return rng.choice(options) if rng is not None else options[0]
 
     return WILDCARD.sub(pick, caption)
+
+
+def has_wildcards(caption: str) -> bool:
+    """Whether a caption has `{a|b}` choices (escaped braces are none)."""
+    return any(match[1] is not None for match in WILDCARD.finditer(caption))
 
 
 def transform_caption(

@@ -226,7 +226,7 @@ def convert(
 
     if settings.get("train_data_dir") and dataset is None:
         side = result.recipe.get("data", {}).get("resolution", 512)
-        folder = {**prepare_options, "resolution": side, "image_dir": settings["train_data_dir"]}
+        folder = {**settings, **prepare_options, "resolution": side, "image_dir": settings["train_data_dir"]}
         result.notes.append(_prepare_line(folder, "dataset") + " --kohya-folders")
     printed = dataset is not None or bool(settings.get("train_data_dir"))  # the options go into prepare lines
     (result.mapped if printed else result.not_needed).extend(prepare_options)
@@ -348,7 +348,9 @@ def _dataset_config(
     result.set("data.folder", folders[0] if len(folders) == 1 else folders, "image_dir (dataset_config), prepared")
     if any(r != 1 for r in repeats):
         result.set("data.num_repeats", repeats[0] if len(repeats) == 1 else repeats, "num_repeats (dataset_config)")
-    fallback = {name: settings[name] for name in (*SUBSET_PREPARE, "resolution") if name in settings}
+    fallback = {
+        name: settings[name] for name in (*SUBSET_PREPARE, "resolution", "enable_wildcard") if name in settings
+    }
     for subset, folder in zip(training, folders, strict=True):
         result.notes.append(_prepare_line({**fallback, **subset.settings}, folder))
 
@@ -389,6 +391,8 @@ def _prepare_line(settings: dict[str, Any], folder: str) -> str:
             words += [option] if _bool(value) else []
         else:
             words += [option, " ".join(str(value).split())]
+    # kohya reads a caption file's first line, or with enable_wildcard one of its lines per step
+    words += ["--caption-lines", "choices" if _bool(settings.get("enable_wildcard", False)) else "first"]
     return shlex.join(words)
 
 

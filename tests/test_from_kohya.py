@@ -107,7 +107,8 @@ def test_a_kohya_config_becomes_a_recipe_that_trains(tiny_base, tiny_dataset, tm
         assert line in said
     assert "network_args dylora_unit=4: lorakit has no equivalent" in said
     assert "dataset_config" not in said  # empty: kohya's default, nothing to carry over
-    line = "lorakit prepare /data/img --out dataset --resolution 768 --caption-ext .txt --kohya-folders"
+    line = "lorakit prepare /data/img --out dataset --resolution 768 --caption-ext .txt --caption-lines first "
+    line += "--kohya-folders"
     assert f"Prepare the photos first: {line}" in said  # caption_extension goes into the prepare line
     # and it trains (on the tiny model and dataset, one short epoch)
     settings = [f"data.folder={tiny_dataset}", "data.resolution=64", "train.max_epochs=1"]
@@ -239,8 +240,10 @@ def test_a_kohya_dataset_config_becomes_prepare_lines_folders_and_a_prior(tiny_b
     )
     lines = [line.split(": ", 1)[1] for line in said.splitlines() if line.startswith("Prepare the photos first:")]
     assert lines == [
-        "lorakit prepare photos/close --out dataset-1 --resolution 64 --caption-ext .txt --class-tokens 'ohwx man'",
-        "lorakit prepare photos/far --out dataset-2 --resolution 64 --caption-ext .txt --class-tokens 'ohwx man'",
+        "lorakit prepare photos/close --out dataset-1 --resolution 64 --caption-ext .txt --class-tokens 'ohwx man' "
+        "--caption-lines first",
+        "lorakit prepare photos/far --out dataset-2 --resolution 64 --caption-ext .txt --class-tokens 'ohwx man' "
+        "--caption-lines first",
     ]
     # every setting of both files is accounted for: 11 of the training config (with --dataset-config), 17 of the
     # dataset config (the training config's caption_extension reaches the prepare lines, as sd-scripts falls back

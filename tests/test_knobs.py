@@ -594,7 +594,7 @@ def test_wildcards_choose_one_option_per_step_and_the_first_for_validation(
     import lorakit.train.loop as loop
     from lorakit.data import pick_wildcards
 
-    assert pick_wildcards("ohwx, {red | blue} shirt, {a} b", None) == "ohwx, red shirt, {a} b"  # one option: text
+    assert pick_wildcards("ohwx, {red | blue} shirt, {a} b, {{c}}", None) == "ohwx, red shirt, a b, {c}"  # as kohya
     section = DataSection(wildcards=True, shuffle_tags=True, keep_tokens=1)
     seen = {
         transform_caption("ohwx, {red|blue|green} shirt, smiling, hat", section, random.Random(s)) for s in range(60)
@@ -634,6 +634,14 @@ def test_wildcards_choose_one_option_per_step_and_the_first_for_validation(
     trained, validated = encoded[:-held_out], encoded[-held_out:]  # the last step's validation comes last
     assert set(trained) == {"ohwx, toy, red ball", "ohwx, toy, blue ball"}
     assert set(validated) == {"ohwx, toy, red ball"}
+    # without data.wildcards the choices are read as written, and the log says how to turn them on
+    lines.clear()
+    recipe = make_recipe_dict(tiny_base, data, tmp_path / "plain", train={"max_steps": 1})
+    train(recipe_from_dict(recipe), quiet=True, log=lines.append)
+    assert (
+        f"data: {len(rows)} of {len(rows)} captions have {{a|b}} choices, which are read as written; set "
+        "data.wildcards = true to pick one option per step" in lines
+    )
 
 
 def test_validation_encodes_captions_without_building_a_graph(tiny_base, tiny_dataset, tmp_path, monkeypatch):

@@ -514,3 +514,45 @@ def test_class_tokens_caption_the_images_without_a_caption_file(tmp_path):
         "--class-tokens and --caption-from-filename both caption the images without a caption file; pass one",
     )
     assert not other.exists()
+
+
+def test_caption_files_of_several_lines_join_give_their_first_or_become_choices(tmp_path):
+    from lorakit.data import pick_wildcards
+
+    from .invoke import fails, ok
+
+    src = tmp_path / "photos"
+    src.mkdir()
+    textured(96, 96, 0).save(src / "a.png")
+    (src / "a.txt").write_text("red shirt, smiling\n\nblue shirt\n")
+    out = tmp_path / "dataset"
+
+    def caption(mode):
+        ok(
+            [
+                "prepare",
+                str(src),
+                "--out",
+                str(out),
+                "--resolution",
+                "64",
+                "--workers",
+                "1",
+                "--quiet",
+                "--trigger",
+                "ohwx",
+                "--caption-lines",
+                mode,
+            ]
+        )
+        return json.loads((out / "metadata.jsonl").read_text().splitlines()[0])["text"]
+
+    assert caption("join") == "ohwx, red shirt, smiling, blue shirt"  # lorakit's default: every line's tags
+    assert caption("first") == "ohwx, red shirt, smiling"  # as kohya reads it
+    choices = caption("choices")  # as kohya's enable_wildcard: one line per step, each with the trigger
+    assert choices == "{ohwx, red shirt, smiling|ohwx, blue shirt}"
+    assert pick_wildcards(choices, None) == "ohwx, red shirt, smiling"
+    fails(
+        ["prepare", str(src), "--out", str(tmp_path / "x"), "--caption-lines", "all"],
+        "--caption-lines: 'all'; use join, first, choices",
+    )

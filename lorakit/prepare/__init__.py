@@ -47,6 +47,7 @@ class PrepareOptions:
     caption_model: str | None = None
     caption_from_filename: bool = False
     class_tokens: str = ""  # the caption of images without a caption file (kohya's class_tokens)
+    caption_lines: str = "join"  # a caption file of several lines: "join" its tags, "first" line, or "choices"
     tokenizer: str | None = None
     strict: bool = False
     workers: int | None = None
@@ -55,6 +56,9 @@ class PrepareOptions:
     mask_prompt: str = ""  # what it looks for: the subject, e.g. "a dog"
     mask_threshold: float = 0.4  # the model's probability at which a pixel is the subject
     kohya_folders: bool = False  # `N_words` subfolders give their images N repeats and, uncaptioned, the words
+
+
+CAPTION_LINES = ("join", "first", "choices")
 
 
 @dataclass
@@ -257,6 +261,13 @@ def _caption(
     trigger placed."""
     text, sidecar, utf8 = read_sidecar(path, options.caption_extensions)
     source = "sidecar"
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    if len(lines) > 1 and options.caption_lines == "first":  # kohya's reading without enable_wildcard
+        text = lines[0]
+    elif len(lines) > 1 and options.caption_lines == "choices":  # one line per step with data.wildcards
+        placed = [place_trigger(normalise_tags(line), options.trigger) for line in lines]
+        choices = "{" + "|".join(", ".join(tags) for tags, _ in placed) + "}"
+        return _Caption(choices, source, placed[0][1], "" if utf8 else str(sidecar), "")
     if text is None or not text.strip():
         if captioner is not None:
             if cached is None:
@@ -454,6 +465,11 @@ def prepare(
     if options.mask_model and not options.mask_prompt.strip():
         raise LorakitError(
             '--mask-model: also give --mask-prompt, the subject the model should find (e.g. --mask-prompt "a dog")'
+        )
+    if options.caption_lines not in CAPTION_LINES:
+        raise LorakitError(
+            f"--caption-lines: {options.caption_lines!r}; use {', '.join(CAPTION_LINES)} (what a caption file of "
+            "several lines becomes)"
         )
     if options.class_tokens and (options.caption_model or options.caption_from_filename):
         other = "--caption-model" if options.caption_model else "--caption-from-filename"

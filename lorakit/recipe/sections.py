@@ -79,8 +79,9 @@ class DataSection:
     """Probability of training a step's image with an empty caption (0 to 1)."""
     wildcards: bool = False
     """kohya's `enable_wildcard`: each `{red shirt|blue shirt|green shirt}` in a caption becomes one of its options
-    at every step (drawn with the step's seed), so several phrasings of one photo are learned; `val_loss` uses the
-    first option. Shuffling and `keep_tokens` then count the chosen option's tags."""
+    at every step (drawn with the step's seed), so several phrasings of one photo are learned (`{{` and `}}` are
+    literal braces; `lorakit prepare --caption-lines choices` turns caption files of several lines into such
+    choices); `val_loss` uses the first option. Shuffling and `keep_tokens` then count the chosen option's tags."""
     masked_loss: bool = False
     """Weight the denoising loss by each image's mask (`mask_file_name` in metadata.jsonl: white is the subject):
     the subject counts fully, the rest by `mask_background_weight`, so the background is not learned as the

@@ -29,11 +29,11 @@ from ..checkpoint import (
     run_lock,
 )
 from ..data import (
-    WILDCARD,
     BatchStream,
     Item,
     LatentCache,
     bucket_list,
+    has_wildcards,
     load_class_items,
     load_items,
     split_held_out,
@@ -766,9 +766,14 @@ def _load_all_items(recipe: Recipe, base: BaseModel, log: Log) -> tuple[list[Ite
         items, held_out = split_held_out(items, recipe.validation.split, recipe.train.seed)
         names = ", ".join(item.path.name for item in held_out[:4]) + (", ..." if len(held_out) > 4 else "")
         log(f"validation.split: {len(held_out)} of {len(items) + len(held_out)} images held out for val_loss: {names}")
+    choosing = sum(has_wildcards(item.caption) for item in items)
     if recipe.data.wildcards:
-        choosing = sum(WILDCARD.search(item.caption) is not None for item in items)
         log(f"data.wildcards: {choosing} of {len(items)} captions choose among {{a|b}} options at every step")
+    elif choosing:
+        log(
+            f"data: {choosing} of {len(items)} captions have {{a|b}} choices, which are read as written; set "
+            "data.wildcards = true to pick one option per step"
+        )
     limit = recipe.data.max_token_length
     if limit == 75:  # the model's own context (75 tokens for SD; smaller for the toy world)
         limit = base.tokenizers[0].model_max_length - 2
