@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from .adapters import lycoris_kind, scaled_factors
+from .embedding import looks_like_embedding, read_embedding
 from .errors import AdapterError
 from .files import check_output
 from .formats.files import write_adapter
@@ -41,8 +42,11 @@ def convert_adapter(
 
 
 def inspect_adapter(path: str | Path, *, allow_pickle: bool = False) -> dict:
-    """Layout, architecture, ranks, alphas, module counts, metadata and update norms of an adapter file."""
+    """Layout, architecture, ranks, alphas, module counts, metadata and update norms of an adapter file; for a
+    textual-inversion embedding, its word, vectors and their norms."""
 
+    if Path(path).suffix.lower() == ".safetensors" and looks_like_embedding(Path(path)):
+        return _inspect_embedding(read_embedding(Path(path)))
     adapter = read_adapter_file(path, allow_pickle=allow_pickle)
     components = {}
     for component, modules in sorted(adapter.state.items()):
@@ -100,7 +104,42 @@ def _loader_warnings(adapter) -> list[str]:
     ]
 
 
+def _inspect_embedding(embedding) -> dict:
+    encoders = {"emb_params": "text encoder", "clip_l": "CLIP-L", "clip_g": "OpenCLIP bigG"}
+    return {
+        "file": str(embedding.path),
+        "layout": "textual inversion",
+        "architecture": embedding.family,
+        "word": embedding.word,
+        "vectors": {
+            encoders[key]: {
+                "count": v.shape[0],
+                "width": v.shape[1],
+                "norms": [round(float(n), 4) for n in v.float().norm(dim=1)],
+            }
+            for key, v in embedding.vectors.items()
+        },
+        "finite": all(bool(torch.isfinite(v).all()) for v in embedding.vectors.values()),
+        "metadata": embedding.metadata,
+        "warnings": [],
+    }
+
+
 def inspection_lines(info: dict) -> list[str]:
+    if info["layout"] == "textual inversion":
+        lines = [
+            f"{info['file']}",
+            "  layout: textual-inversion embedding (loads in A1111/Forge, ComfyUI, diffusers and lorakit generate "
+            "--embedding)",
+            f"  architecture: {FAMILY_NAMES[info['architecture']]}",
+            f"  word: {info['word']!r} (write it in a prompt to call the embedding)",
+            "  weights: "
+            + ("all finite (no NaN or inf)" if info["finite"] else "NOT FINITE: NaN or inf in the vectors"),
+        ]
+        for encoder, entry in info["vectors"].items():
+            norms = ", ".join(f"{n:.3g}" for n in entry["norms"])
+            lines.append(f"  {encoder}: {entry['count']} vectors of width {entry['width']} (norms {norms})")
+        return lines
     lycoris = any(entry["type"] in KIND_NAMES and entry["type"] != "lora" for entry in info["components"].values())
     if lycoris:
         where = "(LyCORIS: loads in A1111/Forge, ComfyUI and lorakit; not in diffusers)"

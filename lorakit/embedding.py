@@ -13,6 +13,7 @@ The file written is a textual-inversion embedding that the webuis and diffusers 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -94,14 +95,49 @@ def embedding_file(vectors: list[torch.Tensor], family: str, token: str) -> byte
 
     keys = EMBEDDING_KEYS[family]
     tensors = {key: v.detach().float().cpu().contiguous() for key, v in zip(keys, vectors, strict=True)}
-    return save(tensors, metadata={"lorakit_token": token, "lorakit_vectors": str(vectors[0].shape[0])})
+    metadata = {"lorakit_token": token, "lorakit_vectors": str(vectors[0].shape[0]), "lorakit_architecture": family}
+    return save(tensors, metadata=metadata)
 
 
-def load_embedding(pipe: Any, path: Path, word: str | None = None) -> str:
-    """A textual-inversion file (a run's, or a webui one: `emb_params`, `clip_l` + `clip_g`, or one tensor) into a
-    diffusers pipeline under `word`: by default the word it was trained for (lorakit's metadata), else its file
-    name, as the webuis name embeddings. Returns the word. AdapterError, naming the file, for a file that is
-    missing, unreadable, or made for another architecture."""
+EMBEDDING_WIDTHS = {768: "sd1", 1024: "sd2"}  # one-encoder embeddings: CLIP-L (SD 1.x) or OpenCLIP-H (SD 2.x)
+
+
+@dataclass
+class EmbeddingFile:
+    """A textual-inversion file: the word it is called by and its vectors, (count x width) per text encoder."""
+
+    path: Path
+    word: str
+    vectors: dict[str, torch.Tensor]  # `emb_params` (or the file's one key), or SDXL's `clip_l` and `clip_g`
+    metadata: dict[str, str]
+
+    @property
+    def family(self) -> str:
+        if self.metadata.get("lorakit_architecture") in ("sd1", "sd2", "sdxl"):  # written by a lorakit run
+            return self.metadata["lorakit_architecture"]
+        if set(self.vectors) == {"clip_l", "clip_g"}:
+            return "sdxl"
+        return EMBEDDING_WIDTHS.get(next(iter(self.vectors.values())).shape[1], "unknown")
+
+
+def looks_like_embedding(path: Path) -> bool:
+    """Whether a .safetensors file holds a textual-inversion embedding rather than an adapter (its keys)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            keys = set(f.keys())
+    except (SafetensorError, OSError):
+        return False
+    return (
+        keys == {"clip_l", "clip_g"} or keys == {"emb_params"} or (len(keys) == 1 and "lora" not in next(iter(keys)))
+    )
+
+
+def read_embedding(path: Path, word: str | None = None) -> EmbeddingFile:
+    """A textual-inversion file (a run's, or a webui one: `emb_params`, `clip_l` + `clip_g`, or one tensor), called
+    by `word`: by default the word it was trained for (lorakit's metadata), else its file name, as the webuis name
+    embeddings. AdapterError, naming the file, for one that is missing or is not an embedding."""
     from safetensors import SafetensorError, safe_open
 
     if not path.is_file():
@@ -110,28 +146,30 @@ def load_embedding(pipe: Any, path: Path, word: str | None = None) -> str:
         raise AdapterError(f"{path}: only .safetensors embeddings are read (a {path.suffix} file is a pickle)")
     try:
         with safe_open(str(path), "pt") as f:
-            word = word or (f.metadata() or {}).get("lorakit_token") or path.stem
+            metadata = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError) as err:
         raise AdapterError(f"{path}: not a readable embedding file ({err})") from None
-    sdxl = getattr(pipe, "text_encoder_2", None) is not None
-    if set(tensors) == {"clip_l", "clip_g"}:
-        if not sdxl:
-            raise AdapterError(f"{path}: an SDXL embedding (clip_l and clip_g) but the base is SD 1.x/2.x")
-        pairs = [
-            (tensors["clip_l"], pipe.text_encoder, pipe.tokenizer),
-            (tensors["clip_g"], pipe.text_encoder_2, pipe.tokenizer_2),
-        ]
-    elif "emb_params" in tensors or len(tensors) == 1:
-        if sdxl:
-            raise AdapterError(
-                f"{path}: an SD 1.x/2.x embedding (one tensor) but the base is SDXL (clip_l and clip_g)"
-            )
-        pairs = [(tensors.get("emb_params", next(iter(tensors.values()))), pipe.text_encoder, pipe.tokenizer)]
-    else:
+    if set(tensors) != {"clip_l", "clip_g"} and "emb_params" not in tensors and len(tensors) != 1:
         raise AdapterError(f"{path}: holds {sorted(tensors)[:4]}, not emb_params, clip_l + clip_g, or one tensor")
-    for vectors, encoder, tokenizer in pairs:
-        vectors = vectors.reshape(-1, vectors.shape[-1])
+    if set(tensors) != {"clip_l", "clip_g"}:
+        tensors = {"emb_params": tensors.get("emb_params", next(iter(tensors.values())))}
+    vectors = {k: v.reshape(-1, v.shape[-1]) for k, v in tensors.items()}
+    return EmbeddingFile(path, word or metadata.get("lorakit_token") or path.stem, vectors, metadata)
+
+
+def load_embedding(pipe: Any, path: Path, word: str | None = None) -> str:
+    """A textual-inversion file into a diffusers pipeline, under its word (`read_embedding`); returns the word.
+    AdapterError, naming the file, for one made for another architecture."""
+    embedding = read_embedding(path, word)
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None
+    if embedding.family == "sdxl" and not sdxl:
+        raise AdapterError(f"{path}: an SDXL embedding (clip_l and clip_g) but the base is SD 1.x/2.x")
+    if embedding.family != "sdxl" and sdxl:
+        raise AdapterError(f"{path}: an SD 1.x/2.x embedding (one tensor) but the base is SDXL (clip_l and clip_g)")
+    encoders = [(pipe.text_encoder, pipe.tokenizer)] + ([(pipe.text_encoder_2, pipe.tokenizer_2)] if sdxl else [])
+    ordered = [embedding.vectors[key] for key in EMBEDDING_KEYS["sdxl" if sdxl else "sd1"]]  # CLIP-L's first
+    for vectors, (encoder, tokenizer) in zip(ordered, encoders, strict=True):
         width = encoder.get_input_embeddings().weight.shape[1]
         if vectors.shape[1] != width:
             raise AdapterError(
@@ -139,7 +177,7 @@ def load_embedding(pipe: Any, path: Path, word: str | None = None) -> str:
                 "embedding is for another architecture"
             )
         try:
-            pipe.load_textual_inversion(vectors, token=word, text_encoder=encoder, tokenizer=tokenizer)
+            pipe.load_textual_inversion(vectors, token=embedding.word, text_encoder=encoder, tokenizer=tokenizer)
         except ValueError as err:  # diffusers' refusals: a word already in the vocabulary, or loaded twice
             raise AdapterError(f"{path}: {first_line(err)}; give it another word with FILE:WORD") from None
-    return word
+    return embedding.word

@@ -63,6 +63,14 @@ def test_the_embedding_loads_in_diffusers_and_encodes_as_trained(pivotal_run, ti
         pipe.tokenizer("toy", add_special_tokens=False).input_ids[0]
     ]
     assert not torch.allclose(tensors["emb_params"][0], started_from)  # the vectors learned
+    said = ok(["inspect", str(result.embedding)]).stdout  # inspect tells an embedding from an adapter
+    for line in (
+        "layout: textual-inversion embedding",
+        "architecture: SD 1.x",
+        "word: 'ohwx'",
+        "2 vectors of width 32",
+    ):
+        assert line in said, said
     pipe.load_lora_weights(str(result.adapter))
     assert load_embedding(pipe, result.embedding) == "ohwx"
     prompt = "a photo of ohwx on a table"
