@@ -111,7 +111,7 @@ def main() -> None:
             scheduled = any(s.startswith("lora.tlora_min_rank") for s in overrides)
             ways = {label: True, f"{label} (full rank)": False} if scheduled else {label: True}
             after = {
-                way: {g: evaluate(toy_pipeline(base, run.adapter, ranks), seeds, g) for g in guidances}
+                way: {g: evaluate(toy_pipeline(base, run.adapter, ranks, run.embedding), seeds, g) for g in guidances}
                 for way, ranks in ways.items()
             }
         for way, found in after.items():

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..embedding import load_embedding
 from ..generate import resolve_adapters
 from ..models import load_pipeline
 from ..render import RenderSettings, apply_adapters, render, set_sampler
@@ -100,13 +102,16 @@ def evaluate(pipe: Any, seeds: tuple[int, ...] = (0, 1, 2, 3), guidance: float =
     }
 
 
-def toy_pipeline(base: Any, adapter: Any = None, timestep_ranks: bool = True) -> Any:
+def toy_pipeline(base: Any, adapter: Any = None, timestep_ranks: bool = True, embedding: Any = None) -> Any:
     """The toy base as a pipeline (Euler sampler, no progress bar), with `adapter` applied at strength 1 (a T-LoRA
-    adapter under its schedule, or at full rank as other loaders draw it when `timestep_ranks` is false)."""
+    adapter under its schedule, or at full rank as other loaders draw it when `timestep_ranks` is false) and the
+    run's textual-inversion `embedding` (pivotal tuning) loaded."""
 
     pipe = load_pipeline(str(base))
     if adapter:
         apply_adapters(pipe, resolve_adapters([(str(adapter), 1.0)])[0], timestep_ranks)
+    if embedding:
+        load_embedding(pipe, Path(embedding))
     set_sampler(pipe, "euler")
     pipe.set_progress_bar_config(disable=True)
     return pipe
