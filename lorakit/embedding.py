@@ -39,10 +39,8 @@ class NewTokens(torch.nn.Module):
         return self.table.weight
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        new = ids >= self.first_id
+        new = ids >= self.first_id  # no `.any()` shortcut: on a GPU it would wait for the device every step
         found = self.table(ids.clamp(max=self.first_id - 1))
-        if not new.any():
-            return found
         learned = self.vectors[(ids - self.first_id).clamp(min=0)].to(found.dtype)
         return torch.where(new[..., None], learned, found)
 
