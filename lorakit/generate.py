@@ -199,7 +199,8 @@ def generate(
     if defaults.merged and not options.base:  # the base the run trained on had these in its weights
         models = pipeline_models(pipe)
         family = detect_family(models, dict(pipe.unet.config))
-        log(f"The run's model.merged_adapters: {merge_files(list(defaults.merged), models, family, '--lora')}")
+        said = merge_files(list(defaults.merged), models, family, "the run's model.merged_adapters")
+        log(f"The run's model.merged_adapters: {said}")
     apply_adapters(pipe, adapters)  # checks the adapters against the base first
     if defaults.embedding is not None:
         word = load_embedding(pipe, defaults.embedding)
