@@ -245,6 +245,13 @@ def test_a_kohya_dataset_config_becomes_prepare_lines_folders_and_a_prior(tiny_b
         "lorakit prepare photos/far --out dataset-2 --resolution 64 --caption-ext .txt --class-tokens 'ohwx man' "
         "--caption-lines first",
     ]
+    # with kohya's enable_wildcard, a caption file's lines become choices, one per step
+    (tmp_path / "wild.toml").write_text(
+        TRAINING.format(base=tiny_base, out=tmp_path / "out") + "enable_wildcard = true\n"
+    )
+    said_wild = ok(["from-kohya", "wild.toml", "--dataset-config", "dataset.toml", "--out", "wild-recipe.toml"]).stdout
+    assert load_recipe(tmp_path / "wild-recipe.toml").data.wildcards
+    assert said_wild.count("--caption-lines choices") == 2 and "--caption-lines first" not in said_wild
     # every setting of both files is accounted for: 11 of the training config (with --dataset-config), 17 of the
     # dataset config (the training config's caption_extension reaches the prepare lines, as sd-scripts falls back
     # to it); not mapped: 3 not needed, 3 not carried over
