@@ -457,29 +457,23 @@ def test_a_bad_repeats_value_names_its_line(tmp_path):
         load_folder(out, trigger="", repeats=1, buckets=[(64, 64)])
 
 
+def _captions_after_prepare(src: Path, out: Path, *options: str) -> tuple[dict[str, str], str]:
+    """`lorakit prepare SRC --out OUT` at 64 px with one worker and `options`: each photo's caption by its source
+    path, and what the command printed."""
+    from .invoke import ok
+
+    args = ["prepare", str(src), "--out", str(out), "--resolution", "64", "--workers", "1", "--quiet", *options]
+    said = ok(args).stdout
+    rows = map(json.loads, (out / "metadata.jsonl").read_text().splitlines())
+    return {row["source"]: row["text"] for row in rows}, said
+
+
 def test_class_tokens_caption_the_images_without_a_caption_file(tmp_path):
-    from .invoke import fails, ok
+    from .invoke import fails
 
     src = _kohya_photos(tmp_path / "img")
     out = tmp_path / "dataset"
-    said = ok(
-        [
-            "prepare",
-            str(src),
-            "--out",
-            str(out),
-            "--resolution",
-            "64",
-            "--workers",
-            "1",
-            "--quiet",
-            "--class-tokens",
-            "ohwx  man",
-            "--trigger",
-            "sks",
-        ]
-    ).stdout
-    rows = {r["source"]: r["text"] for r in map(json.loads, (out / "metadata.jsonl").read_text().splitlines())}
+    rows, said = _captions_after_prepare(src, out, "--class-tokens", "ohwx  man", "--trigger", "sks")
     assert rows == {
         "10_ohwx man/p0.png": "sks, ohwx man",  # kohya's class_tokens, the trigger in front as everywhere
         "10_ohwx man/p1.png": "sks, ohwx man, red shirt",  # its own caption file wins
@@ -489,23 +483,7 @@ def test_class_tokens_caption_the_images_without_a_caption_file(tmp_path):
     }
     assert "Captions: 4 from class_tokens, 1 from sidecar" in said
     # with --kohya-folders the folder's words come first, as kohya's subset folders give theirs
-    ok(
-        [
-            "prepare",
-            str(src),
-            "--out",
-            str(out),
-            "--resolution",
-            "64",
-            "--workers",
-            "1",
-            "--quiet",
-            "--class-tokens",
-            "person",
-            "--kohya-folders",
-        ]
-    )
-    rows = {r["source"]: r["text"] for r in map(json.loads, (out / "metadata.jsonl").read_text().splitlines())}
+    rows, _ = _captions_after_prepare(src, out, "--class-tokens", "person", "--kohya-folders")
     assert rows["2_man/p2.png"] == "man"
     # two sources for the same images are refused before anything is read
     other = tmp_path / "other"
@@ -519,7 +497,7 @@ def test_class_tokens_caption_the_images_without_a_caption_file(tmp_path):
 def test_caption_files_of_several_lines_join_give_their_first_or_become_choices(tmp_path):
     from lorakit.data import pick_wildcards
 
-    from .invoke import fails, ok
+    from .invoke import fails
 
     src = tmp_path / "photos"
     src.mkdir()
@@ -528,24 +506,7 @@ def test_caption_files_of_several_lines_join_give_their_first_or_become_choices(
     out = tmp_path / "dataset"
 
     def caption(mode):
-        ok(
-            [
-                "prepare",
-                str(src),
-                "--out",
-                str(out),
-                "--resolution",
-                "64",
-                "--workers",
-                "1",
-                "--quiet",
-                "--trigger",
-                "ohwx",
-                "--caption-lines",
-                mode,
-            ]
-        )
-        return json.loads((out / "metadata.jsonl").read_text().splitlines()[0])["text"]
+        return _captions_after_prepare(src, out, "--trigger", "ohwx", "--caption-lines", mode)[0]["a.png"]
 
     assert caption("join") == "ohwx, red shirt, smiling, blue shirt"  # lorakit's default: every line's tags
     assert caption("first") == "ohwx, red shirt, smiling"  # as kohya reads it
