@@ -15,6 +15,7 @@ from lorakit.recipe import recipe_from_dict
 from lorakit.train import train
 
 from .conftest import make_recipe_dict
+from .tiny import captioned_copy
 
 
 def _run(base, dataset, out, **sections):
@@ -26,16 +27,6 @@ def _run(base, dataset, out, **sections):
 def _metadata(path):
     with safe_open(path, "pt") as f:
         return f.metadata()
-
-
-def _write_dataset(folder, captions, source):
-    """A dataset folder reusing `source`'s images with other captions."""
-    shutil.copytree(source, folder, ignore=shutil.ignore_patterns(".cache"))
-    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
-    for row, caption in zip(rows, captions, strict=False):
-        row["text"] = caption
-    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[: len(captions)]))
-    return folder
 
 
 def test_samples_are_rendered_as_grids_with_parameters(tiny_base, tiny_dataset, tmp_path):
@@ -118,7 +109,7 @@ def test_a_split_that_leaves_nothing_to_train_on_is_refused(tiny_dataset):
 
 
 def test_text_encoder_cache_matches_encoding_every_step(tiny_base, tiny_dataset, tmp_path):
-    dataset = _write_dataset(tmp_path / "data", ["ohwx red toy"] * 4 + ["ohwx toy on white"] * 4, tiny_dataset)
+    dataset = captioned_copy(tmp_path / "data", ["ohwx red toy"] * 4 + ["ohwx toy on white"] * 4, tiny_dataset)
     frozen = {"train_text_encoder": False}
     cached, lines = _run(tiny_base, dataset, tmp_path / "a", lora=frozen, train={"max_steps": 3})
     assert "Text encoder outputs cached for 2 captions (the text encoder is frozen)" in lines
@@ -163,7 +154,7 @@ def test_prior_with_a_list_of_class_prompts_captions_each_image(tiny_base, tiny_
 
 
 def test_several_dataset_folders_with_their_own_repeats(tiny_base, tiny_dataset, tmp_path):
-    second = _write_dataset(tmp_path / "second", ["ohwx toy"] * 2, tiny_dataset)
+    second = captioned_copy(tmp_path / "second", ["ohwx toy"] * 2, tiny_dataset)
     result, _ = _run(
         tiny_base,
         tiny_dataset,
@@ -239,7 +230,7 @@ def test_long_captions_are_counted_or_chunked(tiny_base, tiny_dataset, tmp_path)
     from lorakit.models import encode_prompts, load_base, tokenize
 
     long_caption = ", ".join(["ohwx red toy on a white background"] * 9)  # 108 tokens
-    dataset = _write_dataset(tmp_path / "data", [long_caption] + ["ohwx toy"] * 3, tiny_dataset)
+    dataset = captioned_copy(tmp_path / "data", [long_caption] + ["ohwx toy"] * 3, tiny_dataset)
     _, lines = _run(tiny_base, dataset, tmp_path / "a", train={"max_steps": 1})
     assert (
         "data: 1 of 4 captions are longer than 75 tokens and are truncated; set data.max_token_length = 150 "

@@ -13,6 +13,7 @@ from lorakit.train import train
 from lorakit.trigger import contains_trigger, with_trigger
 
 from .conftest import make_recipe_dict
+from .tiny import captioned_copy
 
 CAPTION = "ohwx person, red shirt, smiling, outdoors, portrait"
 
@@ -88,17 +89,10 @@ def test_keep_tokens_separator_fixes_the_front_and_the_end_and_disappears():
 
 
 def test_keep_tokens_separator_reaches_the_training_captions(tiny_base, tiny_dataset, tmp_path, monkeypatch):
-    import json
-    import shutil
 
     import lorakit.train.loop as loop
 
-    data = tmp_path / "data"
-    shutil.copytree(tiny_dataset, data, ignore=shutil.ignore_patterns(".cache"))
-    rows = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines()]
-    for row in rows:
-        row["text"] = "toy ||| red, round, small, plain ||| photo"
-    (data / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = captioned_copy(tmp_path / "data", "toy ||| red, round, small, plain ||| photo", tiny_dataset)
     captions = []
     real = loop.transform_caption
     monkeypatch.setattr(loop, "transform_caption", lambda *a: captions.append(real(*a)) or captions[-1])
@@ -588,8 +582,6 @@ def test_from_kohya_reads_base_weights_with_their_multipliers():
 def test_wildcards_choose_one_option_per_step_and_the_first_for_validation(
     tiny_base, tiny_dataset, tmp_path, monkeypatch
 ):
-    import json
-    import shutil
 
     import lorakit.train.loop as loop
     from lorakit.data import pick_wildcards
@@ -607,12 +599,8 @@ def test_wildcards_choose_one_option_per_step_and_the_first_for_validation(
     }
     assert len({tuple(c.split(", ")[1:]) for c in seen}) > 6  # chosen, then shuffled
 
-    data = tmp_path / "data"
-    shutil.copytree(tiny_dataset, data, ignore=shutil.ignore_patterns(".cache"))
-    rows = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines()]
-    for row in rows:
-        row["text"] = "toy, {red|blue} ball"
-    (data / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = captioned_copy(tmp_path / "data", "toy, {red|blue} ball", tiny_dataset)
+    rows = (data / "metadata.jsonl").read_text().splitlines()
     encoded: list[str] = []
     real = loop.unet_conditioning
     monkeypatch.setattr(

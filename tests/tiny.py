@@ -154,6 +154,20 @@ def write_tiny_dataset(
     return folder
 
 
+def captioned_copy(folder: Path, captions: list[str] | str, source: Path) -> Path:
+    """A dataset folder reusing `source`'s images with other captions: one per row in order (rows past the list are
+    left out), or one text for every row."""
+    import shutil
+
+    shutil.copytree(source, folder, ignore=shutil.ignore_patterns(".cache"))
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    captions = [captions] * len(rows) if isinstance(captions, str) else captions
+    for row, caption in zip(rows, captions, strict=False):
+        row["text"] = caption
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[: len(captions)]))
+    return folder
+
+
 def save_tiny_sdxl_pipeline(path: str | Path, seed: int = 0, *, prediction_type: str = "epsilon") -> Path:
     """A tiny SDXL-shaped pipeline: CLIP-L-like and bigG-like text encoders (the second with a pooled
     projection), a U-Net with SDXL's block layout (three levels, two layers each, text-time added embedding) and
