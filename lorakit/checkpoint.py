@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from .embedding import EMBEDDINGS_FOLDER
 from .errors import OutputError
 from .files import FILE_MODE, crash_point, file_sha256, fsync_dir, fsync_file, remove_stale_temp_files
 from .recipe import Recipe, recipe_to_dict
@@ -51,6 +52,10 @@ class RunPaths:
     @property
     def checkpoints(self) -> Path:
         return self.folder / CHECKPOINTS
+
+    def embedding(self, token: str, suffix: str = "") -> Path:
+        """The textual-inversion file of an [embedding] run (`suffix`: an intermediate save's, e.g. `-000004`)."""
+        return self.folder / EMBEDDINGS_FOLDER / f"{token}{suffix}.safetensors"
 
     def intermediate_name(self, step: int, epoch: int | None = None) -> str:
         """The name (no suffix) of the adapter written with a checkpoint before the last: kohya's, by epoch or

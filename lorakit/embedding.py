@@ -21,6 +21,7 @@ import torch
 
 from .errors import AdapterError, RecipeError, first_line
 
+EMBEDDINGS_FOLDER = "embeddings"  # in a run folder: `<token>.safetensors`, and `<token>-000004...` with saves
 EMBEDDING_KEYS = {"sd1": ("emb_params",), "sd2": ("emb_params",), "sdxl": ("clip_l", "clip_g")}
 
 

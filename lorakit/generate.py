@@ -71,13 +71,12 @@ def resolve_adapters(
             if not recipe_path.is_file():
                 raise AdapterError(f"--lora {text}: a folder but not a run folder (no recipe.resolved.toml)")
             recipe = load_recipe(recipe_path)
-            path = RunPaths(path, recipe.output.name).adapter()
+            run = RunPaths(path, recipe.output.name)
+            path = run.adapter()
             if defaults.base is None:
                 model = recipe.model
                 merged = tuple(model.merged_adapters)
-                embedding = (
-                    path.parent / "embeddings" / f"{recipe.embedding.token}.safetensors" if recipe.embedding else None
-                )
+                embedding = run.embedding(recipe.embedding.token) if recipe.embedding else None
                 defaults = RunDefaults(
                     model.base, model.config, recipe.data.trigger, model.clip_skip, merged, embedding
                 )

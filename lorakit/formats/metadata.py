@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from safetensors.torch import save
 
 from .. import __version__, timestep_rank
+from ..embedding import EMBEDDINGS_FOLDER
 from ..recipe import Recipe, dump_recipe
 
 if TYPE_CHECKING:
@@ -208,7 +209,7 @@ def training_info(
         training[timestep_rank.METADATA_TIMESTEPS] = str(num_train_timesteps)
     if recipe.embedding is not None:  # the adapter was trained with the word's own vectors: say where they are
         token = recipe.embedding.token
-        training["lorakit_embedding"] = f"embeddings/{token}.safetensors"
+        training["lorakit_embedding"] = f"{EMBEDDINGS_FOLDER}/{token}.safetensors"
         training["lorakit_embedding_note"] = (
             f"trained with a textual-inversion embedding for {token!r} ({recipe.embedding.vectors} vectors); load "
             "that file with this adapter"

@@ -158,7 +158,5 @@ def export(run: Run, loss: float, started: datetime) -> RunResult:
         models,
         startup,
         wrote=run.accelerator.is_main_process,
-        embedding=run.paths.folder / "embeddings" / f"{recipe.embedding.token}.safetensors"
-        if run.embeddings
-        else None,
+        embedding=run.paths.embedding(recipe.embedding.token) if run.embeddings else None,
     )

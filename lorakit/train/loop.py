@@ -345,7 +345,7 @@ def save_embedding(run: Run, suffix: str = "") -> Path | None:
     token = run.recipe.embedding.token
     weights = run.ema.shadow if run.ema is not None else run.named_trainable()
     vectors = [weights[f"embedding.{name}"] for name in run.embeddings]
-    path = run.paths.folder / "embeddings" / f"{token}{suffix}.safetensors"
+    path = run.paths.embedding(token, suffix)
     path.parent.mkdir(exist_ok=True)
     data = embedding_file(vectors, run.base.family, token)
     atomic_write(path, lambda tmp: tmp.write_bytes(data))
