@@ -397,6 +397,11 @@ def adapter_sizes(
     return list(_adapter_sizes(architecture, component, key, folder, blocks, per_block))
 
 
+def _encoder_widths(architecture: str, folder: str | None) -> list[int]:
+    """The hidden width of each text encoder (CLIP-L 768, OpenCLIP bigG 1280, ...)."""
+    return [_meta_module(architecture, c, folder).config.hidden_size for c in _component_names(architecture)]
+
+
 def _resident_because(train_te: bool, recipe: Any) -> str:
     """Why frozen text encoders stay on the GPU for the whole run (empty when they are trained)."""
     if train_te:
@@ -426,18 +431,16 @@ def estimate(
     result.configs = f"the base's own configs in {folder}" if folder else f"lorakit's {shipped} configs"
     weight_bytes = _dtype_bytes(recipe.model.weight_dtype)
     train_te = lora.train_text_encoder if lora.train_text_encoder is not None else architecture != "sdxl"
-    components = ["unet", "vae", *_component_names(architecture)]
+    encoders = _component_names(architecture)
     if counts is None:
-        counts = {c: parameter_count(architecture, c, folder) for c in components}
+        counts = {c: parameter_count(architecture, c, folder) for c in ["unet", "vae", *encoders]}
     if trainable is None:
-        trained = ["unet", *(_component_names(architecture) if train_te else [])]
+        trained = ["unet", *(encoders if train_te else [])]
         trainable = [n for c in trained for n in adapter_sizes(architecture, c, lora, folder, cfg)]
         if recipe.embedding is not None:  # one (vectors x width) tensor per text encoder
-            widths = [_meta_module(architecture, c, folder).config.hidden_size for c in _component_names(architecture)]
-            trainable += [recipe.embedding.vectors * width for width in widths]
+            trainable += [recipe.embedding.vectors * width for width in _encoder_widths(architecture, folder)]
     dtype = recipe.model.weight_dtype
     vae_dtype_bytes = 4  # every VAE stays float32 (SD VAEs overflow in fp16) and encodes outside autocast
-    encoders = _component_names(architecture)
     # frozen encoders with fixed captions are cached, then leave; new token vectors train through them
     resident_encoders = train_te or data.tags_vary or recipe.embedding is not None
     adapter = sum(trainable) * 4
@@ -467,7 +470,7 @@ def estimate(
         )
     if not resident_encoders:  # frozen encoders and fixed captions: encoded once, with the trained modules parked
         add("text caching", f"text encoder weights ({dtype})", weights["text encoders"])
-        hidden = sum(_meta_module(architecture, c, folder).config.hidden_size for c in encoders)
+        hidden = sum(_encoder_widths(architecture, folder))
         add(
             "text caching",
             "encoding one caption (77 tokens, every layer's hidden states)",
