@@ -51,6 +51,11 @@ class BaseModel:
         return ["text_encoder", "text_encoder_2"][: len(self.text_encoders)]
 
     @property
+    def adaptable(self) -> dict[str, Any]:
+        """The models adapters change, by the component names adapter files use: the U-Net and text encoders."""
+        return {"unet": self.unet, **dict(zip(self.text_encoder_names, self.text_encoders, strict=True))}
+
+    @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 

@@ -215,8 +215,7 @@ def set_up(
     say = log if accelerator.is_main_process else (lambda _: None)
     quiet = quiet or not accelerator.is_main_process
     if recipe.model.merged_adapters:  # before anything sees the base: class images, samples, text caching
-        models = {"unet": base.unet, **dict(zip(base.text_encoder_names, base.text_encoders, strict=True))}
-        said = merge_files(recipe.model.merged_adapters, models, base.family, "model.merged_adapters")
+        said = merge_files(recipe.model.merged_adapters, base.adaptable, base.family, "model.merged_adapters")
         say(f"model.merged_adapters: {said}; the adapter trains on top")
     if recipe.prior and accelerator.is_main_process:
         render_class_images(recipe, base, accelerator, say, quiet)
@@ -436,8 +435,7 @@ def _preflight_memory(
 ) -> float:
     """`lorakit plan`'s estimate for this run on this GPU, from the loaded models: a warning when it will not
     fit (a refusal with --strict-memory). Returns the estimated allocator peak of the training steps, GiB."""
-    modules = {"unet": base.unet, "vae": base.vae}
-    modules.update(zip(base.text_encoder_names, base.text_encoders, strict=True))
+    modules = {**base.adaptable, "vae": base.vae}
     counts = {}
     for name, module in modules.items():
         trainable, total = adapters.count_parameters(module)
@@ -607,9 +605,7 @@ def _inject(recipe: Recipe, base: BaseModel, log: Log) -> dict[str, Any]:
     """Freeze the base and add LoRA to the U-Net (and text encoders); return the trained modules by name."""
 
     lora = recipe.lora
-    trained = {"unet": base.unet}
-    if lora.train_text_encoder:
-        trained.update(zip(base.text_encoder_names, base.text_encoders, strict=True))
+    trained = base.adaptable if lora.train_text_encoder else {"unet": base.unet}
     counts = []
     zero_blocks = _zero_rate_modules(recipe, base, log)
     ranks, alphas = _block_ranks(recipe, base, log)
