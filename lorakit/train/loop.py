@@ -93,6 +93,7 @@ class Run:
     norms: tuple[int, float] | None = None  # train.scale_weight_norms: (modules scaled, largest norm) of the last step
     started: datetime | None = None  # when `train` was called (the adapters' ss_training_started_at)
     embeddings: dict[str, Any] = dataclasses.field(default_factory=dict)  # [embedding]: NewTokens per text encoder
+    timestep_weights: Any = None  # train.timestep_bias: how often each timestep is drawn (None: uniformly)
 
     @property
     def epochs_done(self) -> int:
@@ -217,9 +218,9 @@ def _micro_batch_loss(run: Run, batch: list[int]) -> Any:
         adaptive_scale=cfg.adaptive_noise_scale,
         latents=latents,
     )
-    count = base.noise_scheduler.config.num_train_timesteps
-    drawn_by = timestep_weights(cfg, count)
-    timesteps = objective.sample_timesteps(len(batch), cfg.min_timestep, cfg.max_timestep, generator, drawn_by)
+    timesteps = objective.sample_timesteps(
+        len(batch), cfg.min_timestep, cfg.max_timestep, generator, run.timestep_weights
+    )
     noised_with = objective.perturbed_noise(noise, cfg.ip_noise_gamma, generator)
     noisy = base.noise_scheduler.add_noise(latents, noised_with, timesteps)
     target = objective.training_target(base.noise_scheduler, latents, noise, timesteps, base.prediction_type)

@@ -283,6 +283,7 @@ def set_up(
         quiet,
         held_out=held_out,
         embeddings=embeddings,
+        timestep_weights=timestep_weights(cfg, base.noise_scheduler.config.num_train_timesteps),
     )
     run.planned_gib = planned
     if cfg.ema_decay:
