@@ -331,9 +331,7 @@ def _dataset_config(
         if len({repr(v) for v in values.values()}) > 1:
             why = "differs between subsets (" + ", ".join(f"{v} in {p}" for p, v in values.items())
             why += f"); lorakit sets {key} once for the whole dataset"
-            for place, n, _ in written:
-                if n == name:
-                    fates[(place, n)] = why
+            fates.update({(place, n): why for place, n, _ in written if n == name})
             continue
         value = next(iter(values.values()))
         try:
