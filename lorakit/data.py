@@ -464,6 +464,19 @@ def pick_wildcards(caption: str, rng: random.Random | None) -> str:
     return WILDCARD.sub(pick, caption)
 
 
+def join_secondary(caption: str, separator: str) -> str:
+    """kohya's `secondary_separator`: once tags are shuffled and dropped, the tags it joined become ordinary tags."""
+    return caption.replace(separator, ",") if separator else caption
+
+
+def steady_caption(caption: str, section: DataSection) -> str:
+    """A caption as a step that changes nothing encodes it (`val_loss`, the text-encoder cache): wildcards at their
+    first option, the secondary separator a comma."""
+    if section.wildcards:
+        caption = pick_wildcards(caption, None)
+    return join_secondary(caption, section.secondary_separator)
+
+
 def has_wildcards(caption: str) -> bool:
     """Whether a caption has `{a|b}` choices (escaped braces are none)."""
     return any(match[1] is not None for match in WILDCARD.finditer(caption))
@@ -474,13 +487,13 @@ def transform_caption(
 ) -> str:
     """Apply caption dropout, wildcards, per-tag dropout and tag shuffling. The fixed tags stay in place and are
     never dropped, and neither is the trigger: `fixed` (front, end) counts from `split_fixed_tags`, else the first
-    `keep_tokens` tags."""
+    `keep_tokens` tags. Tags joined by `secondary_separator` move and drop as one."""
     if section.caption_dropout and rng.random() < section.caption_dropout:
         return ""
     if section.wildcards:
         caption = pick_wildcards(caption, rng)
     if not (section.shuffle_tags or section.caption_dropout_tags):
-        return caption
+        return join_secondary(caption, section.secondary_separator)
     tags = _tags(caption)
     front, end = fixed if fixed is not None else (section.keep_tokens, 0)
     head, rest, tail = tags[:front], tags[front : len(tags) - end], tags[len(tags) - end :] if end else []
@@ -490,7 +503,7 @@ def transform_caption(
         ]
     if section.shuffle_tags:
         rng.shuffle(rest)
-    return ", ".join(head + rest + tail)
+    return join_secondary(", ".join(head + rest + tail), section.secondary_separator)
 
 
 def load_pixels(item: Item, flip: bool) -> torch.Tensor:

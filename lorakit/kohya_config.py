@@ -147,6 +147,9 @@ def convert(
     when given, a dataset config (its path and parsed TOML), which takes the place of `train_data_dir` and
     `reg_data_dir`."""
     result = Imported()
+    if "caption_extention" in settings:  # sd-scripts' first spelling, which it still reads over the new one
+        settings = {**settings, "caption_extension": settings["caption_extention"]}
+        del settings["caption_extention"]
     left = dict(settings)
 
     def take(name: str, key: str, transform: Callable[[Any], Any] = lambda v: v) -> None:
@@ -256,7 +259,6 @@ DATASET_UNSUPPORTED = {
     "color_aug": "a colour change every step would make the cached latents stale",
     "random_crop": "`lorakit prepare` crops each photo once, to its bucket",
     "face_crop_aug_range": "`lorakit prepare` crops each photo once, to its bucket",
-    "secondary_separator": "lorakit shuffles and drops single tags",
     "caption_suffix": "add it to the caption files",
     "token_warmup_min": "lorakit has no caption warm-up",
     "token_warmup_step": "lorakit has no caption warm-up",
@@ -494,9 +496,22 @@ def _read(cast: Callable[[str], Any], text: str, where: str) -> Any:
 
 
 def _optimizer(left: dict[str, Any], result: Imported) -> None:
-    """`optimizer_type` and `optimizer_args`."""
-    has_type, has_args = "optimizer_type" in left, "optimizer_args" in left
-    given = str(left.pop("optimizer_type", "AdamW"))
+    """`optimizer_type` and `optimizer_args`, and sd-scripts' older switches for two optimizers."""
+    default = "kohya's default optimizer_type, AdamW"
+    source, given = default, "AdamW"
+    for flag, kind in (("use_8bit_adam", "AdamW8bit"), ("use_lion_optimizer", "Lion")):
+        if flag not in left:
+            continue
+        if not _bool(left.pop(flag)):
+            result.not_needed.append(flag)
+        elif "optimizer_type" in left or source != default:
+            other = "optimizer_type" if "optimizer_type" in left else source
+            result.unsupported.append(f"{flag}: sd-scripts refuses it beside {other}; {other} kept")
+        else:
+            source, given = flag, kind
+    if "optimizer_type" in left:
+        source, given = "optimizer_type", str(left.pop("optimizer_type"))
+    has_args = "optimizer_args" in left
     args = _arguments(left.pop("optimizer_args", []), "optimizer_args")
     name = OPTIMIZERS.get(given.lower().replace("_", ""))
     if name is None:
@@ -506,8 +521,8 @@ def _optimizer(left: dict[str, Any], result: Imported) -> None:
         if has_args:
             result.unsupported.append("optimizer_args: settings of that optimizer")
         return
-    result.set("train.optimizer", name, "optimizer_type" if has_type else "kohya's default optimizer_type, AdamW")
-    result.mapped += (["optimizer_type"] if has_type else []) + (["optimizer_args"] if has_args else [])
+    result.set("train.optimizer", name, source)
+    result.mapped += ([source] if source != default else []) + (["optimizer_args"] if has_args else [])
     adafactor_fixed = {"scale_parameter": False, "relative_step": False, "warmup_init": False}
     for key, text in args.items():
         where = f"optimizer_args {key}"
@@ -569,8 +584,8 @@ def _save_dtype(value: Any) -> str:
 
 
 def _loss_type(value: Any) -> str:
-    if value not in ("l2", "huber", "smooth_l1"):
-        raise Unsupported(f"{value!r} (lorakit has l2, huber and smooth_l1)")
+    if value not in ("l2", "l1", "huber", "smooth_l1"):
+        raise Unsupported(f"{value!r} (lorakit has l2, l1, huber and smooth_l1)")
     return value
 
 
@@ -604,6 +619,7 @@ DIRECT: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "shuffle_caption": ("data.shuffle_tags", _bool),
     "keep_tokens": ("data.keep_tokens", int),
     "keep_tokens_separator": ("data.keep_tokens_separator", str),
+    "secondary_separator": ("data.secondary_separator", str),
     "caption_dropout_rate": ("data.caption_dropout", float),
     "caption_tag_dropout_rate": ("data.caption_dropout_tags", float),
     "flip_aug": ("data.flip", _bool),
@@ -624,6 +640,7 @@ DIRECT: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "lr_scheduler_power": ("train.lr_scheduler_power", float),
     "mixed_precision": ("train.mixed_precision", _precision),
     "gradient_checkpointing": ("train.gradient_checkpointing", _bool),
+    "torch_compile": ("train.compile", _bool),
     "seed": ("train.seed", int),
     "max_grad_norm": ("train.max_grad_norm", float),
     "min_snr_gamma": ("train.min_snr_gamma", float),
@@ -633,6 +650,8 @@ DIRECT: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "multires_noise_iterations": ("train.multires_noise_iterations", int),
     "multires_noise_discount": ("train.multires_noise_discount", float),
     "ip_noise_gamma": ("train.ip_noise_gamma", float),
+    "ip_noise_gamma_random_strength": ("train.ip_noise_gamma_random_strength", _bool),
+    "v_pred_like_loss": ("train.v_pred_like_loss", float),
     "debiased_estimation_loss": ("train.debiased_estimation", _bool),
     "scale_v_pred_loss_like_noise_pred": ("train.scale_v_pred_loss_like_noise_pred", _bool),
     "scale_weight_norms": ("train.scale_weight_norms", float),
@@ -660,6 +679,7 @@ DIRECT: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "sample_every_n_steps": ("sample.every_steps", int),
     "sample_every_n_epochs": ("sample.every_epochs", int),
     "sample_sampler": ("sample.sampler", _sampler),
+    "sample_at_first": ("sample.at_first", _bool),
     "validation_split": ("validation.split", float),
     "validate_every_n_steps": ("validation.every_steps", int),
 }
@@ -688,6 +708,8 @@ SPECIAL = (
     "lr_warmup_steps",
     "optimizer_type",
     "optimizer_args",
+    "use_8bit_adam",
+    "use_lion_optimizer",
     "save_last_n_steps",
     "save_last_n_epochs",
     "sample_prompts",

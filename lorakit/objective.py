@@ -66,12 +66,18 @@ def multires_noise(noise: torch.Tensor, iterations: int, discount: float, genera
     return total / total.std(dim=(1, 2, 3), keepdim=True)
 
 
-def perturbed_noise(noise: torch.Tensor, gamma: float, generator: torch.Generator) -> torch.Tensor:
+def perturbed_noise(
+    noise: torch.Tensor, gamma: float, generator: torch.Generator, random_strength: bool = False
+) -> torch.Tensor:
     """Input perturbation (Ning et al. 2023, arXiv:2301.11706; kohya's `ip_noise_gamma`): the noise the latents are
     noised with is `noise + gamma * n` for fresh Gaussian n, while the target stays `noise`. It mimics the error a
-    sampler's own earlier steps leave in its input (exposure bias). `gamma` 0 returns `noise` itself."""
+    sampler's own earlier steps leave in its input (exposure bias). `random_strength` (kohya's
+    `ip_noise_gamma_random_strength`) draws the batch's gamma uniformly from [0, gamma) first. `gamma` 0 returns
+    `noise` itself."""
     if not gamma:
         return noise
+    if random_strength:
+        gamma = gamma * torch.rand(1, generator=generator).item()
     return noise + gamma * torch.randn(noise.shape, generator=generator)
 
 
@@ -136,6 +142,7 @@ def loss_weights(
     prediction_type: str,
     debiased: bool = False,
     v_like_noise: bool = False,
+    v_like_loss: float = 0.0,
 ) -> torch.Tensor:
     """Per-sample loss weights: ones, times Min-SNR-gamma (Hang et al. 2023, arXiv:2303.09556) when `min_snr_gamma`
     is set, times the debiased-estimation weight (Yu et al. 2024, arXiv:2310.08442) when `debiased`.
@@ -149,10 +156,14 @@ def loss_weights(
     `v_like_noise` (v-prediction only; kohya's `scale_v_pred_loss_like_noise_pred`) multiplies by SNR / (SNR + 1),
     SNR capped at `DEBIASED_SNR_CAP` as kohya caps it: a v target's error then weighs what the same model's noise
     error would.
+    `v_like_loss` (epsilon-prediction only; kohya's `v_pred_like_loss`) multiplies by 1 + v_like_loss x (SNR + 1) /
+    SNR: it adds that share of the loss a v target would give for the same error, which grows on noisy steps.
+    SNR is kept within `DEBIASED_SNR_CAP` and its inverse (kohya caps it above only, so a zero-terminal-SNR
+    schedule's last step would get an infinite weight there).
     """
 
     weights = torch.ones(timesteps.shape[0])
-    if not min_snr_gamma and not debiased and not v_like_noise:
+    if not min_snr_gamma and not debiased and not v_like_noise and not v_like_loss:
         return weights
     snr = compute_snr(scheduler, timesteps)
     if min_snr_gamma:
@@ -167,6 +178,9 @@ def loss_weights(
     if v_like_noise:
         capped = snr.clamp(max=DEBIASED_SNR_CAP)
         weights = weights * capped / (capped + 1)
+    if v_like_loss:
+        capped = snr.clamp(min=1 / DEBIASED_SNR_CAP, max=DEBIASED_SNR_CAP)
+        weights = weights * (1 + v_like_loss * (capped + 1) / capped)
     return weights
 
 
@@ -195,7 +209,7 @@ def huber_thresholds(
 def elementwise_loss(
     prediction: torch.Tensor, target: torch.Tensor, loss_type: str = "l2", huber_c: float | torch.Tensor = 0.1
 ) -> torch.Tensor:
-    """Per-element loss in fp32: squared error, or a pseudo-Huber loss.
+    """Per-element loss in fp32: squared error (`l2`), absolute error (`l1`), or a pseudo-Huber loss.
 
     `huber` is 2c(sqrt(d^2 + c^2) - c) and `smooth_l1` 2(sqrt(d^2 + c^2) - c): quadratic near zero,
     linear for outliers (Khrapov et al. 2024, "Improving Diffusion Models's Data-Corruption
@@ -206,6 +220,8 @@ def elementwise_loss(
     diff = prediction.float() - target.float()
     if loss_type == "l2":
         return diff.pow(2)
+    if loss_type == "l1":
+        return diff.abs()
     if torch.is_tensor(huber_c):
         huber_c = huber_c.to(diff.device, diff.dtype).reshape(-1, *[1] * (diff.dim() - 1))
     smooth = torch.sqrt(diff.pow(2) + huber_c**2) - huber_c

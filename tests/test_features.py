@@ -47,6 +47,36 @@ def test_samples_are_rendered_as_grids_with_parameters(tiny_base, tiny_dataset, 
     assert parameters.startswith("ohwx toy | a red disc\n") and "Seed: 5" in parameters and "Steps: 2" in parameters
 
 
+def test_samples_at_first_show_the_base_and_leave_training_as_it_was(tiny_base, tiny_dataset, tmp_path):
+    import numpy as np
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from lorakit.cli import app
+
+    sample = {"prompts": ["ohwx toy"], "every_steps": 2, "steps": 2, "seed": 5}
+    result, _ = _run(
+        tiny_base, tiny_dataset, tmp_path / "first", train={"max_steps": 2}, sample={**sample, "at_first": True}
+    )
+    grids = sorted(p.name for p in (result.run_dir / "samples").iterdir())
+    assert grids == ["step-000000.png", "step-000002.png"]
+    # before any step the adapter adds nothing: the grid is what the base alone draws
+    out = tmp_path / "base"
+    args = ["generate", "ohwx toy", "--base", str(tiny_base), "--seed", "5", "--steps", "2", "--size", "64x64"]
+    said = CliRunner().invoke(app, [*args, "--out", str(out), "--quiet"])
+    assert said.exit_code == 0, said.output
+    with Image.open(result.run_dir / "samples" / "step-000000.png") as grid, Image.open(out / "000-seed5.png") as own:
+        first, base = np.asarray(grid.convert("RGB"), dtype=np.int16), np.asarray(own.convert("RGB"), dtype=np.int16)
+    assert first.shape == base.shape and np.abs(first - base).max() <= 1
+    # and rendering it changes nothing in training
+    plain, _ = _run(tiny_base, tiny_dataset, tmp_path / "plain", train={"max_steps": 2}, sample=sample)
+    assert load_file(str(plain.adapter)).keys() == load_file(str(result.adapter)).keys()
+    for key, tensor in load_file(str(plain.adapter)).items():
+        assert torch.equal(tensor, load_file(str(result.adapter))[key]), key
+    with pytest.raises(LorakitError, match="sample.at_first: there are no sample.prompts"):
+        recipe_from_dict(make_recipe_dict(tiny_base, tiny_dataset, tmp_path, sample={"at_first": True}))
+
+
 def test_validation_loss_uses_fixed_noise(tiny_base, tiny_dataset, tmp_path):
     result, _ = _run(
         tiny_base,

@@ -290,3 +290,33 @@ def test_a_dataset_config_it_cannot_read_is_named(tiny_base, tmp_path):
     (tmp_path / "d.toml").write_text("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'a'\nnum_repeats = 'ten'\n")
     fails([*args, "--dataset-config", str(tmp_path / "d.toml")], "d.toml: a setting has a value of the wrong kind")
     assert not (tmp_path / "r.toml").exists()
+
+
+def test_older_and_rarer_kohya_settings_are_carried_over(tiny_base, tmp_path):
+    config = _config(
+        tmp_path,
+        tiny_base,
+        **{
+            'optimizer_type = "Prodigy"': "use_8bit_adam = true",
+            "optimizer_args = [": "_unused = [",
+            'caption_extension = ".txt"': 'caption_extention = ".caption"\nsecondary_separator = ";;;"',
+            "full_bf16 = true": 'sample_at_first = true\ntorch_compile = true\nloss_type = "l1"\n'
+            "ip_noise_gamma = 0.1\nip_noise_gamma_random_strength = true\nv_pred_like_loss = 0.2",
+        },
+    )
+    recipe_path = tmp_path / "recipe.toml"
+    said = ok(["from-kohya", str(config), "--out", str(recipe_path)]).stdout
+    recipe = load_recipe(recipe_path)
+    train = recipe.train
+    assert (train.optimizer, train.compile, train.loss_type, train.v_pred_like_loss) == ("adamw8bit", True, "l1", 0.2)
+    assert train.ip_noise_gamma == 0.1 and train.ip_noise_gamma_random_strength
+    assert recipe.sample.at_first and recipe.data.secondary_separator == ";;;"
+    assert 'optimizer = "adamw8bit"  # use_8bit_adam' in recipe_path.read_text()
+    assert "--caption-ext .caption" in said  # sd-scripts' first spelling of caption_extension
+    assert "_unused: lorakit has no equivalent" in said
+    # sd-scripts refuses two optimizers; the one it would complain about is named
+    config = _config(
+        tmp_path, tiny_base, **{'optimizer_type = "Prodigy"': "use_8bit_adam = true\nuse_lion_optimizer = true"}
+    )
+    said = ok(["from-kohya", str(config), "--out", str(tmp_path / "two.toml")]).stdout
+    assert "use_lion_optimizer: sd-scripts refuses it beside use_8bit_adam; use_8bit_adam kept" in said

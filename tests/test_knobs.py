@@ -108,6 +108,47 @@ def test_keep_tokens_separator_reaches_the_training_captions(tiny_base, tiny_dat
     assert all(c.startswith("ohwx, toy, ") and c.endswith(", photo") and "|||" not in c for c in captions)
 
 
+def test_secondary_separator_moves_and_drops_its_tags_together_and_becomes_a_comma():
+    from lorakit.data import steady_caption
+
+    caption = "ohwx, red hair;;;long hair, smiling, outdoors, hat"
+    section = DataSection(trigger="ohwx", shuffle_tags=True, caption_dropout_tags=0.3, secondary_separator=";;;")
+    rng = random.Random(0)
+    seen = [transform_caption(caption, section, rng) for _ in range(300)]
+    assert not any(";;;" in c for c in seen)
+    for tags in ([t.strip() for t in c.split(",")] for c in seen):  # both there, in this order, or both dropped
+        assert ("red hair" in tags) == ("long hair" in tags)
+        assert "red hair" not in tags or tags.index("long hair") == tags.index("red hair") + 1
+    assert 0 < sum("red hair" in c for c in seen) < 300 and len(set(seen)) > 20
+    plain = DataSection(secondary_separator=";;;")
+    assert transform_caption(caption, plain, random.Random(0)) == caption.replace(";;;", ",")
+    assert steady_caption(caption, plain) == caption.replace(";;;", ",")
+
+
+def test_secondary_separator_reaches_the_text_encoder_and_its_cache(tiny_base, tiny_dataset, tmp_path, monkeypatch):
+    import lorakit.train.loop as loop
+
+    data = captioned_copy(tmp_path / "data", "toy, red;;;round, small", tiny_dataset)
+    encoded: list[str] = []
+    real = loop.unet_conditioning
+    monkeypatch.setattr(
+        loop, "unet_conditioning", lambda run, captions, *a: encoded.extend(captions) or real(run, captions, *a)
+    )
+    # a frozen text encoder and fixed tags: the captions are encoded once, into the cache, with the commas
+    recipe = make_recipe_dict(
+        tiny_base,
+        data,
+        tmp_path / "out",
+        train={"max_steps": 2},
+        lora={"train_text_encoder": False},
+        data={"secondary_separator": ";;;"},
+    )
+    lines: list[str] = []
+    train(recipe_from_dict(recipe), quiet=True, log=lines.append)
+    assert set(encoded) == {"ohwx, toy, red,round, small"}
+    assert any(line.startswith("Text encoder outputs cached for 1 captions") for line in lines)
+
+
 @pytest.mark.parametrize("separator", [" ", ",,"])
 def test_a_keep_tokens_separator_that_cannot_mark_tags_is_refused(separator):
     from lorakit.errors import RecipeError
@@ -256,17 +297,18 @@ def test_the_noise_knobs_reach_the_training_step(tiny_base, tiny_dataset, tmp_pa
         seen["multires"] = (iterations, discount)
         return real_noise(shape, offset, generator, iterations, discount, **offset_options)
 
-    def perturbed(noise, gamma, generator):
-        seen["perturbed"] = (noise, real_perturbed(noise, gamma, generator))
+    def perturbed(noise, gamma, generator, random_strength):
+        seen["random_strength"] = random_strength
+        seen["perturbed"] = (noise, real_perturbed(noise, gamma, generator, random_strength))
         return seen["perturbed"][1]
 
     def target(scheduler, latents, noise, timesteps, prediction_type):
         seen["target_noise"] = noise
         return real_target(scheduler, latents, noise, timesteps, prediction_type)
 
-    def weights(scheduler, timesteps, gamma, prediction_type, debiased, v_like_noise):
-        seen["debiased"] = debiased
-        return real_weights(scheduler, timesteps, gamma, prediction_type, debiased, v_like_noise)
+    def weights(scheduler, timesteps, gamma, prediction_type, debiased, v_like_noise, v_like_loss):
+        seen["debiased"], seen["v_like_loss"] = debiased, v_like_loss
+        return real_weights(scheduler, timesteps, gamma, prediction_type, debiased, v_like_noise, v_like_loss)
 
     def add_noise(self, latents, noise, timesteps):
         seen["noised_with"] = noise
@@ -281,20 +323,21 @@ def test_the_noise_knobs_reach_the_training_step(tiny_base, tiny_dataset, tmp_pa
         monkeypatch.setattr(loop.objective, name, function)
     monkeypatch.setattr(DDPMScheduler, "add_noise", add_noise)
     knobs = {"multires_noise_iterations": 4, "multires_noise_discount": 0.2, "ip_noise_gamma": 0.1}
+    knobs |= {"ip_noise_gamma_random_strength": True, "v_pred_like_loss": 0.3}
     recipe = make_recipe_dict(
         tiny_base, tiny_dataset, tmp_path, train={"max_steps": 1, "debiased_estimation": True, **knobs}
     )
     result = train(recipe_from_dict(recipe), quiet=True, log=lambda _: None)
-    assert seen["multires"] == (4, 0.2) and seen["debiased"] is True
+    assert seen["multires"] == (4, 0.2) and seen["debiased"] is True and seen["v_like_loss"] == 0.3
     original, noised_with = seen["perturbed"]
     assert seen["noised_with"] is noised_with and seen["target_noise"] is original
-    assert 0.05 < float((noised_with - original).std()) < 0.2
+    assert seen["random_strength"] is True and 0 < float((noised_with - original).std()) < 0.1
     from safetensors import safe_open
 
     with safe_open(str(result.adapter), "pt") as f:
         metadata = f.metadata()
     assert metadata["ss_multires_noise_iterations"] == "4" and metadata["ss_ip_noise_gamma"] == "0.1"
-    assert metadata["ss_debiased_estimation"] == "True"
+    assert metadata["ss_debiased_estimation"] == "True" and metadata["ss_ip_noise_gamma_random_strength"] == "True"
     assert json.loads(metadata["ss_network_args"]) == {}
 
 

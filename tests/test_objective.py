@@ -78,6 +78,7 @@ def test_timesteps_are_uniform_in_the_half_open_range():
     ("loss_type", "d", "c", "expected"),
     [
         ("l2", 3.0, 0.1, 9.0),
+        ("l1", -3.0, 0.1, 3.0),
         ("huber", 3.0, 0.1, 2 * 0.1 * (math.sqrt(9 + 0.01) - 0.1)),
         ("smooth_l1", 3.0, 0.1, 2 * (math.sqrt(9 + 0.01) - 0.1)),
         ("huber", 0.05, 1.0, 2 * 1.0 * (math.sqrt(0.0025 + 1) - 1)),  # ~ d^2 near zero
@@ -131,6 +132,45 @@ def test_multires_noise_adds_coarse_levels_at_unit_variance():
     # the first level carries discount ** 1 of the coarse noise: a smaller discount stays closer to white noise
     gentle = objective.sample_noise(shape, 0.0, torch.Generator().manual_seed(2), 6, 0.05)
     assert float(blocks(plain, 8).std()) < float(blocks(gentle, 8).std()) < float(blocks(pyramid, 8).std())
+
+
+def test_input_perturbation_at_random_strength_draws_one_strength_per_batch():
+    noise = torch.randn(8, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    strengths = []
+    for seed in range(40):
+        perturbed = objective.perturbed_noise(noise, 0.1, torch.Generator().manual_seed(seed), random_strength=True)
+        generator = torch.Generator().manual_seed(seed)  # kohya's order: the strength, then the noise
+        strength = 0.1 * torch.rand(1, generator=generator).item()
+        torch.testing.assert_close(perturbed, noise + strength * torch.randn(noise.shape, generator=generator))
+        strengths.append(float((perturbed - noise).std()))
+    assert max(strengths) < 0.1 and min(strengths) < 0.03 and max(strengths) > 0.07  # spread over [0, 0.1)
+
+
+def test_v_pred_like_loss_adds_that_share_of_the_v_loss(scheduler):
+    timesteps = torch.tensor([0, 10, 500, 999])
+    weights = objective.loss_weights(scheduler, timesteps, 0.0, "epsilon", v_like_loss=0.3)
+    for t, weight in zip(timesteps.tolist(), weights.tolist(), strict=True):
+        snr = min(_snr(scheduler, t), objective.DEBIASED_SNR_CAP)  # kohya caps it at 1000 too
+        assert weight == pytest.approx(1 + 0.3 * (snr + 1) / snr, rel=1e-5)
+    assert weights[-1] > 10 * weights[1]  # noisy steps count more
+    both = objective.loss_weights(scheduler, timesteps, 5.0, "epsilon", v_like_loss=0.3)
+    torch.testing.assert_close(both, objective.loss_weights(scheduler, timesteps, 5.0, "epsilon") * weights)
+    zero_terminal = DDPMScheduler(beta_schedule="scaled_linear", rescale_betas_zero_snr=True)
+    last = objective.loss_weights(zero_terminal, torch.tensor([999]), 0.0, "epsilon", v_like_loss=0.3)
+    assert torch.isfinite(last).all()  # SNR 0 there: kept at 1 / 1000
+
+
+def test_v_pred_like_loss_is_refused_on_a_v_prediction_base(tiny_base_v, tiny_dataset, tmp_path):
+    from lorakit.errors import RecipeError
+    from lorakit.recipe import recipe_from_dict
+    from lorakit.train import train
+
+    from .conftest import make_recipe_dict
+
+    settings = {"max_steps": 1, "v_pred_like_loss": 0.2}
+    recipe = recipe_from_dict(make_recipe_dict(tiny_base_v, tiny_dataset, tmp_path, train=settings))
+    with pytest.raises(RecipeError, match="train.v_pred_like_loss: .* already predicts v"):
+        train(recipe, quiet=True, log=lambda _: None)
 
 
 def test_input_perturbation_adds_its_share_of_fresh_noise():
@@ -215,6 +255,14 @@ def test_the_training_step_uses_the_scheduled_huber_threshold(tiny_base, tiny_da
     with safe_open(str(result.adapter), "pt") as f:
         metadata = f.metadata()
     assert (metadata["ss_loss_type"], metadata["ss_huber_schedule"], metadata["ss_huber_c"]) == ("huber", "snr", "0.2")
+    # the absolute error is used as asked, without a threshold
+    seen.clear()
+    settings = {"max_steps": 1, "loss_type": "l1"}
+    recipe = recipe_from_dict(make_recipe_dict(tiny_base, tiny_dataset, tmp_path / "l1", train=settings))
+    result = train(recipe, quiet=True, log=lambda _: None)
+    assert seen["used"][0] == "l1" and "thresholds" not in seen
+    with safe_open(str(result.adapter), "pt") as f:
+        assert f.metadata()["ss_loss_type"] == "l1"
 
 
 @pytest.mark.parametrize(
@@ -226,6 +274,9 @@ def test_the_training_step_uses_the_scheduled_huber_threshold(tiny_base, tiny_da
         ),
         ({"loss_type": "huber", "huber_schedule": "snr", "huber_scale": 2.0}, "train.huber_scale: the snr schedule"),
         ({"loss_type": "huber", "huber_c": 0.0}, "train.huber_c: 0.0 is outside"),
+        ({"loss_type": "l1", "huber_scale": 2.0}, "train.huber_scale: shapes the huber / smooth_l1 threshold"),
+        ({"ip_noise_gamma_random_strength": True}, "train.ip_noise_gamma_random_strength: shapes the input"),
+        ({"v_pred_like_loss": -0.1}, "train.v_pred_like_loss: -0.1 is outside"),
     ],
 )
 def test_huber_settings_without_a_huber_loss_are_refused(keys, fragment):

@@ -186,6 +186,7 @@ def training_info(
         "ss_multires_noise_iterations": str(cfg.multires_noise_iterations or None),
         "ss_multires_noise_discount": str(cfg.multires_noise_discount if cfg.multires_noise_iterations else None),
         "ss_ip_noise_gamma": str(cfg.ip_noise_gamma or None),
+        "ss_ip_noise_gamma_random_strength": str(cfg.ip_noise_gamma_random_strength),
         "ss_debiased_estimation": str(cfg.debiased_estimation),
         "ss_loss_type": cfg.loss_type,
         "ss_huber_schedule": cfg.huber_schedule,

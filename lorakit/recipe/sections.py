@@ -16,7 +16,7 @@ PredictionType = Literal["epsilon", "v_prediction"]
 SaveDtype = Literal["float32", "float16", "bfloat16"]
 TargetPreset = Literal["attention", "transformer", "transformer+conv"]
 WeightDtype = Literal["float32", "float16", "bfloat16"]
-LossType = Literal["l2", "huber", "smooth_l1"]
+LossType = Literal["l2", "l1", "huber", "smooth_l1"]
 HuberSchedule = Literal["constant", "exponential", "snr"]
 TimestepBias = Literal["none", "earlier", "later", "range"]
 Sampler = Literal["euler", "euler_a", "dpmpp_2m", "ddim"]
@@ -75,6 +75,9 @@ class DataSection:
     """kohya's `keep_tokens_separator`, e.g. "|||": in a caption `ohwx, 1girl ||| smile, outdoors ||| best quality`
     the tags before the first separator and after a second one stay in place and are never dropped, the rest
     shuffle and drop out; the separators are removed. Captions without one use `keep_tokens`."""
+    secondary_separator: str = ""
+    """kohya's `secondary_separator`, e.g. ";;;": tags joined by it (`red hair;;;long hair`) shuffle and drop out
+    together, as one tag, and are then separated by a comma like the rest."""
     caption_dropout: float = 0.0
     """Probability of training a step's image with an empty caption (0 to 1)."""
     wildcards: bool = False
@@ -237,12 +240,19 @@ class TrainSection:
     ip_noise_gamma: float = 0.0
     """Input perturbation (Ning et al. 2023, arXiv:2301.11706): the latents are noised with slightly more noise
     than the target says, as a sampler's own errors do at generation time; 0.1 typical, 0 is off."""
+    ip_noise_gamma_random_strength: bool = False
+    """Draw each batch's input-perturbation strength uniformly from 0 to `ip_noise_gamma` (kohya's
+    `ip_noise_gamma_random_strength`)."""
     debiased_estimation: bool = False
     """Weight the loss by 1 / sqrt(SNR) (Yu et al. 2024, arXiv:2310.08442; kohya's `debiased_estimation_loss`):
     noisy steps, where shape and layout are decided, count more than almost clean ones."""
     scale_v_pred_loss_like_noise_pred: bool = False
     """v-prediction bases: weight the loss by SNR / (SNR + 1) (kohya's `scale_v_pred_loss_like_noise_pred`), so
     an error counts as much as in an epsilon-prediction run; refused for epsilon-prediction bases."""
+    v_pred_like_loss: float = 0.0
+    """Epsilon-prediction bases: add this share of the loss a v-prediction target would give for the same error
+    (kohya's `v_pred_like_loss`; the weight is 1 + share x (SNR + 1) / SNR), so noisy steps count more; 0 is off,
+    0.1-0.5 is usual; refused for v-prediction bases."""
     cache_latents: bool = True
     """Encode every image with the VAE once, cached under the dataset's `.cache/`, instead of every step."""
     log_every_steps: int = 1
@@ -257,7 +267,8 @@ class TrainSection:
     """Keep an exponential moving average of the adapter weights with this decay (0.999 typical) and export it
     instead of the raw weights; 0 turns it off."""
     loss_type: LossType = "l2"
-    """`l2` (mean squared error), `huber` or `smooth_l1` (less swayed by outlier pixels; see `huber_c`)."""
+    """`l2` (mean squared error), `l1` (mean absolute error), `huber` or `smooth_l1` (less swayed by outlier pixels;
+    see `huber_c`)."""
     huber_c: float = 0.1
     """Threshold of the huber / smooth_l1 losses."""
     huber_schedule: HuberSchedule = "constant"
@@ -335,6 +346,9 @@ class SampleSection:
     """Render samples every this many steps; 0 (with `every_epochs` 0 too) means at every checkpoint."""
     every_epochs: int = 0
     """Also render samples at the end of every this many epochs (kohya's `sample_every_n_epochs`); 0 is off."""
+    at_first: bool = False
+    """Also render the samples before the first step, into `samples/step-000000.png` (kohya's `sample_at_first`):
+    what the base draws for your prompts, to compare the later grids with."""
     sampler: Sampler = "euler"
     """The sampler of the samples and of rendered class images (kohya's `sample_sampler`): `euler`, `euler_a`,
     `dpmpp_2m` (DPM++ 2M) or `ddim`."""

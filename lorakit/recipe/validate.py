@@ -113,6 +113,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "train.multires_noise_iterations": (0, 20),
     "train.multires_noise_discount": (0, 1),
     "train.ip_noise_gamma": (0, 1),
+    "train.v_pred_like_loss": (0, 10),
     "train.log_every_steps": (1, STEPS_MAX),
     "train.save_every_steps": (0, STEPS_MAX),
     "train.keep_checkpoints": (1, 10_000),
@@ -264,6 +265,11 @@ def _cross_checks(built: dict, problems: list[str]) -> None:
                 "9 for SDXL)"
             )
     sample = built.get("sample")
+    if sample is not None and sample.at_first and not sample.prompts:
+        problems.append(
+            'sample.at_first: there are no sample.prompts to render; add some, e.g. prompts = ["ohwx '
+            'man at the beach"], or remove it'
+        )
     for index, text in enumerate(sample.prompts if sample is not None else []):
         try:
             parse_sample_prompt(text)
@@ -281,6 +287,11 @@ def _cross_checks(built: dict, problems: list[str]) -> None:
                 problems.append(
                     f"train.{key}: shapes the offset noise; set train.noise_offset (0.05-0.1) or remove it"
                 )
+        if train.ip_noise_gamma_random_strength and not train.ip_noise_gamma:
+            problems.append(
+                "train.ip_noise_gamma_random_strength: shapes the input perturbation; set train.ip_noise_gamma "
+                "(about 0.1) or remove it"
+            )
     embedding = built.get("embedding")
     if embedding is not None and not re.fullmatch(r"\w+", embedding.token):
         problems.append(
@@ -302,7 +313,7 @@ def _schedule_problems(train) -> list[str]:
     if train.betas is not None and train.optimizer == "adafactor":
         problems.append("train.betas: Adafactor keeps no momentum here; remove it or choose another optimizer")
     for key in ("huber_schedule", "huber_scale"):
-        if _not_default(train, key) and train.loss_type == "l2":
+        if _not_default(train, key) and train.loss_type in ("l2", "l1"):
             problems.append(
                 f'train.{key}: shapes the huber / smooth_l1 threshold; set train.loss_type = "huber" or '
                 '"smooth_l1", or remove it'

@@ -43,8 +43,8 @@ from ..data import (
     load_folder,
     load_mask,
     load_pixels,
-    pick_wildcards,
     size_conditioning,
+    steady_caption,
     step_rng,
     transform_caption,
     vae_fingerprint,
@@ -221,7 +221,7 @@ def _micro_batch_loss(run: Run, batch: list[int]) -> Any:
     timesteps = objective.sample_timesteps(
         len(batch), cfg.min_timestep, cfg.max_timestep, generator, run.timestep_weights
     )
-    noised_with = objective.perturbed_noise(noise, cfg.ip_noise_gamma, generator)
+    noised_with = objective.perturbed_noise(noise, cfg.ip_noise_gamma, generator, cfg.ip_noise_gamma_random_strength)
     noisy = base.noise_scheduler.add_noise(latents, noised_with, timesteps)
     target = objective.training_target(base.noise_scheduler, latents, noise, timesteps, base.prediction_type)
     weights = objective.loss_weights(
@@ -231,6 +231,7 @@ def _micro_batch_loss(run: Run, batch: list[int]) -> Any:
         base.prediction_type,
         cfg.debiased_estimation,
         cfg.scale_v_pred_loss_like_noise_pred,
+        cfg.v_pred_like_loss,
     )
     weights = weights * torch.tensor([run.items[i].loss_weight for i in batch])
     conditioning = unet_conditioning(run, captions, [run.items[i] for i in batch], flips)
@@ -241,7 +242,7 @@ def _micro_batch_loss(run: Run, batch: list[int]) -> Any:
         masks = torch.stack([batch_mask(run, i, f) for i, f in zip(batch, flips, strict=True)])
         pixel_weights = to_device(masks + (1 - masks) * data.mask_background_weight, run.device)
     threshold: Any = cfg.huber_c  # squared error has none
-    if cfg.loss_type != "l2":
+    if cfg.loss_type in ("huber", "smooth_l1"):
         threshold = objective.huber_thresholds(
             base.noise_scheduler, timesteps, cfg.huber_c, cfg.huber_schedule, cfg.huber_scale
         )
@@ -464,7 +465,7 @@ def validation_loss(run: Run, items: list[Item], cache: LatentCache) -> float:
                 t = torch.tensor([timestep])
                 noisy = base.noise_scheduler.add_noise(latents, noise, t)
                 target = objective.training_target(base.noise_scheduler, latents, noise, t, base.prediction_type)
-                caption = pick_wildcards(item.caption, None) if run.recipe.data.wildcards else item.caption
+                caption = steady_caption(item.caption, run.recipe.data)
                 conditioning = unet_conditioning(run, [caption], [item], [False])
                 with run.accelerator.autocast():
                     prediction = models["unet"](noisy.to(run.device), t.to(run.device), **conditioning).sample
@@ -543,6 +544,10 @@ def fit(run: Run) -> float:
             "max_memory_allocated_gib is the peak of the training steps"
         )
         torch.cuda.reset_peak_memory_stats(run.device)
+    if recipe.sample.at_first and run.step == 0:  # what the base draws, before any step (not again on a resume)
+        if accelerator.is_main_process:
+            render_samples(run)
+        accelerator.wait_for_everyone()
     stops = _StopRequests(accelerator.num_processes == 1)
     with progress_bar("Training", cfg.max_steps - run.step, quiet=run.quiet) as bar, stops:
         while run.step < cfg.max_steps:

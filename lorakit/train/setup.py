@@ -37,6 +37,7 @@ from ..data import (
     load_class_items,
     load_items,
     split_held_out,
+    steady_caption,
     steps_for_epochs,
     vae_fingerprint,
 )
@@ -144,6 +145,11 @@ def _check_schedule(recipe: Recipe, base: BaseModel, count: int) -> None:
         raise RecipeError(
             f"train.scale_v_pred_loss_like_noise_pred: {base.source} predicts {base.prediction_type!r}, and the "
             "weight only applies to v-prediction; remove it (or set model.prediction_type if the scheduler is wrong)"
+        )
+    if recipe.train.v_pred_like_loss and base.prediction_type == "v_prediction":
+        raise RecipeError(
+            f"train.v_pred_like_loss: {base.source} already predicts v (its loss is the v loss); remove it, or use "
+            "train.scale_v_pred_loss_like_noise_pred to weigh it like a noise-prediction loss"
         )
     if recipe.model.zero_terminal_snr and base.prediction_type != "v_prediction":
         raise RecipeError(
@@ -774,7 +780,7 @@ def _load_all_items(recipe: Recipe, base: BaseModel, log: Log) -> tuple[list[Ite
     limit = recipe.data.max_token_length
     if limit == 75:  # the model's own context (75 tokens for SD; smaller for the toy world)
         limit = base.tokenizers[0].model_max_length - 2
-    too_long = sum(token_count(base, item.caption) > limit for item in items)
+    too_long = sum(token_count(base, steady_caption(item.caption, recipe.data)) > limit for item in items)
     if too_long:
         log(
             f"data: {too_long} of {len(items)} captions are longer than {limit} tokens and are truncated; "
@@ -806,7 +812,8 @@ def _text_cache(recipe: Recipe, base: BaseModel, items: list[Item], device: Any,
     data = recipe.data
     if recipe.lora.train_text_encoder or data.tags_vary or recipe.embedding:
         return None
-    captions = sorted({item.caption for item in items} | ({""} if data.caption_dropout else set()))
+    captions = {steady_caption(item.caption, data) for item in items}
+    captions = sorted(captions | ({""} if data.caption_dropout else set()))
     cache = {}
     with torch.no_grad():
         for caption in captions:
