@@ -83,17 +83,56 @@ def test_module_dropout_switches_whole_modules_off_at_that_rate():
     assert not torch.equal(model[0](x), base(x))
 
 
+def test_a_module_off_for_a_whole_step_is_left_alone_by_the_optimizer():
+    """As in kohya, where a switched-off module never runs: no gradient, so AdamW gives it neither a momentum step
+    nor weight decay (a zero gradient would give it both). With two micro-batches a module is idle only when both
+    switched it off."""
+    torch.manual_seed(0)
+    model = _lora_model(rank=4)
+    hooks = AdapterDropout([model], module=0.5)
+    modules = {"linear": model[0], "conv": model[1]}
+    weights = [p for n, p in model.named_parameters() if "lora_" in n]
+    optimizer = torch.optim.AdamW(weights, lr=0.01, weight_decay=0.1)
+    x, y = torch.randn(4, 32), torch.randn(4, 32, 3, 3)
+    idle_seen = used_seen = 0
+    for step in range(16):
+        for _ in range(2):
+            (model[0](x).pow(2).mean() + model[1](y).pow(2).mean()).backward()
+        idle = hooks.forget_idle_gradients()
+        grads = {name: layer.lora_B["default"].weight.grad for name, layer in modules.items()}
+        assert idle == sum(g is None for g in grads.values())
+        before = {
+            name: [p.detach().clone() for p in layer.parameters() if p.requires_grad]
+            for name, layer in modules.items()
+        }
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        for name, layer in modules.items():
+            after = [p for p in layer.parameters() if p.requires_grad]
+            unchanged = all(torch.equal(a, b) for a, b in zip(before[name], after, strict=True))
+            assert unchanged == (grads[name] is None), (step, name)
+            if step:  # after the first step AdamW has momentum that a zero gradient would still apply
+                idle_seen += grads[name] is None
+                used_seen += grads[name] is not None
+    assert idle_seen >= 3 and used_seen >= 15  # idle in about a quarter of the steps (0.5 x 0.5)
+    assert hooks.forget_idle_gradients() == 2  # no forward pass since: both count as idle, harmlessly
+
+
 def _run(base, dataset, out, lines=None, **sections):
     recipe = recipe_from_dict(make_recipe_dict(base, dataset, out, **sections))
     return train(recipe, quiet=True, log=(lines.append if lines is not None else lambda _: None))
 
 
 def test_training_with_rank_and_module_dropout_replays_its_masks_under_gradient_checkpointing(
-    tiny_base, tiny_dataset, tmp_path
+    tiny_base, tiny_dataset, tmp_path, monkeypatch
 ):
     dropout = {"neuron_dropout": 0.1, "rank_dropout": 0.5, "module_dropout": 0.2}
     lines: list[str] = []
+    idle: list[int] = []
+    real = AdapterDropout.forget_idle_gradients
+    monkeypatch.setattr(AdapterDropout, "forget_idle_gradients", lambda *a: idle.append(real(*a)) or idle[-1])
     plain = _run(tiny_base, tiny_dataset, tmp_path / "a", lines, lora=dropout, train={"max_steps": 3})
+    assert len(idle) == 3 and sum(idle) > 0  # once per optimizer step, and some modules were idle for a whole step
     said = "lora: neuron dropout 0.1, rank dropout 0.5, module dropout 0.2 on "
     assert any(line.startswith(said) for line in lines), lines
     with safe_open(str(plain.adapter), "pt") as handle:

@@ -129,7 +129,8 @@ class LoraSection:
     only, not with DoRA."""
     module_dropout: float = 0.0
     """kohya's `module_dropout`: while training, each LoRA module is switched off for a whole forward pass with this
-    probability; 0.1 is usual, 0 is off. LoRA only, not with DoRA."""
+    probability; 0.1 is usual, 0 is off. A module off in every micro-batch of a step gets no update at all that step
+    (no momentum, no weight decay), as in kohya. LoRA only, not with DoRA."""
     decompose_factor: int = -1
     """LoKr: the Kronecker split of each side (LyCORIS' `factor`): -1 splits into the two most balanced factors,
     N makes one factor N wide (smaller N, smaller files)."""

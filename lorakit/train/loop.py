@@ -94,6 +94,7 @@ class Run:
     started: datetime | None = None  # when `train` was called (the adapters' ss_training_started_at)
     embeddings: dict[str, Any] = dataclasses.field(default_factory=dict)  # [embedding]: NewTokens per text encoder
     timestep_weights: Any = None  # train.timestep_bias: how often each timestep is drawn (None: uniformly)
+    dropout: Any = None  # dropout.AdapterDropout: kohya's dropouts inside the adapters, when the recipe has them
 
     @property
     def epochs_done(self) -> int:
@@ -290,6 +291,8 @@ def optimizer_step(run: Run) -> float:
             run.micro += 1
             if k == accumulation - 2:
                 no_sync.close()
+    if run.dropout is not None:  # module dropout: a module off for the whole step is left alone, as kohya's is
+        run.dropout.forget_idle_gradients(lambda used: accelerator.reduce(used, "sum"))
     if cfg.max_grad_norm:
         accelerator.clip_grad_norm_([p for g in run.optimizer.param_groups for p in g["params"]], cfg.max_grad_norm)
     run.optimizer.step()

@@ -241,8 +241,9 @@ def set_up(
     embeddings = _add_embedding(recipe, base, items, accelerator.num_processes, say) if recipe.embedding else {}
     if recipe.lora.tlora_min_rank is not None:
         _mask_ranks_by_timestep(recipe, base, say)
+    dropout = None
     if recipe.lora.neuron_dropout or recipe.lora.rank_dropout or recipe.lora.module_dropout:
-        _drop_inside_adapters(recipe, trained, say)
+        dropout = _drop_inside_adapters(recipe, trained, say)
     if cfg.gradient_checkpointing:
         _enable_gradient_checkpointing(base, trained)
     _speed_settings(recipe, base, trained, accelerator.device, say)
@@ -289,6 +290,7 @@ def set_up(
         quiet,
         held_out=held_out,
         embeddings=embeddings,
+        dropout=dropout,
         timestep_weights=timestep_weights(cfg, base.noise_scheduler.config.num_train_timesteps),
     )
     run.planned_gib = planned
@@ -684,7 +686,7 @@ def _block_ranks(recipe: Recipe, base: BaseModel, log: Log) -> tuple[dict[str, i
     return ranks, alphas
 
 
-def _drop_inside_adapters(recipe: Recipe, trained: dict[str, Any], log: Log) -> None:
+def _drop_inside_adapters(recipe: Recipe, trained: dict[str, Any], log: Log) -> AdapterDropout:
     """kohya's neuron, rank and module dropout on every trained LoRA layer (the hooks live as long as the
     modules)."""
     lora = recipe.lora
@@ -692,6 +694,7 @@ def _drop_inside_adapters(recipe: Recipe, trained: dict[str, Any], log: Log) -> 
     hooks = AdapterDropout(trained.values(), **rates)
     said = [f"{kind} dropout {rate:g}" for kind, rate in rates.items() if rate]
     log(f"lora: {', '.join(said)} on {hooks.layers} LoRA modules while training (samples and files use all)")
+    return hooks
 
 
 def _mask_ranks_by_timestep(recipe: Recipe, base: BaseModel, log: Log) -> None:
