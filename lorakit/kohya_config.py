@@ -89,7 +89,16 @@ OPTIMIZERS = {
     "prodigy": "prodigy",
     "adafactor": "adafactor",
 }
-SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+SCHEDULERS = (
+    "constant",
+    "constant_with_warmup",
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "cosine_with_min_lr",
+    "warmup_stable_decay",
+)
 SAMPLERS = {
     "euler": "euler",
     "k_euler": "euler",
@@ -199,6 +208,7 @@ def convert(
                 result.set(key, float(rate), "learning_rate")
         result.mapped.append("learning_rate")
     take("lr_warmup_steps", "train.lr_warmup_steps", lambda v: _warmup(v, settings))
+    take("lr_decay_steps", "train.lr_decay_steps", lambda v: _warmup(v, settings))
     _optimizer(left, result)
     _kept_saves(left, result, settings)
 
@@ -562,7 +572,7 @@ def _scheduler(value: Any) -> str:
 
 
 def _warmup(value: Any, settings: dict[str, Any]) -> int:
-    """kohya's lr_warmup_steps: a step count, or below 1 a share of max_train_steps."""
+    """kohya's lr_warmup_steps (and lr_decay_steps): a step count, or below 1 a share of max_train_steps."""
     number = float(value)
     if number >= 1 or number == 0:
         return int(number)
@@ -638,6 +648,7 @@ DIRECT: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "lr_scheduler": ("train.lr_scheduler", _scheduler),
     "lr_scheduler_num_cycles": ("train.lr_scheduler_num_cycles", int),
     "lr_scheduler_power": ("train.lr_scheduler_power", float),
+    "lr_scheduler_min_lr_ratio": ("train.lr_scheduler_min_lr_ratio", float),
     "mixed_precision": ("train.mixed_precision", _precision),
     "gradient_checkpointing": ("train.gradient_checkpointing", _bool),
     "torch_compile": ("train.compile", _bool),
@@ -706,6 +717,7 @@ SPECIAL = (
     "text_encoder_lr",
     "learning_rate",
     "lr_warmup_steps",
+    "lr_decay_steps",
     "optimizer_type",
     "optimizer_args",
     "use_8bit_adam",

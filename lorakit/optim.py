@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
+import torch
 from diffusers.optimization import get_scheduler
 
 from .errors import LorakitError, RecipeError
@@ -58,8 +60,6 @@ def build_optimizer(section: TrainSection, param_groups: list[dict[str, Any]]) -
         kind = {"adamw8bit": bnb.optim.AdamW8bit, "lion8bit": bnb.optim.Lion8bit, "lion": bnb.optim.Lion}[name]
         return kind(param_groups, **options)
     if name == "adamw":
-        import torch
-
         # The fused kernel where every parameter is on CUDA already (set_up moves them there first); elsewhere the
         # multi-tensor (foreach) one, which torch picks by itself only on CUDA: on a CPU the per-tensor loop costs
         # several milliseconds a step over the hundreds of small LoRA tensors.
@@ -96,9 +96,38 @@ def reapply_hyperparameters(section: TrainSection, optimizer: Any) -> None:
         group.update(options)
 
 
+def schedule_factor(step: int, kind: str, warmup: int, total: int, decay: int = 0, floor: float = 0.0) -> float:
+    """The share of the learning rate at `step` for lorakit's own schedules, as transformers' schedules of those
+    names (kohya's choices) shape them: `cosine_with_min_lr` warms up linearly from 0 over `warmup` steps, then falls
+    along a half cosine from 1 to `floor` by `total`; `warmup_stable_decay` warms up from `floor`, stays at 1 and
+    falls along a half cosine to `floor` over the last `decay` steps (at most those after the warm-up)."""
+    if step < warmup:
+        start = floor if kind == "warmup_stable_decay" else 0.0
+        return start + (1 - start) * step / max(1, warmup)
+    if kind == "cosine_with_min_lr":
+        start, length = warmup, total - warmup
+    elif kind == "warmup_stable_decay":
+        length = min(decay, total - warmup)
+        start = total - length
+        if step < start:
+            return 1.0
+    else:
+        raise ValueError(f"unknown schedule {kind!r}")
+    progress = min(1.0, (step - start) / max(1, length))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def build_lr_scheduler(section: TrainSection, optimizer: Any) -> Any:
     """The learning-rate schedule, stepped once per optimizer step over `max_steps` (resolved by then)."""
 
+    if section.lr_scheduler in ("cosine_with_min_lr", "warmup_stable_decay"):
+        kind, warmup, total = section.lr_scheduler, section.lr_warmup_steps, section.max_steps
+        decay, floor = section.lr_decay_steps, section.lr_scheduler_min_lr_ratio
+
+        def factor(step: int) -> float:
+            return schedule_factor(step, kind, warmup, total, decay, floor)
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     return get_scheduler(
         section.lr_scheduler,
         optimizer,

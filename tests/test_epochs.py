@@ -124,6 +124,57 @@ def test_cosine_restarts_and_polynomial_power_shape_the_schedule():
     assert _learning_rates(10, lr_scheduler="polynomial")[5] == pytest.approx(0.5, abs=1e-6)
 
 
+def test_cosine_with_a_floor_and_warmup_stable_decay_follow_their_shapes():
+    floor = _learning_rates(12, lr_scheduler="cosine_with_min_lr", lr_warmup_steps=2, lr_scheduler_min_lr_ratio=0.1)
+    assert floor[:3] == [0.0, 0.5, 1.0]  # the warm-up, then the top
+    # halfway down the cosine it is halfway between 1 and the floor, and it never goes below the floor
+    assert floor[7] == pytest.approx(0.55) and min(floor[2:]) == pytest.approx(
+        0.1 + 0.9 * 0.5 * (1 + math.cos(0.9 * math.pi))
+    )
+    assert all(a > b for a, b in zip(floor[2:-1], floor[3:], strict=True))
+    wsd = _learning_rates(
+        12, lr_scheduler="warmup_stable_decay", lr_warmup_steps=2, lr_decay_steps=4, lr_scheduler_min_lr_ratio=0.2
+    )
+    assert wsd[:8] == pytest.approx([0.2, 0.6, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])  # up from the floor, then stable
+    assert wsd[8:] == pytest.approx([0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)])
+    # transformers' schedules of those names (what kohya builds) give the same rates
+    from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup, get_wsd_schedule
+
+    for ours, build in [
+        (floor, lambda o: get_cosine_with_min_lr_schedule_with_warmup(o, 2, 12, min_lr_rate=0.1)),
+        (wsd, lambda o: get_wsd_schedule(o, 2, 4, num_stable_steps=6, min_lr_ratio=0.2)),
+    ]:
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        schedule, theirs = build(optimizer), []
+        for _ in range(12):
+            theirs.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            schedule.step()
+        assert ours == pytest.approx(theirs, abs=1e-9)
+
+
+def test_a_resumed_run_continues_a_warmup_stable_decay_schedule(tiny_base, tiny_dataset, tmp_path):
+    import shutil
+
+    schedule = {"lr_scheduler": "warmup_stable_decay", "lr_warmup_steps": 1, "lr_decay_steps": 3}
+    sections = {"train": {"max_steps": 6, "save_every_steps": 3, "unet_lr": 1e-3, **schedule}}
+    straight = train(
+        recipe_from_dict(make_recipe_dict(tiny_base, tiny_dataset, tmp_path / "a", **sections)),
+        quiet=True,
+        log=lambda _: None,
+    )
+    rates = [json.loads(r)["lr_unet"] for r in (straight.run_dir / "metrics.jsonl").read_text().splitlines()]
+    # logged after each step: stable at the top after the 1-step warm-up, then down over the last 3
+    assert rates[:3] == pytest.approx([1e-3] * 3) and rates[3] == pytest.approx(0.75e-3) and rates[5] == 0.0
+    resumed_dir = tmp_path / "b" / "run"
+    shutil.copytree(straight.run_dir, resumed_dir)
+    shutil.rmtree(resumed_dir / "checkpoints" / "step-000006")
+    recipe = recipe_from_dict(make_recipe_dict(tiny_base, tiny_dataset, tmp_path / "b", **sections))
+    resumed = train(recipe, resume="latest", quiet=True, log=lambda _: None)
+    a, b = load_file(straight.adapter), load_file(resumed.adapter)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize(
     ("keys", "message"),
     [
@@ -137,6 +188,9 @@ def test_cosine_restarts_and_polynomial_power_shape_the_schedule():
             "train.lr_scheduler_power: only shapes lr_scheduler = 'polynomial' (this recipe has 'cosine')",
         ),
         ({"max_epochs": 0}, "train.max_epochs: 0 is outside 1..100000"),
+        ({"lr_scheduler": "cosine", "lr_scheduler_min_lr_ratio": 0.1}, "train.lr_scheduler_min_lr_ratio: only shapes"),
+        ({"lr_decay_steps": 100}, "train.lr_decay_steps: only shapes lr_scheduler = 'warmup_stable_decay'"),
+        ({"lr_scheduler": "warmup_stable_decay"}, "train.lr_decay_steps: lr_scheduler = 'warmup_stable_decay' needs"),
     ],
 )
 def test_schedule_keys_the_schedule_ignores_are_refused(keys, message):

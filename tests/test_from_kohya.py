@@ -299,6 +299,9 @@ def test_older_and_rarer_kohya_settings_are_carried_over(tiny_base, tmp_path):
         **{
             'optimizer_type = "Prodigy"': "use_8bit_adam = true",
             "optimizer_args = [": "_unused = [",
+            'lr_scheduler = "cosine_with_restarts"': 'lr_scheduler = "warmup_stable_decay"\nlr_decay_steps = 50\n'
+            "lr_scheduler_min_lr_ratio = 0.1",
+            "lr_scheduler_num_cycles = 3": "lr_scheduler_num_cycles = 1",
             'caption_extension = ".txt"': 'caption_extention = ".caption"\nsecondary_separator = ";;;"',
             "full_bf16 = true": 'sample_at_first = true\ntorch_compile = true\nloss_type = "l1"\n'
             "ip_noise_gamma = 0.1\nip_noise_gamma_random_strength = true\nv_pred_like_loss = 0.2",
@@ -310,6 +313,11 @@ def test_older_and_rarer_kohya_settings_are_carried_over(tiny_base, tmp_path):
     train = recipe.train
     assert (train.optimizer, train.compile, train.loss_type, train.v_pred_like_loss) == ("adamw8bit", True, "l1", 0.2)
     assert train.ip_noise_gamma == 0.1 and train.ip_noise_gamma_random_strength
+    assert (train.lr_scheduler, train.lr_decay_steps, train.lr_scheduler_min_lr_ratio) == (
+        "warmup_stable_decay",
+        50,
+        0.1,
+    )
     assert recipe.sample.at_first and recipe.data.secondary_separator == ";;;"
     assert 'optimizer = "adamw8bit"  # use_8bit_adam' in recipe_path.read_text()
     assert "--caption-ext .caption" in said  # sd-scripts' first spelling of caption_extension

@@ -10,7 +10,16 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 Optimizer = Literal["adamw8bit", "adamw", "adafactor", "prodigy", "lion8bit", "lion"]
-LrScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
+LrScheduler = Literal[
+    "constant",
+    "constant_with_warmup",
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "cosine_with_min_lr",
+    "warmup_stable_decay",
+]
 MixedPrecision = Literal["no", "fp16", "bf16"]
 PredictionType = Literal["epsilon", "v_prediction"]
 SaveDtype = Literal["float32", "float16", "bfloat16"]
@@ -191,7 +200,9 @@ class TrainSection:
     """SDXL: learning rate of the second text encoder's adapter (OpenCLIP ViT-bigG; kohya's second
     `text_encoder_lr` value); unset: `text_encoder_lr`. Only with `lora.train_text_encoder = true`."""
     lr_scheduler: LrScheduler = "constant"
-    """Learning-rate schedule over `max_steps`."""
+    """Learning-rate schedule over `max_steps`: `cosine_with_min_lr` falls along a cosine to
+    `lr_scheduler_min_lr_ratio` of the rate instead of 0; `warmup_stable_decay` holds the rate after the warm-up and
+    lowers it along a cosine over the last `lr_decay_steps` (both as kohya and transformers shape them)."""
     lr_warmup_steps: int = 0
     """Optimizer steps of linear warm-up at the start of the schedule."""
     lr_scheduler_num_cycles: int = 1
@@ -199,6 +210,12 @@ class TrainSection:
     `lr_scheduler_num_cycles`; 1 is plain cosine)."""
     lr_scheduler_power: float = 1.0
     """`polynomial`: the power of the decay to 0 (kohya's `lr_scheduler_power`; 1 is linear)."""
+    lr_scheduler_min_lr_ratio: float = 0.0
+    """`cosine_with_min_lr` / `warmup_stable_decay`: the share of the learning rate the schedule ends at (kohya's
+    `lr_scheduler_min_lr_ratio`), e.g. 0.1."""
+    lr_decay_steps: int = 0
+    """`warmup_stable_decay`: how many of the last optimizer steps lower the rate (kohya's `lr_decay_steps`), at most
+    the steps after the warm-up."""
     optimizer: Optimizer = "adamw8bit"
     """`adamw8bit` (bitsandbytes, 8-bit state), `adamw`, `adafactor`, `prodigy` (needs `pip install prodigyopt`;
     use learning rates of 1.0), or `lion8bit` / `lion` (bitsandbytes; one momentum buffer, so half AdamW's state:

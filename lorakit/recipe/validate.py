@@ -96,6 +96,8 @@ _RANGES: dict[str, tuple[float, float]] = {
     "train.save_every_epochs": (0, 100_000),
     "train.lr_scheduler_num_cycles": (1, 10_000),
     "train.lr_scheduler_power": (0.01, 100),
+    "train.lr_scheduler_min_lr_ratio": (0, 1),
+    "train.lr_decay_steps": (0, STEPS_MAX),
     "train.batch_size": (1, 4096),
     "train.gradient_accumulation_steps": (1, 4096),
     "train.unet_lr": (0, 1),
@@ -336,6 +338,21 @@ def _schedule_problems(train) -> list[str]:
         problems.append(
             f"train.lr_scheduler_power: only shapes lr_scheduler = 'polynomial' (this recipe has "
             f"{train.lr_scheduler!r}); set that schedule or remove the key"
+        )
+    if train.lr_scheduler_min_lr_ratio and train.lr_scheduler not in ("cosine_with_min_lr", "warmup_stable_decay"):
+        problems.append(
+            "train.lr_scheduler_min_lr_ratio: only shapes lr_scheduler = 'cosine_with_min_lr' or "
+            f"'warmup_stable_decay' (this recipe has {train.lr_scheduler!r}); set one of them or remove the key"
+        )
+    if train.lr_decay_steps and train.lr_scheduler != "warmup_stable_decay":
+        problems.append(
+            "train.lr_decay_steps: only shapes lr_scheduler = 'warmup_stable_decay' (this recipe has "
+            f"{train.lr_scheduler!r}); set that schedule or remove the key"
+        )
+    if train.lr_scheduler == "warmup_stable_decay" and not train.lr_decay_steps:
+        problems.append(
+            "train.lr_decay_steps: lr_scheduler = 'warmup_stable_decay' needs the number of final steps that lower "
+            "the rate, e.g. lr_decay_steps = 200 (a fifth of 1000 steps)"
         )
     return problems
 
