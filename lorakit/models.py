@@ -215,7 +215,9 @@ def _final_norm(text_encoder: Any) -> Any:
     return getattr(model, "text_model", model).final_layer_norm
 
 
-def _encode_chunk(text_encoder: Any, ids: Any, clip_skip: int) -> Any:
+def encode_chunk(text_encoder: Any, ids: Any, clip_skip: int) -> Any:
+    """An SD 1.x/2.x text encoder's output for one context of token ids: the last layer's, or with `clip_skip` N
+    the N-th last layer's with the final layer norm applied (as diffusers' pipelines and kohya take it)."""
     if clip_skip == 1:
         return text_encoder(ids, return_dict=False)[0]
     hidden = text_encoder(ids, output_hidden_states=True).hidden_states[-clip_skip]
@@ -236,12 +238,12 @@ def encode_prompts(base: BaseModel, input_ids: list[Any], clip_skip: int = 1) ->
     ids = input_ids[0]
     text_encoder = base.text_encoders[0]
     if ids.shape[1] <= 77:
-        return {"encoder_hidden_states": _encode_chunk(text_encoder, ids, clip_skip)}
+        return {"encoder_hidden_states": encode_chunk(text_encoder, ids, clip_skip)}
     tokenizer = base.tokenizers[0]
     bos = torch.full_like(ids[:, :1], tokenizer.bos_token_id)
     eos, body = torch.full_like(ids[:, :1], tokenizer.eos_token_id), ids[:, 1:-1]
     outputs = [
-        _encode_chunk(text_encoder, torch.cat([bos, body[:, start : start + 75], eos], dim=1), clip_skip)
+        encode_chunk(text_encoder, torch.cat([bos, body[:, start : start + 75], eos], dim=1), clip_skip)
         for start in range(0, body.shape[1], 75)
     ]
     joined = [outputs[0][:, :1], *(out[:, 1:-1] for out in outputs), outputs[-1][:, -1:]]

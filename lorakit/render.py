@@ -24,6 +24,7 @@ from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
 from .adapters import adapted_weight, lycoris_kind, module_at
+from .emphasis import needs_encoding, prompt_embeddings
 from .errors import AdapterError, LorakitError
 from .files import atomic_write
 from .formats.diffusers import DOWN, MAGNITUDE, UP, diffusers_key
@@ -100,14 +101,18 @@ def pipeline_models(pipe: Any) -> dict[str, Any]:
     return models
 
 
-def _common(settings: RenderSettings, seed: int) -> dict[str, Any]:
-
+def _common(pipe: Any, prompt: str, settings: RenderSettings, seed: int) -> dict[str, Any]:
+    """The pipeline's arguments for one image: the prompts as text, or encoded here when they use the webui's
+    weights or `BREAK`, hold more than one context of tokens, or clip skip is asked for (`emphasis`)."""
+    if needs_encoding(pipe, prompt, settings.negative_prompt, settings.clip_skip):
+        text = prompt_embeddings(pipe, prompt, settings.negative_prompt, settings.clip_skip)
+    else:
+        text = {"prompt": prompt, "negative_prompt": settings.negative_prompt or None}
     return {
-        "negative_prompt": settings.negative_prompt or None,
+        **text,
         "num_inference_steps": settings.steps,
         "guidance_scale": settings.guidance,
         "generator": torch.Generator("cpu").manual_seed(seed),
-        "clip_skip": settings.clip_skip - 1 if settings.clip_skip > 1 else None,
         "output_type": "pil",
     }
 
@@ -119,11 +124,10 @@ def render(pipe: Any, prompts: list[str], seeds: list[int], settings: RenderSett
     for prompt, seed in zip(prompts, seeds, strict=True):
         with torch.no_grad():
             result = pipe(
-                prompt,
                 width=settings.width,
                 height=settings.height,
                 guidance_rescale=settings.guidance_rescale,
-                **_common(settings, seed),
+                **_common(pipe, prompt, settings, seed),
             )
         images.append(result.images[0])
         if advance:
@@ -158,7 +162,7 @@ def img2img(
     images = []
     for init, prompt, seed in zip(inits, prompts, seeds, strict=True):
         with torch.no_grad():
-            result = img_pipe(prompt, image=init, strength=strength, **_common(settings, seed))
+            result = img_pipe(image=init, strength=strength, **_common(img_pipe, prompt, settings, seed))
         images.append(result.images[0])
         if advance:
             advance()

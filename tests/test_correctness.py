@@ -168,12 +168,17 @@ def test_write_recipe_roundtrip_with_controls(tmp_path, tiny_base, tiny_dataset)
 
 def test_clip_skip_leaves_the_discarded_layers_without_adapters(tiny_base, tiny_dataset, tmp_path):
     """With clip skip 2 the last text-encoder layer never reaches the U-Net: no adapter there, and every adapter
-    that is there gets a gradient (DDP refuses parameters without one)."""
-    result, _ = _train(tiny_base, tiny_dataset, tmp_path, model={"clip_skip": 2}, train={"max_steps": 1})
+    that is there gets a gradient (DDP refuses parameters without one). Samples render with it too (diffusers'
+    SD pipeline alone fails on clip skip with transformers 5)."""
+    sample = {"prompts": ["ohwx toy"], "steps": 2}
+    result, _ = _train(
+        tiny_base, tiny_dataset, tmp_path, model={"clip_skip": 2}, train={"max_steps": 1}, sample=sample
+    )
     encoder = result.models["text_encoder"]
     last = encoder.config.num_hidden_layers - 1
     names = [n for n, p in encoder.named_parameters() if p.requires_grad]
     assert names and not [n for n in names if f"layers.{last}." in n]
+    assert (result.run_dir / "samples" / "step-000001.png").is_file()
 
 
 def test_a1111_short_hash_without_recorded_hashes_is_the_bytes_after_the_header(tmp_path):

@@ -48,6 +48,7 @@ FLOORS = {
     "lorakit.dropout": 3,
     "lorakit.bake": 3,
     "lorakit.embedding": 3,
+    "lorakit.emphasis": 3,
     "lorakit.recipe": 4,
     "lorakit.errors": 4,
     "lorakit.files": 4,

@@ -1,0 +1,178 @@
+"""The AUTOMATIC1111 prompt syntax for rendering: attention weights, `BREAK`, and prompts longer than one CLIP
+context, as people write them in the webuis and ComfyUI and expect them to work in `lorakit generate` and in the
+samples drawn while training.
+
+- `(word)` multiplies the attention of its tokens by 1.1, `[word]` divides it by 1.1, `(word:1.3)` sets the factor
+  to 1.3; brackets nest (`((word))` is 1.21), one left open applies to the end of the prompt, and `\\(`, `\\)`,
+  `\\[`, `\\]` and `\\\\` are literal characters.
+- `BREAK` (upper case, a word of its own) starts a new 75-token chunk.
+- A prompt is encoded in chunks of 75 tokens, each wrapped in its own start and end tokens and padded to the
+  context, the chunks' hidden states side by side; the negative prompt gets as many chunks (padded with empty
+  ones), since the two must have the same shape.
+- Each token's hidden state is multiplied by its weight, and the chunk rescaled so that its mean is what it was
+  (the webui's original emphasis); SDXL's pooled embedding comes from the first chunk, unweighted.
+
+A prompt without any of this, within one context, is not encoded here at all: the pipeline encodes it itself, so
+plain prompts render exactly as they always have.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+from .models import encode_chunk
+
+EMPHASIS = 1.1  # what one pair of round brackets multiplies by (square brackets divide)
+_SYNTAX = re.compile(
+    r"\\[()\[\]\\]"  # an escaped bracket or backslash
+    r"|\(|\["  # an opening bracket
+    r"|:\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*\)"  # ":1.3)" closes a round bracket with its weight
+    r"|\)|\]"  # a closing bracket
+    r"|[^\\()\[\]:]+|:|\\"  # text, a colon or a lone backslash
+)
+_BREAK = re.compile(r"\s*\bBREAK\b\s*")
+
+Fragment = tuple[str, float | None]  # (text, weight); weight None marks a BREAK
+
+
+def parse(prompt: str) -> list[Fragment]:
+    """A prompt as (text, weight) fragments in order, neighbours of equal weight joined; `BREAK` as ("", None)."""
+    pieces: list[list[Any]] = []
+    round_open: list[int] = []
+    square_open: list[int] = []
+
+    def scale(start: int, factor: float) -> None:
+        for piece in pieces[start:]:
+            if piece[1] is not None:
+                piece[1] *= factor
+
+    for match in _SYNTAX.finditer(prompt):
+        token, weight = match[0], match[1]
+        if token.startswith("\\") and len(token) == 2:
+            pieces.append([token[1], 1.0])
+        elif token == "(":
+            round_open.append(len(pieces))
+        elif token == "[":
+            square_open.append(len(pieces))
+        elif weight is not None and round_open:
+            scale(round_open.pop(), float(weight))
+        elif token == ")" and round_open:
+            scale(round_open.pop(), EMPHASIS)
+        elif token == "]" and square_open:
+            scale(square_open.pop(), 1 / EMPHASIS)
+        else:
+            for index, part in enumerate(_BREAK.split(token)):
+                if index:
+                    pieces.append(["", None])
+                if part:
+                    pieces.append([part, 1.0])
+    for start in round_open:
+        scale(start, EMPHASIS)
+    for start in square_open:
+        scale(start, 1 / EMPHASIS)
+    joined: list[list[Any]] = []
+    for text, weight in pieces:
+        if joined and weight is not None and joined[-1][1] == weight:
+            joined[-1][0] += text
+        else:
+            joined.append([text, weight])
+    return [(text, weight) for text, weight in joined] or [("", 1.0)]
+
+
+def has_syntax(prompt: str) -> bool:
+    """Whether a prompt uses the syntax at all: brackets or escapes that the text loses (even at weight 1), or a
+    `BREAK`. A pipeline given such a prompt as text would read the brackets as words."""
+    fragments = parse(prompt)
+    return any(weight != 1.0 for _, weight in fragments) or "".join(text for text, _ in fragments) != prompt
+
+
+def _chunks(pipe: Any, tokenizer: Any, prompt: str) -> list[tuple[list[int], list[float]]]:
+    """The prompt's token ids and their weights in chunks of the context less its start and end tokens."""
+    size = tokenizer.model_max_length - 2
+    chunks: list[tuple[list[int], list[float]]] = []
+    ids: list[int] = []
+    weights: list[float] = []
+    for text, weight in parse(prompt):
+        if weight is None:
+            chunks.append((ids, weights))
+            ids, weights = [], []
+            continue
+        if hasattr(pipe, "maybe_convert_prompt"):  # a multi-vector textual inversion's word becomes its tokens
+            text = pipe.maybe_convert_prompt(text, tokenizer)
+        for token in tokenizer(text, add_special_tokens=False, truncation=False).input_ids:
+            if len(ids) == size:
+                chunks.append((ids, weights))
+                ids, weights = [], []
+            ids.append(token)
+            weights.append(weight)
+    if ids or not chunks:
+        chunks.append((ids, weights))
+    return chunks
+
+
+def needs_encoding(pipe: Any, prompt: str, negative: str, clip_skip: int = 1) -> bool:
+    """Whether the pipeline cannot encode these prompts as they are meant: the syntax, more tokens than one context
+    holds, or clip skip (which diffusers' SD 1.x/2.x pipelines look for where transformers 5 no longer has it)."""
+    if clip_skip > 1:
+        return True
+    for text in (prompt, negative):
+        if has_syntax(text) or len(_chunks(pipe, pipe.tokenizer, text)) > 1:
+            return True
+    return False
+
+
+def _encode(pipe: Any, prompt: str, chunks: int, clip_skip: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One prompt's hidden states, `chunks` chunks long (empty ones added at the end), and SDXL's pooled
+    embedding (None for SD 1.x/2.x)."""
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None
+    pairs = [(pipe.tokenizer, pipe.text_encoder)]
+    if sdxl:
+        pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
+    per_encoder = []
+    for tokenizer, _ in pairs:
+        found = _chunks(pipe, tokenizer, prompt)
+        per_encoder.append(found + [([], [])] * (chunks - len(found)))
+    states, pooled = [], None
+    for index in range(chunks):
+        hidden, weights = [], None
+        for (tokenizer, encoder), found in zip(pairs, per_encoder, strict=True):
+            ids, weights = found[index]
+            pad = tokenizer.model_max_length - 2 - len(ids)
+            row = [tokenizer.bos_token_id, *ids, tokenizer.eos_token_id] + [tokenizer.pad_token_id] * pad
+            tensor = torch.tensor([row], device=encoder.device)
+            if sdxl:  # the layer before the last (minus clip skip), no final norm, as diffusers' SDXL pipeline
+                output = encoder(tensor, output_hidden_states=True)
+                hidden.append(output.hidden_states[-(clip_skip + 1)])
+                if index == 0 and encoder is pipe.text_encoder_2:
+                    pooled = output[0]
+            else:
+                hidden.append(encode_chunk(encoder, tensor, clip_skip))
+            weights = [1.0, *weights, 1.0] + [1.0] * pad
+        state = torch.cat(hidden, dim=-1)
+        if any(w != 1.0 for w in weights):
+            mean = state.float().mean()
+            scale = torch.tensor(weights, device=state.device, dtype=torch.float32)[None, :, None]
+            weighted = state.float() * scale
+            state = (weighted * (mean / weighted.mean())).to(state.dtype)
+        states.append(state)
+    return torch.cat(states, dim=1), pooled
+
+
+def prompt_embeddings(pipe: Any, prompt: str, negative: str, clip_skip: int = 1) -> dict[str, Any]:
+    """The pipeline's `prompt_embeds` / `negative_prompt_embeds` keyword arguments (and SDXL's pooled pair) for a
+    prompt and negative prompt in the webui's syntax. `clip_skip` N uses the N-th last layer, as the recipes and
+    `--clip-skip` count it."""
+    count = max(len(_chunks(pipe, pipe.tokenizer, text)) for text in (prompt, negative))
+    with torch.no_grad():
+        embeds, pooled = _encode(pipe, prompt, count, clip_skip)
+        if pooled is not None and not negative and getattr(pipe.config, "force_zeros_for_empty_prompt", False):
+            negative_embeds, negative_pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
+        else:
+            negative_embeds, negative_pooled = _encode(pipe, negative, count, clip_skip)
+    arguments = {"prompt_embeds": embeds, "negative_prompt_embeds": negative_embeds}
+    if pooled is not None:
+        arguments |= {"pooled_prompt_embeds": pooled, "negative_pooled_prompt_embeds": negative_pooled}
+    return arguments
