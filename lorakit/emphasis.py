@@ -2,10 +2,8 @@
 context, as people write them in the webuis and ComfyUI and expect them to work in `lorakit generate` and in the
 samples drawn while training.
 
-- `(word)` multiplies the attention of its tokens by 1.1, `[word]` divides it by 1.1, `(word:1.3)` sets the factor
-  to 1.3; brackets nest (`((word))` is 1.21), one left open applies to the end of the prompt, and `\\(`, `\\)`,
-  `\\[`, `\\]` and `\\\\` are literal characters.
-- `BREAK` (upper case, a word of its own) starts a new 75-token chunk.
+- The syntax (`prompt_syntax`): `(word:1.3)`, `(word)`, `[word]`, escapes, and `BREAK`, which starts a new 75-token
+  chunk.
 - A prompt is encoded in chunks of 75 tokens, each wrapped in its own start and end tokens and padded to the
   context, the chunks' hidden states side by side; the negative prompt gets as many chunks (padded with empty
   ones), since the two must have the same shape.
@@ -18,75 +16,12 @@ plain prompts render exactly as they always have.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
 
 from .models import encode_chunk
-
-EMPHASIS = 1.1  # what one pair of round brackets multiplies by (square brackets divide)
-_SYNTAX = re.compile(
-    r"\\[()\[\]\\]"  # an escaped bracket or backslash
-    r"|\(|\["  # an opening bracket
-    r"|:\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*\)"  # ":1.3)" closes a round bracket with its weight
-    r"|\)|\]"  # a closing bracket
-    r"|[^\\()\[\]:]+|:|\\"  # text, a colon or a lone backslash
-)
-_BREAK = re.compile(r"\s*\bBREAK\b\s*")
-
-Fragment = tuple[str, float | None]  # (text, weight); weight None marks a BREAK
-
-
-def parse(prompt: str) -> list[Fragment]:
-    """A prompt as (text, weight) fragments in order, neighbours of equal weight joined; `BREAK` as ("", None)."""
-    pieces: list[list[Any]] = []
-    round_open: list[int] = []
-    square_open: list[int] = []
-
-    def scale(start: int, factor: float) -> None:
-        for piece in pieces[start:]:
-            if piece[1] is not None:
-                piece[1] *= factor
-
-    for match in _SYNTAX.finditer(prompt):
-        token, weight = match[0], match[1]
-        if token.startswith("\\") and len(token) == 2:
-            pieces.append([token[1], 1.0])
-        elif token == "(":
-            round_open.append(len(pieces))
-        elif token == "[":
-            square_open.append(len(pieces))
-        elif weight is not None and round_open:
-            scale(round_open.pop(), float(weight))
-        elif token == ")" and round_open:
-            scale(round_open.pop(), EMPHASIS)
-        elif token == "]" and square_open:
-            scale(square_open.pop(), 1 / EMPHASIS)
-        else:
-            for index, part in enumerate(_BREAK.split(token)):
-                if index:
-                    pieces.append(["", None])
-                if part:
-                    pieces.append([part, 1.0])
-    for start in round_open:
-        scale(start, EMPHASIS)
-    for start in square_open:
-        scale(start, 1 / EMPHASIS)
-    joined: list[list[Any]] = []
-    for text, weight in pieces:
-        if joined and weight is not None and joined[-1][1] == weight:
-            joined[-1][0] += text
-        else:
-            joined.append([text, weight])
-    return [(text, weight) for text, weight in joined] or [("", 1.0)]
-
-
-def has_syntax(prompt: str) -> bool:
-    """Whether a prompt uses the syntax at all: brackets or escapes that the text loses (even at weight 1), or a
-    `BREAK`. A pipeline given such a prompt as text would read the brackets as words."""
-    fragments = parse(prompt)
-    return any(weight != 1.0 for _, weight in fragments) or "".join(text for text, _ in fragments) != prompt
+from .prompt_syntax import has_syntax, parse
 
 
 def _chunks(pipe: Any, tokenizer: Any, prompt: str) -> list[tuple[list[int], list[float]]]:

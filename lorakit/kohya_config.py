@@ -634,6 +634,7 @@ DIRECT: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "caption_tag_dropout_rate": ("data.caption_dropout_tags", float),
     "flip_aug": ("data.flip", _bool),
     "enable_wildcard": ("data.wildcards", _bool),
+    "weighted_captions": ("data.weighted_captions", _bool),
     "max_token_length": ("data.max_token_length", int),
     "masked_loss": ("data.masked_loss", _bool),
     "network_dim": ("lora.rank", int),

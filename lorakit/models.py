@@ -28,6 +28,7 @@ from .base_files import load_single_file
 from .embedding import expand
 from .errors import ModelError, first_line
 from .formats.read import tensors_dtype
+from .prompt_syntax import parse
 
 LOCAL_PREFIXES = ("./", "../", "/", "~", ".\\", "..\\")
 
@@ -270,6 +271,38 @@ def tokenize(base: BaseModel, captions: list[str], max_token_length: int = 75) -
         tok(captions, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
         for tok, length in zip(base.tokenizers, lengths, strict=True)
     ]
+
+
+def tokenize_weighted(base: BaseModel, captions: list[str], max_token_length: int = 75) -> tuple[list[Any], Any]:
+    """kohya's weighted captions: the token ids `tokenize` gives for the captions' text without the webui's brackets
+    and weights (`(red hair:1.2)` reads `red hair`), and each token's weight ([B, L]; 1 at the start, the end and
+    the padding), for `apply_token_weights`. A `BREAK` means nothing in a caption and is left out."""
+    lengths = [tok.model_max_length if max_token_length == 75 else max_token_length + 2 for tok in base.tokenizers]
+    rows: list[list[list[int]]] = [[] for _ in base.tokenizers]
+    weights: list[list[float]] = []
+    for caption in captions:
+        fragments = [(text, w) for text, w in parse(expand(caption, base.placeholders)) if w is not None]
+        for index, (tok, length) in enumerate(zip(base.tokenizers, lengths, strict=True)):
+            ids: list[int] = []
+            factors: list[float] = []
+            for text, weight in fragments:
+                tokens = tok(text, add_special_tokens=False, truncation=False).input_ids
+                ids += tokens
+                factors += [weight] * len(tokens)
+            body = length - 2
+            pad = body - len(ids[:body])
+            rows[index].append([tok.bos_token_id, *ids[:body], tok.eos_token_id] + [tok.pad_token_id] * pad)
+            if index == 0:  # the tokenizers split text alike (they differ in padding only)
+                weights.append([1.0, *factors[:body], 1.0] + [1.0] * pad)
+    return [torch.tensor(r) for r in rows], torch.tensor(weights)
+
+
+def apply_token_weights(conditioning: dict[str, Any], weights: Any) -> dict[str, Any]:
+    """The text conditioning with each token's hidden state multiplied by its weight, as kohya's weighted captions
+    do (without the webui's restoring of the mean); SDXL's pooled embedding stays as it is."""
+    states = conditioning["encoder_hidden_states"]
+    factors = weights.to(states.device, states.dtype)[:, :, None]
+    return {**conditioning, "encoder_hidden_states": states * factors}
 
 
 def token_count(base: BaseModel, caption: str) -> int:

@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from lorakit.emphasis import has_syntax, parse, prompt_embeddings
+from lorakit.emphasis import prompt_embeddings
+from lorakit.prompt_syntax import has_syntax, parse
 
 from .invoke import ok
 
@@ -131,3 +132,59 @@ def test_generate_draws_the_weights(tiny_base, tmp_path):
     # clip skip 2 renders (diffusers' pipeline alone fails on it with transformers 5) and draws something else
     ok(["generate", "a red toy", *fast, "--clip-skip", "2", "--out", str(tmp_path / "skip")])
     assert np.abs(_pixels(tmp_path / "skip" / "000-seed3.png") - plain).max() > 5
+
+
+def test_weighted_caption_tokens_are_the_plain_ones_with_their_weights(tiny_base, tiny_sdxl):
+    from lorakit.models import load_base, tokenize, tokenize_weighted
+
+    for folder in (tiny_base, tiny_sdxl):
+        base = load_base(str(folder))
+        ids, weights = tokenize_weighted(base, ["a (red:1.5) hat, [blue]", "a red hat"])
+        assert all(
+            torch.equal(a, b) for a, b in zip(ids, tokenize(base, ["a red hat, blue", "a red hat"]), strict=True)
+        )
+        # start, a, red, hat, ",", blue, end, padding
+        assert weights[0, :8].tolist() == pytest.approx([1, 1, 1.5, 1, 1, 1 / 1.1, 1, 1])
+        assert torch.equal(weights[1], torch.ones(weights.shape[1]))
+    long_ids, long_weights = tokenize_weighted(base, ["(red:2) hat"], max_token_length=150)
+    assert long_ids[0].shape == long_weights.shape == (1, 152)
+
+
+@pytest.mark.parametrize("train_text_encoder", [False, True])
+def test_training_encodes_weighted_captions_as_kohya_does(
+    tiny_base, tiny_dataset, tmp_path, monkeypatch, train_text_encoder
+):
+    import lorakit.train.loop as loop
+    from lorakit.models import encode_prompts, load_base, tokenize_weighted
+    from lorakit.recipe import recipe_from_dict
+    from lorakit.train import train
+
+    from .conftest import make_recipe_dict
+    from .tiny import captioned_copy
+
+    data = captioned_copy(tmp_path / "data", "(red:1.5) toy, [ball]", tiny_dataset)
+    seen: list = []
+    real = loop.unet_conditioning
+    monkeypatch.setattr(
+        loop,
+        "unet_conditioning",
+        lambda run, captions, *a: seen.append((captions, real(run, captions, *a))) or seen[-1][1],
+    )
+    recipe = make_recipe_dict(
+        tiny_base,
+        data,
+        tmp_path / "out",
+        train={"max_steps": 1},
+        lora={"train_text_encoder": train_text_encoder},
+        data={"weighted_captions": True},
+    )
+    train(recipe_from_dict(recipe), quiet=True, log=lambda _: None)
+    captions, conditioning = seen[0]
+    assert set(captions) == {"ohwx, (red:1.5) toy, [ball]"}
+    base = load_base(str(tiny_base))  # the adapters start at zero: the first step encodes with the base
+    ids, weights = tokenize_weighted(base, captions)
+    with torch.no_grad():
+        plain = encode_prompts(base, ids)["encoder_hidden_states"]
+    got = conditioning["encoder_hidden_states"].detach()
+    torch.testing.assert_close(got, plain * weights[:, :, None], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got, plain, atol=1e-3)

@@ -302,7 +302,8 @@ def test_older_and_rarer_kohya_settings_are_carried_over(tiny_base, tmp_path):
             'lr_scheduler = "cosine_with_restarts"': 'lr_scheduler = "warmup_stable_decay"\nlr_decay_steps = 50\n'
             "lr_scheduler_min_lr_ratio = 0.1",
             "lr_scheduler_num_cycles = 3": "lr_scheduler_num_cycles = 1",
-            'caption_extension = ".txt"': 'caption_extention = ".caption"\nsecondary_separator = ";;;"',
+            'caption_extension = ".txt"': 'caption_extention = ".caption"\nsecondary_separator = ";;;"\n'
+            "weighted_captions = true",
             "full_bf16 = true": 'sample_at_first = true\ntorch_compile = true\nloss_type = "l1"\n'
             "ip_noise_gamma = 0.1\nip_noise_gamma_random_strength = true\nv_pred_like_loss = 0.2",
         },
@@ -318,7 +319,7 @@ def test_older_and_rarer_kohya_settings_are_carried_over(tiny_base, tmp_path):
         50,
         0.1,
     )
-    assert recipe.sample.at_first and recipe.data.secondary_separator == ";;;"
+    assert recipe.sample.at_first and recipe.data.secondary_separator == ";;;" and recipe.data.weighted_captions
     assert 'optimizer = "adamw8bit"  # use_8bit_adam' in recipe_path.read_text()
     assert "--caption-ext .caption" in said  # sd-scripts' first spelling of caption_extension
     assert "_unused: lorakit has no equivalent" in said

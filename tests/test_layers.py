@@ -56,6 +56,7 @@ FLOORS = {
     "lorakit.buckets": 4,
     "lorakit.stack": 4,
     "lorakit.trigger": 4,
+    "lorakit.prompt_syntax": 4,
     "lorakit": 4,  # the package itself: __version__
 }
 NAMES = {0: "cli", 1: "demo/toy", 2: "commands", 3: "parts", 4: "base"}

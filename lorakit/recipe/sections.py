@@ -84,6 +84,10 @@ class DataSection:
     """kohya's `keep_tokens_separator`, e.g. "|||": in a caption `ohwx, 1girl ||| smile, outdoors ||| best quality`
     the tags before the first separator and after a second one stay in place and are never dropped, the rest
     shuffle and drop out; the separators are removed. Captions without one use `keep_tokens`."""
+    weighted_captions: bool = False
+    """kohya's `weighted_captions`: `(red hair:1.2)` in a caption multiplies the text-encoder output of its tokens by
+    1.2 (`(x)` by 1.1, `[x]` by 1/1.1, the webui's syntax), as kohya does it: without restoring the mean. The
+    brackets are not encoded. Tags shuffle and drop out first, so keep commas out of a bracket."""
     secondary_separator: str = ""
     """kohya's `secondary_separator`, e.g. ";;;": tags joined by it (`red hair;;;long hair`) shuffle and drop out
     together, as one tag, and are then separated by a comma like the rest."""

@@ -56,7 +56,7 @@ from ..files import atomic_write, atomic_write_text, crash_point
 from ..formats.files import save_adapter_files
 from ..formats.metadata import training_info
 from ..memory import adapter_bytes, checkpoint_bytes
-from ..models import BaseModel, encode_prompts, tokenize
+from ..models import BaseModel, apply_token_weights, encode_prompts, tokenize, tokenize_weighted
 from ..optim import reapply_hyperparameters
 from ..progress import progress_bar
 from ..recipe import Recipe, recipe_to_dict
@@ -159,26 +159,35 @@ def text_conditioning(run: Run, captions: list[str]) -> dict[str, Any]:
         keys = run.text_cache[captions[0]].keys()
         return {k: to_device(torch.stack([run.text_cache[c][k] for c in captions]), run.device) for k in keys}
     recipe = run.recipe
-    ids = [to_device(t, run.device) for t in token_ids(run, captions)]
+    *ids, weights = [to_device(t, run.device) for t in token_ids(run, captions)]
     text_encoders = [
         run.models.get(n, m) for n, m in zip(run.base.text_encoder_names, run.base.text_encoders, strict=True)
     ]
     learning = recipe.lora.train_text_encoder or any(m.vectors.requires_grad for m in run.embeddings.values())
     # not inside validation's no_grad: the encoders' graph would be built and dropped for every held-out image
     with torch.set_grad_enabled(learning and torch.is_grad_enabled()), run.accelerator.autocast():
-        return encode_prompts(dataclasses.replace(run.base, text_encoders=text_encoders), ids, recipe.model.clip_skip)
+        base = dataclasses.replace(run.base, text_encoders=text_encoders)
+        conditioning = encode_prompts(base, ids, recipe.model.clip_skip)
+        return apply_token_weights(conditioning, weights) if recipe.data.weighted_captions else conditioning
 
 
 def token_ids(run: Run, captions: list[str]) -> list[Any]:
-    """Token ids of a batch's captions, per tokenizer; each distinct caption is tokenized once per run."""
+    """Token ids of a batch's captions, per tokenizer, then their weights (`data.weighted_captions`; ones without
+    it); each distinct caption is tokenized once per run."""
     cache = run.token_cache
     missing = [c for c in dict.fromkeys(captions) if c not in cache]
     if missing:
         if len(cache) > 50_000:  # shuffled or dropped-out captions can be many: keep memory bounded
             cache.clear()
-        for caption, *ids in zip(missing, *tokenize(run.base, missing, run.recipe.data.max_token_length), strict=True):
-            cache[caption] = ids
-    return [torch.stack([cache[c][k] for c in captions]) for k in range(len(run.base.tokenizers))]
+        length = run.recipe.data.max_token_length
+        if run.recipe.data.weighted_captions:
+            ids, weights = tokenize_weighted(run.base, missing, length)
+        else:
+            ids = tokenize(run.base, missing, length)
+            weights = torch.ones(ids[0].shape)
+        for caption, *rows in zip(missing, *ids, weights, strict=True):
+            cache[caption] = rows
+    return [torch.stack([cache[c][k] for c in captions]) for k in range(len(run.base.tokenizers) + 1)]
 
 
 def unet_conditioning(run: Run, captions: list[str], items: list[Item], flips: list[bool]) -> dict[str, Any]:

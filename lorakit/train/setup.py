@@ -51,9 +51,20 @@ from ..formats.read import FAMILY_NAMES, check_against, read_adapter_file
 from ..lycoris import KIND_NAMES
 from ..memory import disk_bytes, mib
 from ..memory import estimate as estimate_memory
-from ..models import BaseModel, encode_prompts, is_local, load_base, resolve_base, token_count, tokenize
+from ..models import (
+    BaseModel,
+    apply_token_weights,
+    encode_prompts,
+    is_local,
+    load_base,
+    resolve_base,
+    token_count,
+    tokenize,
+    tokenize_weighted,
+)
 from ..optim import build_lr_scheduler, build_optimizer
 from ..progress import progress_bar
+from ..prompt_syntax import plain_text
 from ..recipe import DEFAULT_MAX_STEPS, Recipe, dump_recipe
 from ..timestep_rank import TimestepRanks, active_ranks
 from ..trigger import contains_trigger
@@ -783,7 +794,8 @@ def _load_all_items(recipe: Recipe, base: BaseModel, log: Log) -> tuple[list[Ite
     limit = recipe.data.max_token_length
     if limit == 75:  # the model's own context (75 tokens for SD; smaller for the toy world)
         limit = base.tokenizers[0].model_max_length - 2
-    too_long = sum(token_count(base, steady_caption(item.caption, recipe.data)) > limit for item in items)
+    read = plain_text if recipe.data.weighted_captions else str  # weights' brackets are not encoded
+    too_long = sum(token_count(base, read(steady_caption(item.caption, recipe.data))) > limit for item in items)
     if too_long:
         log(
             f"data: {too_long} of {len(items)} captions are longer than {limit} tokens and are truncated; "
@@ -820,10 +832,15 @@ def _text_cache(recipe: Recipe, base: BaseModel, items: list[Item], device: Any,
     cache = {}
     with torch.no_grad():
         for caption in captions:
-            ids = [t.to(device) for t in tokenize(base, [caption], data.max_token_length)]
-            cache[caption] = {
-                k: v[0].float().cpu() for k, v in encode_prompts(base, ids, recipe.model.clip_skip).items()
-            }
+            weights = None
+            if data.weighted_captions:
+                ids, weights = tokenize_weighted(base, [caption], data.max_token_length)
+            else:
+                ids = tokenize(base, [caption], data.max_token_length)
+            encoded = encode_prompts(base, [t.to(device) for t in ids], recipe.model.clip_skip)
+            if weights is not None:
+                encoded = apply_token_weights(encoded, weights)
+            cache[caption] = {k: v[0].float().cpu() for k, v in encoded.items()}
     log(f"Text encoder outputs cached for {len(captions)} captions (the text encoder is frozen)")
     return cache
 
