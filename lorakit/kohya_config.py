@@ -241,6 +241,13 @@ def convert(
         side = result.recipe.get("data", {}).get("resolution", 512)
         folder = {**settings, **prepare_options, "resolution": side, "image_dir": settings["train_data_dir"]}
         result.notes.append(_prepare_line(folder, "dataset") + " --kohya-folders")
+    # sd-scripts validates at every epoch's end unless told otherwise, and by steps only when told
+    validation = result.recipe.get("validation", {})
+    if "split" in validation:
+        if "every_epochs" not in validation:
+            result.set("validation.every_epochs", 1, "sd-scripts' default (validate_every_n_epochs unset: each epoch)")
+        if "every_steps" not in validation:
+            result.set("validation.every_steps", 0, "sd-scripts' default (validate_every_n_steps unset: never)")
     printed = dataset is not None or bool(settings.get("train_data_dir"))  # the options go into prepare lines
     (result.mapped if printed else result.not_needed).extend(prepare_options)
     for name in list(left):
@@ -694,6 +701,8 @@ DIRECT: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "sample_at_first": ("sample.at_first", _bool),
     "validation_split": ("validation.split", float),
     "validate_every_n_steps": ("validation.every_steps", int),
+    "validate_every_n_epochs": ("validation.every_epochs", int),
+    "validation_seed": ("validation.seed", int),
 }
 # The `network_args` that map to one recipe key each (conv_dim / conv_alpha and algo are read in `_network`).
 NETWORK_ARGS: dict[str, tuple[str, Callable[[str], Any]]] = {

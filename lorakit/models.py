@@ -229,37 +229,57 @@ def encode_prompts(base: BaseModel, input_ids: list[Any], clip_skip: int = 1) ->
     """U-Net conditioning for token ids (one tensor per text encoder): the `unet(...)` keyword arguments (SDXL's
     pooled text embedding under `pooled`, to go with the size conditioning).
 
-    Ids longer than 77 tokens are encoded in 75-token chunks, each wrapped in its own start/end
-    tokens, and the chunk outputs joined (first start, every chunk's body, last end), as kohya's
-    max_token_length does. `clip_skip` N takes the N-th last layer, final layer norm applied.
+    Ids longer than 77 tokens (`data.max_token_length` 150 or 225) are encoded in 75-token chunks, each wrapped
+    in its own start and end tokens (`chunk_ids`), and the chunk outputs joined (the first start, every chunk's
+    body, the last chunk's end), as kohya's max_token_length does. `clip_skip` N takes the N-th last layer, final
+    layer norm applied.
     """
 
     if base.family == "sdxl":
         return _encode_sdxl(base, input_ids)
-    ids = input_ids[0]
-    text_encoder = base.text_encoders[0]
+    ids, tokenizer, text_encoder = input_ids[0], base.tokenizers[0], base.text_encoders[0]
     if ids.shape[1] <= 77:
         return {"encoder_hidden_states": encode_chunk(text_encoder, ids, clip_skip)}
-    tokenizer = base.tokenizers[0]
-    bos = torch.full_like(ids[:, :1], tokenizer.bos_token_id)
-    eos, body = torch.full_like(ids[:, :1], tokenizer.eos_token_id), ids[:, 1:-1]
-    outputs = [
-        encode_chunk(text_encoder, torch.cat([bos, body[:, start : start + 75], eos], dim=1), clip_skip)
-        for start in range(0, body.shape[1], 75)
-    ]
-    joined = [outputs[0][:, :1], *(out[:, 1:-1] for out in outputs), outputs[-1][:, -1:]]
-    return {"encoder_hidden_states": torch.cat(joined, dim=1)}
+    outputs = [encode_chunk(text_encoder, chunk, clip_skip) for chunk in chunk_ids(tokenizer, ids)]
+    return {"encoder_hidden_states": _joined(outputs)}
+
+
+CHUNK = 75  # tokens of a caption in one CLIP context, between its start and end tokens
+
+
+def chunk_ids(tokenizer: Any, ids: Any) -> list[Any]:
+    """A batch of long token rows (start, 150 or 225 tokens, end or padding) as 77-token chunks, the way kohya cuts
+    them: the start token, 75 tokens, and the row's last token. Where padding is not the end token (SD 2.x, SDXL's
+    second tokenizer), a chunk whose text runs to its end gets the end token, and an empty chunk starts with it."""
+    chunks = []
+    for start in range(1, ids.shape[1] - 1, CHUNK):
+        chunk = torch.cat([ids[:, :1], ids[:, start : start + CHUNK], ids[:, -1:]], dim=1)
+        eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+        if pad != eos:
+            runs_on = (chunk[:, -2] != eos) & (chunk[:, -2] != pad)
+            chunk[runs_on, -1] = eos
+            chunk[chunk[:, 1] == pad, 1] = eos
+        chunks.append(chunk)
+    return chunks
+
+
+def _joined(outputs: list[Any]) -> Any:
+    """Chunk outputs as one sequence: the first start token, every chunk's body, the last chunk's end."""
+    return torch.cat([outputs[0][:, :1], *(out[:, 1:-1] for out in outputs), outputs[-1][:, -1:]], dim=1)
 
 
 def _encode_sdxl(base: BaseModel, input_ids: list[Any]) -> dict[str, Any]:
     """SDXL: the penultimate hidden states of CLIP-L and of OpenCLIP bigG, side by side, and bigG's pooled
     projection (`pooled`, which the U-Net gets as `added_cond_kwargs["text_embeds"]`), as diffusers' pipeline
-    encodes a prompt."""
+    encodes a prompt. Long captions are encoded in chunks as `encode_prompts` says; the pooled projection is the
+    first chunk's, as kohya takes it."""
     hidden = []
-    for text_encoder, ids in zip(base.text_encoders, input_ids, strict=True):
-        output = text_encoder(ids, output_hidden_states=True)
-        hidden.append(output.hidden_states[-2])
-    return {"encoder_hidden_states": torch.cat(hidden, dim=-1), "pooled": output.text_embeds}
+    for tokenizer, text_encoder, ids in zip(base.tokenizers, base.text_encoders, input_ids, strict=True):
+        chunks = [ids] if ids.shape[1] <= 77 else chunk_ids(tokenizer, ids)
+        outputs = [text_encoder(chunk, output_hidden_states=True) for chunk in chunks]
+        states = [output.hidden_states[-2] for output in outputs]
+        hidden.append(states[0] if len(states) == 1 else _joined(states))
+    return {"encoder_hidden_states": torch.cat(hidden, dim=-1), "pooled": outputs[0].text_embeds}
 
 
 def tokenize(base: BaseModel, captions: list[str], max_token_length: int = 75) -> list[Any]:

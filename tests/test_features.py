@@ -108,6 +108,30 @@ def test_validation_split_holds_out_the_same_images_and_trains_without_them(tiny
     assert [r["step"] for r in rows if "val_loss" in r] == [2, 4] and values[0] == values[1] > 0
 
 
+def test_validation_at_epoch_ends_with_its_own_seed(tiny_base, tiny_dataset, tmp_path):
+    split = {"split": 0.25, "every_steps": 0, "every_epochs": 1, "timesteps": [300]}
+    settings = {"max_epochs": 2, "save_every_steps": 0}
+    recipe = make_recipe_dict(tiny_base, tiny_dataset, tmp_path / "a", validation=split, train=settings)
+    del recipe["train"]["max_steps"]
+    lines: list[str] = []
+    result = train(recipe_from_dict(recipe), quiet=True, log=lines.append)
+    rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows if "val_loss" in r] == [1.0, 2.0]  # at each epoch's end, not by steps
+    held_out = {line for line in lines if line.startswith("validation.split: ")}
+    # validation.seed (kohya's validation_seed) picks other images than train.seed does, the same ones every time
+    others = []
+    for name in ("b", "c"):
+        own = make_recipe_dict(
+            tiny_base, tiny_dataset, tmp_path / name, validation={**split, "seed": 3}, train={"max_steps": 1}
+        )
+        said: list[str] = []
+        train(recipe_from_dict(own), quiet=True, log=said.append)
+        others.append({line for line in said if line.startswith("validation.split: ")})
+    assert others[0] == others[1] != held_out
+    with pytest.raises(LorakitError, match="validation.seed: chooses the images validation.split holds out"):
+        recipe_from_dict(make_recipe_dict(tiny_base, tiny_dataset, tmp_path, validation={"folder": "x", "seed": 3}))
+
+
 @pytest.mark.parametrize(
     ("validation", "fragment"),
     [

@@ -305,7 +305,8 @@ def test_older_and_rarer_kohya_settings_are_carried_over(tiny_base, tmp_path):
             'caption_extension = ".txt"': 'caption_extention = ".caption"\nsecondary_separator = ";;;"\n'
             "weighted_captions = true",
             "full_bf16 = true": 'sample_at_first = true\ntorch_compile = true\nloss_type = "l1"\n'
-            "ip_noise_gamma = 0.1\nip_noise_gamma_random_strength = true\nv_pred_like_loss = 0.2",
+            "ip_noise_gamma = 0.1\nip_noise_gamma_random_strength = true\nv_pred_like_loss = 0.2\n"
+            "validation_split = 0.1\nvalidation_seed = 5\nvalidate_every_n_epochs = 2",
         },
     )
     recipe_path = tmp_path / "recipe.toml"
@@ -323,6 +324,9 @@ def test_older_and_rarer_kohya_settings_are_carried_over(tiny_base, tmp_path):
     assert 'optimizer = "adamw8bit"  # use_8bit_adam' in recipe_path.read_text()
     assert "--caption-ext .caption" in said  # sd-scripts' first spelling of caption_extension
     assert "_unused: lorakit has no equivalent" in said
+    assert (recipe.validation.split, recipe.validation.seed) == (0.1, 5)
+    # sd-scripts validates by epochs unless told otherwise, and by steps only when told
+    assert (recipe.validation.every_epochs, recipe.validation.every_steps) == (2, 0)
     # sd-scripts refuses two optimizers; the one it would complain about is named
     config = _config(
         tmp_path, tiny_base, **{'optimizer_type = "Prodigy"': "use_8bit_adam = true\nuse_lion_optimizer = true"}

@@ -15,6 +15,7 @@ from lorakit.recipe import recipe_from_dict
 from lorakit.train import train
 
 from .conftest import make_recipe_dict
+from .tiny import captioned_copy
 
 
 def _train(base, dataset, out, **sections):
@@ -145,7 +146,6 @@ def test_sdxl_with_frozen_encoders_caches_both_and_the_pooled_embedding(tiny_sdx
     ("sections", "fragment"),
     [
         ({"model": {"clip_skip": 2}}, "model.clip_skip: 2 is not defined for SDXL"),
-        ({"data": {"max_token_length": 150}}, "data.max_token_length: 150"),
         ({"train": {"text_encoder_2_lr": 1e-5}}, "train.text_encoder_2_lr: the text encoders are not trained"),
     ],
 )
@@ -352,3 +352,29 @@ def test_merge_into_an_sdxl_base_equals_the_trained_model(sdxl_run, tiny_sdxl, t
         )
         theirs = merged.unet(sample, torch.tensor([300]), encoder_hidden_states=hidden, added_cond_kwargs=added)
     torch.testing.assert_close(theirs.sample, ours.sample, atol=1e-4, rtol=1e-4)
+
+
+def test_sdxl_encodes_long_captions_in_kohyas_chunks_and_trains_on_them(tiny_sdxl, tiny_dataset, tmp_path):
+    from lorakit.models import chunk_ids, encode_prompts, load_base, tokenize
+    from lorakit.toy.text import make_clip_tokenizer
+
+    second, _ = make_clip_tokenizer()
+    second.pad_token = "!"  # as SDXL's OpenCLIP tokenizer pads: not with the end token
+    eos, pad = second.eos_token_id, second.pad_token_id
+    assert pad != eos
+    words = "red hat " * 40  # 80 tokens
+    ids = second([words, "red hat"], padding="max_length", max_length=152, truncation=True, return_tensors="pt")
+    full, empty = chunk_ids(second, ids.input_ids)
+    assert full[0, -1] == eos and full[0, -2] not in (eos, pad)  # text ran to the chunk's end: it gets the end
+    assert empty[1, 1] == eos and set(empty[1, 2:].tolist()) == {pad}  # a chunk of padding starts with the end
+    base = load_base(str(tiny_sdxl))
+    long = encode_prompts(base, tokenize(base, [words], 150))
+    short = encode_prompts(base, tokenize(base, [words], 75))
+    assert long["encoder_hidden_states"].shape[1] == 152
+    torch.testing.assert_close(long["encoder_hidden_states"][:, :76], short["encoder_hidden_states"][:, :76])
+    torch.testing.assert_close(long["pooled"], short["pooled"])  # the first chunk's, as kohya takes it
+    # and training reads captions of up to 150 tokens, caching the frozen encoders' outputs
+    data = captioned_copy(tmp_path / "data", words, tiny_dataset)
+    result, lines = _train(tiny_sdxl, data, tmp_path / "out", train={"max_steps": 1}, data={"max_token_length": 150})
+    assert not any("truncated" in line for line in lines)
+    assert any("Text encoder outputs cached" in line for line in lines) and result.adapter.is_file()

@@ -390,9 +390,13 @@ class ValidationSection:
     """A held-out dataset folder (same layout as `data.folder`) whose denoising loss is logged as `val_loss`."""
     split: float = 0.0
     """Instead of `folder`: hold out this share of `data.folder`'s images (kohya's `validation_split`, e.g. 0.1),
-    the same ones on every run of the same `train.seed`; they are left out of training."""
+    the same ones on every run of the same `seed`; they are left out of training."""
+    seed: int | None = None
+    """Which images `split` holds out (kohya's `validation_seed`); unset: `train.seed`."""
     every_steps: int = 100
-    """Compute the validation loss every this many steps (and at the end)."""
+    """Compute the validation loss every this many steps (and at the end); 0: only at the end and at `every_epochs`."""
+    every_epochs: int = 0
+    """Also compute it at the end of every this many epochs (kohya's `validate_every_n_epochs`); 0 is off."""
     timesteps: list[int] = field(default_factory=lambda: [100, 300, 500, 700, 900])
     """The fixed timesteps the validation loss is averaged over; the noise is fixed too."""
 

@@ -143,7 +143,9 @@ _RANGES: dict[str, tuple[float, float]] = {
     "sample.seed": (0, SEED_MAX),
     "sample.steps": (1, 1000),
     "sample.guidance": (0, 100),
-    "validation.every_steps": (1, STEPS_MAX),
+    "validation.every_steps": (0, STEPS_MAX),
+    "validation.every_epochs": (0, 100_000),
+    "validation.seed": (0, SEED_MAX),
     "validation.split": (0, 0.9),
     "validation.timesteps": (0, TIMESTEPS_MAX),
 }
@@ -251,6 +253,10 @@ def _cross_checks(built: dict, problems: list[str]) -> None:
     if output is not None:
         problems += _run_name_problems(output.name)
     validation = built.get("validation")
+    if validation is not None and validation.seed is not None and not validation.split:
+        problems.append(
+            "validation.seed: chooses the images validation.split holds out; set split (e.g. 0.1) or remove it"
+        )
     if validation is not None and (validation.folder is None) == (not validation.split):
         problems.append(
             "validation: give folder (a held-out dataset folder) or split (a share of data.folder's images to hold "

@@ -581,7 +581,11 @@ def fit(run: Run) -> float:
                     'train.unet_lr / train.text_encoder_lr or use mixed_precision = "bf16" or "no"'
                 )
             row: dict[str, Any] = {}
-            if validation and due(run.step, recipe.validation.every_steps, cfg.max_steps):
+            validating = validation and (
+                due(run.step, recipe.validation.every_steps, cfg.max_steps)
+                or _epoch_ended(epochs_before, run.epochs_done, recipe.validation.every_epochs) is not None
+            )
+            if validating:
                 row["val_loss"] = validation_loss(run, *validation)
             epoch_end = _epoch_ended(epochs_before, run.epochs_done, cfg.save_every_epochs)
             saving = due(run.step, cfg.save_every_steps, cfg.max_steps) or epoch_end is not None

@@ -148,10 +148,6 @@ def _check_schedule(recipe: Recipe, base: BaseModel, count: int) -> None:
             f"model.clip_skip: {recipe.model.clip_skip} is not defined for SDXL, which already conditions on the "
             "penultimate layer of both text encoders; leave model.clip_skip = 1"
         )
-    if base.family == "sdxl" and recipe.data.max_token_length != 75:
-        raise RecipeError(
-            f"data.max_token_length: {recipe.data.max_token_length} is not supported for SDXL bases yet; use 75"
-        )
     if recipe.train.scale_v_pred_loss_like_noise_pred and base.prediction_type != "v_prediction":
         raise RecipeError(
             f"train.scale_v_pred_loss_like_noise_pred: {base.source} predicts {base.prediction_type!r}, and the "
@@ -780,7 +776,8 @@ def _load_all_items(recipe: Recipe, base: BaseModel, log: Log) -> tuple[list[Ite
     items = load_items(recipe.data, base.pixel_multiple)
     held_out: list[Item] = []
     if recipe.validation and recipe.validation.split:
-        items, held_out = split_held_out(items, recipe.validation.split, recipe.train.seed)
+        seed = recipe.validation.seed if recipe.validation.seed is not None else recipe.train.seed
+        items, held_out = split_held_out(items, recipe.validation.split, seed)
         names = ", ".join(item.path.name for item in held_out[:4]) + (", ..." if len(held_out) > 4 else "")
         log(f"validation.split: {len(held_out)} of {len(items) + len(held_out)} images held out for val_loss: {names}")
     choosing = sum(has_wildcards(item.caption) for item in items)
