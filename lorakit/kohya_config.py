@@ -77,6 +77,61 @@ NOT_NEEDED = {
     "learning_rate": "read with unet_lr / text_encoder_lr",
     "optimizer_args": "read with optimizer_type",
     "network_args": "read with network_module",
+    "use_safetensors": "adapters are always safetensors",
+    "tokenizer_cache_dir": "the tokenizers come with the base model",
+    "dynamo_backend": "train.compile uses torch.compile's own backend",
+    "ddp_timeout": "lorakit sets up multi-process training itself",
+    "ddp_gradient_as_bucket_view": "lorakit sets up multi-process training itself",
+    "ddp_static_graph": "lorakit sets up multi-process training itself",
+    "log_tracker_name": "metrics.jsonl and tensorboard/ are in the run folder",
+    "log_tracker_config": "metrics.jsonl and tensorboard/ are in the run folder",
+    "log_config": "the run folder keeps recipe.resolved.toml",
+    "wandb_run_name": "metrics.jsonl and tensorboard/ are in the run folder",
+    "wandb_api_key": "metrics.jsonl and tensorboard/ are in the run folder",
+    "disable_mmap_load_safetensors": "lorakit reads safetensors files itself",
+    "skip_cache_check": "`lorakit prepare` and the latent cache check themselves by content",
+    "text_encoder_batch_size": "text-encoder outputs are cached caption by caption",
+    "output_config": "`lorakit from-kohya` writes the recipe",
+    "weighting_scheme": "an SD3 / FLUX timestep sampling, not used by SD 1.x, 2.x or SDXL",
+    "logit_mean": "an SD3 / FLUX timestep sampling, not used by SD 1.x, 2.x or SDXL",
+    "logit_std": "an SD3 / FLUX timestep sampling, not used by SD 1.x, 2.x or SDXL",
+    "mode_scale": "an SD3 / FLUX timestep sampling, not used by SD 1.x, 2.x or SDXL",
+}
+# Settings lorakit cannot carry over, and why (a setting in none of these tables: "lorakit has no equivalent").
+_HALF = "lorakit keeps adapter weights and their gradients in float32 (model.weight_dtype halves the base)"
+_FLOAT8 = 'lorakit has no float8 base weights; model.weight_dtype = "float16" or "bfloat16" halves them'
+_RESUME = "continue a lorakit run with `lorakit train RECIPE --resume latest`"
+_UPLOAD = "lorakit does not upload; push the run folder with `hf upload`"
+UNSUPPORTED = {
+    "full_bf16": _HALF,
+    "full_fp16": _HALF,
+    "fp8_base": _FLOAT8,
+    "fp8_base_unet": _FLOAT8,
+    "blocks_to_swap": "lorakit does not swap blocks to the CPU; see `lorakit plan --fit` for what fits",
+    "cpu_offload_checkpointing": "lorakit does not offload checkpointed activations; see `lorakit plan --fit`",
+    "fused_backward_pass": "a full fine-tuning memory saver; LoRA's optimizer state is small",
+    "no_metadata": "lorakit always writes the ss_* and modelspec metadata that UIs and model sites read",
+    **dict.fromkeys(("resume", "initial_epoch", "initial_step", "skip_until_initial_step"), _RESUME),
+    **dict.fromkeys(
+        (
+            "huggingface_repo_id",
+            "huggingface_repo_type",
+            "huggingface_path_in_repo",
+            "huggingface_token",
+            "huggingface_repo_visibility",
+            "save_state_to_huggingface",
+            "async_upload",
+        ),
+        _UPLOAD,
+    ),
+    "resume_from_huggingface": "lorakit does not download runs; resume from a local run folder",
+    "lr_scheduler_type": "lorakit builds its own schedules (train.lr_scheduler)",
+    "lr_scheduler_args": "lorakit builds its own schedules (train.lr_scheduler)",
+    "lr_scheduler_timescale": "lorakit has no inverse_sqrt schedule",
+    "max_validation_steps": "lorakit computes val_loss on every held-out image",
+    "resize_interpolation": "`lorakit prepare` resizes photos with Lanczos, masks bilinearly",
+    "network_train_text_encoder_only": "lorakit always trains the U-Net's adapter",
+    "dim_from_weights": "set lora.rank to the rank of lora.init_from's file",
 }
 
 OPTIMIZERS = {
@@ -254,7 +309,7 @@ def convert(
         if name in NOT_NEEDED:
             result.not_needed.append(name)
         else:
-            result.unsupported.append(f"{name}: lorakit has no equivalent")
+            result.unsupported.append(f"{name}: {UNSUPPORTED.get(name, 'lorakit has no equivalent')}")
     return result
 
 
@@ -558,18 +613,31 @@ def _optimizer(left: dict[str, Any], result: Imported) -> None:
 
 
 def _kept_saves(left: dict[str, Any], result: Imported, settings: dict[str, Any]) -> None:
-    """`save_last_n_steps` / `save_last_n_epochs`: how many checkpoints to keep."""
-    if "save_last_n_epochs" in left:
-        result.set("train.keep_checkpoints", max(1, int(left.pop("save_last_n_epochs"))), "save_last_n_epochs")
-        result.mapped.append("save_last_n_epochs")
-    if "save_last_n_steps" in left:
+    """`save_last_n_steps` / `save_last_n_epochs` (and their `_state` forms, which count the resumable states that
+    lorakit's checkpoints are, so they win): how many checkpoints to keep; `save_n_epoch_ratio`: how often to save."""
+    for name in ("save_last_n_epochs", "save_last_n_epochs_state"):
+        if name in left:
+            result.set("train.keep_checkpoints", max(1, int(left.pop(name))), name)
+            result.mapped.append(name)
+    for name in ("save_last_n_steps", "save_last_n_steps_state"):
+        if name not in left:
+            continue
         every = int(settings.get("save_every_n_steps") or 0)
-        steps = int(left.pop("save_last_n_steps"))
+        steps = int(left.pop(name))
         if every:
-            result.set("train.keep_checkpoints", max(1, steps // every), "save_last_n_steps")
-            result.mapped.append("save_last_n_steps")
+            result.set("train.keep_checkpoints", max(1, steps // every), name)
+            result.mapped.append(name)
         else:
-            result.unsupported.append("save_last_n_steps: counts steps of save_every_n_steps, which is not set")
+            result.unsupported.append(f"{name}: counts steps of save_every_n_steps, which is not set")
+    if "save_n_epoch_ratio" in left:  # sd-scripts saves every floor(epochs / ratio) epochs, at least every one
+        ratio, epochs = int(left.pop("save_n_epoch_ratio")), int(settings.get("max_train_epochs") or 0)
+        if ratio > 0 and epochs:
+            result.set("train.save_every_epochs", max(1, epochs // ratio), "save_n_epoch_ratio")
+            result.mapped.append("save_n_epoch_ratio")
+        elif ratio > 0:
+            result.unsupported.append("save_n_epoch_ratio: counts epochs of max_train_epochs, which is not set")
+        else:
+            result.not_needed.append("save_n_epoch_ratio")
 
 
 def _scheduler(value: Any) -> str:
@@ -638,6 +706,7 @@ DIRECT: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "keep_tokens_separator": ("data.keep_tokens_separator", str),
     "secondary_separator": ("data.secondary_separator", str),
     "caption_dropout_rate": ("data.caption_dropout", float),
+    "caption_dropout_every_n_epochs": ("data.caption_dropout_every_epochs", int),
     "caption_tag_dropout_rate": ("data.caption_dropout_tags", float),
     "flip_aug": ("data.flip", _bool),
     "enable_wildcard": ("data.wildcards", _bool),
@@ -734,6 +803,9 @@ SPECIAL = (
     "use_lion_optimizer",
     "save_last_n_steps",
     "save_last_n_epochs",
+    "save_last_n_steps_state",
+    "save_last_n_epochs_state",
+    "save_n_epoch_ratio",
     "sample_prompts",
     "reg_data_dir",
     "prior_loss_weight",

@@ -103,7 +103,10 @@ def test_a_kohya_config_becomes_a_recipe_that_trains(tiny_base, tiny_dataset, tm
     assert f"Wrote {recipe_path}: 32 of the 39 kohya settings mapped to recipe keys" in said
     assert "not needed in lorakit (5): v2, train_data_dir, cache_latents_to_disk, xformers" in said
     assert "not carried over (3):" in said  # the two settings, and one of network_args
-    for line in ("lr_warmup_steps: 0.1 is a share of max_train_steps", "full_bf16: lorakit has no equivalent"):
+    for line in (
+        "lr_warmup_steps: 0.1 is a share of max_train_steps",
+        "full_bf16: lorakit keeps adapter weights and their gradients in float32",
+    ):
         assert line in said
     assert "network_args dylora_unit=4: lorakit has no equivalent" in said
     assert "dataset_config" not in said  # empty: kohya's default, nothing to carry over
@@ -306,7 +309,9 @@ def test_older_and_rarer_kohya_settings_are_carried_over(tiny_base, tmp_path):
             "weighted_captions = true",
             "full_bf16 = true": 'sample_at_first = true\ntorch_compile = true\nloss_type = "l1"\n'
             "ip_noise_gamma = 0.1\nip_noise_gamma_random_strength = true\nv_pred_like_loss = 0.2\n"
-            "validation_split = 0.1\nvalidation_seed = 5\nvalidate_every_n_epochs = 2",
+            "validation_split = 0.1\nvalidation_seed = 5\nvalidate_every_n_epochs = 2\n"
+            'save_n_epoch_ratio = 5\nsave_last_n_epochs_state = 4\nwandb_run_name = "x"\n'
+            'huggingface_repo_id = "me/x"\ncaption_dropout_every_n_epochs = 3',
         },
     )
     recipe_path = tmp_path / "recipe.toml"
@@ -324,6 +329,13 @@ def test_older_and_rarer_kohya_settings_are_carried_over(tiny_base, tmp_path):
     assert 'optimizer = "adamw8bit"  # use_8bit_adam' in recipe_path.read_text()
     assert "--caption-ext .caption" in said  # sd-scripts' first spelling of caption_extension
     assert "_unused: lorakit has no equivalent" in said
+    assert (train.save_every_epochs, train.keep_checkpoints, recipe.data.caption_dropout_every_epochs) == (
+        2,
+        4,
+        3,
+    )  # 10 epochs / 5 saves; the states kept
+    assert "wandb_run_name" in said.split("not needed in lorakit")[1].split("\n")[0]
+    assert "huggingface_repo_id: lorakit does not upload; push the run folder with `hf upload`" in said
     assert (recipe.validation.split, recipe.validation.seed) == (0.1, 5)
     # sd-scripts validates by epochs unless told otherwise, and by steps only when told
     assert (recipe.validation.every_epochs, recipe.validation.every_steps) == (2, 0)

@@ -691,3 +691,35 @@ def test_validation_encodes_captions_without_building_a_graph(tiny_base, tiny_da
     )
     train(recipe_from_dict(recipe), quiet=True, log=lambda _: None)
     assert seen[:2] == [True, True] and seen[2:] and not any(seen[2:])  # 2 steps, then the held-out images
+
+
+@pytest.mark.parametrize("train_text_encoder", [False, True])
+def test_caption_dropout_every_n_epochs_empties_those_epochs(
+    tiny_base, tiny_dataset, tmp_path, monkeypatch, train_text_encoder
+):
+    import lorakit.train.loop as loop
+
+    seen: list[tuple[int, list[str]]] = []
+    real = loop.unet_conditioning
+
+    def conditioning(run, captions, *args):
+        seen.append((run.stream.epoch, list(captions)))
+        return real(run, captions, *args)
+
+    monkeypatch.setattr(loop, "unet_conditioning", conditioning)
+    recipe = make_recipe_dict(
+        tiny_base,
+        tiny_dataset,
+        tmp_path / "out",
+        train={"max_epochs": 3, "save_every_steps": 0},
+        lora={"train_text_encoder": train_text_encoder},  # the frozen encoder's cache holds the empty caption too
+        data={"caption_dropout_every_epochs": 2},
+    )
+    del recipe["train"]["max_steps"]
+    train(recipe_from_dict(recipe), quiet=True, log=lambda _: None)
+    by_epoch: dict[int, set[str]] = {}
+    for epoch, captions in seen:
+        by_epoch.setdefault(epoch, set()).update(captions)
+    assert sorted(by_epoch) == [0, 1, 2]
+    assert by_epoch[1] == {""}  # the second epoch, counted from 1 as kohya does
+    assert "" not in by_epoch[0] | by_epoch[2] and all(c.startswith("ohwx") for c in by_epoch[0])

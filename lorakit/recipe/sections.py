@@ -93,6 +93,9 @@ class DataSection:
     together, as one tag, and are then separated by a comma like the rest."""
     caption_dropout: float = 0.0
     """Probability of training a step's image with an empty caption (0 to 1)."""
+    caption_dropout_every_epochs: int = 0
+    """Train every image with an empty caption in every this many-th epoch (kohya's
+    `caption_dropout_every_n_epochs`: epochs N, 2N, ... counted from 1); 0 is off."""
     wildcards: bool = False
     """kohya's `enable_wildcard`: each `{red shirt|blue shirt|green shirt}` in a caption becomes one of its options
     at every step (drawn with the step's seed), so several phrasings of one photo are learned (`{{` and `}}` are

@@ -76,6 +76,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "data.num_repeats": (1, 10_000),
     "data.keep_tokens": (0, 1_000),
     "data.caption_dropout": (0, 1),
+    "data.caption_dropout_every_epochs": (0, 100_000),
     "data.caption_dropout_tags": (0, 1),
     "data.mask_background_weight": (0, 1),
     "lora.rank": (1, 4096),

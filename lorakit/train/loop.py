@@ -211,6 +211,9 @@ def _micro_batch_loss(run: Run, batch: list[int]) -> Any:
     generator = torch.Generator().manual_seed(derived_seed(cfg.seed, rank, run.micro))
     flips = [data.flip and rng.random() < 0.5 for _ in batch]
     captions = [transform_caption(run.items[i].caption, data, rng, run.items[i].fixed_tags) for i in batch]
+    every = data.caption_dropout_every_epochs
+    if every and (run.stream.epoch + 1) % every == 0:  # kohya counts epochs from 1: epochs N, 2N, ... drop them all
+        captions = [""] * len(batch)
     if run.cache is not None:
         pairs = [run.cache.get(i, f) for i, f in zip(batch, flips, strict=True)]
     else:

@@ -825,7 +825,7 @@ def _text_cache(recipe: Recipe, base: BaseModel, items: list[Item], device: Any,
     if recipe.lora.train_text_encoder or data.tags_vary or recipe.embedding:
         return None
     captions = {steady_caption(item.caption, data) for item in items}
-    captions = sorted(captions | ({""} if data.caption_dropout else set()))
+    captions = sorted(captions | ({""} if data.caption_dropout or data.caption_dropout_every_epochs else set()))
     cache = {}
     with torch.no_grad():
         for caption in captions:
