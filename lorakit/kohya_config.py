@@ -819,9 +819,16 @@ def _read_toml(path: Path, what: str, option: str) -> dict[str, Any]:
         raise LorakitError(f"{path}: not found; pass the .toml kohya sd-scripts reads with {option}")
     if path.stat().st_size > CONFIG_MAX_BYTES:
         raise LorakitError(f"{path}: {path.stat().st_size:,} bytes is not a {what} (they are a few KB)")
+    text = ""
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        return tomllib.loads(text)
     except (tomllib.TOMLDecodeError, UnicodeDecodeError, ValueError, RecursionError) as err:
+        if what == "training config" and (path.suffix.lower() == ".json" or text.lstrip().startswith("{")):
+            raise LorakitError(
+                f"{path}: a kohya_ss GUI settings file (JSON), which sd-scripts does not read; pass the "
+                "config_lora-*.toml the GUI writes into its output folder when it starts training"
+            ) from None
         raise LorakitError(f"{path}: not valid TOML ({err}); pass the .toml kohya sd-scripts reads") from None
 
 

@@ -127,6 +127,8 @@ def test_values_and_files_it_cannot_read_are_refused_in_one_line(tiny_base, tmp_
     fails(["from-kohya", str(tmp_path / "none.toml")], "none.toml: not found")
     (tmp_path / "bad.toml").write_text("network_dim = [", encoding="utf-8")
     fails(["from-kohya", str(tmp_path / "bad.toml")], "bad.toml: not valid TOML")
+    (tmp_path / "gui.json").write_text('{"LoRA_type": "Standard", "network_dim": 8}', encoding="utf-8")
+    fails(["from-kohya", str(tmp_path / "gui.json")], "gui.json: a kohya_ss GUI settings file (JSON)")
     (tmp_path / "nobase.toml").write_text("network_dim = 8\n", encoding="utf-8")
     fails(
         ["from-kohya", str(tmp_path / "nobase.toml"), "--out", str(tmp_path / "r1.toml")],
