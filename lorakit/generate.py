@@ -24,6 +24,7 @@ from .formats.metadata import a1111_short_hash
 from .formats.read import read_adapter_file
 from .models import detect_family, load_pipeline
 from .progress import progress_bar
+from .prompt_syntax import network_tag
 from .recipe import load_recipe
 from .render import (
     SAMPLER_LABELS,
@@ -156,6 +157,12 @@ def generate(
 
     settings = options.settings
     check_size(settings.width, settings.height)
+    for where, text in [*(("a prompt", p) for p in prompts), ("--negative", settings.negative_prompt)]:
+        if (tag := network_tag(text)) is not None:
+            raise LorakitError(
+                f"{where} holds the webui tag {tag}, which lorakit would encode as words; remove it and load the "
+                "adapter with --lora FILE:SCALE"
+            )
     if settings.sampler not in SAMPLERS:
         raise LorakitError(f"--sampler {settings.sampler!r}: use one of {', '.join(SAMPLERS)}")
     for name, value in (("--strength", options.strength), ("--hires-strength", options.hires_strength)):

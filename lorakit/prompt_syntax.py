@@ -76,3 +76,13 @@ def has_syntax(prompt: str) -> bool:
 def plain_text(text: str) -> str:
     """The text a weighted caption or prompt says, without its brackets, weights and `BREAK`s."""
     return "".join(fragment for fragment, weight in parse(text) if weight is not None)
+
+
+_NETWORK_TAG = re.compile(r"<(?:lora|lyco|hypernet):[^>]*>", re.IGNORECASE)
+
+
+def network_tag(text: str) -> str | None:
+    """The first of the webui's extra-network tags (`<lora:name:0.8>`, `<lyco:...>`, `<hypernet:...>`) in a prompt,
+    if any: lorakit loads adapters from options, and CLIP would read such a tag as words."""
+    found = _NETWORK_TAG.search(text)
+    return found[0] if found else None

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..errors import RecipeError
+from ..prompt_syntax import network_tag
 from .prompts import parse_sample_prompt
 from .sections import SECTIONS, Recipe
 
@@ -279,6 +280,15 @@ def _cross_checks(built: dict, problems: list[str]) -> None:
             'sample.at_first: there are no sample.prompts to render; add some, e.g. prompts = ["ohwx '
             'man at the beach"], or remove it'
         )
+    for where, text in [
+        *((f"sample.prompts[{i}]", t) for i, t in enumerate(sample.prompts if sample is not None else [])),
+        ("sample.negative_prompt", sample.negative_prompt if sample is not None else ""),
+    ]:
+        if (tag := network_tag(text)) is not None:
+            problems.append(
+                f"{where}: the webui tag {tag} would be encoded as words; remove it (samples use the adapter being "
+                "trained, and model.merged_adapters for others)"
+            )
     for index, text in enumerate(sample.prompts if sample is not None else []):
         try:
             parse_sample_prompt(text)
