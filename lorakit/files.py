@@ -16,7 +16,8 @@ from pathlib import Path
 
 from .errors import OutputError
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jfif", ".png", ".webp", ".avif", ".bmp", ".tif", ".tiff", ".gif")
+HEIF_SUFFIXES = (".heic", ".heif")  # iPhone photos: Pillow cannot read them, so they are counted and named
 CAPTION_MAX_CHARS = 4096  # the text encoders read 77 tokens (225 with long-prompt chunking), ~1,000 characters
 
 

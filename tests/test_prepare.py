@@ -517,3 +517,24 @@ def test_caption_files_of_several_lines_join_give_their_first_or_become_choices(
         ["prepare", str(src), "--out", str(tmp_path / "x"), "--caption-lines", "all"],
         "--caption-lines: 'all'; use join, first, choices",
     )
+
+
+def test_avif_and_jfif_photos_are_read_and_heic_photos_are_counted_and_named(tmp_path):
+    from .invoke import fails
+
+    src = tmp_path / "photos"
+    src.mkdir()
+    textured(96, 96, 0).save(src / "a.avif", format="AVIF")
+    textured(96, 96, 1).save(src / "b.jfif", format="JPEG")
+    (src / "c.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic")  # an iPhone photo Pillow cannot open
+    rows, said = _captions_after_prepare(src, tmp_path / "dataset", "--trigger", "ohwx")
+    assert sorted(rows) == ["a.avif", "b.jfif"]
+    assert "skipped 1 HEIC/HEIF photos, which Pillow cannot read: export them as JPEG" in said
+    report = json.loads((tmp_path / "dataset" / "report.json").read_text())
+    assert report["counts"]["heif_photos_not_read"] == 1
+    only = tmp_path / "iphone"
+    only.mkdir()
+    (only / "d.heic").write_bytes(b"\x00\x00\x00\x18ftypheic")
+    fails(["prepare", str(only), "--out", str(tmp_path / "x")], "no images found (looked for")
+    fails(["prepare", str(only), "--out", str(tmp_path / "x")], "1 HEIC/HEIF photos, which Pillow cannot read")
+    assert not (tmp_path / "x").exists()

@@ -23,7 +23,15 @@ from typing import Any
 
 from ..buckets import make_buckets
 from ..errors import DatasetError, LorakitError, OutputError
-from ..files import IMAGE_SUFFIXES, atomic_write, atomic_write_text, file_sha256, is_regular_file, printable
+from ..files import (
+    HEIF_SUFFIXES,
+    IMAGE_SUFFIXES,
+    atomic_write,
+    atomic_write_text,
+    file_sha256,
+    is_regular_file,
+    printable,
+)
 from .captions import caption_from_filename, kohya_folder, normalise_tags, place_trigger, read_sidecar
 from .images import MASK_SUFFIX, REASONS, Processed, SizingOptions, mask_sidecar, process_image
 
@@ -86,9 +94,15 @@ def _check_folders(src: Path, out: Path) -> None:
         raise OutputError(f"--out {out}: cannot write under {parent}; choose a folder you can write to")
 
 
-def scan(src: Path, caption_extensions: tuple[str, ...]) -> tuple[list[Path], int]:
-    """Image files under `src` (recursively, hidden folders skipped) and how many other files were ignored."""
-    images, ignored = [], 0
+HEIF_ADVICE = (
+    "Pillow cannot read: export them as JPEG (an iPhone shares JPEGs when asked for Most Compatible) and prepare again"
+)
+
+
+def scan(src: Path, caption_extensions: tuple[str, ...]) -> tuple[list[Path], int, int]:
+    """Image files under `src` (recursively, hidden folders skipped), how many HEIC/HEIF photos it holds (which
+    cannot be read) and how many other files were ignored."""
+    images, heif, ignored = [], 0, 0
     for root, dirs, files in os.walk(src):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
@@ -97,9 +111,11 @@ def scan(src: Path, caption_extensions: tuple[str, ...]) -> tuple[list[Path], in
             suffix = Path(name).suffix.lower()
             if suffix in IMAGE_SUFFIXES:
                 images.append(Path(root) / name)
+            elif suffix in HEIF_SUFFIXES:
+                heif += 1
             elif suffix not in caption_extensions:
                 ignored += 1
-    return images, ignored
+    return images, heif, ignored
 
 
 def _output_name(relative: str, sha256: str) -> str:
@@ -382,6 +398,8 @@ def summary_lines(report: dict) -> list[str]:
             f"  left {counts['foreign_images_left']} images in {report['out']}/images that lorakit did not write "
             "(never deleted; metadata.jsonl does not list them)"
         )
+    if counts.get("heif_photos_not_read"):
+        lines.append(f"  skipped {counts['heif_photos_not_read']} HEIC/HEIF photos, which {HEIF_ADVICE}")
     if counts["other_files_ignored"]:
         lines.append(f"  ignored {counts['other_files_ignored']} files that are neither images nor captions")
     lines.append("Buckets: " + ", ".join(f"{b} x{n}" for b, n in report["buckets"].items()))
@@ -482,11 +500,12 @@ def prepare(
         from .masks import Segmenter
 
         segmenter = Segmenter(options.mask_model, options.mask_prompt, options.mask_threshold)
-    paths, ignored = scan(src, options.caption_extensions)
+    paths, heif, ignored = scan(src, options.caption_extensions)
     if not paths:
         raise DatasetError(
-            f"{src}: no images found (looked for {', '.join(IMAGE_SUFFIXES)} in it and its "
-            f"subfolders; {ignored} other files)"
+            f"{src}: no images found (looked for {', '.join(IMAGE_SUFFIXES)} in it and its subfolders; "
+            + (f"{heif} HEIC/HEIF photos, which {HEIF_ADVICE}; " if heif else "")
+            + f"{ignored} other files)"
         )
     buckets = tuple(make_buckets(options.resolution, options.bucket_step, options.max_aspect))
     if not buckets:
@@ -545,6 +564,8 @@ def prepare(
         len(reused),
     )
     _report_kohya_folders(report, kept, options)
+    if heif:
+        report["counts"]["heif_photos_not_read"] = heif
     if segmenter is not None:
         report["counts"]["no_subject_found"] = _segment(kept, png, previous, out, segmenter, quiet)
     masked = sum(1 for r in kept if r.mask_png or r.mask_file_name)
