@@ -346,7 +346,28 @@ def unet_block(path: str, layers_per_block: int = 2) -> tuple[str, int] | None:
     return None
 
 
-BlockWeights = tuple[list[float] | None, float | None, list[float] | None]  # (down, mid, up) factors
+def mid_part(path: str) -> int:
+    """Which of the middle block's three parts a module is in, as the original SDXL code numbers them (kohya's
+    SDXL middle_block_0 / _1 / _2): the first ResNet, the attention, the second ResNet."""
+    if path.startswith("mid_block.attentions."):
+        return 1
+    return 2 if path.startswith("mid_block.resnets.1") else 0
+
+
+def is_sdxl_unet(unet_config: dict) -> bool:
+    """Whether a U-Net is SDXL-shaped (its added size and text conditioning), where kohya's block lists count the
+    middle block's three parts and a place before and after the blocks."""
+    return unet_config.get("addition_embed_type") == "text_time"
+
+
+def kohya_sdxl_position(path: str, block: tuple[str, int], blocks: int) -> int:
+    """A U-Net module's place in kohya's SDXL block list (1 + 9 + 3 + 9 + 1 = 23 for SDXL): the time embedding,
+    the input blocks, the middle block's three parts, the output blocks, the output layer."""
+    kind, index = block
+    return {"down": 1 + index, "mid": 1 + blocks + mid_part(path), "up": 4 + blocks + index}[kind]
+
+
+BlockWeights = tuple[list[float] | None, float | list[float] | None, list[float] | None]  # (down, mid, up)
 
 
 def checked_block_weights(weights: BlockWeights, unet_config: dict) -> int:
@@ -370,6 +391,13 @@ def checked_block_weights(weights: BlockWeights, unet_config: dict) -> int:
                 f"train.{key}: {len(values)} values, but this U-Net has {blocks} {kind} blocks "
                 f"({tag}00 to {tag}{blocks - 1:02d}; SD 1.x/2.x 12, SDXL 9); give {blocks}"
             )
+    mid = weights[1]
+    parts = 3 if is_sdxl_unet(unet_config) else 1
+    if isinstance(mid, list) and len(mid) not in (1, parts):
+        raise RecipeError(
+            f"train.mid_lr_weight: {len(mid)} values; give one"
+            + (" (or three, kohya's SDXL middle-block parts: ResNet, attention, ResNet)" if parts == 3 else "")
+        )
     return layers
 
 
@@ -407,10 +435,12 @@ def block_ranks(
             "lora.block_ranks: this U-Net has a different number of layers per block at each resolution, which "
             "per-block ranks do not describe; remove it"
         )
-    if len(ranks) != 2 * blocks + 1:
+    kohya_sdxl = is_sdxl_unet(config) and len(ranks) == 2 * blocks + 5
+    if len(ranks) != 2 * blocks + 1 and not kohya_sdxl:
         raise RecipeError(
             f"lora.block_ranks: {len(ranks)} values, but this U-Net has {2 * blocks + 1} blocks (IN00 to "
-            f"IN{blocks - 1:02d}, M00, OUT00 to OUT{blocks - 1:02d}; SD 1.x/2.x 25, SDXL 19); give {2 * blocks + 1}"
+            f"IN{blocks - 1:02d}, M00, OUT00 to OUT{blocks - 1:02d}; SD 1.x/2.x 25, SDXL 19, or kohya's 23 for SDXL); "
+            f"give {2 * blocks + 1}"
         )
     layers = config.get("layers_per_block", 2)
     found_ranks, found_alphas = {}, {}
@@ -420,6 +450,8 @@ def block_ranks(
             continue
         kind, index = block
         position = {"down": index, "mid": blocks, "up": blocks + 1 + index}[kind]
+        if kohya_sdxl:
+            position = kohya_sdxl_position(path, block, blocks)
         found_ranks[path] = ranks[position]
         found_alphas[path] = alphas[position] if alphas is not None else default_alpha
     return found_ranks, found_alphas
@@ -434,6 +466,8 @@ def block_lr_weight(path: str, weights: BlockWeights, layers_per_block: int = 2)
     kind, index = block
     down, mid, up = weights
     if kind == "mid":
+        if isinstance(mid, list):  # kohya's SDXL middle block in three parts, or one value in a list
+            return mid[mid_part(path)] if len(mid) == 3 else mid[0]
         return 1.0 if mid is None else mid
     factors = down if kind == "down" else up
     return 1.0 if factors is None else factors[index]

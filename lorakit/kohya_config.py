@@ -166,6 +166,14 @@ SAMPLERS = {
 SAVE_DTYPES = {"float": "float32", "fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
+def _mid_weight(value: Any) -> float | list[float]:
+    """kohya's mid_lr_weight: one factor, or SDXL's three (its middle block's parts)."""
+    if isinstance(value, int | float):
+        return float(value)
+    values = _number_list(value, float)
+    return values[0] if len(values) == 1 else values
+
+
 def _number_list(value: Any, cast: Callable[[str], Any]) -> list:
     if isinstance(value, list):
         return [cast(str(v)) for v in value]
@@ -750,7 +758,7 @@ DIRECT: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "min_timestep": ("train.min_timestep", int),
     "max_timestep": ("train.max_timestep", int),
     "down_lr_weight": ("train.down_lr_weight", lambda v: _number_list(v, float)),
-    "mid_lr_weight": ("train.mid_lr_weight", float),
+    "mid_lr_weight": ("train.mid_lr_weight", _mid_weight),
     "up_lr_weight": ("train.up_lr_weight", lambda v: _number_list(v, float)),
     "cache_latents": ("train.cache_latents", _bool),
     "save_every_n_steps": ("train.save_every_steps", int),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -723,3 +724,46 @@ def test_caption_dropout_every_n_epochs_empties_those_epochs(
     assert sorted(by_epoch) == [0, 1, 2]
     assert by_epoch[1] == {""}  # the second epoch, counted from 1 as kohya does
     assert "" not in by_epoch[0] | by_epoch[2] and all(c.startswith("ohwx") for c in by_epoch[0])
+
+
+def test_kohyas_sdxl_block_lists_count_the_middle_blocks_three_parts():
+    """kohya's SDXL lists: block_dims of 23 (time embedding, IN00-IN08, the middle block's ResNet, attention and
+    ResNet, OUT00-OUT08, output layer) and mid_lr_weight of 3, on the real SDXL U-Net."""
+    from lorakit.adapters import block_lr_weight, block_ranks, checked_block_weights
+    from lorakit.architectures import build_on_meta
+    from lorakit.errors import RecipeError
+
+    unet = build_on_meta("sdxl", "unet")
+    ours = list(range(1, 20))  # IN00-IN08 1..9, M00 10, OUT00-OUT08 11..19
+    kohya = [0, *ours[:9], 10, 10, 10, *ours[10:], 0]
+    for targets in ("transformer", "transformer+conv"):
+        assert block_ranks(unet, targets, kohya, None, 8.0) == block_ranks(unet, targets, ours, None, 8.0)
+    parts = [0, *ours[:9], 20, 21, 22, *ours[10:], 0]
+    ranks, _ = block_ranks(unet, "transformer+conv", parts, None, 8.0)
+    mid = {path: rank for path, rank in ranks.items() if path.startswith("mid_block.")}
+    assert {r for p, r in mid.items() if p.startswith("mid_block.resnets.0.")} == {20}
+    assert {r for p, r in mid.items() if p.startswith("mid_block.attentions.0.")} == {21}
+    assert {r for p, r in mid.items() if p.startswith("mid_block.resnets.1.")} == {22}
+    assert ranks["up_blocks.0.attentions.0.proj_in"] == 11 and ranks["down_blocks.1.attentions.0.proj_in"] == 5
+    weights = (None, [0.5, 2.0, 3.0], None)
+    assert checked_block_weights(weights, dict(unet.config)) == 2
+    assert block_lr_weight("mid_block.resnets.0.conv1", weights) == 0.5
+    assert block_lr_weight("mid_block.attentions.0.proj_in", weights) == 2.0
+    assert block_lr_weight("mid_block.resnets.1.conv2", weights) == 3.0
+    with pytest.raises(RecipeError, match="train.mid_lr_weight: 2 values; give one .or three, kohya's SDXL"):
+        checked_block_weights((None, [1.0, 2.0], None), dict(unet.config))
+    with pytest.raises(RecipeError, match="train.mid_lr_weight: 3 values; give one$"):
+        checked_block_weights((None, [1.0, 2.0, 3.0], None), dict(build_on_meta("sd15", "unet").config))
+
+
+def test_from_kohya_reads_sdxl_middle_block_weights():
+    from lorakit.kohya_config import convert
+
+    result = convert({"pretrained_model_name_or_path": "x", "mid_lr_weight": "1,0.5,1"}, Path("."))
+    assert result.recipe["train"]["mid_lr_weight"] == [1.0, 0.5, 1.0]
+    assert (
+        convert({"pretrained_model_name_or_path": "x", "mid_lr_weight": 0.5}, Path(".")).recipe["train"][
+            "mid_lr_weight"
+        ]
+        == 0.5
+    )

@@ -378,3 +378,25 @@ def test_sdxl_encodes_long_captions_in_kohyas_chunks_and_trains_on_them(tiny_sdx
     result, lines = _train(tiny_sdxl, data, tmp_path / "out", train={"max_steps": 1}, data={"max_token_length": 150})
     assert not any("truncated" in line for line in lines)
     assert any("Text encoder outputs cached" in line for line in lines) and result.adapter.is_file()
+
+
+def test_sdxl_trains_with_kohyas_block_lists(tiny_sdxl, tiny_dataset, tmp_path):
+    from lorakit.adapters import unet_block_count
+    from lorakit.plan import plan
+
+    config = json.loads((tiny_sdxl / "unet" / "config.json").read_text())
+    blocks = unet_block_count(config)
+    ranks = [0, *[4] * blocks, 2, 8, 2, *[4] * blocks, 0]  # kohya's SDXL layout: 2 x blocks + 5 values
+    sections = {
+        "lora": {"block_ranks": ranks},
+        "train": {"max_steps": 1, "mid_lr_weight": [1.0, 0.5, 1.0]},
+    }
+    result, lines = _train(tiny_sdxl, tiny_dataset, tmp_path, **sections)
+    assert any(line.startswith("lora.block_ranks: ") and "ranks 4, 8" in line for line in lines), lines
+    with safe_open(str(result.adapter), "pt") as handle:
+        shapes = {k: handle.get_slice(k).get_shape() for k in handle.keys() if "middle_block_1" in k and "down" in k}
+    assert shapes and {shape[0] for shape in shapes.values()} == {8}  # the middle block's attention at its rank
+    # what plan counts is what training made
+    trained = sum(p.numel() for m in result.models.values() for n, p in m.named_parameters() if "lora_" in n)
+    recipe = recipe_from_dict(make_recipe_dict(tiny_sdxl, tiny_dataset, tmp_path / "p", **sections))
+    assert sum(plan(recipe, vram=8).memory.trainable) == trained

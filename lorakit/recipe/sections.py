@@ -170,8 +170,10 @@ class LoraSection:
     """Also adapt the text encoder(s); default true for SD 1.x and 2.x."""
     block_ranks: list[int] | None = None
     """kohya's `block_dims`: a rank per U-Net block, IN00 to IN11, M00, OUT00 to OUT11 for SD 1.x/2.x (25 values;
-    SDXL IN00-IN08, M00, OUT00-OUT08, 19). A block at 0 gets no adapter; the text encoders and the U-Net's modules
-    outside the blocks keep `rank`. LoRA only."""
+    SDXL IN00-IN08, M00, OUT00-OUT08, 19, or kohya's own SDXL list of 23: a place for the time embedding, the nine
+    input blocks, the middle block's ResNet, attention and ResNet, the nine output blocks and a place for the output
+    layer). A block at 0 gets no adapter; the text encoders and the U-Net's modules outside the blocks keep `rank`.
+    LoRA only."""
     block_alphas: list[float] | None = None
     """kohya's `block_alphas`: an alpha per U-Net block, in the order of `block_ranks`; unset: `lora_alpha`."""
     init_from: str | None = None
@@ -332,8 +334,9 @@ class TrainSection:
     """Block-wise learning rates (kohya's names): one factor per U-Net input block, IN00 to IN11 for SD 1.x/2.x (12),
     IN00 to IN08 for SDXL (9); each block's adapters learn at `unet_lr` times its factor, and a block at 0 gets no
     adapters at all. Unset: 1 everywhere."""
-    mid_lr_weight: float | None = None
-    """Block-wise learning rate of the U-Net's middle block (M00), as `down_lr_weight`."""
+    mid_lr_weight: float | list[float] | None = None
+    """Block-wise learning rate of the U-Net's middle block (M00), as `down_lr_weight`; for SDXL also kohya's three
+    values, one per part of the middle block (ResNet, attention, ResNet)."""
     up_lr_weight: list[float] | None = None
     """Block-wise learning rates of the U-Net's output blocks, OUT00 to OUT11 (SDXL: OUT00 to OUT08), as
     `down_lr_weight`."""
