@@ -81,6 +81,8 @@ def resolve_adapters(
                 defaults = RunDefaults(
                     model.base, model.config, recipe.data.trigger, model.clip_skip, merged, embedding
                 )
+            if recipe.embedding is not None and recipe.embedding.only:  # textual inversion: no adapter to load
+                continue
         adapter = read_adapter_file(path, allow_pickle=allow_pickle)
         sha = file_sha256(path)
         short = a1111_short_hash(path) if path.suffix.lower() == ".safetensors" else sha[:12]

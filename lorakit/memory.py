@@ -430,12 +430,14 @@ def estimate(
     shipped = {"sd15": "SD 1.5", "sd21": "SD 2.1", "sdxl": "SDXL"}[architecture]
     result.configs = f"the base's own configs in {folder}" if folder else f"lorakit's {shipped} configs"
     weight_bytes = _dtype_bytes(recipe.model.weight_dtype)
+    only = recipe.embedding is not None and recipe.embedding.only  # textual inversion: no LoRA at all
     train_te = lora.train_text_encoder if lora.train_text_encoder is not None else architecture != "sdxl"
+    train_te = train_te and not only
     encoders = _component_names(architecture)
     if counts is None:
         counts = {c: parameter_count(architecture, c, folder) for c in ["unet", "vae", *encoders]}
     if trainable is None:
-        trained = ["unet", *(encoders if train_te else [])]
+        trained = [] if only else ["unet", *(encoders if train_te else [])]
         trainable = [n for c in trained for n in adapter_sizes(architecture, c, lora, folder, cfg)]
         if recipe.embedding is not None:  # one (vectors x width) tensor per text encoder
             trainable += [recipe.embedding.vectors * width for width in _encoder_widths(architecture, folder)]
@@ -487,8 +489,9 @@ def estimate(
         )
     if not cfg.cache_latents:
         add(step, "VAE weights (encodes every step)", weights["VAE"])
-    add(step, f"LoRA weights (float32, {sum(trainable):,} parameters)", adapter)
-    add(step, "LoRA gradients (float32)", adapter)
+    trained_kind = "token vectors" if only else "LoRA weights"
+    add(step, f"{trained_kind} (float32, {sum(trainable):,} parameters)", adapter)
+    add(step, f"{trained_kind.split()[0]} gradients (float32)", adapter)
     add(step, f"optimizer state ({cfg.optimizer})", optimizer_state_bytes(cfg.optimizer, trainable))
     family = "sdxl" if architecture == "sdxl" else "sd"
     per_sample = ACTIVATIONS[(family, cfg.gradient_checkpointing)] * (pixels / 64)
@@ -500,10 +503,14 @@ def estimate(
         "modelled: published SDXL readings and an H200 SD 1.5 reading, per latent pixel",
     )
     update = "optimizer step"  # activations are freed by then; the gradients are still held
-    add(update, f"U-Net weights ({dtype}) and LoRA weights", weights["U-Net"] + adapter)
+    add(update, f"U-Net weights ({dtype}) and {trained_kind}", weights["U-Net"] + adapter)
     if resident_encoders:
         add(update, "text encoder weights", weights["text encoders"])
-    add(update, "LoRA gradients and optimizer state", adapter + optimizer_state_bytes(cfg.optimizer, trainable))
+    add(
+        update,
+        f"{trained_kind.split()[0]} gradients and optimizer state",
+        adapter + optimizer_state_bytes(cfg.optimizer, trainable),
+    )
     if cfg.optimizer == "adamw":  # off CUDA the multi-tensor kernel holds one float32 copy of the update
         add(update, "AdamW's update of every LoRA tensor at once (CUDA's fused kernel: none)", adapter, "counted")
     if recipe.sample.prompts:

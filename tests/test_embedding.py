@@ -245,3 +245,86 @@ def test_generate_reads_textual_inversion_files_as_the_webuis_name_them(pivotal_
         args = ["generate", "a photo", "--base", str(tiny_base), "--out", str(tmp_path / "no"), "--size", "64x64"]
         fails([*args, "--embedding", str(tmp_path / name)], f"{tmp_path / name}: {fragment}")
     assert not list((tmp_path / "no").glob("*.png"))
+
+
+def _only(base, dataset, out, **sections) -> dict:
+    """The tests' recipe without the LoRA settings it gives, which `embedding.only` refuses."""
+    recipe = make_recipe_dict(base, dataset, out, **sections)
+    recipe.pop("lora", None)
+    for key in ("unet_lr", "text_encoder_lr"):
+        recipe["train"].pop(key, None)
+    return recipe
+
+
+def test_an_embedding_alone_trains_only_its_vectors(tiny_base, tiny_dataset, tmp_path):
+    """Textual inversion (`embedding.only`): no LoRA, a frozen base, the vectors learn; the file is the result,
+    diffusers loads it, `generate` takes the run folder, `plan` counts it, and a resume continues it exactly."""
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+
+    from lorakit.plan import plan
+
+    sections = {"embedding": {**SECTION, "only": True}, "train": {"max_steps": 4, "save_every_steps": 2}}
+    lines: list[str] = []
+    result = train(
+        recipe_from_dict(_only(tiny_base, tiny_dataset, tmp_path / "a", **sections)), quiet=True, log=lines.append
+    )
+    assert "embedding.only: no LoRA; only the new token vectors train (textual inversion)" in lines
+    assert result.adapter == result.embedding == result.run_dir / "embeddings" / "ohwx.safetensors"
+    assert not list(result.run_dir.glob("*.safetensors"))  # no adapter files
+    assert (result.run_dir / "embeddings" / "ohwx-step00000002.safetensors").is_file()
+    planned = plan(recipe_from_dict(_only(tiny_base, tiny_dataset, tmp_path / "p", **sections)), vram=8)
+    assert result.trainable_parameters == 2 * 32 == sum(planned.memory.trainable)
+    fresh = UNet2DConditionModel.from_pretrained(tiny_base, subfolder="unet")
+    trained_unet = dict(result.models["unet"].named_parameters())
+    assert all(torch.equal(p, trained_unet[n]) for n, p in fresh.named_parameters())  # the base is untouched
+    vectors = load_file(result.embedding)["emb_params"]
+    pipe = _pipe(tiny_base)
+    start = pipe.text_encoder.get_input_embeddings().weight[pipe.tokenizer("toy", add_special_tokens=False).input_ids]
+    assert not torch.allclose(vectors, start.expand_as(vectors), atol=1e-4)  # started at "toy", then learned
+    pipe.load_textual_inversion(str(result.embedding), token="ohwx")
+    with torch.no_grad():
+        learned = pipe.encode_prompt("a ohwx toy", "cpu", 1, False)[0]
+        plain = pipe.encode_prompt("a toy toy", "cpu", 1, False)[0]
+    assert not torch.allclose(learned, plain, atol=1e-3)
+    # generate with the run folder loads the embedding by itself, as with --embedding
+    fast = ["--steps", "2", "--size", "64x64", "--seed", "1", "--quiet"]
+    ok(["generate", "a ohwx toy", "--lora", str(result.run_dir), *fast, "--out", str(tmp_path / "g1")])
+    ok(
+        [
+            "generate",
+            "a ohwx toy",
+            "--base",
+            str(tiny_base),
+            "--embedding",
+            str(result.embedding),
+            *fast,
+            "--out",
+            str(tmp_path / "g2"),
+        ]
+    )
+    assert (tmp_path / "g1" / "000-seed1.png").read_bytes() == (tmp_path / "g2" / "000-seed1.png").read_bytes()
+    # a resume continues it exactly
+    resumed_dir = tmp_path / "b" / "run"
+    shutil.copytree(result.run_dir, resumed_dir)
+    shutil.rmtree(resumed_dir / "checkpoints" / "step-000004")
+    recipe = recipe_from_dict(_only(tiny_base, tiny_dataset, tmp_path / "b", **sections))
+    resumed = train(recipe, resume="latest", quiet=True, log=lambda _: None)
+    assert torch.equal(load_file(resumed.embedding)["emb_params"], vectors)
+
+
+@pytest.mark.parametrize(
+    ("sections", "fragment"),
+    [
+        ({"lora": {"rank": 8}}, "lora.rank: embedding.only trains no LoRA; remove it"),
+        ({"train": {"unet_lr": 1e-3}}, "train.unet_lr: a rate of the LoRA, which embedding.only does not train"),
+        ({"embedding": {**SECTION, "only": True, "train_until": 0.5}}, "embedding.train_until: 0.5 would freeze"),
+    ],
+)
+def test_an_embedding_alone_refuses_what_would_shape_a_lora(tiny_base, tiny_dataset, tmp_path, sections, fragment):
+    recipe = _only(tiny_base, tiny_dataset, tmp_path, embedding={**SECTION, "only": True})
+    for name, keys in sections.items():
+        recipe.setdefault(name, {}).update(keys)
+    with pytest.raises(RecipeError, match=fragment):
+        recipe_from_dict(recipe)

@@ -451,6 +451,10 @@ class EmbeddingSection:
     train_until: float = 1.0
     """The share of the run's steps during which the vectors train; after it they are frozen and only the LoRA
     goes on (diffusers' `train_text_encoder_ti_frac`, whose default is 0.5)."""
+    only: bool = False
+    """Train the vectors alone, with no LoRA (textual inversion, as kohya's `train_textual_inversion.py` and
+    OneTrainer's embedding training do): the U-Net and the text encoders stay frozen, and the run writes
+    `embeddings/<token>.safetensors` only. `[lora]` keys and the adapters' learning rates are then refused."""
 
 
 @dataclass(frozen=True)

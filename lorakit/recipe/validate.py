@@ -312,6 +312,8 @@ def _cross_checks(built: dict, problems: list[str]) -> None:
                 "(about 0.1) or remove it"
             )
     embedding = built.get("embedding")
+    if embedding is not None and embedding.only:
+        problems += _embedding_only_problems(embedding, built.get("lora"), train)
     if embedding is not None and not re.fullmatch(r"\w+", embedding.token):
         problems.append(
             f"embedding.token: {embedding.token!r} is not one word; give the trigger word of the captions, e.g. "
@@ -321,6 +323,41 @@ def _cross_checks(built: dict, problems: list[str]) -> None:
         problems.append(
             f"train.max_timestep: {train.max_timestep} must be above train.min_timestep ({train.min_timestep})"
         )
+
+
+ADAPTER_RATES = (
+    "unet_lr",
+    "text_encoder_lr",
+    "text_encoder_2_lr",
+    "down_lr_weight",
+    "mid_lr_weight",
+    "up_lr_weight",
+    "loraplus_lr_ratio",
+    "scale_weight_norms",
+)
+
+
+def _embedding_only_problems(embedding, lora, train) -> list[str]:
+    """`embedding.only` trains no LoRA: the settings that would shape one, and a freeze that leaves nothing."""
+    problems = []
+    if embedding.train_until < 1:
+        problems.append(
+            f"embedding.train_until: {embedding.train_until:g} would freeze the vectors, and with embedding.only "
+            "nothing else trains; remove it"
+        )
+    if lora is not None:
+        problems += [
+            f"lora.{f.name}: embedding.only trains no LoRA; remove it (or embedding.only)"
+            for f in dataclasses.fields(lora)
+            if _not_default(lora, f.name) and not (f.name == "train_text_encoder" and lora.train_text_encoder is False)
+        ]
+    if train is not None:
+        problems += [
+            f"train.{name}: a rate of the LoRA, which embedding.only does not train; use embedding.lr, or remove it"
+            for name in ADAPTER_RATES
+            if _not_default(train, name)
+        ]
+    return problems
 
 
 def _schedule_problems(train) -> list[str]:

@@ -23,7 +23,7 @@ from ..formats.metadata import training_info
 from ..lycoris import KIND_NAMES
 from ..memory import adapter_bytes
 from ..recipe import Recipe
-from .loop import Log, Run, adapter_state, check_finite_adapter, fit, save_embedding
+from .loop import Log, Run, adapter_state, check_finite_adapter, embedding_only, fit, save_embedding
 from .setup import process_switches_kept, resolve_recipe, run_paths, set_up
 
 __all__ = ["RunResult", "resolve_recipe", "run_paths", "train"]
@@ -109,6 +109,8 @@ def out_of_memory_message(recipe: Recipe, detail: str) -> str:
 def export(run: Run, loss: float, started: datetime) -> RunResult:
     """Write the adapter files (the EMA weights where the recipe keeps an EMA) and say where they are."""
     recipe, paths = run.recipe, run.paths
+    if embedding_only(recipe):
+        return _export_embedding(run, loss)
     models = run.unwrapped()
     state = adapter_state(run)
     kohya_path = None if recipe.lora.use_dora else paths.kohya_adapter
@@ -159,4 +161,34 @@ def export(run: Run, loss: float, started: datetime) -> RunResult:
         startup,
         wrote=run.accelerator.is_main_process,
         embedding=run.paths.embedding(recipe.embedding.token) if run.embeddings else None,
+    )
+
+
+def _export_embedding(run: Run, loss: float) -> RunResult:
+    """`embedding.only`: the textual-inversion file is the run's result; no adapter files are written."""
+    path = run.paths.embedding(run.recipe.embedding.token)
+    if run.accelerator.is_main_process:
+        check_finite_adapter(run)
+        try:
+            save_embedding(run)
+        except OSError as err:
+            raise write_failure(err, run.paths.folder, "the embedding file", 1 << 20, run.recipe.source) from None
+        run.log(
+            f"Saved {path} (textual inversion: the webuis read it as the word {path.stem!r} from their embeddings "
+            "folder, diffusers with load_textual_inversion, `lorakit generate` with --embedding or the run folder)"
+        )
+    run.accelerator.end_training()
+    trainable = sum(p.numel() for p in run.named_trainable().values())
+    startup = dict(run.phases.seconds) if run.phases is not None else {}
+    return RunResult(
+        run.paths.folder,
+        path,
+        None,
+        run.step,
+        loss,
+        trainable,
+        run.unwrapped(),
+        startup,
+        wrote=run.accelerator.is_main_process,
+        embedding=path,
     )

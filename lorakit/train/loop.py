@@ -339,6 +339,8 @@ def save_intermediate_adapter(run: Run, epoch: int | None) -> Path:
     info = training_info(recipe, run.base.family, run.items, run.step, started, timesteps, epoch=run.epochs_done)
     stem = run.paths.intermediate_name(run.step, epoch)
     try:
+        if embedding_only(recipe):  # textual inversion: the vectors are all there is
+            return save_embedding(run, stem[len(recipe.output.name) :])
         kohya, diffusers = save_adapter_files(
             adapter_state(run), run.paths.folder, stem, recipe.output.save_dtype, info, diffusers_copy=False
         )
@@ -347,6 +349,11 @@ def save_intermediate_adapter(run: Run, epoch: int | None) -> Path:
         needed = adapter_bytes(recipe, [t.numel() for t in run.named_trainable().values()]) // 2
         raise write_failure(err, run.paths.folder, f"the adapter of step {run.step}", needed, recipe.source) from None
     return kohya or diffusers
+
+
+def embedding_only(recipe: Recipe) -> bool:
+    """Whether the run trains an [embedding] alone, with no LoRA (`embedding.only`)."""
+    return recipe.embedding is not None and recipe.embedding.only
 
 
 def embedding_steps(recipe: Recipe) -> int:

@@ -85,6 +85,8 @@ def resolve_recipe(recipe: Recipe, base: BaseModel) -> Recipe:
 
     model = dataclasses.replace(recipe.model, base=base.source, prediction_type=base.prediction_type)
     train_te = recipe.lora.train_text_encoder
+    if recipe.embedding and recipe.embedding.only:  # no LoRA at all: the encoders stay frozen
+        train_te = False
     lora = dataclasses.replace(recipe.lora, train_text_encoder=base.family != "sdxl" if train_te is None else train_te)
     folder = recipe.data.folder
     data = dataclasses.replace(
@@ -622,6 +624,11 @@ def _inject(recipe: Recipe, base: BaseModel, log: Log) -> dict[str, Any]:
 
     lora = recipe.lora
     trained = base.adaptable if lora.train_text_encoder else {"unet": base.unet}
+    if recipe.embedding and recipe.embedding.only:  # textual inversion: every weight of the base stays frozen
+        for module in base.adaptable.values():
+            module.requires_grad_(False)
+        log("embedding.only: no LoRA; only the new token vectors train (textual inversion)")
+        return {"unet": base.unet}
     counts = []
     zero_blocks = _zero_rate_modules(recipe, base, log)
     ranks, alphas = _block_ranks(recipe, base, log)
@@ -733,6 +740,10 @@ def _add_embedding(recipe: Recipe, base: BaseModel, items: list[Item], world: in
         raise RecipeError(
             f"embedding.token: {section.token!r} is in none of the {len(items)} captions, so its vectors would "
             f"learn nothing; set data.trigger = {section.token!r}, or name the trigger word the captions have"
+        )
+    if world > 1 and section.only:
+        raise RecipeError(
+            "embedding.only: with several processes the token vectors would train apart in each; run one process"
         )
     if world > 1 and not recipe.lora.train_text_encoder:
         raise RecipeError(
