@@ -255,6 +255,8 @@ def convert(
         result.set("lora.train_text_encoder", not unet_only, "network_train_unet_only")
         result.mapped.append("network_train_unet_only")
 
+    if "token_string" in left:  # a train_textual_inversion.py config: the embedding alone
+        _textual_inversion(left, result)
     if "text_encoder_lr" in left:  # SDXL configs may give each text encoder its own: a list of two
         value = left.pop("text_encoder_lr")
         rates = [float(value)] if isinstance(value, int | float) else _number_list(value, float)
@@ -575,6 +577,35 @@ def _read(cast: Callable[[str], Any], text: str, where: str) -> Any:
         raise LorakitError(f"{where} = {text!r}: not a value lorakit can read ({err})") from None
 
 
+def _textual_inversion(left: dict[str, Any], result: Imported) -> None:
+    """sd-scripts' `train_textual_inversion.py` settings: `[embedding] only = true` with the word, its vectors
+    (sd-scripts' default is one), the words that start them and `learning_rate` as the vectors' rate; the word is
+    also `data.trigger`, as sd-scripts' templates put it in every caption."""
+    token = str(left.pop("token_string"))
+    result.set("embedding.token", token, "token_string")
+    result.set("embedding.only", True, "token_string (train_textual_inversion.py trains the embedding alone)")
+    result.set("data.trigger", token, "token_string (every caption must hold it)")
+    given = "num_vectors_per_token" in left
+    vectors = int(left.pop("num_vectors_per_token", 1))
+    result.set("embedding.vectors", vectors, "num_vectors_per_token" if given else "sd-scripts' default, one vector")
+    result.mapped += ["token_string", *(["num_vectors_per_token"] if given else [])]
+    for name, key, cast in (("init_word", "embedding.init_words", str), ("learning_rate", "embedding.lr", float)):
+        if name in left:
+            result.set(key, cast(left.pop(name)), name)
+            result.mapped.append(name)
+    for name in ("use_object_template", "use_style_template"):
+        if name not in left:
+            continue
+        if _bool(left.pop(name)):
+            result.unsupported.append(
+                f"{name}: lorakit trains on your captions, with the word in front of each (data.trigger)"
+            )
+        else:
+            result.not_needed.append(name)
+    if "weights" in left:
+        result.unsupported.append(f"weights: lorakit starts new vectors (from init_words), not {left.pop('weights')}")
+
+
 def _optimizer(left: dict[str, Any], result: Imported) -> None:
     """`optimizer_type` and `optimizer_args`, and sd-scripts' older switches for two optimizers."""
     default = "kohya's default optimizer_type, AdamW"
@@ -809,6 +840,11 @@ SPECIAL = (
     "optimizer_args",
     "use_8bit_adam",
     "use_lion_optimizer",
+    "token_string",
+    "num_vectors_per_token",
+    "init_word",
+    "use_object_template",
+    "use_style_template",
     "save_last_n_steps",
     "save_last_n_epochs",
     "save_last_n_steps_state",

@@ -347,3 +347,37 @@ def test_older_and_rarer_kohya_settings_are_carried_over(tiny_base, tmp_path):
     )
     said = ok(["from-kohya", str(config), "--out", str(tmp_path / "two.toml")]).stdout
     assert "use_lion_optimizer: sd-scripts refuses it beside use_8bit_adam; use_8bit_adam kept" in said
+
+
+def test_a_textual_inversion_config_becomes_an_embedding_alone_that_trains(tiny_base, tiny_dataset, tmp_path):
+    config = tmp_path / "ti.toml"
+    config.write_text(
+        f'pretrained_model_name_or_path = "{tiny_base}"\ntoken_string = "ohwx"\ninit_word = "toy"\n'
+        f"num_vectors_per_token = 2\nlearning_rate = 0.005\nmax_train_steps = 2\nuse_object_template = true\n"
+        f'output_dir = "{tmp_path / "out"}"\noutput_name = "myword"\n',
+        encoding="utf-8",
+    )
+    recipe_path = tmp_path / "recipe.toml"
+    said = ok(["from-kohya", str(config), "--out", str(recipe_path)]).stdout
+    recipe = load_recipe(recipe_path)
+    embedding = recipe.embedding
+    assert (embedding.token, embedding.only, embedding.vectors, embedding.init_words, embedding.lr) == (
+        "ohwx",
+        True,
+        2,
+        "toy",
+        0.005,
+    )
+    assert recipe.data.trigger == "ohwx"
+    assert "use_object_template: lorakit trains on your captions" in said
+    args = [
+        "train",
+        str(recipe_path),
+        "--quiet",
+        "--set",
+        f"data.folder={tiny_dataset}",
+        "--set",
+        "data.resolution=64",
+    ]
+    ok(args)
+    assert (tmp_path / "out" / "myword" / "embeddings" / "ohwx.safetensors").is_file()
