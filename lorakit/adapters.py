@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
@@ -24,6 +25,7 @@ from peft.tuners.lora import LoraLayer
 
 from . import lycoris
 from .errors import AdapterError, RecipeError
+from .recipe import block_curve
 
 # Inside every transformer block of the U-Net (Transformer2DModel): the attention projections...
 _UNET_ATTENTION = r"transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)"
@@ -368,6 +370,22 @@ def kohya_sdxl_position(path: str, block: tuple[str, int], blocks: int) -> int:
 
 
 BlockWeights = tuple[list[float] | None, float | list[float] | None, list[float] | None]  # (down, mid, up)
+
+
+def resolve_block_weights(train: Any, unet_config: dict) -> BlockWeights:
+    """The recipe's (down, mid, up) block-wise factors for this U-Net: kohya's named curves spelled out over its
+    blocks, and the factors at or below `block_lr_zero_threshold` set to 0 (only those given, as kohya does)."""
+    blocks = unet_block_count(unet_config) or 0
+    threshold = getattr(train, "block_lr_zero_threshold", 0.0)
+
+    def resolved(value: Any) -> Any:
+        if isinstance(value, str):
+            value = block_curve(value, blocks)
+        if isinstance(value, list | tuple):
+            return [w if w > threshold else 0.0 for w in value]
+        return value if value is None or value > threshold else 0.0
+
+    return resolved(train.down_lr_weight), resolved(train.mid_lr_weight), resolved(train.up_lr_weight)
 
 
 def checked_block_weights(weights: BlockWeights, unet_config: dict) -> int:

@@ -396,6 +396,8 @@ _MUST_MATCH = (
     "train.down_lr_weight",
     "train.mid_lr_weight",
     "train.up_lr_weight",
+    "train.block_lr_zero_threshold",
+    "embedding.only",  # a run with a LoRA and one without have different tensors
 )
 
 

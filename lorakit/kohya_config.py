@@ -20,6 +20,7 @@ from typing import Any
 from .errors import LorakitError, RecipeError
 from .files import IMAGE_SUFFIXES, atomic_write_text
 from .recipe import recipe_from_dict, toml_value
+from .recipe.validate import BLOCK_CURVE
 
 CONFIG_MAX_BYTES = 1 << 20  # a training config is a few KB
 
@@ -166,6 +167,18 @@ SAMPLERS = {
 SAVE_DTYPES = {"float": "float32", "fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
+def _block_factors(value: Any) -> list[float] | str:
+    """kohya's down_lr_weight / up_lr_weight: a list of factors, or one of its named curves ("sine+0.5")."""
+    if isinstance(value, str) and BLOCK_CURVE.fullmatch(value.strip()):
+        return value.strip()
+    try:
+        return _number_list(value, float)
+    except Unsupported:
+        raise Unsupported(
+            f"{value!r}: give a list of numbers or sine, cosine, linear, reverse_linear, zeros"
+        ) from None
+
+
 def _mid_weight(value: Any) -> float | list[float]:
     """kohya's mid_lr_weight: one factor, or SDXL's three (its middle block's parts)."""
     if isinstance(value, int | float):
@@ -178,7 +191,7 @@ def _number_list(value: Any, cast: Callable[[str], Any]) -> list:
     if isinstance(value, list):
         return [cast(str(v)) for v in value]
     if not isinstance(value, str) or not all(c in "0123456789.,-+ e" for c in value.lower()):
-        raise Unsupported(f"{value!r}: only lists of numbers are supported (not kohya's named presets)")
+        raise Unsupported(f"{value!r}: give a list of numbers")
     return [cast(v) for v in value.split(",") if v.strip()]
 
 
@@ -788,9 +801,9 @@ DIRECT: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "huber_scale": ("train.huber_scale", float),
     "min_timestep": ("train.min_timestep", int),
     "max_timestep": ("train.max_timestep", int),
-    "down_lr_weight": ("train.down_lr_weight", lambda v: _number_list(v, float)),
+    "down_lr_weight": ("train.down_lr_weight", _block_factors),
     "mid_lr_weight": ("train.mid_lr_weight", _mid_weight),
-    "up_lr_weight": ("train.up_lr_weight", lambda v: _number_list(v, float)),
+    "up_lr_weight": ("train.up_lr_weight", _block_factors),
     "cache_latents": ("train.cache_latents", _bool),
     "save_every_n_steps": ("train.save_every_steps", int),
     "save_every_n_epochs": ("train.save_every_epochs", int),
@@ -823,6 +836,7 @@ NETWORK_ARGS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "use_tucker": ("lora.use_effective_conv2d", _bool),
     "block_dims": ("lora.block_ranks", lambda v: _number_list(v, int)),
     "block_alphas": ("lora.block_alphas", lambda v: _number_list(v, float)),
+    "block_lr_zero_threshold": ("train.block_lr_zero_threshold", float),
 }
 # The settings read with others or with the config's context (handled in `convert`).
 SPECIAL = (

@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import json
 import math
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -332,11 +333,17 @@ def _adapter_sizes(
     component: str,
     lora: tuple,
     folder: str | None,
-    blocks: tuple = (None, None, None),
+    blocks: tuple = (None, None, None, 0.0),
     block_ranks: tuple = (None, None),
 ) -> tuple[int, ...]:
     from .adapters import block_ranks as ranks_by_block
-    from .adapters import checked_block_weights, inject_lora, lora_parameters, zero_rate_modules
+    from .adapters import (
+        checked_block_weights,
+        inject_lora,
+        lora_parameters,
+        resolve_block_weights,
+        zero_rate_modules,
+    )
 
     rank, alpha, targets, conv_rank, conv_alpha, use_dora, kind, factor, both, effective = lora
     module = copy.deepcopy(_meta_module(architecture, component, folder))
@@ -345,7 +352,11 @@ def _adapter_sizes(
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
     if component == "unet":  # blocks at a block-wise rate or rank of 0 get no adapter, as in training
-        weights = tuple(list(w) if isinstance(w, tuple) else w for w in blocks)
+        down, mid, up, threshold = (list(w) if isinstance(w, tuple) else w for w in blocks)
+        given = types.SimpleNamespace(
+            down_lr_weight=down, mid_lr_weight=mid, up_lr_weight=up, block_lr_zero_threshold=threshold
+        )
+        weights = resolve_block_weights(given, dict(module.config))
         skipped = zero_rate_modules(module, targets, weights, checked_block_weights(weights, dict(module.config)))
         if block_ranks[0] is not None:
             per_block = [list(v) if v is not None else None for v in block_ranks]
@@ -387,12 +398,10 @@ def adapter_sizes(
         lora.decompose_both,
         lora.use_effective_conv2d,
     )
-    blocks = (None, None, None)
-    if train is not None:
-        blocks = tuple(
-            tuple(w) if isinstance(w, list) else w
-            for w in (train.down_lr_weight, train.mid_lr_weight, train.up_lr_weight)
-        )
+    blocks: tuple = (None, None, None, 0.0)
+    if train is not None:  # hashable, for the cache
+        given = (train.down_lr_weight, train.mid_lr_weight, train.up_lr_weight)
+        blocks = (*(tuple(w) if isinstance(w, list) else w for w in given), train.block_lr_zero_threshold)
     per_block = tuple(tuple(v) if v is not None else None for v in (lora.block_ranks, lora.block_alphas))
     return list(_adapter_sizes(architecture, component, key, folder, blocks, per_block))
 

@@ -767,3 +767,59 @@ def test_from_kohya_reads_sdxl_middle_block_weights():
         ]
         == 0.5
     )
+
+
+def test_kohyas_block_rate_curves_and_zero_threshold():
+    import math
+
+    from lorakit.adapters import block_lr_weight, resolve_block_weights, zero_rate_modules
+    from lorakit.architectures import build_on_meta
+    from lorakit.errors import RecipeError
+    from lorakit.recipe import TrainSection, block_curve
+
+    sine = block_curve("sine", 12)
+    assert sine[0] == 0.0 and sine[-1] == pytest.approx(1.0) and sine[6] == pytest.approx(math.sin(math.pi * 6 / 22))
+    assert block_curve("cosine", 12) == sine[::-1]
+    assert block_curve("linear+0.5", 3) == [0.5, 1.0, 1.5] and block_curve("reverse_linear", 3) == [1.0, 0.5, 0.0]
+    assert block_curve("zeros+0.25", 9) == [0.25] * 9
+    unet = build_on_meta("sd15", "unet")
+    config = dict(unet.config)
+    train = TrainSection(down_lr_weight="linear", up_lr_weight="sine+0.5", block_lr_zero_threshold=0.2)
+    down, mid, up = resolve_block_weights(train, config)
+    assert down[:3] == [0.0, 0.0, 0.0] and down[3] == pytest.approx(3 / 11) and mid is None  # at or below 0.2: 0
+    assert up == pytest.approx([s + 0.5 for s in sine])
+    assert block_lr_weight("down_blocks.1.attentions.0.proj_in", (down, mid, up)) == pytest.approx(4 / 11)  # IN04
+    skipped = zero_rate_modules(unet, "transformer", (down, mid, up), 2)
+    assert skipped and all(path.startswith("down_blocks.0.") for path in skipped)  # IN01, IN02: below the threshold
+    for bad, fragment in [
+        ({"down_lr_weight": "wave"}, "train.down_lr_weight: 'wave' is not one of kohya's curves"),
+        ({"block_lr_zero_threshold": 0.1}, "train.block_lr_zero_threshold: acts on block-wise rates"),
+    ]:
+        with pytest.raises(RecipeError, match=fragment):
+            recipe_from_dict({"model": {"base": "x/y"}, "train": bad})
+
+
+def test_training_and_plan_read_block_rate_curves(tiny_base, tiny_dataset, tmp_path):
+    import json
+
+    from lorakit.kohya_config import convert
+    from lorakit.plan import plan
+
+    converted = convert(
+        {
+            "pretrained_model_name_or_path": "x",
+            "down_lr_weight": "zeros+0.5",
+            "network_args": ["block_lr_zero_threshold=0.1"],
+        },
+        Path("."),
+    )
+    assert converted.recipe["train"]["down_lr_weight"] == "zeros+0.5"
+    assert converted.recipe["train"]["block_lr_zero_threshold"] == 0.1
+    recipe = make_recipe_dict(tiny_base, tiny_dataset, tmp_path, train={"max_steps": 1, "up_lr_weight": "zeros"})
+    recipe["train"]["down_lr_weight"] = "zeros+0.5"
+    result = train(recipe_from_dict(recipe), quiet=True, log=lambda _: None)
+    row = json.loads((result.run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["lr_unet@0.5"] == pytest.approx(0.5e-3)  # the input blocks at half the rate
+    assert not any(n.startswith("up_blocks.") and "lora_" in n for n, _ in result.models["unet"].named_parameters())
+    trained = sum(p.numel() for m in result.models.values() for n, p in m.named_parameters() if "lora_" in n)
+    assert sum(plan(recipe_from_dict(recipe), vram=8).memory.trainable) == trained

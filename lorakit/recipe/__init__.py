@@ -22,7 +22,7 @@ from .sections import (
     field_docs,
 )
 from .toml import dump_recipe, recipe_to_dict, reference_markdown, toml_value
-from .validate import TIMESTEPS_MAX, load_recipe, parse_override, range_problem, recipe_from_dict
+from .validate import TIMESTEPS_MAX, block_curve, load_recipe, parse_override, range_problem, recipe_from_dict
 
 __all__ = [
     "DEFAULT_MAX_STEPS",
@@ -41,6 +41,7 @@ __all__ = [
     "field_docs",
     "load_recipe",
     "parse_override",
+    "block_curve",
     "range_problem",
     "recipe_from_dict",
     "recipe_to_dict",

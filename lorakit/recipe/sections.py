@@ -330,16 +330,21 @@ class TrainSection:
     compile: bool = False
     """`torch.compile` the U-Net: the first step compiles (its time is logged), later steps run faster on a GPU.
     Needs a C++ compiler on a CPU."""
-    down_lr_weight: list[float] | None = None
+    down_lr_weight: list[float] | str | None = None
     """Block-wise learning rates (kohya's names): one factor per U-Net input block, IN00 to IN11 for SD 1.x/2.x (12),
     IN00 to IN08 for SDXL (9); each block's adapters learn at `unet_lr` times its factor, and a block at 0 gets no
-    adapters at all. Unset: 1 everywhere."""
+    adapters at all. Or one of kohya's curves from the first block to the last: "sine" (0 up to 1), "cosine" (1
+    down to 0), "linear", "reverse_linear" or "zeros", with "+0.5" added to every factor if given. Unset: 1
+    everywhere."""
     mid_lr_weight: float | list[float] | None = None
     """Block-wise learning rate of the U-Net's middle block (M00), as `down_lr_weight`; for SDXL also kohya's three
     values, one per part of the middle block (ResNet, attention, ResNet)."""
-    up_lr_weight: list[float] | None = None
+    up_lr_weight: list[float] | str | None = None
     """Block-wise learning rates of the U-Net's output blocks, OUT00 to OUT11 (SDXL: OUT00 to OUT08), as
     `down_lr_weight`."""
+    block_lr_zero_threshold: float = 0.0
+    """Block-wise factors at or below this become 0, so those blocks get no adapter (kohya's
+    `block_lr_zero_threshold` network arg), e.g. 0.1 with a curve."""
     scale_weight_norms: float | None = None
     """Max-norm regularisation (kohya's name): after each step, any LoRA module whose update (scale included) has a
     Frobenius norm above this is scaled back to it, which keeps single layers from running away and the adapter

@@ -135,6 +135,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "train.down_lr_weight": (0, 100),
     "train.mid_lr_weight": (0, 100),
     "train.up_lr_weight": (0, 100),
+    "train.block_lr_zero_threshold": (0, 100),
     "prior.num_class_images": (1, 100_000),
     "embedding.vectors": (1, 16),
     "embedding.lr": (0, 1),
@@ -300,7 +301,7 @@ def _cross_checks(built: dict, problems: list[str]) -> None:
             "multi-resolution noise already moves the overall brightness); set one of them to 0"
         )
     if train is not None:
-        problems += _schedule_problems(train)
+        problems += _schedule_problems(train) + _block_curve_problems(train)
         for key in ("noise_offset_random_strength", "adaptive_noise_scale"):
             if _not_default(train, key) and not train.noise_offset:
                 problems.append(
@@ -358,6 +359,44 @@ def _embedding_only_problems(embedding, lora, train) -> list[str]:
             if _not_default(train, name)
         ]
     return problems
+
+
+BLOCK_CURVE = re.compile(r"(sine|cosine|linear|reverse_linear|zeros)(?:\+(\d+(?:\.\d*)?|\.\d+))?")
+
+
+def block_curve(name: str, count: int) -> list[float]:
+    """kohya's named block-wise rate curves over `count` blocks, first to last: `sine` rises from 0 to 1 along a
+    quarter sine, `cosine` falls from 1 to 0, `linear` / `reverse_linear` rise or fall in a straight line, `zeros`
+    is 0; "+0.5" adds 0.5 to every factor."""
+    match = BLOCK_CURVE.fullmatch(name.strip())
+    if match is None:
+        raise ValueError(f"not a block-wise curve: {name!r}")
+    kind, offset = match[1], float(match[2] or 0)
+    steps = [i / (count - 1) for i in range(count)] if count > 1 else [0.0]
+    shape = {
+        "sine": [math.sin(math.pi * s / 2) for s in steps],
+        "cosine": [math.sin(math.pi * s / 2) for s in reversed(steps)],
+        "linear": steps,
+        "reverse_linear": steps[::-1],
+        "zeros": [0.0] * count,
+    }[kind]
+    return [value + offset for value in shape]
+
+
+def _block_curve_problems(train) -> list[str]:
+    """Block-wise rates given as kohya's curve names must be one of them, with an optional "+number"; a zero
+    threshold needs block-wise rates to act on."""
+    weights = (train.down_lr_weight, train.mid_lr_weight, train.up_lr_weight)
+    lonely = train.block_lr_zero_threshold and weights == (None, None, None)
+    return [
+        "train.block_lr_zero_threshold: acts on block-wise rates; set train.down_lr_weight / mid_lr_weight / "
+        "up_lr_weight, or remove it"
+    ] * bool(lonely) + [
+        f"train.{key}: {value!r} is not one of kohya's curves; use sine, cosine, linear, reverse_linear or zeros, "
+        'optionally with "+0.5" added, or a list of factors'
+        for key in ("down_lr_weight", "up_lr_weight")
+        if isinstance(value := getattr(train, key), str) and not BLOCK_CURVE.fullmatch(value.strip())
+    ]
 
 
 def _schedule_problems(train) -> list[str]:
