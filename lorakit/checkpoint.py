@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import glob
 import json
 import os
@@ -19,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from .embedding import EMBEDDINGS_FOLDER
 from .errors import OutputError
 from .files import FILE_MODE, crash_point, file_sha256, fsync_dir, fsync_file, remove_stale_temp_files
-from .recipe import Recipe, recipe_to_dict
+from .recipe import SECTIONS, Recipe, recipe_to_dict
 
 
 @dataclass(frozen=True)
@@ -408,6 +409,8 @@ def check_resumable(saved: dict, recipe: Recipe, log: Callable[[str], None]) -> 
     for section in sorted(set(saved) | set(current)):
         for key in sorted(set(saved.get(section, {})) | set(current.get(section, {}))):
             before, after = saved.get(section, {}).get(key), current.get(section, {}).get(key)
+            if section in saved and key not in saved[section]:  # a key newer than the checkpoint's lorakit,
+                before = _field_default(section, key)  # which ran as the key's default does
             if before != after:
                 changed.append((f"{section}.{key}", before, after))
     for key, before, after in changed:
@@ -417,6 +420,17 @@ def check_resumable(saved: dict, recipe: Recipe, log: Callable[[str], None]) -> 
                 "resume with the same value, or start a new run"
             )
         log(f"--resume: {key} changed from {before!r} to {after!r}")
+
+
+def _field_default(section: str, key: str) -> Any:
+    """A recipe key's default (None for a required key or one unknown here)."""
+    for entry in dataclasses.fields(SECTIONS[section]) if section in SECTIONS else ():
+        if entry.name == key:
+            if entry.default is not dataclasses.MISSING:
+                return entry.default
+            if entry.default_factory is not dataclasses.MISSING:
+                return entry.default_factory()
+    return None
 
 
 def rng_state() -> dict[str, Any]:

@@ -112,7 +112,7 @@ def test_a_resumed_pivotal_run_equals_a_straight_one(tiny_base, tiny_dataset, tm
     # the vectors are part of the checkpoint: a resume without the [embedding] is refused
     del sections["embedding"]
     recipe = recipe_from_dict(make_recipe_dict(tiny_base, tiny_dataset, tmp_path / "b", **sections))
-    with pytest.raises(OutputError, match=r"--resume: embedding.token changed from 'ohwx' to None"):
+    with pytest.raises(OutputError, match=r"--resume: embedding\.(token|only) changed from .* to None"):
         train(recipe, resume="latest", quiet=True, log=lambda _: None)
 
 

@@ -10,7 +10,9 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from lorakit.checkpoint import MANIFEST
 from lorakit.cli import app
+from lorakit.files import file_sha256
 from lorakit.recipe import recipe_from_dict
 from lorakit.train import train
 
@@ -92,6 +94,36 @@ def test_step_count_is_cumulative_across_several_resumes(tiny_base, tiny_dataset
     rows = [json.loads(line)["step"] for line in (final.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert rows == list(range(1, 8))
     assert [p.name for p in (final.run_dir / "checkpoints").iterdir()] != []
+
+
+def test_a_checkpoint_from_an_older_lorakit_resumes(tiny_base, tiny_dataset, tmp_path):
+    """Keys a later lorakit added are not in an older checkpoint's recipe; that lorakit ran as their defaults do,
+    so a resume goes on (even for keys a resume must not change) instead of reporting them as changed."""
+    straight = _train(tiny_base, tiny_dataset, tmp_path / "a", train={"max_steps": 4, "save_every_steps": 2})
+    out = tmp_path / "b"
+    first = _train(tiny_base, tiny_dataset, out, train={"max_steps": 2, "save_every_steps": 2})
+    state_path = first.run_dir / "checkpoints" / "step-000002" / "state.json"
+    state = json.loads(state_path.read_text())
+    for section, key in [
+        ("train", "block_lr_zero_threshold"),
+        ("train", "v_pred_like_loss"),
+        ("data", "secondary_separator"),
+    ]:
+        del state["recipe"][section][key]  # as the lorakit before them wrote it
+    state_path.write_text(json.dumps(state, indent=1))
+    manifest_path = state_path.parent / MANIFEST  # the edited file's new size and hash, as a save records them
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"]["state.json"] = {"bytes": state_path.stat().st_size, "sha256": file_sha256(state_path)}
+    manifest_path.write_text(json.dumps(manifest))
+    lines: list[str] = []
+    recipe = recipe_from_dict(
+        make_recipe_dict(tiny_base, tiny_dataset, out, train={"max_steps": 4, "save_every_steps": 2})
+    )
+    final = train(recipe, resume="latest", quiet=True, log=lines.append)
+    said = " ".join(line for line in lines if "changed from" in line)
+    assert final.steps == 4 and "max_steps" in said  # the one change this resume makes is said
+    assert not any(key in said for key in ("block_lr_zero_threshold", "v_pred_like_loss", "secondary_separator"))
+    _assert_equal_files(straight.adapter, final.adapter)
 
 
 def test_checkpoints_are_pruned_to_the_newest(tiny_base, tiny_dataset, tmp_path):
