@@ -376,7 +376,7 @@ def resolve_block_weights(train: Any, unet_config: dict) -> BlockWeights:
     """The recipe's (down, mid, up) block-wise factors for this U-Net: kohya's named curves spelled out over its
     blocks, and the factors at or below `block_lr_zero_threshold` set to 0 (only those given, as kohya does)."""
     blocks = unet_block_count(unet_config) or 0
-    threshold = getattr(train, "block_lr_zero_threshold", 0.0)
+    threshold = train.block_lr_zero_threshold
 
     def resolved(value: Any) -> Any:
         if isinstance(value, str):

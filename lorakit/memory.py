@@ -498,9 +498,9 @@ def estimate(
         )
     if not cfg.cache_latents:
         add(step, "VAE weights (encodes every step)", weights["VAE"])
-    trained_kind = "token vectors" if only else "LoRA weights"
+    trained_kind, trained_short = ("token vectors", "token") if only else ("LoRA weights", "LoRA")
     add(step, f"{trained_kind} (float32, {sum(trainable):,} parameters)", adapter)
-    add(step, f"{trained_kind.split()[0]} gradients (float32)", adapter)
+    add(step, f"{trained_short} gradients (float32)", adapter)
     add(step, f"optimizer state ({cfg.optimizer})", optimizer_state_bytes(cfg.optimizer, trainable))
     family = "sdxl" if architecture == "sdxl" else "sd"
     per_sample = ACTIVATIONS[(family, cfg.gradient_checkpointing)] * (pixels / 64)
@@ -517,7 +517,7 @@ def estimate(
         add(update, "text encoder weights", weights["text encoders"])
     add(
         update,
-        f"{trained_kind.split()[0]} gradients and optimizer state",
+        f"{trained_short} gradients and optimizer state",
         adapter + optimizer_state_bytes(cfg.optimizer, trainable),
     )
     if cfg.optimizer == "adamw":  # off CUDA the multi-tensor kernel holds one float32 copy of the update

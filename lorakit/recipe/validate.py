@@ -386,12 +386,14 @@ def block_curve(name: str, count: int) -> list[float]:
 def _block_curve_problems(train) -> list[str]:
     """Block-wise rates given as kohya's curve names must be one of them, with an optional "+number"; a zero
     threshold needs block-wise rates to act on."""
-    weights = (train.down_lr_weight, train.mid_lr_weight, train.up_lr_weight)
-    lonely = train.block_lr_zero_threshold and weights == (None, None, None)
-    return [
-        "train.block_lr_zero_threshold: acts on block-wise rates; set train.down_lr_weight / mid_lr_weight / "
-        "up_lr_weight, or remove it"
-    ] * bool(lonely) + [
+    problems = []
+    rates = (train.down_lr_weight, train.mid_lr_weight, train.up_lr_weight)
+    if train.block_lr_zero_threshold and all(rate is None for rate in rates):
+        problems.append(
+            "train.block_lr_zero_threshold: acts on block-wise rates; set train.down_lr_weight / mid_lr_weight / "
+            "up_lr_weight, or remove it"
+        )
+    return problems + [
         f"train.{key}: {value!r} is not one of kohya's curves; use sine, cosine, linear, reverse_linear or zeros, "
         'optionally with "+0.5" added, or a list of factors'
         for key in ("down_lr_weight", "up_lr_weight")
