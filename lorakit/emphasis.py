@@ -23,24 +23,33 @@ import torch
 from .models import encode_chunk
 from .prompt_syntax import has_syntax, parse
 
+COMMA_BACKTRACK = 20  # a full chunk whose last comma is at most this many tokens back ends at that comma
+
 
 def _chunks(pipe: Any, tokenizer: Any, prompt: str) -> list[tuple[list[int], list[float]]]:
-    """The prompt's token ids and their weights in chunks of the context less its start and end tokens."""
+    """The prompt's token ids and their weights in chunks of the context less its start and end tokens. As in the
+    webui, a chunk that fills up with a comma among its last `COMMA_BACKTRACK` tokens ends after that comma, and
+    what followed it starts the next chunk, so a phrase is not cut in two."""
     size = tokenizer.model_max_length - 2
+    comma = tokenizer.get_vocab().get(",</w>")
     chunks: list[tuple[list[int], list[float]]] = []
     ids: list[int] = []
     weights: list[float] = []
+    last_comma = -1
     for text, weight in parse(prompt):
         if weight is None:
             chunks.append((ids, weights))
-            ids, weights = [], []
+            ids, weights, last_comma = [], [], -1
             continue
         if hasattr(pipe, "maybe_convert_prompt"):  # a multi-vector textual inversion's word becomes its tokens
             text = pipe.maybe_convert_prompt(text, tokenizer)
         for token in tokenizer(text, add_special_tokens=False, truncation=False).input_ids:
             if len(ids) == size:
-                chunks.append((ids, weights))
-                ids, weights = [], []
+                cut = last_comma + 1 if token != comma and 0 <= size - last_comma <= COMMA_BACKTRACK else size
+                chunks.append((ids[:cut], weights[:cut]))
+                ids, weights, last_comma = ids[cut:], weights[cut:], -1
+            if token == comma:
+                last_comma = len(ids)
             ids.append(token)
             weights.append(weight)
     if ids or not chunks:

@@ -107,6 +107,21 @@ def test_long_prompts_and_break_are_encoded_in_chunks(sd_pipe):
     torch.testing.assert_close(broken[:, 77:], prompt_embeddings(sd_pipe, "blue", "")["prompt_embeds"])
 
 
+def test_a_full_chunk_ends_at_a_comma_near_its_end_as_in_the_webui(sd_pipe):
+    from lorakit.emphasis import _chunks
+
+    comma = sd_pipe.tokenizer.get_vocab()[",</w>"]
+    near = "red " * 70 + ", " + "blue hat " * 5  # 70 words, a comma at 71, then 10 more: over one chunk
+    first, second = _chunks(sd_pipe, sd_pipe.tokenizer, near)
+    assert len(first[0]) == 71 and first[0][-1] == comma  # ended after the comma, 4 tokens short of 75
+    assert len(second[0]) == 10 and comma not in second[0]  # the phrase after it starts the next chunk whole
+    far = "red " * 40 + ", " + "blue hat " * 20  # the comma 34 tokens before the end: cut at 75 as usual
+    first, second = _chunks(sd_pipe, sd_pipe.tokenizer, far)
+    assert len(first[0]) == 75 and len(second[0]) == 81 - 75
+    embeds = prompt_embeddings(sd_pipe, near, "")
+    assert embeds["prompt_embeds"].shape[1] == 2 * 77
+
+
 def test_a_textual_inversion_word_keeps_its_vectors_in_a_weighted_prompt(sd_pipe, tiny_base):
     pipe = _pipe(tiny_base)
     width = pipe.text_encoder.get_input_embeddings().weight.shape[1]
