@@ -42,6 +42,19 @@ def _with(recipe: Recipe, section: str, **values: Any) -> Recipe:
     return dataclasses.replace(recipe, **{section: dataclasses.replace(getattr(recipe, section), **values)})
 
 
+def _half_weights(recipe: Recipe) -> Recipe:
+    """Frozen weights in float16 (bfloat16 under bf16 autocast), with the autocast they need (train refuses half
+    weights without it)."""
+    bf16 = recipe.train.mixed_precision == "bf16"
+    halved = _with(recipe, "model", weight_dtype="bfloat16" if bf16 else "float16")
+    return halved if bf16 else _with(halved, "train", mixed_precision="fp16")
+
+
+def _embedding_only(recipe: Recipe) -> bool:
+    """An `[embedding] only` run trains no LoRA, so `--fit` leaves the LoRA's settings alone."""
+    return recipe.embedding is not None and recipe.embedding.only
+
+
 # The changes `--fit` tries, cheapest in quality or speed first: (key, applies to, change, why).
 FIT_CHANGES: list[tuple[str, Any, Any, str]] = [
     (
@@ -77,18 +90,19 @@ FIT_CHANGES: list[tuple[str, Any, Any, str]] = [
     (
         "model.weight_dtype",
         lambda r: r.model.weight_dtype == "float32",
-        lambda r: _with(r, "model", weight_dtype="bfloat16" if r.train.mixed_precision == "bf16" else "float16"),
-        "frozen weights in half precision (the LoRA still trains in float32)",
+        lambda r: _half_weights(r),
+        "frozen weights in half precision, with fp16 autocast where the recipe has none; the LoRA still trains in "
+        "float32",
     ),
     (
         "lora.train_text_encoder",
-        lambda r: r.lora.train_text_encoder,
+        lambda r: r.lora.train_text_encoder and not _embedding_only(r),
         lambda r: _with(r, "lora", train_text_encoder=False),
         "U-Net only: less prompt fidelity for some concepts",
     ),
     (
         "lora.rank",
-        lambda r: r.lora.rank > 4,
+        lambda r: r.lora.rank > 4 and not _embedding_only(r),
         lambda r: _with(r, "lora", rank=r.lora.rank // 2, lora_alpha=r.lora.lora_alpha / 2),
         "half the rank",
     ),
@@ -132,13 +146,19 @@ class Fit:
     memory: MemoryEstimate
     fits: bool
 
-    def overrides(self) -> list[str]:
+    def overrides(self, original: Recipe) -> list[str]:
+        """`--set` options that turn `original` into the fitted recipe: every key a change touched, including the
+        ones a change sets along with its own (alpha with the rank, the autocast with half-precision weights)."""
+        from .recipe import recipe_to_dict
         from .recipe.toml import toml_value
 
-        final: dict[str, Any] = {}
-        for key, _, after, _ in self.changes:
-            final[key] = after
-        return [f"--set {key}={toml_value(value)}" for key, value in final.items()]
+        before, after = recipe_to_dict(original), recipe_to_dict(self.recipe)
+        return [
+            f"--set {section}.{key}={toml_value(value)}"
+            for section, values in after.items()
+            for key, value in values.items()
+            if before.get(section, {}).get(key) != value
+        ]
 
 
 def fit(result: Plan, target_gib: float) -> Fit:
@@ -178,7 +198,7 @@ def fit_lines(result: Plan, found: Fit) -> list[str]:
         f"{memory.process_gib:.1f} GiB at the peak ({memory.peak_phase}):"
     ]
     lines += [f"  {key}: {before!r} -> {after!r} ({why})" for key, before, after, why in found.changes]
-    lines.append("  lorakit train " + " ".join([str(result.recipe.source), *found.overrides()]))
+    lines.append("  lorakit train " + " ".join([str(result.recipe.source), *found.overrides(result.recipe)]))
     before, after = dump_recipe(result.recipe).splitlines(), dump_recipe(found.recipe).splitlines()
     lines += [line for line in difflib.unified_diff(before, after, "recipe", "fitted", lineterm="", n=0)]
     return lines

@@ -4,6 +4,7 @@ the published tier-A SDXL readings within 15 % (or 1 GiB), and `lorakit plan` en
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -14,7 +15,7 @@ from lorakit.architectures import build_on_meta
 from lorakit.cli import app
 from lorakit.errors import RecipeError
 from lorakit.memory import GIB, estimate, find_gpu, optimizer_state_bytes
-from lorakit.recipe import load_recipe, recipe_from_dict
+from lorakit.recipe import load_recipe, recipe_from_dict, recipe_to_dict
 
 from .conftest import allocation_peak, write_recipe
 
@@ -234,6 +235,46 @@ def test_fit_applies_the_cheapest_changes_first_and_writes_the_fitted_recipe(tmp
         line.startswith("  lorakit train ") and "--set train.gradient_checkpointing=true" in line for line in lines
     )
     assert "+gradient_checkpointing = true" in result.output
+
+
+def test_the_fitted_command_and_the_fitted_recipe_are_the_same_valid_recipe(tmp_path):
+    """Changes that set two keys (half-precision weights need their autocast; a halved rank halves its alpha) are
+    all in the printed command, and both it and the written recipe pass train's checks."""
+    from lorakit.plan import fit, plan
+    from lorakit.train.setup import _precision
+
+    recipe = write_recipe(
+        tmp_path / "r.toml",
+        {
+            "model": {"base": "stabilityai/stable-diffusion-xl-base-1.0"},
+            "data": {"folder": str(tmp_path / "data"), "resolution": 1024},
+            "lora": {"rank": 64, "lora_alpha": 32.0, "train_text_encoder": False},
+            "train": {"mixed_precision": "no", "gradient_checkpointing": True},
+        },
+    )
+    out = tmp_path / "fitted.toml"
+    result = runner.invoke(app, ["plan", str(recipe), "--fit", "8GB", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    command = next(line for line in result.output.splitlines() if line.startswith("  lorakit train "))
+    overrides = [part.strip() for part in command.split("--set ")[1:]]
+    assert 'model.weight_dtype="float16"' in overrides and 'train.mixed_precision="fp16"' in overrides
+    values = dict(o.split("=", 1) for o in overrides)
+    assert int(values["lora.rank"]) < 64 and float(values["lora.lora_alpha"]) / int(values["lora.rank"]) == 0.5
+    from_command, written = load_recipe(recipe, overrides), load_recipe(out)
+    assert from_command == dataclasses.replace(written, source=from_command.source)
+    precision = written.train.mixed_precision
+    assert _precision(written, lambda _: None)[0] in (precision, "bf16", "no")  # no "weights need autocast" refusal
+    # an [embedding] only run trains no LoRA: --fit leaves the LoRA's settings alone, and its recipe stays valid
+    only = recipe_from_dict(
+        {
+            "model": {"base": "stabilityai/stable-diffusion-xl-base-1.0"},
+            "data": {"folder": str(tmp_path / "data"), "resolution": 1024},
+            "embedding": {"token": "ohwx", "only": True},
+        }
+    )
+    found = fit(plan(only, arch="sdxl"), 6)
+    assert found.changes and not any(key.startswith("lora.") for key, *_ in found.changes)
+    recipe_from_dict(recipe_to_dict(found.recipe))
 
 
 def test_fit_turns_per_tag_dropout_off_when_cached_text_is_what_fits():
