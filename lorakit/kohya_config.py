@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import shlex
 import tomllib
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 from .errors import LorakitError, RecipeError
 from .files import IMAGE_SUFFIXES, atomic_write_text
 from .recipe import recipe_from_dict, toml_value
+from .recipe.sections import LrScheduler
 from .recipe.validate import BLOCK_CURVE
 
 CONFIG_MAX_BYTES = 1 << 20  # a training config is a few KB
@@ -145,16 +147,7 @@ OPTIMIZERS = {
     "prodigy": "prodigy",
     "adafactor": "adafactor",
 }
-SCHEDULERS = (
-    "constant",
-    "constant_with_warmup",
-    "linear",
-    "cosine",
-    "cosine_with_restarts",
-    "polynomial",
-    "cosine_with_min_lr",
-    "warmup_stable_decay",
-)
+SCHEDULERS = typing.get_args(LrScheduler)  # the recipe's own names, which are kohya's
 SAMPLERS = {
     "euler": "euler",
     "k_euler": "euler",
