@@ -372,11 +372,11 @@ def kohya_sdxl_position(path: str, block: tuple[str, int], blocks: int) -> int:
 BlockWeights = tuple[list[float] | None, float | list[float] | None, list[float] | None]  # (down, mid, up)
 
 
-def resolve_block_weights(train: Any, unet_config: dict) -> BlockWeights:
-    """The recipe's (down, mid, up) block-wise factors for this U-Net: kohya's named curves spelled out over its
-    blocks, and the factors at or below `block_lr_zero_threshold` set to 0 (only those given, as kohya does)."""
+def resolve_block_weights(given: tuple, threshold: float, unet_config: dict) -> BlockWeights:
+    """A recipe's (down, mid, up) block-wise factors for this U-Net: kohya's named curves spelled out over its
+    blocks, and the factors at or below `threshold` (`block_lr_zero_threshold`) set to 0 (only those given, as
+    kohya does). Lists may come as tuples (the planner's cache keys)."""
     blocks = unet_block_count(unet_config) or 0
-    threshold = train.block_lr_zero_threshold
 
     def resolved(value: Any) -> Any:
         if isinstance(value, str):
@@ -385,7 +385,8 @@ def resolve_block_weights(train: Any, unet_config: dict) -> BlockWeights:
             return [w if w > threshold else 0.0 for w in value]
         return value if value is None or value > threshold else 0.0
 
-    return resolved(train.down_lr_weight), resolved(train.mid_lr_weight), resolved(train.up_lr_weight)
+    down, mid, up = given
+    return resolved(down), resolved(mid), resolved(up)
 
 
 def checked_block_weights(weights: BlockWeights, unet_config: dict) -> int:

@@ -16,7 +16,6 @@ import dataclasses
 import functools
 import json
 import math
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -352,11 +351,8 @@ def _adapter_sizes(
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
     if component == "unet":  # blocks at a block-wise rate or rank of 0 get no adapter, as in training
-        down, mid, up, threshold = (list(w) if isinstance(w, tuple) else w for w in blocks)
-        given = types.SimpleNamespace(
-            down_lr_weight=down, mid_lr_weight=mid, up_lr_weight=up, block_lr_zero_threshold=threshold
-        )
-        weights = resolve_block_weights(given, dict(module.config))
+        *given, threshold = blocks
+        weights = resolve_block_weights(tuple(given), threshold, dict(module.config))
         skipped = zero_rate_modules(module, targets, weights, checked_block_weights(weights, dict(module.config)))
         if block_ranks[0] is not None:
             per_block = [list(v) if v is not None else None for v in block_ranks]

@@ -785,7 +785,8 @@ def test_kohyas_block_rate_curves_and_zero_threshold():
     unet = build_on_meta("sd15", "unet")
     config = dict(unet.config)
     train = TrainSection(down_lr_weight="linear", up_lr_weight="sine+0.5", block_lr_zero_threshold=0.2)
-    down, mid, up = resolve_block_weights(train, config)
+    given = (train.down_lr_weight, train.mid_lr_weight, train.up_lr_weight)
+    down, mid, up = resolve_block_weights(given, train.block_lr_zero_threshold, config)
     assert down[:3] == [0.0, 0.0, 0.0] and down[3] == pytest.approx(3 / 11) and mid is None  # at or below 0.2: 0
     assert up == pytest.approx([s + 0.5 for s in sine])
     assert block_lr_weight("down_blocks.1.attentions.0.proj_in", (down, mid, up)) == pytest.approx(4 / 11)  # IN04

@@ -670,7 +670,9 @@ def _inject(recipe: Recipe, base: BaseModel, log: Log) -> dict[str, Any]:
 
 def _block_weights(recipe: Recipe, unet: Any) -> tuple[adapters.BlockWeights, int]:
     """The recipe's block-wise rate factors (down, mid, up), checked against the U-Net, and its layers per block."""
-    weights = adapters.resolve_block_weights(recipe.train, dict(unet.config))
+    cfg = recipe.train
+    given = (cfg.down_lr_weight, cfg.mid_lr_weight, cfg.up_lr_weight)
+    weights = adapters.resolve_block_weights(given, cfg.block_lr_zero_threshold, dict(unet.config))
     return weights, adapters.checked_block_weights(weights, dict(unet.config))
 
 
