@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .models import encode_chunk
-from .prompt_syntax import has_syntax, parse
+from .prompt_syntax import has_syntax, weighted_tokens
 
 COMMA_BACKTRACK = 20  # a full chunk whose last comma is at most this many tokens back ends at that comma
 
@@ -36,22 +36,19 @@ def _chunks(pipe: Any, tokenizer: Any, prompt: str) -> list[tuple[list[int], lis
     ids: list[int] = []
     weights: list[float] = []
     last_comma = -1
-    for text, weight in parse(prompt):
-        if weight is None:
+    for token, weight in weighted_tokens(tokenizer, prompt, getattr(pipe, "maybe_convert_prompt", None)):
+        if token is None:  # BREAK
             chunks.append((ids, weights))
             ids, weights, last_comma = [], [], -1
             continue
-        if hasattr(pipe, "maybe_convert_prompt"):  # a multi-vector textual inversion's word becomes its tokens
-            text = pipe.maybe_convert_prompt(text, tokenizer)
-        for token in tokenizer(text, add_special_tokens=False, truncation=False).input_ids:
-            if len(ids) == size:
-                cut = last_comma + 1 if token != comma and 0 <= size - last_comma <= COMMA_BACKTRACK else size
-                chunks.append((ids[:cut], weights[:cut]))
-                ids, weights, last_comma = ids[cut:], weights[cut:], -1
-            if token == comma:
-                last_comma = len(ids)
-            ids.append(token)
-            weights.append(weight)
+        if len(ids) == size:
+            cut = last_comma + 1 if token != comma and 0 <= size - last_comma <= COMMA_BACKTRACK else size
+            chunks.append((ids[:cut], weights[:cut]))
+            ids, weights, last_comma = ids[cut:], weights[cut:], -1
+        if token == comma:
+            last_comma = len(ids)
+        ids.append(token)
+        weights.append(weight)
     if ids or not chunks:
         chunks.append((ids, weights))
     return chunks
@@ -68,22 +65,27 @@ def needs_encoding(pipe: Any, prompt: str, negative: str, clip_skip: int = 1) ->
     return False
 
 
-def _encode(pipe: Any, prompt: str, chunks: int, clip_skip: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One prompt's hidden states, `chunks` chunks long (empty ones added at the end), and SDXL's pooled
-    embedding (None for SD 1.x/2.x)."""
-    sdxl = getattr(pipe, "text_encoder_2", None) is not None
+def _encoders(pipe: Any) -> list[tuple[Any, Any]]:
+    """(tokenizer, text encoder) of each of the pipeline's text encoders: SDXL's CLIP-L first."""
     pairs = [(pipe.tokenizer, pipe.text_encoder)]
-    if sdxl:
+    if getattr(pipe, "text_encoder_2", None) is not None:
         pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
-    per_encoder = []
-    for tokenizer, _ in pairs:
-        found = _chunks(pipe, tokenizer, prompt)
-        per_encoder.append(found + [([], [])] * (chunks - len(found)))
+    return pairs
+
+
+def _encode(
+    pipe: Any, found: list[list[tuple[list[int], list[float]]]], chunks: int, clip_skip: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One prompt's hidden states from its chunks per tokenizer (`found`, `_chunks`'), `chunks` chunks long (empty
+    ones added at the end), and SDXL's pooled embedding (None for SD 1.x/2.x)."""
+    pairs = _encoders(pipe)
+    sdxl = len(pairs) == 2
+    per_encoder = [own + [([], [])] * (chunks - len(own)) for own in found]
     states, pooled = [], None
     for index in range(chunks):
         hidden, weights = [], None
-        for (tokenizer, encoder), found in zip(pairs, per_encoder, strict=True):
-            ids, weights = found[index]
+        for (tokenizer, encoder), own in zip(pairs, per_encoder, strict=True):
+            ids, weights = own[index]
             pad = tokenizer.model_max_length - 2 - len(ids)
             row = [tokenizer.bos_token_id, *ids, tokenizer.eos_token_id] + [tokenizer.pad_token_id] * pad
             tensor = torch.tensor([row], device=encoder.device)
@@ -109,13 +111,14 @@ def prompt_embeddings(pipe: Any, prompt: str, negative: str, clip_skip: int = 1)
     """The pipeline's `prompt_embeds` / `negative_prompt_embeds` keyword arguments (and SDXL's pooled pair) for a
     prompt and negative prompt in the webui's syntax. `clip_skip` N uses the N-th last layer, as the recipes and
     `--clip-skip` count it."""
-    count = max(len(_chunks(pipe, pipe.tokenizer, text)) for text in (prompt, negative))
+    found = {text: [_chunks(pipe, tokenizer, text) for tokenizer, _ in _encoders(pipe)] for text in (prompt, negative)}
+    count = max(len(own[0]) for own in found.values())
     with torch.no_grad():
-        embeds, pooled = _encode(pipe, prompt, count, clip_skip)
+        embeds, pooled = _encode(pipe, found[prompt], count, clip_skip)
         if pooled is not None and not negative and getattr(pipe.config, "force_zeros_for_empty_prompt", False):
             negative_embeds, negative_pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
         else:
-            negative_embeds, negative_pooled = _encode(pipe, negative, count, clip_skip)
+            negative_embeds, negative_pooled = _encode(pipe, found[negative], count, clip_skip)
     arguments = {"prompt_embeds": embeds, "negative_prompt_embeds": negative_embeds}
     if pooled is not None:
         arguments |= {"pooled_prompt_embeds": pooled, "negative_pooled_prompt_embeds": negative_pooled}

@@ -28,7 +28,7 @@ from .base_files import load_single_file
 from .embedding import expand
 from .errors import ModelError, first_line
 from .formats.read import tensors_dtype
-from .prompt_syntax import parse
+from .prompt_syntax import weighted_tokens
 
 LOCAL_PREFIXES = ("./", "../", "/", "~", ".\\", "..\\")
 
@@ -301,14 +301,9 @@ def tokenize_weighted(base: BaseModel, captions: list[str], max_token_length: in
     rows: list[list[list[int]]] = [[] for _ in base.tokenizers]
     weights: list[list[float]] = []
     for caption in captions:
-        fragments = [(text, w) for text, w in parse(expand(caption, base.placeholders)) if w is not None]
         for index, (tok, length) in enumerate(zip(base.tokenizers, lengths, strict=True)):
-            ids: list[int] = []
-            factors: list[float] = []
-            for text, weight in fragments:
-                tokens = tok(text, add_special_tokens=False, truncation=False).input_ids
-                ids += tokens
-                factors += [weight] * len(tokens)
+            pairs = [(t, w) for t, w in weighted_tokens(tok, expand(caption, base.placeholders)) if t is not None]
+            ids, factors = [t for t, _ in pairs], [w for _, w in pairs]
             body = length - 2
             pad = body - len(ids[:body])
             rows[index].append([tok.bos_token_id, *ids[:body], tok.eos_token_id] + [tok.pad_token_id] * pad)

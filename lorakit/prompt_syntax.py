@@ -7,6 +7,7 @@ own) marks the start of a new 75-token chunk. Rendering (`emphasis`) and kohya's
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterator
 from typing import Any
 
 EMPHASIS = 1.1  # what one pair of round brackets multiplies by (square brackets divide)
@@ -64,6 +65,22 @@ def parse(prompt: str) -> list[Fragment]:
         else:
             joined.append([text, weight])
     return [(text, weight) for text, weight in joined] or [("", 1.0)]
+
+
+def weighted_tokens(
+    tokenizer: Any, text: str, convert: Callable[[str, Any], str] | None = None
+) -> Iterator[tuple[int | None, float]]:
+    """The token ids of `text` without its syntax, each with its weight, in order, and a `BREAK` as (None, 1.0).
+    Each fragment is tokenized on its own, as the webui does; `convert(fragment, tokenizer)` rewrites it first
+    (diffusers' `maybe_convert_prompt`: a multi-vector textual-inversion word into its tokens)."""
+    for fragment, weight in parse(text):
+        if weight is None:
+            yield None, 1.0
+            continue
+        if convert is not None:
+            fragment = convert(fragment, tokenizer)
+        for token in tokenizer(fragment, add_special_tokens=False, truncation=False).input_ids:
+            yield token, weight
 
 
 def has_syntax(prompt: str) -> bool:
