@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import warnings
 
@@ -119,6 +120,33 @@ def watched_render_loads(dtype: str | None = None):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(lorakit.generate, "load_pipeline", load)
         yield read
+
+
+@dataclasses.dataclass
+class ConditioningCall:
+    """One batch's U-Net conditioning as training built it: the epoch it was drawn in, its captions and flips."""
+
+    epoch: int
+    captions: list[str]
+    flips: list[bool]
+    conditioning: dict
+
+
+@pytest.fixture
+def conditioning_calls(monkeypatch) -> list[ConditioningCall]:
+    """Every call of the training loop's `unet_conditioning` (training steps and val_loss), in order."""
+    import lorakit.train.loop as loop
+
+    calls: list[ConditioningCall] = []
+    real = loop.unet_conditioning
+
+    def recording(run, captions, items, flips):
+        conditioning = real(run, captions, items, flips)
+        calls.append(ConditioningCall(run.stream.epoch, list(captions), list(flips), conditioning))
+        return conditioning
+
+    monkeypatch.setattr(loop, "unet_conditioning", recording)
+    return calls
 
 
 def write_recipe(path, recipe: dict):

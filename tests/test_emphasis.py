@@ -167,9 +167,8 @@ def test_weighted_caption_tokens_are_the_plain_ones_with_their_weights(tiny_base
 
 @pytest.mark.parametrize("train_text_encoder", [False, True])
 def test_training_encodes_weighted_captions_as_kohya_does(
-    tiny_base, tiny_dataset, tmp_path, monkeypatch, train_text_encoder
+    tiny_base, tiny_dataset, tmp_path, conditioning_calls, train_text_encoder
 ):
-    import lorakit.train.loop as loop
     from lorakit.models import encode_prompts, load_base, tokenize_weighted
     from lorakit.recipe import recipe_from_dict
     from lorakit.train import train
@@ -178,13 +177,6 @@ def test_training_encodes_weighted_captions_as_kohya_does(
     from .tiny import captioned_copy
 
     data = captioned_copy(tmp_path / "data", "(red:1.5) toy, [ball]", tiny_dataset)
-    seen: list = []
-    real = loop.unet_conditioning
-    monkeypatch.setattr(
-        loop,
-        "unet_conditioning",
-        lambda run, captions, *a: seen.append((captions, real(run, captions, *a))) or seen[-1][1],
-    )
     recipe = make_recipe_dict(
         tiny_base,
         data,
@@ -194,7 +186,7 @@ def test_training_encodes_weighted_captions_as_kohya_does(
         data={"weighted_captions": True},
     )
     train(recipe_from_dict(recipe), quiet=True, log=lambda _: None)
-    captions, conditioning = seen[0]
+    captions, conditioning = conditioning_calls[0].captions, conditioning_calls[0].conditioning
     assert set(captions) == {"ohwx, (red:1.5) toy, [ball]"}
     base = load_base(str(tiny_base))  # the adapters start at zero: the first step encodes with the base
     ids, weights = tokenize_weighted(base, captions)

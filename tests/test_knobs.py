@@ -126,15 +126,10 @@ def test_secondary_separator_moves_and_drops_its_tags_together_and_becomes_a_com
     assert steady_caption(caption, plain) == caption.replace(";;;", ",")
 
 
-def test_secondary_separator_reaches_the_text_encoder_and_its_cache(tiny_base, tiny_dataset, tmp_path, monkeypatch):
-    import lorakit.train.loop as loop
-
+def test_secondary_separator_reaches_the_text_encoder_and_its_cache(
+    tiny_base, tiny_dataset, tmp_path, conditioning_calls
+):
     data = captioned_copy(tmp_path / "data", "toy, red;;;round, small", tiny_dataset)
-    encoded: list[str] = []
-    real = loop.unet_conditioning
-    monkeypatch.setattr(
-        loop, "unet_conditioning", lambda run, captions, *a: encoded.extend(captions) or real(run, captions, *a)
-    )
     # a frozen text encoder and fixed tags: the captions are encoded once, into the cache, with the commas
     recipe = make_recipe_dict(
         tiny_base,
@@ -146,6 +141,7 @@ def test_secondary_separator_reaches_the_text_encoder_and_its_cache(tiny_base, t
     )
     lines: list[str] = []
     train(recipe_from_dict(recipe), quiet=True, log=lines.append)
+    encoded = [caption for call in conditioning_calls for caption in call.captions]
     assert set(encoded) == {"ohwx, toy, red,round, small"}
     assert any(line.startswith("Text encoder outputs cached for 1 captions") for line in lines)
 
@@ -203,17 +199,7 @@ def test_lr_warmup_starts_the_learning_rate_low(tiny_base, tiny_dataset, tmp_pat
     assert [r["lr_unet"] for r in rows] == pytest.approx([5e-4, 1e-3, 1e-3])
 
 
-def test_flip_mirrors_about_half_the_images(tiny_base, tiny_dataset, tmp_path, monkeypatch):
-    import lorakit.train.loop as loop
-
-    flips = []
-    real = loop.unet_conditioning
-
-    def recording(run, captions, items, item_flips):
-        flips.extend(item_flips)
-        return real(run, captions, items, item_flips)
-
-    monkeypatch.setattr(loop, "unet_conditioning", recording)
+def test_flip_mirrors_about_half_the_images(tiny_base, tiny_dataset, tmp_path, conditioning_calls):
     train(
         recipe_from_dict(
             make_recipe_dict(tiny_base, tiny_dataset, tmp_path, data={"flip": True}, train={"max_steps": 8})
@@ -221,6 +207,7 @@ def test_flip_mirrors_about_half_the_images(tiny_base, tiny_dataset, tmp_path, m
         quiet=True,
         log=lambda _: None,
     )
+    flips = [flip for call in conditioning_calls for flip in call.flips]
     assert 0 < sum(flips) < len(flips)
 
 
@@ -624,10 +611,8 @@ def test_from_kohya_reads_base_weights_with_their_multipliers():
 
 
 def test_wildcards_choose_one_option_per_step_and_the_first_for_validation(
-    tiny_base, tiny_dataset, tmp_path, monkeypatch
+    tiny_base, tiny_dataset, tmp_path, conditioning_calls
 ):
-
-    import lorakit.train.loop as loop
     from lorakit.data import pick_wildcards
 
     assert pick_wildcards("ohwx, {red | blue} shirt, {a} b, {{c}}", None) == "ohwx, red shirt, a b, {c}"  # as kohya
@@ -645,11 +630,6 @@ def test_wildcards_choose_one_option_per_step_and_the_first_for_validation(
 
     data = captioned_copy(tmp_path / "data", "toy, {red|blue} ball", tiny_dataset)
     rows = (data / "metadata.jsonl").read_text().splitlines()
-    encoded: list[str] = []
-    real = loop.unet_conditioning
-    monkeypatch.setattr(
-        loop, "unet_conditioning", lambda run, captions, *a: encoded.extend(captions) or real(run, captions, *a)
-    )
     recipe = make_recipe_dict(
         tiny_base,
         data,
@@ -663,6 +643,7 @@ def test_wildcards_choose_one_option_per_step_and_the_first_for_validation(
     held_out = int(next(line.split()[1] for line in lines if line.startswith("validation.split:")))
     kept = len(rows) - held_out
     assert f"data.wildcards: {kept} of {kept} captions choose among {{a|b}} options at every step" in lines
+    encoded = [caption for call in conditioning_calls for caption in call.captions]
     trained, validated = encoded[:-held_out], encoded[-held_out:]  # the last step's validation comes last
     assert set(trained) == {"ohwx, toy, red ball", "ohwx, toy, blue ball"}
     assert set(validated) == {"ohwx, toy, red ball"}
@@ -696,18 +677,8 @@ def test_validation_encodes_captions_without_building_a_graph(tiny_base, tiny_da
 
 @pytest.mark.parametrize("train_text_encoder", [False, True])
 def test_caption_dropout_every_n_epochs_empties_those_epochs(
-    tiny_base, tiny_dataset, tmp_path, monkeypatch, train_text_encoder
+    tiny_base, tiny_dataset, tmp_path, conditioning_calls, train_text_encoder
 ):
-    import lorakit.train.loop as loop
-
-    seen: list[tuple[int, list[str]]] = []
-    real = loop.unet_conditioning
-
-    def conditioning(run, captions, *args):
-        seen.append((run.stream.epoch, list(captions)))
-        return real(run, captions, *args)
-
-    monkeypatch.setattr(loop, "unet_conditioning", conditioning)
     recipe = make_recipe_dict(
         tiny_base,
         tiny_dataset,
@@ -719,8 +690,8 @@ def test_caption_dropout_every_n_epochs_empties_those_epochs(
     del recipe["train"]["max_steps"]
     train(recipe_from_dict(recipe), quiet=True, log=lambda _: None)
     by_epoch: dict[int, set[str]] = {}
-    for epoch, captions in seen:
-        by_epoch.setdefault(epoch, set()).update(captions)
+    for call in conditioning_calls:
+        by_epoch.setdefault(call.epoch, set()).update(call.captions)
     assert sorted(by_epoch) == [0, 1, 2]
     assert by_epoch[1] == {""}  # the second epoch, counted from 1 as kohya does
     assert "" not in by_epoch[0] | by_epoch[2] and all(c.startswith("ohwx") for c in by_epoch[0])
