@@ -1,6 +1,7 @@
 """Run under `torchrun --nproc_per_node 2`: trains a recipe and records what this process saw.
 
-Usage: torchrun --nproc_per_node 2 tests/dist_driver.py RECIPE OUT_DIR (runs `lorakit train RECIPE --quiet`)
+Usage: torchrun --nproc_per_node 2 tests/dist_driver.py RECIPE OUT_DIR (runs `lorakit train RECIPE --quiet`); each
+process writes OUT_DIR/rank<N>.json: the batches it drew, and digests of its U-Net adapter and [embedding] vectors.
 """
 
 import hashlib
@@ -38,6 +39,25 @@ def recording_train(*args, **kwargs):
 
 
 train_module.train = recording_train  # `lorakit train` imports it when it runs
+real_set_up = train_module.set_up
+
+
+def vectors_digest(run) -> str:
+    """The [embedding]'s new token vectors, every text encoder's."""
+    digest = hashlib.sha256()
+    for name, module in sorted(run.embeddings.items()):
+        digest.update(name.encode() + module.vectors.detach().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def recording_set_up(*args, **kwargs):
+    runs.append(real_set_up(*args, **kwargs))
+    setup["initial_vectors"] = vectors_digest(runs[-1])
+    return runs[-1]
+
+
+runs = []
+train_module.set_up = recording_set_up
 app(["train", sys.argv[1], "--quiet"], standalone_mode=False)
 result = finished[0]
 
@@ -47,4 +67,5 @@ for name, param in sorted(result.models["unet"].named_parameters()):
         digest.update(param.detach().numpy().tobytes())
 rank = int(os.environ["RANK"])
 with open(os.path.join(sys.argv[2], f"rank{rank}.json"), "w") as out:
-    json.dump({**setup, "seen": seen, "weights": digest.hexdigest()}, out)
+    record = {**setup, "seen": seen, "weights": digest.hexdigest(), "vectors": vectors_digest(runs[0])}
+    json.dump(record, out)

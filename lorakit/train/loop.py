@@ -305,6 +305,7 @@ def optimizer_step(run: Run) -> float:
                 no_sync.close()
     if run.dropout is not None:  # module dropout: a module off for the whole step is left alone, as kohya's is
         run.dropout.forget_idle_gradients(lambda used: accelerator.reduce(used, "sum"))
+    average_embedding_gradients(run)
     if cfg.max_grad_norm:
         accelerator.clip_grad_norm_([p for g in run.optimizer.param_groups for p in g["params"]], cfg.max_grad_norm)
     run.optimizer.step()
@@ -316,6 +317,16 @@ def optimizer_step(run: Run) -> float:
     if run.ema is not None:
         run.ema.update(run.step)
     return accelerator.reduce(total, "mean").item()  # the one sync per step: the loss is checked and logged
+
+
+def average_embedding_gradients(run: Run) -> None:
+    """[embedding] on several processes: average the new token vectors' gradients over the processes where DDP does
+    not, that is in a text encoder that is not trained (and so not wrapped), as DDP averages what it wraps."""
+    if run.accelerator.num_processes == 1:
+        return
+    for name, module in run.embeddings.items():
+        if name not in run.models and module.vectors.grad is not None:
+            module.vectors.grad = run.accelerator.reduce(module.vectors.grad, "mean")
 
 
 def adapter_state(run: Run) -> dict[str, Any]:

@@ -247,7 +247,7 @@ def set_up(
     cfg = recipe.train
     torch.manual_seed(cfg.seed)
     trained = _inject(recipe, base, say)
-    embeddings = _add_embedding(recipe, base, items, accelerator.num_processes, say) if recipe.embedding else {}
+    embeddings = _add_embedding(recipe, base, items, say) if recipe.embedding else {}
     if recipe.lora.tlora_min_rank is not None:
         _mask_ranks_by_timestep(recipe, base, say)
     dropout = None
@@ -278,8 +278,7 @@ def set_up(
     held_out = split_off or held_out_items(recipe, base)
     cache, text_cache = _fill_caches(recipe, base, items, held_out, accelerator.device, say, quiet, trained)
     phases.done("latent and text caches")
-    prepared = accelerator.prepare(*trained.values(), optimizer)
-    models = dict(zip(trained, prepared[:-1], strict=True))
+    models, optimizer = _prepare(accelerator, trained, optimizer)
     for module in models.values():
         module.train()
     run = Run(
@@ -288,7 +287,7 @@ def set_up(
         items,
         accelerator,
         models,
-        prepared[-1],
+        optimizer,
         lr_scheduler,
         stream,
         cache,
@@ -314,6 +313,20 @@ def set_up(
     phases.done("prepare, resume and trackers")
     run.phases = phases
     return run
+
+
+def _prepare(accelerator: Any, trained: dict[str, Any], optimizer: Any) -> tuple[dict[str, Any], Any]:
+    """The trained modules on the device, DDP-wrapped by accelerate when several processes run, and the optimizer
+    prepared. A module with nothing to train (the U-Net of an `[embedding] only` run) is only moved: DDP refuses a
+    module without gradients on CPU processes, and accelerate leaves it unwrapped on GPUs."""
+    learning = {name: m for name, m in trained.items() if any(p.requires_grad for p in m.parameters())}
+    prepared = accelerator.prepare(*learning.values(), optimizer)
+    prepared = prepared if isinstance(prepared, tuple) else (prepared,)
+    wrapped = dict(zip(learning, prepared[:-1], strict=True))
+    models = {
+        name: wrapped[name] if name in wrapped else module.to(accelerator.device) for name, module in trained.items()
+    }
+    return models, prepared[-1]
 
 
 class Phases:
@@ -732,7 +745,7 @@ def _unused_layers(text_encoder: Any, clip_skip: int) -> tuple[int, ...]:
     return tuple(range(layers - clip_skip + 1, layers))
 
 
-def _add_embedding(recipe: Recipe, base: BaseModel, items: list[Item], world: int, log: Log) -> dict[str, Any]:
+def _add_embedding(recipe: Recipe, base: BaseModel, items: list[Item], log: Log) -> dict[str, Any]:
     """[embedding]: the word's new tokens in every tokenizer and text encoder (a `NewTokens` each, by encoder
     name), and the word spelled as them in everything the base tokenizes from now on."""
     section = recipe.embedding
@@ -741,15 +754,6 @@ def _add_embedding(recipe: Recipe, base: BaseModel, items: list[Item], world: in
         raise RecipeError(
             f"embedding.token: {section.token!r} is in none of the {len(items)} captions, so its vectors would "
             f"learn nothing; set data.trigger = {section.token!r}, or name the trigger word the captions have"
-        )
-    if world > 1 and section.only:
-        raise RecipeError(
-            "embedding.only: with several processes the token vectors would train apart in each; run one process"
-        )
-    if world > 1 and not recipe.lora.train_text_encoder:
-        raise RecipeError(
-            "embedding: with several processes the token vectors train inside the text encoders, so train those "
-            "too (lora.train_text_encoder = true), or run one process"
         )
     generator = torch.Generator().manual_seed(recipe.train.seed)
     modules = {
