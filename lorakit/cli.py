@@ -663,6 +663,13 @@ def generate(
         list[str] | None,
         typer.Option(help="Adapter FILE[:SCALE] (kohya or diffusers layout) or a run folder; repeat for several."),
     ] = None,
+    lora_dir: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="Folder (and its subfolders) where <lora:NAME:0.8> tags in the prompts find NAME.safetensors, like "
+            "the webuis' models/Lora; repeat for several."
+        ),
+    ] = None,
     n: Annotated[
         int, typer.Option("-n", "--count", min=1, max=1000, help="Images per prompt (seeds seed, seed+1, ...).")
     ] = 1,
@@ -757,6 +764,7 @@ def generate(
         dtype=dtype,
         allow_pickle=allow_pickle,
         embeddings=tuple(_file_and_word(text) for text in embedding or []),
+        lora_dirs=tuple(str(folder) for folder in lora_dir or []),
     )
     _prepare_stack()
     log = lambda line: typer.echo(line, err=True)  # noqa: E731

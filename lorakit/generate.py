@@ -6,6 +6,7 @@ The drawing itself is `lorakit.render`, which training's samples and class image
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 from dataclasses import dataclass, field, replace
@@ -21,10 +22,10 @@ from .embedding import load_embedding
 from .errors import AdapterError, LorakitError
 from .files import file_sha256
 from .formats.metadata import a1111_short_hash
-from .formats.read import read_adapter_file
+from .formats.read import PICKLE_SUFFIXES, read_adapter_file
 from .models import detect_family, load_pipeline
 from .progress import progress_bar
-from .prompt_syntax import network_tag
+from .prompt_syntax import lora_tags, network_tag, scale_lora_tags
 from .recipe import load_recipe
 from .render import (
     SAMPLER_LABELS,
@@ -123,6 +124,7 @@ class GenerateOptions:
     allow_pickle: bool = False
     embeddings: tuple[tuple[str, str | None], ...] = ()  # --embedding FILE[:WORD]: textual-inversion files
     clip_skip: int | None = None  # None: the run folder's, else 1
+    lora_dirs: tuple[str, ...] = ()  # --lora-dir: where the prompts' `<lora:NAME:W>` tags are looked up
 
 
 @dataclass
@@ -159,12 +161,12 @@ def generate(
 
     settings = options.settings
     check_size(settings.width, settings.height)
-    for where, text in [*(("a prompt", p) for p in prompts), ("--negative", settings.negative_prompt)]:
-        if (tag := network_tag(text)) is not None:
-            raise LorakitError(
-                f"{where} holds the webui tag {tag}, which lorakit would encode as words; remove it and load the "
-                "adapter with --lora FILE:SCALE"
-            )
+    if (tag := network_tag(settings.negative_prompt)) is not None:
+        raise LorakitError(
+            f"--negative holds the webui tag {tag}, which lorakit would encode as words; adapters come from --lora "
+            "or from <lora:NAME:W> tags in the prompts"
+        )
+    tagged = TaggedPrompts.read(prompts, options.lora_dirs)
     if settings.sampler not in SAMPLERS:
         raise LorakitError(f"--sampler {settings.sampler!r}: use one of {', '.join(SAMPLERS)}")
     for name, value in (("--strength", options.strength), ("--hires-strength", options.hires_strength)):
@@ -183,6 +185,7 @@ def generate(
         raise LorakitError("--compare-saves and --compare-scales: each sets the grid's columns; choose one")
     init_image = _open_init(options.init, settings) if options.init else None
     adapters, defaults = resolve_adapters(list(options.loras), options.allow_pickle)
+    tag_adapters = tagged.load(options.allow_pickle)
     columns = [Column(f"scale {m:g}", f"-x{m:g}", m) for m in options.compare_scales] or [Column("", "", 1.0)]
     if options.compare_saves and defaults.embedding is not None:
         raise LorakitError(
@@ -209,7 +212,7 @@ def generate(
         family = detect_family(models, dict(pipe.unet.config))
         said = merge_files(list(defaults.merged), models, family, "the run's model.merged_adapters")
         log(f"The run's model.merged_adapters: {said}")
-    apply_adapters(pipe, adapters)  # checks the adapters against the base first
+    apply_adapters(pipe, adapters + tag_adapters)  # checks the adapters against the base first
     if defaults.embedding is not None:
         word = load_embedding(pipe, defaults.embedding)
         log(f"The run's embedding: {defaults.embedding}, the word {word!r}")
@@ -224,25 +227,131 @@ def generate(
         rescale = 0.7 if pipe.scheduler.config.prediction_type == "v_prediction" else 0.0
     clip_skip = effective_clip_skip(options.clip_skip, defaults.clip_skip)
     settings = replace(settings, guidance_rescale=rescale, clip_skip=clip_skip)
-    prompts = [with_trigger(p, defaults.trigger) for p in prompts]
-    rows = [(p, options.seed + i) for p in prompts for i in range(options.count)]
+    triggered = [_triggered(p, plain, defaults.trigger) for p, plain in zip(prompts, tagged.encoded, strict=True)]
+    encoded, written = [e for e, _ in triggered], [w for _, w in triggered]
+    rows = [(p, options.seed + i) for p in written for i in range(options.count)]
+    prompt_of_row = [index for index in range(len(written)) for _ in range(options.count)]
+    groups = tagged.groups(prompt_of_row)
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     result, images = GenerateResult(), []
     total = len(rows) * len(columns) * (2 if options.upscale > 1 else 1)
     with progress_bar("Generating", total, quiet=quiet) as bar:
         for index, column in enumerate(columns):
-            set_scales(pipe, adapters, column.multiplier, column.factors)
-            drawn = _render_rows(pipe, rows, settings, options, init_image, bar.advance)
-            for (prompt, seed), image in zip(rows, drawn, strict=True):
+            drawn: list[Any] = [None] * len(rows)
+            for strengths, members in groups:  # the rows whose tags ask for the same strengths, drawn together
+                set_scales(pipe, adapters + tag_adapters, column.multiplier, {**column.factors, **strengths})
+                members_rows = [(encoded[prompt_of_row[i]], rows[i][1]) for i in members]
+                images_drawn = _render_rows(pipe, members_rows, settings, options, init_image, bar.advance)
+                for i, image in zip(members, images_drawn, strict=True):
+                    drawn[i] = image
+            for row, ((prompt, seed), image) in enumerate(zip(rows, drawn, strict=True)):
                 path = out / f"{len(images):03d}-seed{seed}{column.suffix}.png"
-                save_png(image, path, _parameters(prompt, seed, image.size, settings, options, adapters, column))
+                in_row = [(a, groups.strength(row, a) * column.multiplier) for a in tag_adapters]
+                parameters = _parameters(prompt, seed, image.size, settings, options, adapters, column, in_row)
+                save_png(image, path, parameters)
                 result.images.append(path)
                 images.append((index, prompt, seed, image))
     result.grid = _write_grid(out, images, columns, rows)
     count = len(result.images)
     log(f"Wrote {count} image{'s' if count != 1 else ''} and {result.grid}")
     return result
+
+
+ADAPTER_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
+
+
+@dataclass
+class TaggedPrompts:
+    """The prompts' `<lora:NAME:W>` tags, as the webuis read them: each prompt without its tags (what is encoded),
+    the strength of each named adapter in it, and the adapter files the names were found as under `--lora-dir`
+    (a file whose name without its extension is NAME, in a folder or a subfolder)."""
+
+    encoded: list[str]  # each prompt without its tags
+    strengths: list[dict[str, float]]  # per prompt: NAME -> W
+    files: dict[str, Path]  # NAME -> its file
+    names: dict[str, str] = field(default_factory=dict)  # NAME -> the loaded adapter's name, once loaded
+
+    @classmethod
+    def read(cls, prompts: list[str], lora_dirs: tuple[str, ...]) -> TaggedPrompts:
+        encoded, strengths = [], []
+        for prompt in prompts:
+            try:
+                text, tags = lora_tags(prompt)
+            except ValueError as err:
+                raise LorakitError(f"a prompt: {err}") from None
+            named: dict[str, float] = {}
+            for written, name, strength in tags:
+                if name in named:
+                    raise LorakitError(f"a prompt names the adapter {name!r} twice ({written}); give it once")
+                named[name] = strength
+            encoded.append(text)
+            strengths.append(named)
+        wanted = sorted({name for named in strengths for name in named})
+        if wanted and not lora_dirs:
+            tag = next(t for p in prompts for t, _, _ in lora_tags(p)[1])
+            raise LorakitError(
+                f"a prompt holds the webui tag {tag}; give the folder of its file with --lora-dir DIR (the webuis' "
+                "models/Lora), or load it with --lora FILE:SCALE"
+            )
+        return cls(encoded, strengths, _find_tagged(wanted, lora_dirs) if wanted else {})
+
+    def load(self, allow_pickle: bool) -> list[LoadedAdapter]:
+        """The tagged adapters, read, at scale 1 (each row sets its tags' strengths)."""
+        loaded, _ = resolve_adapters([(str(path), 1.0) for path in self.files.values()], allow_pickle)
+        adapters = [replace(adapter, name=f"tag_{adapter.name}") for adapter in loaded]
+        self.names = {name: adapter.name for name, adapter in zip(self.files, adapters, strict=True)}
+        return adapters
+
+    def groups(self, prompt_of_row: list[int]) -> _RowGroups:
+        """The rows (each drawing the prompt `prompt_of_row[row]`) grouped by the adapter strengths they ask for."""
+        per_row = [
+            {adapter: self.strengths[prompt].get(name, 0.0) for name, adapter in self.names.items()}
+            for prompt in prompt_of_row
+        ]
+        grouped: dict[tuple, list[int]] = {}
+        for row, strengths in enumerate(per_row):
+            grouped.setdefault(tuple(sorted(strengths.items())), []).append(row)
+        return _RowGroups([(dict(key), rows) for key, rows in grouped.items()], per_row)
+
+
+@dataclass
+class _RowGroups:
+    groups: list[tuple[dict[str, float], list[int]]]  # (adapter name -> strength, the rows drawn with them)
+    per_row: list[dict[str, float]]
+
+    def __iter__(self):
+        return iter(self.groups)
+
+    def strength(self, row: int, adapter: LoadedAdapter) -> float:
+        return self.per_row[row].get(adapter.name, 0.0)
+
+
+def _find_tagged(names: list[str], lora_dirs: tuple[str, ...]) -> dict[str, Path]:
+    """Each tag's NAME as the one adapter file named so under the `--lora-dir` folders."""
+    found: dict[str, list[Path]] = {}
+    for folder in lora_dirs:
+        root = Path(folder).expanduser()
+        if not root.is_dir():
+            raise LorakitError(f"--lora-dir {folder}: not a folder")
+        for path in sorted(root.rglob("*")):
+            if path.suffix.lower() in ADAPTER_SUFFIXES and path.is_file():
+                found.setdefault(path.name[: -len(path.suffix)], []).append(path)
+    where = ", ".join(lora_dirs)
+    files = {}
+    for name in names:
+        paths = found.get(name, [])
+        if not paths:
+            close = difflib.get_close_matches(name, list(found), n=3)
+            hint = f"close names: {', '.join(close)}" if close else f"it holds {len(found)} adapter files"
+            raise LorakitError(f"<lora:{name}>: no {name}.safetensors under --lora-dir {where}; {hint}")
+        if len(paths) > 1:
+            raise LorakitError(
+                f"<lora:{name}>: {len(paths)} files are named so under --lora-dir {where} "
+                f"({', '.join(map(str, paths))}); keep one, or load it with --lora FILE:SCALE"
+            )
+        files[name] = paths[0]
+    return files
 
 
 @dataclass(frozen=True)
@@ -294,6 +403,15 @@ def _saved_adapters(
     return [(adapter, label) for adapter, label, _ in ordered]
 
 
+def _triggered(prompt: str, plain: str, trigger: str) -> tuple[str, str]:
+    """A prompt with the run's trigger word put in front where it lacks it: (what is encoded, from `plain`, the prompt
+    without its tags; what the PNG and the grid say, from `prompt` as written)."""
+    encoded = with_trigger(plain, trigger)
+    if prompt == plain:
+        return encoded, encoded
+    return encoded, prompt.strip() if encoded == plain.strip() else f"{trigger}, {prompt.strip()}"
+
+
 def _open_init(path: str, settings: RenderSettings) -> Any:
 
     try:
@@ -329,13 +447,18 @@ def _render_rows(pipe, rows, settings: RenderSettings, options: GenerateOptions,
     return images
 
 
-def _parameters(prompt, seed, size, settings: RenderSettings, options: GenerateOptions, adapters, column) -> str:
+def _parameters(
+    prompt, seed, size, settings: RenderSettings, options: GenerateOptions, adapters, column, tagged=()
+) -> str:
+    """The webuis' parameters text: the prompt as written (its tags at the strengths drawn), a tag for each --lora
+    adapter drawn, and the hashes of every adapter drawn."""
     drawn = [(a, a.scale * column.multiplier * column.factors.get(a.name, 1.0)) for a in adapters]
     drawn = [(a, scale) for a, scale in drawn if a.name not in column.factors or scale]  # a save's column: its own
     lora_tags = "".join(f" <lora:{a.path.name.split('.')[0]}:{scale:g}>" for a, scale in drawn)
+    hashed = drawn + [(a, scale) for a, scale in tagged if scale]
     extra: dict[str, Any] = {}
-    if drawn:
-        extra["Lora hashes"] = '"' + ", ".join(f"{a.path.name.split('.')[0]}: {a.short_hash}" for a, _ in drawn) + '"'
+    if hashed:
+        extra["Lora hashes"] = '"' + ", ".join(f"{a.path.name.split('.')[0]}: {a.short_hash}" for a, _ in hashed) + '"'
     if options.init:
         extra["Denoising strength"] = options.strength
     if options.upscale > 1:
@@ -345,7 +468,7 @@ def _parameters(prompt, seed, size, settings: RenderSettings, options: GenerateO
     if settings.clip_skip > 1:
         extra["Clip skip"] = settings.clip_skip
     return a1111_parameters(
-        prompt + lora_tags,
+        scale_lora_tags(prompt, column.multiplier) + lora_tags,
         negative_prompt=settings.negative_prompt,
         steps=settings.steps,
         sampler=SAMPLER_LABELS[settings.sampler],

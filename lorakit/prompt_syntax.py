@@ -100,6 +100,40 @@ _NETWORK_TAG = re.compile(r"<(?:lora|lyco|hypernet):[^>]*>", re.IGNORECASE)
 
 def network_tag(text: str) -> str | None:
     """The first of the webui's extra-network tags (`<lora:name:0.8>`, `<lyco:...>`, `<hypernet:...>`) in a prompt,
-    if any: lorakit loads adapters from options, and CLIP would read such a tag as words."""
+    if any: CLIP would read such a tag as words."""
     found = _NETWORK_TAG.search(text)
     return found[0] if found else None
+
+
+def lora_tags(text: str) -> tuple[str, list[tuple[str, str, float]]]:
+    """The prompt without its `<lora:NAME:W>` / `<lyco:NAME:W>` tags (W defaults to 1, as in the webuis), and each
+    tag as (what was written, NAME, W). ValueError names a tag lorakit cannot apply: a hypernetwork, or the webuis'
+    separate text-encoder / U-Net strengths (`<lora:NAME:0.8:0.5>`, `unet=`, `te=`, `dyn=`)."""
+    tags = []
+    for found in _NETWORK_TAG.finditer(text):
+        written = found[0]
+        kind, _, rest = written[1:-1].partition(":")
+        if kind.lower() == "hypernet":
+            raise ValueError(f"{written}: hypernetworks are not adapters lorakit loads")
+        name, _, weight = rest.partition(":")
+        if not name.strip():
+            raise ValueError(f"{written}: no adapter name; write <lora:NAME:0.8>")
+        try:
+            strength = float(weight) if weight.strip() else 1.0
+        except ValueError:
+            raise ValueError(
+                f"{written}: lorakit applies one strength to the whole adapter; write <{kind}:{name.strip()}:0.8>"
+            ) from None
+        tags.append((written, name.strip(), strength))
+    return _NETWORK_TAG.sub("", text), tags  # removed as the webuis remove them: what is left is encoded as is
+
+
+def scale_lora_tags(text: str, multiplier: float) -> str:
+    """`text` with the strength of each `<lora:NAME:W>` tag multiplied (what a `--compare-scales` column drew)."""
+
+    def scaled(found: re.Match) -> str:
+        kind, _, rest = found[0][1:-1].partition(":")
+        name, _, weight = rest.partition(":")
+        return f"<{kind}:{name}:{(float(weight) if weight.strip() else 1.0) * multiplier:g}>"
+
+    return text if multiplier == 1 else _NETWORK_TAG.sub(scaled, text)

@@ -257,3 +257,69 @@ def test_compare_saves_draws_each_saved_adapter_as_that_file_alone_does(tiny_bas
         ],
         "--compare-saves: needs one run folder as --lora (got 0)",
     )
+
+
+def test_webui_lora_tags_load_the_named_adapter_for_their_prompt_alone(trained_run, tiny_base, tmp_path):
+    """`<lora:NAME:W>` in a prompt draws what `--lora FILE:W` draws for that prompt, and the other prompts draw as
+    the base does; the PNG keeps the prompt as written, as the webuis do."""
+    import shutil
+
+    folder = tmp_path / "Lora" / "characters"
+    folder.mkdir(parents=True)
+    shutil.copy(trained_run.adapter, folder / "mychar.safetensors")
+    (folder / "notes.txt").write_text("not an adapter")
+    base = ["--base", str(tiny_base), *FAST]
+    tagged = tmp_path / "tagged"
+    _generate(
+        "ohwx toy <lora:mychar:0.8>", "red disc", "--lora-dir", str(tmp_path / "Lora"), "--out", str(tagged), *base
+    )
+    _generate("ohwx toy", "--lora", f"{trained_run.adapter}:0.8", "--out", str(tmp_path / "flag"), *base)
+    _generate("ohwx toy", "red disc", "--out", str(tmp_path / "plain"), *base)
+    plain = tmp_path / "plain"
+    assert np.array_equal(_pixels(tagged / "000-seed0.png"), _pixels(tmp_path / "flag" / "000-seed0.png"))
+    assert np.array_equal(_pixels(tagged / "001-seed0.png"), _pixels(plain / "001-seed0.png"))
+    assert not np.array_equal(_pixels(tagged / "000-seed0.png"), _pixels(plain / "000-seed0.png"))
+    with Image.open(tagged / "000-seed0.png") as first, Image.open(tagged / "001-seed0.png") as second:
+        written, other = (parse_a1111_parameters(i.text["parameters"]) for i in (first, second))
+    with safe_open(str(trained_run.adapter), "pt") as f:
+        assert written["Lora hashes"] == f"mychar: {f.metadata()['sshs_model_hash'][:12]}"
+    assert written["prompt"] == "ohwx toy <lora:mychar:0.8>" and "Lora hashes" not in other
+    # a compare-scales column multiplies the tag's strength, and says so
+    _generate(
+        "ohwx toy <lora:mychar:0.8>",
+        "--lora-dir",
+        str(folder),
+        "--compare-scales",
+        "0,0.5",
+        "--out",
+        str(tmp_path / "c"),
+        *base,
+    )
+    with Image.open(tmp_path / "c" / "001-seed0-x0.5.png") as image:
+        assert parse_a1111_parameters(image.text["parameters"])["prompt"] == "ohwx toy <lora:mychar:0.4>"
+    assert np.array_equal(_pixels(tmp_path / "c" / "000-seed0-x0.png"), _pixels(plain / "000-seed0.png"))
+
+
+@pytest.mark.parametrize(
+    ("prompt", "extra", "fragment"),
+    [
+        ("a toy <lora:mychar:0.8>", [], "a prompt holds the webui tag <lora:mychar:0.8>; give the folder of its file"),
+        ("a toy <lora:mychr:0.8>", ["--lora-dir", "{dir}"], "mychr.safetensors under --lora-dir"),
+        ("a toy <lora:mychr:0.8>", ["--lora-dir", "{dir}"], "; close names: mychar"),
+        ("a toy <lora:mychar:0.8:0.5>", ["--lora-dir", "{dir}"], "lorakit applies one strength to the whole adapter"),
+        ("a toy <hypernet:x:1>", ["--lora-dir", "{dir}"], "<hypernet:x:1>: hypernetworks are not adapters"),
+        ("<lora:mychar> a <lora:mychar:1>", ["--lora-dir", "{dir}"], "names the adapter 'mychar' twice"),
+        ("a toy <lora:mychar>", ["--lora-dir", "{dir}/nowhere"], "/nowhere: not a folder"),
+        (
+            "a toy",
+            ["--negative", "<lyco:bad>"],
+            "--negative holds the webui tag <lyco:bad>, which lorakit would encode",
+        ),
+    ],
+)
+def test_webui_lora_tags_that_cannot_be_applied_are_named(tiny_base, tmp_path, prompt, extra, fragment):
+    (tmp_path / "loras").mkdir()
+    (tmp_path / "loras" / "mychar.safetensors").write_bytes(b"")
+    extra = [e.replace("{dir}", str(tmp_path / "loras")) for e in extra]
+    _fails([prompt, "--base", str(tiny_base), *extra, "--out", str(tmp_path / "g"), *FAST], fragment)
+    assert not (tmp_path / "g").exists()
