@@ -146,8 +146,17 @@ OPTIMIZERS = {
     "pagedlion8bit": "lion8bit",
     "prodigy": "prodigy",
     "adafactor": "adafactor",
+    "adamwschedulefree": "adamw_schedulefree",
 }
-SCHEDULERS = typing.get_args(LrScheduler)  # the recipe's own names, which are kohya's
+SCHEDULERS = typing.get_args(LrScheduler)
+SCHEDULE_SHAPES = (  # kohya's settings of the schedule, each a recipe key of the same name
+    "lr_scheduler",
+    "lr_warmup_steps",
+    "lr_scheduler_num_cycles",
+    "lr_scheduler_power",
+    "lr_scheduler_min_lr_ratio",
+    "lr_decay_steps",
+)  # the recipe's own names, which are kohya's
 SAMPLERS = {
     "euler": "euler",
     "k_euler": "euler",
@@ -640,6 +649,16 @@ def _optimizer(left: dict[str, Any], result: Imported) -> None:
         return
     result.set("train.optimizer", name, source)
     result.mapped += ([source] if source != default else []) + (["optimizer_args"] if has_args else [])
+    if name == "adamw_schedulefree":  # sd-scripts gives it a schedule that does nothing, and no warm-up
+        for kohya in SCHEDULE_SHAPES:
+            key = f"train.{kohya}"
+            if result.origin.get(key) == kohya:
+                del result.recipe["train"][key.split(".")[1]], result.origin[key]
+                result.mapped.remove(kohya)
+                result.unsupported.append(
+                    f"{kohya}: sd-scripts does not use it with {given} (no schedule; its warm-up is optimizer_args "
+                    "warmup_steps)"
+                )
     adafactor_fixed = {"scale_parameter": False, "relative_step": False, "warmup_init": False}
     for key, text in args.items():
         where = f"optimizer_args {key}"
@@ -653,6 +672,8 @@ def _optimizer(left: dict[str, Any], result: Imported) -> None:
             continue  # what lorakit's Adafactor uses anyway
         elif name == "prodigy" and key == "decouple" and _read(_bool, text, where):
             continue  # Prodigy's default
+        elif name == "adamw_schedulefree" and key == "warmup_steps":
+            result.set("train.lr_warmup_steps", _read(int, text, where), where)
         else:
             result.unsupported.append(f"optimizer_args {key}={text}: not a setting lorakit passes to {name}")
 

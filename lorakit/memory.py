@@ -147,7 +147,7 @@ class MemoryEstimate:
 
 def optimizer_state_bytes(optimizer: str, numels: list[int]) -> int:
     """Bytes of optimizer state for trainable tensors of these sizes (float32 parameters)."""
-    if optimizer == "adamw":
+    if optimizer in ("adamw", "adamw_schedulefree"):  # exp_avg and exp_avg_sq; schedule-free's z and exp_avg_sq
         return sum(8 * n for n in numels)
     if optimizer == "adamw8bit":
         return sum(8 * n if n < BNB_MIN_8BIT_SIZE else 2 * n + 2 * 4 * math.ceil(n / BNB_BLOCK) for n in numels)
@@ -160,8 +160,8 @@ def optimizer_state_bytes(optimizer: str, numels: list[int]) -> int:
     if optimizer == "lion8bit":  # one 8-bit momentum buffer with its block scales; float32 under the threshold
         return sum(4 * n if n < BNB_MIN_8BIT_SIZE else n + 4 * math.ceil(n / BNB_BLOCK) for n in numels)
     raise RecipeError(
-        f"train.optimizer: {optimizer!r} has no memory model; use adamw8bit, adamw, adafactor, prodigy, lion8bit or "
-        "lion"
+        f"train.optimizer: {optimizer!r} has no memory model; use adamw8bit, adamw, adafactor, prodigy, lion8bit, "
+        "lion or adamw_schedulefree"
     )
 
 

@@ -20,7 +20,9 @@ DEFAULT_BETAS = {
     "lion8bit": (0.9, 0.99),
     "lion": (0.9, 0.99),
     "prodigy": (0.9, 0.999),
+    "adamw_schedulefree": (0.9, 0.999),
 }
+SCHEDULE_FREE = ("adamw_schedulefree",)
 
 
 def hyperparameters(section: TrainSection) -> dict[str, Any]:
@@ -33,6 +35,8 @@ def hyperparameters(section: TrainSection) -> dict[str, Any]:
         options["betas"] = tuple(section.betas) if section.betas else DEFAULT_BETAS[name]
     if name == "adafactor":
         options |= {"scale_parameter": False, "relative_step": False, "warmup_init": False}
+    if name in SCHEDULE_FREE:  # the warm-up is the optimizer's own: it weighs the average by the warmed-up rate
+        options["warmup_steps"] = section.lr_warmup_steps
     if name == "prodigy":
         options |= {
             "d_coef": section.prodigy_d_coef,
@@ -86,6 +90,17 @@ def build_optimizer(section: TrainSection, param_groups: list[dict[str, Any]]) -
                 "run `pip install prodigyopt` or choose 'adamw8bit'"
             ) from None
         return Prodigy(param_groups, **options)
+    if name == "adamw_schedulefree":
+        try:
+            from schedulefree import AdamWScheduleFree
+        except ImportError:
+            raise LorakitError(
+                "train.optimizer: 'adamw_schedulefree' needs the schedulefree package; "
+                "run `pip install schedulefree` or choose 'adamw8bit'"
+            ) from None
+        optimizer = AdamWScheduleFree(param_groups, **options)
+        optimizer.train()  # it steps only in train mode; lorakit never leaves it (see averaged_weights)
+        return optimizer
     raise LorakitError(f"train.optimizer: unknown optimizer {name!r}")
 
 
@@ -117,6 +132,24 @@ def schedule_factor(step: int, kind: str, warmup: int, total: int, decay: int = 
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def averaged_weights(optimizer: Any, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """Schedule-free AdamW's weights to use: it steps at y, between its running average x and its iterate z, and x is
+    what it is meant to be used at (x = y + (1 - 1/beta1) (z - y), what its `eval()` turns the parameters into). The
+    x of each of `params` (by name), computed aside so the parameters are never moved back and forth; None for the
+    other optimizers, whose weights are the parameters."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it
+    if not any("train_mode" in group for group in inner.param_groups):
+        return None
+    beta1 = {id(p): group["betas"][0] for group in inner.param_groups for p in group["params"]}
+    averaged = {}
+    with torch.no_grad():
+        for name, param in params.items():
+            z = inner.state.get(param, {}).get("z")
+            weight = 1 - 1 / beta1[id(param)]
+            averaged[name] = param.detach().clone() if z is None else torch.lerp(param.detach(), z, weight)
+    return averaged
+
+
 def build_lr_scheduler(section: TrainSection, optimizer: Any) -> Any:
     """The learning-rate schedule, stepped once per optimizer step over `max_steps` (resolved by then)."""
 
@@ -128,6 +161,8 @@ def build_lr_scheduler(section: TrainSection, optimizer: Any) -> Any:
             return schedule_factor(step, kind, warmup, total, decay, floor)
 
         return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    if section.optimizer in SCHEDULE_FREE:  # no schedule: the rate stays, and the optimizer warms it up itself
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     return get_scheduler(
         section.lr_scheduler,
         optimizer,

@@ -124,11 +124,16 @@ def test_dataset_problems_name_the_file(tiny_base, tiny_dataset, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_missing_prodigy_names_the_pip_command(tiny_base, tiny_dataset, tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "prodigyopt", None)
+@pytest.mark.parametrize(
+    ("optimizer", "package"), [("prodigy", "prodigyopt"), ("adamw_schedulefree", "schedulefree")]
+)
+def test_a_missing_optional_optimizer_names_the_pip_command(
+    tiny_base, tiny_dataset, tmp_path, monkeypatch, optimizer, package
+):
+    monkeypatch.setitem(sys.modules, package, None)
     recipe = write_recipe(
         tmp_path / "r.toml",
-        make_recipe_dict(tiny_base, tiny_dataset, tmp_path / "out", train={"optimizer": "prodigy"}),
+        make_recipe_dict(tiny_base, tiny_dataset, tmp_path / "out", train={"optimizer": optimizer}),
     )
-    _fails_cleanly(runner.invoke(app, ["train", str(recipe)]), "pip install prodigyopt")
+    _fails_cleanly(runner.invoke(app, ["train", str(recipe)]), f"pip install {package}")
     assert not (tmp_path / "out").exists()

@@ -381,3 +381,23 @@ def test_a_textual_inversion_config_becomes_an_embedding_alone_that_trains(tiny_
     ]
     ok(args)
     assert (tmp_path / "out" / "myword" / "embeddings" / "ohwx.safetensors").is_file()
+
+
+def test_a_schedule_free_config_keeps_its_warm_up_and_drops_the_schedule_kohya_ignores(tiny_base, tmp_path):
+    """sd-scripts gives a schedule-free optimizer a schedule that does nothing and passes it no lr_warmup_steps; its
+    warm-up is `optimizer_args warmup_steps`. The recipe keeps that, trains without a schedule, and says so."""
+    config = _config(
+        tmp_path,
+        tiny_base,
+        **{
+            'optimizer_type = "Prodigy"': 'optimizer_type = "AdamWScheduleFree"',
+            '"d_coef=2", "use_bias_correction=True", "safeguard_warmup=True", "decouple=True", ': '"warmup_steps=20", ',
+            "lr_warmup_steps = 0.1": "lr_warmup_steps = 50",
+        },
+    )
+    recipe_path = tmp_path / "recipe.toml"
+    said = ok(["from-kohya", str(config), "--out", str(recipe_path)]).stdout
+    train = load_recipe(recipe_path).train
+    assert (train.optimizer, train.lr_warmup_steps, train.lr_scheduler) == ("adamw_schedulefree", 20, "constant")
+    assert "lr_scheduler: sd-scripts does not use it with AdamWScheduleFree (no schedule; its warm-up is" in said
+    assert "lr_warmup_steps: sd-scripts does not use it with AdamWScheduleFree" in said

@@ -115,14 +115,22 @@ def test_lion_state_is_predicted_byte_for_byte(optimizer, kind):
     assert measured == optimizer_state_bytes(optimizer, sizes)
 
 
-def test_adamw_state_is_two_float32_moments():
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw_schedulefree"])
+def test_adamw_state_is_two_float32_tensors_per_parameter(optimizer):
     params = [torch.nn.Parameter(torch.randn(n)) for n in (10, 5000)]
-    optimizer = torch.optim.AdamW(params)
+    if optimizer == "adamw":
+        built = torch.optim.AdamW(params)
+    else:
+        from schedulefree import AdamWScheduleFree
+
+        built = AdamWScheduleFree(params)
+        built.train()
     for p in params:
         p.grad = torch.randn_like(p)
-    optimizer.step()
-    measured = sum(t.numel() * 4 for p in params for k, t in optimizer.state[p].items() if k != "step")
-    assert measured == optimizer_state_bytes("adamw", [10, 5000])
+    built.step()
+    state = [t for p in params for k, t in built.state[p].items() if torch.is_tensor(t) and k != "step"]
+    assert all(t.dtype == torch.float32 for t in state)
+    assert sum(t.numel() * 4 for t in state) == optimizer_state_bytes(optimizer, [10, 5000])
 
 
 # Tier A of ../shared/memory-readings.md: SDXL, 1024 px, U-Net LoRA on the transformer blocks' linear layers,

@@ -47,6 +47,7 @@ def _assert_equal_files(a, b):
             {"lr_scheduler": "cosine_with_restarts", "lr_scheduler_num_cycles": 2},
             {"rank_dropout": 0.3, "module_dropout": 0.3},
         ),
+        ({"optimizer": "adamw_schedulefree", "lr_warmup_steps": 2}, {}),
     ],
     ids=[
         "adamw-cosine",
@@ -56,6 +57,7 @@ def _assert_equal_files(a, b):
         "lokr",
         "tlora-checkpointing",
         "restarts-rank-module-dropout",
+        "schedulefree",
     ],
 )
 def test_half_then_resume_equals_straight(tiny_base, tiny_dataset, tmp_path, train_cfg, lora_cfg):
@@ -158,3 +160,37 @@ def test_ema_weights_are_exported_instead_of_the_raw_ones(tiny_base, tiny_datase
     file_key = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight"
     assert torch.equal(exported[file_key], ema[f"unet.{name}"])
     assert not torch.equal(exported[file_key], raw[name].detach())
+
+
+def test_schedule_free_saves_its_average_and_samples_leave_its_steps_alone(
+    tiny_base, tiny_dataset, tmp_path, monkeypatch
+):
+    """Schedule-free AdamW steps at y and is meant to be used at its average x = y + (1 - 1/beta1)(z - y): the
+    adapter saved is x, and samples and validation in the middle of the run (drawn with x) put y back exactly, so
+    the run with them ends where the run without them does."""
+    import lorakit.train.setup as setup
+
+    built = []
+    real = setup.build_optimizer
+    monkeypatch.setattr(setup, "build_optimizer", lambda cfg, groups: built.append(real(cfg, groups)) or built[-1])
+    train_cfg = {"max_steps": 4, "optimizer": "adamw_schedulefree", "lr_warmup_steps": 2, "unet_lr": 1e-3}
+    plain = _train(tiny_base, tiny_dataset, tmp_path / "a", train=train_cfg)
+    watched = _train(
+        tiny_base,
+        tiny_dataset,
+        tmp_path / "b",
+        train=train_cfg,
+        sample={"prompts": ["ohwx toy"], "every_steps": 2, "steps": 2},
+        validation={"folder": str(tiny_dataset), "every_steps": 1},
+    )
+    assert len(list((watched.run_dir / "samples").rglob("*.png"))) == 2
+    rows = [json.loads(line) for line in (watched.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all("val_loss" in row for row in rows)
+    _assert_equal_files(plain.adapter, watched.adapter)
+    optimizer = built[-1]
+    name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.default.weight"
+    y = dict(watched.models["unet"].named_parameters())[name].detach()
+    z = optimizer.state[dict(watched.models["unet"].named_parameters())[name]]["z"]
+    exported = load_file(watched.diffusers_adapter)["unet." + name.replace(".default", "")]
+    assert torch.equal(exported, torch.lerp(y, z, 1 - 1 / 0.9))
+    assert not torch.allclose(exported, y)

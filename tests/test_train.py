@@ -136,6 +136,7 @@ def test_fp16_on_cpu_says_so_and_runs_float32(tiny_base, tiny_dataset, tmp_path,
         ("prodigy", "Prodigy"),
         ("lion8bit", "Lion8bit"),
         ("lion", "Lion"),
+        ("adamw_schedulefree", "AdamWScheduleFree"),
     ],
 )
 def test_each_optimizer_trains(tiny_base, tiny_dataset, tmp_path, monkeypatch, optimizer, expected):
@@ -268,6 +269,15 @@ def test_optimizer_settings_reach_the_optimizer_and_a_resume_applies_changed_one
             '"prodigy" or remove it',
         ),
         ({"betas": [0.9, 1.0]}, "train.betas: 1.0 is outside 0..0.9999"),
+        (
+            {"optimizer": "adamw_schedulefree", "lr_scheduler": "cosine"},
+            "train.lr_scheduler: 'cosine', but schedule-free AdamW needs no schedule; set lr_scheduler = \"constant\"",
+        ),
+        (
+            {"optimizer": "adamw_schedulefree", "ema_decay": 0.9},
+            "train.ema_decay: schedule-free AdamW saves a running",
+        ),
+        ({"optimizer": "adamw_schedulefree", "scale_weight_norms": 1.0}, "train.scale_weight_norms: schedule-free"),
     ],
 )
 def test_optimizer_settings_the_optimizer_lacks_are_refused(keys, fragment):

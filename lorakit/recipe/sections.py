@@ -9,7 +9,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
-Optimizer = Literal["adamw8bit", "adamw", "adafactor", "prodigy", "lion8bit", "lion"]
+Optimizer = Literal["adamw8bit", "adamw", "adafactor", "prodigy", "lion8bit", "lion", "adamw_schedulefree"]
 LrScheduler = Literal[
     "constant",
     "constant_with_warmup",
@@ -228,12 +228,14 @@ class TrainSection:
     optimizer: Optimizer = "adamw8bit"
     """`adamw8bit` (bitsandbytes, 8-bit state), `adamw`, `adafactor`, `prodigy` (needs `pip install prodigyopt`;
     use learning rates of 1.0), or `lion8bit` / `lion` (bitsandbytes; one momentum buffer, so half AdamW's state:
-    use a learning rate 3-10x lower and a weight decay 3-10x higher than AdamW's)."""
+    use a learning rate 3-10x lower and a weight decay 3-10x higher than AdamW's), or `adamw_schedulefree`
+    (schedule-free AdamW, needs `pip install schedulefree`: no schedule, the warm-up is `lr_warmup_steps`, and the
+    adapter saved, sampled and validated is the optimizer's running average of the weights)."""
     weight_decay: float = 1e-2
     """Decoupled weight decay of the optimizer."""
     betas: list[float] | None = None
-    """The optimizer's two momentum coefficients (kohya's `optimizer_args betas=0.9,0.99`) for AdamW, Lion and
-    Prodigy; unset: each optimizer's own (0.9, 0.999; Lion 0.9, 0.99)."""
+    """The optimizer's two momentum coefficients (kohya's `optimizer_args betas=0.9,0.99`) for AdamW (schedule-free
+    too), Lion and Prodigy; unset: each optimizer's own (0.9, 0.999; Lion 0.9, 0.99)."""
     prodigy_d_coef: float = 1.0
     """Prodigy: scales the step size it finds (kohya's `d_coef`); above 1 learns faster, below 1 gentler."""
     prodigy_use_bias_correction: bool = False

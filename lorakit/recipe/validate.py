@@ -401,6 +401,30 @@ def _block_curve_problems(train) -> list[str]:
     ]
 
 
+def _schedule_free_problems(train) -> list[str]:
+    """Settings that schedule-free AdamW would make meaningless: a schedule (it has none; its warm-up is its own), an
+    EMA (it keeps a running average already, and that is what it saves) and the weight-norm cap (the cap reaches the
+    weights it steps at, not the average it saves)."""
+    if train.optimizer != "adamw_schedulefree":
+        return []
+    problems = []
+    if train.lr_scheduler not in ("constant", "constant_with_warmup"):
+        problems.append(
+            f"train.lr_scheduler: {train.lr_scheduler!r}, but schedule-free AdamW needs no schedule; set "
+            'lr_scheduler = "constant" (train.lr_warmup_steps still warms it up)'
+        )
+    if train.ema_decay:
+        problems.append(
+            "train.ema_decay: schedule-free AdamW saves a running average of the weights already; remove ema_decay"
+        )
+    if train.scale_weight_norms is not None:
+        problems.append(
+            "train.scale_weight_norms: schedule-free AdamW saves an average that the cap does not reach; remove it or "
+            'choose train.optimizer = "adamw"'
+        )
+    return problems
+
+
 def _schedule_problems(train) -> list[str]:
     """Learning-rate schedule shapes that the chosen schedule would ignore, and optimizer settings that the chosen
     optimizer does not have."""
@@ -429,6 +453,7 @@ def _schedule_problems(train) -> list[str]:
             f"{train.lr_scheduler!r}); set that schedule or remove the key"
         )
     problems += _timestep_bias_problems(train)
+    problems += _schedule_free_problems(train)
     if train.lr_scheduler_power != 1 and train.lr_scheduler != "polynomial":
         problems.append(
             f"train.lr_scheduler_power: only shapes lr_scheduler = 'polynomial' (this recipe has "

@@ -7,6 +7,7 @@ the interrupted one would have gone.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -14,7 +15,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -57,7 +58,7 @@ from ..formats.files import save_adapter_files
 from ..formats.metadata import training_info
 from ..memory import adapter_bytes, checkpoint_bytes
 from ..models import BaseModel, apply_token_weights, encode_prompts, tokenize, tokenize_weighted
-from ..optim import reapply_hyperparameters
+from ..optim import averaged_weights, reapply_hyperparameters
 from ..progress import progress_bar
 from ..recipe import Recipe, recipe_to_dict
 from .images import render_samples
@@ -329,16 +330,44 @@ def average_embedding_gradients(run: Run) -> None:
             module.vectors.grad = run.accelerator.reduce(module.vectors.grad, "mean")
 
 
-def adapter_state(run: Run) -> dict[str, Any]:
-    """The adapters to export, by component: the EMA weights where the recipe keeps an EMA, else the trained ones."""
-    models = run.unwrapped()
-    ema_weights = {}
+def exported_weights(run: Run) -> dict[str, Any] | None:
+    """The weights that are saved instead of the trained tensors, by `named_trainable` name: the EMA's where the
+    recipe keeps one, schedule-free AdamW's running average with that optimizer; None otherwise."""
     if run.ema is not None:
-        ema_weights = {
-            name: {n[len(name) + 1 :]: t for n, t in run.ema.shadow.items() if n.startswith(name + ".")}
-            for name in models
-        }
-    return {name: adapters.extract_adapters(m, ema_weights.get(name)) for name, m in models.items()}
+        return run.ema.shadow
+    return averaged_weights(run.optimizer, run.named_trainable())
+
+
+@contextlib.contextmanager
+def averaged_in_place(run: Run) -> Iterator[None]:
+    """Samples and validation with schedule-free AdamW: its running average is put into the adapters for the block,
+    and the trained tensors are put back exactly afterwards (its own `eval()` / `train()` round trip would move
+    them by rounding, on the writing process only)."""
+    averaged = averaged_weights(run.optimizer, run.named_trainable())
+    if averaged is None:
+        yield
+        return
+    params = run.named_trainable()
+    kept = {name: p.detach().clone() for name, p in params.items()}
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(averaged[name])
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(kept[name])
+
+
+def adapter_state(run: Run) -> dict[str, Any]:
+    """The adapters to export, by component: `exported_weights` where there are such, else the trained ones."""
+    models = run.unwrapped()
+    weights = exported_weights(run) or {}
+    by_component = {
+        name: {n[len(name) + 1 :]: t for n, t in weights.items() if n.startswith(name + ".")} for name in models
+    }
+    return {name: adapters.extract_adapters(m, by_component[name] or None) for name, m in models.items()}
 
 
 def save_intermediate_adapter(run: Run, epoch: int | None) -> Path:
@@ -378,7 +407,7 @@ def save_embedding(run: Run, suffix: str = "") -> Path | None:
     if not run.embeddings:
         return None
     token = run.recipe.embedding.token
-    weights = run.ema.shadow if run.ema is not None else run.named_trainable()
+    weights = exported_weights(run) or run.named_trainable()
     vectors = [weights[f"embedding.{name}"] for name in run.embeddings]
     path = run.paths.embedding(token, suffix)
     path.parent.mkdir(exist_ok=True)
@@ -579,7 +608,8 @@ def fit(run: Run) -> float:
         torch.cuda.reset_peak_memory_stats(run.device)
     if recipe.sample.at_first and run.step == 0:  # what the base draws, before any step (not again on a resume)
         if accelerator.is_main_process:
-            render_samples(run)
+            with averaged_in_place(run):
+                render_samples(run)
         accelerator.wait_for_everyone()
     stops = _StopRequests(accelerator.num_processes == 1)
     with progress_bar("Training", cfg.max_steps - run.step, quiet=run.quiet) as bar, stops:
@@ -607,7 +637,8 @@ def fit(run: Run) -> float:
                 or _epoch_ended(epochs_before, run.epochs_done, recipe.validation.every_epochs) is not None
             )
             if validating:
-                row["val_loss"] = validation_loss(run, *validation)
+                with averaged_in_place(run):
+                    row["val_loss"] = validation_loss(run, *validation)
             epoch_end = _epoch_ended(epochs_before, run.epochs_done, cfg.save_every_epochs)
             saving = due(run.step, cfg.save_every_steps, cfg.max_steps) or epoch_end is not None
             sample_epoch = _epoch_ended(epochs_before, run.epochs_done, recipe.sample.every_epochs)
@@ -625,7 +656,8 @@ def fit(run: Run) -> float:
                     if recipe.output.intermediate_adapters and run.step < cfg.max_steps:
                         save_intermediate_adapter(run, epoch_end)
                 if sampling:
-                    render_samples(run)
+                    with averaged_in_place(run):
+                        render_samples(run)
             if saving or sampling:
                 accelerator.wait_for_everyone()  # the other processes wait while the main one writes
             bar.advance(1, loss=f"{loss:.4f}")
@@ -656,7 +688,8 @@ def _stop(run: Run, number: int, saved: bool) -> None:
 
 def _log_metrics(run: Run, row: dict[str, Any], start: float) -> None:
     """One `metrics.jsonl` line (and a TensorBoard point): loss, validation loss, learning rates, epoch, time."""
-    lrs = {f"lr_{g['name']}": g["lr"] for g in run.optimizer.param_groups}
+    # schedule-free AdamW warms its rate up inside the step and records it as `scheduled_lr`
+    lrs = {f"lr_{g['name']}": g.get("scheduled_lr", g["lr"]) for g in run.optimizer.param_groups}
     row = {
         **row,
         **lrs,
