@@ -124,9 +124,7 @@ def test_dataset_problems_name_the_file(tiny_base, tiny_dataset, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize(
-    ("optimizer", "package"), [("prodigy", "prodigyopt"), ("adamw_schedulefree", "schedulefree")]
-)
+@pytest.mark.parametrize(("optimizer", "package"), [("prodigy", "prodigyopt"), ("adamw_schedulefree", "schedulefree")])
 def test_a_missing_optional_optimizer_names_the_pip_command(
     tiny_base, tiny_dataset, tmp_path, monkeypatch, optimizer, package
 ):

@@ -391,7 +391,9 @@ def test_a_schedule_free_config_keeps_its_warm_up_and_drops_the_schedule_kohya_i
         tiny_base,
         **{
             'optimizer_type = "Prodigy"': 'optimizer_type = "AdamWScheduleFree"',
-            '"d_coef=2", "use_bias_correction=True", "safeguard_warmup=True", "decouple=True", ': '"warmup_steps=20", ',
+            '"d_coef=2", "use_bias_correction=True", "safeguard_warmup=True", "decouple=True", ': (
+                '"warmup_steps=20", '
+            ),
             "lr_warmup_steps = 0.1": "lr_warmup_steps = 50",
         },
     )
