@@ -87,14 +87,19 @@ def add_new_tokens(
     return module
 
 
-def embedding_file(vectors: list[torch.Tensor], family: str, token: str) -> bytes:
+def embedding_file(vectors: list[torch.Tensor], family: str, token: str, steps: int) -> bytes:
     """The textual-inversion file: one (vectors x width) float32 tensor per text encoder, under the names the webuis
-    and diffusers read, and the word it stands for in the metadata."""
+    and diffusers read, and in the metadata the word it stands for and the optimizer steps it trained."""
     from safetensors.torch import save
 
     keys = EMBEDDING_KEYS[family]
     tensors = {key: v.detach().float().cpu().contiguous() for key, v in zip(keys, vectors, strict=True)}
-    metadata = {"lorakit_token": token, "lorakit_vectors": str(vectors[0].shape[0]), "lorakit_architecture": family}
+    metadata = {
+        "lorakit_token": token,
+        "lorakit_vectors": str(vectors[0].shape[0]),
+        "lorakit_architecture": family,
+        "lorakit_steps": str(steps),
+    }
     return save(tensors, metadata=metadata)
 
 
@@ -157,24 +162,48 @@ def read_embedding(path: Path, word: str | None = None) -> EmbeddingFile:
     return EmbeddingFile(path, word or metadata.get("lorakit_token") or path.stem, vectors, metadata)
 
 
-def load_embedding(pipe: Any, path: Path, word: str | None = None) -> str:
-    """A textual-inversion file into a diffusers pipeline, under its word (`read_embedding`); returns the word.
-    AdapterError, naming the file, for one made for another architecture."""
-    embedding = read_embedding(path, word)
-    sdxl = getattr(pipe, "text_encoder_2", None) is not None
+def _pipeline_encoders(pipe: Any, embedding: EmbeddingFile) -> list[tuple[torch.Tensor, Any, Any]]:
+    """(vectors, text encoder, tokenizer) for each of the pipeline's text encoders, CLIP-L's first. AdapterError,
+    naming the file, for an embedding made for another architecture."""
+    path, sdxl = embedding.path, getattr(pipe, "text_encoder_2", None) is not None
     if embedding.family == "sdxl" and not sdxl:
         raise AdapterError(f"{path}: an SDXL embedding (clip_l and clip_g) but the base is SD 1.x/2.x")
     if embedding.family != "sdxl" and sdxl:
         raise AdapterError(f"{path}: an SD 1.x/2.x embedding (one tensor) but the base is SDXL (clip_l and clip_g)")
     encoders = [(pipe.text_encoder, pipe.tokenizer)] + ([(pipe.text_encoder_2, pipe.tokenizer_2)] if sdxl else [])
-    ordered = [embedding.vectors[key] for key in EMBEDDING_KEYS["sdxl" if sdxl else "sd1"]]  # CLIP-L's first
-    for vectors, (encoder, tokenizer) in zip(ordered, encoders, strict=True):
+    ordered = [embedding.vectors[key] for key in EMBEDDING_KEYS["sdxl" if sdxl else "sd1"]]
+    for vectors, (encoder, _) in zip(ordered, encoders, strict=True):
         width = encoder.get_input_embeddings().weight.shape[1]
         if vectors.shape[1] != width:
             raise AdapterError(
                 f"{path}: its vectors are {vectors.shape[1]} wide but this base's text encoder takes {width}; the "
                 "embedding is for another architecture"
             )
+    return [(vectors, encoder, tokenizer) for vectors, (encoder, tokenizer) in zip(ordered, encoders, strict=True)]
+
+
+def replace_embedding(pipe: Any, path: Path, word: str) -> None:
+    """Put the vectors of `path` in place of those the word `word` was loaded with (another save of the same run's
+    embedding), in the rows diffusers gave its tokens (`word`, `word_1`, ...): the pipeline then encodes as if it
+    had loaded `path` under that word."""
+    embedding = read_embedding(path, word)
+    for vectors, encoder, tokenizer in _pipeline_encoders(pipe, embedding):
+        names = [word] + [f"{word}_{i}" for i in range(1, vectors.shape[0])]
+        ids = tokenizer.convert_tokens_to_ids(names)
+        if tokenizer.unk_token_id in ids or f"{word}_{vectors.shape[0]}" in tokenizer.get_vocab():
+            raise AdapterError(
+                f"{path}: {vectors.shape[0]} vectors, but the word {word!r} was loaded with another count"
+            )
+        table = encoder.get_input_embeddings().weight
+        with torch.no_grad():
+            table[ids] = vectors.to(table.device, table.dtype)
+
+
+def load_embedding(pipe: Any, path: Path, word: str | None = None) -> str:
+    """A textual-inversion file into a diffusers pipeline, under its word (`read_embedding`); returns the word.
+    AdapterError, naming the file, for one made for another architecture."""
+    embedding = read_embedding(path, word)
+    for vectors, encoder, tokenizer in _pipeline_encoders(pipe, embedding):
         try:
             pipe.load_textual_inversion(vectors, token=embedding.word, text_encoder=encoder, tokenizer=tokenizer)
         except ValueError as err:  # diffusers' refusals: a word already in the vocabulary, or loaded twice

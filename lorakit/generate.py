@@ -18,7 +18,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .bake import merge_files
 from .checkpoint import RunPaths
-from .embedding import load_embedding
+from .embedding import EMBEDDINGS_FOLDER, load_embedding, read_embedding, replace_embedding
 from .errors import AdapterError, LorakitError
 from .files import file_sha256
 from .formats.metadata import a1111_short_hash
@@ -187,17 +187,19 @@ def generate(
     adapters, defaults = resolve_adapters(list(options.loras), options.allow_pickle)
     tag_adapters = tagged.load(options.allow_pickle)
     columns = [Column(f"scale {m:g}", f"-x{m:g}", m) for m in options.compare_scales] or [Column("", "", 1.0)]
-    if options.compare_saves and defaults.embedding is not None:
-        raise LorakitError(
-            "--compare-saves: the run trained an [embedding], which changes with every save too; compare its saves "
-            "with the webuis (each adapter with its embeddings/ file), or render each save on its own"
-        )
     if options.compare_saves:
-        saved = _saved_adapters(list(options.loras), adapters, options.allow_pickle)
-        adapters += [adapter for adapter, _ in saved[:-1]]  # the final one is the run folder's own --lora
+        saves = _saves(list(options.loras), adapters, options.allow_pickle)
+        adapters += [save.adapter for save in saves[:-1] if save.adapter]  # the final one is the run folder's own
+        drawn = [save.adapter for save in saves if save.adapter]
         columns = [
-            Column(label, "-" + re.sub(r"[^a-z0-9]+", "", label.split(" (")[0]), 1.0, _only(adapter, saved))
-            for adapter, label in saved
+            Column(
+                save.label,
+                "-" + re.sub(r"[^a-z0-9]+", "", save.label.split(" (")[0]),
+                1.0,
+                {adapter.name: float(adapter is save.adapter) for adapter in drawn},
+                save.embedding,
+            )
+            for save in saves
         ]
     base = options.base or defaults.base
     if base is None:
@@ -213,8 +215,9 @@ def generate(
         said = merge_files(list(defaults.merged), models, family, "the run's model.merged_adapters")
         log(f"The run's model.merged_adapters: {said}")
     apply_adapters(pipe, adapters + tag_adapters)  # checks the adapters against the base first
+    run_word = None
     if defaults.embedding is not None:
-        word = load_embedding(pipe, defaults.embedding)
+        word = run_word = load_embedding(pipe, defaults.embedding)
         log(f"The run's embedding: {defaults.embedding}, the word {word!r}")
     for file, word in options.embeddings:
         word = load_embedding(pipe, Path(file).expanduser(), word)
@@ -238,6 +241,8 @@ def generate(
     total = len(rows) * len(columns) * (2 if options.upscale > 1 else 1)
     with progress_bar("Generating", total, quiet=quiet) as bar:
         for index, column in enumerate(columns):
+            if column.embedding is not None and run_word is not None:  # a save of a run that trains an [embedding]
+                replace_embedding(pipe, column.embedding, run_word)
             drawn: list[Any] = [None] * len(rows)
             for strengths, members in groups:  # the rows whose tags ask for the same strengths, drawn together
                 set_scales(pipe, adapters + tag_adapters, column.multiplier, {**column.factors, **strengths})
@@ -363,44 +368,73 @@ class Column:
     suffix: str
     multiplier: float
     factors: dict[str, float] = field(default_factory=dict)
+    embedding: Path | None = None  # a save's [embedding] file, put in place of the run's word for this column
 
 
-def _only(chosen: LoadedAdapter, saved: list[tuple[LoadedAdapter, str]]) -> dict[str, float]:
-    return {adapter.name: float(adapter is chosen) for adapter, _ in saved}
+@dataclass(frozen=True)
+class Save:
+    """One of the saves of a run folder that `--compare-saves` draws: its label ("step 500", "epoch 4 (step 20)",
+    "final (step 1500)"), its adapter (None for a run that trains an embedding alone) and its [embedding] file
+    (None for a run without one)."""
+
+    label: str
+    adapter: LoadedAdapter | None
+    embedding: Path | None
+    steps: int
 
 
-def _saved_adapters(
-    loras: list[tuple[str, float]], adapters: list[LoadedAdapter], allow_pickle: bool
-) -> list[tuple[LoadedAdapter, str]]:
-    """`--compare-saves`: each adapter the run folder among `loras` saved, oldest first and the final one last,
-    with its label ("step 500", "epoch 4 (step 20)", "final (step 1500)")."""
+_SAVE_SUFFIX = r"-(step\d{8}|\d{6})"  # what an intermediate save adds to the run's (or the token's) name
+
+
+def _saves(loras: list[tuple[str, float]], adapters: list[LoadedAdapter], allow_pickle: bool) -> list[Save]:
+    """`--compare-saves`: each save of the run folder among `loras` (an adapter, its embedding, or both), oldest first
+    and the final one last."""
     folders = [index for index, (text, _) in enumerate(loras) if Path(text).expanduser().is_dir()]
     if len(folders) != 1:
         raise LorakitError(
             f"--compare-saves: needs one run folder as --lora (got {len(folders)}), e.g. --lora output/character"
         )
     folder, scale = Path(loras[folders[0]][0]).expanduser(), loras[folders[0]][1]
-    paths = RunPaths(folder, load_recipe(RunPaths(folder, "").recipe).output.name)
-    files = paths.intermediate_adapters()
-    if not files:
+    recipe = load_recipe(RunPaths(folder, "").recipe)
+    paths = RunPaths(folder, recipe.output.name)
+    token = recipe.embedding.token if recipe.embedding else None
+    if recipe.embedding is not None and recipe.embedding.only:  # textual inversion: the embedding files are the saves
+        pattern = re.compile(re.escape(token) + _SAVE_SUFFIX + r"\.safetensors")
+        files = sorted(p for p in (folder / EMBEDDINGS_FOLDER).glob("*.safetensors") if pattern.fullmatch(p.name))
+        named = [(path, path.stem[len(token) :]) for path in files]
+        saves = [
+            _save(suffix, read_embedding(path).metadata.get("lorakit_steps", ""), None, path) for path, suffix in named
+        ]
+        saves.append(_final(None, paths.embedding(token)))
+    else:
+        files = paths.intermediate_adapters()
+        loaded, _ = resolve_adapters([(str(f), scale) for f in files], allow_pickle)
+        saves = []
+        for index, adapter in enumerate(loaded):
+            suffix = adapter.path.name.split(".")[0][len(paths.name) :]
+            embedding = paths.embedding(token, suffix) if token else None
+            renamed = replace(adapter, name=f"save{index}_{adapter.name}")
+            saves.append(_save(suffix, str(adapter.steps), renamed, embedding))
+        saves.append(_final(adapters[folders[0]], paths.embedding(token) if token else None))
+    if len(saves) < 2:
         raise LorakitError(
-            f"--compare-saves: {folder} holds no adapters saved before the end (they come with each checkpoint: "
+            f"--compare-saves: {folder} holds nothing saved before the end (saves come with each checkpoint: "
             "train.save_every_steps or train.save_every_epochs, and output.intermediate_adapters = true)"
         )
-    loaded, _ = resolve_adapters([(str(f), scale) for f in files], allow_pickle)
-    saved = []
-    for index, adapter in enumerate([*loaded, adapters[folders[0]]]):
-        step = adapter.steps
-        epoch = re.fullmatch(rf"{re.escape(paths.name)}-(\d{{6}})", adapter.path.name.split(".")[0])
-        label = f"epoch {int(epoch.group(1))} (step {step})" if epoch else f"step {step}"
-        if index == len(loaded):
-            label = f"final (step {step})"
-        if index == len(loaded):  # the run folder's own --lora, already among the adapters
-            saved.append((adapter, label, step))
-        else:
-            saved.append((replace(adapter, name=f"save{index}_{adapter.name}"), label, step))
-    ordered = sorted(saved[:-1], key=lambda entry: entry[2]) + saved[-1:]
-    return [(adapter, label) for adapter, label, _ in ordered]
+    return sorted(saves[:-1], key=lambda save: save.steps) + saves[-1:]
+
+
+def _save(suffix: str, steps: str, adapter: LoadedAdapter | None, embedding: Path | None) -> Save:
+    """An intermediate save, labelled by the epoch or step its name gives and the steps its metadata records."""
+    name = suffix.lstrip("-")
+    step = int(steps) if steps.isdigit() else int(name[4:]) if name.startswith("step") else 0
+    label = f"step {step}" if name.startswith("step") else f"epoch {int(name)}" + (f" (step {step})" if step else "")
+    return Save(label, adapter, embedding, step)
+
+
+def _final(adapter: LoadedAdapter | None, embedding: Path | None) -> Save:
+    steps = adapter.steps if adapter is not None else read_embedding(embedding).metadata.get("lorakit_steps", "")
+    return Save(f"final (step {steps})" if steps else "final", adapter, embedding, 0)
 
 
 def _triggered(prompt: str, plain: str, trigger: str) -> tuple[str, str]:

@@ -165,9 +165,60 @@ def test_generate_with_the_run_folder_loads_the_embedding(pivotal_run, tmp_path)
     ).output
     assert f"The run's embedding: {result.embedding}, the word 'ohwx'" in said
     assert len(list((tmp_path / "g").glob("*.png"))) >= 1
-    fails(
-        ["generate", "a photo", "--lora", str(result.run_dir), "--out", str(tmp_path / "h"), "--compare-saves"],
-        "--compare-saves: the run trained an [embedding]",
+
+
+def _pixels(path):
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def _compare_saves(run, out, fast) -> list[str]:
+    """`generate --compare-saves` on a run folder; the grid's column labels."""
+    import json
+
+    from PIL import Image
+
+    ok(["generate", "a ohwx toy", "--lora", str(run), "--compare-saves", *fast, "--out", str(out)])
+    with Image.open(out / "grid.png") as grid:
+        return json.loads(grid.text["lorakit_grid"])["columns"]
+
+
+def test_compare_saves_draws_each_save_with_its_own_embedding(tiny_base, tiny_dataset, tmp_path):
+    """A pivotal run's saves: each column draws that save's adapter with that save's vectors, as the two files do
+    when loaded on their own."""
+    import numpy as np
+
+    sections = {"embedding": SECTION, "train": {"max_steps": 4, "save_every_steps": 2}}
+    run = _train(tiny_base, tiny_dataset, tmp_path / "run", **sections)[0].run_dir
+    early = run / "embeddings" / "ohwx-step00000002.safetensors"
+    assert not torch.equal(
+        load_file(early)["emb_params"], load_file(run / "embeddings" / "ohwx.safetensors")["emb_params"]
+    )
+    fast = ["--steps", "2", "--size", "64x64", "--quiet"]
+    assert _compare_saves(run, tmp_path / "saves", fast) == ["step 2", "final (step 4)"]
+    alone = tmp_path / "alone"
+    ok(
+        [
+            "generate",
+            "a ohwx toy",
+            "--base",
+            str(tiny_base),
+            "--lora",
+            str(run / "run-step00000002.safetensors"),
+            "--embedding",
+            str(early),
+            *fast,
+            "--out",
+            str(alone),
+        ]
+    )
+    assert np.array_equal(_pixels(tmp_path / "saves" / "000-seed0-step2.png"), _pixels(alone / "000-seed0.png"))
+    ok(["generate", "a ohwx toy", "--lora", str(run), *fast, "--out", str(tmp_path / "final")])
+    assert np.array_equal(
+        _pixels(tmp_path / "saves" / "001-seed0-final.png"), _pixels(tmp_path / "final" / "000-seed0.png")
     )
 
 
@@ -305,6 +356,26 @@ def test_an_embedding_alone_trains_only_its_vectors(tiny_base, tiny_dataset, tmp
         ]
     )
     assert (tmp_path / "g1" / "000-seed1.png").read_bytes() == (tmp_path / "g2" / "000-seed1.png").read_bytes()
+    # --compare-saves: a column per saved embedding, each drawing what that file draws on its own
+    assert _compare_saves(result.run_dir, tmp_path / "saves", fast) == ["step 2", "final (step 4)"]
+    early = result.run_dir / "embeddings" / "ohwx-step00000002.safetensors"
+    ok(
+        [
+            "generate",
+            "a ohwx toy",
+            "--base",
+            str(tiny_base),
+            "--embedding",
+            str(early),
+            *fast,
+            "--out",
+            str(tmp_path / "g3"),
+        ]
+    )
+    saves = tmp_path / "saves"
+    assert (_pixels(saves / "000-seed1-step2.png") == _pixels(tmp_path / "g3" / "000-seed1.png")).all()
+    assert (_pixels(saves / "001-seed1-final.png") == _pixels(tmp_path / "g1" / "000-seed1.png")).all()
+    assert not (_pixels(saves / "000-seed1-step2.png") == _pixels(saves / "001-seed1-final.png")).all()
     # a resume continues it exactly
     resumed_dir = tmp_path / "b" / "run"
     shutil.copytree(result.run_dir, resumed_dir)

@@ -229,8 +229,9 @@ class TrainSection:
     """`adamw8bit` (bitsandbytes, 8-bit state), `adamw`, `adafactor`, `prodigy` (needs `pip install prodigyopt`;
     use learning rates of 1.0), or `lion8bit` / `lion` (bitsandbytes; one momentum buffer, so half AdamW's state:
     use a learning rate 3-10x lower and a weight decay 3-10x higher than AdamW's), or `adamw_schedulefree`
-    (schedule-free AdamW, needs `pip install schedulefree`: no schedule, the warm-up is `lr_warmup_steps`, and the
-    adapter saved, sampled and validated is the optimizer's running average of the weights)."""
+    (schedule-free AdamW, needs `pip install schedulefree`: no schedule, the warm-up is `lr_warmup_steps`, the
+    adapter saved, sampled and validated is the optimizer's running average of the weights; use about 3x AdamW's
+    learning rate)."""
     weight_decay: float = 1e-2
     """Decoupled weight decay of the optimizer."""
     betas: list[float] | None = None

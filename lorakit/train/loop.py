@@ -411,7 +411,7 @@ def save_embedding(run: Run, suffix: str = "") -> Path | None:
     vectors = [weights[f"embedding.{name}"] for name in run.embeddings]
     path = run.paths.embedding(token, suffix)
     path.parent.mkdir(exist_ok=True)
-    data = embedding_file(vectors, run.base.family, token)
+    data = embedding_file(vectors, run.base.family, token, run.step)
     atomic_write(path, lambda tmp: tmp.write_bytes(data))
     return path
 
