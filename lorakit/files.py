@@ -17,7 +17,20 @@ from pathlib import Path
 from .errors import OutputError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jfif", ".png", ".webp", ".avif", ".bmp", ".tif", ".tiff", ".gif")
-HEIF_SUFFIXES = (".heic", ".heif")  # iPhone photos: Pillow cannot read them, so they are counted and named
+HEIF_SUFFIXES = (".heic", ".heif")  # iPhone photos: read with the optional pillow-heif, else counted and named
+
+
+def read_heif() -> bool:
+    """Whether HEIC/HEIF photos can be read: with the optional pillow-heif package installed, whose opener this
+    registers with Pillow (again: a no-op); without it Pillow cannot open them."""
+    try:
+        import pillow_heif
+    except ImportError:
+        return False
+    pillow_heif.register_heif_opener()  # it applies the photo's rotation and resets the EXIF orientation to 1
+    return True
+
+
 CAPTION_MAX_CHARS = 4096  # the text encoders read 77 tokens (225 with long-prompt chunking), ~1,000 characters
 
 

@@ -519,9 +519,14 @@ def test_caption_files_of_several_lines_join_give_their_first_or_become_choices(
     )
 
 
-def test_avif_and_jfif_photos_are_read_and_heic_photos_are_counted_and_named(tmp_path):
+def test_avif_and_jfif_photos_are_read_and_heic_photos_without_pillow_heif_are_counted_and_named(
+    tmp_path, monkeypatch
+):
+    import sys
+
     from .invoke import fails
 
+    monkeypatch.setitem(sys.modules, "pillow_heif", None)  # not installed
     src = tmp_path / "photos"
     src.mkdir()
     textured(96, 96, 0).save(src / "a.avif", format="AVIF")
@@ -529,7 +534,7 @@ def test_avif_and_jfif_photos_are_read_and_heic_photos_are_counted_and_named(tmp
     (src / "c.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic")  # an iPhone photo Pillow cannot open
     rows, said = _captions_after_prepare(src, tmp_path / "dataset", "--trigger", "ohwx")
     assert sorted(rows) == ["a.avif", "b.jfif"]
-    assert "skipped 1 HEIC/HEIF photos, which Pillow cannot read: export them as JPEG" in said
+    assert "skipped 1 HEIC/HEIF photos, which Pillow cannot read without the pillow-heif package: `pip install" in said
     report = json.loads((tmp_path / "dataset" / "report.json").read_text())
     assert report["counts"]["heif_photos_not_read"] == 1
     only = tmp_path / "iphone"
@@ -538,3 +543,43 @@ def test_avif_and_jfif_photos_are_read_and_heic_photos_are_counted_and_named(tmp
     fails(["prepare", str(only), "--out", str(tmp_path / "x")], "no images found (looked for")
     fails(["prepare", str(only), "--out", str(tmp_path / "x")], "1 HEIC/HEIF photos, which Pillow cannot read")
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_iphone_heic_photos_are_read_upright_with_pillow_heif(tmp_path, workers):
+    """An iPhone photo held sideways: stored landscape with the rotation in the file, shown portrait. With pillow-heif
+    installed, `prepare` reads it as it is shown, as it reads a JPEG with the same EXIF orientation."""
+    pillow_heif = pytest.importorskip("pillow_heif")
+    pillow_heif.register_heif_opener()
+    src = tmp_path / "photos"
+    src.mkdir()
+    photo = textured(96, 64, 3)
+    photo.paste((0, 0, 255), (0, 0, 48, 64))  # the left half blue: after the rotation, the top half
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to show
+    photo.save(src / "IMG_0001.HEIC", exif=exif.tobytes(), quality=95)
+    photo.save(src / "IMG_0002.jpg", exif=exif.tobytes(), quality=95)
+    out = tmp_path / "dataset"
+    args = [
+        "prepare",
+        str(src),
+        "--out",
+        str(out),
+        "--resolution",
+        "64",
+        "--workers",
+        workers,
+        "--quiet",
+        "--keep-duplicates",
+    ]
+    said = runner.invoke(app, [*args, "--trigger", "ohwx"])
+    assert said.exit_code == 0, said.output
+    rows = {json.loads(r)["source"]: json.loads(r) for r in (out / "metadata.jsonl").read_text().splitlines()}
+    assert set(rows) == {"IMG_0001.HEIC", "IMG_0002.jpg"} and "HEIC" not in said.output
+    heic, jpeg = (
+        np.asarray(Image.open(out / rows[n]["file_name"]).convert("RGB"), dtype=np.int16) for n in sorted(rows)
+    )
+    shown = (rows["IMG_0001.HEIC"]["original_width"], rows["IMG_0001.HEIC"]["original_height"])
+    assert shown == (64, 96)  # portrait, as shown
+    assert heic[: heic.shape[0] // 3, :, 2].mean() > 200 and heic[-heic.shape[0] // 3 :, :, 2].mean() < 200
+    assert np.abs(heic - jpeg).mean() < 8  # the same picture as the JPEG, up to the two codecs' losses

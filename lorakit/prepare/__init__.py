@@ -31,6 +31,7 @@ from ..files import (
     file_sha256,
     is_regular_file,
     printable,
+    read_heif,
 )
 from .captions import caption_from_filename, kohya_folder, normalise_tags, place_trigger, read_sidecar
 from .images import MASK_SUFFIX, REASONS, Processed, SizingOptions, mask_sidecar, process_image
@@ -95,21 +96,22 @@ def _check_folders(src: Path, out: Path) -> None:
 
 
 HEIF_ADVICE = (
-    "Pillow cannot read: export them as JPEG (an iPhone shares JPEGs when asked for Most Compatible) and prepare again"
+    "Pillow cannot read without the pillow-heif package: `pip install pillow-heif` and prepare again (or export them "
+    "as JPEG: an iPhone shares JPEGs when asked for Most Compatible)"
 )
 
 
 def scan(src: Path, caption_extensions: tuple[str, ...]) -> tuple[list[Path], int, int]:
-    """Image files under `src` (recursively, hidden folders skipped), how many HEIC/HEIF photos it holds (which
-    cannot be read) and how many other files were ignored."""
-    images, heif, ignored = [], 0, 0
+    """Image files under `src` (recursively, hidden folders skipped; HEIC/HEIF photos among them when pillow-heif
+    reads them), how many HEIC/HEIF photos it holds that cannot be read, and how many other files were ignored."""
+    images, heif, ignored, heif_readable = [], 0, 0, read_heif()
     for root, dirs, files in os.walk(src):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
             if name.startswith(".") or name.lower().endswith(MASK_SUFFIX):  # masks travel with their image
                 continue
             suffix = Path(name).suffix.lower()
-            if suffix in IMAGE_SUFFIXES:
+            if suffix in IMAGE_SUFFIXES or (suffix in HEIF_SUFFIXES and heif_readable):
                 images.append(Path(root) / name)
             elif suffix in HEIF_SUFFIXES:
                 heif += 1
