@@ -9,6 +9,7 @@ validated as `lorakit train` would load it.
 
 from __future__ import annotations
 
+import json
 import math
 import shlex
 import tomllib
@@ -292,7 +293,15 @@ def convert(
     _optimizer(left, result)
     _kept_saves(left, result, settings)
 
-    take("sample_prompts", "sample.prompts", lambda v: _prompts(v, config_dir))
+    if "sample_prompts" in left:
+        value = left.pop("sample_prompts")
+        try:
+            prompts, dropped = _prompts(value, config_dir)
+            result.set("sample.prompts", prompts, "sample_prompts")
+            result.mapped.append("sample_prompts")
+            result.unsupported += [f"sample_prompts {key}: {why}" for key, why in dropped.items()]
+        except Unsupported as why:
+            result.unsupported.append(f"sample_prompts: {why}")
 
     prepare_options = {name: left.pop(name) for name in SUBSET_PREPARE if name in left}
     if dataset is not None:  # sd-scripts ignores the data folders of the training config then
@@ -747,17 +756,52 @@ def _sampler(value: Any) -> str:
     return name
 
 
-def _prompts(value: Any, config_dir: Path) -> list[str]:
-    """kohya's sample prompt file: one prompt per line with its inline options, `#` comments and blank lines
-    skipped (its .toml / .json prompt files are not read)."""
+# kohya's keys of a prompt in its .toml / .json prompt files, and the inline option each is written as
+PROMPT_OPTIONS = {"negative_prompt": "n", "width": "w", "height": "h", "seed": "d", "sample_steps": "s", "scale": "l"}
+
+
+def _prompts(value: Any, config_dir: Path) -> tuple[list[str], dict[str, str]]:
+    """kohya's sample prompt file, as `[sample] prompts` lines with kohya's inline options, and the prompt settings
+    that do not carry over (by key, why). A .txt file has a prompt per line (`#` comments and blank lines skipped); a
+    .toml one a [prompt] table whose settings each [[prompt.subset]] overrides; a .json one a list of prompt
+    tables (or lines)."""
     path = Path(str(value)).expanduser()
     path = path if path.is_absolute() else config_dir / path
-    if path.suffix.lower() != ".txt":
-        raise Unsupported(f"{value!r}: only .txt prompt files are read; put the prompts in sample.prompts")
+    kind = path.suffix.lower()
+    if kind not in (".txt", ".toml", ".json"):
+        raise Unsupported(
+            f"{value!r}: kohya reads .txt, .toml and .json prompt files; put the prompts in sample.prompts"
+        )
     if not path.is_file():
         raise Unsupported(f"{path} not found; put the prompts in sample.prompts")
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if kind == ".txt":
+        return [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")], {}
+    try:
+        if kind == ".toml":
+            table = tomllib.loads(text)["prompt"]
+            entries = [{**table, **subset} for subset in table.get("subset", [])]
+        else:
+            entries = json.loads(text)
+    except (ValueError, KeyError, TypeError) as err:
+        raise Unsupported(f"{path}: not a kohya prompt file ({type(err).__name__}: {err})") from None
+    if not isinstance(entries, list) or not all(isinstance(e, str | dict) for e in entries):
+        raise Unsupported(f"{path}: kohya's prompt files list prompts (tables or lines)")
+    lines, dropped = [], {}
+    for entry in entries:
+        if isinstance(entry, str):
+            lines.append(entry.strip())
+            continue
+        line = str(entry.get("prompt", "")).strip()
+        for key, setting in entry.items():
+            if key in PROMPT_OPTIONS and str(setting).strip():
+                line += f" --{PROMPT_OPTIONS[key]} {str(setting).strip()}"
+            elif key == "sample_sampler":
+                dropped[key] = "lorakit draws every sample with one sampler, sample.sampler"
+            elif key not in ("prompt", "subset", "enum"):
+                dropped[key] = "not a sample prompt setting lorakit has"
+        lines.append(line)
+    return [line for line in lines if line], dropped
 
 
 # The settings that map to one recipe key each, and how their values are read.

@@ -403,3 +403,38 @@ def test_a_schedule_free_config_keeps_its_warm_up_and_drops_the_schedule_kohya_i
     assert (train.optimizer, train.lr_warmup_steps, train.lr_scheduler) == ("adamw_schedulefree", 20, "constant")
     assert "lr_scheduler: sd-scripts does not use it with AdamWScheduleFree (no schedule; its warm-up is" in said
     assert "lr_warmup_steps: sd-scripts does not use it with AdamWScheduleFree" in said
+
+
+def test_kohya_toml_and_json_prompt_files_become_sample_prompts(tiny_base, tmp_path):
+    """sd-scripts' .toml prompt file ([prompt] settings that each [[prompt.subset]] overrides) and .json one (a list of
+    prompt tables) give the same `[sample] prompts` lines as the .txt form with inline options."""
+    import json
+
+    (tmp_path / "prompts.toml").write_text(
+        '[prompt]\nwidth = 512\nheight = 768\nscale = 6.5\nsample_steps = 24\nnegative_prompt = "blurry"\n\n'
+        '[[prompt.subset]]\nprompt = "ohwx man at the beach"\nseed = 7\n\n'
+        '[[prompt.subset]]\nprompt = "ohwx man portrait"\nwidth = 768\nsample_sampler = "euler_a"\n',
+        encoding="utf-8",
+    )
+    entries = [
+        {"prompt": "ohwx man at the beach", "width": 512, "height": 768, "seed": 7, "scale": 6.5},
+        {"prompt": "ohwx man portrait", "negative_prompt": "blurry", "controlnet_image": "c.png"},
+        "ohwx man smiling --s 20",
+    ]
+    (tmp_path / "prompts.json").write_text(json.dumps(entries), encoding="utf-8")
+    recipe_path = tmp_path / "recipe.toml"
+    config = _config(tmp_path, tiny_base, **{'sample_prompts = "prompts.txt"': 'sample_prompts = "prompts.toml"'})
+    said = ok(["from-kohya", str(config), "--out", str(recipe_path)]).stdout
+    assert load_recipe(recipe_path).sample.prompts == [
+        "ohwx man at the beach --w 512 --h 768 --l 6.5 --s 24 --n blurry --d 7",
+        "ohwx man portrait --w 768 --h 768 --l 6.5 --s 24 --n blurry",
+    ]
+    assert "sample_prompts sample_sampler: lorakit draws every sample with one sampler, sample.sampler" in said
+    config = _config(tmp_path, tiny_base, **{'sample_prompts = "prompts.txt"': 'sample_prompts = "prompts.json"'})
+    said = ok(["from-kohya", str(config), "--out", str(recipe_path), "--overwrite"]).stdout
+    assert load_recipe(recipe_path).sample.prompts == [
+        "ohwx man at the beach --w 512 --h 768 --d 7 --l 6.5",
+        "ohwx man portrait --n blurry",
+        "ohwx man smiling --s 20",
+    ]
+    assert "sample_prompts controlnet_image: not a sample prompt setting lorakit has" in said
