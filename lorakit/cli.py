@@ -290,6 +290,13 @@ def prepare(
             "those without a caption file are captioned with the words."
         ),
     ] = False,
+    kohya_metadata: Annotated[
+        Path | None,
+        typer.Option(
+            help="kohya's fine-tuning metadata (meta_cap.json, or .jsonl: captions and tags by image; kohya's "
+            "metadata_file / in_json): only the images it lists are kept, captioned as it says."
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Turn a folder of photos into a captioned, bucketed dataset folder for `lorakit train`."""
@@ -318,6 +325,7 @@ def prepare(
         mask_prompt=mask_prompt.strip(),
         mask_threshold=mask_threshold,
         kohya_folders=kohya_folders,
+        kohya_metadata=str(kohya_metadata) if kohya_metadata else None,
     )
     if caption_model or tokenizer or mask_model:
         _prepare_stack()

@@ -238,6 +238,9 @@ def convert(
     if "caption_extention" in settings:  # sd-scripts' first spelling, which it still reads over the new one
         settings = {**settings, "caption_extension": settings["caption_extention"]}
         del settings["caption_extention"]
+    if "in_json" in settings:  # the training config's name for a subset's metadata_file
+        settings = {**settings, "metadata_file": settings["in_json"]}
+        del settings["in_json"]
     left = dict(settings)
 
     def take(name: str, key: str, transform: Callable[[Any], Any] = lambda v: v) -> None:
@@ -355,6 +358,7 @@ SUBSET_PREPARE = {  # settings that become options of the subset's `lorakit prep
     "caption_prefix": "--trigger",
     "bucket_reso_steps": "--bucket-step",
     "alpha_mask": "--alpha-mask",
+    "metadata_file": "--kohya-metadata",
 }
 SUBSET_READ = {"image_dir", "num_repeats", "is_reg", "batch_size", *SUBSET_PREPARE}
 DATASET_NOT_NEEDED = {
@@ -368,7 +372,6 @@ DATASET_UNSUPPORTED = {
     "caption_suffix": "add it to the caption files",
     "token_warmup_min": "lorakit has no caption warm-up",
     "token_warmup_step": "lorakit has no caption warm-up",
-    "metadata_file": "kohya's fine-tuning caption JSON is not read; write each caption to a .txt beside its image",
     "conditioning_data_dir": "ControlNet datasets are not LoRA training data",
 }
 
@@ -495,6 +498,8 @@ def _prepare_line(settings: dict[str, Any], folder: str) -> str:
             continue
         if name == "alpha_mask":
             words += [option] if _bool(value) else []
+        elif name == "metadata_file":  # a path: kept as written
+            words += [option, str(value)]
         else:
             words += [option, " ".join(str(value).split())]
     # kohya reads a caption file's first line, or with enable_wildcard one of its lines per step
@@ -899,6 +904,7 @@ NETWORK_ARGS: dict[str, tuple[str, Callable[[str], Any]]] = {
 # The settings read with others or with the config's context (handled in `convert`).
 SPECIAL = (
     "v_parameterization",
+    "in_json",
     "network_module",
     "network_args",
     "base_weights",

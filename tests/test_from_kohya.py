@@ -438,3 +438,11 @@ def test_kohya_toml_and_json_prompt_files_become_sample_prompts(tiny_base, tmp_p
         "ohwx man smiling --s 20",
     ]
     assert "sample_prompts controlnet_image: not a sample prompt setting lorakit has" in said
+
+
+def test_in_json_becomes_the_kohya_metadata_of_the_prepare_line(tiny_base, tmp_path):
+    config = _config(tmp_path, tiny_base, **{'dataset_config = ""': 'in_json = "meta cap.json"'})
+    said = ok(["from-kohya", str(config), "--out", str(tmp_path / "recipe.toml")]).stdout
+    line = next(line for line in said.splitlines() if line.startswith("Prepare the photos first:"))
+    assert "--kohya-metadata 'meta cap.json'" in line
+    assert "in_json:" not in said and "metadata_file:" not in said  # mapped, not left out

@@ -583,3 +583,45 @@ def test_iphone_heic_photos_are_read_upright_with_pillow_heif(tmp_path, workers)
     assert shown == (64, 96)  # portrait, as shown
     assert heic[: heic.shape[0] // 3, :, 2].mean() > 200 and heic[-heic.shape[0] // 3 :, :, 2].mean() < 200
     assert np.abs(heic - jpeg).mean() < 8  # the same picture as the JPEG, up to the two codecs' losses
+
+
+@pytest.mark.parametrize("form", [".json", ".jsonl"])
+def test_kohya_metadata_captions_the_images_it_lists_and_drops_the_others(tmp_path, form):
+    """kohya's fine-tuning metadata: keys absolute or relative to the folder, with or without the extension; the
+    caption then the tags; over a caption file; images it does not list are dropped and counted, as kohya trains only
+    those it lists, and entries without an image are counted."""
+    from .invoke import fails
+
+    src = tmp_path / "photos"
+    (src / "sub").mkdir(parents=True)
+    for name, seed in (("a.png", 0), ("sub/b.jpg", 1), ("c.png", 2), ("d.png", 3)):
+        textured(96, 96, seed).save(src / name)
+    (src / "a.txt").write_text("from the caption file")
+    entries = {
+        str(src / "a.png"): {"caption": "a man in a red shirt", "tags": "1boy, red shirt"},
+        "sub/b": {"tags": "1boy, smile"},
+        "c.png": {"caption": "a man at the beach"},
+        "gone.png": {"caption": "no such image"},
+    }
+    metadata = tmp_path / f"meta_cap{form}"
+    if form == ".json":
+        metadata.write_text(json.dumps(entries))
+    else:
+        metadata.write_text("".join(json.dumps({"image_path": k, **v}) + "\n" for k, v in entries.items()))
+    rows, said = _captions_after_prepare(src, tmp_path / "dataset", "--kohya-metadata", str(metadata))
+    assert rows == {
+        "a.png": "a man in a red shirt, 1boy, red shirt",
+        "sub/b.jpg": "1boy, smile",
+        "c.png": "a man at the beach",
+    }
+    assert "dropped 1 not_in_metadata (not listed in --kohya-metadata" in said and "d.png" in said
+    assert "1 entries of --kohya-metadata name no image under" in said
+    assert "Captions: 3 from metadata" in said
+    report = json.loads((tmp_path / "dataset" / "report.json").read_text())
+    assert report["dropped"]["not_in_metadata"] == [{"file": "d.png", "detail": ""}]
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    fails(
+        ["prepare", str(src), "--out", str(tmp_path / "x"), "--kohya-metadata", str(tmp_path / "bad.json")],
+        "bad.json: not kohya's metadata (a .json table of image -> caption and tags",
+    )
+    assert not (tmp_path / "x").exists()

@@ -33,7 +33,14 @@ from ..files import (
     printable,
     read_heif,
 )
-from .captions import caption_from_filename, kohya_folder, normalise_tags, place_trigger, read_sidecar
+from .captions import (
+    caption_from_filename,
+    kohya_folder,
+    normalise_tags,
+    place_trigger,
+    read_kohya_metadata,
+    read_sidecar,
+)
 from .images import MASK_SUFFIX, REASONS, Processed, SizingOptions, mask_sidecar, process_image
 
 READ_FAILURES = ("read_error", "empty_file", "unreadable", "truncated", "decompression_bomb")
@@ -65,6 +72,7 @@ class PrepareOptions:
     mask_prompt: str = ""  # what it looks for: the subject, e.g. "a dog"
     mask_threshold: float = 0.4  # the model's probability at which a pixel is the subject
     kohya_folders: bool = False  # `N_words` subfolders give their images N repeats and, uncaptioned, the words
+    kohya_metadata: str | None = None  # kohya's fine-tuning metadata file: the images it lists, with its captions
 
 
 CAPTION_LINES = ("join", "first", "choices")
@@ -265,20 +273,29 @@ def _dedupe(results: list[Processed], threshold: int) -> tuple[list[Processed], 
 @dataclass
 class _Caption:
     text: str
-    source: str  # sidecar, model, folder, class_tokens, filename, trigger_only
+    source: str  # metadata, sidecar, model, folder, class_tokens, filename, trigger_only
     trigger: str  # added, moved, present, none
     non_utf8: str = ""
     model_text: str = ""  # the captioning model's own words, before tags and trigger (what a re-run reuses)
 
 
 def _caption(
-    path: Path, image_png: bytes | None, options: PrepareOptions, captioner, cached: str | None, folder_words: str = ""
+    path: Path,
+    image_png: bytes | None,
+    options: PrepareOptions,
+    captioner,
+    cached: str | None,
+    folder_words: str = "",
+    listed: str | None = None,
 ) -> _Caption:
-    """An image's caption: its caption file, else the captioning model's, else (--kohya-folders) its folder's class
-    words, else --class-tokens, else (--caption-from-filename) its file name, else none; then tags tidied and the
-    trigger placed."""
-    text, sidecar, utf8 = read_sidecar(path, options.caption_extensions)
-    source = "sidecar"
+    """An image's caption: the one --kohya-metadata lists for it (`listed`), else its caption file, else the
+    captioning model's, else (--kohya-folders) its folder's class words, else --class-tokens, else
+    (--caption-from-filename) its file name, else none; then tags tidied and the trigger placed."""
+    if listed is not None:
+        text, sidecar, utf8, source = listed, None, True, "metadata"
+    else:
+        text, sidecar, utf8 = read_sidecar(path, options.caption_extensions)
+        source = "sidecar"
     lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
     if len(lines) > 1 and options.caption_lines == "first":  # kohya's reading without enable_wildcard
         text = lines[0]
@@ -324,6 +341,17 @@ def _length_counter(tokenizer: str | None):
             "folder, a diffusers model folder or a hub id"
         ) from None
     return "tokens", lambda text: len(tok(text, truncation=False).input_ids) - 2
+
+
+def _kohya_listed(paths: list[Path], src: Path, options: PrepareOptions) -> tuple[dict[str, str], set[Path], int]:
+    """With --kohya-metadata: the captions it lists (by image path without its extension), the images under `src` it
+    does not list (kohya trains only those it lists) and how many of its entries have no image here."""
+    if not options.kohya_metadata:
+        return {}, set(), 0
+    listed = read_kohya_metadata(Path(options.kohya_metadata).expanduser(), src)
+    found = {str(path.with_suffix("").resolve()): path for path in paths}
+    unlisted = {path for key, path in found.items() if key not in listed}
+    return listed, unlisted, sum(key not in found for key in listed)
 
 
 def _report(src, out, options, found, ignored, kept, dropped, duplicates_kept, captions, reused) -> dict:
@@ -399,6 +427,11 @@ def summary_lines(report: dict) -> list[str]:
         lines.append(
             f"  left {counts['foreign_images_left']} images in {report['out']}/images that lorakit did not write "
             "(never deleted; metadata.jsonl does not list them)"
+        )
+    if counts.get("metadata_entries_without_image"):
+        lines.append(
+            f"  {counts['metadata_entries_without_image']} entries of --kohya-metadata name no image under "
+            f"{report['source']}"
         )
     if counts.get("heif_photos_not_read"):
         lines.append(f"  skipped {counts['heif_photos_not_read']} HEIC/HEIF photos, which {HEIF_ADVICE}")
@@ -503,6 +536,7 @@ def prepare(
 
         segmenter = Segmenter(options.mask_model, options.mask_prompt, options.mask_threshold)
     paths, heif, ignored = scan(src, options.caption_extensions)
+    listed, unlisted, missing = _kohya_listed(paths, src, options)
     if not paths:
         raise DatasetError(
             f"{src}: no images found (looked for {', '.join(IMAGE_SUFFIXES)} in it and its subfolders; "
@@ -518,7 +552,7 @@ def prepare(
     sizing = SizingOptions(options.resolution, buckets, options.max_upscale, options.background, options.alpha_mask)
     key = _settings_key(options, segmenter)
     previous = _load_state(out, key)
-    reused, todo = _reuse(paths, src, out, previous)
+    reused, todo = _reuse([p for p in paths if p not in unlisted], src, out, previous)
     workers = options.workers or os.cpu_count() or 1
     processed = _process_all(todo, src, sizing, min(workers, max(1, len(todo))), quiet)
     results = reused + processed
@@ -534,6 +568,8 @@ def prepare(
     dropped: dict[str, list[dict[str, str]]] = {}
     for result in sorted(failures + ([] if options.keep_duplicates else duplicates), key=lambda r: r.source):
         dropped.setdefault(result.reason, []).append({"file": result.source, "detail": result.detail})
+    if unlisted:
+        dropped["not_in_metadata"] = [{"file": str(p.relative_to(src)), "detail": ""} for p in sorted(unlisted)]
     if not kept:
         why = "; ".join(f"{len(v)} {k} ({REASONS[k]})" for k, v in dropped.items())
         raise DatasetError(f"{src}: no usable images: {why}")
@@ -551,7 +587,13 @@ def prepare(
         image = png.get(result.source) or (out / entry.get("file_name", "")).read_bytes() if captioner else None
         group = kohya_folder(result.source) if options.kohya_folders else None
         captions[result.source] = _caption(
-            src / result.source, image, options, captioner, cached, group[2] if group else ""
+            src / result.source,
+            image,
+            options,
+            captioner,
+            cached,
+            group[2] if group else "",
+            listed.get(str((src / result.source).with_suffix("").resolve())) if options.kohya_metadata else None,
         )
     report = _report(
         src,
@@ -568,6 +610,8 @@ def prepare(
     _report_kohya_folders(report, kept, options)
     if heif:
         report["counts"]["heif_photos_not_read"] = heif
+    if missing:
+        report["counts"]["metadata_entries_without_image"] = missing
     if segmenter is not None:
         report["counts"]["no_subject_found"] = _segment(kept, png, previous, out, segmenter, quiet)
     masked = sum(1 for r in kept if r.mask_png or r.mask_file_name)

@@ -45,6 +45,42 @@ KOHYA_FOLDER = re.compile(r"(\d+)_(.*\S.*)")
 KOHYA_REPEATS_MAX = 1_000  # more is a year (2023_holiday) or a counter in a folder name, not a repeat count
 
 
+def read_kohya_metadata(path: Path, src: Path) -> dict[str, str]:
+    """kohya's fine-tuning metadata (`metadata_file` / `in_json`): a .json table of image -> {"caption", "tags"}, or a
+    .jsonl file of {"image_path", "caption", "tags"} lines. Each image's caption, kohya's way (the caption, then the
+    tags), by its path without the extension (an image key is absolute or relative to `src`, with or without its
+    extension). DatasetError, naming the file, for one that cannot be read as such."""
+    import json
+
+    from ..files import HEIF_SUFFIXES, IMAGE_SUFFIXES
+
+    try:
+        text = path.read_text(encoding="utf-8")
+        if path.suffix.lower() == ".jsonl":
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+            table = {row["image_path"]: row for row in rows}
+        else:
+            table = json.loads(text)
+        if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
+            raise ValueError("not a table of images, each with its caption and tags")
+    except FileNotFoundError:
+        raise DatasetError(f"--kohya-metadata {path}: file not found") from None
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
+        raise DatasetError(
+            f"--kohya-metadata {path}: not kohya's metadata (a .json table of image -> caption and tags, or .jsonl "
+            f"lines with image_path): {first_line(err) or type(err).__name__}"
+        ) from None
+    captions = {}
+    for key, entry in table.items():
+        image = Path(str(key)).expanduser()
+        image = image if image.is_absolute() else src / image
+        if image.suffix.lower() in (*IMAGE_SUFFIXES, *HEIF_SUFFIXES):
+            image = image.with_suffix("")
+        caption, tags = str(entry.get("caption") or "").strip(), str(entry.get("tags") or "").strip()
+        captions[str(image.resolve())] = ", ".join(part for part in (caption, tags) if part)
+    return captions
+
+
 def kohya_folder(source: str) -> tuple[str, int, str] | None:
     """(folder name, repeats, class words) of the kohya `N_words` folder that an image's path (relative to the
     photo folder) starts in, e.g. `10_ohwx man/a.png` -> ("10_ohwx man", 10, "ohwx man"); None elsewhere."""

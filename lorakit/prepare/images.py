@@ -25,6 +25,7 @@ REASONS = {
     "duplicate": "byte-identical to another image",
     "near_duplicate": "perceptually near-identical to another image",
     "bad_mask": "its .mask.png is unreadable or not the photo's size",
+    "not_in_metadata": "not listed in --kohya-metadata (kohya trains only the images its metadata lists)",
 }
 MASK_SUFFIX = ".mask.png"  # photo.jpg's mask is photo.mask.png, beside it
 
