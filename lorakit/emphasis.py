@@ -99,12 +99,22 @@ def _encode(
             weights = [1.0, *weights, 1.0] + [1.0] * pad
         state = torch.cat(hidden, dim=-1)
         if any(w != 1.0 for w in weights):
-            mean = state.float().mean()
             scale = torch.tensor(weights, device=state.device, dtype=torch.float32)[None, :, None]
             weighted = state.float() * scale
-            state = (weighted * (mean / weighted.mean())).to(state.dtype)
+            state = _mean_restored(state.float(), weighted).to(state.dtype)
         states.append(state)
     return torch.cat(states, dim=1), pooled
+
+
+def _mean_restored(state: torch.Tensor, weighted: torch.Tensor) -> torch.Tensor:
+    """The weighted hidden states rescaled to the mean the unweighted ones had (the webui's original emphasis). A
+    chunk whose weighted mean is about zero next to its values (an encoder whose last layer norm centres every
+    token, as a freshly made one does; CLIP's learned one does not) keeps its weights unrescaled: the ratio would
+    blow up to inf."""
+    new = weighted.mean()
+    if new.abs() <= 1e-3 * weighted.abs().mean():
+        return weighted
+    return weighted * (state.mean() / new)
 
 
 def prompt_embeddings(pipe: Any, prompt: str, negative: str, clip_skip: int = 1) -> dict[str, Any]:

@@ -81,16 +81,26 @@ def test_sdxl_prompts_encode_as_its_pipeline_encodes_them(tiny_sdxl):
     assert not torch.allclose(weighted["prompt_embeds"], plain["prompt_embeds"])
 
 
-def test_a_weight_scales_its_tokens_and_the_chunk_keeps_its_mean(sd_pipe):
-    plain = prompt_embeddings(sd_pipe, "a red hat", "")["prompt_embeds"]
-    weighted = prompt_embeddings(sd_pipe, "a (red:1.5) hat", "")["prompt_embeds"]
+def test_a_weight_scales_its_tokens_and_the_chunk_keeps_its_mean(sd_pipe, tiny_base):
+    # CLIP's learned last layer norm leaves every token an offset; the tiny encoder's fresh one centres them (below)
+    pipe = _pipe(tiny_base)
+    norm = next(m for name, m in pipe.text_encoder.named_modules() if name.endswith("final_layer_norm"))
+    torch.nn.init.constant_(norm.bias, 0.5)
+    plain = prompt_embeddings(pipe, "a red hat", "")["prompt_embeds"]
+    weighted = prompt_embeddings(pipe, "a (red:1.5) hat", "")["prompt_embeds"]
     weights = torch.ones(plain.shape[1])
     weights[2] = 1.5  # start token, "a", "red"
     scaled = plain * weights[None, :, None]
     torch.testing.assert_close(weighted, scaled * (plain.mean() / scaled.mean()))
     assert weighted.mean().item() == pytest.approx(plain.mean().item(), rel=1e-5)
-    same = prompt_embeddings(sd_pipe, "a (red:1) hat", "")["prompt_embeds"]
+    same = prompt_embeddings(pipe, "a (red:1) hat", "")["prompt_embeds"]
     assert torch.equal(same, plain)
+    # every token centred: the means are rounding noise, and their ratio would be anything up to inf; the weights
+    # are applied without it
+    centred = prompt_embeddings(sd_pipe, "a red hat", "")["prompt_embeds"]
+    assert abs(centred.mean()) < 1e-6 * centred.abs().mean()
+    weighted = prompt_embeddings(sd_pipe, "a (red:1.5) hat", "")["prompt_embeds"]
+    torch.testing.assert_close(weighted, centred * weights[None, :, None])
 
 
 def test_long_prompts_and_break_are_encoded_in_chunks(sd_pipe):
@@ -204,3 +214,17 @@ def test_webui_lora_tags_in_sample_prompts_are_refused_in_one_line():
 
     with pytest.raises(RecipeError, match=r"sample.prompts\[1\]: the webui tag <lora:x:1> would be encoded"):
         recipe_from_dict({"model": {"base": "x/y"}, "sample": {"prompts": ["a toy", "a toy <lora:x:1>"]}})
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_weighted_prompts_stay_in_a_half_precision_pipelines_dtype(tiny_base, tiny_sdxl, family):
+    """`generate` renders in float16 on CUDA; bfloat16 is the half precision a CPU runs. The embeddings of weighted,
+    chunked and clip-skipped prompts come out in the pipeline's dtype (a float32 one would stop the U-Net), and
+    equal the float32 pipeline's up to bfloat16's rounding."""
+    pipe = _pipe(tiny_base if family == "sd" else tiny_sdxl)
+    prompt, negative = "a (red:1.5) toy, BREAK [blue] sky", "(ugly:1.2)"
+    full = prompt_embeddings(pipe, prompt, negative, clip_skip=2)
+    half = prompt_embeddings(pipe.to(torch.bfloat16), prompt, negative, clip_skip=2)
+    assert set(half) == set(full) and all(t.dtype == torch.bfloat16 for t in half.values())
+    for key, tensor in half.items():
+        torch.testing.assert_close(tensor.float(), full[key], atol=0.05, rtol=0.05)
