@@ -15,7 +15,9 @@ adapted by one code path.
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -495,6 +497,26 @@ def block_lr_weight(path: str, weights: BlockWeights, layers_per_block: int = 2)
 def lora_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     """The LoRA parameters of `model` (the only ones lorakit trains)."""
     return list(named_lora_parameters(model).values())
+
+
+@contextlib.contextmanager
+def adapters_disabled(*models: torch.nn.Module) -> Iterator[None]:
+    """The models as the base was, for the block: every adapter layer in them skipped (peft's `enable_adapters`),
+    and each parameter's `requires_grad` put back as it was afterwards (turning adapters back on would otherwise
+    mark every adapter factor trainable)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for model in models for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    trainable = {p: p.requires_grad for layer in layers for p in layer.parameters()}
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+        for param, wanted in trainable.items():
+            param.requires_grad_(wanted)
 
 
 def freeze_except_lora(model: torch.nn.Module) -> None:

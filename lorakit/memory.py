@@ -500,11 +500,12 @@ def estimate(
     add(step, f"optimizer state ({cfg.optimizer})", optimizer_state_bytes(cfg.optimizer, trainable))
     family = "sdxl" if architecture == "sdxl" else "sd"
     per_sample = ACTIVATIONS[(family, cfg.gradient_checkpointing)] * (pixels / 64)
+    doubled = recipe.preservation is not None  # [preservation]: each image also runs with its class caption
     add(
         step,
-        f"activations, batch {cfg.batch_size} at {bucket[0]}x{bucket[1]}"
+        f"activations, batch {cfg.batch_size}{' x2 ([preservation])' if doubled else ''} at {bucket[0]}x{bucket[1]}"
         f"{', gradient checkpointing' if cfg.gradient_checkpointing else ''}",
-        per_sample * cfg.batch_size * GIB,
+        per_sample * cfg.batch_size * (2 if doubled else 1) * GIB,
         "modelled: published SDXL readings and an H200 SD 1.5 reading, per latent pixel",
     )
     update = "optimizer step"  # activations are freed by then; the gradients are still held

@@ -225,7 +225,10 @@ class Plan:
         """On an H200, from the measured step time, scaled by pixels x batch above the measured size."""
         reference, seconds = MEASURED_STEP["sdxl" if self.architecture == "sdxl" else "sd"]
         work = self.memory.bucket[0] * self.memory.bucket[1] * self.recipe.train.batch_size
-        return seconds * max(1.0, work / reference) * self.recipe.train.gradient_accumulation_steps
+        # [preservation]: a forward and backward pass (about three forwards' work) on twice the batch, and one
+        # forward without the adapter: 7/3 of a plain step
+        preserving = 7 / 3 if self.recipe.preservation is not None else 1.0
+        return seconds * max(1.0, work / reference) * self.recipe.train.gradient_accumulation_steps * preserving
 
     def minutes(self) -> dict[str, float]:
         """Rough minutes for the whole run per GPU class (only the H200 figure is measured)."""

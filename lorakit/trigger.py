@@ -16,6 +16,11 @@ def contains_trigger(text: str, trigger: str) -> bool:
     return re.search(rf"(?<!\w){re.escape(trigger)}(?!\w)", text, re.IGNORECASE) is not None
 
 
+def replace_trigger(caption: str, trigger: str, word: str) -> str:
+    """`caption` with every whole-word occurrence of `trigger` (any case) replaced by `word`."""
+    return re.sub(rf"(?<!\w){re.escape(trigger)}(?!\w)", lambda _: word, caption, flags=re.IGNORECASE)
+
+
 def with_trigger(caption: str, trigger: str) -> str:
     """`caption` with `trigger` put at the front, unless the caption already contains it."""
     caption = caption.strip()

@@ -57,9 +57,11 @@ def test_two_processes_shard_the_data_and_one_writes(tiny_base, tiny_dataset, tm
             train={"max_steps": 3, "save_every_steps": 2},
             # a trained text encoder with clip skip: the skipped layer must carry no adapter (DDP refuses
             # parameters without a gradient) and the final norm must be found through the DDP wrapper
-            # and module dropout: a module idle for a step is skipped on both processes alike
+            # and module dropout: a module idle for a step is skipped on both processes alike; and [preservation],
+            # whose class captions share the step's one forward pass through the DDP-wrapped U-Net and text encoder
             lora={"train_text_encoder": True, "module_dropout": 0.3},
             model={"clip_skip": 2},
+            preservation={"class_word": "toy"},
         ),
     )
     ranks, stdout = _torchrun(recipe, tmp_path / "records", 29531)

@@ -466,6 +466,18 @@ class EmbeddingSection:
 
 
 @dataclass(frozen=True)
+class PreservationSection:
+    class_word: str
+    """Differential output preservation (ai-toolkit's `diff_output_preservation`): every caption is also trained
+    with `data.trigger` replaced by this word ("ohwx person" becomes "person"), towards what the base model without
+    the adapter predicts for it on the same noisy image. The adapter then changes what the trigger draws and leaves
+    the class word as the base draws it, with no class images. Each step runs the U-Net on twice the batch, plus
+    once without the adapter."""
+    weight: float = 1.0
+    """How much the preservation loss counts beside the denoising loss (ai-toolkit's multiplier)."""
+
+
+@dataclass(frozen=True)
 class Recipe:
     model: ModelSection
     data: DataSection = field(default_factory=DataSection)
@@ -476,6 +488,7 @@ class Recipe:
     sample: SampleSection = field(default_factory=SampleSection)
     validation: ValidationSection | None = None
     embedding: EmbeddingSection | None = None
+    preservation: PreservationSection | None = None
     source: str = "<recipe>"
     """Where the recipe was read from (for messages)."""
 

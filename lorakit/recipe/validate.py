@@ -122,6 +122,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "train.save_every_steps": (0, STEPS_MAX),
     "train.keep_checkpoints": (1, 10_000),
     "train.ema_decay": (0, 0.999999),
+    "preservation.weight": (0, 100),
     "train.huber_c": (1e-6, 1_000),
     "train.huber_scale": (1e-6, 1_000),
     "train.min_timestep": (0, TIMESTEPS_MAX),  # the base's own schedule is checked once it is loaded
@@ -320,6 +321,9 @@ def _cross_checks(built: dict, problems: list[str]) -> None:
             f"embedding.token: {embedding.token!r} is not one word; give the trigger word of the captions, e.g. "
             '"ohwx" (letters, digits and underscores)'
         )
+    preservation = built.get("preservation")
+    if preservation is not None:
+        problems += _preservation_problems(preservation, data, embedding)
     if train is not None and train.max_timestep is not None and train.max_timestep <= train.min_timestep:
         problems.append(
             f"train.max_timestep: {train.max_timestep} must be above train.min_timestep ({train.min_timestep})"
@@ -336,6 +340,28 @@ ADAPTER_RATES = (
     "loraplus_lr_ratio",
     "scale_weight_norms",
 )
+
+
+def _preservation_problems(preservation, data, embedding) -> list[str]:
+    """[preservation] replaces the trigger of each caption with the class word, and preserves what a LoRA changes."""
+    problems = []
+    if not preservation.class_word.strip():
+        problems.append('preservation.class_word: empty; give what the trigger is, e.g. "person"')
+    if data is not None and not data.trigger.strip():
+        problems.append(
+            "preservation.class_word: replaces data.trigger in each caption, and the recipe sets none; set "
+            'data.trigger (e.g. "ohwx person")'
+        )
+    elif data is not None and preservation.class_word.strip().lower() == data.trigger.strip().lower():
+        problems.append(
+            f"preservation.class_word: {preservation.class_word!r} is data.trigger itself; give what the trigger "
+            'stands for, e.g. "person"'
+        )
+    if embedding is not None and embedding.only:
+        problems.append(
+            "preservation: embedding.only trains no adapter whose output could drift; remove [preservation]"
+        )
+    return problems
 
 
 def _embedding_only_problems(embedding, lora, train) -> list[str]:

@@ -61,6 +61,7 @@ from ..models import BaseModel, apply_token_weights, encode_prompts, tokenize, t
 from ..optim import averaged_weights, reapply_hyperparameters
 from ..progress import progress_bar
 from ..recipe import Recipe, recipe_to_dict
+from ..trigger import replace_trigger
 from .images import render_samples
 
 Log = Callable[[str], None]
@@ -248,9 +249,24 @@ def _micro_batch_loss(run: Run, batch: list[int]) -> Any:
         cfg.v_pred_like_loss,
     )
     weights = weights * torch.tensor([run.items[i].loss_weight for i in batch])
-    conditioning = unet_conditioning(run, captions, [run.items[i] for i in batch], flips)
+    items = [run.items[i] for i in batch]
+    inputs = (captions, items, flips, noisy, timesteps)  # what the U-Net is run on
+    preservation = run.recipe.preservation
+    if preservation is not None:  # first, while no graph holds the adapters: the base's own prediction
+        classes = [replace_trigger(c, data.trigger, preservation.class_word) for c in captions]
+        preserved_target = _base_prediction(run, classes, items, flips, noisy, timesteps)
+        # the class captions ride in the same forward pass (DDP allows one per backward)
+        inputs = (captions + classes, items * 2, flips * 2, torch.cat([noisy] * 2), torch.cat([timesteps] * 2))
+    conditioning = unet_conditioning(run, *inputs[:3])
     with run.accelerator.autocast():
-        prediction = run.models["unet"](to_device(noisy, run.device), to_device(timesteps, run.device), **conditioning)
+        unet_input = [to_device(t, run.device) for t in inputs[3:]]
+        predicted = run.models["unet"](*unet_input, **conditioning).sample
+    preservation_loss = None
+    if preservation is not None:
+        predicted, preserved = predicted.chunk(2)
+        preservation_loss = objective.diffusion_loss(
+            preserved, preserved_target, to_device(weights, run.device), "l2", cfg.huber_c, None
+        )
     pixel_weights = None
     if data.masked_loss:  # the subject counts fully, the rest by mask_background_weight
         masks = torch.stack([batch_mask(run, i, f) for i, f in zip(batch, flips, strict=True)])
@@ -260,14 +276,26 @@ def _micro_batch_loss(run: Run, batch: list[int]) -> Any:
         threshold = objective.huber_thresholds(
             base.noise_scheduler, timesteps, cfg.huber_c, cfg.huber_schedule, cfg.huber_scale
         )
-    return objective.diffusion_loss(
-        prediction.sample,
+    loss = objective.diffusion_loss(
+        predicted,
         to_device(target, run.device),
         to_device(weights, run.device),
         cfg.loss_type,
         threshold,
         pixel_weights,
     )
+    return loss if preservation_loss is None else loss + preservation.weight * preservation_loss
+
+
+def _base_prediction(run: Run, captions: list[str], items: list[Item], flips: list[bool], noisy: Any, timesteps: Any):
+    """[preservation]'s target: what the base without the adapters (the text encoders' too) predicts for the class
+    captions on the same noisy latents and timesteps."""
+    models = run.unwrapped()
+    with torch.no_grad(), adapters.adapters_disabled(*models.values()):
+        conditioning = unet_conditioning(run, captions, items, flips)
+        with run.accelerator.autocast():
+            noisy, timesteps = to_device(noisy, run.device), to_device(timesteps, run.device)
+            return models["unet"](noisy, timesteps, **conditioning).sample.float()
 
 
 def batch_mask(run: Run, index: int, flip: bool) -> Any:

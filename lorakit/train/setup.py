@@ -67,7 +67,7 @@ from ..progress import progress_bar
 from ..prompt_syntax import plain_text
 from ..recipe import DEFAULT_MAX_STEPS, Recipe, dump_recipe
 from ..timestep_rank import TimestepRanks, active_ranks
-from ..trigger import contains_trigger
+from ..trigger import contains_trigger, replace_trigger
 from .images import render_class_images
 from .loop import Log, Run, embedding_steps, encoder, held_out_items, restore, timestep_weights
 
@@ -241,6 +241,8 @@ def set_up(
     if base.family == "sdxl":
         _state_sdxl_choices(recipe, items, say)
     _state_masks(recipe, items, say)
+    if recipe.preservation is not None:
+        _state_preservation(recipe, items, say)
     rank, world = accelerator.process_index, accelerator.num_processes
     stream = BatchStream(items, batch_size=cfg.batch_size, seed=cfg.seed, rank=rank, world=world)
     recipe = _resolve_length(recipe, stream.batches_per_epoch, say)
@@ -745,6 +747,24 @@ def _unused_layers(text_encoder: Any, clip_skip: int) -> tuple[int, ...]:
     return tuple(range(layers - clip_skip + 1, layers))
 
 
+def _state_preservation(recipe: Recipe, items: list[Item], log: Log) -> None:
+    """[preservation]: which captions have a class version (those naming the trigger), and what it costs."""
+    trigger, word = recipe.data.trigger, recipe.preservation.class_word
+    having = sum(contains_trigger(item.caption, trigger) for item in items)
+    if not having:
+        raise RecipeError(
+            f"preservation.class_word: data.trigger {trigger!r} is in none of the {len(items)} captions, so there is "
+            f"nothing to replace with {word!r}; prepare the photos with --trigger {trigger!r}"
+        )
+    example = next(item.caption for item in items if contains_trigger(item.caption, trigger))
+    log(
+        f"preservation: {having} of {len(items)} captions name {trigger!r}; each also trains as the base draws it "
+        f"with {word!r} (e.g. {replace_trigger(example, trigger, word)[:60]!r}), at weight "
+        f"{recipe.preservation.weight:g}: the U-Net runs on twice the batch, and once more without the adapter"
+        + ("" if having == len(items) else "; the captions without the trigger are kept to the base as they are")
+    )
+
+
 def _add_embedding(recipe: Recipe, base: BaseModel, items: list[Item], log: Log) -> dict[str, Any]:
     """[embedding]: the word's new tokens in every tokenizer and text encoder (a `NewTokens` each, by encoder
     name), and the word spelled as them in everything the base tokenizes from now on."""
@@ -841,6 +861,8 @@ def _text_cache(recipe: Recipe, base: BaseModel, items: list[Item], device: Any,
     if recipe.lora.train_text_encoder or data.tags_vary or recipe.embedding:
         return None
     captions = {steady_caption(item.caption, data) for item in items}
+    if recipe.preservation is not None:  # and each with the trigger replaced by the class word
+        captions |= {replace_trigger(c, data.trigger, recipe.preservation.class_word) for c in captions}
     captions = sorted(captions | ({""} if data.caption_dropout or data.caption_dropout_every_epochs else set()))
     cache = {}
     with torch.no_grad():
