@@ -3,6 +3,8 @@ class word, towards what the base without the adapter predicts; the adapter then
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -55,6 +57,9 @@ def test_preservation_keeps_the_class_prompt_nearer_the_base(tiny_base, tiny_dat
     said = next(line for line in lines if line.startswith("preservation:"))
     assert "8 of 8 captions name 'ohwx'" in said and "'toy, toy, red, white background'" in said
     assert any("cached for" in line for line in lines) == (not train_text_encoder)  # class captions in the cache
+    rows = [json.loads(line) for line in (kept.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 < row["preservation_loss"] < row["loss"] for row in rows)  # its weighted share of the loss
+    assert "preservation_loss" not in (plain.run_dir / "metrics.jsonl").read_text()
     drift_plain, drift_kept = _class_drift(plain, tiny_base), _class_drift(kept, tiny_base)
     assert drift_kept < 0.7 * drift_plain, (drift_kept, drift_plain)
 

@@ -97,6 +97,8 @@ class Run:
     embeddings: dict[str, Any] = dataclasses.field(default_factory=dict)  # [embedding]: NewTokens per text encoder
     timestep_weights: Any = None  # train.timestep_bias: how often each timestep is drawn (None: uniformly)
     dropout: Any = None  # dropout.AdapterDropout: kohya's dropouts inside the adapters, when the recipe has them
+    preservation_part: Any = None  # [preservation]: this step's weighted preservation loss so far (a tensor)
+    preservation_loss: float | None = None  # [preservation]: the last step's, logged as `preservation_loss`
 
     @property
     def epochs_done(self) -> int:
@@ -284,7 +286,11 @@ def _micro_batch_loss(run: Run, batch: list[int]) -> Any:
         threshold,
         pixel_weights,
     )
-    return loss if preservation_loss is None else loss + preservation.weight * preservation_loss
+    if preservation_loss is None:
+        return loss
+    part = preservation.weight * preservation_loss
+    run.preservation_part = part.detach() + (0 if run.preservation_part is None else run.preservation_part)
+    return loss + part
 
 
 def _base_prediction(run: Run, captions: list[str], items: list[Item], flips: list[bool], noisy: Any, timesteps: Any):
@@ -345,6 +351,10 @@ def optimizer_step(run: Run) -> float:
         run.norms = adapters.cap_update_norms(run.models, cfg.scale_weight_norms)
     if run.ema is not None:
         run.ema.update(run.step)
+    if run.preservation_part is not None:  # reduced with the loss, in the same one sync
+        both = accelerator.reduce(torch.stack([total, run.preservation_part / accumulation]), "mean").tolist()
+        run.preservation_part, run.preservation_loss = None, both[1]
+        return both[0]
     return accelerator.reduce(total, "mean").item()  # the one sync per step: the loss is checked and logged
 
 
@@ -677,6 +687,8 @@ def fit(run: Run) -> float:
                 if due(run.step, cfg.log_every_steps, cfg.max_steps) or row:
                     if run.norms is not None:
                         row |= {"keys_scaled": run.norms[0], "max_key_norm": round(run.norms[1], 6)}
+                    if run.preservation_loss is not None:  # its weighted share of `loss`
+                        row["preservation_loss"] = run.preservation_loss
                     _log_metrics(run, {"step": run.step, "loss": loss, **row}, start)
                 if saving:
                     check_finite_adapter(run)
