@@ -252,23 +252,11 @@ def _micro_batch_loss(run: Run, batch: list[int]) -> Any:
     )
     weights = weights * torch.tensor([run.items[i].loss_weight for i in batch])
     items = [run.items[i] for i in batch]
-    inputs = (captions, items, flips, noisy, timesteps)  # what the U-Net is run on
-    preservation = run.recipe.preservation
-    if preservation is not None:  # first, while no graph holds the adapters: the base's own prediction
-        classes = [replace_trigger(c, data.trigger, preservation.class_word) for c in captions]
-        preserved_target = _base_prediction(run, classes, items, flips, noisy, timesteps)
-        # the class captions ride in the same forward pass (DDP allows one per backward)
-        inputs = (captions + classes, items * 2, flips * 2, torch.cat([noisy] * 2), torch.cat([timesteps] * 2))
-    conditioning = unet_conditioning(run, *inputs[:3])
-    with run.accelerator.autocast():
-        unet_input = [to_device(t, run.device) for t in inputs[3:]]
-        predicted = run.models["unet"](*unet_input, **conditioning).sample
     preservation_loss = None
-    if preservation is not None:
-        predicted, preserved = predicted.chunk(2)
-        preservation_loss = objective.diffusion_loss(
-            preserved, preserved_target, to_device(weights, run.device), "l2", cfg.huber_c, None
-        )
+    if run.recipe.preservation is None:
+        predicted = _prediction(run, captions, items, flips, noisy, timesteps)
+    else:
+        predicted, preservation_loss = _preserving_prediction(run, captions, items, flips, noisy, timesteps, weights)
     pixel_weights = None
     if data.masked_loss:  # the subject counts fully, the rest by mask_background_weight
         masks = torch.stack([batch_mask(run, i, f) for i, f in zip(batch, flips, strict=True)])
@@ -288,20 +276,43 @@ def _micro_batch_loss(run: Run, batch: list[int]) -> Any:
     )
     if preservation_loss is None:
         return loss
-    part = preservation.weight * preservation_loss
+    part = run.recipe.preservation.weight * preservation_loss
     run.preservation_part = part.detach() + (0 if run.preservation_part is None else run.preservation_part)
     return loss + part
 
 
-def _base_prediction(run: Run, captions: list[str], items: list[Item], flips: list[bool], noisy: Any, timesteps: Any):
-    """[preservation]'s target: what the base without the adapters (the text encoders' too) predicts for the class
-    captions on the same noisy latents and timesteps."""
+def _prediction(run: Run, captions: list[str], items: list[Item], flips: list[bool], noisy: Any, timesteps: Any):
+    """What the U-Net being trained predicts for the noisy latents at their timesteps, under their captions."""
+    conditioning = unet_conditioning(run, captions, items, flips)
+    with run.accelerator.autocast():
+        return run.models["unet"](
+            to_device(noisy, run.device), to_device(timesteps, run.device), **conditioning
+        ).sample
+
+
+def _preserving_prediction(
+    run: Run, captions: list[str], items: list[Item], flips: list[bool], noisy: Any, timesteps: Any, weights: Any
+) -> tuple[Any, Any]:
+    """[preservation]: the prediction for the captions, and the loss that keeps the prediction for the class captions
+    (the trigger replaced by the class word) at what the base without the adapters (the text encoders' too)
+    predicts for them on the same noisy latents and timesteps."""
+    section = run.recipe.preservation
+    classes = [replace_trigger(c, run.recipe.data.trigger, section.class_word) for c in captions]
     models = run.unwrapped()
-    with torch.no_grad(), adapters.adapters_disabled(*models.values()):
-        conditioning = unet_conditioning(run, captions, items, flips)
+    with torch.no_grad(), adapters.adapters_disabled(*models.values()):  # first, while no graph holds the adapters
+        conditioning = unet_conditioning(run, classes, items, flips)
         with run.accelerator.autocast():
-            noisy, timesteps = to_device(noisy, run.device), to_device(timesteps, run.device)
-            return models["unet"](noisy, timesteps, **conditioning).sample.float()
+            noisy_here, timesteps_here = to_device(noisy, run.device), to_device(timesteps, run.device)
+            target = models["unet"](noisy_here, timesteps_here, **conditioning).sample.float()
+    # both caption sets in one forward pass of twice the batch: DDP allows one forward per backward
+    both = _prediction(
+        run, captions + classes, items * 2, flips * 2, torch.cat([noisy] * 2), torch.cat([timesteps] * 2)
+    )
+    predicted, preserved = both.chunk(2)
+    threshold = run.recipe.train.huber_c  # squared error has none
+    return predicted, objective.diffusion_loss(
+        preserved, target, to_device(weights, run.device), "l2", threshold, None
+    )
 
 
 def batch_mask(run: Run, index: int, flip: bool) -> Any:
