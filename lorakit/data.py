@@ -7,6 +7,7 @@ makes exactly the choices the uninterrupted one would have made.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -259,6 +260,16 @@ def load_items(section: DataSection, pixel_multiple: int) -> list[Item]:
             separator=section.keep_tokens_separator,
         )
     return items
+
+
+def at_resolutions(items: list[Item], resolutions: list[int], pixel_multiple: int) -> list[Item]:
+    """`items`, then the same images again at each of `resolutions` (data.extra_resolutions), each in that
+    resolution's nearest bucket."""
+    copies = list(items)
+    for resolution in resolutions:
+        buckets = bucket_list(resolution, pixel_multiple)
+        copies += [dataclasses.replace(item, bucket=nearest_bucket(*item.size, buckets)) for item in items]
+    return copies
 
 
 def split_held_out(items: list[Item], share: float, seed: int) -> tuple[list[Item], list[Item]]:

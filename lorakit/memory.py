@@ -252,13 +252,22 @@ def epoch_copies(recipe: Any) -> dict[tuple[int, int], int]:
 
 
 def _bucketed_rows(recipe: Any) -> list[tuple[tuple[int, int], int]]:
-    """(bucket, appearances per epoch) of every prepared row with a size: its nearest bucket at `data.resolution`
-    (what train assigns), and its own repeats times its folder's `data.num_repeats`."""
+    """(bucket, appearances per epoch) of every prepared row with a size, at `data.resolution` and at each of
+    `data.extra_resolutions`: its nearest bucket there (what train assigns), and its own repeats times its folder's
+    `data.num_repeats`."""
     from .buckets import make_buckets, nearest_bucket
 
-    side = recipe.data.resolution
-    buckets = make_buckets(side, 64) or [(side, side)]
-    return [(nearest_bucket(w, h, buckets), r) for w, h, r in _prepared_rows(recipe) if w > 0 and h > 0]
+    rows = [(w, h, r) for w, h, r in _prepared_rows(recipe) if w > 0 and h > 0]
+    bucketed = []
+    for side in _sides(recipe):
+        buckets = make_buckets(side, 64) or [(side, side)]
+        bucketed += [(nearest_bucket(w, h, buckets), r) for w, h, r in rows]
+    return bucketed
+
+
+def _sides(recipe: Any) -> list[int]:
+    """The resolutions a run trains at: `data.resolution`, then `data.extra_resolutions`."""
+    return [recipe.data.resolution, *getattr(recipe.data, "extra_resolutions", [])]
 
 
 def _prepared_rows(recipe: Any) -> list[tuple[int, int, int]]:
@@ -286,11 +295,12 @@ def _prepared_rows(recipe: Any) -> list[tuple[int, int, int]]:
 def largest_bucket(recipe: Any) -> tuple[tuple[int, int], str]:
     """The largest bucket the run trains at: each prepared image's nearest bucket at `data.resolution` (what train
     assigns), or the square one when the dataset is not prepared yet."""
-    side = recipe.data.resolution
+    side = max(_sides(recipe))
     trained = [bucket for bucket, _ in _bucketed_rows(recipe)]
+    where = "data.resolution" if side == recipe.data.resolution else "data.extra_resolutions"
     if trained:
         largest = max(trained, key=lambda b: b[0] * b[1])
-        return largest, f"the largest of {len(trained)} images of the dataset at data.resolution {side}"
+        return largest, f"the largest of {len(trained)} images of the dataset at {where} {side}"
     return (side, side), f"{side}x{side} assumed (no prepared dataset yet: run `lorakit prepare` for the real one)"
 
 

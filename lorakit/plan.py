@@ -274,7 +274,7 @@ def plan(
     card_gib, card_name = _card(vram, gpu)
     bucket, _ = largest_bucket(recipe)
     steps, steps_source = planned_steps(recipe)
-    rows = dataset_rows(recipe) or ASSUMED_IMAGES
+    rows = (dataset_rows(recipe) or ASSUMED_IMAGES) * (1 + len(recipe.data.extra_resolutions))  # latents each
     disk = disk_bytes(_with(recipe, "train", max_steps=steps), memory.trainable, [bucket] * rows)
     return Plan(recipe, architecture, source, memory, card_gib, card_name, system, disk, steps, steps_source)
 

@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from lorakit.errors import LorakitError
+from lorakit.errors import LorakitError, RecipeError
 from lorakit.recipe import recipe_from_dict
 from lorakit.train import train
 
@@ -398,3 +398,42 @@ def test_bad_inline_sample_options_are_named(tiny_base, tiny_dataset, tmp_path, 
     with pytest.raises(RecipeError) as caught:
         recipe_from_dict(recipe)
     assert fragment in str(caught.value)
+
+
+def test_extra_resolutions_train_every_image_at_each(tiny_base, tiny_dataset, tmp_path, monkeypatch):
+    """data.extra_resolutions: each training image also appears in a bucket of each extra resolution, an image
+    held out by validation.split is held out at all of them, and the plan sizes memory by the largest."""
+    import lorakit.train.loop as loop
+    from lorakit.memory import largest_bucket
+
+    seen: set[tuple[str, int]] = set()
+    real = loop.unet_conditioning
+
+    def recording(run, captions, items, flips):
+        seen.update((item.path.name, item.bucket[0] * item.bucket[1]) for item in items)
+        return real(run, captions, items, flips)
+
+    monkeypatch.setattr(loop, "unet_conditioning", recording)
+    split = {"split": 0.25, "every_steps": 0, "timesteps": [300]}
+    result, lines = _run(
+        tiny_base,
+        tiny_dataset,
+        tmp_path,
+        train={"max_steps": 8},
+        data={"extra_resolutions": [32]},
+        validation=split,
+    )
+    said = next(line for line in lines if line.startswith("data.extra_resolutions: "))
+    assert "every image also trains at 32 px (12 items in" in said and "an epoch shows 2x as many" in said
+    held_out = next(line for line in lines if line.startswith("validation.split: ")).split(": ", 2)[2].split(", ")
+    areas = {}
+    for name, area in seen:
+        areas.setdefault(name, set()).add("small" if area <= 48 * 48 else "large")
+    assert {name for name, sizes in areas.items() if sizes == {"small", "large"}} == set(areas) - set(held_out)
+    assert all(areas[name] == {"large"} for name in held_out)  # only val_loss saw them, at data.resolution
+    assert _metadata(result.adapter)["ss_num_train_images"] == "12"
+    recipe = recipe_from_dict(make_recipe_dict(tiny_base, tiny_dataset, tmp_path, data={"extra_resolutions": [96]}))
+    (width, height), how = largest_bucket(recipe)
+    assert width * height > 80 * 80 and "at data.extra_resolutions 96" in how
+    with pytest.raises(RecipeError, match=r"data.extra_resolutions: \[64\] repeats a resolution"):
+        recipe_from_dict(make_recipe_dict(tiny_base, tiny_dataset, tmp_path, data={"extra_resolutions": [64]}))

@@ -74,6 +74,7 @@ SEED_MAX = 2**32 - 1  # 32-bit seeds, as kohya's tools and diffusers' examples u
 _RANGES: dict[str, tuple[float, float]] = {
     "model.clip_skip": (1, 32),
     "data.resolution": (8, 4096),
+    "data.extra_resolutions": (8, 4096),
     "data.num_repeats": (1, 10_000),
     "data.keep_tokens": (0, 1_000),
     "data.caption_dropout": (0, 1),
@@ -247,6 +248,12 @@ def _cross_checks(built: dict, problems: list[str]) -> None:
             problems.append(
                 f"data.keep_tokens_separator: {separator!r} cannot mark where tags end (captions are split at "
                 'commas); use a string of its own such as "|||"'
+            )
+        extra = data.extra_resolutions
+        if data.resolution in extra or len(set(extra)) != len(extra):
+            problems.append(
+                f"data.extra_resolutions: {extra} repeats a resolution (data.resolution is {data.resolution}); give "
+                "each other resolution once"
             )
         if isinstance(data.num_repeats, list) and len(data.num_repeats) != len(folders):
             problems.append(

@@ -32,6 +32,7 @@ from ..data import (
     BatchStream,
     Item,
     LatentCache,
+    at_resolutions,
     bucket_list,
     has_wildcards,
     load_class_items,
@@ -849,6 +850,15 @@ def _load_all_items(recipe: Recipe, base: BaseModel, log: Log) -> tuple[list[Ite
         log(
             f"prior: {prior.num_class_images} class images from {prior.class_dir}, loss weight "
             f"{prior.prior_loss_weight}"
+        )
+    extra = recipe.data.extra_resolutions
+    if extra:  # after the split: an image held out is held out at every resolution
+        count = len(items)
+        items = at_resolutions(items, extra, base.pixel_multiple)
+        sides = ", ".join(str(side) for side in extra)
+        log(
+            f"data.extra_resolutions: every image also trains at {sides} px ({len(items)} items in "
+            f"{len({item.bucket for item in items})} buckets; an epoch shows {len(items) // count}x as many)"
         )
     return items, held_out
 
