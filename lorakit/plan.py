@@ -50,6 +50,13 @@ def _half_weights(recipe: Recipe) -> Recipe:
     return halved if bf16 else _with(halved, "train", mixed_precision="fp16")
 
 
+def _smaller_resolution(recipe: Recipe) -> Recipe:
+    """data.resolution 128 px lower, without the extra resolutions that are no longer below it."""
+    side = recipe.data.resolution - 128
+    extra = [s for s in recipe.data.extra_resolutions if s < side]
+    return _with(recipe, "data", resolution=side, extra_resolutions=extra)
+
+
 def _embedding_only(recipe: Recipe) -> bool:
     """An `[embedding] only` run trains no LoRA, so `--fit` leaves the LoRA's settings alone."""
     return recipe.embedding is not None and recipe.embedding.only
@@ -107,9 +114,15 @@ FIT_CHANGES: list[tuple[str, Any, Any, str]] = [
         "half the rank",
     ),
     (
+        "data.extra_resolutions",
+        lambda r: any(side > r.data.resolution for side in r.data.extra_resolutions),
+        lambda r: _with(r, "data", extra_resolutions=[s for s in r.data.extra_resolutions if s < r.data.resolution]),
+        "no extra resolution above data.resolution: its buckets are the largest",
+    ),
+    (
         "data.resolution",
         lambda r: r.data.resolution > 512,
-        lambda r: _with(r, "data", resolution=r.data.resolution - 128),
+        lambda r: _smaller_resolution(r),
         "smaller largest bucket: less detail",
     ),
     (

@@ -285,6 +285,29 @@ def test_the_fitted_command_and_the_fitted_recipe_are_the_same_valid_recipe(tmp_
     recipe_from_dict(recipe_to_dict(found.recipe))
 
 
+def test_fit_drops_extra_resolutions_above_the_resolution_and_keeps_the_rest_valid(tmp_path):
+    """An extra resolution above data.resolution sets the largest bucket: --fit drops it before lowering the
+    resolution, and a lowered resolution takes the extra ones that are no longer below it along (a recipe that
+    repeated a resolution would be refused)."""
+    from lorakit.plan import fit, plan
+
+    recipe = recipe_from_dict(
+        {
+            "model": {"base": "stabilityai/stable-diffusion-xl-base-1.0"},
+            "data": {"folder": str(tmp_path / "data"), "resolution": 1024, "extra_resolutions": [1280, 896, 512]},
+            "train": {"gradient_checkpointing": True},
+        }
+    )
+    found = fit(plan(recipe, arch="sdxl"), 6)
+    keys = [key for key, *_ in found.changes]
+    assert "data.extra_resolutions" in keys
+    assert "data.resolution" not in keys or keys.index("data.extra_resolutions") < keys.index("data.resolution")
+    data = found.recipe.data
+    assert all(side < data.resolution for side in data.extra_resolutions)
+    assert data.extra_resolutions == [s for s in (896, 512) if s < data.resolution]  # the smaller ones kept
+    recipe_from_dict(recipe_to_dict(found.recipe))  # valid, as written by --out
+
+
 def test_fit_turns_per_tag_dropout_off_when_cached_text_is_what_fits():
     from lorakit.plan import fit, plan
 
