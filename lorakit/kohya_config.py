@@ -428,13 +428,23 @@ def _dataset_config(
         if "image_dir" not in subset.settings:
             raise LorakitError(
                 f"{where}: {subset.place} has no image_dir; lorakit prepares the photos of a folder"
-                + (" (kohya's metadata_file captions are not read)" if "metadata_file" in subset.settings else "")
+                + (
+                    " (give the folder its metadata_file's images are in)"
+                    if "metadata_file" in subset.settings
+                    else ""
+                )
             )
+    training, resolutions = _copies_at_resolutions(training, settings.get("resolution", 512))
+    if resolutions:  # kohya's multi-resolution training: the same subsets in [[datasets]] of several resolutions
+        source = "resolution (dataset_config: the same subsets at each)"
+        result.set("data.resolution", resolutions[0], source)
+        result.set("data.extra_resolutions", resolutions[1:], source)
 
     fates: dict[tuple[str, str], str] = {}  # (place, name) -> why not carried over; absent: mapped or not needed
 
     # What every training subset must share, because lorakit sets it once for the whole dataset.
     shared = {name for s in training for name in s.settings if name in DIRECT or name == "batch_size"}
+    shared -= {"resolution"} if resolutions else set()
     for name in sorted(shared):
         key, cast = DIRECT[name] if name in DIRECT else ("train.batch_size", int)
         fallback = settings.get("train_batch_size" if name == "batch_size" else name, "unset")
@@ -460,8 +470,9 @@ def _dataset_config(
     fallback = {
         name: settings[name] for name in (*SUBSET_PREPARE, "resolution", "enable_wildcard") if name in settings
     }
+    largest = {"resolution": resolutions[0]} if resolutions else {}  # prepared once, at the largest
     for subset, folder in zip(training, folders, strict=True):
-        result.notes.append(_prepare_line({**fallback, **subset.settings}, folder))
+        result.notes.append(_prepare_line({**fallback, **subset.settings, **largest}, folder))
 
     if regs:
         _prior(regs, left, result, fates)
@@ -486,6 +497,25 @@ def _dataset_config(
         grouped.setdefault((name, why), []).append(place)
     result.unsupported += [f"{name} ({', '.join(places)}): {why}" for (name, why), places in grouped.items()]
     result.read += len(written)
+
+
+def _copies_at_resolutions(training: list[_Subset], default: Any) -> tuple[list[_Subset], list[int]]:
+    """kohya's multi-resolution training: [[datasets]] that repeat the same subsets at other resolutions. Then one
+    copy of each subset and the resolutions, largest first (lorakit's data.resolution and extra_resolutions);
+    otherwise the subsets as they are and no resolutions. `default`: the training config's resolution."""
+
+    def kind(subset: _Subset) -> tuple:  # what a subset is, apart from the resolution and batch its dataset sets
+        return tuple(sorted((k, repr(v)) for k, v in subset.settings.items() if k not in ("resolution", "batch_size")))
+
+    groups: dict[tuple, list[_Subset]] = {}
+    for subset in training:
+        groups.setdefault(kind(subset), []).append(subset)
+    sides = [sorted({_resolution(s.settings.get("resolution", default)) for s in group}) for group in groups.values()]
+    repeated = len(groups) < len(training)
+    each_once = all(len(own) == len(group) for own, group in zip(sides, groups.values(), strict=True))
+    if not repeated or not each_once or any(own != sides[0] for own in sides):
+        return training, []
+    return [group[0] for group in groups.values()], sorted(sides[0], reverse=True)
 
 
 def _prepare_line(settings: dict[str, Any], folder: str) -> str:

@@ -446,3 +446,29 @@ def test_in_json_becomes_the_kohya_metadata_of_the_prepare_line(tiny_base, tmp_p
     line = next(line for line in said.splitlines() if line.startswith("Prepare the photos first:"))
     assert "--kohya-metadata 'meta cap.json'" in line
     assert "in_json:" not in said and "metadata_file:" not in said  # mapped, not left out
+
+
+def test_datasets_that_repeat_their_subsets_at_other_resolutions_become_extra_resolutions(tiny_base, tmp_path):
+    """kohya's multi-resolution training: the same subsets in [[datasets]] of 64 and 32 px become one prepare line
+    per subset, at the largest, and data.extra_resolutions."""
+    subsets = '  [[datasets.subsets]]\n  image_dir = "photos/a"\n  num_repeats = 4\n\n'
+    subsets += '  [[datasets.subsets]]\n  image_dir = "photos/b"\n  class_tokens = "ohwx man"\n\n'
+    dataset = "".join(f"[[datasets]]\nresolution = {side}\nbatch_size = 2\n\n{subsets}" for side in (32, 64))
+    (tmp_path / "dataset.toml").write_text(dataset)
+    (tmp_path / "kohya.toml").write_text(TRAINING.format(base=tiny_base, out=tmp_path / "out"))
+    said = ok(
+        [
+            "from-kohya",
+            str(tmp_path / "kohya.toml"),
+            "--dataset-config",
+            str(tmp_path / "dataset.toml"),
+            "--out",
+            str(tmp_path / "recipe.toml"),
+        ]
+    ).stdout
+    recipe = load_recipe(tmp_path / "recipe.toml")
+    assert (recipe.data.resolution, recipe.data.extra_resolutions) == (64, [32])
+    assert (recipe.data.folder, recipe.data.num_repeats) == (["dataset-1", "dataset-2"], [4, 1])
+    lines = [line.split(": ", 1)[1] for line in said.splitlines() if line.startswith("Prepare the photos first:")]
+    assert len(lines) == 2 and all("--resolution 64" in line for line in lines)
+    assert "differs between subsets" not in said  # the resolutions are carried over, not reported
