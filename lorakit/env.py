@@ -9,7 +9,7 @@ import torch
 
 from . import __version__
 from .devices import cpu_has_native_bf16, cuda_facts, eight_bit_optimizer_works
-from .stack import problems, versions
+from .stack import OPTIONAL, optional_versions, problems, versions
 
 
 def collect() -> dict:
@@ -25,6 +25,7 @@ def collect() -> dict:
         "executable": sys.executable,
         "platform": platform.platform(),
         "packages": versions(),
+        "optional": optional_versions(),
         "torch": {
             "cuda_build": torch.version.cuda,
             "cuda_available": bool(cuda),
@@ -53,6 +54,13 @@ def format_report(facts: dict) -> str:
         _row("platform", facts["platform"]),
     ]
     lines += [_row(name, version or "not installed") for name, version in facts["packages"].items()]
+    for name, version in facts["optional"].items():  # what each gives, and how to get it when missing
+        had = (
+            f"{version}, for {OPTIONAL[name]}"
+            if version
+            else f"not installed: pip install {name} for {OPTIONAL[name]}"
+        )
+        lines.append(_row(name, had))
     torch_facts = facts["torch"]
     lines.append(_row("cuda build", torch_facts["cuda_build"] or "none (CPU build of torch)"))
     for gpu in torch_facts["devices"]:

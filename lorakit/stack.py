@@ -29,6 +29,13 @@ PACKAGES = (
     "typer",
     "pillow",
 )
+# Packages lorakit uses only when asked for, with what they give (each is one of pyproject's extras).
+OPTIONAL = {
+    "prodigyopt": 'train.optimizer = "prodigy"',
+    "schedulefree": 'train.optimizer = "adamw_schedulefree"',
+    "pillow-heif": "HEIC/HEIF photos in `lorakit prepare`",
+    "tensorboard": "the run folder's tensorboard/ logs",
+}
 # The tested set: the repository's constraints file, made by `.ci/lock`.
 FIX_ALL = "pip install -c constraints.txt -e .   (from a lorakit checkout; installs the tested versions)"
 
@@ -57,6 +64,11 @@ def installed(package: str) -> str | None:
 def versions() -> dict[str, str | None]:
     """Installed versions of the packages a bug report needs (None where missing)."""
     return {name: installed(name) for name in PACKAGES}
+
+
+def optional_versions() -> dict[str, str | None]:
+    """Installed versions of the optional packages (None where missing)."""
+    return {name: installed(name) for name in OPTIONAL}
 
 
 def _lorakit_requirements() -> list:

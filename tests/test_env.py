@@ -25,6 +25,21 @@ def test_env_prints_versions_devices_and_the_8bit_check():
     assert "8-bit adamw" in result.stdout and "cpu bf16" in result.stdout
 
 
+def test_env_names_the_optional_packages_and_how_to_get_a_missing_one(monkeypatch):
+    real = stack.installed
+    monkeypatch.setattr(stack, "installed", lambda name: None if name == "schedulefree" else real(name))
+    result = runner.invoke(app, ["env"])
+    lines = result.stdout.splitlines()
+    assert (
+        'schedulefree    not installed: pip install schedulefree for train.optimizer = "adamw_schedulefree"' in lines
+    )
+    assert any(
+        line.startswith("prodigyopt      1.") and line.endswith('for train.optimizer = "prodigy"') for line in lines
+    )
+    facts = json.loads(runner.invoke(app, ["env", "--json"]).stdout)
+    assert facts["optional"]["schedulefree"] is None and facts["optional"]["pillow-heif"]
+
+
 def test_env_json_is_a_bug_report():
     import torch
 
