@@ -205,6 +205,12 @@ def prepare(
     trigger: Annotated[
         str, typer.Option(help='Trigger word put once at the front of every caption, e.g. "ohwx person".')
     ] = "",
+    caption_suffix: Annotated[
+        str,
+        typer.Option(
+            help='Tags put at the end of every caption that lacks them (kohya\'s caption_suffix), e.g. "photo".'
+        ),
+    ] = "",
     resolution: Annotated[
         int, typer.Option(min=8, max=4096, help="Training resolution: buckets of about this many pixels squared.")
     ] = 512,
@@ -306,6 +312,7 @@ def prepare(
     extensions = tuple(e if e.startswith(".") else f".{e}" for e in caption_ext.split(",") if e.strip())
     options = PrepareOptions(
         trigger=trigger.strip(),
+        caption_suffix=caption_suffix.strip(),
         resolution=resolution,
         bucket_step=bucket_step,
         max_upscale=max_upscale,

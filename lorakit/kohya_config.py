@@ -359,6 +359,7 @@ SUBSET_PREPARE = {  # settings that become options of the subset's `lorakit prep
     "bucket_reso_steps": "--bucket-step",
     "alpha_mask": "--alpha-mask",
     "metadata_file": "--kohya-metadata",
+    "caption_suffix": "--caption-suffix",
 }
 SUBSET_READ = {"image_dir", "num_repeats", "is_reg", "batch_size", *SUBSET_PREPARE}
 DATASET_NOT_NEEDED = {
@@ -369,7 +370,6 @@ DATASET_UNSUPPORTED = {
     "color_aug": "a colour change every step would make the cached latents stale",
     "random_crop": "`lorakit prepare` crops each photo once, to its bucket",
     "face_crop_aug_range": "`lorakit prepare` crops each photo once, to its bucket",
-    "caption_suffix": "add it to the caption files",
     "token_warmup_min": "lorakit has no caption warm-up",
     "token_warmup_step": "lorakit has no caption warm-up",
     "conditioning_data_dir": "ControlNet datasets are not LoRA training data",

@@ -625,3 +625,28 @@ def test_kohya_metadata_captions_the_images_it_lists_and_drops_the_others(tmp_pa
         "bad.json: not kohya's metadata (a .json table of image -> caption and tags",
     )
     assert not (tmp_path / "x").exists()
+
+
+def test_caption_suffix_ends_every_caption_that_lacks_it(tmp_path):
+    src = tmp_path / "photos"
+    src.mkdir()
+    for index in range(3):
+        textured(96, 96, index).save(src / f"p{index}.png")
+    (src / "p0.txt").write_text("a man, smiling")
+    (src / "p1.txt").write_text("a man, film grain, smiling")
+    (src / "p2.txt").write_text("a man on a beach\na man in a park")
+    rows, _ = _captions_after_prepare(
+        src,
+        tmp_path / "dataset",
+        "--trigger",
+        "ohwx",
+        "--caption-suffix",
+        "film grain, photo",
+        "--caption-lines",
+        "choices",
+    )
+    assert rows == {
+        "p0.png": "ohwx, a man, smiling, film grain, photo",
+        "p1.png": "ohwx, a man, film grain, smiling, photo",
+        "p2.png": "{ohwx, a man on a beach, film grain, photo|ohwx, a man in a park, film grain, photo}",
+    }

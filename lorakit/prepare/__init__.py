@@ -52,6 +52,7 @@ class PrepareOptions:
     """How `prepare` treats a folder; the CLI's options, one to one."""
 
     trigger: str = ""
+    caption_suffix: str = ""  # tags put at the end of every caption that lacks them (kohya's caption_suffix)
     resolution: int = 512
     bucket_step: int = 64  # bucket sides are multiples of this (64 for Stable Diffusion's U-Nets)
     max_upscale: float = 2.0
@@ -301,7 +302,7 @@ def _caption(
         text = lines[0]
     elif len(lines) > 1 and options.caption_lines == "choices":  # one line per step with data.wildcards
         placed = [place_trigger(normalise_tags(line), options.trigger) for line in lines]
-        choices = "{" + "|".join(", ".join(tags) for tags, _ in placed) + "}"
+        choices = "{" + "|".join(", ".join(_suffixed(tags, options.caption_suffix)) for tags, _ in placed) + "}"
         return _Caption(choices, source, placed[0][1], "" if utf8 else str(sidecar), "")
     if text is None or not text.strip():
         if captioner is not None:
@@ -320,8 +321,15 @@ def _caption(
         else:
             text, source = "", "trigger_only"
     tags, trigger = place_trigger(normalise_tags(text), options.trigger)
+    tags = _suffixed(tags, options.caption_suffix)
     model_text = text if source == "model" else ""
     return _Caption(", ".join(tags), source, trigger, "" if utf8 else str(sidecar), model_text)
+
+
+def _suffixed(tags: list[str], suffix: str) -> list[str]:
+    """`tags`, then those of --caption-suffix that they lack."""
+    have = {tag.lower() for tag in tags}
+    return tags + [tag for tag in normalise_tags(suffix) if tag.lower() not in have]
 
 
 def _length_counter(tokenizer: str | None):
