@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -286,3 +287,29 @@ def test_optimizer_settings_the_optimizer_lacks_are_refused(keys, fragment):
     with pytest.raises(RecipeError) as caught:
         recipe_from_dict({"model": {"base": "x/y"}, "train": keys})
     assert fragment in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "sections",
+    [
+        {"embedding": {"token": "ohwx", "vectors": 2, "init_words": "toy", "lr": 1e-2}},
+        {"data": {"weighted_captions": True, "trigger": "(ohwx:1.2)"}},
+        {"train": {"optimizer": "adamw_schedulefree"}},
+        {"preservation": {"class_word": "toy"}, "lora": {"train_text_encoder": True}},
+    ],
+    ids=["pivotal", "weighted-captions", "schedule-free", "preservation"],
+)
+def test_half_precision_weights_and_autocast_train(tiny_base, tiny_dataset, tmp_path, sections):
+    """What a GPU run does in fp16, here in bfloat16 (the half precision a CPU computes): frozen weights in half
+    precision under autocast, with the new token vectors, weighted captions, schedule-free AdamW and
+    preservation each in the loop. The steps are finite and so is what is written."""
+    from safetensors.torch import load_file
+
+    merged = {"train": {"max_steps": 2, "mixed_precision": "bf16"}, "model": {"weight_dtype": "bfloat16"}}
+    for section, values in sections.items():
+        merged[section] = {**merged.get(section, {}), **values}
+    result, _ = _run(tiny_base, tiny_dataset, tmp_path, **merged)
+    assert result.steps == 2 and math.isfinite(result.final_loss)
+    for path in [result.adapter, result.embedding]:
+        if path is not None:
+            assert all(torch.isfinite(t).all() for t in load_file(path).values())
