@@ -131,7 +131,6 @@ UNSUPPORTED = {
     "resume_from_huggingface": "lorakit does not download runs; resume from a local run folder",
     "lr_scheduler_type": "lorakit builds its own schedules (train.lr_scheduler)",
     "lr_scheduler_args": "lorakit builds its own schedules (train.lr_scheduler)",
-    "lr_scheduler_timescale": "lorakit has no inverse_sqrt schedule",
     "max_validation_steps": "lorakit computes val_loss on every held-out image",
     "resize_interpolation": "`lorakit prepare` resizes photos with Lanczos, masks bilinearly",
     "network_train_text_encoder_only": "lorakit always trains the U-Net's adapter",
@@ -149,7 +148,7 @@ OPTIMIZERS = {
     "adafactor": "adafactor",
     "adamwschedulefree": "adamw_schedulefree",
 }
-SCHEDULERS = typing.get_args(LrScheduler)
+SCHEDULERS = typing.get_args(LrScheduler)  # the recipe's own names, which are kohya's
 SCHEDULE_SHAPES = (  # kohya's settings of the schedule, each a recipe key of the same name
     "lr_scheduler",
     "lr_warmup_steps",
@@ -157,7 +156,8 @@ SCHEDULE_SHAPES = (  # kohya's settings of the schedule, each a recipe key of th
     "lr_scheduler_power",
     "lr_scheduler_min_lr_ratio",
     "lr_decay_steps",
-)  # the recipe's own names, which are kohya's
+    "lr_scheduler_timescale",
+)
 SAMPLERS = {
     "euler": "euler",
     "k_euler": "euler",
@@ -871,6 +871,7 @@ DIRECT: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "lr_scheduler_num_cycles": ("train.lr_scheduler_num_cycles", int),
     "lr_scheduler_power": ("train.lr_scheduler_power", float),
     "lr_scheduler_min_lr_ratio": ("train.lr_scheduler_min_lr_ratio", float),
+    "lr_scheduler_timescale": ("train.lr_scheduler_timescale", int),
     "mixed_precision": ("train.mixed_precision", _precision),
     "gradient_checkpointing": ("train.gradient_checkpointing", _bool),
     "torch_compile": ("train.compile", _bool),

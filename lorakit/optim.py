@@ -111,14 +111,21 @@ def reapply_hyperparameters(section: TrainSection, optimizer: Any) -> None:
         group.update(options)
 
 
-def schedule_factor(step: int, kind: str, warmup: int, total: int, decay: int = 0, floor: float = 0.0) -> float:
+def schedule_factor(
+    step: int, kind: str, warmup: int, total: int, decay: int = 0, floor: float = 0.0, timescale: int | None = None
+) -> float:
     """The share of the learning rate at `step` for lorakit's own schedules, as transformers' schedules of those
     names (kohya's choices) shape them: `cosine_with_min_lr` warms up linearly from 0 over `warmup` steps, then falls
     along a half cosine from 1 to `floor` by `total`; `warmup_stable_decay` warms up from `floor`, stays at 1 and
-    falls along a half cosine to `floor` over the last `decay` steps (at most those after the warm-up)."""
+    falls along a half cosine to `floor` over the last `decay` steps (at most those after the warm-up);
+    `inverse_sqrt` warms up linearly from 0, then falls as 1 / sqrt((step + timescale - warmup) / timescale), the
+    timescale being `warmup` (10000 without one) unless given."""
     if step < warmup:
         start = floor if kind == "warmup_stable_decay" else 0.0
         return start + (1 - start) * step / max(1, warmup)
+    if kind == "inverse_sqrt":
+        scale = timescale or warmup or 10_000
+        return 1.0 / math.sqrt((step + scale - warmup) / scale)
     if kind == "cosine_with_min_lr":
         start, length = warmup, total - warmup
     elif kind == "warmup_stable_decay":
@@ -153,12 +160,16 @@ def averaged_weights(optimizer: Any, params: dict[str, torch.Tensor]) -> dict[st
 def build_lr_scheduler(section: TrainSection, optimizer: Any) -> Any:
     """The learning-rate schedule, stepped once per optimizer step over `max_steps` (resolved by then)."""
 
-    if section.lr_scheduler in ("cosine_with_min_lr", "warmup_stable_decay"):
+    if section.lr_scheduler in ("cosine_with_min_lr", "warmup_stable_decay", "inverse_sqrt"):
         kind, warmup, total = section.lr_scheduler, section.lr_warmup_steps, section.max_steps
-        decay, floor = section.lr_decay_steps, section.lr_scheduler_min_lr_ratio
+        decay, floor, timescale = (
+            section.lr_decay_steps,
+            section.lr_scheduler_min_lr_ratio,
+            section.lr_scheduler_timescale,
+        )
 
         def factor(step: int) -> float:
-            return schedule_factor(step, kind, warmup, total, decay, floor)
+            return schedule_factor(step, kind, warmup, total, decay, floor, timescale)
 
         return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     if section.optimizer in SCHEDULE_FREE:  # no schedule: the rate stays, and the optimizer warms it up itself

@@ -140,9 +140,17 @@ def test_cosine_with_a_floor_and_warmup_stable_decay_follow_their_shapes():
     # transformers' schedules of those names (what kohya builds) give the same rates
     from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup, get_wsd_schedule
 
+    # inverse_sqrt: up over the warm-up, then 1 / sqrt((step + timescale - warm-up) / timescale)
+    inverse = _learning_rates(12, lr_scheduler="inverse_sqrt", lr_warmup_steps=2, lr_scheduler_timescale=4)
+    assert inverse[:3] == [0.0, 0.5, 1.0] and inverse[6] == pytest.approx(1 / math.sqrt((6 + 4 - 2) / 4))
+    by_warmup = _learning_rates(12, lr_scheduler="inverse_sqrt", lr_warmup_steps=2)  # the timescale is the warm-up
+    from transformers.optimization import get_inverse_sqrt_schedule
+
     for ours, build in [
         (floor, lambda o: get_cosine_with_min_lr_schedule_with_warmup(o, 2, 12, min_lr_rate=0.1)),
         (wsd, lambda o: get_wsd_schedule(o, 2, 4, num_stable_steps=6, min_lr_ratio=0.2)),
+        (inverse, lambda o: get_inverse_sqrt_schedule(o, 2, timescale=4)),
+        (by_warmup, lambda o: get_inverse_sqrt_schedule(o, 2)),
     ]:
         optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
         schedule, theirs = build(optimizer), []
@@ -190,6 +198,7 @@ def test_a_resumed_run_continues_a_warmup_stable_decay_schedule(tiny_base, tiny_
         ({"max_epochs": 0}, "train.max_epochs: 0 is outside 1..100000"),
         ({"lr_scheduler": "cosine", "lr_scheduler_min_lr_ratio": 0.1}, "train.lr_scheduler_min_lr_ratio: only shapes"),
         ({"lr_decay_steps": 100}, "train.lr_decay_steps: only shapes lr_scheduler = 'warmup_stable_decay'"),
+        ({"lr_scheduler_timescale": 100}, "train.lr_scheduler_timescale: only shapes lr_scheduler = 'inverse_sqrt'"),
         ({"lr_scheduler": "warmup_stable_decay"}, "train.lr_decay_steps: lr_scheduler = 'warmup_stable_decay' needs"),
     ],
 )

@@ -19,6 +19,7 @@ LrScheduler = Literal[
     "polynomial",
     "cosine_with_min_lr",
     "warmup_stable_decay",
+    "inverse_sqrt",
 ]
 MixedPrecision = Literal["no", "fp16", "bf16"]
 PredictionType = Literal["epsilon", "v_prediction"]
@@ -215,7 +216,8 @@ class TrainSection:
     lr_scheduler: LrScheduler = "constant"
     """Learning-rate schedule over `max_steps`: `cosine_with_min_lr` falls along a cosine to
     `lr_scheduler_min_lr_ratio` of the rate instead of 0; `warmup_stable_decay` holds the rate after the warm-up and
-    lowers it along a cosine over the last `lr_decay_steps` (both as kohya and transformers shape them)."""
+    lowers it along a cosine over the last `lr_decay_steps`; `inverse_sqrt` falls as one over the square root of the
+    steps (`lr_scheduler_timescale`), whatever `max_steps` is (all as kohya and transformers shape them)."""
     lr_warmup_steps: int = 0
     """Optimizer steps of linear warm-up at the start of the schedule."""
     lr_scheduler_num_cycles: int = 1
@@ -229,6 +231,9 @@ class TrainSection:
     lr_decay_steps: int = 0
     """`warmup_stable_decay`: how many of the last optimizer steps lower the rate (kohya's `lr_decay_steps`), at most
     the steps after the warm-up."""
+    lr_scheduler_timescale: int | None = None
+    """`inverse_sqrt`: after the warm-up the rate falls as 1 / sqrt((step + timescale - warm-up) / timescale)
+    (kohya's `lr_scheduler_timescale`); unset: `lr_warmup_steps`, or 10000 without a warm-up (as transformers)."""
     optimizer: Optimizer = "adamw8bit"
     """`adamw8bit` (bitsandbytes, 8-bit state), `adamw`, `adafactor`, `prodigy` (needs `pip install prodigyopt`;
     use learning rates of 1.0), or `lion8bit` / `lion` (bitsandbytes; one momentum buffer, so half AdamW's state:

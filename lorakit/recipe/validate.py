@@ -101,6 +101,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "train.lr_scheduler_power": (0.01, 100),
     "train.lr_scheduler_min_lr_ratio": (0, 1),
     "train.lr_decay_steps": (0, STEPS_MAX),
+    "train.lr_scheduler_timescale": (1, STEPS_MAX),
     "train.batch_size": (1, 4096),
     "train.gradient_accumulation_steps": (1, 4096),
     "train.unet_lr": (0, 1),
@@ -487,6 +488,11 @@ def _schedule_problems(train) -> list[str]:
         )
     problems += _timestep_bias_problems(train)
     problems += _schedule_free_problems(train)
+    if train.lr_scheduler_timescale is not None and train.lr_scheduler != "inverse_sqrt":
+        problems.append(
+            f"train.lr_scheduler_timescale: only shapes lr_scheduler = 'inverse_sqrt' (this recipe has "
+            f"{train.lr_scheduler!r}); set that schedule or remove the key"
+        )
     if train.lr_scheduler_power != 1 and train.lr_scheduler != "polynomial":
         problems.append(
             f"train.lr_scheduler_power: only shapes lr_scheduler = 'polynomial' (this recipe has "
