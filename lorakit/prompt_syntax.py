@@ -121,9 +121,12 @@ def lora_tags(text: str) -> tuple[str, list[tuple[str, str, float]]]:
         try:
             strength = float(weight) if weight.strip() else 1.0
         except ValueError:
-            raise ValueError(
-                f"{written}: lorakit applies one strength to the whole adapter; write <{kind}:{name.strip()}:0.8>"
-            ) from None
+            why = (
+                "lorakit applies one strength to the whole adapter"
+                if ":" in weight or "=" in weight
+                else f"{weight.strip()!r} is not a number"
+            )
+            raise ValueError(f"{written}: {why}; write <{kind}:{name.strip()}:0.8>") from None
         tags.append((written, name.strip(), strength))
     return _NETWORK_TAG.sub("", text), tags  # removed as the webuis remove them: what is left is encoded as is
 
