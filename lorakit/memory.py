@@ -510,7 +510,7 @@ def estimate(
     add(step, f"optimizer state ({cfg.optimizer})", optimizer_state_bytes(cfg.optimizer, trainable))
     family = "sdxl" if architecture == "sdxl" else "sd"
     per_sample = ACTIVATIONS[(family, cfg.gradient_checkpointing)] * (pixels / 64)
-    doubled = recipe.preservation is not None  # [preservation]: each image also runs with its class caption
+    doubled = recipe.preserving  # [preservation]: each image also runs with its class caption
     add(
         step,
         f"activations, batch {cfg.batch_size}{' x2 ([preservation])' if doubled else ''} at {bucket[0]}x{bucket[1]}"

@@ -102,6 +102,12 @@ FIT_CHANGES: list[tuple[str, Any, Any, str]] = [
         "float32",
     ),
     (
+        "preservation.weight",
+        lambda r: r.preserving,
+        lambda r: _with(r, "preservation", weight=0.0),
+        "no output preservation: half the activations, and the class word may drift with the trigger",
+    ),
+    (
         "lora.train_text_encoder",
         lambda r: r.lora.train_text_encoder and not _embedding_only(r),
         lambda r: _with(r, "lora", train_text_encoder=False),
@@ -240,7 +246,7 @@ class Plan:
         work = self.memory.bucket[0] * self.memory.bucket[1] * self.recipe.train.batch_size
         # [preservation]: a forward and backward pass (about three forwards' work) on twice the batch, and one
         # forward without the adapter: 7/3 of a plain step
-        preserving = 7 / 3 if self.recipe.preservation is not None else 1.0
+        preserving = 7 / 3 if self.recipe.preserving else 1.0
         return seconds * max(1.0, work / reference) * self.recipe.train.gradient_accumulation_steps * preserving
 
     def minutes(self) -> dict[str, float]:

@@ -3,6 +3,7 @@ class word, towards what the base without the adapter predicts; the adapter then
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -113,3 +114,37 @@ def test_the_plan_counts_twice_the_activations(tmp_path):
 
     assert activations(kept) == pytest.approx(2 * activations(plain))
     assert any("x2 ([preservation])" in p.name for p in kept.parts)
+
+
+def test_weight_zero_turns_preservation_off_and_fit_offers_it(tiny_base, tiny_dataset, tmp_path):
+    """preservation.weight = 0 trains exactly as a recipe without the section (no doubled batch), and `plan --fit`
+    sets it when the doubled activations are what does not fit."""
+    from safetensors.torch import load_file
+
+    from lorakit.memory import estimate
+    from lorakit.plan import fit, plan
+
+    plain, _ = _train(tiny_base, tiny_dataset, tmp_path / "plain", train={"max_steps": 2})
+    off, lines = _train(
+        tiny_base,
+        tiny_dataset,
+        tmp_path / "off",
+        train={"max_steps": 2},
+        preservation={"class_word": "toy", "weight": 0},
+    )
+    assert "preservation.weight = 0: output preservation is off" in lines
+    ours, theirs = load_file(off.adapter), load_file(plain.adapter)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    kept = recipe_from_dict(
+        {
+            "model": {"base": "stabilityai/stable-diffusion-xl-base-1.0", "weight_dtype": "float16"},
+            "data": {"trigger": "ohwx man"},
+            "train": {"gradient_checkpointing": True, "mixed_precision": "fp16", "optimizer": "adamw8bit"},
+            "preservation": {"class_word": "man"},
+        }
+    )
+    before = plan(kept, arch="sdxl")
+    off_recipe = dataclasses.replace(kept, preservation=dataclasses.replace(kept.preservation, weight=0.0))
+    assert estimate(off_recipe, "sdxl").allocated_gib < before.memory.allocated_gib  # not doubled when off
+    found = fit(before, before.memory.process_gib / 0.95 - 0.1)  # just too small for the doubled batch
+    assert [key for key, *_ in found.changes] == ["preservation.weight"] and found.recipe.preservation.weight == 0

@@ -483,7 +483,8 @@ class PreservationSection:
     the class word as the base draws it, with no class images. Each step runs the U-Net on twice the batch, plus
     once without the adapter."""
     weight: float = 1.0
-    """How much the preservation loss counts beside the denoising loss (ai-toolkit's multiplier)."""
+    """How much the preservation loss counts beside the denoising loss (ai-toolkit's multiplier); 0 turns it off
+    (what `lorakit plan --fit` sets when the doubled batch does not fit)."""
 
 
 @dataclass(frozen=True)
@@ -500,6 +501,11 @@ class Recipe:
     preservation: PreservationSection | None = None
     source: str = "<recipe>"
     """Where the recipe was read from (for messages)."""
+
+    @property
+    def preserving(self) -> bool:
+        """Whether [preservation] is on: the section is there, with a weight above 0."""
+        return self.preservation is not None and self.preservation.weight > 0
 
 
 SECTIONS: dict[str, type] = {

@@ -253,7 +253,7 @@ def _micro_batch_loss(run: Run, batch: list[int]) -> Any:
     weights = weights * torch.tensor([run.items[i].loss_weight for i in batch])
     items = [run.items[i] for i in batch]
     preservation_loss = None
-    if run.recipe.preservation is None:
+    if not run.recipe.preserving:
         predicted = _prediction(run, captions, items, flips, noisy, timesteps)
     else:
         predicted, preservation_loss = _preserving_prediction(run, captions, items, flips, noisy, timesteps, weights)

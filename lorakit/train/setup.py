@@ -242,8 +242,10 @@ def set_up(
     if base.family == "sdxl":
         _state_sdxl_choices(recipe, items, say)
     _state_masks(recipe, items, say)
-    if recipe.preservation is not None:
+    if recipe.preserving:
         _state_preservation(recipe, items, say)
+    elif recipe.preservation is not None:
+        say("preservation.weight = 0: output preservation is off")
     rank, world = accelerator.process_index, accelerator.num_processes
     stream = BatchStream(items, batch_size=cfg.batch_size, seed=cfg.seed, rank=rank, world=world)
     recipe = _resolve_length(recipe, stream.batches_per_epoch, say)
@@ -871,7 +873,7 @@ def _text_cache(recipe: Recipe, base: BaseModel, items: list[Item], device: Any,
     if recipe.lora.train_text_encoder or data.tags_vary or recipe.embedding:
         return None
     captions = {steady_caption(item.caption, data) for item in items}
-    if recipe.preservation is not None:  # and each with the trigger replaced by the class word
+    if recipe.preserving:  # and each with the trigger replaced by the class word
         captions |= {replace_trigger(c, data.trigger, recipe.preservation.class_word) for c in captions}
     captions = sorted(captions | ({""} if data.caption_dropout or data.caption_dropout_every_epochs else set()))
     cache = {}
