@@ -90,7 +90,11 @@ def test_adapters_disabled_is_the_base_and_leaves_what_trains_as_it_was(tiny_bas
     ("sections", "fragment"),
     [
         ({"data": {"trigger": ""}}, "preservation.class_word: replaces data.trigger in each caption, and the recipe"),
-        ({"data": {"trigger": "Toy"}}, "preservation.class_word: 'toy' is data.trigger itself"),
+        ({"data": {"trigger": "Toy"}}, "preservation.class_word: 'toy' holds data.trigger 'Toy'"),
+        (
+            {"preservation": {"class_word": "ohwx toy"}},
+            "preservation.class_word: 'ohwx toy' holds data.trigger 'ohwx'",
+        ),
         ({"preservation": {"class_word": "toy", "weight": -1}}, "preservation.weight"),
     ],
 )

@@ -15,6 +15,7 @@ from typing import Literal
 
 from ..errors import RecipeError
 from ..prompt_syntax import network_tag
+from ..trigger import contains_trigger
 from .prompts import parse_sample_prompt
 from .sections import SECTIONS, Recipe
 
@@ -360,10 +361,10 @@ def _preservation_problems(preservation, data, embedding) -> list[str]:
             "preservation.class_word: replaces data.trigger in each caption, and the recipe sets none; set "
             'data.trigger (e.g. "ohwx person")'
         )
-    elif data is not None and preservation.class_word.strip().lower() == data.trigger.strip().lower():
+    elif data is not None and contains_trigger(preservation.class_word, data.trigger.strip()):
         problems.append(
-            f"preservation.class_word: {preservation.class_word!r} is data.trigger itself; give what the trigger "
-            'stands for, e.g. "person"'
+            f"preservation.class_word: {preservation.class_word!r} holds data.trigger {data.trigger.strip()!r}, so "
+            'the class captions would keep it; give what the trigger stands for without it, e.g. "person"'
         )
     if embedding is not None and embedding.only:
         problems.append(
