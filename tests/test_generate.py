@@ -148,6 +148,14 @@ def test_img2img_small_strength_stays_near_the_vae_round_trip(tiny_base, tmp_pat
     distance = np.abs(out - round_trip).mean()
     noise_distance = np.abs(out - np.asarray(textured(64, 64, 99), dtype=np.int16)).mean()
     assert distance < 0.1 * noise_distance, (distance, noise_distance)  # measured: 2.6 vs 64
+    # the same photo as an iPhone's HEIC (pillow-heif): read as it is, then drawn the same way
+    pillow_heif = pytest.importorskip("pillow_heif")
+    pillow_heif.register_heif_opener()
+    init.save(tmp_path / "init.heic", quality=100)
+    args = ["a toy", "--base", str(tiny_base), "--init", str(tmp_path / "init.heic"), "--out", str(tmp_path / "h")]
+    _generate(*args, *one_step)
+    heic_distance = np.abs(_pixels(tmp_path / "h" / "000-seed0.png") - out).mean()
+    assert heic_distance < 0.25 * noise_distance, (heic_distance, noise_distance)  # HEVC's losses: measured 7.9
 
 
 def test_hires_doubles_the_size(tiny_base, tmp_path):
