@@ -134,7 +134,6 @@ UNSUPPORTED = {
     "max_validation_steps": "lorakit computes val_loss on every held-out image",
     "resize_interpolation": "`lorakit prepare` resizes photos with Lanczos, masks bilinearly",
     "network_train_text_encoder_only": "lorakit always trains the U-Net's adapter",
-    "dim_from_weights": "set lora.rank to the rank of lora.init_from's file",
 }
 
 OPTIMIZERS = {
@@ -342,6 +341,8 @@ def convert(
             result.set("validation.every_steps", 0, "sd-scripts' default (validate_every_n_steps unset: never)")
     printed = dataset is not None or bool(settings.get("train_data_dir"))  # the options go into prepare lines
     (result.mapped if printed else result.not_needed).extend(prepare_options)
+    if "dim_from_weights" in left:  # after network_weights became lora.init_from
+        _dim_from_weights(left, result)
     for name in list(left):
         if name in NOT_NEEDED:
             result.not_needed.append(name)
@@ -604,6 +605,43 @@ def _network(left: dict[str, Any], result: Imported) -> None:
                 result.unsupported.append(f"network_args {name}: {why}")
         else:
             result.unsupported.append(f"network_args {name}={text}: lorakit has no equivalent")
+
+
+def _dim_from_weights(left: dict[str, Any], result: Imported) -> None:
+    """`dim_from_weights`: the rank and alpha of the `network_weights` file, read now (tensors only), for
+    lora.rank / lora.lora_alpha. kohya takes each module's own; lorakit trains one rank, the file's most common."""
+    from collections import Counter
+
+    from .errors import AdapterError, first_line
+    from .formats.read import read_adapter_file
+
+    if not _bool(left.pop("dim_from_weights")):
+        result.not_needed.append("dim_from_weights")
+        return
+    path = result.recipe.get("lora", {}).get("init_from")
+    if not path:
+        result.unsupported.append("dim_from_weights: there is no network_weights file to take the rank from")
+        return
+    try:
+        state = read_adapter_file(path).state
+    except AdapterError as err:
+        result.unsupported.append(f"dim_from_weights: {first_line(err)}; set lora.rank to the file's rank")
+        return
+    linear = [m for modules in state.values() for m in modules.values() if m.down.dim() == 2]
+    ranks = Counter(m.down.shape[0] for m in linear)
+    if not ranks:
+        result.unsupported.append(f"dim_from_weights: {path} has no linear LoRA modules to take a rank from")
+        return
+    rank = ranks.most_common(1)[0][0]
+    alpha = Counter(m.alpha for m in linear if m.down.shape[0] == rank).most_common(1)[0][0]
+    result.set("lora.rank", rank, "dim_from_weights (the rank of network_weights' file)")
+    result.set("lora.lora_alpha", float(alpha), "dim_from_weights (that file's alpha)")
+    result.mapped.append("dim_from_weights")
+    if len(ranks) > 1:
+        others = ", ".join(f"{count} at rank {r}" for r, count in ranks.items() if r != rank)
+        result.unsupported.append(
+            f"dim_from_weights: {others} in {path}; lorakit trains one rank, {rank}, the file's most common"
+        )
 
 
 def _base_weights(left: dict[str, Any], result: Imported) -> None:
@@ -935,6 +973,7 @@ NETWORK_ARGS: dict[str, tuple[str, Callable[[str], Any]]] = {
 # The settings read with others or with the config's context (handled in `convert`).
 SPECIAL = (
     "v_parameterization",
+    "dim_from_weights",
     "in_json",
     "network_module",
     "network_args",

@@ -472,3 +472,18 @@ def test_datasets_that_repeat_their_subsets_at_other_resolutions_become_extra_re
     lines = [line.split(": ", 1)[1] for line in said.splitlines() if line.startswith("Prepare the photos first:")]
     assert len(lines) == 2 and all("--resolution 64" in line for line in lines)
     assert "differs between subsets" not in said  # the resolutions are carried over, not reported
+
+
+def test_dim_from_weights_takes_the_rank_and_alpha_of_the_network_weights_file(tiny_base, trained_run, tmp_path):
+    config = _config(
+        tmp_path,
+        tiny_base,
+        **{"network_dim = 8": f'network_dim = 8\nnetwork_weights = "{trained_run.adapter}"\ndim_from_weights = true'},
+    )
+    said = ok(["from-kohya", str(config), "--out", str(tmp_path / "recipe.toml")]).stdout
+    recipe = load_recipe(tmp_path / "recipe.toml")
+    assert (recipe.lora.rank, recipe.lora.lora_alpha, recipe.lora.init_from) == (4, 8.0, str(trained_run.adapter))
+    assert "dim_from_weights:" not in said  # carried over, nothing left out
+    missing = _config(tmp_path, tiny_base, **{"network_dim = 8": "network_dim = 8\ndim_from_weights = true"})
+    said = ok(["from-kohya", str(missing), "--out", str(tmp_path / "other.toml")]).stdout
+    assert "dim_from_weights: there is no network_weights file to take the rank from" in said
