@@ -296,6 +296,13 @@ def prepare(
             "those without a caption file are captioned with the words."
         ),
     ] = False,
+    resize_filter: Annotated[
+        str,
+        typer.Option(
+            help="How photos are scaled to their buckets (kohya's resize_interpolation): lanczos, bicubic, bilinear, "
+            "area (box), nearest."
+        ),
+    ] = "lanczos",
     kohya_metadata: Annotated[
         Path | None,
         typer.Option(
@@ -333,6 +340,7 @@ def prepare(
         mask_threshold=mask_threshold,
         kohya_folders=kohya_folders,
         kohya_metadata=str(kohya_metadata) if kohya_metadata else None,
+        resize_filter=resize_filter.strip().lower(),
     )
     if caption_model or tokenizer or mask_model:
         _prepare_stack()

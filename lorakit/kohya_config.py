@@ -132,7 +132,6 @@ UNSUPPORTED = {
     "lr_scheduler_type": "lorakit builds its own schedules (train.lr_scheduler)",
     "lr_scheduler_args": "lorakit builds its own schedules (train.lr_scheduler)",
     "max_validation_steps": "lorakit computes val_loss on every held-out image",
-    "resize_interpolation": "`lorakit prepare` resizes photos with Lanczos, masks bilinearly",
     "network_train_text_encoder_only": "lorakit always trains the U-Net's adapter",
 }
 
@@ -361,6 +360,7 @@ SUBSET_PREPARE = {  # settings that become options of the subset's `lorakit prep
     "alpha_mask": "--alpha-mask",
     "metadata_file": "--kohya-metadata",
     "caption_suffix": "--caption-suffix",
+    "resize_interpolation": "--resize-filter",
 }
 SUBSET_READ = {"image_dir", "num_repeats", "is_reg", "batch_size", *SUBSET_PREPARE}
 DATASET_NOT_NEEDED = {

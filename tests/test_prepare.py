@@ -650,3 +650,47 @@ def test_caption_suffix_ends_every_caption_that_lacks_it(tmp_path):
         "p1.png": "ohwx, a man, film grain, smiling, photo",
         "p2.png": "{ohwx, a man on a beach, film grain, photo|ohwx, a man in a park, film grain, photo}",
     }
+
+
+def test_resize_filter_scales_with_the_chosen_filter_and_reprocesses_on_a_change(tmp_path):
+    from .invoke import fails
+
+    src = tmp_path / "photos"
+    src.mkdir()
+    textured(300, 300, 5).save(src / "p.png")  # scaled down to the 64 px bucket
+    out = tmp_path / "dataset"
+    base = ["prepare", str(src), "--out", str(out), "--resolution", "64", "--workers", "1", "--quiet"]
+
+    def drawn():
+        row = json.loads((out / "metadata.jsonl").read_text().splitlines()[0])
+        return np.asarray(Image.open(out / row["file_name"]).convert("RGB"), dtype=np.int16)
+
+    assert runner.invoke(app, base).exit_code == 0
+    lanczos = drawn()
+    said = runner.invoke(app, [*base, "--resize-filter", "nearest"])
+    assert said.exit_code == 0, said.output
+    nearest = drawn()
+    expected = np.asarray(Image.open(src / "p.png").convert("RGB").resize((64, 64), Image.Resampling.NEAREST))
+    assert np.array_equal(nearest, expected.astype(np.int16)) and not np.array_equal(nearest, lanczos)
+    report = json.loads((out / "report.json").read_text())
+    assert report["counts"]["reused_from_previous_run"] == 0  # another filter: scaled again, not reused
+    fails([*base, "--resize-filter", "sinc"], "--resize-filter: 'sinc'; use lanczos, bicubic")
+
+
+def test_a_run_at_another_resolution_rewrites_the_images_it_lists(tmp_path):
+    """Prepared again at another resolution into the same folder, every listed image is the one its row describes
+    (size and sha256), and the earlier run's images are gone. (Before, an image named after its photo was kept
+    from the earlier run, at the earlier size, while its row named the new one.)"""
+    src = tmp_path / "photos"
+    src.mkdir()
+    textured(300, 200, 6).save(src / "p.png")
+    out = tmp_path / "dataset"
+    for side in ("64", "128", "64"):
+        args = ["prepare", str(src), "--out", str(out), "--resolution", side, "--workers", "1", "--quiet"]
+        assert runner.invoke(app, args).exit_code == 0
+        row = json.loads((out / "metadata.jsonl").read_text().splitlines()[0])
+        image = out / row["file_name"]
+        with Image.open(image) as opened:
+            assert opened.size == (row["width"], row["height"]) and max(opened.size) <= int(side) * 2
+        assert hashlib.sha256(image.read_bytes()).hexdigest() == row["sha256"]
+        assert sorted(p.name for p in (out / "images").iterdir()) == [image.name]

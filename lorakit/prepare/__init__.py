@@ -41,7 +41,7 @@ from .captions import (
     read_kohya_metadata,
     read_sidecar,
 )
-from .images import MASK_SUFFIX, REASONS, Processed, SizingOptions, mask_sidecar, process_image
+from .images import MASK_SUFFIX, REASONS, RESIZE_FILTERS, Processed, SizingOptions, mask_sidecar, process_image
 
 READ_FAILURES = ("read_error", "empty_file", "unreadable", "truncated", "decompression_bomb")
 STATE = Path(".cache") / "prepare.json"
@@ -74,6 +74,7 @@ class PrepareOptions:
     mask_threshold: float = 0.4  # the model's probability at which a pixel is the subject
     kohya_folders: bool = False  # `N_words` subfolders give their images N repeats and, uncaptioned, the words
     kohya_metadata: str | None = None  # kohya's fine-tuning metadata file: the images it lists, with its captions
+    resize_filter: str = "lanczos"  # how photos are scaled to their buckets (kohya's resize_interpolation)
 
 
 CAPTION_LINES = ("join", "first", "choices")
@@ -153,6 +154,8 @@ def _settings_key(options: PrepareOptions, segmenter: Any = None) -> str:
         list(options.background),
         options.alpha_mask,
     )
+    if options.resize_filter != "lanczos":  # another filter scales every image again (the default keeps old keys)
+        sizing += (options.resize_filter,)
     if segmenter is not None:  # another model (or other weights), prompt or threshold masks every image again
         sizing += (options.mask_model, segmenter.fingerprint, options.mask_prompt, options.mask_threshold)
     return hashlib.sha256(json.dumps(sizing).encode()).hexdigest()[:16]
@@ -527,6 +530,10 @@ def prepare(
         raise LorakitError(
             '--mask-model: also give --mask-prompt, the subject the model should find (e.g. --mask-prompt "a dog")'
         )
+    if options.resize_filter not in RESIZE_FILTERS:
+        raise LorakitError(
+            f"--resize-filter: {options.resize_filter!r}; use {', '.join(RESIZE_FILTERS)} (lanczos is the default)"
+        )
     if options.caption_lines not in CAPTION_LINES:
         raise LorakitError(
             f"--caption-lines: {options.caption_lines!r}; use {', '.join(CAPTION_LINES)} (what a caption file of "
@@ -557,7 +564,9 @@ def prepare(
             f"--resolution {options.resolution}: smaller than one --bucket-step "
             f"({options.bucket_step}); raise the resolution or lower the step"
         )
-    sizing = SizingOptions(options.resolution, buckets, options.max_upscale, options.background, options.alpha_mask)
+    sizing = SizingOptions(
+        options.resolution, buckets, options.max_upscale, options.background, options.alpha_mask, options.resize_filter
+    )
     key = _settings_key(options, segmenter)
     previous = _load_state(out, key)
     reused, todo = _reuse([p for p in paths if p not in unlisted], src, out, previous)
@@ -684,10 +693,14 @@ def _write(
     for result in kept:
         if result.source in png:
             data = png[result.source]
+            processed_sha = hashlib.sha256(data).hexdigest()
             file_name = _output_name(result.source, result.sha256)
+            if (out / file_name).is_file() and file_sha256(out / file_name) != processed_sha:
+                # an earlier run's image of this photo at other settings (resolution, filter, ...): the new one goes
+                # beside it, so the earlier metadata stays true until the new one lands; the cleanup then removes it
+                file_name = _output_name(result.source, processed_sha)
             if not (out / file_name).is_file():
                 atomic_write(out / file_name, lambda tmp, d=data: tmp.write_bytes(d))
-            processed_sha = hashlib.sha256(data).hexdigest()
         else:
             file_name, processed_sha = previous[result.source]["file_name"], previous[result.source]["image_sha256"]
         mask_name = ""

@@ -28,6 +28,18 @@ REASONS = {
     "not_in_metadata": "not listed in --kohya-metadata (kohya trains only the images its metadata lists)",
 }
 MASK_SUFFIX = ".mask.png"  # photo.jpg's mask is photo.mask.png, beside it
+# `prepare --resize-filter`: Pillow's filter for each name kohya's resize_interpolation takes ("area", OpenCV's
+# averaging filter, is Pillow's box filter)
+RESIZE_FILTERS = {
+    "lanczos": "LANCZOS",
+    "bicubic": "BICUBIC",
+    "cubic": "BICUBIC",
+    "bilinear": "BILINEAR",
+    "linear": "BILINEAR",
+    "area": "BOX",
+    "box": "BOX",
+    "nearest": "NEAREST",
+}
 
 
 def mask_sidecar(path: Path) -> Path | None:
@@ -43,6 +55,7 @@ class SizingOptions:
     max_upscale: float
     background: tuple[int, int, int]
     alpha_mask: bool = False  # an image's alpha channel becomes its mask (for masked loss)
+    resize_filter: str = "lanczos"  # one of RESIZE_FILTERS: how a photo is scaled to its bucket
 
 
 @dataclass
@@ -190,7 +203,7 @@ def _fit(image, original: tuple[int, int], result: Processed, options: SizingOpt
         result.detail = f"{original[0]}x{original[1]} needs {upscale:.1f}x for bucket {bucket[0]}x{bucket[1]}"
         return result
     if (width, height) != image.size:
-        image = image.resize((width, height), Image.Resampling.LANCZOS)
+        image = image.resize((width, height), getattr(Image.Resampling, RESIZE_FILTERS[options.resize_filter]))
     image = image.crop((crop[0], crop[1], crop[0] + bucket[0], crop[1] + bucket[1]))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", compress_level=3)
