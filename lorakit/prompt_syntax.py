@@ -112,22 +112,12 @@ def lora_tags(text: str) -> tuple[str, list[tuple[str, str, float]]]:
     tags = []
     for found in _NETWORK_TAG.finditer(text):
         written = found[0]
-        kind, _, rest = written[1:-1].partition(":")
+        kind, name, _ = _tag_parts(written)
         if kind.lower() == "hypernet":
             raise ValueError(f"{written}: hypernetworks are not adapters lorakit loads")
-        name, _, weight = rest.partition(":")
         if not name.strip():
             raise ValueError(f"{written}: no adapter name; write <lora:NAME:0.8>")
-        try:
-            strength = float(weight) if weight.strip() else 1.0
-        except ValueError:
-            why = (
-                "lorakit applies one strength to the whole adapter"
-                if ":" in weight or "=" in weight
-                else f"{weight.strip()!r} is not a number"
-            )
-            raise ValueError(f"{written}: {why}; write <{kind}:{name.strip()}:0.8>") from None
-        tags.append((written, name.strip(), strength))
+        tags.append((written, name.strip(), _strength(written)))
     return _NETWORK_TAG.sub("", text), tags  # removed as the webuis remove them: what is left is encoded as is
 
 
@@ -135,8 +125,28 @@ def scale_lora_tags(text: str, multiplier: float) -> str:
     """`text` with the strength of each `<lora:NAME:W>` tag multiplied (what a `--compare-scales` column drew)."""
 
     def scaled(found: re.Match) -> str:
-        kind, _, rest = found[0][1:-1].partition(":")
-        name, _, weight = rest.partition(":")
-        return f"<{kind}:{name}:{(float(weight) if weight.strip() else 1.0) * multiplier:g}>"
+        kind, name, _ = _tag_parts(found[0])
+        return f"<{kind}:{name}:{_strength(found[0]) * multiplier:g}>"
 
     return text if multiplier == 1 else _NETWORK_TAG.sub(scaled, text)
+
+
+def _tag_parts(written: str) -> tuple[str, str, str]:
+    """An extra-network tag `<kind:NAME:W>` as the texts (kind, NAME, W), each as written."""
+    kind, _, rest = written[1:-1].partition(":")
+    name, _, weight = rest.partition(":")
+    return kind, name, weight
+
+
+def _strength(written: str) -> float:
+    """A tag's strength, 1 when it gives none; ValueError, naming the tag, for one that is not one number."""
+    kind, name, weight = _tag_parts(written)
+    try:
+        return float(weight) if weight.strip() else 1.0
+    except ValueError:
+        why = (
+            "lorakit applies one strength to the whole adapter"
+            if ":" in weight or "=" in weight
+            else f"{weight.strip()!r} is not a number"
+        )
+        raise ValueError(f"{written}: {why}; write <{kind}:{name.strip()}:0.8>") from None
