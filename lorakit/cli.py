@@ -358,12 +358,11 @@ def caption(
     def run() -> str:
         from PIL import Image, UnidentifiedImageError
 
-        from .files import HEIF_SUFFIXES, read_heif
+        from .files import open_heif_with
         from .prepare.captions import Captioner
         from .prepare.images import to_rgb
 
-        if image.suffix.lower() in HEIF_SUFFIXES:
-            read_heif()
+        open_heif_with(image)
         try:
             with Image.open(image) as opened:
                 picture = to_rgb(opened, (255, 255, 255))

@@ -31,6 +31,13 @@ def read_heif() -> bool:
     return True
 
 
+def open_heif_with(path: str | Path) -> None:
+    """Before opening `path`: when it is a HEIC/HEIF photo, let Pillow read it through pillow-heif (when installed;
+    a process started by spawn has not registered it yet)."""
+    if Path(path).suffix.lower() in HEIF_SUFFIXES:
+        read_heif()
+
+
 CAPTION_MAX_CHARS = 4096  # the text encoders read 77 tokens (225 with long-prompt chunking), ~1,000 characters
 
 

@@ -20,7 +20,7 @@ from .bake import merge_files
 from .checkpoint import RunPaths
 from .embedding import EMBEDDINGS_FOLDER, load_embedding, read_embedding, replace_embedding
 from .errors import AdapterError, LorakitError
-from .files import HEIF_SUFFIXES, file_sha256, read_heif
+from .files import file_sha256, open_heif_with
 from .formats.metadata import a1111_short_hash
 from .formats.read import PICKLE_SUFFIXES, read_adapter_file
 from .models import detect_family, load_pipeline
@@ -448,8 +448,7 @@ def _triggered(prompt: str, plain: str, trigger: str) -> tuple[str, str]:
 
 def _open_init(path: str, settings: RenderSettings) -> Any:
 
-    if Path(path).suffix.lower() in HEIF_SUFFIXES:  # an iPhone photo: read with pillow-heif when it is installed
-        read_heif()
+    open_heif_with(path)
     try:
         with Image.open(Path(path).expanduser()) as image:
             image = ImageOps.exif_transpose(image).convert("RGB")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..buckets import fit_to_bucket, nearest_bucket
-from ..files import HEIF_SUFFIXES, is_regular_file, read_heif
+from ..files import is_regular_file, open_heif_with
 
 # Why an image was left out; the keys of the report's "dropped" table.
 REASONS = {
@@ -122,8 +122,7 @@ def process_image(path: Path, relative: str, options: SizingOptions) -> Processe
     except OSError as err:
         return Processed(source=relative, sha256="", reason="read_error", detail=err.strerror or type(err).__name__)
     result = Processed(source=relative, sha256=hashlib.sha256(data).hexdigest())
-    if path.suffix.lower() in HEIF_SUFFIXES:  # a worker started by spawn has not registered pillow-heif yet
-        read_heif()
+    open_heif_with(path)
     if not data:
         result.reason = "empty_file"
         return result
