@@ -355,14 +355,16 @@ def _length_counter(tokenizer: str | None):
 
 
 def _kohya_listed(paths: list[Path], src: Path, options: PrepareOptions) -> tuple[dict[str, str], set[Path], int]:
-    """With --kohya-metadata: the captions it lists (by image path without its extension), the images under `src` it
-    does not list (kohya trains only those it lists) and how many of its entries have no image here."""
+    """With --kohya-metadata: the caption it lists for each image under `src` (by the image's path relative to
+    `src`), the images it does not list (kohya trains only those it lists) and how many of its entries have no image
+    here."""
     if not options.kohya_metadata:
         return {}, set(), 0
     listed = read_kohya_metadata(Path(options.kohya_metadata).expanduser(), src)
     found = {str(path.with_suffix("").resolve()): path for path in paths}
+    captions = {str(path.relative_to(src)): listed[key] for key, path in found.items() if key in listed}
     unlisted = {path for key, path in found.items() if key not in listed}
-    return listed, unlisted, sum(key not in found for key in listed)
+    return captions, unlisted, sum(key not in found for key in listed)
 
 
 def _report(src, out, options, found, ignored, kept, dropped, duplicates_kept, captions, reused) -> dict:
@@ -610,7 +612,7 @@ def prepare(
             captioner,
             cached,
             group[2] if group else "",
-            listed.get(str((src / result.source).with_suffix("").resolve())) if options.kohya_metadata else None,
+            listed.get(result.source),
         )
     report = _report(
         src,
