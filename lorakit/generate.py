@@ -401,10 +401,7 @@ def _saves(loras: list[tuple[str, float]], adapters: list[LoadedAdapter], allow_
     if recipe.embedding is not None and recipe.embedding.only:  # textual inversion: the embedding files are the saves
         pattern = re.compile(re.escape(token) + _SAVE_SUFFIX + r"\.safetensors")
         files = sorted(p for p in (folder / EMBEDDINGS_FOLDER).glob("*.safetensors") if pattern.fullmatch(p.name))
-        named = [(path, path.stem[len(token) :]) for path in files]
-        saves = [
-            _save(suffix, read_embedding(path).metadata.get("lorakit_steps", ""), None, path) for path, suffix in named
-        ]
+        saves = [_save(path.stem[len(token) :], _embedding_steps(path), None, path) for path in files]
         saves.append(_final(None, paths.embedding(token)))
     else:
         files = paths.intermediate_adapters()
@@ -414,7 +411,7 @@ def _saves(loras: list[tuple[str, float]], adapters: list[LoadedAdapter], allow_
             suffix = adapter.path.name.split(".")[0][len(paths.name) :]
             embedding = paths.embedding(token, suffix) if token else None
             renamed = replace(adapter, name=f"save{index}_{adapter.name}")
-            saves.append(_save(suffix, str(adapter.steps), renamed, embedding))
+            saves.append(_save(suffix, adapter.steps, renamed, embedding))
         saves.append(_final(adapters[folders[0]], paths.embedding(token) if token else None))
     if len(saves) < 2:
         raise LorakitError(
@@ -424,17 +421,24 @@ def _saves(loras: list[tuple[str, float]], adapters: list[LoadedAdapter], allow_
     return sorted(saves[:-1], key=lambda save: save.steps) + saves[-1:]
 
 
-def _save(suffix: str, steps: str, adapter: LoadedAdapter | None, embedding: Path | None) -> Save:
-    """An intermediate save, labelled by the epoch or step its name gives and the steps its metadata records."""
+def _save(suffix: str, steps: int, adapter: LoadedAdapter | None, embedding: Path | None) -> Save:
+    """An intermediate save, labelled by the epoch or step its name gives and the steps its metadata records (0: it
+    records none)."""
     name = suffix.lstrip("-")
-    step = int(steps) if steps.isdigit() else int(name[4:]) if name.startswith("step") else 0
+    step = steps or (int(name[4:]) if name.startswith("step") else 0)
     label = f"step {step}" if name.startswith("step") else f"epoch {int(name)}" + (f" (step {step})" if step else "")
     return Save(label, adapter, embedding, step)
 
 
 def _final(adapter: LoadedAdapter | None, embedding: Path | None) -> Save:
-    steps = adapter.steps if adapter is not None else read_embedding(embedding).metadata.get("lorakit_steps", "")
+    steps = adapter.steps if adapter is not None else _embedding_steps(embedding)
     return Save(f"final (step {steps})" if steps else "final", adapter, embedding, 0)
+
+
+def _embedding_steps(path: Path) -> int:
+    """The optimizer steps an embedding file records (`lorakit_steps`), 0 when it records none."""
+    steps = read_embedding(path).metadata.get("lorakit_steps", "")
+    return int(steps) if steps.isdigit() else 0
 
 
 def _triggered(prompt: str, plain: str, trigger: str) -> tuple[str, str]:
