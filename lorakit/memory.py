@@ -267,7 +267,7 @@ def _bucketed_rows(recipe: Any) -> list[tuple[tuple[int, int], int]]:
 
 def _sides(recipe: Any) -> list[int]:
     """The resolutions a run trains at: `data.resolution`, then `data.extra_resolutions`."""
-    return [recipe.data.resolution, *getattr(recipe.data, "extra_resolutions", [])]
+    return [recipe.data.resolution, *recipe.data.extra_resolutions]
 
 
 def _prepared_rows(recipe: Any) -> list[tuple[int, int, int]]:

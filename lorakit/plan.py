@@ -53,8 +53,12 @@ def _half_weights(recipe: Recipe) -> Recipe:
 def _smaller_resolution(recipe: Recipe) -> Recipe:
     """data.resolution 128 px lower, without the extra resolutions that are no longer below it."""
     side = recipe.data.resolution - 128
-    extra = [s for s in recipe.data.extra_resolutions if s < side]
-    return _with(recipe, "data", resolution=side, extra_resolutions=extra)
+    return _with(recipe, "data", resolution=side, extra_resolutions=_extra_below(recipe, side))
+
+
+def _extra_below(recipe: Recipe, side: int) -> list[int]:
+    """The recipe's extra resolutions below `side`, the ones a run at that data.resolution may keep."""
+    return [s for s in recipe.data.extra_resolutions if s < side]
 
 
 def _embedding_only(recipe: Recipe) -> bool:
@@ -122,7 +126,7 @@ FIT_CHANGES: list[tuple[str, Any, Any, str]] = [
     (
         "data.extra_resolutions",
         lambda r: any(side > r.data.resolution for side in r.data.extra_resolutions),
-        lambda r: _with(r, "data", extra_resolutions=[s for s in r.data.extra_resolutions if s < r.data.resolution]),
+        lambda r: _with(r, "data", extra_resolutions=_extra_below(r, r.data.resolution)),
         "no extra resolution above data.resolution: its buckets are the largest",
     ),
     (
