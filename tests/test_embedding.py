@@ -342,36 +342,15 @@ def test_an_embedding_alone_trains_only_its_vectors(tiny_base, tiny_dataset, tmp
     # generate with the run folder loads the embedding by itself, as with --embedding
     fast = ["--steps", "2", "--size", "64x64", "--seed", "1", "--quiet"]
     ok(["generate", "a ohwx toy", "--lora", str(result.run_dir), *fast, "--out", str(tmp_path / "g1")])
-    ok(
-        [
-            "generate",
-            "a ohwx toy",
-            "--base",
-            str(tiny_base),
-            "--embedding",
-            str(result.embedding),
-            *fast,
-            "--out",
-            str(tmp_path / "g2"),
-        ]
-    )
+
+    def with_embedding(file, out):  # the base with one embedding file, nothing else
+        ok(["generate", "a ohwx toy", "--base", str(tiny_base), "--embedding", str(file), *fast, "--out", str(out)])
+
+    with_embedding(result.embedding, tmp_path / "g2")
     assert (tmp_path / "g1" / "000-seed1.png").read_bytes() == (tmp_path / "g2" / "000-seed1.png").read_bytes()
     # --compare-saves: a column per saved embedding, each drawing what that file draws on its own
     assert _compare_saves(result.run_dir, tmp_path / "saves", fast) == ["step 2", "final (step 4)"]
-    early = result.run_dir / "embeddings" / "ohwx-step00000002.safetensors"
-    ok(
-        [
-            "generate",
-            "a ohwx toy",
-            "--base",
-            str(tiny_base),
-            "--embedding",
-            str(early),
-            *fast,
-            "--out",
-            str(tmp_path / "g3"),
-        ]
-    )
+    with_embedding(result.run_dir / "embeddings" / "ohwx-step00000002.safetensors", tmp_path / "g3")
     saves = tmp_path / "saves"
     assert (_pixels(saves / "000-seed1-step2.png") == _pixels(tmp_path / "g3" / "000-seed1.png")).all()
     assert (_pixels(saves / "001-seed1-final.png") == _pixels(tmp_path / "g1" / "000-seed1.png")).all()
