@@ -384,6 +384,12 @@ Energy = Annotated[
     ),
 ]
 AllowPickle = Annotated[bool, typer.Option(help="Also read .ckpt/.pt/.bin pickles (tensors only, weights_only=True).")]
+LbwPresets = Annotated[
+    Path | None,
+    typer.Option(
+        help="The LoRA Block Weight extension's presets file (lbwpresets.txt, NAME:v,v,... lines) for lbw=NAME."
+    ),
+]
 Overwrite = Annotated[bool, typer.Option(help="Replace an existing output.")]
 
 
@@ -420,7 +426,13 @@ def inspect(
 
 @app.command()
 def merge(
-    lora: Annotated[list[str], typer.Option(help="Adapter and its strength, FILE[:SCALE]; repeat for several.")],
+    lora: Annotated[
+        list[str],
+        typer.Option(
+            help="Adapter and its strength, FILE[:SCALE], optionally with :lbw=PRESET|v,v,... (a strength per block) "
+            "and :te=X / :unet=Y; repeat for several."
+        ),
+    ],
     out: Annotated[
         Path, typer.Option(help="Output: a folder or .safetensors checkpoint (with --base), else an adapter.")
     ],
@@ -451,10 +463,11 @@ def merge(
             "stores its weights in]"
         ),
     ] = None,
+    lbw_presets: LbwPresets = None,
     overwrite: Overwrite = False,
     allow_pickle: AllowPickle = False,
 ) -> None:
-    """Merge adapters into a base model, or several adapters into one."""
+    """Merge adapters into a base model, or several adapters into one (or bake one adapter's lbw= / te= / unet=)."""
     from .merge import merge as run_merge
 
     if save_dtype not in (None, "float16", "bfloat16", "float32"):
@@ -465,7 +478,7 @@ def merge(
             param_hint="--energy",
         )
     _prepare_stack()
-    loras = _lora_arguments(lora)
+    loras, strengths = _lora_arguments(lora)
     log = lambda line: typer.echo(line, err=True)  # noqa: E731
     result = _run(
         lambda: run_merge(
@@ -477,6 +490,8 @@ def merge(
             rank=rank,
             energy=energy,
             save_dtype=save_dtype,
+            strengths=strengths,
+            lbw_presets=str(lbw_presets) if lbw_presets else None,
             overwrite=overwrite,
             allow_pickle=allow_pickle,
             log=log,
@@ -619,18 +634,26 @@ def _file_and_word(text: str) -> tuple[str, str | None]:
     return (file, word) if sep and file and re.fullmatch(r"\w+", word) else (text, None)
 
 
-def _lora_arguments(texts: list[str] | None, option: str = "--lora") -> list[tuple[str, float]]:
-    """`FILE[:SCALE]` arguments, each scale a finite number within +-SCALE_LIMIT."""
+def _lora_arguments(texts: list[str] | None, option: str = "--lora") -> tuple[list[tuple[str, float]], tuple]:
+    """`FILE[:SCALE][:lbw=...][:te=X][:unet=Y]` arguments: (FILE, SCALE) each, every strength a finite number within
+    +-SCALE_LIMIT, and the Strengths of each."""
     from .bake import path_and_scale
+    from .block_weight import split_strengths
 
-    parsed = [path_and_scale(text) for text in texts or []]
-    for text, (_, scale) in zip(texts or [], parsed, strict=True):
+    loras, strengths = [], []
+    for text in texts or []:
+        try:
+            path, scale, drawn_with = split_strengths(text, path_and_scale, option)
+        except ValueError as err:
+            raise typer.BadParameter(str(err).removeprefix(f"{option} "), param_hint=option) from None
         if not _usable_scale(scale):
             raise typer.BadParameter(
                 f"{text!r}: the strength after ':' must be a number between -{SCALE_LIMIT:g} and {SCALE_LIMIT:g}",
                 param_hint=option,
             )
-    return parsed
+        loras.append((path, scale))
+        strengths.append(drawn_with)
+    return loras, tuple(strengths)
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -686,8 +709,12 @@ def generate(
     ] = None,
     lora: Annotated[
         list[str] | None,
-        typer.Option(help="Adapter FILE[:SCALE] (kohya or diffusers layout) or a run folder; repeat for several."),
+        typer.Option(
+            help="Adapter FILE[:SCALE] (kohya or diffusers layout) or a run folder, optionally with "
+            ":lbw=PRESET|v,v,... (a strength per block) and :te=X / :unet=Y; repeat for several."
+        ),
     ] = None,
+    lbw_presets: LbwPresets = None,
     lora_dir: Annotated[
         list[Path] | None,
         typer.Option(
@@ -763,6 +790,7 @@ def generate(
     if dtype not in ("auto", "float32", "float16", "bfloat16"):
         raise typer.BadParameter(f"{dtype!r}: use auto, float32, float16 or bfloat16", param_hint="--dtype")
     width, height = _size(size)
+    loras, lora_strengths = _lora_arguments(lora)
     settings = RenderSettings(
         steps=steps,
         guidance=guidance,
@@ -774,7 +802,9 @@ def generate(
     options = GenerateOptions(
         base=base,
         config=config,
-        loras=tuple(_lora_arguments(lora)),
+        loras=tuple(loras),
+        lora_strengths=lora_strengths,
+        lbw_presets=str(lbw_presets) if lbw_presets else None,
         count=n,
         seed=seed,
         settings=settings,

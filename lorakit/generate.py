@@ -17,6 +17,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .bake import merge_files
+from .block_weight import Strengths, block_values, read_presets, weighted_state
 from .checkpoint import RunPaths
 from .embedding import EMBEDDINGS_FOLDER, load_embedding, read_embedding, replace_embedding
 from .errors import AdapterError, LorakitError
@@ -61,12 +62,17 @@ class RunDefaults:
 
 
 def resolve_adapters(
-    loras: list[tuple[str, float]], allow_pickle: bool = False
+    loras: list[tuple[str, float]],
+    allow_pickle: bool = False,
+    strengths: tuple[Strengths, ...] = (),
+    presets: dict[str, str] | None = None,
 ) -> tuple[list[LoadedAdapter], RunDefaults]:
-    """Read every `--lora` (a file, or a run folder whose adapter and recipe are used)."""
+    """Read every `--lora` (a file, or a run folder whose adapter and recipe are used), each with its `strengths`
+    (by position; none given: plain), whose `lbw=` is checked against the file's architecture here, before any
+    model is loaded."""
 
     adapters, defaults = [], RunDefaults()
-    for text, scale in loras:
+    for index, (text, scale) in enumerate(loras):
         path = Path(text).expanduser()
         if path.is_dir():
             recipe_path = RunPaths(path, "").recipe
@@ -90,6 +96,9 @@ def resolve_adapters(
         name = re.sub(r"[^A-Za-z0-9_-]", "_", path.name.split(".")[0])
         schedule = schedule_from_metadata(adapter.metadata, str(path))
         steps = adapter.metadata.get("ss_steps", "")
+        drawn_with = strengths[index] if index < len(strengths) else Strengths()
+        if drawn_with.blocks:
+            block_values(drawn_with.blocks, adapter.family, presets)
         adapters.append(
             LoadedAdapter(
                 f"{name}_{len(adapters)}",
@@ -100,9 +109,25 @@ def resolve_adapters(
                 short,
                 schedule,
                 int(steps) if steps.isdigit() else 0,
+                drawn_with,
             )
         )
     return adapters, defaults
+
+
+def _weighted(adapter: LoadedAdapter, family: str, pipe: Any, presets: dict[str, str] | None) -> LoadedAdapter:
+    """The adapter with its te= / unet= / lbw= strengths baked into its factors, by the blocks of the base's U-Net."""
+    if adapter.strengths.plain:
+        return adapter
+    state = weighted_state(
+        adapter.state,
+        adapter.strengths,
+        str(adapter.path),
+        family,
+        unet_config=dict(pipe.unet.config),
+        presets=presets,
+    )
+    return replace(adapter, state=state)
 
 
 @dataclass(frozen=True)
@@ -110,6 +135,8 @@ class GenerateOptions:
     base: str | None = None
     config: str | None = None
     loras: tuple[tuple[str, float], ...] = ()
+    lora_strengths: tuple[Strengths, ...] = ()  # per --lora, by position: its te= / unet= / lbw= (none: plain)
+    lbw_presets: str | None = None  # --lbw-presets: the LoRA Block Weight extension's presets file
     count: int = 1
     seed: int = 0
     settings: RenderSettings = RenderSettings()
@@ -167,6 +194,7 @@ def generate(
             "or from <lora:NAME:W> tags in the prompts"
         )
     tagged = TaggedPrompts.read(prompts, options.lora_dirs)
+    presets = read_presets(options.lbw_presets) if options.lbw_presets else None
     if settings.sampler not in SAMPLERS:
         raise LorakitError(f"--sampler {settings.sampler!r}: use one of {', '.join(SAMPLERS)}")
     for name, value in (("--strength", options.strength), ("--hires-strength", options.hires_strength)):
@@ -184,8 +212,8 @@ def generate(
     if options.compare_saves and options.compare_scales:
         raise LorakitError("--compare-saves and --compare-scales: each sets the grid's columns; choose one")
     init_image = _open_init(options.init, settings) if options.init else None
-    adapters, defaults = resolve_adapters(list(options.loras), options.allow_pickle)
-    tag_adapters = tagged.load(options.allow_pickle)
+    adapters, defaults = resolve_adapters(list(options.loras), options.allow_pickle, options.lora_strengths, presets)
+    tag_adapters = tagged.load(options.allow_pickle, presets)
     columns = [Column(f"scale {m:g}", f"-x{m:g}", m) for m in options.compare_scales] or [Column("", "", 1.0)]
     if options.compare_saves:
         saves = _saves(list(options.loras), adapters, options.allow_pickle)
@@ -214,6 +242,10 @@ def generate(
         family = detect_family(models, dict(pipe.unet.config))
         said = merge_files(list(defaults.merged), models, family, "the run's model.merged_adapters")
         log(f"The run's model.merged_adapters: {said}")
+    family = detect_family(pipeline_models(pipe), dict(pipe.unet.config))
+    adapters, tag_adapters = (
+        [_weighted(a, family, pipe, presets) for a in group] for group in (adapters, tag_adapters)
+    )
     apply_adapters(pipe, adapters + tag_adapters)  # checks the adapters against the base first
     run_word = None
     if defaults.embedding is not None:
@@ -266,16 +298,21 @@ def generate(
 ADAPTER_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 
 
+TagKey = tuple[str, Strengths]  # a tag's adapter NAME and the strengths baked into it (te= / unet= / lbw=)
+
+
 @dataclass
 class TaggedPrompts:
-    """The prompts' `<lora:NAME:W>` tags, as the webuis read them: each prompt without its tags (what is encoded),
-    the strength of each named adapter in it, and the adapter files the names were found as under `--lora-dir`
-    (a file whose name without its extension is NAME, in a folder or a subfolder)."""
+    """The prompts' `<lora:NAME:...>` tags, as the webuis read them: each prompt without its tags (what is encoded),
+    the strength each tagged adapter is drawn at in it, and the adapter files the names were found as under
+    `--lora-dir` (a file whose name without its extension is NAME, in a folder or a subfolder). A tag with one
+    strength is drawn at it; one with separate text-encoder and U-Net strengths has them baked in and is drawn at 1;
+    each `lbw=` of a NAME is a copy of that adapter with its blocks weighted."""
 
     encoded: list[str]  # each prompt without its tags
-    strengths: list[dict[str, float]]  # per prompt: NAME -> W
+    strengths: list[dict[TagKey, float]]  # per prompt: (NAME, strengths) -> the strength it is drawn at
     files: dict[str, Path]  # NAME -> its file
-    names: dict[str, str] = field(default_factory=dict)  # NAME -> the loaded adapter's name, once loaded
+    names: dict[TagKey, str] = field(default_factory=dict)  # -> the loaded adapter's name, once loaded
 
     @classmethod
     def read(cls, prompts: list[str], lora_dirs: tuple[str, ...]) -> TaggedPrompts:
@@ -285,33 +322,38 @@ class TaggedPrompts:
                 text, tags = lora_tags(prompt)
             except ValueError as err:
                 raise LorakitError(f"a prompt: {err}") from None
-            named: dict[str, float] = {}
-            for written, name, strength in tags:
-                if name in named:
-                    raise LorakitError(f"a prompt names the adapter {name!r} twice ({written}); give it once")
-                named[name] = strength
+            named: dict[TagKey, float] = {}
+            for tag in tags:
+                if any(name == tag.name for name, _ in named):
+                    raise LorakitError(f"a prompt names the adapter {tag.name!r} twice ({tag.written}); give it once")
+                if tag.te == tag.unet:
+                    named[(tag.name, Strengths(blocks=tag.blocks))] = tag.te
+                else:
+                    named[(tag.name, Strengths(tag.te, tag.unet, tag.blocks))] = 1.0
             encoded.append(text)
             strengths.append(named)
-        wanted = sorted({name for named in strengths for name in named})
+        wanted = sorted({name for named in strengths for name, _ in named})
         if wanted and not lora_dirs:
-            tag = next(t for p in prompts for t, _, _ in lora_tags(p)[1])
+            tag = next(t.written for p in prompts for t in lora_tags(p)[1])
             raise LorakitError(
                 f"a prompt holds the webui tag {tag}; give the folder of its file with --lora-dir DIR (the webuis' "
                 "models/Lora), or load it with --lora FILE:SCALE"
             )
         return cls(encoded, strengths, _find_tagged(wanted, lora_dirs) if wanted else {})
 
-    def load(self, allow_pickle: bool) -> list[LoadedAdapter]:
-        """The tagged adapters, read, at scale 1 (each row sets its tags' strengths)."""
-        loaded, _ = resolve_adapters([(str(path), 1.0) for path in self.files.values()], allow_pickle)
+    def load(self, allow_pickle: bool, presets: dict[str, str] | None = None) -> list[LoadedAdapter]:
+        """The tagged adapters, read, at scale 1 (each row sets its tags' strengths): one per NAME and strengths."""
+        keys = sorted({key for named in self.strengths for key in named}, key=lambda k: (k[0], repr(k[1])))
+        loras = [(str(self.files[name]), 1.0) for name, _ in keys]
+        loaded, _ = resolve_adapters(loras, allow_pickle, tuple(s for _, s in keys), presets)
         adapters = [replace(adapter, name=f"tag_{adapter.name}") for adapter in loaded]
-        self.names = {name: adapter.name for name, adapter in zip(self.files, adapters, strict=True)}
+        self.names = {key: adapter.name for key, adapter in zip(keys, adapters, strict=True)}
         return adapters
 
     def groups(self, prompt_of_row: list[int]) -> _RowGroups:
         """The rows (each drawing the prompt `prompt_of_row[row]`) grouped by the adapter strengths they ask for."""
         per_row = [
-            {adapter: self.strengths[prompt].get(name, 0.0) for name, adapter in self.names.items()}
+            {adapter: self.strengths[prompt].get(key, 0.0) for key, adapter in self.names.items()}
             for prompt in prompt_of_row
         ]
         grouped: dict[tuple, list[int]] = {}
@@ -410,7 +452,7 @@ def _saves(loras: list[tuple[str, float]], adapters: list[LoadedAdapter], allow_
         for index, adapter in enumerate(loaded):
             suffix = adapter.path.name.split(".")[0][len(paths.name) :]
             embedding = paths.embedding(token, suffix) if token else None
-            renamed = replace(adapter, name=f"save{index}_{adapter.name}")
+            renamed = replace(adapter, name=f"save{index}_{adapter.name}", strengths=adapters[folders[0]].strengths)
             saves.append(_save(suffix, adapter.steps, renamed, embedding))
         saves.append(_final(adapters[folders[0]], paths.embedding(token) if token else None))
     if len(saves) < 2:
@@ -493,7 +535,7 @@ def _parameters(
     adapter drawn, and the hashes of every adapter drawn."""
     drawn = [(a, a.scale * column.multiplier * column.factors.get(a.name, 1.0)) for a in adapters]
     drawn = [(a, scale) for a, scale in drawn if a.name not in column.factors or scale]  # a save's column: its own
-    lora_tags = "".join(f" <lora:{a.path.name.split('.')[0]}:{scale:g}>" for a, scale in drawn)
+    lora_tags = "".join(" " + a.strengths.tag(a.path.name.split(".")[0], scale) for a, scale in drawn)
     hashed = drawn + [(a, scale) for a, scale in tagged if scale]
     extra: dict[str, Any] = {}
     if hashed:

@@ -30,6 +30,7 @@ from .adapters import (
     scaled_factors,
 )
 from .bake import Weighted, adapter_parts, merge_into_models
+from .block_weight import Strengths, block_values, read_presets, weighted_state
 from .errors import AdapterError, OutputError
 from .files import atomic_write, check_output, file_sha256
 from .formats.files import write_adapter
@@ -221,6 +222,8 @@ def merge(
     rank: int | None = None,
     energy: float | None = None,
     save_dtype: str | None = None,
+    strengths: tuple[Strengths, ...] = (),
+    lbw_presets: str | None = None,
     overwrite: bool = False,
     allow_pickle: bool = False,
     log=print,
@@ -228,6 +231,8 @@ def merge(
     """`lorakit merge`: adapters into a base model (diffusers folder or single file), or into one adapter (with
     `rank`, by SVD; with `energy` too, each module at the fewest ranks up to `rank` keeping that share of its energy).
     `save_dtype` defaults to float16 for an adapter and to the precision the base stores its weights in for a base.
+    `strengths` (by position) bake each adapter's te= / unet= / lbw= into it first; one adapter alone with strengths
+    and no `rank` is written as that adapter with them baked in (LoKr/LoHa stay LoKr/LoHa).
     """
 
     out = Path(out).expanduser()
@@ -243,10 +248,18 @@ def merge(
             )
     fmt = fmt or (("single-file" if out.suffix == ".safetensors" else "diffusers") if base else "kohya")
     save_dtype = save_dtype or (None if base else "float16")  # None: as the base stores its weights
+    strengths = tuple(strengths) + (Strengths(),) * (len(files) - len(strengths))
+    presets = read_presets(lbw_presets) if lbw_presets else None
+    states = [
+        weighted_state(a.state, drawn_with, str(a.path), a.family, presets=presets)
+        for a, drawn_with in zip(files, strengths, strict=True)
+    ]
     record = {
         "loras": [
             {"file": a.path.name, "sha256": file_sha256(a.path), "scale": s}
-            for a, (_, s) in zip(files, loras, strict=True)
+            # absent when plain: earlier records still match
+            | ({} if w.plain else {"te": w.te, "unet": w.unet, "lbw": w.blocks and block_values(w.blocks, a.family, presets)})
+            for a, (_, s), w in zip(files, loras, strengths, strict=True)
         ],
         "base": _base_fingerprint(base) if base else None,
         "rank": rank,
@@ -258,11 +271,12 @@ def merge(
     if up_to_date(out, record, inputs, overwrite):
         log(f"up to date: {out} (same inputs, scales and settings)")
         return MergeResult(out, True)
-    weighted = [Weighted(a.state, s, str(a.path)) for a, (_, s) in zip(files, loras, strict=True)]
+    weighted = [Weighted(state, s, str(a.path)) for a, state, (_, s) in zip(files, states, loras, strict=True)]
     if base:
         return _merge_into_base(weighted, out, base, config, fmt, save_dtype, record, log)
     family = families.pop() if families else "sd1"
-    return _merge_adapters(weighted, out, fmt, (rank, energy), save_dtype, record, family, log)
+    baked = files[0].metadata if len(files) == 1 and rank is None and not strengths[0].plain else None
+    return _merge_adapters(weighted, out, fmt, (rank, energy), save_dtype, record, family, log, baked)
 
 
 def _merge_adapters(
@@ -274,11 +288,16 @@ def _merge_adapters(
     record: dict,
     family: str,
     log,
+    baked: dict[str, str] | None = None,
 ) -> MergeResult:
+    """Adapters into one adapter file; `baked` (the one adapter's metadata) writes that adapter alone with its
+    strengths baked in instead."""
     rank, energy = ranks
 
     if fmt not in ("kohya", "diffusers"):
         raise AdapterError(f"--format {fmt}: merging adapters into one writes 'kohya' or 'diffusers'")
+    if baked is not None:
+        return _write_baked(weighted[0], out, fmt, save_dtype, record, family, baked, log)
     for adapter in weighted:
         refuse_dora(adapter.state, adapter.name, "merged with other adapters")
         kind = lycoris_kind(adapter.state)
@@ -311,6 +330,20 @@ def _merge_adapters(
     write_adapter(state, out, fmt, save_dtype, metadata, family)
     log(f"Wrote {out} ({modules} modules, {fmt} layout)")
     return MergeResult(out, False, error, modules)
+
+
+def _write_baked(
+    adapter: Weighted, out: Path, fmt: str, save_dtype: str, record: dict, family: str, metadata: dict, log
+) -> MergeResult:
+    """One adapter with its strengths (already in its factors) and scale baked in, as the same kind of adapter with its
+    own ranks, alphas and training metadata, so that it draws at strength 1 what the weighted original drew."""
+    whole = Strengths(adapter.scale, adapter.scale)
+    state = weighted_state(adapter.state, whole, adapter.name, family)
+    metadata = {**metadata, "modelspec.merged_from": Path(adapter.name).name, MERGE_RECORD_KEY: json.dumps(record)}
+    write_adapter(state, out, fmt, save_dtype, metadata, family)
+    modules = sum(len(m) for m in state.values())
+    log(f"Wrote {out} ({modules} modules, {fmt} layout): {Path(adapter.name).name} with its strengths baked in")
+    return MergeResult(out, False, None, modules)
 
 
 def _merge_into_base(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 EMPHASIS = 1.1  # what one pair of round brackets multiplies by (square brackets divide)
@@ -105,48 +106,95 @@ def network_tag(text: str) -> str | None:
     return found[0] if found else None
 
 
-def lora_tags(text: str) -> tuple[str, list[tuple[str, str, float]]]:
-    """The prompt without its `<lora:NAME:W>` / `<lyco:NAME:W>` tags (W defaults to 1, as in the webuis), and each
-    tag as (what was written, NAME, W). ValueError names a tag lorakit cannot apply: a hypernetwork, or the webuis'
-    separate text-encoder / U-Net strengths (`<lora:NAME:0.8:0.5>`, `unet=`, `te=`, `dyn=`)."""
+@dataclass(frozen=True)
+class LoraTag:
+    """One `<lora:NAME:...>` tag as the webuis read it: the text-encoder strength (the first number, or te=), the
+    U-Net's (the second number, or unet=; else the text encoder's) and LoRA Block Weight's `lbw=` (also as the
+    second item when that is not a number)."""
+
+    written: str
+    kind: str
+    name: str
+    te: float = 1.0
+    unet: float = 1.0
+    blocks: str = ""
+
+
+def lora_tags(text: str) -> tuple[str, list[LoraTag]]:
+    """The prompt without its `<lora:...>` / `<lyco:...>` tags, and each tag read. ValueError names a tag lorakit
+    cannot apply: a hypernetwork, a dynamic rank (dyn=), a step range (start= / stop= / step=), element weights
+    (lbwe=), or a strength that is not a number."""
     tags = []
     for found in _NETWORK_TAG.finditer(text):
         written = found[0]
-        kind, name, _ = _tag_parts(written)
+        kind, name, *items = written[1:-1].split(":")
+        name = name.strip()
         if kind.lower() == "hypernet":
             raise ValueError(f"{written}: hypernetworks are not adapters lorakit loads")
-        if not name.strip():
+        if not name:
             raise ValueError(f"{written}: no adapter name; write <lora:NAME:0.8>")
-        tags.append((written, name.strip(), _strength(written)))
+        tags.append(_read_tag(written, kind, name, [item.strip() for item in items]))
     return _NETWORK_TAG.sub("", text), tags  # removed as the webuis remove them: what is left is encoded as is
 
 
+_TAG_REFUSED = {
+    "dyn": "a dynamic rank (dyn=) is not applied: lorakit draws every rank",
+    "start": "lorakit applies an adapter at every denoising step; drop start= / stop= / step=",
+    "stop": "lorakit applies an adapter at every denoising step; drop start= / stop= / step=",
+    "step": "lorakit applies an adapter at every denoising step; drop start= / stop= / step=",
+    "lbwe": "element weights (lbwe=) are not read; weight whole blocks with lbw=",
+}
+
+
+def _read_tag(written: str, kind: str, name: str, items: list[str]) -> LoraTag:
+    named = dict(item.split("=", 1) for item in items if "=" in item)
+    named = {key.strip().lower(): value.strip() for key, value in named.items()}
+    positional = [item for item in items if "=" not in item and item]
+    for key in named:
+        if key in _TAG_REFUSED:
+            raise ValueError(f"{written}: {_TAG_REFUSED[key]}")
+        if key not in ("te", "unet", "lbw"):
+            raise ValueError(f"{written}: {key}= is not a tag option lorakit reads (te=, unet=, lbw=)")
+    if len(positional) > 2:
+        raise ValueError(f"{written}: {_TAG_REFUSED['dyn']}; write <{kind}:{name}:TE:UNET> at most")
+    blocks = named.get("lbw", "")
+    if len(positional) == 2 and not _is_number(positional[1]) and not blocks:
+        blocks = positional.pop()  # the extension's older form, <lora:NAME:1:OUTALL>
+    te = _number(named.get("te", positional[0] if positional else "1"), written, kind, name)
+    unet = _number(named["unet"], written, kind, name) if "unet" in named else None
+    if unet is None:
+        unet = _number(positional[1], written, kind, name) if len(positional) == 2 else te
+    return LoraTag(written, kind, name, te, unet, blocks)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _number(text: str, written: str, kind: str, name: str) -> float:
+    """A tag's strength; ValueError, naming the tag, for one that is not a number."""
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{written}: {text!r} is not a number; write <{kind}:{name}:0.8>") from None
+
+
 def scale_lora_tags(text: str, multiplier: float) -> str:
-    """`text` with the strength of each `<lora:NAME:W>` tag multiplied (what a `--compare-scales` column drew)."""
+    """`text` with the strengths of each `<lora:...>` tag multiplied (what a `--compare-scales` column drew)."""
 
     def scaled(found: re.Match) -> str:
-        kind, name, _ = _tag_parts(found[0])
-        return f"<{kind}:{name}:{_strength(found[0]) * multiplier:g}>"
+        kind, name, *items = found[0][1:-1].split(":")
+        tag = _read_tag(found[0], kind, name.strip(), [item.strip() for item in items])
+        te, unet = tag.te * multiplier, tag.unet * multiplier
+        return (
+            f"<{kind}:{tag.name}:{te:g}"
+            + (f":{unet:g}" if unet != te else "")
+            + (f":lbw={tag.blocks}" if tag.blocks else "")
+            + ">"
+        )
 
     return text if multiplier == 1 else _NETWORK_TAG.sub(scaled, text)
-
-
-def _tag_parts(written: str) -> tuple[str, str, str]:
-    """An extra-network tag `<kind:NAME:W>` as the texts (kind, NAME, W), each as written."""
-    kind, _, rest = written[1:-1].partition(":")
-    name, _, weight = rest.partition(":")
-    return kind, name, weight
-
-
-def _strength(written: str) -> float:
-    """A tag's strength, 1 when it gives none; ValueError, naming the tag, for one that is not one number."""
-    kind, name, weight = _tag_parts(written)
-    try:
-        return float(weight) if weight.strip() else 1.0
-    except ValueError:
-        why = (
-            "lorakit applies one strength to the whole adapter"
-            if ":" in weight or "=" in weight
-            else f"{weight.strip()!r} is not a number"
-        )
-        raise ValueError(f"{written}: {why}; write <{kind}:{name.strip()}:0.8>") from None

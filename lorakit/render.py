@@ -24,6 +24,7 @@ from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
 from .adapters import adapted_weight, lycoris_kind, module_at
+from .block_weight import Strengths
 from .emphasis import needs_encoding, prompt_embeddings
 from .errors import AdapterError, LorakitError
 from .files import atomic_write
@@ -270,6 +271,7 @@ class LoadedAdapter:
     # T-LoRA: (min_rank, exponent, num_train_timesteps) the file's metadata records (timestep_rank)
     timestep_ranks: tuple[int, float, int] | None = None
     steps: int = 0  # the optimizer steps its metadata records (`ss_steps`; 0 when it does not say)
+    strengths: Strengths = Strengths()  # te= / unet= / lbw= it is drawn with (baked in by `generate` once loaded)
 
 
 def _diffusers_state_dict(state: Any) -> dict[str, Any]:

@@ -47,6 +47,7 @@ FLOORS = {
     "lorakit.timestep_rank": 3,
     "lorakit.dropout": 3,
     "lorakit.bake": 3,
+    "lorakit.block_weight": 3,
     "lorakit.embedding": 3,
     "lorakit.emphasis": 3,
     "lorakit.recipe": 4,

@@ -384,3 +384,25 @@ def test_a_half_precision_render_writes_the_update_into_the_weights_it_read(lyco
         with Image.open(next((tmp_path / name).glob("*.png"))) as image:
             images[name] = np.asarray(image)
     assert np.array_equal(images["read-in-it"], images["cast-after"])
+
+
+def test_a_lokr_file_with_its_strengths_baked_in_stays_a_lokr_file(third_party, tmp_path):
+    """`merge --lora FILE:0.5:lbw=...` on one LoKr file writes a LoKr file whose every update is the original's times
+    its strength: the text encoder's and the kept blocks' at 0.5, the middle block (M00 at 0) left out."""
+    from lorakit.formats.read import read_adapter_file
+
+    path, _ = third_party
+    vector = ",".join(["1"] * 13 + ["0"] + ["1"] * 12)  # BASE, IN00-IN11, M00 = 0, OUT00-OUT11
+    out = tmp_path / "baked.safetensors"
+    args = ["merge", "--lora", f"{path}:0.5:lbw={vector}", "--save-dtype", "float32", "--out", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    before, after = read_adapter_file(path).state, read_adapter_file(out).state
+    kept = {(c, p) for c, modules in before.items() for p in modules if not p.startswith("mid_block.")}
+    assert {(c, p) for c, modules in after.items() for p in modules} == kept and len(kept) < sum(
+        map(len, before.values())
+    )
+    for component, name in kept:
+        module = after[component][name]
+        assert module.kind == "lokr"
+        torch.testing.assert_close(module.delta(), 0.5 * before[component][name].delta(), rtol=1e-5, atol=1e-6)
