@@ -28,6 +28,7 @@ import torch
 from .adapters import LoraModule, unet_block
 from .errors import AdapterError
 from .lycoris import LycorisModule
+from .prompt_syntax import is_number
 
 STRENGTH_LIMIT = 100.0  # as the CLI's adapter strengths (ComfyUI's slider spans the same)
 
@@ -143,7 +144,7 @@ def block_values(spec: str, family: str, presets: dict[str, str] | None = None) 
     known = {**PRESETS, **(presets or {})}
     text = known.get(spec, spec)
     values = [v.strip() for v in text.split(",")]
-    if len(values) == 1 and not _is_number(values[0]):
+    if len(values) == 1 and not is_number(values[0]):
         close = difflib.get_close_matches(spec, list(known), n=3, cutoff=0.5)
         hint = f"close names: {', '.join(close)}" if close else f"presets: {', '.join(known)}"
         raise AdapterError(f"lbw={spec}: not a preset or a list of block strengths; {hint}")
@@ -161,14 +162,6 @@ def block_values(spec: str, family: str, presets: dict[str, str] | None = None) 
     blocks = dict.fromkeys(LAYOUTS[26] + LAYOUTS[20], 0.0)
     blocks.update(zip(LAYOUTS[len(numbers)], numbers, strict=True))
     return blocks
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _family_name(family: str) -> str:

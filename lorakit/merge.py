@@ -258,7 +258,11 @@ def merge(
         "loras": [
             {"file": a.path.name, "sha256": file_sha256(a.path), "scale": s}
             # absent when plain: earlier records still match
-            | ({} if w.plain else {"te": w.te, "unet": w.unet, "lbw": w.blocks and block_values(w.blocks, a.family, presets)})
+            | (
+                {}
+                if w.plain
+                else {"te": w.te, "unet": w.unet, "lbw": w.blocks and block_values(w.blocks, a.family, presets)}
+            )
             for a, (_, s), w in zip(files, loras, strengths, strict=True)
         ],
         "base": _base_fingerprint(base) if base else None,

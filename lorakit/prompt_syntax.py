@@ -158,7 +158,7 @@ def _read_tag(written: str, kind: str, name: str, items: list[str]) -> LoraTag:
     if len(positional) > 2:
         raise ValueError(f"{written}: {_TAG_REFUSED['dyn']}; write <{kind}:{name}:TE:UNET> at most")
     blocks = named.get("lbw", "")
-    if len(positional) == 2 and not _is_number(positional[1]) and not blocks:
+    if len(positional) == 2 and not is_number(positional[1]) and not blocks:
         blocks = positional.pop()  # the extension's older form, <lora:NAME:1:OUTALL>
     te = _number(named.get("te", positional[0] if positional else "1"), written, kind, name)
     unet = _number(named["unet"], written, kind, name) if "unet" in named else None
@@ -167,7 +167,7 @@ def _read_tag(written: str, kind: str, name: str, items: list[str]) -> LoraTag:
     return LoraTag(written, kind, name, te, unet, blocks)
 
 
-def _is_number(text: str) -> bool:
+def is_number(text: str) -> bool:
     try:
         float(text)
     except ValueError:

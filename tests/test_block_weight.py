@@ -278,3 +278,19 @@ def test_strengths_that_cannot_apply_are_named_before_anything_is_written(
     assert not (tmp_path / "m.safetensors").exists()
     args = ["generate", "a toy", "--base", str(tiny_base), "--lora", f"{trained_run.adapter}{extra}"]
     fails([*args, "--out", str(tmp_path / "g"), *FAST], fragment)
+
+
+def test_merge_into_a_base_applies_the_parts_it_is_given(trained_run, tiny_base, tmp_path):
+    """te=0 leaves the base's text encoder as it was; the U-Net gets the adapter's update."""
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "merged"
+    args = ["merge", "--lora", f"{trained_run.adapter}:te=0:unet=1", "--base", str(tiny_base), "--out", str(out)]
+    assert runner.invoke(app, args).exit_code == 0
+    base, merged = (
+        StableDiffusionPipeline.from_pretrained(str(p), safety_checker=None, requires_safety_checker=False)
+        for p in (tiny_base, out)
+    )
+    for name, tensor in base.text_encoder.state_dict().items():
+        assert torch.equal(tensor, merged.text_encoder.state_dict()[name]), name
+    assert any(not torch.equal(t, merged.unet.state_dict()[n]) for n, t in base.unet.state_dict().items())
