@@ -294,3 +294,21 @@ def test_merge_into_a_base_applies_the_parts_it_is_given(trained_run, tiny_base,
     for name, tensor in base.text_encoder.state_dict().items():
         assert torch.equal(tensor, merged.text_encoder.state_dict()[name]), name
     assert any(not torch.equal(t, merged.unet.state_dict()[n]) for n, t in base.unet.state_dict().items())
+
+
+def test_an_sdxl_vector_keeps_the_blocks_it_names_and_both_text_encoders(sdxl_run, tiny_sdxl, tmp_path):
+    """12 values on SDXL: BASE and the input blocks on, the middle and output blocks off; what is kept is exactly the
+    down_blocks modules and both text encoders', and `generate` draws it."""
+    result, _ = sdxl_run
+    adapter = read_adapter_file(result.adapter)
+    assert adapter.family == "sdxl"
+    weighted = weighted_state(adapter.state, Strengths(blocks="1,1,1,1,1,0,0,0,0,0,0,0"), "x", "sdxl")
+    assert {p.split(".")[0] for p in weighted["unet"]} == {"down_blocks"}
+    assert set(weighted) == {"unet", "text_encoder", "text_encoder_2"}
+    assert len(weighted["text_encoder_2"]) == len(adapter.state["text_encoder_2"])
+    args = ["a toy", "--base", str(tiny_sdxl), *FAST]
+    _generate(*args, "--lora", f"{result.adapter}:lbw=1,1,1,1,1,0,0,0,0,0,0,0", "--out", str(tmp_path / "lbw"))
+    _generate(*args, "--lora", str(result.adapter), "--out", str(tmp_path / "whole"))
+    assert not np.array_equal(
+        _pixels(tmp_path / "lbw" / "000-seed0.png"), _pixels(tmp_path / "whole" / "000-seed0.png")
+    )
