@@ -142,14 +142,15 @@ def block_values(spec: str, family: str, presets: dict[str, str] | None = None) 
     """A `lbw=` spec (a preset name or a vector) as block -> strength, every block of the 26-value layout and of the
     SDXL one present (the ones a short vector leaves out at 0). AdapterError names the spec and what is valid."""
     known = {**PRESETS, **(presets or {})}
-    text = known.get(spec, spec)
+    by_case = {name.upper(): values for name, values in known.items()}
+    text = known.get(spec) or by_case.get(spec.upper(), spec)
     values = [v.strip() for v in text.split(",")]
     if len(values) == 1 and not is_number(values[0]):
         close = difflib.get_close_matches(spec, list(known), n=3, cutoff=0.5)
         hint = f"close names: {', '.join(close)}" if close else f"presets: {', '.join(known)}"
         raise AdapterError(f"lbw={spec}: not a preset or a list of block strengths; {hint}")
     lengths = FAMILY_LENGTHS.get(family, tuple(sorted(LAYOUTS)))
-    if len(values) not in LAYOUTS or (spec not in known and len(values) not in lengths):
+    if len(values) not in LAYOUTS or (text == spec and len(values) not in lengths):
         layouts = " or ".join(str(n) for n in lengths)
         raise AdapterError(
             f"lbw={spec}: {len(values)} values; a {_family_name(family)} adapter takes {layouts} (BASE, then the "

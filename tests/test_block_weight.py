@@ -58,6 +58,7 @@ def test_presets_and_short_vectors_expand_as_the_extension_does():
     twelve = block_values("0.5,1,1,1,1,1,0,0,0,0,0,2", "sdxl")
     assert twelve["BASE"] == 0.5 and twelve["IN04"] == 1 and twelve["OUT05"] == 2 and twelve["IN01"] == 0
     assert block_values("MINE", "sd1", {"MINE": VECTOR})["OUT02"] == 0.5
+    assert block_values("outall", "sd1") == outall  # preset names in any case
 
 
 @pytest.mark.parametrize(
