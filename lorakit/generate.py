@@ -237,12 +237,11 @@ def generate(
     device, dtype = _device_and_dtype(options.dtype, log)
     config = options.config or (defaults.config if not options.base else None)
     pipe = load_pipeline(base, config=config, dtype=dtype, log=log, as_options=options.base is not None)
+    models = pipeline_models(pipe)
+    family = detect_family(models, dict(pipe.unet.config))
     if defaults.merged and not options.base:  # the base the run trained on had these in its weights
-        models = pipeline_models(pipe)
-        family = detect_family(models, dict(pipe.unet.config))
         said = merge_files(list(defaults.merged), models, family, "the run's model.merged_adapters")
         log(f"The run's model.merged_adapters: {said}")
-    family = detect_family(pipeline_models(pipe), dict(pipe.unet.config))
     adapters, tag_adapters = (
         [_weighted(a, family, pipe, presets) for a in group] for group in (adapters, tag_adapters)
     )
