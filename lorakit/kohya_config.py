@@ -72,7 +72,6 @@ NOT_NEEDED = {
     "bucket_no_upscale": "`lorakit prepare --max-upscale`",
     "train_data_dir": "`lorakit prepare` reads it (printed below)",
     "logging_dir": "metrics.jsonl and tensorboard/ are in the run folder",
-    "log_with": "metrics.jsonl and tensorboard/ are in the run folder",
     "log_prefix": "metrics.jsonl and tensorboard/ are in the run folder",
     "sdxl": "the architecture is read from the base model",
     "v2": "the architecture is read from the base model",
@@ -87,11 +86,9 @@ NOT_NEEDED = {
     "ddp_timeout": "lorakit sets up multi-process training itself",
     "ddp_gradient_as_bucket_view": "lorakit sets up multi-process training itself",
     "ddp_static_graph": "lorakit sets up multi-process training itself",
-    "log_tracker_name": "metrics.jsonl and tensorboard/ are in the run folder",
     "log_tracker_config": "metrics.jsonl and tensorboard/ are in the run folder",
     "log_config": "the run folder keeps recipe.resolved.toml",
-    "wandb_run_name": "metrics.jsonl and tensorboard/ are in the run folder",
-    "wandb_api_key": "metrics.jsonl and tensorboard/ are in the run folder",
+    "wandb_run_name": "the Weights & Biases run is named after output.name",
     "disable_mmap_load_safetensors": "lorakit reads safetensors files itself",
     "skip_cache_check": "`lorakit prepare` and the latent cache check themselves by content",
     "text_encoder_batch_size": "text-encoder outputs are cached caption by caption",
@@ -129,6 +126,7 @@ UNSUPPORTED = {
         _UPLOAD,
     ),
     "resume_from_huggingface": "lorakit does not download runs; resume from a local run folder",
+    "wandb_api_key": "lorakit keeps no API keys in recipes; run `wandb login` or set WANDB_API_KEY",
     "lr_scheduler_type": "lorakit builds its own schedules (train.lr_scheduler)",
     "lr_scheduler_args": "lorakit builds its own schedules (train.lr_scheduler)",
     "max_validation_steps": "lorakit computes val_loss on every held-out image",
@@ -822,6 +820,17 @@ def _loss_type(value: Any) -> str:
     return value
 
 
+TRACKERS = {"tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"]}
+
+
+def _trackers(value: Any) -> list[str]:
+    """kohya's `log_with`: tensorboard, wandb or all."""
+    trackers = TRACKERS.get(str(value).strip().lower())
+    if trackers is None:
+        raise Unsupported(f"{value!r} (lorakit logs to tensorboard and wandb: give one of them, or all)")
+    return trackers
+
+
 def _sampler(value: Any) -> str:
     name = SAMPLERS.get(str(value).lower())
     if name is None:
@@ -951,6 +960,8 @@ DIRECT: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "sample_every_n_steps": ("sample.every_steps", int),
     "sample_every_n_epochs": ("sample.every_epochs", int),
     "sample_sampler": ("sample.sampler", _sampler),
+    "log_with": ("output.log_with", _trackers),
+    "log_tracker_name": ("output.wandb_project", str),
     "sample_at_first": ("sample.at_first", _bool),
     "validation_split": ("validation.split", float),
     "validate_every_n_steps": ("validation.every_steps", int),

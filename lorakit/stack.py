@@ -35,6 +35,7 @@ OPTIONAL = {
     "schedulefree": 'train.optimizer = "adamw_schedulefree"',
     "pillow-heif": "HEIC/HEIF photos in `lorakit prepare`",
     "tensorboard": "the run folder's tensorboard/ logs",
+    "wandb": 'output.log_with = ["wandb"] (Weights & Biases)',
 }
 # The tested set: the repository's constraints file, made by `.ci/lock`.
 FIX_ALL = "pip install -c constraints.txt -e .   (from a lorakit checkout; installs the tested versions)"

@@ -313,6 +313,7 @@ def test_older_and_rarer_kohya_settings_are_carried_over(tiny_base, tmp_path):
             "ip_noise_gamma = 0.1\nip_noise_gamma_random_strength = true\nv_pred_like_loss = 0.2\n"
             "validation_split = 0.1\nvalidation_seed = 5\nvalidate_every_n_epochs = 2\n"
             'save_n_epoch_ratio = 5\nsave_last_n_epochs_state = 4\nwandb_run_name = "x"\n'
+            'log_with = "all"\nlog_tracker_name = "toys"\nwandb_api_key = "abc"\n'
             'huggingface_repo_id = "me/x"\ncaption_dropout_every_n_epochs = 3',
         },
     )
@@ -337,6 +338,9 @@ def test_older_and_rarer_kohya_settings_are_carried_over(tiny_base, tmp_path):
         3,
     )  # 10 epochs / 5 saves; the states kept
     assert "wandb_run_name" in said.split("not needed in lorakit")[1].split("\n")[0]
+    assert (recipe.output.log_with, recipe.output.wandb_project) == (["tensorboard", "wandb"], "toys")
+    assert "wandb_api_key: lorakit keeps no API keys in recipes; run `wandb login`" in said
+    assert "abc" not in said and "abc" not in recipe_path.read_text()
     assert "huggingface_repo_id: lorakit does not upload; push the run folder with `hf upload`" in said
     assert (recipe.validation.split, recipe.validation.seed) == (0.1, 5)
     # sd-scripts validates by epochs unless told otherwise, and by steps only when told

@@ -112,7 +112,9 @@ def test_fp16_on_cpu_says_so_and_runs_float32(tiny_base, tiny_dataset, tmp_path,
     chosen = []
     real = setup._accelerator
     monkeypatch.setattr(
-        setup, "_accelerator", lambda precision, folder: chosen.append(precision) or real(precision, folder)
+        setup,
+        "_accelerator",
+        lambda precision, folder, trackers: chosen.append(precision) or real(precision, folder, trackers),
     )
     monkeypatch.setattr(setup, "cpu_has_native_bf16", lambda: False)
     result, lines = _run(tiny_base, tiny_dataset, tmp_path / "a", train={"max_steps": 1, "mixed_precision": "fp16"})

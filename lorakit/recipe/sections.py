@@ -22,6 +22,7 @@ LrScheduler = Literal[
     "inverse_sqrt",
 ]
 MixedPrecision = Literal["no", "fp16", "bf16"]
+Tracker = Literal["tensorboard", "wandb"]
 PredictionType = Literal["epsilon", "v_prediction"]
 SaveDtype = Literal["float32", "float16", "bfloat16"]
 TargetPreset = Literal["attention", "transformer", "transformer+conv"]
@@ -448,6 +449,14 @@ class OutputSection:
     """With every checkpoint before the last, also write the adapter as it is then, to compare them and pick one:
     `<name>-step00000500.safetensors`, or `<name>-000004.safetensors` at the end of epoch 4 (kohya's names), in
     the final file's layout (kohya; diffusers for DoRA). Pruning checkpoints keeps them."""
+    log_with: list[Tracker] = field(default_factory=lambda: ["tensorboard"])
+    """Where the curves of `metrics.jsonl` and the sample grids also go (kohya's `log_with`): `tensorboard` (the run
+    folder's `tensorboard/`, when the tensorboard package is installed) and `wandb` (Weights & Biases: `pip install
+    wandb`, then `wandb login` or WANDB_API_KEY; with WANDB_MODE=offline it logs into the run folder's `wandb/` for a
+    later `wandb sync`). [] logs to `metrics.jsonl` alone."""
+    wandb_project: str = "lorakit"
+    """The Weights & Biases project the run goes to with `log_with = ["wandb"]` (kohya's `log_tracker_name`); the
+    run is named `name` and its config is the resolved recipe."""
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,10 @@ def _describe(tp: object) -> str:
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         return " or ".join(_describe(a) for a in typing.get_args(tp) if a is not type(None))
     if typing.get_origin(tp) is list:
-        return "a list of " + {str: "strings", int: "integers", float: "finite numbers"}[typing.get_args(tp)[0]]
+        (element,) = typing.get_args(tp)
+        if typing.get_origin(element) is Literal:
+            return "a list of " + ", ".join(repr(v) for v in typing.get_args(element))
+        return "a list of " + {str: "strings", int: "integers", float: "finite numbers"}[element]
     return {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}.get(tp, str(tp))
 
 
@@ -265,6 +268,7 @@ def _cross_checks(built: dict, problems: list[str]) -> None:
     output = built.get("output")
     if output is not None:
         problems += _run_name_problems(output.name)
+        problems += _tracker_problems(output)
     validation = built.get("validation")
     if validation is not None and validation.seed is not None and not validation.split:
         problems.append(
@@ -556,6 +560,30 @@ def _run_name_problems(name: str) -> list[str]:
             "(set output.folder for the location)"
         ]
     return []
+
+
+WANDB_PROJECT_REFUSED = "/\\#?%:"  # characters Weights & Biases refuses in a project name
+
+
+def _tracker_problems(output) -> list[str]:
+    """A tracker listed twice, and a wandb project name that Weights & Biases would refuse."""
+    problems = [
+        f"output.log_with: {tracker!r} is listed twice; give it once"
+        for tracker in dict.fromkeys(output.log_with)
+        if output.log_with.count(tracker) > 1
+    ]
+    if "wandb" in output.log_with:
+        project = output.wandb_project
+        bad = sorted({c for c in project if c in WANDB_PROJECT_REFUSED})
+        if not project.strip() or bad or len(project) > 128:
+            why = (
+                f"holds {' '.join(bad)}" if bad else ("is empty" if not project.strip() else "is over 128 characters")
+            )
+            problems.append(
+                f"output.wandb_project: {project!r} {why}; a Weights & Biases project name has at most 128 characters "
+                f"and none of {' '.join(WANDB_PROJECT_REFUSED)}"
+            )
+    return problems
 
 
 def _adapter_type_problems(lora, train) -> list[str]:

@@ -93,7 +93,20 @@ def render_samples(run: Run) -> None:
     )
     folder = run.paths.folder / "samples"
     folder.mkdir(exist_ok=True)
-    save_png(make_grid(_same_size(images), columns=len(images)), folder / f"step-{run.step:06d}.png", parameters)
+    grid = make_grid(_same_size(images), columns=len(images))
+    save_png(grid, folder / f"step-{run.step:06d}.png", parameters)
+    _log_grid(run, grid)
+
+
+def _log_grid(run: Run, grid: Any) -> None:
+    """The sample grid to the run's trackers, at its step: TensorBoard's images tab, a Weights & Biases image."""
+    import numpy as np
+
+    for tracker in run.accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.log_images({"samples": np.asarray(grid)[None]}, step=run.step, dataformats="NHWC")
+        else:
+            tracker.log_images({"samples": [grid]}, step=run.step)
 
 
 def _same_size(images: list[Any]) -> list[Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import shutil
 import sys
 import time
@@ -46,7 +47,7 @@ from ..devices import cpu_has_native_bf16
 from ..dropout import AdapterDropout
 from ..ema import AdapterEMA
 from ..embedding import add_new_tokens, placeholder_names
-from ..errors import AdapterError, DatasetError, LorakitError, OutputError, RecipeError
+from ..errors import AdapterError, DatasetError, LorakitError, OutputError, RecipeError, first_line
 from ..files import atomic_write_text
 from ..formats.read import FAMILY_NAMES, check_against, read_adapter_file
 from ..lycoris import KIND_NAMES
@@ -66,7 +67,7 @@ from ..models import (
 from ..optim import build_lr_scheduler, build_optimizer
 from ..progress import progress_bar
 from ..prompt_syntax import plain_text
-from ..recipe import DEFAULT_MAX_STEPS, Recipe, dump_recipe
+from ..recipe import DEFAULT_MAX_STEPS, Recipe, dump_recipe, recipe_to_dict
 from ..timestep_rank import TimestepRanks, active_ranks
 from ..trigger import contains_trigger, replace_trigger
 from .images import render_class_images
@@ -221,12 +222,13 @@ def set_up(
     checkpoint = find_checkpoint(paths.folder, resume, log) if resume else None
     if checkpoint is None:
         check_run_folder(paths.folder, overwrite)
+    check_trackers(recipe.output.log_with)
     precision, weight_dtype = _precision(recipe, log)
     base = _load_base(recipe, weight_dtype, log)
     phases.done("load base model")
     recipe = resolve_recipe(recipe, base)
     cfg = recipe.train
-    accelerator = _accelerator(precision, paths.folder)
+    accelerator = _accelerator(precision, paths.folder, _trackers(recipe, paths.folder))
     phases.done("accelerate set-up")
     say = log if accelerator.is_main_process else (lambda _: None)
     quiet = quiet or not accelerator.is_main_process
@@ -314,7 +316,7 @@ def set_up(
     if accelerator.is_main_process:
         atomic_write_text(paths.recipe, dump_recipe(recipe))
     if accelerator.log_with:
-        accelerator.init_trackers("tensorboard")
+        _start_trackers(accelerator, recipe)
     phases.done("prepare, resume and trackers")
     run.phases = phases
     return run
@@ -625,16 +627,71 @@ def _precision(recipe: Recipe, log: Log) -> tuple[str, str]:
     return precision, weight_dtype
 
 
-def _accelerator(precision: str, run_dir: Path) -> Any:
+def _accelerator(precision: str, run_dir: Path, trackers: list[Any]) -> Any:
 
     # accelerate keeps precision in a process-wide singleton; a second train() in the same process
     # (a notebook, the tests) must be free to choose another, so forget the previous run's choice.
     AcceleratorState._reset_state(reset_partial_state=False)
-    tracker = "tensorboard" if is_tensorboard_available() else None
     # cpu=True without CUDA: under torchrun this is what makes the processes one gloo job.
     return Accelerator(
-        cpu=not torch.cuda.is_available(), mixed_precision=precision, log_with=tracker, project_dir=str(run_dir)
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=precision,
+        log_with=trackers or None,
+        project_dir=str(run_dir),
     )
+
+
+WANDB_LOCAL_MODES = ("offline", "disabled", "dryrun")  # WANDB_MODE values that need no account
+
+
+def check_trackers(log_with: list[str]) -> None:
+    """Before anything is loaded: a wandb tracker needs the wandb package, and an account unless WANDB_MODE keeps the
+    run local. LorakitError says which and what to do. Only the first process asks (a terminal may prompt for the
+    key, as wandb does)."""
+    if "wandb" not in log_with:
+        return
+    try:
+        import wandb
+    except ImportError:
+        raise LorakitError(
+            "output.log_with: 'wandb' needs the wandb package; run `pip install wandb`, or remove it"
+        ) from None
+    if os.environ.get("WANDB_MODE", "").lower() in WANDB_LOCAL_MODES or os.environ.get("RANK", "0") != "0":
+        return
+    try:
+        wandb.login(verify=False)
+    except wandb.errors.Error as err:
+        raise LorakitError(
+            f"output.log_with: wandb has no account to log to ({first_line(err)}); run `wandb login` or set "
+            "WANDB_API_KEY, or set WANDB_MODE=offline to log into the run folder and `wandb sync` it later"
+        ) from None
+
+
+def _trackers(recipe: Recipe, run_dir: Path) -> list[Any]:
+    """The recipe's trackers: TensorBoard into the run folder's `tensorboard/` (when the package is installed), Weights
+    & Biases into `output.wandb_project` as a run named `output.name`, its local files in the run folder."""
+    from accelerate.tracking import TensorBoardTracker, WandBTracker
+
+    wanted = recipe.output.log_with
+    trackers: list[Any] = []
+    if "tensorboard" in wanted and is_tensorboard_available():
+        trackers.append(TensorBoardTracker("tensorboard", str(run_dir)))
+    if "wandb" in wanted:
+        output = recipe.output
+        trackers.append(WandBTracker(output.wandb_project, name=output.name, dir=str(run_dir)))
+    return trackers
+
+
+def _start_trackers(accelerator: Any, recipe: Recipe) -> None:
+    """Start the trackers; Weights & Biases also gets the resolved recipe as its run's config (section.key)."""
+    accelerator.init_trackers("tensorboard")  # the trackers are built already: the name is theirs
+    if accelerator.is_main_process and "wandb" in recipe.output.log_with:
+        flat = {
+            f"{section}.{key}": value
+            for section, keys in recipe_to_dict(recipe).items()
+            for key, value in keys.items()
+        }
+        accelerator.get_tracker("wandb").store_init_configuration(flat)
 
 
 def _inject(recipe: Recipe, base: BaseModel, log: Log) -> dict[str, Any]:
