@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from .adapters import lycoris_kind, scaled_factors
+from .block_weight import LAYOUTS, block_of, layers_per_block
 from .embedding import looks_like_embedding, read_embedding
 from .errors import AdapterError
 from .files import check_output
@@ -48,7 +49,8 @@ def inspect_adapter(path: str | Path, *, allow_pickle: bool = False) -> dict:
     if Path(path).suffix.lower() == ".safetensors" and looks_like_embedding(Path(path)):
         return _inspect_embedding(read_embedding(Path(path)))
     adapter = read_adapter_file(path, allow_pickle=allow_pickle)
-    components = {}
+    components, by_block = {}, {}
+    layers = layers_per_block(adapter.state)
     for component, modules in sorted(adapter.state.items()):
         norms = {}
         for module_path, lora in modules.items():
@@ -57,6 +59,9 @@ def inspect_adapter(path: str | Path, *, allow_pickle: bool = False) -> dict:
             else:
                 up, down = scaled_factors(lora)
                 norms[module_path] = float(torch.linalg.matrix_norm(up @ down))
+        for module_path, norm in norms.items():
+            block = block_of(component, module_path, layers) or "other"
+            by_block[block] = by_block.get(block, 0.0) + norm * norm
         largest = sorted(norms.items(), key=lambda kv: -kv[1])[:5]
         kinds = Counter(m.kind if isinstance(m, LycorisModule) else "lora" for m in modules.values())
         components[component] = {
@@ -75,6 +80,8 @@ def inspect_adapter(path: str | Path, *, allow_pickle: bool = False) -> dict:
         "layout": adapter.layout,
         "architecture": adapter.family,
         "components": components,
+        # LoRA Block Weight's blocks (what lbw= weights), in its order; "other": U-Net modules outside the blocks
+        "update_norm_by_block": {b: by_block[b] ** 0.5 for b in [*LAYOUTS[26], "other"] if b in by_block},
         "finite": True,
         "metadata": adapter.metadata,
         "warnings": _loader_warnings(adapter),
@@ -164,6 +171,8 @@ def inspection_lines(info: dict) -> list[str]:
         )
         for largest in entry["update_norm_largest"][:3]:
             lines.append(f"      {largest['norm']:.4g}  {largest['module']}")
+    blocks = ", ".join(f"{block} {norm:.3g}" for block, norm in info["update_norm_by_block"].items())
+    lines.append(f"  update norm by block (lbw= names): {blocks}")
     lines += [f"  warning: {warning}" for warning in info.get("warnings", [])]
     if info["metadata"]:
         lines.append("  metadata:")

@@ -313,3 +313,28 @@ def test_an_sdxl_vector_keeps_the_blocks_it_names_and_both_text_encoders(sdxl_ru
     assert not np.array_equal(
         _pixels(tmp_path / "lbw" / "000-seed0.png"), _pixels(tmp_path / "whole" / "000-seed0.png")
     )
+
+
+def test_inspect_shows_the_update_norm_of_each_block_and_a_baked_file_shows_its_vector(trained_run, tmp_path):
+    """The blocks `inspect` names are the ones lbw= weights: the baked file keeps IN01 and BASE, halves OUT02, and
+    drops M00 and OUT03."""
+    import json
+
+    def blocks(path):
+        shown = runner.invoke(app, ["inspect", str(path), "--json"])
+        assert shown.exit_code == 0, shown.output
+        info = json.loads(shown.stdout)
+        total = sum(entry["update_norm_total"] ** 2 for entry in info["components"].values()) ** 0.5
+        assert sum(n * n for n in info["update_norm_by_block"].values()) ** 0.5 == pytest.approx(total)
+        return info["update_norm_by_block"]
+
+    before = blocks(trained_run.adapter)
+    assert list(before) == ["BASE", "IN01", "M00", "OUT02", "OUT03"]
+    baked = tmp_path / "baked.safetensors"
+    args = ["merge", "--lora", f"{trained_run.adapter}:lbw={VECTOR}", "--save-dtype", "float32", "--out", str(baked)]
+    assert runner.invoke(app, args).exit_code == 0
+    after = blocks(baked)
+    assert list(after) == ["BASE", "IN01", "OUT02"]
+    assert after["BASE"] == pytest.approx(before["BASE"]) and after["IN01"] == pytest.approx(before["IN01"])
+    assert after["OUT02"] == pytest.approx(0.5 * before["OUT02"])
+    assert "update norm by block (lbw= names): BASE " in runner.invoke(app, ["inspect", str(baked)]).stdout
