@@ -745,6 +745,13 @@ def generate(
             "checkpoint's, then the final one) into one labelled grid, to pick the best epoch.",
         ),
     ] = False,
+    compare_lbw: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Render every image with the one --lora adapter at each of these block vectors (lbw= presets or "
+            "values, as LoRA Block Weight's), into one labelled grid; repeat for each column."
+        ),
+    ] = None,
     init: Annotated[Path | None, typer.Option(help="img2img: start from this image.")] = None,
     strength: Annotated[
         float, typer.Option(callback=_finite, help="img2img: how much of the init image is re-drawn, (0, 1].")
@@ -811,6 +818,7 @@ def generate(
         clip_skip=clip_skip,
         compare_scales=_floats(compare_scales, "--compare-scales") if compare_scales else (),
         compare_saves=compare_saves,
+        compare_lbw=tuple(compare_lbw or ()),
         init=str(init) if init else None,
         strength=strength,
         upscale=upscale,

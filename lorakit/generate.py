@@ -110,6 +110,7 @@ def resolve_adapters(
                 schedule,
                 int(steps) if steps.isdigit() else 0,
                 drawn_with,
+                adapter.family,
             )
         )
     return adapters, defaults
@@ -142,6 +143,7 @@ class GenerateOptions:
     settings: RenderSettings = RenderSettings()
     compare_scales: tuple[float, ...] = ()
     compare_saves: bool = False  # a column per adapter the run folder given as --lora saved
+    compare_lbw: tuple[str, ...] = ()  # a column per lbw= block vector (or preset) of the one --lora adapter
     init: str | None = None
     strength: float = 0.5
     upscale: float = 1.0
@@ -209,8 +211,10 @@ def generate(
                 f"{name} {value:g} with --steps {settings.steps} runs no denoising step; use at least "
                 f"{1 / settings.steps:.3f} or more steps"
             )
-    if options.compare_saves and options.compare_scales:
-        raise LorakitError("--compare-saves and --compare-scales: each sets the grid's columns; choose one")
+    chosen = [name for name in COMPARISONS if getattr(options, name)]
+    if len(chosen) > 1:
+        named = " and ".join(f"--{name.replace('_', '-')}" for name in chosen)
+        raise LorakitError(f"{named}: each sets the grid's columns; choose one")
     init_image = _open_init(options.init, settings) if options.init else None
     adapters, defaults = resolve_adapters(list(options.loras), options.allow_pickle, options.lora_strengths, presets)
     tag_adapters = tagged.load(options.allow_pickle, presets)
@@ -229,6 +233,8 @@ def generate(
             )
             for save in saves
         ]
+    if options.compare_lbw:
+        adapters, columns = _block_columns(adapters, options.compare_lbw, presets)
     base = options.base or defaults.base
     if base is None:
         raise LorakitError(
@@ -410,6 +416,37 @@ class Column:
     multiplier: float
     factors: dict[str, float] = field(default_factory=dict)
     embedding: Path | None = None  # a save's [embedding] file, put in place of the run's word for this column
+
+
+COMPARISONS = ("compare_scales", "compare_saves", "compare_lbw")  # the options that each set the grid's columns
+
+
+def _block_columns(
+    adapters: list[LoadedAdapter], specs: tuple[str, ...], presets: dict[str, str] | None
+) -> tuple[list[LoadedAdapter], list[Column]]:
+    """`--compare-lbw`: the one --lora adapter once per block vector (its te= / unet= kept), and a column drawing
+    each alone. Each vector is checked against the adapter's architecture here, before the base is loaded."""
+    if len(adapters) != 1:
+        raise LorakitError(
+            f"--compare-lbw: weights the blocks of one --lora adapter (got {len(adapters)}); give one, and put others "
+            "in the prompts as <lora:NAME:W> tags"
+        )
+    (adapter,) = adapters
+    variants = []
+    for index, spec in enumerate(specs):
+        block_values(spec, adapter.family, presets)
+        strengths = replace(adapter.strengths, blocks=spec)
+        variants.append(replace(adapter, name=f"{adapter.name}_lbw{index}", strengths=strengths))
+    columns = [
+        Column(
+            f"lbw={spec}" if "," not in spec else f"lbw vector {index + 1}",
+            f"-lbw{index + 1}",
+            1.0,
+            {v.name: float(v is variant) for v in variants},
+        )
+        for index, (spec, variant) in enumerate(zip(specs, variants, strict=True))
+    ]
+    return variants, columns
 
 
 @dataclass(frozen=True)

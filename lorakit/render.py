@@ -272,6 +272,7 @@ class LoadedAdapter:
     timestep_ranks: tuple[int, float, int] | None = None
     steps: int = 0  # the optimizer steps its metadata records (`ss_steps`; 0 when it does not say)
     strengths: Strengths = Strengths()  # te= / unet= / lbw= it is drawn with (baked in by `generate` once loaded)
+    family: str = "unknown"  # the architecture its file says it is for (formats.read.guess_family)
 
 
 def _diffusers_state_dict(state: Any) -> dict[str, Any]:

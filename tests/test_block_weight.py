@@ -4,6 +4,7 @@ real architectures, the strengths baked into the factors, `generate` and `merge`
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -338,3 +339,34 @@ def test_inspect_shows_the_update_norm_of_each_block_and_a_baked_file_shows_its_
     assert after["BASE"] == pytest.approx(before["BASE"]) and after["IN01"] == pytest.approx(before["IN01"])
     assert after["OUT02"] == pytest.approx(0.5 * before["OUT02"])
     assert "update norm by block (lbw= names): BASE " in runner.invoke(app, ["inspect", str(baked)]).stdout
+
+
+def test_compare_lbw_draws_a_column_per_vector_each_as_that_vector_alone(trained_run, tiny_base, by_hand, tmp_path):
+    base = ["--base", str(tiny_base), *FAST]
+    lora = ["--lora", f"{trained_run.adapter}:0.8"]
+    every = ",".join(["1"] * 26)  # (the preset ALL is the 17 blocks of SD 1.x: it leaves the tiny U-Net's OUT02 out)
+    _generate("ohwx toy", *lora, "--compare-lbw", every, "--compare-lbw", VECTOR, "--out", str(tmp_path / "g"), *base)
+    _generate("ohwx toy", *lora, "--out", str(tmp_path / "whole"), *base)
+    _generate("ohwx toy", "--lora", f"{by_hand}:0.8", "--out", str(tmp_path / "hand"), *base)
+    grid = tmp_path / "g"
+    assert np.array_equal(_pixels(grid / "000-seed0-lbw1.png"), _pixels(tmp_path / "whole" / "000-seed0.png"))
+    assert np.array_equal(_pixels(grid / "001-seed0-lbw2.png"), _pixels(tmp_path / "hand" / "000-seed0.png"))
+    with Image.open(grid / "grid.png") as image:
+        assert json.loads(image.text["lorakit_grid"])["columns"] == ["lbw vector 1", "lbw vector 2"]
+    with Image.open(grid / "001-seed0-lbw2.png") as image:
+        assert parse_a1111_parameters(image.text["parameters"])["prompt"].endswith(f":0.8:lbw={VECTOR}>")
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        (["--compare-lbw", "OUTAL"], "lbw=OUTAL: not a preset or a list of block strengths; close names: OUTALL"),
+        (["--compare-lbw", "ALL", "--compare-scales", "0,1"], "--compare-scales and --compare-lbw: each sets"),
+        (["--compare-lbw", "ALL", "--lora", "{adapter}"], "--compare-lbw: weights the blocks of one --lora adapter"),
+    ],
+)
+def test_a_block_comparison_that_cannot_be_drawn_is_named(trained_run, tiny_base, tmp_path, extra, fragment):
+    extra = [e.replace("{adapter}", str(trained_run.adapter)) for e in extra]
+    args = ["generate", "a toy", "--base", str(tiny_base), "--lora", str(trained_run.adapter), *extra]
+    fails([*args, "--out", str(tmp_path / "g"), *FAST], fragment)
+    assert not (tmp_path / "g").exists()
