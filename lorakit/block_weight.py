@@ -238,7 +238,7 @@ def _scaled(module, factor: float, source: str):
         return replace(module, tensors={**module.tensors, key: module.tensors[key].float() * factor})
     if isinstance(module, LoraModule) and module.magnitude is not None:
         raise AdapterError(
-            f"{source}: a DoRA adapter takes one strength for the whole adapter (its magnitudes renormalise every "
-            "row); drop lbw= / te= / unet="
+            f"{source}: a DoRA module takes a strength of 0 or 1 per block and part (its magnitudes renormalise every "
+            f"row), not {factor:g}; give 0 or 1 in lbw= / te= / unet=, or drop them"
         )
     return replace(module, up=module.up.to(torch.float32) * factor)

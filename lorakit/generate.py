@@ -17,7 +17,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .bake import merge_files
-from .block_weight import Strengths, block_values, read_presets, weighted_state
+from .block_weight import Strengths, read_presets, weighted_state
 from .checkpoint import RunPaths
 from .embedding import EMBEDDINGS_FOLDER, load_embedding, read_embedding, replace_embedding
 from .errors import AdapterError, LorakitError
@@ -97,8 +97,8 @@ def resolve_adapters(
         schedule = schedule_from_metadata(adapter.metadata, str(path))
         steps = adapter.metadata.get("ss_steps", "")
         drawn_with = strengths[index] if index < len(strengths) else Strengths()
-        if drawn_with.blocks:
-            block_values(drawn_with.blocks, adapter.family, presets)
+        if not drawn_with.plain:  # the whole check, on the adapter's own blocks (the base's come once it is loaded)
+            weighted_state(adapter.state, drawn_with, str(path), adapter.family, presets=presets)
         adapters.append(
             LoadedAdapter(
                 f"{name}_{len(adapters)}",
@@ -434,8 +434,8 @@ def _block_columns(
     (adapter,) = adapters
     variants = []
     for index, spec in enumerate(specs):
-        block_values(spec, adapter.family, presets)
         strengths = replace(adapter.strengths, blocks=spec)
+        weighted_state(adapter.state, strengths, str(adapter.path), adapter.family, presets=presets)
         variants.append(replace(adapter, name=f"{adapter.name}_lbw{index}", strengths=strengths))
     columns = [
         Column(

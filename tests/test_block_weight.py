@@ -135,7 +135,7 @@ def test_lokr_and_loha_updates_scale_too_and_dora_is_refused():
         scaled = weighted_state(state, Strengths(unet=-0.7), "x", "sd1")["unet"]["mid_block.attentions.0.proj_in"]
         torch.testing.assert_close(scaled.delta(), -0.7 * module.delta())
     dora = dataclasses.replace(_lora(), magnitude=torch.ones(8))
-    with pytest.raises(AdapterError, match="d.safetensors: a DoRA adapter takes one strength"):
+    with pytest.raises(AdapterError, match="d.safetensors: a DoRA module takes a strength of 0 or 1 per block"):
         weighted_state({"unet": {"mid_block.attentions.0.proj_in": dora}}, Strengths(unet=0.5), "d.safetensors", "sd1")
     with pytest.raises(AdapterError, match="x:lbw=NONE: every module of the adapter is at strength 0"):
         weighted_state({"unet": {"mid_block.attentions.0.proj_in": _lora()}}, Strengths(blocks="NONE"), "x", "sd1")
@@ -370,3 +370,17 @@ def test_a_block_comparison_that_cannot_be_drawn_is_named(trained_run, tiny_base
     args = ["generate", "a toy", "--base", str(tiny_base), "--lora", str(trained_run.adapter), *extra]
     fails([*args, "--out", str(tmp_path / "g"), *FAST], fragment)
     assert not (tmp_path / "g").exists()
+
+
+def test_strengths_a_dora_file_cannot_take_are_named_before_the_base_is_loaded(trained_run, tmp_path, monkeypatch):
+    adapter = read_adapter_file(trained_run.adapter)
+    state = {
+        component: {p: dataclasses.replace(m, magnitude=torch.ones(m.up.shape[0])) for p, m in modules.items()}
+        for component, modules in adapter.state.items()
+    }
+    dora = write_adapter(state, tmp_path / "dora.safetensors", "diffusers", "float32", {})
+    monkeypatch.setattr("lorakit.generate.load_pipeline", lambda *a, **k: pytest.fail("the base was loaded"))
+    args = ["generate", "a toy", "--base", str(tmp_path), "--out", str(tmp_path / "g"), *FAST]
+    fails([*args, "--lora", f"{dora}:lbw={VECTOR}"], "dora.safetensors: a DoRA module takes a strength of 0 or 1")
+    fails([*args, "--lora", str(dora), "--compare-lbw", "ALL0.5"], "per block and part (its magnitudes renormalise")
+    fails([*args, "--lora", f"{trained_run.adapter}:te=0:unet=0"], "every module of the adapter is at strength 0")
