@@ -194,3 +194,32 @@ def test_schedule_free_saves_its_average_and_samples_leave_its_steps_alone(
     exported = load_file(watched.diffusers_adapter)["unet." + name.replace(".default", "")]
     assert torch.equal(exported, torch.lerp(y, z, 1 - 1 / 0.9))
     assert not torch.allclose(exported, y)
+
+
+def test_save_every_minutes_writes_a_checkpoint_alone_whenever_that_time_has_passed(
+    tiny_base, tiny_dataset, tmp_path, monkeypatch
+):
+    """Every step takes 70 s on a test clock and the recipe asks for a backup every 2 minutes: steps 2 and 4 get a
+    checkpoint (no intermediate adapter, no samples), and the run's end its usual one."""
+    from lorakit.recipe import recipe_from_dict
+    from lorakit.train import loop, train
+
+    clock = [0.0]
+    monkeypatch.setattr(loop, "now", lambda: clock[0])
+    real_step = loop.optimizer_step
+
+    def slow_step(run):
+        clock[0] += 70
+        return real_step(run)
+
+    monkeypatch.setattr(loop, "optimizer_step", slow_step)
+    sections = {
+        "train": {"max_steps": 5, "save_every_steps": 0, "save_every_minutes": 2, "keep_checkpoints": 10},
+        "sample": {"prompts": ["ohwx toy"], "steps": 2},
+    }
+    recipe = make_recipe_dict(tiny_base, tiny_dataset, tmp_path / "out", **sections)
+    result = train(recipe_from_dict(recipe), quiet=True, log=lambda _: None)
+    checkpoints = sorted(p.name for p in (result.run_dir / "checkpoints").iterdir())
+    assert checkpoints == ["step-000002", "step-000004", "step-000005"]
+    assert not list(result.run_dir.glob("run-*.safetensors"))  # no intermediate adapters
+    assert [p.name for p in (result.run_dir / "samples").iterdir()] == ["step-000005.png"]

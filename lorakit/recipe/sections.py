@@ -301,6 +301,10 @@ class TrainSection:
     """Write a resumable checkpoint every this many steps (and always at the end); 0 writes only the final one."""
     save_every_epochs: int = 0
     """Also write a checkpoint at the end of every this many epochs (kohya's `save_every_n_epochs`); 0 is off."""
+    save_every_minutes: float = 0.0
+    """Also write a resumable checkpoint whenever this many minutes have passed since the last one (a backup for a
+    run that may be cut off, on Colab or a spot instance; OneTrainer's backup interval): a checkpoint only, with no
+    intermediate adapter and no samples. 0 is off."""
     keep_checkpoints: int = 3
     """How many of the newest checkpoints to keep."""
     ema_decay: float = 0.0

@@ -101,6 +101,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "train.max_steps": (1, STEPS_MAX),
     "train.max_epochs": (1, 100_000),
     "train.save_every_epochs": (0, 100_000),
+    "train.save_every_minutes": (0, 100_000),
     "train.lr_scheduler_num_cycles": (1, 10_000),
     "train.lr_scheduler_power": (0.01, 100),
     "train.lr_scheduler_min_lr_ratio": (0, 1),

@@ -590,6 +590,25 @@ def due(step: int, every: int, last: int) -> bool:
     return step == last or (every > 0 and step % every == 0)
 
 
+def now() -> float:
+    """The clock `train.save_every_minutes` reads (seconds; a test replaces it)."""
+    return time.monotonic()
+
+
+def _backup_due(run: Run, since: float) -> bool:
+    """Whether `train.save_every_minutes` have passed since `since`. On several processes the first one's clock decides
+    for all, so that every process takes part in the same step's checkpoint."""
+    minutes = run.recipe.train.save_every_minutes
+    if not minutes:
+        return False
+    passed = now() - since >= minutes * 60
+    if run.accelerator.num_processes > 1:
+        from accelerate.utils import broadcast
+
+        passed = bool(broadcast(torch.tensor([float(passed)], device=run.device), from_process=0).item())
+    return passed
+
+
 class _StopRequests:
     """SIGINT/SIGTERM during training: the step in progress finishes, a checkpoint is saved and the run stops with
     how to resume. A second signal stops at once. Only in a single-process run's main thread (the processes of a
@@ -661,6 +680,7 @@ def fit(run: Run) -> float:
                 render_samples(run)
         accelerator.wait_for_everyone()
     stops = _StopRequests(accelerator.num_processes == 1)
+    last_save = now()
     with progress_bar("Training", cfg.max_steps - run.step, quiet=run.quiet) as bar, stops:
         while run.step < cfg.max_steps:
             first = run.phases is not None and "first step" not in run.phases.seconds
@@ -690,6 +710,7 @@ def fit(run: Run) -> float:
                     row["val_loss"] = validation_loss(run, *validation)
             epoch_end = _epoch_ended(epochs_before, run.epochs_done, cfg.save_every_epochs)
             saving = due(run.step, cfg.save_every_steps, cfg.max_steps) or epoch_end is not None
+            backup = not saving and _backup_due(run, last_save)  # a timed checkpoint alone
             sample_epoch = _epoch_ended(epochs_before, run.epochs_done, recipe.sample.every_epochs)
             sampling = bool(recipe.sample.prompts) and (
                 due(run.step, sample_every, cfg.max_steps) or sample_epoch is not None or (at_checkpoints and saving)
@@ -706,14 +727,19 @@ def fit(run: Run) -> float:
                     save_or_explain(run)
                     if recipe.output.intermediate_adapters and run.step < cfg.max_steps:
                         save_intermediate_adapter(run, epoch_end)
+                if backup:
+                    check_finite_adapter(run)
+                    save_or_explain(run)
                 if sampling:
                     with averaged_in_place(run):
                         render_samples(run)
-            if saving or sampling:
+            if saving or backup:
+                last_save = now()
+            if saving or sampling or backup:
                 accelerator.wait_for_everyone()  # the other processes wait while the main one writes
             bar.advance(1, loss=f"{loss:.4f}")
             if stops.signal is not None:
-                _stop(run, stops.signal, saved=saving)
+                _stop(run, stops.signal, saved=saving or backup)
     accelerator.wait_for_everyone()
     return loss
 
