@@ -58,6 +58,17 @@ def recording_set_up(*args, **kwargs):
 
 runs = []
 train_module.set_up = recording_set_up
+if os.environ.get("LORAKIT_TEST_UNEVEN_CLOCKS"):  # train.save_every_minutes: only the first process sees time pass
+    import lorakit.train.loop as loop_module
+
+    ticks = [0.0]
+
+    def uneven_clock() -> float:
+        if os.environ["RANK"] == "0":
+            ticks[0] += 100.0
+        return ticks[0]
+
+    loop_module.now = uneven_clock
 app(["train", sys.argv[1], "--quiet"], standalone_mode=False)
 result = finished[0]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from .conftest import make_recipe_dict, write_recipe
 pytestmark = pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not installed")
 
 
-def _torchrun(recipe: Path, records: Path, port: int) -> tuple[list[dict], str]:
+def _torchrun(recipe: Path, records: Path, port: int, env: dict | None = None) -> tuple[list[dict], str]:
     """`lorakit train RECIPE` on two processes; what each recorded (tests/dist_driver.py), and the stdout."""
     records.mkdir()
     command = [
@@ -30,7 +31,7 @@ def _torchrun(recipe: Path, records: Path, port: int) -> tuple[list[dict], str]:
         str(recipe),
         str(records),
     ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [json.loads((records / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [(r["world"], r["dist_world"], r["backend"]) for r in ranks] == [(2, 2, "gloo")] * 2
@@ -78,21 +79,25 @@ def test_two_processes_shard_the_data_and_one_writes(tiny_base, tiny_dataset, tm
 def test_two_processes_train_one_embedding(tiny_base, tiny_dataset, tmp_path):
     """Textual inversion on two processes: the text encoder is frozen, so no DDP wrapper shares the new vectors'
     gradients; lorakit averages them, and both processes end with the same vectors (apart, each would follow its
-    own shard)."""
+    own shard). And `train.save_every_minutes` with clocks that disagree (only the first process's moves): the
+    first one's decides, so both take part in the same checkpoints (apart, they would wait on each other forever)."""
     sections = make_recipe_dict(
         tiny_base,
         tiny_dataset,
         tmp_path / "out",
-        train={"max_steps": 3},
+        train={"max_steps": 3, "save_every_minutes": 1},
         embedding={"token": "ohwx", "vectors": 2, "init_words": "toy", "lr": 1e-2, "only": True},
     )
     sections.pop("lora", None)
     for key in ("unet_lr", "text_encoder_lr"):
         sections["train"].pop(key, None)
-    ranks, stdout = _torchrun(write_recipe(tmp_path / "r.toml", sections), tmp_path / "records", 29532)
+    uneven = {"LORAKIT_TEST_UNEVEN_CLOCKS": "1"}
+    ranks, stdout = _torchrun(write_recipe(tmp_path / "r.toml", sections), tmp_path / "records", 29532, uneven)
     _shards_are_disjoint(ranks)
     assert ranks[0]["initial_vectors"] == ranks[1]["initial_vectors"]  # the same start on both
     assert ranks[0]["vectors"] != ranks[0]["initial_vectors"]  # they learned
     assert ranks[0]["vectors"] == ranks[1]["vectors"]  # and the same
     written = tmp_path / "out" / "run" / "embeddings" / "ohwx.safetensors"
     assert written.is_file() and stdout.splitlines() == [str(written)]  # printed by the writer alone
+    checkpoints = sorted(p.name for p in (tmp_path / "out" / "run" / "checkpoints").iterdir())
+    assert checkpoints == ["step-000001", "step-000002", "step-000003"]  # two timed ones, then the end's
