@@ -4,6 +4,7 @@ so no account and no network), and a tracker that cannot start named before anyt
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import numpy as np
@@ -125,3 +126,31 @@ def test_an_empty_log_with_logs_to_metrics_jsonl_alone(tiny_base, tiny_dataset, 
     result = train(recipe_from_dict(recipe), quiet=True, log=lambda _: None)
     assert len(_rows(result.run_dir)) == 1
     assert not (result.run_dir / "tensorboard").exists() and not (result.run_dir / "wandb").exists()
+
+
+def test_a_resumed_run_continues_the_same_wandb_run(tiny_base, tiny_dataset, tmp_path, monkeypatch):
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    recipe = make_recipe_dict(tiny_base, tiny_dataset, tmp_path / "out", train={"max_steps": 2})
+    recipe["output"] |= {"log_with": ["wandb"]}
+    wandb.teardown()  # settings an earlier test left in this process (wandb keeps them until then)
+    try:
+        first = train(recipe_from_dict(recipe), quiet=True, log=lambda _: None)
+        recipe["train"]["max_steps"] = 4
+        train(recipe_from_dict(recipe), resume="latest", quiet=True, log=lambda _: None)
+        again = make_recipe_dict(tiny_base, tiny_dataset, tmp_path / "other", train={"max_steps": 1})
+        again["output"] |= {"log_with": ["wandb"]}
+        other = train(recipe_from_dict(again), quiet=True, log=lambda _: None)
+    finally:
+        wandb.teardown()
+    run_id = (first.run_dir / "wandb" / "lorakit-run-id").read_text().strip()
+    runs = sorted((first.run_dir / "wandb").glob("offline-run-*"))
+    # offline-run-<time>-<id>, with -1 added when both started within one second
+    assert len(runs) == 2 and all(re.fullmatch(rf"offline-run-[\d_]+-{run_id}(-\d+)?", r.name) for r in runs)
+    (resumed,) = runs[1].glob("run-*.wandb")
+    rows = _rows(first.run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(json.dumps(r["loss"]).encode() in resumed.read_bytes() for r in rows[2:])
+    assert (other.run_dir / "wandb" / "lorakit-run-id").read_text().strip() != run_id  # another run, another id

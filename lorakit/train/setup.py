@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import secrets
 import shutil
 import sys
 import time
@@ -228,7 +229,8 @@ def set_up(
     phases.done("load base model")
     recipe = resolve_recipe(recipe, base)
     cfg = recipe.train
-    accelerator = _accelerator(precision, paths.folder, _trackers(recipe, paths.folder))
+    wandb_id = wandb_run_id(paths.folder, resuming=checkpoint is not None)
+    accelerator = _accelerator(precision, paths.folder, _trackers(recipe, paths.folder, wandb_id))
     phases.done("accelerate set-up")
     say = log if accelerator.is_main_process else (lambda _: None)
     quiet = quiet or not accelerator.is_main_process
@@ -316,7 +318,7 @@ def set_up(
     if accelerator.is_main_process:
         atomic_write_text(paths.recipe, dump_recipe(recipe))
     if accelerator.log_with:
-        _start_trackers(accelerator, recipe)
+        _start_trackers(accelerator, recipe, paths.folder, wandb_id)
     phases.done("prepare, resume and trackers")
     run.phases = phases
     return run
@@ -667,9 +669,24 @@ def check_trackers(log_with: list[str]) -> None:
         ) from None
 
 
-def _trackers(recipe: Recipe, run_dir: Path) -> list[Any]:
+WANDB_ID_FILE = Path("wandb") / "lorakit-run-id"  # in the run folder: the W&B run a resume continues
+
+
+def wandb_run_id(run_dir: Path, resuming: bool) -> str:
+    """The Weights & Biases run id: the one the run folder recorded when resuming, so that the resumed steps continue
+    the same W&B run; a new one otherwise."""
+    recorded = run_dir / WANDB_ID_FILE
+    if resuming and recorded.is_file():
+        text = recorded.read_text(encoding="utf-8").strip()
+        if text.isalnum():
+            return text
+    return secrets.token_hex(4)
+
+
+def _trackers(recipe: Recipe, run_dir: Path, wandb_id: str) -> list[Any]:
     """The recipe's trackers: TensorBoard into the run folder's `tensorboard/` (when the package is installed), Weights
-    & Biases into `output.wandb_project` as a run named `output.name`, its local files in the run folder."""
+    & Biases into `output.wandb_project` as the run `wandb_id` named `output.name`, its local files in the run
+    folder."""
     from accelerate.tracking import TensorBoardTracker, WandBTracker
 
     wanted = recipe.output.log_with
@@ -678,14 +695,19 @@ def _trackers(recipe: Recipe, run_dir: Path) -> list[Any]:
         trackers.append(TensorBoardTracker("tensorboard", str(run_dir)))
     if "wandb" in wanted:
         output = recipe.output
-        trackers.append(WandBTracker(output.wandb_project, name=output.name, dir=str(run_dir)))
+        trackers.append(
+            WandBTracker(output.wandb_project, name=output.name, dir=str(run_dir), id=wandb_id, resume="allow")
+        )
     return trackers
 
 
-def _start_trackers(accelerator: Any, recipe: Recipe) -> None:
-    """Start the trackers; Weights & Biases also gets the resolved recipe as its run's config (section.key)."""
+def _start_trackers(accelerator: Any, recipe: Recipe, run_dir: Path, wandb_id: str) -> None:
+    """Start the trackers; Weights & Biases also gets the resolved recipe as its run's config (section.key), and the
+    run folder records the W&B run's id for a resume."""
     accelerator.init_trackers("tensorboard")  # the trackers are built already: the name is theirs
     if accelerator.is_main_process and "wandb" in recipe.output.log_with:
+        (run_dir / WANDB_ID_FILE).parent.mkdir(exist_ok=True)
+        atomic_write_text(run_dir / WANDB_ID_FILE, wandb_id + "\n")
         flat = {
             f"{section}.{key}": value
             for section, keys in recipe_to_dict(recipe).items()
