@@ -315,3 +315,44 @@ def test_half_precision_weights_and_autocast_train(tiny_base, tiny_dataset, tmp_
     for path in [result.adapter, result.embedding]:
         if path is not None:
             assert all(torch.isfinite(t).all() for t in load_file(path).values())
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])
+def test_text_encoder_until_stops_the_text_encoders_adapters_and_the_unets_goes_on(
+    tiny_base, tiny_dataset, tmp_path, optimizer
+):
+    """Half of four steps: the text encoder's adapter is the same at step 2 and at the end, bit for bit (weight decay
+    included); the U-Net's moved; the logged rate says 0 from then on."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from lorakit.recipe import recipe_from_dict
+    from lorakit.train import train
+
+    sections = {
+        "train": {"max_steps": 4, "save_every_steps": 2, "text_encoder_until": 0.5, "optimizer": optimizer},
+        "lora": {"train_text_encoder": True},
+    }
+    lines = []
+    result = train(recipe_from_dict(make_recipe_dict(tiny_base, tiny_dataset, tmp_path, **sections)), log=lines.append)
+    halfway, end = (
+        load_file(result.run_dir / "checkpoints" / s / "adapter.safetensors") for s in ("step-000002", "step-000004")
+    )
+    text = [k for k in end if "text_encoder" in k or "lora_te" in k]
+    unet = [k for k in end if k not in text]
+    assert text and unet
+    assert all(torch.equal(halfway[k], end[k]) for k in text)
+    assert not all(torch.equal(halfway[k], end[k]) for k in unet)
+    rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr_text_encoder"] for r in rows] == [1e-3, 0.0, 0.0, 0.0] and rows[-1]["lr_unet"] == 1e-3
+    assert any("learn for the first 2 of 4 steps" in line for line in lines)
+
+
+def test_text_encoder_until_without_a_trained_text_encoder_is_refused(tiny_base, tiny_dataset, tmp_path):
+    from .conftest import write_recipe
+    from .invoke import fails
+
+    sections = {"train": {"text_encoder_until": 0.5}, "lora": {"train_text_encoder": False}}
+    recipe = write_recipe(tmp_path / "r.toml", make_recipe_dict(tiny_base, tiny_dataset, tmp_path / "out", **sections))
+    fails(["train", str(recipe)], "train.text_encoder_until: 0.5 stops the text encoders' adapters, but")

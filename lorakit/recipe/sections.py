@@ -214,6 +214,11 @@ class TrainSection:
     text_encoder_2_lr: float | None = None
     """SDXL: learning rate of the second text encoder's adapter (OpenCLIP ViT-bigG; kohya's second
     `text_encoder_lr` value); unset: `text_encoder_lr`. Only with `lora.train_text_encoder = true`."""
+    text_encoder_until: float = 1.0
+    """The share of the run's steps during which the text-encoder adapters learn; after it their rate is 0 and the
+    U-Net's adapter goes on alone (OneTrainer's "stop training after" for the text encoder, kohya's
+    `stop_text_encoder_training` in its DreamBooth script), e.g. 0.5: a text encoder trained the whole run often
+    overfits the captions first. Only with `lora.train_text_encoder = true`."""
     lr_scheduler: LrScheduler = "constant"
     """Learning-rate schedule over `max_steps`: `cosine_with_min_lr` falls along a cosine to
     `lr_scheduler_min_lr_ratio` of the rate instead of 0; `warmup_stable_decay` holds the rate after the warm-up and

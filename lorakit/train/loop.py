@@ -334,6 +334,7 @@ def optimizer_step(run: Run) -> float:
     """Accumulate `gradient_accumulation_steps` micro-batches and take one optimizer step; returns the loss."""
 
     cfg, accelerator = run.recipe.train, run.accelerator
+    stop_finished_text_encoders(run)
     if run.embeddings and run.step >= embedding_steps(run.recipe):  # [embedding] train_until: the LoRA goes on alone
         for module in run.embeddings.values():
             module.vectors.requires_grad_(False)
@@ -358,6 +359,7 @@ def optimizer_step(run: Run) -> float:
     run.lr_scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
+    stop_finished_text_encoders(run)  # the schedule set every rate again: the rate logged is the next step's
     if cfg.scale_weight_norms is not None:  # before the EMA, which then follows the capped weights
         run.norms = adapters.cap_update_norms(run.models, cfg.scale_weight_norms)
     if run.ema is not None:
@@ -443,6 +445,22 @@ def save_intermediate_adapter(run: Run, epoch: int | None) -> Path:
 def embedding_only(recipe: Recipe) -> bool:
     """Whether the run trains an [embedding] alone, with no LoRA (`embedding.only`)."""
     return recipe.embedding is not None and recipe.embedding.only
+
+
+def text_encoder_steps(recipe: Recipe) -> int:
+    """The steps during which the text encoders' adapters learn (`train.text_encoder_until` of the run's, at least
+    one)."""
+    return max(1, math.ceil(recipe.train.text_encoder_until * recipe.train.max_steps))
+
+
+def stop_finished_text_encoders(run: Run) -> None:
+    """Past `train.text_encoder_until`, the text encoders' parameter groups at rate 0: AdamW (8-bit too), Lion,
+    Adafactor and Prodigy then leave those weights exactly as they are, decay included, and the processes of a
+    multi-process run keep their DDP wrappers as they were."""
+    if run.recipe.train.text_encoder_until < 1 and run.step >= text_encoder_steps(run.recipe):
+        for group in run.optimizer.param_groups:
+            if group["name"].startswith("text_encoder"):
+                group["lr"] = 0.0
 
 
 def embedding_steps(recipe: Recipe) -> int:

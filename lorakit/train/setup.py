@@ -72,7 +72,16 @@ from ..recipe import DEFAULT_MAX_STEPS, Recipe, dump_recipe, recipe_to_dict
 from ..timestep_rank import TimestepRanks, active_ranks
 from ..trigger import contains_trigger, replace_trigger
 from .images import render_class_images
-from .loop import Log, Run, embedding_steps, encoder, held_out_items, restore, timestep_weights
+from .loop import (
+    Log,
+    Run,
+    embedding_steps,
+    encoder,
+    held_out_items,
+    restore,
+    text_encoder_steps,
+    timestep_weights,
+)
 
 
 def run_paths(recipe: Recipe) -> RunPaths:
@@ -113,6 +122,11 @@ def resolve_recipe(recipe: Recipe, base: BaseModel) -> Recipe:
         raise RecipeError(
             f"train.text_encoder_2_lr: {why}, so it would do nothing; it is the rate of an SDXL base's second text "
             "encoder with lora.train_text_encoder = true"
+        )
+    if recipe.train.text_encoder_until < 1 and not lora.train_text_encoder:
+        raise RecipeError(
+            f"train.text_encoder_until: {recipe.train.text_encoder_until:g} stops the text encoders' adapters, but "
+            "lora.train_text_encoder is false (SDXL's default), so there are none; set it true, or remove this key"
         )
     train = dataclasses.replace(recipe.train, max_timestep=recipe.train.max_timestep or count)
     return dataclasses.replace(
@@ -254,6 +268,11 @@ def set_up(
     stream = BatchStream(items, batch_size=cfg.batch_size, seed=cfg.seed, rank=rank, world=world)
     recipe = _resolve_length(recipe, stream.batches_per_epoch, say)
     cfg = recipe.train
+    if cfg.text_encoder_until < 1:
+        say(
+            f"train.text_encoder_until: the text encoders' adapters learn for the first {text_encoder_steps(recipe)} "
+            f"of {cfg.max_steps} steps, then the U-Net's goes on alone"
+        )
     torch.manual_seed(cfg.seed)
     trained = _inject(recipe, base, say)
     embeddings = _add_embedding(recipe, base, items, say) if recipe.embedding else {}
