@@ -384,3 +384,22 @@ def test_strengths_a_dora_file_cannot_take_are_named_before_the_base_is_loaded(t
     fails([*args, "--lora", f"{dora}:lbw={VECTOR}"], "dora.safetensors: a DoRA module takes a strength of 0 or 1")
     fails([*args, "--lora", str(dora), "--compare-lbw", "ALL0.5"], "per block and part (its magnitudes renormalise")
     fails([*args, "--lora", f"{trained_run.adapter}:te=0:unet=0"], "every module of the adapter is at strength 0")
+
+
+def test_an_adapter_split_into_its_blocks_and_merged_back_draws_as_the_whole(trained_run, tiny_base, tmp_path):
+    """A block merge (SuperMerger's kind): the input blocks and text encoder of one copy, the middle and output blocks
+    of another, merged exactly, give back the adapter, pixel for pixel."""
+    ins = ",".join(["1", *["1"] * 12, "0", *["0"] * 12])  # BASE, IN00-IN11 on; M00, OUT00-OUT11 off
+    rest = ",".join(["0", *["0"] * 12, "1", *["1"] * 12])
+    merged = tmp_path / "merged.safetensors"
+    args = ["merge", "--lora", f"{trained_run.adapter}:lbw={ins}", "--lora", f"{trained_run.adapter}:lbw={rest}"]
+    result = runner.invoke(app, [*args, "--save-dtype", "float32", "--out", str(merged)])
+    assert result.exit_code == 0, result.output
+    written, original = read_adapter_file(merged).state, read_adapter_file(trained_run.adapter).state
+    assert {c: set(m) for c, m in written.items()} == {c: set(m) for c, m in original.items()}
+    base = ["--base", str(tiny_base), *FAST]
+    _generate("ohwx toy", "--lora", str(merged), "--out", str(tmp_path / "merged"), *base)
+    _generate("ohwx toy", "--lora", str(trained_run.adapter), "--out", str(tmp_path / "whole"), *base)
+    assert np.array_equal(
+        _pixels(tmp_path / "merged" / "000-seed0.png"), _pixels(tmp_path / "whole" / "000-seed0.png")
+    )
