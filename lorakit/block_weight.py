@@ -28,7 +28,7 @@ import torch
 from .adapters import LoraModule, unet_block
 from .errors import AdapterError
 from .lycoris import LycorisModule
-from .prompt_syntax import is_number
+from .prompt_syntax import is_number, tag_text
 
 STRENGTH_LIMIT = 100.0  # as the CLI's adapter strengths (ComfyUI's slider spans the same)
 
@@ -76,8 +76,7 @@ class Strengths:
 
     def tag(self, name: str, scale: float) -> str:
         """The webuis' tag that draws the adapter `name` at `scale` with these strengths."""
-        te, unet = self.te * scale, self.unet * scale
-        return f"<lora:{name}:{te:g}" + (f":{unet:g}" if unet != te else "") + self.suffix() + ">"
+        return tag_text(name, self.te * scale, self.unet * scale, self.blocks)
 
     def suffix(self) -> str:
         """`:lbw=SPEC` when blocks are weighted: what identifies the strengths in messages."""

@@ -189,12 +189,12 @@ def scale_lora_tags(text: str, multiplier: float) -> str:
     def scaled(found: re.Match) -> str:
         kind, name, *items = found[0][1:-1].split(":")
         tag = _read_tag(found[0], kind, name.strip(), [item.strip() for item in items])
-        te, unet = tag.te * multiplier, tag.unet * multiplier
-        return (
-            f"<{kind}:{tag.name}:{te:g}"
-            + (f":{unet:g}" if unet != te else "")
-            + (f":lbw={tag.blocks}" if tag.blocks else "")
-            + ">"
-        )
+        return tag_text(tag.name, tag.te * multiplier, tag.unet * multiplier, tag.blocks, kind)
 
     return text if multiplier == 1 else _NETWORK_TAG.sub(scaled, text)
+
+
+def tag_text(name: str, te: float, unet: float, blocks: str = "", kind: str = "lora") -> str:
+    """The webuis' tag for an adapter at these strengths: `<lora:NAME:TE>`, with `:UNET` when it differs and
+    `:lbw=SPEC` when blocks are weighted."""
+    return f"<{kind}:{name}:{te:g}" + (f":{unet:g}" if unet != te else "") + (f":lbw={blocks}" if blocks else "") + ">"
