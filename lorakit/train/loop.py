@@ -334,7 +334,6 @@ def optimizer_step(run: Run) -> float:
     """Accumulate `gradient_accumulation_steps` micro-batches and take one optimizer step; returns the loss."""
 
     cfg, accelerator = run.recipe.train, run.accelerator
-    stop_finished_text_encoders(run)
     if run.embeddings and run.step >= embedding_steps(run.recipe):  # [embedding] train_until: the LoRA goes on alone
         for module in run.embeddings.values():
             module.vectors.requires_grad_(False)
@@ -353,6 +352,7 @@ def optimizer_step(run: Run) -> float:
     if run.dropout is not None:  # module dropout: a module off for the whole step is left alone, as kohya's is
         run.dropout.forget_idle_gradients(lambda used: accelerator.reduce(used, "sum"))
     average_embedding_gradients(run)
+    stop_finished_text_encoders(run, drop_gradients=True)
     if cfg.max_grad_norm:
         accelerator.clip_grad_norm_([p for g in run.optimizer.param_groups for p in g["params"]], cfg.max_grad_norm)
     run.optimizer.step()
@@ -453,14 +453,20 @@ def text_encoder_steps(recipe: Recipe) -> int:
     return max(1, math.ceil(recipe.train.text_encoder_until * recipe.train.max_steps))
 
 
-def stop_finished_text_encoders(run: Run) -> None:
-    """Past `train.text_encoder_until`, the text encoders' parameter groups at rate 0: AdamW (8-bit too), Lion,
-    Adafactor and Prodigy then leave those weights exactly as they are, decay included, and the processes of a
-    multi-process run keep their DDP wrappers as they were."""
+def stop_finished_text_encoders(run: Run, drop_gradients: bool = False) -> None:
+    """Past `train.text_encoder_until`, the text encoders' parameter groups at rate 0 (what is logged) and, before the
+    optimizer step, without gradients: every optimizer skips a parameter without one, so the weights stay exactly as
+    they are (decay included; Prodigy and schedule-free AdamW would move them at rate 0), gradient clipping measures
+    the U-Net's alone, and the processes of a multi-process run keep their DDP wrappers as they were."""
     if run.recipe.train.text_encoder_until < 1 and run.step >= text_encoder_steps(run.recipe):
         for group in run.optimizer.param_groups:
             if group["name"].startswith("text_encoder"):
                 group["lr"] = 0.0
+                if "scheduled_lr" in group:  # what schedule-free AdamW logs
+                    group["scheduled_lr"] = 0.0
+                if drop_gradients:
+                    for parameter in group["params"]:
+                        parameter.grad = None
 
 
 def embedding_steps(recipe: Recipe) -> int:
