@@ -317,7 +317,9 @@ def test_half_precision_weights_and_autocast_train(tiny_base, tiny_dataset, tmp_
             assert all(torch.isfinite(t).all() for t in load_file(path).values())
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit", "lion", "adafactor", "prodigy", "adamw_schedulefree"])
+@pytest.mark.parametrize(
+    "optimizer", ["adamw", "adamw8bit", "lion", "lion8bit", "adafactor", "prodigy", "adamw_schedulefree"]
+)
 def test_text_encoder_until_stops_the_text_encoders_adapters_and_the_unets_goes_on(
     tiny_base, tiny_dataset, tmp_path, optimizer
 ):
