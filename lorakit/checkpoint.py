@@ -394,6 +394,8 @@ _MUST_MATCH = (
     "prior",
     # the optimizer's parameter groups (and what state loads into which) follow from these
     "train.loraplus_lr_ratio",
+    "train.loraplus_unet_lr_ratio",
+    "train.loraplus_text_encoder_lr_ratio",
     "train.down_lr_weight",
     "train.mid_lr_weight",
     "train.up_lr_weight",

@@ -974,6 +974,8 @@ NETWORK_ARGS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "rank_dropout": ("lora.rank_dropout", float),
     "module_dropout": ("lora.module_dropout", float),
     "loraplus_lr_ratio": ("train.loraplus_lr_ratio", float),
+    "loraplus_unet_lr_ratio": ("train.loraplus_unet_lr_ratio", float),
+    "loraplus_text_encoder_lr_ratio": ("train.loraplus_text_encoder_lr_ratio", float),
     "dora_wd": ("lora.use_dora", _bool),
     "decompose_both": ("lora.decompose_both", _bool),
     "use_tucker": ("lora.use_effective_conv2d", _bool),

@@ -363,6 +363,22 @@ def test_loraplus_puts_the_up_projections_in_their_own_group(tiny_base, tiny_dat
     assert row["lr_text_encoder.up"] == pytest.approx(16 * row["lr_text_encoder"])
 
 
+def test_loraplus_ratios_of_their_own_for_the_unet_and_the_text_encoder(tiny_base, tiny_dataset, tmp_path):
+    """kohya's loraplus_unet_lr_ratio / loraplus_text_encoder_lr_ratio: each part's own ratio, or none."""
+    rows = {}
+    for label, ratios in (
+        ("both", {"loraplus_lr_ratio": 16, "loraplus_unet_lr_ratio": 4, "loraplus_text_encoder_lr_ratio": 2}),
+        ("te", {"loraplus_text_encoder_lr_ratio": 8}),
+    ):
+        recipe = make_recipe_dict(tiny_base, tiny_dataset, tmp_path / label, train={"max_steps": 1, **ratios})
+        result = train(recipe_from_dict(recipe), quiet=True, log=lambda _: None)
+        rows[label] = json.loads((result.run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert rows["both"]["lr_unet.up"] == pytest.approx(4 * rows["both"]["lr_unet"])
+    assert rows["both"]["lr_text_encoder.up"] == pytest.approx(2 * rows["both"]["lr_text_encoder"])
+    assert rows["te"]["lr_text_encoder.up"] == pytest.approx(8 * rows["te"]["lr_text_encoder"])
+    assert "lr_unet.up" not in rows["te"]
+
+
 def test_a_half_precision_render_writes_the_update_into_the_weights_it_read(lycoris_run, tiny_base, tmp_path):
     """`generate --dtype bfloat16` reads a bfloat16 base in bfloat16; the LoKr/LoHa update goes in as W + update in
     float32, rounded once, which is what a float32 read cast afterwards held: the pixels are the same."""

@@ -376,6 +376,12 @@ class TrainSection:
     """LoRA+ (Hayou et al. 2024, arXiv:2402.12354): the up-projections (`lora_B`) learn at this many times the
     learning rate (16 is the paper's choice); unset is off. LoRA only: kohya sd-scripts and LyCORIS apply the ratio
     to `lora_up` weights, which LoKr/LoHa do not have."""
+    loraplus_unet_lr_ratio: float | None = None
+    """LoRA+ ratio of the U-Net's adapter alone, in place of `loraplus_lr_ratio` there (kohya's
+    `loraplus_unet_lr_ratio`)."""
+    loraplus_text_encoder_lr_ratio: float | None = None
+    """LoRA+ ratio of the text encoders' adapters alone, in place of `loraplus_lr_ratio` there (kohya's
+    `loraplus_text_encoder_lr_ratio`)."""
 
 
 @dataclass(frozen=True)

@@ -140,6 +140,8 @@ _RANGES: dict[str, tuple[float, float]] = {
     "train.timestep_bias_begin": (0, TIMESTEPS_MAX),
     "train.timestep_bias_end": (1, TIMESTEPS_MAX),
     "train.loraplus_lr_ratio": (1, 1000),
+    "train.loraplus_unet_lr_ratio": (1, 1000),
+    "train.loraplus_text_encoder_lr_ratio": (1, 1000),
     "train.scale_weight_norms": (1e-6, 1e6),
     "train.down_lr_weight": (0, 100),
     "train.mid_lr_weight": (0, 100),
@@ -345,6 +347,7 @@ def _cross_checks(built: dict, problems: list[str]) -> None:
         )
 
 
+LORAPLUS_RATIOS = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
 ADAPTER_RATES = (
     "unet_lr",
     "text_encoder_lr",
@@ -354,6 +357,8 @@ ADAPTER_RATES = (
     "mid_lr_weight",
     "up_lr_weight",
     "loraplus_lr_ratio",
+    "loraplus_unet_lr_ratio",
+    "loraplus_text_encoder_lr_ratio",
     "scale_weight_norms",
 )
 
@@ -621,11 +626,12 @@ def _adapter_type_problems(lora, train) -> list[str]:
                 f"train.scale_weight_norms: caps a LoRA module's update through its two factors; {name} modules have "
                 "no such pair, so remove it"
             )
-        if train is not None and train.loraplus_lr_ratio is not None:
-            problems.append(
-                f"train.loraplus_lr_ratio: LoRA+ speeds up LoRA's up-projection (lora_up), which {name} does not "
-                "have; kohya sd-scripts and LyCORIS leave LoKr/LoHa weights at the base rate too"
-            )
+        for key in LORAPLUS_RATIOS:
+            if train is not None and getattr(train, key) is not None:
+                problems.append(
+                    f"train.{key}: LoRA+ speeds up LoRA's up-projection (lora_up), which {name} does not "
+                    "have; kohya sd-scripts and LyCORIS leave LoKr/LoHa weights at the base rate too"
+                )
     for key in ("neuron_dropout", "rank_dropout", "module_dropout"):
         if lora.type == "lora" and lora.use_dora and getattr(lora, key):
             problems.append(

@@ -418,7 +418,8 @@ def _parameter_groups(
 ) -> list[dict[str, Any]]:
     """One group per trained component at its learning rate. With block-wise rates the U-Net's adapters are grouped
     by their block's factor (`unet@0.5` at half `unet_lr`; factor 1 stays `unet`); with LoRA+ each group's
-    up-projections go in a group of their own (`<name>.up`) at `loraplus_lr_ratio` times its rate. New token
+    up-projections go in a group of their own (`<name>.up`) at the LoRA+ ratio times its rate (the U-Net's or the
+    text encoders' own ratio where given, else `loraplus_lr_ratio`). New token
     vectors ([embedding]) are the last group, `embedding`."""
     cfg = recipe.train
     weights, layers = _block_weights(recipe, trained["unet"])
@@ -433,13 +434,15 @@ def _parameter_groups(
             by_factor.setdefault(factor, {})[path] = parameter
         for factor, named in sorted(by_factor.items(), key=lambda kv: -kv[0]):
             label = name if factor == 1.0 else f"{name}@{factor:g}"
-            if cfg.loraplus_lr_ratio is None:
+            part = cfg.loraplus_unet_lr_ratio if name == "unet" else cfg.loraplus_text_encoder_lr_ratio
+            ratio = part if part is not None else cfg.loraplus_lr_ratio
+            if ratio is None:
                 groups.append({"params": list(named.values()), "name": label, "lr": lr * factor})
                 continue
             up = [p for n, p in named.items() if adapters.is_up_projection(n)]
             rest = [p for n, p in named.items() if not adapters.is_up_projection(n)]
             groups.append({"params": rest, "name": label, "lr": lr * factor})
-            groups.append({"params": up, "name": f"{label}.up", "lr": lr * factor * cfg.loraplus_lr_ratio})
+            groups.append({"params": up, "name": f"{label}.up", "lr": lr * factor * ratio})
     if embeddings:
         vectors = [m.vectors for m in embeddings.values()]
         groups.append({"params": vectors, "name": "embedding", "lr": recipe.embedding.lr})
