@@ -403,3 +403,12 @@ def test_an_adapter_split_into_its_blocks_and_merged_back_draws_as_the_whole(tra
     assert np.array_equal(
         _pixels(tmp_path / "merged" / "000-seed0.png"), _pixels(tmp_path / "whole" / "000-seed0.png")
     )
+
+
+def test_a_presets_file_that_cannot_be_read_is_named(trained_run, tmp_path):
+    bad = tmp_path / "lbwpresets.txt"
+    bad.write_text("# mine\nGOOD:1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1\nHALF:1,0.5\n")
+    args = ["merge", "--lora", f"{trained_run.adapter}:lbw=GOOD", "--out", str(tmp_path / "m.safetensors")]
+    fails([*args, "--lbw-presets", str(bad)], "lbwpresets.txt, line 3: 'HALF:1,0.5' is not NAME:v,v,... with 12, 17")
+    fails([*args, "--lbw-presets", str(tmp_path / "none.txt")], "none.txt: cannot be read (FileNotFoundError)")
+    assert not (tmp_path / "m.safetensors").exists()
