@@ -223,6 +223,8 @@ def inject_lora(
     lycoris_options: dict | None = None,
     module_ranks: dict[str, int] | None = None,
     module_alphas: dict[str, float] | None = None,
+    conv_module_ranks: dict[str, int] | None = None,
+    conv_module_alphas: dict[str, float] | None = None,
 ) -> list[str]:
     """Add a trainable LoRA (or, with `kind`, LoKr / LoHa) adapter to `model` with peft and return the adapted
     module paths. `lycoris_options` are peft's LoKr/LoHa config fields (decompose_factor, decompose_both,
@@ -233,13 +235,18 @@ def inject_lora(
     skip N the last N - 1 layers never reach the U-Net: their adapters would get no gradient, which DDP
     refuses). `skip_modules` are module paths left without adapters (U-Net blocks at a block-wise rate of 0).
     `module_ranks` / `module_alphas` give modules by path their own rank and alpha (`block_ranks`); a module at
-    rank 0 gets no adapter.
+    rank 0 gets no adapter. `conv_module_ranks` / `conv_module_alphas` do the same for the 3x3 convolutions
+    (`conv_block_ranks`), which then follow them instead of `module_ranks`.
     Raises RecipeError when the targets match nothing, or when a text
     encoder would get q/k/v without out_proj (diffusers cannot load such a file).
     """
 
     targets = resolve_targets(target_modules, component)
-    skip_modules = (*skip_modules, *(path for path, r in (module_ranks or {}).items() if r == 0))
+    spatial_all = set(spatial_modules(model, target_modules, component))
+    conv_ranks = conv_module_ranks or {}
+    zero = [p for p, r in (module_ranks or {}).items() if r == 0 and not (conv_ranks and p in spatial_all)]
+    zero += [p for p, r in conv_ranks.items() if r == 0 and p in spatial_all]
+    skip_modules = (*skip_modules, *zero)
     excluded = [rf".*encoder\.layers\.({'|'.join(map(str, skip_layers))})\..*"] if skip_layers else []
     excluded += [re.escape(path) for path in skip_modules]
     exclude = "|".join(f"({pattern})" for pattern in excluded) if excluded else None
@@ -256,11 +263,13 @@ def inject_lora(
                 f"lora.target_modules: the {component} adapts {sorted(present)} but not all of "
                 f"{list(_TE_ATTENTION_PROJECTIONS)}; adapt all four attention projections together"
             )
-    modules = dict(model.named_modules())
-    spatial = [n for n in names if isinstance(modules[n], torch.nn.Conv2d) and modules[n].kernel_size != (1, 1)]
+    spatial = [n for n in names if n in spatial_all]
+    conv_alphas = conv_module_alphas or {}
     patterns = {
-        "rank_pattern": {re.escape(n): conv_rank for n in spatial} if conv_rank else {},
-        "alpha_pattern": {re.escape(n): conv_alpha for n in spatial} if conv_alpha is not None else {},
+        "rank_pattern": {re.escape(n): conv_ranks.get(n, conv_rank) for n in spatial if conv_ranks.get(n, conv_rank)},
+        "alpha_pattern": {
+            re.escape(n): conv_alphas.get(n, conv_alpha) for n in spatial if conv_alphas.get(n, conv_alpha) is not None
+        },
     }
     # per-module ranks (block_ranks) reach the linear and 1x1 layers; 3x3 convolutions keep conv_rank, as kohya's
     # block_dims leave them to conv_block_dims
@@ -290,6 +299,17 @@ def inject_lora(
         )
     inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
     return names
+
+
+def spatial_modules(model: torch.nn.Module, target_modules: str | list[str], component: str = "unet") -> list[str]:
+    """The 3x3 (wider than 1x1) convolutions among the modules the targets reach."""
+    modules = dict(model.named_modules())
+    return [n for n in matching_modules(model, resolve_targets(target_modules, component)) if _is_spatial(modules[n])]
+
+
+def _is_spatial(module: torch.nn.Module) -> bool:
+    """A convolution with a kernel wider than 1x1 (LoCon's `conv_rank`, kohya's `conv_dim`)."""
+    return isinstance(module, torch.nn.Conv2d) and module.kernel_size != (1, 1)
 
 
 def cap_update_norms(models: dict[str, torch.nn.Module], max_norm: float) -> tuple[int, float]:
@@ -445,6 +465,7 @@ def block_ranks(
     ranks: list[int],
     alphas: list[float] | None,
     default_alpha: float,
+    key: str = "lora.block_ranks",
 ) -> tuple[dict[str, int], dict[str, float]]:
     """kohya's `block_dims` / `block_alphas` for the U-Net modules the targets reach: (rank, alpha) per module path
     from one value per LDM block, IN00.., M00, OUT00.. (modules outside the blocks are left out: they keep the
@@ -453,13 +474,13 @@ def block_ranks(
     blocks = unet_block_count(config)
     if blocks is None:
         raise RecipeError(
-            "lora.block_ranks: this U-Net has a different number of layers per block at each resolution, which "
+            f"{key}: this U-Net has a different number of layers per block at each resolution, which "
             "per-block ranks do not describe; remove it"
         )
     kohya_sdxl = is_sdxl_unet(config) and len(ranks) == 2 * blocks + 5
     if len(ranks) != 2 * blocks + 1 and not kohya_sdxl:
         raise RecipeError(
-            f"lora.block_ranks: {len(ranks)} values, but this U-Net has {2 * blocks + 1} blocks (IN00 to "
+            f"{key}: {len(ranks)} values, but this U-Net has {2 * blocks + 1} blocks (IN00 to "
             f"IN{blocks - 1:02d}, M00, OUT00 to OUT{blocks - 1:02d}; SD 1.x/2.x 25, SDXL 19, or kohya's 23 for SDXL); "
             f"give {2 * blocks + 1}"
         )

@@ -594,6 +594,7 @@ def _network(left: dict[str, Any], result: Imported) -> None:
         if "conv_alpha" in args:
             alpha = _read(float, args.pop("conv_alpha"), "network_args conv_alpha")
             result.set("lora.conv_alpha", alpha, "network_args conv_alpha")
+    _conv_block_dims(args, result)
     for name, text in args.items():
         if name in NETWORK_ARGS:
             key, cast = NETWORK_ARGS[name]
@@ -603,6 +604,29 @@ def _network(left: dict[str, Any], result: Imported) -> None:
                 result.unsupported.append(f"network_args {name}: {why}")
         else:
             result.unsupported.append(f"network_args {name}={text}: lorakit has no equivalent")
+
+
+BLOCK_WISE_ARGS = ("block_dims", "down_lr_weight", "mid_lr_weight", "up_lr_weight")
+
+
+def _conv_block_dims(args: dict[str, str], result: Imported) -> None:
+    """`conv_block_dims` / `conv_block_alphas`: the 3x3 convolutions' rank and alpha per block (LoCon for those
+    blocks even without conv_dim). sd-scripts reads them only beside block_dims or block-wise rates."""
+    if "conv_block_dims" not in args:
+        return
+    dims, alphas = args.pop("conv_block_dims"), args.pop("conv_block_alphas", None)
+    if not any(name in args for name in BLOCK_WISE_ARGS):
+        result.unsupported.append(
+            "network_args conv_block_dims: sd-scripts reads it only beside block_dims or block-wise rates, so it "
+            "trained without it; not carried over"
+        )
+        return
+    result.set("lora.target_modules", "transformer+conv", "network_args conv_block_dims")
+    ranks = _read(lambda v: _number_list(v, int), dims, "network_args conv_block_dims")
+    result.set("lora.conv_block_ranks", ranks, "network_args conv_block_dims")
+    if alphas is not None:
+        values = _read(lambda v: _number_list(v, float), alphas, "network_args conv_block_alphas")
+        result.set("lora.conv_block_alphas", values, "network_args conv_block_alphas")
 
 
 def _dim_from_weights(left: dict[str, Any], result: Imported) -> None:

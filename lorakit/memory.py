@@ -343,7 +343,7 @@ def _adapter_sizes(
     lora: tuple,
     folder: str | None,
     blocks: tuple = (None, None, None, 0.0),
-    block_ranks: tuple = (None, None),
+    block_ranks: tuple = (None, None, None, None),
 ) -> tuple[int, ...]:
     from .adapters import block_ranks as ranks_by_block
     from .adapters import (
@@ -351,6 +351,7 @@ def _adapter_sizes(
         inject_lora,
         lora_parameters,
         resolve_block_weights,
+        spatial_modules,
         zero_rate_modules,
     )
 
@@ -360,13 +361,21 @@ def _adapter_sizes(
     skipped: tuple[str, ...] = ()
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
+    conv_ranks: dict[str, int] = {}
+    conv_alphas: dict[str, float] = {}
     if component == "unet":  # blocks at a block-wise rate or rank of 0 get no adapter, as in training
         *given, threshold = blocks
         weights = resolve_block_weights(tuple(given), threshold, dict(module.config))
         skipped = zero_rate_modules(module, targets, weights, checked_block_weights(weights, dict(module.config)))
-        if block_ranks[0] is not None:
-            per_block = [list(v) if v is not None else None for v in block_ranks]
+        per_block = [list(v) if v is not None else None for v in block_ranks]
+        if per_block[0] is not None:
             ranks, alphas = ranks_by_block(module, targets, per_block[0], per_block[1], alpha)
+        if per_block[2] is not None:  # the 3x3 convolutions' own (conv_block_ranks)
+            spatial = set(spatial_modules(module, targets))
+            found = ranks_by_block(
+                module, targets, per_block[2], per_block[3], alpha if conv_alpha is None else conv_alpha
+            )
+            conv_ranks, conv_alphas = ({p: v for p, v in f.items() if p in spatial} for f in found)
     inject_lora(
         module,
         component,
@@ -382,6 +391,8 @@ def _adapter_sizes(
         lycoris_options={"decompose_factor": factor, "decompose_both": both, "use_effective_conv2d": effective},
         module_ranks=ranks,
         module_alphas=alphas,
+        conv_module_ranks=conv_ranks,
+        conv_module_alphas=conv_alphas,
     )
     return tuple(p.numel() for p in lora_parameters(module))
 
@@ -408,7 +419,10 @@ def adapter_sizes(
     if train is not None:  # hashable, for the cache
         given = (train.down_lr_weight, train.mid_lr_weight, train.up_lr_weight)
         blocks = (*(tuple(w) if isinstance(w, list) else w for w in given), train.block_lr_zero_threshold)
-    per_block = tuple(tuple(v) if v is not None else None for v in (lora.block_ranks, lora.block_alphas))
+    per_block = tuple(
+        tuple(v) if v is not None else None
+        for v in (lora.block_ranks, lora.block_alphas, lora.conv_block_ranks, lora.conv_block_alphas)
+    )
     return list(_adapter_sizes(architecture, component, key, folder, blocks, per_block))
 
 

@@ -493,3 +493,19 @@ def test_dim_from_weights_takes_the_rank_and_alpha_of_the_network_weights_file(t
     missing = _config(tmp_path, tiny_base, **{"network_dim = 8": "network_dim = 8\ndim_from_weights = true"})
     said = ok(["from-kohya", str(missing), "--out", str(tmp_path / "other.toml")]).stdout
     assert "dim_from_weights: there is no network_weights file to take the rank from" in said
+
+
+def test_conv_block_dims_are_carried_over_where_sd_scripts_reads_them(tiny_base, tmp_path):
+    """sd-scripts reads conv_block_dims / conv_block_alphas only beside block_dims or block-wise rates."""
+    old = 'network_args = ["conv_dim=4", "conv_alpha=2", "rank_dropout=0.1", "dylora_unit=4"]'
+    read = 'network_args = ["block_dims=4,4,4,4,4,4,4,4,4", "conv_block_dims=0,3,0,5", "conv_block_alphas=1,3,1,2"]'
+    config = _config(tmp_path, tiny_base, **{old: read})
+    recipe_path = tmp_path / "recipe.toml"
+    ok(["from-kohya", str(config), "--out", str(recipe_path)])
+    lora = load_recipe(recipe_path).lora
+    assert lora.target_modules == "transformer+conv"
+    assert (lora.conv_block_ranks, lora.conv_block_alphas) == ([0, 3, 0, 5], [1.0, 3.0, 1.0, 2.0])
+    ignored = 'network_args = ["conv_block_dims=0,3,0,5"]'
+    said = ok(["from-kohya", str(_config(tmp_path, tiny_base, **{old: ignored})), "--out", str(tmp_path / "b.toml")])
+    assert "conv_block_dims: sd-scripts reads it only beside block_dims or block-wise rates" in said.stdout
+    assert load_recipe(tmp_path / "b.toml").lora.conv_block_ranks is None

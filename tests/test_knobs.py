@@ -490,9 +490,60 @@ def test_block_ranks_give_each_block_its_rank_and_alpha_and_reload_exactly(tiny_
     assert_unet_reloads_exactly(result, tiny_base)
 
 
+def test_conv_block_ranks_give_each_blocks_convolutions_their_rank_and_alpha(tiny_base, tiny_dataset, tmp_path):
+    """kohya's conv_block_dims / conv_block_alphas: the 3x3 convolutions of each block at their own rank and alpha
+    (0: none), beside block_ranks for the rest; what plan counts is what training made, and the file says them."""
+    import json
+
+    from safetensors import safe_open
+
+    from lorakit.formats.read import read_adapter_file
+    from lorakit.plan import plan
+
+    from .invoke import assert_unet_reloads_exactly
+
+    # IN00-IN03, M00, OUT00-OUT03: ResNets in IN01 and IN03, the downsampler in IN02, the middle, OUT00-OUT03
+    lora = {
+        "target_modules": "transformer+conv",
+        "conv_rank": 2,
+        "block_ranks": [4, 0, 4, 4, 4, 4, 4, 4, 4],  # IN01 at 0: its attention, but not its ResNet (conv ranks)
+        "conv_block_ranks": [0, 3, 0, 5, 2, 0, 1, 6, 6],
+        "conv_block_alphas": [1, 3, 1, 2, 2, 1, 1, 6, 3],
+    }
+    recipe = make_recipe_dict(tiny_base, tiny_dataset, tmp_path, train={"max_steps": 2, "unet_lr": 1e-2}, lora=lora)
+    lines: list[str] = []
+    result = train(recipe_from_dict(recipe), quiet=True, log=lines.append)
+    assert any(line.startswith("lora.conv_block_ranks: ") for line in lines)
+    state = read_adapter_file(result.diffusers_adapter).state["unet"]
+    convs = {p: m for p, m in state.items() if m.down.dim() == 4 and m.down.shape[2:] != (1, 1)}
+    ranks = {p: m.down.shape[0] for p, m in convs.items()}
+    assert {r for p, r in ranks.items() if p.startswith("down_blocks.0.resnets.0.")} == {3}  # IN01
+    assert not any(p.startswith("down_blocks.0.downsamplers.") for p in ranks)  # IN02 at 0
+    assert {r for p, r in ranks.items() if p.startswith("down_blocks.1.resnets.0.")} == {5}  # IN03
+    assert {r for p, r in ranks.items() if p.startswith("mid_block.resnets.")} == {2}
+    assert not any(p.startswith("up_blocks.0.resnets.0.") for p in ranks)  # OUT00 at 0
+    assert {r for p, r in ranks.items() if p.startswith("up_blocks.1.resnets.")} == {6}  # OUT02, OUT03
+    scaling = {n: m.scaling["default"] for n, m in result.models["unet"].named_modules() if hasattr(m, "scaling")}
+    assert scaling["down_blocks.1.resnets.0.conv1"] == pytest.approx(2 / 5)  # IN03: conv alpha 2 over rank 5
+    assert scaling["up_blocks.1.resnets.0.conv1"] == pytest.approx(6 / 6)
+    assert not any(p.startswith("down_blocks.0.attentions.") for p in state)  # block_ranks' 0 still holds there
+    trained = sum(p.numel() for m in result.models.values() for n, p in m.named_parameters() if "lora_" in n)
+    assert sum(plan(recipe_from_dict(recipe), vram=8).memory.trainable) == trained
+    with safe_open(str(result.adapter), "pt") as handle:
+        args = json.loads(handle.metadata()["ss_network_args"])
+    assert (args["conv_block_dims"], args["conv_block_alphas"]) == ("0,3,0,5,2,0,1,6,6", "1,3,1,2,2,1,1,6,3")
+    assert_unet_reloads_exactly(result, tiny_base)
+
+
 @pytest.mark.parametrize(
     ("lora", "fragment"),
     [
+        ({"conv_block_ranks": [4] * 9}, "lora.conv_block_ranks: ranks for the 3x3 convolutions, which only"),
+        (
+            {"target_modules": "transformer+conv", "conv_block_ranks": [4] * 25},
+            "lora.conv_block_ranks: 25 values, but this U-Net has 9 blocks",
+        ),
+        ({"conv_block_alphas": [1.0] * 9}, "lora.conv_block_alphas: gives the alphas of lora.conv_block_ranks"),
         ({"block_ranks": [4] * 25}, "lora.block_ranks: 25 values, but this U-Net has 9 blocks (IN00 to IN03, M00"),
         ({"block_ranks": [0] * 9}, "lora.block_ranks: every block is at 0"),
         ({"block_alphas": [1.0] * 9}, "lora.block_alphas: gives the alphas of lora.block_ranks"),

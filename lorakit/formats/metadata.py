@@ -154,6 +154,11 @@ def training_info(
         network_args["block_dims"] = ",".join(map(str, lora.block_ranks))
         alphas = lora.block_alphas or [lora.lora_alpha] * len(lora.block_ranks)
         network_args["block_alphas"] = ",".join(f"{a:g}" for a in alphas)
+    if lora.conv_block_ranks is not None:
+        network_args["conv_block_dims"] = ",".join(map(str, lora.conv_block_ranks))
+        default = lora.conv_alpha if lora.conv_alpha is not None else lora.lora_alpha
+        conv_alphas = lora.conv_block_alphas or [default] * len(lora.conv_block_ranks)
+        network_args["conv_block_alphas"] = ",".join(f"{a:g}" for a in conv_alphas)
     if lora.target_modules == "transformer+conv":
         network_args |= {
             "conv_dim": str(lora.conv_rank or lora.rank),

@@ -182,6 +182,13 @@ class LoraSection:
     LoRA only."""
     block_alphas: list[float] | None = None
     """kohya's `block_alphas`: an alpha per U-Net block, in the order of `block_ranks`; unset: `lora_alpha`."""
+    conv_block_ranks: list[int] | None = None
+    """kohya's `conv_block_dims`: a rank per U-Net block for the 3x3 convolutions of `transformer+conv` (LoCon), in
+    the order and number of `block_ranks`' values; a block at 0 gets no convolution adapter. Unset: `conv_rank`
+    (and a block that `block_ranks` sets to 0 has none). LoRA only."""
+    conv_block_alphas: list[float] | None = None
+    """kohya's `conv_block_alphas`: an alpha per U-Net block for the 3x3 convolutions, in the order of
+    `conv_block_ranks`; unset: `conv_alpha`."""
     init_from: str | None = None
     """Start from an existing LoRA file (kohya or diffusers layout, same targets) instead of zero; not a resume."""
     tlora_min_rank: int | None = None

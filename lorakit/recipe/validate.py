@@ -96,6 +96,8 @@ _RANGES: dict[str, tuple[float, float]] = {
     "lora.conv_alpha": (0, 65_536),
     "lora.block_ranks": (0, 4096),
     "lora.block_alphas": (0, 65_536),
+    "lora.conv_block_ranks": (0, 4096),
+    "lora.conv_block_alphas": (0, 65_536),
     "lora.tlora_min_rank": (1, 4096),
     "lora.tlora_exponent": (0.1, 10),
     "train.max_steps": (1, STEPS_MAX),
@@ -612,7 +614,7 @@ def _adapter_type_problems(lora, train) -> list[str]:
         for key in ("neuron_dropout", "rank_dropout", "module_dropout"):
             if getattr(lora, key):
                 problems.append(f"lora.{key}: drops parts of a LoRA's down and up projections; {name} has none")
-        for key in ("block_ranks", "block_alphas"):
+        for key in ("block_ranks", "block_alphas", "conv_block_ranks", "conv_block_alphas"):
             if getattr(lora, key) is not None:
                 problems.append(f"lora.{key}: per-block ranks are for LoRA; {name} adapters keep lora.rank")
         if lora.use_dora:
@@ -643,21 +645,28 @@ def _adapter_type_problems(lora, train) -> list[str]:
             "train.scale_weight_norms: DoRA sets each row's size with its own magnitude, which a cap on the low-rank "
             "update does not bound; set lora.use_dora = false or remove train.scale_weight_norms"
         )
-    if lora.block_alphas is not None and lora.block_ranks is None:
-        problems.append("lora.block_alphas: gives the alphas of lora.block_ranks; set those too, or remove it")
-    if (
-        lora.block_ranks is not None
-        and lora.block_alphas is not None
-        and len(lora.block_alphas) != len(lora.block_ranks)
-    ):
+    for prefix in ("", "conv_"):
+        ranks, alphas = getattr(lora, f"{prefix}block_ranks"), getattr(lora, f"{prefix}block_alphas")
+        if alphas is not None and ranks is None:
+            problems.append(
+                f"lora.{prefix}block_alphas: gives the alphas of lora.{prefix}block_ranks; set those too, or remove it"
+            )
+        if ranks is not None and alphas is not None and len(alphas) != len(ranks):
+            problems.append(
+                f"lora.{prefix}block_alphas: {len(alphas)} values for {len(ranks)} block ranks; give one per block, "
+                "in the same order"
+            )
+    if lora.conv_block_ranks is not None and lora.target_modules != "transformer+conv":
         problems.append(
-            f"lora.block_alphas: {len(lora.block_alphas)} values for {len(lora.block_ranks)} block ranks; give one "
-            "per block, in the same order"
+            "lora.conv_block_ranks: ranks for the 3x3 convolutions, which only "
+            'lora.target_modules = "transformer+conv" adapts; set that, or remove it'
         )
     if lora.block_ranks is not None and not any(lora.block_ranks):
         problems.append("lora.block_ranks: every block is at 0, so the U-Net would get no adapter; raise one")
-    if lora.tlora_min_rank is not None and lora.block_ranks is not None:
-        problems.append("lora.tlora_min_rank: T-LoRA masks one rank for every module; remove lora.block_ranks")
+    if lora.tlora_min_rank is not None and (lora.block_ranks is not None or lora.conv_block_ranks is not None):
+        problems.append(
+            "lora.tlora_min_rank: T-LoRA masks one rank for every module; remove lora.block_ranks / conv_block_ranks"
+        )
     if lora.tlora_min_rank is not None:
         if lora.type == "lora" and lora.use_dora:
             problems.append(

@@ -751,6 +751,7 @@ def _inject(recipe: Recipe, base: BaseModel, log: Log) -> dict[str, Any]:
     counts = []
     zero_blocks = _zero_rate_modules(recipe, base, log)
     ranks, alphas = _block_ranks(recipe, base, log)
+    conv_ranks, conv_alphas = _block_ranks(recipe, base, log, conv=True)
     for component, module in trained.items():
         names = adapters.inject_lora(
             module,
@@ -766,6 +767,8 @@ def _inject(recipe: Recipe, base: BaseModel, log: Log) -> dict[str, Any]:
             skip_modules=zero_blocks if component == "unet" else (),
             module_ranks=ranks if component == "unet" else None,
             module_alphas=alphas if component == "unet" else None,
+            conv_module_ranks=conv_ranks if component == "unet" else None,
+            conv_module_alphas=conv_alphas if component == "unet" else None,
             kind=lora.type,
             lycoris_options={
                 "decompose_factor": lora.decompose_factor,
@@ -804,17 +807,26 @@ def _zero_rate_modules(recipe: Recipe, base: BaseModel, log: Log) -> tuple[str, 
     return skipped
 
 
-def _block_ranks(recipe: Recipe, base: BaseModel, log: Log) -> tuple[dict[str, int], dict[str, float]]:
-    """`lora.block_ranks` / `block_alphas` per U-Net module path (empty without them), said in the log."""
+def _block_ranks(
+    recipe: Recipe, base: BaseModel, log: Log, conv: bool = False
+) -> tuple[dict[str, int], dict[str, float]]:
+    """`lora.block_ranks` / `block_alphas` (with `conv`: `conv_block_ranks` / `conv_block_alphas`, for the 3x3
+    convolutions) per U-Net module path, empty without them; said in the log."""
     lora = recipe.lora
-    if lora.block_ranks is None:
+    prefix = "conv_" if conv else ""
+    given, alphas_given = getattr(lora, f"{prefix}block_ranks"), getattr(lora, f"{prefix}block_alphas")
+    if given is None:
         return {}, {}
-    ranks, alphas = adapters.block_ranks(
-        base.unet, lora.target_modules, lora.block_ranks, lora.block_alphas, lora.lora_alpha
-    )
+    default_alpha = lora.conv_alpha if conv and lora.conv_alpha is not None else lora.lora_alpha
+    key = f"lora.{prefix}block_ranks"
+    ranks, alphas = adapters.block_ranks(base.unet, lora.target_modules, given, alphas_given, default_alpha, key)
+    if conv:
+        spatial = set(adapters.spatial_modules(base.unet, lora.target_modules))
+        ranks, alphas = ({p: v for p, v in found.items() if p in spatial} for found in (ranks, alphas))
     used = sorted({r for r in ranks.values() if r})
+    what = "3x3 convolutions" if conv else "U-Net modules"
     log(
-        f"lora.block_ranks: {len(ranks)} U-Net modules in blocks at ranks {', '.join(map(str, used))}"
+        f"{key}: {len(ranks)} {what} in blocks at ranks {', '.join(map(str, used))}"
         + (f"; {sum(r == 0 for r in ranks.values())} in blocks at 0 get no adapter" if 0 in ranks.values() else "")
     )
     return ranks, alphas
