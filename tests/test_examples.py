@@ -30,6 +30,7 @@ TESTED = {  # every example, each run by the test of its number below
     "04-will-it-fit.sh",
     "05-lokr.sh",
     "06-load-in-diffusers.py",
+    "07-block-weight.sh",
 }
 _VARIABLE = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}|\$(\w+)")
 runner = CliRunner()
@@ -197,6 +198,21 @@ def test_06_diffusers_draws_what_lorakit_generate_drew(examples_run, monkeypatch
     runpy.run_path(str(EXAMPLES / "06-load-in-diffusers.py"), run_name="__main__")
     assert capsys.readouterr().out.strip().endswith("largest difference from lorakit generate's picture: 0 of 255")
     assert (out / "diffusers.png").is_file()
+
+
+def test_07_block_vectors_compare_in_one_grid_and_bake_into_a_file(examples_run):
+    from PIL import Image
+
+    env, out, _ = examples_run
+    outputs = run_script("07-block-weight.sh", env)
+    assert "update norm by block (lbw= names): BASE " in outputs[0] and " OUT03 " in outputs[0]
+    compare = out / "blocks" / "compare"
+    with Image.open(compare / "grid.png") as grid:
+        assert json.loads(grid.text["lorakit_grid"])["columns"] == [f"lbw vector {i}" for i in (1, 2, 3)]
+    assert len(list(compare.glob("*-lbw*.png"))) == 6  # 2 seeds x 3 vectors
+    baked = read_adapter_file(out / "blocks" / "outputs-only.safetensors").state
+    assert set(baked) == {"unet"} and {p.split(".")[0] for p in baked["unet"]} == {"mid_block", "up_blocks"}
+    assert "BASE" not in outputs[-1].split("update norm by block")[1].splitlines()[0]
 
 
 @pytest.mark.slow
