@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import math
 import os
 import random
 import re
@@ -493,21 +494,39 @@ def has_wildcards(caption: str) -> bool:
     return any(match[1] is not None for match in WILDCARD.finditer(caption))
 
 
+def warmup_steps(section: DataSection, max_steps: int) -> int:
+    """The optimizer steps of `caption_warmup_steps` (a share of `max_steps` when below 1, as kohya's)."""
+    steps = section.caption_warmup_steps
+    return math.floor(steps * max_steps) if steps < 1 else int(steps)
+
+
 def transform_caption(
-    caption: str, section: DataSection, rng: random.Random, fixed: tuple[int, int] | None = None
+    caption: str,
+    section: DataSection,
+    rng: random.Random,
+    fixed: tuple[int, int] | None = None,
+    progress: tuple[int, int] = (0, 0),
 ) -> str:
-    """Apply caption dropout, wildcards, per-tag dropout and tag shuffling. The fixed tags stay in place and are
-    never dropped, and neither is the trigger: `fixed` (front, end) counts from `split_fixed_tags`, else the first
-    `keep_tokens` tags. Tags joined by `secondary_separator` move and drop as one."""
+    """Apply caption dropout, wildcards, the caption warm-up, per-tag dropout and tag shuffling. The fixed tags stay
+    in place and are never dropped, and neither is the trigger: `fixed` (front, end) counts from `split_fixed_tags`,
+    else the first `keep_tokens` tags. Tags joined by `secondary_separator` move and drop as one. `progress` is
+    (optimizer steps done, warm-up steps): while the first is below the second, the tags after the fixed ones are cut
+    to `caption_warmup_min` plus their share of the rest, as kohya's token warm-up does (before shuffling)."""
     if section.caption_dropout and rng.random() < section.caption_dropout:
         return ""
     if section.wildcards:
         caption = pick_wildcards(caption, rng)
-    if not (section.shuffle_tags or section.caption_dropout_tags):
+    step, warmup = progress
+    warming = step < warmup
+    if not (section.shuffle_tags or section.caption_dropout_tags or warming):
         return join_secondary(caption, section.secondary_separator)
     tags = _tags(caption)
     front, end = fixed if fixed is not None else (section.keep_tokens, 0)
     head, rest, tail = tags[:front], tags[front : len(tags) - end], tags[len(tags) - end :] if end else []
+    if warming:
+        minimum = section.caption_warmup_min
+        kept = math.floor(step * (len(rest) - minimum) / warmup) + minimum
+        rest = rest[:kept] + [t for t in rest[kept:] if contains_trigger(t, section.trigger)]
     if section.caption_dropout_tags:
         rest = [
             t for t in rest if contains_trigger(t, section.trigger) or rng.random() >= section.caption_dropout_tags

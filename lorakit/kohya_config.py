@@ -369,8 +369,6 @@ DATASET_UNSUPPORTED = {
     "color_aug": "a colour change every step would make the cached latents stale",
     "random_crop": "`lorakit prepare` crops each photo once, to its bucket",
     "face_crop_aug_range": "`lorakit prepare` crops each photo once, to its bucket",
-    "token_warmup_min": "lorakit has no caption warm-up",
-    "token_warmup_step": "lorakit has no caption warm-up",
     "conditioning_data_dir": "ControlNet datasets are not LoRA training data",
 }
 
@@ -925,6 +923,8 @@ DIRECT: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "caption_dropout_every_n_epochs": ("data.caption_dropout_every_epochs", int),
     "caption_tag_dropout_rate": ("data.caption_dropout_tags", float),
     "flip_aug": ("data.flip", _bool),
+    "token_warmup_step": ("data.caption_warmup_steps", float),
+    "token_warmup_min": ("data.caption_warmup_min", int),
     "enable_wildcard": ("data.wildcards", _bool),
     "weighted_captions": ("data.weighted_captions", _bool),
     "max_token_length": ("data.max_token_length", int),

@@ -437,3 +437,37 @@ def test_extra_resolutions_train_every_image_at_each(tiny_base, tiny_dataset, tm
     assert width * height > 80 * 80 and "at data.extra_resolutions 96" in how
     with pytest.raises(RecipeError, match=r"data.extra_resolutions: \[64\] repeats a resolution"):
         recipe_from_dict(make_recipe_dict(tiny_base, tiny_dataset, tmp_path, data={"extra_resolutions": [64]}))
+
+
+def test_the_caption_warm_up_grows_each_caption_from_its_first_tags_as_kohya_does():
+    """kohya's token warm-up: after the kept tags, floor(step * (n - min) / warm-up) + min of the rest, in order
+    (before shuffling); the trigger always stays; from the warm-up's last step on, the whole caption."""
+    import random
+
+    from lorakit.data import transform_caption, warmup_steps
+    from lorakit.recipe.sections import DataSection
+
+    data = DataSection(keep_tokens=1, caption_warmup_steps=4, caption_warmup_min=1, trigger="ohwx")
+    caption = "ohwx, a, b, c, d"
+    grown = [transform_caption(caption, data, random.Random(0), None, (step, 4)) for step in range(6)]
+    assert grown == ["ohwx, a", "ohwx, a", "ohwx, a, b", "ohwx, a, b, c", caption, caption]
+    late = DataSection(caption_warmup_steps=4, caption_warmup_min=0, trigger="ohwx")
+    assert transform_caption("a, b, ohwx", late, random.Random(0), None, (0, 4)) == "ohwx"  # the trigger stays
+    assert warmup_steps(DataSection(caption_warmup_steps=0.25), 100) == 25 and warmup_steps(data, 100) == 4
+    assert data.tags_vary  # no text-encoder cache while captions grow
+
+
+def test_a_run_with_a_caption_warm_up_encodes_short_captions_first(
+    tiny_base, tiny_dataset, tmp_path, conditioning_calls
+):
+    from lorakit.recipe import recipe_from_dict
+    from lorakit.train import train
+
+    from .tiny import captioned_copy
+
+    data = captioned_copy(tmp_path / "data", "ohwx, red, disc, studio, soft light", tiny_dataset)
+    sections = {"data": {"folder": str(data), "caption_warmup_steps": 0.5}, "train": {"max_steps": 4}}
+    sections["lora"] = {"train_text_encoder": False}  # frozen encoders: the warm-up must keep their cache off
+    train(recipe_from_dict(make_recipe_dict(tiny_base, data, tmp_path / "out", **sections)), quiet=True, log=print)
+    tags = [len(call.captions[0].split(", ")) for call in conditioning_calls]
+    assert tags == [1, 3, 5, 5]  # floor(step * (5 - 1) / 2) + 1 tags over the two warm-up steps, then all five

@@ -315,6 +315,7 @@ def test_older_and_rarer_kohya_settings_are_carried_over(tiny_base, tmp_path):
             'save_n_epoch_ratio = 5\nsave_last_n_epochs_state = 4\nwandb_run_name = "x"\n'
             'log_with = "all"\nlog_tracker_name = "toys"\nwandb_api_key = "abc"\n'
             'network_args = ["loraplus_unet_lr_ratio=4", "loraplus_text_encoder_lr_ratio=2"]\n'
+            "token_warmup_step = 0.1\ntoken_warmup_min = 2\n"
             'huggingface_repo_id = "me/x"\ncaption_dropout_every_n_epochs = 3',
         },
     )
@@ -341,6 +342,7 @@ def test_older_and_rarer_kohya_settings_are_carried_over(tiny_base, tmp_path):
     assert "wandb_run_name" in said.split("not needed in lorakit")[1].split("\n")[0]
     assert (recipe.output.log_with, recipe.output.wandb_project) == (["tensorboard", "wandb"], "toys")
     assert (train.loraplus_unet_lr_ratio, train.loraplus_text_encoder_lr_ratio) == (4, 2)
+    assert (recipe.data.caption_warmup_steps, recipe.data.caption_warmup_min) == (0.1, 2)
     assert "wandb_api_key: lorakit keeps no API keys in recipes; run `wandb login`" in said
     assert "abc" not in said and "abc" not in recipe_path.read_text()
     assert "huggingface_repo_id: lorakit does not upload; push the run folder with `hf upload`" in said

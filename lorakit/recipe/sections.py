@@ -118,15 +118,21 @@ class DataSection:
     background") is not always bound to the subject. The trigger and the first `keep_tokens` tags always stay."""
     flip: bool = False
     """Randomly mirror images left-right (do not use for asymmetric subjects such as text or faces with a parting)."""
+    caption_warmup_steps: float = 0.0
+    """kohya's `token_warmup_step`: during this many optimizer steps (a share of the run when below 1) each caption
+    grows from `caption_warmup_min` tags after the kept ones to all of them, in order, so the first steps learn the
+    subject from its leading tags alone; 0 is off. The trigger always stays."""
+    caption_warmup_min: int = 1
+    """kohya's `token_warmup_min`: the tags after the kept ones a caption starts its warm-up with."""
     max_token_length: TokenLength = 75
     """Caption length in CLIP tokens: 75 truncates longer captions (counted and reported); 150 or 225 encode them
     in 75-token chunks, as kohya's max_token_length does."""
 
     @property
     def tags_vary(self) -> bool:
-        """Whether a caption's tags change from step to step (shuffled, left out one by one, or wildcards chosen), so
-        its text-encoder output cannot be computed once and cached."""
-        return bool(self.shuffle_tags or self.caption_dropout_tags or self.wildcards)
+        """Whether a caption's tags change from step to step (shuffled, left out one by one, wildcards chosen, or
+        growing through a warm-up), so its text-encoder output cannot be computed once and cached."""
+        return bool(self.shuffle_tags or self.caption_dropout_tags or self.wildcards or self.caption_warmup_steps)
 
 
 @dataclass(frozen=True)

@@ -81,6 +81,8 @@ _RANGES: dict[str, tuple[float, float]] = {
     "data.extra_resolutions": (8, 4096),
     "data.num_repeats": (1, 10_000),
     "data.keep_tokens": (0, 1_000),
+    "data.caption_warmup_steps": (0, STEPS_MAX),
+    "data.caption_warmup_min": (0, 1_000),
     "data.caption_dropout": (0, 1),
     "data.caption_dropout_every_epochs": (0, 100_000),
     "data.caption_dropout_tags": (0, 1),

@@ -49,6 +49,7 @@ from ..data import (
     step_rng,
     transform_caption,
     vae_fingerprint,
+    warmup_steps,
 )
 from ..ema import AdapterEMA
 from ..embedding import embedding_file
@@ -214,7 +215,8 @@ def _micro_batch_loss(run: Run, batch: list[int]) -> Any:
     rng = step_rng(cfg.seed, f"{rank}:{run.micro}", "batch")
     generator = torch.Generator().manual_seed(derived_seed(cfg.seed, rank, run.micro))
     flips = [data.flip and rng.random() < 0.5 for _ in batch]
-    captions = [transform_caption(run.items[i].caption, data, rng, run.items[i].fixed_tags) for i in batch]
+    progress = (run.step, warmup_steps(data, run.recipe.train.max_steps))
+    captions = [transform_caption(run.items[i].caption, data, rng, run.items[i].fixed_tags, progress) for i in batch]
     every = data.caption_dropout_every_epochs
     if every and (run.stream.epoch + 1) % every == 0:  # kohya counts epochs from 1: epochs N, 2N, ... drop them all
         captions = [""] * len(batch)
