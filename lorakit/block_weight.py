@@ -28,7 +28,7 @@ import torch
 from .adapters import LoraModule, unet_block
 from .errors import AdapterError
 from .lycoris import LycorisModule
-from .prompt_syntax import is_number, tag_text
+from .prompt_syntax import is_number, step_range, tag_text
 
 STRENGTH_LIMIT = 100.0  # as the CLI's adapter strengths (ComfyUI's slider spans the same)
 
@@ -69,14 +69,21 @@ class Strengths:
     te: float = 1.0
     unet: float = 1.0
     blocks: str = ""
+    start: int = 0  # start= / stop=: the denoising steps the U-Net part is drawn over (stop None: to the end)
+    stop: int | None = None
 
     @property
     def plain(self) -> bool:
+        """No strength of its own to bake in (a step range is applied while drawing, not baked)."""
         return self.te == 1 and self.unet == 1 and not self.blocks
+
+    @property
+    def stepped(self) -> bool:
+        return self.start > 0 or self.stop is not None
 
     def tag(self, name: str, scale: float) -> str:
         """The webuis' tag that draws the adapter `name` at `scale` with these strengths."""
-        return tag_text(name, self.te * scale, self.unet * scale, self.blocks)
+        return tag_text(name, self.te * scale, self.unet * scale, self.blocks, "lora", self.start, self.stop)
 
     def suffix(self) -> str:
         """`:lbw=SPEC` when blocks are weighted: what identifies the strengths in messages."""
@@ -84,13 +91,14 @@ class Strengths:
 
 
 def split_strengths(text: str, scale_of, what: str) -> tuple[str, float, Strengths]:
-    """`FILE[:SCALE][:lbw=SPEC][:te=X][:unet=Y]` -> (FILE, scale, Strengths), with `scale_of` splitting `FILE[:SCALE]`
-    into (FILE, SCALE). te= / unet= give the text encoders' / the U-Net's strength in place of SCALE (the scale is
-    then 1 and both parts are baked into the adapter). ValueError, naming `what` (the option) and the value, for a
-    te / unet that is not a number within the strength limit, or an option given twice."""
+    """`FILE[:SCALE][:lbw=SPEC][:te=X][:unet=Y][:start=A][:stop=B]` -> (FILE, scale, Strengths), with `scale_of`
+    splitting `FILE[:SCALE]` into (FILE, SCALE). te= / unet= give the text encoders' / the U-Net's strength in place
+    of SCALE (the scale is then 1 and both parts are baked into the adapter). ValueError, naming `what` (the option)
+    and the value, for a te / unet that is not a number within the strength limit, a step range that is not one, or
+    an option given twice."""
     given: dict[str, str] = {}
     rest = text
-    while match := re.search(r":(lbw|te|unet)=([^:]*)$", rest, flags=re.IGNORECASE):
+    while match := re.search(r":(lbw|te|unet|start|stop|step)=([^:]*)$", rest, flags=re.IGNORECASE):
         key = match[1].lower()
         if key in given:
             raise ValueError(f"{what} {text!r}: {key}= is given twice; give it once")
@@ -98,9 +106,14 @@ def split_strengths(text: str, scale_of, what: str) -> tuple[str, float, Strengt
         rest = rest[: match.start()]
     path, scale = scale_of(rest)
     te, unet = (strength_value(given[k], f"{what} {text!r}: {k}=") if k in given else None for k in ("te", "unet"))
+    try:
+        start, stop = step_range(given.get("start"), given.get("stop"), given.get("step"))
+    except ValueError as err:
+        raise ValueError(f"{what} {text!r}: {err}") from None
+    blocks = given.get("lbw", "")
     if te is None and unet is None:
-        return path, scale, Strengths(blocks=given.get("lbw", ""))
-    return path, 1.0, Strengths(scale if te is None else te, scale if unet is None else unet, given.get("lbw", ""))
+        return path, scale, Strengths(blocks=blocks, start=start, stop=stop)
+    return path, 1.0, Strengths(scale if te is None else te, scale if unet is None else unet, blocks, start, stop)
 
 
 def strength_value(text: str, what: str) -> float:

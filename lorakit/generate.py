@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .adapters import lycoris_kind
 from .bake import merge_files
 from .block_weight import Strengths, read_presets, weighted_state
 from .checkpoint import RunPaths
@@ -24,6 +25,7 @@ from .errors import AdapterError, LorakitError
 from .files import file_sha256, open_heif_with
 from .formats.metadata import a1111_short_hash
 from .formats.read import PICKLE_SUFFIXES, read_adapter_file
+from .lycoris import KIND_NAMES
 from .models import detect_family, load_pipeline
 from .progress import progress_bar
 from .prompt_syntax import lora_tags, network_tag, scale_lora_tags
@@ -33,6 +35,7 @@ from .render import (
     SAMPLERS,
     LoadedAdapter,
     RenderSettings,
+    StepRanges,
     a1111_parameters,
     apply_adapters,
     img2img,
@@ -99,6 +102,11 @@ def resolve_adapters(
         drawn_with = strengths[index] if index < len(strengths) else Strengths()
         if not drawn_with.plain:  # the whole check, on the adapter's own blocks (the base's come once it is loaded)
             weighted_state(adapter.state, drawn_with, str(path), adapter.family, presets=presets)
+        if drawn_with.stepped and lycoris_kind(adapter.state) is not None:
+            raise AdapterError(
+                f"{path}: start= / stop= switch a LoRA's U-Net part on and off between steps; a "
+                f"{KIND_NAMES[lycoris_kind(adapter.state)]} adapter is written into the weights, so drop them"
+            )
         adapters.append(
             LoadedAdapter(
                 f"{name}_{len(adapters)}",
@@ -252,6 +260,8 @@ def generate(
         [_weighted(a, family, pipe, presets) for a in group] for group in (adapters, tag_adapters)
     )
     apply_adapters(pipe, adapters + tag_adapters)  # checks the adapters against the base first
+    stepped = {a.name: (a.strengths.start, a.strengths.stop) for a in adapters + tag_adapters if a.strengths.stepped}
+    pipe.lorakit_steps = StepRanges(stepped) if stepped else None
     run_word = None
     if defaults.embedding is not None:
         word = run_word = load_embedding(pipe, defaults.embedding)
@@ -332,9 +342,9 @@ class TaggedPrompts:
                 if any(name == tag.name for name, _ in named):
                     raise LorakitError(f"a prompt names the adapter {tag.name!r} twice ({tag.written}); give it once")
                 if tag.te == tag.unet:
-                    named[(tag.name, Strengths(blocks=tag.blocks))] = tag.te
+                    named[(tag.name, Strengths(blocks=tag.blocks, start=tag.start, stop=tag.stop))] = tag.te
                 else:
-                    named[(tag.name, Strengths(tag.te, tag.unet, tag.blocks))] = 1.0
+                    named[(tag.name, Strengths(tag.te, tag.unet, tag.blocks, tag.start, tag.stop))] = 1.0
             encoded.append(text)
             strengths.append(named)
         wanted = sorted({name for named in strengths for name, _ in named})

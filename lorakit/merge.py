@@ -249,6 +249,12 @@ def merge(
     fmt = fmt or (("single-file" if out.suffix == ".safetensors" else "diffusers") if base else "kohya")
     save_dtype = save_dtype or (None if base else "float16")  # None: as the base stores its weights
     strengths = tuple(strengths) + (Strengths(),) * (len(files) - len(strengths))
+    for adapter, drawn_with in zip(files, strengths, strict=True):
+        if drawn_with.stepped:
+            raise AdapterError(
+                f"{adapter.path}: start= / stop= apply while drawing (lorakit generate, the webuis); a merged file "
+                "has no steps, so drop them"
+            )
     presets = read_presets(lbw_presets) if lbw_presets else None
     states = [
         weighted_state(a.state, drawn_with, str(a.path), a.family, presets=presets)

@@ -118,6 +118,8 @@ class LoraTag:
     te: float = 1.0
     unet: float = 1.0
     blocks: str = ""
+    start: int = 0  # the first denoising step the U-Net part is on (start=, or step=A-B's A)
+    stop: int | None = None  # the step it is off from (stop=, or step=A-B's B); None: to the end
 
 
 def lora_tags(text: str) -> tuple[str, list[LoraTag]]:
@@ -139,11 +141,9 @@ def lora_tags(text: str) -> tuple[str, list[LoraTag]]:
 
 _TAG_REFUSED = {
     "dyn": "a dynamic rank (dyn=) is not applied: lorakit draws every rank",
-    "start": "lorakit applies an adapter at every denoising step; drop start= / stop= / step=",
-    "stop": "lorakit applies an adapter at every denoising step; drop start= / stop= / step=",
-    "step": "lorakit applies an adapter at every denoising step; drop start= / stop= / step=",
     "lbwe": "element weights (lbwe=) are not read; weight whole blocks with lbw=",
 }
+TAG_OPTIONS = ("te", "unet", "lbw", "start", "stop", "step")
 
 
 def _read_tag(written: str, kind: str, name: str, items: list[str]) -> LoraTag:
@@ -153,8 +153,8 @@ def _read_tag(written: str, kind: str, name: str, items: list[str]) -> LoraTag:
     for key in named:
         if key in _TAG_REFUSED:
             raise ValueError(f"{written}: {_TAG_REFUSED[key]}")
-        if key not in ("te", "unet", "lbw"):
-            raise ValueError(f"{written}: {key}= is not a tag option lorakit reads (te=, unet=, lbw=)")
+        if key not in TAG_OPTIONS:
+            raise ValueError(f"{written}: {key}= is not a tag option lorakit reads ({'=, '.join(TAG_OPTIONS)}=)")
     if len(positional) > 2:
         raise ValueError(f"{written}: {_TAG_REFUSED['dyn']}; write <{kind}:{name}:TE:UNET> at most")
     blocks = named.get("lbw", "")
@@ -164,7 +164,34 @@ def _read_tag(written: str, kind: str, name: str, items: list[str]) -> LoraTag:
     unet = _number(named["unet"], written, kind, name) if "unet" in named else None
     if unet is None:
         unet = _number(positional[1], written, kind, name) if len(positional) == 2 else te
-    return LoraTag(written, kind, name, te, unet, blocks)
+    try:
+        start, stop = step_range(named.get("start"), named.get("stop"), named.get("step"))
+    except ValueError as err:
+        raise ValueError(f"{written}: {err}") from None
+    return LoraTag(written, kind, name, te, unet, blocks, start, stop)
+
+
+def step_range(start: str | None, stop: str | None, step: str | None) -> tuple[int, int | None]:
+    """The webuis' `start=A`, `stop=B` and `step=A-B` as (first step on, step off from; None: the end). ValueError
+    for what is not a whole number of steps."""
+    if step is not None:
+        if start is not None or stop is not None:
+            raise ValueError("step=A-B gives both ends; leave out start= / stop=")
+        start, sep, stop = step.partition("-")
+        if not sep:
+            raise ValueError(f"step={step}: write step=A-B, the first step and the step it ends at")
+    values = []
+    for key, text in (("start", start), ("stop", stop)):
+        if text is None:
+            values.append(None)
+        elif text.strip().isdigit():
+            values.append(int(text))
+        else:
+            raise ValueError(f"{key}={text}: give a whole number of denoising steps, e.g. {key}=10")
+    first, end = values
+    if first is not None and end is not None and end <= first:
+        raise ValueError(f"stop={end} is not after start={first}; the adapter would never be on")
+    return first or 0, end
 
 
 def is_number(text: str) -> bool:
@@ -189,12 +216,16 @@ def scale_lora_tags(text: str, multiplier: float) -> str:
     def scaled(found: re.Match) -> str:
         kind, name, *items = found[0][1:-1].split(":")
         tag = _read_tag(found[0], kind, name.strip(), [item.strip() for item in items])
-        return tag_text(tag.name, tag.te * multiplier, tag.unet * multiplier, tag.blocks, kind)
+        return tag_text(tag.name, tag.te * multiplier, tag.unet * multiplier, tag.blocks, kind, tag.start, tag.stop)
 
     return text if multiplier == 1 else _NETWORK_TAG.sub(scaled, text)
 
 
-def tag_text(name: str, te: float, unet: float, blocks: str = "", kind: str = "lora") -> str:
-    """The webuis' tag for an adapter at these strengths: `<lora:NAME:TE>`, with `:UNET` when it differs and
-    `:lbw=SPEC` when blocks are weighted."""
-    return f"<{kind}:{name}:{te:g}" + (f":{unet:g}" if unet != te else "") + (f":lbw={blocks}" if blocks else "") + ">"
+def tag_text(
+    name: str, te: float, unet: float, blocks: str = "", kind: str = "lora", start: int = 0, stop: int | None = None
+) -> str:
+    """The webuis' tag for an adapter at these strengths: `<lora:NAME:TE>`, with `:UNET` when it differs,
+    `:lbw=SPEC` when blocks are weighted and `:start=A` / `:stop=B` for a step range."""
+    options = (f":lbw={blocks}" if blocks else "") + (f":start={start}" if start else "")
+    options += f":stop={stop}" if stop is not None else ""
+    return f"<{kind}:{name}:{te:g}" + (f":{unet:g}" if unet != te else "") + options + ">"

@@ -118,6 +118,42 @@ def _common(pipe: Any, prompt: str, settings: RenderSettings, seed: int) -> dict
     }
 
 
+class StepRanges:
+    """Adapters drawn over some denoising steps only (the webuis' `start=` / `stop=`): their U-Net part is at 0
+    outside the range, set between steps. The text encoders' part is applied as usual: the prompt is encoded once,
+    before the first step. LoRA adapters only (LoKr/LoHa are written into the weights)."""
+
+    def __init__(self, ranges: dict[str, tuple[int, int | None]]):
+        self.ranges = ranges  # adapter name -> (first step on, step off from)
+
+    def _on(self, name: str, step: int) -> bool:
+        start, stop = self.ranges.get(name, (0, None))
+        return start <= step and (stop is None or step < stop)
+
+    def apply(self, unet: Any, scales: dict[str, float], step: int) -> None:
+        """The U-Net's adapters at their strengths (`scales`, by name) for denoising step `step` (from 0)."""
+        present = set(getattr(unet, "peft_config", {}))  # an adapter of the text encoders alone is not in it
+        names = [n for n in scales if n in present]
+        unet.set_adapters(names, [scales[n] if self._on(n, step) else 0.0 for n in names])
+
+    def keywords(self, pipe: Any) -> dict[str, Any]:
+        """A pipeline call's step callback (img2img's pipeline shares `pipe`'s U-Net), the adapters set for step 0
+        first, at the strengths `set_scales` last gave them."""
+        scales = dict(getattr(pipe, "lorakit_scales", {}))
+        self.apply(pipe.unet, scales, 0)
+
+        def after_step(called: Any, index: int, timestep: Any, tensors: dict) -> dict:
+            self.apply(called.unet, scales, index + 1)
+            return tensors
+
+        return {"callback_on_step_end": after_step}
+
+
+def _step_keywords(pipe: Any) -> dict[str, Any]:
+    ranges = getattr(pipe, "lorakit_steps", None)
+    return ranges.keywords(pipe) if ranges is not None else {}
+
+
 def render(pipe: Any, prompts: list[str], seeds: list[int], settings: RenderSettings, advance=None) -> list[Any]:
     """txt2img: one image per (prompt, seed) pair."""
 
@@ -129,6 +165,7 @@ def render(pipe: Any, prompts: list[str], seeds: list[int], settings: RenderSett
                 height=settings.height,
                 guidance_rescale=settings.guidance_rescale,
                 **_common(pipe, prompt, settings, seed),
+                **_step_keywords(pipe),
             )
         images.append(result.images[0])
         if advance:
@@ -163,7 +200,9 @@ def img2img(
     images = []
     for init, prompt, seed in zip(inits, prompts, seeds, strict=True):
         with torch.no_grad():
-            result = img_pipe(image=init, strength=strength, **_common(img_pipe, prompt, settings, seed))
+            result = img_pipe(
+                image=init, strength=strength, **_common(img_pipe, prompt, settings, seed), **_step_keywords(pipe)
+            )
         images.append(result.images[0])
         if advance:
             advance()
@@ -354,5 +393,6 @@ def set_scales(
     loras = [a for a in adapters if lycoris_kind(a.state) is None]
     if loras:
         pipe.set_adapters([a.name for a in loras], adapter_weights=[scales[a.name] for a in loras])
+        pipe.lorakit_scales = {a.name: scales[a.name] for a in loras}  # what a step range turns the U-Net's on to
     if getattr(pipe, "lorakit_patches", None) is not None:
         pipe.lorakit_patches.set({a.name: scales[a.name] for a in adapters if lycoris_kind(a.state) is not None})

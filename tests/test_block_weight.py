@@ -164,7 +164,7 @@ def test_the_option_and_the_tag_read_strengths_as_the_webuis_do():
     assert read("<lora:a:0.7:lbw=1,0,1>").blocks == "1,0,1" and read("<lora:a:0.7:lbw=1,0,1>").te == 0.7
     assert scale_lora_tags("x <lora:a:0.8:0.4:lbw=INS>", 0.5) == "x <lora:a:0.4:0.2:lbw=INS>"
     for tag, fragment in (
-        ("<lora:a:1:stop=10>", "applies an adapter at every denoising step"),
+        ("<lora:a:1:stop=late>", "stop=late: give a whole number of denoising steps"),
         ("<lora:a:1:1:8>", "dynamic rank"),
         ("<lora:a:1:lbwe=ATTNON>", "element weights (lbwe=) are not read"),
         ("<lora:a:1:foo=1>", "foo= is not a tag option lorakit reads"),
@@ -412,3 +412,37 @@ def test_a_presets_file_that_cannot_be_read_is_named(trained_run, tmp_path):
     fails([*args, "--lbw-presets", str(bad)], "lbwpresets.txt, line 3: 'HALF:1,0.5' is not NAME:v,v,... with 12, 17")
     fails([*args, "--lbw-presets", str(tmp_path / "none.txt")], "none.txt: cannot be read (FileNotFoundError)")
     assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_a_step_range_switches_the_unet_part_between_steps(trained_run, tiny_base, tmp_path):
+    """The webuis' start= / stop=: the U-Net part is on over those denoising steps alone, the text encoder's as
+    always. stop=0 (and a start past the last step) draws the text encoder's part alone; stop at the last step
+    draws the whole adapter; stop=1 lies between; a tag and the option with the same range draw the same."""
+    import shutil
+
+    (tmp_path / "Lora").mkdir()
+    shutil.copy(trained_run.adapter, tmp_path / "Lora" / "mychar.safetensors")
+    base = ["--base", str(tiny_base), *FAST]  # 3 steps
+    prompts = [f"ohwx toy <lora:mychar:0.8:{r}>" for r in ("stop=0", "start=3", "stop=3", "stop=1", "step=1-2")]
+    _generate(*prompts, "--lora-dir", str(tmp_path / "Lora"), "--out", str(tmp_path / "t"), *base)
+    drawn = [_pixels(tmp_path / "t" / f"{i:03d}-seed0.png") for i in range(len(prompts))]
+    text_encoder_alone = ",".join(["1"] + ["0"] * 25)  # BASE only: the text encoder at the same 0.8 as the tags'
+    for label, extra in (("te", f":0.8:lbw={text_encoder_alone}"), ("whole", ":0.8"), ("one", ":0.8:stop=1")):
+        _generate("ohwx toy", "--lora", f"{trained_run.adapter}{extra}", "--out", str(tmp_path / label), *base)
+    te_only, whole, one = (_pixels(tmp_path / label / "000-seed0.png") for label in ("te", "whole", "one"))
+    assert np.array_equal(drawn[0], te_only) and np.array_equal(drawn[1], te_only)
+    assert np.array_equal(drawn[2], whole)
+    assert np.array_equal(drawn[3], one) and not np.array_equal(one, whole) and not np.array_equal(one, te_only)
+    assert not any(np.array_equal(drawn[4], other) for other in (whole, te_only, one))
+    with Image.open(tmp_path / "one" / "000-seed0.png") as image:
+        assert parse_a1111_parameters(image.text["parameters"])["prompt"].endswith(":0.8:stop=1>")
+
+
+def test_step_ranges_that_cannot_apply_are_named(trained_run, tiny_base, tmp_path):
+    args = ["generate", "a toy", "--base", str(tiny_base), "--out", str(tmp_path / "g"), *FAST]
+    fails([*args, "--lora", f"{trained_run.adapter}:start=2:stop=2"], "stop=2 is not after start=2")
+    fails([*args, "--lora", f"{trained_run.adapter}:stop=soon"], "stop=soon: give a whole number of denoising steps")
+    merge = ["merge", "--lora", f"{trained_run.adapter}:stop=10", "--out", str(tmp_path / "m.safetensors")]
+    fails(merge, "start= / stop= apply while drawing")
+    with pytest.raises(ValueError, match="step=A-B gives both ends"):
+        lora_tags("<lora:a:1:step=1-4:stop=3>")

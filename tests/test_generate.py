@@ -315,7 +315,7 @@ def test_webui_lora_tags_load_the_named_adapter_for_their_prompt_alone(trained_r
         ("a toy <lora:mychr:0.8>", ["--lora-dir", "{dir}"], "mychr.safetensors under --lora-dir"),
         ("a toy <lora:mychr:0.8>", ["--lora-dir", "{dir}"], "; close names: mychar"),
         ("a toy <lora:mychar:0.8:0.5:8>", ["--lora-dir", "{dir}"], "a dynamic rank (dyn=) is not applied"),
-        ("a toy <lora:mychar:0.8:stop=10>", ["--lora-dir", "{dir}"], "applies an adapter at every denoising step"),
+        ("a toy <lora:mychar:0.8:step=4>", ["--lora-dir", "{dir}"], "step=4: write step=A-B"),
         ("a toy <hypernet:x:1>", ["--lora-dir", "{dir}"], "<hypernet:x:1>: hypernetworks are not adapters"),
         ("a toy <lora:mychar:strong>", ["--lora-dir", "{dir}"], "'strong' is not a number; write <lora:mychar:0.8>"),
         ("<lora:mychar> a <lora:mychar:1>", ["--lora-dir", "{dir}"], "names the adapter 'mychar' twice"),
