@@ -711,7 +711,8 @@ def generate(
         list[str] | None,
         typer.Option(
             help="Adapter FILE[:SCALE] (kohya or diffusers layout) or a run folder, optionally with "
-            ":lbw=PRESET|v,v,... (a strength per block) and :te=X / :unet=Y; repeat for several."
+            ":lbw=PRESET|v,v,... (a strength per block), :te=X / :unet=Y and :start=N / :stop=N (the U-Net part over "
+            "those denoising steps alone); repeat for several."
         ),
     ] = None,
     lbw_presets: LbwPresets = None,
