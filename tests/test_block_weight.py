@@ -446,3 +446,16 @@ def test_step_ranges_that_cannot_apply_are_named(trained_run, tiny_base, tmp_pat
     fails(merge, "start= / stop= apply while drawing")
     with pytest.raises(ValueError, match="step=A-B gives both ends"):
         lora_tags("<lora:a:1:step=1-4:stop=3>")
+
+
+def test_a_step_range_on_sdxl(sdxl_run, tiny_sdxl, tmp_path):
+    """SDXL's pipeline takes the same step callback: stop=0 draws the text encoders' parts alone."""
+    result, _ = sdxl_run
+    base = ["a toy", "--base", str(tiny_sdxl), *FAST]
+    encoders_alone = ",".join(["1"] + ["0"] * 11)  # BASE only, of SDXL's 12 values
+    _generate(*base, "--lora", f"{result.adapter}:stop=0", "--out", str(tmp_path / "stopped"))
+    _generate(*base, "--lora", f"{result.adapter}:lbw={encoders_alone}", "--out", str(tmp_path / "encoders"))
+    _generate(*base, "--lora", str(result.adapter), "--out", str(tmp_path / "whole"))
+    stopped = _pixels(tmp_path / "stopped" / "000-seed0.png")
+    assert np.array_equal(stopped, _pixels(tmp_path / "encoders" / "000-seed0.png"))
+    assert not np.array_equal(stopped, _pixels(tmp_path / "whole" / "000-seed0.png"))
