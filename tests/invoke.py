@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from typer.testing import CliRunner
 
 from lorakit.cli import app
@@ -14,6 +16,20 @@ def ok(args: list[str]):
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     return result
+
+
+def generate(*args: str):
+    """Run `lorakit generate ARGS`; it must exit 0."""
+    return ok(["generate", *args])
+
+
+def pixels(path) -> Any:
+    """An image file's RGB pixels, as int16 so that the difference of two stays signed."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.int16)
 
 
 def fails(args: list[str], fragment: str):

@@ -25,7 +25,7 @@ from lorakit.lycoris import LycorisModule
 from lorakit.prompt_syntax import lora_tags, scale_lora_tags
 from lorakit.render import parse_a1111_parameters
 
-from .invoke import fails
+from .invoke import fails, generate, pixels
 
 runner = CliRunner()
 FAST = ["--size", "64x64", "--steps", "3", "--quiet"]
@@ -173,17 +173,6 @@ def test_the_option_and_the_tag_read_strengths_as_the_webuis_do():
             lora_tags(tag)
 
 
-def _generate(*args):
-    result = runner.invoke(app, ["generate", *args])
-    assert result.exit_code == 0, result.output
-    return result
-
-
-def _pixels(path):
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"), dtype=np.int16)
-
-
 @pytest.fixture(scope="module")
 def by_hand(trained_run, tmp_path_factory):
     """The trained adapter edited by module path, as `VECTOR` asks: the middle block and up_blocks.1.attentions.1
@@ -205,12 +194,12 @@ def by_hand(trained_run, tmp_path_factory):
 
 def test_a_block_vector_draws_what_the_adapter_edited_by_hand_draws(trained_run, tiny_base, by_hand, tmp_path):
     base = ["--base", str(tiny_base), *FAST]
-    _generate("ohwx toy", "--lora", f"{trained_run.adapter}:0.8:lbw={VECTOR}", "--out", str(tmp_path / "lbw"), *base)
-    _generate("ohwx toy", "--lora", f"{by_hand}:0.8", "--out", str(tmp_path / "hand"), *base)
-    _generate("ohwx toy", "--lora", f"{trained_run.adapter}:0.8", "--out", str(tmp_path / "whole"), *base)
-    lbw = _pixels(tmp_path / "lbw" / "000-seed0.png")
-    assert np.array_equal(lbw, _pixels(tmp_path / "hand" / "000-seed0.png"))
-    assert not np.array_equal(lbw, _pixels(tmp_path / "whole" / "000-seed0.png"))
+    generate("ohwx toy", "--lora", f"{trained_run.adapter}:0.8:lbw={VECTOR}", "--out", str(tmp_path / "lbw"), *base)
+    generate("ohwx toy", "--lora", f"{by_hand}:0.8", "--out", str(tmp_path / "hand"), *base)
+    generate("ohwx toy", "--lora", f"{trained_run.adapter}:0.8", "--out", str(tmp_path / "whole"), *base)
+    lbw = pixels(tmp_path / "lbw" / "000-seed0.png")
+    assert np.array_equal(lbw, pixels(tmp_path / "hand" / "000-seed0.png"))
+    assert not np.array_equal(lbw, pixels(tmp_path / "whole" / "000-seed0.png"))
     with Image.open(tmp_path / "lbw" / "000-seed0.png") as image:
         prompt = parse_a1111_parameters(image.text["parameters"])["prompt"]
     assert prompt.endswith(f"<lora:{trained_run.adapter.name.split('.')[0]}:0.8:lbw={VECTOR}>")
@@ -227,7 +216,7 @@ def test_tags_with_their_own_blocks_and_parts_draw_as_the_option_does(trained_ru
     presets.write_text(f"# mine\nHAND:{VECTOR}\n")
     base = ["--base", str(tiny_base), *FAST]
     prompts = ["ohwx toy <lora:mychar:0.8:lbw=HAND>", "ohwx toy <lora:mychar:0.8:0>", "ohwx toy <lora:mychar:0.8>"]
-    _generate(
+    generate(
         *prompts,
         "--lora-dir",
         str(tmp_path / "Lora"),
@@ -238,10 +227,10 @@ def test_tags_with_their_own_blocks_and_parts_draw_as_the_option_does(trained_ru
         *base,
     )
     for index, extra in enumerate((f":0.8:lbw={VECTOR}", ":te=0.8:unet=0", ":0.8")):
-        _generate("ohwx toy", "--lora", f"{trained_run.adapter}{extra}", "--out", str(tmp_path / f"o{index}"), *base)
-        tagged = _pixels(tmp_path / "t" / f"{index:03d}-seed0.png")
-        assert np.array_equal(tagged, _pixels(tmp_path / f"o{index}" / "000-seed0.png")), extra
-    assert not np.array_equal(_pixels(tmp_path / "o0" / "000-seed0.png"), _pixels(tmp_path / "o1" / "000-seed0.png"))
+        generate("ohwx toy", "--lora", f"{trained_run.adapter}{extra}", "--out", str(tmp_path / f"o{index}"), *base)
+        tagged = pixels(tmp_path / "t" / f"{index:03d}-seed0.png")
+        assert np.array_equal(tagged, pixels(tmp_path / f"o{index}" / "000-seed0.png")), extra
+    assert not np.array_equal(pixels(tmp_path / "o0" / "000-seed0.png"), pixels(tmp_path / "o1" / "000-seed0.png"))
 
 
 def test_merge_bakes_the_strengths_into_an_adapter_that_draws_them_at_strength_1(trained_run, tiny_base, tmp_path):
@@ -250,9 +239,9 @@ def test_merge_bakes_the_strengths_into_an_adapter_that_draws_them_at_strength_1
     result = runner.invoke(app, args)
     assert result.exit_code == 0 and "with its strengths baked in" in result.output, result.output
     base = ["--base", str(tiny_base), *FAST]
-    _generate("ohwx toy", "--lora", str(baked), "--out", str(tmp_path / "baked"), *base)
-    _generate("ohwx toy", "--lora", f"{trained_run.adapter}:lbw={VECTOR}", "--out", str(tmp_path / "lbw"), *base)
-    assert np.array_equal(_pixels(tmp_path / "baked" / "000-seed0.png"), _pixels(tmp_path / "lbw" / "000-seed0.png"))
+    generate("ohwx toy", "--lora", str(baked), "--out", str(tmp_path / "baked"), *base)
+    generate("ohwx toy", "--lora", f"{trained_run.adapter}:lbw={VECTOR}", "--out", str(tmp_path / "lbw"), *base)
+    assert np.array_equal(pixels(tmp_path / "baked" / "000-seed0.png"), pixels(tmp_path / "lbw" / "000-seed0.png"))
     original, written = read_adapter_file(trained_run.adapter), read_adapter_file(baked)
     assert len(written.state["unet"]) < len(original.state["unet"])
     assert {m.rank for m in written.state["unet"].values()} == {m.rank for m in original.state["unet"].values()}
@@ -309,11 +298,9 @@ def test_an_sdxl_vector_keeps_the_blocks_it_names_and_both_text_encoders(sdxl_ru
     assert set(weighted) == {"unet", "text_encoder", "text_encoder_2"}
     assert len(weighted["text_encoder_2"]) == len(adapter.state["text_encoder_2"])
     args = ["a toy", "--base", str(tiny_sdxl), *FAST]
-    _generate(*args, "--lora", f"{result.adapter}:lbw=1,1,1,1,1,0,0,0,0,0,0,0", "--out", str(tmp_path / "lbw"))
-    _generate(*args, "--lora", str(result.adapter), "--out", str(tmp_path / "whole"))
-    assert not np.array_equal(
-        _pixels(tmp_path / "lbw" / "000-seed0.png"), _pixels(tmp_path / "whole" / "000-seed0.png")
-    )
+    generate(*args, "--lora", f"{result.adapter}:lbw=1,1,1,1,1,0,0,0,0,0,0,0", "--out", str(tmp_path / "lbw"))
+    generate(*args, "--lora", str(result.adapter), "--out", str(tmp_path / "whole"))
+    assert not np.array_equal(pixels(tmp_path / "lbw" / "000-seed0.png"), pixels(tmp_path / "whole" / "000-seed0.png"))
 
 
 def test_inspect_shows_the_update_norm_of_each_block_and_a_baked_file_shows_its_vector(trained_run, tmp_path):
@@ -345,12 +332,12 @@ def test_compare_lbw_draws_a_column_per_vector_each_as_that_vector_alone(trained
     base = ["--base", str(tiny_base), *FAST]
     lora = ["--lora", f"{trained_run.adapter}:0.8"]
     every = ",".join(["1"] * 26)  # (the preset ALL is the 17 blocks of SD 1.x: it leaves the tiny U-Net's OUT02 out)
-    _generate("ohwx toy", *lora, "--compare-lbw", every, "--compare-lbw", VECTOR, "--out", str(tmp_path / "g"), *base)
-    _generate("ohwx toy", *lora, "--out", str(tmp_path / "whole"), *base)
-    _generate("ohwx toy", "--lora", f"{by_hand}:0.8", "--out", str(tmp_path / "hand"), *base)
+    generate("ohwx toy", *lora, "--compare-lbw", every, "--compare-lbw", VECTOR, "--out", str(tmp_path / "g"), *base)
+    generate("ohwx toy", *lora, "--out", str(tmp_path / "whole"), *base)
+    generate("ohwx toy", "--lora", f"{by_hand}:0.8", "--out", str(tmp_path / "hand"), *base)
     grid = tmp_path / "g"
-    assert np.array_equal(_pixels(grid / "000-seed0-lbw1.png"), _pixels(tmp_path / "whole" / "000-seed0.png"))
-    assert np.array_equal(_pixels(grid / "001-seed0-lbw2.png"), _pixels(tmp_path / "hand" / "000-seed0.png"))
+    assert np.array_equal(pixels(grid / "000-seed0-lbw1.png"), pixels(tmp_path / "whole" / "000-seed0.png"))
+    assert np.array_equal(pixels(grid / "001-seed0-lbw2.png"), pixels(tmp_path / "hand" / "000-seed0.png"))
     with Image.open(grid / "grid.png") as image:
         assert json.loads(image.text["lorakit_grid"])["columns"] == ["lbw vector 1", "lbw vector 2"]
     with Image.open(grid / "001-seed0-lbw2.png") as image:
@@ -398,11 +385,9 @@ def test_an_adapter_split_into_its_blocks_and_merged_back_draws_as_the_whole(tra
     written, original = read_adapter_file(merged).state, read_adapter_file(trained_run.adapter).state
     assert {c: set(m) for c, m in written.items()} == {c: set(m) for c, m in original.items()}
     base = ["--base", str(tiny_base), *FAST]
-    _generate("ohwx toy", "--lora", str(merged), "--out", str(tmp_path / "merged"), *base)
-    _generate("ohwx toy", "--lora", str(trained_run.adapter), "--out", str(tmp_path / "whole"), *base)
-    assert np.array_equal(
-        _pixels(tmp_path / "merged" / "000-seed0.png"), _pixels(tmp_path / "whole" / "000-seed0.png")
-    )
+    generate("ohwx toy", "--lora", str(merged), "--out", str(tmp_path / "merged"), *base)
+    generate("ohwx toy", "--lora", str(trained_run.adapter), "--out", str(tmp_path / "whole"), *base)
+    assert np.array_equal(pixels(tmp_path / "merged" / "000-seed0.png"), pixels(tmp_path / "whole" / "000-seed0.png"))
 
 
 def test_a_presets_file_that_cannot_be_read_is_named(trained_run, tmp_path):
@@ -424,12 +409,12 @@ def test_a_step_range_switches_the_unet_part_between_steps(trained_run, tiny_bas
     shutil.copy(trained_run.adapter, tmp_path / "Lora" / "mychar.safetensors")
     base = ["--base", str(tiny_base), *FAST]  # 3 steps
     prompts = [f"ohwx toy <lora:mychar:0.8:{r}>" for r in ("stop=0", "start=3", "stop=3", "stop=1", "step=1-2")]
-    _generate(*prompts, "--lora-dir", str(tmp_path / "Lora"), "--out", str(tmp_path / "t"), *base)
-    drawn = [_pixels(tmp_path / "t" / f"{i:03d}-seed0.png") for i in range(len(prompts))]
+    generate(*prompts, "--lora-dir", str(tmp_path / "Lora"), "--out", str(tmp_path / "t"), *base)
+    drawn = [pixels(tmp_path / "t" / f"{i:03d}-seed0.png") for i in range(len(prompts))]
     text_encoder_alone = ",".join(["1"] + ["0"] * 25)  # BASE only: the text encoder at the same 0.8 as the tags'
     for label, extra in (("te", f":0.8:lbw={text_encoder_alone}"), ("whole", ":0.8"), ("one", ":0.8:stop=1")):
-        _generate("ohwx toy", "--lora", f"{trained_run.adapter}{extra}", "--out", str(tmp_path / label), *base)
-    te_only, whole, one = (_pixels(tmp_path / label / "000-seed0.png") for label in ("te", "whole", "one"))
+        generate("ohwx toy", "--lora", f"{trained_run.adapter}{extra}", "--out", str(tmp_path / label), *base)
+    te_only, whole, one = (pixels(tmp_path / label / "000-seed0.png") for label in ("te", "whole", "one"))
     assert np.array_equal(drawn[0], te_only) and np.array_equal(drawn[1], te_only)
     assert np.array_equal(drawn[2], whole)
     assert np.array_equal(drawn[3], one) and not np.array_equal(one, whole) and not np.array_equal(one, te_only)
@@ -453,9 +438,9 @@ def test_a_step_range_on_sdxl(sdxl_run, tiny_sdxl, tmp_path):
     result, _ = sdxl_run
     base = ["a toy", "--base", str(tiny_sdxl), *FAST]
     encoders_alone = ",".join(["1"] + ["0"] * 11)  # BASE only, of SDXL's 12 values
-    _generate(*base, "--lora", f"{result.adapter}:stop=0", "--out", str(tmp_path / "stopped"))
-    _generate(*base, "--lora", f"{result.adapter}:lbw={encoders_alone}", "--out", str(tmp_path / "encoders"))
-    _generate(*base, "--lora", str(result.adapter), "--out", str(tmp_path / "whole"))
-    stopped = _pixels(tmp_path / "stopped" / "000-seed0.png")
-    assert np.array_equal(stopped, _pixels(tmp_path / "encoders" / "000-seed0.png"))
-    assert not np.array_equal(stopped, _pixels(tmp_path / "whole" / "000-seed0.png"))
+    generate(*base, "--lora", f"{result.adapter}:stop=0", "--out", str(tmp_path / "stopped"))
+    generate(*base, "--lora", f"{result.adapter}:lbw={encoders_alone}", "--out", str(tmp_path / "encoders"))
+    generate(*base, "--lora", str(result.adapter), "--out", str(tmp_path / "whole"))
+    stopped = pixels(tmp_path / "stopped" / "000-seed0.png")
+    assert np.array_equal(stopped, pixels(tmp_path / "encoders" / "000-seed0.png"))
+    assert not np.array_equal(stopped, pixels(tmp_path / "whole" / "000-seed0.png"))

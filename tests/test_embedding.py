@@ -12,7 +12,7 @@ from lorakit.recipe import recipe_from_dict
 from lorakit.train import train
 
 from .conftest import make_recipe_dict
-from .invoke import fails, ok
+from .invoke import fails, ok, pixels
 from .invoke import sd_pipeline as _pipe
 
 SECTION = {"token": "ohwx", "vectors": 2, "init_words": "toy", "lr": 1e-2}
@@ -167,14 +167,6 @@ def test_generate_with_the_run_folder_loads_the_embedding(pivotal_run, tmp_path)
     assert len(list((tmp_path / "g").glob("*.png"))) >= 1
 
 
-def _pixels(path):
-    import numpy as np
-    from PIL import Image
-
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
-
-
 def _compare_saves(run, out, fast) -> list[str]:
     """`generate --compare-saves` on a run folder; the grid's column labels."""
     import json
@@ -215,10 +207,10 @@ def test_compare_saves_draws_each_save_with_its_own_embedding(tiny_base, tiny_da
             str(alone),
         ]
     )
-    assert np.array_equal(_pixels(tmp_path / "saves" / "000-seed0-step2.png"), _pixels(alone / "000-seed0.png"))
+    assert np.array_equal(pixels(tmp_path / "saves" / "000-seed0-step2.png"), pixels(alone / "000-seed0.png"))
     ok(["generate", "a ohwx toy", "--lora", str(run), *fast, "--out", str(tmp_path / "final")])
     assert np.array_equal(
-        _pixels(tmp_path / "saves" / "001-seed0-final.png"), _pixels(tmp_path / "final" / "000-seed0.png")
+        pixels(tmp_path / "saves" / "001-seed0-final.png"), pixels(tmp_path / "final" / "000-seed0.png")
     )
 
 
@@ -352,9 +344,9 @@ def test_an_embedding_alone_trains_only_its_vectors(tiny_base, tiny_dataset, tmp
     assert _compare_saves(result.run_dir, tmp_path / "saves", fast) == ["step 2", "final (step 4)"]
     with_embedding(result.run_dir / "embeddings" / "ohwx-step00000002.safetensors", tmp_path / "g3")
     saves = tmp_path / "saves"
-    assert (_pixels(saves / "000-seed1-step2.png") == _pixels(tmp_path / "g3" / "000-seed1.png")).all()
-    assert (_pixels(saves / "001-seed1-final.png") == _pixels(tmp_path / "g1" / "000-seed1.png")).all()
-    assert not (_pixels(saves / "000-seed1-step2.png") == _pixels(saves / "001-seed1-final.png")).all()
+    assert (pixels(saves / "000-seed1-step2.png") == pixels(tmp_path / "g3" / "000-seed1.png")).all()
+    assert (pixels(saves / "001-seed1-final.png") == pixels(tmp_path / "g1" / "000-seed1.png")).all()
+    assert not (pixels(saves / "000-seed1-step2.png") == pixels(saves / "001-seed1-final.png")).all()
     # a resume continues it exactly
     resumed_dir = tmp_path / "b" / "run"
     shutil.copytree(result.run_dir, resumed_dir)

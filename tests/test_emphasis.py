@@ -5,12 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from lorakit.emphasis import prompt_embeddings
 from lorakit.prompt_syntax import has_syntax, parse
 
-from .invoke import ok
+from .invoke import ok, pixels
 
 
 @pytest.mark.parametrize(
@@ -142,21 +141,16 @@ def test_a_textual_inversion_word_keeps_its_vectors_in_a_weighted_prompt(sd_pipe
     torch.testing.assert_close(ours, theirs)
 
 
-def _pixels(path):
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"), dtype=np.int16)
-
-
 def test_generate_draws_the_weights(tiny_base, tmp_path):
     fast = ["--base", str(tiny_base), "--seed", "3", "--steps", "2", "--size", "64x64", "--quiet"]
     for name, prompt in [("plain", "a red toy"), ("one", "a (red:1) toy"), ("strong", "a (red:1.8) toy")]:
         ok(["generate", prompt, *fast, "--out", str(tmp_path / name)])
-    plain, one, strong = (_pixels(tmp_path / n / "000-seed3.png") for n in ("plain", "one", "strong"))
+    plain, one, strong = (pixels(tmp_path / n / "000-seed3.png") for n in ("plain", "one", "strong"))
     assert np.abs(one - plain).max() <= 1  # a weight of 1 is the plain prompt, encoded here
     assert np.abs(strong - plain).max() > 5
     # clip skip 2 renders (diffusers' pipeline alone fails on it with transformers 5) and draws something else
     ok(["generate", "a red toy", *fast, "--clip-skip", "2", "--out", str(tmp_path / "skip")])
-    assert np.abs(_pixels(tmp_path / "skip" / "000-seed3.png") - plain).max() > 5
+    assert np.abs(pixels(tmp_path / "skip" / "000-seed3.png") - plain).max() > 5
 
 
 def test_weighted_caption_tokens_are_the_plain_ones_with_their_weights(tiny_base, tiny_sdxl):

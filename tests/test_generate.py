@@ -10,24 +10,12 @@ from PIL import Image
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from lorakit.cli import app
 from lorakit.render import parse_a1111_parameters
 
-from .invoke import fails
+from .invoke import fails, generate, pixels
 
 runner = CliRunner()
 FAST = ["--size", "64x64", "--steps", "3", "--quiet"]
-
-
-def _generate(*args):
-    result = runner.invoke(app, ["generate", *args])
-    assert result.exit_code == 0, result.output
-    return result
-
-
-def _pixels(path):
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"), dtype=np.int16)
 
 
 def _fails(args, fragment):
@@ -35,17 +23,17 @@ def _fails(args, fragment):
 
 
 def test_same_seed_gives_identical_images_and_seeds_are_per_image(tiny_base, tmp_path):
-    _generate("a red toy", "--base", str(tiny_base), "-n", "2", "--seed", "7", "--out", str(tmp_path / "a"), *FAST)
-    _generate("a red toy", "--base", str(tiny_base), "-n", "1", "--seed", "8", "--out", str(tmp_path / "b"), *FAST)
-    _generate("a red toy", "--base", str(tiny_base), "-n", "2", "--seed", "7", "--out", str(tmp_path / "c"), *FAST)
+    generate("a red toy", "--base", str(tiny_base), "-n", "2", "--seed", "7", "--out", str(tmp_path / "a"), *FAST)
+    generate("a red toy", "--base", str(tiny_base), "-n", "1", "--seed", "8", "--out", str(tmp_path / "b"), *FAST)
+    generate("a red toy", "--base", str(tiny_base), "-n", "2", "--seed", "7", "--out", str(tmp_path / "c"), *FAST)
     first, second = sorted((tmp_path / "a").glob("0*.png")), sorted((tmp_path / "c").glob("0*.png"))
-    assert all(np.array_equal(_pixels(a), _pixels(b)) for a, b in zip(first, second, strict=True))
-    assert np.array_equal(_pixels(first[1]), _pixels(tmp_path / "b" / "000-seed8.png"))  # seed + index, alone
-    assert not np.array_equal(_pixels(first[0]), _pixels(first[1]))
+    assert all(np.array_equal(pixels(a), pixels(b)) for a, b in zip(first, second, strict=True))
+    assert np.array_equal(pixels(first[1]), pixels(tmp_path / "b" / "000-seed8.png"))  # seed + index, alone
+    assert not np.array_equal(pixels(first[0]), pixels(first[1]))
 
 
 def test_compare_scales_grid_scale_zero_is_the_base(trained_run, tiny_base, tmp_path):
-    _generate(
+    generate(
         "ohwx toy",
         "red disc",
         "--base",
@@ -58,11 +46,11 @@ def test_compare_scales_grid_scale_zero_is_the_base(trained_run, tiny_base, tmp_
         str(tmp_path / "cmp"),
         *FAST,
     )
-    _generate("ohwx toy", "red disc", "--base", str(tiny_base), "--out", str(tmp_path / "plain"), *FAST)
+    generate("ohwx toy", "red disc", "--base", str(tiny_base), "--out", str(tmp_path / "plain"), *FAST)
     cmp, plain = tmp_path / "cmp", tmp_path / "plain"
-    assert np.array_equal(_pixels(cmp / "000-seed0-x0.png"), _pixels(plain / "000-seed0.png"))
-    assert np.array_equal(_pixels(cmp / "001-seed0-x0.png"), _pixels(plain / "001-seed0.png"))
-    assert not np.array_equal(_pixels(cmp / "002-seed0-x1.png"), _pixels(plain / "000-seed0.png"))
+    assert np.array_equal(pixels(cmp / "000-seed0-x0.png"), pixels(plain / "000-seed0.png"))
+    assert np.array_equal(pixels(cmp / "001-seed0-x0.png"), pixels(plain / "001-seed0.png"))
+    assert not np.array_equal(pixels(cmp / "002-seed0-x1.png"), pixels(plain / "000-seed0.png"))
     with Image.open(cmp / "grid.png") as grid:
         assert grid.size == (160 + 2 * 64, 24 + 2 * 64)
         labels = json.loads(grid.text["lorakit_grid"])
@@ -70,7 +58,7 @@ def test_compare_scales_grid_scale_zero_is_the_base(trained_run, tiny_base, tmp_
 
 
 def test_png_parameters_parse_back(trained_run, tiny_base, tmp_path):
-    _generate(
+    generate(
         "ohwx toy",
         "--base",
         str(tiny_base),
@@ -99,7 +87,7 @@ def test_png_parameters_parse_back(trained_run, tiny_base, tmp_path):
 
 
 def test_run_folder_gives_base_and_trigger(trained_run, tmp_path):
-    _generate("a red disc", "--lora", str(trained_run.run_dir), "--out", str(tmp_path), *FAST)
+    generate("a red disc", "--lora", str(trained_run.run_dir), "--out", str(tmp_path), *FAST)
     with Image.open(tmp_path / "000-seed0.png") as image:
         assert parse_a1111_parameters(image.text["parameters"])["prompt"] == "ohwx, a red disc <lora:run:1>"
 
@@ -128,7 +116,7 @@ def test_img2img_small_strength_stays_near_the_vae_round_trip(tiny_base, tmp_pat
         "runs no denoising step",
     )
     one_step = ["--strength", "0.05", "--steps", "20", "--size", "64x64", "--quiet"]  # a single step at t ~ 50
-    _generate(
+    generate(
         "a toy",
         "--base",
         str(tiny_base),
@@ -139,11 +127,11 @@ def test_img2img_small_strength_stays_near_the_vae_round_trip(tiny_base, tmp_pat
         *one_step,
     )
     vae = AutoencoderKL.from_pretrained(tiny_base, subfolder="vae")
-    pixels = torch.from_numpy(np.asarray(init, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+    image = torch.from_numpy(np.asarray(init, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
     with torch.no_grad():
-        round_trip = vae.decode(vae.encode(pixels).latent_dist.mean).sample
+        round_trip = vae.decode(vae.encode(image).latent_dist.mean).sample
     round_trip = ((round_trip[0].permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().numpy()
-    out = _pixels(tmp_path / "y" / "000-seed0.png")
+    out = pixels(tmp_path / "y" / "000-seed0.png")
     assert not (tmp_path / "x").exists()  # the refused run wrote nothing
     distance = np.abs(out - round_trip).mean()
     noise_distance = np.abs(out - np.asarray(textured(64, 64, 99), dtype=np.int16)).mean()
@@ -153,13 +141,13 @@ def test_img2img_small_strength_stays_near_the_vae_round_trip(tiny_base, tmp_pat
     pillow_heif.register_heif_opener()
     init.save(tmp_path / "init.heic", quality=100)
     args = ["a toy", "--base", str(tiny_base), "--init", str(tmp_path / "init.heic"), "--out", str(tmp_path / "h")]
-    _generate(*args, *one_step)
-    heic_distance = np.abs(_pixels(tmp_path / "h" / "000-seed0.png") - out).mean()
+    generate(*args, *one_step)
+    heic_distance = np.abs(pixels(tmp_path / "h" / "000-seed0.png") - out).mean()
     assert heic_distance < 0.25 * noise_distance, (heic_distance, noise_distance)  # HEVC's losses: measured 7.9
 
 
 def test_hires_doubles_the_size(tiny_base, tmp_path):
-    _generate(
+    generate(
         "a toy", "--base", str(tiny_base), "--upscale", "2", "--hires-strength", "0.5", "--out", str(tmp_path), *FAST
     )
     with Image.open(tmp_path / "000-seed0.png") as image:
@@ -216,11 +204,11 @@ def test_a_half_precision_render_reads_the_base_in_it_and_draws_what_a_cast_pipe
     args = ["ohwx toy", "--lora", str(trained_run.adapter), "--dtype", "bfloat16", "--seed", "3", *FAST]
     for base in (half, tiny_base):  # stored in the render's dtype, and in float32
         with watched_render_loads() as read:  # the dtypes `generate` holds the pipeline in as it is read
-            _generate(*args, "--base", str(base), "--out", str(tmp_path / "read-in-it"))
+            generate(*args, "--base", str(base), "--out", str(tmp_path / "read-in-it"))
         assert read == [{torch.bfloat16}]
         with watched_render_loads("float32"):
-            _generate(*args, "--base", str(base), "--out", str(tmp_path / "cast-after"))
-        ours, theirs = (_pixels(tmp_path / out / "000-seed3.png") for out in ("read-in-it", "cast-after"))
+            generate(*args, "--base", str(base), "--out", str(tmp_path / "cast-after"))
+        ours, theirs = (pixels(tmp_path / out / "000-seed3.png") for out in ("read-in-it", "cast-after"))
         assert np.array_equal(ours, theirs), (base, np.abs(ours - theirs).max())
 
 
@@ -234,7 +222,7 @@ def test_compare_saves_draws_each_saved_adapter_as_that_file_alone_does(tiny_bas
         tiny_base, tiny_dataset, tmp_path / "out", train={"max_steps": 4, "save_every_steps": 2, "unet_lr": 3e-2}
     )
     run = train(recipe_from_dict(recipe), quiet=True, log=lambda _: None).run_dir
-    _generate("ohwx toy", "--lora", str(run), "--compare-saves", "--out", str(tmp_path / "saves"), *FAST)
+    generate("ohwx toy", "--lora", str(run), "--compare-saves", "--out", str(tmp_path / "saves"), *FAST)
     with Image.open(tmp_path / "saves" / "grid.png") as grid:
         labels = json.loads(grid.text["lorakit_grid"])
     assert labels["columns"] == ["step 2", "final (step 4)"]
@@ -243,9 +231,9 @@ def test_compare_saves_draws_each_saved_adapter_as_that_file_alone_does(tiny_bas
     # Each column is what that file draws on its own, pixel for pixel.
     for name, alone in (("000-seed0-step2.png", run / "run-step00000002.safetensors"), ("001-seed0-final.png", run)):
         base = [] if alone == run else ["--base", str(tiny_base)]
-        _generate("ohwx toy", "--lora", str(alone), *base, "--out", str(tmp_path / name), *FAST)
-        assert np.array_equal(_pixels(tmp_path / "saves" / name), _pixels(tmp_path / name / "000-seed0.png")), name
-    assert not np.array_equal(_pixels(tmp_path / "saves" / drawn[0]), _pixels(tmp_path / "saves" / drawn[1]))
+        generate("ohwx toy", "--lora", str(alone), *base, "--out", str(tmp_path / name), *FAST)
+        assert np.array_equal(pixels(tmp_path / "saves" / name), pixels(tmp_path / name / "000-seed0.png")), name
+    assert not np.array_equal(pixels(tmp_path / "saves" / drawn[0]), pixels(tmp_path / "saves" / drawn[1]))
     with Image.open(tmp_path / "saves" / drawn[0]) as image:
         assert "<lora:run-step00000002:1>" in image.text["parameters"] and "<lora:run:" not in image.text["parameters"]
     _fails(
@@ -278,22 +266,22 @@ def test_webui_lora_tags_load_the_named_adapter_for_their_prompt_alone(trained_r
     (folder / "notes.txt").write_text("not an adapter")
     base = ["--base", str(tiny_base), *FAST]
     tagged = tmp_path / "tagged"
-    _generate(
+    generate(
         "ohwx toy <lora:mychar:0.8>", "red disc", "--lora-dir", str(tmp_path / "Lora"), "--out", str(tagged), *base
     )
-    _generate("ohwx toy", "--lora", f"{trained_run.adapter}:0.8", "--out", str(tmp_path / "flag"), *base)
-    _generate("ohwx toy", "red disc", "--out", str(tmp_path / "plain"), *base)
+    generate("ohwx toy", "--lora", f"{trained_run.adapter}:0.8", "--out", str(tmp_path / "flag"), *base)
+    generate("ohwx toy", "red disc", "--out", str(tmp_path / "plain"), *base)
     plain = tmp_path / "plain"
-    assert np.array_equal(_pixels(tagged / "000-seed0.png"), _pixels(tmp_path / "flag" / "000-seed0.png"))
-    assert np.array_equal(_pixels(tagged / "001-seed0.png"), _pixels(plain / "001-seed0.png"))
-    assert not np.array_equal(_pixels(tagged / "000-seed0.png"), _pixels(plain / "000-seed0.png"))
+    assert np.array_equal(pixels(tagged / "000-seed0.png"), pixels(tmp_path / "flag" / "000-seed0.png"))
+    assert np.array_equal(pixels(tagged / "001-seed0.png"), pixels(plain / "001-seed0.png"))
+    assert not np.array_equal(pixels(tagged / "000-seed0.png"), pixels(plain / "000-seed0.png"))
     with Image.open(tagged / "000-seed0.png") as first, Image.open(tagged / "001-seed0.png") as second:
         written, other = (parse_a1111_parameters(i.text["parameters"]) for i in (first, second))
     with safe_open(str(trained_run.adapter), "pt") as f:
         assert written["Lora hashes"] == f"mychar: {f.metadata()['sshs_model_hash'][:12]}"
     assert written["prompt"] == "ohwx toy <lora:mychar:0.8>" and "Lora hashes" not in other
     # a compare-scales column multiplies the tag's strength, and says so
-    _generate(
+    generate(
         "ohwx toy <lora:mychar:0.8>",
         "--lora-dir",
         str(folder),
@@ -305,7 +293,7 @@ def test_webui_lora_tags_load_the_named_adapter_for_their_prompt_alone(trained_r
     )
     with Image.open(tmp_path / "c" / "001-seed0-x0.5.png") as image:
         assert parse_a1111_parameters(image.text["parameters"])["prompt"] == "ohwx toy <lora:mychar:0.4>"
-    assert np.array_equal(_pixels(tmp_path / "c" / "000-seed0-x0.png"), _pixels(plain / "000-seed0.png"))
+    assert np.array_equal(pixels(tmp_path / "c" / "000-seed0-x0.png"), pixels(plain / "000-seed0.png"))
 
 
 @pytest.mark.parametrize(

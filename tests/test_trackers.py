@@ -15,7 +15,7 @@ from lorakit.recipe import recipe_from_dict
 from lorakit.train import train
 
 from .conftest import make_recipe_dict, write_recipe
-from .invoke import fails
+from .invoke import fails, pixels
 
 
 @pytest.fixture(scope="module")
@@ -46,11 +46,6 @@ def _rows(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def _pixels(path):
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
-
-
 def test_wandb_gets_every_logged_value_the_recipe_and_the_sample_grids(tracked_run):
     (folder,) = (tracked_run.run_dir / "wandb").glob("offline-run-*")
     (record,) = folder.glob("run-*.wandb")
@@ -63,7 +58,7 @@ def test_wandb_gets_every_logged_value_the_recipe_and_the_sample_grids(tracked_r
     images = sorted((folder / "files" / "media" / "images").glob("samples_*.png"))
     assert [int(p.name.split("_")[1]) for p in images] == [2, 3]
     for step, image in zip((2, 3), images, strict=True):
-        assert np.array_equal(_pixels(image), _pixels(tracked_run.run_dir / "samples" / f"step-{step:06d}.png"))
+        assert np.array_equal(pixels(image), pixels(tracked_run.run_dir / "samples" / f"step-{step:06d}.png"))
 
 
 def test_tensorboard_gets_the_same_curves_and_the_sample_grids(tracked_run):
