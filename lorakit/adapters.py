@@ -499,6 +499,21 @@ def block_ranks(
     return found_ranks, found_alphas
 
 
+def conv_block_ranks(
+    unet: torch.nn.Module,
+    target_modules: str | list[str],
+    ranks: list[int],
+    alphas: list[float] | None,
+    default_alpha: float,
+) -> tuple[dict[str, int], dict[str, float]]:
+    """kohya's `conv_block_dims` / `conv_block_alphas`: as `block_ranks`, for the 3x3 convolutions the targets reach
+    alone."""
+    spatial = set(spatial_modules(unet, target_modules))
+    found = block_ranks(unet, target_modules, ranks, alphas, default_alpha, "lora.conv_block_ranks")
+    conv_ranks, conv_alphas = ({p: v for p, v in f.items() if p in spatial} for f in found)
+    return conv_ranks, conv_alphas
+
+
 def block_lr_weight(path: str, weights: BlockWeights, layers_per_block: int = 2) -> float:
     """The factor on the U-Net learning rate of the module at `path`, from (down, mid, up) block-wise factors (1
     outside the blocks, or where unset)."""

@@ -28,9 +28,7 @@ import torch
 from .adapters import LoraModule, unet_block
 from .errors import AdapterError
 from .lycoris import LycorisModule
-from .prompt_syntax import is_number, step_range, tag_text
-
-STRENGTH_LIMIT = 100.0  # as the CLI's adapter strengths (ComfyUI's slider spans the same)
+from .prompt_syntax import STRENGTH_LIMIT, is_number, step_range, tag_text
 
 
 def _ids(prefix: str, numbers) -> list[str]:

@@ -18,6 +18,7 @@ import typer
 
 from . import __version__
 from .errors import LorakitError
+from .prompt_syntax import STRENGTH_LIMIT
 
 app = typer.Typer(
     name="lorakit",
@@ -600,7 +601,7 @@ def extract(
 
 
 SEED_MAX = 2**32 - 1  # seeds are 32-bit, as in the recipe (train.seed) and kohya's tools
-SCALE_LIMIT = 100.0  # adapter strengths (--lora FILE:SCALE, --compare-scales); ComfyUI's slider spans the same
+SCALE_LIMIT = STRENGTH_LIMIT  # adapter strengths (--lora FILE:SCALE, --compare-scales), as lbw= / te= / unet= take
 SIZE_LIMIT = 4096  # pixels a side for generate --size
 
 

@@ -348,10 +348,10 @@ def _adapter_sizes(
     from .adapters import block_ranks as ranks_by_block
     from .adapters import (
         checked_block_weights,
+        conv_block_ranks,
         inject_lora,
         lora_parameters,
         resolve_block_weights,
-        spatial_modules,
         zero_rate_modules,
     )
 
@@ -371,11 +371,8 @@ def _adapter_sizes(
         if per_block[0] is not None:
             ranks, alphas = ranks_by_block(module, targets, per_block[0], per_block[1], alpha)
         if per_block[2] is not None:  # the 3x3 convolutions' own (conv_block_ranks)
-            spatial = set(spatial_modules(module, targets))
-            found = ranks_by_block(
-                module, targets, per_block[2], per_block[3], alpha if conv_alpha is None else conv_alpha
-            )
-            conv_ranks, conv_alphas = ({p: v for p, v in f.items() if p in spatial} for f in found)
+            conv_alpha_given = alpha if conv_alpha is None else conv_alpha
+            conv_ranks, conv_alphas = conv_block_ranks(module, targets, per_block[2], per_block[3], conv_alpha_given)
     inject_lora(
         module,
         component,

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 EMPHASIS = 1.1  # what one pair of round brackets multiplies by (square brackets divide)
+STRENGTH_LIMIT = 100.0  # an adapter's strength, on --lora and in lbw= / te= / unet=; ComfyUI's slider spans the same
 _SYNTAX = re.compile(
     r"\\[()\[\]\\]"  # an escaped bracket or backslash
     r"|\(|\["  # an opening bracket

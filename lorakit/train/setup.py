@@ -817,12 +817,12 @@ def _block_ranks(
     given, alphas_given = getattr(lora, f"{prefix}block_ranks"), getattr(lora, f"{prefix}block_alphas")
     if given is None:
         return {}, {}
-    default_alpha = lora.conv_alpha if conv and lora.conv_alpha is not None else lora.lora_alpha
     key = f"lora.{prefix}block_ranks"
-    ranks, alphas = adapters.block_ranks(base.unet, lora.target_modules, given, alphas_given, default_alpha, key)
     if conv:
-        spatial = set(adapters.spatial_modules(base.unet, lora.target_modules))
-        ranks, alphas = ({p: v for p, v in found.items() if p in spatial} for found in (ranks, alphas))
+        alpha = lora.conv_alpha if lora.conv_alpha is not None else lora.lora_alpha
+        ranks, alphas = adapters.conv_block_ranks(base.unet, lora.target_modules, given, alphas_given, alpha)
+    else:
+        ranks, alphas = adapters.block_ranks(base.unet, lora.target_modules, given, alphas_given, lora.lora_alpha)
     used = sorted({r for r in ranks.values() if r})
     what = "3x3 convolutions" if conv else "U-Net modules"
     log(
