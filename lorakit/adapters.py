@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -553,6 +553,25 @@ def adapters_disabled(*models: torch.nn.Module) -> Iterator[None]:
             layer.enable_adapters(True)
         for param, wanted in trainable.items():
             param.requires_grad_(wanted)
+
+
+@contextlib.contextmanager
+def adapters_scaled(models: Iterable[torch.nn.Module], strength: float) -> Iterator[None]:
+    """The models with every adapter at `strength` times its trained scale for the block (a sample's `--m`), as
+    loaders apply a strength: peft's per-layer `scaling` multiplied, and put back exactly afterwards."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for model in models for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    layers = [layer for layer in layers if isinstance(getattr(layer, "scaling", None), dict)]
+    kept = [dict(layer.scaling) for layer in layers]
+    for layer in layers:
+        for name in layer.scaling:
+            layer.scaling[name] = layer.scaling[name] * strength
+    try:
+        yield
+    finally:
+        for layer, scaling in zip(layers, kept, strict=True):
+            layer.scaling.update(scaling)
 
 
 def freeze_except_lora(model: torch.nn.Module) -> None:

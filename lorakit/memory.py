@@ -457,8 +457,7 @@ def estimate(
     result.configs = f"the base's own configs in {folder}" if folder else f"lorakit's {shipped} configs"
     weight_bytes = _dtype_bytes(recipe.model.weight_dtype)
     only = recipe.embedding is not None and recipe.embedding.only  # textual inversion: no LoRA at all
-    train_te = lora.train_text_encoder if lora.train_text_encoder is not None else architecture != "sdxl"
-    train_te = train_te and not only
+    train_te = recipe.trains_text_encoder(architecture == "sdxl")
     encoders = _component_names(architecture)
     if counts is None:
         counts = {c: parameter_count(architecture, c, folder) for c in ["unet", "vae", *encoders]}

@@ -286,13 +286,8 @@ def plan(
     if vram is not None and gpu is not None:
         raise RecipeError("--vram and --gpu: give one")
     architecture, source = (arch, "--arch") if arch else architecture_of(recipe.model.base)
-    train_te = recipe.lora.train_text_encoder
-    recipe = dataclasses.replace(
-        recipe,
-        lora=dataclasses.replace(
-            recipe.lora, train_text_encoder=architecture != "sdxl" if train_te is None else train_te
-        ),
-    )
+    trains = recipe.trains_text_encoder(architecture == "sdxl")
+    recipe = dataclasses.replace(recipe, lora=dataclasses.replace(recipe.lora, train_text_encoder=trains))
     memory = estimate(recipe, architecture)
     card_gib, card_name = _card(vram, gpu)
     bucket, _ = largest_bucket(recipe)

@@ -2,7 +2,8 @@
 
 kohya sd-scripts reads prompt files in this form; `[sample] prompts` takes the same lines, so a kohya user's
 prompts keep their negative prompt, size, seed, steps and guidance. An option not given falls back to the
-`[sample]` section (size: `data.resolution`, seed: `sample.seed` + the prompt's index).
+`[sample]` section (size: `data.resolution`, seed: `sample.seed` + the prompt's index). `--m` is ai-toolkit's: the
+strength of the adapter in that image (1 when not given), e.g. `--m -2` for the other end of a slider.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import math
 import re
 from dataclasses import dataclass
 
+from ..prompt_syntax import STRENGTH_LIMIT
+
 OPTIONS = {
     "n": "negative prompt",
     "w": "width",
@@ -18,6 +21,7 @@ OPTIONS = {
     "d": "seed",
     "s": "steps",
     "l": "guidance",
+    "m": "adapter strength",
 }
 SIZE_RANGE = (8, 4096)  # as data.resolution (the toy world draws 16 x 16)
 STEPS_RANGE = (1, 1000)
@@ -37,6 +41,7 @@ class SamplePrompt:
     seed: int | None = None
     steps: int | None = None
     guidance: float | None = None
+    strength: float | None = None
 
 
 def _whole(text: str, name: str, low: int, high: int) -> int:
@@ -76,6 +81,14 @@ def parse_sample_prompt(text: str) -> SamplePrompt:
             values["seed"] = _whole(value, name, 0, SEED_MAX)
         elif name == "s":
             values["steps"] = _whole(value, name, *STEPS_RANGE)
+        elif name == "m":
+            try:
+                strength = float(value)
+            except ValueError:
+                raise ValueError(f"--m {value!r} is not a number") from None
+            if not math.isfinite(strength) or abs(strength) > STRENGTH_LIMIT:
+                raise ValueError(f"--m {value} is outside -{STRENGTH_LIMIT:g} to {STRENGTH_LIMIT:g}")
+            values["strength"] = strength
         else:
             try:
                 guidance = float(value)

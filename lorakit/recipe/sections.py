@@ -179,7 +179,7 @@ class LoraSection:
     conv_alpha: float | None = None
     """Alpha of the 3x3 convolution adapters with `transformer+conv` (default: `lora_alpha`)."""
     train_text_encoder: bool | None = None
-    """Also adapt the text encoder(s); default true for SD 1.x and 2.x."""
+    """Also adapt the text encoder(s); default true for SD 1.x and 2.x (false with `[slider]`)."""
     block_ranks: list[int] | None = None
     """kohya's `block_dims`: a rank per U-Net block, IN00 to IN11, M00, OUT00 to OUT11 for SD 1.x/2.x (25 values;
     SDXL IN00-IN08, M00, OUT00-OUT08, 19, or kohya's own SDXL list of 23: a place for the time embedding, the nine
@@ -525,6 +525,26 @@ class PreservationSection:
 
 
 @dataclass(frozen=True)
+class SliderSection:
+    positive: str = ""
+    """A concept slider (Gandikota et al. 2023, arXiv:2311.12092; ai-toolkit's slider training), learned from prompts
+    alone, with no images: at strength +1 the adapter moves what `target_class` draws towards this prompt and away
+    from `negative`, at -1 the other way, and at 0 it draws what the base does, so `--lora FILE:-2` to `:2` is a
+    slider. Write the extreme, e.g. "an extremely detailed, intricate photo". One of `positive` and `negative` may be
+    empty (the empty prompt is then that end)."""
+    negative: str = ""
+    """The other end of the slider, e.g. "a blurry, plain photo with no detail"."""
+    target_class: str = ""
+    """The prompt the slider is trained on, e.g. "person" for a slider of people only; empty: every picture."""
+    guidance: float = 1.0
+    """How far strength 1 moves the prediction along positive minus negative (the paper's eta; ai-toolkit uses 1)."""
+    denoise_steps: int = 40
+    """Each step's noisy latent is pure noise denoised by the frozen base for a random 1 to `denoise_steps` - 2 of
+    this many steps under `target_class` (ai-toolkit's `max_denoising_steps`), so the slider learns on the kind of
+    picture the base makes; that costs about (`denoise_steps` - 1) / 2 forward passes of twice the batch per step."""
+
+
+@dataclass(frozen=True)
 class Recipe:
     model: ModelSection
     data: DataSection = field(default_factory=DataSection)
@@ -536,6 +556,7 @@ class Recipe:
     validation: ValidationSection | None = None
     embedding: EmbeddingSection | None = None
     preservation: PreservationSection | None = None
+    slider: SliderSection | None = None
     source: str = "<recipe>"
     """Where the recipe was read from (for messages)."""
 
@@ -543,6 +564,16 @@ class Recipe:
     def preserving(self) -> bool:
         """Whether [preservation] is on: the section is there, with a weight above 0."""
         return self.preservation is not None and self.preservation.weight > 0
+
+    def trains_text_encoder(self, sdxl: bool) -> bool:
+        """`lora.train_text_encoder`, or its default for the base: true for SD 1.x and 2.x, false for SDXL, for a
+        `[slider]` (what moves is how the U-Net draws the concept, not how it is described) and with
+        `embedding.only` (no LoRA at all)."""
+        if self.embedding is not None and self.embedding.only:
+            return False
+        if self.lora.train_text_encoder is not None:
+            return self.lora.train_text_encoder
+        return not sdxl and self.slider is None
 
 
 SECTIONS: dict[str, type] = {

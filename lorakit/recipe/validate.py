@@ -135,6 +135,8 @@ _RANGES: dict[str, tuple[float, float]] = {
     "train.keep_checkpoints": (1, 10_000),
     "train.ema_decay": (0, 0.999999),
     "preservation.weight": (0, 100),
+    "slider.guidance": (0.01, 100),
+    "slider.denoise_steps": (3, 1000),
     "train.huber_c": (1e-6, 1_000),
     "train.huber_scale": (1e-6, 1_000),
     "train.min_timestep": (0, TIMESTEPS_MAX),  # the base's own schedule is checked once it is loaded
@@ -312,11 +314,17 @@ def _cross_checks(built: dict, problems: list[str]) -> None:
                 f"{where}: the webui tag {tag} would be encoded as words; remove it (samples use the adapter being "
                 "trained, and model.merged_adapters for others)"
             )
+    only = built.get("embedding") is not None and built["embedding"].only
     for index, text in enumerate(sample.prompts if sample is not None else []):
         try:
-            parse_sample_prompt(text)
+            parsed = parse_sample_prompt(text)
         except ValueError as err:
             problems.append(f"sample.prompts[{index}]: {err} (in {text[:60]!r})")
+            continue
+        if only and parsed.strength is not None:
+            problems.append(
+                f"sample.prompts[{index}]: --m sets the strength of a LoRA, and embedding.only trains none; remove it"
+            )
     if train is not None and train.multires_noise_iterations and train.noise_offset:
         problems.append(
             "train.multires_noise_iterations: not together with train.noise_offset (both reshape the noise, and "
@@ -345,6 +353,9 @@ def _cross_checks(built: dict, problems: list[str]) -> None:
     preservation = built.get("preservation")
     if preservation is not None:
         problems += _preservation_problems(preservation, data, embedding)
+    slider = built.get("slider")
+    if slider is not None:
+        problems += _slider_problems(slider, built)
     if train is not None and train.max_timestep is not None and train.max_timestep <= train.min_timestep:
         problems.append(
             f"train.max_timestep: {train.max_timestep} must be above train.min_timestep ({train.min_timestep})"
@@ -386,6 +397,75 @@ def _preservation_problems(preservation, data, embedding) -> list[str]:
         problems.append(
             "preservation: embedding.only trains no adapter whose output could drift; remove [preservation]"
         )
+    return problems
+
+
+# What a [slider] keeps of the image-training keys: the size it draws at, and how long its prompts may be.
+SLIDER_DATA_KEYS = ("resolution", "max_token_length")
+# Keys a [slider] has no use for: it trains no epochs of images, and its timestep is where the base's denoising
+# of pure noise stopped, not a draw.
+SLIDER_TRAIN_KEYS = {
+    "max_epochs": "it has no images to count epochs of; use train.max_steps",
+    "save_every_epochs": "it has no epochs; use train.save_every_steps",
+    "cache_latents": "it encodes no images",
+    "adaptive_noise_scale": "it scales the offset noise by a clean image's brightness, and a slider has none",
+    "ip_noise_gamma": "its noisy latents come from the base's denoising, with no noise added to a clean image",
+    "ip_noise_gamma_random_strength": "its noisy latents come from the base's denoising",
+    **dict.fromkeys(
+        (
+            "min_timestep",
+            "max_timestep",
+            "timestep_bias",
+            "timestep_bias_multiplier",
+            "timestep_bias_portion",
+            "timestep_bias_begin",
+            "timestep_bias_end",
+        ),
+        "its timestep is where the base's denoising stopped (slider.denoise_steps)",
+    ),
+}
+
+
+def _slider_problems(slider, built: dict) -> list[str]:
+    """[slider] learns from prompts alone, as a LoRA whose sign flips its effect: the keys that need images or
+    another adapter, and two ends that are the same."""
+    problems = []
+    if slider.positive.strip() == slider.negative.strip():
+        problems.append(
+            "slider.positive: the same as slider.negative"
+            + (" (both empty)" if not slider.positive.strip() else "")
+            + '; give the two ends of the slider, e.g. positive = "a very old person", negative = "a very young '
+            'person"'
+        )
+    for section in ("prior", "validation", "preservation", "embedding"):
+        if built.get(section) is not None:
+            problems.append(f"{section}: a [slider] trains from its prompts, with no images; remove [{section}]")
+    lora, data, train, sample = (built.get(name) for name in ("lora", "data", "train", "sample"))
+    if lora is not None and lora.type != "lora":
+        problems.append(
+            f'lora.type: a slider is a LoRA whose strength -1 is the opposite of +1; set lora.type = "lora" '
+            f"(not {lora.type!r})"
+        )
+    if lora is not None and lora.use_dora:
+        problems.append(
+            "lora.use_dora: DoRA's magnitude does not flip with the strength, so -1 would not be the opposite of +1; "
+            "set lora.use_dora = false"
+        )
+    if data is not None:
+        problems += [
+            f"data.{f.name}: a [slider] trains from its prompts, with no images (of data it reads only "
+            f"{' and '.join(SLIDER_DATA_KEYS)}); remove it"
+            for f in dataclasses.fields(data)
+            if f.name not in SLIDER_DATA_KEYS and _not_default(data, f.name)
+        ]
+    if train is not None:
+        problems += [
+            f"train.{key}: not with [slider]: {why}; remove it"
+            for key, why in SLIDER_TRAIN_KEYS.items()
+            if _not_default(train, key)
+        ]
+    if sample is not None and sample.every_epochs:
+        problems.append("sample.every_epochs: a [slider] has no epochs; use sample.every_steps")
     return problems
 
 
@@ -692,7 +772,9 @@ def _adapter_type_problems(lora, train) -> list[str]:
 
 
 def _not_default(section, key: str) -> bool:
-    return getattr(section, key) != next(f.default for f in dataclasses.fields(section) if f.name == key)
+    spec = next(f for f in dataclasses.fields(section) if f.name == key)
+    default = spec.default_factory() if spec.default is dataclasses.MISSING else spec.default
+    return getattr(section, key) != default
 
 
 def recipe_from_dict(data: dict, source: str = "<recipe>") -> Recipe:

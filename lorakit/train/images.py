@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..adapters import adapters_scaled
 from ..embedding import expand
 from ..files import IMAGE_SUFFIXES
 from ..models import BaseModel
@@ -72,10 +73,12 @@ def render_samples(run: Run) -> None:
             )
             seed = prompt.seed if prompt.seed is not None else sample.seed + index
             own = dataclasses.replace(own, negative_prompt=expand(own.negative_prompt, base.placeholders))
-            images += render(pipe, [expand(prompt.prompt, base.placeholders)], [seed], own)  # [embedding]'s tokens
+            strength = 1.0 if prompt.strength is None else prompt.strength  # --m: the adapter at this strength
+            with adapters_scaled(models.values(), strength):
+                images += render(pipe, [expand(prompt.prompt, base.placeholders)], [seed], own)  # [embedding]'s
     for module in models.values():
         module.train()
-    if run.cache is not None:
+    if run.cache is not None or run.recipe.slider is not None:  # the VAE waits on the CPU between samples
         base.vae.to("cpu")
     if run.text_cache is not None:
         for te in encoders:

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .. import adapters, objective
+from .. import adapters, objective, slider
 from ..checkpoint import (
     RunPaths,
     check_resumable,
@@ -100,6 +100,7 @@ class Run:
     dropout: Any = None  # dropout.AdapterDropout: kohya's dropouts inside the adapters, when the recipe has them
     preservation_part: Any = None  # [preservation]: this step's weighted preservation loss so far (a tensor)
     preservation_loss: float | None = None  # [preservation]: the last step's, logged as `preservation_loss`
+    strengths: Any = None  # [slider]: slider.Strengths, each sample's adapter strength in the training pass
 
     @property
     def epochs_done(self) -> int:
@@ -210,6 +211,8 @@ def unet_conditioning(run: Run, captions: list[str], items: list[Item], flips: l
 def _micro_batch_loss(run: Run, batch: list[int]) -> Any:
     """The weighted denoising loss of one micro-batch; all its randomness derives from the micro-step."""
 
+    if run.recipe.slider is not None:
+        return _slider_loss(run)
     cfg, data, base = run.recipe.train, run.recipe.data, run.base
     rank = run.accelerator.process_index
     rng = step_rng(cfg.seed, f"{rank}:{run.micro}", "batch")
@@ -243,16 +246,7 @@ def _micro_batch_loss(run: Run, batch: list[int]) -> Any:
     noised_with = objective.perturbed_noise(noise, cfg.ip_noise_gamma, generator, cfg.ip_noise_gamma_random_strength)
     noisy = base.noise_scheduler.add_noise(latents, noised_with, timesteps)
     target = objective.training_target(base.noise_scheduler, latents, noise, timesteps, base.prediction_type)
-    weights = objective.loss_weights(
-        base.noise_scheduler,
-        timesteps,
-        cfg.min_snr_gamma,
-        base.prediction_type,
-        cfg.debiased_estimation,
-        cfg.scale_v_pred_loss_like_noise_pred,
-        cfg.v_pred_like_loss,
-    )
-    weights = weights * torch.tensor([run.items[i].loss_weight for i in batch])
+    weights = _loss_weights(run, timesteps) * torch.tensor([run.items[i].loss_weight for i in batch])
     items = [run.items[i] for i in batch]
     preservation_loss = None
     if not run.recipe.preserving:
@@ -263,17 +257,12 @@ def _micro_batch_loss(run: Run, batch: list[int]) -> Any:
     if data.masked_loss:  # the subject counts fully, the rest by mask_background_weight
         masks = torch.stack([batch_mask(run, i, f) for i, f in zip(batch, flips, strict=True)])
         pixel_weights = to_device(masks + (1 - masks) * data.mask_background_weight, run.device)
-    threshold: Any = cfg.huber_c  # squared error has none
-    if cfg.loss_type in ("huber", "smooth_l1"):
-        threshold = objective.huber_thresholds(
-            base.noise_scheduler, timesteps, cfg.huber_c, cfg.huber_schedule, cfg.huber_scale
-        )
     loss = objective.diffusion_loss(
         predicted,
         to_device(target, run.device),
         to_device(weights, run.device),
         cfg.loss_type,
-        threshold,
+        _loss_threshold(run, timesteps),
         pixel_weights,
     )
     if preservation_loss is None:
@@ -281,6 +270,98 @@ def _micro_batch_loss(run: Run, batch: list[int]) -> Any:
     part = run.recipe.preservation.weight * preservation_loss
     run.preservation_part = part.detach() + (0 if run.preservation_part is None else run.preservation_part)
     return loss + part
+
+
+def _loss_threshold(run: Run, timesteps: Any) -> Any:
+    """The huber / smooth_l1 threshold of each sample at its timestep (squared error has none)."""
+    cfg = run.recipe.train
+    if cfg.loss_type not in ("huber", "smooth_l1"):
+        return cfg.huber_c
+    return objective.huber_thresholds(
+        run.base.noise_scheduler, timesteps, cfg.huber_c, cfg.huber_schedule, cfg.huber_scale
+    )
+
+
+def _loss_weights(run: Run, timesteps: Any) -> Any:
+    """Each sample's loss weight at its timestep: min-SNR, debiased estimation and the v-prediction scalings."""
+    cfg, base = run.recipe.train, run.base
+    return objective.loss_weights(
+        base.noise_scheduler,
+        timesteps,
+        cfg.min_snr_gamma,
+        base.prediction_type,
+        cfg.debiased_estimation,
+        cfg.scale_v_pred_loss_like_noise_pred,
+        cfg.v_pred_like_loss,
+    )
+
+
+def _slider_loss(run: Run) -> Any:
+    """[slider]: the loss of one micro-batch of `train.batch_size` noisy latents made by the base, learned at
+    strength +1 and -1 in one pass of twice the batch (see `lorakit.slider`); its randomness derives from the
+    micro-step."""
+    from diffusers import DDIMScheduler
+
+    cfg, base, section = run.recipe.train, run.base, run.recipe.slider
+    generator = torch.Generator().manual_seed(derived_seed(cfg.seed, run.accelerator.process_index, run.micro))
+    side = run.recipe.data.resolution // base.vae_scale_factor
+    channels = base.unet.config.in_channels
+    noise = objective.sample_noise(
+        (cfg.batch_size, channels, side, side),
+        cfg.noise_offset,
+        generator,
+        cfg.multires_noise_iterations,
+        cfg.multires_noise_discount,
+        random_strength=cfg.noise_offset_random_strength,
+    )
+    taken = int(torch.randint(1, section.denoise_steps - 1, (1,), generator=generator))
+    count = cfg.batch_size
+    models = run.unwrapped()
+    with torch.no_grad(), adapters.adapters_disabled(*models.values()):
+
+        def predict(latents: Any, t: Any, prompts: list[str]) -> Any:
+            conditioning = _prompt_conditioning(run, prompts)
+            with run.accelerator.autocast():
+                timesteps = torch.full((latents.shape[0],), int(t), device=run.device)
+                return models["unet"](latents.to(run.device), timesteps, **conditioning).sample.float()
+
+        scheduler = DDIMScheduler.from_config(base.noise_scheduler.config, prediction_type=base.prediction_type)
+        guided = [""] * count + [section.target_class] * count
+        noisy, t = slider.partial_denoise(
+            lambda x, step: predict(x, step, guided),
+            scheduler,
+            to_device(noise, run.device),
+            section.denoise_steps,
+            taken,
+        )
+        three = [section.target_class] * count + [section.positive] * count + [section.negative] * count
+        neutral, positive, negative = predict(torch.cat([noisy] * 3), t, three).chunk(3)
+    wanted = slider.sided_targets(neutral, positive, negative, section.guidance)
+    timesteps = torch.full((2 * count,), int(t))
+    run.strengths.set(torch.tensor([strength for strength in slider.SIDES for _ in range(count)]))
+    conditioning = _prompt_conditioning(run, [section.target_class] * (2 * count))
+    with run.accelerator.autocast():
+        predicted = run.models["unet"](torch.cat([noisy] * 2), to_device(timesteps, run.device), **conditioning).sample
+    return objective.diffusion_loss(
+        predicted,
+        wanted,
+        to_device(_loss_weights(run, timesteps), run.device),
+        cfg.loss_type,
+        _loss_threshold(run, timesteps),
+        None,
+    )
+
+
+def _prompt_conditioning(run: Run, prompts: list[str]) -> dict[str, Any]:
+    """The U-Net's keyword arguments for prompts drawn at `data.resolution` square (SDXL: uncropped)."""
+    conditioning = text_conditioning(run, prompts)
+    pooled = conditioning.pop("pooled", None)
+    if pooled is not None:
+        size = run.recipe.data.resolution
+        time_ids = torch.tensor([[size, size, 0, 0, size, size]] * len(prompts), dtype=torch.float32)
+        time_ids = time_ids.to(run.device)
+        conditioning["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids}
+    return conditioning
 
 
 def _prediction(run: Run, captions: list[str], items: list[Item], flips: list[bool], noisy: Any, timesteps: Any):
@@ -351,6 +432,8 @@ def optimizer_step(run: Run) -> float:
             run.micro += 1
             if k == accumulation - 2:
                 no_sync.close()
+    if run.strengths is not None:  # every backward pass is done: samples and validation see strength 1
+        run.strengths.clear()
     if run.dropout is not None:  # module dropout: a module off for the whole step is left alone, as kohya's is
         run.dropout.forget_idle_gradients(lambda used: accelerator.reduce(used, "sum"))
     average_embedding_gradients(run)
@@ -532,14 +615,18 @@ def restore(run: Run, checkpoint: Path, log: Log) -> None:
     restore_rng(saved["rng"])
     position = saved["position"]
     run.step, run.micro = saved["step"], position["micro"]
-    run.stream = BatchStream(
-        run.items,
-        batch_size=run.recipe.train.batch_size,
-        seed=run.recipe.train.seed,
-        rank=run.accelerator.process_index,
-        world=run.accelerator.num_processes,
-        epoch=position["epoch"],
-        offset=position["offset"],
+    run.stream = (
+        slider.NoImages(position["offset"])
+        if run.recipe.slider is not None
+        else BatchStream(
+            run.items,
+            batch_size=run.recipe.train.batch_size,
+            seed=run.recipe.train.seed,
+            rank=run.accelerator.process_index,
+            world=run.accelerator.num_processes,
+            epoch=position["epoch"],
+            offset=position["offset"],
+        )
     )
     metrics = run.paths.metrics
     if metrics.is_file():

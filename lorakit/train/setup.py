@@ -69,6 +69,7 @@ from ..optim import build_lr_scheduler, build_optimizer
 from ..progress import progress_bar
 from ..prompt_syntax import plain_text
 from ..recipe import DEFAULT_MAX_STEPS, Recipe, dump_recipe, recipe_to_dict
+from ..slider import NoImages, Strengths
 from ..timestep_rank import TimestepRanks, active_ranks
 from ..trigger import contains_trigger, replace_trigger
 from .images import render_class_images
@@ -96,14 +97,13 @@ def resolve_recipe(recipe: Recipe, base: BaseModel) -> Recipe:
         return str(Path(path).expanduser().resolve())
 
     model = dataclasses.replace(recipe.model, base=base.source, prediction_type=base.prediction_type)
-    train_te = recipe.lora.train_text_encoder
-    if recipe.embedding and recipe.embedding.only:  # no LoRA at all: the encoders stay frozen
-        train_te = False
-    lora = dataclasses.replace(recipe.lora, train_text_encoder=base.family != "sdxl" if train_te is None else train_te)
+    lora = dataclasses.replace(recipe.lora, train_text_encoder=recipe.trains_text_encoder(base.family == "sdxl"))
     folder = recipe.data.folder
     data = dataclasses.replace(
         recipe.data, folder=absolute(folder) if isinstance(folder, str) else [absolute(f) for f in folder]
     )
+    if recipe.slider is not None:  # it reads no dataset (and the resolved recipe must still be one)
+        data = recipe.data
     output = dataclasses.replace(recipe.output, folder=absolute(recipe.output.folder))
     merged = [f"{absolute(path)}:{scale:g}" for path, scale in map(path_and_scale, recipe.model.merged_adapters)]
     model = dataclasses.replace(model, merged_adapters=merged)
@@ -128,7 +128,9 @@ def resolve_recipe(recipe: Recipe, base: BaseModel) -> Recipe:
             f"train.text_encoder_until: {recipe.train.text_encoder_until:g} stops the text encoders' adapters, but "
             "lora.train_text_encoder is false (SDXL's default), so there are none; set it true, or remove this key"
         )
-    train = dataclasses.replace(recipe.train, max_timestep=recipe.train.max_timestep or count)
+    train = recipe.train
+    if recipe.slider is None:  # a slider's timestep is where the base's denoising stopped
+        train = dataclasses.replace(train, max_timestep=train.max_timestep or count)
     return dataclasses.replace(
         recipe, model=model, lora=lora, data=data, output=output, prior=prior, validation=validation, train=train
     )
@@ -254,18 +256,22 @@ def set_up(
     if recipe.prior and accelerator.is_main_process:
         render_class_images(recipe, base, accelerator, say, quiet)
     accelerator.wait_for_everyone()
-    _check_prepared_resolution(recipe, say)
-    items, split_off = _load_all_items(recipe, base, say)
-    phases.done("read dataset")
-    if base.family == "sdxl":
-        _state_sdxl_choices(recipe, items, say)
-    _state_masks(recipe, items, say)
-    if recipe.preserving:
-        _state_preservation(recipe, items, say)
-    elif recipe.preservation is not None:
-        say("preservation.weight = 0: output preservation is off")
     rank, world = accelerator.process_index, accelerator.num_processes
-    stream = BatchStream(items, batch_size=cfg.batch_size, seed=cfg.seed, rank=rank, world=world)
+    if recipe.slider is not None:  # prompts alone: no dataset to read
+        items, split_off, stream = [], [], NoImages()
+        _state_slider(recipe, say)
+    else:
+        _check_prepared_resolution(recipe, say)
+        items, split_off = _load_all_items(recipe, base, say)
+        phases.done("read dataset")
+        if base.family == "sdxl":
+            _state_sdxl_choices(recipe, items, say)
+        _state_masks(recipe, items, say)
+        if recipe.preserving:
+            _state_preservation(recipe, items, say)
+        elif recipe.preservation is not None:
+            say("preservation.weight = 0: output preservation is off")
+        stream = BatchStream(items, batch_size=cfg.batch_size, seed=cfg.seed, rank=rank, world=world)
     recipe = _resolve_length(recipe, stream.batches_per_epoch, say)
     cfg = recipe.train
     if cfg.text_encoder_until < 1:
@@ -281,6 +287,7 @@ def set_up(
     dropout = None
     if recipe.lora.neuron_dropout or recipe.lora.rank_dropout or recipe.lora.module_dropout:
         dropout = _drop_inside_adapters(recipe, trained, say)
+    strengths = Strengths(trained.values()) if recipe.slider is not None else None
     if cfg.gradient_checkpointing:
         _enable_gradient_checkpointing(base, trained)
     _speed_settings(recipe, base, trained, accelerator.device, say)
@@ -327,6 +334,7 @@ def set_up(
         held_out=held_out,
         embeddings=embeddings,
         dropout=dropout,
+        strengths=strengths,
         timestep_weights=timestep_weights(cfg, base.noise_scheduler.config.num_train_timesteps),
     )
     run.planned_gib = planned
@@ -503,7 +511,8 @@ def _preflight_memory(
         trainable, total = adapters.count_parameters(module)
         counts[name] = total - trainable  # frozen weights only
     numels = [p.numel() for m in trained.values() for p in m.parameters() if p.requires_grad]
-    bucket = max((item.bucket for item in items), key=lambda b: b[0] * b[1])
+    side = recipe.data.resolution
+    bucket = max((item.bucket for item in items), key=lambda b: b[0] * b[1]) if items else (side, side)
     architecture = "sdxl" if base.family == "sdxl" else "sd15"
     planned = estimate_memory(recipe, architecture, counts=counts, trainable=numels, bucket=bucket)
     total = torch.cuda.get_device_properties(device).total_memory / 2**30
@@ -551,8 +560,8 @@ def _fill_caches(
     for module in parked:
         module.to("cpu")
     cache = None
-    base.vae.to(device)
-    if recipe.train.cache_latents:
+    base.vae.to(device if recipe.slider is None else "cpu")  # a slider encodes no images
+    if recipe.train.cache_latents and recipe.slider is None:
         cache = LatentCache(_cache_root(recipe), vae_fingerprint(base.vae), base.vae_scale_factor)
         flips = (False, True) if recipe.data.flip else (False,)
         with progress_bar("Caching latents", len(items), quiet=quiet) as bar:
@@ -863,6 +872,17 @@ def _unused_layers(text_encoder: Any, clip_skip: int) -> tuple[int, ...]:
     return tuple(range(layers - clip_skip + 1, layers))
 
 
+def _state_slider(recipe: Recipe, log: Log) -> None:
+    """[slider]: what it trains, and what each step costs."""
+    section, size = recipe.slider, recipe.data.resolution
+    target = repr(section.target_class) if section.target_class else "every picture (empty target_class)"
+    log(
+        f"slider: {target} towards {section.positive!r} at strength +1 and towards {section.negative!r} at -1, "
+        f"learned from prompts at {size}x{size}; each step first denoises pure noise with the base for 1 to "
+        f"{section.denoise_steps - 2} of {section.denoise_steps} steps"
+    )
+
+
 def _state_preservation(recipe: Recipe, items: list[Item], log: Log) -> None:
     """[preservation]: which captions have a class version (those naming the trigger), and what it costs."""
     trigger, word = recipe.data.trigger, recipe.preservation.class_word
@@ -978,17 +998,26 @@ def _load_all_items(recipe: Recipe, base: BaseModel, log: Log) -> tuple[list[Ite
     return items, held_out
 
 
+def _captions(recipe: Recipe, items: list[Item]) -> set[str]:
+    """Every text the run encodes: the items' captions (with their class versions for [preservation], and the empty
+    caption of caption dropout), or a [slider]'s prompts and the empty one its denoising is guided against."""
+    if recipe.slider is not None:
+        return {recipe.slider.target_class, recipe.slider.positive, recipe.slider.negative, ""}
+    data = recipe.data
+    captions = {steady_caption(item.caption, data) for item in items}
+    if recipe.preserving:  # and each with the trigger replaced by the class word
+        captions |= {replace_trigger(c, data.trigger, recipe.preservation.class_word) for c in captions}
+    return captions | ({""} if data.caption_dropout or data.caption_dropout_every_epochs else set())
+
+
 def _text_cache(recipe: Recipe, base: BaseModel, items: list[Item], device: Any, log: Log) -> dict[str, Any] | None:
-    """Text-encoder outputs of every caption (training and held-out items), when the text encoder is frozen and
-    captions never change."""
+    """Text-encoder outputs of every caption (training and held-out items) or slider prompt, when the text encoder
+    is frozen and captions never change."""
 
     data = recipe.data
     if recipe.lora.train_text_encoder or data.tags_vary or recipe.embedding:
         return None
-    captions = {steady_caption(item.caption, data) for item in items}
-    if recipe.preserving:  # and each with the trigger replaced by the class word
-        captions |= {replace_trigger(c, data.trigger, recipe.preservation.class_word) for c in captions}
-    captions = sorted(captions | ({""} if data.caption_dropout or data.caption_dropout_every_epochs else set()))
+    captions = sorted(_captions(recipe, items))
     cache = {}
     with torch.no_grad():
         for caption in captions:
@@ -1001,7 +1030,8 @@ def _text_cache(recipe: Recipe, base: BaseModel, items: list[Item], device: Any,
             if weights is not None:
                 encoded = apply_token_weights(encoded, weights)
             cache[caption] = {k: v[0].float().cpu() for k, v in encoded.items()}
-    log(f"Text encoder outputs cached for {len(captions)} captions (the text encoder is frozen)")
+    what = "prompts" if recipe.slider is not None else "captions"
+    log(f"Text encoder outputs cached for {len(captions)} {what} (the text encoder is frozen)")
     return cache
 
 
