@@ -294,8 +294,10 @@ def _prepared_rows(recipe: Any) -> list[tuple[int, int, int]]:
 
 def largest_bucket(recipe: Any) -> tuple[tuple[int, int], str]:
     """The largest bucket the run trains at: each prepared image's nearest bucket at `data.resolution` (what train
-    assigns), or the square one when the dataset is not prepared yet."""
+    assigns), or the square one when the dataset is not prepared yet (or the run is a `[slider]`, which has none)."""
     side = max(_sides(recipe))
+    if recipe.slider is not None:
+        return (side, side), f"{side}x{side}: a [slider] draws its latents at data.resolution, square"
     trained = [bucket for bucket, _ in _bucketed_rows(recipe)]
     where = "data.resolution" if side == recipe.data.resolution else "data.extra_resolutions"
     if trained:
@@ -458,6 +460,7 @@ def estimate(
     weight_bytes = _dtype_bytes(recipe.model.weight_dtype)
     only = recipe.embedding is not None and recipe.embedding.only  # textual inversion: no LoRA at all
     train_te = recipe.trains_text_encoder(architecture == "sdxl")
+    slider = recipe.slider is not None  # prompts alone: no images to encode
     encoders = _component_names(architecture)
     if counts is None:
         counts = {c: parameter_count(architecture, c, folder) for c in ["unet", "vae", *encoders]}
@@ -469,7 +472,7 @@ def estimate(
     dtype = recipe.model.weight_dtype
     vae_dtype_bytes = 4  # every VAE stays float32 (SD VAEs overflow in fp16) and encodes outside autocast
     # frozen encoders with fixed captions are cached, then leave; new token vectors train through them
-    resident_encoders = train_te or data.tags_vary or recipe.embedding is not None
+    resident_encoders = train_te or (data.tags_vary and not slider) or recipe.embedding is not None
     adapter = sum(trainable) * 4
     weights = {
         "U-Net": counts["unet"] * weight_bytes,
@@ -487,7 +490,7 @@ def estimate(
         "VAE float32": weights["VAE"] / GIB,
     }
     pixels = bucket[0] * bucket[1]
-    if cfg.cache_latents:  # one model on the GPU at a time (train.setup._fill_caches): the VAE alone
+    if cfg.cache_latents and not slider:  # one model on the GPU at a time (train.setup._fill_caches): the VAE alone
         add("latent caching", "VAE weights (float32)", weights["VAE"])
         add(
             "latent caching",
@@ -512,7 +515,7 @@ def estimate(
             f"text encoder weights ({dtype}){_resident_because(train_te, recipe)}",
             weights["text encoders"],
         )
-    if not cfg.cache_latents:
+    if not cfg.cache_latents and not slider:
         add(step, "VAE weights (encodes every step)", weights["VAE"])
     trained_kind, trained_short = ("token vectors", "token") if only else ("LoRA weights", "LoRA")
     add(step, f"{trained_kind} (float32, {sum(trainable):,} parameters)", adapter)
@@ -520,10 +523,11 @@ def estimate(
     add(step, f"optimizer state ({cfg.optimizer})", optimizer_state_bytes(cfg.optimizer, trainable))
     family = "sdxl" if architecture == "sdxl" else "sd"
     per_sample = ACTIVATIONS[(family, cfg.gradient_checkpointing)] * (pixels / 64)
-    doubled = recipe.preserving  # [preservation]: each image also runs with its class caption
+    # [preservation]: each image also runs with its class caption; [slider]: each latent at strengths +1 and -1
+    doubled = " x2 ([preservation])" if recipe.preserving else " x2 ([slider]: +1 and -1)" if slider else ""
     add(
         step,
-        f"activations, batch {cfg.batch_size}{' x2 ([preservation])' if doubled else ''} at {bucket[0]}x{bucket[1]}"
+        f"activations, batch {cfg.batch_size}{doubled} at {bucket[0]}x{bucket[1]}"
         f"{', gradient checkpointing' if cfg.gradient_checkpointing else ''}",
         per_sample * cfg.batch_size * (2 if doubled else 1) * GIB,
         "modelled: published SDXL readings and an H200 SD 1.5 reading, per latent pixel",

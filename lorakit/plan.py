@@ -251,7 +251,13 @@ class Plan:
         # [preservation]: a forward and backward pass (about three forwards' work) on twice the batch, and one
         # forward without the adapter: 7/3 of a plain step
         preserving = 7 / 3 if self.recipe.preserving else 1.0
-        return seconds * max(1.0, work / reference) * self.recipe.train.gradient_accumulation_steps * preserving
+        return (
+            seconds
+            * max(1.0, work / reference)
+            * self.recipe.train.gradient_accumulation_steps
+            * preserving
+            * slider_work(self.recipe)
+        )
 
     def minutes(self) -> dict[str, float]:
         """Rough minutes for the whole run per GPU class (only the H200 figure is measured)."""
@@ -293,11 +299,23 @@ def plan(
     bucket, _ = largest_bucket(recipe)
     steps, steps_source = planned_steps(recipe)
     rows = (dataset_rows(recipe) or ASSUMED_IMAGES) * (1 + len(recipe.data.extra_resolutions))  # latents each
+    if recipe.slider is not None:  # nothing to cache
+        rows = 0
     disk = disk_bytes(_with(recipe, "train", max_steps=steps), memory.trainable, [bucket] * rows)
     return Plan(recipe, architecture, source, memory, card_gib, card_name, system, disk, steps, steps_source)
 
 
 ASSUMED_IMAGES = 20  # the dataset's size while it is not prepared yet
+
+
+def slider_work(recipe: Recipe) -> float:
+    """A [slider] step's work in plain steps (one forward and backward pass, about three forwards' work per latent):
+    a forward and backward pass on twice the batch (2), the frozen base's three predictions (1), and the denoising
+    that made the latent: on average (denoise_steps - 1) / 2 steps of forward passes on twice the batch, guidance's
+    two halves ((denoise_steps - 1) / 3). 1 for other runs."""
+    if recipe.slider is None:
+        return 1.0
+    return 2 + 1 + (recipe.slider.denoise_steps - 1) / 3
 
 
 def planned_steps(recipe: Recipe) -> tuple[int, str]:
@@ -378,6 +396,12 @@ def plan_lines(result: Plan) -> list[str]:
         f"Time for {result.steps} steps ({result.steps_source}): "
         + ", ".join(f"{name} ~{m:g} min" for name, m in minutes.items())
         + " (all but the H200 figure are rough guesses)"
+        + (
+            f"; a [slider] step is about {slider_work(recipe):.1f} plain steps' work (slider.denoise_steps "
+            f"{recipe.slider.denoise_steps} of denoising makes each latent)"
+            if recipe.slider is not None
+            else ""
+        )
     )
     return [line for line in lines if line]
 

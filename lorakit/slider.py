@@ -12,8 +12,8 @@ d = eta x (prediction(positive) - prediction(negative)) is added to or taken fro
 
 The adapter learns both targets in one forward pass of twice the batch: the first half at strength +1, the second
 at -1 (`Strengths`: forward hooks on peft's LoRA up projections that multiply each sample's adapter output by its
-strength). A LoRA's change of the output is about linear in its strength, so a slider trained at +-1 draws in
-between at any strength, and beyond at 2 or 3. The reference is the prediction for `target_class`, as in the paper,
+strength). Each layer's change is linear in the strength, so a slider trained at +-1 draws in between at any
+strength, and further out at 2 or 3. The reference is the prediction for `target_class`, as in the paper,
 so strength 0 is exactly the base; ai-toolkit takes the empty prompt's prediction there (the same when
 `target_class` is empty).
 

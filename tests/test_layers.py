@@ -50,6 +50,7 @@ FLOORS = {
     "lorakit.block_weight": 3,
     "lorakit.embedding": 3,
     "lorakit.emphasis": 3,
+    "lorakit.slider": 3,
     "lorakit.recipe": 4,
     "lorakit.errors": 4,
     "lorakit.files": 4,

@@ -11,7 +11,7 @@ import numpy as np
 from ..embedding import load_embedding
 from ..generate import resolve_adapters
 from ..models import load_pipeline
-from ..render import RenderSettings, apply_adapters, render, set_sampler
+from ..render import RenderSettings, apply_adapters, render, set_sampler, set_scales
 from .world import (
     ALL_COLOURS,
     BACKGROUNDS,
@@ -102,14 +102,34 @@ def evaluate(pipe: Any, seeds: tuple[int, ...] = (0, 1, 2, 3), guidance: float =
     }
 
 
-def toy_pipeline(base: Any, adapter: Any = None, timestep_ranks: bool = True, embedding: Any = None) -> Any:
-    """The toy base as a pipeline (Euler sampler, no progress bar), with `adapter` applied at strength 1 (a T-LoRA
+def slider_backgrounds(
+    base: Any, adapter: Any, strengths: tuple[float, ...], seeds: tuple[int, ...] = (0, 1, 2, 3)
+) -> dict[float, dict[str, float]]:
+    """A background slider measured: the base world's gray-background prompts drawn with `adapter` at each strength,
+    and the share of pictures on each background, and of those keeping the ball colour their prompt asked for."""
+    prompts = [(caption(c, s, "gray"), c) for c in BASE_COLOURS for s in SIDES]
+    shares = {}
+    for strength in strengths:
+        pipe = toy_pipeline(base, adapter if strength else None, strength=strength)
+        found = [detect(image) for image in render_set(pipe, [p for p, _ in prompts], list(seeds))]
+        asked = [c for _, c in prompts for _ in seeds]
+        shares[strength] = {bg: sum(f["background"] == bg for f in found) / len(found) for bg in BACKGROUNDS}
+        shares[strength]["colour kept"] = sum(f["colour"] == c for f, c in zip(found, asked, strict=True)) / len(found)
+    return shares
+
+
+def toy_pipeline(
+    base: Any, adapter: Any = None, timestep_ranks: bool = True, embedding: Any = None, strength: float = 1.0
+) -> Any:
+    """The toy base as a pipeline (Euler sampler, no progress bar), with `adapter` applied at `strength` (a T-LoRA
     adapter under its schedule, or at full rank as other loaders draw it when `timestep_ranks` is false) and the
     run's textual-inversion `embedding` (pivotal tuning) loaded."""
 
     pipe = load_pipeline(str(base))
     if adapter:
-        apply_adapters(pipe, resolve_adapters([(str(adapter), 1.0)])[0], timestep_ranks)
+        loaded = resolve_adapters([(str(adapter), strength)])[0]
+        apply_adapters(pipe, loaded, timestep_ranks)
+        set_scales(pipe, loaded, 1.0)
     if embedding:
         load_embedding(pipe, Path(embedding))
     set_sampler(pipe, "euler")

@@ -1,0 +1,305 @@
+"""Concept sliders ([slider]): a LoRA learned from prompts alone at strengths +1 and -1, which loads everywhere as a
+LoRA and draws one end of the slider at a positive strength and the other at a negative one."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lorakit.adapters import adapters_disabled, adapters_scaled
+from lorakit.errors import RecipeError
+from lorakit.recipe import recipe_from_dict
+from lorakit.recipe.prompts import parse_sample_prompt
+from lorakit.slider import Strengths, partial_denoise, sided_targets
+from lorakit.train import train
+
+from .conftest import write_recipe
+from .invoke import fails, ok
+
+SLIDER = {"target_class": "a toy", "positive": "a red toy", "negative": "a blue toy", "denoise_steps": 6}
+
+
+def slider_recipe(base, out, **sections) -> dict:
+    """A small slider recipe for the tiny bases: no [data] but the resolution, as a slider reads no images."""
+    recipe = {
+        "model": {"base": str(base)},
+        "data": {"resolution": 32},
+        "lora": {"rank": 4, "lora_alpha": 4.0},
+        "train": {"max_steps": 4, "batch_size": 2, "unet_lr": 1e-3, "optimizer": "adamw", "seed": 0},
+        "output": {"folder": str(out), "name": "slider", "save_dtype": "float32"},
+        "slider": dict(SLIDER),
+    }
+    for section, values in sections.items():
+        recipe.setdefault(section, {}).update(values)
+    return recipe
+
+
+def _train(recipe: dict, **options):
+    lines: list[str] = []
+    return train(recipe_from_dict(recipe), quiet=True, log=lines.append, **options), lines
+
+
+@pytest.fixture(scope="module")
+def slider_run(tiny_base, tmp_path_factory, monkeypatch_module):
+    """A short slider run on the tiny SD base, saving at step 2 too, with samples at both ends; run from an empty
+    folder, to see that it writes nothing outside its run folder."""
+    work = tmp_path_factory.mktemp("slider-cwd")
+    monkeypatch_module.chdir(work)
+    sample = {"prompts": ["a toy --m -2", "a toy", "a toy --m 2"], "steps": 2}
+    recipe = slider_recipe(tiny_base, work / "runs", train={"save_every_steps": 2}, sample=sample)
+    result, lines = _train(recipe)
+    return result, lines, work
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+def test_a_slider_trains_from_prompts_alone_and_says_what_it_learns(slider_run):
+    result, lines, work = slider_run
+    assert sorted(p.name for p in work.iterdir()) == ["runs"]  # no dataset folder, no latent cache
+    said = next(line for line in lines if line.startswith("slider: "))
+    assert "'a toy' towards 'a red toy' at strength +1 and towards 'a blue toy' at -1" in said
+    assert "Text encoder outputs cached for 4 prompts" in "\n".join(lines)
+    assert result.steps == 4 and set(result.models) == {"unet"}  # the U-Net alone, unless asked
+    rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2, 3, 4] and all(row["loss"] > 0 for row in rows)
+    factors = load_file(result.adapter)
+    assert any(k.endswith("lora_up.weight") and factors[k].abs().max() > 0 for k in factors)
+
+
+def test_the_slider_file_loads_in_diffusers_and_draws_as_trained_at_every_strength(slider_run, tiny_base):
+    from diffusers import StableDiffusionPipeline
+
+    result = slider_run[0]
+    unet = result.models["unet"].eval()
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    hidden = torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(1))
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_base)
+    pipe.load_lora_weights(str(result.adapter), adapter_name="slider")
+    drawn = {}
+    for strength in (-2.0, -1.0, 0.5, 2.0):
+        with torch.no_grad(), adapters_scaled([unet], strength):
+            want = unet(latents, torch.tensor([300]), encoder_hidden_states=hidden).sample
+        pipe.set_adapters(["slider"], adapter_weights=[strength])
+        with torch.no_grad():
+            drawn[strength] = pipe.unet(latents, torch.tensor([300]), encoder_hidden_states=hidden).sample
+        torch.testing.assert_close(drawn[strength], want, rtol=0, atol=1e-5)
+    with torch.no_grad(), adapters_disabled(unet):
+        plain = unet(latents, torch.tensor([300]), encoder_hidden_states=hidden).sample
+    # the two ends move the base's output in opposite directions
+    up, down = drawn[2.0] - plain, drawn[-2.0] - plain
+    assert up.abs().max() > 1e-4
+    assert torch.nn.functional.cosine_similarity(up.flatten(), down.flatten(), dim=0) < -0.9
+
+
+def test_the_samples_show_both_ends_of_the_slider(slider_run):
+    from PIL import Image
+
+    result = slider_run[0]
+    with Image.open(result.run_dir / "samples" / "step-000004.png") as grid:
+        assert grid.size[0] == 3 * grid.size[1]  # three cells: --m -2, 1 and 2
+        cells = [grid.crop((i * grid.size[1], 0, (i + 1) * grid.size[1], grid.size[1])) for i in range(3)]
+    import numpy as np
+
+    low, middle, high = (np.asarray(cell, dtype=np.int16) for cell in cells)
+    assert np.abs(low - high).max() > 0 and np.abs(middle - high).max() > 0
+
+
+def test_a_resumed_slider_run_equals_a_straight_one(slider_run, tiny_base, tmp_path):
+    straight = slider_run[0]
+    resumed_dir = tmp_path / "runs" / "slider"
+    shutil.copytree(straight.run_dir, resumed_dir)
+    shutil.rmtree(resumed_dir / "checkpoints" / "step-000004")
+    sample = {"prompts": ["a toy --m -2", "a toy", "a toy --m 2"], "steps": 2}
+    recipe = slider_recipe(tiny_base, tmp_path / "runs", train={"save_every_steps": 2}, sample=sample)
+    resumed, lines = _train(recipe, resume="latest")
+    assert resumed.steps == 4 and any("Resumed from" in line and "step 2" in line for line in lines)
+    a, b = load_file(straight.adapter), load_file(resumed.adapter)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gradient_checkpointing_recomputes_each_half_at_its_strength(tiny_base, tmp_path):
+    """Checkpointed blocks run forward again during the backward pass: at the same strengths, or the gradients
+    of the -1 half would be those of +1."""
+    plain, _ = _train(slider_recipe(tiny_base, tmp_path / "a", train={"max_steps": 2}))
+    checkpointed, _ = _train(
+        slider_recipe(tiny_base, tmp_path / "b", train={"max_steps": 2, "gradient_checkpointing": True})
+    )
+    a, b = load_file(plain.adapter), load_file(checkpointed.adapter)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_strengths_scale_each_sample_of_the_batch_as_a_strength_scales_the_adapter():
+    from peft import LoraConfig, inject_adapter_in_model
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Flatten(2), torch.nn.Linear(16, 5))
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["0", "2"], init_lora_weights=False)
+    model = inject_adapter_in_model(config, model)
+    x = torch.randn(1, 3, 4, 4)
+    strengths = Strengths([model])
+    with torch.no_grad():
+        alone = {s: _at(model, x, s) for s in (1.0, -1.0, 0.0, 2.5)}
+        strengths.set(torch.tensor([1.0, -1.0, 0.0, 2.5]))
+        together = model(torch.cat([x] * 4))
+        strengths.clear()
+        torch.testing.assert_close(model(x), alone[1.0])
+    for index, strength in enumerate((1.0, -1.0, 0.0, 2.5)):
+        torch.testing.assert_close(together[index : index + 1], alone[strength], rtol=0, atol=1e-6)
+    assert not torch.allclose(alone[1.0], alone[-1.0])
+    strengths.set(torch.tensor([1.0, -1.0]))
+    with pytest.raises(RuntimeError, match="2 strengths for a batch of 1"):
+        model(x)
+
+
+def _at(model, x, strength):
+    with adapters_scaled([model], strength):
+        return model(x)
+
+
+def test_the_slider_learns_its_direction_at_both_ends(tiny_base, tmp_path):
+    """After training, the adapter's prediction at +1 is nearer the base's prediction moved along positive -
+    negative than the base's own is, and at -1 nearer the one moved back, on latents it never trained on."""
+    from diffusers import DDIMScheduler
+
+    from lorakit.models import encode_prompts, load_base, tokenize
+
+    recipe = slider_recipe(tiny_base, tmp_path, train={"max_steps": 40, "unet_lr": 1e-2})
+    result, _ = _train(recipe)
+    unet = result.models["unet"].eval()
+    base = load_base(str(tiny_base))
+
+    def predict(latents, t, prompt):
+        hidden = encode_prompts(base, tokenize(base, [prompt] * latents.shape[0]))["encoder_hidden_states"]
+        return unet(latents, torch.full((latents.shape[0],), int(t)), encoder_hidden_states=hidden).sample
+
+    def guided(latents, t):
+        hidden = encode_prompts(base, tokenize(base, [""] + [SLIDER["target_class"]]))["encoder_hidden_states"]
+        return unet(latents, torch.full((2,), int(t)), encoder_hidden_states=hidden).sample
+
+    errors = {1.0: [], -1.0: [], "base": []}
+    for seed in range(100, 106):  # seeds no training step drew
+        noise = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad(), adapters_disabled(unet):
+            scheduler = DDIMScheduler.from_config(base.noise_scheduler.config)
+            latents, t = partial_denoise(guided, scheduler, noise, 6, 1 + seed % 4)
+            neutral, positive, negative = (
+                predict(latents, t, SLIDER[k]) for k in ("target_class", "positive", "negative")
+            )
+        wanted = sided_targets(neutral, positive, negative, 1.0).chunk(2)
+        with torch.no_grad():
+            for strength, target in zip((1.0, -1.0), wanted, strict=True):
+                with adapters_scaled([unet], strength):
+                    errors[strength].append(
+                        torch.nn.functional.mse_loss(predict(latents, t, SLIDER["target_class"]), target)
+                    )
+            errors["base"].append(torch.nn.functional.mse_loss(neutral, wanted[0]))  # = the distance to either end
+    base_error = torch.stack(errors["base"]).mean()
+    for strength in (1.0, -1.0):
+        assert torch.stack(errors[strength]).mean() < 0.7 * base_error, (strength, errors, base_error)
+
+
+def test_an_sdxl_slider_trains_the_unet_with_its_size_conditioning(tiny_sdxl, tmp_path):
+    result, lines = _train(slider_recipe(tiny_sdxl, tmp_path, train={"max_steps": 2}))
+    assert set(result.models) == {"unet"}
+    factors = load_file(result.adapter)
+    assert factors and all(k.startswith("lora_unet_") for k in factors)
+    assert any(k.endswith("lora_up.weight") and factors[k].abs().max() > 0 for k in factors)
+
+
+def test_a_slider_may_train_the_text_encoder_too(tiny_base, tmp_path):
+    result, lines = _train(slider_recipe(tiny_base, tmp_path, lora={"train_text_encoder": True}))
+    assert set(result.models) == {"unet", "text_encoder"}
+    assert not any("Text encoder outputs cached" in line for line in lines)
+    factors = load_file(result.adapter)
+    assert any(
+        k.startswith("lora_te_") and k.endswith("lora_up.weight") and factors[k].abs().max() > 0 for k in factors
+    )
+
+
+@pytest.mark.parametrize(
+    ("sections", "fragment"),
+    [
+        ({"slider": {"positive": "a toy", "negative": " a toy"}}, "slider.positive: the same as slider.negative"),
+        ({"slider": {"positive": "", "negative": ""}}, "(both empty)"),
+        (
+            {"lora": {"type": "lokr"}},
+            'lora.type: a slider is a LoRA whose strength -1 is the opposite of +1; set lora.type = "lora"',
+        ),
+        ({"lora": {"use_dora": True}}, "lora.use_dora: DoRA's magnitude does not flip with the strength"),
+        ({"data": {"folder": "photos"}}, "data.folder: a [slider] trains from its prompts, with no images"),
+        ({"data": {"flip": True}}, "data.flip: a [slider] trains from its prompts"),
+        ({"train": {"max_epochs": 3}}, "train.max_epochs: not with [slider]: it has no images to count epochs of"),
+        ({"train": {"timestep_bias": "later"}}, "train.timestep_bias: not with [slider]: its timestep is where"),
+        ({"train": {"adaptive_noise_scale": 0.01, "noise_offset": 0.05}}, "train.adaptive_noise_scale: not with"),
+        ({"prior": {"class_dir": "c", "class_prompt": "a toy"}}, "prior: a [slider] trains from its prompts"),
+        ({"preservation": {"class_word": "toy"}}, "preservation: a [slider] trains from its prompts"),
+        ({"sample": {"every_epochs": 1}}, "sample.every_epochs: a [slider] has no epochs"),
+        ({"slider": {"denoise_steps": 2}}, "slider.denoise_steps"),
+        ({"slider": {"guidance": 0}}, "slider.guidance"),
+    ],
+)
+def test_settings_a_slider_cannot_use_are_refused_by_name(tiny_base, tmp_path, sections, fragment):
+    with pytest.raises(RecipeError) as err:
+        recipe_from_dict(slider_recipe(tiny_base, tmp_path, **sections))
+    assert fragment in str(err.value)
+
+
+def test_a_bad_slider_recipe_exits_2_with_its_message(tiny_base, tmp_path):
+    path = write_recipe(tmp_path / "slider.toml", slider_recipe(tiny_base, tmp_path, lora={"type": "loha"}))
+    fails(["train", str(path)], "lora.type: a slider is a LoRA")
+    assert not (tmp_path / "slider").exists()
+
+
+def test_the_strength_of_a_sample_prompt_is_read_and_checked():
+    assert parse_sample_prompt("a toy --m -2.5 --d 3").strength == -2.5
+    assert parse_sample_prompt("a toy").strength is None
+    for text, message in [("a toy --m x", "--m 'x' is not a number"), ("a toy --m 101", "--m 101 is outside -100")]:
+        with pytest.raises(ValueError, match=message):
+            parse_sample_prompt(text)
+
+
+def test_the_planner_counts_both_strengths_and_no_images(tiny_base, tmp_path):
+    from lorakit.plan import plan, plan_lines
+
+    path = write_recipe(tmp_path / "slider.toml", slider_recipe(tiny_base, tmp_path))
+    lines = "\n".join(ok(["plan", str(path), "--vram", "8"]).stdout.splitlines())
+    assert "a [slider] draws its latents at data.resolution, square" in lines
+    assert "activations, batch 2 x2 ([slider]: +1 and -1) at 32x32" in lines
+    assert "latent caching" not in lines and "latent cache 0.0 MiB" in lines
+    assert "a [slider] step is about 4.7 plain steps' work" in lines  # 2 + 1 + (6 - 1) / 3
+    sliding = plan(recipe_from_dict(slider_recipe(tiny_base, tmp_path)), vram=8)
+    plain = dict(slider_recipe(tiny_base, tmp_path))
+    del plain["slider"]
+    unsliding = plan(recipe_from_dict(plain), vram=8)
+    assert sliding.seconds_per_step() == pytest.approx(unsliding.seconds_per_step() * (3 + 5 / 3))
+    assert plan_lines(sliding)
+
+
+@pytest.mark.slow
+def test_a_background_slider_on_the_toy_world_draws_each_end_and_keeps_the_base_at_0(tmp_path):
+    """On the real toy base (built once per machine, ~8 min): a slider from white to black backgrounds, learned from
+    prompts alone, turns gray-background prompts black at +2 and white at -2 (README: measured 1.00 and 1.00)."""
+    from lorakit.toy.build import build_toy_base
+    from lorakit.toy.evaluate import slider_backgrounds
+
+    base = build_toy_base(quiet=True, log=lambda _: None)
+    recipe = {
+        "model": {"base": str(base)},
+        "data": {"resolution": 16},
+        "lora": {"rank": 4, "lora_alpha": 4.0},
+        "train": {"max_steps": 60, "batch_size": 4, "unet_lr": 1e-3, "optimizer": "adamw", "save_every_steps": 0},
+        "output": {"folder": str(tmp_path), "name": "background", "save_dtype": "float32"},
+        "slider": {"positive": "black background", "negative": "white background", "denoise_steps": 20},
+    }
+    result, _ = _train(recipe)
+    shares = slider_backgrounds(base, result.adapter, (-2.0, 0.0, 2.0))
+    assert shares[0.0]["gray"] >= 0.9 and shares[0.0]["colour kept"] >= 0.9, shares
+    assert shares[2.0]["black"] >= 0.9 and shares[2.0]["colour kept"] >= 0.9, shares
+    assert shares[-2.0]["white"] >= 0.9, shares
