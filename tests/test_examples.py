@@ -31,6 +31,7 @@ TESTED = {  # every example, each run by the test of its number below
     "05-lokr.sh",
     "06-load-in-diffusers.py",
     "07-block-weight.sh",
+    "08-slider.sh",
 }
 _VARIABLE = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}|\$(\w+)")
 runner = CliRunner()
@@ -213,6 +214,18 @@ def test_07_block_vectors_compare_in_one_grid_and_bake_into_a_file(examples_run)
     baked = read_adapter_file(out / "blocks" / "outputs-only.safetensors").state
     assert set(baked) == {"unet"} and {p.split(".")[0] for p in baked["unet"]} == {"mid_block", "up_blocks"}
     assert "BASE" not in outputs[-1].split("update norm by block")[1].splitlines()[0]
+
+
+def test_08_a_slider_learns_from_prompts_and_draws_at_both_strengths(examples_run):
+    env, out, _ = examples_run
+    outputs = run_script("08-slider.sh", env)
+    assert "activations, batch 4 x2 ([slider]: +1 and -1) at 16x16" in outputs[0]
+    assert read_adapter_file(out / "runs" / "background-slider" / "background-slider.safetensors").state.keys() == {
+        "unet"
+    }
+    compare = out / "slider-compare"
+    assert len(list(compare.glob("*-x*.png"))) == 10  # 2 prompts x 5 strengths
+    assert (compare / "000-seed0-x-2.png").is_file() and (compare / "009-seed0-x2.png").is_file()
 
 
 @pytest.mark.slow

@@ -72,6 +72,12 @@ def test_a_slider_trains_from_prompts_alone_and_says_what_it_learns(slider_run):
     assert [row["step"] for row in rows] == [1, 2, 3, 4] and all(row["loss"] > 0 for row in rows)
     factors = load_file(result.adapter)
     assert any(k.endswith("lora_up.weight") and factors[k].abs().max() > 0 for k in factors)
+    from safetensors import safe_open
+
+    with safe_open(result.adapter, "pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["lorakit_slider_positive"] == "a red toy" and metadata["lorakit_slider_negative"] == "a blue toy"
+    assert metadata["ss_num_train_images"] == "0" and metadata["ss_network_train_unet_only"] == "True"
 
 
 def test_the_slider_file_loads_in_diffusers_and_draws_as_trained_at_every_strength(slider_run, tiny_base):

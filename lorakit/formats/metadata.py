@@ -213,6 +213,15 @@ def training_info(
         training[timestep_rank.METADATA_MIN_RANK] = str(lora.tlora_min_rank)
         training[timestep_rank.METADATA_EXPONENT] = str(lora.tlora_exponent)
         training[timestep_rank.METADATA_TIMESTEPS] = str(num_train_timesteps)
+    if recipe.slider is not None:  # what the two ends of the slider are, for whoever loads it
+        section = recipe.slider
+        training["lorakit_slider_positive"] = section.positive
+        training["lorakit_slider_negative"] = section.negative
+        training["lorakit_slider_target_class"] = section.target_class
+        training["lorakit_slider_note"] = (
+            f"a concept slider: positive strengths draw {section.target_class or 'pictures'!r} towards "
+            f"{section.positive!r}, negative ones towards {section.negative!r}; 0 is the base"
+        )
     if recipe.embedding is not None:  # the adapter was trained with the word's own vectors: say where they are
         token = recipe.embedding.token
         training["lorakit_embedding"] = f"{EMBEDDINGS_FOLDER}/{token}.safetensors"
