@@ -9,6 +9,7 @@ import json
 import os
 import sys
 
+import lorakit.slider as slider_module
 import lorakit.train as train_module
 import lorakit.train.setup as setup_module
 from lorakit.cli import app
@@ -29,6 +30,28 @@ class RecordingStream(BatchStream):
 
 
 setup_module.BatchStream = RecordingStream  # where set_up builds the run's stream
+
+
+class RecordingNoImages(slider_module.NoImages):  # a [slider]'s stream
+    def next(self):
+        import torch.distributed as dist
+
+        setup.update(world=dist.get_world_size(), backend=dist.get_backend(), dist_world=dist.get_world_size())
+        return super().next()
+
+
+setup_module.NoImages = RecordingNoImages
+real_denoise = slider_module.partial_denoise
+
+
+def recording_denoise(*args, **kwargs):
+    """A [slider]'s first noisy latents on this process."""
+    latents, timestep = real_denoise(*args, **kwargs)
+    setup.setdefault("first_latents", hashlib.sha256(latents.cpu().numpy().tobytes()).hexdigest())
+    return latents, timestep
+
+
+slider_module.partial_denoise = recording_denoise
 finished = []
 real_train = train_module.train
 

@@ -101,3 +101,22 @@ def test_two_processes_train_one_embedding(tiny_base, tiny_dataset, tmp_path):
     assert written.is_file() and stdout.splitlines() == [str(written)]  # printed by the writer alone
     checkpoints = sorted(p.name for p in (tmp_path / "out" / "run" / "checkpoints").iterdir())
     assert checkpoints == ["step-000001", "step-000002", "step-000003"]  # two timed ones, then the end's
+
+
+def test_two_processes_train_one_slider(tiny_base, tmp_path):
+    """A [slider] on two processes: each draws its own latents, DDP averages the gradients of both strengths' halves
+    (the U-Net's and the text encoder's adapters, under gradient checkpointing), and both end with the same
+    adapter."""
+    from .test_slider import slider_recipe
+
+    sections = slider_recipe(
+        tiny_base,
+        tmp_path / "out",
+        train={"max_steps": 2, "gradient_checkpointing": True},
+        lora={"train_text_encoder": True},
+    )
+    ranks, _ = _torchrun(write_recipe(tmp_path / "r.toml", sections), tmp_path / "records", 29533)
+    assert ranks[0]["first_latents"] != ranks[1]["first_latents"]
+    assert ranks[0]["weights"] == ranks[1]["weights"]
+    rows = (tmp_path / "out" / "slider" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in rows] == [1, 2]
