@@ -436,7 +436,7 @@ def _resident_because(train_te: bool, recipe: Any) -> str:
         return ""
     if recipe.embedding is not None:
         return ", resident for [embedding]"
-    return ", resident: captions vary"
+    return ", resident: slider prompts shuffled" if recipe.slider is not None else ", resident: captions vary"
 
 
 def estimate(
@@ -452,7 +452,7 @@ def estimate(
     counted on the meta device."""
     architecture = architecture or architecture_of(recipe.model.base)[0]
     bucket, source = (bucket, "the largest bucket of the dataset") if bucket else largest_bucket(recipe)
-    cfg, lora, data = recipe.train, recipe.lora, recipe.data
+    cfg, lora = recipe.train, recipe.lora
     result = MemoryEstimate(architecture, bucket, source, cfg.batch_size)
     folder = own_configs(recipe, architecture)
     shipped = {"sd15": "SD 1.5", "sd21": "SD 2.1", "sdxl": "SDXL"}[architecture]
@@ -472,7 +472,7 @@ def estimate(
     dtype = recipe.model.weight_dtype
     vae_dtype_bytes = 4  # every VAE stays float32 (SD VAEs overflow in fp16) and encodes outside autocast
     # frozen encoders with fixed captions are cached, then leave; new token vectors train through them
-    resident_encoders = train_te or (data.tags_vary and not slider) or recipe.embedding is not None
+    resident_encoders = train_te or recipe.text_varies or recipe.embedding is not None
     adapter = sum(trainable) * 4
     weights = {
         "U-Net": counts["unet"] * weight_bytes,

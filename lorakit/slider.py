@@ -22,6 +22,7 @@ The file is an ordinary LoRA: every loader applies it at a negative strength by 
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -67,6 +68,13 @@ class Strengths:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+def shuffled(text: str, rng: random.Random) -> str:
+    """A prompt's comma-separated parts in a random order (ai-toolkit's `shuffle`), joined as they were written."""
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    rng.shuffle(parts)
+    return ", ".join(parts)
 
 
 def sided_targets(

@@ -105,6 +105,19 @@ def test_the_slider_file_loads_in_diffusers_and_draws_as_trained_at_every_streng
     assert torch.nn.functional.cosine_similarity(up.flatten(), down.flatten(), dim=0) < -0.9
 
 
+def test_generate_draws_a_negative_strength_from_a_prompt_tag_as_from_lora(slider_run, tiny_base, tmp_path):
+    from .invoke import generate, pixels
+
+    result = slider_run[0]
+    common = ["--base", str(tiny_base), "--size", "32x32", "--steps", "2", "--seed", "0"]
+    generate("a toy <lora:slider:-2>", "--lora-dir", str(result.run_dir), *common, "--out", str(tmp_path / "tag"))
+    generate("a toy", "--lora", f"{result.adapter}:-2", *common, "--out", str(tmp_path / "option"))
+    generate("a toy", "--lora", f"{result.adapter}:2", *common, "--out", str(tmp_path / "up"))
+    (tagged,), (given,), (up,) = (sorted((tmp_path / d).glob("000-*.png")) for d in ("tag", "option", "up"))
+    assert (pixels(tagged) == pixels(given)).all()
+    assert (pixels(given) != pixels(up)).any()
+
+
 def test_the_samples_show_both_ends_of_the_slider(slider_run):
     from PIL import Image
 
@@ -211,6 +224,26 @@ def test_the_slider_learns_its_direction_at_both_ends(tiny_base, tmp_path):
         assert torch.stack(errors[strength]).mean() < 0.7 * base_error, (strength, errors, base_error)
 
 
+def test_shuffle_draws_each_latent_its_own_order_of_the_prompts_parts(tiny_base, tmp_path, monkeypatch):
+    import lorakit.train.loop as loop
+
+    seen: list[str] = []
+    real = loop.text_conditioning
+
+    def recording(run, captions):
+        seen.extend(captions)
+        return real(run, captions)
+
+    monkeypatch.setattr(loop, "text_conditioning", recording)
+    section = {"positive": "red, shiny, large", "negative": "blue, dull, small", "target_class": "", "shuffle": True}
+    _, lines = _train(slider_recipe(tiny_base, tmp_path, slider=section, train={"max_steps": 3}))
+    assert not any("Text encoder outputs cached" in line for line in lines)  # encoded every step instead
+    positives = {text for text in seen if "red" in text}
+    assert all(sorted(text.split(", ")) == ["large", "red", "shiny"] for text in positives)
+    assert len(positives) >= 3  # several of the six orders in 3 steps of 2 latents
+    assert any(sorted(text.split(", ")) == ["blue", "dull", "small"] for text in seen)
+
+
 def test_an_sdxl_slider_trains_the_unet_with_its_size_conditioning(tiny_sdxl, tmp_path):
     result, lines = _train(slider_recipe(tiny_sdxl, tmp_path, train={"max_steps": 2}))
     assert set(result.models) == {"unet"}
@@ -285,7 +318,10 @@ def test_the_planner_counts_both_strengths_and_no_images(tiny_base, tmp_path):
     del plain["slider"]
     unsliding = plan(recipe_from_dict(plain), vram=8)
     assert sliding.seconds_per_step() == pytest.approx(unsliding.seconds_per_step() * (3 + 5 / 3))
-    assert plan_lines(sliding)
+    assert "  text caching" in "\n".join(plan_lines(sliding))  # fixed prompts: encoded once, the encoders leave
+    shuffling = plan(recipe_from_dict(slider_recipe(tiny_base, tmp_path, slider={"shuffle": True})), vram=8)
+    shuffled_lines = "\n".join(plan_lines(shuffling))
+    assert "  text caching" not in shuffled_lines and "resident: slider prompts shuff" in shuffled_lines
 
 
 @pytest.mark.slow

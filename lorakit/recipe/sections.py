@@ -542,6 +542,10 @@ class SliderSection:
     """Each step's noisy latent is pure noise denoised by the frozen base for a random 1 to `denoise_steps` - 2 of
     this many steps under `target_class` (ai-toolkit's `max_denoising_steps`), so the slider learns on the kind of
     picture the base makes; that costs about (`denoise_steps` - 1) / 2 forward passes of twice the batch per step."""
+    shuffle: bool = False
+    """Shuffle the comma-separated parts of `positive`, `negative` and `target_class` for each latent of each step
+    (ai-toolkit's `shuffle`), so the slider learns the concepts rather than one wording of them; the text encoders
+    then encode every step instead of once."""
 
 
 @dataclass(frozen=True)
@@ -564,6 +568,12 @@ class Recipe:
     def preserving(self) -> bool:
         """Whether [preservation] is on: the section is there, with a weight above 0."""
         return self.preservation is not None and self.preservation.weight > 0
+
+    @property
+    def text_varies(self) -> bool:
+        """Whether the text the run encodes changes from step to step (a caption's tags, a [slider]'s shuffled
+        prompts), so its text-encoder output cannot be computed once and cached."""
+        return self.data.tags_vary or (self.slider is not None and self.slider.shuffle)
 
     def trains_text_encoder(self, sdxl: bool) -> bool:
         """`lora.train_text_encoder`, or its default for the base: true for SD 1.x and 2.x, false for SDXL, for a

@@ -316,6 +316,15 @@ def _slider_loss(run: Run) -> Any:
     )
     taken = int(torch.randint(1, section.denoise_steps - 1, (1,), generator=generator))
     count = cfg.batch_size
+    rng = step_rng(cfg.seed, f"{run.accelerator.process_index}:{run.micro}", "slider")
+    prompts = [  # each latent's (target class, positive, negative)
+        [
+            slider.shuffled(text, rng) if section.shuffle else text
+            for text in (section.target_class, section.positive, section.negative)
+        ]
+        for _ in range(count)
+    ]
+    targets, positives, negatives = ([row[k] for row in prompts] for k in range(3))
     models = run.unwrapped()
     with torch.no_grad(), adapters.adapters_disabled(*models.values()):
 
@@ -326,7 +335,7 @@ def _slider_loss(run: Run) -> Any:
                 return models["unet"](latents.to(run.device), timesteps, **conditioning).sample.float()
 
         scheduler = DDIMScheduler.from_config(base.noise_scheduler.config, prediction_type=base.prediction_type)
-        guided = [""] * count + [section.target_class] * count
+        guided = [""] * count + targets
         noisy, t = slider.partial_denoise(
             lambda x, step: predict(x, step, guided),
             scheduler,
@@ -334,12 +343,11 @@ def _slider_loss(run: Run) -> Any:
             section.denoise_steps,
             taken,
         )
-        three = [section.target_class] * count + [section.positive] * count + [section.negative] * count
-        neutral, positive, negative = predict(torch.cat([noisy] * 3), t, three).chunk(3)
+        neutral, positive, negative = predict(torch.cat([noisy] * 3), t, targets + positives + negatives).chunk(3)
     wanted = slider.sided_targets(neutral, positive, negative, section.guidance)
     timesteps = torch.full((2 * count,), int(t))
     run.strengths.set(torch.tensor([strength for strength in slider.SIDES for _ in range(count)]))
-    conditioning = _prompt_conditioning(run, [section.target_class] * (2 * count))
+    conditioning = _prompt_conditioning(run, targets * 2)
     with run.accelerator.autocast():
         predicted = run.models["unet"](torch.cat([noisy] * 2), to_device(timesteps, run.device), **conditioning).sample
     return objective.diffusion_loss(

@@ -1015,7 +1015,7 @@ def _text_cache(recipe: Recipe, base: BaseModel, items: list[Item], device: Any,
     is frozen and captions never change."""
 
     data = recipe.data
-    if recipe.lora.train_text_encoder or data.tags_vary or recipe.embedding:
+    if recipe.lora.train_text_encoder or recipe.text_varies or recipe.embedding:
         return None
     captions = sorted(_captions(recipe, items))
     cache = {}
