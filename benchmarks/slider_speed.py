@@ -1,0 +1,78 @@
+"""Seconds per step of a `[slider]` against a plain LoRA step on the same base, adapter, batch and resolution: the
+check of `lorakit plan`'s slider work factor, 2 + 1 + (denoise_steps - 1) / 3 plain steps.
+
+Run by hand (not part of the test suite), on the toy base (built once per machine, ~8 min):
+
+    OMP_NUM_THREADS=1 python benchmarks/slider_speed.py --steps 40
+
+Every run happens in this one process, one after the other, so the ratios share one machine state. The step time
+is the mean of the differences of `metrics.jsonl`'s `elapsed_s` after `--warmup` steps (a mean, as an ETA
+sums them: a slider step's cost varies with how many denoising steps made its latent).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+
+def step_seconds(run_dir: Path, warmup: int) -> float:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    times = [row["elapsed_s"] for row in rows]
+    return statistics.mean(b - a for a, b in zip(times[warmup:], times[warmup + 1 :], strict=False))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--denoise-steps", type=int, nargs="+", default=[10, 20, 40])
+    args = parser.parse_args()
+
+    from lorakit.plan import slider_work
+    from lorakit.prepare import PrepareOptions, prepare
+    from lorakit.recipe import recipe_from_dict
+    from lorakit.toy import write_concept_photos
+    from lorakit.toy.build import build_toy_base
+    from lorakit.toy.world import SIZE, TRIGGER
+    from lorakit.train import train
+
+    base = build_toy_base(quiet=True, log=lambda _: None)
+    work = Path(tempfile.mkdtemp(prefix="slider-speed-"))
+    photos = write_concept_photos(work / "photos")
+    options = PrepareOptions(trigger=TRIGGER, resolution=SIZE, bucket_step=4, workers=1, keep_duplicates=True)
+    prepare(photos, work / "dataset", options, quiet=True, log=lambda _: None)
+    common = {
+        "model": {"base": str(base)},
+        "data": {"resolution": SIZE},
+        "lora": {"rank": 4, "lora_alpha": 4.0, "train_text_encoder": False},
+        "train": {"max_steps": args.steps, "batch_size": args.batch_size, "optimizer": "adamw", "save_every_steps": 0},
+        "output": {"folder": str(work / "runs"), "save_dtype": "float32", "log_with": []},
+    }
+
+    def run(name: str, **sections: dict) -> float:
+        recipe = {key: dict(value) for key, value in common.items()}
+        for section, values in sections.items():
+            recipe.setdefault(section, {}).update(values)
+        recipe["output"]["name"] = name
+        result = train(recipe_from_dict(recipe), overwrite=True, quiet=True, log=lambda _: None)
+        return step_seconds(result.run_dir, args.warmup)
+
+    plain = run("plain", data={"folder": str(work / "dataset"), "trigger": TRIGGER})
+    print(f"toy base, {SIZE}x{SIZE}, batch {args.batch_size}, LoRA rank 4 on the U-Net, {args.steps} steps")
+    print("| run | s/step | x plain | planner's factor |")
+    print("|---|---|---|---|")
+    print(f"| plain LoRA | {plain:.4f} | 1.00 | 1.00 |")
+    for steps in args.denoise_steps:
+        section = {"positive": "black background", "negative": "white background", "denoise_steps": steps}
+        seconds = run(f"slider-{steps}", slider=section)
+        factor = slider_work(recipe_from_dict({**common, "slider": section}))
+        print(f"| slider, denoise_steps {steps} | {seconds:.4f} | {seconds / plain:.2f} | {factor:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
