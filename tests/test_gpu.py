@@ -215,3 +215,28 @@ def test_generate_on_cuda_reads_the_base_in_float16_and_draws_what_a_cast_pipeli
             images[name] = np.asarray(image, dtype=np.int16)
     assert read == [{torch.float16}, {torch.float32}]
     assert np.abs(images["read-in-it"] - images["cast-after"]).max() <= 1  # same weights; kernels may differ
+
+
+@pytest.mark.parametrize(("precision", "dtype"), [("fp16", torch.float16), ("bf16", torch.bfloat16)])
+def test_a_slider_trains_on_cuda_with_half_weights_and_draws_both_ends(tiny_base, tmp_path, precision, dtype):
+    """[slider] on CUDA: the base's denoising and its three predictions under autocast on half-precision frozen
+    weights, both strengths in one checkpointed pass, the VAE off the GPU until the samples (at -2 and 2) need it."""
+    from .test_slider import slider_recipe
+
+    sample = {"prompts": ["a toy --m -2", "a toy --m 2"], "steps": 2}
+    recipe = slider_recipe(
+        tiny_base,
+        tmp_path,
+        train={"max_steps": 3, "mixed_precision": precision, "gradient_checkpointing": True},
+        model={"weight_dtype": "float16" if precision == "fp16" else "bfloat16"},
+        sample=sample,
+    )
+    lines: list[str] = []
+    result = train(recipe_from_dict(recipe), quiet=True, log=lines.append)
+    unet = result.models["unet"]
+    assert unet.device.type == "cuda" and unet.conv_in.weight.dtype == dtype
+    lora = {n: p for n, p in unet.named_parameters() if "lora_" in n}
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in lora.values())
+    assert any(p.abs().sum() > 0 for n, p in lora.items() if ".lora_B." in n)
+    assert (result.run_dir / "samples" / "step-000003.png").is_file()
+    assert "max_memory_allocated_gib" in (result.run_dir / "metrics.jsonl").read_text()

@@ -346,7 +346,7 @@ def _slider_loss(run: Run) -> Any:
         neutral, positive, negative = predict(torch.cat([noisy] * 3), t, targets + positives + negatives).chunk(3)
     wanted = slider.sided_targets(neutral, positive, negative, section.guidance)
     timesteps = torch.full((2 * count,), int(t))
-    run.strengths.set(torch.tensor([strength for strength in slider.SIDES for _ in range(count)]))
+    run.strengths.set(torch.tensor([strength for strength in slider.SIDES for _ in range(count)], device=run.device))
     conditioning = _prompt_conditioning(run, targets * 2)
     with run.accelerator.autocast():
         predicted = run.models["unet"](torch.cat([noisy] * 2), to_device(timesteps, run.device), **conditioning).sample
