@@ -62,16 +62,22 @@ def main() -> None:
         result = train(recipe_from_dict(recipe), overwrite=True, quiet=True, log=lambda _: None)
         return step_seconds(result.run_dir, args.warmup)
 
-    plain = run("plain", data={"folder": str(work / "dataset"), "trigger": TRIGGER})
     print(f"toy base, {SIZE}x{SIZE}, batch {args.batch_size}, LoRA rank 4 on the U-Net, {args.steps} steps")
-    print("| run | s/step | x plain | planner's factor |")
-    print("|---|---|---|---|")
-    print(f"| plain LoRA | {plain:.4f} | 1.00 | 1.00 |")
-    for steps in args.denoise_steps:
-        section = {"positive": "black background", "negative": "white background", "denoise_steps": steps}
-        seconds = run(f"slider-{steps}", slider=section)
-        factor = slider_work(recipe_from_dict({**common, "slider": section}))
-        print(f"| slider, denoise_steps {steps} | {seconds:.4f} | {seconds / plain:.2f} | {factor:.2f} |")
+    print("| gradient checkpointing | run | s/step | x plain | planner's factor |")
+    print("|---|---|---|---|---|")
+    for checkpointing in (False, True):
+        train_keys = {"gradient_checkpointing": checkpointing}
+        plain = run("plain", data={"folder": str(work / "dataset"), "trigger": TRIGGER}, train=train_keys)
+        print(f"| {checkpointing} | plain LoRA | {plain:.4f} | 1.00 | 1.00 |")
+        for steps in args.denoise_steps:
+            section = {"positive": "black background", "negative": "white background", "denoise_steps": steps}
+            seconds = run(f"slider-{steps}", slider=section, train=train_keys)
+            sliding = {**common, "slider": section, "train": {**common["train"], **train_keys}}
+            factor = slider_work(recipe_from_dict(sliding))
+            print(
+                f"| {checkpointing} | slider, denoise_steps {steps} | {seconds:.4f} | {seconds / plain:.2f} | "
+                f"{factor:.2f} |"
+            )
 
 
 if __name__ == "__main__":

@@ -309,13 +309,15 @@ ASSUMED_IMAGES = 20  # the dataset's size while it is not prepared yet
 
 
 def slider_work(recipe: Recipe) -> float:
-    """A [slider] step's work in plain steps (one forward and backward pass, about three forwards' work per latent):
-    a forward and backward pass on twice the batch (2), the frozen base's three predictions (1), and the denoising
-    that made the latent: on average (denoise_steps - 1) / 2 steps of forward passes on twice the batch, guidance's
-    two halves ((denoise_steps - 1) / 3). 1 for other runs."""
+    """A [slider] step's work in plain steps. A plain step is a forward and a backward pass, about three forward
+    passes' work per latent (four with gradient checkpointing, which runs the forward pass again): call that c. A
+    slider step is a forward and backward pass on twice the batch (2), the frozen base's three predictions (3 / c),
+    and the denoising that made the latent: on average (denoise_steps - 1) / 2 forward passes on twice the batch,
+    guidance's two halves ((denoise_steps - 1) / c); 2 + (denoise_steps + 2) / c in all. 1 for other runs."""
     if recipe.slider is None:
         return 1.0
-    return 2 + 1 + (recipe.slider.denoise_steps - 1) / 3
+    forwards = 4 if recipe.train.gradient_checkpointing else 3
+    return 2 + (recipe.slider.denoise_steps + 2) / forwards
 
 
 def planned_steps(recipe: Recipe) -> tuple[int, str]:

@@ -312,12 +312,14 @@ def test_the_planner_counts_both_strengths_and_no_images(tiny_base, tmp_path):
     assert "a [slider] draws its latents at data.resolution, square" in lines
     assert "activations, batch 2 x2 ([slider]: +1 and -1) at 32x32" in lines
     assert "latent caching" not in lines and "latent cache 0.0 MiB" in lines
-    assert "a [slider] step is about 4.7 plain steps' work" in lines  # 2 + 1 + (6 - 1) / 3
+    assert "a [slider] step is about 4.7 plain steps' work" in lines  # 2 + (6 + 2) / 3
     sliding = plan(recipe_from_dict(slider_recipe(tiny_base, tmp_path)), vram=8)
     plain = dict(slider_recipe(tiny_base, tmp_path))
     del plain["slider"]
     unsliding = plan(recipe_from_dict(plain), vram=8)
-    assert sliding.seconds_per_step() == pytest.approx(unsliding.seconds_per_step() * (3 + 5 / 3))
+    assert sliding.seconds_per_step() == pytest.approx(unsliding.seconds_per_step() * (2 + 8 / 3))
+    checkpointed = slider_recipe(tiny_base, tmp_path, train={"gradient_checkpointing": True})
+    assert "about 4.0 plain steps' work" in "\n".join(plan_lines(plan(recipe_from_dict(checkpointed))))
     assert "  text caching" in "\n".join(plan_lines(sliding))  # fixed prompts: encoded once, the encoders leave
     shuffling = plan(recipe_from_dict(slider_recipe(tiny_base, tmp_path, slider={"shuffle": True})), vram=8)
     shuffled_lines = "\n".join(plan_lines(shuffling))
