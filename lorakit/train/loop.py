@@ -326,16 +326,15 @@ def _slider_loss(run: Run) -> Any:
     ]
     targets, positives, negatives = ([row[k] for row in prompts] for k in range(3))
     models = run.unwrapped()
-    with torch.no_grad(), adapters.adapters_disabled(*models.values()):
+    with torch.no_grad(), adapters.adapters_disabled(*models.values()):  # the base, for the latents and targets
 
-        def predict(latents: Any, t: Any, prompts: list[str]) -> Any:
-            conditioning = _prompt_conditioning(run, prompts)
+        def predict(latents: Any, t: Any, conditioning: dict[str, Any]) -> Any:
             with run.accelerator.autocast():
                 timesteps = torch.full((latents.shape[0],), int(t), device=run.device)
                 return models["unet"](latents.to(run.device), timesteps, **conditioning).sample.float()
 
         scheduler = DDIMScheduler.from_config(base.noise_scheduler.config, prediction_type=base.prediction_type)
-        guided = [""] * count + targets
+        guided = _prompt_conditioning(run, [""] * count + targets)  # encoded once for every denoising step
         noisy, t = slider.partial_denoise(
             lambda x, step: predict(x, step, guided),
             scheduler,
@@ -343,7 +342,8 @@ def _slider_loss(run: Run) -> Any:
             section.denoise_steps,
             taken,
         )
-        neutral, positive, negative = predict(torch.cat([noisy] * 3), t, targets + positives + negatives).chunk(3)
+        three = _prompt_conditioning(run, targets + positives + negatives)
+        neutral, positive, negative = predict(torch.cat([noisy] * 3), t, three).chunk(3)
     wanted = slider.sided_targets(neutral, positive, negative, section.guidance)
     timesteps = torch.full((2 * count,), int(t))
     run.strengths.set(torch.tensor([strength for strength in slider.SIDES for _ in range(count)], device=run.device))
