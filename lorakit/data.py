@@ -59,6 +59,7 @@ class Item:
     mask: Path | None = None  # masked loss: a greyscale image of the same size, white where the subject is
     mask_sha256: str = ""
     fixed_tags: tuple[int, int] | None = None  # data.keep_tokens_separator: tags kept at the front and at the end
+    strength: float = 1.0  # data.adapter_strength: the adapter's strength while it trains on this image
 
 
 def _read_metadata(folder: Path) -> list[tuple[int, dict]]:
@@ -252,14 +253,15 @@ def load_items(section: DataSection, pixel_multiple: int) -> list[Item]:
     """
     buckets = bucket_list(section.resolution, pixel_multiple)
     items = []
-    for folder, repeats in dataset_folders(section):
-        items += load_folder(
+    for (folder, repeats), strength in zip(dataset_folders(section), section.strengths, strict=True):
+        read = load_folder(
             Path(folder),
             trigger=section.trigger,
             repeats=repeats,
             buckets=buckets,
             separator=section.keep_tokens_separator,
         )
+        items += [dataclasses.replace(item, strength=strength) for item in read] if strength != 1 else read
     return items
 
 
@@ -349,6 +351,7 @@ def dataset_fingerprint(items: list[Item]) -> str:
     digest = hashlib.sha256()
     for item in items:
         facts = [item.sha256, item.caption, list(item.bucket), item.repeats, item.loss_weight, item.mask_sha256]
+        facts += [item.strength] if item.strength != 1 else []  # as before for runs that do not set one
         digest.update(json.dumps(facts).encode() + b"\n")
     return digest.hexdigest()
 

@@ -347,3 +347,76 @@ def test_a_background_slider_on_the_toy_world_draws_each_end_and_keeps_the_base_
     assert shares[0.0]["gray"] >= 0.9 and shares[0.0]["colour kept"] >= 0.9, shares
     assert shares[2.0]["black"] >= 0.9 and shares[2.0]["colour kept"] >= 0.9, shares
     assert shares[-2.0]["white"] >= 0.9, shares
+
+
+# ---- image sliders: data.adapter_strength ----------------------------------------------------------------------
+
+
+def test_a_folder_at_strength_minus_1_trains_the_mirror_image_of_the_same_folder_at_plus_1(
+    tiny_base, tiny_dataset, tmp_path
+):
+    """At -1 the adapter's output is negated, so every gradient of the up projections is too, and AdamW's steps
+    (decay included) with them: the run at -1 ends with the same down projections and negated up projections, bit for
+    bit, of the run at +1."""
+    from .conftest import make_recipe_dict
+
+    plain = train(recipe_from_dict(make_recipe_dict(tiny_base, tiny_dataset, tmp_path / "a")), quiet=True, log=print)
+    recipe = make_recipe_dict(tiny_base, tiny_dataset, tmp_path / "b", data={"adapter_strength": -1.0})
+    lines: list[str] = []
+    mirrored = train(recipe_from_dict(recipe), quiet=True, log=lines.append)
+    a, b = load_file(plain.adapter), load_file(mirrored.adapter)
+    assert a.keys() == b.keys() and any(k.startswith("lora_te_") for k in a)
+    for key in a:
+        if key.endswith("lora_up.weight"):
+            assert torch.equal(b[key], -a[key]) and a[key].abs().max() > 0, key
+        else:
+            assert torch.equal(b[key], a[key]), key
+    assert "data.adapter_strength: the adapter trains at -1 on" in "\n".join(lines)
+
+
+def test_each_image_trains_at_its_folders_strength(tiny_base, tiny_dataset, tmp_path, monkeypatch):
+    from lorakit.slider import Strengths
+
+    from .conftest import make_recipe_dict
+
+    second = tmp_path / "before"
+    shutil.copytree(tiny_dataset, second, ignore=shutil.ignore_patterns(".cache"))
+    seen: list[list[float]] = []
+    real = Strengths.set
+
+    def recording(self, values):
+        seen.append(values.tolist())
+        real(self, values)
+
+    monkeypatch.setattr(Strengths, "set", recording)
+    data = {"folder": [str(tiny_dataset), str(second)], "adapter_strength": [1.0, -1.0]}
+    recipe = make_recipe_dict(tiny_base, tiny_dataset, tmp_path / "out", data=data, train={"max_steps": 6})
+    lines: list[str] = []
+    result = train(recipe_from_dict(recipe), quiet=True, log=lines.append)
+    count = len((tiny_dataset / "metadata.jsonl").read_text().splitlines())
+    assert f"data.adapter_strength: the adapter trains at -1 on {count} images, +1 on {count} images" in lines
+    assert len(seen) == 6 and {v for batch in seen for v in batch} == {1.0, -1.0}
+    from safetensors import safe_open
+
+    with safe_open(result.adapter, "pt") as handle:
+        recorded = json.loads(handle.metadata()["lorakit_adapter_strengths"])
+    assert recorded == {tiny_dataset.name: 1.0, "before": -1.0}
+
+
+@pytest.mark.parametrize(
+    ("data", "sections", "fragment"),
+    [
+        ({"adapter_strength": [1.0, -1.0]}, {}, "data.adapter_strength: 2 values for 1 folders"),
+        ({"adapter_strength": 0.0}, {}, "data.adapter_strength: 0 switches the adapter off"),
+        ({"adapter_strength": -1.0}, {"lora": {"type": "lokr"}}, "which LoKr does not have as one factor"),
+        ({"adapter_strength": -1.0}, {"lora": {"use_dora": True}}, "which DoRA does not have as one factor"),
+        ({"adapter_strength": -1.0}, {"preservation": {"class_word": "toy"}}, "not with [preservation]"),
+        ({"adapter_strength": 101.0}, {}, "data.adapter_strength"),
+    ],
+)
+def test_adapter_strengths_that_cannot_train_are_refused(tiny_base, tiny_dataset, tmp_path, data, sections, fragment):
+    from .conftest import make_recipe_dict
+
+    with pytest.raises(RecipeError) as err:
+        recipe_from_dict(make_recipe_dict(tiny_base, tiny_dataset, tmp_path, data=data, **sections))
+    assert fragment in str(err.value)

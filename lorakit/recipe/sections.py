@@ -80,6 +80,11 @@ class DataSection:
     num_repeats: int | list[int] = 1
     """How many times each image appears per epoch; a list gives each folder of `folder` its own. A dataset row's own
     `repeats` (`prepare --kohya-folders`) multiplies it."""
+    adapter_strength: float | list[float] = 1.0
+    """The adapter's strength while it trains on each folder's images: one number, or one per folder of `folder`.
+    [1, -1] with photos showing a change in the first folder and the same subjects without it in the second trains an
+    image slider (ai-toolkit's image-pair slider): at +1 the adapter draws the first kind, at -1 the second, at 0 the
+    base. Each image's forward pass runs the adapter at its folder's strength. LoRA only, not with DoRA."""
     trigger: str = ""
     """Trigger word(s) put at the front of every caption that does not already contain them."""
     shuffle_tags: bool = False
@@ -127,6 +132,13 @@ class DataSection:
     max_token_length: TokenLength = 75
     """Caption length in CLIP tokens: 75 truncates longer captions (counted and reported); 150 or 225 encode them
     in 75-token chunks, as kohya's max_token_length does."""
+
+    @property
+    def strengths(self) -> list[float]:
+        """`adapter_strength` for each folder of `folder`."""
+        count = 1 if isinstance(self.folder, str) else len(self.folder)
+        strength = self.adapter_strength
+        return list(strength) if isinstance(strength, list) else [strength] * count
 
     @property
     def tags_vary(self) -> bool:
@@ -574,6 +586,12 @@ class Recipe:
         """Whether the text the run encodes changes from step to step (a caption's tags, a [slider]'s shuffled
         prompts), so its text-encoder output cannot be computed once and cached."""
         return self.data.tags_vary or (self.slider is not None and self.slider.shuffle)
+
+    @property
+    def strengths_vary(self) -> bool:
+        """Whether the adapter trains at another strength than 1 on some images (a [slider], or
+        `data.adapter_strength`), so each sample of a batch gets its own (slider.Strengths)."""
+        return self.slider is not None or any(s != 1 for s in self.data.strengths)
 
     def trains_text_encoder(self, sdxl: bool) -> bool:
         """`lora.train_text_encoder`, or its default for the base: true for SD 1.x and 2.x, false for SDXL, for a

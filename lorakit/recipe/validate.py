@@ -80,6 +80,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "data.resolution": (8, 4096),
     "data.extra_resolutions": (8, 4096),
     "data.num_repeats": (1, 10_000),
+    "data.adapter_strength": (-100, 100),
     "data.keep_tokens": (0, 1_000),
     "data.caption_warmup_steps": (0, STEPS_MAX),
     "data.caption_warmup_min": (0, 1_000),
@@ -270,6 +271,7 @@ def _cross_checks(built: dict, problems: list[str]) -> None:
                 f"data.extra_resolutions: {extra} repeats a resolution (data.resolution is {data.resolution}); give "
                 "each other resolution once"
             )
+        problems += _strength_problems(data, lora, len(folders), built.get("preservation"))
         if isinstance(data.num_repeats, list) and len(data.num_repeats) != len(folders):
             problems.append(
                 f"data.num_repeats: {len(data.num_repeats)} values for {len(folders)} folders; "
@@ -396,6 +398,38 @@ def _preservation_problems(preservation, data, embedding) -> list[str]:
     if embedding is not None and embedding.only:
         problems.append(
             "preservation: embedding.only trains no adapter whose output could drift; remove [preservation]"
+        )
+    return problems
+
+
+def _strength_problems(data, lora, folders: int, preservation) -> list[str]:
+    """`data.adapter_strength`: one per folder, none at 0, and an adapter whose strength -1 undoes +1."""
+    strength = data.adapter_strength
+    if isinstance(strength, list) and len(strength) != folders:
+        return [
+            f"data.adapter_strength: {len(strength)} values for {folders} folders; give one per folder in "
+            "data.folder, or a single number"
+        ]
+    if isinstance(strength, list) and not strength:
+        return []
+    problems = []
+    if 0 in data.strengths:
+        problems.append(
+            "data.adapter_strength: 0 switches the adapter off for that folder's images, which then teach it "
+            "nothing; give a strength such as -1, or leave the folder out"
+        )
+    if all(s == 1 for s in data.strengths):
+        return problems
+    if lora is not None and (lora.type != "lora" or lora.use_dora):
+        kind = "DoRA" if lora.type == "lora" else {"lokr": "LoKr", "loha": "LoHa"}[lora.type]
+        problems.append(
+            f"data.adapter_strength: scales a LoRA's output per image, which {kind} does not have as one factor; "
+            'use lora.type = "lora" without DoRA, or strength 1'
+        )
+    if preservation is not None:
+        problems.append(
+            "data.adapter_strength: not with [preservation], which trains the class captions at strength 1 beside "
+            "them; remove one"
         )
     return problems
 

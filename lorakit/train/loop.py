@@ -373,7 +373,10 @@ def _prompt_conditioning(run: Run, prompts: list[str]) -> dict[str, Any]:
 
 
 def _prediction(run: Run, captions: list[str], items: list[Item], flips: list[bool], noisy: Any, timesteps: Any):
-    """What the U-Net being trained predicts for the noisy latents at their timesteps, under their captions."""
+    """What the U-Net being trained predicts for the noisy latents at their timesteps, under their captions; each
+    image at its adapter strength (`data.adapter_strength`), when some are not 1."""
+    if run.strengths is not None:  # set before the text encoders run too; cleared after the step's backward passes
+        run.strengths.set(torch.tensor([item.strength for item in items], device=run.device))
     conditioning = unet_conditioning(run, captions, items, flips)
     with run.accelerator.autocast():
         return run.models["unet"](
@@ -698,10 +701,14 @@ def validation_loss(run: Run, items: list[Item], cache: LatentCache) -> float:
                 noisy = base.noise_scheduler.add_noise(latents, noise, t)
                 target = objective.training_target(base.noise_scheduler, latents, noise, t, base.prediction_type)
                 caption = steady_caption(item.caption, run.recipe.data)
+                if run.strengths is not None:  # a held-out image at its folder's adapter strength
+                    run.strengths.set(torch.tensor([item.strength], device=run.device))
                 conditioning = unet_conditioning(run, [caption], [item], [False])
                 with run.accelerator.autocast():
                     prediction = models["unet"](noisy.to(run.device), t.to(run.device), **conditioning).sample
                 losses.append(torch.nn.functional.mse_loss(prediction.float(), target.to(run.device)).item())
+    if run.strengths is not None:
+        run.strengths.clear()
     for module in models.values():
         module.train()
     return sum(losses) / len(losses)

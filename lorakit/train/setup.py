@@ -287,7 +287,7 @@ def set_up(
     dropout = None
     if recipe.lora.neuron_dropout or recipe.lora.rank_dropout or recipe.lora.module_dropout:
         dropout = _drop_inside_adapters(recipe, trained, say)
-    strengths = Strengths(trained.values()) if recipe.slider is not None else None
+    strengths = Strengths(trained.values()) if recipe.strengths_vary else None
     if cfg.gradient_checkpointing:
         _enable_gradient_checkpointing(base, trained)
     _speed_settings(recipe, base, trained, accelerator.device, say)
@@ -952,6 +952,14 @@ def _load_all_items(recipe: Recipe, base: BaseModel, log: Log) -> tuple[list[Ite
         items, held_out = split_held_out(items, recipe.validation.split, seed)
         names = ", ".join(item.path.name for item in held_out[:4]) + (", ..." if len(held_out) > 4 else "")
         log(f"validation.split: {len(held_out)} of {len(items) + len(held_out)} images held out for val_loss: {names}")
+    if any(s != 1 for s in recipe.data.strengths):  # an image slider: say which images pull which way
+        counts: dict[float, int] = {}
+        for item in items:
+            counts[item.strength] = counts.get(item.strength, 0) + 1
+        log(
+            "data.adapter_strength: the adapter trains at "
+            + ", ".join(f"{strength:+g} on {count} images" for strength, count in sorted(counts.items()))
+        )
     choosing = sum(has_wildcards(item.caption) for item in items)
     if recipe.data.wildcards:
         log(f"data.wildcards: {choosing} of {len(items)} captions choose among {{a|b}} options at every step")
