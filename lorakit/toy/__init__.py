@@ -8,13 +8,26 @@ captioned "photos" a user would bring, `write_class_photos` the regularization s
 
 from __future__ import annotations
 
+import dataclasses
+import random
 from pathlib import Path
 from typing import Any
 
 from ..prepare import PrepareOptions, prepare
 from ..recipe import load_recipe
 from ..train import train
-from .world import SIZE, TRIGGER, base_world, concept_photos
+from .world import (
+    BACKGROUNDS,
+    BASE_COLOURS,
+    SIDES,
+    SIZE,
+    TRIGGER,
+    base_world,
+    caption,
+    concept_photos,
+    draw,
+    random_scene,
+)
 
 RECIPE = Path(__file__).with_name("toy.toml")
 
@@ -45,6 +58,29 @@ def write_concept_photos(
         for index, (_, _, mask) in enumerate(photos):
             mask.save(folder / f"photo_{index:03d}.mask.png")
     return folder
+
+
+def write_slider_pairs(
+    folder: str | Path, colours: tuple[str, str] = ("red", "blue"), count: int = 12, seed: int = 5
+) -> tuple[Path, Path]:
+    """An image slider's photos: the same `count` scenes (side, background, place and size) drawn with a ball of the
+    first colour in `folder/<first>` and of the second in `folder/<second>`, captioned alike without the colour ("a
+    ball on the left, white background"). Returns the two folders."""
+    rng = random.Random(seed)
+    places = [(side, background) for side in SIDES for background in BACKGROUNDS]
+    scenes = []
+    for index in range(count):
+        side, background = places[index % len(places)]
+        scene = random_scene(rng, BASE_COLOURS[colours[0]], side, BACKGROUNDS[background])
+        scenes.append((scene, caption("", side, background, subject="a ball")))
+    return tuple(  # type: ignore[return-value]
+        _write_pairs(
+            Path(folder) / name,
+            [(draw(dataclasses.replace(scene, colour=BASE_COLOURS[name])), text) for scene, text in scenes],
+            "photo",
+        )
+        for name in colours
+    )
 
 
 def write_class_photos(folder: str | Path, per_caption: int = 2, seed: int = 11) -> Path:
