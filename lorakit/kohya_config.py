@@ -360,7 +360,7 @@ SUBSET_PREPARE = {  # settings that become options of the subset's `lorakit prep
     "caption_suffix": "--caption-suffix",
     "resize_interpolation": "--resize-filter",
 }
-SUBSET_READ = {"image_dir", "num_repeats", "is_reg", "batch_size", *SUBSET_PREPARE}
+SUBSET_READ = {"image_dir", "num_repeats", "is_reg", "batch_size", "network_multiplier", *SUBSET_PREPARE}
 DATASET_NOT_NEEDED = {
     "cache_info": "`lorakit prepare` keeps its own state of what it read",
     "caption_separator": "tags are separated by commas",
@@ -464,6 +464,13 @@ def _dataset_config(
     result.set("data.folder", folders[0] if len(folders) == 1 else folders, "image_dir (dataset_config), prepared")
     if any(r != 1 for r in repeats):
         result.set("data.num_repeats", repeats[0] if len(repeats) == 1 else repeats, "num_repeats (dataset_config)")
+    try:  # a [[datasets]] (or [general]) setting: the adapter's strength on that dataset's images
+        strengths = [float(s.settings.get("network_multiplier", 1.0)) for s in training]
+    except (TypeError, ValueError):
+        raise LorakitError(f"{where}: network_multiplier: not a number") from None
+    if any(s != 1 for s in strengths):
+        source = "network_multiplier (dataset_config)"
+        result.set("data.adapter_strength", strengths[0] if len(strengths) == 1 else strengths, source)
     fallback = {
         name: settings[name] for name in (*SUBSET_PREPARE, "resolution", "enable_wildcard") if name in settings
     }
@@ -481,6 +488,8 @@ def _dataset_config(
             continue
         if name == "num_repeats" and place in reg_places:
             result.not_needed.append(f"{label} (class images are drawn beside the photos as needed)")
+        elif name == "network_multiplier" and place in reg_places and value != 1:
+            fates[(place, name)] = "lorakit trains class images at strength 1"
         elif name in SUBSET_READ or name in DIRECT:
             result.mapped.append(label)
         elif name == "caption_separator" and value != ",":

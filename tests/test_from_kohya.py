@@ -511,3 +511,20 @@ def test_conv_block_dims_are_carried_over_where_sd_scripts_reads_them(tiny_base,
     said = ok(["from-kohya", str(_config(tmp_path, tiny_base, **{old: ignored})), "--out", str(tmp_path / "b.toml")])
     assert "conv_block_dims: sd-scripts reads it only beside block_dims or block-wise rates" in said.stdout
     assert load_recipe(tmp_path / "b.toml").lora.conv_block_ranks is None
+
+
+def test_a_datasets_network_multiplier_becomes_its_folders_adapter_strength(tiny_base, tmp_path):
+    """kohya's [[datasets]] network_multiplier (the network's multiplier on that dataset's images): an image slider's
+    +1 / -1 datasets become data.adapter_strength, one per folder."""
+    dataset = "".join(
+        f'[[datasets]]\nresolution = 64\nnetwork_multiplier = {m}\n\n  [[datasets.subsets]]\n  image_dir = "{d}"\n\n'
+        for d, m in (("photos/after", 1.0), ("photos/before", -1.0))
+    )
+    (tmp_path / "dataset.toml").write_text(dataset)
+    (tmp_path / "kohya.toml").write_text(TRAINING.format(base=tiny_base, out=tmp_path / "out"))
+    args = ["from-kohya", str(tmp_path / "kohya.toml"), "--dataset-config", str(tmp_path / "dataset.toml")]
+    said = ok([*args, "--out", str(tmp_path / "recipe.toml")]).stdout
+    recipe = load_recipe(tmp_path / "recipe.toml")
+    assert (recipe.data.folder, recipe.data.adapter_strength) == (["dataset-1", "dataset-2"], [1.0, -1.0])
+    assert "network_multiplier" not in said  # carried over: not named among what is left out
+    assert "network_multiplier (dataset_config)" in (tmp_path / "recipe.toml").read_text()  # where it came from
