@@ -871,6 +871,25 @@ def toy_build(
     )
 
 
+@toy_app.command("pairs")
+def toy_pairs(
+    out: Annotated[Path, typer.Argument(help="Folder to write OUT/red and OUT/blue into (they must not exist yet).")],
+    count: Annotated[int, typer.Option(min=1, max=1000, help="Scenes (photos per folder).")] = 12,
+) -> None:
+    """An image slider's photos on the toy world: the same scenes with a red ball (OUT/red) and a blue one
+    (OUT/blue), captioned alike without the colour."""
+    from .toy import write_slider_pairs
+
+    def write() -> tuple[Path, Path]:
+        for name in ("red", "blue"):
+            if (out / name).exists():
+                raise LorakitError(f"{out / name}: exists; give an OUT folder without red/ and blue/ in it")
+        return write_slider_pairs(out, count=count)
+
+    for folder in _run(write):
+        typer.echo(str(folder))
+
+
 @app.command()
 def demo(
     out: Annotated[

@@ -32,6 +32,7 @@ TESTED = {  # every example, each run by the test of its number below
     "06-load-in-diffusers.py",
     "07-block-weight.sh",
     "08-slider.sh",
+    "09-image-slider.sh",
 }
 _VARIABLE = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}|\$(\w+)")
 runner = CliRunner()
@@ -226,6 +227,25 @@ def test_08_a_slider_learns_from_prompts_and_draws_at_both_strengths(examples_ru
     compare = out / "slider-compare"
     assert len(list(compare.glob("*-x*.png"))) == 10  # 2 prompts x 5 strengths
     assert (compare / "000-seed0-x-2.png").is_file() and (compare / "009-seed0-x2.png").is_file()
+
+
+def test_09_an_image_slider_trains_from_photo_pairs(examples_run):
+    env, out, _ = examples_run
+    outputs = run_script("09-image-slider.sh", env)
+    assert outputs[0].split() == [str(out / "pairs" / "red"), str(out / "pairs" / "blue")]
+    run = out / "runs" / "colour-slider"
+    assert json.loads(load_file_metadata(run / "colour-slider.safetensors")["lorakit_adapter_strengths"]) == {
+        "red-dataset": 1.0,
+        "blue-dataset": -1.0,
+    }
+    assert len(list((out / "colour-compare").glob("*-x*.png"))) == 6  # 2 prompts x 3 strengths
+
+
+def load_file_metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as handle:
+        return handle.metadata()
 
 
 @pytest.mark.slow

@@ -456,3 +456,24 @@ def test_an_image_slider_on_the_toy_world_draws_one_colour_at_plus_1_and_the_oth
     assert shares[0.0]["red"] <= 0.2 and shares[0.0]["blue"] == 0, shares
     assert shares[1.0]["red"] >= 0.6 and shares[1.0]["blue"] == 0, shares
     assert shares[-1.0]["blue"] >= 0.45 and shares[-1.0]["red"] == 0, shares
+
+
+def test_toy_pairs_are_the_same_scenes_in_two_colours_and_never_overwrite(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from lorakit.toy.world import detect
+
+    red, blue = (tmp_path / "pairs" / name for name in ("red", "blue"))
+    assert ok(["toy", "pairs", str(tmp_path / "pairs"), "--count", "4"]).stdout.split() == [str(red), str(blue)]
+    for index in range(4):
+        name = f"photo_{index:03d}"
+        assert (red / f"{name}.txt").read_text() == (blue / f"{name}.txt").read_text()
+        assert (red / f"{name}.txt").read_text().startswith("a ball on the")
+        with Image.open(red / f"{name}.png") as a, Image.open(blue / f"{name}.png") as b:
+            assert (detect(a)["colour"], detect(b)["colour"]) == ("red", "blue")
+            assert (detect(a)["side"], detect(a)["background"]) == (detect(b)["side"], detect(b)["background"])
+            changed = np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max(axis=2) > 0
+            assert 0 < changed.mean() < 0.5  # the ball changed, the background did not
+    fails(["toy", "pairs", str(tmp_path / "pairs")], "pairs/red: exists")
+    assert len(list(red.iterdir())) == 8
