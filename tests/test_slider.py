@@ -244,6 +244,14 @@ def test_shuffle_draws_each_latent_its_own_order_of_the_prompts_parts(tiny_base,
     assert any(sorted(text.split(", ")) == ["blue", "dull", "small"] for text in seen)
 
 
+def test_a_prompt_cut_short_is_said(tiny_base, tmp_path):
+    long = ", ".join(["a red toy"] * 40)
+    _, lines = _train(slider_recipe(tiny_base, tmp_path, slider={"positive": long}, train={"max_steps": 1}))
+    said = [line for line in lines if line.startswith("slider.positive:")]
+    assert len(said) == 1 and "the rest is cut off" in said[0] and "data.max_token_length = 150" in said[0]
+    assert not any(line.startswith(("slider.negative:", "slider.target_class:")) for line in lines)
+
+
 def test_an_sdxl_slider_trains_the_unet_with_its_size_conditioning(tiny_sdxl, tmp_path):
     result, lines = _train(slider_recipe(tiny_sdxl, tmp_path, train={"max_steps": 2}))
     assert set(result.models) == {"unet"}
@@ -281,6 +289,7 @@ def test_a_slider_may_train_the_text_encoder_too(tiny_base, tmp_path):
         ({"preservation": {"class_word": "toy"}}, "preservation: a [slider] trains from its prompts"),
         ({"sample": {"every_epochs": 1}}, "sample.every_epochs: a [slider] has no epochs"),
         ({"slider": {"denoise_steps": 2}}, "slider.denoise_steps"),
+        ({"slider": {"negative": "<lora:other:1> a toy"}}, "slider.negative: the webui tag <lora:other:1> would be"),
         ({"slider": {"guidance": 0}}, "slider.guidance"),
     ],
 )

@@ -471,6 +471,12 @@ def _slider_problems(slider, built: dict) -> list[str]:
             + '; give the two ends of the slider, e.g. positive = "a very old person", negative = "a very young '
             'person"'
         )
+    for key in ("positive", "negative", "target_class"):
+        if (tag := network_tag(getattr(slider, key))) is not None:
+            problems.append(
+                f"slider.{key}: the webui tag {tag} would be encoded as words; remove it (use "
+                "model.merged_adapters to train on top of another adapter)"
+            )
     for section in ("prior", "validation", "preservation", "embedding"):
         if built.get(section) is not None:
             problems.append(f"{section}: a [slider] trains from its prompts, with no images; remove [{section}]")

@@ -259,7 +259,7 @@ def set_up(
     rank, world = accelerator.process_index, accelerator.num_processes
     if recipe.slider is not None:  # prompts alone: no dataset to read
         items, split_off, stream = [], [], NoImages()
-        _state_slider(recipe, say)
+        _state_slider(recipe, base, say)
     else:
         _check_prepared_resolution(recipe, say)
         items, split_off = _load_all_items(recipe, base, say)
@@ -872,9 +872,19 @@ def _unused_layers(text_encoder: Any, clip_skip: int) -> tuple[int, ...]:
     return tuple(range(layers - clip_skip + 1, layers))
 
 
-def _state_slider(recipe: Recipe, log: Log) -> None:
-    """[slider]: what it trains, and what each step costs."""
+def _state_slider(recipe: Recipe, base: BaseModel, log: Log) -> None:
+    """[slider]: what it trains, what each step costs, and prompts that are cut short."""
     section, size = recipe.slider, recipe.data.resolution
+    limit = recipe.data.max_token_length
+    if limit == 75:  # the model's own context
+        limit = base.tokenizers[0].model_max_length - 2
+    for key in ("target_class", "positive", "negative"):
+        count = token_count(base, getattr(section, key))
+        if count > limit:
+            log(
+                f"slider.{key}: {count} tokens, longer than {limit}: the rest is cut off; shorten it"
+                + (" or set data.max_token_length = 150 or 225" if limit < 225 else "")
+            )
     target = repr(section.target_class) if section.target_class else "every picture (empty target_class)"
     log(
         f"slider: {target} towards {section.positive!r} at strength +1 and towards {section.negative!r} at -1, "
