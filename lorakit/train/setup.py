@@ -872,12 +872,17 @@ def _unused_layers(text_encoder: Any, clip_skip: int) -> tuple[int, ...]:
     return tuple(range(layers - clip_skip + 1, layers))
 
 
+def _token_limit(recipe: Recipe, base: BaseModel) -> int:
+    """The tokens of text a run encodes before it cuts the rest: `data.max_token_length`, where 75 means the model's
+    own context (75 tokens for SD; fewer for the toy world)."""
+    limit = recipe.data.max_token_length
+    return base.tokenizers[0].model_max_length - 2 if limit == 75 else limit
+
+
 def _state_slider(recipe: Recipe, base: BaseModel, log: Log) -> None:
     """[slider]: what it trains, what each step costs, and prompts that are cut short."""
     section, size = recipe.slider, recipe.data.resolution
-    limit = recipe.data.max_token_length
-    if limit == 75:  # the model's own context
-        limit = base.tokenizers[0].model_max_length - 2
+    limit = _token_limit(recipe, base)
     for key in ("target_class", "positive", "negative"):
         count = token_count(base, getattr(section, key))
         if count > limit:
@@ -978,9 +983,7 @@ def _load_all_items(recipe: Recipe, base: BaseModel, log: Log) -> tuple[list[Ite
             f"data: {choosing} of {len(items)} captions have {{a|b}} choices, which are read as written; set "
             "data.wildcards = true to pick one option per step"
         )
-    limit = recipe.data.max_token_length
-    if limit == 75:  # the model's own context (75 tokens for SD; smaller for the toy world)
-        limit = base.tokenizers[0].model_max_length - 2
+    limit = _token_limit(recipe, base)
     read = plain_text if recipe.data.weighted_captions else str  # weights' brackets are not encoded
     too_long = sum(token_count(base, read(steady_caption(item.caption, recipe.data))) > limit for item in items)
     if too_long:
