@@ -421,6 +421,11 @@ def test_each_image_trains_at_its_folders_strength(tiny_base, tiny_dataset, tmp_
         ({"adapter_strength": -1.0}, {"lora": {"use_dora": True}}, "which DoRA does not have as one factor"),
         ({"adapter_strength": -1.0}, {"preservation": {"class_word": "toy"}}, "not with [preservation]"),
         ({"adapter_strength": 101.0}, {}, "data.adapter_strength"),
+        (
+            {"adapter_strength": -1.0},
+            {"embedding": {"token": "ohwx", "only": True}, "lora": {}, "train": {"unet_lr": 1e-4}},
+            "data.adapter_strength: sets the strength of a LoRA, and embedding.only trains none",
+        ),
     ],
 )
 def test_adapter_strengths_that_cannot_train_are_refused(tiny_base, tiny_dataset, tmp_path, data, sections, fragment):

@@ -271,7 +271,7 @@ def _cross_checks(built: dict, problems: list[str]) -> None:
                 f"data.extra_resolutions: {extra} repeats a resolution (data.resolution is {data.resolution}); give "
                 "each other resolution once"
             )
-        problems += _strength_problems(data, lora, len(folders), built.get("preservation"))
+        problems += _strength_problems(data, lora, len(folders), built.get("preservation"), built.get("embedding"))
         if isinstance(data.num_repeats, list) and len(data.num_repeats) != len(folders):
             problems.append(
                 f"data.num_repeats: {len(data.num_repeats)} values for {len(folders)} folders; "
@@ -402,7 +402,7 @@ def _preservation_problems(preservation, data, embedding) -> list[str]:
     return problems
 
 
-def _strength_problems(data, lora, folders: int, preservation) -> list[str]:
+def _strength_problems(data, lora, folders: int, preservation, embedding) -> list[str]:
     """`data.adapter_strength`: one per folder, none at 0, and an adapter whose strength -1 undoes +1."""
     strength = data.adapter_strength
     if isinstance(strength, list) and len(strength) != folders:
@@ -425,6 +425,10 @@ def _strength_problems(data, lora, folders: int, preservation) -> list[str]:
         problems.append(
             f"data.adapter_strength: scales a LoRA's output per image, which {kind} does not have as one factor; "
             'use lora.type = "lora" without DoRA, or strength 1'
+        )
+    if embedding is not None and embedding.only:
+        problems.append(
+            "data.adapter_strength: sets the strength of a LoRA, and embedding.only trains none; remove it"
         )
     if preservation is not None:
         problems.append(
