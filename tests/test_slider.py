@@ -252,6 +252,25 @@ def test_a_prompt_cut_short_is_said(tiny_base, tmp_path):
     assert not any(line.startswith(("slider.negative:", "slider.target_class:")) for line in lines)
 
 
+def test_extra_resolutions_draw_each_step_at_one_of_the_sizes(tiny_base, tmp_path, monkeypatch):
+    import lorakit.slider as slider_module
+    from lorakit.plan import plan
+
+    sides: list[int] = []
+    real = slider_module.partial_denoise
+
+    def recording(predict, scheduler, latents, steps, taken):
+        sides.append(latents.shape[-1])
+        return real(predict, scheduler, latents, steps, taken)
+
+    monkeypatch.setattr(slider_module, "partial_denoise", recording)
+    recipe = slider_recipe(tiny_base, tmp_path, data={"extra_resolutions": [64]}, train={"max_steps": 6})
+    _, lines = _train(recipe)
+    assert set(sides) == {8, 16} and len(sides) == 6  # 32 and 64 px (the tiny VAE halves twice)
+    assert any("learned from prompts at 32, 64 px square" in line for line in lines)
+    assert plan(recipe_from_dict(recipe)).memory.bucket == (64, 64)
+
+
 def test_an_sdxl_slider_trains_the_unet_with_its_size_conditioning(tiny_sdxl, tmp_path):
     result, lines = _train(slider_recipe(tiny_sdxl, tmp_path, train={"max_steps": 2}))
     assert set(result.models) == {"unet"}

@@ -76,7 +76,8 @@ class DataSection:
     extra_resolutions: list[int] = field(default_factory=list)
     """Also train every image at these resolutions (multi-resolution training, as ai-toolkit's list of resolutions):
     each is another copy of the dataset in its own buckets, so an epoch is that many times longer. Prepare at the
-    largest: a smaller one only downscales. E.g. [768, 512] beside resolution = 1024."""
+    largest: a smaller one only downscales. E.g. [768, 512] beside resolution = 1024. A `[slider]` draws each step's
+    latents at one of `resolution` and these."""
     num_repeats: int | list[int] = 1
     """How many times each image appears per epoch; a list gives each folder of `folder` its own. A dataset row's own
     `repeats` (`prepare --kohya-folders`) multiplies it."""

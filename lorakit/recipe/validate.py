@@ -438,8 +438,8 @@ def _strength_problems(data, lora, folders: int, preservation, embedding) -> lis
     return problems
 
 
-# What a [slider] keeps of the image-training keys: the size it draws at, and how long its prompts may be.
-SLIDER_DATA_KEYS = ("resolution", "max_token_length")
+# What a [slider] keeps of the image-training keys: the sizes it draws at, and how long its prompts may be.
+SLIDER_DATA_KEYS = ("resolution", "extra_resolutions", "max_token_length")
 # Keys a [slider] has no use for: it trains no epochs of images, and its timestep is where the base's denoising
 # of pure noise stopped, not a draw.
 SLIDER_TRAIN_KEYS = {
@@ -498,7 +498,7 @@ def _slider_problems(slider, built: dict) -> list[str]:
     if data is not None:
         problems += [
             f"data.{f.name}: a [slider] trains from its prompts, with no images (of data it reads only "
-            f"{' and '.join(SLIDER_DATA_KEYS)}); remove it"
+            f"{', '.join(SLIDER_DATA_KEYS)}); remove it"
             for f in dataclasses.fields(data)
             if f.name not in SLIDER_DATA_KEYS and _not_default(data, f.name)
         ]

@@ -302,9 +302,11 @@ def _slider_loss(run: Run) -> Any:
     micro-step."""
     from diffusers import DDIMScheduler
 
-    cfg, base, section = run.recipe.train, run.base, run.recipe.slider
+    cfg, base, section, data = run.recipe.train, run.base, run.recipe.slider, run.recipe.data
     generator = torch.Generator().manual_seed(derived_seed(cfg.seed, run.accelerator.process_index, run.micro))
-    side = run.recipe.data.resolution // base.vae_scale_factor
+    rng = step_rng(cfg.seed, f"{run.accelerator.process_index}:{run.micro}", "slider")
+    size = rng.choice([data.resolution, *data.extra_resolutions]) if data.extra_resolutions else data.resolution
+    side = size // base.vae_scale_factor
     channels = base.unet.config.in_channels
     noise = objective.sample_noise(
         (cfg.batch_size, channels, side, side),
@@ -316,7 +318,6 @@ def _slider_loss(run: Run) -> Any:
     )
     taken = int(torch.randint(1, section.denoise_steps - 1, (1,), generator=generator))
     count = cfg.batch_size
-    rng = step_rng(cfg.seed, f"{run.accelerator.process_index}:{run.micro}", "slider")
     prompts = [  # each latent's (target class, positive, negative)
         [
             slider.shuffled(text, rng) if section.shuffle else text
@@ -334,7 +335,7 @@ def _slider_loss(run: Run) -> Any:
                 return models["unet"](latents.to(run.device), timesteps, **conditioning).sample.float()
 
         scheduler = DDIMScheduler.from_config(base.noise_scheduler.config, prediction_type=base.prediction_type)
-        guided = _prompt_conditioning(run, [""] * count + targets)  # encoded once for every denoising step
+        guided = _prompt_conditioning(run, [""] * count + targets, size)  # encoded once for every denoising step
         noisy, t = slider.partial_denoise(
             lambda x, step: predict(x, step, guided),
             scheduler,
@@ -342,12 +343,12 @@ def _slider_loss(run: Run) -> Any:
             section.denoise_steps,
             taken,
         )
-        three = _prompt_conditioning(run, targets + positives + negatives)
+        three = _prompt_conditioning(run, targets + positives + negatives, size)
         neutral, positive, negative = predict(torch.cat([noisy] * 3), t, three).chunk(3)
     wanted = slider.sided_targets(neutral, positive, negative, section.guidance)
     timesteps = torch.full((2 * count,), int(t))
     run.strengths.set(torch.tensor([strength for strength in slider.SIDES for _ in range(count)], device=run.device))
-    conditioning = _prompt_conditioning(run, targets * 2)
+    conditioning = _prompt_conditioning(run, targets * 2, size)
     with run.accelerator.autocast():
         predicted = run.models["unet"](torch.cat([noisy] * 2), to_device(timesteps, run.device), **conditioning).sample
     return objective.diffusion_loss(
@@ -360,12 +361,11 @@ def _slider_loss(run: Run) -> Any:
     )
 
 
-def _prompt_conditioning(run: Run, prompts: list[str]) -> dict[str, Any]:
-    """The U-Net's keyword arguments for prompts drawn at `data.resolution` square (SDXL: uncropped)."""
+def _prompt_conditioning(run: Run, prompts: list[str], size: int) -> dict[str, Any]:
+    """The U-Net's keyword arguments for prompts drawn `size` pixels square (SDXL: uncropped)."""
     conditioning = text_conditioning(run, prompts)
     pooled = conditioning.pop("pooled", None)
     if pooled is not None:
-        size = run.recipe.data.resolution
         time_ids = torch.tensor([[size, size, 0, 0, size, size]] * len(prompts), dtype=torch.float32)
         time_ids = time_ids.to(run.device)
         conditioning["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids}

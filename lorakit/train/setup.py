@@ -511,7 +511,7 @@ def _preflight_memory(
         trainable, total = adapters.count_parameters(module)
         counts[name] = total - trainable  # frozen weights only
     numels = [p.numel() for m in trained.values() for p in m.parameters() if p.requires_grad]
-    side = recipe.data.resolution
+    side = max(recipe.data.resolution, *recipe.data.extra_resolutions)
     bucket = max((item.bucket for item in items), key=lambda b: b[0] * b[1]) if items else (side, side)
     architecture = "sdxl" if base.family == "sdxl" else "sd15"
     planned = estimate_memory(recipe, architecture, counts=counts, trainable=numels, bucket=bucket)
@@ -881,7 +881,8 @@ def _token_limit(recipe: Recipe, base: BaseModel) -> int:
 
 def _state_slider(recipe: Recipe, base: BaseModel, log: Log) -> None:
     """[slider]: what it trains, what each step costs, and prompts that are cut short."""
-    section, size = recipe.slider, recipe.data.resolution
+    section = recipe.slider
+    size = ", ".join(map(str, [recipe.data.resolution, *recipe.data.extra_resolutions]))
     limit = _token_limit(recipe, base)
     for key in ("target_class", "positive", "negative"):
         count = token_count(base, getattr(section, key))
@@ -893,7 +894,7 @@ def _state_slider(recipe: Recipe, base: BaseModel, log: Log) -> None:
     target = repr(section.target_class) if section.target_class else "every picture (empty target_class)"
     log(
         f"slider: {target} towards {section.positive!r} at strength +1 and towards {section.negative!r} at -1, "
-        f"learned from prompts at {size}x{size}; each step first denoises pure noise with the base for 1 to "
+        f"learned from prompts at {size} px square; each step first denoises pure noise with the base for 1 to "
         f"{section.denoise_steps - 2} of {section.denoise_steps} steps"
     )
 
