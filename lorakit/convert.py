@@ -173,6 +173,11 @@ def inspection_lines(info: dict) -> list[str]:
             lines.append(f"      {largest['norm']:.4g}  {largest['module']}")
     blocks = ", ".join(f"{block} {norm:.3g}" for block, norm in info["update_norm_by_block"].items())
     lines.append(f"  update norm by block (lbw= names): {blocks}")
+    metadata = info["metadata"] or {}
+    if "lorakit_slider_note" in metadata:  # whoever got the file learns which way each sign moves
+        lines.append(f"  slider: {metadata['lorakit_slider_note']}")
+    if "lorakit_adapter_strengths" in metadata:
+        lines.append(f"  image slider: trained at these strengths by folder: {metadata['lorakit_adapter_strengths']}")
     lines += [f"  warning: {warning}" for warning in info.get("warnings", [])]
     if info["metadata"]:
         lines.append("  metadata:")

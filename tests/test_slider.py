@@ -78,6 +78,8 @@ def test_a_slider_trains_from_prompts_alone_and_says_what_it_learns(slider_run):
         metadata = handle.metadata()
     assert metadata["lorakit_slider_positive"] == "a red toy" and metadata["lorakit_slider_negative"] == "a blue toy"
     assert metadata["ss_num_train_images"] == "0" and metadata["ss_network_train_unet_only"] == "True"
+    shown = ok(["inspect", str(result.adapter)]).stdout
+    assert "  slider: a concept slider: positive strengths draw 'a toy' towards 'a red toy', negative ones" in shown
 
 
 def test_the_slider_file_loads_in_diffusers_and_draws_as_trained_at_every_strength(slider_run, tiny_base):
@@ -429,6 +431,8 @@ def test_each_image_trains_at_its_folders_strength(tiny_base, tiny_dataset, tmp_
     with safe_open(result.adapter, "pt") as handle:
         recorded = json.loads(handle.metadata()["lorakit_adapter_strengths"])
     assert recorded == {tiny_dataset.name: 1.0, "before": -1.0}
+    shown = ok(["inspect", str(result.adapter)]).stdout
+    assert "  image slider: trained at these strengths by folder: {" in shown
 
 
 @pytest.mark.parametrize(
