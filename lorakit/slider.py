@@ -11,7 +11,7 @@ d = eta x (prediction(positive) - prediction(negative)) is added to or taken fro
     strength -1:  prediction(target_class) - d
 
 The adapter learns both targets in one forward pass of twice the batch: the first half at strength +1, the second
-at -1 (`Strengths`: forward hooks on peft's LoRA up projections that multiply each sample's adapter output by its
+at -1 (`SampleStrengths`: forward hooks on peft's LoRA up projections that multiply each sample's adapter output by its
 strength). Each layer's change is linear in the strength, so a slider trained at +-1 draws in between at any
 strength, and further out at 2 or 3. The reference is the prediction for `target_class`, as in the paper,
 so strength 0 is exactly the base; ai-toolkit takes the empty prompt's prediction there (the same when
@@ -32,7 +32,7 @@ STARTING_GUIDANCE = 3.0  # the guidance of the base's denoising that makes each 
 SIDES = (1.0, -1.0)  # the strengths a slider is trained at: the first half of the batch at +1, the second at -1
 
 
-class Strengths:
+class SampleStrengths:
     """A strength per sample for every peft LoRA layer of `models`: while `set`, the output of each LoRA up
     projection (`lora_B`) is multiplied by its sample's strength; `clear()` (the default) leaves it alone.
 
@@ -63,11 +63,6 @@ class Strengths:
             raise RuntimeError(f"slider strengths: {self.values.shape[0]} strengths for a batch of {output.shape[0]}")
         values = self.values.to(output.device, output.dtype)
         return output * values.reshape(-1, *[1] * (output.dim() - 1))
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
 
 
 def shuffled(text: str, rng: random.Random) -> str:

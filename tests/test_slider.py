@@ -14,7 +14,7 @@ from lorakit.adapters import adapters_disabled, adapters_scaled
 from lorakit.errors import RecipeError
 from lorakit.recipe import recipe_from_dict
 from lorakit.recipe.prompts import parse_sample_prompt
-from lorakit.slider import Strengths, partial_denoise, sided_targets
+from lorakit.slider import SampleStrengths, partial_denoise, sided_targets
 from lorakit.train import train
 
 from .conftest import write_recipe
@@ -164,7 +164,7 @@ def test_strengths_scale_each_sample_of_the_batch_as_a_strength_scales_the_adapt
     config = LoraConfig(r=2, lora_alpha=4, target_modules=["0", "2"], init_lora_weights=False)
     model = inject_adapter_in_model(config, model)
     x = torch.randn(1, 3, 4, 4)
-    strengths = Strengths([model])
+    strengths = SampleStrengths([model])
     with torch.no_grad():
         alone = {s: _at(model, x, s) for s in (1.0, -1.0, 0.0, 2.5)}
         strengths.set(torch.tensor([1.0, -1.0, 0.0, 2.5]))
@@ -405,20 +405,20 @@ def test_a_folder_at_strength_minus_1_trains_the_mirror_image_of_the_same_folder
 
 
 def test_each_image_trains_at_its_folders_strength(tiny_base, tiny_dataset, tmp_path, monkeypatch):
-    from lorakit.slider import Strengths
+    from lorakit.slider import SampleStrengths
 
     from .conftest import make_recipe_dict
 
     second = tmp_path / "before"
     shutil.copytree(tiny_dataset, second, ignore=shutil.ignore_patterns(".cache"))
     seen: list[list[float]] = []
-    real = Strengths.set
+    real = SampleStrengths.set
 
     def recording(self, values):
         seen.append(values.tolist())
         real(self, values)
 
-    monkeypatch.setattr(Strengths, "set", recording)
+    monkeypatch.setattr(SampleStrengths, "set", recording)
     data = {"folder": [str(tiny_dataset), str(second)], "adapter_strength": [1.0, -1.0]}
     recipe = make_recipe_dict(tiny_base, tiny_dataset, tmp_path / "out", data=data, train={"max_steps": 6})
     lines: list[str] = []

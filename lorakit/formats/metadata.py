@@ -213,7 +213,7 @@ def training_info(
         training[timestep_rank.METADATA_MIN_RANK] = str(lora.tlora_min_rank)
         training[timestep_rank.METADATA_EXPONENT] = str(lora.tlora_exponent)
         training[timestep_rank.METADATA_TIMESTEPS] = str(num_train_timesteps)
-    if any(s != 1 for s in recipe.data.strengths):  # an image slider: which folder trained at which strength
+    if recipe.data.strengths_vary:  # an image slider: which folder trained at which strength
         folders = [recipe.data.folder] if isinstance(recipe.data.folder, str) else recipe.data.folder
         strengths = {Path(folder).name: s for folder, s in zip(folders, recipe.data.strengths, strict=True)}
         training["lorakit_adapter_strengths"] = json.dumps(strengths)

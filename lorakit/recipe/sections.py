@@ -142,6 +142,11 @@ class DataSection:
         return list(strength) if isinstance(strength, list) else [strength] * count
 
     @property
+    def strengths_vary(self) -> bool:
+        """Whether some folder trains at another adapter strength than 1 (an image slider)."""
+        return any(s != 1 for s in self.strengths)
+
+    @property
     def tags_vary(self) -> bool:
         """Whether a caption's tags change from step to step (shuffled, left out one by one, wildcards chosen, or
         growing through a warm-up), so its text-encoder output cannot be computed once and cached."""
@@ -591,8 +596,8 @@ class Recipe:
     @property
     def strengths_vary(self) -> bool:
         """Whether the adapter trains at another strength than 1 on some images (a [slider], or
-        `data.adapter_strength`), so each sample of a batch gets its own (slider.Strengths)."""
-        return self.slider is not None or any(s != 1 for s in self.data.strengths)
+        `data.adapter_strength`), so each sample of a batch gets its own (slider.SampleStrengths)."""
+        return self.slider is not None or self.data.strengths_vary
 
     def trains_text_encoder(self, sdxl: bool) -> bool:
         """`lora.train_text_encoder`, or its default for the base: true for SD 1.x and 2.x, false for SDXL, for a

@@ -418,7 +418,7 @@ def _strength_problems(data, lora, folders: int, preservation, embedding) -> lis
             "data.adapter_strength: 0 switches the adapter off for that folder's images, which then teach it "
             "nothing; give a strength such as -1, or leave the folder out"
         )
-    if all(s == 1 for s in data.strengths):
+    if not data.strengths_vary:
         return problems
     if lora is not None and (lora.type != "lora" or lora.use_dora):
         kind = "DoRA" if lora.type == "lora" else {"lokr": "LoKr", "loha": "LoHa"}[lora.type]

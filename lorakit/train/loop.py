@@ -100,7 +100,7 @@ class Run:
     dropout: Any = None  # dropout.AdapterDropout: kohya's dropouts inside the adapters, when the recipe has them
     preservation_part: Any = None  # [preservation]: this step's weighted preservation loss so far (a tensor)
     preservation_loss: float | None = None  # [preservation]: the last step's, logged as `preservation_loss`
-    strengths: Any = None  # [slider]: slider.Strengths, each sample's adapter strength in the training pass
+    strengths: Any = None  # [slider]: slider.SampleStrengths, each sample's adapter strength in the training pass
 
     @property
     def epochs_done(self) -> int:

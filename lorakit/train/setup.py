@@ -69,7 +69,7 @@ from ..optim import build_lr_scheduler, build_optimizer
 from ..progress import progress_bar
 from ..prompt_syntax import plain_text
 from ..recipe import DEFAULT_MAX_STEPS, Recipe, dump_recipe, recipe_to_dict
-from ..slider import NoImages, Strengths
+from ..slider import NoImages, SampleStrengths
 from ..timestep_rank import TimestepRanks, active_ranks
 from ..trigger import contains_trigger, replace_trigger
 from .images import render_class_images
@@ -287,7 +287,7 @@ def set_up(
     dropout = None
     if recipe.lora.neuron_dropout or recipe.lora.rank_dropout or recipe.lora.module_dropout:
         dropout = _drop_inside_adapters(recipe, trained, say)
-    strengths = Strengths(trained.values()) if recipe.strengths_vary else None
+    strengths = SampleStrengths(trained.values()) if recipe.strengths_vary else None
     if cfg.gradient_checkpointing:
         _enable_gradient_checkpointing(base, trained)
     _speed_settings(recipe, base, trained, accelerator.device, say)
@@ -968,7 +968,7 @@ def _load_all_items(recipe: Recipe, base: BaseModel, log: Log) -> tuple[list[Ite
         items, held_out = split_held_out(items, recipe.validation.split, seed)
         names = ", ".join(item.path.name for item in held_out[:4]) + (", ..." if len(held_out) > 4 else "")
         log(f"validation.split: {len(held_out)} of {len(items) + len(held_out)} images held out for val_loss: {names}")
-    if any(s != 1 for s in recipe.data.strengths):  # an image slider: say which images pull which way
+    if recipe.data.strengths_vary:  # an image slider: say which images pull which way
         counts: dict[float, int] = {}
         for item in items:
             counts[item.strength] = counts.get(item.strength, 0) + 1
