@@ -199,11 +199,18 @@ def token_ids(run: Run, captions: list[str]) -> list[Any]:
 def unet_conditioning(run: Run, captions: list[str], items: list[Item], flips: list[bool]) -> dict[str, Any]:
     """The U-Net's keyword arguments for a batch: text conditioning, and for SDXL the pooled text embedding with
     each image's size conditioning (`added_cond_kwargs`)."""
+    return _sized_conditioning(
+        run, captions, lambda: [size_conditioning(item, flip) for item, flip in zip(items, flips, strict=True)]
+    )
+
+
+def _sized_conditioning(run: Run, captions: list[str], sizes: Callable[[], list[Any]]) -> dict[str, Any]:
+    """Text conditioning for `captions`, with SDXL's pooled embedding and `sizes()` (one six-number size
+    conditioning per caption, asked for only by an SDXL base) as `added_cond_kwargs`."""
     conditioning = text_conditioning(run, captions)
     pooled = conditioning.pop("pooled", None)
     if pooled is not None:
-        sizes = [size_conditioning(item, flip) for item, flip in zip(items, flips, strict=True)]
-        time_ids = torch.tensor(sizes, dtype=torch.float32, device=run.device)
+        time_ids = torch.tensor(sizes(), dtype=torch.float32, device=run.device)
         conditioning["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids}
     return conditioning
 
@@ -363,13 +370,7 @@ def _slider_loss(run: Run) -> Any:
 
 def _prompt_conditioning(run: Run, prompts: list[str], size: int) -> dict[str, Any]:
     """The U-Net's keyword arguments for prompts drawn `size` pixels square (SDXL: uncropped)."""
-    conditioning = text_conditioning(run, prompts)
-    pooled = conditioning.pop("pooled", None)
-    if pooled is not None:
-        time_ids = torch.tensor([[size, size, 0, 0, size, size]] * len(prompts), dtype=torch.float32)
-        time_ids = time_ids.to(run.device)
-        conditioning["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids}
-    return conditioning
+    return _sized_conditioning(run, prompts, lambda: [(size, size, 0, 0, size, size)] * len(prompts))
 
 
 def _prediction(run: Run, captions: list[str], items: list[Item], flips: list[bool], noisy: Any, timesteps: Any):
