@@ -100,14 +100,12 @@ NOT_NEEDED = {
 }
 # Settings lorakit cannot carry over, and why (a setting in none of these tables: "lorakit has no equivalent").
 _HALF = "lorakit keeps adapter weights and their gradients in float32 (model.weight_dtype halves the base)"
-_FLOAT8 = 'lorakit has no float8 base weights; model.weight_dtype = "float16" or "bfloat16" halves them'
 _RESUME = "continue a lorakit run with `lorakit train RECIPE --resume latest`"
 _UPLOAD = "lorakit does not upload; push the run folder with `hf upload`"
 UNSUPPORTED = {
     "full_bf16": _HALF,
     "full_fp16": _HALF,
-    "fp8_base": _FLOAT8,
-    "fp8_base_unet": _FLOAT8,
+    "fp8_base_unet": 'lorakit\'s float8 stores the text encoders too: model.weight_dtype = "float8" (fp8_base)',
     "blocks_to_swap": "lorakit does not swap blocks to the CPU; see `lorakit plan --fit` for what fits",
     "cpu_offload_checkpointing": "lorakit does not offload checkpointed activations; see `lorakit plan --fit`",
     "fused_backward_pass": "a full fine-tuning memory saver; LoRA's optimizer state is small",
@@ -954,6 +952,7 @@ DIRECT: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "lr_scheduler_timescale": ("train.lr_scheduler_timescale", int),
     "mixed_precision": ("train.mixed_precision", _precision),
     "gradient_checkpointing": ("train.gradient_checkpointing", _bool),
+    "fp8_base": ("model.weight_dtype", lambda v: "float8" if _bool(v) else "float32"),
     "torch_compile": ("train.compile", _bool),
     "seed": ("train.seed", int),
     "max_grad_norm": ("train.max_grad_norm", float),

@@ -311,7 +311,27 @@ def _component_names(architecture: str) -> list[str]:
 
 
 def _dtype_bytes(name: str) -> int:
-    return 4 if name == "float32" else 2
+    return {"float32": 4, "float8": 1}.get(name, 2)
+
+
+def compute_dtype(recipe: Any) -> str:
+    """The dtype the frozen weights compute in: `model.weight_dtype`, or for float8 the autocast dtype its stored
+    weights dequantize to (float32 without autocast); also the dtype the base is read in."""
+    if recipe.model.weight_dtype != "float8":
+        return recipe.model.weight_dtype
+    return {"fp16": "float16", "bf16": "bfloat16"}.get(recipe.train.mixed_precision, "float32")
+
+
+@functools.cache
+def float8_sizes(architecture: str, component: str, compute: str, folder: str | None = None) -> tuple[int, int]:
+    """(bytes of the component's weights with `model.weight_dtype = "float8"`, values in its largest stored weight),
+    counted on the meta device by the rule `lorakit.float8` stores them by."""
+    from .architectures import build_on_meta
+    from .float8 import KEPT_IN_UNET, largest_weight, stored_bytes
+
+    module = build_on_meta(architecture, component, folder).requires_grad_(False)  # the base, frozen
+    kept = KEPT_IN_UNET if component == "unet" else ()
+    return stored_bytes(module, _dtype_bytes(compute), kept), largest_weight(module, kept)
 
 
 def own_configs(recipe: Any, architecture: str) -> str | None:
@@ -446,10 +466,11 @@ def estimate(
     counts: dict[str, int] | None = None,
     trainable: list[int] | None = None,
     bucket: tuple[int, int] | None = None,
+    stored: dict[str, int] | None = None,
 ) -> MemoryEstimate:
-    """The phases and parts of the run `recipe` describes. `counts` (parameters per component) and `trainable`
-    (element counts of the adapter tensors) come from the loaded models when `train` asks; otherwise they are
-    counted on the meta device."""
+    """The phases and parts of the run `recipe` describes. `counts` (parameters per component), `stored` (bytes of
+    each component's frozen weights as they sit on the GPU) and `trainable` (element counts of the adapter tensors)
+    come from the loaded models when `train` asks; otherwise they are counted on the meta device."""
     architecture = architecture or architecture_of(recipe.model.base)[0]
     bucket, source = (bucket, "the largest bucket of the dataset") if bucket else largest_bucket(recipe)
     cfg, lora = recipe.train, recipe.lora
@@ -457,7 +478,7 @@ def estimate(
     folder = own_configs(recipe, architecture)
     shipped = {"sd15": "SD 1.5", "sd21": "SD 2.1", "sdxl": "SDXL"}[architecture]
     result.configs = f"the base's own configs in {folder}" if folder else f"lorakit's {shipped} configs"
-    weight_bytes = _dtype_bytes(recipe.model.weight_dtype)
+    dtype, compute = recipe.model.weight_dtype, compute_dtype(recipe)
     only = recipe.embedding is not None and recipe.embedding.only  # textual inversion: no LoRA at all
     train_te = recipe.trains_text_encoder(architecture == "sdxl")
     slider = recipe.slider is not None  # prompts alone: no images to encode
@@ -469,24 +490,33 @@ def estimate(
         trainable = [n for c in trained for n in adapter_sizes(architecture, c, lora, folder, cfg)]
         if recipe.embedding is not None:  # one (vectors x width) tensor per text encoder
             trainable += [recipe.embedding.vectors * width for width in _encoder_widths(architecture, folder)]
-    dtype = recipe.model.weight_dtype
     vae_dtype_bytes = 4  # every VAE stays float32 (SD VAEs overflow in fp16) and encodes outside autocast
     # frozen encoders with fixed captions are cached, then leave; new token vectors train through them
     resident_encoders = train_te or recipe.text_varies or recipe.embedding is not None
     adapter = sum(trainable) * 4
+    largest = 0  # float8: values of the largest stored weight, dequantized for one layer at a time
+    if dtype == "float8":
+        sizes = {c: float8_sizes(architecture, c, compute, folder) for c in ["unet", *encoders]}
+        largest = max(n for _, n in sizes.values())
+        stored = stored or {c: size for c, (size, _) in sizes.items()}
+    if stored is None:
+        stored = {c: counts[c] * _dtype_bytes(dtype) for c in ["unet", *encoders]}
     weights = {
-        "U-Net": counts["unet"] * weight_bytes,
-        "text encoders": sum(counts[c] for c in encoders) * weight_bytes,
+        "U-Net": stored["unet"],
+        "text encoders": sum(stored[c] for c in encoders),
         "VAE": counts["vae"] * vae_dtype_bytes,
     }
+    if dtype == "float8":
+        dtype = f"float8 + {compute}"  # how the parts below name it
 
     def add(phase: str, name: str, count: float, how: str = "counted") -> None:
         result.parts.append(Part(phase, name, count / GIB, how))
 
     result.trainable = trainable
+    read = _dtype_bytes(compute)  # float8 weights are stored after loading, from the compute dtype
     result.loaded = {  # loading reads every component into system memory; phases then move them to the GPU
-        f"U-Net {dtype}": weights["U-Net"] / GIB,
-        f"text encoders {dtype}": weights["text encoders"] / GIB,
+        f"U-Net {compute}": counts["unet"] * read / GIB,
+        f"text encoders {compute}": sum(counts[c] for c in encoders) * read / GIB,
         "VAE float32": weights["VAE"] / GIB,
     }
     pixels = bucket[0] * bucket[1]
@@ -509,6 +539,9 @@ def estimate(
         )
     step = "training step"
     add(step, f"U-Net weights ({dtype})", weights["U-Net"])
+    dequantized = ("float8: the largest stored weight, dequantized for its layer", largest * _dtype_bytes(compute))
+    if largest:
+        add(step, *dequantized)
     if resident_encoders:
         add(
             step,
@@ -545,6 +578,8 @@ def estimate(
         add(update, "AdamW's update of every LoRA tensor at once (CUDA's fused kernel: none)", adapter, "counted")
     if recipe.sample.prompts:
         add("sampling", f"U-Net weights ({dtype})", weights["U-Net"])
+        if largest:
+            add("sampling", *dequantized)
         add("sampling", "text encoder and VAE weights", weights["text encoders"] + weights["VAE"])
         add("sampling", "LoRA weights and optimizer state", adapter + optimizer_state_bytes(cfg.optimizer, trainable))
         add(

@@ -106,6 +106,13 @@ FIT_CHANGES: list[tuple[str, Any, Any, str]] = [
         "float32",
     ),
     (
+        "model.weight_dtype",
+        lambda r: r.model.weight_dtype in ("float16", "bfloat16") and not r.lora.use_dora,
+        lambda r: _with(r, "model", weight_dtype="float8"),
+        "frozen Linear and Conv2d weights in float8 with a scale per channel: half the memory again, for a base that "
+        "computes slightly less precisely (kohya's fp8_base)",
+    ),
+    (
         "preservation.weight",
         lambda r: r.preserving,
         lambda r: _with(r, "preservation", weight=0.0),

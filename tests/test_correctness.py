@@ -244,5 +244,5 @@ def test_cuda_out_of_memory_is_one_line_naming_the_knobs(tiny_base, tiny_dataset
     message = str(err.value)
     assert "\n" not in message and message.startswith("the GPU ran out of memory (CUDA out of memory)")
     order = ["train.cache_latents = true", "lora.train_text_encoder = false", "train.gradient_checkpointing = true"]
-    positions = [message.index(knob) for knob in order + ['train.optimizer = "adamw8bit"']]
+    positions = [message.index(knob) for knob in order + ['train.optimizer = "adamw8bit"', 'weight_dtype = "float8"']]
     assert positions == sorted(positions)

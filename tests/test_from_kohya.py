@@ -316,7 +316,7 @@ def test_older_and_rarer_kohya_settings_are_carried_over(tiny_base, tmp_path):
             'log_with = "all"\nlog_tracker_name = "toys"\nwandb_api_key = "abc"\n'
             'network_args = ["loraplus_unet_lr_ratio=4", "loraplus_text_encoder_lr_ratio=2"]\n'
             "token_warmup_step = 0.1\ntoken_warmup_min = 2\n"
-            'huggingface_repo_id = "me/x"\ncaption_dropout_every_n_epochs = 3',
+            'huggingface_repo_id = "me/x"\ncaption_dropout_every_n_epochs = 3\nfp8_base = true\nfp8_base_unet = true',
         },
     )
     recipe_path = tmp_path / "recipe.toml"
@@ -347,6 +347,8 @@ def test_older_and_rarer_kohya_settings_are_carried_over(tiny_base, tmp_path):
     assert "abc" not in said and "abc" not in recipe_path.read_text()
     assert "huggingface_repo_id: lorakit does not upload; push the run folder with `hf upload`" in said
     assert (recipe.validation.split, recipe.validation.seed) == (0.1, 5)
+    assert recipe.model.weight_dtype == "float8"  # fp8_base: the U-Net and text encoders, as sd-scripts stores them
+    assert 'fp8_base_unet: lorakit\'s float8 stores the text encoders too: model.weight_dtype = "float8"' in said
     # sd-scripts validates by epochs unless told otherwise, and by steps only when told
     assert (recipe.validation.every_epochs, recipe.validation.every_steps) == (2, 0)
     # sd-scripts refuses two optimizers; the one it would complain about is named

@@ -51,6 +51,7 @@ FLOORS = {
     "lorakit.embedding": 3,
     "lorakit.emphasis": 3,
     "lorakit.slider": 3,
+    "lorakit.float8": 3,
     "lorakit.recipe": 4,
     "lorakit.errors": 4,
     "lorakit.files": 4,

@@ -26,7 +26,7 @@ Tracker = Literal["tensorboard", "wandb"]
 PredictionType = Literal["epsilon", "v_prediction"]
 SaveDtype = Literal["float32", "float16", "bfloat16"]
 TargetPreset = Literal["attention", "transformer", "transformer+conv"]
-WeightDtype = Literal["float32", "float16", "bfloat16"]
+WeightDtype = Literal["float32", "float16", "bfloat16", "float8"]
 LossType = Literal["l2", "l1", "huber", "smooth_l1"]
 HuberSchedule = Literal["constant", "exponential", "snr"]
 TimestepBias = Literal["none", "earlier", "later", "range"]
@@ -53,7 +53,10 @@ class ModelSection:
     vae: str | None = None
     """A replacement VAE (a diffusers AutoencoderKL folder or hub id), e.g. stabilityai/sd-vae-ft-mse."""
     weight_dtype: WeightDtype = "float32"
-    """dtype of the frozen base weights: `float16` / `bfloat16` halve their memory (LoRA weights stay float32)."""
+    """dtype of the frozen base weights: `float16` / `bfloat16` halve their memory (LoRA weights stay float32).
+    `float8` (kohya's `fp8_base`) halves it again: the U-Net's and text encoders' Linear and Conv2d weights are
+    stored as float8 e4m3 with a scale per output channel and computed in `train.mixed_precision`'s dtype (float32
+    without it), as the rest of the base is (norms, biases, embeddings; the VAE stays float32). Not with DoRA."""
     clip_skip: int = 1
     """Use the output of the N-th last text-encoder layer (kohya's clip_skip: 2 for anime-style SD 1.x bases); the
     last N - 1 layers then get no adapter (their output never reaches the U-Net). Not defined for SDXL."""

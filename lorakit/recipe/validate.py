@@ -255,6 +255,12 @@ def _cross_checks(built: dict, problems: list[str]) -> None:
             if getattr(lora, key) is not None and lora.target_modules != "transformer+conv":
                 problems.append(f"lora.{key}: only used with target_modules = 'transformer+conv'")
         problems += _adapter_type_problems(lora, train)
+        model = built.get("model")
+        if lora.use_dora and model is not None and model.weight_dtype == "float8":
+            problems.append(
+                'model.weight_dtype: "float8" with DoRA, which reads the frozen weights themselves to size each row; '
+                'set lora.use_dora = false or weight_dtype = "bfloat16" / "float16"'
+            )
     if data is not None:
         folders = [data.folder] if isinstance(data.folder, str) else data.folder
         if not folders:

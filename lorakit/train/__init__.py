@@ -93,6 +93,7 @@ def out_of_memory_message(recipe: Recipe, detail: str) -> str:
         ("train.gradient_checkpointing = true", not cfg.gradient_checkpointing),
         ('train.optimizer = "adamw8bit"', cfg.optimizer != "adamw8bit"),
         ('model.weight_dtype = "bfloat16" with train.mixed_precision = "bf16"', model.weight_dtype == "float32"),
+        ('model.weight_dtype = "float8"', model.weight_dtype != "float8" and not recipe.lora.use_dora),
         (
             f"train.batch_size = {max(1, cfg.batch_size // 2)} with gradient_accumulation_steps = "
             f"{cfg.gradient_accumulation_steps * 2}",

@@ -18,6 +18,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import is_tensorboard_available
+from torch.nn.parallel import DistributedDataParallel
 from diffusers.training_utils import cast_training_params
 
 from .. import adapters
@@ -50,6 +51,7 @@ from ..ema import AdapterEMA
 from ..embedding import add_new_tokens, placeholder_names
 from ..errors import AdapterError, DatasetError, LorakitError, OutputError, RecipeError, first_line
 from ..files import atomic_write_text
+from ..float8 import KEPT_IN_UNET, float8_names, store_in_float8
 from ..formats.read import FAMILY_NAMES, check_against, read_adapter_file
 from ..lycoris import KIND_NAMES
 from ..memory import disk_bytes, mib
@@ -241,7 +243,7 @@ def set_up(
         check_run_folder(paths.folder, overwrite)
     check_trackers(recipe.output.log_with)
     precision, weight_dtype = _precision(recipe, log)
-    base = _load_base(recipe, weight_dtype, log)
+    base = _load_base(recipe, _load_dtype(precision, weight_dtype), log)
     phases.done("load base model")
     recipe = resolve_recipe(recipe, base)
     cfg = recipe.train
@@ -282,6 +284,8 @@ def set_up(
     torch.manual_seed(cfg.seed)
     trained = _inject(recipe, base, say)
     embeddings = _add_embedding(recipe, base, items, say) if recipe.embedding else {}
+    if weight_dtype == "float8":  # after the adapters and new tokens exist: their own weights stay float32
+        _store_in_float8(base, _load_dtype(precision, weight_dtype), say)
     if recipe.lora.tlora_min_rank is not None:
         _mask_ranks_by_timestep(recipe, base, say)
     dropout = None
@@ -356,6 +360,8 @@ def _prepare(accelerator: Any, trained: dict[str, Any], optimizer: Any) -> tuple
     prepared. A module with nothing to train (the U-Net of an `[embedding] only` run) is only moved: DDP refuses a
     module without gradients on CPU processes, and accelerate leaves it unwrapped on GPUs."""
     learning = {name: m for name, m in trained.items() if any(p.requires_grad for p in m.parameters())}
+    for module in learning.values():  # every process stored the same float8 weights: DDP need not broadcast them
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, float8_names(module))
     prepared = accelerator.prepare(*learning.values(), optimizer)
     prepared = prepared if isinstance(prepared, tuple) else (prepared,)
     wrapped = dict(zip(learning, prepared[:-1], strict=True))
@@ -506,15 +512,17 @@ def _preflight_memory(
     """`lorakit plan`'s estimate for this run on this GPU, from the loaded models: a warning when it will not
     fit (a refusal with --strict-memory). Returns the estimated allocator peak of the training steps, GiB."""
     modules = {**base.adaptable, "vae": base.vae}
-    counts = {}
+    counts, stored = {}, {}
     for name, module in modules.items():
         trainable, total = adapters.count_parameters(module)
         counts[name] = total - trainable  # frozen weights only
+        frozen = [p for p in module.parameters() if not p.requires_grad] + list(module.buffers())
+        stored[name] = sum(t.numel() * t.element_size() for t in frozen)
     numels = [p.numel() for m in trained.values() for p in m.parameters() if p.requires_grad]
     side = max(recipe.data.resolution, *recipe.data.extra_resolutions)
     bucket = max((item.bucket for item in items), key=lambda b: b[0] * b[1]) if items else (side, side)
     architecture = "sdxl" if base.family == "sdxl" else "sd15"
-    planned = estimate_memory(recipe, architecture, counts=counts, trainable=numels, bucket=bucket)
+    planned = estimate_memory(recipe, architecture, counts=counts, trainable=numels, bucket=bucket, stored=stored)
     total = torch.cuda.get_device_properties(device).total_memory / 2**30
     system = "windows" if sys.platform == "win32" else "linux"
     fits, verdict = planned.verdict(total, system)
@@ -658,6 +666,28 @@ def _precision(recipe: Recipe, log: Log) -> tuple[str, str]:
             f'(it is "{precision}"); or keep weight_dtype = "float32"'
         )
     return precision, weight_dtype
+
+
+def _load_dtype(precision: str, weight_dtype: str) -> str:
+    """The dtype the base is read in: `weight_dtype`, or for float8 the compute dtype its stored weights dequantize
+    to (the autocast dtype; float32 without autocast)."""
+    if weight_dtype != "float8":
+        return weight_dtype
+    return {"fp16": "float16", "bf16": "bfloat16"}.get(precision, "float32")
+
+
+def _store_in_float8(base: BaseModel, compute: str, log: Log) -> None:
+    """model.weight_dtype = "float8": the frozen Linear and Conv2d weights of the U-Net and text encoders, stored."""
+    layers, saved = 0, 0
+    for name, module in base.adaptable.items():
+        stored, freed = store_in_float8(module, getattr(torch, compute), KEPT_IN_UNET if name == "unet" else ())
+        layers, saved = layers + stored, saved + freed
+    size = f"{saved / 2**30:.2f} GiB" if saved >= 2**30 else mib(saved)
+    log(
+        f"model.weight_dtype: {layers} frozen Linear and Conv2d weights of the U-Net and text encoders stored in "
+        f"float8 e4m3 with a scale per output channel ({size} less than {compute}); they compute "
+        f"in {compute}, as does the rest of the base (the VAE stays float32)"
+    )
 
 
 def _accelerator(precision: str, run_dir: Path, trackers: list[Any]) -> Any:
