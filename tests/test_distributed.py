@@ -59,9 +59,10 @@ def test_two_processes_shard_the_data_and_one_writes(tiny_base, tiny_dataset, tm
             # a trained text encoder with clip skip: the skipped layer must carry no adapter (DDP refuses
             # parameters without a gradient) and the final norm must be found through the DDP wrapper
             # and module dropout: a module idle for a step is skipped on both processes alike; and [preservation],
-            # whose class captions share the step's one forward pass through the DDP-wrapped U-Net and text encoder
+            # whose class captions share the step's one forward pass through the DDP-wrapped U-Net and text encoder;
+            # and float8 frozen weights, which every process stores alike and gloo cannot broadcast
             lora={"train_text_encoder": True, "module_dropout": 0.3},
-            model={"clip_skip": 2},
+            model={"clip_skip": 2, "weight_dtype": "float8"},
             preservation={"class_word": "toy"},
         ),
     )
