@@ -1,5 +1,6 @@
 """Measured GPU memory per phase against `lorakit plan`'s estimate, on a fixed six-point grid: SD 1.5 at 512 px and
-SDXL at 1024 px (random weights, the real architectures), gradient checkpointing off and on, batch 1 and 2.
+SDXL at 1024 px (random weights, the real architectures), gradient checkpointing off and on, batch 1 and 2; then
+a seventh point, SDXL with `model.weight_dtype = "float8"`, last so that a capped run keeps the six.
 
 Each point is a short `lorakit train` (3 steps) of the shipped recipe with those settings; the loading-and-caching
 peak comes from its log, the training steps' peak from metrics.jsonl, and both are compared with the plan.
@@ -22,14 +23,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from gpu_speed import _recipe, write_base, write_dataset  # noqa: E402
 
-GRID = {  # architecture -> (resolution, [(gradient checkpointing, batch)])
-    "sd15": (512, [(False, 1), (True, 1), (True, 2)]),
-    "sdxl": (1024, [(False, 1), (True, 1), (True, 2)]),
-    "tiny": (64, [(False, 1), (True, 2)]),
+GRID = {  # architecture -> (resolution, [(gradient checkpointing, batch, weight dtype or the recipe's)])
+    "sd15": (512, [(False, 1, None), (True, 1, None), (True, 2, None)]),
+    "sdxl": (1024, [(False, 1, None), (True, 1, None), (True, 2, None), (True, 1, "float8")]),
+    "tiny": (64, [(False, 1, None), (True, 2, None), (True, 1, "float8")]),
 }
 
 
-def run_point(base: Path, dataset: Path, arch: str, resolution: int, checkpointing: bool, batch: int, device: str):
+def run_point(
+    base: Path,
+    dataset: Path,
+    arch: str,
+    resolution: int,
+    checkpointing: bool,
+    batch: int,
+    device: str,
+    weight_dtype: str | None = None,
+):
     from lorakit.memory import estimate
     from lorakit.recipe import recipe_from_dict
     from lorakit.train import train
@@ -38,6 +48,8 @@ def run_point(base: Path, dataset: Path, arch: str, resolution: int, checkpointi
     with tempfile.TemporaryDirectory() as out:
         raw = _recipe(base, dataset, Path(out), args, batch, device)
         raw["train"]["gradient_checkpointing"] = checkpointing
+        if weight_dtype:
+            raw["model"]["weight_dtype"] = weight_dtype
         recipe = recipe_from_dict(raw)
         lines: list[str] = []
         if device == "cuda":
@@ -67,19 +79,20 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     lines = [
-        "| model | px | GC | batch | caching GiB (measured / plan) | training steps GiB (measured / plan) "
+        "| model | px | GC | batch | weights | caching GiB (measured / plan) | training steps GiB (measured / plan) "
         "| peak reserved GiB |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     with tempfile.TemporaryDirectory() as tmp:
         for arch in args.archs.split(","):
             resolution, points = GRID[arch]
             base = write_base(arch, Path(tmp) / arch, args.device)
             dataset = write_dataset(Path(tmp) / f"data-{arch}", resolution, 4)
-            for checkpointing, batch in points:
-                row = run_point(base, dataset, arch, resolution, checkpointing, batch, args.device)
+            for checkpointing, batch, weight_dtype in points:
+                row = run_point(base, dataset, arch, resolution, checkpointing, batch, args.device, weight_dtype)
                 lines.append(
                     f"| {arch} | {resolution} | {'on' if checkpointing else 'off'} | {batch} | "
+                    f"{weight_dtype or 'recipe'} | "
                     f"{row['caching']:.2f} / {row['plan_caching']:.2f} | {row['steps']:.2f} / {row['plan_steps']:.2f} "
                     f"| {row['reserved']:.2f} |"
                 )

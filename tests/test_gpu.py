@@ -54,6 +54,28 @@ def test_half_precision_training_with_half_frozen_weights(tiny_base, tiny_datase
     assert any(p.abs().sum() > 0 for n, p in lora.items() if ".lora_B." in n)  # fp16: the loss scaler let it learn
 
 
+@pytest.mark.parametrize(("precision", "dtype"), [("fp16", torch.float16), ("bf16", torch.bfloat16)])
+def test_float8_frozen_weights_train_and_sample_under_autocast(tiny_base, tiny_dataset, tmp_path, precision, dtype):
+    from lorakit.float8 import FLOAT8, Float8Linear
+
+    result, lines = _train(
+        tiny_base,
+        tiny_dataset,
+        tmp_path,
+        train={"max_steps": 3, "mixed_precision": precision, "gradient_checkpointing": True},
+        model={"weight_dtype": "float8"},
+        sample={"prompts": ["ohwx toy"], "steps": 2},
+    )
+    unet = result.models["unet"]
+    stored = [m for m in unet.modules() if isinstance(m, Float8Linear)]
+    assert stored and all(m.weight.dtype == FLOAT8 and m.weight.device.type == "cuda" for m in stored)
+    assert {m.compute_dtype for m in stored} == {dtype} and unet.conv_in.weight.dtype == dtype
+    lora = {n: p for n, p in unet.named_parameters() if "lora_" in n}
+    assert lora and all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in lora.values())
+    assert any(p.abs().sum() > 0 for n, p in lora.items() if ".lora_B." in n)
+    assert (result.run_dir / "samples" / "step-000003.png").is_file()
+
+
 def test_eight_bit_adamw_keeps_uint8_state_on_the_gpu(tiny_base, tiny_dataset, tmp_path):
     result, _ = _train(
         tiny_base,

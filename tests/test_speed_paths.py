@@ -54,9 +54,10 @@ def test_a_run_tokenizes_each_distinct_caption_once(tiny_base, tiny_dataset, tmp
 @pytest.mark.skipif(
     shutil.which("cc") is None and shutil.which("gcc") is None, reason="torch.compile needs a C compiler"
 )
-def test_compiled_unet_trains_like_the_eager_one(tiny_base, tiny_dataset, tmp_path):
+@pytest.mark.parametrize("weight_dtype", ["float32", "float8"])
+def test_compiled_unet_trains_like_the_eager_one(tiny_base, tiny_dataset, tmp_path, weight_dtype):
     """The compiled U-Net computes the eager one's loss (the first step's, before any update: later steps drift
-    apart as Adam normalises float-rounding differences) and trains on."""
+    apart as Adam normalises float-rounding differences) and trains on; float8 weights' autograd functions too."""
     import json
     import math
 
@@ -64,7 +65,11 @@ def test_compiled_unet_trains_like_the_eager_one(tiny_base, tiny_dataset, tmp_pa
     for name, compiled in (("eager", False), ("compiled", True)):
         lines: list[str] = []
         recipe = make_recipe_dict(
-            tiny_base, tiny_dataset, tmp_path / name, train={"max_steps": 2, "compile": compiled}
+            tiny_base,
+            tiny_dataset,
+            tmp_path / name,
+            train={"max_steps": 2, "compile": compiled},
+            model={"weight_dtype": weight_dtype},
         )
         result = train(recipe_from_dict(recipe), quiet=True, log=lines.append)
         rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
