@@ -93,7 +93,9 @@ def main() -> None:
         result = train(recipe_from_dict(recipe), overwrite=True, quiet=True, log=lambda _: None)
         return step_seconds(result.run_dir, args.warmup)
 
-    print(f"toy base, {SIZE}x{SIZE}, batch {args.batch_size}, LoRA rank 4 (U-Net and text encoder), {args.steps} steps")
+    print(
+        f"toy base, {SIZE}x{SIZE}, batch {args.batch_size}, LoRA rank 4 (U-Net and text encoder), {args.steps} steps"
+    )
     print("| gradient checkpointing | float32 s/step | float8 s/step | float8 / float32 |")
     print("|---|---|---|---|")
     for checkpointing in (False, True):

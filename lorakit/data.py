@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from .buckets import fit_to_bucket, make_buckets, nearest_bucket
 from .errors import DatasetError
-from .files import CAPTION_MAX_CHARS, IMAGE_SUFFIXES, atomic_write, crash_point
+from .files import CAPTION_MAX_CHARS, IMAGE_SUFFIXES, atomic_write, crash_point, photo_stem
 from .trigger import contains_trigger, with_trigger
 
 if TYPE_CHECKING:
@@ -356,19 +356,64 @@ def dataset_fingerprint(items: list[Item]) -> str:
     return digest.hexdigest()
 
 
-def epoch_batches(items: list[Item], *, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+def pair_items(items: list[Item], folders: list[str]) -> dict[int, int]:
+    """`data.pairs`: the index of each image of the first folder's namesake in the second (by the photo names
+    prepare kept), at the same resolution. Every image must have exactly one, in the same bucket."""
+    first, second = (str(Path(folder).expanduser()) for folder in folders)
+    found: dict[str, dict[tuple[str, int], int]] = {first: {}, second: {}}
+    for index, item in enumerate(items):
+        side = found[item.folder]
+        key = (photo_stem(item.path), item.bucket[0] * item.bucket[1])  # extra resolutions: one copy per area
+        if key in side:
+            raise DatasetError(
+                f"data.pairs: {items[side[key]].path.name} and {item.path.name} in {item.folder} come from photos of "
+                "the same name, so neither has one namesake in the other folder; rename one"
+            )
+        side[key] = index
+    partners = {}
+    for key, index in found[first].items():
+        other = found[second].pop(key, None)
+        if other is None:
+            raise DatasetError(
+                f"data.pairs: {items[index].path.name} in {first} has no photo of the same name ({key[0]}) in "
+                f"{second}; give every photo its namesake, or take it out"
+            )
+        if items[other].bucket != items[index].bucket:
+            (w, h), (w2, h2) = items[index].bucket, items[other].bucket
+            raise DatasetError(
+                f"data.pairs: {items[index].path.name} trains at {w}x{h} and its namesake {items[other].path.name} "
+                f"at {w2}x{h2}; the photos of a pair need the same aspect ratio"
+            )
+        partners[index] = other
+    if found[second]:
+        index = next(iter(found[second].values()))
+        raise DatasetError(
+            f"data.pairs: {items[index].path.name} in {second} has no photo of the same name "
+            f"({photo_stem(items[index].path)}) in {first}; give every photo its namesake, or take it out"
+        )
+    return partners
+
+
+def epoch_batches(
+    items: list[Item], *, batch_size: int, seed: int, epoch: int, partners: dict[int, int] | None = None
+) -> list[list[int]]:
     """The micro-batches of one epoch as lists of item indices: shuffled, each from a single bucket.
 
-    Each item appears `item.repeats` times. A bucket's last batch may be smaller than `batch_size`.
+    Each item appears `item.repeats` times. A bucket's last batch may be smaller than `batch_size`. With `partners`
+    (`data.pairs`: first image -> its namesake) the pairs are what is shuffled, batch_size / 2 of them to a batch,
+    each as two neighbours: first, namesake.
     """
     rng = random.Random(f"{seed}:{epoch}")
+    units = range(len(items)) if partners is None else sorted(partners)
+    per_batch = batch_size if partners is None else batch_size // 2
     by_bucket: dict[tuple[int, int], list[int]] = {}
-    for index in rng.sample(range(len(items)), len(items)):
+    for index in rng.sample(units, len(units)):
         by_bucket.setdefault(items[index].bucket, []).extend([index] * items[index].repeats)
     batches = []
     for indices in by_bucket.values():
         rng.shuffle(indices)
-        batches += [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+        chunks = [indices[i : i + per_batch] for i in range(0, len(indices), per_batch)]
+        batches += chunks if partners is None else [[j for i in chunk for j in (i, partners[i])] for chunk in chunks]
     rng.shuffle(batches)
     return batches
 
@@ -407,9 +452,10 @@ class BatchStream:
         world: int = 1,
         epoch: int = 0,
         offset: int = 0,
+        partners: dict[int, int] | None = None,
     ):
         self.items, self.batch_size, self.seed, self.rank, self.world = items, batch_size, seed, rank, world
-        self.epoch, self.offset = epoch, offset
+        self.epoch, self.offset, self.partners = epoch, offset, partners
         self._shard = self._epoch_shard(epoch)
         if not self._shard:
             raise DatasetError(
@@ -418,7 +464,9 @@ class BatchStream:
             )
 
     def _epoch_shard(self, epoch: int) -> list[list[int]]:
-        batches = epoch_batches(self.items, batch_size=self.batch_size, seed=self.seed, epoch=epoch)
+        batches = epoch_batches(
+            self.items, batch_size=self.batch_size, seed=self.seed, epoch=epoch, partners=self.partners
+        )
         return shard_batches(batches, self.rank, self.world)
 
     def next(self) -> list[int]:

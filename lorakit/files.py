@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import re
 import signal
 import stat
 import tempfile
@@ -36,6 +37,20 @@ def open_heif_with(path: str | Path) -> None:
     a process started by spawn has not registered it yet)."""
     if Path(path).suffix.lower() in HEIF_SUFFIXES:
         read_heif()
+
+
+def prepared_image_name(relative: str, sha256: str) -> str:
+    """Where `lorakit prepare` writes a photo in a dataset: `images/<the photo's path, flattened>_<8 hex of the
+    sha256 of what it wrote>.png`, so a changed photo gets a new name and its namesakes stay apart."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", str(Path(relative).with_suffix("")).replace(os.sep, "__"))
+    return f"images/{stem}_{sha256[:8]}.png"
+
+
+def photo_stem(path: Path) -> str:
+    """The photo name a prepared image was made from (`prepared_image_name` without its hash): what `data.pairs`
+    pairs images of two folders by. A file prepare did not name keeps its own stem."""
+    match = re.fullmatch(r"(.+)_[0-9a-f]{8}", path.stem)
+    return match[1] if match else path.stem
 
 
 CAPTION_MAX_CHARS = 4096  # the text encoders read 77 tokens (225 with long-prompt chunking), ~1,000 characters

@@ -164,4 +164,3 @@ def float8_names(model: nn.Module) -> list[str]:
             prefix = f"{name}." if name else ""
             names += [f"{prefix}weight", f"{prefix}weight_scale"]
     return names
-

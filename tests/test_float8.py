@@ -180,7 +180,9 @@ def test_float8_under_bf16_autocast_computes_in_bf16(tiny_base, tiny_dataset, tm
 def test_float8_with_dora_is_refused_by_name(tiny_base, tiny_dataset, tmp_path):
     with pytest.raises(RecipeError, match=r'model.weight_dtype: "float8" with DoRA, which reads the frozen weights'):
         recipe_from_dict(
-            make_recipe_dict(tiny_base, tiny_dataset, tmp_path, model={"weight_dtype": "float8"}, lora={"use_dora": True})
+            make_recipe_dict(
+                tiny_base, tiny_dataset, tmp_path, model={"weight_dtype": "float8"}, lora={"use_dora": True}
+            )
         )
 
 

@@ -459,6 +459,126 @@ def test_adapter_strengths_that_cannot_train_are_refused(tiny_base, tiny_dataset
     assert fragment in str(err.value)
 
 
+def _paired_folders(tiny_dataset, tmp_path):
+    """The tiny dataset and a copy of it under another folder name: every photo has its namesake."""
+    second = tmp_path / "without"
+    shutil.copytree(tiny_dataset, second, ignore=shutil.ignore_patterns(".cache"), dirs_exist_ok=True)
+    return [str(tiny_dataset), str(second)]
+
+
+def _paired_recipe(tiny_base, tiny_dataset, tmp_path, out, **data):
+    from .conftest import make_recipe_dict
+
+    folders = _paired_folders(tiny_dataset, tmp_path)
+    data = {"folder": folders, "adapter_strength": [1.0, -1.0], "pairs": True, "flip": True, **data}
+    return make_recipe_dict(
+        tiny_base, tiny_dataset, out, data=data, train={"max_steps": 4, "batch_size": 4, "save_every_steps": 2}
+    )
+
+
+def test_a_pair_trains_side_by_side_with_one_noise_timestep_and_flip(tiny_base, tiny_dataset, tmp_path, monkeypatch):
+    import lorakit.train.loop as loop
+    from lorakit.data import LatentCache
+    from lorakit.files import photo_stem
+
+    drawn, read, strengths, runs = [], [], [], []
+    real_target, real_get, real_set = loop.objective.training_target, LatentCache.get, SampleStrengths.set
+    real_step = loop.optimizer_step
+
+    def recording_target(scheduler, latents, noise, timesteps, prediction_type):
+        drawn.append((noise.clone(), timesteps.clone()))
+        return real_target(scheduler, latents, noise, timesteps, prediction_type)
+
+    def recording_get(self, index, flip):
+        read.append((runs[-1].items[index], flip))
+        return real_get(self, index, flip)
+
+    monkeypatch.setattr(loop.objective, "training_target", recording_target)
+    monkeypatch.setattr(LatentCache, "get", recording_get)
+    monkeypatch.setattr(loop, "optimizer_step", lambda run: runs.append(run) or real_step(run))
+    monkeypatch.setattr(SampleStrengths, "set", lambda self, v: strengths.append(v.tolist()) or real_set(self, v))
+    recipe = _paired_recipe(tiny_base, tiny_dataset, tmp_path, tmp_path / "runs")
+    result, lines = _train(recipe)
+    count = len((tiny_dataset / "metadata.jsonl").read_text().splitlines())
+    assert any(line.startswith(f"data.pairs: {count} pairs of namesakes, +1 from ") for line in lines), lines
+    sizes = [len(values) for values in strengths]  # a bucket with an odd number of pairs ends in a batch of one
+    assert len(sizes) == 4 and all(values == [1.0, -1.0] * (len(values) // 2) for values in strengths)
+    assert 4 in sizes
+    for noise, timesteps in drawn:
+        assert torch.equal(noise[0::2], noise[1::2]) and torch.equal(timesteps[0::2], timesteps[1::2])
+        assert len(noise) == 2 or not torch.equal(noise[0], noise[2])  # two pairs, two draws
+    pairs = [(read[i], read[i + 1]) for i in range(0, len(read), 2)]
+    assert len(read) == sum(sizes) and {flip for (_, flip), _ in pairs} == {True, False}
+    for (first, flip), (second, second_flip) in pairs:
+        assert photo_stem(first.path) == photo_stem(second.path) and flip == second_flip
+        assert first.folder == str(tiny_dataset) and second.folder == str(tmp_path / "without")
+    # resumed from step 2, the run takes the same pairs, noise and steps as the straight one
+    resumed_dir = tmp_path / "resumed" / "run"
+    shutil.copytree(result.run_dir, resumed_dir)
+    shutil.rmtree(resumed_dir / "checkpoints" / "step-000004")
+    read.clear()
+    resumed, _ = _train(_paired_recipe(tiny_base, tiny_dataset, tmp_path, tmp_path / "resumed"), resume="latest")
+    tail = [item for pair in pairs[sum(sizes[:2]) // 2 :] for item, _ in pair]  # steps 3 and 4
+    assert len(read) == len(tail) == sum(sizes[2:])
+    assert [photo_stem(item.path) for item, _ in read] == [photo_stem(item.path) for item in tail]
+    a, b = load_file(result.adapter), load_file(resumed.adapter)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_photo_without_its_namesake_is_named_and_exits_2(tiny_base, tiny_dataset, tmp_path):
+    recipe = _paired_recipe(tiny_base, tiny_dataset, tmp_path, tmp_path / "runs")
+    metadata = tmp_path / "without" / "metadata.jsonl"
+    rows = metadata.read_text().splitlines()
+    metadata.write_text("\n".join(rows[1:]) + "\n")
+    name = json.loads(rows[0])["file_name"].split("/")[-1]
+    path = write_recipe(tmp_path / "r.toml", recipe)
+    fails(["train", str(path)], f"data.pairs: {name} in {tiny_dataset} has no photo of the same name")
+    assert not (tmp_path / "runs" / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("data", "sections", "fragment"),
+    [
+        ({"folder": "ONE"}, {}, "data.pairs: pairs the photos of two folders, and data.folder names 1"),
+        ({"adapter_strength": [1.0, 1.0]}, {}, "data.pairs: both folders train at the same adapter strength"),
+        ({"num_repeats": [1, 2]}, {}, "data.pairs: data.num_repeats [1, 2] would show one photo of a pair"),
+        ({}, {"train": {"batch_size": 3}}, "data.pairs: train.batch_size 3 cannot hold whole pairs"),
+        ({}, {"validation": {"split": 0.2}}, "data.pairs: validation.split would hold out one photo of a pair"),
+        ({}, {"prior": {"class_dir": "x", "class_prompt": "toy"}}, "data.pairs: [prior]'s class images have no pair"),
+    ],
+)
+def test_pairs_that_cannot_train_are_refused(tiny_base, tiny_dataset, tmp_path, data, sections, fragment):
+    recipe = _paired_recipe(tiny_base, tiny_dataset, tmp_path, tmp_path / "runs")
+    if data.get("folder") == "ONE":
+        data = {"folder": str(tiny_dataset), "adapter_strength": -1.0}
+    recipe["data"].update(data)
+    for section, values in sections.items():
+        recipe.setdefault(section, {}).update(values)
+    with pytest.raises(RecipeError) as err:
+        recipe_from_dict(recipe)
+    assert fragment in str(err.value)
+
+
+def test_an_epoch_of_pairs_shows_every_pair_its_repeats_as_neighbours():
+    from pathlib import Path
+
+    from lorakit.data import Item, epoch_batches
+
+    def item(folder, name, bucket=(64, 64)):
+        return Item(Path(folder) / f"images/{name}_0123abcd.png", "", "", bucket, bucket, 2, folder=folder)
+
+    items = [item("a", f"p{i}", (64, 64) if i % 2 else (80, 48)) for i in range(5)]
+    items += [item("b", f"p{i}", (64, 64) if i % 2 else (80, 48)) for i in range(5)]
+    partners = {i: i + 5 for i in range(5)}
+    batches = epoch_batches(items, batch_size=4, seed=3, epoch=1, partners=partners)
+    flat = [index for batch in batches for index in batch]
+    assert sorted(flat) == sorted(list(range(10)) * 2)  # each image its two repeats
+    for batch in batches:
+        assert len(batch) in (2, 4) and len({items[i].bucket for i in batch}) == 1
+        assert all(partners[batch[k]] == batch[k + 1] for k in range(0, len(batch), 2))
+    assert epoch_batches(items, batch_size=4, seed=3, epoch=2, partners=partners) != batches
+
+
 @pytest.mark.slow
 def test_an_image_slider_on_the_toy_world_draws_one_colour_at_plus_1_and_the_other_at_minus_1(tmp_path):
     """On the real toy base: the same 12 scenes with a red ball at +1 and a blue one at -1, captioned alike ("a

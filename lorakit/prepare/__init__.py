@@ -30,6 +30,7 @@ from ..files import (
     atomic_write_text,
     file_sha256,
     is_regular_file,
+    prepared_image_name,
     printable,
     read_heif,
 )
@@ -130,14 +131,9 @@ def scan(src: Path, caption_extensions: tuple[str, ...]) -> tuple[list[Path], in
     return images, heif, ignored
 
 
-def _output_name(relative: str, sha256: str) -> str:
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", str(Path(relative).with_suffix("")).replace(os.sep, "__"))
-    return f"images/{stem}_{sha256[:8]}.png"
-
-
 def _own_image_name(name: object) -> bool:
-    """Whether a name from the state file is one `_output_name` makes (`images/<plain name>.png`): a state file is
-    never trusted to name a file elsewhere."""
+    """Whether a name from the state file is one `prepared_image_name` makes (`images/<plain name>.png`): a state
+    file is never trusted to name a file elsewhere."""
     return (
         isinstance(name, str)
         and re.fullmatch(r"(images|masks)/[A-Za-z0-9._-]+\.png", name) is not None
@@ -696,11 +692,11 @@ def _write(
         if result.source in png:
             data = png[result.source]
             processed_sha = hashlib.sha256(data).hexdigest()
-            file_name = _output_name(result.source, result.sha256)
+            file_name = prepared_image_name(result.source, result.sha256)
             if (out / file_name).is_file() and file_sha256(out / file_name) != processed_sha:
                 # an earlier run's image of this photo at other settings (resolution, filter, ...): the new one goes
                 # beside it, so the earlier metadata stays true until the new one lands; the cleanup then removes it
-                file_name = _output_name(result.source, processed_sha)
+                file_name = prepared_image_name(result.source, processed_sha)
             if not (out / file_name).is_file():
                 atomic_write(out / file_name, lambda tmp, d=data: tmp.write_bytes(d))
         else:

@@ -89,6 +89,12 @@ class DataSection:
     [1, -1] with photos showing a change in the first folder and the same subjects without it in the second trains an
     image slider (ai-toolkit's image-pair slider): at +1 the adapter draws the first kind, at -1 the second, at 0 the
     base. Each image's forward pass runs the adapter at its folder's strength. LoRA only, not with DoRA."""
+    pairs: bool = False
+    """Image sliders: the two folders of `folder` show the same scenes under the same photo names, and each image
+    trains beside its namesake from the other folder, in one micro-batch with the same noise, timestep and flip
+    (ai-toolkit's paired image slider), so what the adapter learns is what differs between the two. Needs two
+    folders at different `adapter_strength`s, the same `num_repeats` for both and an even `train.batch_size` (a
+    batch holds batch_size / 2 pairs); every photo needs its namesake, at the same aspect ratio."""
     trigger: str = ""
     """Trigger word(s) put at the front of every caption that does not already contain them."""
     shuffle_tags: bool = False

@@ -278,6 +278,8 @@ def _cross_checks(built: dict, problems: list[str]) -> None:
                 "each other resolution once"
             )
         problems += _strength_problems(data, lora, len(folders), built.get("preservation"), built.get("embedding"))
+        if data.pairs:
+            problems += _pair_problems(data, train, built.get("validation"), built.get("prior"), len(folders))
         if isinstance(data.num_repeats, list) and len(data.num_repeats) != len(folders):
             problems.append(
                 f"data.num_repeats: {len(data.num_repeats)} values for {len(folders)} folders; "
@@ -441,6 +443,33 @@ def _strength_problems(data, lora, folders: int, preservation, embedding) -> lis
             "data.adapter_strength: not with [preservation], which trains the class captions at strength 1 beside "
             "them; remove one"
         )
+    return problems
+
+
+def _pair_problems(data, train, validation, prior, folders: int) -> list[str]:
+    """`data.pairs`: two folders at two strengths, repeated alike, and batches that hold whole pairs."""
+    problems = []
+    if folders != 2:
+        problems.append(f"data.pairs: pairs the photos of two folders, and data.folder names {folders}; give two")
+    elif data.strengths[0] == data.strengths[1]:
+        problems.append(
+            "data.pairs: both folders train at the same adapter strength, so a pair teaches no difference; set "
+            "data.adapter_strength = [1.0, -1.0]"
+        )
+    repeats = data.num_repeats
+    if isinstance(repeats, list) and len(set(repeats)) > 1:
+        problems.append(f"data.pairs: data.num_repeats {repeats} would show one photo of a pair more often; give one")
+    if train is not None and train.batch_size % 2:
+        problems.append(
+            f"data.pairs: train.batch_size {train.batch_size} cannot hold whole pairs; use an even size (2 is one "
+            "pair per batch)"
+        )
+    if validation is not None and validation.split:
+        problems.append(
+            "data.pairs: validation.split would hold out one photo of a pair; use validation.folder, or remove it"
+        )
+    if prior is not None:
+        problems.append("data.pairs: [prior]'s class images have no pair; remove one of them")
     return problems
 
 

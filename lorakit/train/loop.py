@@ -224,7 +224,7 @@ def _micro_batch_loss(run: Run, batch: list[int]) -> Any:
     rank = run.accelerator.process_index
     rng = step_rng(cfg.seed, f"{rank}:{run.micro}", "batch")
     generator = torch.Generator().manual_seed(derived_seed(cfg.seed, rank, run.micro))
-    flips = [data.flip and rng.random() < 0.5 for _ in batch]
+    flips = _tied([data.flip and rng.random() < 0.5 for _ in batch], data.pairs)
     progress = (run.step, warmup_steps(data, run.recipe.train.max_steps))
     captions = [transform_caption(run.items[i].caption, data, rng, run.items[i].fixed_tags, progress) for i in batch]
     every = data.caption_dropout_every_epochs
@@ -251,6 +251,7 @@ def _micro_batch_loss(run: Run, batch: list[int]) -> Any:
         len(batch), cfg.min_timestep, cfg.max_timestep, generator, run.timestep_weights
     )
     noised_with = objective.perturbed_noise(noise, cfg.ip_noise_gamma, generator, cfg.ip_noise_gamma_random_strength)
+    noise, timesteps, noised_with = (_tied(t, data.pairs) for t in (noise, timesteps, noised_with))
     noisy = base.noise_scheduler.add_noise(latents, noised_with, timesteps)
     target = objective.training_target(base.noise_scheduler, latents, noise, timesteps, base.prediction_type)
     weights = _loss_weights(run, timesteps) * torch.tensor([run.items[i].loss_weight for i in batch])
@@ -277,6 +278,19 @@ def _micro_batch_loss(run: Run, batch: list[int]) -> Any:
     part = run.recipe.preservation.weight * preservation_loss
     run.preservation_part = part.detach() + (0 if run.preservation_part is None else run.preservation_part)
     return loss + part
+
+
+def _tied(draws: Any, pairs: bool) -> Any:
+    """`data.pairs`: a batch is pairs of neighbours (first image, its namesake), and the namesake trains with the
+    first's draw (flip, noise, timestep); the draws are made for every image alike, so the random streams stay
+    as they are without pairs."""
+    if not pairs:
+        return draws
+    if isinstance(draws, list):
+        return [draws[i - i % 2] for i in range(len(draws))]
+    tied = draws.clone()
+    tied[1::2] = draws[0::2]
+    return tied
 
 
 def _loss_threshold(run: Run, timesteps: Any) -> Any:
@@ -638,6 +652,7 @@ def restore(run: Run, checkpoint: Path, log: Log) -> None:
             world=run.accelerator.num_processes,
             epoch=position["epoch"],
             offset=position["offset"],
+            partners=run.stream.partners,
         )
     )
     metrics = run.paths.metrics

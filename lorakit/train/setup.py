@@ -18,8 +18,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import is_tensorboard_available
-from torch.nn.parallel import DistributedDataParallel
 from diffusers.training_utils import cast_training_params
+from torch.nn.parallel import DistributedDataParallel
 
 from .. import adapters
 from ..bake import merge_files, path_and_scale
@@ -40,6 +40,7 @@ from ..data import (
     has_wildcards,
     load_class_items,
     load_items,
+    pair_items,
     split_held_out,
     steady_caption,
     steps_for_epochs,
@@ -273,7 +274,10 @@ def set_up(
             _state_preservation(recipe, items, say)
         elif recipe.preservation is not None:
             say("preservation.weight = 0: output preservation is off")
-        stream = BatchStream(items, batch_size=cfg.batch_size, seed=cfg.seed, rank=rank, world=world)
+        partners = _pairs(recipe, items, say) if recipe.data.pairs else None
+        stream = BatchStream(
+            items, batch_size=cfg.batch_size, seed=cfg.seed, rank=rank, world=world, partners=partners
+        )
     recipe = _resolve_length(recipe, stream.batches_per_epoch, say)
     cfg = recipe.train
     if cfg.text_encoder_until < 1:
@@ -987,6 +991,18 @@ def _init_from(path: str, trained: dict[str, Any], family: str, log: Log) -> Non
     loaded = sum(len(m) for m in adapter.state.values())
     total = sum(len(adapters.extract_lora(m)) for m in trained.values())
     log(f"lora.init_from: started from {path} ({loaded} of {total} modules)")
+
+
+def _pairs(recipe: Recipe, items: list[Item], log: Log) -> dict[int, int]:
+    """data.pairs: each image of the first folder with its namesake of the second, said in the log."""
+    folders = recipe.data.folder if isinstance(recipe.data.folder, list) else [recipe.data.folder]
+    partners = pair_items(items, folders)
+    first, second = recipe.data.strengths
+    log(
+        f"data.pairs: {len(partners)} pairs of namesakes, {first:+g} from {folders[0]} and {second:+g} from "
+        f"{folders[1]}; each pair trains in one batch with one noise, timestep and flip"
+    )
+    return partners
 
 
 def _load_all_items(recipe: Recipe, base: BaseModel, log: Log) -> tuple[list[Item], list[Item]]:
