@@ -21,6 +21,13 @@ from .conftest import write_recipe
 from .invoke import fails, ok
 
 SLIDER = {"target_class": "a toy", "positive": "a red toy", "negative": "a blue toy", "denoise_steps": 6}
+# Two targets, each with its own ends (ai-toolkit's list of targets): one drawn for each latent.
+TWO_TARGETS = {
+    "target_class": ["a toy", "a disc"],
+    "positive": ["a red toy", "a large disc"],
+    "negative": ["a blue toy", "a small disc"],
+    "denoise_steps": 6,
+}
 
 
 def slider_recipe(base, out, **sections) -> dict:
@@ -184,14 +191,18 @@ def _at(model, x, strength):
         return model(x)
 
 
-def test_the_slider_learns_its_direction_at_both_ends(tiny_base, tmp_path):
+@pytest.mark.parametrize("section", [SLIDER, TWO_TARGETS], ids=["one-target", "two-targets"])
+def test_the_slider_learns_its_direction_at_both_ends(tiny_base, tmp_path, section):
     """After training, the adapter's prediction at +1 is nearer the base's prediction moved along positive -
-    negative than the base's own is, and at -1 nearer the one moved back, on latents it never trained on."""
+    negative than the base's own is, and at -1 nearer the one moved back, on latents it never trained on; with two
+    targets, each along its own ends."""
     from diffusers import DDIMScheduler
 
     from lorakit.models import encode_prompts, load_base, tokenize
+    from lorakit.recipe.sections import SliderSection
 
-    recipe = slider_recipe(tiny_base, tmp_path, train={"max_steps": 40, "unet_lr": 1e-2})
+    recipe = slider_recipe(tiny_base, tmp_path, train={"max_steps": 40, "unet_lr": 1e-2}, slider=section)
+    targets = SliderSection(**{k: v for k, v in section.items() if k != "denoise_steps"}).targets
     result, _ = _train(recipe)
     unet = result.models["unet"].eval()
     base = load_base(str(tiny_base))
@@ -200,30 +211,34 @@ def test_the_slider_learns_its_direction_at_both_ends(tiny_base, tmp_path):
         hidden = encode_prompts(base, tokenize(base, [prompt] * latents.shape[0]))["encoder_hidden_states"]
         return unet(latents, torch.full((latents.shape[0],), int(t)), encoder_hidden_states=hidden).sample
 
-    def guided(latents, t):
-        hidden = encode_prompts(base, tokenize(base, [""] + [SLIDER["target_class"]]))["encoder_hidden_states"]
+    def guided(latents, t, target_class):
+        hidden = encode_prompts(base, tokenize(base, [""] + [target_class]))["encoder_hidden_states"]
         return unet(latents, torch.full((2,), int(t)), encoder_hidden_states=hidden).sample
 
-    errors = {1.0: [], -1.0: [], "base": []}
-    for seed in range(100, 106):  # seeds no training step drew
-        noise = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(seed))
-        with torch.no_grad(), adapters_disabled(unet):
-            scheduler = DDIMScheduler.from_config(base.noise_scheduler.config)
-            latents, t = partial_denoise(guided, scheduler, noise, 6, 1 + seed % 4)
-            neutral, positive, negative = (
-                predict(latents, t, SLIDER[k]) for k in ("target_class", "positive", "negative")
-            )
-        wanted = sided_targets(neutral, positive, negative, 1.0).chunk(2)
-        with torch.no_grad():
-            for strength, target in zip((1.0, -1.0), wanted, strict=True):
-                with adapters_scaled([unet], strength):
-                    errors[strength].append(
-                        torch.nn.functional.mse_loss(predict(latents, t, SLIDER["target_class"]), target)
-                    )
-            errors["base"].append(torch.nn.functional.mse_loss(neutral, wanted[0]))  # = the distance to either end
-    base_error = torch.stack(errors["base"]).mean()
-    for strength in (1.0, -1.0):
-        assert torch.stack(errors[strength]).mean() < 0.7 * base_error, (strength, errors, base_error)
+    for target_class, positive_prompt, negative_prompt in targets:
+        errors = {1.0: [], -1.0: [], "base": []}
+        for seed in range(100, 106):  # seeds no training step drew
+            noise = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(seed))
+            with torch.no_grad(), adapters_disabled(unet):
+                scheduler = DDIMScheduler.from_config(base.noise_scheduler.config)
+                latents, t = partial_denoise(
+                    lambda x, step, prompt=target_class: guided(x, step, prompt), scheduler, noise, 6, 1 + seed % 4
+                )
+                neutral, positive, negative = (
+                    predict(latents, t, prompt) for prompt in (target_class, positive_prompt, negative_prompt)
+                )
+            wanted = sided_targets(neutral, positive, negative, 1.0).chunk(2)
+            with torch.no_grad():
+                for strength, target in zip((1.0, -1.0), wanted, strict=True):
+                    with adapters_scaled([unet], strength):
+                        errors[strength].append(
+                            torch.nn.functional.mse_loss(predict(latents, t, target_class), target)
+                        )
+                errors["base"].append(torch.nn.functional.mse_loss(neutral, wanted[0]))  # the distance to either end
+        base_error = torch.stack(errors["base"]).mean()
+        for strength in (1.0, -1.0):
+            ratio = torch.stack(errors[strength]).mean() / base_error
+            assert ratio < 0.7, (target_class, strength, ratio)
 
 
 def test_shuffle_draws_each_latent_its_own_order_of_the_prompts_parts(tiny_base, tmp_path, monkeypatch):
@@ -244,6 +259,35 @@ def test_shuffle_draws_each_latent_its_own_order_of_the_prompts_parts(tiny_base,
     assert all(sorted(text.split(", ")) == ["large", "red", "shiny"] for text in positives)
     assert len(positives) >= 3  # several of the six orders in 3 steps of 2 latents
     assert any(sorted(text.split(", ")) == ["blue", "dull", "small"] for text in seen)
+
+
+def test_each_latent_draws_one_of_several_targets_whole(tiny_base, tmp_path, monkeypatch):
+    import lorakit.train.loop as loop
+
+    seen: list[list[str]] = []
+    real = loop.text_conditioning
+
+    def recording(run, captions):
+        seen.append(list(captions))
+        return real(run, captions)
+
+    monkeypatch.setattr(loop, "text_conditioning", recording)
+    result, lines = _train(slider_recipe(tiny_base, tmp_path, slider=TWO_TARGETS, train={"max_steps": 4}))
+    said = next(line for line in lines if line.startswith("slider: "))
+    assert said.startswith("slider: 2 targets, one drawn for each latent: 'a toy' towards 'a red toy' at strength +1")
+    assert "; 'a disc' towards 'a large disc' at strength +1 and towards 'a small disc' at -1" in said
+    # each step encodes its latents' target classes, then (target, positive, negative) of each latent: whole rows
+    rows = set()
+    for captions in seen:
+        if len(captions) == 6:  # 2 latents x (target class, positive, negative)
+            rows |= set(zip(captions[0:2], captions[2:4], captions[4:6], strict=True))
+    assert rows == {("a toy", "a red toy", "a blue toy"), ("a disc", "a large disc", "a small disc")}
+    from safetensors import safe_open
+
+    with safe_open(result.adapter, "pt") as handle:
+        metadata = handle.metadata()
+    assert json.loads(metadata["lorakit_slider_positive"]) == ["a red toy", "a large disc"]
+    assert "'a disc' towards 'a large disc', negative ones towards 'a small disc'" in metadata["lorakit_slider_note"]
 
 
 def test_a_prompt_cut_short_is_said(tiny_base, tmp_path):
@@ -312,6 +356,12 @@ def test_a_slider_may_train_the_text_encoder_too(tiny_base, tmp_path):
         ({"slider": {"denoise_steps": 2}}, "slider.denoise_steps"),
         ({"slider": {"negative": "<lora:other:1> a toy"}}, "slider.negative: the webui tag <lora:other:1> would be"),
         ({"slider": {"guidance": 0}}, "slider.guidance"),
+        ({"slider": {**TWO_TARGETS, "negative": ["a"]}}, "slider: lists of target_class 2, positive 2, negative 1"),
+        ({"slider": {"positive": []}}, "slider.positive: the list is empty; give one prompt per target"),
+        (
+            {"slider": {**TWO_TARGETS, "negative": ["a blue toy", "a large disc"]}},
+            "slider.positive: target 2 ('a disc'): the same as slider.negative",
+        ),
     ],
 )
 def test_settings_a_slider_cannot_use_are_refused_by_name(tiny_base, tmp_path, sections, fragment):

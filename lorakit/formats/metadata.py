@@ -220,13 +220,14 @@ def training_info(
         training["lorakit_adapter_strengths"] = json.dumps(strengths)
     if recipe.slider is not None:  # what the two ends of the slider are, for whoever loads it
         section = recipe.slider
-        training["lorakit_slider_positive"] = section.positive
-        training["lorakit_slider_negative"] = section.negative
-        training["lorakit_slider_target_class"] = section.target_class
-        training["lorakit_slider_note"] = (
-            f"a concept slider: positive strengths draw {section.target_class or 'pictures'!r} towards "
-            f"{section.positive!r}, negative ones towards {section.negative!r}; 0 is the base"
-        )
+        for key in ("positive", "negative", "target_class"):  # a list of several targets' prompts as JSON
+            value = getattr(section, key)
+            training[f"lorakit_slider_{key}"] = value if isinstance(value, str) else json.dumps(value)
+        ends = [
+            f"{target or 'pictures'!r} towards {positive!r}, negative ones towards {negative!r}"
+            for target, positive, negative in section.targets
+        ]
+        training["lorakit_slider_note"] = f"a concept slider: positive strengths draw {'; '.join(ends)}; 0 is the base"
     if recipe.embedding is not None:  # the adapter was trained with the word's own vectors: say where they are
         token = recipe.embedding.token
         training["lorakit_embedding"] = f"{EMBEDDINGS_FOLDER}/{token}.safetensors"

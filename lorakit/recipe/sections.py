@@ -553,16 +553,20 @@ class PreservationSection:
 
 @dataclass(frozen=True)
 class SliderSection:
-    positive: str = ""
+    positive: str | list[str] = ""
     """A concept slider (Gandikota et al. 2023, arXiv:2311.12092; ai-toolkit's slider training), learned from prompts
     alone, with no images: at strength +1 the adapter moves what `target_class` draws towards this prompt and away
     from `negative`, at -1 the other way, and at 0 it draws what the base does, so `--lora FILE:-2` to `:2` is a
     slider. Write the extreme, e.g. "an extremely detailed, intricate photo". One of `positive` and `negative` may be
-    empty (the empty prompt is then that end)."""
-    negative: str = ""
-    """The other end of the slider, e.g. "a blurry, plain photo with no detail"."""
-    target_class: str = ""
-    """The prompt the slider is trained on, e.g. "person" for a slider of people only; empty: every picture."""
+    empty (the empty prompt is then that end). A list, with `negative` and `target_class` as lists of the same length
+    or single prompts, gives the slider several targets (ai-toolkit's list of targets), one drawn for each latent:
+    e.g. target_class = ["man", "woman"], positive = ["an old man", "an old woman"], negative = ["a young man", "a
+    young woman"] moves each class along its own words."""
+    negative: str | list[str] = ""
+    """The other end of the slider, e.g. "a blurry, plain photo with no detail"; a list: one per target."""
+    target_class: str | list[str] = ""
+    """The prompt the slider is trained on, e.g. "person" for a slider of people only; empty: every picture; a list:
+    one per target."""
     guidance: float = 1.0
     """How far strength 1 moves the prediction along positive minus negative (the paper's eta; ai-toolkit uses 1)."""
     denoise_steps: int = 40
@@ -573,6 +577,13 @@ class SliderSection:
     """Shuffle the comma-separated parts of `positive`, `negative` and `target_class` for each latent of each step
     (ai-toolkit's `shuffle`), so the slider learns the concepts rather than one wording of them; the text encoders
     then encode every step instead of once."""
+
+    @property
+    def targets(self) -> list[tuple[str, str, str]]:
+        """(target_class, positive, negative) of each target: the lists side by side, a single prompt in every one."""
+        keys = (self.target_class, self.positive, self.negative)
+        count = max((len(value) for value in keys if isinstance(value, list)), default=1)
+        return [tuple(v[i] if isinstance(v, list) else v for v in keys) for i in range(count)]  # type: ignore[misc]
 
 
 @dataclass(frozen=True)

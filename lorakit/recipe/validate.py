@@ -503,19 +503,37 @@ def _slider_problems(slider, built: dict) -> list[str]:
     """[slider] learns from prompts alone, as a LoRA whose sign flips its effect: the keys that need images or
     another adapter, and two ends that are the same."""
     problems = []
-    if slider.positive.strip() == slider.negative.strip():
+    lists = {
+        key: len(v) for key in ("target_class", "positive", "negative") if isinstance(v := getattr(slider, key), list)
+    }
+    if any(count == 0 for count in lists.values()):
+        empty = next(key for key, count in lists.items() if not count)
+        problems.append(f"slider.{empty}: the list is empty; give one prompt per target, or a single prompt")
+        return problems
+    if len(set(lists.values())) > 1:
+        said = ", ".join(f"{key} {count}" for key, count in lists.items())
         problems.append(
-            "slider.positive: the same as slider.negative"
-            + (" (both empty)" if not slider.positive.strip() else "")
-            + '; give the two ends of the slider, e.g. positive = "a very old person", negative = "a very young '
-            'person"'
+            f"slider: lists of {said} prompts; give every list one prompt per target (the same length), or a single "
+            "prompt for all"
         )
-    for key in ("positive", "negative", "target_class"):
-        if (tag := network_tag(getattr(slider, key))) is not None:
+        return problems
+    several = len(slider.targets) > 1
+    for number, (target, positive, negative) in enumerate(slider.targets, start=1):
+        if positive.strip() == negative.strip():
             problems.append(
-                f"slider.{key}: the webui tag {tag} would be encoded as words; remove it (use "
-                "model.merged_adapters to train on top of another adapter)"
+                "slider.positive: "
+                + (f"target {number} ({target!r}): " if several else "")
+                + "the same as slider.negative"
+                + (" (both empty)" if not positive.strip() else "")
+                + '; give the two ends of the slider, e.g. positive = "a very old person", negative = "a very young '
+                'person"'
             )
+        for key, text in (("target_class", target), ("positive", positive), ("negative", negative)):
+            if (tag := network_tag(text)) is not None:
+                problems.append(
+                    f"slider.{key}: the webui tag {tag} would be encoded as words; remove it (use "
+                    "model.merged_adapters to train on top of another adapter)"
+                )
     for section in ("prior", "validation", "preservation", "embedding"):
         if built.get(section) is not None:
             problems.append(f"{section}: a [slider] trains from its prompts, with no images; remove [{section}]")
@@ -545,7 +563,7 @@ def _slider_problems(slider, built: dict) -> list[str]:
         ]
     if sample is not None and sample.every_epochs:
         problems.append("sample.every_epochs: a [slider] has no epochs; use sample.every_steps")
-    return problems
+    return list(dict.fromkeys(problems))  # a prompt shared by several targets is named once
 
 
 def _embedding_only_problems(embedding, lora, train) -> list[str]:

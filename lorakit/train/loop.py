@@ -339,12 +339,10 @@ def _slider_loss(run: Run) -> Any:
     )
     taken = int(torch.randint(1, section.denoise_steps - 1, (1,), generator=generator))
     count = cfg.batch_size
+    choices = section.targets  # several: each latent draws its own (no draw for one, as before there were lists)
+    chosen = [choices[rng.randrange(len(choices))] if len(choices) > 1 else choices[0] for _ in range(count)]
     prompts = [  # each latent's (target class, positive, negative)
-        [
-            slider.shuffled(text, rng) if section.shuffle else text
-            for text in (section.target_class, section.positive, section.negative)
-        ]
-        for _ in range(count)
+        [slider.shuffled(text, rng) if section.shuffle else text for text in texts] for texts in chosen
     ]
     targets, positives, negatives = ([row[k] for row in prompts] for k in range(3))
     models = run.unwrapped()

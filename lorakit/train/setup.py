@@ -918,18 +918,25 @@ def _state_slider(recipe: Recipe, base: BaseModel, log: Log) -> None:
     section = recipe.slider
     size = ", ".join(map(str, [recipe.data.resolution, *recipe.data.extra_resolutions]))
     limit = _token_limit(recipe, base)
-    for key in ("target_class", "positive", "negative"):
-        count = token_count(base, getattr(section, key))
-        if count > limit:
-            log(
-                f"slider.{key}: {count} tokens, longer than {limit}: the rest is cut off; shorten it"
-                + (" or set data.max_token_length = 150 or 225" if limit < 225 else "")
-            )
-    target = repr(section.target_class) if section.target_class else "every picture (empty target_class)"
+    said = set()
+    for texts in section.targets:
+        for key, text in zip(("target_class", "positive", "negative"), texts, strict=True):
+            count = token_count(base, text)
+            if count > limit and text not in said:
+                said.add(text)
+                log(
+                    f"slider.{key}: {count} tokens, longer than {limit}: the rest is cut off; shorten it"
+                    + (" or set data.max_token_length = 150 or 225" if limit < 225 else "")
+                )
+    ends = [
+        f"{repr(target) if target else 'every picture (empty target_class)'} towards {positive!r} at strength +1 and "
+        f"towards {negative!r} at -1"
+        for target, positive, negative in section.targets
+    ]
+    several = f"{len(ends)} targets, one drawn for each latent: " if len(ends) > 1 else ""
     log(
-        f"slider: {target} towards {section.positive!r} at strength +1 and towards {section.negative!r} at -1, "
-        f"learned from prompts at {size} px square; each step first denoises pure noise with the base for 1 to "
-        f"{section.denoise_steps - 2} of {section.denoise_steps} steps"
+        f"slider: {several}{'; '.join(ends)}, learned from prompts at {size} px square; each step first denoises "
+        f"pure noise with the base for 1 to {section.denoise_steps - 2} of {section.denoise_steps} steps"
     )
 
 
@@ -1070,7 +1077,7 @@ def _captions(recipe: Recipe, items: list[Item]) -> set[str]:
     """Every text the run encodes: the items' captions (with their class versions for [preservation], and the empty
     caption of caption dropout), or a [slider]'s prompts and the empty one its denoising is guided against."""
     if recipe.slider is not None:
-        return {recipe.slider.target_class, recipe.slider.positive, recipe.slider.negative, ""}
+        return {text for target in recipe.slider.targets for text in target} | {""}
     data = recipe.data
     captions = {steady_caption(item.caption, data) for item in items}
     if recipe.preserving:  # and each with the trigger replaced by the class word
