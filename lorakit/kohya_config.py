@@ -141,6 +141,8 @@ OPTIMIZERS = {
     "prodigy": "prodigy",
     "adafactor": "adafactor",
     "adamwschedulefree": "adamw_schedulefree",
+    "ademamix8bit": "ademamix8bit",
+    "pagedademamix8bit": "ademamix8bit",
 }
 SCHEDULERS = typing.get_args(LrScheduler)  # the recipe's own names, which are kohya's
 SCHEDULE_SHAPES = (  # kohya's settings of the schedule, each a recipe key of the same name
@@ -748,7 +750,8 @@ def _optimizer(left: dict[str, Any], result: Imported) -> None:
         source, given = "optimizer_type", str(left.pop("optimizer_type"))
     has_args = "optimizer_args" in left
     args = _arguments(left.pop("optimizer_args", []), "optimizer_args")
-    name = OPTIMIZERS.get(given.lower().replace("_", ""))
+    # sd-scripts also takes a class by its full path, e.g. bitsandbytes.optim.AdEMAMix8bit
+    name = OPTIMIZERS.get(given.lower().replace("_", "").removeprefix("bitsandbytes.optim."))
     if name is None:
         result.unsupported.append(
             f"optimizer_type: {given!r} (lorakit has {', '.join(sorted(set(OPTIMIZERS.values())))}); adamw8bit kept"

@@ -159,9 +159,11 @@ def optimizer_state_bytes(optimizer: str, numels: list[int]) -> int:
         return sum(4 * n for n in numels)
     if optimizer == "lion8bit":  # one 8-bit momentum buffer with its block scales; float32 under the threshold
         return sum(4 * n if n < BNB_MIN_8BIT_SIZE else n + 4 * math.ceil(n / BNB_BLOCK) for n in numels)
+    if optimizer == "ademamix8bit":  # fast and slow momentum and the second moment, each 8-bit with block scales
+        return sum(12 * n if n < BNB_MIN_8BIT_SIZE else 3 * n + 3 * 4 * math.ceil(n / BNB_BLOCK) for n in numels)
     raise RecipeError(
         f"train.optimizer: {optimizer!r} has no memory model; use adamw8bit, adamw, adafactor, prodigy, lion8bit, "
-        "lion or adamw_schedulefree"
+        "lion, adamw_schedulefree or ademamix8bit"
     )
 
 

@@ -21,7 +21,9 @@ DEFAULT_BETAS = {
     "lion": (0.9, 0.99),
     "prodigy": (0.9, 0.999),
     "adamw_schedulefree": (0.9, 0.999),
+    "ademamix8bit": (0.9, 0.999),
 }
+ADEMAMIX_SLOW_BETA = 0.9999  # AdEMAMix's third coefficient: its slow momentum (bitsandbytes' and the paper's)
 SCHEDULE_FREE = ("adamw_schedulefree",)
 
 
@@ -33,6 +35,8 @@ def hyperparameters(section: TrainSection) -> dict[str, Any]:
     options: dict[str, Any] = {"weight_decay": section.weight_decay}
     if name in DEFAULT_BETAS:
         options["betas"] = tuple(section.betas) if section.betas else DEFAULT_BETAS[name]
+    if name == "ademamix8bit":
+        options["betas"] = (*options["betas"], ADEMAMIX_SLOW_BETA)
     if name == "adafactor":
         options |= {"scale_parameter": False, "relative_step": False, "warmup_init": False}
     if name in SCHEDULE_FREE:  # the warm-up is the optimizer's own: it weighs the average by the warmed-up rate
@@ -53,7 +57,7 @@ def build_optimizer(section: TrainSection, param_groups: list[dict[str, Any]]) -
     prodigyopt is optional, and a missing one becomes a one-line message naming the key."""
     name = section.optimizer
     options = hyperparameters(section)
-    if name in ("adamw8bit", "lion8bit", "lion"):
+    if name in ("adamw8bit", "lion8bit", "lion", "ademamix8bit"):
         try:
             import bitsandbytes as bnb
         except ImportError as err:
@@ -61,7 +65,12 @@ def build_optimizer(section: TrainSection, param_groups: list[dict[str, Any]]) -
                 f"train.optimizer: {name!r} needs bitsandbytes ({err}); "
                 'run `pip install bitsandbytes` or set train.optimizer = "adamw"'
             ) from None
-        kind = {"adamw8bit": bnb.optim.AdamW8bit, "lion8bit": bnb.optim.Lion8bit, "lion": bnb.optim.Lion}[name]
+        kind = {
+            "adamw8bit": bnb.optim.AdamW8bit,
+            "lion8bit": bnb.optim.Lion8bit,
+            "lion": bnb.optim.Lion,
+            "ademamix8bit": bnb.optim.AdEMAMix8bit,
+        }[name]
         return kind(param_groups, **options)
     if name == "adamw":
         # The fused kernel where every parameter is on CUDA already (set_up moves them there first); elsewhere the

@@ -94,7 +94,7 @@ FIT_CHANGES: list[tuple[str, Any, Any, str]] = [
     ),
     (
         "train.optimizer",
-        lambda r: r.train.optimizer not in ("adamw8bit", "lion8bit"),
+        lambda r: r.train.optimizer not in ("adamw8bit", "lion8bit", "ademamix8bit"),
         lambda r: _with(r, "train", optimizer="lion8bit" if r.train.optimizer == "lion" else "adamw8bit"),
         "8-bit optimizer state",
     ),

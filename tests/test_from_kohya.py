@@ -357,6 +357,12 @@ def test_older_and_rarer_kohya_settings_are_carried_over(tiny_base, tmp_path):
     )
     said = ok(["from-kohya", str(config), "--out", str(tmp_path / "two.toml")]).stdout
     assert "use_lion_optimizer: sd-scripts refuses it beside use_8bit_adam; use_8bit_adam kept" in said
+    # a bitsandbytes class by its full path, as sd-scripts' help suggests for AdEMAMix
+    config = _config(
+        tmp_path, tiny_base, **{'optimizer_type = "Prodigy"': 'optimizer_type = "bitsandbytes.optim.AdEMAMix8bit"'}
+    )
+    ok(["from-kohya", str(config), "--out", str(tmp_path / "ademamix.toml")])
+    assert load_recipe(tmp_path / "ademamix.toml").train.optimizer == "ademamix8bit"
 
 
 def test_a_textual_inversion_config_becomes_an_embedding_alone_that_trains(tiny_base, tiny_dataset, tmp_path):

@@ -115,6 +115,22 @@ def test_lion_state_is_predicted_byte_for_byte(optimizer, kind):
     assert measured == optimizer_state_bytes(optimizer, sizes)
 
 
+def test_ademamix_state_is_predicted_byte_for_byte():
+    """Three 8-bit states (fast and slow momentum, second moment) with their block scales; float32 under 4,096."""
+    bnb = pytest.importorskip("bitsandbytes")
+    sizes = [100, 4095, 4096, 70_000, 300_000]
+    params = [torch.nn.Parameter(torch.randn(n)) for n in sizes]
+    built = bnb.optim.AdEMAMix8bit(params, lr=1e-4)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    built.step()
+    ignored = ("step", "qmap1", "qmap2")
+    state = [t for p in params for k, t in built.state[p].items() if torch.is_tensor(t) and k not in ignored]
+    assert any(t.dtype == torch.uint8 for t in state)
+    measured = sum(t.numel() * t.element_size() for t in state)
+    assert measured == optimizer_state_bytes("ademamix8bit", sizes)
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "adamw_schedulefree"])
 def test_adamw_state_is_two_float32_tensors_per_parameter(optimizer):
     params = [torch.nn.Parameter(torch.randn(n)) for n in (10, 5000)]

@@ -140,6 +140,7 @@ def test_fp16_on_cpu_says_so_and_runs_float32(tiny_base, tiny_dataset, tmp_path,
         ("lion8bit", "Lion8bit"),
         ("lion", "Lion"),
         ("adamw_schedulefree", "AdamWScheduleFree"),
+        ("ademamix8bit", "AdEMAMix8bit"),
     ],
 )
 def test_each_optimizer_trains(tiny_base, tiny_dataset, tmp_path, monkeypatch, optimizer, expected):
@@ -318,7 +319,8 @@ def test_half_precision_weights_and_autocast_train(tiny_base, tiny_dataset, tmp_
 
 
 @pytest.mark.parametrize(
-    "optimizer", ["adamw", "adamw8bit", "lion", "lion8bit", "adafactor", "prodigy", "adamw_schedulefree"]
+    "optimizer",
+    ["adamw", "adamw8bit", "lion", "lion8bit", "adafactor", "prodigy", "adamw_schedulefree", "ademamix8bit"],
 )
 def test_text_encoder_until_stops_the_text_encoders_adapters_and_the_unets_goes_on(
     tiny_base, tiny_dataset, tmp_path, optimizer

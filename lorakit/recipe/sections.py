@@ -9,7 +9,9 @@ import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
-Optimizer = Literal["adamw8bit", "adamw", "adafactor", "prodigy", "lion8bit", "lion", "adamw_schedulefree"]
+Optimizer = Literal[
+    "adamw8bit", "adamw", "adafactor", "prodigy", "lion8bit", "lion", "adamw_schedulefree", "ademamix8bit"
+]
 LrScheduler = Literal[
     "constant",
     "constant_with_warmup",
@@ -286,12 +288,14 @@ class TrainSection:
     use a learning rate 3-10x lower and a weight decay 3-10x higher than AdamW's), or `adamw_schedulefree`
     (schedule-free AdamW, needs `pip install schedulefree`: no schedule, the warm-up is `lr_warmup_steps`, the
     adapter saved, sampled and validated is the optimizer's running average of the weights; use about 3x AdamW's
-    learning rate)."""
+    learning rate), or `ademamix8bit` (bitsandbytes' AdEMAMix, Pagliardini et al. 2024, arXiv:2409.03137: AdamW
+    with a second, slow momentum mixed in at 5x, 8-bit state, 3 bytes per parameter; AdamW's learning rate)."""
     weight_decay: float = 1e-2
     """Decoupled weight decay of the optimizer."""
     betas: list[float] | None = None
     """The optimizer's two momentum coefficients (kohya's `optimizer_args betas=0.9,0.99`) for AdamW (schedule-free
-    too), Lion and Prodigy; unset: each optimizer's own (0.9, 0.999; Lion 0.9, 0.99)."""
+    too), Lion, Prodigy and AdEMAMix (whose slow momentum keeps 0.9999); unset: each optimizer's own (0.9, 0.999;
+    Lion 0.9, 0.99)."""
     prodigy_d_coef: float = 1.0
     """Prodigy: scales the step size it finds (kohya's `d_coef`); above 1 learns faster, below 1 gentler."""
     prodigy_use_bias_correction: bool = False
