@@ -319,9 +319,11 @@ def _dtype_bytes(name: str) -> int:
 def compute_dtype(recipe: Any) -> str:
     """The dtype the frozen weights compute in: `model.weight_dtype`, or for float8 the autocast dtype its stored
     weights dequantize to (float32 without autocast); also the dtype the base is read in."""
+    from .recipe import AUTOCAST_DTYPES
+
     if recipe.model.weight_dtype != "float8":
         return recipe.model.weight_dtype
-    return {"fp16": "float16", "bf16": "bfloat16"}.get(recipe.train.mixed_precision, "float32")
+    return AUTOCAST_DTYPES.get(recipe.train.mixed_precision, "float32")
 
 
 @functools.cache

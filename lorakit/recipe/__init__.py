@@ -8,6 +8,7 @@ with what is allowed. Defaults live only here. Each field's docstring documents 
 from __future__ import annotations
 
 from .sections import (
+    AUTOCAST_DTYPES,
     DEFAULT_MAX_STEPS,
     SECTIONS,
     DataSection,
@@ -25,6 +26,7 @@ from .toml import dump_recipe, recipe_to_dict, reference_markdown, toml_value
 from .validate import TIMESTEPS_MAX, block_curve, load_recipe, parse_override, range_problem, recipe_from_dict
 
 __all__ = [
+    "AUTOCAST_DTYPES",
     "DEFAULT_MAX_STEPS",
     "SECTIONS",
     "DataSection",

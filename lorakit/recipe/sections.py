@@ -29,6 +29,7 @@ PredictionType = Literal["epsilon", "v_prediction"]
 SaveDtype = Literal["float32", "float16", "bfloat16"]
 TargetPreset = Literal["attention", "transformer", "transformer+conv"]
 WeightDtype = Literal["float32", "float16", "bfloat16", "float8"]
+AUTOCAST_DTYPES = {"fp16": "float16", "bf16": "bfloat16"}  # train.mixed_precision -> the dtype autocast computes in
 LossType = Literal["l2", "l1", "huber", "smooth_l1"]
 HuberSchedule = Literal["constant", "exponential", "snr"]
 TimestepBias = Literal["none", "earlier", "later", "range"]

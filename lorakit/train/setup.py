@@ -71,7 +71,7 @@ from ..models import (
 from ..optim import build_lr_scheduler, build_optimizer
 from ..progress import progress_bar
 from ..prompt_syntax import plain_text
-from ..recipe import DEFAULT_MAX_STEPS, Recipe, dump_recipe, recipe_to_dict
+from ..recipe import AUTOCAST_DTYPES, DEFAULT_MAX_STEPS, Recipe, dump_recipe, recipe_to_dict
 from ..slider import NoImages, SampleStrengths
 from ..timestep_rank import TimestepRanks, active_ranks
 from ..trigger import contains_trigger, replace_trigger
@@ -663,7 +663,7 @@ def _precision(recipe: Recipe, log: Log) -> tuple[str, str]:
                 "training in float32"
             )
             precision, weight_dtype = "no", "float32"
-    wanted = {"float16": "fp16", "bfloat16": "bf16"}.get(weight_dtype)
+    wanted = {dtype: precision for precision, dtype in AUTOCAST_DTYPES.items()}.get(weight_dtype)
     if wanted and precision != wanted:
         raise LorakitError(
             f'model.weight_dtype: {weight_dtype} weights need train.mixed_precision = "{wanted}" '
@@ -677,7 +677,7 @@ def _load_dtype(precision: str, weight_dtype: str) -> str:
     to (the autocast dtype; float32 without autocast)."""
     if weight_dtype != "float8":
         return weight_dtype
-    return {"fp16": "float16", "bf16": "bfloat16"}.get(precision, "float32")
+    return AUTOCAST_DTYPES.get(precision, "float32")
 
 
 def _store_in_float8(base: BaseModel, compute: str, log: Log) -> None:
