@@ -630,10 +630,14 @@ def test_an_epoch_of_pairs_shows_every_pair_its_repeats_as_neighbours():
 
 
 @pytest.mark.slow
-def test_an_image_slider_on_the_toy_world_draws_one_colour_at_plus_1_and_the_other_at_minus_1(tmp_path):
+@pytest.mark.parametrize(("pairs", "red", "blue"), [(False, 0.6, 0.45), (True, 0.5, 0.5)], ids=["unpaired", "pairs"])
+def test_an_image_slider_on_the_toy_world_draws_one_colour_at_plus_1_and_the_other_at_minus_1(
+    tmp_path, pairs, red, blue
+):
     """On the real toy base: the same 12 scenes with a red ball at +1 and a blue one at -1, captioned alike ("a
     ball on the left, white background"); "a ball" then draws red at +1 and blue at -1, where the base draws mostly
-    yellow (README: measured red 0.71 and blue 0.54 of 24 pictures, base red 0.12, blue 0.00)."""
+    yellow (README: measured red 0.71 and blue 0.54 of 24 pictures, base red 0.12, blue 0.00; with data.pairs red
+    0.62 and blue 0.71)."""
     from lorakit.prepare import PrepareOptions, prepare
     from lorakit.toy import write_slider_pairs
     from lorakit.toy.build import build_toy_base
@@ -648,7 +652,13 @@ def test_an_image_slider_on_the_toy_world_draws_one_colour_at_plus_1_and_the_oth
         folders.append(str(tmp_path / "data" / photos.name))
     recipe = {
         "model": {"base": str(base)},
-        "data": {"folder": folders, "resolution": 16, "adapter_strength": [1.0, -1.0], "num_repeats": 4},
+        "data": {
+            "folder": folders,
+            "resolution": 16,
+            "adapter_strength": [1.0, -1.0],
+            "num_repeats": 4,
+            "pairs": pairs,
+        },
         "lora": {"rank": 4, "lora_alpha": 4.0, "train_text_encoder": False},
         "train": {"max_steps": 200, "batch_size": 4, "unet_lr": 1e-3, "optimizer": "adamw", "save_every_steps": 0},
         "output": {"folder": str(tmp_path / "runs"), "name": "colour", "save_dtype": "float32"},
@@ -661,8 +671,8 @@ def test_an_image_slider_on_the_toy_world_draws_one_colour_at_plus_1_and_the_oth
         found = [detect(image)["colour"] for image in render_set(pipe, prompts, [0, 1, 2, 3])]
         shares[strength] = {colour: found.count(colour) / len(found) for colour in ("red", "blue")}
     assert shares[0.0]["red"] <= 0.2 and shares[0.0]["blue"] == 0, shares
-    assert shares[1.0]["red"] >= 0.6 and shares[1.0]["blue"] == 0, shares
-    assert shares[-1.0]["blue"] >= 0.45 and shares[-1.0]["red"] == 0, shares
+    assert shares[1.0]["red"] >= red and shares[1.0]["blue"] == 0, shares
+    assert shares[-1.0]["blue"] >= blue and shares[-1.0]["red"] == 0, shares
 
 
 def test_toy_pairs_are_the_same_scenes_in_two_colours_and_never_overwrite(tmp_path):
