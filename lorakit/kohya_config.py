@@ -105,7 +105,6 @@ _UPLOAD = "lorakit does not upload; push the run folder with `hf upload`"
 UNSUPPORTED = {
     "full_bf16": _HALF,
     "full_fp16": _HALF,
-    "fp8_base_unet": 'lorakit\'s float8 stores the text encoders too: model.weight_dtype = "float8" (fp8_base)',
     "blocks_to_swap": "lorakit does not swap blocks to the CPU; see `lorakit plan --fit` for what fits",
     "cpu_offload_checkpointing": "lorakit does not offload checkpointed activations; see `lorakit plan --fit`",
     "fused_backward_pass": "a full fine-tuning memory saver; LoRA's optimizer state is small",
@@ -265,6 +264,13 @@ def convert(
 
     _network(left, result)
     _base_weights(left, result)
+    if "fp8_base_unet" in left:  # the U-Net in float8, the text encoders not (over fp8_base, as sd-scripts has it)
+        if _bool(left.pop("fp8_base_unet")):
+            result.set("model.weight_dtype", "float8", "fp8_base_unet")
+            result.set("model.float8_text_encoders", False, "fp8_base_unet")
+            result.mapped.append("fp8_base_unet")
+        else:
+            result.not_needed.append("fp8_base_unet")
     if "network_train_unet_only" in left:
         unet_only = _bool(left.pop("network_train_unet_only"))
         result.set("lora.train_text_encoder", not unet_only, "network_train_unet_only")
@@ -1028,6 +1034,7 @@ SPECIAL = (
     "base_weights",
     "base_weights_multiplier",
     "network_train_unet_only",
+    "fp8_base_unet",
     "text_encoder_lr",
     "learning_rate",
     "lr_warmup_steps",

@@ -500,9 +500,12 @@ def estimate(
     adapter = sum(trainable) * 4
     largest = 0  # float8: values of the largest stored weight, dequantized for one layer at a time
     if dtype == "float8":
-        sizes = {c: float8_sizes(architecture, c, compute, folder) for c in ["unet", *encoders]}
+        float8 = ["unet", *(encoders if recipe.model.float8_text_encoders else [])]
+        sizes = {c: float8_sizes(architecture, c, compute, folder) for c in float8}
         largest = max(n for _, n in sizes.values())
-        stored = stored or {c: size for c, (size, _) in sizes.items()}
+        stored = stored or {
+            c: sizes[c][0] if c in sizes else counts[c] * _dtype_bytes(compute) for c in ["unet", *encoders]
+        }
     if stored is None:
         stored = {c: counts[c] * _dtype_bytes(dtype) for c in ["unet", *encoders]}
     weights = {
@@ -510,8 +513,11 @@ def estimate(
         "text encoders": sum(stored[c] for c in encoders),
         "VAE": counts["vae"] * vae_dtype_bytes,
     }
-    if dtype == "float8":
-        dtype = f"float8 + {compute}"  # how the parts below name it
+    if dtype == "float8":  # how the parts below name it
+        dtype = f"float8 + {compute}"
+        encoder_dtype = dtype if recipe.model.float8_text_encoders else compute
+    else:
+        encoder_dtype = dtype
 
     def add(phase: str, name: str, count: float, how: str = "counted") -> None:
         result.parts.append(Part(phase, name, count / GIB, how))
@@ -533,7 +539,7 @@ def estimate(
             "modelled: one SDXL reading (H200), scaled by pixels and dtype",
         )
     if not resident_encoders:  # frozen encoders and fixed captions: encoded once, with the trained modules parked
-        add("text caching", f"text encoder weights ({dtype})", weights["text encoders"])
+        add("text caching", f"text encoder weights ({encoder_dtype})", weights["text encoders"])
         hidden = sum(_encoder_widths(architecture, folder))
         add(
             "text caching",
@@ -549,7 +555,7 @@ def estimate(
     if resident_encoders:
         add(
             step,
-            f"text encoder weights ({dtype}){_resident_because(train_te, recipe)}",
+            f"text encoder weights ({encoder_dtype}){_resident_because(train_te, recipe)}",
             weights["text encoders"],
         )
     if not cfg.cache_latents and not slider:

@@ -206,3 +206,37 @@ def test_the_toy_concept_learned_on_a_float8_base_draws_on_the_full_precision_ba
         before["prior_accuracy"],
         after["prior_accuracy"],
     )
+
+
+def test_float8_text_encoders_false_stores_the_unet_alone(tiny_base, tiny_dataset, tmp_path):
+    model = {"weight_dtype": "float8", "float8_text_encoders": False}
+    result, lines = _train(tiny_base, tiny_dataset, tmp_path, train={"max_steps": 1}, model=model)
+    assert any(isinstance(m, Float8Linear) for m in result.models["unet"].modules())
+    assert not any(isinstance(m, (Float8Linear, Float8Conv2d)) for m in result.models["text_encoder"].modules())
+    assert any("weights of the U-Net (model.float8_text_encoders = false) stored" in line for line in lines)
+    with pytest.raises(RecipeError, match=r'model.float8_text_encoders: chooses what weight_dtype = "float8" stores'):
+        recipe_from_dict(make_recipe_dict(tiny_base, tiny_dataset, tmp_path, model={"float8_text_encoders": False}))
+
+
+def test_the_planner_counts_text_encoders_kept_in_the_compute_dtype():
+    from lorakit.memory import estimate
+
+    def parts(**model):
+        recipe = recipe_from_dict(
+            {
+                "model": {"base": "stabilityai/stable-diffusion-xl-base-1.0", **model},
+                "data": {"folder": "no-dataset-yet", "resolution": 1024},
+                "lora": {"train_text_encoder": True},
+                "train": {"mixed_precision": "bf16", "gradient_checkpointing": True},
+            }
+        )
+        return [(p.name, p.gib) for p in estimate(recipe, "sdxl").parts if p.phase == "training step"]
+
+    def part(found, start):
+        return next(gib for name, gib in found if name.startswith(start))
+
+    both, unet_only = parts(weight_dtype="float8"), parts(weight_dtype="float8", float8_text_encoders=False)
+    unet = "U-Net weights (float8 + bfloat16)"
+    assert part(both, unet) == part(unet_only, unet) == pytest.approx(2.40, abs=0.005)
+    assert part(both, "text encoder weights (float8 + bfloat16)") == pytest.approx(0.86, abs=0.005)
+    assert part(unet_only, "text encoder weights (bfloat16)") == pytest.approx(1.52, abs=0.005)

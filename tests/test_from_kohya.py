@@ -347,8 +347,8 @@ def test_older_and_rarer_kohya_settings_are_carried_over(tiny_base, tmp_path):
     assert "abc" not in said and "abc" not in recipe_path.read_text()
     assert "huggingface_repo_id: lorakit does not upload; push the run folder with `hf upload`" in said
     assert (recipe.validation.split, recipe.validation.seed) == (0.1, 5)
-    assert recipe.model.weight_dtype == "float8"  # fp8_base: the U-Net and text encoders, as sd-scripts stores them
-    assert 'fp8_base_unet: lorakit\'s float8 stores the text encoders too: model.weight_dtype = "float8"' in said
+    # fp8_base with fp8_base_unet: the U-Net in float8 and the text encoders not, as sd-scripts stores them
+    assert (recipe.model.weight_dtype, recipe.model.float8_text_encoders) == ("float8", False)
     # sd-scripts validates by epochs unless told otherwise, and by steps only when told
     assert (recipe.validation.every_epochs, recipe.validation.every_steps) == (2, 0)
     # sd-scripts refuses two optimizers; the one it would complain about is named

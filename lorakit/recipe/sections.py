@@ -60,6 +60,9 @@ class ModelSection:
     `float8` (kohya's `fp8_base`) halves it again: the U-Net's and text encoders' Linear and Conv2d weights are
     stored as float8 e4m3 with a scale per output channel and computed in `train.mixed_precision`'s dtype (float32
     without it), as the rest of the base is (norms, biases, embeddings; the VAE stays float32). Not with DoRA."""
+    float8_text_encoders: bool = True
+    """With `weight_dtype = "float8"`: store the text encoders in float8 too (kohya's `fp8_base`); false keeps them
+    in the compute dtype and stores the U-Net alone (kohya's `fp8_base_unet`), e.g. when they train."""
     clip_skip: int = 1
     """Use the output of the N-th last text-encoder layer (kohya's clip_skip: 2 for anime-style SD 1.x bases); the
     last N - 1 layers then get no adapter (their output never reaches the U-Net). Not defined for SDXL."""

@@ -256,6 +256,10 @@ def _cross_checks(built: dict, problems: list[str]) -> None:
                 problems.append(f"lora.{key}: only used with target_modules = 'transformer+conv'")
         problems += _adapter_type_problems(lora, train)
         model = built.get("model")
+        if model is not None and not model.float8_text_encoders and model.weight_dtype != "float8":
+            problems.append(
+                'model.float8_text_encoders: chooses what weight_dtype = "float8" stores; set that too, or remove it'
+            )
         if lora.use_dora and model is not None and model.weight_dtype == "float8":
             problems.append(
                 'model.weight_dtype: "float8" with DoRA, which reads the frozen weights themselves to size each row; '

@@ -289,7 +289,7 @@ def set_up(
     trained = _inject(recipe, base, say)
     embeddings = _add_embedding(recipe, base, items, say) if recipe.embedding else {}
     if weight_dtype == "float8":  # after the adapters and new tokens exist: their own weights stay float32
-        _store_in_float8(base, _load_dtype(precision, weight_dtype), say)
+        _store_in_float8(base, _load_dtype(precision, weight_dtype), recipe.model.float8_text_encoders, say)
     if recipe.lora.tlora_min_rank is not None:
         _mask_ranks_by_timestep(recipe, base, say)
     dropout = None
@@ -680,17 +680,19 @@ def _load_dtype(precision: str, weight_dtype: str) -> str:
     return AUTOCAST_DTYPES.get(precision, "float32")
 
 
-def _store_in_float8(base: BaseModel, compute: str, log: Log) -> None:
-    """model.weight_dtype = "float8": the frozen Linear and Conv2d weights of the U-Net and text encoders, stored."""
+def _store_in_float8(base: BaseModel, compute: str, text_encoders: bool, log: Log) -> None:
+    """model.weight_dtype = "float8": the frozen Linear and Conv2d weights of the U-Net (and text encoders), stored."""
     layers, saved = 0, 0
     for name, module in base.adaptable.items():
-        stored, freed = store_in_float8(module, getattr(torch, compute), KEPT_IN_UNET if name == "unet" else ())
-        layers, saved = layers + stored, saved + freed
+        if name == "unet" or text_encoders:
+            stored, freed = store_in_float8(module, getattr(torch, compute), KEPT_IN_UNET if name == "unet" else ())
+            layers, saved = layers + stored, saved + freed
     size = f"{saved / 2**30:.2f} GiB" if saved >= 2**30 else mib(saved)
+    which = "U-Net and text encoders" if text_encoders else "U-Net (model.float8_text_encoders = false)"
     log(
-        f"model.weight_dtype: {layers} frozen Linear and Conv2d weights of the U-Net and text encoders stored in "
-        f"float8 e4m3 with a scale per output channel ({size} less than {compute}); they compute "
-        f"in {compute}, as does the rest of the base (the VAE stays float32)"
+        f"model.weight_dtype: {layers} frozen Linear and Conv2d weights of the {which} stored in float8 e4m3 with a "
+        f"scale per output channel ({size} less than {compute}); they compute in {compute}, as does the rest of the "
+        "base (the VAE stays float32)"
     )
 
 
