@@ -290,6 +290,38 @@ def test_each_latent_draws_one_of_several_targets_whole(tiny_base, tmp_path, mon
     assert "'a disc' towards 'a large disc', negative ones towards 'a small disc'" in metadata["lorakit_slider_note"]
 
 
+def test_each_target_weighs_its_latents_loss(tiny_base, tmp_path, monkeypatch):
+    """slider.weight: each latent's loss at +1 and at -1 counts by its target's weight (ai-toolkit's target weight)."""
+    import lorakit.train.loop as loop
+
+    seen: list[tuple[list[str], list[float]]] = []
+    captions: list[list[str]] = []
+    real_loss, real_text = loop.objective.diffusion_loss, loop.text_conditioning
+
+    def recording_text(run, texts):
+        captions.append(list(texts))
+        return real_text(run, texts)
+
+    def recording_loss(predicted, target, weights, *args, **kwargs):
+        seen.append((captions[-1], weights.tolist()))
+        return real_loss(predicted, target, weights, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "text_conditioning", recording_text)
+    monkeypatch.setattr(loop.objective, "diffusion_loss", recording_loss)
+    section = {**TWO_TARGETS, "weight": [1.0, 0.25]}
+    _, lines = _train(slider_recipe(tiny_base, tmp_path, slider=section, train={"max_steps": 4}))
+    said = next(line for line in lines if line.startswith("slider: "))
+    assert "at -1 (loss weight 1); 'a disc'" in said and "at -1 (loss weight 0.25), learned" in said
+    expected = {"a toy": 1.0, "a disc": 0.25}
+    drawn = set()
+    for texts, weights in seen:  # the trained pass encodes each latent's target class, at +1 then at -1
+        assert weights == [expected[text] for text in texts], (texts, weights)
+        drawn |= set(texts)
+    assert drawn == set(expected)
+    with pytest.raises(RecipeError, match="slider.weight: 3 weights for 2 targets"):
+        recipe_from_dict(slider_recipe(tiny_base, tmp_path, slider={**TWO_TARGETS, "weight": [1.0, 1.0, 1.0]}))
+
+
 def test_a_prompt_cut_short_is_said(tiny_base, tmp_path):
     long = ", ".join(["a red toy"] * 40)
     _, lines = _train(slider_recipe(tiny_base, tmp_path, slider={"positive": long}, train={"max_steps": 1}))

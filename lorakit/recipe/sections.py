@@ -577,6 +577,9 @@ class SliderSection:
     one per target."""
     guidance: float = 1.0
     """How far strength 1 moves the prediction along positive minus negative (the paper's eta; ai-toolkit uses 1)."""
+    weight: float | list[float] = 1.0
+    """How much a target's latents count in the loss (ai-toolkit's target `weight`): one number, or one per target of
+    the lists above, e.g. [1.0, 0.5] to move the second class half as hard."""
     denoise_steps: int = 40
     """Each step's noisy latent is pure noise denoised by the frozen base for a random 1 to `denoise_steps` - 2 of
     this many steps under `target_class` (ai-toolkit's `max_denoising_steps`), so the slider learns on the kind of
@@ -592,6 +595,12 @@ class SliderSection:
         keys = (self.target_class, self.positive, self.negative)
         count = max((len(value) for value in keys if isinstance(value, list)), default=1)
         return [tuple(v[i] if isinstance(v, list) else v for v in keys) for i in range(count)]  # type: ignore[misc]
+
+    @property
+    def weights(self) -> list[float]:
+        """`weight` for each target."""
+        count = len(self.targets)
+        return list(self.weight) if isinstance(self.weight, list) else [self.weight] * count
 
 
 @dataclass(frozen=True)

@@ -137,6 +137,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "train.ema_decay": (0, 0.999999),
     "preservation.weight": (0, 100),
     "slider.guidance": (0.01, 100),
+    "slider.weight": (0.001, 100),
     "slider.denoise_steps": (3, 1000),
     "train.huber_c": (1e-6, 1_000),
     "train.huber_scale": (1e-6, 1_000),
@@ -522,6 +523,11 @@ def _slider_problems(slider, built: dict) -> list[str]:
         )
         return problems
     several = len(slider.targets) > 1
+    if isinstance(slider.weight, list) and len(slider.weight) != len(slider.targets):
+        problems.append(
+            f"slider.weight: {len(slider.weight)} weights for {len(slider.targets)} targets; give one per target, or "
+            "a single number"
+        )
     for number, (target, positive, negative) in enumerate(slider.targets, start=1):
         if positive.strip() == negative.strip():
             problems.append(

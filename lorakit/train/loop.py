@@ -340,9 +340,9 @@ def _slider_loss(run: Run) -> Any:
     taken = int(torch.randint(1, section.denoise_steps - 1, (1,), generator=generator))
     count = cfg.batch_size
     choices = section.targets  # several: each latent draws its own (no draw for one, as before there were lists)
-    chosen = [choices[rng.randrange(len(choices))] if len(choices) > 1 else choices[0] for _ in range(count)]
+    picks = [rng.randrange(len(choices)) if len(choices) > 1 else 0 for _ in range(count)]
     prompts = [  # each latent's (target class, positive, negative)
-        [slider.shuffled(text, rng) if section.shuffle else text for text in texts] for texts in chosen
+        [slider.shuffled(text, rng) if section.shuffle else text for text in choices[pick]] for pick in picks
     ]
     targets, positives, negatives = ([row[k] for row in prompts] for k in range(3))
     models = run.unwrapped()
@@ -366,6 +366,7 @@ def _slider_loss(run: Run) -> Any:
         neutral, positive, negative = predict(torch.cat([noisy] * 3), t, three).chunk(3)
     wanted = slider.sided_targets(neutral, positive, negative, section.guidance)
     timesteps = torch.full((2 * count,), int(t))
+    weights = _loss_weights(run, timesteps) * torch.tensor([section.weights[pick] for pick in picks] * 2)
     run.strengths.set(torch.tensor([strength for strength in slider.SIDES for _ in range(count)], device=run.device))
     conditioning = _prompt_conditioning(run, targets * 2, size)
     with run.accelerator.autocast():
@@ -373,7 +374,7 @@ def _slider_loss(run: Run) -> Any:
     return objective.diffusion_loss(
         predicted,
         wanted,
-        to_device(_loss_weights(run, timesteps), run.device),
+        to_device(weights, run.device),
         cfg.loss_type,
         _loss_threshold(run, timesteps),
         None,

@@ -930,10 +930,11 @@ def _state_slider(recipe: Recipe, base: BaseModel, log: Log) -> None:
                     f"slider.{key}: {count} tokens, longer than {limit}: the rest is cut off; shorten it"
                     + (" or set data.max_token_length = 150 or 225" if limit < 225 else "")
                 )
+    weighted = any(weight != 1 for weight in section.weights)
     ends = [
         f"{repr(target) if target else 'every picture (empty target_class)'} towards {positive!r} at strength +1 and "
-        f"towards {negative!r} at -1"
-        for target, positive, negative in section.targets
+        f"towards {negative!r} at -1" + (f" (loss weight {weight:g})" if weighted else "")
+        for (target, positive, negative), weight in zip(section.targets, section.weights, strict=True)
     ]
     several = f"{len(ends)} targets, one drawn for each latent: " if len(ends) > 1 else ""
     log(
