@@ -239,7 +239,8 @@ def test_v_prediction_sdxl_with_zero_terminal_snr_trains_to_the_last_timestep(tm
         _train(eps, tiny_dataset, tmp_path / "x", model={"zero_terminal_snr": True})
 
 
-def test_the_shipped_sdxl_recipe_trains_through_the_cli(tiny_sdxl, tiny_dataset, tmp_path):
+@pytest.mark.parametrize("name", ["sdxl-character", "sdxl-character-8gb"])
+def test_the_shipped_sdxl_recipe_trains_through_the_cli(tiny_sdxl, tiny_dataset, tmp_path, name):
     from typer.testing import CliRunner
 
     from lorakit.cli import app
@@ -251,10 +252,10 @@ def test_the_shipped_sdxl_recipe_trains_through_the_cli(tiny_sdxl, tiny_dataset,
         "train.max_steps=1",
         f"output.folder={tmp_path}",
     ]
-    args = ["train", "recipes/sdxl-character.toml", "--quiet"] + [x for o in overrides for x in ("--set", o)]
+    args = ["train", f"recipes/{name}.toml", "--quiet"] + [x for o in overrides for x in ("--set", o)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "sdxl-character" / "sdxl-character.safetensors").is_file()
+    assert (tmp_path / name / f"{name}.safetensors").is_file()
 
 
 def test_the_sdxl_kohya_file_reads_back_to_diffusers_paths(sdxl_run):
