@@ -330,10 +330,9 @@ def compute_dtype(recipe: Any) -> str:
 def float8_sizes(architecture: str, component: str, compute: str, folder: str | None = None) -> tuple[int, int]:
     """(bytes of the component's weights with `model.weight_dtype = "float8"`, values in its largest stored weight),
     counted on the meta device by the rule `lorakit.float8` stores them by."""
-    from .architectures import build_on_meta
     from .float8 import KEPT_IN_UNET, largest_weight, stored_bytes
 
-    module = build_on_meta(architecture, component, folder).requires_grad_(False)  # the base, frozen
+    module = _meta_module(architecture, component, folder)
     kept = KEPT_IN_UNET if component == "unet" else ()
     return stored_bytes(module, _dtype_bytes(compute), kept), largest_weight(module, kept)
 
@@ -351,9 +350,10 @@ def own_configs(recipe: Any, architecture: str) -> str | None:
 
 @functools.cache
 def _meta_module(architecture: str, component: str, folder: str | None = None) -> Any:
+    """The frozen base component on the meta device, built once per process (adapters are counted on copies)."""
     from .architectures import build_on_meta
 
-    return build_on_meta(architecture, component, folder)
+    return build_on_meta(architecture, component, folder).requires_grad_(False)
 
 
 @functools.cache
