@@ -80,55 +80,45 @@ def test_lora_parameters_are_those_of_every_targeted_linear_layer():
     assert sum(plan.trainable) == expected
 
 
-def test_eight_bit_adamw_state_is_predicted_byte_for_byte():
+# Around bitsandbytes' 8-bit threshold (4,096 elements), and well above it.
+STATE_SIZES = [100, 4095, 4096, 70_000, 300_000]
+
+
+def _bnb_state(kind: str, lr: float) -> list[torch.Tensor]:
+    """The state tensors bitsandbytes' optimizer `kind` keeps for STATE_SIZES after one step, without its step
+    counter and quantization maps (qmap1/qmap2: one pair shared by every parameter, 2 KiB in all, not per tensor)."""
     bnb = pytest.importorskip("bitsandbytes")
-    sizes = [100, 4095, 4096, 70_000, 300_000]
-    params = [torch.nn.Parameter(torch.randn(n)) for n in sizes]
-    optimizer = bnb.optim.AdamW8bit(params, lr=1e-3)
-    for p in params:
-        p.grad = torch.randn_like(p)
-    optimizer.step()
-    # qmap1/qmap2 are the quantization maps, one pair shared by every parameter (2 KiB in all): not per tensor
-    state = [
-        t
-        for p in params
-        for k, t in optimizer.state[p].items()
-        if torch.is_tensor(t) and k not in ("step", "qmap1", "qmap2")
-    ]
-    assert any(t.dtype == torch.uint8 for t in state), "no 8-bit state: the test would not be about 8-bit AdamW"
-    measured = sum(t.numel() * t.element_size() for t in state)
-    assert measured == optimizer_state_bytes("adamw8bit", sizes)
-
-
-@pytest.mark.parametrize(("optimizer", "kind"), [("lion8bit", "Lion8bit"), ("lion", "Lion")])
-def test_lion_state_is_predicted_byte_for_byte(optimizer, kind):
-    bnb = pytest.importorskip("bitsandbytes")
-    sizes = [100, 4095, 4096, 70_000, 300_000]
-    params = [torch.nn.Parameter(torch.randn(n)) for n in sizes]
-    built = getattr(bnb.optim, kind)(params, lr=1e-4)
-    for p in params:
-        p.grad = torch.randn_like(p)
-    built.step()
-    state = [t for p in params for k, t in built.state[p].items() if torch.is_tensor(t) and k not in ("step", "qmap1")]
-    assert any(t.dtype == torch.uint8 for t in state) == (optimizer == "lion8bit")
-    measured = sum(t.numel() * t.element_size() for t in state)
-    assert measured == optimizer_state_bytes(optimizer, sizes)
-
-
-def test_ademamix_state_is_predicted_byte_for_byte():
-    """Three 8-bit states (fast and slow momentum, second moment) with their block scales; float32 under 4,096."""
-    bnb = pytest.importorskip("bitsandbytes")
-    sizes = [100, 4095, 4096, 70_000, 300_000]
-    params = [torch.nn.Parameter(torch.randn(n)) for n in sizes]
-    built = bnb.optim.AdEMAMix8bit(params, lr=1e-4)
+    params = [torch.nn.Parameter(torch.randn(n)) for n in STATE_SIZES]
+    built = getattr(bnb.optim, kind)(params, lr=lr)
     for p in params:
         p.grad = torch.randn_like(p)
     built.step()
     ignored = ("step", "qmap1", "qmap2")
-    state = [t for p in params for k, t in built.state[p].items() if torch.is_tensor(t) and k not in ignored]
+    return [t for p in params for k, t in built.state[p].items() if torch.is_tensor(t) and k not in ignored]
+
+
+def _bytes(state: list[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in state)
+
+
+def test_eight_bit_adamw_state_is_predicted_byte_for_byte():
+    state = _bnb_state("AdamW8bit", 1e-3)
+    assert any(t.dtype == torch.uint8 for t in state), "no 8-bit state: the test would not be about 8-bit AdamW"
+    assert _bytes(state) == optimizer_state_bytes("adamw8bit", STATE_SIZES)
+
+
+@pytest.mark.parametrize(("optimizer", "kind"), [("lion8bit", "Lion8bit"), ("lion", "Lion")])
+def test_lion_state_is_predicted_byte_for_byte(optimizer, kind):
+    state = _bnb_state(kind, 1e-4)
+    assert any(t.dtype == torch.uint8 for t in state) == (optimizer == "lion8bit")
+    assert _bytes(state) == optimizer_state_bytes(optimizer, STATE_SIZES)
+
+
+def test_ademamix_state_is_predicted_byte_for_byte():
+    """Three 8-bit states (fast and slow momentum, second moment) with their block scales; float32 under 4,096."""
+    state = _bnb_state("AdEMAMix8bit", 1e-4)
     assert any(t.dtype == torch.uint8 for t in state)
-    measured = sum(t.numel() * t.element_size() for t in state)
-    assert measured == optimizer_state_bytes("ademamix8bit", sizes)
+    assert _bytes(state) == optimizer_state_bytes("ademamix8bit", STATE_SIZES)
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "adamw_schedulefree"])
