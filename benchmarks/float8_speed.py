@@ -13,16 +13,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import statistics
-import tempfile
+import sys
 from pathlib import Path
 
-
-def step_seconds(run_dir: Path, warmup: int) -> float:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    times = [row["elapsed_s"] for row in rows]
-    return statistics.mean(b - a for a, b in zip(times[warmup:], times[warmup + 1 :], strict=False))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from toy_steps import step_seconds, toy_base_and_dataset  # noqa: E402
 
 
 def prediction_error(base: Path, size: int) -> dict[str, float]:
@@ -63,18 +58,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     args = parser.parse_args()
 
-    from lorakit.prepare import PrepareOptions, prepare
     from lorakit.recipe import recipe_from_dict
-    from lorakit.toy import write_concept_photos
-    from lorakit.toy.build import build_toy_base
     from lorakit.toy.world import SIZE, TRIGGER
     from lorakit.train import train
 
-    base = build_toy_base(quiet=True, log=lambda _: None)
-    work = Path(tempfile.mkdtemp(prefix="float8-speed-"))
-    photos = write_concept_photos(work / "photos")
-    options = PrepareOptions(trigger=TRIGGER, resolution=SIZE, bucket_step=4, workers=1, keep_duplicates=True)
-    prepare(photos, work / "dataset", options, quiet=True, log=lambda _: None)
+    base, work = toy_base_and_dataset("float8-speed-")
 
     def run(name: str, weight_dtype: str, checkpointing: bool) -> float:
         recipe = {

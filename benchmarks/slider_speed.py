@@ -13,16 +13,11 @@ sums them: a slider step's cost varies with how many denoising steps made its la
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import tempfile
+import sys
 from pathlib import Path
 
-
-def step_seconds(run_dir: Path, warmup: int) -> float:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    times = [row["elapsed_s"] for row in rows]
-    return statistics.mean(b - a for a, b in zip(times[warmup:], times[warmup + 1 :], strict=False))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from toy_steps import step_seconds, toy_base_and_dataset  # noqa: E402
 
 
 def main() -> None:
@@ -34,18 +29,11 @@ def main() -> None:
     args = parser.parse_args()
 
     from lorakit.plan import slider_work
-    from lorakit.prepare import PrepareOptions, prepare
     from lorakit.recipe import recipe_from_dict
-    from lorakit.toy import write_concept_photos
-    from lorakit.toy.build import build_toy_base
     from lorakit.toy.world import SIZE, TRIGGER
     from lorakit.train import train
 
-    base = build_toy_base(quiet=True, log=lambda _: None)
-    work = Path(tempfile.mkdtemp(prefix="slider-speed-"))
-    photos = write_concept_photos(work / "photos")
-    options = PrepareOptions(trigger=TRIGGER, resolution=SIZE, bucket_step=4, workers=1, keep_duplicates=True)
-    prepare(photos, work / "dataset", options, quiet=True, log=lambda _: None)
+    base, work = toy_base_and_dataset("slider-speed-")
     common = {
         "model": {"base": str(base)},
         "data": {"resolution": SIZE},
