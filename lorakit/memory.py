@@ -499,25 +499,23 @@ def estimate(
     resident_encoders = train_te or recipe.text_varies or recipe.embedding is not None
     adapter = sum(trainable) * 4
     largest = 0  # float8: values of the largest stored weight, dequantized for one layer at a time
-    if dtype == "float8":
+    in_float8 = dtype == "float8"
+    if in_float8:
         float8 = ["unet", *(encoders if recipe.model.float8_text_encoders else [])]
         sizes = {c: float8_sizes(architecture, c, compute, folder) for c in float8}
         largest = max(n for _, n in sizes.values())
         stored = stored or {
             c: sizes[c][0] if c in sizes else counts[c] * _dtype_bytes(compute) for c in ["unet", *encoders]
         }
+        dtype = f"float8 + {compute}"  # how the parts below name it
     if stored is None:
         stored = {c: counts[c] * _dtype_bytes(dtype) for c in ["unet", *encoders]}
+    encoder_dtype = compute if in_float8 and not recipe.model.float8_text_encoders else dtype
     weights = {
         "U-Net": stored["unet"],
         "text encoders": sum(stored[c] for c in encoders),
         "VAE": counts["vae"] * vae_dtype_bytes,
     }
-    if dtype == "float8":  # how the parts below name it
-        dtype = f"float8 + {compute}"
-        encoder_dtype = dtype if recipe.model.float8_text_encoders else compute
-    else:
-        encoder_dtype = dtype
 
     def add(phase: str, name: str, count: float, how: str = "counted") -> None:
         result.parts.append(Part(phase, name, count / GIB, how))
