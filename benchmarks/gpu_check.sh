@@ -22,8 +22,8 @@
 #                    in the log), and AdamW with TF32 off. torch.compile is not timed here: its
 #                    cold compile outran 150 s on an H200 (the gpu tier checks that it trains)  <= 90 s
 #   5. memory-grid   SD 1.5 512 px and SDXL 1024 px, checkpointing off/on, batch 1/2: measured
-#                    caching and training-step peaks against `lorakit plan`'s estimate; last, a
-#                    seventh point with SDXL's weights in float8 (kept out of the six if cut)   <= 100 s
+#                    caching and training-step peaks against `lorakit plan`'s estimate; last,
+#                    SDXL with float8 weights and with full_bf16 (kept out of the six if cut)   <= 100 s
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-${OUT:-gpu-check}}"

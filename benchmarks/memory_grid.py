@@ -1,6 +1,6 @@
 """Measured GPU memory per phase against `lorakit plan`'s estimate, on a fixed six-point grid: SD 1.5 at 512 px and
 SDXL at 1024 px (random weights, the real architectures), gradient checkpointing off and on, batch 1 and 2; then
-a seventh point, SDXL with `model.weight_dtype = "float8"`, last so that a capped run keeps the six.
+two more SDXL points, `model.weight_dtype = "float8"` and `train.full_bf16`, last so that a capped run keeps the six.
 
 Each point is a short `lorakit train` (3 steps) of the shipped recipe with those settings; the loading-and-caching
 peak comes from its log, the training steps' peak from metrics.jsonl, and both are compared with the plan.
@@ -23,11 +23,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from gpu_speed import _recipe, write_base, write_dataset  # noqa: E402
 
-GRID = {  # architecture -> (resolution, [(gradient checkpointing, batch, weight dtype or the recipe's)])
-    "sd15": (512, [(False, 1, None), (True, 1, None), (True, 2, None)]),
-    "sdxl": (1024, [(False, 1, None), (True, 1, None), (True, 2, None), (True, 1, "float8")]),
-    "tiny": (64, [(False, 1, None), (True, 2, None), (True, 1, "float8")]),
+FLOAT8 = 'model.weight_dtype="float8"'
+FULL_BF16 = 'train.mixed_precision="bf16",model.weight_dtype="bfloat16",train.full_bf16=true'
+GRID = {  # architecture -> (resolution, [(gradient checkpointing, batch, what changes from the recipe)])
+    "sd15": (512, [(False, 1, ""), (True, 1, ""), (True, 2, "")]),
+    "sdxl": (1024, [(False, 1, ""), (True, 1, ""), (True, 2, ""), (True, 1, FLOAT8), (True, 1, FULL_BF16)]),
+    "tiny": (64, [(False, 1, ""), (True, 2, ""), (True, 1, FLOAT8), (True, 1, FULL_BF16)]),
 }
+LABELS = {"": "recipe", FLOAT8: "float8 weights", FULL_BF16: "full bf16"}
 
 
 def run_point(
@@ -38,7 +41,7 @@ def run_point(
     checkpointing: bool,
     batch: int,
     device: str,
-    weight_dtype: str | None = None,
+    variant: str = "",
 ):
     from lorakit.memory import estimate
     from lorakit.recipe import recipe_from_dict
@@ -46,10 +49,8 @@ def run_point(
 
     args = argparse.Namespace(arch=arch, resolution=resolution, steps=3)
     with tempfile.TemporaryDirectory() as out:
-        raw = _recipe(base, dataset, Path(out), args, batch, device)
+        raw = _recipe(base, dataset, Path(out), args, batch, device, variant)
         raw["train"]["gradient_checkpointing"] = checkpointing
-        if weight_dtype:
-            raw["model"]["weight_dtype"] = weight_dtype
         recipe = recipe_from_dict(raw)
         lines: list[str] = []
         if device == "cuda":
@@ -79,7 +80,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     lines = [
-        "| model | px | GC | batch | weights | caching GiB (measured / plan) | training steps GiB (measured / plan) "
+        "| model | px | GC | batch | settings | caching GiB (measured / plan) | training steps GiB (measured / plan) "
         "| peak reserved GiB |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -88,11 +89,10 @@ def main() -> None:
             resolution, points = GRID[arch]
             base = write_base(arch, Path(tmp) / arch, args.device)
             dataset = write_dataset(Path(tmp) / f"data-{arch}", resolution, 4)
-            for checkpointing, batch, weight_dtype in points:
-                row = run_point(base, dataset, arch, resolution, checkpointing, batch, args.device, weight_dtype)
+            for checkpointing, batch, variant in points:
+                row = run_point(base, dataset, arch, resolution, checkpointing, batch, args.device, variant)
                 lines.append(
-                    f"| {arch} | {resolution} | {'on' if checkpointing else 'off'} | {batch} | "
-                    f"{weight_dtype or 'recipe'} | "
+                    f"| {arch} | {resolution} | {'on' if checkpointing else 'off'} | {batch} | {LABELS[variant]} | "
                     f"{row['caching']:.2f} / {row['plan_caching']:.2f} | {row['steps']:.2f} / {row['plan_steps']:.2f} "
                     f"| {row['reserved']:.2f} |"
                 )

@@ -401,6 +401,7 @@ _MUST_MATCH = (
     "train.up_lr_weight",
     "train.block_lr_zero_threshold",
     "embedding.only",  # a run with a LoRA and one without have different tensors
+    "train.full_bf16",  # the trained tensors' dtype, and AdamW's or Prodigy's state's
 )
 
 

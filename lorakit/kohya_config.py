@@ -99,12 +99,11 @@ NOT_NEEDED = {
     "mode_scale": "an SD3 / FLUX timestep sampling, not used by SD 1.x, 2.x or SDXL",
 }
 # Settings lorakit cannot carry over, and why (a setting in none of these tables: "lorakit has no equivalent").
-_HALF = "lorakit keeps adapter weights and their gradients in float32 (model.weight_dtype halves the base)"
 _RESUME = "continue a lorakit run with `lorakit train RECIPE --resume latest`"
 _UPLOAD = "lorakit does not upload; push the run folder with `hf upload`"
 UNSUPPORTED = {
-    "full_bf16": _HALF,
-    "full_fp16": _HALF,
+    "full_fp16": "lorakit trains the adapter in float32, or in bfloat16 with full_bf16 (train.full_bf16); float16 "
+    "weights would need the loss-scaling patch sd-scripts makes to accelerate",
     "blocks_to_swap": "lorakit does not swap blocks to the CPU; see `lorakit plan --fit` for what fits",
     "cpu_offload_checkpointing": "lorakit does not offload checkpointed activations; see `lorakit plan --fit`",
     "fused_backward_pass": "a full fine-tuning memory saver; LoRA's optimizer state is small",
@@ -961,6 +960,7 @@ DIRECT: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "lr_scheduler_timescale": ("train.lr_scheduler_timescale", int),
     "mixed_precision": ("train.mixed_precision", _precision),
     "gradient_checkpointing": ("train.gradient_checkpointing", _bool),
+    "full_bf16": ("train.full_bf16", _bool),
     "fp8_base": ("model.weight_dtype", lambda v: "float8" if _bool(v) else "float32"),
     "torch_compile": ("train.compile", _bool),
     "seed": ("train.seed", int),

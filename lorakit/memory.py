@@ -145,14 +145,20 @@ class MemoryEstimate:
         }
 
 
-def optimizer_state_bytes(optimizer: str, numels: list[int]) -> int:
-    """Bytes of optimizer state for trainable tensors of these sizes (float32 parameters)."""
+# Optimizers whose state tensors take their parameters' dtype (bfloat16 with train.full_bf16); bitsandbytes' keep
+# their 8-bit or float32 state and Adafactor its float32 factors whatever the parameters are.
+STATE_IN_PARAMETER_DTYPE = ("adamw", "adamw_schedulefree", "prodigy")
+
+
+def optimizer_state_bytes(optimizer: str, numels: list[int], parameter_bytes: int = 4) -> int:
+    """Bytes of optimizer state for trainable tensors of these sizes (float32 parameters; bfloat16 ones with
+    `parameter_bytes` = 2)."""
     if optimizer in ("adamw", "adamw_schedulefree"):  # exp_avg and exp_avg_sq; schedule-free's z and exp_avg_sq
-        return sum(8 * n for n in numels)
+        return sum(2 * parameter_bytes * n for n in numels)
     if optimizer == "adamw8bit":
         return sum(8 * n if n < BNB_MIN_8BIT_SIZE else 2 * n + 2 * 4 * math.ceil(n / BNB_BLOCK) for n in numels)
-    if optimizer == "prodigy":  # exp_avg, exp_avg_sq, s and p0, all float32
-        return sum(16 * n for n in numels)
+    if optimizer == "prodigy":  # exp_avg, exp_avg_sq, s and p0
+        return sum(4 * parameter_bytes * n for n in numels)
     if optimizer == "adafactor":  # factored second moment: one row and one column vector per matrix, no momentum
         return sum(4 * n for n in numels)  # an upper bound: LoRA factors are thin, their rows+cols ~ their numel
     if optimizer == "lion":  # one float32 momentum buffer
@@ -203,9 +209,16 @@ def disk_bytes(recipe: Any, trainable: list[int], buckets: list[tuple[int, int]]
 
 
 def checkpoint_bytes(recipe: Any, trainable: list[int]) -> int:
-    """One checkpoint: the float32 trainable weights (twice with an EMA) and the optimizer state."""
-    weights = 4 * sum(trainable) * (2 if recipe.train.ema_decay else 1)
-    return weights + optimizer_state_bytes(recipe.train.optimizer, trainable)
+    """One checkpoint: the trainable weights (float32, or bfloat16 with train.full_bf16), the EMA's float32 copy of
+    them, and the optimizer state."""
+    each = trained_bytes(recipe)
+    weights = each * sum(trainable) + (4 * sum(trainable) if recipe.train.ema_decay else 0)
+    return weights + optimizer_state_bytes(recipe.train.optimizer, trainable, each)
+
+
+def trained_bytes(recipe: Any) -> int:
+    """Bytes per trained value, and per gradient: float32, or bfloat16 with train.full_bf16."""
+    return 2 if recipe.train.full_bf16 else 4
 
 
 def adapter_bytes(recipe: Any, trainable: list[int]) -> int:
@@ -497,7 +510,10 @@ def estimate(
     vae_dtype_bytes = 4  # every VAE stays float32 (SD VAEs overflow in fp16) and encodes outside autocast
     # frozen encoders with fixed captions are cached, then leave; new token vectors train through them
     resident_encoders = train_te or recipe.text_varies or recipe.embedding is not None
-    adapter = sum(trainable) * 4
+    each = trained_bytes(recipe)
+    trained_dtype = "bfloat16" if each == 2 else "float32"
+    adapter = sum(trainable) * each
+    state = optimizer_state_bytes(cfg.optimizer, trainable, each)
     largest = 0  # float8: values of the largest stored weight, dequantized for one layer at a time
     in_float8 = dtype == "float8"
     if in_float8:
@@ -559,9 +575,9 @@ def estimate(
     if not cfg.cache_latents and not slider:
         add(step, "VAE weights (encodes every step)", weights["VAE"])
     trained_kind, trained_short = ("token vectors", "token") if only else ("LoRA weights", "LoRA")
-    add(step, f"{trained_kind} (float32, {sum(trainable):,} parameters)", adapter)
-    add(step, f"{trained_short} gradients (float32)", adapter)
-    add(step, f"optimizer state ({cfg.optimizer})", optimizer_state_bytes(cfg.optimizer, trainable))
+    add(step, f"{trained_kind} ({trained_dtype}, {sum(trainable):,} parameters)", adapter)
+    add(step, f"{trained_short} gradients ({trained_dtype})", adapter)
+    add(step, f"optimizer state ({cfg.optimizer})", state)
     family = "sdxl" if architecture == "sdxl" else "sd"
     per_sample = ACTIVATIONS[(family, cfg.gradient_checkpointing)] * (pixels / 64)
     # [preservation]: each image also runs with its class caption; [slider]: each latent at strengths +1 and -1
@@ -580,16 +596,16 @@ def estimate(
     add(
         update,
         f"{trained_short} gradients and optimizer state",
-        adapter + optimizer_state_bytes(cfg.optimizer, trainable),
+        adapter + state,
     )
-    if cfg.optimizer == "adamw":  # off CUDA the multi-tensor kernel holds one float32 copy of the update
+    if cfg.optimizer == "adamw":  # off CUDA the multi-tensor kernel holds one copy of the update
         add(update, "AdamW's update of every LoRA tensor at once (CUDA's fused kernel: none)", adapter, "counted")
     if recipe.sample.prompts:
         add("sampling", f"U-Net weights ({dtype})", weights["U-Net"])
         if largest:
             add("sampling", *dequantized)
         add("sampling", "text encoder and VAE weights", weights["text encoders"] + weights["VAE"])
-        add("sampling", "LoRA weights and optimizer state", adapter + optimizer_state_bytes(cfg.optimizer, trainable))
+        add("sampling", "LoRA weights and optimizer state", adapter + state)
         add(
             "sampling",
             "denoising and decoding one image",

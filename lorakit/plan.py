@@ -113,6 +113,13 @@ FIT_CHANGES: list[tuple[str, Any, Any, str]] = [
         "computes slightly less precisely (kohya's fp8_base)",
     ),
     (
+        "train.full_bf16",
+        lambda r: r.train.mixed_precision == "bf16" and not r.train.full_bf16,
+        lambda r: _with(r, "train", full_bf16=True),
+        "the LoRA and its gradients in bfloat16 (kohya's full_bf16): 4 bytes less per trained value; updates smaller "
+        "than a weight's bfloat16 step round away",
+    ),
+    (
         "preservation.weight",
         lambda r: r.preserving,
         lambda r: _with(r, "preservation", weight=0.0),

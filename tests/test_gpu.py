@@ -76,6 +76,32 @@ def test_float8_frozen_weights_train_and_sample_under_autocast(tiny_base, tiny_d
     assert (result.run_dir / "samples" / "step-000003.png").is_file()
 
 
+def test_full_bf16_trains_bfloat16_adapters_with_uint8_state_on_the_gpu(tiny_base, tiny_dataset, tmp_path):
+    result, lines = _train(
+        tiny_base,
+        tiny_dataset,
+        tmp_path,
+        lora={"rank": 64, "lora_alpha": 64.0},  # 64 x 32 = 4096 elements: bitsandbytes' 8-bit threshold
+        model={"weight_dtype": "bfloat16"},
+        train={
+            "max_steps": 3,
+            "optimizer": "adamw8bit",
+            "mixed_precision": "bf16",
+            "full_bf16": True,
+            "gradient_checkpointing": True,
+            "save_every_steps": 3,
+        },
+    )
+    unet = result.models["unet"]
+    lora = {n: p for n, p in unet.named_parameters() if "lora_" in n}
+    assert lora and all(p.dtype == torch.bfloat16 and p.device.type == "cuda" for p in lora.values())
+    assert all(torch.isfinite(p).all() for p in lora.values())
+    assert any(p.abs().sum() > 0 for n, p in lora.items() if ".lora_B." in n)
+    state = load_file(str(result.run_dir / "checkpoints" / "step-000003" / "optimizer.safetensors"))
+    assert any(t.dtype == torch.uint8 for t in state.values())
+    assert any(line.startswith("train.full_bf16:") for line in lines)
+
+
 def test_eight_bit_adamw_keeps_uint8_state_on_the_gpu(tiny_base, tiny_dataset, tmp_path):
     result, _ = _train(
         tiny_base,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import typing
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from lorakit.cli import app
 from lorakit.errors import RecipeError
 from lorakit.memory import GIB, estimate, find_gpu, optimizer_state_bytes
 from lorakit.recipe import load_recipe, recipe_from_dict, recipe_to_dict
+from lorakit.recipe.sections import Optimizer
 
 from .conftest import allocation_peak, write_recipe
 
@@ -121,6 +123,27 @@ def test_ademamix_state_is_predicted_byte_for_byte():
     assert _bytes(state) == optimizer_state_bytes("ademamix8bit", STATE_SIZES)
 
 
+@pytest.mark.parametrize("optimizer", typing.get_args(Optimizer))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_each_optimizers_state_is_predicted_for_float32_and_full_bf16_weights(optimizer, dtype):
+    """train.full_bf16 makes the trained tensors bfloat16: AdamW's, schedule-free AdamW's and Prodigy's state follows
+    them, bitsandbytes' (8-bit, or float32 under 4,096 values) and Adafactor's (float32) do not. The optimizers are
+    built as training builds them; step counters and bitsandbytes' shared quantization maps are left out."""
+    from lorakit.optim import build_optimizer
+
+    rate = 1.0 if optimizer == "prodigy" else 1e-4
+    train = _recipe(train={"optimizer": optimizer, "unet_lr": rate, "text_encoder_lr": rate}).train
+    params = [torch.nn.Parameter(torch.randn(n, dtype=dtype)) for n in STATE_SIZES]
+    built = build_optimizer(train, [{"params": params, "lr": rate}])
+    for p in params:
+        p.grad = torch.randn_like(p)
+    built.step()
+    ignored = ("step", "qmap1", "qmap2", "RMS")  # RMS: Adafactor's one number per tensor
+    state = [t for p in params for k, t in built.state[p].items() if torch.is_tensor(t) and k not in ignored]
+    assert params[0].dtype == dtype  # no optimizer changed the weights' dtype
+    assert _bytes(state) == optimizer_state_bytes(optimizer, STATE_SIZES, dtype.itemsize)
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "adamw_schedulefree"])
 def test_adamw_state_is_two_float32_tensors_per_parameter(optimizer):
     params = [torch.nn.Parameter(torch.randn(n)) for n in (10, 5000)]
@@ -141,28 +164,47 @@ def test_adamw_state_is_two_float32_tensors_per_parameter(optimizer):
 
 # Tier A of ../shared/memory-readings.md: SDXL, 1024 px, U-Net LoRA on the transformer blocks' linear layers,
 # 8-bit AdamW, latents cached, both text encoders resident in fp16 (tag shuffling keeps them so here), GiB per
-# process. Left out: the row the table marks as an outlier and the "full bf16" rows (not a lorakit mode); the "fp8
-# base" rows, which the table calls implementation-dependent, are held below against model.weight_dtype = "float8".
-TIER_A = [
-    (32, False, 1, 17.4),
-    (32, False, 4, 47.7),
-    (32, True, 1, 9.4),
-    (128, False, 1, 20.5),
-    (128, False, 3, 41.7),
-    (128, True, 1, 12.0),
+# process. Left out: the row the table marks as an outlier. The "full bf16" rows are train.full_bf16 (which needs bf16
+# autocast, as in sd-scripts); the "fp8 base" rows, which the table calls implementation-dependent, are held below
+# against model.weight_dtype = "float8".
+TIER_A = [  # rank, gradient checkpointing, batch, full bf16, published GiB
+    (32, False, 1, False, 17.4),
+    (32, False, 4, False, 47.7),
+    (32, True, 1, False, 9.4),
+    (128, False, 1, False, 20.5),
+    (128, False, 3, False, 41.7),
+    (128, True, 1, False, 12.0),
+    (32, False, 1, True, 16.7),
+    (32, True, 1, True, 9.1),
+    (128, False, 1, True, 18.3),
+    (128, False, 4, True, 47.8),
+    (128, True, 1, True, 10.3),
+    (128, True, 4, True, 15.0),
 ]
 
 
-@pytest.mark.parametrize(("rank", "checkpointing", "batch", "published"), TIER_A)
-def test_the_estimate_lands_on_the_published_sdxl_readings(rank, checkpointing, batch, published):
+@pytest.mark.parametrize(("rank", "checkpointing", "batch", "full_bf16", "published"), TIER_A)
+def test_the_estimate_lands_on_the_published_sdxl_readings(rank, checkpointing, batch, full_bf16, published):
+    half = {"model": {"weight_dtype": "bfloat16"}, "train": {"mixed_precision": "bf16", "full_bf16": True}}
     recipe = _recipe(
+        model=half["model"] if full_bf16 else {},
         lora={"rank": rank, "lora_alpha": float(rank)},
         data={"shuffle_tags": True},
-        train={"gradient_checkpointing": checkpointing, "batch_size": batch},
+        train={
+            "gradient_checkpointing": checkpointing,
+            "batch_size": batch,
+            **(half["train"] if full_bf16 else {}),
+        },
     )
     plan = estimate(recipe, "sdxl")
     assert plan.peak_phase == "training step"
     assert abs(plan.process_gib - published) <= max(0.15 * published, 1.0), (plan.process_gib, published)
+    if full_bf16:  # 2 bytes less per LoRA value for the weights and for the gradients; 8-bit AdamW's state as it was
+        trained = sum(plan.trainable)
+        parts = {p.name: p.gib for p in plan.parts if p.phase == "training step"}
+        assert parts[f"LoRA weights (bfloat16, {trained:,} parameters)"] == pytest.approx(2 * trained / GIB)
+        plain = estimate(dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, full_bf16=False)), "sdxl")
+        assert plain.allocated_gib - plan.allocated_gib == pytest.approx(4 * trained / GIB)
 
 
 @pytest.mark.parametrize(("rank", "published"), [(32, 6.4), (128, 9.9)])
@@ -256,6 +298,7 @@ def test_fit_applies_the_cheapest_changes_first_and_writes_the_fitted_recipe(tmp
         "train.gradient_checkpointing",
         "train.optimizer",
         "model.weight_dtype",
+        "train.full_bf16",
         "lora.train_text_encoder",
         "lora.rank",
         "data.resolution",
@@ -351,6 +394,27 @@ def test_fit_turns_per_tag_dropout_off_when_cached_text_is_what_fits():
     assert found.recipe.data.caption_dropout_tags == 0.0 and "text caching" in found.memory.phases
 
 
+def test_fit_offers_full_bf16_after_float8_to_a_bf16_recipe():
+    """A bf16 run that misses by less than its LoRA's float32 bytes: after float8 weights, the LoRA in bfloat16 is
+    the next change, before the text encoder or the rank. An fp16 run is never offered it (it needs bf16)."""
+    from lorakit.plan import fit, plan
+
+    sections = {
+        "model": {"weight_dtype": "float8"},
+        "lora": {"rank": 128, "lora_alpha": 128.0},
+        "train": {"gradient_checkpointing": True, "mixed_precision": "bf16"},
+    }
+    before = plan(_recipe(**sections), arch="sdxl")
+    trained = sum(before.memory.trainable)
+    target = (before.memory.process_gib - 2 * trained / GIB) / (1 - 0.05)  # half of what full_bf16 saves
+    found = fit(before, target)
+    assert found.fits and [c[0] for c in found.changes] == ["train.full_bf16"]
+    assert found.memory.allocated_gib == pytest.approx(before.memory.allocated_gib - 4 * trained / GIB)
+    recipe_from_dict(recipe_to_dict(found.recipe))  # valid, as written by --out
+    fp16 = plan(_recipe(**{**sections, "train": {**sections["train"], "mixed_precision": "fp16"}}), arch="sdxl")
+    assert "train.full_bf16" not in [c[0] for c in fit(fp16, target).changes]
+
+
 def test_fit_says_the_smallest_card_when_nothing_fits(tmp_path):
     recipe = write_recipe(
         tmp_path / "r.toml",
@@ -400,14 +464,19 @@ def test_counted_activations_match_what_cpu_training_allocates(tiny_training_une
     assert allocated > 8 * 2**20  # activations, not noise: several MiB at this size
 
 
-def test_weights_lora_gradients_and_optimizer_state_are_the_bytes_cpu_training_allocates(tiny_training_unet):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weights_lora_gradients_and_optimizer_state_are_the_bytes_cpu_training_allocates(tiny_training_unet, dtype):
+    """Float32 LoRA, and train.full_bf16's bfloat16 one (whose gradients and AdamW state are bfloat16 too)."""
     from lorakit.adapters import lora_parameters
 
     unet = copy.deepcopy(tiny_training_unet)
     meta = copy.deepcopy(unet).to("meta")
-    predicted_weights = sum(p.numel() * 4 for p in meta.parameters())
     sizes = [p.numel() for p in lora_parameters(meta)]
     params = lora_parameters(unet)
+    with torch.no_grad():
+        for p in params:
+            p.data = p.data.to(dtype)
+    predicted_weights = sum(p.numel() * 4 for p in meta.parameters()) - (4 - dtype.itemsize) * sum(sizes)
     optimizer = torch.optim.AdamW(params)
 
     def step():
@@ -418,7 +487,7 @@ def test_weights_lora_gradients_and_optimizer_state_are_the_bytes_cpu_training_a
     allocated = allocation_peak(step)  # gradients and the two moments (and the step counters)
     weights = sum(p.untyped_storage().nbytes() for p in unet.parameters())
     assert weights == predicted_weights
-    predicted = 4 * sum(sizes) + optimizer_state_bytes("adamw", sizes)
+    predicted = dtype.itemsize * sum(sizes) + optimizer_state_bytes("adamw", sizes, dtype.itemsize)
     assert abs(allocated - predicted) <= 0.10 * predicted, (allocated, predicted)
 
 

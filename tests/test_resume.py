@@ -48,6 +48,10 @@ def _assert_equal_files(a, b):
             {"rank_dropout": 0.3, "module_dropout": 0.3},
         ),
         ({"optimizer": "adamw_schedulefree", "lr_warmup_steps": 2}, {}),
+        (
+            {"optimizer": "adamw8bit", "mixed_precision": "bf16", "full_bf16": True},
+            {"rank": 64, "lora_alpha": 32.0, "target_modules": "attention"},
+        ),
     ],
     ids=[
         "adamw-cosine",
@@ -58,6 +62,7 @@ def _assert_equal_files(a, b):
         "tlora-checkpointing",
         "restarts-rank-module-dropout",
         "schedulefree",
+        "full-bf16-adamw8bit",
     ],
 )
 def test_half_then_resume_equals_straight(tiny_base, tiny_dataset, tmp_path, train_cfg, lora_cfg):
@@ -66,6 +71,9 @@ def test_half_then_resume_equals_straight(tiny_base, tiny_dataset, tmp_path, tra
     if train_cfg.get("optimizer") == "adamw8bit":
         state = load_file(straight.run_dir / "checkpoints" / "step-000003" / "optimizer.safetensors")
         assert any(t.dtype == torch.uint8 for t in state.values())  # the 8-bit state is what gets restored
+    if train_cfg.get("full_bf16"):  # the bfloat16 weights are what a checkpoint holds, and what resumes
+        saved = load_file(straight.run_dir / "checkpoints" / "step-000003" / "adapter.safetensors")
+        assert {t.dtype for t in saved.values()} == {torch.bfloat16}
     resumed_dir = tmp_path / "b" / "run"
     shutil.copytree(straight.run_dir, resumed_dir)
     shutil.rmtree(resumed_dir / "checkpoints" / "step-000006")

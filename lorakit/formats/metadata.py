@@ -181,6 +181,7 @@ def training_info(
         "ss_lr_warmup_steps": str(cfg.lr_warmup_steps),
         "ss_mixed_precision": cfg.mixed_precision,
         "ss_fp8_base": str(recipe.model.weight_dtype == "float8"),
+        "ss_full_bf16": str(cfg.full_bf16),
         "ss_seed": str(cfg.seed),
         "ss_resolution": f"({recipe.data.resolution}, {recipe.data.resolution})",
         "ss_clip_skip": str(recipe.model.clip_skip),

@@ -347,6 +347,11 @@ def _cross_checks(built: dict, problems: list[str]) -> None:
         )
     if train is not None:
         problems += _schedule_problems(train) + _block_curve_problems(train)
+        if train.full_bf16 and train.mixed_precision != "bf16":
+            problems.append(
+                f'train.full_bf16: needs train.mixed_precision = "bf16" (it is "{train.mixed_precision}"), as in '
+                "kohya sd-scripts; set it, or remove full_bf16"
+            )
         for key in ("noise_offset_random_strength", "adaptive_noise_scale"):
             if _not_default(train, key) and not train.noise_offset:
                 problems.append(
@@ -596,6 +601,8 @@ def _embedding_only_problems(embedding, lora, train) -> list[str]:
             for name in ADAPTER_RATES
             if _not_default(train, name)
         ]
+        if train.full_bf16:
+            problems.append("train.full_bf16: stores a LoRA in bfloat16, and embedding.only trains none; remove it")
     return problems
 
 

@@ -55,7 +55,7 @@ from ..files import atomic_write_text
 from ..float8 import KEPT_IN_UNET, float8_names, store_in_float8
 from ..formats.read import FAMILY_NAMES, check_against, read_adapter_file
 from ..lycoris import KIND_NAMES
-from ..memory import disk_bytes, mib
+from ..memory import STATE_IN_PARAMETER_DTYPE, disk_bytes, mib
 from ..memory import estimate as estimate_memory
 from ..models import (
     BaseModel,
@@ -288,6 +288,8 @@ def set_up(
     torch.manual_seed(cfg.seed)
     trained = _inject(recipe, base, say)
     embeddings = _add_embedding(recipe, base, items, say) if recipe.embedding else {}
+    if cfg.full_bf16:
+        _train_in_bfloat16(recipe, trained, embeddings, say)
     if weight_dtype == "float8":  # after the adapters and new tokens exist: their own weights stay float32
         _store_in_float8(base, _load_dtype(precision, weight_dtype), recipe.model.float8_text_encoders, say)
     if recipe.lora.tlora_min_rank is not None:
@@ -678,6 +680,27 @@ def _load_dtype(precision: str, weight_dtype: str) -> str:
     if weight_dtype != "float8":
         return weight_dtype
     return AUTOCAST_DTYPES.get(precision, "float32")
+
+
+def _train_in_bfloat16(recipe: Recipe, trained: dict[str, Any], embeddings: dict[str, Any], log: Log) -> None:
+    """train.full_bf16: every trained tensor (LoRA factors, DoRA magnitudes, new token vectors) becomes bfloat16 in
+    place, so the optimizer, the checkpoints and DDP see the same parameters, and their gradients are bfloat16 too."""
+    params = [p for m in trained.values() for p in m.parameters() if p.requires_grad]
+    params += [m.vectors for m in embeddings.values()]
+    with torch.no_grad():
+        for param in params:
+            param.data = param.data.to(torch.bfloat16)
+    saved = sum(p.numel() for p in params) * 2 * 2  # 2 bytes less for each weight and for its gradient
+    optimizer = recipe.train.optimizer
+    state = (
+        f"; {optimizer}'s own state is bfloat16 too"
+        if optimizer in STATE_IN_PARAMETER_DTYPE
+        else f"; {optimizer}'s state keeps its own dtype"
+    )
+    log(
+        f"train.full_bf16: {len(params)} trained tensors and their gradients are bfloat16 ({mib(saved)} less than "
+        f"float32){state}"
+    )
 
 
 def _store_in_float8(base: BaseModel, compute: str, text_encoders: bool, log: Log) -> None:
