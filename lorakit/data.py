@@ -587,13 +587,51 @@ def transform_caption(
     return join_secondary(", ".join(head + rest + tail), section.secondary_separator)
 
 
-def load_pixels(item: Item, flip: bool) -> torch.Tensor:
-    """The item's image resized and centre-cropped to its bucket, as a [3, H, W] tensor in [-1, 1].
+HUE_SHIFT_DEGREES = 16.0  # data.color_aug: sd-scripts' 8 on OpenCV's 0-180 hue scale
+GAMMA_RANGE = (0.95, 1.05)
+
+
+@dataclass(frozen=True)
+class ColourChange:
+    """`data.color_aug`'s change of one image at one step: a hue rotation in degrees, or a gamma."""
+
+    hue_degrees: float = 0.0
+    gamma: float = 1.0
+
+
+def draw_colour_change(rng: random.Random) -> ColourChange | None:
+    """sd-scripts' color_aug draw: a third of the images change, half of those by a hue rotation of up to 16
+    degrees either way and the other half by a gamma of 0.95 to 1.05; None leaves the image as it is."""
+    if rng.random() >= 1 / 3:
+        return None
+    if rng.random() < 0.5:
+        return ColourChange(hue_degrees=rng.uniform(-HUE_SHIFT_DEGREES, HUE_SHIFT_DEGREES))
+    return ColourChange(gamma=rng.uniform(*GAMMA_RANGE))
+
+
+def change_colour(image: Image.Image, change: ColourChange | None) -> Image.Image:
+    """An RGB image with its hue rotated (in Pillow's 256 hue steps) or its gamma applied to the 0-1 scale."""
+    if change is None:
+        return image
+    if change.gamma != 1.0:
+        curve = [round(255 * (value / 255) ** change.gamma) for value in range(256)]
+        return image.point(curve * 3)
+    steps = round(change.hue_degrees / 360 * 256)
+    if steps == 0:
+        return image
+    hue, saturation, value = image.convert("HSV").split()
+    hue = hue.point([(h + steps) % 256 for h in range(256)])
+    return Image.merge("HSV", (hue, saturation, value)).convert("RGB")
+
+
+def load_pixels(item: Item, flip: bool, colour: ColourChange | None = None) -> torch.Tensor:
+    """The item's image resized and centre-cropped to its bucket (mirrored when `flip`, its colours changed by
+    `colour`), as a [3, H, W] tensor in [-1, 1].
 
     The bytes must still be those the run read at its start (their sha256): an image edited mid-run is refused
     rather than trained on under the old one's cache key.
     """
-    image = _fitted(item.path, item.sha256, item, flip, "RGB", Image.Resampling.LANCZOS)
+    image = change_colour(_fitted(item.path, item.sha256, item, flip, "RGB", Image.Resampling.LANCZOS), colour)
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 

@@ -345,6 +345,9 @@ def convert(
     (result.mapped if printed else result.not_needed).extend(prepare_options)
     if "dim_from_weights" in left:  # after network_weights became lora.init_from
         _dim_from_weights(left, result)
+    if result.recipe.get("data", {}).get("color_aug") and "train.cache_latents" not in result.origin:
+        # sd-scripts caches no latents unless told to, and refuses to with color_aug
+        result.set("train.cache_latents", False, "color_aug: each step encodes its images")
     for name in list(left):
         if name in NOT_NEEDED:
             result.not_needed.append(name)
@@ -371,7 +374,6 @@ DATASET_NOT_NEEDED = {
     "caption_separator": "tags are separated by commas",
 }
 DATASET_UNSUPPORTED = {
-    "color_aug": "a colour change every step would make the cached latents stale",
     "random_crop": "`lorakit prepare` crops each photo once, to its bucket",
     "face_crop_aug_range": "`lorakit prepare` crops each photo once, to its bucket",
     "conditioning_data_dir": "ControlNet datasets are not LoRA training data",
@@ -938,6 +940,7 @@ DIRECT: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "caption_dropout_every_n_epochs": ("data.caption_dropout_every_epochs", int),
     "caption_tag_dropout_rate": ("data.caption_dropout_tags", float),
     "flip_aug": ("data.flip", _bool),
+    "color_aug": ("data.color_aug", _bool),
     "token_warmup_step": ("data.caption_warmup_steps", float),
     "token_warmup_min": ("data.caption_warmup_min", int),
     "enable_wildcard": ("data.wildcards", _bool),

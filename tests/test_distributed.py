@@ -106,14 +106,14 @@ def test_two_processes_train_one_embedding(tiny_base, tiny_dataset, tmp_path):
 
 def test_two_processes_train_one_slider(tiny_base, tmp_path):
     """A [slider] on two processes: each draws its own latents, DDP averages the gradients of both strengths' halves
-    (the U-Net's and the text encoder's adapters, under gradient checkpointing), and both end with the same
-    adapter."""
+    (the U-Net's and the text encoder's adapters, under gradient checkpointing, in bfloat16 with train.full_bf16: gloo
+    reduces bfloat16 gradients), and both end with the same adapter."""
     from .test_slider import slider_recipe
 
     sections = slider_recipe(
         tiny_base,
         tmp_path / "out",
-        train={"max_steps": 2, "gradient_checkpointing": True},
+        train={"max_steps": 2, "gradient_checkpointing": True, "mixed_precision": "bf16", "full_bf16": True},
         lora={"train_text_encoder": True},
     )
     ranks, _ = _torchrun(write_recipe(tmp_path / "r.toml", sections), tmp_path / "records", 29533)

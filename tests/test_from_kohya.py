@@ -256,10 +256,12 @@ def test_a_kohya_dataset_config_becomes_prepare_lines_folders_and_a_prior(tiny_b
     assert said_wild.count("--caption-lines choices") == 2 and "--caption-lines first" not in said_wild
     # every setting of both files is accounted for: 11 of the training config (with --dataset-config), 17 of the
     # dataset config (the training config's caption_extension reaches the prepare lines, as sd-scripts falls back
-    # to it); not mapped: 3 not needed, 3 not carried over
-    assert "Wrote recipe.toml: 22 of the 28 kohya settings mapped to recipe keys" in said
+    # to it); not mapped: 3 not needed, 1 not carried over
+    assert "Wrote recipe.toml: 24 of the 28 kohya settings mapped to recipe keys" in said
     assert "not needed in lorakit (3): train_data_dir, enable_bucket in [general], num_repeats in subset 1.3" in said
-    assert "color_aug (subset 1.1, subset 1.2): a colour change every step would make the cached latents" in said
+    # color_aug in every subset: mapped, with the latent cache off (sd-scripts refuses to cache with it)
+    assert recipe.data.color_aug and not recipe.train.cache_latents
+    assert "cache_latents = false  # color_aug: each step encodes its images" in (tmp_path / "recipe.toml").read_text()
     assert (
         "flip_aug (subset 1.2): differs between subsets (unset in subset 1.1, True in subset 1.2); lorakit sets "
         "data.flip once for the whole dataset" in said

@@ -139,6 +139,11 @@ class DataSection:
     background") is not always bound to the subject. The trigger and the first `keep_tokens` tags always stay."""
     flip: bool = False
     """Randomly mirror images left-right (do not use for asymmetric subjects such as text or faces with a parting)."""
+    color_aug: bool = False
+    """kohya's `color_aug`: at each step a third of the images change colour, half of those by a hue rotation of up
+    to 16 degrees either way, the others by a gamma of 0.95 to 1.05 (on the 0-1 scale; sd-scripts raises the 0-255
+    values themselves), so the adapter learns the subject rather than one photo's white balance. Needs
+    `train.cache_latents = false`: cached latents are encoded once, and each step then encodes its images."""
     caption_warmup_steps: float = 0.0
     """kohya's `token_warmup_step`: during this many optimizer steps (a share of the run when below 1) each caption
     grows from `caption_warmup_min` tags after the kept ones to all of them, in order, so the first steps learn the
@@ -312,10 +317,10 @@ class TrainSection:
     """Autocast precision: `fp16` or `bf16` on CUDA. On a CPU fp16 does nothing: it runs bf16 where the CPU computes
     bf16 natively, else float32, and says so."""
     full_bf16: bool = False
-    """kohya's `full_bf16`: the adapter's weights and gradients are bfloat16 too, 2 + 2 bytes per parameter instead of
-    4 + 4 (about 1.3 GiB less for an SDXL U-Net LoRA of rank 128). Needs `mixed_precision = "bf16"`. Updates smaller
-    than a weight's bfloat16 step round away, so pair it with an 8-bit optimizer, whose state stays 8-bit (AdamW's
-    and Prodigy's own state would be bfloat16 too)."""
+    """kohya's `full_bf16`: the trained tensors (the LoRA, and `[embedding]`'s token vectors) and their gradients are
+    bfloat16 too, 2 + 2 bytes per value instead of 4 + 4 (1.27 GiB less for an SDXL U-Net LoRA of rank 128). Needs
+    `mixed_precision = "bf16"`. Updates smaller than a weight's bfloat16 step round away; 8-bit optimizers keep their
+    8-bit state, while AdamW's, Prodigy's and schedule-free AdamW's own state becomes bfloat16 too."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about 30% slower."""
     seed: int = 42

@@ -266,6 +266,11 @@ def _cross_checks(built: dict, problems: list[str]) -> None:
                 'model.weight_dtype: "float8" with DoRA, which reads the frozen weights themselves to size each row; '
                 'set lora.use_dora = false or weight_dtype = "bfloat16" / "float16"'
             )
+    if data is not None and train is not None and data.color_aug and train.cache_latents:
+        problems.append(
+            "data.color_aug: changes the images' colours at every step, and train.cache_latents encodes each image "
+            "once; set train.cache_latents = false (each step then encodes its images with the VAE)"
+        )
     if data is not None:
         folders = [data.folder] if isinstance(data.folder, str) else data.folder
         if not folders:
@@ -601,8 +606,6 @@ def _embedding_only_problems(embedding, lora, train) -> list[str]:
             for name in ADAPTER_RATES
             if _not_default(train, name)
         ]
-        if train.full_bf16:
-            problems.append("train.full_bf16: stores a LoRA in bfloat16, and embedding.only trains none; remove it")
     return problems
 
 

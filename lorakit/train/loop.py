@@ -41,6 +41,7 @@ from ..data import (
     LatentCache,
     bucket_list,
     dataset_fingerprint,
+    draw_colour_change,
     load_folder,
     load_mask,
     load_pixels,
@@ -225,6 +226,10 @@ def _micro_batch_loss(run: Run, batch: list[int]) -> Any:
     rng = step_rng(cfg.seed, f"{rank}:{run.micro}", "batch")
     generator = torch.Generator().manual_seed(derived_seed(cfg.seed, rank, run.micro))
     flips = _tied([data.flip and rng.random() < 0.5 for _ in batch], data.pairs)
+    colours = [None] * len(batch)
+    if data.color_aug:  # a stream of its own: the other draws stay as they are without it
+        colour_rng = step_rng(cfg.seed, f"{rank}:{run.micro}", "colour")
+        colours = _tied([draw_colour_change(colour_rng) for _ in batch], data.pairs)
     progress = (run.step, warmup_steps(data, run.recipe.train.max_steps))
     captions = [transform_caption(run.items[i].caption, data, rng, run.items[i].fixed_tags, progress) for i in batch]
     every = data.caption_dropout_every_epochs
@@ -234,7 +239,7 @@ def _micro_batch_loss(run: Run, batch: list[int]) -> Any:
         pairs = [run.cache.get(i, f) for i, f in zip(batch, flips, strict=True)]
     else:
         encode = encoder(base, run.device)
-        pairs = [encode(load_pixels(run.items[i], f)) for i, f in zip(batch, flips, strict=True)]
+        pairs = [encode(load_pixels(run.items[i], f, c)) for i, f, c in zip(batch, flips, colours, strict=True)]
     means, stds = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
     latents = scale_latents(base, means + stds * torch.randn(means.shape, generator=generator))
     noise = objective.sample_noise(

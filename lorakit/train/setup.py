@@ -270,6 +270,11 @@ def set_up(
         if base.family == "sdxl":
             _state_sdxl_choices(recipe, items, say)
         _state_masks(recipe, items, say)
+        if recipe.data.color_aug:
+            say(
+                "data.color_aug: at each step about a third of the images change colour (a hue rotation of up to 16 "
+                "degrees, or a gamma of 0.95 to 1.05) before the VAE encodes them"
+            )
         if recipe.preserving:
             _state_preservation(recipe, items, say)
         elif recipe.preservation is not None:
