@@ -3,6 +3,7 @@ optimizer as training builds it; the run learns as a float32 adapter does and ex
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -11,6 +12,7 @@ from safetensors.torch import load_file
 
 from lorakit.checkpoint import check_resumable
 from lorakit.errors import OutputError, RecipeError
+from lorakit.memory import checkpoint_bytes
 from lorakit.recipe import recipe_from_dict, recipe_to_dict
 from lorakit.train import train
 
@@ -57,6 +59,15 @@ def test_full_bf16_trains_bfloat16_tensors_that_learn_as_float32_ones_do(tiny_ba
     assert {t.dtype for t in load_file(checkpoint / "adapter.safetensors").values()} == {torch.bfloat16}
     moments = {k: t for k, t in load_file(checkpoint / "optimizer.safetensors").items() if "exp_avg" in k}
     assert moments and {t.dtype for t in moments.values()} == {torch.bfloat16}
+    # the disk estimate counts what each checkpoint holds: weights and AdamW's two moments, bfloat16 or float32
+    for result, bf16 in ((full, False), (half, True)):
+        folder = result.run_dir / "checkpoints" / "step-000030"
+        held = [t for n in ("adapter", "optimizer") for k, t in load_file(folder / f"{n}.safetensors").items()]
+        held = [t for t in held if t.dim() and t.dtype != torch.uint8]  # not the step counts, not the RNG state
+        recipe = recipe_from_dict(make_recipe_dict(tiny_base, tiny_dataset, tmp_path, **half_sections))
+        recipe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, full_bf16=bf16))
+        sizes = [t.numel() for k, t in load_file(folder / "adapter.safetensors").items()]
+        assert sum(t.numel() * t.element_size() for t in held) == checkpoint_bytes(recipe, sizes)
     start = _val_loss(
         _train(
             tiny_base,
