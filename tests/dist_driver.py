@@ -98,7 +98,7 @@ result = finished[0]
 digest = hashlib.sha256()
 for name, param in sorted(result.models["unet"].named_parameters()):
     if "lora_" in name:
-        digest.update(param.detach().numpy().tobytes())
+        digest.update(param.detach().float().numpy().tobytes())  # bfloat16 (train.full_bf16) exactly too
 rank = int(os.environ["RANK"])
 with open(os.path.join(sys.argv[2], f"rank{rank}.json"), "w") as out:
     record = {**setup, "seen": seen, "weights": digest.hexdigest(), "vectors": vectors_digest(runs[0])}
