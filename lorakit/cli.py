@@ -278,6 +278,13 @@ def prepare(
             help="Keep each image's transparency as its mask for masked loss (photo.mask.png files always are)."
         ),
     ] = False,
+    keep_margin: Annotated[
+        bool,
+        typer.Option(
+            help="Scale each photo to cover its bucket without cropping it to the bucket, so that training with "
+            "data.random_crop can move the crop (kohya's random_crop); the bucket is chosen as without it."
+        ),
+    ] = False,
     mask_model: Annotated[
         str | None,
         typer.Option(
@@ -336,6 +343,7 @@ def prepare(
         strict=strict,
         workers=workers,
         alpha_mask=alpha_mask,
+        keep_margin=keep_margin,
         mask_model=mask_model,
         mask_prompt=mask_prompt.strip(),
         mask_threshold=mask_threshold,

@@ -60,6 +60,9 @@ class Item:
     mask_sha256: str = ""
     fixed_tags: tuple[int, int] | None = None  # data.keep_tokens_separator: tags kept at the front and at the end
     strength: float = 1.0  # data.adapter_strength: the adapter's strength while it trains on this image
+    # data.random_crop: where this step's crop sits in the margin around the bucket, as shares of it (0: left or
+    # top, 1: right or bottom); None: the centre
+    place: tuple[float, float] | None = None
 
 
 def _read_metadata(folder: Path) -> list[tuple[int, dict]]:
@@ -503,9 +506,9 @@ def size_conditioning(item: Item, flip: bool) -> tuple[int, int, int, int, int, 
     if item.original_size is not None and item.crop is not None and item.size == item.bucket:
         original, (left, top) = item.original_size, item.crop
         resized, _ = fit_to_bucket(*original, item.bucket)
-    else:
-        original = item.size
-        resized, (left, top) = fit_to_bucket(*original, item.bucket)
+    else:  # cropped now, from the image as stored (prepare --keep-margin's, or a hand-made dataset's)
+        resized, (left, top) = crop_origin(item, item.size)
+        original = item.original_size or item.size
     if flip:
         left = resized[0] - left - target_w
     return (original[1], original[0], top, left, target_h, target_w)
@@ -625,8 +628,8 @@ def change_colour(image: Image.Image, change: ColourChange | None) -> Image.Imag
 
 
 def load_pixels(item: Item, flip: bool, colour: ColourChange | None = None) -> torch.Tensor:
-    """The item's image resized and centre-cropped to its bucket (mirrored when `flip`, its colours changed by
-    `colour`), as a [3, H, W] tensor in [-1, 1].
+    """The item's image resized and cropped to its bucket (at the centre, or at `item.place`; mirrored when `flip`,
+    its colours changed by `colour`), as a [3, H, W] tensor in [-1, 1].
 
     The bytes must still be those the run read at its start (their sha256): an image edited mid-run is refused
     rather than trained on under the old one's cache key.
@@ -636,15 +639,32 @@ def load_pixels(item: Item, flip: bool, colour: ColourChange | None = None) -> t
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
+def crop_origin(item: Item, size: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """How an image of `size` becomes the item's bucket: ((resized width, height), (crop left, top)), the crop at
+    the centre, or at `item.place` of the margin (data.random_crop)."""
+    (width, height), centre = fit_to_bucket(*size, item.bucket)
+    if item.place is None:
+        return (width, height), centre
+    share_x, share_y = item.place
+    return (width, height), (round(share_x * (width - item.bucket[0])), round(share_y * (height - item.bucket[1])))
+
+
+def margin(item: Item) -> tuple[int, int]:
+    """The pixels a crop of the item's image can move across (width, height), at the size it is fitted to."""
+    (width, height), _ = fit_to_bucket(*item.size, item.bucket)
+    return width - item.bucket[0], height - item.bucket[1]
+
+
 def _fitted(path: Path, sha256: str, item: Item, flip: bool, mode: str, resample: Any) -> Image.Image:
     """The file at `path` (which must still hash to `sha256`) in `mode`, resized to cover the item's bucket,
-    centre-cropped to it and mirrored when `flip`: one fitting for an image and its mask, so they stay aligned."""
+    cropped to it (at the centre, or at `item.place`) and mirrored when `flip`: one fitting for an image and its
+    mask, so they stay aligned."""
     data = read_regular_file(path, Path(item.folder) / METADATA)
     if hashlib.sha256(data).hexdigest() != sha256:
         raise DatasetError(f"{path}: changed since this run read the dataset; start the run again to use it")
     with Image.open(io.BytesIO(data)) as opened:
         image = ImageOps.exif_transpose(opened).convert(mode)
-    (width, height), (left, top) = fit_to_bucket(*image.size, item.bucket)
+    (width, height), (left, top) = crop_origin(item, image.size)
     if image.size != (width, height):
         image = image.resize((width, height), resample)
     image = image.crop((left, top, left + item.bucket[0], top + item.bucket[1]))

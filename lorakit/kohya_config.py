@@ -345,9 +345,9 @@ def convert(
     (result.mapped if printed else result.not_needed).extend(prepare_options)
     if "dim_from_weights" in left:  # after network_weights became lora.init_from
         _dim_from_weights(left, result)
-    if result.recipe.get("data", {}).get("color_aug") and "train.cache_latents" not in result.origin:
-        # sd-scripts caches no latents unless told to, and refuses to with color_aug
-        result.set("train.cache_latents", False, "color_aug: each step encodes its images")
+    for name in ("color_aug", "random_crop"):  # sd-scripts caches no latents unless told to, and refuses to then
+        if result.recipe.get("data", {}).get(name) and "train.cache_latents" not in result.origin:
+            result.set("train.cache_latents", False, f"{name}: each step encodes its images")
     for name in list(left):
         if name in NOT_NEEDED:
             result.not_needed.append(name)
@@ -367,6 +367,7 @@ SUBSET_PREPARE = {  # settings that become options of the subset's `lorakit prep
     "metadata_file": "--kohya-metadata",
     "caption_suffix": "--caption-suffix",
     "resize_interpolation": "--resize-filter",
+    "random_crop": "--keep-margin",
 }
 SUBSET_READ = {"image_dir", "num_repeats", "is_reg", "batch_size", "network_multiplier", *SUBSET_PREPARE}
 DATASET_NOT_NEEDED = {
@@ -374,7 +375,6 @@ DATASET_NOT_NEEDED = {
     "caption_separator": "tags are separated by commas",
 }
 DATASET_UNSUPPORTED = {
-    "random_crop": "`lorakit prepare` crops each photo once, to its bucket",
     "face_crop_aug_range": "`lorakit prepare` crops each photo once, to its bucket",
     "conditioning_data_dir": "ControlNet datasets are not LoRA training data",
 }
@@ -539,7 +539,7 @@ def _prepare_line(settings: dict[str, Any], folder: str) -> str:
         value = settings.get(name)
         if value is None:
             continue
-        if name == "alpha_mask":
+        if name in ("alpha_mask", "random_crop"):
             words += [option] if _bool(value) else []
         elif name == "metadata_file":  # a path: kept as written
             words += [option, str(value)]
@@ -941,6 +941,7 @@ DIRECT: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "caption_tag_dropout_rate": ("data.caption_dropout_tags", float),
     "flip_aug": ("data.flip", _bool),
     "color_aug": ("data.color_aug", _bool),
+    "random_crop": ("data.random_crop", _bool),
     "token_warmup_step": ("data.caption_warmup_steps", float),
     "token_warmup_min": ("data.caption_warmup_min", int),
     "enable_wildcard": ("data.wildcards", _bool),

@@ -537,3 +537,19 @@ def test_a_datasets_network_multiplier_becomes_its_folders_adapter_strength(tiny
     assert (recipe.data.folder, recipe.data.adapter_strength) == (["dataset-1", "dataset-2"], [1.0, -1.0])
     assert "network_multiplier" not in said  # carried over: not named among what is left out
     assert "network_multiplier (dataset_config)" in (tmp_path / "recipe.toml").read_text()  # where it came from
+
+
+def test_random_crop_becomes_a_kept_margin_and_uncached_latents(tiny_base, tmp_path):
+    """sd-scripts' random_crop (which refuses cached latents): data.random_crop with the latent cache off, and the
+    prepare line keeps the margin a crop moves in."""
+    config = tmp_path / "crop.toml"
+    config.write_text(
+        f'pretrained_model_name_or_path = "{tiny_base}"\ntrain_data_dir = "/data/img"\nresolution = 64\n'
+        f'random_crop = true\ncolor_aug = true\noutput_dir = "{tmp_path / "out"}"\n',
+        encoding="utf-8",
+    )
+    said = ok(["from-kohya", str(config), "--out", str(tmp_path / "recipe.toml")]).stdout
+    recipe = load_recipe(tmp_path / "recipe.toml")
+    assert recipe.data.random_crop and recipe.data.color_aug and not recipe.train.cache_latents
+    assert "cache_latents = false  # color_aug: each step encodes its images" in (tmp_path / "recipe.toml").read_text()
+    assert "lorakit prepare /data/img --out dataset --resolution 64 --keep-margin" in said

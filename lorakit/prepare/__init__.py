@@ -76,6 +76,7 @@ class PrepareOptions:
     kohya_folders: bool = False  # `N_words` subfolders give their images N repeats and, uncaptioned, the words
     kohya_metadata: str | None = None  # kohya's fine-tuning metadata file: the images it lists, with its captions
     resize_filter: str = "lanczos"  # how photos are scaled to their buckets (kohya's resize_interpolation)
+    keep_margin: bool = False  # scale each photo to cover its bucket without cropping it (for data.random_crop)
 
 
 CAPTION_LINES = ("join", "first", "choices")
@@ -152,6 +153,8 @@ def _settings_key(options: PrepareOptions, segmenter: Any = None) -> str:
     )
     if options.resize_filter != "lanczos":  # another filter scales every image again (the default keeps old keys)
         sizing += (options.resize_filter,)
+    if options.keep_margin:  # uncropped images: every image is written again (the default keeps old keys)
+        sizing += ("keep-margin",)
     if segmenter is not None:  # another model (or other weights), prompt or threshold masks every image again
         sizing += (options.mask_model, segmenter.fingerprint, options.mask_prompt, options.mask_threshold)
     return hashlib.sha256(json.dumps(sizing).encode()).hexdigest()[:16]
@@ -563,7 +566,13 @@ def prepare(
             f"({options.bucket_step}); raise the resolution or lower the step"
         )
     sizing = SizingOptions(
-        options.resolution, buckets, options.max_upscale, options.background, options.alpha_mask, options.resize_filter
+        options.resolution,
+        buckets,
+        options.max_upscale,
+        options.background,
+        options.alpha_mask,
+        options.resize_filter,
+        options.keep_margin,
     )
     key = _settings_key(options, segmenter)
     previous = _load_state(out, key)

@@ -56,6 +56,7 @@ class SizingOptions:
     background: tuple[int, int, int]
     alpha_mask: bool = False  # an image's alpha channel becomes its mask (for masked loss)
     resize_filter: str = "lanczos"  # one of RESIZE_FILTERS: how a photo is scaled to its bucket
+    keep_margin: bool = False  # scaled to cover the bucket but not cropped to it: data.random_crop moves in the rest
 
 
 @dataclass
@@ -203,14 +204,14 @@ def _fit(image, original: tuple[int, int], result: Processed, options: SizingOpt
         return result
     if (width, height) != image.size:
         image = image.resize((width, height), getattr(Image.Resampling, RESIZE_FILTERS[options.resize_filter]))
-    image = image.crop((crop[0], crop[1], crop[0] + bucket[0], crop[1] + bucket[1]))
+    cut = (crop[0], crop[1], crop[0] + bucket[0], crop[1] + bucket[1])
+    cut = (0, 0, width, height) if options.keep_margin else cut
+    image = image.crop(cut)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", compress_level=3)
     result.bucket, result.crop, result.png = bucket, crop, buffer.getvalue()
     if mask is not None:  # the same resize and crop as the image, so pixel (x, y) of both is the same place
-        mask = mask.resize((width, height), Image.Resampling.BILINEAR).crop(
-            (crop[0], crop[1], crop[0] + bucket[0], crop[1] + bucket[1])
-        )
+        mask = mask.resize((width, height), Image.Resampling.BILINEAR).crop(cut)
         buffer = io.BytesIO()
         mask.save(buffer, format="PNG", compress_level=3)
         result.mask_png = buffer.getvalue()

@@ -139,6 +139,10 @@ class DataSection:
     background") is not always bound to the subject. The trigger and the first `keep_tokens` tags always stay."""
     flip: bool = False
     """Randomly mirror images left-right (do not use for asymmetric subjects such as text or faces with a parting)."""
+    random_crop: bool = False
+    """kohya's `random_crop`: each step crops an image at a random place of its margin instead of the centre (the
+    margin is what covering the bucket leaves over; `lorakit prepare --keep-margin` keeps it, a plain prepare crops
+    it away). Needs `train.cache_latents = false`."""
     color_aug: bool = False
     """kohya's `color_aug`: at each step a third of the images change colour, half of those by a hue rotation of up
     to 16 degrees either way, the others by a gamma of 0.95 to 1.05 (on the 0-1 scale; sd-scripts raises the 0-255

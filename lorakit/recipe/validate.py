@@ -271,6 +271,11 @@ def _cross_checks(built: dict, problems: list[str]) -> None:
             "data.color_aug: changes the images' colours at every step, and train.cache_latents encodes each image "
             "once; set train.cache_latents = false (each step then encodes its images with the VAE)"
         )
+    if data is not None and train is not None and data.random_crop and train.cache_latents:
+        problems.append(
+            "data.random_crop: crops each image at another place at every step, and train.cache_latents encodes "
+            "each image once; set train.cache_latents = false (each step then encodes its images with the VAE)"
+        )
     if data is not None:
         folders = [data.folder] if isinstance(data.folder, str) else data.folder
         if not folders:

@@ -230,6 +230,11 @@ def _micro_batch_loss(run: Run, batch: list[int]) -> Any:
     if data.color_aug:  # a stream of its own: the other draws stay as they are without it
         colour_rng = step_rng(cfg.seed, f"{rank}:{run.micro}", "colour")
         colours = _tied([draw_colour_change(colour_rng) for _ in batch], data.pairs)
+    items = [run.items[i] for i in batch]
+    if data.random_crop:  # where each crop sits in its image's margin, from a stream of its own too
+        crop_rng = step_rng(cfg.seed, f"{rank}:{run.micro}", "crop")
+        places = _tied([(crop_rng.random(), crop_rng.random()) for _ in batch], data.pairs)
+        items = [dataclasses.replace(item, place=place) for item, place in zip(items, places, strict=True)]
     progress = (run.step, warmup_steps(data, run.recipe.train.max_steps))
     captions = [transform_caption(run.items[i].caption, data, rng, run.items[i].fixed_tags, progress) for i in batch]
     every = data.caption_dropout_every_epochs
@@ -239,7 +244,7 @@ def _micro_batch_loss(run: Run, batch: list[int]) -> Any:
         pairs = [run.cache.get(i, f) for i, f in zip(batch, flips, strict=True)]
     else:
         encode = encoder(base, run.device)
-        pairs = [encode(load_pixels(run.items[i], f, c)) for i, f, c in zip(batch, flips, colours, strict=True)]
+        pairs = [encode(load_pixels(item, f, c)) for item, f, c in zip(items, flips, colours, strict=True)]
     means, stds = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
     latents = scale_latents(base, means + stds * torch.randn(means.shape, generator=generator))
     noise = objective.sample_noise(
@@ -259,8 +264,7 @@ def _micro_batch_loss(run: Run, batch: list[int]) -> Any:
     noise, timesteps, noised_with = (_tied(t, data.pairs) for t in (noise, timesteps, noised_with))
     noisy = base.noise_scheduler.add_noise(latents, noised_with, timesteps)
     target = objective.training_target(base.noise_scheduler, latents, noise, timesteps, base.prediction_type)
-    weights = _loss_weights(run, timesteps) * torch.tensor([run.items[i].loss_weight for i in batch])
-    items = [run.items[i] for i in batch]
+    weights = _loss_weights(run, timesteps) * torch.tensor([item.loss_weight for item in items])
     preservation_loss = None
     if not run.recipe.preserving:
         predicted = _prediction(run, captions, items, flips, noisy, timesteps)
@@ -268,7 +272,7 @@ def _micro_batch_loss(run: Run, batch: list[int]) -> Any:
         predicted, preservation_loss = _preserving_prediction(run, captions, items, flips, noisy, timesteps, weights)
     pixel_weights = None
     if data.masked_loss:  # the subject counts fully, the rest by mask_background_weight
-        masks = torch.stack([batch_mask(run, i, f) for i, f in zip(batch, flips, strict=True)])
+        masks = torch.stack([batch_mask(run, i, item, f) for i, item, f in zip(batch, items, flips, strict=True)])
         pixel_weights = to_device(masks + (1 - masks) * data.mask_background_weight, run.device)
     loss = objective.diffusion_loss(
         predicted,
@@ -428,11 +432,11 @@ def _preserving_prediction(
     )
 
 
-def batch_mask(run: Run, index: int, flip: bool) -> Any:
-    """An image's mask on the latent grid: from the latent cache when latents are cached, else read and fitted
-    (an image without a mask gets ones)."""
+def batch_mask(run: Run, index: int, item: Item, flip: bool) -> Any:
+    """An image's mask on the latent grid: from the latent cache when latents are cached, else read and fitted as
+    its image is this step (an image without a mask gets ones)."""
     cached = run.cache.mask(index, flip) if run.cache is not None else None
-    return cached if cached is not None else load_mask(run.items[index], flip, run.base.vae_scale_factor)
+    return cached if cached is not None else load_mask(item, flip, run.base.vae_scale_factor)
 
 
 def to_device(tensor: Any, device: Any) -> Any:

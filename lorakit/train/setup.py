@@ -40,6 +40,7 @@ from ..data import (
     has_wildcards,
     load_class_items,
     load_items,
+    margin,
     pair_items,
     split_held_out,
     steady_caption,
@@ -270,6 +271,8 @@ def set_up(
         if base.family == "sdxl":
             _state_sdxl_choices(recipe, items, say)
         _state_masks(recipe, items, say)
+        if recipe.data.random_crop:
+            _state_margins(items, say)
         if recipe.data.color_aug:
             say(
                 "data.color_aug: at each step about a third of the images change colour (a hue rotation of up to 16 "
@@ -496,6 +499,24 @@ def _preflight_disk(
                 f"output: {what} need about {mib(need)} under {folder} but only {mib(free)} is free there; free "
                 "space, or lower train.keep_checkpoints (or set train.cache_latents = false)"
             )
+
+
+def _state_margins(items: list[Item], log: Log) -> None:
+    """data.random_crop: how many images have a margin to move the crop in; none is refused, never a silent no-op."""
+    margins = [margin(item) for item in items]
+    moving = [m for m in margins if max(m) > 0]
+    if not moving:
+        folders = sorted({item.folder for item in items})
+        raise DatasetError(
+            f"data.random_crop: no image of {', '.join(folders)} is larger than its bucket, so a crop has nowhere to "
+            "move (lorakit prepare crops each photo to its bucket); prepare the photos again with --keep-margin, or "
+            "set data.random_crop = false"
+        )
+    widest = max(max(m) for m in moving)
+    log(
+        f"data.random_crop: {len(moving)} of {len(items)} images have a margin around their bucket (up to {widest} "
+        "px) and are cropped at a random place of it at each step; the others at their centre"
+    )
 
 
 def _state_masks(recipe: Recipe, items: list[Item], log: Log) -> None:
