@@ -138,3 +138,22 @@ def test_random_crop_without_a_margin_or_with_cached_latents_is_refused(tiny_bas
     assert not (tmp_path / "none" / "run").exists()
     with pytest.raises(RecipeError, match="data.random_crop: crops each image at another place at every step"):
         recipe_from_dict(make_recipe_dict(tiny_base, tiny_dataset, tmp_path, data={"random_crop": True}))
+
+
+def test_a_pair_of_data_pairs_is_cropped_at_one_place(tiny_base, margins, tmp_path, monkeypatch):
+    from lorakit.files import photo_stem
+
+    second = tmp_path / "second"
+    shutil.copytree(margins, second, ignore=shutil.ignore_patterns(".cache"))
+    seen: list[tuple[str, tuple[float, float] | None]] = []
+
+    def recording(item, flip, colour=None):
+        seen.append((photo_stem(item.path), item.place))
+        return data_module.load_pixels(item, flip, colour)
+
+    monkeypatch.setattr(loop_module, "load_pixels", recording)
+    data = {"folder": [str(margins), str(second)], "adapter_strength": [1.0, -1.0], "pairs": True}
+    _train(tiny_base, margins, tmp_path / "runs", **{**SECTIONS, "data": {**SECTIONS["data"], **data}})
+    pairs = [(seen[i], seen[i + 1]) for i in range(0, len(seen), 2)]
+    assert len(pairs) >= 4 and all(first == second for first, second in pairs)  # namesakes, one place
+    assert len({place for (_, place), _ in pairs}) == len(pairs)
