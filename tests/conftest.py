@@ -149,6 +149,33 @@ def conditioning_calls(monkeypatch) -> list[ConditioningCall]:
     return calls
 
 
+def stopped_copy(run_dir, into, step: int):
+    """A copy of a finished run folder under `into`, as if the run had stopped at its checkpoint `step`: the later
+    checkpoints are removed. Returns that checkpoint's folder, to resume from."""
+    import shutil
+    from pathlib import Path
+
+    from lorakit.checkpoint import checkpoint_name, list_checkpoints
+
+    copy = Path(into) / Path(run_dir).name
+    shutil.copytree(run_dir, copy)
+    for later in list_checkpoints(copy):
+        if int(later.name[5:]) > step:
+            shutil.rmtree(later)
+    return copy / "checkpoints" / checkpoint_name(step)
+
+
+def assert_same_tensors(a, b) -> None:
+    """Two safetensors files (adapters, checkpoints) hold the same names and bit-identical tensors."""
+    import torch
+    from safetensors.torch import load_file
+
+    ta, tb = load_file(str(a)), load_file(str(b))
+    assert ta.keys() == tb.keys()
+    for key in ta:
+        assert torch.equal(ta[key], tb[key]), key
+
+
 def write_recipe(path, recipe: dict):
     """Write a recipe dict as a TOML file."""
     from lorakit.recipe import toml_value

@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import colorsys
 import random
-import shutil
 
 import pytest
-import torch
 from PIL import Image
-from safetensors.torch import load_file
 
 from lorakit import data as data_module
 from lorakit.data import ColourChange, change_colour, draw_colour_change
@@ -19,7 +16,7 @@ from lorakit.recipe import recipe_from_dict
 from lorakit.train import loop as loop_module
 from lorakit.train import train
 
-from .conftest import make_recipe_dict
+from .conftest import assert_same_tensors, make_recipe_dict, stopped_copy
 
 
 def _hue_degrees(pixel: tuple[int, int, int]) -> float:
@@ -77,16 +74,11 @@ def test_color_aug_changes_the_encoded_images_and_a_resume_draws_the_same(
     assert len(seen) >= 6 and any(c is not None for c in seen) and any(c is None for c in seen), seen  # 4 batches
     first = list(seen)
     # stopped after step 2 and resumed: the same colour changes at steps 3 and 4, and the same adapter
-    resumed_dir = tmp_path / "b" / "run"
-    shutil.copytree(straight.run_dir, resumed_dir)
-    shutil.rmtree(resumed_dir / "checkpoints" / "step-000004")
+    checkpoint = stopped_copy(straight.run_dir, tmp_path / "b", 2)
     seen.clear()
-    resumed, _ = _train(
-        tiny_base, tiny_dataset, tmp_path / "b", resume=str(resumed_dir / "checkpoints" / "step-000002"), **SECTIONS
-    )
+    resumed, _ = _train(tiny_base, tiny_dataset, tmp_path / "b", resume=str(checkpoint), **SECTIONS)
     assert 0 < len(seen) < len(first) and seen == first[-len(seen) :]
-    a, b = load_file(str(straight.adapter)), load_file(str(resumed.adapter))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_tensors(straight.adapter, resumed.adapter)
 
 
 def test_the_colour_draws_leave_every_other_draw_as_it_was(tiny_base, tiny_dataset, tmp_path, monkeypatch):
@@ -97,8 +89,7 @@ def test_the_colour_draws_leave_every_other_draw_as_it_was(tiny_base, tiny_datas
     undone, _ = _train(
         tiny_base, tiny_dataset, tmp_path / "undone", data={"flip": True, "color_aug": True}, train=SECTIONS["train"]
     )
-    a, b = load_file(str(plain.adapter)), load_file(str(undone.adapter))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_tensors(plain.adapter, undone.adapter)
 
 
 def test_color_aug_with_cached_latents_is_refused_by_name(tiny_base, tiny_dataset, tmp_path):

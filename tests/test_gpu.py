@@ -37,6 +37,15 @@ def _unet_output(unet, dtype):
         return unet(sample, torch.tensor([500], device="cuda"), encoder_hidden_states=hidden).sample.float()
 
 
+def _learned_lora(unet, dtype: torch.dtype) -> dict:
+    """The U-Net's LoRA tensors after a short run: all in `dtype`, all finite, and some up-projection moved off zero
+    (it learned; under fp16, the loss scaler let it)."""
+    lora = {n: p for n, p in unet.named_parameters() if "lora_" in n}
+    assert lora and all(p.dtype == dtype and torch.isfinite(p).all() for p in lora.values())
+    assert any(p.abs().sum() > 0 for n, p in lora.items() if ".lora_B." in n)
+    return lora
+
+
 @pytest.mark.parametrize(("precision", "dtype"), [("fp16", torch.float16), ("bf16", torch.bfloat16)])
 def test_half_precision_training_with_half_frozen_weights(tiny_base, tiny_dataset, tmp_path, precision, dtype):
     weight_dtype = "float16" if precision == "fp16" else "bfloat16"
@@ -49,9 +58,7 @@ def test_half_precision_training_with_half_frozen_weights(tiny_base, tiny_datase
     )
     unet = result.models["unet"]
     assert unet.device.type == "cuda" and unet.conv_in.weight.dtype == dtype
-    lora = {n: p for n, p in unet.named_parameters() if "lora_" in n}
-    assert lora and all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in lora.values())
-    assert any(p.abs().sum() > 0 for n, p in lora.items() if ".lora_B." in n)  # fp16: the loss scaler let it learn
+    _learned_lora(unet, torch.float32)
 
 
 @pytest.mark.parametrize(("precision", "dtype"), [("fp16", torch.float16), ("bf16", torch.bfloat16)])
@@ -70,9 +77,7 @@ def test_float8_frozen_weights_train_and_sample_under_autocast(tiny_base, tiny_d
     stored = [m for m in unet.modules() if isinstance(m, Float8Linear)]
     assert stored and all(m.weight.dtype == FLOAT8 and m.weight.device.type == "cuda" for m in stored)
     assert {m.compute_dtype for m in stored} == {dtype} and unet.conv_in.weight.dtype == dtype
-    lora = {n: p for n, p in unet.named_parameters() if "lora_" in n}
-    assert lora and all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in lora.values())
-    assert any(p.abs().sum() > 0 for n, p in lora.items() if ".lora_B." in n)
+    _learned_lora(unet, torch.float32)
     assert (result.run_dir / "samples" / "step-000003.png").is_file()
 
 
@@ -92,11 +97,8 @@ def test_full_bf16_trains_bfloat16_adapters_with_uint8_state_on_the_gpu(tiny_bas
             "save_every_steps": 3,
         },
     )
-    unet = result.models["unet"]
-    lora = {n: p for n, p in unet.named_parameters() if "lora_" in n}
-    assert lora and all(p.dtype == torch.bfloat16 and p.device.type == "cuda" for p in lora.values())
-    assert all(torch.isfinite(p).all() for p in lora.values())
-    assert any(p.abs().sum() > 0 for n, p in lora.items() if ".lora_B." in n)
+    lora = _learned_lora(result.models["unet"], torch.bfloat16)
+    assert all(p.device.type == "cuda" for p in lora.values())
     state = load_file(str(result.run_dir / "checkpoints" / "step-000003" / "optimizer.safetensors"))
     assert any(t.dtype == torch.uint8 for t in state.values())
     assert any(line.startswith("train.full_bf16:") for line in lines)
@@ -283,8 +285,6 @@ def test_a_slider_trains_on_cuda_with_half_weights_and_draws_both_ends(tiny_base
     result = train(recipe_from_dict(recipe), quiet=True, log=lines.append)
     unet = result.models["unet"]
     assert unet.device.type == "cuda" and unet.conv_in.weight.dtype == dtype
-    lora = {n: p for n, p in unet.named_parameters() if "lora_" in n}
-    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in lora.values())
-    assert any(p.abs().sum() > 0 for n, p in lora.items() if ".lora_B." in n)
+    _learned_lora(unet, torch.float32)
     assert (result.run_dir / "samples" / "step-000003.png").is_file()
     assert "max_memory_allocated_gib" in (result.run_dir / "metrics.jsonl").read_text()

@@ -10,7 +10,6 @@ import shutil
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from lorakit import data as data_module
@@ -21,7 +20,7 @@ from lorakit.recipe import recipe_from_dict
 from lorakit.train import loop as loop_module
 from lorakit.train import train
 
-from .conftest import make_recipe_dict
+from .conftest import assert_same_tensors, make_recipe_dict, stopped_copy
 from .messy import textured
 
 runner = CliRunner()
@@ -117,16 +116,11 @@ def test_random_crop_draws_places_and_a_resume_draws_the_same(tiny_base, margins
     assert len(places) >= 4 and all(p is not None and 0 <= min(p) and max(p) <= 1 for p in places)
     assert len(set(places)) == len(places)  # drawn afresh for every image of every step
     first = list(seen)
-    resumed_dir = tmp_path / "b" / "run"
-    shutil.copytree(straight.run_dir, resumed_dir)
-    shutil.rmtree(resumed_dir / "checkpoints" / "step-000004")
+    checkpoint = stopped_copy(straight.run_dir, tmp_path / "b", 2)
     seen.clear()
-    resumed, _ = _train(
-        tiny_base, margins, tmp_path / "b", resume=str(resumed_dir / "checkpoints" / "step-000002"), **SECTIONS
-    )
+    resumed, _ = _train(tiny_base, margins, tmp_path / "b", resume=str(checkpoint), **SECTIONS)
     assert 0 < len(seen) < len(first) and seen == first[-len(seen) :]
-    a, b = load_file(str(straight.adapter)), load_file(str(resumed.adapter))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_tensors(straight.adapter, resumed.adapter)
     rows = [json.loads(r) for r in (straight.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -16,19 +15,12 @@ from lorakit.files import file_sha256
 from lorakit.recipe import recipe_from_dict
 from lorakit.train import train
 
-from .conftest import make_recipe_dict, write_recipe
+from .conftest import assert_same_tensors, make_recipe_dict, stopped_copy, write_recipe
 
 
 def _train(base, dataset, out, resume=None, **sections):
     recipe = recipe_from_dict(make_recipe_dict(base, dataset, out, **sections))
     return train(recipe, resume=resume, quiet=True, log=lambda _: None)
-
-
-def _assert_equal_files(a, b):
-    ta, tb = load_file(a), load_file(b)
-    assert ta.keys() == tb.keys()
-    for key in ta:
-        assert torch.equal(ta[key], tb[key]), key
 
 
 @pytest.mark.parametrize(
@@ -74,16 +66,13 @@ def test_half_then_resume_equals_straight(tiny_base, tiny_dataset, tmp_path, tra
     if train_cfg.get("full_bf16"):  # the bfloat16 weights are what a checkpoint holds, and what resumes
         saved = load_file(straight.run_dir / "checkpoints" / "step-000003" / "adapter.safetensors")
         assert {t.dtype for t in saved.values()} == {torch.bfloat16}
-    resumed_dir = tmp_path / "b" / "run"
-    shutil.copytree(straight.run_dir, resumed_dir)
-    shutil.rmtree(resumed_dir / "checkpoints" / "step-000006")
+    checkpoint = stopped_copy(straight.run_dir, tmp_path / "b", 3)
+    resumed_dir = checkpoint.parent.parent
     for name in ("run.safetensors", "run.diffusers.safetensors"):
         (resumed_dir / name).unlink(missing_ok=True)
-    resumed = _train(
-        tiny_base, tiny_dataset, tmp_path / "b", resume=str(resumed_dir / "checkpoints" / "step-000003"), **settings
-    )
+    resumed = _train(tiny_base, tiny_dataset, tmp_path / "b", resume=str(checkpoint), **settings)
     assert resumed.steps == 6
-    _assert_equal_files(straight.adapter, resumed.adapter)
+    assert_same_tensors(straight.adapter, resumed.adapter)
     rows = [json.loads(line) for line in (resumed_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
 
@@ -95,7 +84,7 @@ def test_step_count_is_cumulative_across_several_resumes(tiny_base, tiny_dataset
     _train(tiny_base, tiny_dataset, out, resume="latest", train={"max_steps": 5})
     final = _train(tiny_base, tiny_dataset, out, resume="latest", train={"max_steps": 7})
     assert final.steps == 7
-    _assert_equal_files(straight.adapter, final.adapter)
+    assert_same_tensors(straight.adapter, final.adapter)
     with open(final.adapter, "rb"):
         from safetensors import safe_open
 
@@ -133,7 +122,7 @@ def test_a_checkpoint_from_an_older_lorakit_resumes(tiny_base, tiny_dataset, tmp
     said = " ".join(line for line in lines if "changed from" in line)
     assert final.steps == 4 and "max_steps" in said  # the one change this resume makes is said
     assert not any(key in said for key in ("block_lr_zero_threshold", "v_pred_like_loss", "secondary_separator"))
-    _assert_equal_files(straight.adapter, final.adapter)
+    assert_same_tensors(straight.adapter, final.adapter)
 
 
 def test_checkpoints_are_pruned_to_the_newest(tiny_base, tiny_dataset, tmp_path):
@@ -194,7 +183,7 @@ def test_schedule_free_saves_its_average_and_samples_leave_its_steps_alone(
     assert len(list((watched.run_dir / "samples").rglob("*.png"))) == 2
     rows = [json.loads(line) for line in (watched.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert all("val_loss" in row for row in rows)
-    _assert_equal_files(plain.adapter, watched.adapter)
+    assert_same_tensors(plain.adapter, watched.adapter)
     optimizer = built[-1]
     name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.default.weight"
     y = dict(watched.models["unet"].named_parameters())[name].detach()
