@@ -145,20 +145,48 @@ class MemoryEstimate:
         }
 
 
-# Optimizers whose state tensors take their parameters' dtype (bfloat16 with train.full_bf16); bitsandbytes' keep
-# their 8-bit or float32 state and Adafactor its float32 factors whatever the parameters are.
-STATE_IN_PARAMETER_DTYPE = ("adamw", "adamw_schedulefree", "prodigy")
+# Optimizers whose state tensors take their parameters' dtype (bfloat16 with train.full_bf16), and how many tensors
+# of its parameter's size each keeps: AdamW's exp_avg and exp_avg_sq, schedule-free's z and exp_avg_sq, Prodigy's
+# exp_avg, exp_avg_sq, s and p0. bitsandbytes' keep their 8-bit or float32 state and Adafactor its float32 factors
+# whatever the parameters are.
+STATE_IN_PARAMETER_DTYPE = {"adamw": 2, "adamw_schedulefree": 2, "prodigy": 4}
+
+# train.stochastic_rounding lifts the trained tensors to float32 for the optimizer step this many values at a time,
+# so the float32 copies take 100 MB (8-bit AdamW) to 235 MB (AdamW) whatever the adapter's size (an SDXL LoRA of rank
+# 128 has 341 million values). Prodigy's step size and schedule-free AdamW's averaging weight come from every tensor
+# of the step, so those two lift them all at once.
+ROUNDING_CHUNK = 1 << 24
+WHOLE_STEP_OPTIMIZERS = ("prodigy", "adamw_schedulefree")
+
+
+def rounding_chunk(optimizer: str) -> int | None:
+    """Values of trained tensors one stochastically rounded step lifts at a time; None: all of them."""
+    return None if optimizer in WHOLE_STEP_OPTIMIZERS else ROUNDING_CHUNK
+
+
+def chunked(sizes: list[int], chunk: int | None) -> list[list[int]]:
+    """The positions of tensors of these sizes, in order, in runs of at most `chunk` values (a larger tensor alone);
+    None: one run."""
+    if chunk is None:
+        return [list(range(len(sizes)))] if sizes else []
+    runs: list[list[int]] = []
+    size = chunk
+    for position, count in enumerate(sizes):
+        if size + count > chunk:
+            runs.append([])
+            size = 0
+        runs[-1].append(position)
+        size += count
+    return runs
 
 
 def optimizer_state_bytes(optimizer: str, numels: list[int], parameter_bytes: int = 4) -> int:
     """Bytes of optimizer state for trainable tensors of these sizes (float32 parameters; bfloat16 ones with
     `parameter_bytes` = 2)."""
-    if optimizer in ("adamw", "adamw_schedulefree"):  # exp_avg and exp_avg_sq; schedule-free's z and exp_avg_sq
-        return sum(2 * parameter_bytes * n for n in numels)
+    if optimizer in STATE_IN_PARAMETER_DTYPE:
+        return sum(STATE_IN_PARAMETER_DTYPE[optimizer] * parameter_bytes * n for n in numels)
     if optimizer == "adamw8bit":
         return sum(8 * n if n < BNB_MIN_8BIT_SIZE else 2 * n + 2 * 4 * math.ceil(n / BNB_BLOCK) for n in numels)
-    if optimizer == "prodigy":  # exp_avg, exp_avg_sq, s and p0
-        return sum(4 * parameter_bytes * n for n in numels)
     if optimizer == "adafactor":  # factored second moment: one row and one column vector per matrix, no momentum
         return sum(4 * n for n in numels)  # an upper bound: LoRA factors are thin, their rows+cols ~ their numel
     if optimizer == "lion":  # one float32 momentum buffer
@@ -598,8 +626,20 @@ def estimate(
         f"{trained_short} gradients and optimizer state",
         adapter + state,
     )
+    rounding = cfg.rounds_stochastically  # the step runs on float32 copies (optim.step_rounding_stochastically)
+    at_once = max(sum(trainable[i] for i in run) for run in chunked(trainable, rounding_chunk(cfg.optimizer)))
     if cfg.optimizer == "adamw":  # off CUDA the multi-tensor kernel holds one copy of the update
-        add(update, "AdamW's update of every LoRA tensor at once (CUDA's fused kernel: none)", adapter, "counted")
+        update_bytes = at_once * 4 if rounding else adapter
+        add(update, "AdamW's update of every LoRA tensor at once (CUDA's fused kernel: none)", update_bytes, "counted")
+    if rounding:
+        lifted = STATE_IN_PARAMETER_DTYPE.get(cfg.optimizer, 0)
+        state_copies = f", their gradients and {lifted} state tensors" if lifted else " and their gradients"
+        add(
+            update,
+            f"stochastic rounding: float32 copies of {at_once:,} trained values{state_copies} during the step",
+            at_once * (4 + (4 - each) * (1 + lifted)),
+            "counted",
+        )
     if recipe.sample.prompts:
         add("sampling", f"U-Net weights ({dtype})", weights["U-Net"])
         if largest:

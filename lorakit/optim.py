@@ -9,6 +9,7 @@ import torch
 from diffusers.optimization import get_scheduler
 
 from .errors import LorakitError, RecipeError
+from .memory import chunked
 
 if TYPE_CHECKING:
     from .recipe import TrainSection
@@ -191,3 +192,86 @@ def build_lr_scheduler(section: TrainSection, optimizer: Any) -> Any:
         num_cycles=section.lr_scheduler_num_cycles,
         power=section.lr_scheduler_power,
     )
+
+
+# ---- train.stochastic_rounding ---------------------------------------------------------------------------------
+
+
+def stochastic_round_(target: torch.Tensor, source: torch.Tensor, generator: torch.Generator) -> None:
+    """Write float32 `source` into bfloat16 `target`, each value rounded down or up at random so that it is exact on
+    average (stochastic rounding, as in Zamirai et al. 2020, arXiv:2010.06192): a value a quarter of the way from one
+    bfloat16 number to the next becomes the next one a quarter of the time. A bfloat16 number is the upper half of a
+    float32's bits, so a random 16-bit number is added to the lower half, which is then cut off; a value bfloat16
+    holds exactly is left as it is."""
+    bits = source.detach().contiguous().view(torch.int32)
+    noise = torch.randint(0, 1 << 16, bits.shape, generator=generator, device=bits.device, dtype=torch.int32)
+    target.copy_(noise.add_(bits).bitwise_and_(-(1 << 16)).view(torch.float32))
+
+
+def _full_size(value: Any, param: torch.Tensor) -> bool:
+    """Whether an optimizer state entry is a float32 tensor of its parameter's size (not a step count)."""
+    return torch.is_tensor(value) and value.dtype == torch.float32 and value.shape == param.shape
+
+
+def step_rounding_stochastically(
+    optimizer: Any, generator: torch.Generator, state_in_parameter_dtype: bool, chunk: int | None
+) -> None:
+    """One optimizer step over bfloat16 parameters, done in float32 and rounded back stochastically.
+
+    Rounded to nearest, a bfloat16 weight ignores every update smaller than half its step (1/512 to 1/256 of its
+    size), and bfloat16 moments stop decaying (0.999 x v rounds back to v). Here each parameter that has a gradient
+    steps as a float32 stand-in: the stand-in, with the gradient and the optimizer's bfloat16 state lifted to float32,
+    takes the parameter's place in its group and its state for the step; afterwards the weights are written back
+    into the parameter with `stochastic_round_`, and that state likewise. The parameter itself never changes dtype:
+    that would reset its gradient accumulator, and with it the hooks DDP all-reduces gradients through. State the
+    step creates (the first step) is kept in bfloat16 too when the optimizer keeps its state in its parameters'
+    dtype (`state_in_parameter_dtype`), as it would have had the parameters stepped in bfloat16; bitsandbytes' 8-bit
+    state and Adafactor's float32 factors are never touched. The gradients are dropped afterwards (the loop zeroes
+    them next anyway).
+
+    With `chunk`, the parameters step `chunk` values at a time, the others' gradients set aside meanwhile (every
+    optimizer skips a parameter without one), so the float32 copies stay that small whatever the adapter's size.
+    Only for optimizers that step each tensor on its own: Prodigy's step size and schedule-free AdamW's averaging
+    weight come from the whole step, so they take `chunk` None."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it
+    places = {id(p): (g, i) for g, group in enumerate(inner.param_groups) for i, p in enumerate(group["params"])}
+    params = [p for group in inner.param_groups for p in group["params"] if p.grad is not None]
+    gradients = {id(p): p.grad for p in params}
+    for param in params:
+        param.grad = None
+    for positions in chunked([p.numel() for p in params], chunk):
+        lifted = []  # (parameter, its stand-in, the names of its bfloat16 state, whether it had state)
+        with torch.no_grad():
+            for param in (params[i] for i in positions):
+                gradient = gradients.pop(id(param))
+                if param.dtype != torch.bfloat16:
+                    param.grad = gradient
+                    continue
+                stand_in = torch.nn.Parameter(param.detach().float())
+                stand_in.grad = gradient.float()
+                state = inner.state.pop(param, {})
+                names = [k for k, v in state.items() if torch.is_tensor(v) and v.dtype == torch.bfloat16]
+                for name in names:
+                    state[name] = state[name].float()
+                if state:
+                    inner.state[stand_in] = state
+                group, index = places[id(param)]
+                inner.param_groups[group]["params"][index] = stand_in
+                lifted.append((param, stand_in, names, bool(state)))
+        optimizer.step()
+        with torch.no_grad():
+            for param, stand_in, names, had_state in lifted:
+                group, index = places[id(param)]
+                inner.param_groups[group]["params"][index] = param
+                stochastic_round_(param.data, stand_in, generator)  # in place: the parameter stays what it was
+                state = inner.state.pop(stand_in, {})
+                if not had_state and state_in_parameter_dtype:  # made by this step, in float32: bfloat16 as meant
+                    names = [k for k, v in state.items() if _full_size(v, param)]
+                for name in names:
+                    rounded = torch.empty_like(state[name], dtype=torch.bfloat16)
+                    stochastic_round_(rounded, state[name], generator)
+                    state[name] = rounded
+                if state:
+                    inner.state[param] = state
+            for i in positions:
+                params[i].grad = None

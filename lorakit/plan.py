@@ -116,8 +116,8 @@ FIT_CHANGES: list[tuple[str, Any, Any, str]] = [
         "train.full_bf16",
         lambda r: r.train.mixed_precision == "bf16" and not r.train.full_bf16,
         lambda r: _with(r, "train", full_bf16=True),
-        "the LoRA and its gradients in bfloat16 (kohya's full_bf16): 4 bytes less per trained value; updates smaller "
-        "than a weight's bfloat16 step round away",
+        "the LoRA and its gradients in bfloat16 (kohya's full_bf16): 4 bytes less per trained value; each step is "
+        "rounded stochastically, so small updates still add up on average",
     ),
     (
         "preservation.weight",

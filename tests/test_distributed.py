@@ -107,7 +107,8 @@ def test_two_processes_train_one_embedding(tiny_base, tiny_dataset, tmp_path):
 def test_two_processes_train_one_slider(tiny_base, tmp_path):
     """A [slider] on two processes: each draws its own latents, DDP averages the gradients of both strengths' halves
     (the U-Net's and the text encoder's adapters, under gradient checkpointing, in bfloat16 with train.full_bf16: gloo
-    reduces bfloat16 gradients), and both end with the same adapter."""
+    reduces bfloat16 gradients), and both end with the same adapter: the steps are rounded stochastically with the
+    same random bits on both, and the float32 stand-ins leave the hooks DDP reduces through in place."""
     from .test_slider import slider_recipe
 
     sections = slider_recipe(

@@ -165,8 +165,8 @@ def test_adamw_state_is_two_float32_tensors_per_parameter(optimizer):
 # Tier A of ../shared/memory-readings.md: SDXL, 1024 px, U-Net LoRA on the transformer blocks' linear layers,
 # 8-bit AdamW, latents cached, both text encoders resident in fp16 (tag shuffling keeps them so here), GiB per
 # process. Left out: the row the table marks as an outlier. The "full bf16" rows are train.full_bf16 (which needs bf16
-# autocast, as in sd-scripts); the "fp8 base" rows, which the table calls implementation-dependent, are held below
-# against model.weight_dtype = "float8".
+# autocast, as in sd-scripts) rounded to nearest, as sd-scripts rounds; the "fp8 base" rows, which the table calls
+# implementation-dependent, are held below against model.weight_dtype = "float8".
 TIER_A = [  # rank, gradient checkpointing, batch, full bf16, published GiB
     (32, False, 1, False, 17.4),
     (32, False, 4, False, 47.7),
@@ -185,7 +185,10 @@ TIER_A = [  # rank, gradient checkpointing, batch, full bf16, published GiB
 
 @pytest.mark.parametrize(("rank", "checkpointing", "batch", "full_bf16", "published"), TIER_A)
 def test_the_estimate_lands_on_the_published_sdxl_readings(rank, checkpointing, batch, full_bf16, published):
-    half = {"model": {"weight_dtype": "bfloat16"}, "train": {"mixed_precision": "bf16", "full_bf16": True}}
+    half = {
+        "model": {"weight_dtype": "bfloat16"},
+        "train": {"mixed_precision": "bf16", "full_bf16": True, "stochastic_rounding": False},
+    }
     recipe = _recipe(
         model=half["model"] if full_bf16 else {},
         lora={"rank": rank, "lora_alpha": float(rank)},
@@ -205,6 +208,32 @@ def test_the_estimate_lands_on_the_published_sdxl_readings(rank, checkpointing, 
         assert parts[f"LoRA weights (bfloat16, {trained:,} parameters)"] == pytest.approx(2 * trained / GIB)
         plain = estimate(dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, full_bf16=False)), "sdxl")
         assert plain.allocated_gib - plan.allocated_gib == pytest.approx(4 * trained / GIB)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw8bit", "adamw", "prodigy"])
+def test_stochastic_rounding_lifts_at_most_a_chunk_of_a_large_adapter(optimizer):
+    """An SDXL LoRA of rank 128 (341 million values) with gradient checkpointing: rounding its full-bf16 steps
+    stochastically adds float32 copies of 16.8 million values at a time, so the training step still sets the peak;
+    Prodigy, which lifts every tensor at once, adds them all."""
+    from lorakit.memory import ROUNDING_CHUNK, STATE_IN_PARAMETER_DTYPE
+
+    def plan(rounding: bool):
+        train = {"gradient_checkpointing": True, "optimizer": optimizer, "mixed_precision": "bf16"}
+        train |= {"full_bf16": True, "stochastic_rounding": rounding}
+        if optimizer == "prodigy":
+            train |= {"unet_lr": 1.0, "text_encoder_lr": 1.0}
+        return estimate(_recipe(lora={"rank": 128, "lora_alpha": 128.0}, train=train), "sdxl")
+
+    rounded, nearest = plan(True), plan(False)
+    added = (rounded.phase_gib("optimizer step") - nearest.phase_gib("optimizer step")) * GIB
+    values = sum(rounded.trainable)
+    state = STATE_IN_PARAMETER_DTYPE.get(optimizer, 0)
+    at_once = values if optimizer == "prodigy" else ROUNDING_CHUNK
+    update = 4 * at_once - 2 * values if optimizer == "adamw" else 0  # AdamW's update: float32, a chunk at a time
+    assert values > 300e6 and added == pytest.approx(at_once * (4 + 2 * (1 + state)) + update, rel=0.01)
+    assert rounded.phase_gib("training step") == nearest.phase_gib("training step")
+    if optimizer != "prodigy":
+        assert rounded.peak_phase == "training step" and rounded.allocated_gib == nearest.allocated_gib
 
 
 @pytest.mark.parametrize(("rank", "published"), [(32, 6.4), (128, 9.9)])

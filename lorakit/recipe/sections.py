@@ -323,8 +323,15 @@ class TrainSection:
     full_bf16: bool = False
     """kohya's `full_bf16`: the trained tensors (the LoRA, and `[embedding]`'s token vectors) and their gradients are
     bfloat16 too, 2 + 2 bytes per value instead of 4 + 4 (1.27 GiB less for an SDXL U-Net LoRA of rank 128). Needs
-    `mixed_precision = "bf16"`. Updates smaller than a weight's bfloat16 step round away; 8-bit optimizers keep their
-    8-bit state, while AdamW's, Prodigy's and schedule-free AdamW's own state becomes bfloat16 too."""
+    `mixed_precision = "bf16"`. 8-bit optimizers keep their 8-bit state, while AdamW's, Prodigy's and schedule-free
+    AdamW's own state becomes bfloat16 too. Each step is rounded stochastically (`stochastic_rounding`)."""
+    stochastic_rounding: bool | None = None
+    """With `full_bf16`: each optimizer step runs in float32 and the weights (and the optimizer's bfloat16 state) go
+    back into bfloat16 rounded at random, exact on average (OneTrainer's stochastic rounding), so updates smaller than
+    half a weight's bfloat16 step (1/512 to 1/256 of the weight) still add up; rounded to nearest they vanish.
+    Unset: on with `full_bf16`; false: round to nearest, as kohya sd-scripts does. Costs float32 copies of 16.8
+    million trained values at a time during the optimizer step (of all of them with Prodigy and schedule-free AdamW,
+    which size their steps from every tensor at once)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about 30% slower."""
     seed: int = 42
@@ -444,6 +451,11 @@ class TrainSection:
     loraplus_text_encoder_lr_ratio: float | None = None
     """LoRA+ ratio of the text encoders' adapters alone, in place of `loraplus_lr_ratio` there (kohya's
     `loraplus_text_encoder_lr_ratio`)."""
+
+    @property
+    def rounds_stochastically(self) -> bool:
+        """Whether optimizer steps round the bfloat16 weights stochastically: full_bf16's default."""
+        return self.full_bf16 and self.stochastic_rounding is not False
 
 
 @dataclass(frozen=True)

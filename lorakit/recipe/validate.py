@@ -362,6 +362,11 @@ def _cross_checks(built: dict, problems: list[str]) -> None:
                 f'train.full_bf16: needs train.mixed_precision = "bf16" (it is "{train.mixed_precision}"), as in '
                 "kohya sd-scripts; set it, or remove full_bf16"
             )
+        if train.stochastic_rounding and not train.full_bf16:
+            problems.append(
+                "train.stochastic_rounding: rounds the bfloat16 weights of train.full_bf16, and this recipe trains in "
+                "float32; set train.full_bf16 = true, or remove stochastic_rounding"
+            )
         for key in ("noise_offset_random_strength", "adaptive_noise_scale"):
             if _not_default(train, key) and not train.noise_offset:
                 problems.append(

@@ -58,9 +58,9 @@ from ..errors import Interrupted, LorakitError, OutputError
 from ..files import atomic_write, atomic_write_text, crash_point
 from ..formats.files import save_adapter_files
 from ..formats.metadata import training_info
-from ..memory import adapter_bytes, checkpoint_bytes
+from ..memory import STATE_IN_PARAMETER_DTYPE, adapter_bytes, checkpoint_bytes, rounding_chunk
 from ..models import BaseModel, apply_token_weights, encode_prompts, tokenize, tokenize_weighted
-from ..optim import averaged_weights, reapply_hyperparameters
+from ..optim import averaged_weights, reapply_hyperparameters, step_rounding_stochastically
 from ..progress import progress_bar
 from ..recipe import Recipe, recipe_to_dict
 from ..trigger import replace_trigger
@@ -474,7 +474,12 @@ def optimizer_step(run: Run) -> float:
     stop_finished_text_encoders(run, drop_gradients=True)
     if cfg.max_grad_norm:
         accelerator.clip_grad_norm_([p for g in run.optimizer.param_groups for p in g["params"]], cfg.max_grad_norm)
-    run.optimizer.step()
+    if cfg.rounds_stochastically:  # the same random bits on every process, and again on resume
+        generator = torch.Generator(device=run.device).manual_seed(derived_seed(cfg.seed, "round", run.step))
+        lifted_state, chunk = cfg.optimizer in STATE_IN_PARAMETER_DTYPE, rounding_chunk(cfg.optimizer)
+        step_rounding_stochastically(run.optimizer, generator, lifted_state, chunk)
+    else:
+        run.optimizer.step()
     run.lr_scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1

@@ -723,9 +723,14 @@ def _train_in_bfloat16(recipe: Recipe, trained: dict[str, Any], embeddings: dict
         if optimizer in STATE_IN_PARAMETER_DTYPE
         else f"; {optimizer}'s state keeps its own dtype"
     )
+    rounding = (
+        "; each step rounds them stochastically (train.stochastic_rounding)"
+        if recipe.train.rounds_stochastically
+        else "; each step rounds them to nearest (train.stochastic_rounding = false)"
+    )
     log(
         f"train.full_bf16: {len(params)} trained tensors and their gradients are bfloat16 ({mib(saved)} less than "
-        f"float32){state}"
+        f"float32){state}{rounding}"
     )
 
 
