@@ -101,7 +101,22 @@ def test_full_bf16_trains_bfloat16_adapters_with_uint8_state_on_the_gpu(tiny_bas
     assert all(p.device.type == "cuda" for p in lora.values())
     state = load_file(str(result.run_dir / "checkpoints" / "step-000003" / "optimizer.safetensors"))
     assert any(t.dtype == torch.uint8 for t in state.values())
-    assert any(line.startswith("train.full_bf16:") for line in lines)
+    said = [line for line in lines if line.startswith("train.full_bf16:")]
+    assert len(said) == 1 and "rounds them stochastically" in said[0], lines
+
+
+def test_stochastic_rounding_on_the_gpu_is_exact_on_average_and_repeatable():
+    """The rounding draws its bits from a CUDA generator on the weights' device: a value between two bfloat16
+    numbers lands on each as often as makes it exact on average, and the same seed draws the same roundings."""
+    from lorakit.optim import stochastic_round_
+
+    values = torch.full((1 << 20,), 1 + 2**-9, device="cuda")  # a quarter of the way from 1 to 1 + 2^-7
+    rounded = [torch.empty_like(values, dtype=torch.bfloat16) for _ in range(2)]
+    for target in rounded:
+        stochastic_round_(target, values, torch.Generator(device="cuda").manual_seed(3))
+    assert torch.equal(rounded[0], rounded[1])
+    assert set(rounded[0].float().unique().tolist()) == {1.0, 1 + 2**-7}
+    assert abs((rounded[0].float() == 1 + 2**-7).float().mean().item() - 0.25) < 0.01
 
 
 def test_eight_bit_adamw_keeps_uint8_state_on_the_gpu(tiny_base, tiny_dataset, tmp_path):
