@@ -696,6 +696,10 @@ def from_kohya(
     typer.echo(f"Wrote {path}: {len(result.mapped)} of the {result.read} kohya settings mapped to recipe keys")
     if result.not_needed:
         typer.echo(f"  not needed in lorakit ({len(result.not_needed)}): {', '.join(result.not_needed)}")
+    if result.changed:
+        typer.echo(f"  carried over with a change ({len(result.changed)}):")
+        for line in result.changed:
+            typer.echo(f"    {line}")
     if result.unsupported:
         typer.echo(f"  not carried over ({len(result.unsupported)}):")
         for line in result.unsupported:

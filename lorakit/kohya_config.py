@@ -41,6 +41,7 @@ class Imported:
     mapped: list[str] = field(default_factory=list)
     not_needed: list[str] = field(default_factory=list)
     unsupported: list[str] = field(default_factory=list)  # "name: why"
+    changed: list[str] = field(default_factory=list)  # "name: what it became and why", for settings mapped inexactly
     notes: list[str] = field(default_factory=list)
     read: int = 0  # settings in the config with a value
 
@@ -142,6 +143,19 @@ OPTIMIZERS = {
     "ademamix8bit": "ademamix8bit",
     "pagedademamix8bit": "ademamix8bit",
 }
+# sd-scripts' D-Adaptation optimizers (dadaptation package): Prodigy is their successor, by the same authors, with the
+# same learning-rate convention (1.0 scales the step size it finds) and the same one-rate-for-all-groups rule.
+D_ADAPTATION = {
+    "dadaptation",
+    "dadaptadampreprint",
+    "dadaptadam",
+    "dadaptadagrad",
+    "dadaptadan",
+    "dadaptadanip",
+    "dadaptlion",
+    "dadaptsgd",
+}
+ADAPTIVE_RATE = 0.1  # sd-scripts warns below it for D-Adaptation and Prodigy: rates from here on are theirs
 SCHEDULERS = typing.get_args(LrScheduler)  # the recipe's own names, which are kohya's
 SCHEDULE_SHAPES = (  # kohya's settings of the schedule, each a recipe key of the same name
     "lr_scheduler",
@@ -758,13 +772,21 @@ def _optimizer(left: dict[str, Any], result: Imported) -> None:
     has_args = "optimizer_args" in left
     args = _arguments(left.pop("optimizer_args", []), "optimizer_args")
     # sd-scripts also takes a class by its full path, e.g. bitsandbytes.optim.AdEMAMix8bit
-    name = OPTIMIZERS.get(given.lower().replace("_", "").removeprefix("bitsandbytes.optim."))
+    known = given.lower().replace("_", "").removeprefix("bitsandbytes.optim.").removeprefix("dadaptation.")
+    name = OPTIMIZERS.get(known)
+    if name is None and known in D_ADAPTATION:
+        name = "prodigy"
+        result.changed.append(
+            f"{source}: {given!r} became prodigy, D-Adaptation's successor by the same authors: the same learning "
+            "rate of 1.0 (it scales the step size the optimizer finds), with Adam's moments"
+        )
     if name is None:
         result.unsupported.append(
             f"optimizer_type: {given!r} (lorakit has {', '.join(sorted(set(OPTIMIZERS.values())))}); adamw8bit kept"
         )
         if has_args:
             result.unsupported.append("optimizer_args: settings of that optimizer")
+        _adaptive_rates(result, given)
         return
     result.set("train.optimizer", name, source)
     result.mapped += ([source] if source != default else []) + (["optimizer_args"] if has_args else [])
@@ -795,6 +817,22 @@ def _optimizer(left: dict[str, Any], result: Imported) -> None:
             result.set("train.lr_warmup_steps", _read(int, text, where), where)
         else:
             result.unsupported.append(f"optimizer_args {key}={text}: not a setting lorakit passes to {name}")
+
+
+def _adaptive_rates(result: Imported, given: str) -> None:
+    """An optimizer not carried over that was given rates of 0.1 and more (an adaptive one's, such as 1.0): lorakit's
+    default rates for the adamw8bit kept, which would diverge at those within a few steps."""
+    keys = ("train.unet_lr", "train.text_encoder_lr", "train.text_encoder_2_lr")
+    high = [k for k in keys if k in result.origin and result.recipe["train"][k.split(".")[1]] >= ADAPTIVE_RATE]
+    for key in high:
+        source = result.origin.pop(key)
+        value = result.recipe["train"].pop(key.split(".")[1])
+        if source in result.mapped:
+            result.mapped.remove(source)
+        result.unsupported.append(
+            f"{source} = {value:g}: a rate for an optimizer that sizes its own steps (D-Adaptation, Prodigy), at "
+            f"which adamw8bit diverges; lorakit's default {key} kept"
+        )
 
 
 def _kept_saves(left: dict[str, Any], result: Imported, settings: dict[str, Any]) -> None:

@@ -553,3 +553,45 @@ def test_random_crop_becomes_a_kept_margin_and_uncached_latents(tiny_base, tmp_p
     assert recipe.data.random_crop and recipe.data.color_aug and not recipe.train.cache_latents
     assert "cache_latents = false  # color_aug: each step encodes its images" in (tmp_path / "recipe.toml").read_text()
     assert "lorakit prepare /data/img --out dataset --resolution 64 --keep-margin" in said
+
+
+def test_a_d_adaptation_config_becomes_prodigy_and_says_so(tiny_base, tmp_path):
+    """sd-scripts' DAdaptAdam (and the rest of the dadaptation package) is not in lorakit; Prodigy, its successor with
+    the same rate of 1.0, is. The config's rates and Adam settings are kept, and the change is listed on its own."""
+    config = _config(
+        tmp_path,
+        tiny_base,
+        **{
+            'optimizer_type = "Prodigy"': 'optimizer_type = "DAdaptAdam"',
+            '"d_coef=2", "use_bias_correction=True", "safeguard_warmup=True", ': '"betas=0.9,0.99", ',
+            "learning_rate = 0.5": "learning_rate = 1.0",
+        },
+    )
+    recipe_path = tmp_path / "recipe.toml"
+    said = ok(["from-kohya", str(config), "--out", str(recipe_path)]).stdout
+    train = load_recipe(recipe_path).train
+    assert (train.optimizer, train.unet_lr, train.text_encoder_lr) == ("prodigy", 1.0, 1.0)
+    assert (train.betas, train.weight_decay) == ([0.9, 0.99], 0.01)
+    changed = said.split("carried over with a change (1):\n")[1].splitlines()[0]
+    assert "optimizer_type: 'DAdaptAdam' became prodigy, D-Adaptation's successor" in changed
+    assert "optimizer_type" not in said.split("not carried over")[-1]
+
+
+def test_an_optimizer_it_cannot_carry_leaves_adaptive_rates_behind(tiny_base, tmp_path):
+    """An optimizer lorakit lacks becomes adamw8bit; a rate of 1.0 given for the other one would make it diverge, so
+    the recipe takes lorakit's default rates and names each rate it left."""
+    config = _config(
+        tmp_path,
+        tiny_base,
+        **{
+            'optimizer_type = "Prodigy"': 'optimizer_type = "CAME"',
+            "learning_rate = 0.5": "learning_rate = 1.0\ntext_encoder_lr = 2e-5",
+        },
+    )
+    recipe_path = tmp_path / "recipe.toml"
+    said = ok(["from-kohya", str(config), "--out", str(recipe_path)]).stdout
+    train = load_recipe(recipe_path).train
+    assert (train.optimizer, train.unet_lr, train.text_encoder_lr) == ("adamw8bit", 1e-4, 2e-5)
+    assert "unet_lr = 1: a rate for an optimizer that sizes its own steps (D-Adaptation, Prodigy), at which" in said
+    assert "lorakit's default train.unet_lr kept" in said and "text_encoder_lr = " not in said
+    assert "# unet_lr" not in recipe_path.read_text()
